@@ -1,0 +1,102 @@
+"""The Python API: ``prune``, ``save``, ``load``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import io
+from .budget import parse_budget
+from .compact import to_sequential
+from .errors import CheckpointError, ConfigError
+from .graph import ChannelGraph
+from .pipeline import PruneConfig, PruneRun
+
+
+def prune(model: nn.Module, train_data, test_data=None, *, budget: float | str = 0.25, metric: str = "volume",
+          method: str = "bar", teacher: nn.Module | str | os.PathLike | None = None,
+          out: str | os.PathLike | None = None, resume: bool = False, log=print, **options):
+    """Train and prune ``model`` under ``budget``; returns ``(compacted_model, metrics)``.
+
+    ``budget`` is a fraction of the unpruned ``metric`` (``0.25``) or a pruning factor
+    (``"4x"``). ``teacher`` is a trained unpruned model (module or checkpoint path); without
+    one, a teacher is trained first for ``teacher_epochs`` starting from ``model``'s weights
+    (``teacher_epochs=0`` uses ``model`` itself as the trained teacher). ``out`` keeps the
+    run folder (checkpoints, report); without it a temporary folder is used. Other keyword
+    options are the fields of :class:`~budgetprune.pipeline.PruneConfig` (``epochs``,
+    ``finetune_epochs``, ``lr``, ``device``, ...). ``test_data`` defaults to ``train_data``.
+    """
+    unknown = set(options) - set(PruneConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}: see budgetprune.PruneConfig")
+    b = parse_budget(budget, metric)
+    config = PruneConfig(budget=b.fraction, metric=metric, method=method, **options)
+    if log is None:
+        log = lambda _msg: None  # noqa: E731
+    test_data = test_data if test_data is not None else train_data
+    if teacher is None and config.teacher_epochs == 0:
+        teacher = model
+    if isinstance(teacher, (str, os.PathLike)):
+        config.teacher = str(teacher)
+        example = train_data[0][0].unsqueeze(0)
+        teacher = load_teacher(teacher, model, example)
+    with tempfile.TemporaryDirectory(prefix="budgetprune-") as tmp:
+        run = PruneRun(model, train_data, test_data, config, out if out is not None else tmp,
+                       teacher=teacher, log=log)
+        result = run.run(resume=resume)
+    return result.model, result.metrics
+
+
+def load_teacher(path: str | os.PathLike, model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A trained unpruned teacher for ``model`` from a budgetprune model file or a state dict.
+
+    Raises :class:`CheckpointError` when the checkpoint is for another architecture.
+    """
+    obj = io.torch_load(path, "teacher checkpoint")
+    if isinstance(obj, dict) and obj.get("format") == io.FORMAT:
+        net, specs, _ = io.load_file(path)
+        _, expected = to_sequential(model, ChannelGraph.build(model, example))
+        if _shape_signature(specs) != _shape_signature(expected):
+            raise CheckpointError(f"teacher checkpoint {path} is for another architecture "
+                                  f"({_describe(specs)}; the model is {_describe(expected)})")
+        return net
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"teacher checkpoint {path} holds neither a budgetprune model nor a state dict")
+    import copy
+    teacher = copy.deepcopy(model)
+    try:
+        teacher.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).replace("\n", " ").replace("\t", "")[:240]
+        raise CheckpointError(f"teacher checkpoint {path} does not fit the model: {first}") from None
+    return teacher.eval()
+
+
+def _shape_signature(specs: list[dict]) -> list[tuple]:
+    keys = ("op", "in_channels", "out_channels", "in_features", "out_features", "kernel_size", "num_features")
+    return [tuple(s.get(k) for k in keys) for s in specs]
+
+
+def _describe(specs: list[dict]) -> str:
+    widths = [str(s.get("out_channels", s.get("out_features"))) for s in specs if s["op"] in ("conv2d", "linear")]
+    return "widths " + "-".join(widths)
+
+
+def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> None:
+    """Save a model returned by :func:`prune` or :func:`load` (architecture + weights)."""
+    specs = getattr(model, "budgetprune_architecture", None)
+    if specs is None:
+        raise ConfigError("save() takes a model returned by budgetprune.prune() or budgetprune.load()")
+    io.save(model, Path(path), specs, meta)
+
+
+def load(path: str | os.PathLike) -> nn.Sequential:
+    """Rebuild a saved model without its original code (eval mode, CPU)."""
+    model, specs, _ = io.load_file(path)
+    model.budgetprune_architecture = specs
+    return model

@@ -1,0 +1,103 @@
+"""Budgets: how much of a resource the pruned network may use, and meeting it exactly.
+
+A :class:`Budget` is a constraint object (in the spirit of Cooper): a metric and the
+fraction of the unpruned network's cost allowed. :func:`enforce_budget` is the shared
+final projection every method goes through, so every method ends within its budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BudgetError
+from .graph import ChannelGraph
+from .resources import METRICS, CostModel
+
+
+@dataclass(frozen=True)
+class Budget:
+    """At most ``fraction`` × (the unpruned network's ``metric``)."""
+
+    metric: str
+    fraction: float
+
+    @property
+    def factor(self) -> float:
+        """The pruning factor 1/fraction (``4x`` for a quarter)."""
+        return 1.0 / self.fraction
+
+    def absolute(self, graph: ChannelGraph) -> float:
+        return self.fraction * CostModel(graph, self.metric).full()
+
+    def check_reachable(self, graph: ChannelGraph) -> None:
+        """Raise :class:`BudgetError` if even the smallest allowed network is over budget."""
+        cm = CostModel(graph, self.metric)
+        full, low = cm.full(), cm.minimum()
+        if self.fraction * full < low:
+            raise BudgetError(
+                f"{self.metric} budget {self.fraction:.4g} (= {self.fraction * full:.4g}) is unreachable: "
+                f"keeping one channel per layer already costs {low:.4g} = {low / full:.4g} of the full "
+                f"network; use --budget {max(low / full * 1.05, 1e-4):.3g} or more")
+
+
+def parse_budget(value: str | float, metric: str = "volume") -> Budget:
+    """``0.25``, ``"0.25"``, ``"25%"`` or the pruning factor ``"4x"`` → Budget(metric, 0.25)."""
+    if metric not in METRICS:
+        raise BudgetError(f"unknown metric '{metric}': choose one of {', '.join(METRICS)}")
+    text = str(value).strip().lower()
+    try:
+        if text.endswith("x"):
+            factor = float(text[:-1])
+            if not factor > 1.0:
+                raise BudgetError(f"pruning factor '{value}' must be greater than 1 (e.g. 4x keeps a quarter)")
+            fraction = 1.0 / factor
+        elif text.endswith("%"):
+            fraction = float(text[:-1]) / 100.0
+        else:
+            fraction = float(text)
+    except ValueError:
+        raise BudgetError(f"budget '{value}' is not a number: give a fraction such as 0.25 or a factor "
+                          "such as 4x") from None
+    if not 0.0 < fraction < 1.0:
+        raise BudgetError(f"budget '{value}' must be a fraction strictly between 0 and 1 (e.g. 0.25) "
+                          "or a pruning factor above 1 (e.g. 4x)")
+    return Budget(metric, fraction)
+
+
+def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
+                   budget: Budget) -> dict[str, torch.Tensor]:
+    """Drop the lowest score-per-cost channels until ``budget`` holds (DESIGN's shared projection).
+
+    At each step every group offers its kept channel of lowest score; the one with the
+    smallest score / (cost saved by removing it) goes. A group never drops below its
+    ``min_keep`` channels (the fatal-pruning guard). Masks are not modified in place.
+    """
+    cm = CostModel(graph, budget.metric)
+    limit = budget.fraction * cm.full()
+    masks = {gid: m.detach().clone().bool().cpu() for gid, m in masks.items()}
+    scores = {gid: s.detach().float().cpu() for gid, s in scores.items()}
+    counts = {gid: int(m.sum()) for gid, m in masks.items()}
+    current = cm.evaluate(counts)
+    while current > limit:
+        best = None
+        for gid, m in masks.items():
+            if counts[gid] <= graph.groups[gid].min_keep:
+                continue
+            saved = current - cm.evaluate({**counts, gid: counts[gid] - 1})
+            if saved <= 0:
+                continue
+            kept_scores = scores[gid].masked_fill(~m, float("inf"))
+            idx = int(torch.argmin(kept_scores))
+            ratio = float(kept_scores[idx]) / saved
+            if best is None or ratio < best[0]:
+                best = (ratio, gid, idx)
+        if best is None:
+            raise BudgetError(f"{budget.metric} budget {budget.fraction:.4g} cannot be met without removing the "
+                              "last channel of a layer; raise the budget")
+        _, gid, idx = best
+        masks[gid][idx] = False
+        counts[gid] -= 1
+        current = cm.evaluate(counts)
+    return masks

@@ -1,0 +1,240 @@
+"""The ``budgetprune`` command line: prune, demo, info, evaluate, list.
+
+Problems a user can fix print one line ``budgetprune: error: ...`` and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from .errors import BudgetpruneError, ConfigError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see '{self.prog} --help')")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset: demo, mnist, fashion-mnist, cifar10, cifar100")
+    p.add_argument("--data-root", help="folder holding the dataset files (default $BUDGETPRUNE_DATA "
+                                       "or ~/.cache/budgetprune/data)")
+    p.add_argument("--download", action="store_true", help="fetch the dataset's canonical archives first")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="budgetprune", description="Train and prune a network under a resource budget.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("prune", help="train and prune a model under a budget")
+    p.add_argument("--model", required=True, help="model name (see 'budgetprune list')")
+    _add_data_args(p)
+    p.add_argument("--budget", required=True,
+                   help="allowed fraction of the unpruned cost (0.25) or pruning factor (4x)")
+    p.add_argument("--metric", default="volume", help="volume (activations, default), flops or params")
+    p.add_argument("--method", default="bar", help="pruning method (default bar)")
+    p.add_argument("--out", required=True, help="run folder for the model, metrics, report and checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--teacher", help="trained unpruned model (a budgetprune model.pt/teacher.pt or a state dict)")
+    p.add_argument("--epochs", type=int, help="train+prune epochs (paper: 80; default 10)")
+    p.add_argument("--finetune-epochs", type=int, help="fine-tune epochs with frozen gates (paper: 40; default 4)")
+    p.add_argument("--lowlr-epochs", type=int, help="last fine-tune epochs at lr/10 (paper: 10; default 1)")
+    p.add_argument("--teacher-epochs", type=int, help="epochs to train the unpruned teacher (default 5)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--gate-lr", type=float, help="learning rate of the gate parameters (default 1e-2)")
+    p.add_argument("--batch-size", type=int, help="batch size (default 64)")
+    p.add_argument("--lam", type=float, help="weight λ of the budget term (default 1e-5)")
+    p.add_argument("--schedule", choices=["sigmoid", "linear", "exponential"], help="budget schedule")
+    p.add_argument("--student-init", choices=["teacher", "random"], help="start the student from (default teacher)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--device", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    d = sub.add_parser("demo", help="prune LeNet-5 on the embedded Fashion-MNIST subset (offline, minutes)")
+    d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    d.add_argument("--budget", default="0.25", help="budget (default 0.25 = 4x)")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--no-progress", action="store_true")
+
+    i = sub.add_parser("info", help="per-layer widths, volume, FLOPs and params of a model file")
+    i.add_argument("model_file")
+
+    e = sub.add_parser("evaluate", help="test accuracy of a model file on a dataset")
+    e.add_argument("model_file")
+    _add_data_args(e)
+    e.add_argument("--device", default="cpu")
+
+    sub.add_parser("list", help="models, datasets, methods and metrics")
+    return parser
+
+
+def _load_data(args):
+    from .data import load_dataset
+    return load_dataset(args.data, root=args.data_root, download=args.download)
+
+
+def cmd_prune(args) -> int:
+    from .models import create_model
+    from .pipeline import PruneConfig, PruneRun
+    from .budget import parse_budget
+    from .api import load_teacher
+
+    out = Path(args.out)
+    if args.resume:
+        cfg_file = out / "config.json"
+        if not (out / "checkpoint.pt").exists():
+            raise ConfigError(f"{out} holds no interrupted run to resume (no checkpoint.pt); drop --resume")
+        saved = json.loads(cfg_file.read_text()) if cfg_file.exists() else None
+        config = PruneConfig.from_dict(saved) if saved else _config_from_args(args)
+        if args.device:
+            config.device = args.device
+    else:
+        if (out / "checkpoint.pt").exists() or (out / "metrics.json").exists():
+            raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        config = _config_from_args(args)
+    config.progress = not args.no_progress and sys.stderr.isatty()
+    return _run(config, out, resume=args.resume, download=getattr(args, "download", False))
+
+
+def _config_from_args(args):
+    from .budget import parse_budget
+    from .pipeline import PruneConfig
+    budget = parse_budget(args.budget, args.metric)
+    config = PruneConfig(budget=budget.fraction, metric=args.metric, method=args.method, model=args.model,
+                         data=args.data, data_root=args.data_root, teacher=args.teacher)
+    for name in ("epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs", "lr", "gate_lr", "batch_size",
+                 "lam", "schedule", "student_init", "seed", "device"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(config, name, value)
+    config.validate()
+    return config
+
+
+def _run(config, out: Path, resume: bool, download: bool = False) -> int:
+    from .api import load_teacher
+    from .data import load_dataset
+    from .io import write_json
+    from .models import create_model
+    from .pipeline import PruneRun
+    from .methods import available_methods
+
+    if config.method not in available_methods():
+        raise ConfigError(f"unknown method '{config.method}': choose one of {', '.join(available_methods())}")
+    config.validate()
+    splits = load_dataset(config.data, root=config.data_root, download=download, progress=config.progress)
+    info = splits.info
+    model = create_model(config.model, in_channels=info.in_channels, num_classes=info.num_classes,
+                         input_size=info.image_size)
+    teacher = None
+    if config.teacher:
+        teacher = load_teacher(config.teacher, model, splits.train[0][0].unsqueeze(0))
+    run = PruneRun(model, splits.train, splits.test, config, out, teacher=teacher, log=print)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", asdict(config))
+    print(f"budgetprune: {config.method} on {config.model} / {config.data}, {config.metric} budget "
+          f"{config.budget:.4g} ({1 / config.budget:.3g}x); run folder {out}", flush=True)
+    run.run(resume=resume)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .budget import parse_budget
+    from .pipeline import PruneConfig
+    out = Path(args.out)
+    budget = parse_budget(args.budget, "volume")
+    resume = (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
+    if (out / "metrics.json").exists():
+        import shutil
+        shutil.rmtree(out)
+    config = PruneConfig(budget=budget.fraction, model="lenet5", data="demo", teacher_epochs=4, epochs=8,
+                         finetune_epochs=3, lowlr_epochs=1, device=args.device)
+    config.progress = not args.no_progress and sys.stderr.isatty()
+    code = _run(config, out, resume=resume)
+    print(f"report: {out / 'report.md'}  model: {out / 'model.pt'}  (try: budgetprune info {out / 'model.pt'})")
+    return code
+
+
+def cmd_info(args) -> int:
+    import torch
+    from .graph import ChannelGraph
+    from .io import load_file
+    from .resources import resource_report
+
+    model, specs, meta = load_file(args.model_file)
+    shape = meta.get("input_shape")
+    if not shape:
+        raise ConfigError(f"{args.model_file} does not record its input shape")
+    graph = ChannelGraph.build(model, torch.zeros(1, *shape))
+    res = resource_report(graph)
+    print(f"{args.model_file}: input {tuple(shape)}, {sum(p.numel() for p in model.parameters())} parameters")
+    for metric, value in meta.get("metrics", {}).items():
+        print(f"  {metric}: {value}")
+    print(f"  {'layer':<8}{'type':<10}{'in':>8}{'out':>8}{'area':>8}")
+    for i, s in enumerate(specs):
+        if s["op"] in ("conv2d", "linear"):
+            layer = graph.layers[str(i)]
+            print(f"  {i:<8}{s['op']:<10}{layer.in_features:>8}{layer.out_channels:>8}{layer.out_area:>8}")
+    print(f"  volume {res['volume']:.6g}   flops (MACs) {res['flops']:.6g}   params {res['params']:.6g}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .engine import evaluate
+    from .io import load_file
+    from .pipeline import resolve_device
+
+    model, specs, meta = load_file(args.model_file)
+    splits = _load_data(args)
+    shape = tuple(meta.get("input_shape") or ())
+    data_shape = tuple(splits.test[0][0].shape)
+    if shape and shape != data_shape:
+        raise ConfigError(f"{args.model_file} takes inputs of shape {shape} but {args.data} images are "
+                          f"{data_shape}; evaluate it on the dataset it was trained on")
+    device = resolve_device(args.device)
+    res = evaluate(model.to(device), splits.test, device)
+    print(f"{args.model_file} on {args.data} test ({len(splits.test)} images): accuracy {res['accuracy']:.4f}, "
+          f"loss {res['loss']:.4f}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .data import available_datasets
+    from .methods import available_methods
+    from .models import available_models
+    from .resources import METRICS
+    print("models:  ", ", ".join(available_models()))
+    print("datasets:", ", ".join(available_datasets()))
+    print("methods: ", ", ".join(available_methods()))
+    print("metrics: ", ", ".join(METRICS))
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "demo": cmd_demo, "info": cmd_info, "evaluate": cmd_evaluate, "list": cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except BudgetpruneError as exc:
+        print(f"budgetprune: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("budgetprune: interrupted; every finished epoch is saved: rerun the same command with --resume "
+              "to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

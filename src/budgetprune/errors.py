@@ -1,0 +1,39 @@
+"""User-facing errors.
+
+Every problem a user can fix (a bad option, a missing file, an impossible budget)
+raises a subclass of :class:`BudgetpruneError` whose message is one line naming the
+problem and the fix. The command line prints that line and exits with code 2; it
+never shows a traceback for these.
+"""
+
+
+class BudgetpruneError(Exception):
+    """Base class of the errors a user can act on; ``str(err)`` is one line."""
+
+
+class ConfigError(BudgetpruneError):
+    """An option has a value that cannot work (unknown name, out-of-range number)."""
+
+
+class BudgetError(ConfigError):
+    """The budget is malformed or cannot be reached by any pruning of the model."""
+
+
+class DataError(BudgetpruneError):
+    """A dataset folder is missing, incomplete or holds malformed files."""
+
+
+class DownloadError(DataError):
+    """A download failed or a downloaded file did not match its checksum."""
+
+
+class CheckpointError(BudgetpruneError):
+    """A checkpoint or model file cannot be read or does not fit the model."""
+
+
+class GraphError(BudgetpruneError):
+    """A model cannot be traced, or holds an operation that cannot be pruned safely."""
+
+
+class TrainingDiverged(BudgetpruneError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

@@ -1,0 +1,79 @@
+"""The method protocol every pruning method implements (see DESIGN.md).
+
+A method owns its own state (gates, multipliers) as an ``nn.Module`` so that
+``state_dict()`` / ``load_state_dict()`` make a run resumable. It never touches the
+training loop: the engine calls :meth:`penalty` for the loss, :meth:`after_step` after each
+optimiser step, and asks for :meth:`keep_masks`, :meth:`scores` and :meth:`gate_values`
+when it hard-prunes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..budget import Budget
+from ..errors import ConfigError
+from ..graph import ChannelGraph
+
+_REGISTRY: dict[str, type["Method"]] = {}
+
+
+def register_method(name: str):
+    def deco(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_method(name: str, **options) -> "Method":
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method '{name}': choose one of {', '.join(available_methods())}")
+    return _REGISTRY[name](**options)
+
+
+class Method(nn.Module):
+    """Base class: subclasses add gates/state in :meth:`attach`."""
+
+    name = "base"
+
+    def attach(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
+        raise NotImplementedError
+
+    def detach(self) -> None:
+        """Remove every hook from the model."""
+
+    def penalty(self, progress: float) -> torch.Tensor:
+        """Term added to the data loss at ``progress`` ∈ [0, 1] of the training phase."""
+        raise NotImplementedError
+
+    def after_step(self, progress: float) -> None:
+        """Called after each optimiser step (dual ascent, clamps, ...)."""
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Keep-score per channel of each group (higher = more worth keeping)."""
+        raise NotImplementedError
+
+    def keep_masks(self) -> dict[str, torch.Tensor]:
+        """The method's own hard decision, before the budget projection."""
+        raise NotImplementedError
+
+    def gate_values(self) -> dict[str, torch.Tensor]:
+        """Per-channel scale the pruned model folds into its weights (1 where none)."""
+        return {gid: torch.ones_like(m, dtype=torch.float32) for gid, m in self.keep_masks().items()}
+
+    def freeze(self, masks: dict[str, torch.Tensor]) -> None:
+        """Fix the gates to the final masks (and folded values) for evaluation."""
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimiser groups for the method's own parameters (empty if none)."""
+        return []
+
+    def status(self) -> dict[str, float]:
+        """Numbers for the per-epoch log line (e.g. V, b, f)."""
+        return {}

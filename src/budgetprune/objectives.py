@@ -1,0 +1,112 @@
+"""Loss pieces: the budget barrier, the budget schedule and knowledge distillation.
+
+All from seed 001 (Lemaire et al., "Structured Pruning of Neural Networks with
+Budget-Aware Regularization", CVPR 2019).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+#: Where the barrier stops following g(c) = c²/(1−c) and continues along its tangent, so
+#: that it stays finite (and C¹) when the hard volume V crosses the moving budget b.
+BARRIER_KNEE = 0.999
+
+
+def barrier(V: float, a: float, b: float, knee: float = BARRIER_KNEE) -> float:
+    """Budget barrier f(V, a, b) (seed 001, Eq. 5), made finite past the wall.
+
+    With c = (V − a)/(b − a): f = 0 for c ≤ 0 and f = g(c) = c²/(1 − c) for 0 < c < 1, which
+    equals (V − a)²/((b − V)(b − a)) — the paper's formula, C¹ at V = a. The paper sets
+    f = ∞ for V ≥ b; a training step cannot use ∞ (it would turn into NaN gradients), so
+    from c = ``knee`` on, f continues along its tangent line g(k) + g'(k)(c − k):
+    finite, C¹, strictly increasing, and ~10³ at the knee — still a wall for the optimiser.
+    ``V``, ``a`` and ``b`` are plain numbers: V is the hard (non-differentiable) volume,
+    so f scales the sparsity loss L_S (Eq. 6) and carries no gradient itself.
+    """
+    if not b > a:
+        raise ValueError(f"barrier needs b > a, got a={a}, b={b}")
+    c = (V - a) / (b - a)
+    if c <= 0.0:
+        return 0.0
+    if c < knee:
+        return c * c / (1.0 - c)
+    g_k = knee * knee / (1.0 - knee)
+    dg_k = (2.0 * knee - knee * knee) / (1.0 - knee) ** 2
+    return g_k + dg_k * (c - knee)
+
+
+def sigmoid_transition(t: float, d: float = 10.0) -> float:
+    """T(t, d) = (σ(d(t − ½)) − δ)/(1 − 2δ), δ = σ(−d/2) (seed 001, supplement Eq. 1).
+
+    T(0) = 0, T(1) = 1; d → 0 tends to the linear transition. d = 10 is BAR's default.
+    """
+    t = min(max(t, 0.0), 1.0)
+    if d <= 1e-6:
+        return t
+    sig = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
+    delta = sig(-0.5 * d)
+    return (sig(d * (t - 0.5)) - delta) / (1.0 - 2.0 * delta)
+
+
+def linear_transition(t: float, d: float = 0.0) -> float:
+    """T(t) = t: the linear schedule section 3.4 compares against."""
+    return min(max(t, 0.0), 1.0)
+
+
+def exponential_transition(t: float, d: float = 5.0) -> float:
+    """T(t) = (1 − e^(−d t))/(1 − e^(−d)): fast early, slow late (section 3.4's option)."""
+    t = min(max(t, 0.0), 1.0)
+    if d <= 1e-6:
+        return t
+    return (1.0 - math.exp(-d * t)) / (1.0 - math.exp(-d))
+
+
+SCHEDULES = {"sigmoid": sigmoid_transition, "linear": linear_transition,
+             "exponential": exponential_transition}
+
+
+class BudgetSchedule:
+    """The moving budget b = (1 − T(i)) V_F + T(i) B with a = B − 10⁻⁴ V_F (seed 001, Eq. 7).
+
+    ``i`` is the fraction of the training phase done (iteration / training iterations).
+    """
+
+    def __init__(self, full: float, budget: float, kind: str = "sigmoid", hardness: float | None = None):
+        if kind not in SCHEDULES:
+            raise ConfigError(f"unknown schedule '{kind}': choose one of {', '.join(SCHEDULES)}")
+        if not 0 < budget < full:
+            raise ConfigError(f"budget {budget:g} must lie between 0 and the full cost {full:g}")
+        self.full, self.budget, self.kind = float(full), float(budget), kind
+        self.hardness = hardness if hardness is not None else {"sigmoid": 10.0, "linear": 0.0,
+                                                               "exponential": 5.0}[kind]
+        self.a = self.budget - 1e-4 * self.full
+
+    def transition(self, progress: float) -> float:
+        return SCHEDULES[self.kind](progress, self.hardness)
+
+    def b(self, progress: float) -> float:
+        T = self.transition(progress)
+        return (1.0 - T) * self.full + T * self.budget
+
+
+def distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor,
+                      teacher_logits: torch.Tensor | None, alpha: float = 0.9,
+                      temperature: float = 4.0) -> torch.Tensor:
+    """(1 − α) CE(P_s, y) + α T² CE(P_s, P_t) (Hinton et al.; seed 001, section 3.5).
+
+    CE(P_s, P_t) = −Σ_k softmax(t/T)_k log softmax(s/T)_k, averaged over the batch.
+    Without a teacher this is the plain cross-entropy.
+    """
+    hard = F.cross_entropy(student_logits, targets)
+    if teacher_logits is None or alpha == 0.0:
+        return hard
+    T = temperature
+    soft_targets = F.softmax(teacher_logits.detach() / T, dim=1)
+    soft = -(soft_targets * F.log_softmax(student_logits / T, dim=1)).sum(dim=1).mean()
+    return (1.0 - alpha) * hard + alpha * T * T * soft

@@ -1,0 +1,383 @@
+"""One pruning run, start to finish, resumable at every epoch.
+
+Stages (seed 001, supplement 3.1): the unpruned *teacher* is trained (or loaded); the
+*prune* stage trains the student with the method's penalty while the budget tightens; the
+student is then hard-pruned, projected onto the budget exactly and physically compacted;
+the *finetune* stage trains the compacted network with knowledge distillation, first at the
+base learning rate and then at a tenth of it. After every epoch the run's state is written
+atomically to ``checkpoint.pt``, so an interrupted run resumes without losing a finished
+epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import io
+from .architecture import build_sequential
+from .budget import Budget, enforce_budget
+from .compact import compact, sequential_state_to_model, to_sequential
+from .engine import evaluate, iterate_batches, make_optimizer, predict_logits, set_lr, train_epoch
+from .errors import CheckpointError, ConfigError, TrainingDiverged
+from .graph import ChannelGraph
+from .methods import create_method
+from .objectives import distillation_loss
+from .resources import METRICS, CostModel, resource_report
+
+STAGES = ("teacher", "prune", "finetune", "done")
+
+
+@dataclass
+class PruneConfig:
+    """Every option of a run (written to ``config.json``). Paper values in comments.
+
+    Epoch defaults are small for a CPU; seed 001 used 80 (prune) / 40 (fine-tune) /
+    10 (low learning rate) on CIFAR and trained the teacher for 80 + 10.
+    """
+
+    budget: float = 0.25  # fraction of the full cost
+    metric: str = "volume"
+    method: str = "bar"
+    model: str | None = None
+    data: str | None = None
+    data_root: str | None = None
+    epochs: int = 10  # train + prune (paper: 80)
+    finetune_epochs: int = 4  # gates frozen (paper: 40)
+    lowlr_epochs: int = 1  # at lr × lowlr_factor (paper: 10)
+    teacher_epochs: int = 5  # unpruned teacher, when none is given (paper: 80 + 10)
+    lr: float = 1e-3
+    gate_lr: float | None = 1e-2
+    lowlr_factor: float = 0.1
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    kd_alpha: float = 0.9
+    kd_temperature: float = 4.0
+    lam: float = 1e-5
+    schedule: str = "sigmoid"
+    schedule_hardness: float | None = None
+    student_init: str = "teacher"  # "teacher" or "random"
+    gate_inputs: bool = True  # gate an MLP's input features (Louizos et al.)
+    teacher: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.metric not in METRICS:
+            raise ConfigError(f"unknown metric '{self.metric}': choose one of {', '.join(METRICS)}")
+        if not 0.0 < self.budget < 1.0:
+            raise ConfigError(f"budget {self.budget} must lie strictly between 0 and 1")
+        for name in ("epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more")
+        if self.epochs < 1:
+            raise ConfigError("--epochs must be at least 1: pruning happens during training")
+        if self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("--batch-size and --lr must be positive")
+        if self.student_init not in ("teacher", "random"):
+            raise ConfigError("--student-init must be 'teacher' or 'random'")
+        if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature < 1.0:
+            raise ConfigError("--kd-alpha must lie in [0, 1] and --kd-temperature be at least 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PruneConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class PruneResult:
+    model: nn.Sequential
+    metrics: dict
+    architecture: list[dict]
+    history: list[dict] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' asked for but CUDA is not available here; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' asked for but it is not available here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{name}': use cpu, cuda or cuda:N") from None
+
+
+class PruneRun:
+    """A pruning run in ``out_dir``: call :meth:`run` (it resumes where a checkpoint stopped)."""
+
+    def __init__(self, model: nn.Module, train_data, test_data, config: PruneConfig, out_dir: str | Path,
+                 teacher: nn.Module | None = None, log: Callable[[str], None] = print):
+        config.validate()
+        self.config = config
+        self.out = Path(out_dir)
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.train_data, self.test_data = train_data, test_data
+        self.log = log
+        self.teacher = teacher.to(self.device).eval() if teacher is not None else None
+        x0 = train_data[0][0]
+        self.example = x0.unsqueeze(0).to(self.device)
+        self.graph = ChannelGraph.build(self.model, self.example, gate_inputs=config.gate_inputs)
+        self.budget = Budget(config.metric, config.budget)
+        self.budget.check_reachable(self.graph)
+        self.full = resource_report(self.graph)
+        self.ckpt_path = self.out / "checkpoint.pt"
+        self.history: list[dict] = []
+
+    # -- checkpoints ------------------------------------------------------------------
+    def _save_checkpoint(self, stage: str, epoch: int, **state) -> None:
+        io.torch_save(self.ckpt_path, {"stage": stage, "epoch": epoch, "history": json.dumps(self.history),
+                                       "rng": torch.get_rng_state(), **state})
+
+    def _load_checkpoint(self) -> dict | None:
+        if not self.ckpt_path.exists():
+            return
+        ckpt = io.torch_load(self.ckpt_path, "checkpoint")
+        if ckpt.get("stage") not in STAGES:
+            raise CheckpointError(f"{self.ckpt_path} is not a budgetprune run checkpoint")
+        self.history = json.loads(ckpt["history"])
+        torch.set_rng_state(ckpt["rng"])
+        return ckpt
+
+    def _generator(self, stage: str, epoch: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.config.seed * 10007 + STAGES.index(stage) * 1009 + epoch)
+
+    def _line(self, stage: str, epoch: int, total: int, stats: dict) -> None:
+        parts = [f"[{stage}] epoch {epoch}/{total}", f"loss {stats['loss']:.4f}",
+                 f"acc {stats['train_accuracy']:.4f}", f"test {stats['test_accuracy']:.4f}"]
+        for key in ("V", "b", "f"):
+            for k, v in stats.items():
+                if k == key or k.startswith(key + "_"):
+                    parts.append(f"{k} {v:.4g}")
+        parts.append(f"{stats['seconds']:.1f}s")
+        self.log("  ".join(parts))
+
+    # -- the run ----------------------------------------------------------------------
+    def run(self, resume: bool = False) -> PruneResult:
+        ckpt = self._load_checkpoint() if resume else None
+        if ckpt is not None:
+            self.log(f"resuming {self.out} at stage '{ckpt['stage']}' after epoch {ckpt['epoch']}")
+        stage = ckpt["stage"] if ckpt else "teacher"
+        self._teacher_stage(ckpt if stage == "teacher" else None)
+        if stage == "teacher":
+            ckpt = None
+        student_result = self._prune_stage(ckpt if ckpt and ckpt["stage"] == "prune" else None,
+                                           skip=ckpt is not None and ckpt["stage"] in ("finetune", "done"))
+        net, specs, info = self._finetune_stage(ckpt if ckpt and ckpt["stage"] in ("finetune", "done") else None,
+                                                student_result)
+        return self._finish(net, specs, info)
+
+    # teacher -------------------------------------------------------------------------
+    def _teacher_stage(self, ckpt: dict | None):
+        teacher_file = self.out / "teacher.pt"
+        if self.teacher is None and teacher_file.exists() and (ckpt is None):
+            self.teacher = io.load(teacher_file).to(self.device).eval()
+        if self.teacher is not None:
+            if not teacher_file.exists():
+                self._save_teacher(self.teacher)
+            self.unpruned_accuracy = evaluate(self.teacher, self.test_data, self.device)["accuracy"]
+            return
+        cfg = self.config
+        model = copy.deepcopy(self.model).to(self.device)
+        opt = make_optimizer(list(model.parameters()), cfg.lr, cfg.weight_decay)
+        start = 0
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            start = ckpt["epoch"]
+        steps_per_epoch = -(-len(self.train_data) // cfg.batch_size)
+        for epoch in range(start, cfg.teacher_epochs):
+            stats = self._epoch(model, opt, "teacher", epoch, cfg.teacher_epochs, steps_per_epoch,
+                                lambda logits, y, idx, x: nn.functional.cross_entropy(logits, y))
+            self._save_checkpoint("teacher", epoch + 1, model=model.state_dict(), optimizer=opt.state_dict())
+        self.teacher = model.eval()
+        self._save_teacher(model)
+        self.unpruned_accuracy = evaluate(model, self.test_data, self.device)["accuracy"]
+        return None
+
+    def _save_teacher(self, teacher: nn.Module) -> None:
+        seq, specs = to_sequential(teacher, ChannelGraph.build(teacher, self.example))
+        io.save(seq, self.out / "teacher.pt", specs, {"role": "teacher", "model": self.config.model})
+
+    def _epoch(self, model, opt, stage, epoch, total_epochs, steps_per_epoch, loss_fn, penalty=None,
+               after_step=None, progress_steps=None, status=None) -> dict:
+        cfg = self.config
+        step0 = epoch * steps_per_epoch
+        try:
+            stats = train_epoch(model, self.train_data, opt, loss_fn, device=self.device,
+                                batch_size=cfg.batch_size, generator=self._generator(stage, epoch),
+                                step=step0, total_steps=progress_steps or 1, penalty=penalty,
+                                after_step=after_step, show_progress=cfg.progress,
+                                desc=f"{stage} {epoch + 1}/{total_epochs}")
+        except TrainingDiverged as exc:
+            kept = (f"the last good checkpoint ({stage} epoch {epoch}) is kept at {self.ckpt_path}"
+                    if self.ckpt_path.exists() else "no epoch had finished, so there is no checkpoint")
+            raise TrainingDiverged(f"{exc} in {stage} epoch {epoch + 1}; {kept}; lower --lr "
+                                   f"(now {cfg.lr:g}) and rerun, with --resume to continue") from None
+        stats["test_accuracy"] = evaluate(model, self.test_data, self.device)["accuracy"]
+        if status is not None:
+            stats.update(status())
+        row = {"stage": stage, "epoch": epoch + 1, **{k: v for k, v in stats.items() if k != "steps"},
+               "lr": opt.param_groups[0]["lr"]}
+        self.history.append(row)
+        self._line(stage, epoch + 1, total_epochs, stats)
+        return stats
+
+    def _kd_loss(self, dataset):
+        """Distillation loss; teacher logits are computed once when the data is not augmented."""
+        cfg = self.config
+        cached = None if getattr(dataset, "augment", False) else predict_logits(self.teacher, dataset, self.device)
+
+        def loss_fn(logits, y, idx, x):
+            if cached is not None:
+                t = cached.index_select(0, idx).to(logits.device)
+            else:
+                with torch.no_grad():
+                    t = self.teacher(x)
+            return distillation_loss(logits, y, t, cfg.kd_alpha, cfg.kd_temperature)
+        return loss_fn
+
+    # prune ---------------------------------------------------------------------------
+    def _prune_stage(self, ckpt: dict | None, skip: bool):
+        if skip:
+            return
+        cfg = self.config
+        student = copy.deepcopy(self.model).to(self.device)
+        if cfg.student_init == "teacher":
+            student.load_state_dict(self._teacher_state_for_model())
+        method = create_method(cfg.method, lam=cfg.lam, schedule=cfg.schedule, hardness=cfg.schedule_hardness,
+                               gate_lr=cfg.gate_lr)
+        method.attach(student, self.graph, [self.budget])
+        method.to(self.device)
+        opt = make_optimizer(list(student.parameters()), cfg.lr, cfg.weight_decay, method.param_groups(cfg.lr))
+        start = 0
+        if ckpt is not None:
+            student.load_state_dict(ckpt["model"])
+            method.load_state_dict(ckpt["method"])
+            opt.load_state_dict(ckpt["optimizer"])
+            start = ckpt["epoch"]
+        steps_per_epoch = -(-len(self.train_data) // cfg.batch_size)
+        total_steps = steps_per_epoch * cfg.epochs
+        loss_fn = self._kd_loss(self.train_data)
+        for epoch in range(start, cfg.epochs):
+            self._epoch(student, opt, "prune", epoch, cfg.epochs, steps_per_epoch, loss_fn,
+                        penalty=method.penalty, after_step=method.after_step, progress_steps=total_steps,
+                        status=method.status)
+            self._save_checkpoint("prune", epoch + 1, model=student.state_dict(), method=method.state_dict(),
+                                  optimizer=opt.state_dict())
+        return student, method
+
+    def _teacher_state_for_model(self) -> dict:
+        if not isinstance(self.teacher, nn.Sequential) or isinstance(self.model, nn.Sequential):
+            return copy.deepcopy(self.teacher.state_dict())
+        return sequential_state_to_model(self.graph, self.teacher.state_dict())
+
+    def _hard_prune(self, student: nn.Module, method) -> tuple[nn.Sequential, list[dict], dict]:
+        """Masks → exact budget → compaction, checking the compacted outputs."""
+        graph = method.graph
+        masks = method.keep_masks()
+        cm = CostModel(graph, self.budget.metric)
+        limit = self.budget.absolute(graph)
+        before = cm.hard(masks)
+        final = enforce_budget(graph, masks, method.scores(), self.budget)
+        dropped = int(sum(int(masks[g].sum()) - int(final[g].sum()) for g in masks))
+        after = cm.hard(final)
+        self.log(f"hard-prune: {self.budget.metric} {before:.6g} → {after:.6g} (budget {limit:.6g}, "
+                 f"{after / limit:.4f} of it); the budget projection dropped {dropped} channels")
+        method.freeze(final)
+        values = method.gate_values()
+        student.eval()
+        method.eval()
+        net, specs = compact(student, graph, final, {g: values[g] for g in final})
+        x = next(iter(self._sample_batch()))
+        with torch.no_grad():
+            diff = float((student(x) - net(x)).abs().max())
+        if diff > 1e-3:
+            raise RuntimeError(f"internal error: compacted outputs differ from the gated model by {diff}")
+        method.detach()
+        masks_json = {g: [int(i) for i in torch.nonzero(m).flatten()] for g, m in final.items()}
+        info = {"cost_before_projection": before, "channels_dropped_by_projection": dropped,
+                "compaction_max_abs_diff": diff, "masks": masks_json,
+                "pruned": resource_report(graph, final)}
+        return net, specs, info
+
+    def _sample_batch(self):
+        for _, x, _ in iterate_batches(self.test_data, 256):
+            yield x.to(self.device)
+            break
+
+    # finetune ------------------------------------------------------------------------
+    def _finetune_stage(self, ckpt: dict | None, student_result):
+        cfg = self.config
+        if ckpt is None:
+            student, method = student_result
+            net, specs, info = self._hard_prune(student, method)
+            start = 0
+            self._save_checkpoint("finetune", 0, arch=json.dumps(specs), model=net.state_dict(),
+                                  info=json.dumps(info), optimizer={})
+        else:
+            specs = json.loads(ckpt["arch"])
+            net = build_sequential(specs).to(self.device)
+            net.load_state_dict(ckpt["model"])
+            info = json.loads(ckpt["info"])
+            start = ckpt["epoch"]
+        opt = make_optimizer(list(net.parameters()), cfg.lr, cfg.weight_decay)
+        if ckpt is not None and ckpt.get("optimizer"):
+            opt.load_state_dict(ckpt["optimizer"])
+        total = cfg.finetune_epochs + cfg.lowlr_epochs
+        steps_per_epoch = -(-len(self.train_data) // cfg.batch_size)
+        loss_fn = self._kd_loss(self.train_data) if total > start else None
+        base = {"weights": cfg.lr}
+        for epoch in range(start, total):
+            set_lr(opt, 1.0 if epoch < cfg.finetune_epochs else cfg.lowlr_factor, base)
+            self._epoch(net, opt, "finetune", epoch, total, steps_per_epoch, loss_fn)
+            self._save_checkpoint("finetune", epoch + 1, arch=json.dumps(specs), model=net.state_dict(),
+                                  info=json.dumps(info), optimizer=opt.state_dict())
+        return net.eval(), specs, info
+
+    # results -------------------------------------------------------------------------
+    def _finish(self, net: nn.Sequential, specs: list[dict], info: dict) -> PruneResult:
+        from .report import layer_widths, write_report
+        cfg = self.config
+        if not hasattr(self, "unpruned_accuracy"):
+            self.unpruned_accuracy = evaluate(self.teacher, self.test_data, self.device)["accuracy"]
+        acc = evaluate(net, self.test_data, self.device)["accuracy"]
+        pruned = info["pruned"]
+        limit = self.budget.fraction * self.full[cfg.metric]
+        metrics = {
+            "method": cfg.method, "metric": cfg.metric, "budget_fraction": cfg.budget,
+            "budget": limit, "budget_ratio": pruned[cfg.metric] / limit,
+            "full": self.full, "pruned": pruned,
+            "reduction_factor": {k: self.full[k] / pruned[k] for k in self.full},
+            "widths": layer_widths(self.graph, info["masks"]),
+            "test_accuracy": acc, "unpruned_test_accuracy": self.unpruned_accuracy,
+            "accuracy_change": acc - self.unpruned_accuracy,
+            "cost_before_projection": info["cost_before_projection"],
+            "channels_dropped_by_projection": info["channels_dropped_by_projection"],
+            "compaction_max_abs_diff": info["compaction_max_abs_diff"],
+            "model": cfg.model, "data": cfg.data,
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        io.save(net, self.out / "model.pt", specs, {"metrics": {k: metrics[k] for k in
+                                                                ("method", "metric", "budget_fraction")},
+                                                    "model": cfg.model, "input_shape": list(self.graph.input_shape)})
+        io.write_json(self.out / "metrics.json", metrics)
+        io.write_json(self.out / "history.json", self.history)
+        io.write_json(self.out / "config.json", asdict(cfg))
+        write_report(self.out, metrics, self.history)
+        total = cfg.finetune_epochs + cfg.lowlr_epochs
+        self._save_checkpoint("done", total, arch=json.dumps(specs), model=net.state_dict(), info=json.dumps(info),
+                              optimizer={})
+        self.log(f"done: test accuracy {acc:.4f} (unpruned {self.unpruned_accuracy:.4f}); {cfg.metric} "
+                 f"{pruned[cfg.metric]:.6g} = {metrics['budget_ratio']:.4f} of the budget; files in {self.out}")
+        return PruneResult(net, metrics, specs, self.history)
