@@ -76,6 +76,19 @@ class HardConcreteGate(nn.Module):
         """P(z = 1) = 1 − σ(β log((1−γ)/(ζ−1)) − log α): the stretched mass above 1."""
         return torch.sigmoid(self.log_alpha - self.beta * math.log((1.0 - self.gamma) / (self.zeta - 1.0)))
 
+    def open_threshold(self) -> float:
+        """log α above which ẑ > 0: σ(log α) > −γ/(ζ − γ)."""
+        p = -self.gamma / (self.zeta - self.gamma)
+        return math.log(p / (1.0 - p))
+
+    @torch.no_grad()
+    def keep_at_least_one(self, margin: float = 1e-2) -> None:
+        """Fatal-pruning guard (seed 001, section 4.1): clamp the highest log α so one channel stays open."""
+        i = int(torch.argmax(self.log_alpha))
+        floor = self.open_threshold() + margin
+        if float(self.log_alpha[i]) < floor:
+            self.log_alpha[i] = floor
+
     def keep_mask(self) -> torch.Tensor:
         """Channels whose deterministic gate is non-zero."""
         return self.deterministic() > 0

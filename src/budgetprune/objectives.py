@@ -14,8 +14,12 @@ import torch.nn.functional as F
 from .errors import ConfigError
 
 #: Where the barrier stops following g(c) = c²/(1−c) and continues along its tangent, so
-#: that it stays finite (and C¹) when the hard volume V crosses the moving budget b.
-BARRIER_KNEE = 0.999
+#: that it stays finite (and C¹) when the hard volume V reaches the moving budget b. At
+#: 0.9, f = 8.1 there with slope 99: the wall is steep, but not so steep that Adam moves
+#: every gate in lock-step (which closes them all at once: measured on the embedded
+#: Fashion-MNIST with LeNet-5 at 4x, knee 0.999 ended at 75.8 % accuracy with conv1 cut
+#: to one map; knee 0.9 at 82.2 % vs 82.6 % unpruned, V tracking b through training).
+BARRIER_KNEE = 0.9
 
 
 def barrier(V: float, a: float, b: float, knee: float = BARRIER_KNEE) -> float:
@@ -100,13 +104,15 @@ def distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor,
                       temperature: float = 4.0) -> torch.Tensor:
     """(1 − α) CE(P_s, y) + α T² CE(P_s, P_t) (Hinton et al.; seed 001, section 3.5).
 
-    CE(P_s, P_t) = −Σ_k softmax(t/T)_k log softmax(s/T)_k, averaged over the batch.
+    The soft term is computed as KL(P_t ‖ P_s) = CE(P_s, P_t) − H(P_t), with P = softmax(logits/T):
+    the same gradient as the paper's cross-entropy (H(P_t) does not depend on the student),
+    but a value that reads 0 when the student matches the teacher. Averaged over the batch.
     Without a teacher this is the plain cross-entropy.
     """
     hard = F.cross_entropy(student_logits, targets)
     if teacher_logits is None or alpha == 0.0:
         return hard
     T = temperature
-    soft_targets = F.softmax(teacher_logits.detach() / T, dim=1)
-    soft = -(soft_targets * F.log_softmax(student_logits / T, dim=1)).sum(dim=1).mean()
+    soft = F.kl_div(F.log_softmax(student_logits / T, dim=1), F.log_softmax(teacher_logits.detach() / T, dim=1),
+                    reduction="batchmean", log_target=True)
     return (1.0 - alpha) * hard + alpha * T * T * soft

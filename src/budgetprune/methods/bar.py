@@ -89,6 +89,12 @@ class BAR(Method):
             total = self.gates[next(iter(self.gates))].log_alpha.sum() * 0.0
         return total
 
+    def after_step(self, progress: float) -> None:
+        """Keep ≥ 1 open channel in every group: in a chain network, an empty layer kills the signal."""
+        for gate in self.gates.values():
+            if gate.frozen is None:
+                gate.keep_at_least_one()
+
     def scores(self) -> dict[str, torch.Tensor]:
         return self._by_group(lambda g: g.prob_nonzero().detach())
 
