@@ -98,8 +98,8 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
         step += 1
         n = y.numel()
         seen += n
-        loss_sum += float(loss) * n
-        pen_sum += (float(pen) if pen is not None else 0.0) * n
+        loss_sum += float(loss.detach()) * n
+        pen_sum += (float(pen.detach()) if pen is not None else 0.0) * n
         correct += int((logits.detach().argmax(1) == y).sum())
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
