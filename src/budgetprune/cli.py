@@ -154,9 +154,9 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     budget = parse_budget(args.budget, "volume")
     resume = (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
-    if (out / "metrics.json").exists():
+    if (out / "metrics.json").exists() and (out / "checkpoint.pt").exists():
         import shutil
-        shutil.rmtree(out)
+        shutil.rmtree(out)  # a finished earlier demo run: start afresh
     config = PruneConfig(budget=budget.fraction, model="lenet5", data="demo", teacher_epochs=4, epochs=8,
                          finetune_epochs=3, lowlr_epochs=1, device=args.device)
     config.progress = not args.no_progress and sys.stderr.isatty()
