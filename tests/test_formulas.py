@@ -724,9 +724,7 @@ def test_enforce_budget_tight(frac):
         assert 0.95 <= r <= 1.0, (frac, seed, r)
 
 
-@pytest.mark.xfail(reason="BUG: enforce_budget only removes channels, so its last removal can overshoot far "
-                          "below the budget (a conv1 channel is 576 of lenet5's 15230 volume): at 0.5 from full "
-                          "masks with random scores V/B = 0.933 for seeds 6, 7, 12; no fill-back step", strict=True)
+# Regression: the last greedy removal used to overshoot by a whole conv1 map (V/B 0.933 at 0.5, seeds 6/7/12).
 def test_enforce_budget_tight_half():
     ratios = [_fill_ratio(0.5, "volume", seed) for seed in range(14)]
     assert all(r <= 1.0 for r in ratios)

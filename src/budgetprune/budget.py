@@ -72,13 +72,45 @@ def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
 
     At each step every group offers its kept channel of lowest score; the one with the
     smallest score / (cost saved by removing it) goes. A group never drops below its
-    ``min_keep`` channels (the fatal-pruning guard). Masks are not modified in place.
+    ``min_keep`` channels (the fatal-pruning guard). The last removal can overshoot (one
+    wide-area map may save far more than needed), so channels this projection removed are
+    then put back, most recently removed first, wherever they still fit under the budget.
+    Masks are not modified in place.
     """
     cm = CostModel(graph, budget.metric)
     limit = budget.fraction * cm.full()
     masks = {gid: m.detach().clone().bool().cpu() for gid, m in masks.items()}
     scores = {gid: s.detach().float().cpu() for gid, s in scores.items()}
     counts = {gid: int(m.sum()) for gid, m in masks.items()}
+    dropped = _drop_until(graph, cm, limit, masks, counts, scores)
+    if dropped is None:
+        raise BudgetError(f"{budget.metric} budget {budget.fraction:.4g} cannot be met without removing the "
+                          "last channel of a layer; raise the budget")
+    if dropped and cm.evaluate(counts) < 0.95 * limit:
+        # The last removal overshot: try the cheaper channels instead of it.
+        gid, idx, saved = dropped[-1]
+        alt_masks = {g: m.clone() for g, m in masks.items()}
+        alt_counts = {**counts, gid: counts[gid] + 1}
+        alt_masks[gid][idx] = True
+        more = _drop_until(graph, cm, limit, alt_masks, alt_counts, scores, max_saving=saved)
+        if more is not None and cm.evaluate(alt_counts) > cm.evaluate(counts):
+            masks, counts, dropped = alt_masks, alt_counts, dropped[:-1] + more
+    for gid, idx, _ in reversed(dropped):  # put back whatever still fits
+        if masks[gid][idx]:
+            continue
+        if cm.evaluate({**counts, gid: counts[gid] + 1}) <= limit:
+            masks[gid][idx] = True
+            counts[gid] += 1
+    return masks
+
+
+def _drop_until(graph, cm, limit, masks, counts, scores, max_saving: float = float("inf")):
+    """Greedy lowest score-per-cost removal (in place) until the cost is ≤ ``limit``.
+
+    Only channels whose removal saves less than ``max_saving`` are candidates. Returns the
+    removed ``(group, index, saving)`` in order, or None if the limit cannot be reached.
+    """
+    dropped: list[tuple[str, int, float]] = []
     current = cm.evaluate(counts)
     while current > limit:
         best = None
@@ -86,18 +118,18 @@ def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
             if counts[gid] <= graph.groups[gid].min_keep:
                 continue
             saved = current - cm.evaluate({**counts, gid: counts[gid] - 1})
-            if saved <= 0:
+            if saved <= 0 or saved >= max_saving:
                 continue
             kept_scores = scores[gid].masked_fill(~m, float("inf"))
             idx = int(torch.argmin(kept_scores))
             ratio = float(kept_scores[idx]) / saved
             if best is None or ratio < best[0]:
-                best = (ratio, gid, idx)
+                best = (ratio, gid, idx, saved)
         if best is None:
-            raise BudgetError(f"{budget.metric} budget {budget.fraction:.4g} cannot be met without removing the "
-                              "last channel of a layer; raise the budget")
-        _, gid, idx = best
+            return None
+        _, gid, idx, saved = best
         masks[gid][idx] = False
         counts[gid] -= 1
         current = cm.evaluate(counts)
-    return masks
+        dropped.append((gid, idx, saved))
+    return dropped
