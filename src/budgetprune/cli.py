@@ -84,10 +84,7 @@ def _load_data(args):
 
 
 def cmd_prune(args) -> int:
-    from .models import create_model
-    from .pipeline import PruneConfig, PruneRun
-    from .budget import parse_budget
-    from .api import load_teacher
+    from .pipeline import PruneConfig
 
     out = Path(args.out)
     if args.resume:
