@@ -279,3 +279,36 @@ def test_gate_hooks_remove_restores_original_outputs():
     with torch.no_grad():
         assert torch.equal(model(x), ref)
     assert not model.features[1]._forward_pre_hooks and not model.features[1]._forward_hooks
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_silenced_reopened_channels_preserve_function(name):
+    """A channel reopened with gate 1 and zeroed outgoing weights changes no output."""
+    from budgetprune.compact import silence_channels
+    model, graph = make_model(name)
+    bar = attach_random(model, graph, seed=300 + MODELS.index(name))
+    masks = bar.keep_masks()
+    torch.manual_seed(3)
+    x = torch.randn(8, 1, 28, 28)
+    net_before, gated = check_compaction(model, graph, bar, masks, x)
+    reopened = {gid: torch.nonzero(~m).flatten()[:3] for gid, m in masks.items()}
+    assert sum(i.numel() for i in reopened.values()) > 0
+    zeroed = silence_channels(model, graph, reopened)
+    assert zeroed > 0
+    values = bar.gate_values()
+    grown = {gid: m.clone() for gid, m in masks.items()}
+    for gid, idx in reopened.items():
+        grown[gid][idx] = True
+        values[gid] = values[gid].clone()
+        values[gid][idx] = 1.0
+    values = {gid: values[gid] * grown[gid].float() for gid in grown}
+    bar.freeze(grown, values)
+    net, _ = budgetprune.compact(model, graph, grown, values)
+    with torch.no_grad():
+        assert float((net(x) - gated).abs().max()) <= 1e-5
+        assert float((model(x) - gated).abs().max()) <= 1e-5
+    assert sum(p.numel() for p in net.parameters()) > sum(p.numel() for p in net_before.parameters())
+    # the reopened channels are live: their outgoing weights get gradients
+    net.train()
+    net(x).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())

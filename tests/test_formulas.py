@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import budgetprune
-from budgetprune.budget import Budget, enforce_budget, parse_budget
+from budgetprune.budget import Budget, enforce_budget, fill_budget, parse_budget
 from budgetprune.errors import BudgetError
 from budgetprune.gates import HardConcreteGate
 from budgetprune.methods.bar import BAR
@@ -736,3 +736,70 @@ def test_enforce_budget_never_exceeds_any_metric():
         for frac in (0.5, 0.2, 0.07):
             for seed in range(3):
                 assert _fill_ratio(frac, metric, seed) <= 1.0 + 1e-12
+
+
+# ---------------------------------------------------------------------------------------
+# Filling up to the budget
+# ---------------------------------------------------------------------------------------
+def _under_budget_masks(graph, seed, keep=0.15):
+    torch.manual_seed(seed)
+    masks = {gid: torch.rand(g.channels) < keep for gid, g in graph.groups.items()}
+    for m in masks.values():
+        m[0] = True
+    scores = {gid: torch.rand(g.channels) for gid, g in graph.groups.items()}
+    return masks, scores
+
+
+@pytest.mark.parametrize("metric", ["volume", "flops", "params"])
+@pytest.mark.parametrize("frac", [0.5, 0.25, 0.125])
+def test_fill_budget_reaches_budget_without_exceeding(metric, frac):
+    _, graph = lenet5_graph()
+    cm = CostModel(graph, metric)
+    limit = frac * cm.full()
+    for seed in range(3):
+        masks, scores = _under_budget_masks(graph, seed, keep=0.05)
+        assert cm.hard(masks) < 0.9 * limit
+        out = fill_budget(graph, masks, scores, Budget(metric, frac))
+        ratio = cm.hard(out) / limit
+        assert ratio <= 1.0
+        if metric == "volume":  # additive costs (576, 64 or 1 per channel): the fill ends close to B
+            assert ratio >= 0.95, (frac, seed, ratio)
+        for gid in masks:  # only adds, never removes, and does not modify its input
+            assert bool((masks[gid] <= out[gid]).all())
+        # maximal: no single closed channel still fits (for flops and params a layer's cost
+        # grows with its neighbours' widths, so a greedy fill can stop further below B)
+        for gid, m in out.items():
+            if bool(m.all()):
+                continue
+            grown = {g: float(x.sum()) for g, x in out.items()}
+            grown[gid] += 1
+            assert cm.evaluate(grown) > limit
+
+
+def test_fill_budget_reopens_highest_score_per_cost_first():
+    """Volume costs 576 per conv1 map, 64 per conv2 map, 1 per fc1 unit: with room for
+    exactly one conv2 map and ample scores elsewhere, the best conv2 candidate is chosen by
+    score / cost among the groups that fit."""
+    _, graph = lenet5_graph()
+    cm = CostModel(graph, "volume")
+    masks = full_masks(graph)
+    masks["features.3"][[3, 8]] = False     # two conv2 maps closed (64 each)
+    masks["classifier.1"][[5]] = False      # one fc1 unit closed (1)
+    scores = {gid: torch.full((g.channels,), 0.5) for gid, g in graph.groups.items()}
+    scores["features.3"][8] = 0.9
+    scores["classifier.1"][5] = 0.001       # 0.001 / 1 < 0.9 / 64: the conv2 map goes first
+    limit = cm.hard(masks) + 64.5           # room for one conv2 map; 0.5 left is too little for fc1
+    out = fill_budget(graph, masks, scores, Budget("volume", limit / cm.full()))
+    assert bool(out["features.3"][8]) and not bool(out["features.3"][3])
+    assert not bool(out["classifier.1"][5])
+    assert cm.hard(out) == cm.hard(masks) + 64
+
+
+def test_fill_budget_respects_every_budget():
+    _, graph = lenet5_graph()
+    budgets = [Budget("volume", 0.5), Budget("flops", 0.1)]
+    masks, scores = _under_budget_masks(graph, 4, keep=0.03)
+    out = fill_budget(graph, masks, scores, budgets)
+    ratios = [CostModel(graph, b.metric).hard(out) / b.absolute(graph) for b in budgets]
+    assert max(ratios) <= 1.0
+    assert max(ratios) >= 0.95  # the binding budget is met closely

@@ -133,3 +133,46 @@ def _drop_until(graph, cm, limit, masks, counts, scores, max_saving: float = flo
         current = cm.evaluate(counts)
         dropped.append((gid, idx, saved))
     return dropped
+
+
+def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
+                budgets: Budget | list[Budget]) -> dict[str, torch.Tensor]:
+    """Reopen the most promising closed channels while every budget still holds.
+
+    The counterpart of :func:`enforce_budget` for a run that ends *under* its budget (BAR's
+    barrier is 0 below a, so V can drift below B in the last epochs; a penalised method may
+    end far below). At each step every group offers its closed channel of highest score;
+    the one with the highest score / (cost added, summed over the budgets as fractions of
+    their limits) is reopened if all budgets still hold after it, else that group is done.
+    It stops when no group can grow. The caller decides what a reopened channel computes
+    (:func:`budgetprune.compact.silence_channels` makes it a function-preserving addition).
+    Masks are not modified in place.
+    """
+    budgets = [budgets] if isinstance(budgets, Budget) else list(budgets)
+    models = [(CostModel(graph, b.metric), b.fraction * CostModel(graph, b.metric).full()) for b in budgets]
+    masks = {gid: m.detach().clone().bool().cpu() for gid, m in masks.items()}
+    scores = {gid: s.detach().float().cpu() for gid, s in scores.items()}
+    counts = {gid: int(m.sum()) for gid, m in masks.items()}
+    open_groups = {gid for gid, m in masks.items() if not bool(m.all())}
+    while open_groups:
+        best = None
+        for gid in list(open_groups):
+            grown = {**counts, gid: counts[gid] + 1}
+            costs = [(cm.evaluate(grown), cm.evaluate(counts), limit) for cm, limit in models]
+            if any(new > limit for new, _, limit in costs):
+                open_groups.discard(gid)  # costs only grow with more channels: this group is done
+                continue
+            added = sum((new - old) / limit for new, old, limit in costs)
+            closed_scores = scores[gid].masked_fill(masks[gid], float("-inf"))
+            idx = int(torch.argmax(closed_scores))
+            ratio = (float(closed_scores[idx]) + 1e-12) / max(added, 1e-12)
+            if best is None or ratio > best[0]:
+                best = (ratio, gid, idx)
+        if best is None:
+            break
+        _, gid, idx = best
+        masks[gid][idx] = True
+        counts[gid] += 1
+        if bool(masks[gid].all()):
+            open_groups.discard(gid)
+    return masks

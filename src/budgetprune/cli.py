@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student-init", choices=["teacher", "random"], help="start the student from (default teacher)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--no-fill", action="store_true",
+                   help="do not reopen channels when the run ends under its budget (default: fill up to it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     d = sub.add_parser("demo", help="prune LeNet-5 on the embedded Fashion-MNIST subset (offline, minutes)")
@@ -114,6 +116,8 @@ def _config_from_args(args):
         value = getattr(args, name, None)
         if value is not None:
             setattr(config, name, value)
+    if getattr(args, "no_fill", False):
+        config.fill_budget = False
     config.validate()
     return config
 

@@ -149,3 +149,27 @@ def sequential_state_to_model(graph: ChannelGraph, seq_state: dict[str, torch.Te
             if key.startswith(prefix):
                 out[f"{op.module}.{key[len(prefix):]}"] = t
     return out
+
+
+def silence_channels(model: nn.Module, graph: ChannelGraph, channels: dict[str, torch.Tensor]) -> int:
+    """Zero the weights that read ``channels[group]`` (indices) in every consumer, in place.
+
+    A channel reopened by :func:`budgetprune.budget.fill_budget` is given gate value 1 and
+    zero outgoing weights, so the network's function is unchanged at the moment it is
+    reopened (a zero-initialised addition, as in function-preserving network growth) while
+    the outgoing weights still receive gradients and fine-tuning can put the channel to use.
+    Returns the number of weights zeroed.
+    """
+    modules = dict(model.named_modules())
+    zeroed = 0
+    with torch.no_grad():
+        for gid, idx in channels.items():
+            if idx.numel() == 0:
+                continue
+            for name in graph.groups[gid].consumers:
+                layer = graph.layers[name]
+                weight = modules[name].weight
+                cols = _expand(idx.cpu(), layer.in_expansion).to(weight.device)
+                weight.index_fill_(1, cols, 0.0)
+                zeroed += int(cols.numel()) * int(weight.shape[0]) * int(weight[0, 0].numel())
+    return zeroed

@@ -89,7 +89,7 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
         total = loss + pen if pen is not None else loss
         if not torch.isfinite(total):
             bar.close()
-            raise TrainingDiverged(f"the loss became {float(total)} at step {step}")
+            raise TrainingDiverged(f"the loss became {float(total.detach())} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()

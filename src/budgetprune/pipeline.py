@@ -23,8 +23,8 @@ from torch import nn
 
 from . import io
 from .architecture import build_sequential
-from .budget import Budget, enforce_budget
-from .compact import compact, sequential_state_to_model, to_sequential
+from .budget import Budget, enforce_budget, fill_budget
+from .compact import compact, sequential_state_to_model, silence_channels, to_sequential
 from .engine import evaluate, iterate_batches, make_optimizer, predict_logits, set_lr, train_epoch
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .graph import ChannelGraph
@@ -65,6 +65,7 @@ class PruneConfig:
     schedule_hardness: float | None = None
     student_init: str = "teacher"  # "teacher" or "random"
     gate_inputs: bool = True  # gate an MLP's input features (Louizos et al.)
+    fill_budget: bool = True  # reopen closed channels (zero outgoing weights) while the budget holds
     teacher: str | None = None
     seed: int = 0
     device: str = "cpu"
@@ -289,16 +290,31 @@ class PruneRun:
         cm = CostModel(graph, self.budget.metric)
         limit = self.budget.absolute(graph)
         before = cm.hard(masks)
-        final = enforce_budget(graph, masks, method.scores(), self.budget)
+        scores = method.scores()
+        final = enforce_budget(graph, masks, scores, self.budget)
         dropped = int(sum(int(masks[g].sum()) - int(final[g].sum()) for g in masks))
+        reopened: dict[str, torch.Tensor] = {}
+        if self.config.fill_budget:
+            filled = fill_budget(graph, final, scores, [self.budget])
+            reopened = {g: torch.nonzero(filled[g] & ~final[g]).flatten() for g in final}
+            final = filled
+        n_reopened = int(sum(i.numel() for i in reopened.values()))
         after = cm.hard(final)
         self.log(f"hard-prune: {self.budget.metric} {before:.6g} → {after:.6g} (budget {limit:.6g}, "
-                 f"{after / limit:.4f} of it); the budget projection dropped {dropped} channels")
-        method.freeze(final)
+                 f"{after / limit:.4f} of it); the budget projection dropped {dropped} channels"
+                 + (f" and reopened {n_reopened}" if n_reopened else ""))
         values = method.gate_values()
+        if n_reopened:
+            # Reopened channels pass with gate 1 and start with zero outgoing weights.
+            silence_channels(student, graph, reopened)
+            for g, idx in reopened.items():
+                values[g] = values[g].clone()
+                values[g][idx.to(values[g].device)] = 1.0
+        values = {g: values[g] * final[g].to(values[g].device).float() for g in final}
+        method.freeze(final, values)
         student.eval()
         method.eval()
-        net, specs = compact(student, graph, final, {g: values[g] for g in final})
+        net, specs = compact(student, graph, final, values)
         x = next(iter(self._sample_batch()))
         with torch.no_grad():
             diff = float((student(x) - net(x)).abs().max())
@@ -307,6 +323,7 @@ class PruneRun:
         method.detach()
         masks_json = {g: [int(i) for i in torch.nonzero(m).flatten()] for g, m in final.items()}
         info = {"cost_before_projection": before, "channels_dropped_by_projection": dropped,
+                "channels_reopened_by_fill": n_reopened,
                 "compaction_max_abs_diff": diff, "masks": masks_json,
                 "pruned": resource_report(graph, final)}
         return net, specs, info
@@ -364,6 +381,7 @@ class PruneRun:
             "accuracy_change": acc - self.unpruned_accuracy,
             "cost_before_projection": info["cost_before_projection"],
             "channels_dropped_by_projection": info["channels_dropped_by_projection"],
+            "channels_reopened_by_fill": info.get("channels_reopened_by_fill", 0),
             "compaction_max_abs_diff": info["compaction_max_abs_diff"],
             "model": cfg.model, "data": cfg.data,
         }

@@ -50,6 +50,7 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
              f"- Budget: {m['metric']} ≤ {m['budget']:.6g}; reached {m['pruned'][m['metric']]:.6g} = "
              f"**{m['budget_ratio']:.4f}** of the budget",
              f"- Channels dropped by the exact-budget projection: {m['channels_dropped_by_projection']}",
+             f"- Channels reopened to fill the budget (zero outgoing weights at reopening): {m.get('channels_reopened_by_fill', 0)}",
              f"- Compacted vs gated outputs, max abs difference: {m['compaction_max_abs_diff']:.2e}", "",
              "| resource | unpruned | pruned | reduction |", "|---|---:|---:|---:|"]
     for k in ("volume", "flops", "params"):

@@ -104,12 +104,13 @@ class BAR(Method):
     def gate_values(self) -> dict[str, torch.Tensor]:
         return self._by_group(lambda g: g.deterministic().detach())
 
-    def freeze(self, masks: dict[str, torch.Tensor]) -> None:
-        """Gates become ẑ on kept channels and 0 on pruned ones."""
-        values = self.gate_values()
+    def freeze(self, masks: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | None = None) -> None:
+        """Gates become ẑ (or ``values``) on kept channels and 0 on pruned ones."""
+        if values is None:
+            det = self.gate_values()
+            values = {g: det[g] * masks[g].to(det[g].device).float() for g in det}
         for key, gate in self.gates.items():
-            gid = self.gid_of[key]
-            gate.freeze(values[gid] * masks[gid].to(values[gid].device).float())
+            gate.freeze(values[self.gid_of[key]])
 
     def param_groups(self, lr: float) -> list[dict]:
         return [{"params": [g.log_alpha for g in self.gates.values()], "lr": self.gate_lr or lr,

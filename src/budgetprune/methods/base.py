@@ -67,8 +67,12 @@ class Method(nn.Module):
         """Per-channel scale the pruned model folds into its weights (1 where none)."""
         return {gid: torch.ones_like(m, dtype=torch.float32) for gid, m in self.keep_masks().items()}
 
-    def freeze(self, masks: dict[str, torch.Tensor]) -> None:
-        """Fix the gates to the final masks (and folded values) for evaluation."""
+    def freeze(self, masks: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | None = None) -> None:
+        """Fix the gates to the final masks for evaluation.
+
+        ``values`` (per group, 0 on pruned channels) overrides :meth:`gate_values` × masks,
+        e.g. for channels the budget fill reopened with value 1.
+        """
 
     def param_groups(self, lr: float) -> list[dict]:
         """Optimiser groups for the method's own parameters (empty if none)."""
