@@ -172,7 +172,8 @@ def main(argv=None) -> int:
                      "unpruned_test_accuracy": m["unpruned_test_accuracy"],
                      "accuracy_change_points": 100 * m["accuracy_change"], "V_over_B": m["budget_ratio"],
                      "reduction": m["reduction_factor"], "widths": {k: v["kept"] for k, v in m["widths"].items()},
-                     "latency": lat, "channels_dropped_by_projection": m["channels_dropped_by_projection"]})
+                     "latency": lat, "channels_dropped_by_projection": m["channels_dropped_by_projection"],
+                     "channels_reopened_by_fill": m["channels_reopened_by_fill"]})
         print(json.dumps(rows[-1]), flush=True)
         save_results(args, argv, rows, None, time.time() - t_start, out)  # partial results after each budget
 

@@ -2,9 +2,10 @@
 
 For each model, BAR's gates are set to random values (some channels off, some with a
 fractional gate 0 < ẑ < 1 that must be folded into the weights), the gated model is run in
-eval mode, and the compacted plain ``nn.Sequential`` must give the same outputs, have the
-widths of the masks and the parameter count the resource model predicts, and survive a
-save/load round trip. Also: graph errors, and removing the gates restores the model.
+eval mode, and the compacted ``GraphModule`` must give the same outputs (mixed-connectivity
+and regular blocks), have the widths and the parameter count the resource model predicts,
+and survive a save/load round trip. Also: depth determination, the fatal-pruning guard,
+graph groups by hand, graph errors, and removing the gates restores the model.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import budgetprune
-from budgetprune.architecture import SelectFeatures
 from budgetprune.attach import GateHooks
 from budgetprune.budget import Budget
 from budgetprune.errors import GraphError
+from budgetprune.liveness import effective_masks, slot_sets
 from budgetprune.methods.bar import BAR
+from budgetprune.ops import index_add_channels
 from budgetprune.resources import resource_report
 
 
@@ -56,87 +58,90 @@ def _randomise_bn(model: nn.Module) -> None:
 
 
 def make_model(name: str):
-    """(model, graph) for one of the four test models, on 1×28×28 inputs."""
-    if name == "lenet5":
-        model = budgetprune.create_model("lenet5")
-        gate_inputs = False
-    elif name == "lenet300":
-        model = budgetprune.create_model("lenet300")
-        gate_inputs = True
+    """(model, graph) for one of the test models, on 1×28×28 inputs."""
+    if name == "user":
+        model = UserNet()
+    elif name == "wrn":
+        model = budgetprune.create_model("wrn", depth=10, width=2)
     elif name == "vgg_small":
         model = budgetprune.create_model("vgg_small", in_channels=1)
-        gate_inputs = False
     else:
-        model = UserNet()
-        gate_inputs = False
+        model = budgetprune.create_model(name)
     _randomise_bn(model)
-    graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 28, 28), gate_inputs=gate_inputs)
+    graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 28, 28), gate_inputs=name == "lenet300")
     return model, graph
 
 
-MODELS = ["lenet5", "lenet300", "vgg_small", "user"]
+CHAIN_MODELS = ["lenet5", "lenet300", "vgg_small", "user"]
+RESIDUAL_MODELS = ["resnet20", "wrn", "tiny_densenet", "tiny_mobilenetv2", "tiny_senet"]
+MODELS = CHAIN_MODELS + RESIDUAL_MODELS
+MODES = ["mixed", "regular"]
 
 
-def attach_random(model, graph, seed):
+def attach_random(model, graph, seed, shift=0.0):
     torch.manual_seed(seed)
     bar = BAR()
     bar.attach(model, graph, [Budget("volume", 0.25)])
     with torch.no_grad():
-        for g in bar.gates.values():
-            g.log_alpha.copy_(torch.randn(g.num_channels) * 3.0)
-            g.keep_at_least_one()
+        for key, g in bar.gates.items():
+            g.log_alpha.copy_(torch.randn(g.num_channels) * 3.0 + shift)
+            if graph.groups[bar.gid_of[key]].min_keep:
+                g.keep_at_least_one()
     return bar
 
 
 def layer_modules(net):
-    return [m for m in net if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def check_compaction(model, graph, bar, masks, x):
-    bar.freeze(masks)
+def check_compaction(model, graph, bar, masks, x, mode="mixed", values=None):
+    bar.freeze(masks, values)
     model.eval()
     bar.eval()
     with torch.no_grad():
         gated = model(x)
-    net, specs = budgetprune.compact(model, graph, masks, bar.gate_values())
+    values = values if values is not None else {g: v * masks[g].float() for g, v in bar.gate_values().items()}
+    net = budgetprune.compact(model, graph, masks, values, mode=mode)
+    assert isinstance(net, torch.fx.GraphModule)
     with torch.no_grad():
         small = net(x)
     assert small.shape == gated.shape
     assert float((gated - small).abs().max()) <= 1e-5
     assert float(gated.abs().max()) > 1e-3  # not a trivially-zero comparison
 
-    # widths equal the mask sums, layer by layer
-    layers = layer_modules(net)
-    assert len(layers) == len(graph.layers)
-    for mod, layer in zip(layers, graph.layers.values()):
+    # widths: every kept conv/linear has the channels the slot sets say
+    eff = effective_masks(graph, masks)
+    sets = slot_sets(graph, masks, mode)
+    mods = dict(net.named_modules())
+    for layer in graph.layers.values():
+        alive_out = layer.out_group is None or bool(eff[layer.out_group].any())
+        if not alive_out:
+            assert not isinstance(mods.get(layer.name), (nn.Conv2d, nn.Linear)), layer.name
+            continue
+        mod = mods[layer.name]
         out = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
-        expected = int(masks[layer.out_group].sum()) if layer.out_group else layer.out_channels
+        expected = int(sets[layer.out_tensor].sum()) if layer.out_group or layer.depthwise else layer.out_channels
         assert out == expected, layer.name
-    if "input" in graph.groups:
-        sel = [m for m in net if isinstance(m, SelectFeatures)]
-        assert len(sel) == 1
-        assert torch.equal(sel[0].index, torch.nonzero(masks["input"]).flatten())
-        assert layers[0].in_features == int(masks["input"].sum())
     n_params = sum(p.numel() for p in net.parameters())
-    assert n_params == resource_report(graph, masks)["params"]
+    assert n_params == resource_report(graph, masks, mode)["params"]
     return net, gated
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", MODELS)
-def test_compaction_matches_gated_model(name, tmp_path):
+def test_compaction_matches_gated_model(name, mode, tmp_path):
     model, graph = make_model(name)
     bar = attach_random(model, graph, seed=100 + MODELS.index(name))
     masks = bar.keep_masks()
-    assert all(int(m.sum()) >= 1 for m in masks.values())
     # the random gates really exercise both pruning and folding
     values = bar.gate_values()
     assert any(not bool(m.all()) for m in masks.values())
     assert any(bool(((v > 0) & (v < 1)).any()) for v in values.values())
     torch.manual_seed(1)
     x = torch.randn(16, 1, 28, 28)
-    net, gated = check_compaction(model, graph, bar, masks, x)
+    net, gated = check_compaction(model, graph, bar, masks, x, mode)
 
-    # save / load round trip, safe loading
+    # save / load round trip, safe loading, no original code needed
     path = tmp_path / "m.pt"
     budgetprune.save(net, path)
     again = budgetprune.load(path)
@@ -144,6 +149,84 @@ def test_compaction_matches_gated_model(name, tmp_path):
         assert torch.equal(again(x), net(x))
     obj = torch.load(path, weights_only=True)
     assert isinstance(obj, dict)
+
+
+@pytest.mark.parametrize("name", RESIDUAL_MODELS)
+def test_mixed_block_computes_less_than_regular(name):
+    model, graph = make_model(name)
+    bar = attach_random(model, graph, seed=7, shift=-1.0)
+    masks = bar.keep_masks()
+    mixed, regular = (resource_report(graph, masks, m) for m in MODES)
+    assert mixed["volume"] <= regular["volume"] and mixed["params"] <= regular["params"]
+    if name in ("resnet20", "wrn", "tiny_senet"):  # residual adds of differently pruned branches
+        assert mixed["volume"] < regular["volume"]
+    net = budgetprune.compact(model, graph, masks, bar.gate_values(), mode="mixed")
+    ops = {n.target for n in net.graph.nodes if n.op == "call_function"}
+    if name in ("resnet20", "wrn", "tiny_senet"):
+        assert index_add_channels in ops  # the mixed-connectivity block's scatterAdd
+    net_regular = budgetprune.compact(model, graph, masks, bar.gate_values(), mode="regular")
+    assert index_add_channels not in {n.target for n in net_regular.graph.nodes if n.op == "call_function"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pruned_away_blocks_disappear(mode):
+    """Automatic depth determination: a block whose branch is fully pruned is skipped."""
+    model, graph = make_model("resnet20")
+    bar = attach_random(model, graph, seed=8)
+    masks = {gid: m.clone() for gid, m in bar.keep_masks().items()}
+    masks["layer1.1.conv1"][:] = False                      # inner conv gone: the whole branch purges
+    masks["layer2.2.conv2"][:] = False                      # last conv gone
+    masks["layer3.1.conv1"][:] = False
+    masks["layer3.1.conv2"][:] = True                       # kept gates behind a dead input purge too
+    torch.manual_seed(9)
+    net, _ = check_compaction(model, graph, bar, masks, torch.randn(8, 1, 28, 28), mode)
+    names = {n for n, _ in net.named_modules()}
+    for gone in ("layer1.1.conv1", "layer1.1.conv2", "layer2.2.conv2", "layer3.1.conv1", "layer3.1.conv2"):
+        assert gone not in names
+    assert "layer2.2.conv1" not in names  # its only reader went, so it went too
+    eff = effective_masks(graph, masks)
+    assert not bool(eff["layer3.1.conv2"].any()) and not bool(eff["layer1.1.conv2"].any())
+
+
+def test_fatal_pruning_guard_residual():
+    """The stem and the 1×1 shortcut convs of pooling blocks keep ≥ 1 map (seed 001, 4.1)."""
+    _, graph = make_model("resnet20")
+    protected = {gid for gid, g in graph.groups.items() if g.min_keep}
+    assert protected == {"conv1", "layer2.0.downsample.0", "layer3.0.downsample.0"}
+    model, graph = make_model("resnet20")
+    bar = attach_random(model, graph, seed=10, shift=-40.0)  # every gate closed
+    bar.after_step(0.5)
+    masks = bar.keep_masks()
+    for gid, m in masks.items():
+        assert int(m.sum()) == (1 if gid in protected else 0), gid
+    torch.manual_seed(11)
+    check_compaction(model, graph, bar, masks, torch.randn(4, 1, 28, 28) * 3)
+
+
+def test_residual_graph_groups_by_hand():
+    _, graph = make_model("resnet20")
+    assert len(graph.groups) == 21 and set(graph.ungated) == {"fc"}
+    g = graph.groups
+    assert g["layer1.0.conv2"].host == "layer1.0.bn2" and g["layer1.0.conv2"].shared
+    assert not g["layer1.0.conv1"].shared and g["layer1.0.conv1"].consumers == ["layer1.0.conv2"]
+    assert g["conv1"].consumers[:3] == ["layer1.0.conv1", "layer1.1.conv1", "layer1.2.conv1"]
+    assert g["layer2.0.downsample.0"].area == 14 * 14 and g["layer3.0.conv1"].area == 7 * 7
+    # the stage-3 residual signal has two writers per slot before the first add, more after
+    info = graph.tensors[graph.layers["layer3.1.conv1"].in_tensor]
+    assert info.sources() == {"layer3.0.downsample.0", "layer3.0.conv2"}
+    _, graph = make_model("tiny_senet")
+    assert "layer1.0.se.fc2" in graph.ungated and "layer1.0.se.fc1" in graph.groups
+    assert graph.groups["layer1.0.se.fc1"].min_keep == 1  # the scale's only input
+    _, graph = make_model("tiny_mobilenetv2")
+    dw = [l for l in graph.layers.values() if l.depthwise]
+    assert dw and all(l.out_group is None for l in dw)
+    assert all(graph.tensors[l.out_tensor].sources() == graph.tensors[l.in_tensor].sources() for l in dw)
+    assert any("BatchNorm" in what for what in graph.renormalisers.values())
+    _, graph = make_model("tiny_densenet")
+    cat_in = graph.tensors[graph.layers["features.transition1.conv"].in_tensor]
+    assert [s.length for s in cat_in.segments] == [16, 8, 8, 8]
+    assert cat_in.sources() == {"features.conv0", "features.denseblock1.0.conv", "features.denseblock1.1.conv",
+                                "features.denseblock1.2.conv"}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -185,7 +268,7 @@ def test_compaction_full_masks_gate_ones_is_the_original_model(name):
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         ref = model(x)
-    net, _ = budgetprune.compact(model, graph)
+    net = budgetprune.compact(model, graph)
     with torch.no_grad():
         assert float((net(x) - ref).abs().max()) <= 1e-5
     assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in model.parameters())
@@ -196,23 +279,39 @@ def test_user_net_graph_places_gate_after_bn():
     assert set(graph.groups) == {"conv1", "conv2", "fc1"}
     assert graph.groups["conv1"].host == "bn1"
     assert graph.groups["conv2"].host == "bn2"
-    assert graph.layers["fc1"].in_expansion == 36
+    assert graph.tensors[graph.layers["fc1"].in_tensor].expansion == 36
 
 
 # ---------------------------------------------------------------------------------------
 # Graph errors
 # ---------------------------------------------------------------------------------------
-class Residual(nn.Module):
+class Sliced(nn.Module):
+    """A channel slice and a grouped conv: what feeds them is left ungated, with the reason."""
+
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.conv3 = nn.Conv2d(8, 6, 3, padding=1)
+        self.conv4 = nn.Conv2d(4, 4, 3, padding=1)
         self.fc = nn.Linear(4 * 28 * 28, 10)
 
     def forward(self, x):
-        y = F.relu(self.conv1(x))
-        y = self.conv2(y) + y
-        return self.fc(y.flatten(1))
+        y = self.conv2(F.relu(self.conv1(x)))
+        z = F.relu(self.conv3(F.relu(y)))
+        z = self.conv4(z[:, :4])
+        return self.fc(F.relu(z).flatten(1))
+
+
+def test_unsupported_ops_leave_their_writers_ungated():
+    model = Sliced()
+    graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 28, 28))
+    assert set(graph.groups) == {"conv4"}
+    assert "grouped convolution" in graph.ungated["conv1"] and "grouped convolution" in graph.ungated["conv2"]
+    assert "getitem" in graph.ungated["conv3"]
+    assert "network output" in graph.ungated["fc"]
+    text = graph.summary()
+    assert "not pruned: conv3" in text and "conv4" in text
 
 
 class DataDependent(nn.Module):
@@ -228,7 +327,6 @@ class DataDependent(nn.Module):
 
 
 @pytest.mark.parametrize("model,shape", [
-    (Residual(), (1, 1, 28, 28)),
     (DataDependent(), (1, 1, 28, 28)),
     (budgetprune.create_model("lenet5"), (1, 3, 28, 28)),
     (budgetprune.create_model("lenet5"), (1, 1, 8, 8)),
@@ -291,7 +389,7 @@ def test_silenced_reopened_channels_preserve_function(name):
     torch.manual_seed(3)
     x = torch.randn(8, 1, 28, 28)
     net_before, gated = check_compaction(model, graph, bar, masks, x)
-    reopened = {gid: torch.nonzero(~m).flatten()[:3] for gid, m in masks.items()}
+    reopened = {gid: torch.nonzero(~m).flatten()[:3] for gid, m in masks.items() if not graph.groups[gid].shared}
     assert sum(i.numel() for i in reopened.values()) > 0
     zeroed = silence_channels(model, graph, reopened)
     assert zeroed > 0
@@ -303,7 +401,8 @@ def test_silenced_reopened_channels_preserve_function(name):
         values[gid][idx] = 1.0
     values = {gid: values[gid] * grown[gid].float() for gid in grown}
     bar.freeze(grown, values)
-    net, _ = budgetprune.compact(model, graph, grown, values)
+    model.eval()
+    net = budgetprune.compact(model, graph, grown, values)
     with torch.no_grad():
         assert float((net(x) - gated).abs().max()) <= 1e-5
         assert float((model(x) - gated).abs().max()) <= 1e-5
@@ -312,3 +411,19 @@ def test_silenced_reopened_channels_preserve_function(name):
     net.train()
     net(x).sum().backward()
     assert all(p.grad is not None for p in net.parameters())
+
+
+def test_compaction_reads_the_given_model_not_the_traced_one():
+    """Regression: the graph is traced from the user's model; the student is a copy that trains."""
+    import copy
+    model, graph = make_model("resnet20")
+    student = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.mul_(1.5)
+    student.eval()
+    x = torch.randn(4, 1, 28, 28)
+    net = budgetprune.compact(student, graph)
+    with torch.no_grad():
+        assert float((net(x) - student(x)).abs().max()) <= 1e-5
+        assert float((net(x) - model.eval()(x)).abs().max()) > 1e-3

@@ -771,9 +771,9 @@ def test_fill_budget_reaches_budget_without_exceeding(metric, frac):
         for gid, m in out.items():
             if bool(m.all()):
                 continue
-            grown = {g: float(x.sum()) for g, x in out.items()}
-            grown[gid] += 1
-            assert cm.evaluate(grown) > limit
+            grown = {g: x.clone() for g, x in out.items()}
+            grown[gid][int(torch.nonzero(~m)[0])] = True
+            assert cm.hard(grown) > limit
 
 
 def test_fill_budget_reopens_highest_score_per_cost_first():

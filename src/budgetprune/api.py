@@ -7,11 +7,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from . import io
 from .budget import parse_budget
-from .compact import to_sequential
 from .errors import CheckpointError, ConfigError
 from .graph import ChannelGraph
 from .pipeline import PruneConfig, PruneRun
@@ -58,11 +57,10 @@ def load_teacher(path: str | os.PathLike, model: nn.Module, example: torch.Tenso
     """
     obj = io.torch_load(path, "teacher checkpoint")
     if isinstance(obj, dict) and obj.get("format") == io.FORMAT:
-        net, specs, _ = io.load_file(path)
-        _, expected = to_sequential(model, ChannelGraph.build(model, example))
-        if _shape_signature(specs) != _shape_signature(expected):
+        net = io.load_file(path)[0]
+        if _shape_signature(net) != _shape_signature(model):
             raise CheckpointError(f"teacher checkpoint {path} is for another architecture "
-                                  f"({_describe(specs)}; the model is {_describe(expected)})")
+                                  f"({_describe(net)}; the model is {_describe(model)})")
         return net
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
@@ -77,25 +75,26 @@ def load_teacher(path: str | os.PathLike, model: nn.Module, example: torch.Tenso
     return teacher.eval()
 
 
-def _shape_signature(specs: list[dict]) -> list[tuple]:
-    keys = ("op", "in_channels", "out_channels", "in_features", "out_features", "kernel_size", "num_features")
-    return [tuple(s.get(k) for k in keys) for s in specs]
+def _shape_signature(model: nn.Module) -> list[tuple[int, ...]]:
+    """Shapes of the parameters and buffers (names and order differ between file formats)."""
+    return sorted(tuple(t.shape) for k, t in model.state_dict().items() if not k.endswith("num_batches_tracked"))
 
 
-def _describe(specs: list[dict]) -> str:
-    widths = [str(s.get("out_channels", s.get("out_features"))) for s in specs if s["op"] in ("conv2d", "linear")]
+def _describe(model: nn.Module) -> str:
+    widths = [str(m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
+              for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     return "widths " + "-".join(widths)
 
 
 def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> None:
     """Save a model returned by :func:`prune` or :func:`load` (architecture + weights)."""
     specs = getattr(model, "budgetprune_architecture", None)
-    if specs is None:
+    if specs is None and not isinstance(model, fx.GraphModule):
         raise ConfigError("save() takes a model returned by budgetprune.prune() or budgetprune.load()")
     io.save(model, Path(path), specs, meta)
 
 
-def load(path: str | os.PathLike) -> nn.Sequential:
+def load(path: str | os.PathLike) -> nn.Module:
     """Rebuild a saved model without its original code (eval mode, CPU)."""
     model, specs, _ = io.load_file(path)
     model.budgetprune_architecture = specs

@@ -2,8 +2,15 @@
 
 Like ``torch.nn.utils.parametrize``, the model stays a plain ``nn.Module``: gates live in
 the method, and forward hooks on the graph's *host* modules multiply their output (or, for
-an MLP's input group, their input) by the gate values. :meth:`GateHooks.remove` restores
-the model exactly.
+an MLP's input group, their input) by the gate values. Two more rules keep a dead channel
+exactly zero everywhere, so that the compacted network computes what the gated one does:
+
+* a gated layer none of whose input slots is alive outputs nothing (purge);
+* a renormaliser (a BatchNorm that hosts no gate, a depthwise conv's bias, a sigmoid) has
+  its output multiplied by the aliveness of its slots.
+
+Both use the gate values of the current forward pass (one sample per example in training).
+:meth:`GateHooks.remove` restores the model exactly.
 """
 
 from __future__ import annotations
@@ -14,12 +21,15 @@ import torch
 from torch import nn
 
 from .graph import ChannelGraph
+from .liveness import alive
 
 GateFn = Callable[[int], torch.Tensor]  # batch size -> (C,) or (batch, C) gate values
 
 
-def _broadcast(z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Shape gate values (C,) or (N, C) to multiply a (N, C, ...) tensor channel-wise."""
+def _broadcast(z: torch.Tensor, like: torch.Tensor, expansion: int = 1) -> torch.Tensor:
+    """Shape per-slot values (C,) or (N, C) to multiply a (N, C·expansion, ...) tensor."""
+    if expansion != 1:
+        z = z.repeat_interleave(expansion, dim=-1)
     lead = z.shape[0] if z.dim() == 2 else 1
     return z.reshape(lead, -1, *([1] * (like.dim() - 2)))
 
@@ -29,26 +39,54 @@ class GateHooks:
 
     def __init__(self, model: nn.Module, graph: ChannelGraph, gates: Mapping[str, GateFn]):
         modules = dict(model.named_modules())
-        self.handles = []
+        self.graph = graph
+        self.current: dict[str, torch.Tensor] = {}  # gate values of the forward pass under way
+        self.handles = [model.register_forward_pre_hook(self._reset)]
         for gid, gate in gates.items():
             group = graph.groups[gid]
             host = modules[group.host]
             if group.position == "input":
-                self.handles.append(host.register_forward_pre_hook(self._input_hook(gate)))
+                self.handles.append(host.register_forward_pre_hook(self._input_hook(gid, gate)))
             else:
-                self.handles.append(host.register_forward_hook(self._output_hook(gate)))
+                layer = graph.layers[group.producer]
+                self.handles.append(host.register_forward_hook(self._output_hook(gid, gate, layer.in_tensor)))
+        nodes = {n.name: n for n in graph.gm.graph.nodes}
+        for name in graph.renormalisers:
+            node = nodes[name]
+            self.handles.append(modules[node.target].register_forward_hook(self._mask_hook(name)))
 
-    @staticmethod
-    def _output_hook(gate: GateFn):
+    def _reset(self, module, inputs):
+        self.current.clear()
+
+    def _alive(self, tensor: str) -> torch.Tensor:
+        return alive(self.graph.tensors[tensor], {g: (v > 0) for g, v in self.current.items()})
+
+    def _output_hook(self, gid: str, gate: GateFn, in_tensor: str):
         def hook(module, inputs, output):
-            return output * _broadcast(gate(output.shape[0]), output)
+            z = gate(output.shape[0])
+            info = self.graph.tensors[in_tensor]
+            if info.sources() and all(g in self.current for g in info.sources()):
+                z = z * self._alive(in_tensor).to(z.dtype).amax(dim=-1, keepdim=True)  # purge
+            self.current[gid] = z.detach()
+            return output * _broadcast(z, output)
         return hook
 
-    @staticmethod
-    def _input_hook(gate: GateFn):
+    def _input_hook(self, gid: str, gate: GateFn):
         def hook(module, inputs):
             x = inputs[0]
-            return (x * _broadcast(gate(x.shape[0]), x),) + tuple(inputs[1:])
+            z = gate(x.shape[0])
+            self.current[gid] = z.detach()
+            return (x * _broadcast(z, x),) + tuple(inputs[1:])
+        return hook
+
+    def _mask_hook(self, tensor: str):
+        info = self.graph.tensors[tensor]
+
+        def hook(module, inputs, output):
+            if not all(g in self.current for g in info.sources()):
+                return output
+            live = self._alive(tensor).to(output.dtype)
+            return output * _broadcast(live, output, info.expansion)
         return hook
 
     def remove(self) -> None:

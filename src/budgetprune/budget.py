@@ -66,77 +66,103 @@ def parse_budget(value: str | float, metric: str = "volume") -> Budget:
     return Budget(metric, fraction)
 
 
+def _as_list(budgets: Budget | list[Budget]) -> list[Budget]:
+    return [budgets] if isinstance(budgets, Budget) else list(budgets)
+
+
+class _Costs:
+    """The hard costs of a set of masks under several budgets, as fractions of their limits."""
+
+    def __init__(self, graph: ChannelGraph, budgets: list[Budget]):
+        self.models = [(CostModel(graph, b.metric), b.absolute(graph)) for b in budgets]
+
+    def ratios(self, masks) -> list[float]:
+        return [cm.hard(masks) / limit for cm, limit in self.models]
+
+    def fits(self, masks) -> bool:
+        return all(r <= 1.0 for r in self.ratios(masks))
+
+    def load(self, masks) -> float:
+        """Σ over the violated budgets of cost/limit (how far over budget)."""
+        return sum(r for r in self.ratios(masks) if r > 1.0)
+
+    def total(self, masks) -> float:
+        return sum(self.ratios(masks))
+
+
+def _toggle(masks, gid, idx, value):
+    out = dict(masks)
+    out[gid] = masks[gid].clone()
+    out[gid][idx] = value
+    return out
+
+
 def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
-                   budget: Budget) -> dict[str, torch.Tensor]:
-    """Drop the lowest score-per-cost channels until ``budget`` holds (DESIGN's shared projection).
+                   budget: Budget | list[Budget]) -> dict[str, torch.Tensor]:
+    """Drop the lowest score-per-cost channels until every budget holds (DESIGN's shared projection).
 
     At each step every group offers its kept channel of lowest score; the one with the
-    smallest score / (cost saved by removing it) goes. A group never drops below its
-    ``min_keep`` channels (the fatal-pruning guard). The last removal can overshoot (one
-    wide-area map may save far more than needed), so channels this projection removed are
-    then put back, most recently removed first, wherever they still fit under the budget.
-    Masks are not modified in place.
+    smallest score / (cost saved by removing it, as a fraction of the budget) goes. A group
+    never drops below its ``min_keep`` channels (the fatal-pruning guard). The last removal
+    can overshoot (one wide-area map may save far more than needed), so the channels this
+    projection removed are then put back, most recently removed first, wherever they still
+    fit. Masks are not modified in place.
     """
-    cm = CostModel(graph, budget.metric)
-    limit = budget.fraction * cm.full()
+    budgets = _as_list(budget)
+    costs = _Costs(graph, budgets)
     masks = {gid: m.detach().clone().bool().cpu() for gid, m in masks.items()}
     scores = {gid: s.detach().float().cpu() for gid, s in scores.items()}
-    counts = {gid: int(m.sum()) for gid, m in masks.items()}
-    dropped = _drop_until(graph, cm, limit, masks, counts, scores)
+    masks, dropped = _drop_until(graph, costs, masks, scores)
     if dropped is None:
-        raise BudgetError(f"{budget.metric} budget {budget.fraction:.4g} cannot be met without removing the "
-                          "last channel of a layer; raise the budget")
-    if dropped and cm.evaluate(counts) < 0.95 * limit:
+        names = ", ".join(f"{b.metric} {b.fraction:.4g}" for b in budgets)
+        raise BudgetError(f"budget ({names}) cannot be met without removing the last channel of a layer "
+                          "whose loss would cut the network; raise the budget")
+    if dropped and max(costs.ratios(masks)) < 0.95:
         # The last removal overshot: try the cheaper channels instead of it.
         gid, idx, saved = dropped[-1]
-        alt_masks = {g: m.clone() for g, m in masks.items()}
-        alt_counts = {**counts, gid: counts[gid] + 1}
-        alt_masks[gid][idx] = True
-        more = _drop_until(graph, cm, limit, alt_masks, alt_counts, scores, max_saving=saved)
-        if more is not None and cm.evaluate(alt_counts) > cm.evaluate(counts):
-            masks, counts, dropped = alt_masks, alt_counts, dropped[:-1] + more
+        alt, more = _drop_until(graph, costs, _toggle(masks, gid, idx, True), scores, max_saving=saved)
+        if more is not None and costs.total(alt) > costs.total(masks):
+            masks, dropped = alt, dropped[:-1] + more
     for gid, idx, _ in reversed(dropped):  # put back whatever still fits
-        if masks[gid][idx]:
-            continue
-        if cm.evaluate({**counts, gid: counts[gid] + 1}) <= limit:
-            masks[gid][idx] = True
-            counts[gid] += 1
+        if not masks[gid][idx]:
+            grown = _toggle(masks, gid, idx, True)
+            if costs.fits(grown):
+                masks = grown
     return masks
 
 
-def _drop_until(graph, cm, limit, masks, counts, scores, max_saving: float = float("inf")):
-    """Greedy lowest score-per-cost removal (in place) until the cost is ≤ ``limit``.
+def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("inf")):
+    """Greedy lowest score-per-cost removal until every budget holds.
 
-    Only channels whose removal saves less than ``max_saving`` are candidates. Returns the
-    removed ``(group, index, saving)`` in order, or None if the limit cannot be reached.
+    Only channels whose removal saves less than ``max_saving`` are candidates. Returns the new
+    masks and the removed ``(group, index, saving)`` in order (None if the budgets cannot be met).
     """
     dropped: list[tuple[str, int, float]] = []
-    current = cm.evaluate(counts)
-    while current > limit:
+    current = costs.load(masks)
+    while current > 0.0:
         best = None
         for gid, m in masks.items():
-            if counts[gid] <= graph.groups[gid].min_keep:
-                continue
-            saved = current - cm.evaluate({**counts, gid: counts[gid] - 1})
-            if saved <= 0 or saved >= max_saving:
+            if int(m.sum()) <= graph.groups[gid].min_keep:
                 continue
             kept_scores = scores[gid].masked_fill(~m, float("inf"))
             idx = int(torch.argmin(kept_scores))
+            trial = _toggle(masks, gid, idx, False)
+            saved = current - costs.load(trial)
+            if saved <= 0 or saved >= max_saving:
+                continue
             ratio = float(kept_scores[idx]) / saved
             if best is None or ratio < best[0]:
-                best = (ratio, gid, idx, saved)
+                best = (ratio, gid, idx, saved, trial)
         if best is None:
-            return None
-        _, gid, idx, saved = best
-        masks[gid][idx] = False
-        counts[gid] -= 1
-        current = cm.evaluate(counts)
+            return masks, None
+        _, gid, idx, saved, masks = best
+        current = costs.load(masks)
         dropped.append((gid, idx, saved))
-    return dropped
+    return masks, dropped
 
 
 def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
-                budgets: Budget | list[Budget]) -> dict[str, torch.Tensor]:
+                budgets: Budget | list[Budget], reopenable: set[str] | None = None) -> dict[str, torch.Tensor]:
     """Reopen the most promising closed channels while every budget still holds.
 
     The counterpart of :func:`enforce_budget` for a run that ends *under* its budget (BAR's
@@ -144,35 +170,33 @@ def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dic
     end far below). At each step every group offers its closed channel of highest score;
     the one with the highest score / (cost added, summed over the budgets as fractions of
     their limits) is reopened if all budgets still hold after it, else that group is done.
-    It stops when no group can grow. The caller decides what a reopened channel computes
-    (:func:`budgetprune.compact.silence_channels` makes it a function-preserving addition).
-    Masks are not modified in place.
+    Only groups in ``reopenable`` (default: all) take part. The caller decides what a
+    reopened channel computes (:func:`budgetprune.compact.silence_channels` makes it a
+    function-preserving addition). Masks are not modified in place.
     """
-    budgets = [budgets] if isinstance(budgets, Budget) else list(budgets)
-    models = [(CostModel(graph, b.metric), b.fraction * CostModel(graph, b.metric).full()) for b in budgets]
+    costs = _Costs(graph, _as_list(budgets))
     masks = {gid: m.detach().clone().bool().cpu() for gid, m in masks.items()}
     scores = {gid: s.detach().float().cpu() for gid, s in scores.items()}
-    counts = {gid: int(m.sum()) for gid, m in masks.items()}
-    open_groups = {gid for gid, m in masks.items() if not bool(m.all())}
+    groups = set(masks) if reopenable is None else set(masks) & set(reopenable)
+    open_groups = {gid for gid in groups if not bool(masks[gid].all())}
+    current = costs.total(masks)
     while open_groups:
         best = None
         for gid in list(open_groups):
-            grown = {**counts, gid: counts[gid] + 1}
-            costs = [(cm.evaluate(grown), cm.evaluate(counts), limit) for cm, limit in models]
-            if any(new > limit for new, _, limit in costs):
-                open_groups.discard(gid)  # costs only grow with more channels: this group is done
-                continue
-            added = sum((new - old) / limit for new, old, limit in costs)
             closed_scores = scores[gid].masked_fill(masks[gid], float("-inf"))
             idx = int(torch.argmax(closed_scores))
+            grown = _toggle(masks, gid, idx, True)
+            if not costs.fits(grown):
+                open_groups.discard(gid)  # costs only grow with more channels: this group is done
+                continue
+            added = costs.total(grown) - current
             ratio = (float(closed_scores[idx]) + 1e-12) / max(added, 1e-12)
             if best is None or ratio > best[0]:
-                best = (ratio, gid, idx)
+                best = (ratio, gid, grown)
         if best is None:
             break
-        _, gid, idx = best
-        masks[gid][idx] = True
-        counts[gid] += 1
+        _, gid, masks = best
+        current = costs.total(masks)
         if bool(masks[gid].all()):
             open_groups.discard(gid)
     return masks

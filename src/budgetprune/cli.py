@@ -1,4 +1,4 @@
-"""The ``budgetprune`` command line: prune, demo, info, evaluate, list.
+"""The ``budgetprune`` command line: prune, demo, info, evaluate, export, list.
 
 Problems a user can fix print one line ``budgetprune: error: ...`` and exit with code 2.
 """
@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model_file")
     _add_data_args(e)
     e.add_argument("--device", default="cpu")
+
+    x = sub.add_parser("export", help="write a model file as TorchScript or ONNX (checked against the model)")
+    x.add_argument("model_file")
+    x.add_argument("--format", required=True, choices=["torchscript", "onnx"], help="torchscript or onnx")
+    x.add_argument("--out", required=True, help="file to write")
+    x.add_argument("--input-shape", help="shape of one input without the batch dimension, e.g. 3,32,32 "
+                                         "(default: the shape the model file records)")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
 
     sub.add_parser("list", help="models, datasets, methods and metrics")
     return parser
@@ -169,7 +177,7 @@ def cmd_demo(args) -> int:
 def cmd_info(args) -> int:
     import torch
     from .graph import ChannelGraph
-    from .io import load_file
+    from .io import load_file, named_layer_specs
     from .resources import resource_report
 
     model, specs, meta = load_file(args.model_file)
@@ -181,11 +189,13 @@ def cmd_info(args) -> int:
     print(f"{args.model_file}: input {tuple(shape)}, {sum(p.numel() for p in model.parameters())} parameters")
     for metric, value in meta.get("metrics", {}).items():
         print(f"  {metric}: {value}")
-    print(f"  {'layer':<8}{'type':<10}{'in':>8}{'out':>8}{'area':>8}")
-    for i, s in enumerate(specs):
-        if s["op"] in ("conv2d", "linear"):
-            layer = graph.layers[str(i)]
-            print(f"  {i:<8}{s['op']:<10}{layer.in_features:>8}{layer.out_channels:>8}{layer.out_area:>8}")
+    layers = [(name, s) for name, s in named_layer_specs(specs) if s["op"] in ("conv2d", "linear")]
+    w = max([8] + [len(name) + 2 for name, _ in layers])
+    print(f"  {'layer':<{w}}{'type':<10}{'in':>8}{'out':>8}{'area':>8}")
+    for name, s in layers:
+        if name in graph.layers:
+            layer = graph.layers[name]
+            print(f"  {name:<{w}}{s['op']:<10}{layer.in_features:>8}{layer.out_channels:>8}{layer.out_area:>8}")
     print(f"  volume {res['volume']:.6g}   flops (MACs) {res['flops']:.6g}   params {res['params']:.6g}")
     return 0
 
@@ -209,6 +219,46 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _input_shape(text: str) -> tuple[int, ...]:
+    """``"3,32,32"`` → ``(3, 32, 32)``; one-line ConfigError otherwise."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise ConfigError(f"--input-shape must be positive sizes separated by commas, e.g. 3,32,32; got '{text}'")
+    return shape
+
+
+def cmd_export(args) -> int:
+    import torch
+    from .export import to_onnx, to_torchscript
+    from .io import load_file
+
+    model, _, meta = load_file(args.model_file)
+    shape = _input_shape(args.input_shape) if args.input_shape else tuple(meta.get("input_shape") or ())
+    if not shape:
+        raise ConfigError(f"{args.model_file} does not record its input shape; pass --input-shape, e.g. 3,32,32")
+    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"{args.model_file} does not take inputs of shape {shape} ({first}); "
+                          "pass the --input-shape it was trained on") from None
+    if args.format == "torchscript":
+        result = to_torchscript(model, args.out, example)
+        how = f"torch.jit.{result['method']}"
+    else:
+        result = to_onnx(model, args.out, example, opset=args.opset)
+        how = f"opset {result['opset']}, {result['exporter']} exporter"
+    check = (f"max abs difference {result['max_abs_diff']:.3g} on 2 random inputs of shape {shape}"
+             if result["verified"] else f"not checked: {result['note']}")
+    print(f"{args.out}: {args.format} ({how}); {check}")
+    return 0
+
+
 def cmd_list(args) -> int:
     from .data import available_datasets
     from .methods import available_methods
@@ -221,7 +271,8 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "demo": cmd_demo, "info": cmd_info, "evaluate": cmd_evaluate, "list": cmd_list}
+COMMANDS = {"prune": cmd_prune, "demo": cmd_demo, "info": cmd_info, "evaluate": cmd_evaluate, "export": cmd_export,
+            "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:

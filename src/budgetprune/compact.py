@@ -1,28 +1,119 @@
-"""Physical compaction: a smaller plain network from keep-masks.
+"""Physical compaction: a smaller network from keep-masks, as a ``torch.fx.GraphModule``.
 
-Conv, BatchNorm and linear weights are sliced to the kept channels (and a dead output
-channel's columns removed from the next layer); each kept channel's deterministic gate
-value ẑ ∈ (0, 1] is folded into its host (the BatchNorm's γ and β, or the layer's weight
-and bias): z·(Wx + b) = (zW)x + zb and z·BN(x) = BN with (zγ, zβ). The graph only gates
-where the ops after the host map 0 to 0, so removing a gated-off channel is exact and
-the compacted network computes the same outputs as the gated one in eval mode.
+The model's traced graph is copied and every conv, linear and BatchNorm is replaced by a
+smaller one holding only the channels the compacted network keeps
+(:func:`budgetprune.liveness.slot_sets`). Each kept channel's deterministic gate value
+ẑ ∈ (0, 1] is folded into its host (the BatchNorm's γ and β, or the layer's weight and
+bias): z·(Wx + b) = (zW)x + zb and z·BN(x) = BN with (zγ, zβ).
+
+Residual adds of tensors that no longer keep the same channels become the mixed-
+connectivity block of seed 001 (supplement 2): ``h_l = scatterAdd(h_{l-1}, Δ, I_out)``
+(:func:`budgetprune.ops.index_add_channels`), so only alive maps are computed. With
+``mode="regular"`` tensors that are added keep equal widths instead (the extra channels
+compute zeros), as a plain ResBlock implementation needs. A squeeze-and-excitation scale is
+sliced to the channels it multiplies. The compacted module computes the same outputs as
+the gated model in eval mode; :func:`budgetprune.io.save` stores it without pickled code.
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from .architecture import SelectFeatures, build_sequential
-from .graph import ChannelGraph
+from .graph import ADD_FUNCTIONS, FLATTEN_METHODS, MUL_FUNCTIONS, ChannelGraph
+from .liveness import effective_masks, slot_sets
+from .ops import index_add_channels, scatter_channels, select_channels
+
+SUB_FUNCTIONS = {operator.sub, operator.isub, torch.sub}
 
 
-def _index(mask: torch.Tensor | None, full: int) -> torch.Tensor:
-    if mask is None:
-        return torch.arange(full)
-    return torch.nonzero(mask.cpu(), as_tuple=False).flatten()
+def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor] | None = None,
+            gate_values: dict[str, torch.Tensor] | None = None, mode: str = "mixed") -> fx.GraphModule:
+    """Build the compacted network (eval mode, on the model's device).
+
+    ``masks[group]`` keeps channel i where True (groups not listed keep everything);
+    ``gate_values[group]`` is the per-channel scale to fold (1 where not given).
+    """
+    full = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
+    masks = {**full, **{g: m.detach().bool().cpu() for g, m in (masks or {}).items()}}
+    eff = effective_masks(graph, masks)
+    sets = slot_sets(graph, masks, mode)
+    index = {name: torch.nonzero(s).flatten() for name, s in sets.items()}
+    alive = slot_sets(graph, masks, "mixed")
+    gm = _copy_without_hooks(fx.GraphModule(model, copy.deepcopy(graph.gm.graph)))  # the model's own weights
+    modules = dict(gm.named_modules())
+    device = next(model.parameters()).device
+
+    hosted = {}
+    for layer in graph.layers.values():
+        gid = layer.out_group
+        z = None
+        if gid is not None:
+            z = torch.ones(graph.groups[gid].channels)
+            if gate_values and gid in gate_values:
+                z = gate_values[gid].detach().float().cpu().clone()
+            z = z * eff[gid].float()
+        info_in = graph.tensors[layer.in_tensor]
+        cols = _expand(index[layer.in_tensor], info_in.expansion)
+        rows = index[layer.in_tensor] if layer.depthwise else (index[layer.out_tensor] if gid else None)
+        mod = modules[layer.name]
+        if rows is not None and (rows.numel() == 0 or (gid is not None and not bool(eff[gid].any()))):
+            # a pruned-away branch (its output is all zeros): removed with the graph rewrite
+            _replace(gm, layer.name, nn.Identity())
+            for bn in layer.batchnorms:
+                _replace(gm, bn, nn.Identity())
+                hosted[bn] = True
+            continue
+        zr = z[rows] if z is not None else None
+        z_in = None
+        if layer.in_tensor.endswith(":input") and gate_values and "input" in gate_values:
+            z_in = gate_values["input"].detach().float().cpu()[index[layer.in_tensor]]  # MLP input gates
+        new = _slice_layer(mod, rows, None if layer.depthwise else cols, layer.depthwise,
+                           zr if not layer.batchnorms else None, z_in)
+        _replace(gm, layer.name, new)
+        for i, bn in enumerate(layer.batchnorms):
+            last = i == len(layer.batchnorms) - 1
+            _replace(gm, bn, _slice_bn(modules[bn], rows, zr if (last and zr is not None) else None))
+            hosted[bn] = True
+    # BatchNorms that host no gate: slice to their tensor's channels, zero the dead ones
+    nodes = list(gm.graph.nodes)
+    for node in nodes:
+        if node.op == "call_module" and node.target not in hosted and node.name in graph.tensors and \
+                isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
+            keep = index[node.name]
+            live = alive[node.name][keep].float()
+            _replace(gm, node.target, _slice_bn(modules[node.target], keep, live) if keep.numel() else nn.Identity())
+            hosted[node.target] = True
+    _rewrite_graph(gm, graph, index, alive, sets)
+    _remove_empty(gm, {name: torch.nonzero(s).flatten() for name, s in alive.items()})
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    gm.budgetprune_mode = mode
+    return gm.to(device).eval()
+
+
+def _remove_empty(gm: fx.GraphModule, index) -> None:
+    """Drop what no longer feeds the output (pruned-away branches: depth determination)."""
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op not in ("placeholder", "output") and not node.users:
+            gm.graph.erase_node(node)
+    for node in gm.graph.nodes:
+        name = _tensor_name(node)
+        if name in index and index[name].numel() == 0 and node.op != "placeholder":
+            raise RuntimeError(f"internal error: the emptied tensor '{name}' is still used by "
+                               f"{', '.join(u.name for u in node.users)}")
+
+
+def _copy_without_hooks(gm: fx.GraphModule) -> fx.GraphModule:
+    root = copy.deepcopy(gm)
+    for m in root.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    return root
 
 
 def _expand(index: torch.Tensor, expansion: int) -> torch.Tensor:
@@ -32,133 +123,213 @@ def _expand(index: torch.Tensor, expansion: int) -> torch.Tensor:
     return (index[:, None] * expansion + torch.arange(expansion)[None, :]).flatten()
 
 
-def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor] | None = None,
-            gate_values: dict[str, torch.Tensor] | None = None) -> tuple[nn.Sequential, list[dict]]:
-    """Build the compacted network and its architecture description.
-
-    ``masks[group] `` keeps channel i where True (groups not listed keep everything);
-    ``gate_values[group]`` is the per-channel scale to fold (1 where not given).
-    Returns ``(module, specs)``; the module is in eval mode on the model's device.
-    """
-    masks = masks or {}
-    gate_values = gate_values or {}
-    modules = dict(model.named_modules())
-    device = next(model.parameters()).device
-    keep = {gid: _index(masks.get(gid), g.channels) for gid, g in graph.groups.items()}
-    specs: list[dict] = []
-    states: list[dict[str, torch.Tensor]] = []
-
-    flowing: torch.Tensor | None = None  # kept indices of the channels flowing now (None: all)
-    expansion = 1
-    for op in graph.ops:
-        spec = copy.deepcopy(op.spec)
-        state: dict[str, torch.Tensor] = {}
-        if op.kind in ("conv", "linear"):
-            layer = graph.layers[op.module]
-            mod = modules[op.module]
-            W = mod.weight.detach()
-            b = mod.bias.detach() if mod.bias is not None else None
-            in_group = layer.in_group
-            if in_group is not None and graph.groups[in_group].position == "input":
-                idx = keep[in_group]
-                if idx.numel() == graph.groups[in_group].channels and in_group not in gate_values:
-                    idx = None  # nothing pruned, nothing scaled: no selection layer
-            else:
-                idx = None
-            if idx is not None:
-                specs.append({"op": "select_features", "num_features": int(idx.numel())})
-                states.append({"index": idx.clone()})
-                z_in = _scale(gate_values, in_group, idx, W)
-                W = W[:, idx.to(W.device)] * z_in[None, :]
-            elif flowing is not None:
-                W = W.index_select(1, _expand(flowing, expansion).to(W.device))
-            out_idx = keep[layer.out_group] if layer.out_group else None
-            if out_idx is not None:
-                W = W.index_select(0, out_idx.to(W.device))
-                b = b.index_select(0, out_idx.to(W.device)) if b is not None else None
-                if graph.groups[layer.out_group].host == op.module:
-                    z = _scale(gate_values, layer.out_group, out_idx, W)
-                    W = W * z.view(-1, *([1] * (W.dim() - 1)))
-                    b = b * z if b is not None else None
-            if op.kind == "conv":
-                spec["in_channels"], spec["out_channels"] = int(W.shape[1]), int(W.shape[0])
-            else:
-                spec["in_features"], spec["out_features"] = int(W.shape[1]), int(W.shape[0])
-            state["weight"] = W.clone()
-            if b is not None:
-                state["bias"] = b.clone()
-            flowing, expansion = out_idx, 1
-        elif op.kind == "batchnorm":
-            bn = modules[op.module]
-            idx = flowing if flowing is not None else torch.arange(bn.num_features)
-            idx = idx.to(device)
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                t = getattr(bn, name)
-                if t is not None:
-                    state[name] = t.detach().index_select(0, idx).clone()
-            if bn.num_batches_tracked is not None:
-                state["num_batches_tracked"] = bn.num_batches_tracked.detach().clone()
-            gid = _group_hosted_by(graph, op.module)
-            if gid is not None:
-                z = _scale(gate_values, gid, keep[gid], state["weight"])
-                state["weight"] = state["weight"] * z
-                state["bias"] = state["bias"] * z
-            spec["num_features"] = int(idx.numel())
-        elif op.kind == "flatten":
-            expansion = op.out_shape[1] // op.in_shape[1] if len(op.in_shape) > 2 else 1
-        specs.append(spec)
-        states.append(state)
-
-    net = build_sequential(specs)
-    full_state = {}
-    for i, st in enumerate(states):
-        for name, t in st.items():
-            full_state[f"{i}.{name}"] = t
-    net.load_state_dict(full_state, strict=True)
-    net.budgetprune_architecture = specs
-    return net.to(device).eval(), specs
+def _replace(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
+    parent_name, _, attr = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, attr, new)
 
 
-def _group_hosted_by(graph: ChannelGraph, module: str) -> str | None:
-    for g in graph.groups.values():
-        if g.host == module and g.position == "output":
-            return g.id
-    return None
+def _slice_layer(mod: nn.Module, rows, cols, depthwise: bool, z, z_in=None) -> nn.Module:
+    """A new conv/linear keeping output ``rows`` and input ``cols`` (None: all), gates folded:
+    ``z`` scales the outputs, ``z_in`` the inputs."""
+    W = mod.weight.detach()
+    b = mod.bias.detach() if mod.bias is not None else None
+    if rows is not None:
+        W = W.index_select(0, rows.to(W.device))
+        b = b.index_select(0, rows.to(W.device)) if b is not None else None
+    if cols is not None:
+        W = W.index_select(1, cols.to(W.device))
+    if z_in is not None:
+        W = W * z_in.to(W.device, W.dtype)[None, :]
+    if z is not None:
+        z = z.to(W.device, W.dtype)
+        W = W * z.view(-1, *([1] * (W.dim() - 1)))
+        b = b * z if b is not None else None
+    if isinstance(mod, nn.Conv2d):
+        out_c = W.shape[0]
+        in_c = out_c if depthwise else W.shape[1]
+        new = nn.Conv2d(in_c, out_c, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                        groups=out_c if depthwise else 1, bias=b is not None, padding_mode=mod.padding_mode)
+    else:
+        new = nn.Linear(W.shape[1], W.shape[0], bias=b is not None)
+    new = new.to(W.device, W.dtype)
+    with torch.no_grad():
+        new.weight.copy_(W)
+        if b is not None:
+            new.bias.copy_(b)
+    return new
 
 
-def _scale(gate_values, gid: str, idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if gid not in gate_values:
-        return torch.ones(idx.numel(), dtype=like.dtype, device=like.device)
-    z = gate_values[gid].detach().to(like.device, like.dtype)
-    return z.index_select(0, idx.to(like.device))
+def _slice_bn(bn: nn.modules.batchnorm._BatchNorm, keep, z) -> nn.Module:
+    keep = keep if keep is not None else torch.arange(bn.num_features)
+    new = type(bn)(int(keep.numel()), bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    new = new.to(bn.weight.device if bn.weight is not None else "cpu")
+    idx = keep.to(new.running_mean.device if new.running_mean is not None else "cpu")
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            src = getattr(bn, name)
+            if src is not None:
+                value = src.detach().index_select(0, idx)
+                if z is not None and name in ("weight", "bias"):
+                    value = value * z.to(value.device, value.dtype)
+                getattr(new, name).copy_(value)
+        if bn.num_batches_tracked is not None:
+            new.num_batches_tracked.copy_(bn.num_batches_tracked)
+    return new
 
 
-def to_sequential(model: nn.Module, graph: ChannelGraph) -> tuple[nn.Sequential, list[dict]]:
-    """The unpruned model as a plain Sequential (same function, same weights)."""
-    return compact(model, graph)
+class _Buffers:
+    """Index tensors the rewritten graph reads through get_attr nodes."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm, self.count = gm, 0
+
+    def add(self, graph: fx.Graph, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
+        name = f"_budgetprune_index_{self.count}"
+        self.count += 1
+        self.gm.register_buffer(name, tensor.clone())
+        with graph.inserting_before(before):
+            return graph.get_attr(name)
 
 
-def sequential_state_to_model(graph: ChannelGraph, seq_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map an unpruned Sequential's state dict (index keys) back to the model's names."""
-    out = {}
-    for i, op in enumerate(graph.ops):
-        if op.module is None:
+def _positions(inner: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
+    """Where each index of ``inner`` sits in the sorted index list ``outer``."""
+    return torch.searchsorted(outer, inner)
+
+
+def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
+    buffers = _Buffers(gm)
+    g = gm.graph
+    first_linear_input = {l.name: l.in_tensor for l in graph.layers.values() if l.in_tensor.endswith(":input")}
+    for node in list(g.nodes):
+        if node.op == "call_module" and node.target in first_linear_input:
+            t = first_linear_input[node.target]
+            idx = index[t]
+            if idx.numel() != graph.tensors[t].slots:
+                src = node.args[0]
+                ref = buffers.add(g, idx, node)
+                with g.inserting_before(node):
+                    sel = g.call_function(select_channels, (src, ref))
+                node.replace_input_with(src, sel)
             continue
-        prefix = f"{i}."
-        for key, t in seq_state.items():
-            if key.startswith(prefix):
-                out[f"{op.module}.{key[len(prefix):]}"] = t
-    return out
+        if node.name not in graph.tensors:
+            continue
+        is_add = (node.op == "call_function" and node.target in ADD_FUNCTIONS) or \
+            (node.op == "call_method" and node.target in ("add", "sub"))
+        is_mul = (node.op == "call_function" and node.target in MUL_FUNCTIONS) or \
+            (node.op == "call_method" and node.target == "mul")
+        tensor_args = [a for a in node.args if isinstance(a, fx.Node) and _tensor_name(a) in graph.tensors]
+        if (is_add or is_mul) and len(tensor_args) == 2:
+            _rewrite_binary(g, buffers, node, tensor_args, index, alive, is_add,
+                            node.target in SUB_FUNCTIONS or node.target == "sub")
+        elif node.op == "call_function" and node.target is torch.cat:
+            parts = node.args[0] if node.args else node.kwargs["tensors"]
+            kept = [p for p in parts if index[_tensor_name(p)].numel() > 0]
+            if len(kept) != len(parts):
+                rest = tuple(node.args[1:])
+                node.args = (kept,) + rest if node.args else ()
+                if not node.args:
+                    node.kwargs = {**node.kwargs, "tensors": kept}
+        elif node.op == "call_method" and node.target in FLATTEN_METHODS and node.target != "flatten":
+            with g.inserting_before(node):
+                flat = g.call_function(torch.flatten, (node.args[0], 1))
+            flat.meta["budgetprune_tensor"] = node.name
+            node.replace_all_uses_with(flat)
+            g.erase_node(node)
+        elif node.name in graph.renormalisers and not _is_bn(gm, node):
+            dead = ~alive[node.name][index[node.name]]
+            if bool(dead.any()):  # regular mode: channels kept for width only must stay zero
+                live = (~dead).float()
+                ref = buffers.add(g, live.view(1, -1, *([1] * (len(_shape_of(node)) - 2))), node.next)
+                with g.inserting_after(ref):
+                    masked = g.call_function(operator.mul, (node, ref))
+                masked.meta["budgetprune_tensor"] = node.name
+                node.replace_all_uses_with(masked, delete_user_cb=lambda u: u is not masked)
+
+
+def _tensor_name(node: fx.Node) -> str:
+    """The graph tensor a (possibly rewritten) node computes."""
+    return node.meta.get("budgetprune_tensor", node.name)
+
+
+def _is_bn(gm, node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm)
+
+
+def _shape_of(node):
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None else (1, 1)
+
+
+def _rewrite_binary(g: fx.Graph, buffers: _Buffers, node: fx.Node, args, index, alive, is_add: bool,
+                    is_sub: bool):
+    a, b = args
+    ia, ib, io = index[_tensor_name(a)], index[_tensor_name(b)], index[node.name]
+    if is_add and not (bool(alive[_tensor_name(a)].any()) and bool(alive[_tensor_name(b)].any())):
+        ia = ia if bool(alive[_tensor_name(a)].any()) else ia[:0]  # an all-zero side: skipped below
+        ib = ib if bool(alive[_tensor_name(b)].any()) else ib[:0]
+    if torch.equal(ia, io) and torch.equal(ib, io):
+        return  # same channels on both sides: a plain add / mul
+    if io.numel() == 0 or (ia.numel() == 0 and ib.numel() == 0):
+        return  # the result is empty too: removed with its users
+    if is_add and (ia.numel() == 0 or ib.numel() == 0):  # one side pruned away: the block is skipped
+        keep = b if ia.numel() == 0 else a
+        new = keep
+        if keep is b and is_sub:
+            with g.inserting_before(node):
+                new = g.call_function(operator.neg, (b,))
+                new.meta["budgetprune_tensor"] = node.name
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        return
+    if is_add:
+        if is_sub:
+            with g.inserting_before(node):
+                b_node = g.call_function(operator.neg, (b,))
+        else:
+            b_node = b
+        if torch.equal(ia, io):
+            base, base_idx, delta, delta_idx = a, ia, b_node, ib
+        elif torch.equal(ib, io) and not is_sub:
+            base, base_idx, delta, delta_idx = b, ib, a, ia
+        else:
+            ref = buffers.add(g, _positions(ia, io), node)
+            with g.inserting_before(node):
+                base = g.call_function(scatter_channels, (a, ref, int(io.numel())))
+            delta, delta_idx = b_node, ib
+        ref = buffers.add(g, _positions(delta_idx, io), node)
+        with g.inserting_before(node):
+            new = g.call_function(index_add_channels, (base, ref, delta))
+    else:
+        sides = []
+        for side, idx in ((a, ia), (b, ib)):
+            if torch.equal(idx, io):
+                sides.append(side)
+                continue
+            if bool(torch.isin(io, idx).all()):  # this factor has every channel needed: select them
+                ref = buffers.add(g, _positions(io, idx), node)
+                with g.inserting_before(node):
+                    sides.append(g.call_function(select_channels, (side, ref)))
+            else:  # channels it lacks are zero
+                ref = buffers.add(g, _positions(idx, io), node)
+                with g.inserting_before(node):
+                    sides.append(g.call_function(scatter_channels, (side, ref, int(io.numel()))))
+        with g.inserting_before(node):
+            new = g.call_function(operator.mul, tuple(sides))
+    new.meta["budgetprune_tensor"] = node.name
+    node.replace_all_uses_with(new)
+    g.erase_node(node)
 
 
 def silence_channels(model: nn.Module, graph: ChannelGraph, channels: dict[str, torch.Tensor]) -> int:
-    """Zero the weights that read ``channels[group]`` (indices) in every consumer, in place.
+    """Zero the weights that read ``channels[group]`` (indices) in every reader, in place.
 
     A channel reopened by :func:`budgetprune.budget.fill_budget` is given gate value 1 and
     zero outgoing weights, so the network's function is unchanged at the moment it is
     reopened (a zero-initialised addition, as in function-preserving network growth) while
     the outgoing weights still receive gradients and fine-tuning can put the channel to use.
-    Returns the number of weights zeroed.
+    Only groups that are the sole writer of their slots (``not shared``) can be silenced this
+    way. Returns the number of weights zeroed.
     """
     modules = dict(model.named_modules())
     zeroed = 0
@@ -166,10 +337,22 @@ def silence_channels(model: nn.Module, graph: ChannelGraph, channels: dict[str, 
         for gid, idx in channels.items():
             if idx.numel() == 0:
                 continue
-            for name in graph.groups[gid].consumers:
-                layer = graph.layers[name]
-                weight = modules[name].weight
-                cols = _expand(idx.cpu(), layer.in_expansion).to(weight.device)
+            if graph.groups[gid].shared:
+                raise ValueError(f"group '{gid}' shares its channels with other writers; it cannot be silenced")
+            for layer in graph.readers(gid):
+                info = graph.tensors[layer.in_tensor]
+                slots = torch.cat([torch.tensor([s.start + (i - off) for i in idx.tolist()
+                                                 if off <= i < off + s.length], dtype=torch.long)
+                                   for s in info.segments for g_, off in s.sources if g_ == gid])
+                weight = modules[layer.name].weight
+                cols = _expand(slots, info.expansion).to(weight.device)
+                if layer.depthwise:
+                    continue
                 weight.index_fill_(1, cols, 0.0)
                 zeroed += int(cols.numel()) * int(weight.shape[0]) * int(weight[0, 0].numel())
     return zeroed
+
+
+def to_plain(model: nn.Module, graph: ChannelGraph) -> fx.GraphModule:
+    """The unpruned model as a plain GraphModule (same function, same weights and names)."""
+    return compact(model, graph)

@@ -37,3 +37,7 @@ class GraphError(BudgetpruneError):
 
 class TrainingDiverged(BudgetpruneError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class ExportError(BudgetpruneError):
+    """A model cannot be exported, or the exported file does not reproduce its outputs."""

@@ -1,20 +1,38 @@
-"""The channel graph: what in a model can be pruned, and what shrinks together.
+"""The channel graph: what in a model can be pruned, and what a pruned channel removes.
 
 A model is traced with ``torch.fx`` and its shapes are propagated from an example input.
-Every conv/linear output that feeds another conv/linear becomes a *channel group*: the set
-of feature maps (or neurons) a gate switches off together. For each group the graph knows
-its feature-map area A_l (seed 001, Eq. 4), the module whose output the gate multiplies
-(the *host*: the BatchNorm right after the layer if there is one, else the layer), and the
-layers that consume it — so a dead output channel also removes the next layer's inputs.
+Every conv/linear layer whose output channels can be switched off becomes a *channel group*
+with one gate per channel. The gate multiplies the output of the group's *host*: the affine
+BatchNorm right after the layer if there is one, else the layer itself (seed 001 gates
+feature maps; Louizos et al. also gate an MLP's input features).
 
-This version handles chain-structured networks (LeNet, VGG-style): conv, linear, batch norm,
-zero-preserving activations, pooling, dropout and flatten. Anything else is refused with a
-one-line :class:`~budgetprune.errors.GraphError` that names the operation.
+Every tensor of the forward pass is described by *slots* (its channels, or features before a
+flatten) and, for each slot, the gated channels that can write a non-zero value into it:
+
+* an activation, pooling or dropout keeps its input's slots (they map 0 to 0);
+* a residual ``add`` writes both inputs into the same slots, so a slot of the sum is alive
+  when *any* writer is (this is what lets a block refine a subset of the residual signal or
+  add new maps: the mixed-connectivity block of seed 001, section 4.2 and supplement 2);
+* a ``cat`` places its inputs side by side; a depthwise conv works slot by slot; a
+  squeeze-and-excitation ``mul`` keeps the slots of the scaled tensor; a flatten turns each
+  channel into H·W features.
+
+An op that maps 0 to a non-zero value (a BatchNorm that is not a gate host, e.g. the
+pre-activation BN of a Wide-ResNet block, a sigmoid, a bias) is a *renormaliser*: the
+gates also multiply its output by the slot's aliveness, so a dead channel is zero
+everywhere and removing it is exact.
+
+A slot can be removed when it is not alive. A group whose removal could cut every path from
+input to output (a layer of a chain, the 1×1 shortcut conv of a ResNet pooling block:
+seed 001, section 4.1, "fatal pruning") keeps at least one channel. Anything the graph
+cannot handle — a grouped convolution, a channel-mixing reshape, an unknown operation —
+leaves the layers that feed it ungated, listed with the reason in :meth:`ChannelGraph.summary`.
 """
 
 from __future__ import annotations
 
 import operator
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -24,36 +42,69 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import GraphError
 
-#: Activations that map 0 to 0, so a gated-off channel stays exactly zero through them.
-ZERO_PRESERVING_MODULES = {
-    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu",
-    nn.GELU: "gelu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Hardswish: "hardswish",
-    nn.Mish: "mish", nn.Identity: "identity", nn.Dropout: "dropout", nn.Dropout2d: "dropout2d",
-}
-POOL_MODULES = {
-    nn.MaxPool2d: "max_pool2d", nn.AvgPool2d: "avg_pool2d",
-    nn.AdaptiveAvgPool2d: "adaptive_avg_pool2d", nn.AdaptiveMaxPool2d: "adaptive_max_pool2d",
-}
+#: Modules and functions that map 0 to 0 channel by channel.
+ZERO_PRESERVING_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Hardswish, nn.Mish, nn.Identity,
+    nn.Dropout, nn.Dropout2d, nn.Hardtanh, nn.Softsign, nn.Tanhshrink, nn.PReLU,
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool1d, nn.AvgPool1d,
+)
 ZERO_PRESERVING_FUNCTIONS = {
-    F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.leaky_relu: "leaky_relu",
-    F.elu: "elu", F.gelu: "gelu", F.silu: "silu", torch.tanh: "tanh", F.hardswish: "hardswish",
-    F.mish: "mish", F.dropout: "dropout",
+    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, torch.tanh, F.hardswish, F.mish,
+    F.dropout, F.dropout2d, F.hardtanh, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d, operator.neg, torch.neg,
 }
-POOL_FUNCTIONS = {
-    F.max_pool2d: "max_pool2d", F.avg_pool2d: "avg_pool2d",
-    F.adaptive_avg_pool2d: "adaptive_avg_pool2d", F.adaptive_max_pool2d: "adaptive_max_pool2d",
-}
+ZERO_PRESERVING_METHODS = {"relu", "tanh", "contiguous", "clone", "detach", "neg", "relu_"}
+#: Channel-wise ops that map 0 to something else: their output is masked by aliveness.
+RENORMALISING_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.SELU, nn.CELU)
+RENORMALISING_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, F.selu, F.celu}
+RENORMALISING_METHODS = {"sigmoid"}
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
+MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
 FLATTEN_METHODS = {"view", "reshape", "flatten"}
-PASSTHROUGH_METHODS = {"contiguous": "identity", "relu": "relu", "tanh": "tanh"}
+SHAPE_METHODS = {"size", "dim"}
+
+ALWAYS = None  # the "writer" of a slot that is always alive (input image, ungated layer, bias)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Slots ``start .. start+length`` of a tensor and who can write them.
+
+    ``sources`` holds ``(group, offset)`` pairs: slot ``start + j`` receives channel
+    ``offset + j`` of ``group``; a ``(None, 0)`` source means the slots are always alive.
+    """
+
+    start: int
+    length: int
+    sources: tuple[tuple[str | None, int], ...]
+
+
+@dataclass
+class TensorInfo:
+    """One tensor of the forward pass, by slots (channels; features = slots × expansion)."""
+
+    node: str
+    slots: int
+    area: int  # H·W of a feature map (1 for a (batch, features) tensor)
+    expansion: int = 1  # features per slot after a flatten
+    segments: tuple[Segment, ...] = ()
+
+    def sources(self) -> set[str]:
+        return {g for s in self.segments for g, _ in s.sources if g is not ALWAYS}
+
+    def always_alive(self) -> bool:
+        return all(any(g is ALWAYS for g, _ in s.sources) for s in self.segments)
 
 
 @dataclass
 class ChannelGroup:
-    """Channels that are kept or pruned together, with one gate each.
+    """The output channels of one layer (or an MLP's input features), one gate each.
 
-    ``position`` is ``"output"`` for a layer's output maps (gate multiplies the host's
-    output) or ``"input"`` for the network's input features (gate multiplies the host's
-    input, as Louizos et al. gate the inputs of an MLP).
+    ``position`` is ``"output"`` (the gate multiplies the host's output) or ``"input"`` (it
+    multiplies the host's input). ``min_keep`` is 1 where removing every channel could cut
+    the network (the fatal-pruning guard) and 0 where the whole group may go (a residual
+    branch: automatic depth determination). ``shared`` is True when other groups write the
+    same slots (the last conv of a residual branch adds into the residual signal).
     """
 
     id: str
@@ -64,59 +115,53 @@ class ChannelGroup:
     producer: str | None = None
     consumers: list[str] = field(default_factory=list)
     min_keep: int = 1
+    shared: bool = False
 
 
 @dataclass
 class Layer:
-    """A conv or linear layer and the channel groups on its two sides."""
+    """A conv or linear layer: what it reads, what it writes, and its cost coefficients."""
 
     name: str
     kind: str  # "conv" | "linear"
-    in_features: int  # input channels (conv) or input features (linear)
+    in_tensor: str  # TensorInfo key of its input
+    out_tensor: str  # TensorInfo key of its output (after the host BatchNorm for a gated layer)
+    in_features: int
     out_channels: int
-    out_area: int  # A_l: H*W of the output maps, 1 for a linear layer
+    out_area: int
     kernel_area: int = 1
-    in_group: str | None = None
-    in_expansion: int = 1  # input features per channel of in_group (H*W after a flatten)
     out_group: str | None = None
+    depthwise: bool = False
     bias: bool = True
-    batchnorms: list[str] = field(default_factory=list)  # BatchNorms on this layer's output maps
-
-
-@dataclass
-class Op:
-    """One step of the traced forward pass, in execution order."""
-
-    node: str
-    kind: str  # "conv" | "linear" | "batchnorm" | "act" | "pool" | "flatten"
-    module: str | None  # qualified module name for call_module nodes
-    spec: dict  # architecture description of this step (see budgetprune.architecture)
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
+    batchnorms: list[str] = field(default_factory=list)  # host BatchNorms folded with this layer
 
 
 class ChannelGraph:
-    """Prunable channel groups, layers and ops of a traced model.
+    """Prunable channel groups, layers and tensors of a traced model.
 
     Build it with :meth:`ChannelGraph.build`; ``print(graph.summary())`` shows what is
     prunable and why the rest is not.
     """
 
-    def __init__(self, ops: list[Op], layers: dict[str, Layer], groups: dict[str, ChannelGroup],
-                 ungated: dict[str, str], input_shape: tuple[int, ...]):
-        self.ops = ops
+    def __init__(self, gm: fx.GraphModule, tensors: dict[str, TensorInfo], layers: dict[str, Layer],
+                 groups: dict[str, ChannelGroup], renormalisers: dict[str, str], ungated: dict[str, str],
+                 input_shape: tuple[int, ...], spaces: dict[str, str]):
+        self.gm = gm
+        self.tensors = tensors
         self.layers = layers
         self.groups = groups
+        self.renormalisers = renormalisers  # node name -> what it is, for the summary
         self.ungated = ungated
         self.input_shape = input_shape
+        self.spaces = spaces  # tensor -> the set of tensors that must keep equal width in a regular block
 
     # -- construction -----------------------------------------------------------------
     @classmethod
     def build(cls, model: nn.Module, example_input: torch.Tensor, gate_inputs: bool = False) -> "ChannelGraph":
         """Trace ``model``, propagate shapes from ``example_input`` and find channel groups.
 
-        ``gate_inputs`` adds a group for the input features of a network whose first layer is
-        a linear layer (an MLP), so input pixels can be pruned too.
+        ``gate_inputs`` adds a group for the input features of a network whose first layer
+        is a linear layer (an MLP), so input pixels can be pruned too.
         """
         gm = trace(model)
         was_training = model.training
@@ -131,23 +176,28 @@ class ChannelGraph:
             ) from None
         finally:
             model.train(was_training)
-        modules = dict(model.named_modules())
-        ops = _linearise(gm, modules)
-        layers, groups, ungated = _find_groups(ops, modules, gate_inputs)
-        return cls(ops, layers, groups, ungated, tuple(example_input.shape[1:]))
+        return _Builder(gm, dict(model.named_modules()), gate_inputs, tuple(example_input.shape[1:])).build()
 
     # -- queries ----------------------------------------------------------------------
     def layer_of_group(self, gid: str) -> Layer | None:
         g = self.groups[gid]
         return self.layers.get(g.producer) if g.producer else None
 
+    def readers(self, gid: str) -> list[Layer]:
+        """Layers whose input has slots written by ``gid``."""
+        return [l for l in self.layers.values() if gid in self.tensors[l.in_tensor].sources()]
+
     def summary(self) -> str:
-        """A readable table: each layer, its output group, area and what was left ungated."""
-        rows = [f"ChannelGraph: input {self.input_shape}, {len(self.groups)} prunable groups"]
-        rows.append(f"  {'group':<24}{'channels':>9}{'area':>8}  host -> consumers")
+        """A readable table: each group, its area, host and readers; what is left ungated and why."""
+        rows = [f"ChannelGraph: input {self.input_shape}, {len(self.groups)} prunable groups, "
+                f"{len(self.layers)} conv/linear layers"]
+        rows.append(f"  {'group':<28}{'channels':>9}{'area':>7}{'keeps':>6}  host -> read by")
         for g in self.groups.values():
-            rows.append(f"  {g.id:<24}{g.channels:>9}{g.area:>8}  {g.host} ({g.position}) -> "
+            tag = " (adds into a shared signal)" if g.shared else ""
+            rows.append(f"  {g.id:<28}{g.channels:>9}{g.area:>7}{g.min_keep:>6}  {g.host} ({g.position}){tag} -> "
                         f"{', '.join(g.consumers) or '-'}")
+        for node, what in self.renormalisers.items():
+            rows.append(f"  masked by aliveness: {node} ({what} maps 0 to a non-zero value)")
         for name, why in self.ungated.items():
             rows.append(f"  not pruned: {name}: {why}")
         return "\n".join(rows)
@@ -169,209 +219,11 @@ def _first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
+def _shape(node) -> tuple[int, ...] | None:
+    if not isinstance(node, fx.Node):
+        return None
     meta = node.meta.get("tensor_meta")
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
-def _arg(node: fx.Node, index: int, name: str, default):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _module_spec(mod: nn.Module) -> tuple[str, dict]:
-    """(kind, architecture spec) for a supported module."""
-    if isinstance(mod, nn.Conv2d):
-        if mod.padding_mode != "zeros":
-            raise GraphError(f"conv padding_mode '{mod.padding_mode}' is not supported; use zero padding")
-        return "conv", {"op": "conv2d", "in_channels": mod.in_channels, "out_channels": mod.out_channels,
-                        "kernel_size": list(mod.kernel_size), "stride": list(mod.stride),
-                        "padding": list(mod.padding) if not isinstance(mod.padding, str) else mod.padding,
-                        "dilation": list(mod.dilation), "groups": mod.groups, "bias": mod.bias is not None}
-    if isinstance(mod, nn.Linear):
-        return "linear", {"op": "linear", "in_features": mod.in_features, "out_features": mod.out_features,
-                          "bias": mod.bias is not None}
-    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return "batchnorm", {"op": "batch_norm2d" if isinstance(mod, nn.BatchNorm2d) else "batch_norm1d",
-                             "num_features": mod.num_features, "eps": mod.eps, "momentum": mod.momentum,
-                             "affine": mod.affine, "track_running_stats": mod.track_running_stats}
-    if isinstance(mod, nn.Flatten):
-        return "flatten", {"op": "flatten", "start_dim": mod.start_dim, "end_dim": mod.end_dim}
-    for cls_, op in ZERO_PRESERVING_MODULES.items():
-        if type(mod) is cls_:
-            spec = {"op": op}
-            if op == "leaky_relu":
-                spec["negative_slope"] = mod.negative_slope
-            elif op == "elu":
-                spec["alpha"] = mod.alpha
-            elif op == "gelu":
-                spec["approximate"] = mod.approximate
-            elif op in ("dropout", "dropout2d"):
-                spec["p"] = mod.p
-            return "act", spec
-    for cls_, op in POOL_MODULES.items():
-        if type(mod) is cls_:
-            return "pool", {"op": op, **_pool_args(op, mod)}
-    raise GraphError(f"module type {type(mod).__name__} is not supported in a prunable path")
-
-
-def _pool_args(op: str, mod) -> dict:
-    def pair(v):
-        return list(v) if isinstance(v, (tuple, list)) else [v, v] if v is not None else None
-    if op.startswith("adaptive"):
-        return {"output_size": pair(mod.output_size)}
-    args = {"kernel_size": pair(mod.kernel_size), "stride": pair(mod.stride or mod.kernel_size),
-            "padding": pair(mod.padding), "ceil_mode": bool(mod.ceil_mode)}
-    if op == "max_pool2d":
-        args["dilation"] = pair(mod.dilation)
-    else:
-        args["count_include_pad"] = bool(mod.count_include_pad)
-    return args
-
-
-class _PoolArgs:
-    """Adapter so functional pooling calls share :func:`_pool_args` with modules."""
-
-    def __init__(self, op: str, node: fx.Node):
-        if op.startswith("adaptive"):
-            self.output_size = _arg(node, 1, "output_size", None)
-            return
-        self.kernel_size = _arg(node, 1, "kernel_size", None)
-        self.stride = _arg(node, 2, "stride", None)
-        self.padding = _arg(node, 3, "padding", 0)
-        if op == "max_pool2d":
-            self.dilation = _arg(node, 4, "dilation", 1)
-            self.ceil_mode = _arg(node, 5, "ceil_mode", False)
-        else:
-            self.ceil_mode = _arg(node, 4, "ceil_mode", False)
-            self.count_include_pad = _arg(node, 5, "count_include_pad", True)
-            if _arg(node, 6, "divisor_override", None) is not None:
-                raise GraphError("avg_pool2d with divisor_override is not supported")
-
-
-def _function_spec(node: fx.Node) -> tuple[str, dict]:
-    fn = node.target
-    if fn in ZERO_PRESERVING_FUNCTIONS:
-        op = ZERO_PRESERVING_FUNCTIONS[fn]
-        spec = {"op": op}
-        if op == "leaky_relu":
-            spec["negative_slope"] = _arg(node, 1, "negative_slope", 0.01)
-        elif op == "elu":
-            spec["alpha"] = _arg(node, 1, "alpha", 1.0)
-        elif op == "gelu":
-            spec["approximate"] = node.kwargs.get("approximate", "none")
-        elif op == "dropout":
-            spec["p"] = _arg(node, 1, "p", 0.5)
-        return "act", spec
-    if fn in POOL_FUNCTIONS:
-        op = POOL_FUNCTIONS[fn]
-        return "pool", {"op": op, **_pool_args(op, _PoolArgs(op, node))}
-    if fn is torch.flatten:
-        return "flatten", {"op": "flatten", "start_dim": _arg(node, 1, "start_dim", 0),
-                           "end_dim": _arg(node, 2, "end_dim", -1)}
-    name = getattr(fn, "__name__", str(fn))
-    if fn in (operator.add, torch.add, torch.cat, operator.mul, torch.mul):
-        raise GraphError(f"operation '{name}' at node '{node.name}' joins several tensors; this version "
-                         "prunes chain-structured networks (conv/linear/BN/activation/pool/flatten) only")
-    raise GraphError(f"operation '{name}' at node '{node.name}' is not supported in a prunable path")
-
-
-def _linearise(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> list[Op]:
-    """The tensor ops of a chain network in execution order; refuses branches."""
-    ops: list[Op] = []
-    previous: fx.Node | None = None
-    for node in gm.graph.nodes:
-        out_shape = _shape(node)
-        if node.op == "placeholder":
-            previous = node
-            continue
-        if node.op == "output":
-            break
-        if out_shape is None:  # e.g. x.size(0) feeding a view: not a tensor op
-            continue
-        tensor_inputs = [a for a in node.all_input_nodes if _shape(a) is not None]
-        if len(tensor_inputs) != 1 or tensor_inputs[0] is not previous:
-            raise GraphError(
-                f"node '{node.name}' ({node.target}) does not continue a single chain of layers; "
-                "this version prunes chain-structured networks only")
-        in_shape = _shape(tensor_inputs[0])
-        if node.op == "call_module":
-            kind, spec = _module_spec(modules[node.target])
-            mod_name = node.target
-        elif node.op == "call_function":
-            kind, spec = _function_spec(node)
-            mod_name = None
-        elif node.op == "call_method" and node.target in FLATTEN_METHODS:
-            if len(out_shape) != 2 or out_shape[0] != in_shape[0]:
-                raise GraphError(f"'{node.target}' at node '{node.name}' reshapes {in_shape} to {out_shape}; "
-                                 "only flattening to (batch, features) is supported")
-            kind, spec, mod_name = "flatten", {"op": "flatten", "start_dim": 1, "end_dim": -1}, None
-        elif node.op == "call_method" and node.target in PASSTHROUGH_METHODS:
-            kind, spec, mod_name = "act", {"op": PASSTHROUGH_METHODS[node.target]}, None
-        else:
-            raise GraphError(f"'{node.target}' at node '{node.name}' is not supported in a prunable path")
-        if kind == "flatten" and (len(out_shape) != 2 or out_shape[0] != in_shape[0]):
-            raise GraphError(f"flatten at node '{node.name}' must produce (batch, features), got {out_shape}")
-        ops.append(Op(node.name, kind, mod_name, spec, in_shape, out_shape))
-        previous = node
-    if not any(op.kind in ("conv", "linear") for op in ops):
-        raise GraphError("the model has no conv or linear layer to prune")
-    return ops
-
-
-def _find_groups(ops: list[Op], modules: dict[str, nn.Module], gate_inputs: bool):
-    layers: dict[str, Layer] = {}
-    groups: dict[str, ChannelGroup] = {}
-    ungated: dict[str, str] = {}
-    current_group: str | None = None  # group of the channels flowing at this point
-    expansion = 1
-    open_layer: Layer | None = None  # last producer whose output group is still being formed
-
-    for i, op in enumerate(ops):
-        if op.kind in ("conv", "linear"):
-            mod = modules[op.module]
-            if op.kind == "conv" and mod.groups != 1:
-                raise GraphError(f"grouped convolution '{op.module}' (groups={mod.groups}) is not supported "
-                                 "in this version; use groups=1")
-            if op.kind == "linear" and len(op.in_shape) != 2:
-                raise GraphError(f"linear layer '{op.module}' gets a {len(op.in_shape)}-d input; "
-                                 "only (batch, features) inputs are supported")
-            if not layers and op.kind == "linear" and gate_inputs:
-                gid = "input"
-                groups[gid] = ChannelGroup(gid, op.in_shape[1], 1, op.module, "input", None, [op.module])
-                current_group, expansion = gid, 1
-            layer = Layer(op.module, op.kind, op.in_shape[1], op.out_shape[1],
-                          _area(op.out_shape), _kernel_area(mod), current_group, expansion,
-                          None, mod.bias is not None)
-            if current_group is not None:
-                groups[current_group].consumers.append(op.module)
-            layers[op.module] = layer
-            open_layer, current_group, expansion = layer, op.module, 1
-            groups[op.module] = ChannelGroup(op.module, op.out_shape[1], layer.out_area, op.module,
-                                             "output", op.module)
-        elif op.kind == "batchnorm":
-            bn = modules[op.module]
-            if expansion != 1:
-                raise GraphError(f"BatchNorm '{op.module}' after a flatten of feature maps is not supported")
-            if open_layer is not None and current_group == open_layer.name:
-                # The gate must sit after the last BatchNorm of the segment: a BN after the gate
-                # would renormalise a switched-off channel back to a non-zero constant.
-                if not bn.affine:
-                    raise GraphError(f"BatchNorm '{op.module}' has no affine parameters, so a gate cannot be "
-                                     "folded into it; use affine=True")
-                open_layer.batchnorms.append(op.module)
-                groups[open_layer.name].host = op.module
-        elif op.kind == "flatten":
-            expansion = _flatten_expansion(op)
-
-    # The last layer's output is the network's output: never gated.
-    last = [l for l in layers.values()][-1]
-    groups.pop(last.name, None)
-    ungated[last.name] = "network output"
-    for layer in layers.values():
-        layer.out_group = layer.name if layer.name in groups else None
-    return layers, groups, ungated
 
 
 def _area(shape: tuple[int, ...]) -> int:
@@ -381,15 +233,392 @@ def _area(shape: tuple[int, ...]) -> int:
     return area
 
 
+def _arg(node: fx.Node, index: int, name: str, default):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _describe(node: fx.Node, modules) -> str:
+    if node.op == "call_module":
+        return f"{type(modules[node.target]).__name__} '{node.target}'"
+    return f"'{getattr(node.target, '__name__', node.target)}' at node '{node.name}'"
+
+
+class _Unsupported(Exception):
+    """An op the graph cannot see through: its inputs' writers must stay ungated."""
+
+
+class _Builder:
+    """One pass over the traced graph; repeated while new layers must be left ungated."""
+
+    def __init__(self, gm: fx.GraphModule, modules: dict[str, nn.Module], gate_inputs: bool,
+                 input_shape: tuple[int, ...]):
+        self.gm, self.modules, self.gate_inputs, self.input_shape = gm, modules, gate_inputs, input_shape
+        self.blocked: dict[str, str] = {}  # producer -> why it stays ungated
+
+    def build(self) -> ChannelGraph:
+        for _ in range(1000):
+            before = dict(self.blocked)
+            graph = self._pass()
+            if self.blocked == before:
+                return graph
+        raise GraphError("internal error: the channel graph did not settle")
+
+    # one pass ---------------------------------------------------------------------------
+    def _pass(self) -> ChannelGraph:
+        nodes = list(self.gm.graph.nodes)
+        self.tensors: dict[str, TensorInfo] = {}
+        self.layers: dict[str, Layer] = {}
+        self.groups: dict[str, ChannelGroup] = {}
+        self.renorm: dict[str, str] = {}
+        self.hosted: dict[str, str] = {}  # node that is a gate host output -> group
+        self.parent: dict[str, str] = {}  # union-find over tensors for regular-block widths
+        self.calls: dict[str, int] = defaultdict(int)
+        ungated: dict[str, str] = dict(self.blocked)
+        self._find_layers(nodes, ungated)
+        for node in nodes:
+            if node.op == "placeholder":
+                shape = _shape(node)
+                if shape is not None:
+                    self._set(node, self._fresh(node, shape, ALWAYS))
+                continue
+            if node.op == "output":
+                for arg in node.all_input_nodes:
+                    self._block(arg, "feeds the network output")
+                continue
+            if _shape(node) is None:
+                continue  # x.size(0) and friends: not tensors
+            try:
+                self._visit(node)
+            except _Unsupported as why:
+                for arg in node.all_input_nodes:
+                    self._block(arg, str(why))
+                shape = _shape(node)
+                self._set(node, self._fresh(node, shape, ALWAYS) if len(shape) >= 2 else
+                          TensorInfo(node.name, 1, 1, 1, (Segment(0, 1, ((ALWAYS, 0),)),)))
+        if not self.layers:
+            raise GraphError("the model has no conv or linear layer to prune")
+        self._finish_groups(nodes)
+        spaces = {t: self._find(t) for t in self.tensors}
+        return ChannelGraph(self.gm, self.tensors, self.layers, self.groups, self.renorm, ungated,
+                            self.input_shape, spaces)
+
+    def _find_layers(self, nodes, ungated) -> None:
+        """Count module calls (a module called twice shares weights: never gated)."""
+        for node in nodes:
+            if node.op == "call_module":
+                self.calls[node.target] += 1
+        for name, n in self.calls.items():
+            mod = self.modules[name]
+            if isinstance(mod, (nn.Conv2d, nn.Linear)) and n > 1:
+                self.blocked.setdefault(name, f"called {n} times (shared weights)")
+                ungated.setdefault(name, self.blocked[name])
+
+    # helpers ---------------------------------------------------------------------------
+    def _set(self, node: fx.Node, info: TensorInfo) -> None:
+        self.tensors[node.name] = info
+        self.parent.setdefault(node.name, node.name)
+
+    def _find(self, t: str) -> str:
+        while self.parent[t] != t:
+            self.parent[t] = self.parent[self.parent[t]]
+            t = self.parent[t]
+        return t
+
+    def _union(self, a: str, b: str) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+    @staticmethod
+    def _fresh(node: fx.Node, shape, writer: str | None) -> TensorInfo:
+        slots = int(shape[1]) if len(shape) >= 2 else 1
+        return TensorInfo(node.name, slots, _area(shape), 1, (Segment(0, slots, ((writer, 0),)),))
+
+    def _info(self, node) -> TensorInfo:
+        return self.tensors[node.name]
+
+    def _same(self, node: fx.Node, src: fx.Node, renormalise: str | None = None) -> None:
+        """Output keeps the input's slots (area from the output shape)."""
+        info = self._info(src)
+        shape = _shape(node)
+        if len(shape) < 2 or (shape[1] != info.slots * info.expansion):
+            raise _Unsupported(f"{node.name} changes the channel dimension {_shape(src)} -> {shape}")
+        self._set(node, TensorInfo(node.name, info.slots, _area(shape) if info.expansion == 1 else info.area,
+                                   info.expansion, info.segments))
+        self._union(node.name, src.name)
+        if renormalise and not info.always_alive():
+            if node.op != "call_module":  # only a module can be hooked to mask its output
+                raise _Unsupported(f"read by {renormalise} at node '{node.name}', which maps 0 to a non-zero "
+                                   "value; write it as a module (e.g. nn.Sigmoid) so it can be masked")
+            self.renorm[node.name] = renormalise
+
+    def _block(self, node: fx.Node, why: str) -> None:
+        info = self.tensors.get(node.name)
+        if info is None:
+            return
+        for gid in info.sources():
+            producer = self.groups[gid].producer if gid in self.groups else None
+            key = producer or gid
+            if key not in self.blocked:
+                self.blocked[key] = why
+
+    # the op table ----------------------------------------------------------------------------
+    def _visit(self, node: fx.Node) -> None:
+        tensor_args = [a for a in node.all_input_nodes if a.name in self.tensors]
+        if not tensor_args and node.op != "get_attr":  # a tensor made from nothing: torch.zeros(...)
+            return self._set(node, self._fresh(node, _shape(node), ALWAYS))
+        if node.op == "call_module":
+            return self._visit_module(node, self.modules[node.target], tensor_args)
+        if node.op == "get_attr":
+            return self._set(node, self._fresh(node, _shape(node), ALWAYS) if len(_shape(node)) >= 2 else
+                             TensorInfo(node.name, 1, 1, 1, (Segment(0, 1, ((ALWAYS, 0),)),)))
+        fn = node.target
+        if node.op == "call_function" and fn in ZERO_PRESERVING_FUNCTIONS or \
+                node.op == "call_method" and fn in ZERO_PRESERVING_METHODS:
+            return self._same(node, tensor_args[0])
+        if node.op == "call_function" and fn in RENORMALISING_FUNCTIONS or \
+                node.op == "call_method" and fn in RENORMALISING_METHODS:
+            return self._same(node, tensor_args[0], getattr(fn, "__name__", str(fn)))
+        if node.op == "call_function" and fn in ADD_FUNCTIONS or node.op == "call_method" and fn in ("add", "sub"):
+            return self._visit_add(node, tensor_args)
+        if node.op == "call_function" and fn in MUL_FUNCTIONS or node.op == "call_method" and fn == "mul":
+            return self._visit_mul(node, tensor_args)
+        if node.op == "call_function" and fn is torch.cat:
+            return self._visit_cat(node)
+        if node.op == "call_function" and fn is torch.flatten or node.op == "call_method" and fn in FLATTEN_METHODS:
+            return self._visit_flatten(node, tensor_args)
+        if node.op == "call_method" and fn in ("mean", "amax", "sum") and _reduces_spatial_only(node):
+            return self._same(node, tensor_args[0])
+        raise _Unsupported(f"read by {_describe(node, self.modules)}, which budgetprune cannot prune through")
+
+    def _visit_module(self, node, mod, tensor_args) -> None:
+        src = tensor_args[0]
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            return self._visit_layer(node, mod, src)
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            return self._same(node, src, None if node.name in self.hosted else "BatchNorm")
+        if isinstance(mod, ZERO_PRESERVING_MODULES):
+            return self._same(node, src)
+        if isinstance(mod, RENORMALISING_MODULES):
+            return self._same(node, src, type(mod).__name__)
+        if isinstance(mod, nn.Flatten):
+            return self._visit_flatten(node, tensor_args)
+        raise _Unsupported(f"read by {_describe(node, self.modules)}, which budgetprune cannot prune through")
+
+    def _visit_layer(self, node, mod, src) -> None:
+        info = self._info(src)
+        in_shape, shape = _shape(src), _shape(node)
+        kind = "conv" if isinstance(mod, nn.Conv2d) else "linear"
+        if kind == "conv" and mod.padding_mode != "zeros":
+            raise _Unsupported(f"read by conv '{node.target}' with padding_mode '{mod.padding_mode}'")
+        if kind == "linear" and len(in_shape) != 2:
+            raise _Unsupported(f"read by linear '{node.target}' on a {len(in_shape)}-d input")
+        depthwise = kind == "conv" and mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+        if kind == "conv" and mod.groups > 1 and not depthwise:
+            self.blocked.setdefault(node.target, f"grouped convolution (groups={mod.groups})")
+            raise _Unsupported(f"read by grouped convolution '{node.target}' (groups={mod.groups})")
+        in_tensor = src.name
+        if self.gate_inputs and kind == "linear" and not self.layers and info.always_alive() and \
+                "input" not in self.blocked:
+            in_tensor = f"{node.name}:input"  # the gated input features of an MLP
+            n = in_shape[1]
+            self.tensors[in_tensor] = TensorInfo(in_tensor, n, 1, 1, (Segment(0, n, (("input", 0),)),))
+            self.parent.setdefault(in_tensor, in_tensor)
+            self.groups["input"] = ChannelGroup("input", n, 1, node.target, "input", None, [node.target])
+        # the host: the last affine BatchNorm reached through sole users and ops that map 0 to 0
+        # (conv -> BN, or conv -> ReLU -> BN): a gate before a BN would be renormalised away
+        host_node, bns, cur = node, [], node
+        while len(cur.users) == 1:
+            nxt = next(iter(cur.users))
+            if nxt.op == "call_module" and isinstance(self.modules[nxt.target], nn.modules.batchnorm._BatchNorm) \
+                    and self.modules[nxt.target].affine and self.calls[nxt.target] == 1:
+                host_node = nxt
+                bns.append(nxt.target)
+            elif not (nxt.op == "call_module" and isinstance(self.modules[nxt.target], ZERO_PRESERVING_MODULES)
+                      and self.calls[nxt.target] == 1 or nxt.op == "call_function"
+                      and nxt.target in ZERO_PRESERVING_FUNCTIONS or nxt.op == "call_method"
+                      and nxt.target in ZERO_PRESERVING_METHODS):
+                break
+            cur = nxt
+        layer = Layer(node.target, kind, in_tensor, host_node.name, in_shape[1], shape[1], _area(shape),
+                      _kernel_area(mod), None, depthwise, getattr(mod, "bias", None) is not None, bns)
+        self.layers[node.target] = layer
+        if depthwise:
+            self._same(node, src, "depthwise conv bias" if layer.bias else None)
+            layer.batchnorms, layer.out_tensor = [], node.name  # its BNs renormalise, they host no gate
+            return
+        gated = node.target not in self.blocked
+        gid = node.target if gated else ALWAYS
+        out = self._fresh(node, shape, gid)
+        self._set(node, out)
+        for bn_node in self.gm.graph.nodes:
+            if bn_node.op == "call_module" and bn_node.target in bns:
+                self.hosted[bn_node.name] = gid or ""
+        if gated:
+            self.groups[gid] = ChannelGroup(gid, shape[1], _area(shape), host_node.target, "output", node.target)
+            layer.out_group = gid
+
+    def _visit_add(self, node, tensor_args) -> None:
+        if len(tensor_args) != 2:  # tensor + constant: a constant makes every slot non-zero
+            return self._same(node, tensor_args[0], "adding a constant")
+        a, b = (self._info(t) for t in tensor_args)
+        shape = _shape(node)
+        if a.expansion != 1 or b.expansion != 1 or a.slots != b.slots or len(shape) < 2 or shape[1] != a.slots:
+            raise _Unsupported(f"read by '{node.name}', which adds tensors of different channel layouts")
+        self._set(node, TensorInfo(node.name, a.slots, _area(shape), 1, _merge(a.segments, b.segments)))
+        for t in tensor_args:
+            self._union(node.name, t.name)
+
+    def _visit_mul(self, node, tensor_args) -> None:
+        if len(tensor_args) == 1:
+            return self._same(node, tensor_args[0])  # scaling by a constant keeps zeros
+        a, b = (self._info(t) for t in tensor_args)
+        shape = _shape(node)
+        if a.slots != b.slots or a.expansion != 1 or b.expansion != 1:
+            raise _Unsupported(f"read by '{node.name}', which multiplies tensors of different channel layouts")
+        # A product is zero where either factor is; "alive where either writer is" over-approximates
+        # (safe: a slot kept alive is computed, never wrongly dropped). A factor that is always
+        # alive (a squeeze-and-excitation scale) leaves the other factor's slots unchanged.
+        if not a.always_alive() and not b.always_alive():
+            areas = [_area(_shape(t)) for t in tensor_args]
+            if min(areas) < max(areas):  # a broadcast scale (squeeze-and-excitation): never pruned itself
+                scale = tensor_args[areas.index(min(areas))]
+                self._block(scale, f"computes the channel scale multiplied at '{node.name}' "
+                                   "(squeeze-and-excitation); it follows the channels it scales")
+        segs = a.segments if b.always_alive() else b.segments if a.always_alive() else _merge(a.segments, b.segments)
+        self._set(node, TensorInfo(node.name, a.slots, _area(shape), 1, segs))
+        big = tensor_args[0] if _area(_shape(tensor_args[0])) >= _area(_shape(tensor_args[1])) else tensor_args[1]
+        self._union(node.name, big.name)
+
+    def _visit_cat(self, node) -> None:
+        parts = _arg(node, 0, "tensors", [])
+        dim = _arg(node, 1, "dim", 0)
+        shape = _shape(node)
+        if dim not in (1, -len(shape) + 1) or any(not isinstance(p, fx.Node) or p.name not in self.tensors
+                                                  for p in parts):
+            raise _Unsupported(f"read by torch.cat at node '{node.name}' along dim {dim} (only dim 1 is pruned)")
+        segs, start = [], 0
+        for p in parts:
+            info = self._info(p)
+            if info.expansion != 1:
+                raise _Unsupported(f"read by torch.cat at node '{node.name}' of flattened tensors")
+            segs += [Segment(s.start + start, s.length, s.sources) for s in info.segments]
+            start += info.slots
+        self._set(node, TensorInfo(node.name, start, _area(shape), 1, tuple(segs)))
+
+    def _visit_flatten(self, node, tensor_args) -> None:
+        src = tensor_args[0]
+        info, in_shape, shape = self._info(src), _shape(src), _shape(node)
+        if len(shape) != 2 or shape[0] != in_shape[0]:
+            raise _Unsupported(f"reshaped by '{node.name}' to {shape} (only flattening to (batch, features))")
+        if info.expansion != 1 or shape[1] % info.slots:
+            raise _Unsupported(f"reshaped by '{node.name}' in a way that mixes channels")
+        self._set(node, TensorInfo(node.name, info.slots, info.area, shape[1] // info.slots, info.segments))
+        self._union(node.name, src.name)
+
+    # after the pass ---------------------------------------------------------------------
+    def _finish_groups(self, nodes) -> None:
+        for layer in self.layers.values():
+            for gid in self.tensors[layer.in_tensor].sources():
+                if gid in self.groups and layer.name not in self.groups[gid].consumers:
+                    self.groups[gid].consumers.append(layer.name)
+        by_space: dict[str, list[tuple[str, int, int]]] = defaultdict(list)  # space -> (group, start, end)
+        for name, info in self.tensors.items():
+            space = self._find(name)
+            for seg in info.segments:
+                for gid, _ in seg.sources:
+                    if gid is not ALWAYS:
+                        by_space[space].append((gid, seg.start, seg.start + seg.length))
+        for ranges in by_space.values():
+            for i, (g1, lo1, hi1) in enumerate(ranges):
+                for g2, lo2, hi2 in ranges[i + 1:]:
+                    if g1 != g2 and lo1 < hi2 and lo2 < hi1:
+                        self.groups[g1].shared = self.groups[g2].shared = True
+        for g in self.groups.values():
+            g.min_keep = 0
+        for gid in _protected_groups(self, nodes):
+            self.groups[gid].min_keep = 1
+
+
+def _merge(a: tuple[Segment, ...], b: tuple[Segment, ...]) -> tuple[Segment, ...]:
+    """Segments of a sum: the common refinement of both, writers of both."""
+    cuts = sorted({s.start for s in a + b} | {s.start + s.length for s in a + b})
+    out = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        sources = []
+        for segs in (a, b):
+            for s in segs:
+                if s.start <= lo and hi <= s.start + s.length:
+                    sources += [(g, off + lo - s.start) for g, off in s.sources]
+        always = any(g is ALWAYS for g, _ in sources)
+        out.append(Segment(lo, hi - lo, ((ALWAYS, 0),) if always else tuple(dict.fromkeys(sources))))
+    return tuple(out)
+
+
+def _reduces_spatial_only(node: fx.Node) -> bool:
+    dims = _arg(node, 1, "dim", None)
+    if dims is None:
+        return False
+    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+    shape = _shape(node.args[0])
+    nd = len(shape) if shape else 0
+    return nd > 2 and all(isinstance(d, int) and (d % nd) >= 2 for d in dims)
+
+
 def _kernel_area(mod: nn.Module) -> int:
     if isinstance(mod, nn.Conv2d):
         return int(mod.kernel_size[0] * mod.kernel_size[1])
     return 1
 
 
-def _flatten_expansion(op: Op) -> int:
-    channels = op.in_shape[1] if len(op.in_shape) > 1 else 1
-    total = op.out_shape[1]
-    if total % channels:
-        raise GraphError(f"flatten at node '{op.node}' does not keep channels contiguous")
-    return total // channels
+def _protected_groups(b: _Builder, nodes) -> set[str]:
+    """Groups that must keep a channel so that some path from input to output survives.
+
+    A group whose host output every input→output path crosses (a dominator: every layer of
+    a chain) is protected. Where paths split and meet at an ``add`` that no always-alive
+    signal reaches (a ResNet pooling block: the branch and the 1×1 shortcut), the writer
+    that reads the split point directly (the shortcut) is protected (seed 001, section 4.1).
+    """
+    tensor_nodes = [n for n in nodes if n.name in b.tensors or n.op == "output"]
+    order = {n.name: i for i, n in enumerate(tensor_nodes)}
+    succ = {n.name: [u.name for u in n.users if u.name in order] for n in tensor_nodes}
+    starts = [n.name for n in tensor_nodes if n.op == "placeholder"]
+    end = next(n.name for n in tensor_nodes if n.op == "output")
+
+    def reaches_without(skip: str) -> bool:
+        seen, stack = {skip}, [s for s in starts if s != skip]
+        while stack:
+            cur = stack.pop()
+            if cur == end:
+                return True
+            if cur in seen:
+                continue
+            seen.add(cur)
+            stack += succ.get(cur, [])
+        return False
+
+    dominators = {name for name in order if name != end and not reaches_without(name)}
+    protected = set()
+    for gid, g in b.groups.items():
+        layer = b.layers.get(g.producer) if g.producer else None
+        if g.position == "input" or (layer and layer.out_tensor in dominators):
+            protected.add(gid)
+    for layer in b.layers.values():  # an ungated layer must not lose its whole input
+        sources = b.tensors[layer.in_tensor].sources()
+        if layer.out_group is None and len(sources) == 1 and not b.tensors[layer.in_tensor].always_alive() \
+                and not any(g is ALWAYS for s in b.tensors[layer.in_tensor].segments for g, _ in s.sources):
+            protected |= sources
+    for name in dominators:
+        info = b.tensors.get(name)
+        if info is None or info.always_alive() or not info.sources():
+            continue
+        readers = [l for l in b.layers.values() if l.out_group in info.sources()]
+        if not readers or any(l.out_group in protected for l in readers):
+            continue
+        # the writer closest to the split: its input is itself a dominator
+        direct = [l for l in readers if l.in_tensor in dominators]
+        pick = min(direct or readers, key=lambda l: (l.kernel_area, l.in_features * l.out_channels))
+        protected.add(pick.out_group)
+    return protected

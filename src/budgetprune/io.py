@@ -1,9 +1,14 @@
 """Saving and loading models and run files safely.
 
-A model file is ``torch.save`` of a plain dict — an architecture description (JSON text),
+A model file is ``torch.save`` of a plain dict — a description of the network (JSON text),
 the weights, and metadata — read back with ``torch.load(..., weights_only=True)``: no
 arbitrary object is ever unpickled. Every file is written atomically (temporary file in the
 same folder, then ``os.replace``), so an interrupted run never leaves a half-written file.
+
+Format 2 (written now): ``{"format", "version": 2, "graph", "state_dict", "meta"}`` where
+``graph`` is the JSON of :func:`budgetprune.graphio.describe` of the model's ``torch.fx``
+graph, so residual networks are saved as well as chains. Format 1 (still read):
+``"architecture"`` is a JSON list of layer specs of an ``nn.Sequential``.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import graphio
 from .architecture import build_sequential
 from .errors import CheckpointError
 
 FORMAT = "budgetprune-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -52,6 +58,10 @@ def torch_save(path, obj) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
 def torch_load(path, what: str = "checkpoint") -> dict:
     """``torch.load`` with ``weights_only=True`` and one-line errors."""
     path = Path(path)
@@ -60,35 +70,83 @@ def torch_load(path, what: str = "checkpoint") -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise CheckpointError(f"{what} {path} cannot be read ({first}); is it a budgetprune or torch file?") from None
+        raise CheckpointError(f"{what} {path} cannot be read ({_first_line(exc)}); "
+                              "is it a budgetprune or torch file?") from None
     return obj
 
 
-def save(model: nn.Sequential, path: str | os.PathLike, specs: list[dict], meta: dict | None = None) -> None:
-    """Save a compacted model: its architecture description, weights and metadata."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch_save(path, {"format": FORMAT, "version": FORMAT_VERSION, "architecture": json.dumps(specs),
+def save(model: nn.Module, path: str | os.PathLike, specs: list[dict] | None = None,
+         meta: dict | None = None) -> None:
+    """Save a compacted model (format 2): its graph description, weights and metadata.
+
+    ``model`` is a ``torch.fx.GraphModule``, or a module such as an ``nn.Sequential`` that is
+    traced with torch.fx first.
+    ``specs`` is accepted for compatibility with format 1 and ignored. Raises
+    :class:`CheckpointError` when the model uses something a model file cannot hold.
+    """
+    gm = graphio.trace(model)
+    description = graphio.describe(gm)
+    state = graphio.saveable_state(gm, description)
+    torch_save(path, {"format": FORMAT, "version": FORMAT_VERSION, "graph": json.dumps(description),
                       "state_dict": state, "meta": json.dumps(meta or {})})
 
 
-def load_file(path: str | os.PathLike) -> tuple[nn.Sequential, list[dict], dict]:
-    """(model, architecture description, metadata) from a model file."""
+def load_file(path: str | os.PathLike) -> tuple[nn.Module, list[dict] | dict, dict]:
+    """(model in eval mode, architecture, metadata) from a model file.
+
+    The architecture is the list of layer specs for a format-1 file and the graph
+    description (:func:`budgetprune.graphio.describe`) for a format-2 file; the model is an
+    ``nn.Sequential`` or a ``torch.fx.GraphModule`` accordingly.
+    """
     obj = torch_load(path, "model file")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a budgetprune model file (no '{FORMAT}' header); "
                               "pass a model.pt written by budgetprune")
-    if obj.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} was written by a newer budgetprune (format {obj['version']}); upgrade")
-    specs = json.loads(obj["architecture"])
+    version = obj.get("version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer budgetprune (format {version}); upgrade")
+    try:
+        meta = json.loads(obj.get("meta", "{}"))
+        if version >= 2:
+            architecture = json.loads(obj["graph"])
+            model = graphio.rebuild(architecture, obj["state_dict"])
+        else:
+            architecture = json.loads(obj["architecture"])
+            model = _load_sequential(architecture, obj["state_dict"])
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is a damaged budgetprune model file ({type(exc).__name__}: "
+                              f"{_first_line(exc)})") from None
+    return model.eval(), architecture, meta
+
+
+def _load_sequential(specs: list[dict], state_dict: dict) -> nn.Sequential:
+    """A format-1 model: the Sequential ``specs`` describes, with ``state_dict`` loaded strictly."""
     model = build_sequential(specs)
     try:
-        model.load_state_dict(obj["state_dict"], strict=True)
+        model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match the architecture ({str(exc).splitlines()[0]})") from None
-    return model.eval(), specs, json.loads(obj.get("meta", "{}"))
+        raise CheckpointError(f"weights do not match the architecture ({str(exc).splitlines()[0]})") from None
+    return model
 
 
-def load(path: str | os.PathLike) -> nn.Sequential:
+def named_layer_specs(architecture: list[dict] | dict) -> list[tuple[str, dict]]:
+    """(module name, layer spec) of each layer of a model file's architecture, in order.
+
+    For a format-1 list the names are the Sequential's indices; for a format-2 graph
+    description they are the called modules' qualified names (the same for a traced Sequential).
+    """
+    if isinstance(architecture, dict):
+        return graphio.named_layer_specs(architecture)
+    return [(str(i), spec) for i, spec in enumerate(architecture)]
+
+
+def layer_specs(architecture: list[dict] | dict) -> list[dict]:
+    """The layer specs of a model file's architecture, in order (see :func:`named_layer_specs`)."""
+    return [spec for _, spec in named_layer_specs(architecture)]
+
+
+def load(path: str | os.PathLike) -> nn.Module:
     """Rebuild a saved (compacted) model without its original code; returned in eval mode."""
     return load_file(path)[0]

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from . import io
-from .architecture import build_sequential
+from . import graphio
 from .budget import Budget, enforce_budget, fill_budget
-from .compact import compact, sequential_state_to_model, silence_channels, to_sequential
+from .compact import compact, silence_channels, to_plain
 from .engine import evaluate, iterate_batches, make_optimizer, predict_logits, set_lr, train_epoch
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .graph import ChannelGraph
@@ -66,6 +66,7 @@ class PruneConfig:
     student_init: str = "teacher"  # "teacher" or "random"
     gate_inputs: bool = True  # gate an MLP's input features (Louizos et al.)
     fill_budget: bool = True  # reopen closed channels (zero outgoing weights) while the budget holds
+    block: str = "mixed"  # residual adds of the compacted net: "mixed" (index_add) or "regular"
     teacher: str | None = None
     seed: int = 0
     device: str = "cpu"
@@ -83,6 +84,8 @@ class PruneConfig:
             raise ConfigError("--epochs must be at least 1: pruning happens during training")
         if self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("--batch-size and --lr must be positive")
+        if self.block not in ("mixed", "regular"):
+            raise ConfigError("--block must be 'mixed' or 'regular'")
         if self.student_init not in ("teacher", "random"):
             raise ConfigError("--student-init must be 'teacher' or 'random'")
         if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature < 1.0:
@@ -96,9 +99,9 @@ class PruneConfig:
 
 @dataclass
 class PruneResult:
-    model: nn.Sequential
+    model: nn.Module  # the compacted network (a torch.fx.GraphModule)
     metrics: dict
-    architecture: list[dict]
+    architecture: dict  # budgetprune.graphio.describe(model)
     history: list[dict] = field(default_factory=list)
 
 
@@ -207,8 +210,9 @@ class PruneRun:
         return None
 
     def _save_teacher(self, teacher: nn.Module) -> None:
-        seq, specs = to_sequential(teacher, ChannelGraph.build(teacher, self.example))
-        io.save(seq, self.out / "teacher.pt", specs, {"role": "teacher", "model": self.config.model})
+        plain = to_plain(teacher, ChannelGraph.build(teacher, self.example))
+        io.save(plain, self.out / "teacher.pt", meta={"role": "teacher", "model": self.config.model,
+                                                      "input_shape": list(self.graph.input_shape)})
 
     def _epoch(self, model, opt, stage, epoch, total_epochs, steps_per_epoch, loss_fn, penalty=None,
                after_step=None, progress_steps=None, status=None) -> dict:
@@ -279,11 +283,16 @@ class PruneRun:
         return student, method
 
     def _teacher_state_for_model(self) -> dict:
-        if not isinstance(self.teacher, nn.Sequential) or isinstance(self.model, nn.Sequential):
-            return copy.deepcopy(self.teacher.state_dict())
-        return sequential_state_to_model(self.graph, self.teacher.state_dict())
+        """The teacher's weights under the model's names (a file written by an older version
+        of budgetprune names them by position)."""
+        mine, theirs = self.model.state_dict(), self.teacher.state_dict()
+        if set(mine) == set(theirs):
+            return copy.deepcopy(theirs)
+        if [tuple(t.shape) for t in mine.values()] != [tuple(t.shape) for t in theirs.values()]:
+            raise CheckpointError("the teacher's weights do not fit the model; pass a teacher of the same architecture")
+        return {k: t.clone() for k, t in zip(mine, theirs.values())}
 
-    def _hard_prune(self, student: nn.Module, method) -> tuple[nn.Sequential, list[dict], dict]:
+    def _hard_prune(self, student: nn.Module, method) -> tuple[nn.Module, dict, dict]:
         """Masks → exact budget → compaction, checking the compacted outputs."""
         graph = method.graph
         masks = method.keep_masks()
@@ -295,7 +304,8 @@ class PruneRun:
         dropped = int(sum(int(masks[g].sum()) - int(final[g].sum()) for g in masks))
         reopened: dict[str, torch.Tensor] = {}
         if self.config.fill_budget:
-            filled = fill_budget(graph, final, scores, [self.budget])
+            filled = fill_budget(graph, final, scores, [self.budget],
+                                 reopenable={g for g, grp in graph.groups.items() if not grp.shared})
             reopened = {g: torch.nonzero(filled[g] & ~final[g]).flatten() for g in final}
             final = filled
         n_reopened = int(sum(i.numel() for i in reopened.values()))
@@ -314,7 +324,8 @@ class PruneRun:
         method.freeze(final, values)
         student.eval()
         method.eval()
-        net, specs = compact(student, graph, final, values)
+        net = compact(student, graph, final, values, mode=self.config.block)
+        specs = graphio.describe(net)
         x = next(iter(self._sample_batch()))
         with torch.no_grad():
             diff = float((student(x) - net(x)).abs().max())
@@ -325,7 +336,8 @@ class PruneRun:
         info = {"cost_before_projection": before, "channels_dropped_by_projection": dropped,
                 "channels_reopened_by_fill": n_reopened,
                 "compaction_max_abs_diff": diff, "masks": masks_json,
-                "pruned": resource_report(graph, final)}
+                "pruned": resource_report(graph, final, self.config.block),
+                "pruned_by_block": {mode: resource_report(graph, final, mode) for mode in ("mixed", "regular")}}
         return net, specs, info
 
     def _sample_batch(self):
@@ -344,8 +356,7 @@ class PruneRun:
                                   info=json.dumps(info), optimizer={})
         else:
             specs = json.loads(ckpt["arch"])
-            net = build_sequential(specs).to(self.device)
-            net.load_state_dict(ckpt["model"])
+            net = graphio.rebuild(specs, ckpt["model"]).to(self.device)
             info = json.loads(ckpt["info"])
             start = ckpt["epoch"]
         opt = make_optimizer(list(net.parameters()), cfg.lr, cfg.weight_decay)
@@ -363,7 +374,7 @@ class PruneRun:
         return net.eval(), specs, info
 
     # results -------------------------------------------------------------------------
-    def _finish(self, net: nn.Sequential, specs: list[dict], info: dict) -> PruneResult:
+    def _finish(self, net: nn.Module, specs: dict, info: dict) -> PruneResult:
         from .report import layer_widths, write_report
         cfg = self.config
         if not hasattr(self, "unpruned_accuracy"):
@@ -374,7 +385,8 @@ class PruneRun:
         metrics = {
             "method": cfg.method, "metric": cfg.metric, "budget_fraction": cfg.budget,
             "budget": limit, "budget_ratio": pruned[cfg.metric] / limit,
-            "full": self.full, "pruned": pruned,
+            "full": self.full, "pruned": pruned, "block": cfg.block,
+            "pruned_by_block": info.get("pruned_by_block", {cfg.block: pruned}),
             "reduction_factor": {k: self.full[k] / pruned[k] for k in self.full},
             "widths": layer_widths(self.graph, info["masks"]),
             "test_accuracy": acc, "unpruned_test_accuracy": self.unpruned_accuracy,
@@ -386,7 +398,7 @@ class PruneRun:
             "model": cfg.model, "data": cfg.data,
         }
         self.out.mkdir(parents=True, exist_ok=True)
-        io.save(net, self.out / "model.pt", specs, {"metrics": {k: metrics[k] for k in
+        io.save(net, self.out / "model.pt", meta={"metrics": {k: metrics[k] for k in
                                                                 ("method", "metric", "budget_fraction")},
                                                     "model": cfg.model, "input_shape": list(self.graph.input_shape)})
         io.write_json(self.out / "metrics.json", metrics)

@@ -1,22 +1,28 @@
 """Resource cost of a pruned network: activation volume, FLOPs and parameters.
 
-Every metric is written once, as a per-layer polynomial in the number of kept channels on
-the layer's two sides::
+Every metric is written once, per conv/linear layer, in terms of ``n_in`` (alive input
+slots × features per slot) and ``n_out`` (alive output channels)::
 
-    cost_l = c_io · n_in · n_out + c_out · n_out + c_in · n_in + c_0
+    cost_l = c_io · n_in · n_out + c_out · n_out
 
-so the same code gives the *hard* cost of a set of keep-masks (n = number of kept channels)
-and its *differentiable expectation* under the gates (n = Σ P(z > 0), the gates being
-independent). Both are purge-aware: a dead output channel of layer l also removes layer
-l+1's inputs.
+so the same code gives the *hard* cost of a set of keep-masks (n = number of channels the
+compacted network keeps, :func:`budgetprune.liveness.slot_sets`) and its *differentiable
+expectation* under the gates (n = Σ P(slot alive), the gates being independent; a residual
+slot with several writers is alive with probability 1 − Π(1 − p)). Both are purge-aware: a
+dead output channel also removes the next layer's inputs.
 
 * volume — seed 001, Eq. 4: V = Σ_l A_l · #kept maps of layer l; its expectation is BAR's
-  L_S = Σ_l A_l Σ_i P(z_l,i > 0) (section 3.3). Ungated layers (the network's output)
-  count with their full width; input features count when they are gated (an MLP).
+  L_S = Σ_l A_l Σ_i P(z_l,i > 0) (section 3.3). Ungated layers (the network's output) count
+  with their full width; input features count when they are gated (an MLP).
 * flops — section 3.3's FLOP variant: a layer's cost also counts the (expected) active maps
-  of the layer before it: A_l · k² · n_in · n_out multiply-accumulates (MACs, the
-  fvcore/thop convention: one MAC counts as one FLOP).
-* params — weights k² · n_in · n_out, biases n_out, BatchNorm γ and β 2 · n_out.
+  of its input: A_l · k² · n_in · n_out multiply-accumulates (a depthwise conv: A_l · k² · n_out;
+  MACs, the fvcore/thop convention: one MAC counts as one FLOP).
+* params — weights k² · n_in · n_out, biases n_out, BatchNorm γ and β 2 · n_out (also for a
+  BatchNorm that hosts no gate, e.g. a Wide-ResNet's pre-activation BN).
+
+``mode`` picks what the hard cost counts for residual networks: ``"mixed"`` (the
+mixed-connectivity block: only alive maps are computed; what BAR optimises) or
+``"regular"`` (tensors added together keep equal widths; seed 001, supplement 5).
 """
 
 from __future__ import annotations
@@ -24,106 +30,143 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .errors import ConfigError
 from .graph import ChannelGraph
+from .liveness import alive, effective_masks, slot_sets
 
 METRICS = ("volume", "flops", "params")
 
 
 @dataclass(frozen=True)
 class LayerCost:
-    """Coefficients of one layer's cost polynomial for one metric."""
+    """One cost term: ``c_io · n_in · n_out + c_out · n_out`` over two tensors' slots.
+
+    ``n_out`` counts the slots of ``out_tensor`` (its group's gates for a gated layer),
+    ``n_in`` the input features: slots of ``in_tensor`` × ``in_expansion`` (None: no input side).
+    """
 
     name: str
-    in_group: str | None
-    out_group: str | None
-    n_in_full: int  # channels (groups) on the input side, before expansion
-    n_out_full: int
+    in_tensor: str | None
+    out_tensor: str
+    out_group: str | None  # the gates that decide n_out in the expectation (None: the out tensor's slots)
+    in_expansion: int
     c_io: float
     c_out: float
-    c_in: float = 0.0
-    c_0: float = 0.0
 
     def cost(self, n_in, n_out):
-        return self.c_io * n_in * n_out + self.c_out * n_out + self.c_in * n_in + self.c_0
+        return self.c_io * n_in * n_out + self.c_out * n_out
 
 
 def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
-    """The cost polynomial of every term of ``metric`` over ``graph``."""
+    """The cost terms of ``metric`` over ``graph``."""
     if metric not in METRICS:
         raise ConfigError(f"unknown metric '{metric}': choose one of {', '.join(METRICS)}")
+    modules = dict(graph.gm.named_modules())
     terms: list[LayerCost] = []
     for layer in graph.layers.values():
-        n_in = layer.in_features // layer.in_expansion
-        e = layer.in_expansion
+        e = graph.tensors[layer.in_tensor].expansion
+        k = layer.kernel_area
+        out_t = layer.out_tensor
         if metric == "volume":
-            terms.append(LayerCost(layer.name, None, layer.out_group, 1, layer.out_channels, 0.0,
-                                   float(layer.out_area)))
+            c_io, c_out = 0.0, float(layer.out_area)
         elif metric == "flops":
-            terms.append(LayerCost(layer.name, layer.in_group, layer.out_group, n_in, layer.out_channels,
-                                   float(layer.out_area * layer.kernel_area * e), 0.0))
+            c_io, c_out = (0.0, float(layer.out_area * k)) if layer.depthwise else (float(layer.out_area * k), 0.0)
         else:
             per_out = (1.0 if layer.bias else 0.0) + 2.0 * len(layer.batchnorms)
-            terms.append(LayerCost(layer.name, layer.in_group, layer.out_group, n_in, layer.out_channels,
-                                   float(layer.kernel_area * e), per_out))
+            c_io, c_out = (0.0, float(k) + per_out) if layer.depthwise else (float(k), per_out)
+        out_group = layer.out_group
+        terms.append(LayerCost(layer.name, layer.in_tensor if c_io else None, out_t, out_group,
+                               e, c_io, c_out))
     if metric == "volume":
         for g in graph.groups.values():
             if g.position == "input":
-                terms.append(LayerCost(g.id, None, g.id, 1, g.channels, 0.0, float(g.area)))
+                t = graph.layers[g.host].in_tensor
+                terms.append(LayerCost(g.id, None, t, g.id, 1, 0.0, float(g.area)))
+    if metric == "params":  # BatchNorms that host no gate (pre-activation, after a depthwise conv)
+        hosted = {bn for layer in graph.layers.values() for bn in layer.batchnorms}
+        for node in graph.gm.graph.nodes:
+            if node.op == "call_module" and node.name in graph.tensors and node.target not in hosted and \
+                    isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm) and \
+                    modules[node.target].affine:
+                terms.append(LayerCost(node.target, None, node.name, None, 1, 0.0, 2.0))
     return terms
 
 
 class CostModel:
-    """Hard and expected cost of channel counts for one metric over one graph."""
+    """Hard and expected cost of one metric over one graph."""
 
-    def __init__(self, graph: ChannelGraph, metric: str):
+    def __init__(self, graph: ChannelGraph, metric: str, mode: str = "mixed"):
         self.graph = graph
         self.metric = metric
+        self.mode = mode
         self.terms = layer_costs(graph, metric)
+        self._cache: tuple[bytes, float] | None = None
 
-    def _counts_full(self) -> dict[str, float]:
-        return {g.id: float(g.channels) for g in self.graph.groups.values()}
-
-    def evaluate(self, counts: dict[str, torch.Tensor | float]):
-        """Σ_l cost_l with n taken from ``counts`` (missing groups count as full)."""
-        total = 0.0
+    # hard ---------------------------------------------------------------------------------
+    def per_layer(self, masks: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Cost of each term for the network that keeps ``masks`` (None: the full network)."""
+        masks = self._full_masks() if masks is None else masks
+        eff = effective_masks(self.graph, masks)
+        sets = slot_sets(self.graph, eff, self.mode, purge=False)
+        out: dict[str, float] = {}
         for t in self.terms:
-            n_in = counts.get(t.in_group, t.n_in_full) if t.in_group else t.n_in_full
-            n_out = counts.get(t.out_group, t.n_out_full) if t.out_group else t.n_out_full
-            total = total + t.cost(n_in, n_out)
-        return total
-
-    def per_layer(self, counts: dict[str, torch.Tensor | float]) -> dict[str, float]:
-        out = {}
-        for t in self.terms:
-            n_in = counts.get(t.in_group, t.n_in_full) if t.in_group else t.n_in_full
-            n_out = counts.get(t.out_group, t.n_out_full) if t.out_group else t.n_out_full
-            out[t.name] = float(t.cost(n_in, n_out))
+            gone = t.out_group is not None and not bool(eff[t.out_group].any())  # a pruned-away layer
+            n_out = 0 if gone else int(sets[t.out_tensor].sum())
+            n_in = int(sets[t.in_tensor].sum()) * t.in_expansion if t.in_tensor else 0
+            out[t.name] = out.get(t.name, 0.0) + float(t.cost(n_in, n_out))
         return out
+
+    def hard(self, masks: dict[str, torch.Tensor]) -> float:
+        """Cost of the compacted network that keeps exactly the channels set in ``masks``."""
+        key = b"".join(masks[g].detach().bool().cpu().numpy().tobytes() for g in sorted(masks))
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        value = float(sum(self.per_layer(masks).values()))
+        self._cache = (key, value)
+        return value
 
     def full(self) -> float:
         """Cost of the unpruned network (V_F for volume)."""
-        return float(self.evaluate(self._counts_full()))
+        return self.hard(self._full_masks())
 
     def minimum(self) -> float:
         """Cost when every group keeps only its ``min_keep`` channels."""
-        return float(self.evaluate({g.id: float(g.min_keep) for g in self.graph.groups.values()}))
+        masks = {}
+        for gid, g in self.graph.groups.items():
+            m = torch.zeros(g.channels, dtype=torch.bool)
+            m[:g.min_keep] = True
+            masks[gid] = m
+        return self.hard(masks)
 
-    def hard(self, masks: dict[str, torch.Tensor]) -> float:
-        """Cost of the network that keeps exactly the channels set in ``masks``."""
-        return float(self.evaluate({gid: float(m.sum()) for gid, m in masks.items()}))
+    def _full_masks(self) -> dict[str, torch.Tensor]:
+        return {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in self.graph.groups.items()}
 
+    # expected -----------------------------------------------------------------------------
     def expected(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Differentiable expectation with n = Σ P(z > 0) per group (gates independent)."""
-        value = self.evaluate({gid: p.sum() for gid, p in probs.items()})
-        return value if torch.is_tensor(value) else torch.tensor(value)
+        """Differentiable expectation: n = Σ P(slot alive) with independent gates P(z > 0)."""
+        like = next(iter(probs.values()))
+        cache: dict[str, torch.Tensor] = {}
+
+        def n(tensor: str) -> torch.Tensor:
+            if tensor not in cache:
+                cache[tensor] = alive(self.graph.tensors[tensor], probs, like).sum()
+            return cache[tensor]
+
+        total = like.new_zeros(())
+        for t in self.terms:
+            n_out = probs[t.out_group].sum() if t.out_group in probs else n(t.out_tensor)
+            n_in = n(t.in_tensor) * t.in_expansion if t.in_tensor else 0.0
+            total = total + t.cost(n_in, n_out)
+        return total
 
 
-def resource_report(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+def resource_report(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None = None,
+                    mode: str = "mixed") -> dict[str, float]:
     """``{"volume": .., "flops": .., "params": ..}`` of ``masks`` (the full net if None)."""
     out = {}
     for metric in METRICS:
-        cm = CostModel(graph, metric)
+        cm = CostModel(graph, metric, mode)
         out[metric] = cm.full() if masks is None else cm.hard(masks)
     return out

@@ -90,9 +90,12 @@ class BAR(Method):
         return total
 
     def after_step(self, progress: float) -> None:
-        """Keep ≥ 1 open channel in every group: in a chain network, an empty layer kills the signal."""
-        for gate in self.gates.values():
-            if gate.frozen is None:
+        """Keep ≥ 1 open channel in every protected group (the fatal-pruning guard, section 4.1).
+
+        Groups with ``min_keep`` 0 (inside a residual branch) may close completely: the
+        block then disappears (automatic depth determination)."""
+        for key, gate in self.gates.items():
+            if gate.frozen is None and self.graph.groups[self.gid_of[key]].min_keep > 0:
                 gate.keep_at_least_one()
 
     def scores(self) -> dict[str, torch.Tensor]:

@@ -5,6 +5,6 @@ a user's model of the same shape looks the same to the channel graph.
 """
 
 from .registry import available_models, create_model, register_model
-from . import lenet, vgg  # noqa: F401  (registers the models)
+from . import lenet, resnet, small, vgg, wide_resnet  # noqa: F401  (registers the models)
 
 __all__ = ["available_models", "create_model", "register_model"]

@@ -1,0 +1,218 @@
+"""Exporting a (compacted) model to TorchScript or ONNX, checked against the model itself.
+
+Both exports run the written file on the example input and compare its outputs with the
+model's: TorchScript through ``torch.jit.load`` (to 1e-5), ONNX through onnxruntime (to
+1e-4) when it is installed. ONNX export needs the optional packages of the ``export`` extra
+(``pip install 'budgetprune[export]'``); TorchScript needs nothing beyond torch.
+
+ONNX and torch 2.13: the default (dynamo, ``torch.export``-based) exporter implements opset
+18 and later only; asked for an older opset it converts its output down and, where that
+conversion fails (it does for ReduceMean with axes inputs), silently keeps opset 18. So an
+opset below 18 is exported with the TorchScript-based exporter (``dynamo=False``: deprecated,
+still in torch 2.13, needs ``onnx``) and opset 18 or later with the dynamo exporter (needs
+``onnx`` and ``onnxscript``). Both export a dynamic batch dimension.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io as _bytes_io
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ExportError
+from .io import atomic_write
+
+TORCHSCRIPT_TOLERANCE = 1e-5
+ONNX_TOLERANCE = 1e-4
+#: The lowest opset torch's dynamo ONNX exporter implements (older ones use the TorchScript exporter).
+DYNAMO_MIN_OPSET = 18
+#: Packages each torch.onnx exporter needs; onnxruntime is only used to check the written file.
+ONNX_PACKAGES = {"dynamo": ("onnx", "onnxscript"), "torchscript": ("onnx",)}
+
+
+def to_torchscript(model: nn.Module, path: str | os.PathLike, example) -> dict:
+    """Write ``model`` as TorchScript to ``path`` and check it reproduces the model's outputs.
+
+    ``torch.jit.script`` is tried first; where it fails, ``torch.jit.trace`` on ``example``
+    is used with a warning (control flow is then fixed to the example's path). Returns
+    ``{"path", "format", "method", "verified", "max_abs_diff"}``; raises :class:`ExportError`
+    when the written file does not reproduce the outputs.
+    """
+    args = _as_args(example)
+    with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.jit")  # deprecated, works
+        module, method = _script_or_trace(model, args)
+        buffer = _bytes_io.BytesIO()
+        torch.jit.save(module, buffer)
+        atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
+        loaded = torch.jit.load(str(path), map_location="cpu")
+        diff = _max_abs_diff(model(*args), loaded(*args))
+    _check(diff, TORCHSCRIPT_TOLERANCE, path, "TorchScript")
+    return {"path": str(path), "format": "torchscript", "method": method, "verified": True, "max_abs_diff": diff}
+
+
+def _script_or_trace(model: nn.Module, args: tuple):
+    """(``torch.jit.script(model)``, "script"), or the traced module and "trace" where scripting fails."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*instance-level annotations.*")  # fx's empty containers
+        try:
+            return torch.jit.script(model), "script"
+        except Exception as exc:
+            reason = _first_line(exc)
+    warnings.warn(f"torch.jit.script failed ({reason}); falling back to torch.jit.trace, which fixes the "
+                  "model's control flow to the example input's path", stacklevel=3)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            return torch.jit.trace(model, args), "trace"
+    except Exception as exc:
+        raise ExportError(f"cannot export to TorchScript: scripting failed ({reason}) and tracing failed "
+                          f"({_first_line(exc)})") from None
+
+
+def to_onnx(model: nn.Module, path: str | os.PathLike, example, opset: int = 17) -> dict:
+    """Write ``model`` as ONNX with ``torch.onnx.export`` (batch dimension dynamic).
+
+    Opset 18 and later use torch's dynamo exporter, older ones its TorchScript-based exporter
+    (see the module docstring). When onnxruntime is installed the file is run on ``example``
+    and compared with the model (to 1e-4); otherwise it is not verified and the result says
+    so. Returns ``{"path", "format", "exporter", "opset", "verified", "max_abs_diff", "note"}``.
+    Raises :class:`ConfigError` when an optional package is missing and :class:`ExportError`
+    when the export fails or does not reproduce the outputs.
+    """
+    exporter = "dynamo" if opset >= DYNAMO_MIN_OPSET else "torchscript"
+    require(*ONNX_PACKAGES[exporter], purpose=f"ONNX export (opset {opset})")
+    args = _as_args(example)
+    with _eval_mode(model), torch.no_grad():
+        export = _export_dynamo if exporter == "dynamo" else _export_torchscript
+        data = export(model, args, opset)
+        atomic_write(path, lambda fh: fh.write(data))
+        expected = model(*args)
+    result = {"path": str(path), "format": "onnx", "exporter": exporter, "opset": _opset_of(data),
+              "verified": False, "max_abs_diff": None,
+              "note": "onnxruntime is not installed: the exported file was not run"}
+    if _installed("onnxruntime"):
+        diff = _max_abs_diff(expected, _run_onnxruntime(path, args))
+        _check(diff, ONNX_TOLERANCE, path, "ONNX")
+        result.update(verified=True, max_abs_diff=diff, note="checked with onnxruntime")
+    return result
+
+
+def _export_dynamo(model: nn.Module, args: tuple, opset: int) -> bytes:
+    """The ONNX bytes of torch's dynamo (``torch.export``) exporter."""
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = tuple({0: batch} if torch.is_tensor(a) and a.dim() > 0 else None for a in args)
+    with _quiet("dynamo"):
+        program = torch.onnx.export(model, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
+                                    external_data=False, verbose=False)
+    return program.model_proto.SerializeToString()
+
+
+def _export_torchscript(model: nn.Module, args: tuple, opset: int) -> bytes:
+    """The ONNX bytes of torch's TorchScript-based exporter (``dynamo=False``)."""
+    inputs = {f"input_{i}": a for i, a in enumerate(args)}
+    outputs = {f"output_{i}": t for i, t in enumerate(_flatten(model(*args)))}  # named: fx's .graph confuses it
+    buffer = _bytes_io.BytesIO()
+    with _quiet("torchscript"):
+        torch.onnx.export(model, args, buffer, dynamo=False, opset_version=opset, input_names=list(inputs),
+                          output_names=list(outputs),
+                          dynamic_axes={n: {0: "batch"} for n, t in {**inputs, **outputs}.items() if t.dim() > 0})
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _quiet(exporter: str):
+    """Silence an exporter's progress printing and warnings; its failure becomes one :class:`ExportError`."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(_bytes_io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except Exception as exc:
+        raise ExportError(f"torch.onnx.export ({exporter} exporter) failed: {_first_line(exc)}") from None
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _opset_of(data: bytes) -> int | None:
+    import onnx
+
+    proto = onnx.load_from_string(data)
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _run_onnxruntime(path, args: tuple):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
+    return [torch.from_numpy(o) for o in session.run(None, feeds)]
+
+
+def require(*packages: str, purpose: str) -> None:
+    """Raise a one-line :class:`ConfigError` naming the extra to install when a package is missing."""
+    missing = [name for name in packages if not _installed(name)]
+    if missing:
+        raise ConfigError(f"{purpose} needs the package(s) {', '.join(missing)}: pip install 'budgetprune[export]'")
+
+
+def _installed(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _as_args(example) -> tuple:
+    return tuple(example) if isinstance(example, (tuple, list)) else (example,)
+
+
+def _flatten(value) -> list[torch.Tensor]:
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _flatten(v)]
+    return []
+
+
+def _max_abs_diff(expected, actual) -> float:
+    a, b = _flatten(expected), _flatten(actual)
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return float("inf")
+    return max((float((x.float() - y.float()).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
+
+
+def _check(diff: float, tolerance: float, path, what: str) -> None:
+    if not diff <= tolerance:
+        Path(path).unlink(missing_ok=True)  # never leave a file that computes something else
+        raise ExportError(f"the {what} file {Path(path)} does not reproduce the model's outputs "
+                          f"(max abs difference {diff:.3g} > {tolerance:g})")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]

@@ -1,0 +1,387 @@
+"""A ``torch.fx.GraphModule`` ↔ a JSON-able description, for safe saving and loading.
+
+:func:`describe` turns a (compacted) GraphModule into plain data: its graph as a list of
+nodes ``{name, op, target, args, kwargs}``, a ``modules`` table (qualified name → layer spec,
+see :mod:`budgetprune.architecture`) and a ``tensors`` table (the tensors that ``get_attr``
+nodes read, such as channel index buffers: dtype and shape; their values live in the state
+dict). :func:`rebuild` turns that data and a state dict back into a GraphModule.
+
+Nothing is ever looked up by an arbitrary name: modules come from the layer table, functions
+from :data:`FUNCTIONS` (stable names such as ``"operator.add"``, ``"F.relu"``,
+``"budgetprune.ops.index_add_channels"``) and methods from :data:`METHODS`. A model using
+anything else cannot be saved, and a file naming anything else cannot be loaded; both raise
+a one-line :class:`~budgetprune.errors.CheckpointError`.
+
+Arguments are encoded as JSON with one-key tagged objects for what JSON lacks:
+``{"node": name}``, ``{"tuple": [...]}``, ``{"dict": [[key, value], ...]}``,
+``{"slice": [start, stop, step]}``, ``{"dtype": "int64"}``, ``{"device": "cpu"}``,
+``{"float": "inf"}`` and ``{"ellipsis": null}``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .architecture import SelectFeatures, build_layer, module_spec
+from .errors import CheckpointError
+from .ops import CHANNEL_OPS
+
+FORMAT = "budgetprune-graph"
+VERSION = 1
+
+_F_NAMES = ("relu", "relu6", "leaky_relu", "elu", "celu", "selu", "gelu", "silu", "mish", "sigmoid", "hardswish",
+            "hardsigmoid", "hardtanh", "softplus", "adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d",
+            "max_pool2d", "dropout", "dropout2d", "linear", "conv2d")
+
+#: The functions a saved graph may call, by stable name: pure tensor operations only.
+FUNCTIONS: dict[str, Callable] = {
+    **{f"operator.{name}": getattr(operator, name) for name in ("add", "sub", "mul", "neg", "iadd", "isub", "imul",
+                                                                "getitem")},
+    **{f"torch.{name}": getattr(torch, name) for name in ("cat", "flatten", "relu", "sigmoid", "tanh", "add", "sub",
+                                                          "mul", "neg")},
+    **{f"F.{name}": getattr(F, name) for name in _F_NAMES},
+    **{f"budgetprune.ops.{name}": fn for name, fn in CHANNEL_OPS.items()},
+    "getattr": getattr,  # only for the attributes in _GETATTR_NAMES (fx records x.shape this way)
+}
+_FUNCTION_NAMES = {fn: name for name, fn in FUNCTIONS.items()}
+_GETATTR_NAMES = {"shape", "dtype", "device", "ndim"}
+
+#: The tensor methods a saved graph may call.
+METHODS = frozenset({"view", "reshape", "flatten", "size", "dim", "mean", "amax", "sum", "relu", "relu_", "sigmoid",
+                     "tanh", "neg", "contiguous", "clone", "detach", "index_select", "index_add", "mul", "add", "sub",
+                     "expand_as"})
+
+_OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
+_PATH = re.compile(r"^(?!__)[A-Za-z_][A-Za-z0-9_]*$|^[0-9]+$")
+
+
+# -- describe ------------------------------------------------------------------------------
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping budgetprune's ``SelectFeatures`` as one module."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, SelectFeatures) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``model`` itself if it is a GraphModule, else its ``torch.fx`` trace (``SelectFeatures`` kept whole)."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:
+        raise CheckpointError(f"{type(model).__name__} cannot be saved: torch.fx cannot trace it "
+                              f"({_first_line(exc)})") from None
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
+def describe(gm: fx.GraphModule) -> dict:
+    """The JSON-able description of ``gm`` (see the module docstring); refuses what cannot be rebuilt."""
+    if type(gm.graph._codegen) is not fx.graph.CodeGen:
+        raise CheckpointError("the graph cannot be saved: it uses a custom calling convention (pytree codegen); "
+                              "trace the model with torch.fx.symbolic_trace")
+    modules: dict[str, dict] = {}
+    nodes = [_describe_node(gm, node, modules) for node in gm.graph.nodes]
+    tensors = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and not _covered(gm, node.target, modules):
+            tensors[node.target] = _tensor_spec(gm, node)
+    return {"format": FORMAT, "version": VERSION, "nodes": nodes, "modules": modules, "tensors": tensors}
+
+
+def _describe_node(gm: fx.GraphModule, node: fx.Node, modules: dict[str, dict]) -> dict:
+    target = node.target
+    if node.op in ("call_module", "get_attr") and not _valid_path(target) or \
+            node.op == "placeholder" and not target.isidentifier():
+        raise CheckpointError(f"node '{node.name}' ({node.op} '{target}') cannot be saved: a model file needs "
+                              "plain attribute names and positional inputs")
+    if node.op == "call_module":
+        modules[target] = _module_spec(gm, node)
+    elif node.op == "call_function":
+        target = _FUNCTION_NAMES.get(target) if _hashable(target) else None
+        if target is None:
+            _refuse(node, _qualified_name(node.target))
+        _check_getattr(target, node.args, node.name)
+    elif node.op == "call_method" and target not in METHODS:
+        _refuse(node, f"Tensor.{target}")
+    elif node.op == "get_attr":
+        _tensor_at(gm, target, node.name)
+    return {"name": node.name, "op": node.op, "target": target,
+            "args": _encode(node.args, node.name), "kwargs": _encode(node.kwargs, node.name)}
+
+
+def _module_spec(gm: fx.GraphModule, node: fx.Node) -> dict:
+    try:
+        return module_spec(gm.get_submodule(node.target))
+    except CheckpointError as exc:
+        raise CheckpointError(f"node '{node.name}' (module '{node.target}'): {exc}; budgetprune saves standard "
+                              "torch.nn layers only") from None
+
+
+def _refuse(node: fx.Node, what: str):
+    raise CheckpointError(f"node '{node.name}' calls '{what}', which cannot be saved: a budgetprune model file "
+                          "may call only the torch operations listed in budgetprune.graphio.FUNCTIONS / METHODS")
+
+
+def _check_getattr(name: str, args, where: str) -> None:
+    if name == "getattr" and (len(args) != 2 or not isinstance(args[1], str) or args[1] not in _GETATTR_NAMES):
+        raise CheckpointError(f"node '{where}' reads attribute {args[1:]!r} with getattr, which cannot be saved "
+                              f"(allowed: {', '.join(sorted(_GETATTR_NAMES))})")
+
+
+def _hashable(value) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _qualified_name(fn) -> str:
+    return f"{getattr(fn, '__module__', None) or '?'}.{getattr(fn, '__qualname__', None) or repr(fn)}"
+
+
+def _tensor_at(root: nn.Module, target: str, where: str) -> torch.Tensor:
+    try:
+        value = root.get_submodule(target.rpartition(".")[0]) if "." in target else root
+        value = getattr(value, target.rpartition(".")[2])
+    except AttributeError:
+        value = None
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"node '{where}' reads '{target}', which is not a tensor of the model")
+    return value
+
+
+def _covered(gm: fx.GraphModule, target: str, modules: dict[str, dict]) -> bool:
+    """Whether ``target`` is a parameter or buffer of a described module (rebuilt with it)."""
+    for name in modules:
+        if target.startswith(name + "."):
+            return target[len(name) + 1:] in gm.get_submodule(name).state_dict()
+    return False
+
+
+def _tensor_spec(gm: fx.GraphModule, node: fx.Node) -> dict:
+    value = _tensor_at(gm, node.target, node.name)
+    return {"dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape),
+            "parameter": isinstance(value, nn.Parameter)}
+
+
+def _encode(value, where: str):
+    """JSON-able form of one node argument."""
+    if isinstance(value, fx.Node):
+        return {"node": value.name}
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"float": repr(value)}
+    if isinstance(value, tuple):
+        return {"tuple": [_encode(v, where) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, where) for v in value]
+    if isinstance(value, dict):
+        return {"dict": [[_encode(k, where), _encode(v, where)] for k, v in value.items()]}
+    if isinstance(value, slice):
+        return {"slice": [_encode(v, where) for v in (value.start, value.stop, value.step)]}
+    if value is Ellipsis:
+        return {"ellipsis": None}
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device):
+        return {"device": str(value)}
+    raise CheckpointError(f"node '{where}' has an argument of type {type(value).__name__} ({value!r:.60}) "
+                          "that cannot be saved")
+
+
+def saveable_state(gm: fx.GraphModule, description: dict) -> dict[str, torch.Tensor]:
+    """The tensors :func:`rebuild` needs: the described modules' state and the ``tensors`` table (CPU)."""
+    state = {}
+    for key, value in gm.state_dict().items():
+        if any(key.startswith(name + ".") for name in description["modules"]):
+            state[key] = value
+    for target in description["tensors"]:
+        state[target] = _tensor_at(gm, target, target)
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def named_layer_specs(description: dict) -> list[tuple[str, dict]]:
+    """(module name, layer spec) of the called modules, in the order the graph first calls them."""
+    seen = {}
+    for node in description["nodes"]:
+        if node["op"] == "call_module" and node["target"] not in seen:
+            seen[node["target"]] = description["modules"][node["target"]]
+    return list(seen.items())
+
+
+# -- rebuild -------------------------------------------------------------------------------
+def rebuild(description: dict, state_dict: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """The GraphModule ``description`` describes, with ``state_dict`` loaded strictly, in eval mode."""
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        raise CheckpointError("the model file holds no budgetprune graph description")
+    if description.get("version", 0) > VERSION:
+        raise CheckpointError(f"the graph description is format {description['version']}, newer than this "
+                              "budgetprune reads; upgrade budgetprune")
+    try:
+        root = _build_root(description["modules"], description["tensors"])
+        graph = _build_graph(description["nodes"], description["modules"], root)
+        gm = fx.GraphModule(root, graph, "CompactedNet")
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a malformed (hand-edited or truncated) description
+        raise CheckpointError(f"malformed graph description: {_first_line(exc)}") from None
+    _load_state(gm, state_dict)
+    return gm.eval()
+
+
+def _valid_path(path) -> bool:
+    """Whether ``path`` is a dotted path of plain attribute names (or indices), none of them dunder."""
+    return isinstance(path, str) and all(_PATH.match(part) for part in path.split("."))
+
+
+def _check_path(path: str, what: str) -> None:
+    if not _valid_path(path):
+        raise CheckpointError(f"malformed graph description: {what} name {path!r} is not a valid attribute path")
+
+
+def _owner(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module that holds the last part of ``path`` (plain containers created on the way), and that part."""
+    *parents, last = path.split(".")
+    module = root
+    for part in parents:
+        if not hasattr(module, part):
+            module.add_module(part, nn.Module())
+        module = getattr(module, part)
+    return module, last
+
+
+def _build_root(modules: dict[str, dict], tensors: dict[str, dict]) -> nn.Module:
+    root = nn.Module()
+    for name in sorted(modules, key=lambda n: n.count(".")):
+        _check_path(name, "module")
+        owner, last = _owner(root, name)
+        owner.add_module(last, build_layer(modules[name]))
+    for target, spec in tensors.items():
+        _check_path(target, "tensor")
+        if any(target.startswith(name + ".") for name in modules):
+            raise CheckpointError(f"malformed graph description: tensor '{target}' lies inside a saved module")
+        owner, last = _owner(root, target)
+        value = torch.empty(spec["shape"], dtype=_dtype(spec["dtype"]))
+        if spec.get("parameter"):
+            owner.register_parameter(last, nn.Parameter(value, requires_grad=value.is_floating_point()))
+        else:
+            owner.register_buffer(last, value)
+    return root
+
+
+def _build_graph(nodes: list[dict], modules: dict[str, dict], root: nn.Module) -> fx.Graph:
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    for entry in nodes:
+        name, op = entry["name"], entry["op"]
+        if op not in _OPS or not isinstance(name, str) or not name.isidentifier() or name in env:
+            raise CheckpointError(f"malformed graph description: node {name!r} has op {op!r}")
+        args, kwargs = _decode(entry["args"], env), _decode(entry["kwargs"], env)
+        target = _target(entry, modules, root, args)
+        node = graph.create_node(op, target, tuple(args), dict(kwargs), name=name)
+        if op == "call_function" and target in CHANNEL_OPS.values():
+            node.meta["is_wrapped"] = True  # stays a leaf when the GraphModule is traced again
+        env[name] = node
+    graph.lint()
+    return graph
+
+
+def _target(entry: dict, modules: dict[str, dict], root: nn.Module, args):
+    """The checked target of one node: a whitelisted function, method, module or tensor."""
+    op, target, name = entry["op"], entry["target"], entry["name"]
+    if op == "call_function":
+        if target not in FUNCTIONS:
+            raise CheckpointError(f"node '{name}' calls '{target}', which budgetprune does not load "
+                                  "(not in budgetprune.graphio.FUNCTIONS); the file is not a budgetprune model")
+        _check_getattr(target, args, name)
+        return FUNCTIONS[target]
+    if op == "call_method":
+        if target not in METHODS or not args or not isinstance(args[0], fx.Node):
+            raise CheckpointError(f"node '{name}' calls method '{target}', which budgetprune does not load "
+                                  "(not in budgetprune.graphio.METHODS)")
+        return target
+    if op == "call_module" and target not in modules:
+        raise CheckpointError(f"node '{name}' calls module '{target}', which the description does not list")
+    if op == "get_attr":
+        _check_path(target, "tensor")
+        _tensor_at(root, target, name)
+    if op in ("placeholder", "output") and not (isinstance(target, str) and target.isidentifier()):
+        raise CheckpointError(f"malformed graph description: {op} node '{name}' has target {target!r}")
+    return target
+
+
+def _decode(value, env: dict[str, fx.Node]):
+    """The node argument a JSON value encodes (inverse of :func:`_encode`)."""
+    if isinstance(value, list):
+        return [_decode(v, env) for v in value]
+    if not isinstance(value, dict):
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise CheckpointError(f"malformed graph description: argument {value!r:.60}")
+    if len(value) != 1 or next(iter(value)) not in _TAGS:
+        raise CheckpointError(f"malformed graph description: unknown argument tag in {value!r:.80}")
+    tag, body = next(iter(value.items()))
+    return _TAGS[tag](body, env)
+
+
+def _decode_node(name, env):
+    if name not in env:
+        raise CheckpointError(f"malformed graph description: argument names node {name!r} before it is defined")
+    return env[name]
+
+
+def _decode_float(text, env):
+    if text not in ("inf", "-inf", "nan"):
+        raise CheckpointError(f"malformed graph description: float {text!r}")
+    return float(text)
+
+
+def _dtype(name) -> torch.dtype:
+    value = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(value, torch.dtype):
+        raise CheckpointError(f"malformed graph description: unknown dtype {name!r}")
+    return value
+
+
+def _decode_device(text, env):
+    try:
+        return torch.device(text)
+    except (RuntimeError, TypeError):
+        raise CheckpointError(f"malformed graph description: unknown device {text!r}") from None
+
+
+_TAGS = {
+    "node": _decode_node,
+    "tuple": lambda body, env: tuple(_decode(body, env)),
+    "dict": lambda body, env: {_decode(k, env): _decode(v, env) for k, v in body},
+    "slice": lambda body, env: slice(*_decode(body, env)),
+    "float": _decode_float,
+    "ellipsis": lambda body, env: Ellipsis,
+    "dtype": lambda body, env: _dtype(body),
+    "device": _decode_device,
+}
+
+
+def _load_state(gm: fx.GraphModule, state_dict) -> None:
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise CheckpointError("the model file's state dict is not a mapping of names to tensors")
+    try:
+        gm.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"the weights do not match the graph description ({detail})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]

@@ -1,0 +1,162 @@
+"""Which slots of each tensor are alive, for given gate values or keep-masks.
+
+A slot is alive when at least one of its writers is (:mod:`budgetprune.graph`). With
+independent gates the probability that slot c is alive is ``1 − Π_w (1 − P(z_w,c > 0))``;
+with 0/1 masks the same formula is the logical OR. One function serves the differentiable
+cost (probabilities), the gate hooks (per-example sampled gates) and compaction (masks).
+
+:func:`effective_masks` adds the purge rule: a layer whose every input slot is dead outputs
+nothing (its gates are treated as closed), so a residual branch whose first conv is pruned
+away disappears as a whole (automatic depth determination, seed 001 section 4.1).
+
+:func:`slot_sets` gives the channels each tensor keeps in the compacted network:
+
+* ``"mixed"`` (the mixed-connectivity block, seed 001 supplement 2): exactly the alive slots;
+  a residual add of tensors with different slots becomes ``index_add``;
+* ``"regular"``: tensors that are added together keep the same channels (the union of their
+  alive slots), as a regular ResBlock needs; the extra channels are computed as zeros.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from .graph import ALWAYS, ChannelGraph, TensorInfo
+
+MODES = ("mixed", "regular")
+
+
+def alive(info: TensorInfo, values: dict[str, torch.Tensor], like: torch.Tensor | None = None) -> torch.Tensor:
+    """P(slot alive) per slot of ``info`` (shape (slots,) or (batch, slots)).
+
+    ``values[group]`` is a (C,) or (batch, C) tensor of probabilities or 0/1 indicators; a
+    group missing from ``values`` counts as always alive.
+    """
+    ref = like if like is not None else next(iter(values.values()), torch.ones(1))
+    lead = ()
+    for v in values.values():
+        if v.dim() == 2:
+            lead = (v.shape[0],)
+            break
+    dtype = ref.dtype if ref.is_floating_point() else torch.float32
+    pieces = []
+    for seg in info.segments:  # segments are disjoint, in order, and cover every slot
+        dead = torch.ones(*lead, seg.length, dtype=dtype, device=ref.device)
+        for gid, off in seg.sources:
+            if gid is ALWAYS or gid not in values:
+                dead = torch.zeros_like(dead)
+                break
+            dead = dead * (1.0 - values[gid][..., off:off + seg.length].to(dtype))
+        pieces.append(1.0 - dead)
+    return torch.cat(pieces, dim=-1)
+
+
+def alive_mask(info: TensorInfo, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Boolean (slots,) aliveness for 0/1 keep-masks."""
+    out = torch.zeros(info.slots, dtype=torch.bool)
+    for seg in info.segments:
+        sl = slice(seg.start, seg.start + seg.length)
+        for gid, off in seg.sources:
+            if gid is ALWAYS or gid not in masks:
+                out[sl] = True
+            else:
+                out[sl] |= masks[gid][off:off + seg.length].bool().cpu()
+    return out
+
+
+def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``masks`` with the purge rules applied until nothing changes.
+
+    Forward: a gated layer with no alive input keeps nothing (its output would be a constant
+    the gates also switch off). Backward: a gated layer whose every reader is a gated layer
+    that keeps nothing is useless and goes too (a residual branch whose last conv is pruned
+    takes its first conv with it). Together they remove whole blocks: automatic depth
+    determination (seed 001, section 4.1).
+    """
+    eff = {gid: m.detach().bool().cpu().clone() for gid, m in masks.items()}
+    for gid, g in graph.groups.items():
+        eff.setdefault(gid, torch.ones(g.channels, dtype=torch.bool))
+    layers = list(graph.layers.values())  # in execution order
+    readers = _readers(graph)
+    changed = True
+    while changed:
+        changed = False
+        for layer in layers:
+            gid = layer.out_group
+            if gid is None or not bool(eff[gid].any()):
+                continue
+            if not bool(alive_mask(graph.tensors[layer.in_tensor], eff).any()):
+                eff[gid] = torch.zeros_like(eff[gid])
+                changed = True
+        for layer in reversed(layers):
+            gid = layer.out_group
+            if gid is None or not bool(eff[gid].any()):
+                continue
+            rs = [r for r in readers[gid] if not r.depthwise]
+            if rs and all(r.out_group is not None and not bool(eff[r.out_group].any()) for r in rs):
+                eff[gid] = torch.zeros_like(eff[gid])
+                changed = True
+    return eff
+
+
+def _readers(graph: ChannelGraph):
+    if not hasattr(graph, "_readers_cache"):
+        graph._readers_cache = {gid: graph.readers(gid) for gid in graph.groups}
+    return graph._readers_cache
+
+
+def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "mixed",
+              purge: bool = True) -> dict[str, torch.Tensor]:
+    """Boolean (slots,) vector per tensor: the channels it keeps in the compacted network."""
+    if mode not in MODES:
+        raise ValueError(f"unknown block mode '{mode}': choose one of {', '.join(MODES)}")
+    eff = effective_masks(graph, masks) if purge else masks
+    sets = {name: alive_mask(info, eff) for name, info in graph.tensors.items()}
+    if mode == "mixed":
+        return sets
+    members = defaultdict(list)
+    for name, space in graph.spaces.items():
+        members[space].append(name)
+    cats = [(name, parts) for name in graph.tensors if (parts := _is_cat(graph, name))]
+    for _ in range(100):
+        changed = False
+        for names in members.values():
+            union = sets[names[0]].clone()
+            for n in names[1:]:
+                union |= sets[n]
+            for n in names:
+                if not torch.equal(sets[n], union):
+                    sets[n] = union.clone()
+                    changed = True
+        for name, parts in cats:
+            start = 0
+            for part in parts:
+                piece = sets[name][start:start + sets[part].numel()]
+                grown = sets[part] | piece
+                if not torch.equal(grown, sets[part]):
+                    sets[part] = grown
+                    changed = True
+                start += sets[part].numel()
+            joined = torch.cat([sets[p] for p in parts])
+            if not torch.equal(joined | sets[name], sets[name]):
+                sets[name] = sets[name] | joined
+                changed = True
+        if not changed:
+            return sets
+    raise RuntimeError("internal error: regular-block widths did not settle")
+
+
+def _is_cat(graph: ChannelGraph, name: str):
+    node = _node(graph, name)
+    if node is None or node.target is not torch.cat:
+        return False
+    parts = node.args[0] if node.args else node.kwargs["tensors"]
+    return [p.name for p in parts]
+
+
+def _node(graph: ChannelGraph, name: str):
+    if not hasattr(graph, "_nodes_by_name"):
+        graph._nodes_by_name = {n.name: n for n in graph.gm.graph.nodes}
+    return graph._nodes_by_name.get(name)
