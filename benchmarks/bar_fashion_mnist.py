@@ -25,7 +25,7 @@ from torch import nn
 import budgetprune
 from budgetprune import io
 from budgetprune.budget import Budget
-from budgetprune.compact import to_sequential
+from budgetprune.compact import to_plain
 from budgetprune.data import load_dataset
 from budgetprune.engine import iterate_batches, make_optimizer, predict_logits
 from budgetprune.graph import ChannelGraph
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         teacher = run.teacher  # the first run trains it; the others distil from the same one
         m = result.metrics
         x1, x64 = torch.randn(1, info.in_channels, *info.image_size), torch.randn(64, info.in_channels, *info.image_size)
-        unpruned, _ = to_sequential(teacher, ChannelGraph.build(teacher, x1))
+        unpruned = to_plain(teacher, ChannelGraph.build(teacher, x1))
         lat = {}
         for name, xb, reps in (("b1", x1, 300), ("b64", x64, 60)):
             # alternate to share machine noise
