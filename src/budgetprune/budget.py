@@ -73,8 +73,8 @@ def _as_list(budgets: Budget | list[Budget]) -> list[Budget]:
 class _Costs:
     """The hard costs of a set of masks under several budgets, as fractions of their limits."""
 
-    def __init__(self, graph: ChannelGraph, budgets: list[Budget]):
-        self.models = [(CostModel(graph, b.metric), b.absolute(graph)) for b in budgets]
+    def __init__(self, graph: ChannelGraph, budgets: list[Budget], mode: str = "mixed"):
+        self.models = [(CostModel(graph, b.metric, mode), b.absolute(graph)) for b in budgets]
 
     def ratios(self, masks) -> list[float]:
         return [cm.hard(masks) / limit for cm, limit in self.models]
@@ -98,7 +98,7 @@ def _toggle(masks, gid, idx, value):
 
 
 def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
-                   budget: Budget | list[Budget]) -> dict[str, torch.Tensor]:
+                   budget: Budget | list[Budget], mode: str = "mixed") -> dict[str, torch.Tensor]:
     """Drop the lowest score-per-cost channels until every budget holds (DESIGN's shared projection).
 
     At each step every group offers its kept channel of lowest score; the one with the
@@ -106,10 +106,11 @@ def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
     never drops below its ``min_keep`` channels (the fatal-pruning guard). The last removal
     can overshoot (one wide-area map may save far more than needed), so the channels this
     projection removed are then put back, most recently removed first, wherever they still
-    fit. Masks are not modified in place.
+    fit. ``mode`` is the residual block the costs are counted for (see
+    :mod:`budgetprune.resources`). Masks are not modified in place.
     """
     budgets = _as_list(budget)
-    costs = _Costs(graph, budgets)
+    costs = _Costs(graph, budgets, mode)
     masks = {gid: m.detach().clone().bool().cpu() for gid, m in masks.items()}
     scores = {gid: s.detach().float().cpu() for gid, s in scores.items()}
     masks, dropped = _drop_until(graph, costs, masks, scores)
@@ -162,7 +163,8 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
 
 
 def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
-                budgets: Budget | list[Budget], reopenable: set[str] | None = None) -> dict[str, torch.Tensor]:
+                budgets: Budget | list[Budget], reopenable: set[str] | None = None,
+                mode: str = "mixed") -> dict[str, torch.Tensor]:
     """Reopen the most promising closed channels while every budget still holds.
 
     The counterpart of :func:`enforce_budget` for a run that ends *under* its budget (BAR's
@@ -174,7 +176,7 @@ def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dic
     reopened channel computes (:func:`budgetprune.compact.silence_channels` makes it a
     function-preserving addition). Masks are not modified in place.
     """
-    costs = _Costs(graph, _as_list(budgets))
+    costs = _Costs(graph, _as_list(budgets), mode)
     masks = {gid: m.detach().clone().bool().cpu() for gid, m in masks.items()}
     scores = {gid: s.detach().float().cpu() for gid, s in scores.items()}
     groups = set(masks) if reopenable is None else set(masks) & set(reopenable)

@@ -60,7 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu (default), cuda or cuda:N")
     p.add_argument("--no-fill", action="store_true",
                    help="do not reopen channels when the run ends under its budget (default: fill up to it)")
+    p.add_argument("--block", choices=["mixed", "regular"],
+                   help="residual adds of the compacted net: mixed (index_add, computes only kept maps; "
+                        "default) or regular (added tensors keep equal widths)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    n = sub.add_parser("inspect", help="what in a model can be pruned, what cannot and why, and its costs")
+    n.add_argument("--model", required=True, help="model name (see 'budgetprune list')")
+    n.add_argument("--input-shape", default="1,28,28", help="one input without the batch dimension (default 1,28,28)")
+    n.add_argument("--num-classes", type=int, default=10)
 
     d = sub.add_parser("demo", help="prune LeNet-5 on the embedded Fashion-MNIST subset (offline, minutes)")
     d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
@@ -120,7 +128,7 @@ def _config_from_args(args):
     config = PruneConfig(budget=budget.fraction, metric=args.metric, method=args.method, model=args.model,
                          data=args.data, data_root=args.data_root, teacher=args.teacher)
     for name in ("epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs", "lr", "gate_lr", "batch_size",
-                 "lam", "schedule", "student_init", "seed", "device"):
+                 "lam", "schedule", "student_init", "seed", "device", "block"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(config, name, value)
@@ -259,6 +267,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    import torch
+
+    from .graph import ChannelGraph
+    from .models import create_model
+    from .resources import resource_report
+    shape = _input_shape(args.input_shape)
+    if len(shape) != 3:
+        raise ConfigError(f"--input-shape must be C,H,W (e.g. 3,32,32); got '{args.input_shape}'")
+    kwargs = {"in_channels": shape[0], "num_classes": args.num_classes, "input_size": shape[1:]}
+    model = create_model(args.model, **kwargs)
+    graph = ChannelGraph.build(model, torch.zeros(1, *shape), gate_inputs=True)
+    print(graph.summary())
+    full = resource_report(graph)
+    print(f"unpruned: volume {full['volume']:.6g}, FLOPs {full['flops']:.6g}, params {full['params']:.6g}")
+    return 0
+
+
 def cmd_list(args) -> int:
     from .data import available_datasets
     from .methods import available_methods
@@ -272,7 +298,7 @@ def cmd_list(args) -> int:
 
 
 COMMANDS = {"prune": cmd_prune, "demo": cmd_demo, "info": cmd_info, "evaluate": cmd_evaluate, "export": cmd_export,
-            "list": cmd_list}
+            "inspect": cmd_inspect, "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -296,16 +296,17 @@ class PruneRun:
         """Masks → exact budget → compaction, checking the compacted outputs."""
         graph = method.graph
         masks = method.keep_masks()
-        cm = CostModel(graph, self.budget.metric)
+        cm = CostModel(graph, self.budget.metric, self.config.block)
         limit = self.budget.absolute(graph)
         before = cm.hard(masks)
         scores = method.scores()
-        final = enforce_budget(graph, masks, scores, self.budget)
+        final = enforce_budget(graph, masks, scores, self.budget, mode=self.config.block)
         dropped = int(sum(int(masks[g].sum()) - int(final[g].sum()) for g in masks))
         reopened: dict[str, torch.Tensor] = {}
         if self.config.fill_budget:
             filled = fill_budget(graph, final, scores, [self.budget],
-                                 reopenable={g for g, grp in graph.groups.items() if not grp.shared})
+                                 reopenable={g for g, grp in graph.groups.items() if not grp.shared},
+                                 mode=self.config.block)
             reopened = {g: torch.nonzero(filled[g] & ~final[g]).flatten() for g in final}
             final = filled
         n_reopened = int(sum(i.numel() for i in reopened.values()))
