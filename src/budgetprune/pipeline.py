@@ -28,6 +28,7 @@ from .compact import compact, silence_channels, to_plain
 from .engine import evaluate, iterate_batches, make_optimizer, predict_logits, set_lr, train_epoch
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .graph import ChannelGraph
+from .liveness import effective_masks
 from .methods import create_method
 from .objectives import distillation_loss
 from .resources import METRICS, CostModel, resource_report
@@ -333,7 +334,8 @@ class PruneRun:
         if diff > 1e-3:
             raise RuntimeError(f"internal error: compacted outputs differ from the gated model by {diff}")
         method.detach()
-        masks_json = {g: [int(i) for i in torch.nonzero(m).flatten()] for g, m in final.items()}
+        eff = effective_masks(graph, final)  # what the compacted network keeps (pruned-away blocks: none)
+        masks_json = {g: [int(i) for i in torch.nonzero(m).flatten()] for g, m in eff.items()}
         info = {"cost_before_projection": before, "channels_dropped_by_projection": dropped,
                 "channels_reopened_by_fill": n_reopened,
                 "compaction_max_abs_diff": diff, "masks": masks_json,
