@@ -803,3 +803,34 @@ def test_fill_budget_respects_every_budget():
     ratios = [CostModel(graph, b.metric).hard(out) / b.absolute(graph) for b in budgets]
     assert max(ratios) <= 1.0
     assert max(ratios) >= 0.95  # the binding budget is met closely
+
+
+@pytest.mark.parametrize("metric", ["volume", "flops"])
+def test_expected_cost_on_residual_graph_matches_monte_carlo(metric):
+    """L_S with shared residual slots: P(slot alive) = 1 − Π(1 − p) over its writers (gates
+    independent). Checked against the mean hard cost of sampled keep-masks, counted with the
+    boolean slot sets (another code path than the probability formula)."""
+    from budgetprune.liveness import slot_sets
+    model = budgetprune.create_model("resnet20")
+    graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 28, 28))
+    cm = CostModel(graph, metric)
+    gen = torch.Generator().manual_seed(21)
+    probs = {gid: 0.05 + 0.9 * torch.rand(g.channels, generator=gen, dtype=torch.float64)
+             for gid, g in graph.groups.items()}
+    expected = float(cm.expected(probs))
+    samples = []
+    for _ in range(400):
+        masks = {gid: torch.rand(p.shape, generator=gen, dtype=torch.float64) < p for gid, p in probs.items()}
+        sets = slot_sets(graph, masks, "mixed", purge=False)
+        total = 0.0
+        for t in cm.terms:
+            n_out = int(masks[t.out_group].sum()) if t.out_group else int(sets[t.out_tensor].sum())
+            n_in = int(sets[t.in_tensor].sum()) * t.in_expansion if t.in_tensor else 0
+            total += t.c_io * n_in * n_out + t.c_out * n_out
+        samples.append(total)
+    s = torch.tensor(samples, dtype=torch.float64)
+    se = float(s.std()) / math.sqrt(len(samples))
+    assert abs(float(s.mean()) - expected) < 4 * se + 1e-9 * expected, (float(s.mean()), expected, se)
+    if metric == "volume":  # Eq. 4's L_S: each layer's own maps, Σ A_l Σ p, plus the ungated fc's 10 outputs
+        by_hand = sum(float(p.sum()) * graph.groups[g].area for g, p in probs.items()) + 10
+        assert abs(by_hand - expected) < 1e-9 * expected

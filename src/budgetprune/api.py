@@ -12,7 +12,6 @@ from torch import fx, nn
 from . import io
 from .budget import parse_budget
 from .errors import CheckpointError, ConfigError
-from .graph import ChannelGraph
 from .pipeline import PruneConfig, PruneRun
 
 

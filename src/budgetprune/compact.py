@@ -42,7 +42,7 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
     eff = effective_masks(graph, masks)
     sets = slot_sets(graph, masks, mode)
     index = {name: torch.nonzero(s).flatten() for name, s in sets.items()}
-    alive = slot_sets(graph, masks, "mixed")
+    alive = sets if mode == "mixed" else slot_sets(graph, masks, "mixed")
     gm = _copy_without_hooks(fx.GraphModule(model, copy.deepcopy(graph.gm.graph)))  # the model's own weights
     modules = dict(gm.named_modules())
     device = next(model.parameters()).device

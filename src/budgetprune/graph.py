@@ -34,6 +34,7 @@ from __future__ import annotations
 import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -145,7 +146,7 @@ class ChannelGraph:
 
     def __init__(self, gm: fx.GraphModule, tensors: dict[str, TensorInfo], layers: dict[str, Layer],
                  groups: dict[str, ChannelGroup], renormalisers: dict[str, str], ungated: dict[str, str],
-                 input_shape: tuple[int, ...], spaces: dict[str, str]):
+                 input_shape: tuple[int, ...], spaces: dict[str, str], cats: dict[str, list[str]]):
         self.gm = gm
         self.tensors = tensors
         self.layers = layers
@@ -154,6 +155,7 @@ class ChannelGraph:
         self.ungated = ungated
         self.input_shape = input_shape
         self.spaces = spaces  # tensor -> the set of tensors that must keep equal width in a regular block
+        self.cats = cats  # tensor made by torch.cat -> the tensors it joins, in order
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -185,7 +187,16 @@ class ChannelGraph:
 
     def readers(self, gid: str) -> list[Layer]:
         """Layers whose input has slots written by ``gid``."""
-        return [l for l in self.layers.values() if gid in self.tensors[l.in_tensor].sources()]
+        return self._readers[gid]
+
+    @cached_property
+    def _readers(self) -> dict[str, list[Layer]]:
+        out: dict[str, list[Layer]] = {gid: [] for gid in self.groups}
+        for layer in self.layers.values():
+            for gid in self.tensors[layer.in_tensor].sources():
+                if gid in out:
+                    out[gid].append(layer)
+        return out
 
     def summary(self) -> str:
         """A readable table: each group, its area, host and readers; what is left ungated and why."""
@@ -272,6 +283,7 @@ class _Builder:
         self.layers: dict[str, Layer] = {}
         self.groups: dict[str, ChannelGroup] = {}
         self.renorm: dict[str, str] = {}
+        self.cats: dict[str, list[str]] = {}
         self.hosted: dict[str, str] = {}  # node that is a gate host output -> group
         self.parent: dict[str, str] = {}  # union-find over tensors for regular-block widths
         self.calls: dict[str, int] = defaultdict(int)
@@ -302,7 +314,7 @@ class _Builder:
         self._finish_groups(nodes)
         spaces = {t: self._find(t) for t in self.tensors}
         return ChannelGraph(self.gm, self.tensors, self.layers, self.groups, self.renorm, ungated,
-                            self.input_shape, spaces)
+                            self.input_shape, spaces, self.cats)
 
     def _find_layers(self, nodes, ungated) -> None:
         """Count module calls (a module called twice shares weights: never gated)."""
@@ -507,6 +519,7 @@ class _Builder:
             segs += [Segment(s.start + start, s.length, s.sources) for s in info.segments]
             start += info.slots
         self._set(node, TensorInfo(node.name, start, _area(shape), 1, tuple(segs)))
+        self.cats[node.name] = [p.name for p in parts]
 
     def _visit_flatten(self, node, tensor_args) -> None:
         src = tensor_args[0]

@@ -79,7 +79,6 @@ def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict
     for gid, g in graph.groups.items():
         eff.setdefault(gid, torch.ones(g.channels, dtype=torch.bool))
     layers = list(graph.layers.values())  # in execution order
-    readers = _readers(graph)
     changed = True
     while changed:
         changed = False
@@ -94,17 +93,11 @@ def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict
             gid = layer.out_group
             if gid is None or not bool(eff[gid].any()):
                 continue
-            rs = [r for r in readers[gid] if not r.depthwise]
+            rs = [r for r in graph.readers(gid) if not r.depthwise]
             if rs and all(r.out_group is not None and not bool(eff[r.out_group].any()) for r in rs):
                 eff[gid] = torch.zeros_like(eff[gid])
                 changed = True
     return eff
-
-
-def _readers(graph: ChannelGraph):
-    if not hasattr(graph, "_readers_cache"):
-        graph._readers_cache = {gid: graph.readers(gid) for gid in graph.groups}
-    return graph._readers_cache
 
 
 def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "mixed",
@@ -119,7 +112,7 @@ def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "
     members = defaultdict(list)
     for name, space in graph.spaces.items():
         members[space].append(name)
-    cats = [(name, parts) for name in graph.tensors if (parts := _is_cat(graph, name))]
+    cats = list(graph.cats.items())
     for _ in range(100):
         changed = False
         for names in members.values():
@@ -146,17 +139,3 @@ def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "
         if not changed:
             return sets
     raise RuntimeError("internal error: regular-block widths did not settle")
-
-
-def _is_cat(graph: ChannelGraph, name: str):
-    node = _node(graph, name)
-    if node is None or node.target is not torch.cat:
-        return False
-    parts = node.args[0] if node.args else node.kwargs["tensors"]
-    return [p.name for p in parts]
-
-
-def _node(graph: ChannelGraph, name: str):
-    if not hasattr(graph, "_nodes_by_name"):
-        graph._nodes_by_name = {n.name: n for n in graph.gm.graph.nodes}
-    return graph._nodes_by_name.get(name)

@@ -27,6 +27,16 @@ def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -
     return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, groups=groups, bias=False)
 
 
+def init_weights(model: nn.Module) -> None:
+    """He (fan-out) initialisation of convs, BatchNorm γ = 1 and β = 0, as torchvision does."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     """1×1 convolution with no bias (a BatchNorm follows)."""
     return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
@@ -104,12 +114,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(widths[len(layers) - 1] * block.expansion, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
         if zero_init_residual:  # each block starts as the identity (Goyal et al. 2017)
             for m in self.modules():
                 if isinstance(m, Bottleneck):

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .registry import register_model
-from .resnet import conv1x1, conv3x3
+from .resnet import conv1x1, conv3x3, init_weights
 
 
 class WideBasicBlock(nn.Module):
@@ -67,12 +67,7 @@ class WideResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(inplanes, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
