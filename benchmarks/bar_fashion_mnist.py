@@ -32,22 +32,10 @@ from budgetprune.graph import ChannelGraph
 from budgetprune.methods import create_method
 from budgetprune.objectives import distillation_loss
 from budgetprune.pipeline import PruneConfig, PruneRun
+from latency import median_latency
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-
-
-def median_latency(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    model.eval()
-    with torch.no_grad():
-        for _ in range(max(3, repeats // 10)):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def saved_bytes(step) -> int:

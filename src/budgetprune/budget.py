@@ -89,6 +89,14 @@ class _Costs:
     def total(self, masks) -> float:
         return sum(self.ratios(masks))
 
+    def excess(self, masks) -> float:
+        """Σ over the budgets of max(cost/limit − 1, 0)."""
+        return sum(max(r - 1.0, 0.0) for r in self.ratios(masks))
+
+    def slack(self, masks) -> float:
+        """min over the budgets of 1 − cost/limit (negative when one is violated)."""
+        return min(1.0 - r for r in self.ratios(masks))
+
 
 def _toggle(masks, gid, idx, value):
     out = dict(masks)
@@ -103,10 +111,15 @@ def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
 
     At each step every group offers its kept channel of lowest score; the one with the
     smallest score / (cost saved by removing it, as a fraction of the budget) goes. A group
-    never drops below its ``min_keep`` channels (the fatal-pruning guard). The last removal
-    can overshoot (one wide-area map may save far more than needed), so the channels this
-    projection removed are then put back, most recently removed first, wherever they still
-    fit. ``mode`` is the residual block the costs are counted for (see
+    never drops below its ``min_keep`` channels (the fatal-pruning guard). Far from the
+    budget, channels go in batches: each group's saving per channel is measured once, and
+    the channels of lowest score / saving are removed together until half of the excess is
+    gone (the same order as one-by-one removal while a group's saving per channel does not
+    change, which is exact for the volume), so a network with tens of thousands of channels
+    is projected in a few dozen cost evaluations per group. The last removal can overshoot
+    (one wide-area map may save far more than needed), so the channels this projection
+    removed are then put back, most recently removed first, wherever they still fit.
+    ``mode`` is the residual block the costs are counted for (see
     :mod:`budgetprune.resources`). Masks are not modified in place.
     """
     budgets = _as_list(budget)
@@ -120,15 +133,17 @@ def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
                           "whose loss would cut the network; raise the budget")
     if dropped and max(costs.ratios(masks)) < 0.95:
         # The last removal overshot: try the cheaper channels instead of it.
-        gid, idx, saved = dropped[-1]
+        gid, idx, saved, _ = dropped[-1]
         alt, more = _drop_until(graph, costs, _toggle(masks, gid, idx, True), scores, max_saving=saved)
         if more is not None and costs.total(alt) > costs.total(masks):
             masks, dropped = alt, dropped[:-1] + more
-    for gid, idx, _ in reversed(dropped):  # put back whatever still fits
-        if not masks[gid][idx]:
+    slack = [1.0 - r for r in costs.ratios(masks)]
+    for gid, idx, _, cost in reversed(dropped):  # put back whatever still fits
+        if all(c <= room + 1e-12 for c, room in zip(cost, slack)) and not masks[gid][idx]:
             grown = _toggle(masks, gid, idx, True)
             if costs.fits(grown):
                 masks = grown
+                slack = [1.0 - r for r in costs.ratios(masks)]
     return masks
 
 
@@ -136,12 +151,15 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
     """Greedy lowest score-per-cost removal until every budget holds.
 
     Only channels whose removal saves less than ``max_saving`` are candidates. Returns the new
-    masks and the removed ``(group, index, saving)`` in order (None if the budgets cannot be met).
+    masks and the removed ``(group, index, saving, cost)`` in order, ``saving`` in units of
+    :meth:`_Costs.load` and ``cost`` the drop of each budget's cost / limit when it went
+    (None if the budgets cannot be met).
     """
-    dropped: list[tuple[str, int, float]] = []
+    dropped: list[tuple[str, int, float, float]] = []
     current = costs.load(masks)
     while current > 0.0:
-        best = None
+        ratios = costs.ratios(masks)
+        offers = []  # (score / saving, group, index, saving, cost, trial)
         for gid, m in masks.items():
             if int(m.sum()) <= graph.groups[gid].min_keep:
                 continue
@@ -151,15 +169,50 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
             saved = current - costs.load(trial)
             if saved <= 0 or saved >= max_saving:
                 continue
-            ratio = float(kept_scores[idx]) / saved
-            if best is None or ratio < best[0]:
-                best = (ratio, gid, idx, saved, trial)
-        if best is None:
+            cost = tuple(a - b for a, b in zip(ratios, costs.ratios(trial)))
+            offers.append((float(kept_scores[idx]) / saved, gid, idx, saved, cost, trial))
+        if not offers:
             return masks, None
-        _, gid, idx, saved, masks = best
+        batch = _batch(masks, scores, offers, keep=lambda gid: max(graph.groups[gid].min_keep, 1),
+                       room=0.5 * costs.excess(masks), lowest=True)
+        if len(batch) >= 2:
+            masks = {gid: m.clone() for gid, m in masks.items()}
+            for gid, idx, saved, cost in batch:
+                masks[gid][idx] = False
+            dropped.extend(batch)
+        else:
+            _, gid, idx, saved, cost, masks = min(offers, key=lambda o: o[0])
+            dropped.append((gid, idx, saved, cost))
         current = costs.load(masks)
-        dropped.append((gid, idx, saved))
     return masks, dropped
+
+
+def _batch(masks, scores, offers, keep, room: float, lowest: bool) -> list[tuple[str, int, float, float]]:
+    """The channels to toggle together: each group's channels at its measured saving (or
+    cost) per channel, best score / saving first, while their summed saving stays ≤ ``room``.
+
+    ``lowest`` takes kept channels of lowest score (removal; ``keep(group)`` of them stay),
+    else closed channels of highest score (reopening; ``keep`` is unused)."""
+    ranked = []
+    for _, gid, _, saved, cost, _ in offers:
+        m = masks[gid]
+        if lowest:
+            idx = torch.nonzero(m).flatten()
+            order = idx[torch.argsort(scores[gid][idx])][:max(len(idx) - keep(gid), 0)]
+        else:
+            idx = torch.nonzero(~m).flatten()
+            order = idx[torch.argsort(scores[gid][idx], descending=True)]
+        for i in order.tolist():
+            s = float(scores[gid][i])
+            ranked.append(((s / saved) if lowest else -(s + 1e-12) / saved, gid, i, saved, cost))
+    ranked.sort(key=lambda r: r[0])
+    chosen, used = [], 0.0
+    for _, gid, i, saved, cost in ranked:
+        if used + saved > room:
+            break
+        used += saved
+        chosen.append((gid, i, saved, cost))
+    return chosen
 
 
 def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
@@ -172,7 +225,9 @@ def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dic
     end far below). At each step every group offers its closed channel of highest score;
     the one with the highest score / (cost added, summed over the budgets as fractions of
     their limits) is reopened if all budgets still hold after it, else that group is done.
-    Only groups in ``reopenable`` (default: all) take part. The caller decides what a
+    Far below the budget, channels are reopened in batches (each group's cost per channel
+    measured once, best score / cost first, up to half of the room left), checked against
+    every budget before they are kept. Only groups in ``reopenable`` (default: all) take part. The caller decides what a
     reopened channel computes (:func:`budgetprune.compact.silence_channels` makes it a
     function-preserving addition). Masks are not modified in place.
     """
@@ -181,24 +236,34 @@ def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dic
     scores = {gid: s.detach().float().cpu() for gid, s in scores.items()}
     groups = set(masks) if reopenable is None else set(masks) & set(reopenable)
     open_groups = {gid for gid in groups if not bool(masks[gid].all())}
-    current = costs.total(masks)
     while open_groups:
-        best = None
-        for gid in list(open_groups):
+        current = costs.total(masks)
+        offers = []  # (score / cost, group, index, cost, cost, grown)
+        for gid in sorted(open_groups):
             closed_scores = scores[gid].masked_fill(masks[gid], float("-inf"))
             idx = int(torch.argmax(closed_scores))
             grown = _toggle(masks, gid, idx, True)
             if not costs.fits(grown):
                 open_groups.discard(gid)  # costs only grow with more channels: this group is done
                 continue
-            added = costs.total(grown) - current
-            ratio = (float(closed_scores[idx]) + 1e-12) / max(added, 1e-12)
-            if best is None or ratio > best[0]:
-                best = (ratio, gid, grown)
-        if best is None:
+            added = max(costs.total(grown) - current, 1e-12)
+            offers.append(((float(closed_scores[idx]) + 1e-12) / added, gid, idx, added, added, grown))
+        if not offers:
             break
-        _, gid, masks = best
-        current = costs.total(masks)
-        if bool(masks[gid].all()):
-            open_groups.discard(gid)
+        batch = _batch(masks, scores, offers, keep=None, room=0.5 * costs.slack(masks), lowest=False)
+        grown = None
+        while len(batch) >= 2:  # the per-channel costs are estimates: halve the batch until it fits
+            trial = {gid: m.clone() for gid, m in masks.items()}
+            for gid, idx, _, _ in batch:
+                trial[gid][idx] = True
+            if costs.fits(trial):
+                grown = trial
+                break
+            batch = batch[:len(batch) // 2]
+        if grown is None:
+            grown = max(offers, key=lambda o: o[0])[5]
+        masks = grown
+        for gid in list(open_groups):
+            if bool(masks[gid].all()):
+                open_groups.discard(gid)
     return masks

@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     p.add_argument("--gate-lr", type=float, help="learning rate of the gate parameters (default 1e-2)")
     p.add_argument("--batch-size", type=int, help="batch size (default 64)")
-    p.add_argument("--lam", type=float, help="weight λ of the budget term (default 1e-5)")
+    p.add_argument("--lam", type=float, help="weight λ of the method's penalty (default: the method's; bar 1e-5, "
+                                              "l0 0.1/N)")
+    p.add_argument("--gate-init", type=float, help="initial log α of Hard Concrete gates (default 3 when the "
+                                                    "student starts from the teacher, else 0)")
+    p.add_argument("--dual-lr", type=float, help="constrained-l0: learning rate of the multipliers (default 1e-2)")
     p.add_argument("--schedule", choices=["sigmoid", "linear", "exponential"], help="budget schedule")
     p.add_argument("--student-init", choices=["teacher", "random"], help="start the student from (default teacher)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
@@ -128,7 +132,7 @@ def _config_from_args(args):
     config = PruneConfig(budget=budget.fraction, metric=args.metric, method=args.method, model=args.model,
                          data=args.data, data_root=args.data_root, teacher=args.teacher)
     for name in ("epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs", "lr", "gate_lr", "batch_size",
-                 "lam", "schedule", "student_init", "seed", "device", "block"):
+                 "lam", "gate_init", "dual_lr", "schedule", "student_init", "seed", "device", "block"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(config, name, value)

@@ -68,6 +68,10 @@ class HardConcreteGate(nn.Module):
         """P(z > 0) = σ(log α − β log(−γ/ζ)) (seed 001, supplement Eq. 5)."""
         return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
 
+    def keep_score(self) -> torch.Tensor:
+        """How much each channel is worth keeping: P(z > 0)."""
+        return self.prob_nonzero()
+
     def prob_zero(self) -> torch.Tensor:
         """P(z = 0) = 1 − P(z > 0)."""
         return 1.0 - self.prob_nonzero()

@@ -1,6 +1,7 @@
-"""Loss pieces: the budget barrier, the budget schedule and knowledge distillation.
+"""Loss pieces: the budget barrier, the budget schedule, the Lagrangian dual step and
+knowledge distillation.
 
-All from seed 001 (Lemaire et al., "Structured Pruning of Neural Networks with
+All from seed 001 except the dual step (seed 003) (Lemaire et al., "Structured Pruning of Neural Networks with
 Budget-Aware Regularization", CVPR 2019).
 """
 
@@ -97,6 +98,16 @@ class BudgetSchedule:
     def b(self, progress: float) -> float:
         T = self.transition(progress)
         return (1.0 - T) * self.full + T * self.budget
+
+
+def dual_ascent(multipliers: torch.Tensor, violations: torch.Tensor, lr: float) -> torch.Tensor:
+    """One projected gradient-ascent step on Lagrange multipliers: λ ← max(0, λ + η g).
+
+    ∂L/∂λ_i = g_i (the constraint's violation), so λ grows while its constraint is violated
+    (g > 0), shrinks when it holds with room (g < 0), and never goes below 0 (seed 003's
+    min-max game; Cooper's projected dual optimiser).
+    """
+    return (multipliers + lr * violations.to(multipliers)).clamp_min(0.0)
 
 
 def distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor,

@@ -29,7 +29,7 @@ from .engine import evaluate, iterate_batches, make_optimizer, predict_logits, s
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .graph import ChannelGraph
 from .liveness import effective_masks
-from .methods import create_method
+from .methods import available_methods, create_method
 from .objectives import distillation_loss
 from .resources import METRICS, CostModel, resource_report
 
@@ -56,12 +56,14 @@ class PruneConfig:
     teacher_epochs: int = 5  # unpruned teacher, when none is given (paper: 80 + 10)
     lr: float = 1e-3
     gate_lr: float | None = 1e-2
+    gate_init: float | None = None  # initial log α; None: 3 (gates open) from the teacher, 0 from scratch
     lowlr_factor: float = 0.1
     weight_decay: float = 5e-4
     batch_size: int = 64
     kd_alpha: float = 0.9
     kd_temperature: float = 4.0
-    lam: float = 1e-5
+    lam: float | None = None  # weight of the method's penalty (None: the method's default; BAR 1e-5)
+    dual_lr: float | None = None  # constrained-l0: learning rate of the Lagrange multipliers
     schedule: str = "sigmoid"
     schedule_hardness: float | None = None
     student_init: str = "teacher"  # "teacher" or "random"
@@ -87,10 +89,28 @@ class PruneConfig:
             raise ConfigError("--batch-size and --lr must be positive")
         if self.block not in ("mixed", "regular"):
             raise ConfigError("--block must be 'mixed' or 'regular'")
+        if self.method not in available_methods():
+            raise ConfigError(f"unknown method '{self.method}': choose one of {', '.join(available_methods())}")
+        if self.lam is not None and self.lam < 0:
+            raise ConfigError("--lam must be 0 or more")
+        if self.dual_lr is not None and not self.dual_lr > 0:
+            raise ConfigError("--dual-lr must be positive")
         if self.student_init not in ("teacher", "random"):
             raise ConfigError("--student-init must be 'teacher' or 'random'")
         if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature < 1.0:
             raise ConfigError("--kd-alpha must lie in [0, 1] and --kd-temperature be at least 1")
+
+    def method_settings(self, dataset_size: int) -> dict:
+        """Run-wide settings a method may take (each takes those it has; see ``create_method``)."""
+        return {"lam": self.lam, "schedule": self.schedule, "hardness": self.schedule_hardness,
+                "gate_lr": self.gate_lr, "gate_init": self.initial_log_alpha(), "dual_lr": self.dual_lr,
+                "dataset_size": dataset_size}
+
+    def initial_log_alpha(self) -> float:
+        """log α the gates start from (see the README's deviations)."""
+        if self.gate_init is not None:
+            return float(self.gate_init)
+        return 3.0 if self.student_init == "teacher" else 0.0
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruneConfig":
@@ -261,8 +281,7 @@ class PruneRun:
         student = copy.deepcopy(self.model).to(self.device)
         if cfg.student_init == "teacher":
             student.load_state_dict(self._teacher_state_for_model())
-        method = create_method(cfg.method, lam=cfg.lam, schedule=cfg.schedule, hardness=cfg.schedule_hardness,
-                               gate_lr=cfg.gate_lr)
+        method = create_method(cfg.method, shared=cfg.method_settings(len(self.train_data)))
         method.attach(student, self.graph, [self.budget])
         method.to(self.device)
         opt = make_optimizer(list(student.parameters()), cfg.lr, cfg.weight_decay, method.param_groups(cfg.lr))
@@ -392,6 +411,7 @@ class PruneRun:
             "pruned_by_block": info.get("pruned_by_block", {cfg.block: pruned}),
             "reduction_factor": {k: self.full[k] / pruned[k] for k in self.full},
             "widths": layer_widths(self.graph, info["masks"]),
+            "kept_channels": info["masks"],  # per group: indices of the original channels kept
             "test_accuracy": acc, "unpruned_test_accuracy": self.unpruned_accuracy,
             "accuracy_change": acc - self.unpruned_accuracy,
             "cost_before_projection": info["cost_before_projection"],

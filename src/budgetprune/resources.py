@@ -144,8 +144,10 @@ class CostModel:
         return {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in self.graph.groups.items()}
 
     # expected -----------------------------------------------------------------------------
-    def expected(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Differentiable expectation: n = Σ P(slot alive) with independent gates P(z > 0)."""
+    def expected(self, probs: dict[str, torch.Tensor], weights: dict[str, float] | None = None) -> torch.Tensor:
+        """Differentiable expectation: n = Σ P(slot alive) with independent gates P(z > 0).
+
+        ``weights`` multiplies the cost of the layers it names (others count once)."""
         like = next(iter(probs.values()))
         cache: dict[str, torch.Tensor] = {}
 
@@ -158,7 +160,8 @@ class CostModel:
         for t in self.terms:
             n_out = probs[t.out_group].sum() if t.out_group in probs else n(t.out_tensor)
             n_in = n(t.in_tensor) * t.in_expansion if t.in_tensor else 0.0
-            total = total + t.cost(n_in, n_out)
+            w = 1.0 if weights is None else float(weights.get(t.name, 1.0))
+            total = total + w * t.cost(n_in, n_out)
         return total
 
 

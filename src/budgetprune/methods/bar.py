@@ -13,47 +13,37 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attach import GateHooks
 from ..budget import Budget
 from ..gates import HardConcreteGate
-from ..graph import ChannelGraph
+from ..graph import ChannelGraph, ChannelGroup
 from ..objectives import BudgetSchedule, barrier
 from ..resources import CostModel
-from .base import Method, register_method
-
-
-def _key(gid: str) -> str:
-    """ModuleDict keys may not contain dots."""
-    return gid.replace(".", "__")
+from .base import register_method
+from .gated import GatedMethod
 
 
 @register_method("bar")
-class BAR(Method):
+class BAR(GatedMethod):
     """Budget-aware regularisation with Hard Concrete gates.
 
     ``lam`` is λ of the final loss (seed 001, section 3.5; 1e-5 there, for the volume
     metric). For other metrics, L_S is rescaled by V_F / cost_F so the same λ weighs the
     same. ``schedule`` is ``sigmoid`` (default, d = 10), ``linear`` or ``exponential``.
+    ``gate_init`` is the initial log α (see :class:`~budgetprune.gates.HardConcreteGate`).
     """
 
     def __init__(self, lam: float = 1e-5, schedule: str = "sigmoid", hardness: float | None = None,
-                 gate_lr: float | None = None):
-        super().__init__()
+                 gate_lr: float | None = None, gate_init: float = 0.0):
+        super().__init__(gate_lr)
         self.lam = lam
         self.schedule_kind = schedule
         self.hardness = hardness
-        self.gate_lr = gate_lr
-        self.gates = nn.ModuleDict()
-        self._hooks: GateHooks | None = None
-        self._last: dict[str, float] = {}
+        self.gate_init = float(gate_init)
 
-    def attach(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
-        self.graph = graph
-        device = next(model.parameters()).device
-        self.gid_of = {}
-        for gid, group in graph.groups.items():
-            self.gates[_key(gid)] = HardConcreteGate(group.channels).to(device)
-            self.gid_of[_key(gid)] = gid
+    def make_gate(self, group: ChannelGroup) -> nn.Module:
+        return HardConcreteGate(group.channels, self.gate_init, self.gate_init + 0.01)
+
+    def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
         volume_full = CostModel(graph, "volume").full()
         self.terms = []
         for budget in budgets:
@@ -61,22 +51,13 @@ class BAR(Method):
             full = cm.full()
             schedule = BudgetSchedule(full, budget.fraction * full, self.schedule_kind, self.hardness)
             self.terms.append((budget, cm, schedule, volume_full / full))
-        self._hooks = GateHooks(model, graph, {gid: self.gates[_key(gid)] for gid in graph.groups})
-
-    def detach(self) -> None:
-        if self._hooks is not None:
-            self._hooks.remove()
-            self._hooks = None
-
-    def _by_group(self, fn) -> dict[str, torch.Tensor]:
-        return {self.gid_of[k]: fn(g) for k, g in self.gates.items()}
 
     def penalty(self, progress: float) -> torch.Tensor:
         """λ Σ_metrics L_S · f(V, a, b) (seed 001, Eq. 6 and the final loss of section 3.5)."""
-        probs = self._by_group(lambda g: g.prob_nonzero())
+        probs = self.by_group(lambda g: g.prob_nonzero())
         with torch.no_grad():
-            masks = self._by_group(lambda g: g.keep_mask())
-        total = 0.0
+            masks = self.by_group(lambda g: g.keep_mask())
+        total = self.zero()
         for budget, cm, schedule, scale in self.terms:
             V = cm.hard(masks)
             b = schedule.b(progress)
@@ -85,39 +66,4 @@ class BAR(Method):
                 total = total + self.lam * scale * cm.expected(probs) * f
             tag = "" if len(self.terms) == 1 else f"_{budget.metric}"
             self._last.update({f"V{tag}": V, f"b{tag}": b, f"f{tag}": f})
-        if not torch.is_tensor(total):
-            total = self.gates[next(iter(self.gates))].log_alpha.sum() * 0.0
         return total
-
-    def after_step(self, progress: float) -> None:
-        """Keep ≥ 1 open channel in every protected group (the fatal-pruning guard, section 4.1).
-
-        Groups with ``min_keep`` 0 (inside a residual branch) may close completely: the
-        block then disappears (automatic depth determination)."""
-        for key, gate in self.gates.items():
-            if gate.frozen is None and self.graph.groups[self.gid_of[key]].min_keep > 0:
-                gate.keep_at_least_one()
-
-    def scores(self) -> dict[str, torch.Tensor]:
-        return self._by_group(lambda g: g.prob_nonzero().detach())
-
-    def keep_masks(self) -> dict[str, torch.Tensor]:
-        return self._by_group(lambda g: g.keep_mask().detach())
-
-    def gate_values(self) -> dict[str, torch.Tensor]:
-        return self._by_group(lambda g: g.deterministic().detach())
-
-    def freeze(self, masks: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | None = None) -> None:
-        """Gates become ẑ (or ``values``) on kept channels and 0 on pruned ones."""
-        if values is None:
-            det = self.gate_values()
-            values = {g: det[g] * masks[g].to(det[g].device).float() for g in det}
-        for key, gate in self.gates.items():
-            gate.freeze(values[self.gid_of[key]])
-
-    def param_groups(self, lr: float) -> list[dict]:
-        return [{"params": [g.log_alpha for g in self.gates.values()], "lr": self.gate_lr or lr,
-                 "weight_decay": 0.0, "name": "gates"}]
-
-    def status(self) -> dict[str, float]:
-        return dict(self._last)

@@ -9,6 +9,8 @@ when it hard-prunes.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -31,10 +33,24 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_method(name: str, **options) -> "Method":
+def method_options(name: str) -> list[str]:
+    """The keyword options method ``name`` takes."""
     if name not in _REGISTRY:
         raise ConfigError(f"unknown method '{name}': choose one of {', '.join(available_methods())}")
-    return _REGISTRY[name](**options)
+    return [p for p in inspect.signature(_REGISTRY[name]).parameters if p not in ("self", "args", "kwargs")]
+
+
+def create_method(name: str, shared: dict | None = None, **options) -> "Method":
+    """A new method ``name`` with ``options``; of ``shared`` (run-wide settings such as
+    ``gate_lr`` or ``dataset_size``) it takes only those it has, and a None there keeps the
+    method's own default."""
+    accepted = method_options(name)
+    unknown = set(options) - set(accepted)
+    if unknown:
+        raise ConfigError(f"method '{name}' has no option(s) {', '.join(sorted(unknown))}; "
+                          f"it takes {', '.join(accepted) or 'none'}")
+    picked = {k: v for k, v in (shared or {}).items() if k in accepted and v is not None}
+    return _REGISTRY[name](**{**picked, **options})
 
 
 class Method(nn.Module):

@@ -1,0 +1,105 @@
+"""What every method with one learnable multiplicative gate per channel shares.
+
+BAR, penalised L0, constrained L0, Continuous Sparsification, the Information Bottleneck
+and MorphNet all put a per-channel factor on each group's host output
+(:class:`budgetprune.attach.GateHooks`) and differ only in the gate's distribution and in
+the penalty. The gate module is any ``nn.Module`` of :mod:`budgetprune.gates` with
+``forward(batch_size)``, ``deterministic()``, ``keep_score()``, ``keep_mask()``,
+``keep_at_least_one()`` and ``freeze(values)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attach import GateHooks
+from ..budget import Budget
+from ..graph import ChannelGroup, ChannelGraph
+from .base import Method
+
+
+def _key(gid: str) -> str:
+    """ModuleDict keys may not contain dots."""
+    return gid.replace(".", "__")
+
+
+class GatedMethod(Method):
+    """Gates on every group of the graph; subclasses give :meth:`make_gate` and :meth:`penalty`."""
+
+    #: Whether the fatal-pruning guard clamps a protected group's best gate open after each step.
+    guard_after_step = True
+
+    def __init__(self, gate_lr: float | None = None):
+        super().__init__()
+        self.gate_lr = gate_lr
+        self.gates = nn.ModuleDict()
+        self._hooks: GateHooks | None = None
+        self._last: dict[str, float] = {}
+
+    def make_gate(self, group: ChannelGroup) -> nn.Module:
+        raise NotImplementedError
+
+    def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
+        """Method-specific state once the gates exist (cost models, multipliers, ...)."""
+
+    def attach(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
+        self.graph = graph
+        device = next(model.parameters()).device
+        self.gid_of = {}
+        for gid, group in graph.groups.items():
+            self.gates[_key(gid)] = self.make_gate(group).to(device)
+            self.gid_of[_key(gid)] = gid
+        self.setup(model, graph, budgets)
+        self._hooks = GateHooks(model, graph, {gid: self.gates[_key(gid)] for gid in graph.groups})
+
+    def detach(self) -> None:
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+
+    def gate(self, gid: str) -> nn.Module:
+        return self.gates[_key(gid)]
+
+    def by_group(self, fn) -> dict[str, torch.Tensor]:
+        """``{group id: fn(gate)}``."""
+        return {self.gid_of[k]: fn(g) for k, g in self.gates.items()}
+
+    def zero(self) -> torch.Tensor:
+        """A differentiable 0 on the gates' device (a penalty that is off)."""
+        return sum(p.sum() for p in self.gates.parameters()) * 0.0
+
+    def after_step(self, progress: float) -> None:
+        """Keep ≥ 1 open channel in every protected group (the fatal-pruning guard, seed 001 section 4.1).
+
+        Groups with ``min_keep`` 0 (inside a residual branch) may close completely: the
+        block then disappears (automatic depth determination)."""
+        if not self.guard_after_step:
+            return
+        for key, gate in self.gates.items():
+            if gate.frozen is None and self.graph.groups[self.gid_of[key]].min_keep > 0:
+                gate.keep_at_least_one()
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        return self.by_group(lambda g: g.keep_score().detach())
+
+    def keep_masks(self) -> dict[str, torch.Tensor]:
+        return self.by_group(lambda g: g.keep_mask().detach())
+
+    def gate_values(self) -> dict[str, torch.Tensor]:
+        return self.by_group(lambda g: g.deterministic().detach())
+
+    def freeze(self, masks: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | None = None) -> None:
+        """Gates become their deterministic value (or ``values``) on kept channels and 0 on pruned ones."""
+        if values is None:
+            det = self.gate_values()
+            values = {g: det[g] * masks[g].to(det[g].device).float() for g in det}
+        for key, gate in self.gates.items():
+            gate.freeze(values[self.gid_of[key]])
+
+    def param_groups(self, lr: float) -> list[dict]:
+        params = [p for g in self.gates.values() for p in g.parameters()]
+        return [{"params": params, "lr": self.gate_lr or lr, "weight_decay": 0.0, "name": "gates"}]
+
+    def status(self) -> dict[str, float]:
+        return dict(self._last)

@@ -1,0 +1,63 @@
+"""Penalised L0 (Louizos, Welling & Kingma, ICLR 2018; "LZR" in seed 001's comparison).
+
+Hard Concrete gates on every channel group and the loss
+``data loss + λ · E[‖θ‖₀]`` (seed 003, the "Regularization via L0 penalties" box), where
+E[‖θ‖₀] is the expected number of parameters the open gates keep: with gates on channels
+(group sparsity) a conv's k²·n_in·n_out weights count with the expected open input and
+output channels (:meth:`budgetprune.resources.CostModel.expected`). The budget is not in
+the objective: it is met only by the shared final projection (the engine's
+``enforce_budget``), which is exactly the comparison seed 001 makes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..budget import Budget
+from ..gates import HardConcreteGate
+from ..graph import ChannelGraph, ChannelGroup
+from ..resources import CostModel
+from .base import register_method
+from .gated import GatedMethod
+
+
+@register_method("l0")
+class PenalizedL0(GatedMethod):
+    """λ · E[‖θ‖₀] with Hard Concrete channel gates.
+
+    ``lam`` is λ per expected parameter; by default 0.1 / N for N training examples (the
+    value of Louizos et al. and seed 003's table). ``layer_lam`` multiplies λ for the layers
+    it names (``{"features.0": 2.0}``: per-layer λ). ``metric`` is the resource penalised
+    (``params`` as in the paper; ``volume`` or ``flops`` also work).
+    """
+
+    def __init__(self, lam: float | None = None, dataset_size: int | None = None, metric: str = "params",
+                 layer_lam: dict[str, float] | None = None, gate_lr: float | None = None, gate_init: float = 0.0):
+        super().__init__(gate_lr)
+        if lam is None:
+            lam = 0.1 / max(int(dataset_size or 0), 1) if dataset_size else 1e-6
+        if lam < 0:
+            raise ValueError("the L0 penalty weight λ must be ≥ 0")
+        self.lam = float(lam)
+        self.metric = metric
+        self.layer_lam = dict(layer_lam or {})
+        self.gate_init = float(gate_init)
+
+    def make_gate(self, group: ChannelGroup) -> nn.Module:
+        return HardConcreteGate(group.channels, self.gate_init, self.gate_init + 0.01)
+
+    def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
+        self.cost = CostModel(graph, self.metric)
+        unknown = set(self.layer_lam) - {t.name for t in self.cost.terms}
+        if unknown:
+            raise ValueError(f"layer_lam names layers the graph does not have: {', '.join(sorted(unknown))}")
+
+    def expected_l0(self) -> torch.Tensor:
+        """E[‖θ‖₀] (each layer weighted by its ``layer_lam`` factor)."""
+        return self.cost.expected(self.by_group(lambda g: g.prob_nonzero()), weights=self.layer_lam or None)
+
+    def penalty(self, progress: float) -> torch.Tensor:
+        l0 = self.expected_l0()
+        self._last["E_L0"] = float(l0.detach())
+        return self.lam * l0

@@ -1,0 +1,193 @@
+"""The method zoo: each method's math against an independent computation, and short runs
+on the embedded data that end within the budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import budgetprune
+from budgetprune.budget import Budget
+from budgetprune.data import load_dataset
+from budgetprune.errors import ConfigError
+from budgetprune.methods import available_methods, create_method
+from budgetprune.objectives import dual_ascent
+from budgetprune.resources import CostModel
+
+
+def lenet5_graph():
+    model = budgetprune.create_model("lenet5")
+    return model, budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 28, 28))
+
+
+def attached(name, budgets=(Budget("volume", 0.25),), **options):
+    model, graph = lenet5_graph()
+    method = create_method(name, **options)
+    method.attach(model, graph, list(budgets))
+    return model, graph, method
+
+
+def set_log_alpha(method, value_or_fn):
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for gate in method.gates.values():
+            v = value_or_fn(gate.num_channels) if callable(value_or_fn) else value_or_fn
+            gate.log_alpha.copy_(torch.as_tensor(v, dtype=gate.log_alpha.dtype).expand_as(gate.log_alpha))
+
+
+# ---------------------------------------------------------------------------------------
+# registry and options
+# ---------------------------------------------------------------------------------------
+def test_registry_lists_the_methods():
+    assert {"bar", "l0", "constrained-l0"} <= set(available_methods())
+
+
+def test_unknown_option_names_the_method_and_its_options():
+    with pytest.raises(ConfigError, match="method 'l0' has no option.*dual_lr"):
+        create_method("l0", dual_lr=0.1)
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        create_method("nope")
+
+
+def test_shared_settings_are_taken_only_where_they_apply():
+    m = create_method("l0", shared={"dual_lr": 0.5, "dataset_size": 500, "lam": None, "gate_lr": 0.02})
+    assert m.lam == pytest.approx(0.1 / 500) and m.gate_lr == 0.02
+    c = create_method("constrained-l0", shared={"dual_lr": 0.5, "dataset_size": 500, "lam": 3.0})
+    assert c.dual_lr == 0.5
+
+
+# ---------------------------------------------------------------------------------------
+# the dual step (seed 003)
+# ---------------------------------------------------------------------------------------
+def test_dual_ascent_by_hand():
+    lam = torch.tensor([0.0, 0.5, 0.1, 2.0])
+    g = torch.tensor([0.3, -0.2, -5.0, 0.0])
+    out = dual_ascent(lam, g, 0.5)
+    assert out.tolist() == pytest.approx([0.15, 0.4, 0.0, 2.0])
+
+
+def test_multiplier_rises_while_violated_and_stays_nonnegative():
+    _, _, method = attached("constrained-l0", dual_lr=0.1)
+    set_log_alpha(method, 5.0)  # every gate open: expected volume ≈ full, far over 0.25
+    seen = []
+    for _ in range(5):
+        method.penalty(0.0)
+        method.after_step(0.0)
+        seen.append(float(method.multipliers[0]))
+    assert all(b > a for a, b in zip([0.0] + seen, seen))
+    set_log_alpha(method, -8.0)  # every gate (nearly) closed: the constraint holds with room
+    for _ in range(200):
+        method.penalty(1.0)
+        method.after_step(1.0)
+        assert float(method.multipliers.min()) >= 0.0
+    assert float(method.multipliers[0]) == 0.0
+
+
+def test_constrained_l0_violation_is_expected_cost_fraction_minus_target():
+    """g = E[V]/V_F − ε, E[V] checked against a Monte Carlo mean of hard volumes."""
+    _, graph, method = attached("constrained-l0")
+    set_log_alpha(method, lambda n: torch.randn(n))
+    g = float(method.violations().detach()[0])
+    cm = CostModel(graph, "volume")
+    probs = method.by_group(lambda gate: gate.prob_nonzero().detach())
+    torch.manual_seed(5)
+    mc = sum(cm.hard({k: torch.rand_like(p) < p for k, p in probs.items()}) for _ in range(3000)) / 3000
+    assert g == pytest.approx(mc / cm.full() - 0.25, abs=3e-3)
+
+
+def test_constrained_l0_layer_targets_one_multiplier_per_layer():
+    _, graph, method = attached("constrained-l0", targets="layer", dual_lr=1.0)
+    set_log_alpha(method, 5.0)
+    assert method.multipliers.numel() == len(graph.groups)
+    g = method.violations()
+    p_open = float(method.gate(next(iter(graph.groups))).prob_nonzero()[0])
+    assert g.tolist() == pytest.approx([p_open - 0.25] * len(graph.groups), rel=1e-6)
+    method.penalty(0.0)
+    method.after_step(0.0)
+    assert method.multipliers.tolist() == pytest.approx([p_open - 0.25] * len(graph.groups), rel=1e-6)
+
+
+def test_constrained_l0_lagrangian_gradient_pushes_gates_closed():
+    _, _, method = attached("constrained-l0")
+    set_log_alpha(method, 1.0)
+    method.multipliers.fill_(2.0)
+    method.penalty(0.0).backward()
+    assert all(bool((g.log_alpha.grad > 0).all()) for g in method.gates.values())
+
+
+# ---------------------------------------------------------------------------------------
+# penalised L0 (Louizos et al.)
+# ---------------------------------------------------------------------------------------
+def test_l0_penalty_is_lambda_times_expected_parameters_by_hand():
+    """LeNet-5 gates conv1 (20), conv2 (50) and fc1 (500); with every P(z>0) = p the expected
+    parameter count is each layer's k²·E[n_in]·E[n_out] + per-output terms."""
+    _, graph, method = attached("l0", lam=1e-3)
+    set_log_alpha(method, 0.7)
+    p = float(method.gate("features.0").prob_nonzero()[0])
+    widths = {gid: g.channels for gid, g in graph.groups.items()}
+    c1, c2, f1 = widths["features.0"], widths["features.3"], widths["classifier.1"]
+
+    def hand(p):
+        return (25 * 1 * c1 * p + c1 * p) + (25 * c1 * p * c2 * p + c2 * p) \
+            + (16 * c2 * p * f1 * p + f1 * p) + (f1 * p * 10 + 10)
+    model = budgetprune.create_model("lenet5")
+    assert hand(1.0) == sum(q.numel() for q in model.parameters())  # the formula covers every weight
+    hand = hand(p)
+    assert float(method.penalty(0.0)) == pytest.approx(1e-3 * hand, rel=1e-5)
+
+
+def test_l0_default_lambda_is_a_tenth_over_n_and_layer_lambda_weights():
+    assert create_method("l0", dataset_size=60000).lam == pytest.approx(0.1 / 60000)
+    _, _, plain = attached("l0", lam=1.0)
+    _, graph, weighted = attached("l0", lam=1.0, layer_lam={"classifier.1": 3.0})
+    for m in (plain, weighted):
+        set_log_alpha(m, 0.0)
+    cm = CostModel(graph, "params")
+    probs = plain.by_group(lambda g: g.prob_nonzero().detach())
+    fc1 = [t for t in cm.terms if t.name == "classifier.1"][0]
+    n_in = float(probs["features.3"].sum()) * fc1.in_expansion
+    extra = 2.0 * fc1.cost(n_in, float(probs["classifier.1"].sum()))
+    assert float(weighted.penalty(0.0)) == pytest.approx(float(plain.penalty(0.0)) + extra, rel=1e-6)
+    with pytest.raises(ValueError, match="layer_lam names layers"):
+        attached("l0", layer_lam={"nope": 1.0})
+
+
+def test_l0_penalty_gradient_matches_finite_differences():
+    _, _, method = attached("l0", lam=1e-2)
+    method.double()
+    set_log_alpha(method, lambda n: torch.randn(n))
+    method.penalty(0.0).backward()
+    gate = method.gate("features.3")
+    h = 1e-5
+    with torch.no_grad():
+        gate.log_alpha[4] += h
+        up = float(method.penalty(0.0))
+        gate.log_alpha[4] -= 2 * h
+        dn = float(method.penalty(0.0))
+        gate.log_alpha[4] += h
+    assert float(gate.log_alpha.grad[4]) == pytest.approx((up - dn) / (2 * h), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# short runs on the embedded data: every method ends within the budget
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_small():
+    splits = load_dataset("demo")
+    g = torch.Generator().manual_seed(0)
+    return splits.train.subset(torch.randperm(len(splits.train), generator=g)[:512]), \
+        splits.test.subset(torch.arange(256))
+
+
+FAST = dict(teacher_epochs=1, epochs=2, finetune_epochs=1, lowlr_epochs=0, batch_size=64, progress=False)
+
+
+@pytest.mark.parametrize("method", ["l0", "constrained-l0"])
+def test_short_run_ends_within_budget(method, demo_small, tmp_path):
+    train, test = demo_small
+    torch.manual_seed(0)
+    _, m = budgetprune.prune(budgetprune.create_model("lenet5"), train, test, budget="4x", method=method,
+                             out=tmp_path / "run", log=None, **FAST)
+    assert m["method"] == method
+    assert m["pruned"]["volume"] <= m["budget"] + 1e-9 and 0.95 <= m["budget_ratio"] <= 1.0
+    assert m["compaction_max_abs_diff"] <= 1e-5
