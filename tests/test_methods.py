@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import budgetprune
-from budgetprune.budget import Budget
+from budgetprune.budget import Budget, uniform_widths
 from budgetprune.data import load_dataset
 from budgetprune.errors import ConfigError
 from budgetprune.methods import available_methods, create_method
@@ -39,7 +39,7 @@ def set_log_alpha(method, value_or_fn):
 # registry and options
 # ---------------------------------------------------------------------------------------
 def test_registry_lists_the_methods():
-    assert {"bar", "l0", "constrained-l0"} <= set(available_methods())
+    assert {"bar", "l0", "constrained-l0", "random", "magnitude"} <= set(available_methods())
 
 
 def test_unknown_option_names_the_method_and_its_options():
@@ -100,7 +100,7 @@ def test_constrained_l0_layer_targets_one_multiplier_per_layer():
     set_log_alpha(method, 5.0)
     assert method.multipliers.numel() == len(graph.groups)
     g = method.violations()
-    p_open = float(method.gate(next(iter(graph.groups))).prob_nonzero()[0])
+    p_open = float(method.gate(next(iter(graph.groups))).prob_nonzero().detach()[0])
     assert g.tolist() == pytest.approx([p_open - 0.25] * len(graph.groups), rel=1e-6)
     method.penalty(0.0)
     method.after_step(0.0)
@@ -123,7 +123,7 @@ def test_l0_penalty_is_lambda_times_expected_parameters_by_hand():
     parameter count is each layer's k²·E[n_in]·E[n_out] + per-output terms."""
     _, graph, method = attached("l0", lam=1e-3)
     set_log_alpha(method, 0.7)
-    p = float(method.gate("features.0").prob_nonzero()[0])
+    p = float(method.gate("features.0").prob_nonzero().detach()[0])
     widths = {gid: g.channels for gid, g in graph.groups.items()}
     c1, c2, f1 = widths["features.0"], widths["features.3"], widths["classifier.1"]
 
@@ -133,7 +133,7 @@ def test_l0_penalty_is_lambda_times_expected_parameters_by_hand():
     model = budgetprune.create_model("lenet5")
     assert hand(1.0) == sum(q.numel() for q in model.parameters())  # the formula covers every weight
     hand = hand(p)
-    assert float(method.penalty(0.0)) == pytest.approx(1e-3 * hand, rel=1e-5)
+    assert float(method.penalty(0.0).detach()) == pytest.approx(1e-3 * hand, rel=1e-5)
 
 
 def test_l0_default_lambda_is_a_tenth_over_n_and_layer_lambda_weights():
@@ -147,7 +147,7 @@ def test_l0_default_lambda_is_a_tenth_over_n_and_layer_lambda_weights():
     fc1 = [t for t in cm.terms if t.name == "classifier.1"][0]
     n_in = float(probs["features.3"].sum()) * fc1.in_expansion
     extra = 2.0 * fc1.cost(n_in, float(probs["classifier.1"].sum()))
-    assert float(weighted.penalty(0.0)) == pytest.approx(float(plain.penalty(0.0)) + extra, rel=1e-6)
+    assert float(weighted.penalty(0.0).detach()) == pytest.approx(float(plain.penalty(0.0).detach()) + extra, rel=1e-6)
     with pytest.raises(ValueError, match="layer_lam names layers"):
         attached("l0", layer_lam={"nope": 1.0})
 
@@ -169,6 +169,82 @@ def test_l0_penalty_gradient_matches_finite_differences():
 
 
 # ---------------------------------------------------------------------------------------
+# the iterative baselines (seed 001, supplement 3.2)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("allocation,low", [("uniform", 0.8), ("global", 0.95)])
+def test_iterative_cuts_halve_the_volume_at_evenly_spaced_points(allocation, low):
+    _, graph, method = attached("magnitude", budgets=[Budget("volume", 0.125)], allocation=allocation)
+    cm = CostModel(graph, "volume")
+    full = cm.full()
+    assert method.fractions == [[0.5], [0.25], [0.125]]
+    assert [method.cut_progress(k) for k in range(3)] == [0.25, 0.5, 0.75]
+    seen, previous = [], method.keep_masks()
+    for step in range(101):
+        method.after_step(step / 100)
+        masks = method.keep_masks()
+        for gid in masks:  # a pruned channel never comes back
+            assert not bool((masks[gid] & ~previous[gid]).any())
+        previous = masks
+        seen.append(cm.hard(masks) / full)
+    assert seen[24] == 1.0
+    for step, target in ((25, 0.5), (50, 0.25), (75, 0.125)):
+        assert low * target <= seen[step] <= target, (step, seen[step])
+    assert seen[100] == seen[75] and int(method.cuts_done) == 3
+
+
+def test_uniform_widths_scale_every_layer_alike_and_keep_the_best():
+    _, graph = lenet5_graph()
+    torch.manual_seed(4)
+    scores = {gid: torch.rand(g.channels) for gid, g in graph.groups.items()}
+    full = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
+    out = uniform_widths(graph, full, scores, Budget("volume", 0.3))
+    cm = CostModel(graph, "volume")
+    assert cm.hard(out) <= 0.3 * cm.full()
+    ratios = [int(out[g].sum()) / graph.groups[g].channels for g in out]
+    assert max(ratios) - min(ratios) <= max(1.0 / graph.groups[g].channels for g in out) + 1e-9
+    for gid in out:
+        assert float(scores[gid][out[gid]].min()) >= float(scores[gid][~out[gid]].max())
+
+
+def test_iterative_steps_option_spaces_fractions_geometrically():
+    _, _, method = attached("random", budgets=[Budget("volume", 0.1)], steps=2)
+    assert [f[0] for f in method.fractions] == pytest.approx([0.1 ** 0.5, 0.1])
+
+
+def test_magnitude_scores_are_mean_absolute_filter_weights():
+    model, graph, method = attached("magnitude")
+    w = model.features[3].weight.detach()
+    hand = torch.tensor([float(w[i].abs().sum()) / w[i].numel() for i in range(w.shape[0])])
+    assert torch.allclose(method.scores()["features.3"], hand, rtol=1e-6)
+    method.after_step(1.0)  # every cut
+    keep, score = method.keep_masks()["features.3"], method.scores()["features.3"]
+    assert bool(keep.any()) and bool((~keep).any())
+    assert float(score[keep].min()) >= float(score[~keep].max())  # the largest filters stay
+
+
+def test_magnitude_scores_mlp_inputs_by_their_columns():
+    model = budgetprune.create_model("lenet300")
+    graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 28, 28), gate_inputs=True)
+    method = create_method("magnitude")
+    method.attach(model, graph, [Budget("volume", 0.25)])
+    inputs = [gid for gid, g in graph.groups.items() if g.position == "input"]
+    assert len(inputs) == 1
+    host = dict(model.named_modules())[graph.groups[inputs[0]].host]
+    assert torch.allclose(method.scores()[inputs[0]], host.weight.detach().abs().mean(dim=0), rtol=1e-6)
+
+
+def test_random_scores_are_fixed_and_seeded():
+    torch.manual_seed(1)
+    _, _, a = attached("random")
+    torch.manual_seed(1)
+    _, _, b = attached("random")
+    first = a.scores()
+    assert all(torch.equal(first[g], b.scores()[g]) for g in first)
+    a.after_step(1.0)
+    assert all(torch.equal(first[g], a.scores()[g]) for g in first)
+
+
+# ---------------------------------------------------------------------------------------
 # short runs on the embedded data: every method ends within the budget
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -182,7 +258,7 @@ def demo_small():
 FAST = dict(teacher_epochs=1, epochs=2, finetune_epochs=1, lowlr_epochs=0, batch_size=64, progress=False)
 
 
-@pytest.mark.parametrize("method", ["l0", "constrained-l0"])
+@pytest.mark.parametrize("method", ["l0", "constrained-l0", "random", "magnitude"])
 def test_short_run_ends_within_budget(method, demo_small, tmp_path):
     train, test = demo_small
     torch.manual_seed(0)

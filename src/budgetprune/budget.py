@@ -147,6 +147,46 @@ def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
     return masks
 
 
+def uniform_widths(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
+                   budget: Budget | list[Budget], mode: str = "mixed") -> dict[str, torch.Tensor]:
+    """Scale every layer's width by one factor s so that every budget holds (seed 001, section
+    5.1: the baselines "scale the width of all layers uniformly to satisfy the budget").
+
+    Group g keeps its ``max(1, round(s · C_g))`` kept channels of highest score (never more
+    than it keeps now); s is the largest factor, found by bisection, at which every budget
+    holds. Falls back to :func:`enforce_budget` when even one channel per layer is over
+    budget. Masks are not modified in place.
+    """
+    budgets = _as_list(budget)
+    costs = _Costs(graph, budgets, mode)
+    masks = {gid: m.detach().clone().bool().cpu() for gid, m in masks.items()}
+    scores = {gid: s.detach().float().cpu() for gid, s in scores.items()}
+    order = {gid: torch.argsort(scores[gid].masked_fill(~masks[gid], float("-inf")), descending=True)
+             for gid in masks}
+
+    def scaled(s: float) -> dict[str, torch.Tensor]:
+        out = {}
+        for gid, m in masks.items():
+            k = min(int(m.sum()), max(1, round(s * graph.groups[gid].channels)))
+            keep = torch.zeros_like(m)
+            keep[order[gid][:k]] = True
+            out[gid] = keep
+        return out
+
+    if costs.fits(masks):
+        return masks
+    lo, hi = 0.0, 1.0
+    if not costs.fits(scaled(lo)):
+        return enforce_budget(graph, masks, scores, budgets, mode)
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if costs.fits(scaled(mid)):
+            lo = mid
+        else:
+            hi = mid
+    return scaled(lo)
+
+
 def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("inf")):
     """Greedy lowest score-per-cost removal until every budget holds.
 

@@ -109,3 +109,40 @@ class HardConcreteGate(nn.Module):
         if self.training:
             return self.sample(batch_size)
         return self.deterministic()
+
+
+class MaskGate(nn.Module):
+    """A fixed 0/1 mask per channel, no parameters: the gate of the iterative baselines
+    (random, weight magnitude, VQ, ID; seed 001 supplement 3.2), which prune by setting it."""
+
+    def __init__(self, num_channels: int):
+        super().__init__()
+        if num_channels < 1:
+            raise ValueError("a gate needs at least one channel")
+        self.register_buffer("mask", torch.ones(num_channels))
+        self.register_buffer("frozen", None, persistent=False)
+
+    @property
+    def num_channels(self) -> int:
+        return self.mask.numel()
+
+    def deterministic(self) -> torch.Tensor:
+        return self.mask
+
+    def keep_score(self) -> torch.Tensor:
+        return self.mask
+
+    def keep_mask(self) -> torch.Tensor:
+        return self.mask > 0
+
+    def keep_at_least_one(self) -> None:
+        """Nothing to do: the budget projection keeps a protected group's last channel."""
+
+    def set(self, keep: torch.Tensor) -> None:
+        self.mask.copy_(keep.to(self.mask).float())
+
+    def freeze(self, values: torch.Tensor) -> None:
+        self.frozen = values.detach().to(self.mask.device, self.mask.dtype).clone()
+
+    def forward(self, batch_size: int | None = None) -> torch.Tensor:
+        return self.frozen if self.frozen is not None else self.mask

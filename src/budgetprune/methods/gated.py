@@ -45,7 +45,7 @@ class GatedMethod(Method):
 
     def attach(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
         self.graph = graph
-        device = next(model.parameters()).device
+        device = self.device = next(model.parameters()).device
         self.gid_of = {}
         for gid, group in graph.groups.items():
             self.gates[_key(gid)] = self.make_gate(group).to(device)
@@ -67,7 +67,10 @@ class GatedMethod(Method):
 
     def zero(self) -> torch.Tensor:
         """A differentiable 0 on the gates' device (a penalty that is off)."""
-        return sum(p.sum() for p in self.gates.parameters()) * 0.0
+        params = list(self.gates.parameters())
+        if params:
+            return sum(p.sum() for p in params) * 0.0
+        return torch.zeros((), device=self.device)
 
     def after_step(self, progress: float) -> None:
         """Keep ≥ 1 open channel in every protected group (the fatal-pruning guard, seed 001 section 4.1).

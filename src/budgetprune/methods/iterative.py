@@ -1,0 +1,87 @@
+"""The iterative scheme of seed 001's baselines (supplement 3.2): train, then repeatedly
+prune half of the remaining cost and retrain.
+
+The prune phase is cut into n + 1 equal parts, n = ⌈log₂(1 / budget fraction)⌉: the first
+trains the unpruned network, and at the start of part k (k = 1..n) the network is pruned to
+max(2⁻ᵏ, fraction) of its full cost, then retrained until the next cut (with ``steps`` = n
+given, cut k prunes to fraction^(k/n) instead). As in seed 001 (section 5.1), a cut scales
+the width of every layer by one factor (:func:`budgetprune.budget.uniform_widths`) and the
+method's channel scores decide which channels of a layer stay; ``allocation="global"``
+uses the shared projection (:func:`budgetprune.budget.enforce_budget`: lowest score per
+unit of cost first) instead. The engine's final projection then meets every budget exactly. Channels are removed through fixed 0/1 gates
+(:class:`budgetprune.gates.MaskGate`); a method that changes weights when it prunes (VQ, ID)
+overrides :meth:`IterativePruning.on_prune`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..budget import Budget, enforce_budget, uniform_widths
+from ..gates import MaskGate
+from ..graph import ChannelGraph, ChannelGroup
+from .gated import GatedMethod
+
+
+class IterativePruning(GatedMethod):
+    """Subclasses give :meth:`channel_scores` (higher = keep)."""
+
+    guard_after_step = False
+
+    def __init__(self, steps: int | None = None, allocation: str = "uniform"):
+        super().__init__(gate_lr=None)
+        if steps is not None and steps < 1:
+            raise ValueError("the iterative scheme needs at least one pruning step")
+        if allocation not in ("uniform", "global"):
+            raise ValueError("allocation must be 'uniform' (every layer scaled alike) or 'global'")
+        self.steps = steps
+        self.allocation = allocation
+
+    def make_gate(self, group: ChannelGroup) -> nn.Module:
+        return MaskGate(group.channels)
+
+    def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
+        self.modules_of = dict(model.named_modules())
+        self.budgets = budgets
+        if self.steps:
+            self.fractions = [[b.fraction ** (k / self.steps) for b in budgets] for k in range(1, self.steps + 1)]
+        else:
+            n = max(1, math.ceil(math.log2(max(b.factor for b in budgets)) - 1e-9))
+            self.fractions = [[max(2.0 ** -k, b.fraction) for b in budgets] for k in range(1, n + 1)]
+        self.register_buffer("cuts_done", torch.zeros((), dtype=torch.long))
+
+    def cut_progress(self, k: int) -> float:
+        """Where (fraction of the prune phase) cut k (0-based) happens."""
+        return (k + 1) / (len(self.fractions) + 1)
+
+    def channel_scores(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def penalty(self, progress: float) -> torch.Tensor:
+        return self.zero()
+
+    def after_step(self, progress: float) -> None:
+        while int(self.cuts_done) < len(self.fractions) and progress >= self.cut_progress(int(self.cuts_done)):
+            self.cut(int(self.cuts_done))
+
+    @torch.no_grad()
+    def cut(self, k: int) -> None:
+        """Prune to the k-th fraction of every budget (only channels still kept can go)."""
+        before = self.keep_masks()
+        targets = [Budget(b.metric, f) for b, f in zip(self.budgets, self.fractions[k])]
+        project = uniform_widths if self.allocation == "uniform" else enforce_budget
+        after = project(self.graph, before, self.channel_scores(), targets)
+        self.on_prune(before, after)
+        for gid, keep in after.items():
+            self.gate(gid).set(keep)
+        self.cuts_done.fill_(k + 1)
+        self._last["cuts"] = float(k + 1)
+
+    def on_prune(self, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+        """Called with the masks before and after a cut, before the gates change."""
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        return {gid: s.detach() for gid, s in self.channel_scores().items()}
