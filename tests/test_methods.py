@@ -3,6 +3,8 @@ on the embedded data that end within the budget."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ import budgetprune
 from budgetprune.budget import Budget, uniform_widths
 from budgetprune.data import load_dataset
 from budgetprune.errors import ConfigError
+from budgetprune.gates import GaussianGate
 from budgetprune.methods import available_methods, create_method
 from budgetprune.objectives import dual_ascent
 from budgetprune.resources import CostModel
@@ -169,6 +172,102 @@ def test_l0_penalty_gradient_matches_finite_differences():
 
 
 # ---------------------------------------------------------------------------------------
+# Information Bottleneck (Dai et al.)
+# ---------------------------------------------------------------------------------------
+def test_gaussian_gate_init_and_samples_match_mu_sigma():
+    torch.manual_seed(0)
+    gate = GaussianGate(4000)
+    mu, log_sigma = gate.mu.detach(), gate.log_sigma.detach()
+    assert abs(float(mu.mean()) - 1.0) < 1e-3 and abs(float(mu.std()) - 0.01) < 1e-3
+    assert abs(float(log_sigma.mean()) + 9.0) < 1e-3 and abs(float(log_sigma.std()) - 0.01) < 1e-3
+    small = GaussianGate(3)
+    with torch.no_grad():
+        small.mu.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        small.log_sigma.copy_(torch.log(torch.tensor([0.25, 0.5, 3.0])))
+    z = small(200_000).detach()
+    assert torch.allclose(z.mean(0), small.mu.detach(), atol=0.02)
+    assert torch.allclose(z.std(0), torch.tensor([0.25, 0.5, 3.0]), rtol=0.01)
+    small.eval()
+    assert small().tolist() == pytest.approx([0.5, -1.0, 0.0])  # μ²/σ² = 4, 4, 4/9: the last is pruned
+
+
+def test_ib_prior_is_area_weighted_log_one_plus_snr_by_hand():
+    _, graph, method = attached("ib", lam=2e-3)
+    with torch.no_grad():
+        for gid, g in graph.groups.items():
+            method.gate(gid).mu.fill_(0.5)
+            method.gate(gid).log_sigma.fill_(math.log(0.25))
+    # log(1 + 0.25 / 0.0625) = log 5 per channel; areas 24·24, 8·8 and 1 (LeNet-5 on 28×28)
+    hand = math.log(5.0) * (576 * 20 + 64 * 50 + 1 * 500)
+    assert float(method.penalty(0.0).detach()) == pytest.approx(2e-3 * hand, rel=1e-6)
+
+
+def test_ib_prior_gradient_matches_finite_differences():
+    _, _, method = attached("ib", lam=1.0)
+    method.double()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for g in method.gates.values():
+            g.mu.copy_(torch.randn_like(g.mu))
+            g.log_sigma.copy_(torch.randn_like(g.log_sigma))
+    method.penalty(0.0).backward()
+    gate, h = method.gate("features.3"), 1e-6
+    for p in (gate.mu, gate.log_sigma):
+        with torch.no_grad():
+            p[7] += h
+            up = float(method.penalty(0.0))
+            p[7] -= 2 * h
+            dn = float(method.penalty(0.0))
+            p[7] += h
+        assert float(p.grad[7]) == pytest.approx((up - dn) / (2 * h), rel=1e-5)
+
+
+def test_ib_guard_keeps_one_channel_of_a_protected_group():
+    _, _, method = attached("ib")
+    with torch.no_grad():
+        for g in method.gates.values():
+            g.log_sigma.fill_(3.0)  # every SNR ≪ 1: everything pruned
+    method.after_step(0.5)
+    assert all(int(g.keep_mask().sum()) == 1 for g in method.gates.values())
+
+
+# ---------------------------------------------------------------------------------------
+# MorphNet (Gordon et al.)
+# ---------------------------------------------------------------------------------------
+def test_morphnet_channel_costs_by_hand():
+    _, _, vol = attached("morphnet")
+    w = vol.channel_costs()
+    assert torch.allclose(w["features.0"], torch.full((20,), 576.0)) and torch.allclose(w["features.3"],
+                                                                                          torch.full((50,), 64.0))
+    _, _, fl = attached("morphnet", metric="flops")
+    w = fl.channel_costs()
+    # conv1 channel: its own 24²·5²·1 MACs plus the 8²·5²·50 MACs conv2 spends reading it
+    assert torch.allclose(w["features.0"], torch.full((20,), 576.0 * 25 + 64.0 * 25 * 50))
+    # fc1 unit: 800 inputs, plus the 10 outputs reading it
+    assert torch.allclose(w["classifier.1"], torch.full((500,), 800.0 + 10.0))
+
+
+def test_morphnet_penalty_is_cost_weighted_l1_and_uses_batchnorm_gamma():
+    _, graph, method = attached("morphnet", lam=1e-3)
+    full_volume = CostModel(graph, "volume").full()
+    # every γ = 1: the gated part of V_F (all but the 10 ungated output units)
+    assert float(method.penalty(0.0).detach()) == pytest.approx(1e-3 * (full_volume - 10))
+    model = budgetprune.create_model("resnet20")
+    graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 28, 28))
+    method = create_method("morphnet", lam=1.0)
+    method.attach(model, graph, [Budget("volume", 0.25)])
+    bn = dict(model.named_modules())["layer1.0.bn1"]
+    gate = method.gate("layer1.0.conv1")
+    assert gate.gamma is bn.weight and method.param_groups(1e-3) == []
+    with torch.no_grad():
+        bn.weight[:3] = torch.tensor([-0.5, 0.005, 2.0])
+    assert gate.keep_mask()[:3].tolist() == [True, False, True]
+    method.penalty(0.0).backward()
+    w = method.channel_costs()["layer1.0.conv1"]
+    assert bn.weight.grad[:3].tolist() == pytest.approx((w[:3] * torch.tensor([-1.0, 1.0, 1.0])).tolist())
+
+
+# ---------------------------------------------------------------------------------------
 # the iterative baselines (seed 001, supplement 3.2)
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("allocation,low", [("uniform", 0.8), ("global", 0.95)])
@@ -258,7 +357,7 @@ def demo_small():
 FAST = dict(teacher_epochs=1, epochs=2, finetune_epochs=1, lowlr_epochs=0, batch_size=64, progress=False)
 
 
-@pytest.mark.parametrize("method", ["l0", "constrained-l0", "random", "magnitude"])
+@pytest.mark.parametrize("method", ["l0", "constrained-l0", "ib", "morphnet", "random", "magnitude"])
 def test_short_run_ends_within_budget(method, demo_small, tmp_path):
     train, test = demo_small
     torch.manual_seed(0)

@@ -146,3 +146,125 @@ class MaskGate(nn.Module):
 
     def forward(self, batch_size: int | None = None) -> torch.Tensor:
         return self.frozen if self.frozen is not None else self.mask
+
+
+class GaussianGate(nn.Module):
+    """The Information Bottleneck's gate (Dai, Zhu & Wipf, ICML 2018; seed 001 section 5.1):
+    z = μ + ε·σ per channel, ε ~ N(0, 1).
+
+    Initialised μ ~ N(1, 0.01²), log σ ~ N(−9, 0.01²) (seed 001, supplement 4). A channel is
+    kept while its signal-to-noise ratio α = μ²/σ² exceeds ``threshold`` (1: log α > 0, Dai et
+    al.'s rule); at evaluation the gate is μ on kept channels and 0 on pruned ones.
+    """
+
+    def __init__(self, num_channels: int, threshold: float = 1.0):
+        super().__init__()
+        if num_channels < 1:
+            raise ValueError("a gate needs at least one channel")
+        self.mu = nn.Parameter(1.0 + 0.01 * torch.randn(num_channels))
+        self.log_sigma = nn.Parameter(-9.0 + 0.01 * torch.randn(num_channels))
+        self.log_threshold = math.log(threshold)
+        self.register_buffer("frozen", None, persistent=False)
+
+    @property
+    def num_channels(self) -> int:
+        return self.mu.numel()
+
+    def log_snr(self) -> torch.Tensor:
+        """log α = log(μ²/σ²)."""
+        return torch.log(self.mu.square() + 1e-30) - 2.0 * self.log_sigma
+
+    def kl(self) -> torch.Tensor:
+        """Per-channel prior term log(1 + μ²/σ²) (Dai et al.'s KL bound up to a constant)."""
+        return torch.nn.functional.softplus(self.log_snr())
+
+    def keep_mask(self) -> torch.Tensor:
+        return self.log_snr() > self.log_threshold
+
+    def keep_score(self) -> torch.Tensor:
+        """σ(log α − log threshold) ∈ (0, 1): above ½ for kept channels."""
+        return torch.sigmoid(self.log_snr() - self.log_threshold)
+
+    def deterministic(self) -> torch.Tensor:
+        return self.mu * self.keep_mask().to(self.mu.dtype)
+
+    @torch.no_grad()
+    def keep_at_least_one(self, margin: float = 1e-2) -> None:
+        """Fatal-pruning guard: lower σ of the channel of highest α until it is kept."""
+        i = int(torch.argmax(self.log_snr()))
+        floor = self.log_threshold + margin
+        snr = float(self.log_snr()[i])
+        if snr < floor:
+            self.log_sigma[i] -= 0.5 * (floor - snr)
+
+    def freeze(self, values: torch.Tensor) -> None:
+        self.frozen = values.detach().to(self.mu.device, self.mu.dtype).clone()
+        self.mu.requires_grad_(False)
+        self.log_sigma.requires_grad_(False)
+
+    def forward(self, batch_size: int | None = None) -> torch.Tensor:
+        if self.frozen is not None:
+            return self.frozen
+        if not self.training:
+            return self.deterministic()
+        shape = (self.num_channels,) if batch_size is None else (batch_size, self.num_channels)
+        eps = torch.randn(shape, device=self.mu.device, dtype=self.mu.dtype)
+        return self.mu + eps * self.log_sigma.exp()
+
+
+class ScaleGate(nn.Module):
+    """MorphNet's channel scale (Gordon et al., CVPR 2018): a per-channel factor γ.
+
+    With ``bn`` given (the affine BatchNorm the channel group is hosted at), γ *is* that
+    BatchNorm's weight: the gate reads it and multiplies by 1 (the BatchNorm already scales).
+    Without one (a layer with no BatchNorm), γ is the gate's own parameter, initialised to 1.
+    A channel is kept while |γ| > ``threshold``.
+    """
+
+    def __init__(self, num_channels: int, bn: nn.Module | None = None, threshold: float = 1e-2):
+        super().__init__()
+        if num_channels < 1:
+            raise ValueError("a gate needs at least one channel")
+        self.__dict__["bn"] = bn  # not a submodule: the weight stays the model's parameter
+        self.own = None if bn is not None else nn.Parameter(torch.ones(num_channels))
+        self.threshold = float(threshold)
+        self.register_buffer("frozen", None, persistent=False)
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        return self.bn.weight if self.bn is not None else self.own
+
+    @property
+    def num_channels(self) -> int:
+        return self.gamma.numel()
+
+    def keep_mask(self) -> torch.Tensor:
+        return self.gamma.detach().abs() > self.threshold
+
+    def keep_score(self) -> torch.Tensor:
+        return self.gamma.detach().abs()
+
+    def deterministic(self) -> torch.Tensor:
+        """The factor the compacted network folds: γ for an own scale, 1 when the BatchNorm holds it."""
+        keep = self.keep_mask().to(self.gamma.dtype)
+        return keep if self.bn is not None else self.gamma.detach() * keep
+
+    @torch.no_grad()
+    def keep_at_least_one(self, margin: float = 1e-3) -> None:
+        """Fatal-pruning guard: the largest |γ| is raised to just above the threshold."""
+        g = self.gamma
+        i = int(torch.argmax(g.abs()))
+        if float(g[i].abs()) <= self.threshold:
+            g[i] = (self.threshold + margin) * (1.0 if float(g[i]) >= 0 else -1.0)
+
+    def freeze(self, values: torch.Tensor) -> None:
+        self.frozen = values.detach().to(self.gamma.device, self.gamma.dtype).clone()
+        if self.own is not None:
+            self.own.requires_grad_(False)
+
+    def forward(self, batch_size: int | None = None) -> torch.Tensor:
+        if self.frozen is not None:
+            return self.frozen
+        if self.bn is not None:
+            return torch.ones_like(self.gamma)
+        return self.own

@@ -102,6 +102,8 @@ class GatedMethod(Method):
 
     def param_groups(self, lr: float) -> list[dict]:
         params = [p for g in self.gates.values() for p in g.parameters()]
+        if not params:
+            return []
         return [{"params": params, "lr": self.gate_lr or lr, "weight_decay": 0.0, "name": "gates"}]
 
     def status(self) -> dict[str, float]:

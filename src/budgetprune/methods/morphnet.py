@@ -1,0 +1,66 @@
+"""MorphNet (Gordon et al., CVPR 2018; seed 001 section 5.1): BatchNorm's γ as the channel
+mask, driven to zero by an L1 penalty that weighs each channel by the resource it costs.
+
+The penalty is ``λ · (V_F / cost_F) · Σ_i w_i |γ_i|`` with w_i = ∂cost/∂n_i, the cost of
+keeping channel i given which channels are alive now (the derivative of
+:meth:`budgetprune.resources.CostModel.expected` at the current keep masks): A_l for the
+volume, A_l·k²·(alive inputs) plus what its readers pay for it for FLOPs, as MorphNet's
+FLOP regulariser counts alive neighbours. The factor V_F / cost_F makes one λ weigh the same
+for every metric, as in BAR. Widths are the channels with |γ| above ``threshold``; a layer
+with no BatchNorm gets a scale of its own (:class:`budgetprune.gates.ScaleGate`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..budget import Budget
+from ..gates import ScaleGate
+from ..graph import ChannelGraph, ChannelGroup
+from ..resources import CostModel
+from .base import register_method
+from .gated import GatedMethod
+
+
+@register_method("morphnet")
+class MorphNet(GatedMethod):
+    """Resource-weighted L1 on BatchNorm scales; ``metric`` defaults to the (first) budget's."""
+
+    def __init__(self, lam: float = 1e-4, threshold: float = 1e-2, metric: str | None = None,
+                 gate_lr: float | None = None):
+        super().__init__(gate_lr)
+        if lam < 0 or not threshold > 0:
+            raise ValueError("morphnet needs lam ≥ 0 and threshold > 0")
+        self.lam = float(lam)
+        self.threshold = float(threshold)
+        self.metric = metric
+
+    def attach(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
+        self._modules_of = dict(model.named_modules())
+        super().attach(model, graph, budgets)
+
+    def make_gate(self, group: ChannelGroup) -> nn.Module:
+        host = self._modules_of.get(group.host)
+        bn = host if (group.position == "output" and isinstance(host, nn.modules.batchnorm._BatchNorm)
+                      and host.affine) else None
+        return ScaleGate(group.channels, bn, self.threshold)
+
+    def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
+        self.cost = CostModel(graph, self.metric or budgets[0].metric)
+        self.scale = CostModel(graph, "volume").full() / self.cost.full()
+
+    def channel_costs(self) -> dict[str, torch.Tensor]:
+        """w_i = ∂cost/∂n_i at the current keep masks."""
+        probs = {gid: m.float().requires_grad_(True) for gid, m in self.keep_masks().items()}
+        grads = torch.autograd.grad(self.cost.expected(probs), list(probs.values()), allow_unused=True)
+        return {gid: (g if g is not None else torch.zeros_like(probs[gid])).detach()
+                for gid, g in zip(probs, grads)}
+
+    def penalty(self, progress: float) -> torch.Tensor:
+        w = self.channel_costs()
+        total = self.zero()
+        for gid, gate in self.by_group(lambda g: g).items():
+            total = total + (w[gid].to(gate.gamma) * gate.gamma.abs()).sum()
+        self._last["l1"] = float(total.detach())
+        return self.lam * self.scale * total
