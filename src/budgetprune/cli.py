@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", required=True,
                    help="allowed fraction of the unpruned cost (0.25) or pruning factor (4x)")
     p.add_argument("--metric", default="volume", help="volume (activations, default), flops or params")
-    p.add_argument("--method", default="bar", help="pruning method (default bar)")
+    p.add_argument("--method", default="bar", help="pruning method: bar (default), l0, constrained-l0, ib, "
+                                                   "morphnet, random or magnitude (see the README's Methods)")
     p.add_argument("--out", required=True, help="run folder for the model, metrics, report and checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--teacher", help="trained unpruned model (a budgetprune model.pt/teacher.pt or a state dict)")

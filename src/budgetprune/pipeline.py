@@ -180,10 +180,8 @@ class PruneRun:
     def _line(self, stage: str, epoch: int, total: int, stats: dict) -> None:
         parts = [f"[{stage}] epoch {epoch}/{total}", f"loss {stats['loss']:.4f}",
                  f"acc {stats['train_accuracy']:.4f}", f"test {stats['test_accuracy']:.4f}"]
-        for key in ("V", "b", "f"):
-            for k, v in stats.items():
-                if k == key or k.startswith(key + "_"):
-                    parts.append(f"{k} {v:.4g}")
+        skip = {"loss", "train_accuracy", "test_accuracy", "seconds", "steps", "penalty", "data_loss"}
+        parts += [f"{k} {v:.4g}" for k, v in stats.items() if k not in skip and isinstance(v, (int, float))]
         parts.append(f"{stats['seconds']:.1f}s")
         self.log("  ".join(parts))
 
