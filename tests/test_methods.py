@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import budgetprune
-from budgetprune.budget import Budget, uniform_widths
+from budgetprune import cli
+from budgetprune.budget import Budget, parse_budgets, uniform_widths
 from budgetprune.data import load_dataset
-from budgetprune.errors import ConfigError
+from budgetprune.errors import BudgetError, ConfigError
 from budgetprune.gates import GaussianGate
 from budgetprune.methods import available_methods, create_method
 from budgetprune.objectives import dual_ascent
@@ -366,3 +367,32 @@ def test_short_run_ends_within_budget(method, demo_small, tmp_path):
     assert m["method"] == method
     assert m["pruned"]["volume"] <= m["budget"] + 1e-9 and 0.95 <= m["budget_ratio"] <= 1.0
     assert m["compaction_max_abs_diff"] <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------
+# several budgets at once
+# ---------------------------------------------------------------------------------------
+def test_parse_budgets_forms_and_errors():
+    assert parse_budgets("0.25", "flops") == [Budget("flops", 0.25)]
+    assert parse_budgets("volume=4x, flops=20%") == [Budget("volume", 0.25), Budget("flops", 0.2)]
+    for bad, msg in (("volume=0.25,volume=0.3", "twice"), ("volume=0.25,flops", "METRIC=VALUE"),
+                     ("speed=0.5", "unknown metric"), ("volume=2", "strictly between")):
+        with pytest.raises(BudgetError, match=msg):
+            parse_budgets(bad)
+
+
+def test_bar_run_with_two_budgets_meets_both(demo_small, tmp_path):
+    train, test = demo_small
+    torch.manual_seed(0)
+    _, m = budgetprune.prune(budgetprune.create_model("lenet5"), train, test, budget="volume=0.3,flops=0.1",
+                             out=tmp_path / "run", log=None, **FAST)
+    ratios = {k: v["ratio"] for k, v in m["budgets"].items()}
+    assert set(ratios) == {"volume", "flops"} and max(ratios.values()) <= 1.0 and max(ratios.values()) >= 0.95
+    assert m["pruned"]["flops"] <= 0.1 * m["full"]["flops"] + 1e-6
+
+
+def test_cli_rejects_a_malformed_budget_list(capsys, tmp_path):
+    code = cli.main(["prune", "--model", "lenet5", "--data", "demo", "--budget", "volume=0.25,flops",
+                     "--out", str(tmp_path / "r")])
+    _, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and "METRIC=VALUE" in err

@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 from . import io
-from .budget import parse_budget
+from .budget import parse_budgets
 from .errors import CheckpointError, ConfigError
 from .pipeline import PruneConfig, PruneRun
 
@@ -21,7 +21,7 @@ def prune(model: nn.Module, train_data, test_data=None, *, budget: float | str =
     """Train and prune ``model`` under ``budget``; returns ``(compacted_model, metrics)``.
 
     ``budget`` is a fraction of the unpruned ``metric`` (``0.25``) or a pruning factor
-    (``"4x"``). ``teacher`` is a trained unpruned model (module or checkpoint path); without
+    (``"4x"``), or several budgets at once (``"volume=0.25,flops=0.2"``). ``teacher`` is a trained unpruned model (module or checkpoint path); without
     one, a teacher is trained first for ``teacher_epochs`` starting from ``model``'s weights
     (``teacher_epochs=0`` uses ``model`` itself as the trained teacher). ``out`` keeps the
     run folder (checkpoints, report); without it a temporary folder is used. Other keyword
@@ -31,8 +31,9 @@ def prune(model: nn.Module, train_data, test_data=None, *, budget: float | str =
     unknown = set(options) - set(PruneConfig.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}: see budgetprune.PruneConfig")
-    b = parse_budget(budget, metric)
-    config = PruneConfig(budget=b.fraction, metric=metric, method=method, **options)
+    first, *more = parse_budgets(budget, metric)
+    config = PruneConfig(budget=first.fraction, metric=first.metric, method=method,
+                         extra_budgets={b.metric: b.fraction for b in more}, **options)
     if log is None:
         log = lambda _msg: None  # noqa: E731
     test_data = test_data if test_data is not None else train_data

@@ -66,6 +66,24 @@ def parse_budget(value: str | float, metric: str = "volume") -> Budget:
     return Budget(metric, fraction)
 
 
+def parse_budgets(value: str | float, metric: str = "volume") -> list[Budget]:
+    """One budget (``0.25``, ``4x`` for ``metric``) or several, one per metric:
+    ``"volume=0.25,flops=0.2"`` or ``"volume=4x,params=10%"``. The first is the primary one."""
+    text = str(value).strip()
+    if "=" not in text:
+        return [parse_budget(text, metric)]
+    out: list[Budget] = []
+    for part in text.split(","):
+        name, sep, amount = part.partition("=")
+        name = name.strip().lower()
+        if not sep or not name or not amount.strip():
+            raise BudgetError(f"budget part '{part.strip()}' is not METRIC=VALUE: write e.g. volume=0.25,flops=0.2")
+        if any(b.metric == name for b in out):
+            raise BudgetError(f"budget names '{name}' twice: give each metric once")
+        out.append(parse_budget(amount, name))
+    return out
+
+
 def _as_list(budgets: Budget | list[Budget]) -> list[Budget]:
     return [budgets] if isinstance(budgets, Budget) else list(budgets)
 

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model name (see 'budgetprune list')")
     _add_data_args(p)
     p.add_argument("--budget", required=True,
-                   help="allowed fraction of the unpruned cost (0.25) or pruning factor (4x)")
+                   help="allowed fraction of the unpruned cost (0.25) or pruning factor (4x) of --metric; "
+                        "several metrics at once: volume=0.25,flops=0.2")
     p.add_argument("--metric", default="volume", help="volume (activations, default), flops or params")
     p.add_argument("--method", default="bar", help="pruning method: bar (default), l0, constrained-l0, ib, "
                                                    "morphnet, random or magnitude (see the README's Methods)")
@@ -127,11 +128,12 @@ def cmd_prune(args) -> int:
 
 
 def _config_from_args(args):
-    from .budget import parse_budget
+    from .budget import parse_budgets
     from .pipeline import PruneConfig
-    budget = parse_budget(args.budget, args.metric)
-    config = PruneConfig(budget=budget.fraction, metric=args.metric, method=args.method, model=args.model,
-                         data=args.data, data_root=args.data_root, teacher=args.teacher)
+    first, *more = parse_budgets(args.budget, args.metric)
+    config = PruneConfig(budget=first.fraction, metric=first.metric, method=args.method, model=args.model,
+                         data=args.data, data_root=args.data_root, teacher=args.teacher,
+                         extra_budgets={b.metric: b.fraction for b in more})
     for name in ("epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs", "lr", "gate_lr", "batch_size",
                  "lam", "gate_init", "dual_lr", "schedule", "student_init", "seed", "device", "block"):
         value = getattr(args, name, None)
@@ -164,8 +166,9 @@ def _run(config, out: Path, resume: bool, download: bool = False) -> int:
     run = PruneRun(model, splits.train, splits.test, config, out, teacher=teacher, log=print)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", asdict(config))
-    print(f"budgetprune: {config.method} on {config.model} / {config.data}, {config.metric} budget "
-          f"{config.budget:.4g} ({1 / config.budget:.3g}x); run folder {out}", flush=True)
+    budgets = ", ".join(f"{b.metric} {b.fraction:.4g} ({b.factor:.3g}x)" for b in config.budgets())
+    print(f"budgetprune: {config.method} on {config.model} / {config.data}, budget {budgets}; run folder {out}",
+          flush=True)
     run.run(resume=resume)
     return 0
 

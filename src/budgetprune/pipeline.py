@@ -46,6 +46,7 @@ class PruneConfig:
 
     budget: float = 0.25  # fraction of the full cost
     metric: str = "volume"
+    extra_budgets: dict[str, float] = field(default_factory=dict)  # more budgets: metric -> fraction
     method: str = "bar"
     model: str | None = None
     data: str | None = None
@@ -80,6 +81,11 @@ class PruneConfig:
             raise ConfigError(f"unknown metric '{self.metric}': choose one of {', '.join(METRICS)}")
         if not 0.0 < self.budget < 1.0:
             raise ConfigError(f"budget {self.budget} must lie strictly between 0 and 1")
+        for metric, fraction in self.extra_budgets.items():
+            if metric not in METRICS or metric == self.metric:
+                raise ConfigError(f"extra budget on '{metric}': give each of {', '.join(METRICS)} at most once")
+            if not 0.0 < fraction < 1.0:
+                raise ConfigError(f"{metric} budget {fraction} must lie strictly between 0 and 1")
         for name in ("epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more")
@@ -99,6 +105,10 @@ class PruneConfig:
             raise ConfigError("--student-init must be 'teacher' or 'random'")
         if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature < 1.0:
             raise ConfigError("--kd-alpha must lie in [0, 1] and --kd-temperature be at least 1")
+
+    def budgets(self) -> list[Budget]:
+        """Every budget of the run, the primary one (``metric``, ``budget``) first."""
+        return [Budget(self.metric, self.budget)] + [Budget(m, f) for m, f in self.extra_budgets.items()]
 
     def method_settings(self, dataset_size: int) -> dict:
         """Run-wide settings a method may take (each takes those it has; see ``create_method``)."""
@@ -153,8 +163,10 @@ class PruneRun:
         x0 = train_data[0][0]
         self.example = x0.unsqueeze(0).to(self.device)
         self.graph = ChannelGraph.build(self.model, self.example, gate_inputs=config.gate_inputs)
-        self.budget = Budget(config.metric, config.budget)
-        self.budget.check_reachable(self.graph)
+        self.budgets = config.budgets()
+        self.budget = self.budgets[0]
+        for budget in self.budgets:
+            budget.check_reachable(self.graph)
         self.full = resource_report(self.graph)
         self.ckpt_path = self.out / "checkpoint.pt"
         self.history: list[dict] = []
@@ -280,7 +292,7 @@ class PruneRun:
         if cfg.student_init == "teacher":
             student.load_state_dict(self._teacher_state_for_model())
         method = create_method(cfg.method, shared=cfg.method_settings(len(self.train_data)))
-        method.attach(student, self.graph, [self.budget])
+        method.attach(student, self.graph, self.budgets)
         method.to(self.device)
         opt = make_optimizer(list(student.parameters()), cfg.lr, cfg.weight_decay, method.param_groups(cfg.lr))
         start = 0
@@ -314,24 +326,26 @@ class PruneRun:
         """Masks → exact budget → compaction, checking the compacted outputs."""
         graph = method.graph
         masks = method.keep_masks()
-        cm = CostModel(graph, self.budget.metric, self.config.block)
-        limit = self.budget.absolute(graph)
-        before = cm.hard(masks)
+        block = self.config.block
+        costs = {b.metric: (CostModel(graph, b.metric, block), b.absolute(graph)) for b in self.budgets}
+        before = {m: cm.hard(masks) for m, (cm, _) in costs.items()}
         scores = method.scores()
-        final = enforce_budget(graph, masks, scores, self.budget, mode=self.config.block)
+        final = enforce_budget(graph, masks, scores, self.budgets, mode=block)
         dropped = int(sum(int(masks[g].sum()) - int(final[g].sum()) for g in masks))
         reopened: dict[str, torch.Tensor] = {}
         if self.config.fill_budget:
-            filled = fill_budget(graph, final, scores, [self.budget],
-                                 reopenable={g for g, grp in graph.groups.items() if not grp.shared},
-                                 mode=self.config.block)
+            filled = fill_budget(graph, final, scores, self.budgets,
+                                 reopenable={g for g, grp in graph.groups.items() if not grp.shared}, mode=block)
             reopened = {g: torch.nonzero(filled[g] & ~final[g]).flatten() for g in final}
             final = filled
         n_reopened = int(sum(i.numel() for i in reopened.values()))
-        after = cm.hard(final)
-        self.log(f"hard-prune: {self.budget.metric} {before:.6g} → {after:.6g} (budget {limit:.6g}, "
-                 f"{after / limit:.4f} of it); the budget projection dropped {dropped} channels"
+        moves = []
+        for m, (cm, limit) in costs.items():
+            after = cm.hard(final)
+            moves.append(f"{m} {before[m]:.6g} → {after:.6g} (budget {limit:.6g}, {after / limit:.4f} of it)")
+        self.log(f"hard-prune: {'; '.join(moves)}; the budget projection dropped {dropped} channels"
                  + (f" and reopened {n_reopened}" if n_reopened else ""))
+        before = before[self.budget.metric]
         values = method.gate_values()
         if n_reopened:
             # Reopened channels pass with gate 1 and start with zero outgoing weights.
@@ -405,6 +419,9 @@ class PruneRun:
         metrics = {
             "method": cfg.method, "metric": cfg.metric, "budget_fraction": cfg.budget,
             "budget": limit, "budget_ratio": pruned[cfg.metric] / limit,
+            "budgets": {b.metric: {"fraction": b.fraction, "limit": b.fraction * self.full[b.metric],
+                                   "pruned": pruned[b.metric], "ratio": pruned[b.metric] / (b.fraction * self.full[b.metric])}
+                        for b in self.budgets},
             "full": self.full, "pruned": pruned, "block": cfg.block,
             "pruned_by_block": info.get("pruned_by_block", {cfg.block: pruned}),
             "reduction_factor": {k: self.full[k] / pruned[k] for k in self.full},
