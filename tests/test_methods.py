@@ -3,13 +3,14 @@ on the embedded data that end within the budget."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 import budgetprune
-from budgetprune import cli
+from budgetprune import cli, latency
 from budgetprune.budget import Budget, parse_budgets, uniform_widths
 from budgetprune.data import load_dataset
 from budgetprune.errors import BudgetError, ConfigError
@@ -396,3 +397,52 @@ def test_cli_rejects_a_malformed_budget_list(capsys, tmp_path):
                      "--out", str(tmp_path / "r")])
     _, err = capsys.readouterr()
     assert code == 2 and err.count("\n") == 1 and "METRIC=VALUE" in err
+
+
+# ---------------------------------------------------------------------------------------
+# the latency budget
+# ---------------------------------------------------------------------------------------
+def test_latency_fit_recovers_a_bilinear_timer_exactly(monkeypatch):
+    def fake_time(module, x, repeats):
+        n_in, n_out = (module.in_features, module.out_features) if isinstance(module, torch.nn.Linear) \
+            else (module.in_channels, module.out_channels)
+        return 0.002 * n_in * n_out + 0.05 * n_out
+
+    monkeypatch.setattr(latency, "_time", fake_time)
+    spec = {"kind": "conv", "in": 20, "out": 50, "spatial": [12, 12], "batch": 1, "bias": True,
+            "depthwise": False, "kernel": [5, 5], "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1]}
+    fit = latency.measure_layer(spec, torch.device("cpu"), repeats=1)
+    assert len(fit["table"]) == 16
+    assert fit["c_io"] == pytest.approx(0.002, rel=1e-9) and fit["c_out"] == pytest.approx(0.05, rel=1e-9)
+
+
+def test_latency_table_is_cached_per_device(monkeypatch, tmp_path):
+    monkeypatch.setenv("BUDGETPRUNE_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_measure(spec, device, repeats=20):
+        calls.append(spec["out"])
+        return {"table": [], "c_io": 1e-3 * spec["out"], "c_out": 0.01}
+
+    monkeypatch.setattr(latency, "measure_layer", fake_measure)
+    _, graph = lenet5_graph()
+    first = latency.layer_coefficients(graph)
+    assert sorted(calls) == [10, 20, 50, 500] and set(first) == set(graph.layers)
+    again = latency.layer_coefficients(graph)
+    assert again == first and len(calls) == 4  # nothing measured twice
+    cache = json.loads((tmp_path / "latency.json").read_text())
+    assert list(cache) == [latency.device_name(torch.device("cpu"))]
+    # the latency cost is the fitted bilinear form: by hand for the full LeNet-5
+    hand = (1e-3 * 20 * 1 * 20 + 0.01 * 20) + (1e-3 * 50 * 20 * 50 + 0.01 * 50) \
+        + (1e-3 * 500 * 800 * 500 + 0.01 * 500) + (1e-3 * 10 * 500 * 10 + 0.01 * 10)
+    assert CostModel(graph, "latency").full() == pytest.approx(hand, rel=1e-9)
+
+
+def test_short_run_under_a_measured_latency_budget(demo_small, tmp_path, monkeypatch):
+    monkeypatch.setenv("BUDGETPRUNE_CACHE", str(tmp_path / "cache"))
+    train, test = demo_small
+    torch.manual_seed(0)
+    _, m = budgetprune.prune(budgetprune.create_model("lenet5"), train, test, budget="2x", metric="latency",
+                             out=tmp_path / "run", log=None, **FAST)
+    assert m["metric"] == "latency" and m["pruned"]["latency"] <= m["budget"] + 1e-9
+    assert 0.9 <= m["budget_ratio"] <= 1.0 and (tmp_path / "cache" / "latency.json").exists()

@@ -13,7 +13,7 @@ import torch
 
 from .errors import BudgetError
 from .graph import ChannelGraph
-from .resources import METRICS, CostModel
+from .resources import BUDGET_METRICS, CostModel
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,8 @@ class Budget:
 
 def parse_budget(value: str | float, metric: str = "volume") -> Budget:
     """``0.25``, ``"0.25"``, ``"25%"`` or the pruning factor ``"4x"`` → Budget(metric, 0.25)."""
-    if metric not in METRICS:
-        raise BudgetError(f"unknown metric '{metric}': choose one of {', '.join(METRICS)}")
+    if metric not in BUDGET_METRICS:
+        raise BudgetError(f"unknown metric '{metric}': choose one of {', '.join(BUDGET_METRICS)}")
     text = str(value).strip().lower()
     try:
         if text.endswith("x"):

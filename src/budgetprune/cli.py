@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", required=True,
                    help="allowed fraction of the unpruned cost (0.25) or pruning factor (4x) of --metric; "
                         "several metrics at once: volume=0.25,flops=0.2")
-    p.add_argument("--metric", default="volume", help="volume (activations, default), flops or params")
+    p.add_argument("--metric", default="volume", help="volume (activations, default), flops, params or latency "
+                                                       "(measured per layer on this device, cached)")
     p.add_argument("--method", default="bar", help="pruning method: bar (default), l0, constrained-l0, ib, "
                                                    "morphnet, random or magnitude (see the README's Methods)")
     p.add_argument("--out", required=True, help="run folder for the model, metrics, report and checkpoints")
@@ -297,11 +298,11 @@ def cmd_list(args) -> int:
     from .data import available_datasets
     from .methods import available_methods
     from .models import available_models
-    from .resources import METRICS
+    from .resources import BUDGET_METRICS
     print("models:  ", ", ".join(available_models()))
     print("datasets:", ", ".join(available_datasets()))
     print("methods: ", ", ".join(available_methods()))
-    print("metrics: ", ", ".join(METRICS))
+    print("metrics: ", ", ".join(BUDGET_METRICS))
     return 0
 
 

@@ -31,7 +31,7 @@ from .graph import ChannelGraph
 from .liveness import effective_masks
 from .methods import available_methods, create_method
 from .objectives import distillation_loss
-from .resources import METRICS, CostModel, resource_report
+from .resources import BUDGET_METRICS, METRICS, CostModel, resource_report
 
 STAGES = ("teacher", "prune", "finetune", "done")
 
@@ -77,13 +77,13 @@ class PruneConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        if self.metric not in METRICS:
-            raise ConfigError(f"unknown metric '{self.metric}': choose one of {', '.join(METRICS)}")
+        if self.metric not in BUDGET_METRICS:
+            raise ConfigError(f"unknown metric '{self.metric}': choose one of {', '.join(BUDGET_METRICS)}")
         if not 0.0 < self.budget < 1.0:
             raise ConfigError(f"budget {self.budget} must lie strictly between 0 and 1")
         for metric, fraction in self.extra_budgets.items():
-            if metric not in METRICS or metric == self.metric:
-                raise ConfigError(f"extra budget on '{metric}': give each of {', '.join(METRICS)} at most once")
+            if metric not in BUDGET_METRICS or metric == self.metric:
+                raise ConfigError(f"extra budget on '{metric}': give each of {', '.join(BUDGET_METRICS)} at most once")
             if not 0.0 < fraction < 1.0:
                 raise ConfigError(f"{metric} budget {fraction} must lie strictly between 0 and 1")
         for name in ("epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs"):
@@ -167,7 +167,8 @@ class PruneRun:
         self.budget = self.budgets[0]
         for budget in self.budgets:
             budget.check_reachable(self.graph)
-        self.full = resource_report(self.graph)
+        self.metrics = METRICS + tuple(b.metric for b in self.budgets if b.metric not in METRICS)
+        self.full = resource_report(self.graph, metrics=self.metrics)
         self.ckpt_path = self.out / "checkpoint.pt"
         self.history: list[dict] = []
 
@@ -370,8 +371,9 @@ class PruneRun:
         info = {"cost_before_projection": before, "channels_dropped_by_projection": dropped,
                 "channels_reopened_by_fill": n_reopened,
                 "compaction_max_abs_diff": diff, "masks": masks_json,
-                "pruned": resource_report(graph, final, self.config.block),
-                "pruned_by_block": {mode: resource_report(graph, final, mode) for mode in ("mixed", "regular")}}
+                "pruned": resource_report(graph, final, self.config.block, self.metrics),
+                "pruned_by_block": {mode: resource_report(graph, final, mode, self.metrics)
+                                    for mode in ("mixed", "regular")}}
         return net, specs, info
 
     def _sample_batch(self):

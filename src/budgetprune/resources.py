@@ -17,6 +17,8 @@ dead output channel also removes the next layer's inputs.
 * flops — section 3.3's FLOP variant: a layer's cost also counts the (expected) active maps
   of its input: A_l · k² · n_in · n_out multiply-accumulates (a depthwise conv: A_l · k² · n_out;
   MACs, the fvcore/thop convention: one MAC counts as one FLOP).
+* latency — milliseconds measured per layer on the current device and fitted to the same
+  c_io · n_in · n_out + c_out · n_out form (:mod:`budgetprune.latency`): a budget like FLOPs.
 * params — weights k² · n_in · n_out, biases n_out, BatchNorm γ and β 2 · n_out (also for a
   BatchNorm that hosts no gate, e.g. a Wide-ResNet's pre-activation BN).
 
@@ -36,7 +38,9 @@ from .errors import ConfigError
 from .graph import ChannelGraph
 from .liveness import alive, effective_masks, slot_sets
 
-METRICS = ("volume", "flops", "params")
+METRICS = ("volume", "flops", "params")  # counted: every report gives them
+#: Every metric a budget may use: the counted ones and the measured latency (:mod:`budgetprune.latency`).
+BUDGET_METRICS = METRICS + ("latency",)
 
 
 @dataclass(frozen=True)
@@ -61,9 +65,13 @@ class LayerCost:
 
 def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
     """The cost terms of ``metric`` over ``graph``."""
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric '{metric}': choose one of {', '.join(METRICS)}")
+    if metric not in BUDGET_METRICS:
+        raise ConfigError(f"unknown metric '{metric}': choose one of {', '.join(BUDGET_METRICS)}")
     modules = dict(graph.gm.named_modules())
+    timed = None
+    if metric == "latency":
+        from .latency import layer_coefficients
+        timed = layer_coefficients(graph)
     terms: list[LayerCost] = []
     for layer in graph.layers.values():
         e = graph.tensors[layer.in_tensor].expansion
@@ -73,6 +81,8 @@ def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
             c_io, c_out = 0.0, float(layer.out_area)
         elif metric == "flops":
             c_io, c_out = (0.0, float(layer.out_area * k)) if layer.depthwise else (float(layer.out_area * k), 0.0)
+        elif metric == "latency":  # measured ms, fitted to the same bilinear form
+            c_io, c_out = (0.0, timed[layer.name][1]) if layer.depthwise else timed[layer.name]
         else:
             per_out = (1.0 if layer.bias else 0.0) + 2.0 * len(layer.batchnorms)
             c_io, c_out = (0.0, float(k) + per_out) if layer.depthwise else (float(k), per_out)
@@ -166,10 +176,11 @@ class CostModel:
 
 
 def resource_report(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None = None,
-                    mode: str = "mixed") -> dict[str, float]:
-    """``{"volume": .., "flops": .., "params": ..}`` of ``masks`` (the full net if None)."""
+                    mode: str = "mixed", metrics: tuple[str, ...] = METRICS) -> dict[str, float]:
+    """``{"volume": .., "flops": .., "params": ..}`` of ``masks`` (the full net if None);
+    ``metrics`` may add ``"latency"``."""
     out = {}
-    for metric in METRICS:
+    for metric in metrics:
         cm = CostModel(graph, metric, mode)
         out[metric] = cm.full() if masks is None else cm.hard(masks)
     return out

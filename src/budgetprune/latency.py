@@ -1,0 +1,131 @@
+"""The latency metric: a per-layer table of measured run times on the current device.
+
+For every conv/linear layer of a graph, a layer of the same kind, kernel, stride and input
+size is timed on the device at a grid of widths (¼, ½, ¾ and all of its input and output
+channels; median of repeated runs). A least-squares fit of the table to
+``t ≈ c_io · n_in · n_out + c_out · n_out`` gives the same bilinear form the FLOP count has,
+so the latency is a budget like FLOPs: hard cost, expectation under the gates and the
+projection all work unchanged (:mod:`budgetprune.resources`).
+
+Tables are built once per device and layer shape and cached as JSON in
+``$BUDGETPRUNE_CACHE/latency.json`` (default ``~/.cache/budgetprune``), keyed by the device's
+name, so a second run on the same machine measures nothing. Times are in milliseconds per
+call at ``batch`` examples (1 by default: the latency of one input).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import io
+
+GRID = (0.25, 0.5, 0.75, 1.0)
+
+
+def cache_path() -> Path:
+    root = os.environ.get("BUDGETPRUNE_CACHE") or Path.home() / ".cache" / "budgetprune"
+    return Path(root) / "latency.json"
+
+
+def device_name(device: torch.device) -> str:
+    """A name that identifies the hardware the table was measured on."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or platform.machine()
+    return f"{device.type}:{cpu}:{os.cpu_count()} cores:{torch.get_num_threads()} threads"
+
+
+def _layer_spec(graph, layer, module: nn.Module, batch: int) -> dict:
+    node = next(n for n in graph.gm.graph.nodes if n.op == "call_module" and n.target == layer.name)
+    shape = list(node.args[0].meta["tensor_meta"].shape)
+    spec = {"kind": layer.kind, "in": int(shape[1]) if layer.kind == "conv" else int(shape[-1]),
+            "out": layer.out_channels, "spatial": [int(s) for s in shape[2:]], "batch": batch,
+            "bias": module.bias is not None, "depthwise": bool(layer.depthwise)}
+    if layer.kind == "conv":
+        spec.update(kernel=list(module.kernel_size), stride=list(module.stride), padding=list(module.padding),
+                    dilation=list(module.dilation))
+    return spec
+
+
+def _build(spec: dict, n_in: int, n_out: int, device: torch.device) -> tuple[nn.Module, torch.Tensor]:
+    if spec["kind"] == "linear":
+        return nn.Linear(n_in, n_out, bias=spec["bias"]).to(device).eval(), torch.randn(spec["batch"], n_in,
+                                                                                         device=device)
+    groups = n_out if spec["depthwise"] else 1
+    conv = nn.Conv2d(n_in if not spec["depthwise"] else n_out, n_out, spec["kernel"], spec["stride"], spec["padding"],
+                     spec["dilation"], groups=groups, bias=spec["bias"]).to(device).eval()
+    x = torch.randn(spec["batch"], conv.in_channels, *spec["spatial"], device=device)
+    return conv, x
+
+
+def _time(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    with torch.no_grad():
+        for _ in range(3):
+            module(x)
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            module(x)
+            sync()
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def measure_layer(spec: dict, device: torch.device, repeats: int = 20) -> dict:
+    """Time one layer shape at the grid of widths and fit ``c_io``, ``c_out`` (ms)."""
+    ins = [spec["in"]] if spec["depthwise"] else sorted({max(1, round(f * spec["in"])) for f in GRID})
+    outs = sorted({max(1, round(f * spec["out"])) for f in GRID})
+    rows = []
+    for n_in in ins:
+        for n_out in outs:
+            module, x = _build(spec, n_in if not spec["depthwise"] else n_out, n_out, device)
+            rows.append((n_in, n_out, _time(module, x, repeats)))
+    if spec["depthwise"]:
+        a = torch.tensor([[0.0, float(o)] for _, o, _ in rows], dtype=torch.float64)
+    else:
+        a = torch.tensor([[float(i * o), float(o)] for i, o, _ in rows], dtype=torch.float64)
+    t = torch.tensor([[r[2]] for r in rows], dtype=torch.float64)
+    coef = torch.linalg.lstsq(a, t).solution.flatten().clamp_min(0.0)
+    if float(coef.sum()) == 0.0:  # timer resolution: fall back to the time per output channel
+        coef = torch.tensor([0.0, max(r[2] for r in rows) / max(outs)], dtype=torch.float64)
+    return {"table": [list(r) for r in rows], "c_io": float(coef[0]), "c_out": float(coef[1])}
+
+
+def layer_coefficients(graph, device: torch.device | None = None, batch: int = 1,
+                       repeats: int = 20) -> dict[str, tuple[float, float]]:
+    """``{layer: (c_io, c_out)}`` in ms for ``graph`` on ``device``, measured or from the cache."""
+    modules = dict(graph.gm.named_modules())
+    if device is None:
+        param = next(graph.gm.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    name = device_name(device)
+    path = cache_path()
+    try:
+        cache = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        cache = {}  # an unreadable cache is rebuilt, never fatal
+    table = cache.setdefault(name, {})
+    out, changed = {}, False
+    for layer in graph.layers.values():
+        spec = _layer_spec(graph, layer, modules[layer.name], batch)
+        key = json.dumps(spec, sort_keys=True)
+        if key not in table:
+            table[key] = measure_layer(spec, device, repeats)
+            changed = True
+        out[layer.name] = (table[key]["c_io"], table[key]["c_out"])
+    if changed:
+        try:
+            io.write_json(path, cache)
+        except OSError:
+            pass  # a read-only home: the table is still used for this run
+    return out
