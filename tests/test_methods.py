@@ -14,7 +14,7 @@ from budgetprune import cli, latency
 from budgetprune.budget import Budget, parse_budgets, uniform_widths
 from budgetprune.data import load_dataset
 from budgetprune.errors import BudgetError, ConfigError
-from budgetprune.gates import GaussianGate
+from budgetprune.gates import GaussianGate, SigmoidGate
 from budgetprune.methods import available_methods, create_method
 from budgetprune.objectives import dual_ascent
 from budgetprune.resources import CostModel
@@ -270,6 +270,37 @@ def test_morphnet_penalty_is_cost_weighted_l1_and_uses_batchnorm_gamma():
 
 
 # ---------------------------------------------------------------------------------------
+# Continuous Sparsification (seed 004)
+# ---------------------------------------------------------------------------------------
+def test_cs_mask_tends_to_the_heaviside_step_as_beta_grows():
+    gate = SigmoidGate(4)
+    with torch.no_grad():
+        gate.s.copy_(torch.tensor([-0.5, -0.05, 0.05, 0.5]))
+    step = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    gaps = []
+    for beta in (1.0, 10.0, 50.0, 200.0, 1000.0):
+        gate.beta.fill_(beta)
+        gaps.append(float((gate.soft().detach() - step).abs().max()))
+    assert all(b < a for a, b in zip(gaps, gaps[1:]))
+    assert gaps[0] == pytest.approx(1.0 / (1.0 + math.exp(0.05)), rel=1e-6)  # σ(−0.05): the worst channel
+    assert gaps[-1] == pytest.approx(1.0 / (1.0 + math.exp(50.0)), rel=1e-6)  # σ(−1000·0.05)
+    assert gate.keep_mask().tolist() == [False, False, True, True] and gate.deterministic().tolist() == step.tolist()
+
+
+def test_cs_beta_schedule_and_penalty_by_hand():
+    _, graph, method = attached("cs", lam=0.01, beta_max=200.0)
+    assert method.beta(0.0) == 1.0 and method.beta(1.0) == pytest.approx(200.0)
+    assert method.beta(0.5) == pytest.approx(200.0 ** 0.5)
+    with torch.no_grad():
+        for g in method.gates.values():
+            g.s.fill_(0.02)
+    n = sum(g.channels for g in graph.groups.values())
+    pen = float(method.penalty(0.5).detach())
+    assert pen == pytest.approx(0.01 * n / (1.0 + math.exp(-0.02 * 200.0 ** 0.5)), rel=1e-6)
+    assert all(float(g.beta) == pytest.approx(200.0 ** 0.5) for g in method.gates.values())
+
+
+# ---------------------------------------------------------------------------------------
 # the iterative baselines (seed 001, supplement 3.2)
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("allocation,low", [("uniform", 0.8), ("global", 0.95)])
@@ -359,7 +390,7 @@ def demo_small():
 FAST = dict(teacher_epochs=1, epochs=2, finetune_epochs=1, lowlr_epochs=0, batch_size=64, progress=False)
 
 
-@pytest.mark.parametrize("method", ["l0", "constrained-l0", "ib", "morphnet", "random", "magnitude"])
+@pytest.mark.parametrize("method", ["l0", "constrained-l0", "cs", "ib", "morphnet", "random", "magnitude"])
 def test_short_run_ends_within_budget(method, demo_small, tmp_path):
     train, test = demo_small
     torch.manual_seed(0)

@@ -268,3 +268,51 @@ class ScaleGate(nn.Module):
         if self.bn is not None:
             return torch.ones_like(self.gamma)
         return self.own
+
+
+class SigmoidGate(nn.Module):
+    """Continuous Sparsification's deterministic mask m = σ(β·s) (Savarese et al., NeurIPS 2020;
+    seed 004), with s initialised to ``s0`` and the temperature β set by the method.
+
+    β → ∞ turns σ(β·s) into the Heaviside step H(s): a channel is kept where s > 0, and the
+    network that is kept uses the step (gate 1 on kept channels).
+    """
+
+    def __init__(self, num_channels: int, s0: float = 0.0):
+        super().__init__()
+        if num_channels < 1:
+            raise ValueError("a gate needs at least one channel")
+        self.s = nn.Parameter(torch.full((num_channels,), float(s0)))
+        self.register_buffer("beta", torch.ones(()))
+        self.register_buffer("frozen", None, persistent=False)
+
+    @property
+    def num_channels(self) -> int:
+        return self.s.numel()
+
+    def soft(self) -> torch.Tensor:
+        """σ(β·s)."""
+        return torch.sigmoid(self.beta * self.s)
+
+    def keep_mask(self) -> torch.Tensor:
+        return self.s > 0
+
+    def keep_score(self) -> torch.Tensor:
+        return torch.sigmoid(self.s)
+
+    def deterministic(self) -> torch.Tensor:
+        """The step H(s) the kept network uses."""
+        return self.keep_mask().to(self.s.dtype)
+
+    @torch.no_grad()
+    def keep_at_least_one(self, margin: float = 1e-3) -> None:
+        i = int(torch.argmax(self.s))
+        if float(self.s[i]) <= 0.0:
+            self.s[i] = margin
+
+    def freeze(self, values: torch.Tensor) -> None:
+        self.frozen = values.detach().to(self.s.device, self.s.dtype).clone()
+        self.s.requires_grad_(False)
+
+    def forward(self, batch_size: int | None = None) -> torch.Tensor:
+        return self.frozen if self.frozen is not None else self.soft()

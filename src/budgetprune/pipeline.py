@@ -113,7 +113,8 @@ class PruneConfig:
     def method_settings(self, dataset_size: int) -> dict:
         """Run-wide settings a method may take (each takes those it has; see ``create_method``)."""
         return {"lam": self.lam, "schedule": self.schedule, "hardness": self.schedule_hardness,
-                "gate_lr": self.gate_lr, "gate_init": self.initial_log_alpha(), "dual_lr": self.dual_lr,
+                "gate_lr": self.gate_lr, "gate_init": self.initial_log_alpha(), "s0": self.initial_log_alpha(),
+                "dual_lr": self.dual_lr,
                 "dataset_size": dataset_size}
 
     def initial_log_alpha(self) -> float:
