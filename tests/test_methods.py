@@ -16,6 +16,8 @@ from budgetprune.data import load_dataset
 from budgetprune.errors import BudgetError, ConfigError
 from budgetprune.gates import GaussianGate, SigmoidGate
 from budgetprune.methods import available_methods, create_method
+from budgetprune.methods.folding import filters, reader_columns
+from budgetprune.methods.interpolative import interpolative_decomposition
 from budgetprune.objectives import dual_ascent
 from budgetprune.resources import CostModel
 
@@ -44,7 +46,8 @@ def set_log_alpha(method, value_or_fn):
 # registry and options
 # ---------------------------------------------------------------------------------------
 def test_registry_lists_the_methods():
-    assert {"bar", "l0", "constrained-l0", "random", "magnitude"} <= set(available_methods())
+    assert set(available_methods()) == {"bar", "l0", "constrained-l0", "cs", "ib", "morphnet", "random", "magnitude",
+                                        "vq", "id"}
 
 
 def test_unknown_option_names_the_method_and_its_options():
@@ -365,6 +368,74 @@ def test_magnitude_scores_mlp_inputs_by_their_columns():
     assert torch.allclose(method.scores()[inputs[0]], host.weight.detach().abs().mean(dim=0), rtol=1e-6)
 
 
+def test_vq_merges_repeated_filters_into_exactly_the_target_width_without_changing_the_function():
+    """conv1 of LeNet-5 with 5 distinct filters, each repeated 4 times: quantised to 5 channels,
+    the centres are those filters and conv2 sums the merged inputs, so the outputs are equal."""
+    model, graph, method = attached("vq")
+    torch.manual_seed(0)
+    conv1 = model.features[0]
+    with torch.no_grad():
+        base_w, base_b = torch.randn(5, 1, 5, 5), torch.randn(5)
+        order = torch.randperm(20) % 5
+        conv1.weight.copy_(base_w[order])
+        conv1.bias.copy_(base_b[order])
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        before = model(x)
+    kept = method.reduce_group("features.0", torch.arange(20), 5)
+    assert len(kept) == 5 and len(set(order[kept].tolist())) == 5  # one channel per distinct filter
+    keep = torch.zeros(20, dtype=torch.bool)
+    keep[kept] = True
+    method.gate("features.0").set(keep)
+    with torch.no_grad():
+        after = model(x)
+    assert torch.allclose(after, before, atol=1e-4)
+
+
+def test_vq_cut_keeps_exactly_the_uniform_width_of_every_layer():
+    _, graph, method = attached("vq", budgets=[Budget("volume", 0.5)])
+    scores = method.channel_scores()
+    full = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
+    target = uniform_widths(graph, full, scores, Budget("volume", 0.5))
+    method.after_step(1.0)
+    got = method.keep_masks()
+    assert {g: int(m.sum()) for g, m in got.items()} == {g: int(m.sum()) for g, m in target.items()}
+
+
+def test_interpolative_decomposition_reconstructs_a_low_rank_layer_exactly():
+    """A 6-unit linear layer of rank 3 followed by a linear layer: ID keeps 3 units, folds the
+    interpolation matrix forward, and the network computes exactly what it did."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4))
+    with torch.no_grad():
+        rows = torch.randn(6, 3) @ torch.randn(3, 9)  # (6, 9): weights and bias of rank 3
+        model[0].weight.copy_(rows[:, :8])
+        model[0].bias.copy_(rows[:, 8])
+    graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 8))
+    method = create_method("id")
+    method.attach(model, graph, [Budget("volume", 0.5)])
+    w = filters(model[0]).double().numpy()
+    rows_kept, p = interpolative_decomposition(w, 3)
+    assert len(rows_kept) == 3 and abs(p @ w[rows_kept] - w).max() < 1e-5 * abs(w).max()  # float32 weights
+    assert abs(p[rows_kept] - torch.eye(3).numpy()).max() < 1e-12
+    x = torch.randn(16, 8)
+    with torch.no_grad():
+        before = model(x)
+    kept = method.reduce_group("0", torch.arange(6), 3)
+    keep = torch.zeros(6, dtype=torch.bool)
+    keep[kept] = True
+    method.gate("0").set(keep)
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-4)
+
+
+def test_folding_refuses_a_residual_sum():
+    model = budgetprune.create_model("resnet20")
+    graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 28, 28))
+    assert reader_columns(graph, "layer1.0.conv2") is None  # writes the residual signal with others
+    assert reader_columns(graph, "layer1.0.conv1") is not None
+
+
 def test_random_scores_are_fixed_and_seeded():
     torch.manual_seed(1)
     _, _, a = attached("random")
@@ -390,7 +461,7 @@ def demo_small():
 FAST = dict(teacher_epochs=1, epochs=2, finetune_epochs=1, lowlr_epochs=0, batch_size=64, progress=False)
 
 
-@pytest.mark.parametrize("method", ["l0", "constrained-l0", "cs", "ib", "morphnet", "random", "magnitude"])
+@pytest.mark.parametrize("method", ["l0", "constrained-l0", "cs", "ib", "morphnet", "random", "magnitude", "vq", "id"])
 def test_short_run_ends_within_budget(method, demo_small, tmp_path):
     train, test = demo_small
     torch.manual_seed(0)

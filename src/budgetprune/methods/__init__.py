@@ -1,7 +1,7 @@
 """Pruning methods behind one protocol (:class:`~budgetprune.methods.base.Method`)."""
 
 from .base import Method, available_methods, create_method, register_method
-from . import (bar, constrained_l0, continuous_sparsification, information_bottleneck, l0,  # noqa: F401
-               magnitude, morphnet, random_baseline)
+from . import (bar, constrained_l0, continuous_sparsification, information_bottleneck, interpolative,  # noqa: F401
+               l0, magnitude, morphnet, random_baseline, vq)
 
 __all__ = ["Method", "available_methods", "create_method", "register_method"]

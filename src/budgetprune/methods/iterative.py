@@ -10,7 +10,7 @@ method's channel scores decide which channels of a layer stay; ``allocation="glo
 uses the shared projection (:func:`budgetprune.budget.enforce_budget`: lowest score per
 unit of cost first) instead. The engine's final projection then meets every budget exactly. Channels are removed through fixed 0/1 gates
 (:class:`budgetprune.gates.MaskGate`); a method that changes weights when it prunes (VQ, ID)
-overrides :meth:`IterativePruning.on_prune`.
+overrides :meth:`IterativePruning.on_cut`.
 """
 
 from __future__ import annotations
@@ -70,18 +70,19 @@ class IterativePruning(GatedMethod):
     @torch.no_grad()
     def cut(self, k: int) -> None:
         """Prune to the k-th fraction of every budget (only channels still kept can go)."""
-        before = self.keep_masks()
+        before = {gid: m.cpu() for gid, m in self.keep_masks().items()}
         targets = [Budget(b.metric, f) for b, f in zip(self.budgets, self.fractions[k])]
         project = uniform_widths if self.allocation == "uniform" else enforce_budget
-        after = project(self.graph, before, self.channel_scores(), targets)
-        self.on_prune(before, after)
+        after = self.on_cut(before, project(self.graph, before, self.channel_scores(), targets))
         for gid, keep in after.items():
             self.gate(gid).set(keep)
         self.cuts_done.fill_(k + 1)
         self._last["cuts"] = float(k + 1)
 
-    def on_prune(self, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
-        """Called with the masks before and after a cut, before the gates change."""
+    def on_cut(self, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The masks a cut keeps, given those before it and the projection's choice (which
+        fixes each layer's width). VQ and ID choose their own channels and change weights here."""
+        return after
 
     def scores(self) -> dict[str, torch.Tensor]:
         return {gid: s.detach() for gid, s in self.channel_scores().items()}
