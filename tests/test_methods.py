@@ -3,6 +3,7 @@ on the embedded data that end within the budget."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -46,8 +47,8 @@ def set_log_alpha(method, value_or_fn):
 # registry and options
 # ---------------------------------------------------------------------------------------
 def test_registry_lists_the_methods():
-    assert set(available_methods()) == {"bar", "l0", "constrained-l0", "cs", "ib", "morphnet", "random", "magnitude",
-                                        "vq", "id"}
+    assert set(available_methods()) == {"bar", "l0", "constrained-l0", "cs", "sensitivity", "ib", "morphnet",
+                                        "random", "magnitude", "vq", "id"}
 
 
 def test_unknown_option_names_the_method_and_its_options():
@@ -304,6 +305,64 @@ def test_cs_beta_schedule_and_penalty_by_hand():
 
 
 # ---------------------------------------------------------------------------------------
+# sensitivity-driven regularisation (seed 002), channel-level
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["unspecific", "specific"])
+def test_sensitivity_matches_finite_differences(kind):
+    model, graph, method = attached("sensitivity", kind=kind)
+    model.double()
+    method.double()
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 28, 28, dtype=torch.float64)
+    S = method.sensitivities(model(x))
+    with torch.no_grad():
+        pred = torch.softmax(model(x), 1).argmax(1)
+    gate, h = method.gate("features.3"), 1e-6
+    for c in (0, 7, 31):
+        with torch.no_grad():
+            gate.mask[c] += h
+            up = torch.softmax(model(x), 1)
+            gate.mask[c] -= 2 * h
+            dn = torch.softmax(model(x), 1)
+            gate.mask[c] += h
+        d = (up - dn) / (2 * h)  # (batch, classes): ∂y_k/∂z_c per example
+        if kind == "unspecific":
+            hand = float(d.mean(0).abs().mean())
+        else:
+            hand = sum(float((pred == k).double().mean()) * abs(float(d[pred == k, k].mean())) for k in pred.unique())
+        assert float(S["features.3"][c]) == pytest.approx(hand, rel=1e-5)
+
+
+def test_sensitivity_update_decays_insensitive_channels_only():
+    model, graph, method = attached("sensitivity", lam=0.1)
+    plain = copy.deepcopy(model)
+    conv = model.features[3]
+    gate = method.gate("features.3")
+    gate.sensitivity.fill_(1.0)
+    gate.sensitivity[0] = 0.0   # insensitive: decays by λ · w
+    gate.sensitivity[1] = 0.25  # decays by λ · 0.75 · w
+    for net in (model, plain):
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        torch.manual_seed(0)
+        net(torch.randn(4, 1, 28, 28)).square().mean().backward()
+        opt.step()
+    method.after_step(0.0)
+    ref = plain.features[3]
+    assert torch.allclose(conv.weight[0], 0.9 * ref.weight[0]) and torch.allclose(conv.bias[0], 0.9 * ref.bias[0])
+    assert torch.allclose(conv.weight[1], (1 - 0.075) * ref.weight[1])
+    assert torch.equal(conv.weight[2:], ref.weight[2:])  # S = 1: exactly the plain step
+
+
+def test_sensitivity_prunes_filters_that_shrank_below_the_threshold():
+    model, _, method = attached("sensitivity", threshold=0.05)
+    with torch.no_grad():
+        model.features[0].weight[3] *= 0.01
+        model.features[0].bias[3] *= 0.01
+    keep = method.keep_masks()["features.0"]
+    assert not bool(keep[3]) and int(keep.sum()) == 19
+
+
+# ---------------------------------------------------------------------------------------
 # the iterative baselines (seed 001, supplement 3.2)
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("allocation,low", [("uniform", 0.8), ("global", 0.95)])
@@ -461,7 +520,8 @@ def demo_small():
 FAST = dict(teacher_epochs=1, epochs=2, finetune_epochs=1, lowlr_epochs=0, batch_size=64, progress=False)
 
 
-@pytest.mark.parametrize("method", ["l0", "constrained-l0", "cs", "ib", "morphnet", "random", "magnitude", "vq", "id"])
+@pytest.mark.parametrize("method", ["l0", "constrained-l0", "cs", "sensitivity", "ib", "morphnet", "random",
+                                    "magnitude", "vq", "id"])
 def test_short_run_ends_within_budget(method, demo_small, tmp_path):
     train, test = demo_small
     torch.manual_seed(0)

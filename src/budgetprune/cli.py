@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "several metrics at once: volume=0.25,flops=0.2")
     p.add_argument("--metric", default="volume", help="volume (activations, default), flops, params or latency "
                                                        "(measured per layer on this device, cached)")
-    p.add_argument("--method", default="bar", help="pruning method: bar (default), l0, constrained-l0, cs, ib, "
-                                                   "morphnet, random, magnitude, vq or id (see the README's Methods)")
+    p.add_argument("--method", default="bar", help="pruning method: bar (default), l0, constrained-l0, cs, sensitivity, "
+                                                   "ib, morphnet, random, magnitude, vq or id (see the README's Methods)")
     p.add_argument("--out", required=True, help="run folder for the model, metrics, report and checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--teacher", help="trained unpruned model (a budgetprune model.pt/teacher.pt or a state dict)")

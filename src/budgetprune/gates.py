@@ -145,7 +145,17 @@ class MaskGate(nn.Module):
         self.frozen = values.detach().to(self.mask.device, self.mask.dtype).clone()
 
     def forward(self, batch_size: int | None = None) -> torch.Tensor:
-        return self.frozen if self.frozen is not None else self.mask
+        if self.frozen is not None:
+            return self.frozen
+        if self.probing:
+            # a fresh leaf each pass: the gradient of an output w.r.t. it is that channel's sensitivity
+            self.probe = self.mask.detach().clone().requires_grad_(True)
+            return self.probe
+        return self.mask
+
+    #: When True, each forward pass returns a leaf tensor ``probe`` (the mask values) that
+    #: outputs can be differentiated against (the sensitivity method).
+    probing = False
 
 
 class GaussianGate(nn.Module):

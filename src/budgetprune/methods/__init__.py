@@ -2,6 +2,6 @@
 
 from .base import Method, available_methods, create_method, register_method
 from . import (bar, constrained_l0, continuous_sparsification, information_bottleneck, interpolative,  # noqa: F401
-               l0, magnitude, morphnet, random_baseline, vq)
+               l0, magnitude, morphnet, random_baseline, sensitivity, vq)
 
 __all__ = ["Method", "available_methods", "create_method", "register_method"]

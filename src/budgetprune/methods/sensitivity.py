@@ -1,0 +1,148 @@
+"""Sensitivity-driven regularisation (Tartaglione, Lepsøy, Fiandrotti & Francini; seed 002),
+structured: whole channels instead of single weights.
+
+The paper's update is w ← w − η ∂L/∂w − λ·w·max(0, 1 − S(y, w)), with the sensitivity of
+the outputs to a parameter
+
+* unspecific: S = (1/C) Σ_k |∂y_k/∂w|,
+* specific:   S = Σ_k y*_k |∂y_k/∂w| (y* the one-hot target),
+
+so parameters the outputs do not depend on decay to zero while the others take the plain
+optimiser step, and a threshold then removes them. Here the parameter is a channel: its
+sensitivity is that of the outputs to a multiplicative probe z_c = 1 on the channel
+(:class:`budgetprune.gates.MaskGate` in probing mode), and the decay shrinks the channel's
+whole filter (weights and bias). y is the softmax of the network output, averaged over the
+batch; for the specific form, y* is the network's own prediction (the method does not see the
+labels). A channel's S is a derivative w.r.t. a whole map, on another scale than a single
+weight's, so S is divided by its largest value over the network before it enters
+max(0, 1 − S): the most sensitive channel is never decayed. S costs one backward pass per class
+and is recomputed every ``every`` steps (an exponential average in between). A channel is
+pruned when its filter norm falls below ``threshold`` × its norm at the start. Unstructured
+(per-weight) sensitivity is not implemented.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..budget import Budget
+from ..gates import MaskGate
+from ..graph import ChannelGraph, ChannelGroup
+from .base import register_method
+from .gated import GatedMethod
+
+
+@register_method("sensitivity")
+class SensitivityRegularization(GatedMethod):
+    """Channels whose outputs do not matter decay by λ·w·max(0, 1 − S) after every step."""
+
+    guard_after_step = False
+
+    def __init__(self, lam: float = 1e-2, kind: str = "unspecific", every: int = 10, threshold: float = 1e-2,
+                 momentum: float = 0.9):
+        super().__init__(gate_lr=None)
+        if kind not in ("unspecific", "specific"):
+            raise ValueError("sensitivity kind must be 'unspecific' or 'specific'")
+        if not 0 <= lam < 1 or every < 1 or not threshold > 0:
+            raise ValueError("sensitivity needs 0 ≤ lam < 1, every ≥ 1 and threshold > 0")
+        self.lam, self.kind, self.every = float(lam), kind, int(every)
+        self.threshold, self.momentum = float(threshold), float(momentum)
+        self._output: torch.Tensor | None = None
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def make_gate(self, group: ChannelGroup) -> nn.Module:
+        gate = MaskGate(group.channels)
+        gate.probing = True
+        return gate
+
+    def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
+        self.modules_of = dict(model.named_modules())
+        for gid in graph.groups:
+            gate = self.gate(gid)
+            gate.register_buffer("sensitivity", torch.ones_like(gate.mask))
+            gate.register_buffer("start_norm", self.filter_norms(gid).clamp_min(1e-12))
+        self._handle = model.register_forward_hook(self._keep_output)
+
+    def detach(self) -> None:
+        super().detach()
+        if getattr(self, "_handle", None) is not None:
+            self._handle.remove()
+            self._handle = None
+        for gate in self.gates.values():
+            gate.probing = False
+
+    def _keep_output(self, module, inputs, output):
+        self._output = output if module.training else None
+
+    # -- the parameters a channel owns ------------------------------------------------
+    def _filter_params(self, gid: str) -> list[torch.Tensor]:
+        group = self.graph.groups[gid]
+        if group.position == "input":
+            return []
+        module = self.modules_of[group.producer]
+        return [p for p in (module.weight, module.bias) if p is not None]
+
+    @torch.no_grad()
+    def filter_norms(self, gid: str) -> torch.Tensor:
+        group = self.graph.groups[gid]
+        if group.position == "input":  # an MLP's input features: the columns that read them
+            w = self.modules_of[group.host].weight.detach()
+            return w.reshape(w.shape[0], group.channels, -1).square().sum(dim=(0, 2)).sqrt()
+        return torch.sqrt(sum(p.detach().reshape(p.shape[0], -1).square().sum(dim=1)
+                              for p in self._filter_params(gid)))
+
+    # -- sensitivity -------------------------------------------------------------------
+    def sensitivities(self, output: torch.Tensor) -> dict[str, torch.Tensor]:
+        """S per channel (not normalised) from the probes of the forward pass of ``output``."""
+        gids = list(self.graph.groups)
+        probes = [self.gate(g).probe for g in gids]
+        y = torch.softmax(output, dim=1)
+        totals = [torch.zeros_like(p) for p in probes]
+        if self.kind == "unspecific":
+            targets = [(k, y[:, k].mean(), 1.0 / y.shape[1]) for k in range(y.shape[1])]
+        else:
+            pred = y.detach().argmax(dim=1)
+            targets = [(int(k), y[pred == k, int(k)].mean(), float((pred == k).float().mean()))
+                       for k in pred.unique()]
+        for _, yk, weight in targets:
+            grads = torch.autograd.grad(yk, probes, retain_graph=True, allow_unused=True)
+            for t, g in zip(totals, grads):
+                if g is not None:
+                    t += weight * g.detach().abs().reshape(-1, t.numel()).sum(0)
+        return dict(zip(gids, totals))
+
+    def penalty(self, progress: float) -> torch.Tensor:
+        """No loss term: the method acts on the update (see :meth:`after_step`). Every ``every``
+        steps the sensitivities of this step's forward pass are measured here."""
+        if self._output is not None and int(self.steps) % self.every == 0:
+            s = self.sensitivities(self._output)
+            top = max(float(v.max()) for v in s.values()) or 1.0
+            m = self.momentum if int(self.steps) else 0.0
+            for gid, v in s.items():
+                buf = self.gate(gid).sensitivity
+                buf.mul_(m).add_((1.0 - m) * (v / top).to(buf))
+        self._output = None
+        return self.zero()
+
+    @torch.no_grad()
+    def after_step(self, progress: float) -> None:
+        """w ← w − λ · w · max(0, 1 − S) on every channel's filter (seed 002's learning rule,
+        after the optimiser's own step)."""
+        self.steps += 1
+        for gid in self.graph.groups:
+            gate = self.gate(gid)
+            shrink = 1.0 - self.lam * (1.0 - gate.sensitivity).clamp_min(0.0) * gate.mask
+            for p in self._filter_params(gid):
+                p.mul_(shrink.to(p).reshape(-1, *([1] * (p.dim() - 1))))
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        return self.by_group(lambda g: g.sensitivity.detach().clone())
+
+    def keep_masks(self) -> dict[str, torch.Tensor]:
+        """Channels whose filter kept more than ``threshold`` of its starting norm."""
+        out = {}
+        for gid in self.graph.groups:
+            gate = self.gate(gid)
+            out[gid] = (self.filter_norms(gid) > self.threshold * gate.start_norm) & (gate.mask > 0)
+        return out
