@@ -12,7 +12,7 @@ import torch
 
 import budgetprune
 from budgetprune import cli, latency
-from budgetprune.budget import Budget, parse_budgets, uniform_widths
+from budgetprune.budget import Budget, enforce_budget, parse_budgets, uniform_widths
 from budgetprune.data import load_dataset
 from budgetprune.errors import BudgetError, ConfigError
 from budgetprune.gates import GaussianGate, SigmoidGate
@@ -608,3 +608,19 @@ def test_short_run_under_a_measured_latency_budget(demo_small, tmp_path, monkeyp
                              out=tmp_path / "run", log=None, **FAST)
     assert m["metric"] == "latency" and m["pruned"]["latency"] <= m["budget"] + 1e-9
     assert 0.9 <= m["budget_ratio"] <= 1.0 and (tmp_path / "cache" / "latency.json").exists()
+
+
+@pytest.mark.parametrize("model_name", ["tiny_mobilenetv2", "resnet20"])
+def test_regular_block_projection_removes_residual_slots_from_every_writer(model_name):
+    """With regular blocks one writer of a residual slot saves nothing alone: the projection
+    must take the slot from all writers together to reach a tight budget."""
+    model = budgetprune.create_model(model_name)
+    graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 28, 28))
+    full = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
+    torch.manual_seed(0)
+    scores = {gid: torch.rand(g.channels) for gid, g in graph.groups.items()}
+    budget = Budget("volume", 0.25)
+    budget.check_reachable(graph, "regular")
+    out = enforce_budget(graph, full, scores, budget, mode="regular")
+    cm = CostModel(graph, "volume", "regular")
+    assert 0.95 * budget.absolute(graph) <= cm.hard(out) <= budget.absolute(graph)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import BudgetError
-from .graph import ChannelGraph
+from .graph import ALWAYS, ChannelGraph
 from .resources import BUDGET_METRICS, CostModel
 
 
@@ -29,11 +29,12 @@ class Budget:
         return 1.0 / self.fraction
 
     def absolute(self, graph: ChannelGraph) -> float:
-        return self.fraction * CostModel(graph, self.metric).full()
+        return self.fraction * CostModel(graph, self.metric).full()  # the full network: the same in both modes
 
-    def check_reachable(self, graph: ChannelGraph) -> None:
-        """Raise :class:`BudgetError` if even the smallest allowed network is over budget."""
-        cm = CostModel(graph, self.metric)
+    def check_reachable(self, graph: ChannelGraph, mode: str = "mixed") -> None:
+        """Raise :class:`BudgetError` if even the smallest allowed network is over budget
+        (counted with ``mode``'s residual blocks)."""
+        cm = CostModel(graph, self.metric, mode)
         full, low = cm.full(), cm.minimum()
         if self.fraction * full < low:
             raise BudgetError(
@@ -92,6 +93,7 @@ class _Costs:
     """The hard costs of a set of masks under several budgets, as fractions of their limits."""
 
     def __init__(self, graph: ChannelGraph, budgets: list[Budget], mode: str = "mixed"):
+        self.mode = mode
         self.models = [(CostModel(graph, b.metric, mode), b.absolute(graph)) for b in budgets]
 
     def ratios(self, masks) -> list[float]:
@@ -116,11 +118,48 @@ class _Costs:
         return min(1.0 - r for r in self.ratios(masks))
 
 
-def _toggle(masks, gid, idx, value):
+def _toggle(masks, pairs, value):
+    """``masks`` with channel ``idx`` of ``gid`` set to ``value`` for every (gid, idx) in ``pairs``."""
     out = dict(masks)
-    out[gid] = masks[gid].clone()
-    out[gid][idx] = value
+    for gid in {g for g, _ in pairs}:
+        out[gid] = masks[gid].clone()
+    for gid, idx in pairs:
+        out[gid][idx] = value
     return out
+
+
+class _Writers:
+    """Which channels of other groups write the same slot as a given channel (a residual sum).
+
+    With regular blocks, removing one writer of a residual slot saves nothing (the slot stays
+    for the others), so the projection also offers removing the slot from every writer at once."""
+
+    def __init__(self, graph: ChannelGraph):
+        self.by_group: dict[str, list] = {}
+        for info in graph.tensors.values():
+            for seg in info.segments:
+                if len(seg.sources) > 1:
+                    for gid, off in seg.sources:
+                        if gid is not ALWAYS:
+                            self.by_group.setdefault(gid, []).append((off, seg.length, seg.sources))
+
+    def closure(self, gid: str, idx: int) -> tuple[tuple[str, int], ...] | None:
+        """Every (group, channel) sharing a slot with ``(gid, idx)``, transitively; None when an
+        always-alive input shares it (the slot cannot go)."""
+        seen, todo = {(gid, idx)}, [(gid, idx)]
+        while todo:
+            g, c = todo.pop()
+            for off, length, sources in self.by_group.get(g, ()):
+                if not off <= c < off + length:
+                    continue
+                for other, o_off in sources:
+                    if other is ALWAYS:
+                        return None
+                    pair = (other, o_off + c - off)
+                    if pair not in seen:
+                        seen.add(pair)
+                        todo.append(pair)
+        return tuple(sorted(seen))
 
 
 def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
@@ -151,14 +190,14 @@ def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
                           "whose loss would cut the network; raise the budget")
     if dropped and max(costs.ratios(masks)) < 0.95:
         # The last removal overshot: try the cheaper channels instead of it.
-        gid, idx, saved, _ = dropped[-1]
-        alt, more = _drop_until(graph, costs, _toggle(masks, gid, idx, True), scores, max_saving=saved)
+        pairs, saved, _ = dropped[-1]
+        alt, more = _drop_until(graph, costs, _toggle(masks, pairs, True), scores, max_saving=saved)
         if more is not None and costs.total(alt) > costs.total(masks):
             masks, dropped = alt, dropped[:-1] + more
     slack = [1.0 - r for r in costs.ratios(masks)]
-    for gid, idx, _, cost in reversed(dropped):  # put back whatever still fits
-        if all(c <= room + 1e-12 for c, room in zip(cost, slack)) and not masks[gid][idx]:
-            grown = _toggle(masks, gid, idx, True)
+    for pairs, _, cost in reversed(dropped):  # put back whatever still fits
+        if all(c <= room + 1e-12 for c, room in zip(cost, slack)) and not any(masks[g][i] for g, i in pairs):
+            grown = _toggle(masks, pairs, True)
             if costs.fits(grown):
                 masks = grown
                 slack = [1.0 - r for r in costs.ratios(masks)]
@@ -209,43 +248,57 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
     """Greedy lowest score-per-cost removal until every budget holds.
 
     Only channels whose removal saves less than ``max_saving`` are candidates. Returns the new
-    masks and the removed ``(group, index, saving, cost)`` in order, ``saving`` in units of
-    :meth:`_Costs.load` and ``cost`` the drop of each budget's cost / limit when it went
+    masks and the removals ``(pairs, saving, cost)`` in order: ``pairs`` the (group, channel)
+    removed together (one, or every writer of a residual slot), ``saving`` in units of
+    :meth:`_Costs.load` and ``cost`` the drop of each budget's cost / limit when they went
     (None if the budgets cannot be met).
     """
-    dropped: list[tuple[str, int, float, float]] = []
+    dropped: list[tuple[tuple[tuple[str, int], ...], float, tuple[float, ...]]] = []
+    writers = _Writers(graph) if costs.mode == "regular" else None
     current = costs.load(masks)
     while current > 0.0:
         ratios = costs.ratios(masks)
-        offers = []  # (score / saving, group, index, saving, cost, trial)
+        offers = []  # (score / saving, group, pairs, saving, cost, trial)
         for gid, m in masks.items():
             if int(m.sum()) <= graph.groups[gid].min_keep:
                 continue
             kept_scores = scores[gid].masked_fill(~m, float("inf"))
             idx = int(torch.argmin(kept_scores))
-            trial = _toggle(masks, gid, idx, False)
+            pairs = ((gid, idx),)
+            trial = _toggle(masks, pairs, False)
             saved = current - costs.load(trial)
+            if saved <= 0 and writers is not None:  # a residual slot: remove it from every writer
+                pairs = writers.closure(gid, idx)
+                if pairs is None or any(int(masks[g].sum()) - sum(1 for h, _ in pairs if h == g)
+                                        < graph.groups[g].min_keep for g, _ in pairs):
+                    continue
+                pairs = tuple((g, i) for g, i in pairs if masks[g][i])
+                trial = _toggle(masks, pairs, False)
+                saved = current - costs.load(trial)
             if saved <= 0 or saved >= max_saving:
                 continue
             cost = tuple(a - b for a, b in zip(ratios, costs.ratios(trial)))
-            offers.append((float(kept_scores[idx]) / saved, gid, idx, saved, cost, trial))
+            score = sum(float(scores[g][i]) for g, i in pairs)
+            offers.append((score / saved, gid, pairs, saved, cost, trial))
         if not offers:
             return masks, None
-        batch = _batch(masks, scores, offers, keep=lambda gid: max(graph.groups[gid].min_keep, 1),
-                       room=0.5 * costs.excess(masks), lowest=True)
+        batch = _batch(masks, scores, [o for o in offers if len(o[2]) == 1],
+                       keep=lambda gid: max(graph.groups[gid].min_keep, 1), room=0.5 * costs.excess(masks),
+                       lowest=True)
         if len(batch) >= 2:
             masks = {gid: m.clone() for gid, m in masks.items()}
-            for gid, idx, saved, cost in batch:
-                masks[gid][idx] = False
+            for pairs, saved, cost in batch:
+                for gid, idx in pairs:
+                    masks[gid][idx] = False
             dropped.extend(batch)
         else:
-            _, gid, idx, saved, cost, masks = min(offers, key=lambda o: o[0])
-            dropped.append((gid, idx, saved, cost))
+            _, gid, pairs, saved, cost, masks = min(offers, key=lambda o: o[0])
+            dropped.append((pairs, saved, cost))
         current = costs.load(masks)
     return masks, dropped
 
 
-def _batch(masks, scores, offers, keep, room: float, lowest: bool) -> list[tuple[str, int, float, float]]:
+def _batch(masks, scores, offers, keep, room: float, lowest: bool) -> list[tuple[tuple[tuple[str, int]], float, tuple]]:
     """The channels to toggle together: each group's channels at its measured saving (or
     cost) per channel, best score / saving first, while their summed saving stays ≤ ``room``.
 
@@ -269,7 +322,7 @@ def _batch(masks, scores, offers, keep, room: float, lowest: bool) -> list[tuple
         if used + saved > room:
             break
         used += saved
-        chosen.append((gid, i, saved, cost))
+        chosen.append((((gid, i),), saved, cost))
     return chosen
 
 
@@ -300,7 +353,7 @@ def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dic
         for gid in sorted(open_groups):
             closed_scores = scores[gid].masked_fill(masks[gid], float("-inf"))
             idx = int(torch.argmax(closed_scores))
-            grown = _toggle(masks, gid, idx, True)
+            grown = _toggle(masks, ((gid, idx),), True)
             if not costs.fits(grown):
                 open_groups.discard(gid)  # costs only grow with more channels: this group is done
                 continue
@@ -312,8 +365,9 @@ def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dic
         grown = None
         while len(batch) >= 2:  # the per-channel costs are estimates: halve the batch until it fits
             trial = {gid: m.clone() for gid, m in masks.items()}
-            for gid, idx, _, _ in batch:
-                trial[gid][idx] = True
+            for pairs, _, _ in batch:
+                for gid, idx in pairs:
+                    trial[gid][idx] = True
             if costs.fits(trial):
                 grown = trial
                 break

@@ -167,7 +167,7 @@ class PruneRun:
         self.budgets = config.budgets()
         self.budget = self.budgets[0]
         for budget in self.budgets:
-            budget.check_reachable(self.graph)
+            budget.check_reachable(self.graph, config.block)
         self.metrics = METRICS + tuple(b.metric for b in self.budgets if b.metric not in METRICS)
         self.full = resource_report(self.graph, metrics=self.metrics)
         self.ckpt_path = self.out / "checkpoint.pt"
