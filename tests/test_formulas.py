@@ -624,7 +624,7 @@ def test_parse_budget_rejects(value):
 def test_parse_budget_metric():
     assert parse_budget("2x", metric="flops") == Budget("flops", 0.5)
     with pytest.raises(BudgetError):
-        parse_budget("0.5", metric="latency")
+        parse_budget("0.5", metric="speed")
 
 
 def test_check_reachable():
