@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="batch size (default 64)")
     p.add_argument("--lam", type=float, help="weight λ of the method's penalty (default: the method's; bar 1e-5, "
                                               "l0 0.1/N)")
-    p.add_argument("--gate-init", type=float, help="initial log α of Hard Concrete gates (default 3 when the "
-                                                    "student starts from the teacher, else 0)")
+    p.add_argument("--gate-init", type=float, help="initial log α of Hard Concrete gates (default 0; 3 starts them "
+                                                    "open, better for short runs from the teacher)")
     p.add_argument("--dual-lr", type=float, help="constrained-l0: learning rate of the multipliers (default 1e-2)")
     p.add_argument("--schedule", choices=["sigmoid", "linear", "exponential"], help="budget schedule")
     p.add_argument("--student-init", choices=["teacher", "random"], help="start the student from (default teacher)")

@@ -57,7 +57,7 @@ class PruneConfig:
     teacher_epochs: int = 5  # unpruned teacher, when none is given (paper: 80 + 10)
     lr: float = 1e-3
     gate_lr: float | None = 1e-2
-    gate_init: float | None = None  # initial log α; None: 3 (gates open) from the teacher, 0 from scratch
+    gate_init: float = 0.0  # initial log α of Hard Concrete gates (seed 001 supplement 4: ≈ 0); s0 of cs
     lowlr_factor: float = 0.1
     weight_decay: float = 5e-4
     batch_size: int = 64
@@ -113,15 +113,9 @@ class PruneConfig:
     def method_settings(self, dataset_size: int) -> dict:
         """Run-wide settings a method may take (each takes those it has; see ``create_method``)."""
         return {"lam": self.lam, "schedule": self.schedule, "hardness": self.schedule_hardness,
-                "gate_lr": self.gate_lr, "gate_init": self.initial_log_alpha(), "s0": self.initial_log_alpha(),
+                "gate_lr": self.gate_lr, "gate_init": self.gate_init, "s0": self.gate_init,
                 "dual_lr": self.dual_lr,
                 "dataset_size": dataset_size}
-
-    def initial_log_alpha(self) -> float:
-        """log α the gates start from (see the README's deviations)."""
-        if self.gate_init is not None:
-            return float(self.gate_init)
-        return 3.0 if self.student_init == "teacher" else 0.0
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruneConfig":
