@@ -12,7 +12,7 @@ import torch
 
 import budgetprune
 from budgetprune import cli, latency
-from budgetprune.budget import Budget, enforce_budget, parse_budgets, uniform_widths
+from budgetprune.budget import Budget, enforce_budget, fill_budget, parse_budgets, reopenable_channels, uniform_widths
 from budgetprune.data import load_dataset
 from budgetprune.errors import BudgetError, ConfigError
 from budgetprune.gates import GaussianGate, SigmoidGate
@@ -532,6 +532,25 @@ def test_short_run_ends_within_budget(method, demo_small, tmp_path):
     assert m["compaction_max_abs_diff"] <= 1e-5
 
 
+OVERPRUNES_RESNET = pytest.mark.xfail(
+    strict=True, reason="known gap: in a 3-step run cs closes whole residual blocks (every s < 0 after the first "
+                        "steps); the fill cannot revive a block, so V/B ends at 0.94")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["bar", "l0", "constrained-l0", pytest.param("cs", marks=OVERPRUNES_RESNET),
+                                    "sensitivity", "ib", "morphnet", "random", "magnitude", "vq", "id"])
+def test_every_method_prunes_resnet20_within_budget(method, demo_small, tmp_path):
+    train, test = demo_small
+    torch.manual_seed(0)
+    _, m = budgetprune.prune(budgetprune.create_model("resnet20"), train.subset(torch.arange(192)),
+                             test.subset(torch.arange(64)), budget="4x", method=method, out=tmp_path / "run", log=None,
+                             teacher_epochs=0, epochs=1, finetune_epochs=0, lowlr_epochs=0, batch_size=64,
+                             progress=False)
+    assert m["pruned"]["volume"] <= m["budget"] + 1e-9 and 0.95 <= m["budget_ratio"] <= 1.0
+    assert m["compaction_max_abs_diff"] <= 1e-4
+
+
 # ---------------------------------------------------------------------------------------
 # several budgets at once
 # ---------------------------------------------------------------------------------------
@@ -624,3 +643,24 @@ def test_regular_block_projection_removes_residual_slots_from_every_writer(model
     out = enforce_budget(graph, full, scores, budget, mode="regular")
     cm = CostModel(graph, "volume", "regular")
     assert 0.95 * budget.absolute(graph) <= cm.hard(out) <= budget.absolute(graph)
+
+
+def test_fill_reopens_a_residual_writer_only_where_its_slot_is_alive():
+    model = budgetprune.create_model("resnet20")
+    graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 28, 28))
+    masks = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
+    # residual channel 5 of stage 1: closed in every writer (stem and the three blocks' conv2)
+    writers = ["conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"]
+    for gid in writers:
+        masks[gid][5] = False
+    masks["layer1.1.conv2"][7] = False  # channel 7: closed here only, alive through the others
+    masks["layer1.0.conv1"][2] = False  # a sole writer
+    allowed = reopenable_channels(graph, masks)
+    assert not any(bool(allowed[g][5]) for g in writers)
+    assert bool(allowed["layer1.1.conv2"][7]) and bool(allowed["layer1.0.conv1"][2])
+    assert int(sum(int(a.sum()) for a in allowed.values())) == 2
+    cm = CostModel(graph, "volume")
+    out = fill_budget(graph, masks, {g: torch.ones(m.numel()) for g, m in masks.items()},
+                      Budget("volume", 0.999999), reopenable=allowed)
+    assert not any(bool(out[g][5]) for g in writers) and bool(out["layer1.1.conv2"][7])
+    assert cm.hard(out) <= 0.999999 * cm.full()

@@ -326,8 +326,28 @@ def _batch(masks, scores, offers, keep, room: float, lowest: bool) -> list[tuple
     return chosen
 
 
+def reopenable_channels(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Closed channels that can be reopened without changing the network's function.
+
+    A sole writer's channel always can (its outgoing weights are zeroed). A channel that
+    writes into a residual sum (a ``shared`` group) can only where another writer keeps its
+    slot alive: it then adds a zero output to a live slot. Reviving a dead slot would let the
+    ops that map 0 to non-zero (a pre-activation BatchNorm, a sigmoid) output a constant there.
+    """
+    writers = _Writers(graph)
+    out = {}
+    for gid, m in masks.items():
+        allowed = ~m.bool().cpu()
+        if graph.groups[gid].shared:
+            for c in torch.nonzero(allowed).flatten().tolist():
+                pairs = writers.closure(gid, c)
+                allowed[c] = pairs is None or any(bool(masks[g][i]) for g, i in pairs if (g, i) != (gid, c))
+        out[gid] = allowed
+    return out
+
+
 def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
-                budgets: Budget | list[Budget], reopenable: set[str] | None = None,
+                budgets: Budget | list[Budget], reopenable: dict[str, torch.Tensor] | None = None,
                 mode: str = "mixed") -> dict[str, torch.Tensor]:
     """Reopen the most promising closed channels while every budget still holds.
 
@@ -338,20 +358,25 @@ def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dic
     their limits) is reopened if all budgets still hold after it, else that group is done.
     Far below the budget, channels are reopened in batches (each group's cost per channel
     measured once, best score / cost first, up to half of the room left), checked against
-    every budget before they are kept. Only groups in ``reopenable`` (default: all) take part. The caller decides what a
-    reopened channel computes (:func:`budgetprune.compact.silence_channels` makes it a
-    function-preserving addition). Masks are not modified in place.
+    every budget before they are kept. Only the channels set in ``reopenable[group]`` can be
+    reopened (default: every closed channel; a group not listed: none; see
+    :func:`reopenable_channels`). The caller decides what a reopened channel computes
+    (:func:`budgetprune.compact.silence_channels` makes it a function-preserving addition).
+    Masks are not modified in place.
     """
     costs = _Costs(graph, _as_list(budgets), mode)
     masks = {gid: m.detach().clone().bool().cpu() for gid, m in masks.items()}
     scores = {gid: s.detach().float().cpu() for gid, s in scores.items()}
-    groups = set(masks) if reopenable is None else set(masks) & set(reopenable)
-    open_groups = {gid for gid in groups if not bool(masks[gid].all())}
+    closed = {gid: (reopenable[gid].bool().cpu() if reopenable is not None and gid in reopenable
+                    else torch.ones_like(m)) & ~m for gid, m in masks.items()}
+    if reopenable is not None:
+        closed = {gid: c if gid in reopenable else torch.zeros_like(c) for gid, c in closed.items()}
+    open_groups = {gid for gid, c in closed.items() if bool(c.any())}
     while open_groups:
         current = costs.total(masks)
         offers = []  # (score / cost, group, index, cost, cost, grown)
         for gid in sorted(open_groups):
-            closed_scores = scores[gid].masked_fill(masks[gid], float("-inf"))
+            closed_scores = scores[gid].masked_fill(~closed[gid] | masks[gid], float("-inf"))
             idx = int(torch.argmax(closed_scores))
             grown = _toggle(masks, ((gid, idx),), True)
             if not costs.fits(grown):
@@ -361,7 +386,8 @@ def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dic
             offers.append(((float(closed_scores[idx]) + 1e-12) / added, gid, idx, added, added, grown))
         if not offers:
             break
-        batch = _batch(masks, scores, offers, keep=None, room=0.5 * costs.slack(masks), lowest=False)
+        blocked = {gid: masks[gid] | ~closed[gid] for gid in masks}  # what the batch may not reopen
+        batch = _batch(blocked, scores, offers, keep=None, room=0.5 * costs.slack(masks), lowest=False)
         grown = None
         while len(batch) >= 2:  # the per-channel costs are estimates: halve the batch until it fits
             trial = {gid: m.clone() for gid, m in masks.items()}
@@ -376,6 +402,6 @@ def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dic
             grown = max(offers, key=lambda o: o[0])[5]
         masks = grown
         for gid in list(open_groups):
-            if bool(masks[gid].all()):
+            if not bool((closed[gid] & ~masks[gid]).any()):
                 open_groups.discard(gid)
     return masks

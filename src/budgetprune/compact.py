@@ -322,14 +322,20 @@ def _rewrite_binary(g: fx.Graph, buffers: _Buffers, node: fx.Node, args, index, 
 
 
 def silence_channels(model: nn.Module, graph: ChannelGraph, channels: dict[str, torch.Tensor]) -> int:
-    """Zero the weights that read ``channels[group]`` (indices) in every reader, in place.
+    """Make reopened channels (``channels[group]``: indices) contribute nothing, in place.
 
-    A channel reopened by :func:`budgetprune.budget.fill_budget` is given gate value 1 and
-    zero outgoing weights, so the network's function is unchanged at the moment it is
-    reopened (a zero-initialised addition, as in function-preserving network growth) while
-    the outgoing weights still receive gradients and fine-tuning can put the channel to use.
-    Only groups that are the sole writer of their slots (``not shared``) can be silenced this
-    way. Returns the number of weights zeroed.
+    A channel reopened by :func:`budgetprune.budget.fill_budget` is given gate value 1 but
+    adds nothing yet, so the network's function is unchanged at the moment it is reopened
+    (a zero-initialised addition, as in function-preserving network growth) and fine-tuning
+    can put it to use:
+
+    * a group that is the sole writer of its slots gets zero *outgoing* weights (the columns
+      that read it); its own filter keeps computing and the zeros receive gradients;
+    * a group that writes into a residual sum with others (``shared``) gets a zero *output*:
+      its filter row, bias and host BatchNorm γ and β, so it adds 0 to the sum (β and the
+      filter still receive gradients).
+
+    Returns the number of weights zeroed.
     """
     modules = dict(model.named_modules())
     zeroed = 0
@@ -337,8 +343,16 @@ def silence_channels(model: nn.Module, graph: ChannelGraph, channels: dict[str, 
         for gid, idx in channels.items():
             if idx.numel() == 0:
                 continue
-            if graph.groups[gid].shared:
-                raise ValueError(f"group '{gid}' shares its channels with other writers; it cannot be silenced")
+            group = graph.groups[gid]
+            if group.shared:
+                layer = graph.layers[group.producer]
+                owners = [modules[layer.name]] + [modules[bn] for bn in layer.batchnorms]
+                for mod in owners:
+                    for p in (mod.weight, mod.bias):
+                        if p is not None:
+                            p[idx.to(p.device)] = 0.0
+                            zeroed += int(idx.numel()) * int(p[0].numel())
+                continue
             for layer in graph.readers(gid):
                 info = graph.tensors[layer.in_tensor]
                 slots = torch.cat([torch.tensor([s.start + (i - off) for i in idx.tolist()

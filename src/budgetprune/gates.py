@@ -285,7 +285,7 @@ class SigmoidGate(nn.Module):
     seed 004), with s initialised to ``s0`` and the temperature β set by the method.
 
     β → ∞ turns σ(β·s) into the Heaviside step H(s): a channel is kept where s > 0, and the
-    network that is kept uses the step (gate 1 on kept channels).
+    network that is kept uses the step (gate 1 on kept channels, s ≥ 0).
     """
 
     def __init__(self, num_channels: int, s0: float = 0.0):
@@ -305,7 +305,8 @@ class SigmoidGate(nn.Module):
         return torch.sigmoid(self.beta * self.s)
 
     def keep_mask(self) -> torch.Tensor:
-        return self.s > 0
+        """H(s) with H(0) = 1: at s₀ = 0 every channel starts kept."""
+        return self.s >= 0
 
     def keep_score(self) -> torch.Tensor:
         return torch.sigmoid(self.s)
@@ -317,7 +318,7 @@ class SigmoidGate(nn.Module):
     @torch.no_grad()
     def keep_at_least_one(self, margin: float = 1e-3) -> None:
         i = int(torch.argmax(self.s))
-        if float(self.s[i]) <= 0.0:
+        if float(self.s[i]) < 0.0:
             self.s[i] = margin
 
     def freeze(self, values: torch.Tensor) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import io
 from . import graphio
-from .budget import Budget, enforce_budget, fill_budget
+from .budget import Budget, enforce_budget, fill_budget, reopenable_channels
 from .compact import compact, silence_channels, to_plain
 from .engine import evaluate, iterate_batches, make_optimizer, predict_logits, set_lr, train_epoch
 from .errors import CheckpointError, ConfigError, TrainingDiverged
@@ -330,8 +330,8 @@ class PruneRun:
         dropped = int(sum(int(masks[g].sum()) - int(final[g].sum()) for g in masks))
         reopened: dict[str, torch.Tensor] = {}
         if self.config.fill_budget:
-            filled = fill_budget(graph, final, scores, self.budgets,
-                                 reopenable={g for g, grp in graph.groups.items() if not grp.shared}, mode=block)
+            filled = fill_budget(graph, final, scores, self.budgets, reopenable=reopenable_channels(graph, final),
+                                 mode=block)
             reopened = {g: torch.nonzero(filled[g] & ~final[g]).flatten() for g in final}
             final = filled
         n_reopened = int(sum(i.numel() for i in reopened.values()))
