@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,10 +28,10 @@ import budgetprune
 from budgetprune import io
 from budgetprune.compact import compact, to_plain
 from budgetprune.data import load_dataset
-from budgetprune.data.tensors import ImageDataset
 from budgetprune.graph import ChannelGraph
 from budgetprune.pipeline import PruneConfig, PruneRun
 from budgetprune.resources import resource_report
+from common import machine, random_subset
 from latency import interleaved_latency
 
 HERE = Path(__file__).resolve().parent
@@ -43,17 +42,10 @@ PAPER_VOLUME_CUT = {2.0: 0.12, 4.0: 0.43, 8.0: 0.53, 16.0: 0.58}
 SPEEDUP_TARGET = 0.7  # speedup ≥ 0.7 × FLOP reduction at batch 64
 
 
-def subset(ds: ImageDataset, n: int, seed: int = 0) -> ImageDataset:
-    if n <= 0 or n >= len(ds.labels):
-        return ds
-    idx = torch.randperm(len(ds.labels), generator=torch.Generator().manual_seed(seed))[:n]
-    return ImageDataset(ds.images[idx], ds.labels[idx], ds.mean, ds.std, augment=ds.augment)
-
-
 def prune_runs(args, splits, factors) -> dict[float, dict]:
     """One BAR run per factor (the first trains the teacher the others distil from)."""
     work = Path(args.work)
-    train = subset(splits.train, args.train_subset)
+    train = random_subset(splits.train, args.train_subset)
     info = splits.info
     metrics, teacher = {}, None
     for factor in factors:
@@ -166,8 +158,7 @@ def main(argv=None) -> int:
               "model": args.model, "data": args.data, "train_images": args.train_subset or len(splits.train.labels),
               "epochs": {"teacher": args.teacher_epochs, "prune": args.epochs, "finetune": args.finetune_epochs,
                          "lowlr": args.lowlr_epochs},
-              "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
+              "machine": machine(),
               "wall_seconds": time.time() - t0, "rows": rows,
               "targets": {"speedup_over_flop_reduction_b64": SPEEDUP_TARGET, "volume_cut_by_mixed": PAPER_VOLUME_CUT}}
     out = Path(args.out)

@@ -1,0 +1,141 @@
+"""Every pruning method on Fashion-MNIST / LeNet-5 under one budget (a benchmark, not a test).
+
+Same model, same data, same teacher, same epochs and the same final projection for every
+method (the comparison of seed 001, section 5): test accuracy vs the unpruned teacher, V/B,
+FLOP and parameter reductions, how much of the budget the projection or the fill had to fix,
+and the layer widths each method chose. Writes ``benchmarks/results/methods_fashion_mnist.{json,md,png}``.
+
+    python benchmarks/methods_fashion_mnist.py --data-root ../shared/data --factor 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import budgetprune
+from budgetprune import io
+from budgetprune.compact import to_plain
+from budgetprune.data import load_dataset
+from budgetprune.methods import available_methods
+from budgetprune.pipeline import PruneConfig, PruneRun
+from common import machine, random_subset
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data"))
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--model", default="lenet5")
+    p.add_argument("--factor", type=float, default=8.0)
+    p.add_argument("--methods", default=",".join(available_methods()))
+    p.add_argument("--teacher-epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--lowlr-epochs", type=int, default=1)
+    p.add_argument("--train-subset", type=int, default=0, help="train on this many images (0: all)")
+    p.add_argument("--work", default=str(HERE.parent / "runs" / "methods"))
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    t0 = time.time()
+    splits = load_dataset(args.data, root=args.data_root)
+    info = splits.info
+    train = random_subset(splits.train, args.train_subset)
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def new_model():
+        torch.manual_seed(0)
+        return budgetprune.create_model(args.model, in_channels=info.in_channels, num_classes=info.num_classes,
+                                        input_size=info.image_size)
+
+    teacher = io.load(work / "teacher.pt") if (work / "teacher.pt").exists() else None
+    rows = []
+    for method in args.methods.split(","):
+        run_dir = work / method
+        if (run_dir / "metrics.json").exists():
+            m = json.loads((run_dir / "metrics.json").read_text())
+            seconds = m.get("benchmark_seconds")
+        else:
+            cfg = PruneConfig(budget=1.0 / args.factor, method=method, model=args.model, data=args.data,
+                              epochs=args.epochs, finetune_epochs=args.finetune_epochs, lowlr_epochs=args.lowlr_epochs,
+                              teacher_epochs=args.teacher_epochs, progress=False)
+            start = time.time()
+            run = PruneRun(new_model(), train, splits.test, cfg, run_dir, teacher=teacher,
+                           log=lambda s: print(f"[{method}] {s}", flush=True))
+            m = run.run(resume=(run_dir / "checkpoint.pt").exists()).metrics
+            seconds = time.time() - start
+            if teacher is None:
+                io.save(to_plain(run.teacher, run.graph), work / "teacher.pt", meta={"role": "teacher"})
+                teacher = run.teacher
+        rows.append({"method": method, "test_accuracy": m["test_accuracy"],
+                     "unpruned_test_accuracy": m["unpruned_test_accuracy"],
+                     "accuracy_change_points": 100 * m["accuracy_change"], "V_over_B": m["budget_ratio"],
+                     "reduction": m["reduction_factor"], "widths": {k: v["kept"] for k, v in m["widths"].items()},
+                     "cost_before_projection_over_B": m["cost_before_projection"] / m["budget"],
+                     "channels_dropped_by_projection": m["channels_dropped_by_projection"],
+                     "channels_reopened_by_fill": m["channels_reopened_by_fill"], "seconds": seconds})
+        print(json.dumps(rows[-1]), flush=True)
+    result = {"command": "python benchmarks/methods_fashion_mnist.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "model": args.model, "data": args.data, "factor": args.factor,
+              "train_images": args.train_subset or len(splits.train.labels),
+              "epochs": {"teacher": args.teacher_epochs, "prune": args.epochs, "finetune": args.finetune_epochs,
+                         "lowlr": args.lowlr_epochs},
+              "machine": machine(),
+              "wall_seconds": time.time() - t0, "rows": rows}
+    io.write_json(out / "methods_fashion_mnist.json", result)
+    write_markdown(result, out)
+    plot(result, out / "methods_fashion_mnist.png")
+    print(f"results in {out}")
+    return 0
+
+
+def write_markdown(r: dict, out: Path) -> None:
+    lines = [f"# Every method on {r['data']} / {r['model']} at {r['factor']:g}× volume", "",
+             f"Command: `{r['command']}`", "",
+             f"{r['train_images']} training images; epochs: teacher {r['epochs']['teacher']} (one teacher for all), "
+             f"prune {r['epochs']['prune']}, fine-tune {r['epochs']['finetune']} + {r['epochs']['lowlr']} at lr/10; "
+             f"default hyper-parameters of every method. Machine: {r['machine']}. "
+             f"Wall time {r['wall_seconds'] / 60:.1f} min.", "",
+             "| method | test acc | Δ points | V/B | V before projection / B | dropped | reopened | FLOP red. | "
+             "param red. | widths |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in sorted(r["rows"], key=lambda x: -x["test_accuracy"]):
+        red = row["reduction"]
+        lines.append(f"| {row['method']} | {100 * row['test_accuracy']:.2f} % | {row['accuracy_change_points']:+.2f} | "
+                     f"{row['V_over_B']:.4f} | {row['cost_before_projection_over_B']:.2f} | "
+                     f"{row['channels_dropped_by_projection']} | {row['channels_reopened_by_fill']} | "
+                     f"{red['flops']:.1f}× | {red['params']:.1f}× | {'-'.join(str(v) for v in row['widths'].values())} |")
+    if r["rows"]:
+        lines += ["", f"Unpruned teacher: {100 * r['rows'][0]['unpruned_test_accuracy']:.2f} %."]
+    lines += ["", "![accuracy per method](methods_fashion_mnist.png)"]
+    io.write_text(out / "methods_fashion_mnist.md", "\n".join(lines) + "\n")
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = sorted(r["rows"], key=lambda x: -x["test_accuracy"])
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.bar([x["method"] for x in rows], [100 * x["test_accuracy"] for x in rows], color="#1f6feb")
+    if rows:
+        ax.axhline(100 * rows[0]["unpruned_test_accuracy"], color="gray", ls="--", label="unpruned")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{r['model']} on {r['data']}, {r['factor']:g}× volume")
+    ax.tick_params(axis="x", rotation=30)
+    ax.legend()
+    fig.tight_layout()
+    io.atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
