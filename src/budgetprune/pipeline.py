@@ -114,8 +114,7 @@ class PruneConfig:
         """Run-wide settings a method may take (each takes those it has; see ``create_method``)."""
         return {"lam": self.lam, "schedule": self.schedule, "hardness": self.schedule_hardness,
                 "gate_lr": self.gate_lr, "gate_init": self.gate_init, "s0": self.gate_init,
-                "dual_lr": self.dual_lr,
-                "dataset_size": dataset_size}
+                "dual_lr": self.dual_lr, "dataset_size": dataset_size}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruneConfig":
