@@ -11,9 +11,7 @@ unpruned model at batch 1 and 64 (median of repeated runs). Writes
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -32,10 +30,9 @@ from budgetprune.graph import ChannelGraph
 from budgetprune.methods import create_method
 from budgetprune.objectives import distillation_loss
 from budgetprune.pipeline import PruneConfig, PruneRun
+from common import random_subset, run_arguments, run_record
 from latency import median_latency
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 
 
 def saved_bytes(step) -> int:
@@ -108,17 +105,8 @@ def step_costs(model_name: str, splits, teacher: nn.Module, steps: int = 150) ->
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data"))
-    p.add_argument("--data", default="fashion-mnist")
-    p.add_argument("--model", default="lenet5")
+    p = run_arguments(__doc__.splitlines()[0], "lenet5", "benchmark", teacher=10, prune=10, finetune=4, lowlr=1)
     p.add_argument("--factors", default="2,4,8,16")
-    p.add_argument("--teacher-epochs", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--finetune-epochs", type=int, default=4)
-    p.add_argument("--lowlr-epochs", type=int, default=1)
-    p.add_argument("--work", default=str(HERE.parent / "runs" / "benchmark"))
-    p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -139,8 +127,8 @@ def main(argv=None) -> int:
                           finetune_epochs=args.finetune_epochs, lowlr_epochs=args.lowlr_epochs,
                           teacher_epochs=args.teacher_epochs, progress=False)
         run_dir = work / f"x{factor:g}"
-        run = PruneRun(new_model(), splits.train, splits.test, cfg, run_dir, teacher=teacher,
-                       log=lambda s: print(s, flush=True))
+        run = PruneRun(new_model(), random_subset(splits.train, args.train_subset), splits.test, cfg, run_dir,
+                       teacher=teacher, log=lambda s: print(s, flush=True))
         resume = (run_dir / "checkpoint.pt").exists()
         result = run.run(resume=resume)
         teacher = run.teacher  # the first run trains it; the others distil from the same one
@@ -172,12 +160,7 @@ def main(argv=None) -> int:
 
 
 def save_results(args, argv, rows, costs, wall, out: Path) -> None:
-    result = {"command": "python benchmarks/bar_fashion_mnist.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "model": args.model, "data": args.data, "epochs": {"teacher": args.teacher_epochs, "prune": args.epochs,
-                                                                "finetune": args.finetune_epochs,
-                                                                "lowlr": args.lowlr_epochs},
-              "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
+    result = {**run_record("bar_fashion_mnist.py", args, argv), "train_images": args.train_subset or "all",
               "wall_seconds": wall, "runs": rows, "step": costs,
               "targets": {"V_over_B": [0.95, 1.0], "max_accuracy_loss_points_at_4x": 0.5, "max_step_time_ratio": 1.15}}
     io.write_json(out / "bar_fashion_mnist.json", result)

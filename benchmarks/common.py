@@ -1,10 +1,44 @@
-"""Small helpers the benchmark scripts share."""
+"""What the benchmark scripts share: their common options, the record of how a result was
+made (command, schedule, machine), and a random training subset."""
 
 from __future__ import annotations
 
+import argparse
 import platform
+import sys
+from pathlib import Path
 
 import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def run_arguments(description: str, model: str, work: str, teacher: int, prune: int, finetune: int,
+                  lowlr: int) -> argparse.ArgumentParser:
+    """A parser with the options every benchmark run has (data, model, schedule, folders)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data"))
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--model", default=model)
+    p.add_argument("--teacher-epochs", type=int, default=teacher)
+    p.add_argument("--epochs", type=int, default=prune)
+    p.add_argument("--finetune-epochs", type=int, default=finetune)
+    p.add_argument("--lowlr-epochs", type=int, default=lowlr)
+    p.add_argument("--train-subset", type=int, default=0, help="train on this many images (0: all)")
+    p.add_argument("--work", default=str(HERE.parent / "runs" / work))
+    p.add_argument("--out", default=str(RESULTS))
+    return p
+
+
+def run_record(script: str, args, argv) -> dict:
+    """The command that made a result, its model, data, schedule and machine."""
+    return {"command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "model": args.model, "data": args.data,
+            "epochs": {"teacher": args.teacher_epochs, "prune": args.epochs, "finetune": args.finetune_epochs,
+                       "lowlr": args.lowlr_epochs},
+            "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                        "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()}}
 
 
 def random_subset(ds, n: int, seed: int = 0):
@@ -12,8 +46,3 @@ def random_subset(ds, n: int, seed: int = 0):
     if n <= 0 or n >= len(ds):
         return ds
     return ds.subset(torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n])
-
-
-def machine() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "processor": platform.processor() or platform.machine()}

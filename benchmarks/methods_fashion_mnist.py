@@ -10,7 +10,6 @@ and the layer widths each method chose. Writes ``benchmarks/results/methods_fash
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,26 +23,14 @@ from budgetprune.compact import to_plain
 from budgetprune.data import load_dataset
 from budgetprune.methods import available_methods
 from budgetprune.pipeline import PruneConfig, PruneRun
-from common import machine, random_subset
+from common import random_subset, run_arguments, run_record
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data"))
-    p.add_argument("--data", default="fashion-mnist")
-    p.add_argument("--model", default="lenet5")
+    p = run_arguments(__doc__.splitlines()[0], "lenet5", "methods", teacher=5, prune=6, finetune=2, lowlr=1)
     p.add_argument("--factor", type=float, default=8.0)
     p.add_argument("--methods", default=",".join(available_methods()))
-    p.add_argument("--teacher-epochs", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--finetune-epochs", type=int, default=2)
-    p.add_argument("--lowlr-epochs", type=int, default=1)
-    p.add_argument("--train-subset", type=int, default=0, help="train on this many images (0: all)")
-    p.add_argument("--work", default=str(HERE.parent / "runs" / "methods"))
-    p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     t0 = time.time()
     splits = load_dataset(args.data, root=args.data_root)
@@ -84,13 +71,8 @@ def main(argv=None) -> int:
                      "channels_dropped_by_projection": m["channels_dropped_by_projection"],
                      "channels_reopened_by_fill": m["channels_reopened_by_fill"], "seconds": seconds})
         print(json.dumps(rows[-1]), flush=True)
-    result = {"command": "python benchmarks/methods_fashion_mnist.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "model": args.model, "data": args.data, "factor": args.factor,
-              "train_images": args.train_subset or len(splits.train.labels),
-              "epochs": {"teacher": args.teacher_epochs, "prune": args.epochs, "finetune": args.finetune_epochs,
-                         "lowlr": args.lowlr_epochs},
-              "machine": machine(),
-              "wall_seconds": time.time() - t0, "rows": rows}
+    result = {**run_record("methods_fashion_mnist.py", args, argv), "factor": args.factor,
+              "train_images": args.train_subset or len(splits.train.labels), "wall_seconds": time.time() - t0, "rows": rows}
     io.write_json(out / "methods_fashion_mnist.json", result)
     write_markdown(result, out)
     plot(result, out / "methods_fashion_mnist.png")

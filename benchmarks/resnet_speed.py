@@ -16,7 +16,6 @@ Finished runs are reused (``--work``), so ``--latency-only`` re-times them on a 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -31,11 +30,9 @@ from budgetprune.data import load_dataset
 from budgetprune.graph import ChannelGraph
 from budgetprune.pipeline import PruneConfig, PruneRun
 from budgetprune.resources import resource_report
-from common import machine, random_subset
+from common import random_subset, run_arguments, run_record
 from latency import interleaved_latency
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 #: Seed 001, supplement Table 2: how much mixed-connectivity blocks cut the effective volume
 #: of a pruned Wide-ResNet compared with regular blocks, per pruning factor.
 PAPER_VOLUME_CUT = {2.0: 0.12, 4.0: 0.43, 8.0: 0.53, 16.0: 0.58}
@@ -128,23 +125,13 @@ def measure(args, info, metrics: dict[float, dict]) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data"))
-    p.add_argument("--data", default="fashion-mnist")
-    p.add_argument("--model", default="resnet20")
+    p = run_arguments(__doc__.splitlines()[0], "resnet20", "resnet_speed", teacher=3, prune=4, finetune=1, lowlr=1)
     p.add_argument("--factors", default="2,4,8,16")
-    p.add_argument("--teacher-epochs", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--finetune-epochs", type=int, default=1)
-    p.add_argument("--lowlr-epochs", type=int, default=1)
-    p.add_argument("--train-subset", type=int, default=0, help="train on this many images (0: all)")
     p.add_argument("--repeats-b1", type=int, default=100)
     p.add_argument("--repeats-b64", type=int, default=10)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--latency-only", action="store_true", help="reuse finished runs; only time them")
-    p.add_argument("--work", default=str(HERE.parent / "runs" / "resnet_speed"))
-    p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,12 +141,8 @@ def main(argv=None) -> int:
     factors = [float(f) for f in args.factors.split(",")]
     metrics = prune_runs(args, splits, factors)
     rows = measure(args, splits.info, metrics)
-    result = {"command": "python benchmarks/resnet_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "model": args.model, "data": args.data, "train_images": args.train_subset or len(splits.train.labels),
-              "epochs": {"teacher": args.teacher_epochs, "prune": args.epochs, "finetune": args.finetune_epochs,
-                         "lowlr": args.lowlr_epochs},
-              "machine": machine(),
-              "wall_seconds": time.time() - t0, "rows": rows,
+    result = {**run_record("resnet_speed.py", args, argv),
+              "train_images": args.train_subset or len(splits.train.labels), "wall_seconds": time.time() - t0, "rows": rows,
               "targets": {"speedup_over_flop_reduction_b64": SPEEDUP_TARGET, "volume_cut_by_mixed": PAPER_VOLUME_CUT}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import budgetprune
 from budgetprune.budget import Budget, enforce_budget, fill_budget, parse_budget

@@ -13,7 +13,6 @@ import torch
 import budgetprune
 from budgetprune import cli, latency
 from budgetprune.budget import Budget, enforce_budget, fill_budget, parse_budgets, reopenable_channels, uniform_widths
-from budgetprune.data import load_dataset
 from budgetprune.errors import BudgetError, ConfigError
 from budgetprune.gates import GaussianGate, SigmoidGate
 from budgetprune.methods import available_methods, create_method
@@ -510,11 +509,8 @@ def test_random_scores_are_fixed_and_seeded():
 # short runs on the embedded data: every method ends within the budget
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def demo_small():
-    splits = load_dataset("demo")
-    g = torch.Generator().manual_seed(0)
-    return splits.train.subset(torch.randperm(len(splits.train), generator=g)[:512]), \
-        splits.test.subset(torch.arange(256))
+def demo_small(demo_subsets):
+    return demo_subsets(512)
 
 
 FAST = dict(teacher_epochs=1, epochs=2, finetune_epochs=1, lowlr_epochs=0, batch_size=64, progress=False)

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 import budgetprune
 from budgetprune import cli
-from budgetprune.data import load_dataset
 
 FAST = dict(teacher_epochs=1, epochs=2, finetune_epochs=1, lowlr_epochs=0, batch_size=64, progress=False)
 
 
 @pytest.fixture(scope="module")
-def demo_small():
-    splits = load_dataset("demo")
-    g = torch.Generator().manual_seed(0)
-    return splits.train.subset(torch.randperm(len(splits.train), generator=g)[:768]), \
-        splits.test.subset(torch.arange(256))
+def demo_small(demo_subsets):
+    return demo_subsets(768)
 
 
 @pytest.mark.slow

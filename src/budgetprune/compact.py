@@ -289,9 +289,9 @@ def _rewrite_binary(g: fx.Graph, buffers: _Buffers, node: fx.Node, args, index, 
         else:
             b_node = b
         if torch.equal(ia, io):
-            base, base_idx, delta, delta_idx = a, ia, b_node, ib
+            base, delta, delta_idx = a, b_node, ib
         elif torch.equal(ib, io) and not is_sub:
-            base, base_idx, delta, delta_idx = b, ib, a, ia
+            base, delta, delta_idx = b, a, ia
         else:
             ref = buffers.add(g, _positions(ia, io), node)
             with g.inserting_before(node):

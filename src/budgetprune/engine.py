@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .errors import TrainingDiverged

@@ -115,6 +115,10 @@ class MaskGate(nn.Module):
     """A fixed 0/1 mask per channel, no parameters: the gate of the iterative baselines
     (random, weight magnitude, VQ, ID; seed 001 supplement 3.2), which prune by setting it."""
 
+    #: When True, each forward pass returns a leaf tensor ``probe`` (the mask values) that
+    #: outputs can be differentiated against (the sensitivity method).
+    probing = False
+
     def __init__(self, num_channels: int):
         super().__init__()
         if num_channels < 1:
@@ -152,10 +156,6 @@ class MaskGate(nn.Module):
             self.probe = self.mask.detach().clone().requires_grad_(True)
             return self.probe
         return self.mask
-
-    #: When True, each forward pass returns a leaf tensor ``probe`` (the mask values) that
-    #: outputs can be differentiated against (the sensitivity method).
-    probing = False
 
 
 class GaussianGate(nn.Module):

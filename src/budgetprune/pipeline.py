@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -187,7 +186,7 @@ class PruneRun:
     def _line(self, stage: str, epoch: int, total: int, stats: dict) -> None:
         parts = [f"[{stage}] epoch {epoch}/{total}", f"loss {stats['loss']:.4f}",
                  f"acc {stats['train_accuracy']:.4f}", f"test {stats['test_accuracy']:.4f}"]
-        skip = {"loss", "train_accuracy", "test_accuracy", "seconds", "steps", "penalty", "data_loss"}
+        skip = {"loss", "train_accuracy", "test_accuracy", "seconds", "steps", "penalty"}
         parts += [f"{k} {v:.4g}" for k, v in stats.items() if k not in skip and isinstance(v, (int, float))]
         parts.append(f"{stats['seconds']:.1f}s")
         self.log("  ".join(parts))
@@ -227,7 +226,7 @@ class PruneRun:
             start = ckpt["epoch"]
         steps_per_epoch = -(-len(self.train_data) // cfg.batch_size)
         for epoch in range(start, cfg.teacher_epochs):
-            stats = self._epoch(model, opt, "teacher", epoch, cfg.teacher_epochs, steps_per_epoch,
+            self._epoch(model, opt, "teacher", epoch, cfg.teacher_epochs, steps_per_epoch,
                                 lambda logits, y, idx, x: nn.functional.cross_entropy(logits, y))
             self._save_checkpoint("teacher", epoch + 1, model=model.state_dict(), optimizer=opt.state_dict())
         self.teacher = model.eval()

@@ -36,6 +36,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .graph import ChannelGraph
+from .latency import layer_coefficients
 from .liveness import alive, effective_masks, slot_sets
 
 METRICS = ("volume", "flops", "params")  # counted: every report gives them
@@ -68,10 +69,7 @@ def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
     if metric not in BUDGET_METRICS:
         raise ConfigError(f"unknown metric '{metric}': choose one of {', '.join(BUDGET_METRICS)}")
     modules = dict(graph.gm.named_modules())
-    timed = None
-    if metric == "latency":
-        from .latency import layer_coefficients
-        timed = layer_coefficients(graph)
+    timed = layer_coefficients(graph) if metric == "latency" else None
     terms: list[LayerCost] = []
     for layer in graph.layers.values():
         e = graph.tensors[layer.in_tensor].expansion

@@ -45,8 +45,8 @@ class ConstrainedL0(GatedMethod):
 
     def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
         if self.targets == "model":
-            self.constraints = [(b, CostModel(graph, b.metric)) for b in budgets]
-            self.constraints = [(b, cm, cm.full()) for b, cm in self.constraints]
+            models = [(b, CostModel(graph, b.metric)) for b in budgets]
+            self.constraints = [(b, cm, cm.full()) for b, cm in models]
             n = len(budgets)
         else:
             self.fraction = min(b.fraction for b in budgets)

@@ -29,12 +29,11 @@ def interpolative_decomposition(w: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     rows = idx[:k_id]
     p = sli.reconstruct_interp_matrix(idx, proj).T  # (n, k_id)
     if k_id < k:  # keep k rows as asked; the extra ones carry themselves
-        extra = [i for i in range(n) if i not in set(rows.tolist())][:k - k_id]
-        rows = np.concatenate([rows, np.array(extra, dtype=rows.dtype)])
+        extra = np.setdiff1d(np.arange(n), rows)[:k - k_id]
+        rows = np.concatenate([rows, extra])
         p = np.concatenate([p, np.zeros((n, len(extra)))], axis=1)
-        for j, i in enumerate(extra):
-            p[i] = 0.0
-            p[i, k_id + j] = 1.0
+        p[extra] = 0.0
+        p[extra, k_id + np.arange(len(extra))] = 1.0
     return rows, p
 
 

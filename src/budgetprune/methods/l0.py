@@ -27,7 +27,7 @@ class PenalizedL0(GatedMethod):
     """λ · E[‖θ‖₀] with Hard Concrete channel gates.
 
     ``lam`` is λ per expected parameter; by default 0.1 / N for N training examples (the
-    value of Louizos et al. and seed 003's table). ``layer_lam`` multiplies λ for the layers
+    value of Louizos et al. and seed 003's table; 1e-6 when N is not known). ``layer_lam`` multiplies λ for the layers
     it names (``{"features.0": 2.0}``: per-layer λ). ``metric`` is the resource penalised
     (``params`` as in the paper; ``volume`` or ``flops`` also work).
     """
@@ -36,7 +36,7 @@ class PenalizedL0(GatedMethod):
                  layer_lam: dict[str, float] | None = None, gate_lr: float | None = None, gate_init: float = 0.0):
         super().__init__(gate_lr)
         if lam is None:
-            lam = 0.1 / max(int(dataset_size or 0), 1) if dataset_size else 1e-6
+            lam = 0.1 / dataset_size if dataset_size else 1e-6
         if lam < 0:
             raise ValueError("the L0 penalty weight λ must be ≥ 0")
         self.lam = float(lam)

@@ -51,11 +51,16 @@ class MorphNet(GatedMethod):
         self.scale = CostModel(graph, "volume").full() / self.cost.full()
 
     def channel_costs(self) -> dict[str, torch.Tensor]:
-        """w_i = ∂cost/∂n_i at the current keep masks."""
-        probs = {gid: m.float().requires_grad_(True) for gid, m in self.keep_masks().items()}
-        grads = torch.autograd.grad(self.cost.expected(probs), list(probs.values()), allow_unused=True)
-        return {gid: (g if g is not None else torch.zeros_like(probs[gid])).detach()
-                for gid, g in zip(probs, grads)}
+        """w_i = ∂cost/∂n_i at the current keep masks (recomputed only when the masks change)."""
+        masks = self.keep_masks()
+        key = b"".join(masks[g].cpu().numpy().tobytes() for g in sorted(masks))
+        if getattr(self, "_costs_key", None) != key:
+            probs = {gid: m.float().requires_grad_(True) for gid, m in masks.items()}
+            grads = torch.autograd.grad(self.cost.expected(probs), list(probs.values()), allow_unused=True)
+            self._costs = {gid: (g if g is not None else torch.zeros_like(probs[gid])).detach()
+                           for gid, g in zip(probs, grads)}
+            self._costs_key = key
+        return self._costs
 
     def penalty(self, progress: float) -> torch.Tensor:
         w = self.channel_costs()
