@@ -21,7 +21,8 @@ import budgetprune
 from budgetprune import io
 from budgetprune.compact import to_plain
 from budgetprune.data import load_dataset
-from budgetprune.methods import available_methods
+from budgetprune.cli import parse_method_options
+from budgetprune.methods import available_methods, method_options
 from budgetprune.pipeline import PruneConfig, PruneRun
 from common import random_subset, run_arguments, run_record
 
@@ -30,8 +31,15 @@ from common import random_subset, run_arguments, run_record
 def main(argv=None) -> int:
     p = run_arguments(__doc__.splitlines()[0], "lenet5", "methods", teacher=5, prune=6, finetune=2, lowlr=1)
     p.add_argument("--factor", type=float, default=8.0)
-    p.add_argument("--methods", default=",".join(available_methods()))
+    p.add_argument("--granularity", choices=["channel", "weight"], default="channel",
+                   help="channel: a volume budget; weight: single weights under a nonzero budget")
+    p.add_argument("--methods", help="comma-separated; NAME:KEY=VALUE:... sets a method option "
+                                     "(default: every method that prunes at this granularity)")
     args = p.parse_args(argv)
+    per_weight = args.granularity == "weight"
+    if args.methods is None:
+        args.methods = ",".join(m for m in available_methods() if not per_weight or "granularity" in method_options(m))
+    suffix = "_weight" if per_weight else ""
     t0 = time.time()
     splits = load_dataset(args.data, root=args.data_root)
     info = splits.info
@@ -46,60 +54,78 @@ def main(argv=None) -> int:
 
     teacher = io.load(work / "teacher.pt") if (work / "teacher.pt").exists() else None
     rows = []
-    for method in args.methods.split(","):
-        run_dir = work / method
+    for entry in args.methods.split(","):
+        method, *settings = entry.split(":")
+        options = parse_method_options(settings)
+        label = " ".join([method] + settings)
+        run_dir = work / ("weight-" * per_weight + "-".join([method] + settings))
         if (run_dir / "metrics.json").exists():
             m = json.loads((run_dir / "metrics.json").read_text())
-            seconds = m.get("benchmark_seconds")
         else:
             cfg = PruneConfig(budget=1.0 / args.factor, method=method, model=args.model, data=args.data,
                               epochs=args.epochs, finetune_epochs=args.finetune_epochs, lowlr_epochs=args.lowlr_epochs,
-                              teacher_epochs=args.teacher_epochs, progress=False)
+                              teacher_epochs=args.teacher_epochs, progress=False, granularity=args.granularity,
+                              method_options=options)
             start = time.time()
             run = PruneRun(new_model(), train, splits.test, cfg, run_dir, teacher=teacher,
-                           log=lambda s: print(f"[{method}] {s}", flush=True))
+                           log=lambda s: print(f"[{label}] {s}", flush=True))
             m = run.run(resume=(run_dir / "checkpoint.pt").exists()).metrics
-            seconds = time.time() - start
+            m["benchmark_seconds"] = time.time() - start
+            io.write_json(run_dir / "metrics.json", m)
             if teacher is None:
                 io.save(to_plain(run.teacher, run.graph), work / "teacher.pt", meta={"role": "teacher"})
                 teacher = run.teacher
-        rows.append({"method": method, "test_accuracy": m["test_accuracy"],
+        unit = "weights" if per_weight else "channels"
+        rows.append({"method": label, "test_accuracy": m["test_accuracy"],
                      "unpruned_test_accuracy": m["unpruned_test_accuracy"],
                      "accuracy_change_points": 100 * m["accuracy_change"], "V_over_B": m["budget_ratio"],
                      "reduction": m["reduction_factor"], "widths": {k: v["kept"] for k, v in m["widths"].items()},
                      "cost_before_projection_over_B": m["cost_before_projection"] / m["budget"],
-                     "channels_dropped_by_projection": m["channels_dropped_by_projection"],
-                     "channels_reopened_by_fill": m["channels_reopened_by_fill"], "seconds": seconds})
+                     "dropped_by_projection": m[f"{unit}_dropped_by_projection"],
+                     "reopened_by_fill": m[f"{unit}_reopened_by_fill"],
+                     "density": {k: v["nonzero"] / v["total"] for k, v in m.get("density", {}).items()},
+                     "model_file_bytes": m.get("model_file_bytes"), "seconds": m.get("benchmark_seconds")})
         print(json.dumps(rows[-1]), flush=True)
     result = {**run_record("methods_fashion_mnist.py", args, argv), "factor": args.factor,
               "train_images": args.train_subset or len(splits.train.labels), "wall_seconds": time.time() - t0, "rows": rows}
-    io.write_json(out / "methods_fashion_mnist.json", result)
-    write_markdown(result, out)
-    plot(result, out / "methods_fashion_mnist.png")
+    result["granularity"] = args.granularity
+    io.write_json(out / f"methods_fashion_mnist{suffix}.json", result)
+    write_markdown(result, out, suffix)
+    plot(result, out / f"methods_fashion_mnist{suffix}.png")
     print(f"results in {out}")
     return 0
 
 
-def write_markdown(r: dict, out: Path) -> None:
-    lines = [f"# Every method on {r['data']} / {r['model']} at {r['factor']:g}× volume", "",
+def write_markdown(r: dict, out: Path, suffix: str = "") -> None:
+    per_weight = r.get("granularity") == "weight"
+    metric = "non-zero weights" if per_weight else "volume"
+    lines = [f"# Every method on {r['data']} / {r['model']} at {r['factor']:g}× {metric}", "",
              f"Command: `{r['command']}`", "",
              f"{r['train_images']} training images; epochs: teacher {r['epochs']['teacher']} (one teacher for all), "
              f"prune {r['epochs']['prune']}, fine-tune {r['epochs']['finetune']} + {r['epochs']['lowlr']} at lr/10; "
-             f"default hyper-parameters of every method. Machine: {r['machine']}. "
-             f"Wall time {r['wall_seconds'] / 60:.1f} min.", "",
-             "| method | test acc | Δ points | V/B | V before projection / B | dropped | reopened | FLOP red. | "
-             "param red. | widths |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"default hyper-parameters of every method unless the name gives an option. Machine: {r['machine']}. "
+             f"Wall time {r['wall_seconds'] / 60:.1f} min.", ""]
+    unit = "weights" if per_weight else "channels"
+    last = "density per layer" if per_weight else "widths"
+    lines += [f"| method | test acc | Δ points | cost/B | cost before projection / B | {unit} dropped | "
+              f"{unit} reopened | FLOP red. | param red. | {last} |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in sorted(r["rows"], key=lambda x: -x["test_accuracy"]):
         red = row["reduction"]
+        shape = ("-".join(f"{100 * v:.1f}%" for v in row["density"].values()) if per_weight
+                 else "-".join(str(v) for v in row["widths"].values()))
         lines.append(f"| {row['method']} | {100 * row['test_accuracy']:.2f} % | {row['accuracy_change_points']:+.2f} | "
                      f"{row['V_over_B']:.4f} | {row['cost_before_projection_over_B']:.2f} | "
-                     f"{row['channels_dropped_by_projection']} | {row['channels_reopened_by_fill']} | "
-                     f"{red['flops']:.1f}× | {red['params']:.1f}× | {'-'.join(str(v) for v in row['widths'].values())} |")
+                     f"{row.get('dropped_by_projection', row.get('channels_dropped_by_projection'))} | "
+                     f"{row.get('reopened_by_fill', row.get('channels_reopened_by_fill'))} | "
+                     f"{red['flops']:.1f}× | {red['params']:.1f}× | {shape} |")
     if r["rows"]:
         lines += ["", f"Unpruned teacher: {100 * r['rows'][0]['unpruned_test_accuracy']:.2f} %."]
-    lines += ["", "![accuracy per method](methods_fashion_mnist.png)"]
-    io.write_text(out / "methods_fashion_mnist.md", "\n".join(lines) + "\n")
+    if per_weight:
+        lines += ["", "Per-weight pruning leaves the network's shape (so its FLOPs and dense parameter count) as it "
+                      "was; the budget counts non-zero conv/linear weights, stored sparse in the model file."]
+    lines += ["", f"![accuracy per method](methods_fashion_mnist{suffix}.png)"]
+    io.write_text(out / f"methods_fashion_mnist{suffix}.md", "\n".join(lines) + "\n")
 
 
 def plot(r: dict, path: Path) -> None:
@@ -112,7 +138,8 @@ def plot(r: dict, path: Path) -> None:
     if rows:
         ax.axhline(100 * rows[0]["unpruned_test_accuracy"], color="gray", ls="--", label="unpruned")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{r['model']} on {r['data']}, {r['factor']:g}× volume")
+    metric = "non-zero weights" if r.get("granularity") == "weight" else "volume"
+    ax.set_title(f"{r['model']} on {r['data']}, {r['factor']:g}× {metric}")
     ax.tick_params(axis="x", rotation=30)
     ax.legend()
     fig.tight_layout()

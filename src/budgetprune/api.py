@@ -15,13 +15,14 @@ from .errors import CheckpointError, ConfigError
 from .pipeline import PruneConfig, PruneRun
 
 
-def prune(model: nn.Module, train_data, test_data=None, *, budget: float | str = 0.25, metric: str = "volume",
+def prune(model: nn.Module, train_data, test_data=None, *, budget: float | str = 0.25, metric: str | None = None,
           method: str = "bar", teacher: nn.Module | str | os.PathLike | None = None,
           out: str | os.PathLike | None = None, resume: bool = False, log=print, **options):
     """Train and prune ``model`` under ``budget``; returns ``(compacted_model, metrics)``.
 
     ``budget`` is a fraction of the unpruned ``metric`` (``0.25``) or a pruning factor
-    (``"4x"``), or several budgets at once (``"volume=0.25,flops=0.2"``). ``teacher`` is a trained unpruned model (module or checkpoint path); without
+    (``"4x"``), or several budgets at once (``"volume=0.25,flops=0.2"``). ``metric`` defaults to
+    ``"volume"``, and to ``"nonzero"`` with ``granularity="weight"`` (single weights pruned). ``teacher`` is a trained unpruned model (module or checkpoint path); without
     one, a teacher is trained first for ``teacher_epochs`` starting from ``model``'s weights
     (``teacher_epochs=0`` uses ``model`` itself as the trained teacher). ``out`` keeps the
     run folder (checkpoints, report); without it a temporary folder is used. Other keyword
@@ -31,6 +32,8 @@ def prune(model: nn.Module, train_data, test_data=None, *, budget: float | str =
     unknown = set(options) - set(PruneConfig.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}: see budgetprune.PruneConfig")
+    if metric is None:
+        metric = "nonzero" if options.get("granularity") == "weight" else "volume"
     first, *more = parse_budgets(budget, metric)
     config = PruneConfig(budget=first.fraction, metric=first.metric, method=method,
                          extra_budgets={b.metric: b.fraction for b in more}, **options)

@@ -42,10 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", required=True,
                    help="allowed fraction of the unpruned cost (0.25) or pruning factor (4x) of --metric; "
                         "several metrics at once: volume=0.25,flops=0.2")
-    p.add_argument("--metric", default="volume", help="volume (activations, default), flops, params or latency "
-                                                       "(measured per layer on this device, cached)")
+    p.add_argument("--metric", help="volume (activations; the default), flops, params, latency (measured per layer "
+                                    "on this device, cached) or nonzero (conv/linear weights; the default with "
+                                    "--granularity weight)")
+    p.add_argument("--granularity", choices=["channel", "weight"],
+                   help="prune whole channels (default: a physically smaller net) or single weights (l0, "
+                        "constrained-l0, cs, sensitivity: a sparse net under a nonzero budget)")
     p.add_argument("--method", default="bar", help="pruning method: bar (default), l0, constrained-l0, cs, sensitivity, "
                                                    "ib, morphnet, random, magnitude, vq or id (see the README's Methods)")
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the method (repeatable), e.g. rounds=3 for cs, kind=specific for "
+                        "sensitivity, targets=layer for constrained-l0 (see the README's Methods)")
     p.add_argument("--out", required=True, help="run folder for the model, metrics, report and checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--teacher", help="trained unpruned model (a budgetprune model.pt/teacher.pt or a state dict)")
@@ -131,10 +138,13 @@ def cmd_prune(args) -> int:
 def _config_from_args(args):
     from .budget import parse_budgets
     from .pipeline import PruneConfig
-    first, *more = parse_budgets(args.budget, args.metric)
+    granularity = args.granularity or "channel"
+    metric = args.metric or ("nonzero" if granularity == "weight" else "volume")
+    first, *more = parse_budgets(args.budget, metric)
     config = PruneConfig(budget=first.fraction, metric=first.metric, method=args.method, model=args.model,
-                         data=args.data, data_root=args.data_root, teacher=args.teacher,
-                         extra_budgets={b.metric: b.fraction for b in more})
+                         data=args.data, data_root=args.data_root, teacher=args.teacher, granularity=granularity,
+                         extra_budgets={b.metric: b.fraction for b in more},
+                         method_options=parse_method_options(args.method_option))
     for name in ("epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs", "lr", "gate_lr", "batch_size",
                  "lam", "gate_init", "dual_lr", "schedule", "student_init", "seed", "device", "block"):
         value = getattr(args, name, None)
@@ -144,6 +154,22 @@ def _config_from_args(args):
         config.fill_budget = False
     config.validate()
     return config
+
+
+def parse_method_options(items: list[str]) -> dict:
+    """``["rounds=3", "kind=specific", "layer_lam={\"conv1\": 2}"]`` → a dict; a value is read
+    as JSON (numbers, true/false, objects) and otherwise kept as text."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(f"--method-option '{item}' is not KEY=VALUE: write e.g. --method-option rounds=3")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value.strip()
+    return out
 
 
 def _run(config, out: Path, resume: bool, download: bool = False) -> int:
@@ -196,6 +222,7 @@ def cmd_info(args) -> int:
     from .graph import ChannelGraph
     from .io import load_file, named_layer_specs
     from .resources import resource_report
+    from .sparsity import density
 
     model, specs, meta = load_file(args.model_file)
     shape = meta.get("input_shape")
@@ -208,12 +235,17 @@ def cmd_info(args) -> int:
         print(f"  {metric}: {value}")
     layers = [(name, s) for name, s in named_layer_specs(specs) if s["op"] in ("conv2d", "linear")]
     w = max([8] + [len(name) + 2 for name, _ in layers])
-    print(f"  {'layer':<{w}}{'type':<10}{'in':>8}{'out':>8}{'area':>8}")
+    nonzero = density(model)
+    print(f"  {'layer':<{w}}{'type':<10}{'in':>8}{'out':>8}{'area':>8}{'nonzero':>10}")
     for name, s in layers:
         if name in graph.layers:
             layer = graph.layers[name]
-            print(f"  {name:<{w}}{s['op']:<10}{layer.in_features:>8}{layer.out_channels:>8}{layer.out_area:>8}")
-    print(f"  volume {res['volume']:.6g}   flops (MACs) {res['flops']:.6g}   params {res['params']:.6g}")
+            nz = nonzero.get(name, {"nonzero": 0, "total": 1})
+            print(f"  {name:<{w}}{s['op']:<10}{layer.in_features:>8}{layer.out_channels:>8}{layer.out_area:>8}"
+                  f"{nz['nonzero'] / nz['total']:>10.1%}")
+    kept, total = sum(v["nonzero"] for v in nonzero.values()), sum(v["total"] for v in nonzero.values())
+    print(f"  volume {res['volume']:.6g}   flops (MACs) {res['flops']:.6g}   params {res['params']:.6g}   "
+          f"non-zero weights {kept} of {total} ({kept / max(total, 1):.1%})")
     return 0
 
 

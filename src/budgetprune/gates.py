@@ -285,7 +285,9 @@ class SigmoidGate(nn.Module):
     seed 004), with s initialised to ``s0`` and the temperature β set by the method.
 
     β → ∞ turns σ(β·s) into the Heaviside step H(s): a channel is kept where s > 0, and the
-    network that is kept uses the step (gate 1 on kept channels, s ≥ 0).
+    network that is kept uses the step (s ≥ 0). The gate's value is the mask times
+    1/σ(s₀), as in the authors' code, so that it starts at exactly 1 and the kept network
+    uses 1/σ(s₀) · H(s).
     """
 
     def __init__(self, num_channels: int, s0: float = 0.0):
@@ -293,6 +295,7 @@ class SigmoidGate(nn.Module):
         if num_channels < 1:
             raise ValueError("a gate needs at least one channel")
         self.s = nn.Parameter(torch.full((num_channels,), float(s0)))
+        self.scale = 1.0 / (1.0 / (1.0 + math.exp(-float(s0))))  # 1/σ(s₀)
         self.register_buffer("beta", torch.ones(()))
         self.register_buffer("frozen", None, persistent=False)
 
@@ -312,8 +315,8 @@ class SigmoidGate(nn.Module):
         return torch.sigmoid(self.s)
 
     def deterministic(self) -> torch.Tensor:
-        """The step H(s) the kept network uses."""
-        return self.keep_mask().to(self.s.dtype)
+        """The step the kept network uses: H(s)/σ(s₀)."""
+        return self.scale * self.keep_mask().to(self.s.dtype)
 
     @torch.no_grad()
     def keep_at_least_one(self, margin: float = 1e-3) -> None:
@@ -326,4 +329,4 @@ class SigmoidGate(nn.Module):
         self.s.requires_grad_(False)
 
     def forward(self, batch_size: int | None = None) -> torch.Tensor:
-        return self.frozen if self.frozen is not None else self.soft()
+        return self.frozen if self.frozen is not None else self.scale * self.soft()

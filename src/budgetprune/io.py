@@ -7,8 +7,11 @@ same folder, then ``os.replace``), so an interrupted run never leaves a half-wri
 
 Format 2 (written now): ``{"format", "version": 2, "graph", "state_dict", "meta"}`` where
 ``graph`` is the JSON of :func:`budgetprune.graphio.describe` of the model's ``torch.fx``
-graph, so residual networks are saved as well as chains. Format 1 (still read):
-``"architecture"`` is a JSON list of layer specs of an ``nn.Sequential``.
+graph, so residual networks are saved as well as chains. Format 3 is format 2 plus
+``"sparse"``: weights that are at least half zeros (unstructured pruning) are stored as a
+bit mask (1 bit per weight) and their non-zero values, ``{name: {"shape", "bits",
+"values"}}``, and left out of ``state_dict``. Format 1 (still read): ``"architecture"`` is a
+JSON list of layer specs of an ``nn.Sequential``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,7 +30,8 @@ from .architecture import build_sequential
 from .errors import CheckpointError
 
 FORMAT = "budgetprune-model"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+SPARSE_DENSITY = 0.5  # floating-point tensors with at most this fraction of non-zeros are stored sparse
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -86,9 +91,42 @@ def save(model: nn.Module, path: str | os.PathLike, specs: list[dict] | None = N
     """
     gm = graphio.trace(model)
     description = graphio.describe(gm)
-    state = graphio.saveable_state(gm, description)
-    torch_save(path, {"format": FORMAT, "version": FORMAT_VERSION, "graph": json.dumps(description),
-                      "state_dict": state, "meta": json.dumps(meta or {})})
+    state, sparse = pack_sparse(graphio.saveable_state(gm, description))
+    obj = {"format": FORMAT, "version": 3 if sparse else 2, "graph": json.dumps(description),
+           "state_dict": state, "meta": json.dumps(meta or {})}
+    if sparse:
+        obj["sparse"] = sparse
+    torch_save(path, obj)
+
+
+def pack_sparse(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(dense tensors, sparse ones as {"shape", "bits", "values"}) of a state dict."""
+    dense, sparse = {}, {}
+    for name, t in state.items():
+        if t.is_floating_point() and t.numel() >= 64 and int(torch.count_nonzero(t)) <= SPARSE_DENSITY * t.numel():
+            mask = (t != 0).reshape(-1).cpu()
+            sparse[name] = {"shape": torch.tensor(t.shape, dtype=torch.long),
+                            "bits": torch.from_numpy(np.packbits(mask.numpy())),
+                            "values": t.reshape(-1)[mask.to(t.device)].clone()}
+        else:
+            dense[name] = t
+    return dense, sparse
+
+
+def unpack_sparse(state: dict[str, torch.Tensor], sparse: dict) -> dict[str, torch.Tensor]:
+    """The full state dict back from :func:`pack_sparse`'s two parts."""
+    out = dict(state)
+    for name, entry in sparse.items():
+        shape = [int(v) for v in entry["shape"]]
+        n = int(np.prod(shape)) if shape else 1
+        mask = torch.from_numpy(np.unpackbits(entry["bits"].numpy(), count=n).astype(bool))
+        values = entry["values"]
+        if int(mask.sum()) != values.numel():
+            raise ValueError(f"sparse tensor {name} has {values.numel()} values for {int(mask.sum())} non-zeros")
+        t = torch.zeros(n, dtype=values.dtype)
+        t[mask] = values
+        out[name] = t.reshape(shape)
+    return out
 
 
 def load_file(path: str | os.PathLike) -> tuple[nn.Module, list[dict] | dict, dict]:
@@ -109,7 +147,7 @@ def load_file(path: str | os.PathLike) -> tuple[nn.Module, list[dict] | dict, di
         meta = json.loads(obj.get("meta", "{}"))
         if version >= 2:
             architecture = json.loads(obj["graph"])
-            model = graphio.rebuild(architecture, obj["state_dict"])
+            model = graphio.rebuild(architecture, unpack_sparse(obj["state_dict"], obj.get("sparse", {})))
         else:
             architecture = json.loads(obj["architecture"])
             model = _load_sequential(architecture, obj["state_dict"])

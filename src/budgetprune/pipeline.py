@@ -28,9 +28,10 @@ from .engine import evaluate, iterate_batches, make_optimizer, predict_logits, s
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .graph import ChannelGraph
 from .liveness import effective_masks
-from .methods import available_methods, create_method
+from .methods import available_methods, create_method, method_options
 from .objectives import distillation_loss
 from .resources import BUDGET_METRICS, METRICS, CostModel, resource_report
+from .sparsity import apply_masks, check_weight_budget, count_kept, density, project_weights, weight_counts
 
 STAGES = ("teacher", "prune", "finetune", "done")
 
@@ -44,9 +45,11 @@ class PruneConfig:
     """
 
     budget: float = 0.25  # fraction of the full cost
-    metric: str = "volume"
+    metric: str | None = None  # None: "volume" (channels), "nonzero" (weights)
+    granularity: str = "channel"  # what is pruned: "channel" (physically smaller) or "weight" (sparse)
     extra_budgets: dict[str, float] = field(default_factory=dict)  # more budgets: metric -> fraction
     method: str = "bar"
+    method_options: dict = field(default_factory=dict)  # the method's own options: {"rounds": 3} for cs, ...
     model: str | None = None
     data: str | None = None
     data_root: str | None = None
@@ -75,7 +78,20 @@ class PruneConfig:
     device: str = "cpu"
     progress: bool = True
 
+    def __post_init__(self):
+        if self.metric is None:
+            self.metric = "nonzero" if self.granularity == "weight" else "volume"
+
     def validate(self) -> None:
+        if self.granularity not in ("channel", "weight"):
+            raise ConfigError(f"unknown granularity '{self.granularity}': choose channel or weight")
+        if self.granularity == "weight":
+            if self.method in available_methods() and "granularity" not in method_options(self.method):
+                takes = ", ".join(m for m in available_methods() if "granularity" in method_options(m))
+                raise ConfigError(f"method '{self.method}' prunes channels only; --granularity weight works with {takes}")
+            if self.metric != "nonzero" or self.extra_budgets:
+                raise ConfigError("pruning single weights saves non-zero weights only: use --metric nonzero "
+                                  "(the default with --granularity weight) and no other budget")
         if self.metric not in BUDGET_METRICS:
             raise ConfigError(f"unknown metric '{self.metric}': choose one of {', '.join(BUDGET_METRICS)}")
         if not 0.0 < self.budget < 1.0:
@@ -96,6 +112,11 @@ class PruneConfig:
             raise ConfigError("--block must be 'mixed' or 'regular'")
         if self.method not in available_methods():
             raise ConfigError(f"unknown method '{self.method}': choose one of {', '.join(available_methods())}")
+        if self.method in available_methods():
+            unknown = set(self.method_options) - set(method_options(self.method))
+            if unknown:
+                raise ConfigError(f"method '{self.method}' has no option(s) {', '.join(sorted(unknown))}; it takes "
+                                  f"{', '.join(method_options(self.method)) or 'none'}")
         if self.lam is not None and self.lam < 0:
             raise ConfigError("--lam must be 0 or more")
         if self.dual_lr is not None and not self.dual_lr > 0:
@@ -113,7 +134,7 @@ class PruneConfig:
         """Run-wide settings a method may take (each takes those it has; see ``create_method``)."""
         return {"lam": self.lam, "schedule": self.schedule, "hardness": self.schedule_hardness,
                 "gate_lr": self.gate_lr, "gate_init": self.gate_init, "s0": self.gate_init,
-                "dual_lr": self.dual_lr, "dataset_size": dataset_size}
+                "dual_lr": self.dual_lr, "dataset_size": dataset_size, "granularity": self.granularity}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruneConfig":
@@ -158,7 +179,10 @@ class PruneRun:
         self.graph = ChannelGraph.build(self.model, self.example, gate_inputs=config.gate_inputs)
         self.budgets = config.budgets()
         self.budget = self.budgets[0]
-        for budget in self.budgets:
+        self.per_weight = config.granularity == "weight"
+        if self.per_weight:
+            check_weight_budget(self.budget.absolute(self.graph), weight_counts(self.model))
+        for budget in [] if self.per_weight else self.budgets:
             budget.check_reachable(self.graph, config.block)
         self.metrics = METRICS + tuple(b.metric for b in self.budgets if b.metric not in METRICS)
         self.full = resource_report(self.graph, metrics=self.metrics)
@@ -285,7 +309,10 @@ class PruneRun:
         student = copy.deepcopy(self.model).to(self.device)
         if cfg.student_init == "teacher":
             student.load_state_dict(self._teacher_state_for_model())
-        method = create_method(cfg.method, shared=cfg.method_settings(len(self.train_data)))
+        try:
+            method = create_method(cfg.method, shared=cfg.method_settings(len(self.train_data)), **cfg.method_options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"method '{cfg.method}': {exc}; check --method-option") from None
         method.attach(student, self.graph, self.budgets)
         method.to(self.device)
         opt = make_optimizer(list(student.parameters()), cfg.lr, cfg.weight_decay, method.param_groups(cfg.lr))
@@ -318,6 +345,8 @@ class PruneRun:
 
     def _hard_prune(self, student: nn.Module, method) -> tuple[nn.Module, dict, dict]:
         """Masks → exact budget → compaction, checking the compacted outputs."""
+        if self.per_weight:
+            return self._hard_prune_weights(student, method)
         graph = method.graph
         masks = method.keep_masks()
         block = self.config.block
@@ -369,6 +398,54 @@ class PruneRun:
                                     for mode in ("mixed", "regular")}}
         return net, specs, info
 
+    def _hard_prune_weights(self, student: nn.Module, method) -> tuple[nn.Module, dict, dict]:
+        """Per-weight masks → exactly floor(B) non-zero weights → weights zeroed in place.
+
+        Weights the fill reopens start at 0 (the function is unchanged) and may grow in
+        fine-tuning; every other pruned weight stays exactly 0 (:meth:`_weight_mask_step`)."""
+        masks = method.keep_masks()
+        limit = self.budget.absolute(self.graph)
+        final = project_weights(masks, method.scores(), limit, fill=self.config.fill_budget)
+        dropped = sum(int((masks[n].cpu() & ~final[n]).sum()) for n in final)
+        reopened = {n: final[n] & ~masks[n].cpu() for n in final}
+        n_reopened = count_kept(reopened)
+        before = count_kept(masks)
+        self.log(f"hard-prune: nonzero weights {before} → {count_kept(final)} (budget {limit:.6g}, "
+                 f"{count_kept(final) / limit:.4f} of it); the budget projection dropped {dropped} weights"
+                 + (f" and reopened {n_reopened} at 0" if n_reopened else ""))
+        values = method.gate_values()
+        values = {n: values[n].detach().reshape(-1) * (final[n] & ~reopened[n]).to(values[n].device).reshape(-1).float()
+                  for n in final}
+        method.freeze(final, values)
+        student.eval()
+        method.eval()
+        x = next(iter(self._sample_batch()))
+        with torch.no_grad():
+            reference = student(x)
+        method.detach()  # the unmasked weights are back; fold the masks into them
+        apply_masks(student, {n: torch.ones_like(m) for n, m in final.items()}, values)
+        net = compact(student, self.graph)  # same widths, pruned weights exactly 0
+        specs = graphio.describe(net)
+        with torch.no_grad():
+            diff = float((reference - net(x)).abs().max())
+        if diff > 1e-3:
+            raise RuntimeError(f"internal error: the sparse network's outputs differ from the gated model by {diff}")
+        self.weight_masks = final
+        pruned = resource_report(self.graph, None, self.config.block, self.metrics)
+        pruned["nonzero"] = float(count_kept(final))
+        info = {"cost_before_projection": float(before), "channels_dropped_by_projection": 0,
+                "channels_reopened_by_fill": 0, "weights_dropped_by_projection": dropped,
+                "weights_reopened_by_fill": n_reopened, "compaction_max_abs_diff": diff,
+                "masks": {g: list(range(grp.channels)) for g, grp in self.graph.groups.items()},
+                "pruned": pruned, "pruned_by_block": {mode: pruned for mode in ("mixed", "regular")}}
+        return net, specs, info
+
+    def _weight_mask_step(self, net: nn.Module):
+        """After each fine-tune step: pruned weights back to exactly 0 (None for channel pruning)."""
+        if not self.per_weight:
+            return None
+        return lambda progress: apply_masks(net, self.weight_masks)
+
     def _sample_batch(self):
         for _, x, _ in iterate_batches(self.test_data, 256):
             yield x.to(self.device)
@@ -382,12 +459,14 @@ class PruneRun:
             net, specs, info = self._hard_prune(student, method)
             start = 0
             self._save_checkpoint("finetune", 0, arch=json.dumps(specs), model=net.state_dict(),
-                                  info=json.dumps(info), optimizer={})
+                                  info=json.dumps(info), optimizer={}, **self._mask_state())
         else:
             specs = json.loads(ckpt["arch"])
             net = graphio.rebuild(specs, ckpt["model"]).to(self.device)
             info = json.loads(ckpt["info"])
             start = ckpt["epoch"]
+            if self.per_weight:
+                self.weight_masks = {n: m.bool() for n, m in ckpt["weight_masks"].items()}
         opt = make_optimizer(list(net.parameters()), cfg.lr, cfg.weight_decay)
         if ckpt is not None and ckpt.get("optimizer"):
             opt.load_state_dict(ckpt["optimizer"])
@@ -397,10 +476,15 @@ class PruneRun:
         base = {"weights": cfg.lr}
         for epoch in range(start, total):
             set_lr(opt, 1.0 if epoch < cfg.finetune_epochs else cfg.lowlr_factor, base)
-            self._epoch(net, opt, "finetune", epoch, total, steps_per_epoch, loss_fn)
+            self._epoch(net, opt, "finetune", epoch, total, steps_per_epoch, loss_fn,
+                        after_step=self._weight_mask_step(net))
             self._save_checkpoint("finetune", epoch + 1, arch=json.dumps(specs), model=net.state_dict(),
-                                  info=json.dumps(info), optimizer=opt.state_dict())
+                                  info=json.dumps(info), optimizer=opt.state_dict(), **self._mask_state())
         return net.eval(), specs, info
+
+    def _mask_state(self) -> dict:
+        """The per-weight masks, for a checkpoint (nothing for channel pruning)."""
+        return {"weight_masks": self.weight_masks} if self.per_weight else {}
 
     # results -------------------------------------------------------------------------
     def _finish(self, net: nn.Module, specs: dict, info: dict) -> PruneResult:
@@ -428,19 +512,26 @@ class PruneRun:
             "channels_dropped_by_projection": info["channels_dropped_by_projection"],
             "channels_reopened_by_fill": info.get("channels_reopened_by_fill", 0),
             "compaction_max_abs_diff": info["compaction_max_abs_diff"],
-            "model": cfg.model, "data": cfg.data,
+            "model": cfg.model, "data": cfg.data, "granularity": cfg.granularity,
         }
+        if self.per_weight:
+            layers = density(net)
+            metrics.update({"weights_dropped_by_projection": info["weights_dropped_by_projection"],
+                            "weights_reopened_by_fill": info["weights_reopened_by_fill"],
+                            "nonzero_after_finetune": sum(v["nonzero"] for v in layers.values()),
+                            "density": layers})
         self.out.mkdir(parents=True, exist_ok=True)
         io.save(net, self.out / "model.pt", meta={"metrics": {k: metrics[k] for k in
                                                                 ("method", "metric", "budget_fraction")},
                                                     "model": cfg.model, "input_shape": list(self.graph.input_shape)})
+        metrics["model_file_bytes"] = (self.out / "model.pt").stat().st_size
         io.write_json(self.out / "metrics.json", metrics)
         io.write_json(self.out / "history.json", self.history)
         io.write_json(self.out / "config.json", asdict(cfg))
         write_report(self.out, metrics, self.history)
         total = cfg.finetune_epochs + cfg.lowlr_epochs
         self._save_checkpoint("done", total, arch=json.dumps(specs), model=net.state_dict(), info=json.dumps(info),
-                              optimizer={})
+                              optimizer={}, **self._mask_state())
         self.log(f"done: test accuracy {acc:.4f} (unpruned {self.unpruned_accuracy:.4f}); {cfg.metric} "
                  f"{pruned[cfg.metric]:.6g} = {metrics['budget_ratio']:.4f} of the budget; files in {self.out}")
         return PruneResult(net, metrics, specs, self.history)

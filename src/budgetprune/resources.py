@@ -21,6 +21,9 @@ dead output channel also removes the next layer's inputs.
   c_io · n_in · n_out + c_out · n_out form (:mod:`budgetprune.latency`): a budget like FLOPs.
 * params — weights k² · n_in · n_out, biases n_out, BatchNorm γ and β 2 · n_out (also for a
   BatchNorm that hosts no gate, e.g. a Wide-ResNet's pre-activation BN).
+* nonzero — the conv and linear weights alone (k² · n_in · n_out): the count an unstructured
+  (per-weight) budget limits (:mod:`budgetprune.sparsity` counts single weights); for channel
+  pruning it is the weights the compacted network keeps.
 
 ``mode`` picks what the hard cost counts for residual networks: ``"mixed"`` (the
 mixed-connectivity block: only alive maps are computed; what BAR optimises) or
@@ -41,7 +44,7 @@ from .liveness import alive, effective_masks, slot_sets
 
 METRICS = ("volume", "flops", "params")  # counted: every report gives them
 #: Every metric a budget may use: the counted ones and the measured latency (:mod:`budgetprune.latency`).
-BUDGET_METRICS = METRICS + ("latency",)
+BUDGET_METRICS = METRICS + ("nonzero", "latency")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
             c_io, c_out = (0.0, float(layer.out_area * k)) if layer.depthwise else (float(layer.out_area * k), 0.0)
         elif metric == "latency":  # measured ms, fitted to the same bilinear form
             c_io, c_out = (0.0, timed[layer.name][1]) if layer.depthwise else timed[layer.name]
+        elif metric == "nonzero":
+            c_io, c_out = (0.0, float(k)) if layer.depthwise else (float(k), 0.0)
         else:
             per_out = (1.0 if layer.bias else 0.0) + 2.0 * len(layer.batchnorms)
             c_io, c_out = (0.0, float(k) + per_out) if layer.depthwise else (float(k), per_out)
@@ -111,6 +116,10 @@ class CostModel:
         self.mode = mode
         self.terms = layer_costs(graph, metric)
         self._cache: tuple[bytes, float] | None = None
+
+    def layer_names(self) -> list[str]:
+        """The names ``expected(..., weights=)`` and :meth:`per_layer` use."""
+        return list(dict.fromkeys(t.name for t in self.terms))
 
     # hard ---------------------------------------------------------------------------------
     def per_layer(self, masks: dict[str, torch.Tensor] | None = None) -> dict[str, float]:

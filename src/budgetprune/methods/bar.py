@@ -15,7 +15,7 @@ from torch import nn
 
 from ..budget import Budget
 from ..gates import HardConcreteGate
-from ..graph import ChannelGraph, ChannelGroup
+from ..graph import ChannelGraph
 from ..objectives import BudgetSchedule, barrier
 from ..resources import CostModel
 from .base import register_method
@@ -40,8 +40,8 @@ class BAR(GatedMethod):
         self.hardness = hardness
         self.gate_init = float(gate_init)
 
-    def make_gate(self, group: ChannelGroup) -> nn.Module:
-        return HardConcreteGate(group.channels, self.gate_init, self.gate_init + 0.01)
+    def new_gate(self, size: int) -> nn.Module:
+        return HardConcreteGate(size, self.gate_init, self.gate_init + 0.01)
 
     def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
         volume_full = CostModel(graph, "volume").full()

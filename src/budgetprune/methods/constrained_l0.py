@@ -7,7 +7,9 @@ descend on L, and λ ascends by projected gradient steps λ ← max(0, λ + η_�
 expected cost of the budget's metric as a fraction of the full network's, at most the
 budget's fraction (with ``--metric params`` that is the paper's E[‖z‖₀] ≤ ε·|θ|).
 ``targets="layer"`` puts one constraint (and one multiplier) on every layer instead: its
-expected fraction of open channels at most ε.
+expected fraction of open channels at most ε. With ``granularity="weight"`` the gates are on
+single weights, as in the paper, and the model-wise constraint is E[‖θ‖₀]/|θ| ≤ ε with ε the
+non-zero-weight budget.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from torch import nn
 
 from ..budget import Budget
 from ..gates import HardConcreteGate
-from ..graph import ChannelGraph, ChannelGroup
+from ..graph import ChannelGraph
 from ..objectives import dual_ascent
-from ..resources import CostModel
 from .base import register_method
 from .gated import GatedMethod
 
@@ -29,8 +30,8 @@ class ConstrainedL0(GatedMethod):
     """Lagrangian with one multiplier per constraint, updated after every step."""
 
     def __init__(self, dual_lr: float = 1e-2, targets: str = "model", gate_lr: float | None = None,
-                 gate_init: float = 0.0):
-        super().__init__(gate_lr)
+                 gate_init: float = 0.0, granularity: str = "channel"):
+        super().__init__(gate_lr, granularity)
         if targets not in ("model", "layer"):
             raise ValueError("constrained-l0 targets must be 'model' or 'layer'")
         if not dual_lr > 0:
@@ -40,17 +41,17 @@ class ConstrainedL0(GatedMethod):
         self.gate_init = float(gate_init)
         self._violation: torch.Tensor | None = None
 
-    def make_gate(self, group: ChannelGroup) -> nn.Module:
-        return HardConcreteGate(group.channels, self.gate_init, self.gate_init + 0.01)
+    def new_gate(self, size: int) -> nn.Module:
+        return HardConcreteGate(size, self.gate_init, self.gate_init + 0.01)
 
     def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
         if self.targets == "model":
-            models = [(b, CostModel(graph, b.metric)) for b in budgets]
+            models = [(b, self.cost_model(b.metric)) for b in budgets]
             self.constraints = [(b, cm, cm.full()) for b, cm in models]
             n = len(budgets)
         else:
             self.fraction = min(b.fraction for b in budgets)
-            n = len(graph.groups)
+            n = len(self.gates)
         device = next(model.parameters()).device
         self.register_buffer("multipliers", torch.zeros(n, device=device))
 

@@ -1,44 +1,85 @@
 """Continuous Sparsification (Savarese, Silva & Maire, NeurIPS 2020; seed 004).
 
-Each channel is multiplied by the deterministic mask σ(β·s) (:class:`budgetprune.gates.SigmoidGate`)
-and the loss adds ``λ · ‖σ(β·s)‖₁``, the continuous stand-in for λ·‖m‖₀. The temperature β
-rises from 1 to ``beta_max`` (200 by default) over the prune phase, geometrically
-(β = β_max^progress: the paper multiplies β by the same factor every epoch; we do it every
-step), so the mask hardens into the Heaviside step H(s) and the kept channels are those
-with s > 0. Like L0, CS has no budget in its objective: the engine's final projection meets it.
-The paper's ticket search (several rounds, rewinding the weights to an early iteration) is not
-implemented yet: this is one round.
+Each unit (a channel, or with ``granularity="weight"`` a single weight, the paper's form) is
+multiplied by the deterministic mask σ(β·s)/σ(s₀) (:class:`budgetprune.gates.SigmoidGate`;
+the 1/σ(s₀) makes the mask start at 1, as in the authors' code) and the loss adds
+``λ · ‖σ(β·s)‖₁``, the continuous stand-in for λ·‖m‖₀ (seed 004, the L_β(w, s) equation).
+Within a round the temperature β rises from 1 to ``beta_max`` (200 by default)
+geometrically (β = β_max^t over the round; the paper multiplies β by the same factor every
+epoch, we do it every step), so the mask hardens into the Heaviside step H(s) and the
+kept units are those with s > 0.
+
+The ticket search (``rounds`` > 1) follows the paper's algorithm: the prune phase is split
+into ``rounds`` equal rounds; at the end of every round but the last, the mask parameters
+are reset softly, ``s ← min(β_max · s, s₀)`` (removed units stay far below 0, kept ones
+restart at s₀), β restarts at 1, and the network's parameters are rewound to their values
+at ``rewind`` (a fraction of the first round; 0: where training started). At the end of
+the last round the weights are rewound once more, so the ticket H(s) ⊙ w_k is what the
+hard prune compacts and fine-tuning trains (``rewind_ticket``).
+
+Like L0, CS has no budget in its objective: the engine's final projection meets it.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from ..budget import Budget
 from ..gates import SigmoidGate
-from ..graph import ChannelGroup
+from ..graph import ChannelGraph
 from .base import register_method
 from .gated import GatedMethod
 
 
 @register_method("cs")
 class ContinuousSparsification(GatedMethod):
-    """λ · Σ σ(β·s) with β annealed to ``beta_max``; ``s0`` is the initial s (mask σ(s0) at β = 1)."""
+    """λ · Σ σ(β·s) with β annealed to ``beta_max`` in each of ``rounds`` rounds; ``s0`` is
+    the initial s."""
 
-    def __init__(self, lam: float = 1e-3, beta_max: float = 200.0, s0: float = 0.0, gate_lr: float | None = None):
-        super().__init__(gate_lr)
+    def __init__(self, lam: float = 1e-3, beta_max: float = 200.0, s0: float = 0.0, rounds: int = 1,
+                 rewind: float = 0.0, rewind_ticket: bool = True, gate_lr: float | None = None,
+                 granularity: str = "channel"):
+        super().__init__(gate_lr, granularity)
         if lam < 0 or not beta_max >= 1.0:
             raise ValueError("cs needs lam ≥ 0 and beta_max ≥ 1")
+        if rounds < 1 or not 0.0 <= rewind < 1.0:
+            raise ValueError("cs needs rounds ≥ 1 and 0 ≤ rewind < 1 (a fraction of the first round)")
         self.lam = float(lam)
         self.beta_max = float(beta_max)
         self.s0 = float(s0)
+        self.rounds = int(rounds)
+        self.rewind = float(rewind)
+        self.rewind_ticket = bool(rewind_ticket)
+        # the ticket search's position, saved with the method so a resumed run continues it
+        self.register_buffer("round", torch.zeros((), dtype=torch.long))
+        self.register_buffer("last_progress", torch.full((), -1.0, dtype=torch.float64))
+        self.register_buffer("snapshot_taken", torch.zeros((), dtype=torch.bool))
 
-    def make_gate(self, group: ChannelGroup) -> nn.Module:
-        return SigmoidGate(group.channels, self.s0)
+    def new_gate(self, size: int) -> nn.Module:
+        return SigmoidGate(size, self.s0)
+
+    def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
+        self._params = [p for p in model.parameters()]
+        self.snapshot = nn.ParameterList()  # not trained: a copy of the weights to rewind to
+        if self.rounds > 1 or self.rewind > 0:
+            for p in self._params:
+                self.snapshot.append(nn.Parameter(p.detach().clone(), requires_grad=False))
+            if self.rewind == 0:
+                self.snapshot_taken.fill_(True)
+
+    # -- schedule --------------------------------------------------------------------------
+    def round_of(self, progress: float) -> tuple[int, float]:
+        """(round index, position t ∈ [0, 1) within it) at ``progress`` of the prune phase."""
+        x = min(max(progress, 0.0), 1.0) * self.rounds
+        r = min(int(math.floor(x)), self.rounds - 1)
+        return r, x - r
 
     def beta(self, progress: float) -> float:
-        """β = β_max^progress: 1 at the start, β_max at the end."""
-        return self.beta_max ** min(max(progress, 0.0), 1.0)
+        """β = β_max^t, t the position within the current round: 1 at a round's start, β_max at its end."""
+        return self.beta_max ** self.round_of(progress)[1]
 
     def penalty(self, progress: float) -> torch.Tensor:
         beta = self.beta(progress)
@@ -46,5 +87,38 @@ class ContinuousSparsification(GatedMethod):
         for gate in self.gates.values():
             gate.beta = torch.full_like(gate.beta, beta)  # a new tensor: this step's forward still holds the old one
             total = total + gate.soft().sum()
-        self._last.update({"beta": beta, "mask_l1": float(total.detach())})
+        self._last.update({"beta": beta, "mask_l1": float(total.detach()), "round": float(self.round) + 1})
         return self.lam * total
+
+    # -- ticket search ---------------------------------------------------------------------
+    @torch.no_grad()
+    def rewind_weights(self) -> None:
+        """The network's parameters ← their snapshot (w_k)."""
+        for p, saved in zip(self._params, self.snapshot):
+            p.copy_(saved)
+
+    @torch.no_grad()
+    def reset_masks(self) -> None:
+        """s ← min(β_max · s, s₀) (the authors' soft reset between rounds)."""
+        for gate in self.gates.values():
+            gate.s.copy_(torch.clamp(self.beta_max * gate.s, max=self.s0))
+
+    @torch.no_grad()
+    def after_step(self, progress: float) -> None:
+        """Take the rewind snapshot, and end a round when the next step starts a new one."""
+        last = float(self.last_progress)
+        self.last_progress.fill_(progress)
+        if len(self.snapshot) and not bool(self.snapshot_taken) and progress >= self.rewind / self.rounds:
+            for p, saved in zip(self._params, self.snapshot):
+                saved.copy_(p)
+            self.snapshot_taken.fill_(True)
+        if last >= 0 and len(self.snapshot):
+            following = progress + (progress - last)  # steps are evenly spaced in progress
+            if following >= 1.0 - 1e-12:
+                if self.rewind_ticket and self.rounds > 1:
+                    self.rewind_weights()
+            elif self.round_of(following)[0] > int(self.round):
+                self.reset_masks()
+                self.rewind_weights()
+                self.round += 1
+        super().after_step(progress)

@@ -6,6 +6,11 @@ and MorphNet all put a per-channel factor on each group's host output
 the penalty. The gate module is any ``nn.Module`` of :mod:`budgetprune.gates` with
 ``forward(batch_size)``, ``deterministic()``, ``keep_score()``, ``keep_mask()``,
 ``keep_at_least_one()`` and ``freeze(values)``.
+
+Methods that also prune single weights (``granularity="weight"``: l0, constrained-l0, cs,
+sensitivity) get one gate per conv/linear layer with one entry per weight instead, applied
+by :class:`budgetprune.sparsity.WeightGates`; their units are then layer names, not group
+ids, and :meth:`cost_model` counts non-zero weights.
 """
 
 from __future__ import annotations
@@ -16,7 +21,11 @@ from torch import nn
 from ..attach import GateHooks
 from ..budget import Budget
 from ..graph import ChannelGroup, ChannelGraph
+from ..resources import CostModel
+from ..sparsity import WeightCost, WeightGates, weight_counts
 from .base import Method
+
+GRANULARITIES = ("channel", "weight")
 
 
 def _key(gid: str) -> str:
@@ -30,15 +39,30 @@ class GatedMethod(Method):
     #: Whether the fatal-pruning guard clamps a protected group's best gate open after each step.
     guard_after_step = True
 
-    def __init__(self, gate_lr: float | None = None):
+    def __init__(self, gate_lr: float | None = None, granularity: str = "channel"):
         super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, not '{granularity}'")
         self.gate_lr = gate_lr
+        self.granularity = granularity
         self.gates = nn.ModuleDict()
-        self._hooks: GateHooks | None = None
+        self._hooks: GateHooks | WeightGates | None = None
         self._last: dict[str, float] = {}
 
-    def make_gate(self, group: ChannelGroup) -> nn.Module:
+    def new_gate(self, size: int) -> nn.Module:
+        """A gate over ``size`` units (channels, or the weights of one layer)."""
         raise NotImplementedError
+
+    def make_gate(self, group: ChannelGroup) -> nn.Module:
+        return self.new_gate(group.channels)
+
+    @property
+    def per_weight(self) -> bool:
+        return self.granularity == "weight"
+
+    def cost_model(self, metric: str):
+        """The cost of ``metric`` over this method's units (non-zero weights for per-weight gates)."""
+        return WeightCost(self.counts) if self.per_weight else CostModel(self.graph, metric)
 
     def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
         """Method-specific state once the gates exist (cost models, multipliers, ...)."""
@@ -47,11 +71,17 @@ class GatedMethod(Method):
         self.graph = graph
         device = self.device = next(model.parameters()).device
         self.gid_of = {}
-        for gid, group in graph.groups.items():
-            self.gates[_key(gid)] = self.make_gate(group).to(device)
-            self.gid_of[_key(gid)] = gid
+        if self.per_weight:
+            self.counts = weight_counts(model)
+            units = {name: self.new_gate(n) for name, n in self.counts.items()}
+        else:
+            units = {gid: self.make_gate(group) for gid, group in graph.groups.items()}
+        for unit, gate in units.items():
+            self.gates[_key(unit)] = gate.to(device)
+            self.gid_of[_key(unit)] = unit
         self.setup(model, graph, budgets)
-        self._hooks = GateHooks(model, graph, {gid: self.gates[_key(gid)] for gid in graph.groups})
+        gates = {unit: self.gates[_key(unit)] for unit in units}
+        self._hooks = WeightGates(model, gates) if self.per_weight else GateHooks(model, graph, gates)
 
     def detach(self) -> None:
         if self._hooks is not None:
@@ -76,11 +106,12 @@ class GatedMethod(Method):
         """Keep ≥ 1 open channel in every protected group (the fatal-pruning guard, seed 001 section 4.1).
 
         Groups with ``min_keep`` 0 (inside a residual branch) may close completely: the
-        block then disappears (automatic depth determination)."""
+        block then disappears (automatic depth determination). With per-weight gates every
+        layer keeps ≥ 1 weight."""
         if not self.guard_after_step:
             return
         for key, gate in self.gates.items():
-            if gate.frozen is None and self.graph.groups[self.gid_of[key]].min_keep > 0:
+            if gate.frozen is None and (self.per_weight or self.graph.groups[self.gid_of[key]].min_keep > 0):
                 gate.keep_at_least_one()
 
     def scores(self) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..budget import Budget
 from ..gates import GaussianGate
-from ..graph import ChannelGraph, ChannelGroup
+from ..graph import ChannelGraph
 from .base import register_method
 from .gated import GatedMethod
 
@@ -31,8 +31,8 @@ class InformationBottleneck(GatedMethod):
         self.lam = float(lam)
         self.threshold = float(threshold)
 
-    def make_gate(self, group: ChannelGroup) -> nn.Module:
-        return GaussianGate(group.channels, self.threshold)
+    def new_gate(self, size: int) -> nn.Module:
+        return GaussianGate(size, self.threshold)
 
     def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
         self.areas = {gid: float(g.area) for gid, g in graph.groups.items()}

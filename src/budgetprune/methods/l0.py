@@ -7,6 +7,9 @@ E[‖θ‖₀] is the expected number of parameters the open gates keep: with ga
 output channels (:meth:`budgetprune.resources.CostModel.expected`). The budget is not in
 the objective: it is met only by the shared final projection (the engine's
 ``enforce_budget``), which is exactly the comparison seed 001 makes.
+
+``granularity="weight"`` is the paper's original form: one gate per weight, and E[‖θ‖₀] =
+Σ_j P(z_j > 0) (:class:`budgetprune.sparsity.WeightCost`), met by a non-zero-weight budget.
 """
 
 from __future__ import annotations
@@ -16,8 +19,7 @@ from torch import nn
 
 from ..budget import Budget
 from ..gates import HardConcreteGate
-from ..graph import ChannelGraph, ChannelGroup
-from ..resources import CostModel
+from ..graph import ChannelGraph
 from .base import register_method
 from .gated import GatedMethod
 
@@ -29,12 +31,14 @@ class PenalizedL0(GatedMethod):
     ``lam`` is λ per expected parameter; by default 0.1 / N for N training examples (the
     value of Louizos et al. and seed 003's table; 1e-6 when N is not known). ``layer_lam`` multiplies λ for the layers
     it names (``{"features.0": 2.0}``: per-layer λ). ``metric`` is the resource penalised
-    (``params`` as in the paper; ``volume`` or ``flops`` also work).
+    (``params`` as in the paper; ``volume`` or ``flops`` also work; with ``granularity="weight"``
+    it is the number of non-zero weights).
     """
 
     def __init__(self, lam: float | None = None, dataset_size: int | None = None, metric: str = "params",
-                 layer_lam: dict[str, float] | None = None, gate_lr: float | None = None, gate_init: float = 0.0):
-        super().__init__(gate_lr)
+                 layer_lam: dict[str, float] | None = None, gate_lr: float | None = None, gate_init: float = 0.0,
+                 granularity: str = "channel"):
+        super().__init__(gate_lr, granularity)
         if lam is None:
             lam = 0.1 / dataset_size if dataset_size else 1e-6
         if lam < 0:
@@ -44,12 +48,12 @@ class PenalizedL0(GatedMethod):
         self.layer_lam = dict(layer_lam or {})
         self.gate_init = float(gate_init)
 
-    def make_gate(self, group: ChannelGroup) -> nn.Module:
-        return HardConcreteGate(group.channels, self.gate_init, self.gate_init + 0.01)
+    def new_gate(self, size: int) -> nn.Module:
+        return HardConcreteGate(size, self.gate_init, self.gate_init + 0.01)
 
     def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
-        self.cost = CostModel(graph, self.metric)
-        unknown = set(self.layer_lam) - {t.name for t in self.cost.terms}
+        self.cost = self.cost_model(self.metric)
+        unknown = set(self.layer_lam) - set(self.cost.layer_names())
         if unknown:
             raise ValueError(f"layer_lam names layers the graph does not have: {', '.join(sorted(unknown))}")
 

@@ -1,5 +1,5 @@
 """Sensitivity-driven regularisation (Tartaglione, Lepsøy, Fiandrotti & Francini; seed 002),
-structured: whole channels instead of single weights.
+on single weights (the paper's form, ``granularity="weight"``) or on whole channels.
 
 The paper's update is w ← w − η ∂L/∂w − λ·w·max(0, 1 − S(y, w)), with the sensitivity of
 the outputs to a parameter
@@ -8,7 +8,13 @@ the outputs to a parameter
 * specific:   S = Σ_k y*_k |∂y_k/∂w| (y* the one-hot target),
 
 so parameters the outputs do not depend on decay to zero while the others take the plain
-optimiser step, and a threshold then removes them. Here the parameter is a channel: its
+optimiser step, and a threshold then removes them.
+
+Per weight, S is the derivative of the outputs w.r.t. the weight itself, and a weight is
+pruned when |w| falls below ``threshold`` × its layer's starting RMS; the projection onto
+the non-zero-weight budget ranks weights by |w|.
+
+Per channel (the default), the parameter is a channel: its
 sensitivity is that of the outputs to a multiplicative probe z_c = 1 on the channel
 (:class:`budgetprune.gates.MaskGate` in probing mode), and the decay shrinks the channel's
 whole filter (weights and bias). y is the softmax of the network output, averaged over the
@@ -17,8 +23,12 @@ labels). A channel's S is a derivative w.r.t. a whole map, on another scale than
 weight's, so S is divided by its largest value over the network before it enters
 max(0, 1 − S): the most sensitive channel is never decayed. S costs one backward pass per class
 and is recomputed every ``every`` steps (an exponential average in between). A channel is
-pruned when its filter norm falls below ``threshold`` × its norm at the start. Unstructured
-(per-weight) sensitivity is not implemented.
+pruned when its filter norm falls below ``threshold`` × its norm at the start.
+
+Either way a sensitivity is a derivative on its own scale, so S is divided by its largest
+value over the network before it enters max(0, 1 − S): the most sensitive unit is never
+decayed. S costs one backward pass per class and is recomputed every ``every`` steps (an
+exponential average in between).
 """
 
 from __future__ import annotations
@@ -40,8 +50,8 @@ class SensitivityRegularization(GatedMethod):
     guard_after_step = False
 
     def __init__(self, lam: float = 1e-2, kind: str = "unspecific", every: int = 10, threshold: float = 1e-2,
-                 momentum: float = 0.9):
-        super().__init__(gate_lr=None)
+                 momentum: float = 0.9, granularity: str = "channel"):
+        super().__init__(gate_lr=None, granularity=granularity)
         if kind not in ("unspecific", "specific"):
             raise ValueError("sensitivity kind must be 'unspecific' or 'specific'")
         if not 0 <= lam < 1 or every < 1 or not threshold > 0:
@@ -51,6 +61,9 @@ class SensitivityRegularization(GatedMethod):
         self._output: torch.Tensor | None = None
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
+    def new_gate(self, size: int) -> nn.Module:
+        return MaskGate(size)  # per weight: holds the mask; S is taken w.r.t. the weights themselves
+
     def make_gate(self, group: ChannelGroup) -> nn.Module:
         gate = MaskGate(group.channels)
         gate.probing = True
@@ -58,10 +71,14 @@ class SensitivityRegularization(GatedMethod):
 
     def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
         self.modules_of = dict(model.named_modules())
-        for gid in graph.groups:
-            gate = self.gate(gid)
+        self.units = [self.gid_of[k] for k in self.gates]
+        for unit in self.units:
+            gate = self.gate(unit)
             gate.register_buffer("sensitivity", torch.ones_like(gate.mask))
-            gate.register_buffer("start_norm", self.filter_norms(gid).clamp_min(1e-12))
+            start = self.filter_norms(unit)
+            if self.per_weight:  # a weight is measured against its layer's starting RMS
+                start = start.square().mean().sqrt().expand_as(start).clone()
+            gate.register_buffer("start_norm", start.clamp_min(1e-12))
         self._handle = model.register_forward_hook(self._keep_output)
 
     def detach(self) -> None:
@@ -83,8 +100,18 @@ class SensitivityRegularization(GatedMethod):
         module = self.modules_of[group.producer]
         return [p for p in (module.weight, module.bias) if p is not None]
 
+    def _weight(self, name: str) -> torch.Tensor:
+        """A layer's weight parameter (the unmasked original while gates are attached)."""
+        module = self.modules_of[name]
+        if hasattr(module, "parametrizations"):
+            return module.parametrizations.weight.original
+        return module.weight
+
     @torch.no_grad()
     def filter_norms(self, gid: str) -> torch.Tensor:
+        """A channel's filter norm; per weight, |w|."""
+        if self.per_weight:
+            return self._weight(gid).detach().abs().reshape(-1)
         group = self.graph.groups[gid]
         if group.position == "input":  # an MLP's input features: the columns that read them
             w = self.modules_of[group.host].weight.detach()
@@ -95,10 +122,10 @@ class SensitivityRegularization(GatedMethod):
     # -- sensitivity -------------------------------------------------------------------
     def sensitivities(self, output: torch.Tensor) -> dict[str, torch.Tensor]:
         """S per channel (not normalised) from the probes of the forward pass of ``output``."""
-        gids = list(self.graph.groups)
-        probes = [self.gate(g).probe for g in gids]
+        gids = self.units
+        probes = [self._weight(g) if self.per_weight else self.gate(g).probe for g in gids]
         y = torch.softmax(output, dim=1)
-        totals = [torch.zeros_like(p) for p in probes]
+        totals = [p.new_zeros(p.numel() if self.per_weight else p.shape) for p in probes]
         if self.kind == "unspecific":
             targets = [(k, y[:, k].mean(), 1.0 / y.shape[1]) for k in range(y.shape[1])]
         else:
@@ -130,19 +157,23 @@ class SensitivityRegularization(GatedMethod):
         """w ← w − λ · w · max(0, 1 − S) on every channel's filter (seed 002's learning rule,
         after the optimiser's own step)."""
         self.steps += 1
-        for gid in self.graph.groups:
+        for gid in self.units:
             gate = self.gate(gid)
             shrink = 1.0 - self.lam * (1.0 - gate.sensitivity).clamp_min(0.0) * gate.mask
-            for p in self._filter_params(gid):
-                p.mul_(shrink.to(p).reshape(-1, *([1] * (p.dim() - 1))))
+            for p in ([self._weight(gid)] if self.per_weight else self._filter_params(gid)):
+                p.mul_(shrink.to(p).reshape(p.shape if self.per_weight else (-1, *([1] * (p.dim() - 1)))))
 
     def scores(self) -> dict[str, torch.Tensor]:
+        """S per channel; |w| per weight (the magnitude the decay left)."""
+        if self.per_weight:
+            return {u: self.filter_norms(u) for u in self.units}
         return self.by_group(lambda g: g.sensitivity.detach().clone())
 
     def keep_masks(self) -> dict[str, torch.Tensor]:
-        """Channels whose filter kept more than ``threshold`` of its starting norm."""
+        """Units whose filter norm (|w| per weight) kept more than ``threshold`` of its starting norm
+        (the layer's starting RMS per weight)."""
         out = {}
-        for gid in self.graph.groups:
+        for gid in self.units:
             gate = self.gate(gid)
             out[gid] = (self.filter_norms(gid) > self.threshold * gate.start_norm) & (gate.mask > 0)
         return out
