@@ -107,6 +107,8 @@ def step_costs(model_name: str, splits, teacher: nn.Module, steps: int = 150) ->
 def main(argv=None) -> int:
     p = run_arguments(__doc__.splitlines()[0], "lenet5", "benchmark", teacher=10, prune=10, finetune=4, lowlr=1)
     p.add_argument("--factors", default="2,4,8,16")
+    p.add_argument("--step-only", action="store_true",
+                   help="only re-measure the BAR step / plain step costs into the committed results")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -120,6 +122,8 @@ def main(argv=None) -> int:
         return budgetprune.create_model(args.model, in_channels=info.in_channels, num_classes=info.num_classes,
                                         input_size=info.image_size)
 
+    if args.step_only:
+        return remeasure_step(args, argv, splits, new_model, work, out)
     rows = []
     teacher = None
     for factor in [float(f) for f in args.factors.split(",")]:
@@ -159,6 +163,23 @@ def main(argv=None) -> int:
     return 0
 
 
+def remeasure_step(args, argv, splits, new_model, work: Path, out: Path) -> int:
+    """Replace the step costs of the committed results with a fresh measurement by this code."""
+    path = out / "bar_fashion_mnist.json"
+    if not path.exists():
+        print(f"{path} does not exist: run the whole benchmark first", file=sys.stderr)
+        return 2
+    result = json.loads(path.read_text())
+    saved = sorted(work.glob("x*/teacher.pt"))
+    teacher = io.load(saved[0]) if saved else new_model().eval()  # the step time does not depend on its weights
+    result["step"] = step_costs(args.model, splits, teacher)
+    result["step_command"] = run_record("bar_fashion_mnist.py", args, argv)["command"]
+    io.write_json(path, result)
+    write_markdown(result, out)
+    print(json.dumps(result["step"]))
+    return 0
+
+
 def save_results(args, argv, rows, costs, wall, out: Path) -> None:
     result = {**run_record("bar_fashion_mnist.py", args, argv), "train_images": args.train_subset or "all",
               "wall_seconds": wall, "runs": rows, "step": costs,
@@ -193,6 +214,8 @@ def write_markdown(r: dict, out: Path) -> None:
               f"{1e3 * s['bar_step_seconds']:.2f} ms vs plain step {1e3 * s['plain_step_seconds']:.2f} ms → "
               f"**{s['step_time_ratio']:.3f}×**; activation memory saved for backward {s['bar_saved_bytes'] / 2**20:.2f} "
               f"MiB vs {s['plain_saved_bytes'] / 2**20:.2f} MiB → **{s['saved_memory_ratio']:.3f}×**."]
+        if r.get("step_command"):
+            lines += [f"The step costs were re-measured by `{r['step_command']}`."]
     lines += ["", "Targets: V/B in [0.95, 1.00]; ≤ 0.5 point accuracy loss at 4×; BAR step ≤ 1.15× a plain step.",
               "", "![accuracy vs factor](accuracy_vs_factor.png)"]
     io.write_text(out / "bar_fashion_mnist.md", "\n".join(lines) + "\n")

@@ -91,12 +91,12 @@ def test_weight_l0_penalty_is_lambda_sum_of_p_nonzero_and_matches_monte_carlo():
     assert float(method.penalty(0.0).detach()) == pytest.approx(1e-4 * hand, rel=1e-6)
     gate = method.gate("features.0")  # 150 weights: count the non-zero samples
     samples = torch.stack([gate(None).detach() for _ in range(4000)])
-    assert float((samples > 0).float().mean(0).sum()) == pytest.approx(float(gate.prob_nonzero().sum()), rel=0.02)
+    assert float((samples > 0).float().mean(0).sum()) == pytest.approx(float(gate.prob_nonzero().detach().sum()), rel=0.02)
 
 
 def test_weight_constrained_l0_violation_is_expected_density_minus_target():
     _, _, method = attached("constrained-l0")
-    probs = {n: g.prob_nonzero() for n, g in ((method.gid_of[k], g) for k, g in method.gates.items())}
+    probs = {n: g.prob_nonzero().detach() for n, g in ((method.gid_of[k], g) for k, g in method.gates.items())}
     total = sum(p.numel() for p in probs.values())
     hand = float(sum(p.sum() for p in probs.values())) / total - 0.1
     assert float(method.violations()[0]) == pytest.approx(hand, rel=1e-6)
@@ -279,6 +279,19 @@ def test_weight_run_meets_the_nonzero_budget_and_stays_sparse(method, options, d
     assert m["model_file_bytes"] < 0.4 * 4 * total
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["l0", "constrained-l0", "cs", "sensitivity"])
+def test_weight_run_on_resnet20_meets_the_nonzero_budget(method, demo_subsets, tmp_path):
+    train, test = demo_subsets(192, 64)
+    torch.manual_seed(0)
+    net, m = budgetprune.prune(budgetprune.create_model("resnet20"), train, test, budget="10x", method=method,
+                               granularity="weight", out=tmp_path / "run", log=None, teacher_epochs=0, epochs=1,
+                               finetune_epochs=1, lowlr_epochs=0, progress=False)
+    assert m["budget"] * 0.95 <= m["nonzero_after_finetune"] <= m["pruned"]["nonzero"] <= m["budget"]
+    assert m["compaction_max_abs_diff"] <= 1e-5 and sum(v["nonzero"] for v in density(net).values()) == \
+        m["nonzero_after_finetune"]
+
+
 def test_weight_run_resumes_with_its_masks(demo_subsets, tmp_path):
     train, test = demo_subsets(256)
     cfg = PruneConfig(budget=0.1, method="l0", granularity="weight", **{**FAST, "finetune_epochs": 2})
@@ -304,6 +317,13 @@ def test_method_options_are_parsed_and_checked(capsys, tmp_path):
         cli.parse_method_options(["rounds"])
     with pytest.raises(ConfigError, match="method 'cs' has no option.*targets.*it takes.*rounds"):
         PruneConfig(method="cs", method_options={"targets": "layer"}).validate()
+    with pytest.raises(ConfigError, match="option rounds must be an integer.*not 'x=2'"):
+        PruneConfig(method="cs", method_options={"rounds": "x=2"}).validate()
+    with pytest.raises(ConfigError, match="option rewind_ticket must be true or false"):
+        PruneConfig(method="cs", method_options={"rewind_ticket": 1}).validate()
+    with pytest.raises(ConfigError, match="method 'cs': cs needs rounds ≥ 1"):
+        PruneConfig(method="cs", method_options={"rounds": 0}).validate()
+    PruneConfig(method="cs", method_options={"rewind": 0, "beta_max": 100}).validate()  # ints for floats are fine
     code = cli.main(["prune", "--model", "lenet5", "--data", "demo", "--budget", "0.1", "--method", "bar",
                      "--granularity", "weight", "--out", str(tmp_path / "x")])
     assert code == 2 and "prunes channels only" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""The run report: ``report.md`` with a per-layer width plot (matplotlib, PNG)."""
+"""The run report: ``report.md`` with a per-layer width plot (matplotlib, PNG); for a run that
+pruned single weights, each layer's non-zero weights instead."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def layer_widths(graph: ChannelGraph, masks: dict[str, list[int]]) -> dict[str, 
             for gid, g in graph.groups.items()}
 
 
-def plot_widths(widths: dict[str, dict[str, int]], path: Path, title: str) -> None:
+def plot_widths(widths: dict[str, dict[str, int]], path: Path, title: str, unit: str = "channels / neurons") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -30,7 +31,7 @@ def plot_widths(widths: dict[str, dict[str, int]], path: Path, title: str) -> No
         ax.text(x, k, str(k), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs))
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("channels / neurons")
+    ax.set_ylabel(unit)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -43,24 +44,43 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
     m = metrics
     title = (f"{m.get('model') or 'model'} — {m['method']} at {m['metric']} budget "
              f"{m['budget_fraction']:.4g} ({1 / m['budget_fraction']:.3g}×)")
-    plot_widths(m["widths"], out / "widths.png", title)
+    per_weight = m.get("granularity") == "weight"
+    unit = "weights" if per_weight else "channels"
+    if per_weight:
+        shown = {name: {"full": d["total"], "kept": d["nonzero"]} for name, d in m["density"].items()}
+        plot_widths(shown, out / "widths.png", title, unit="non-zero weights")
+    else:
+        shown = m["widths"]
+        plot_widths(shown, out / "widths.png", title)
     lines = [f"# Pruning report: {title}", "",
              f"- Test accuracy: **{m['test_accuracy']:.4f}** (unpruned {m['unpruned_test_accuracy']:.4f}, "
              f"change {100 * m['accuracy_change']:+.2f} points)",
              f"- Budget: {m['metric']} ≤ {m['budget']:.6g}; reached {m['pruned'][m['metric']]:.6g} = "
              f"**{m['budget_ratio']:.4f}** of the budget",
-             f"- Channels dropped by the exact-budget projection: {m['channels_dropped_by_projection']}",
-             f"- Channels reopened to fill the budget (zero outgoing weights at reopening): {m.get('channels_reopened_by_fill', 0)}",
-             f"- Compacted vs gated outputs, max abs difference: {m['compaction_max_abs_diff']:.2e}", "",
-             "| resource | unpruned | pruned | reduction |", "|---|---:|---:|---:|"]
-    for k in ("volume", "flops", "params"):
+             f"- {unit.capitalize()} dropped by the exact-budget projection: {m.get(f'{unit}_dropped_by_projection', 0)}",
+             f"- {unit.capitalize()} reopened to fill the budget ("
+             + ("at value 0" if per_weight else "zero outgoing weights at reopening")
+             + f"): {m.get(f'{unit}_reopened_by_fill', 0)}",
+             f"- Compacted vs gated outputs, max abs difference: {m['compaction_max_abs_diff']:.2e}"]
+    if per_weight:
+        lines.append(f"- Non-zero weights after fine-tuning: {m['nonzero_after_finetune']} (pruned weights stay 0); "
+                     f"model file {m.get('model_file_bytes', 0) / 1024:.1f} KiB, sparse weights stored as bit mask "
+                     "+ values. The network's shape is unchanged, so volume and FLOPs are too.")
+    lines += ["", "| resource | unpruned | pruned | reduction |", "|---|---:|---:|---:|"]
+    for k in m["full"]:
         lines.append(f"| {k} | {m['full'][k]:.6g} | {m['pruned'][k]:.6g} | {m['reduction_factor'][k]:.2f}× |")
     lines += ["", "FLOPs count multiply-accumulates of conv and linear layers; volume counts the "
-              "activations of conv/linear outputs (seed 001, Eq. 4).", "",
-              "## Layer widths", "", "![layer widths](widths.png)", "",
-              "| layer | unpruned | kept |", "|---|---:|---:|"]
-    for name, w in m["widths"].items():
-        lines.append(f"| {name} | {w['full']} | {w['kept']} |")
+              "activations of conv/linear outputs (seed 001, Eq. 4).", ""]
+    if per_weight:
+        lines += ["## Layer density", "", "![non-zero weights per layer](widths.png)", "",
+                  "| layer | weights | non-zero | density |", "|---|---:|---:|---:|"]
+        for name, w in shown.items():
+            lines.append(f"| {name} | {w['full']} | {w['kept']} | {w['kept'] / max(w['full'], 1):.2%} |")
+    else:
+        lines += ["## Layer widths", "", "![layer widths](widths.png)", "",
+                  "| layer | unpruned | kept |", "|---|---:|---:|"]
+        for name, w in shown.items():
+            lines.append(f"| {name} | {w['full']} | {w['kept']} |")
     lines += ["", "## Training history", "",
               "| stage | epoch | loss | train acc | test acc | V | b | f | seconds |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

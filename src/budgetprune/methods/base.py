@@ -49,8 +49,32 @@ def create_method(name: str, shared: dict | None = None, **options) -> "Method":
     if unknown:
         raise ConfigError(f"method '{name}' has no option(s) {', '.join(sorted(unknown))}; "
                           f"it takes {', '.join(accepted) or 'none'}")
+    params = inspect.signature(_REGISTRY[name]).parameters
+    for key, value in options.items():
+        _check_option_type(name, key, value, params[key].default)
     picked = {k: v for k, v in (shared or {}).items() if k in accepted and v is not None}
-    return _REGISTRY[name](**{**picked, **options})
+    try:
+        return _REGISTRY[name](**{**picked, **options})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"method '{name}': {exc}") from None
+
+
+def _check_option_type(method: str, key: str, value, default) -> None:
+    """A one-line error when an option's value is not of its default's kind (a number, a flag, a text)."""
+    if default is inspect.Parameter.empty or default is None:
+        return
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and (isinstance(value, int) or isinstance(default, float))
+        kind = "an integer" if isinstance(default, int) else "a number"
+    elif isinstance(default, str):
+        ok, kind = isinstance(value, str), "a text"
+    else:
+        return
+    if not ok:
+        raise ConfigError(f"method '{method}' option {key} must be {kind} (default {default!r}), not {value!r}")
 
 
 class Method(nn.Module):

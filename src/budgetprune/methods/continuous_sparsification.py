@@ -37,12 +37,14 @@ from .gated import GatedMethod
 @register_method("cs")
 class ContinuousSparsification(GatedMethod):
     """λ · Σ σ(β·s) with β annealed to ``beta_max`` in each of ``rounds`` rounds; ``s0`` is
-    the initial s."""
+    the initial s. λ defaults to 1e-3 per channel and 1e-5 per weight."""
 
-    def __init__(self, lam: float = 1e-3, beta_max: float = 200.0, s0: float = 0.0, rounds: int = 1,
+    def __init__(self, lam: float | None = None, beta_max: float = 200.0, s0: float = 0.0, rounds: int = 1,
                  rewind: float = 0.0, rewind_ticket: bool = True, gate_lr: float | None = None,
                  granularity: str = "channel"):
         super().__init__(gate_lr, granularity)
+        if lam is None:  # per weight the data gradient on each s is far smaller than on a whole channel's
+            lam = 1e-5 if granularity == "weight" else 1e-3
         if lam < 0 or not beta_max >= 1.0:
             raise ValueError("cs needs lam ≥ 0 and beta_max ≥ 1")
         if rounds < 1 or not 0.0 <= rewind < 1.0:
