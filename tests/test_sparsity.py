@@ -99,7 +99,7 @@ def test_weight_constrained_l0_violation_is_expected_density_minus_target():
     probs = {n: g.prob_nonzero().detach() for n, g in ((method.gid_of[k], g) for k, g in method.gates.items())}
     total = sum(p.numel() for p in probs.values())
     hand = float(sum(p.sum() for p in probs.values())) / total - 0.1
-    assert float(method.violations()[0]) == pytest.approx(hand, rel=1e-6)
+    assert float(method.violations()[0].detach()) == pytest.approx(hand, rel=1e-6)
     layer = create_method("constrained-l0", granularity="weight", targets="layer")
     model, graph = lenet5()
     layer.attach(model, graph, NONZERO)
