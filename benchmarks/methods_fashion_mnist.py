@@ -11,6 +11,7 @@ and the layer widths each method chose. Writes ``benchmarks/results/methods_fash
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,13 +29,17 @@ from common import random_subset, run_arguments, run_record
 
 
 
+RUN_FIELDS = ("lam", "dual_lr", "gate_init", "gate_lr")  # run settings a --methods entry may set
+
+
 def main(argv=None) -> int:
     p = run_arguments(__doc__.splitlines()[0], "lenet5", "methods", teacher=5, prune=6, finetune=2, lowlr=1)
     p.add_argument("--factor", type=float, default=8.0)
     p.add_argument("--granularity", choices=["channel", "weight"], default="channel",
                    help="channel: a volume budget; weight: single weights under a nonzero budget")
-    p.add_argument("--methods", help="comma-separated; NAME:KEY=VALUE:... sets a method option "
-                                     "(default: every method that prunes at this granularity)")
+    p.add_argument("--methods", help="comma-separated; NAME:KEY=VALUE:... sets a method option or lam, dual_lr, "
+                                     "gate_init, gate_lr (values without commas; default: every method that "
+                                     "prunes at this granularity)")
     args = p.parse_args(argv)
     per_weight = args.granularity == "weight"
     if args.methods is None:
@@ -57,15 +62,16 @@ def main(argv=None) -> int:
     for entry in args.methods.split(","):
         method, *settings = entry.split(":")
         options = parse_method_options(settings)
+        run_settings = {k: options.pop(k) for k in list(options) if k in RUN_FIELDS}  # lam=... is --lam
         label = " ".join([method] + settings)
-        run_dir = work / ("weight-" * per_weight + "-".join([method] + settings))
+        run_dir = work / re.sub(r"[^A-Za-z0-9=.+-]+", "_", "weight-" * per_weight + "-".join([method] + settings))
         if (run_dir / "metrics.json").exists():
             m = json.loads((run_dir / "metrics.json").read_text())
         else:
             cfg = PruneConfig(budget=1.0 / args.factor, method=method, model=args.model, data=args.data,
                               epochs=args.epochs, finetune_epochs=args.finetune_epochs, lowlr_epochs=args.lowlr_epochs,
                               teacher_epochs=args.teacher_epochs, progress=False, granularity=args.granularity,
-                              method_options=options)
+                              method_options=options, **run_settings)
             start = time.time()
             run = PruneRun(new_model(), train, splits.test, cfg, run_dir, teacher=teacher,
                            log=lambda s: print(f"[{label}] {s}", flush=True))

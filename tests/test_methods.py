@@ -156,7 +156,7 @@ def test_l0_default_lambda_is_a_tenth_over_n_and_layer_lambda_weights():
     n_in = float(probs["features.3"].sum()) * fc1.in_expansion
     extra = 2.0 * fc1.cost(n_in, float(probs["classifier.1"].sum()))
     assert float(weighted.penalty(0.0).detach()) == pytest.approx(float(plain.penalty(0.0).detach()) + extra, rel=1e-6)
-    with pytest.raises(ValueError, match="layer_lam names layers"):
+    with pytest.raises(ConfigError, match="layer_lam names layers"):
         attached("l0", layer_lam={"nope": 1.0})
 
 

@@ -206,6 +206,37 @@ def test_cs_rounds_reset_masks_rewind_weights_and_restart_beta():
     assert all(torch.equal(state[n], start[n]) for n, _ in model.named_parameters())
 
 
+@pytest.mark.parametrize("total,rounds", [(14, 2), (36, 3), (24, 2)])
+def test_cs_round_ends_exactly_at_the_step_boundary(total, rounds):
+    """Step k of T is in round ⌊k·R/T⌋ (whole numbers); float progress k/T must not shift a reset."""
+    model, graph = lenet5()
+    method = create_method("cs", rounds=rounds)
+    method.attach(model, graph, [Budget("volume", 0.25)])
+    for k in range(total):
+        method.penalty(k / total)
+        assert method.round_of(k / total)[0] == int(method.round) == min(k * rounds // total, rounds - 1)
+        method.after_step(k / total)
+        if k + 1 < total and (k + 1) * rounds // total > k * rounds // total:  # a reset: β restarts at 1
+            assert all(float(g.beta) == 1.0 for g in method.gates.values())
+
+
+def test_cs_single_round_rewinds_the_ticket_only_with_a_rewind_point():
+    for rewind, rewound in ((0.0, False), (0.3, True)):
+        model, graph = lenet5()
+        method = create_method("cs", rewind=rewind)
+        method.attach(model, graph, [Budget("volume", 0.25)])
+        for k in range(10):
+            if k == 3:
+                snap = copy.deepcopy(model.state_dict())
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)
+            method.after_step(k / 10)
+        state = model.state_dict()
+        same = all(torch.equal(state[n], snap[n] + 1.0) for n, _ in model.named_parameters())
+        assert same == rewound  # snapshot after step 3 (progress 0.3), rewound after the last step
+
+
 def test_cs_rewind_point_is_a_fraction_of_the_first_round():
     model, graph = lenet5()
     method = create_method("cs", rounds=2, rewind=0.4, rewind_ticket=False)
@@ -307,6 +338,57 @@ def test_weight_run_resumes_with_its_masks(demo_subsets, tmp_path):
     assert again.metrics["nonzero_after_finetune"] <= first.metrics["pruned"]["nonzero"]
 
 
+def test_interrupted_weight_run_resumes_exactly(demo_subsets, tmp_path):
+    """Stopped after the first prune epoch and resumed, the run ends with the same weights as
+    an uninterrupted one (the gate samples continue the saved random stream)."""
+    train, test = demo_subsets(256)
+
+    class Stop(Exception):
+        pass
+
+    def run(folder, log=lambda s: None, resume=False):
+        cfg = PruneConfig(budget=0.1, method="l0", granularity="weight", **{**FAST, "epochs": 2})
+        torch.manual_seed(0)
+        return PruneRun(budgetprune.create_model("lenet5"), train, test, cfg, tmp_path / folder, log=log).run(resume)
+
+    def stop(line):
+        if line.startswith("[prune] epoch 2/"):  # before epoch 2's checkpoint is written
+            raise Stop
+
+    whole = run("a")
+    with pytest.raises(Stop):
+        run("b", log=stop)
+    torch.manual_seed(123)  # the resumed run must not depend on the caller's random state
+    resumed = run("b", resume=True)
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prune_epochs_report_the_test_accuracy_of_deterministic_gates(demo_subsets, tmp_path, monkeypatch):
+    import budgetprune.pipeline as pipeline
+    from budgetprune.gates import HardConcreteGate
+    state = {"evaluating": False, "samples_in_eval": 0, "evaluations": 0}
+    real_evaluate, real_sample = pipeline.evaluate, HardConcreteGate.sample
+
+    def evaluate(*args, **kw):
+        state["evaluating"], state["evaluations"] = True, state["evaluations"] + 1
+        try:
+            return real_evaluate(*args, **kw)
+        finally:
+            state["evaluating"] = False
+
+    def sample(self, *args, **kw):
+        state["samples_in_eval"] += state["evaluating"]
+        return real_sample(self, *args, **kw)
+
+    monkeypatch.setattr(pipeline, "evaluate", evaluate)
+    monkeypatch.setattr(HardConcreteGate, "sample", sample)
+    train, test = demo_subsets(128)
+    budgetprune.prune(budgetprune.create_model("lenet5"), train, test, budget=0.25, method="bar", out=tmp_path / "r",
+                      log=None, **{**FAST, "epochs": 1, "teacher_epochs": 0})
+    assert state["evaluations"] >= 2 and state["samples_in_eval"] == 0
+
+
 # ---------------------------------------------------------------------------------------
 # method options from the command line
 # ---------------------------------------------------------------------------------------
@@ -324,9 +406,25 @@ def test_method_options_are_parsed_and_checked(capsys, tmp_path):
     with pytest.raises(ConfigError, match="method 'cs': cs needs rounds ≥ 1"):
         PruneConfig(method="cs", method_options={"rounds": 0}).validate()
     PruneConfig(method="cs", method_options={"rewind": 0, "beta_max": 100}).validate()  # ints for floats are fine
+    with pytest.raises(ConfigError, match="granularity are run settings: set --granularity"):
+        PruneConfig(method="l0", method_options={"granularity": "weight"}).validate()
+    with pytest.raises(ConfigError, match="lam are run settings: set --lam"):
+        PruneConfig(method="cs", method_options={"lam": 0.01}).validate()
+    with pytest.raises(ConfigError, match="option layer_lam must be a JSON object"):
+        PruneConfig(method="l0", method_options={"layer_lam": 3}).validate()
+    with pytest.raises(ConfigError, match="option metric must be a text"):
+        PruneConfig(method="l0", method_options={"metric": 5}).validate()
     code = cli.main(["prune", "--model", "lenet5", "--data", "demo", "--budget", "0.1", "--method", "bar",
                      "--granularity", "weight", "--out", str(tmp_path / "x")])
     assert code == 2 and "prunes channels only" in capsys.readouterr().err
+
+
+def test_layer_lambda_of_a_missing_layer_fails_before_any_training(demo_subsets, tmp_path):
+    train, test = demo_subsets(64)
+    cfg = PruneConfig(method="l0", method_options={"layer_lam": {"nope": 2.0}}, teacher_epochs=3)
+    with pytest.raises(ConfigError, match="layer_lam names layers the model does not have: nope.*features.0"):
+        PruneRun(budgetprune.create_model("lenet5"), train, test, cfg, tmp_path / "r", log=lambda s: None)
+    assert not (tmp_path / "r").exists()
 
 
 def test_config_json_round_trips_method_options_and_granularity():

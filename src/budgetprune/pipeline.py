@@ -28,7 +28,7 @@ from .engine import evaluate, iterate_batches, make_optimizer, predict_logits, s
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .graph import ChannelGraph
 from .liveness import effective_masks
-from .methods import available_methods, create_method, method_options
+from .methods import available_methods, check_method_options, create_method, method_options
 from .objectives import distillation_loss
 from .resources import BUDGET_METRICS, METRICS, CostModel, resource_report
 from .sparsity import (apply_masks, check_weight_budget, count_kept, density, project_weights, prunable_weights,
@@ -122,6 +122,7 @@ class PruneConfig:
         if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature < 1.0:
             raise ConfigError("--kd-alpha must lie in [0, 1] and --kd-temperature be at least 1")
         # a wrong method option fails now, not after the teacher has trained
+        check_method_options(self.method, self.method_options)
         create_method(self.method, shared=self.method_settings(None), **self.method_options)
 
     def budgets(self) -> list[Budget]:
@@ -182,6 +183,8 @@ class PruneRun:
             check_weight_budget(self.budget.absolute(self.graph), weight_counts(self.model))
         for budget in [] if self.per_weight else self.budgets:
             budget.check_reachable(self.graph, config.block)
+        create_method(config.method, shared=config.method_settings(len(train_data)),
+                      **config.method_options).check(self.model, self.graph)
         self.metrics = METRICS + tuple(b.metric for b in self.budgets if b.metric not in METRICS)
         self.full = resource_report(self.graph, metrics=self.metrics)
         self.ckpt_path = self.out / "checkpoint.pt"
@@ -190,7 +193,7 @@ class PruneRun:
     # -- checkpoints ------------------------------------------------------------------
     def _save_checkpoint(self, stage: str, epoch: int, **state) -> None:
         io.torch_save(self.ckpt_path, {"stage": stage, "epoch": epoch, "history": json.dumps(self.history),
-                                       "rng": torch.get_rng_state(), **state})
+                                       "rng": torch.get_rng_state(), **self._device_rng(), **state})
 
     def _load_checkpoint(self) -> dict | None:
         if not self.ckpt_path.exists():
@@ -199,8 +202,19 @@ class PruneRun:
         if ckpt.get("stage") not in STAGES:
             raise CheckpointError(f"{self.ckpt_path} is not a budgetprune run checkpoint")
         self.history = json.loads(ckpt["history"])
-        torch.set_rng_state(ckpt["rng"])
+        self._restore_rng(ckpt)
         return ckpt
+
+    def _device_rng(self) -> dict:
+        """The CUDA generator's state (gate samples on a GPU draw from it)."""
+        if self.device.type == "cuda":
+            return {"cuda_rng": torch.cuda.get_rng_state(self.device)}
+        return {}
+
+    def _restore_rng(self, ckpt: dict) -> None:
+        torch.set_rng_state(ckpt["rng"])
+        if self.device.type == "cuda" and "cuda_rng" in ckpt:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
 
     def _generator(self, stage: str, epoch: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.config.seed * 10007 + STAGES.index(stage) * 1009 + epoch)
@@ -262,7 +276,7 @@ class PruneRun:
                                                       "input_shape": list(self.graph.input_shape)})
 
     def _epoch(self, model, opt, stage, epoch, total_epochs, steps_per_epoch, loss_fn, penalty=None,
-               after_step=None, progress_steps=None, status=None) -> dict:
+               after_step=None, progress_steps=None, status=None, method=None) -> dict:
         cfg = self.config
         step0 = epoch * steps_per_epoch
         try:
@@ -276,7 +290,11 @@ class PruneRun:
                     if self.ckpt_path.exists() else "no epoch had finished, so there is no checkpoint")
             raise TrainingDiverged(f"{exc} in {stage} epoch {epoch + 1}; {kept}; lower --lr "
                                    f"(now {cfg.lr:g}) and rerun, with --resume to continue") from None
+        if method is not None:
+            method.eval()  # deterministic gates for the test accuracy, as the pruned network will have
         stats["test_accuracy"] = evaluate(model, self.test_data, self.device)["accuracy"]
+        if method is not None:
+            method.train()
         if status is not None:
             stats.update(status())
         row = {"stage": stage, "epoch": epoch + 1, **{k: v for k, v in stats.items() if k != "steps"},
@@ -317,13 +335,14 @@ class PruneRun:
             method.load_state_dict(ckpt["method"])
             opt.load_state_dict(ckpt["optimizer"])
             start = ckpt["epoch"]
+            self._restore_rng(ckpt)  # creating the gates drew random numbers: continue the saved stream
         steps_per_epoch = -(-len(self.train_data) // cfg.batch_size)
         total_steps = steps_per_epoch * cfg.epochs
         loss_fn = self._kd_loss(self.train_data)
         for epoch in range(start, cfg.epochs):
             self._epoch(student, opt, "prune", epoch, cfg.epochs, steps_per_epoch, loss_fn,
                         penalty=method.penalty, after_step=method.after_step, progress_steps=total_steps,
-                        status=method.status)
+                        status=method.status, method=method)
             self._save_checkpoint("prune", epoch + 1, model=student.state_dict(), method=method.state_dict(),
                                   optimizer=opt.state_dict())
         return student, method

@@ -40,6 +40,21 @@ def method_options(name: str) -> list[str]:
     return [p for p in inspect.signature(_REGISTRY[name]).parameters if p not in ("self", "args", "kwargs")]
 
 
+#: Run-wide settings a method takes from the run's configuration, and the flag that sets each.
+RUN_SETTINGS = {"lam": "--lam", "schedule": "--schedule", "hardness": "--schedule-hardness (schedule_hardness)",
+                "gate_lr": "--gate-lr", "gate_init": "--gate-init", "s0": "--gate-init", "dual_lr": "--dual-lr",
+                "dataset_size": "the training data", "granularity": "--granularity"}
+
+
+def check_method_options(name: str, options: dict) -> None:
+    """Refuse options that are run settings (they have their own flag) or unknown to method ``name``."""
+    shared = sorted(set(options) & set(RUN_SETTINGS))
+    if shared:
+        raise ConfigError(f"method option(s) {', '.join(shared)} are run settings: set "
+                          f"{', '.join(dict.fromkeys(RUN_SETTINGS[k] for k in shared))} instead")
+    create_method(name, **options)  # unknown names, wrong types and values
+
+
 def create_method(name: str, shared: dict | None = None, **options) -> "Method":
     """A new method ``name`` with ``options``; of ``shared`` (run-wide settings such as
     ``gate_lr`` or ``dataset_size``) it takes only those it has, and a None there keeps the
@@ -51,7 +66,7 @@ def create_method(name: str, shared: dict | None = None, **options) -> "Method":
                           f"it takes {', '.join(accepted) or 'none'}")
     params = inspect.signature(_REGISTRY[name]).parameters
     for key, value in options.items():
-        _check_option_type(name, key, value, params[key].default)
+        _check_option_type(name, key, value, params[key])
     picked = {k: v for k, v in (shared or {}).items() if k in accepted and v is not None}
     try:
         return _REGISTRY[name](**{**picked, **options})
@@ -59,22 +74,34 @@ def create_method(name: str, shared: dict | None = None, **options) -> "Method":
         raise ConfigError(f"method '{name}': {exc}") from None
 
 
-def _check_option_type(method: str, key: str, value, default) -> None:
-    """A one-line error when an option's value is not of its default's kind (a number, a flag, a text)."""
-    if default is inspect.Parameter.empty or default is None:
+def _option_kind(param: inspect.Parameter) -> str | None:
+    """What a constructor parameter takes, from its default or else its annotation."""
+    default = param.default
+    if default is not inspect.Parameter.empty and default is not None:
+        for kind in (bool, int, float, str, dict):
+            if isinstance(default, kind):
+                return kind.__name__
+        return None
+    note = str(param.annotation)
+    for kind in ("dict", "bool", "float", "int", "str"):
+        if note.startswith(kind) or f" {kind}" in note or f"|{kind}" in note:
+            return kind
+    return None
+
+
+def _check_option_type(method: str, key: str, value, param: inspect.Parameter) -> None:
+    """A one-line error when an option's value is not of the kind the method takes."""
+    kind = _option_kind(param)
+    if value is None and param.default is None:
         return
-    if isinstance(default, bool):
-        ok, kind = isinstance(value, bool), "true or false"
-    elif isinstance(default, (int, float)):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = ok and (isinstance(value, int) or isinstance(default, float))
-        kind = "an integer" if isinstance(default, int) else "a number"
-    elif isinstance(default, str):
-        ok, kind = isinstance(value, str), "a text"
-    else:
-        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {"bool": isinstance(value, bool), "int": number and isinstance(value, int), "float": number,
+          "str": isinstance(value, str), "dict": isinstance(value, dict), None: True}[kind]
     if not ok:
-        raise ConfigError(f"method '{method}' option {key} must be {kind} (default {default!r}), not {value!r}")
+        words = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a text",
+                 "dict": "a JSON object such as {\"features.0\": 2}"}[kind]
+        shown = "" if param.default in (inspect.Parameter.empty, None) else f" (default {param.default!r})"
+        raise ConfigError(f"method '{method}' option {key} must be {words}{shown}, not {value!r}")
 
 
 class Method(nn.Module):
@@ -84,6 +111,9 @@ class Method(nn.Module):
 
     def attach(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
         raise NotImplementedError
+
+    def check(self, model: nn.Module, graph: ChannelGraph) -> None:
+        """Raise :class:`ConfigError` for options that do not fit ``model`` (called before any training)."""
 
     def detach(self) -> None:
         """Remove every hook from the model."""

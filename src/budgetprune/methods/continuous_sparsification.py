@@ -15,7 +15,8 @@ are reset softly, ``s ← min(β_max · s, s₀)`` (removed units stay far below
 restart at s₀), β restarts at 1, and the network's parameters are rewound to their values
 at ``rewind`` (a fraction of the first round; 0: where training started). At the end of
 the last round the weights are rewound once more, so the ticket H(s) ⊙ w_k is what the
-hard prune compacts and fine-tuning trains (``rewind_ticket``).
+hard prune compacts and fine-tuning trains (``rewind_ticket``; with one round the ticket is
+rewound only when a ``rewind`` point > 0 is given).
 
 Like L0, CS has no budget in its objective: the engine's final projection meets it.
 """
@@ -57,7 +58,7 @@ class ContinuousSparsification(GatedMethod):
         self.rewind_ticket = bool(rewind_ticket)
         # the ticket search's position, saved with the method so a resumed run continues it
         self.register_buffer("round", torch.zeros((), dtype=torch.long))
-        self.register_buffer("last_progress", torch.full((), -1.0, dtype=torch.float64))
+        self.register_buffer("last_progress", torch.full((), -1.0))
         self.register_buffer("snapshot_taken", torch.zeros((), dtype=torch.bool))
 
     def new_gate(self, size: int) -> nn.Module:
@@ -76,8 +77,8 @@ class ContinuousSparsification(GatedMethod):
     def round_of(self, progress: float) -> tuple[int, float]:
         """(round index, position t ∈ [0, 1) within it) at ``progress`` of the prune phase."""
         x = min(max(progress, 0.0), 1.0) * self.rounds
-        r = min(int(math.floor(x)), self.rounds - 1)
-        return r, x - r
+        r = min(int(math.floor(x + 1e-9)), self.rounds - 1)  # k/T · R lands a hair under a boundary in floats
+        return r, max(x - r, 0.0)
 
     def beta(self, progress: float) -> float:
         """β = β_max^t, t the position within the current round: 1 at a round's start, β_max at its end."""
@@ -85,9 +86,9 @@ class ContinuousSparsification(GatedMethod):
 
     def penalty(self, progress: float) -> torch.Tensor:
         beta = self.beta(progress)
+        self._set_beta(progress)  # the forward pass of this step already used it (set by after_step)
         total = self.zero()
         for gate in self.gates.values():
-            gate.beta = torch.full_like(gate.beta, beta)  # a new tensor: this step's forward still holds the old one
             total = total + gate.soft().sum()
         self._last.update({"beta": beta, "mask_l1": float(total.detach()), "round": float(self.round) + 1})
         return self.lam * total
@@ -105,22 +106,38 @@ class ContinuousSparsification(GatedMethod):
         for gate in self.gates.values():
             gate.s.copy_(torch.clamp(self.beta_max * gate.s, max=self.s0))
 
+    @staticmethod
+    def next_progress(last: float, progress: float) -> float | None:
+        """The progress of the step after this one: steps are k/T apart, so T and k are whole
+        numbers recovered from two consecutive values (None before the second step)."""
+        if last < 0 or progress <= last:
+            return None
+        total = round(1.0 / (progress - last))
+        return (round(progress * total) + 1) / total
+
+    def _set_beta(self, progress: float) -> None:
+        beta = self.beta(progress)
+        for gate in self.gates.values():
+            gate.beta = torch.full_like(gate.beta, beta)  # a new tensor: a forward under way holds the old one
+
     @torch.no_grad()
     def after_step(self, progress: float) -> None:
-        """Take the rewind snapshot, and end a round when the next step starts a new one."""
-        last = float(self.last_progress)
+        """Take the rewind snapshot, end a round when the next step starts a new one, and set β
+        for the next step's forward pass."""
+        following = self.next_progress(float(self.last_progress), progress)
         self.last_progress.fill_(progress)
-        if len(self.snapshot) and not bool(self.snapshot_taken) and progress >= self.rewind / self.rounds:
+        if len(self.snapshot) and not bool(self.snapshot_taken) and progress >= self.rewind / self.rounds - 1e-9:
             for p, saved in zip(self._params, self.snapshot):
                 saved.copy_(p)
             self.snapshot_taken.fill_(True)
-        if last >= 0 and len(self.snapshot):
-            following = progress + (progress - last)  # steps are evenly spaced in progress
-            if following >= 1.0 - 1e-12:
-                if self.rewind_ticket and self.rounds > 1:
+        if following is not None and len(self.snapshot):
+            if following >= 1.0 - 1e-9:
+                if self.rewind_ticket:
                     self.rewind_weights()
             elif self.round_of(following)[0] > int(self.round):
                 self.reset_masks()
                 self.rewind_weights()
                 self.round += 1
+        if following is not None:
+            self._set_beta(min(following, 1.0))
         super().after_step(progress)

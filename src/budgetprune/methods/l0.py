@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from ..budget import Budget
+from ..errors import ConfigError
 from ..gates import HardConcreteGate
+from ..sparsity import weight_counts
 from ..graph import ChannelGraph
 from .base import register_method
 from .gated import GatedMethod
@@ -51,11 +53,16 @@ class PenalizedL0(GatedMethod):
     def new_gate(self, size: int) -> nn.Module:
         return HardConcreteGate(size, self.gate_init, self.gate_init + 0.01)
 
-    def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
-        self.cost = self.cost_model(self.metric)
-        unknown = set(self.layer_lam) - set(self.cost.layer_names())
+    def check(self, model: nn.Module, graph: ChannelGraph) -> None:
+        names = set(weight_counts(model)) if self.per_weight else set(graph.layers) | set(graph.groups)
+        unknown = set(self.layer_lam) - names
         if unknown:
-            raise ValueError(f"layer_lam names layers the graph does not have: {', '.join(sorted(unknown))}")
+            raise ConfigError(f"layer_lam names layers the model does not have: {', '.join(sorted(unknown))}; "
+                              f"its layers are {', '.join(sorted(names))}")
+
+    def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
+        self.check(model, graph)
+        self.cost = self.cost_model(self.metric)
 
     def expected_l0(self) -> torch.Tensor:
         """E[‖θ‖₀] (each layer weighted by its ``layer_lam`` factor)."""
