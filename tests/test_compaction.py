@@ -432,3 +432,59 @@ def test_compaction_reads_the_given_model_not_the_traced_one():
     with torch.no_grad():
         assert float((net(x) - student(x)).abs().max()) <= 1e-5
         assert float((net(x) - model.eval()(x)).abs().max()) > 1e-3
+
+
+class _Gate:
+    """A gate stand-in: fixed per-example values, never negative or possibly negative."""
+
+    def __init__(self, values, nonnegative):
+        self.values, self.nonnegative = values, nonnegative
+
+    def __call__(self, batch_size=None):
+        return self.values[:batch_size]
+
+
+def test_nonnegative_gates_move_past_relu_and_pooling_without_changing_outputs():
+    from budgetprune.attach import gate_site
+    model, graph = make_model("lenet5")
+    assert gate_site(graph, "features.0") == "features.2"  # conv → ReLU → max-pool
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 28, 28)
+    values = {gid: torch.rand(4, g.channels) for gid, g in graph.groups.items()}
+    # by hand: each group's output multiplied right after its host (conv or linear)
+    hooks = [dict(model.named_modules())[g.host].register_forward_hook(
+        lambda m, i, o, v=values[gid]: o * v.reshape(4, -1, *([1] * (o.dim() - 2))))
+        for gid, g in graph.groups.items() if g.position == "output"]
+    with torch.no_grad():
+        by_hand = model(x)
+    for h in hooks:
+        h.remove()
+    moved = GateHooks(model, graph, {gid: _Gate(v, True) for gid, v in values.items() if graph.groups[gid].position == "output"})
+    named = dict(model.named_modules())
+    assert named["features.2"]._forward_hooks and not named["features.0"]._forward_hooks  # applied after the pool
+    with torch.no_grad():
+        assert torch.equal(model(x), by_hand)
+    moved.remove()
+    # a gate that may be negative stays at its host: relu(z·x) ≠ z·relu(x) for z < 0
+    signed = {gid: _Gate(v - 0.5, False) for gid, v in values.items() if graph.groups[gid].position == "output"}
+    stay = GateHooks(model, graph, signed)
+    assert dict(model.named_modules())["features.0"]._forward_hooks
+    stay.remove()
+
+
+def test_gate_site_stops_at_a_module_called_twice():
+    from budgetprune.attach import gate_site
+
+    class SharedReLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.relu = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.ReLU()
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = self.relu(self.conv2(self.relu(self.conv1(x))))
+            return self.head(x.mean((2, 3)))
+
+    model = SharedReLU()
+    graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 12, 12))
+    assert gate_site(graph, "conv1") == "conv1" and gate_site(graph, "conv2") == "conv2"

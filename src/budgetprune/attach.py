@@ -11,6 +11,11 @@ exactly zero everywhere, so that the compacted network computes what the gated o
 
 Both use the gate values of the current forward pass (one sample per example in training).
 :meth:`GateHooks.remove` restores the model exactly.
+
+A gate whose values are never negative (``gate.nonnegative``) is applied further down a
+chain of ReLUs and poolings that only its host feeds, since z·relu(x) = relu(z·x) and
+z·maxpool(x) = maxpool(z·x) for z ≥ 0, exactly also in floating point: the network computes
+the same, but the product's saved tensors for backward are the pooled, smaller maps.
 """
 
 from __future__ import annotations
@@ -34,6 +39,32 @@ def _broadcast(z: torch.Tensor, like: torch.Tensor, expansion: int = 1) -> torch
     return z.reshape(lead, -1, *([1] * (like.dim() - 2)))
 
 
+#: Channel-wise, positively homogeneous modules a non-negative gate commutes with.
+_COMMUTING = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+              nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
+
+
+def gate_site(graph: ChannelGraph, host: str) -> str:
+    """The last module of the chain host → ReLU / pooling → ... in which each module is called
+    once and is the only reader of the one before (the host itself when there is none)."""
+    modules = dict(graph.gm.named_modules())
+    calls: dict[str, int] = {}
+    for n in graph.gm.graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    nodes = [n for n in graph.gm.graph.nodes if n.op == "call_module" and n.target == host]
+    if len(nodes) != 1 or calls.get(host) != 1:
+        return host
+    node, site = nodes[0], host
+    while len(node.users) == 1:
+        (user,) = node.users
+        if user.op != "call_module" or calls.get(user.target) != 1 or \
+                not isinstance(modules[user.target], _COMMUTING) or user.args[0] is not node:
+            break
+        node, site = user, user.target
+    return site
+
+
 class GateHooks:
     """Forward hooks that apply ``gates[group_id]`` at each group's host module."""
 
@@ -49,7 +80,8 @@ class GateHooks:
                 self.handles.append(host.register_forward_pre_hook(self._input_hook(gid, gate)))
             else:
                 layer = graph.layers[group.producer]
-                self.handles.append(host.register_forward_hook(self._output_hook(gid, gate, layer.in_tensor)))
+                site = modules[gate_site(graph, group.host)] if getattr(gate, "nonnegative", False) else host
+                self.handles.append(site.register_forward_hook(self._output_hook(gid, gate, layer.in_tensor)))
         nodes = {n.name: n for n in graph.gm.graph.nodes}
         for name in graph.renormalisers:
             node = nodes[name]

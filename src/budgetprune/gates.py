@@ -32,6 +32,9 @@ class HardConcreteGate(nn.Module):
     gate would start closed.
     """
 
+    #: Values are never negative, so the gate may be applied after a ReLU or pooling (attach.py).
+    nonnegative = True
+
     def __init__(self, num_channels: int, init_low: float = 0.0, init_high: float = 0.01,
                  beta: float = BETA, gamma: float = GAMMA, zeta: float = ZETA):
         super().__init__()
@@ -114,6 +117,9 @@ class HardConcreteGate(nn.Module):
 class MaskGate(nn.Module):
     """A fixed 0/1 mask per channel, no parameters: the gate of the iterative baselines
     (random, weight magnitude, VQ, ID; seed 001 supplement 3.2), which prune by setting it."""
+
+    #: Values are never negative, so the gate may be applied after a ReLU or pooling (attach.py).
+    nonnegative = True
 
     #: When True, each forward pass returns a leaf tensor ``probe`` (the mask values) that
     #: outputs can be differentiated against (the sensitivity method).
@@ -289,6 +295,9 @@ class SigmoidGate(nn.Module):
     1/σ(s₀), as in the authors' code, so that it starts at exactly 1 and the kept network
     uses 1/σ(s₀) · H(s).
     """
+
+    #: Values are never negative, so the gate may be applied after a ReLU or pooling (attach.py).
+    nonnegative = True
 
     def __init__(self, num_channels: int, s0: float = 0.0):
         super().__init__()
