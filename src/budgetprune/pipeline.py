@@ -121,9 +121,7 @@ class PruneConfig:
             raise ConfigError("--student-init must be 'teacher' or 'random'")
         if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature < 1.0:
             raise ConfigError("--kd-alpha must lie in [0, 1] and --kd-temperature be at least 1")
-        # a wrong method option fails now, not after the teacher has trained
-        check_method_options(self.method, self.method_options)
-        create_method(self.method, shared=self.method_settings(None), **self.method_options)
+        check_method_options(self.method, self.method_options)  # fails now, not after the teacher has trained
 
     def budgets(self) -> list[Budget]:
         """Every budget of the run, the primary one (``metric``, ``budget``) first."""
