@@ -220,6 +220,21 @@ def test_cs_round_ends_exactly_at_the_step_boundary(total, rounds):
             assert all(float(g.beta) == 1.0 for g in method.gates.values())
 
 
+def test_cs_next_step_is_recovered_exactly_on_long_runs_and_after_a_resume():
+    """80 epochs of 782 steps (seed 001's CIFAR schedule): the saved last progress (an integer
+    tick in the method's state) still gives the exact next step."""
+    model, graph = lenet5()
+    method = create_method("cs", rounds=3)
+    method.attach(model, graph, [Budget("volume", 0.25)])
+    total = 80 * 782
+    for k in (1, 20853, 20854, 41707, total - 2):
+        method.after_step((k - 1) / total)
+        state = copy.deepcopy(method.state_dict())
+        method.load_state_dict(state)  # as after a resume
+        last = int(method.last_tick) / 2 ** 52
+        assert method.next_progress(last, k / total) == (k + 1) / total
+
+
 def test_cs_single_round_rewinds_the_ticket_only_with_a_rewind_point():
     for rewind, rewound in ((0.0, False), (0.3, True)):
         model, graph = lenet5()

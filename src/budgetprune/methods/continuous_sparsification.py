@@ -35,6 +35,9 @@ from .base import register_method
 from .gated import GatedMethod
 
 
+_TICKS = 2 ** 52
+
+
 @register_method("cs")
 class ContinuousSparsification(GatedMethod):
     """λ · Σ σ(β·s) with β annealed to ``beta_max`` in each of ``rounds`` rounds; ``s0`` is
@@ -58,7 +61,8 @@ class ContinuousSparsification(GatedMethod):
         self.rewind_ticket = bool(rewind_ticket)
         # the ticket search's position, saved with the method so a resumed run continues it
         self.register_buffer("round", torch.zeros((), dtype=torch.long))
-        self.register_buffer("last_progress", torch.full((), -1.0))
+        # the last step's progress in units of 2⁻⁵² (an integer: exact, and on every device)
+        self.register_buffer("last_tick", torch.full((), -1, dtype=torch.long))
         self.register_buffer("snapshot_taken", torch.zeros((), dtype=torch.bool))
 
     def new_gate(self, size: int) -> nn.Module:
@@ -124,8 +128,9 @@ class ContinuousSparsification(GatedMethod):
     def after_step(self, progress: float) -> None:
         """Take the rewind snapshot, end a round when the next step starts a new one, and set β
         for the next step's forward pass."""
-        following = self.next_progress(float(self.last_progress), progress)
-        self.last_progress.fill_(progress)
+        tick = int(self.last_tick)
+        following = self.next_progress(tick / _TICKS if tick >= 0 else -1.0, progress)
+        self.last_tick.fill_(round(progress * _TICKS))
         if len(self.snapshot) and not bool(self.snapshot_taken) and progress >= self.rewind / self.rounds - 1e-9:
             for p, saved in zip(self._params, self.snapshot):
                 saved.copy_(p)
