@@ -30,7 +30,7 @@ from budgetprune.graph import ChannelGraph
 from budgetprune.methods import create_method
 from budgetprune.objectives import distillation_loss
 from budgetprune.pipeline import PruneConfig, PruneRun
-from common import random_subset, run_arguments, run_record
+from common import random_subset, record_header, run_arguments, run_record
 from latency import median_latency
 
 
@@ -190,10 +190,7 @@ def save_results(args, argv, rows, costs, wall, out: Path) -> None:
 
 
 def write_markdown(r: dict, out: Path) -> None:
-    lines = [f"# BAR on {r['data']} / {r['model']}", "", f"Command: `{r['command']}`", "",
-             f"Epochs: teacher {r['epochs']['teacher']}, prune {r['epochs']['prune']}, fine-tune "
-             f"{r['epochs']['finetune']} + {r['epochs']['lowlr']} at lr/10. Machine: {r['machine']}. "
-             f"Wall time {r['wall_seconds'] / 60:.1f} min.", "",
+    lines = record_header(r, f"BAR on {r['data']} / {r['model']}", f"{r.get('train_images', 'All')} training images.") + [
              "| factor | test acc | unpruned | Δ points | V/B | V red. | FLOP red. | param red. | widths | "
              "latency b1 (pruned/unpruned ms, speedup) | latency b64 |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]

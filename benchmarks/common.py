@@ -41,6 +41,15 @@ def run_record(script: str, args, argv) -> dict:
                         "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()}}
 
 
+def record_header(r: dict, title: str, setup: str) -> list[str]:
+    """The first lines of a results page: title, the command, ``setup``, the epochs of the
+    schedule, the machine and the wall time (``r`` as :func:`run_record` made it)."""
+    e = r["epochs"]
+    return [f"# {title}", "", f"Command: `{r['command']}`", "",
+            f"{setup} Epochs: teacher {e['teacher']}, prune {e['prune']}, fine-tune {e['finetune']} + {e['lowlr']} "
+            f"at lr/10. Machine: {r['machine']}. Wall time {r['wall_seconds'] / 60:.1f} min.", ""]
+
+
 def random_subset(ds, n: int, seed: int = 0):
     """``n`` random images of ``ds`` (all of them for n ≤ 0)."""
     if n <= 0 or n >= len(ds):

@@ -25,7 +25,7 @@ from budgetprune.data import load_dataset
 from budgetprune.cli import parse_method_options
 from budgetprune.methods import available_methods, method_options
 from budgetprune.pipeline import PruneConfig, PruneRun
-from common import random_subset, run_arguments, run_record
+from common import random_subset, record_header, run_arguments, run_record
 
 
 
@@ -105,12 +105,9 @@ def main(argv=None) -> int:
 def write_markdown(r: dict, out: Path, suffix: str = "") -> None:
     per_weight = r.get("granularity") == "weight"
     metric = "non-zero weights" if per_weight else "volume"
-    lines = [f"# Every method on {r['data']} / {r['model']} at {r['factor']:g}× {metric}", "",
-             f"Command: `{r['command']}`", "",
-             f"{r['train_images']} training images; epochs: teacher {r['epochs']['teacher']} (one teacher for all), "
-             f"prune {r['epochs']['prune']}, fine-tune {r['epochs']['finetune']} + {r['epochs']['lowlr']} at lr/10; "
-             f"default hyper-parameters of every method unless the name gives an option. Machine: {r['machine']}. "
-             f"Wall time {r['wall_seconds'] / 60:.1f} min.", ""]
+    lines = record_header(r, f"Every method on {r['data']} / {r['model']} at {r['factor']:g}× {metric}",
+                          f"{r['train_images']} training images, one teacher for all; default hyper-parameters of "
+                          "every method unless the name gives an option.")
     unit = "weights" if per_weight else "channels"
     last = "density per layer" if per_weight else "widths"
     lines += [f"| method | test acc | Δ points | cost/B | cost before projection / B | {unit} dropped | "

@@ -30,7 +30,7 @@ from budgetprune.data import load_dataset
 from budgetprune.graph import ChannelGraph
 from budgetprune.pipeline import PruneConfig, PruneRun
 from budgetprune.resources import resource_report
-from common import random_subset, run_arguments, run_record
+from common import random_subset, record_header, run_arguments, run_record
 from latency import interleaved_latency
 
 #: Seed 001, supplement Table 2: how much mixed-connectivity blocks cut the effective volume
@@ -154,13 +154,10 @@ def main(argv=None) -> int:
 
 
 def write_markdown(r: dict, out: Path) -> None:
-    lines = [f"# Speed of pruned {r['model']} on {r['data']}: unpruned vs regular vs mixed blocks", "",
-             f"Command: `{r['command']}`", "",
-             f"BAR runs (mixed blocks) on {r['train_images']} training images; epochs: teacher {r['epochs']['teacher']}, "
-             f"prune {r['epochs']['prune']}, fine-tune {r['epochs']['finetune']} + {r['epochs']['lowlr']} at lr/10. "
-             f"The kept channels of each run are compacted twice from the same weights. Latency: CPU, median of "
-             f"repeated runs in interleaved rounds, one process. Machine: {r['machine']}. "
-             f"Wall time {r['wall_seconds'] / 60:.1f} min.", "",
+    lines = record_header(r, f"Speed of pruned {r['model']} on {r['data']}: unpruned vs regular vs mixed blocks",
+                          f"BAR runs (mixed blocks) on {r['train_images']} training images. The kept channels of "
+                          "each run are compacted twice from the same weights. Latency: CPU, median of repeated "
+                          "runs in interleaved rounds, one process.") + [
              "| factor | test acc (unpruned) | V/B | volume cut by mixed (paper) | block | FLOP red. | "
              "b1 ms | b1 speedup | b64 ms | b64 speedup | speedup / FLOP red. (b64) |",
              "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]

@@ -407,31 +407,30 @@ def test_prune_epochs_report_the_test_accuracy_of_deterministic_gates(demo_subse
 # ---------------------------------------------------------------------------------------
 # method options from the command line
 # ---------------------------------------------------------------------------------------
-def test_method_options_are_parsed_and_checked(capsys, tmp_path):
+def test_method_options_are_parsed_from_the_command_line(capsys, tmp_path):
     assert cli.parse_method_options(["rounds=3", "kind=specific", 'layer_lam={"features.0": 2}', "beta-max=50.5"]) == \
         {"rounds": 3, "kind": "specific", "layer_lam": {"features.0": 2}, "beta_max": 50.5}
     with pytest.raises(ConfigError, match="not KEY=VALUE"):
         cli.parse_method_options(["rounds"])
-    with pytest.raises(ConfigError, match="method 'cs' has no option.*targets.*it takes.*rounds"):
-        PruneConfig(method="cs", method_options={"targets": "layer"}).validate()
-    with pytest.raises(ConfigError, match="option rounds must be an integer.*not 'x=2'"):
-        PruneConfig(method="cs", method_options={"rounds": "x=2"}).validate()
-    with pytest.raises(ConfigError, match="option rewind_ticket must be true or false"):
-        PruneConfig(method="cs", method_options={"rewind_ticket": 1}).validate()
-    with pytest.raises(ConfigError, match="method 'cs': cs needs rounds ≥ 1"):
-        PruneConfig(method="cs", method_options={"rounds": 0}).validate()
     PruneConfig(method="cs", method_options={"rewind": 0, "beta_max": 100}).validate()  # ints for floats are fine
-    with pytest.raises(ConfigError, match="granularity are run settings: set --granularity"):
-        PruneConfig(method="l0", method_options={"granularity": "weight"}).validate()
-    with pytest.raises(ConfigError, match="lam are run settings: set --lam"):
-        PruneConfig(method="cs", method_options={"lam": 0.01}).validate()
-    with pytest.raises(ConfigError, match="option layer_lam must be a JSON object"):
-        PruneConfig(method="l0", method_options={"layer_lam": 3}).validate()
-    with pytest.raises(ConfigError, match="option metric must be a text"):
-        PruneConfig(method="l0", method_options={"metric": 5}).validate()
     code = cli.main(["prune", "--model", "lenet5", "--data", "demo", "--budget", "0.1", "--method", "bar",
                      "--granularity", "weight", "--out", str(tmp_path / "x")])
     assert code == 2 and "prunes channels only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,options,message", [
+    ("cs", {"targets": "layer"}, "method 'cs' has no option.*targets.*it takes.*rounds"),
+    ("cs", {"rounds": "x=2"}, "option rounds must be an integer.*not 'x=2'"),
+    ("cs", {"rewind_ticket": 1}, "option rewind_ticket must be true or false"),
+    ("cs", {"rounds": 0}, "method 'cs': cs needs rounds ≥ 1"),
+    ("l0", {"granularity": "weight"}, "granularity are run settings: set --granularity"),
+    ("cs", {"lam": 0.01}, "lam are run settings: set --lam"),
+    ("l0", {"layer_lam": 3}, "option layer_lam must be a JSON object"),
+    ("l0", {"metric": 5}, "option metric must be a text"),
+])
+def test_bad_method_options_fail_validation(method, options, message):
+    with pytest.raises(ConfigError, match=message):
+        PruneConfig(method=method, method_options=options).validate()
 
 
 def test_layer_lambda_of_a_missing_layer_fails_before_any_training(demo_subsets, tmp_path):

@@ -31,8 +31,8 @@ from .liveness import effective_masks
 from .methods import available_methods, check_method_options, create_method, method_options
 from .objectives import distillation_loss
 from .resources import BUDGET_METRICS, METRICS, CostModel, resource_report
-from .sparsity import (apply_masks, check_weight_budget, count_kept, density, project_weights, prunable_weights,
-                       weight_counts)
+from .sparsity import (check_weight_budget, count_kept, density, project_weights, prunable_weights,
+                       scale_weights, weight_counts)
 
 STAGES = ("teacher", "prune", "finetune", "done")
 
@@ -435,7 +435,7 @@ class PruneRun:
         with torch.no_grad():
             reference = student(x)
         method.detach()  # the unmasked weights are back; fold the masks into them
-        apply_masks(student, {n: torch.ones_like(m) for n, m in final.items()}, values)
+        scale_weights(student, values)  # values are 0 on every weight that is not kept
         net = compact(student, self.graph)  # same widths, pruned weights exactly 0
         specs = graphio.describe(net)
         with torch.no_grad():

@@ -71,7 +71,7 @@ class WeightGates:
             parametrize.register_parametrization(self.layers[name], "weight", _GatedWeight(gate))
 
     def remove(self) -> None:
-        """Restore the unmasked weights (``leave_parametrized=False``); fold masks with :func:`apply_masks`."""
+        """Restore the unmasked weights (``leave_parametrized=False``); fold gates with :func:`scale_weights`."""
         for module in self.layers.values():
             if parametrize.is_parametrized(module, "weight"):
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
@@ -79,16 +79,12 @@ class WeightGates:
 
 
 @torch.no_grad()
-def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor],
-                values: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Weights ← weights · values · masks (values 1 where not given): pruned weights become exactly 0."""
+def scale_weights(model: nn.Module, factors: Mapping[str, torch.Tensor]) -> None:
+    """Each named layer's weights ← weights · factors (one per weight; a 0/1 mask zeroes the pruned ones)."""
     layers = prunable_weights(model)
-    for name, mask in masks.items():
+    for name, factor in factors.items():
         w = layers[name].weight
-        scale = mask.to(w.device, w.dtype).reshape(w.shape)
-        if values is not None and name in values:
-            scale = scale * values[name].to(w.device, w.dtype).reshape(w.shape)
-        w.mul_(scale)
+        w.mul_(factor.to(w.device, w.dtype).reshape(w.shape))
 
 
 def count_kept(masks: Mapping[str, torch.Tensor]) -> int:
