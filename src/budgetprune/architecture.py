@@ -159,7 +159,10 @@ def build_layer(spec: dict) -> nn.Module:
         if op in _BY_OP:
             return _BY_OP[op].build(spec)
         if op == "select_features":
-            return SelectFeatures(list(range(spec["num_features"])))
+            count = spec["num_features"]
+            if type(count) is not int or count < 0:
+                raise ValueError(f"num_features {count!r:.40} is not a count")
+            return SelectFeatures(torch.arange(count))  # on the meta device while a file is checked
         if op == "sequential":
             return nn.Sequential(OrderedDict((str(name), build_layer(s)) for name, s in spec["layers"].items()))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

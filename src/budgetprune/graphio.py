@@ -12,6 +12,14 @@ from :data:`FUNCTIONS` (stable names such as ``"operator.add"``, ``"F.relu"``,
 anything else cannot be saved, and a file naming anything else cannot be loaded; both raise
 a one-line :class:`~budgetprune.errors.CheckpointError`.
 
+A description read from a file is untrusted, and ``torch.fx`` writes names into the Python
+source it generates and executes. :func:`rebuild` therefore (1) checks every name against a
+strict grammar and every keyword argument against the callee's signature before it builds
+anything (:mod:`budgetprune.graphsafety`), (2) builds the layers on the ``meta`` device and
+compares each declared shape with the stored tensors before it allocates memory, and (3)
+parses the source ``torch.fx`` generates and refuses anything but assignments of allow-listed
+calls before that source is executed.
+
 Arguments are encoded as JSON with one-key tagged objects for what JSON lacks:
 ``{"node": name}``, ``{"tuple": [...]}``, ``{"dict": [[key, value], ...]}``,
 ``{"slice": [start, stop, step]}``, ``{"dtype": "int64"}``, ``{"device": "cpu"}``,
@@ -22,7 +30,6 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 from typing import Callable
 
 import torch
@@ -31,6 +38,8 @@ from torch import fx, nn
 
 from .architecture import SelectFeatures, build_layer, module_spec
 from .errors import CheckpointError
+from .graphsafety import check_forward_source, check_keywords, check_names, device_of, dtype_of, \
+    is_attribute_path, is_plain_name
 from .ops import CHANNEL_OPS
 
 FORMAT = "budgetprune-graph"
@@ -59,7 +68,6 @@ METHODS = frozenset({"view", "reshape", "flatten", "size", "dim", "mean", "amax"
                      "expand_as"})
 
 _OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
-_PATH = re.compile(r"^(?!__)[A-Za-z_][A-Za-z0-9_]*$|^[0-9]+$")
 
 
 # -- describe ------------------------------------------------------------------------------
@@ -98,10 +106,11 @@ def describe(gm: fx.GraphModule) -> dict:
 
 def _describe_node(gm: fx.GraphModule, node: fx.Node, modules: dict[str, dict]) -> dict:
     target = node.target
-    if node.op in ("call_module", "get_attr") and not _valid_path(target) or \
-            node.op == "placeholder" and not target.isidentifier():
+    if node.op in ("call_module", "get_attr") and not is_attribute_path(target) or \
+            node.op == "placeholder" and not is_plain_name(target) or not is_plain_name(node.name) or \
+            any(not is_plain_name(key) for key in node.kwargs):
         raise CheckpointError(f"node '{node.name}' ({node.op} '{target}') cannot be saved: a model file needs "
-                              "plain attribute names and positional inputs")
+                              "plain attribute, node and keyword names and positional inputs")
     if node.op == "call_module":
         modules[target] = _module_spec(gm, node)
     elif node.op == "call_function":
@@ -221,16 +230,28 @@ def named_layer_specs(description: dict) -> list[tuple[str, dict]]:
 
 # -- rebuild -------------------------------------------------------------------------------
 def rebuild(description: dict, state_dict: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """The GraphModule ``description`` describes, with ``state_dict`` loaded strictly, in eval mode."""
+    """The GraphModule ``description`` describes, with ``state_dict`` loaded strictly, in eval mode.
+
+    Safe on untrusted input (see the module docstring): any problem is a one-line
+    :class:`CheckpointError`, raised before code is generated or memory is allocated."""
     if not isinstance(description, dict) or description.get("format") != FORMAT:
         raise CheckpointError("the model file holds no budgetprune graph description")
-    if description.get("version", 0) > VERSION:
-        raise CheckpointError(f"the graph description is format {description['version']}, newer than this "
-                              "budgetprune reads; upgrade budgetprune")
+    version = description.get("version", 0)
+    if not isinstance(version, int) or version > VERSION:
+        raise CheckpointError(f"the graph description is format {version!r:.20}, not one this budgetprune reads; "
+                              "upgrade budgetprune")
+    if not isinstance(state_dict, dict) or not all(isinstance(k, str) and torch.is_tensor(v)
+                                                   for k, v in state_dict.items()):
+        raise CheckpointError("the model file's state dict is not a mapping of names to tensors")
     try:
-        root = _build_root(description["modules"], description["tensors"])
+        check_names(description)
+        with torch.device("meta"):  # declared sizes cost nothing until they are checked against the file
+            root = _build_root(description["modules"], description["tensors"])
         graph = _build_graph(description["nodes"], description["modules"], root)
+        check_forward_source(graph.python_code("self").src, _SOURCE_FUNCTIONS, METHODS, _GETATTR_NAMES)
         gm = fx.GraphModule(root, graph, "CompactedNet")
+        check_state_shapes(gm, state_dict)
+        gm.to_empty(device="cpu")
     except CheckpointError:
         raise
     except Exception as exc:  # a malformed (hand-edited or truncated) description
@@ -239,14 +260,25 @@ def rebuild(description: dict, state_dict: dict[str, torch.Tensor]) -> fx.GraphM
     return gm.eval()
 
 
-def _valid_path(path) -> bool:
-    """Whether ``path`` is a dotted path of plain attribute names (or indices), none of them dunder."""
-    return isinstance(path, str) and all(_PATH.match(part) for part in path.split("."))
+_SOURCE_FUNCTIONS = tuple(fn for fn in FUNCTIONS.values() if fn is not getattr)  # getattr: checked on its own
+
+
+def check_state_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """The stored tensors are exactly those ``model`` (built on any device) declares, shape for shape."""
+    declared = model.state_dict()
+    missing, unexpected = sorted(set(declared) - set(state_dict)), sorted(set(state_dict) - set(declared))
+    wrong = [f"{k}: file {tuple(state_dict[k].shape)}, described {tuple(v.shape)}"
+             for k, v in declared.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(part for part in (
+            f"missing {', '.join(missing[:5])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:5])}" if unexpected else "", "; ".join(wrong[:3])) if part)
+        raise CheckpointError(f"the weights do not match the graph description ({detail[:300]})")
 
 
 def _check_path(path: str, what: str) -> None:
-    if not _valid_path(path):
-        raise CheckpointError(f"malformed graph description: {what} name {path!r} is not a valid attribute path")
+    if not is_attribute_path(path):
+        raise CheckpointError(f"malformed graph description: {what} name {path!r:.80} is not a valid attribute path")
 
 
 def _owner(root: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -271,7 +303,10 @@ def _build_root(modules: dict[str, dict], tensors: dict[str, dict]) -> nn.Module
         if any(target.startswith(name + ".") for name in modules):
             raise CheckpointError(f"malformed graph description: tensor '{target}' lies inside a saved module")
         owner, last = _owner(root, target)
-        value = torch.empty(spec["shape"], dtype=_dtype(spec["dtype"]))
+        shape = spec.get("shape")
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(type(n) is int and n >= 0 for n in shape)):
+            raise CheckpointError(f"malformed graph description: tensor '{target}' has shape {shape!r:.60}")
+        value = torch.empty(shape, dtype=dtype_of(spec["dtype"]))
         if spec.get("parameter"):
             owner.register_parameter(last, nn.Parameter(value, requires_grad=value.is_floating_point()))
         else:
@@ -284,11 +319,16 @@ def _build_graph(nodes: list[dict], modules: dict[str, dict], root: nn.Module) -
     env: dict[str, fx.Node] = {}
     for entry in nodes:
         name, op = entry["name"], entry["op"]
-        if op not in _OPS or not isinstance(name, str) or not name.isidentifier() or name in env:
-            raise CheckpointError(f"malformed graph description: node {name!r} has op {op!r}")
+        if op not in _OPS or name in env:
+            raise CheckpointError(f"malformed graph description: node {name!r:.80} has op {op!r:.40}")
         args, kwargs = _decode(entry["args"], env), _decode(entry["kwargs"], env)
+        if not isinstance(args, tuple) or not isinstance(kwargs, dict) or \
+                op in ("placeholder", "get_attr") and (args or kwargs) or op == "output" and (len(args) != 1 or kwargs):
+            raise CheckpointError(f"malformed graph description: node '{name}' ({op}) has arguments "
+                                  f"{args!r:.60} {kwargs!r:.60}")
         target = _target(entry, modules, root, args)
-        node = graph.create_node(op, target, tuple(args), dict(kwargs), name=name)
+        node = graph.create_node(op, target, args, kwargs, name=name)
+        check_keywords(node, root)
         if op == "call_function" and target in CHANNEL_OPS.values():
             node.meta["is_wrapped"] = True  # stays a leaf when the GraphModule is traced again
         env[name] = node
@@ -315,9 +355,7 @@ def _target(entry: dict, modules: dict[str, dict], root: nn.Module, args):
     if op == "get_attr":
         _check_path(target, "tensor")
         _tensor_at(root, target, name)
-    if op in ("placeholder", "output") and not (isinstance(target, str) and target.isidentifier()):
-        raise CheckpointError(f"malformed graph description: {op} node '{name}' has target {target!r}")
-    return target
+    return target  # placeholder and output targets: plain names (graphsafety.check_names)
 
 
 def _decode(value, env: dict[str, fx.Node]):
@@ -346,20 +384,6 @@ def _decode_float(text, env):
     return float(text)
 
 
-def _dtype(name) -> torch.dtype:
-    value = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(value, torch.dtype):
-        raise CheckpointError(f"malformed graph description: unknown dtype {name!r}")
-    return value
-
-
-def _decode_device(text, env):
-    try:
-        return torch.device(text)
-    except (RuntimeError, TypeError):
-        raise CheckpointError(f"malformed graph description: unknown device {text!r}") from None
-
-
 _TAGS = {
     "node": _decode_node,
     "tuple": lambda body, env: tuple(_decode(body, env)),
@@ -367,14 +391,12 @@ _TAGS = {
     "slice": lambda body, env: slice(*_decode(body, env)),
     "float": _decode_float,
     "ellipsis": lambda body, env: Ellipsis,
-    "dtype": lambda body, env: _dtype(body),
-    "device": _decode_device,
+    "dtype": lambda body, env: dtype_of(body),
+    "device": lambda body, env: device_of(body),
 }
 
 
 def _load_state(gm: fx.GraphModule, state_dict) -> None:
-    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        raise CheckpointError("the model file's state dict is not a mapping of names to tensors")
     try:
         gm.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
