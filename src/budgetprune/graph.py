@@ -170,6 +170,7 @@ class ChannelGraph:
         model.eval()
         try:
             with torch.no_grad():
+                gm(example_input)  # a plain call first: ShapeProp prints a traceback of its own on failure
                 ShapeProp(gm).propagate(example_input)
         except Exception as exc:  # shape mismatch, wrong channel count, ...
             raise GraphError(

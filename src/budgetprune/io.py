@@ -17,7 +17,9 @@ JSON list of layer specs of an ``nn.Sequential``.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -34,8 +36,17 @@ FORMAT_VERSION = 3
 SPARSE_DENSITY = 0.5  # floating-point tensors with at most this fraction of non-zeros are stored sparse
 
 
+#: Name of an :func:`atomic_write` temporary file: ``tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")``.
+TEMP_FILE_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(file_object)`` on a temporary file, then move it over ``path``."""
+    """Call ``write(file_object)`` on a temporary file, then move it over ``path``.
+
+    The file gets the permissions a plain ``open(path, "w")`` would (0666 less the umask), not
+    mkstemp's 0600. A temporary file that outlives a killed process is removed by
+    :func:`remove_stale_temp_files`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -44,11 +55,67 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+            if hasattr(os, "fchmod"):
+                os.fchmod(fh.fileno(), 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read from /proc where it can be (setting it to read it races with threads)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporary files of interrupted :func:`atomic_write` calls in ``folder``; their names.
+
+    Call it only while nothing can be writing into ``folder`` (a run holds its lock, see
+    :mod:`budgetprune.runfolder`). Only regular files named like :data:`TEMP_FILE_NAME` go.
+    """
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        if TEMP_FILE_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(entry.name)
+    return removed
+
+
+def folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written in ``folder`` (created when missing), or None.
+
+    The answer completes the sentence "``folder`` ...": "is a file, not a folder", "lies under
+    the file X", "is not writable", "cannot be created: X is not writable".
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        return "is a file, not a folder"
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing != folder and existing.exists() and not existing.is_dir():
+        return f"lies under the file {existing}"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return "is not writable" if existing == folder else f"cannot be created: {existing} is not writable"
+    return None
 
 
 def write_json(path, obj) -> None:
@@ -114,19 +181,60 @@ def pack_sparse(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 
 
 def unpack_sparse(state: dict[str, torch.Tensor], sparse: dict) -> dict[str, torch.Tensor]:
-    """The full state dict back from :func:`pack_sparse`'s two parts."""
+    """The full state dict back from :func:`pack_sparse`'s two parts.
+
+    Each entry is checked before anything is allocated: its shape's size must match the bit
+    mask's length and its values the number of set bits, so a file cannot declare more
+    memory than it holds bits for."""
+    if not isinstance(sparse, dict):
+        raise CheckpointError("the sparse section is not a mapping of names to sparse tensors")
     out = dict(state)
     for name, entry in sparse.items():
-        shape = [int(v) for v in entry["shape"]]
-        n = int(np.prod(shape)) if shape else 1
-        mask = torch.from_numpy(np.unpackbits(entry["bits"].numpy(), count=n).astype(bool))
-        values = entry["values"]
+        shape, bits, values = _sparse_parts(name, entry, state)
+        mask = torch.from_numpy(np.unpackbits(bits.numpy(), count=math.prod(shape)).astype(bool))
         if int(mask.sum()) != values.numel():
-            raise ValueError(f"sparse tensor {name} has {values.numel()} values for {int(mask.sum())} non-zeros")
-        t = torch.zeros(n, dtype=values.dtype)
+            raise CheckpointError(f"sparse tensor {name!r:.80} has {values.numel()} values for "
+                                  f"{int(mask.sum())} non-zeros")
+        t = torch.zeros(mask.numel(), dtype=values.dtype)
         t[mask] = values
         out[name] = t.reshape(shape)
     return out
+
+
+def _sparse_parts(name, entry, state: dict) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(shape, bits, values) of one sparse entry, checked against each other before unpacking."""
+    parts = [entry.get(k) for k in ("shape", "bits", "values")] if isinstance(entry, dict) else [None]
+    if not isinstance(name, str) or name in state or len(parts) != 3 or not all(torch.is_tensor(p) for p in parts):
+        raise CheckpointError(f"sparse entry {name!r:.80} is not a shape, bit mask and values")
+    shape_t, bits, values = parts
+    if shape_t.dtype != torch.long or shape_t.dim() != 1 or shape_t.numel() > 8 or bool((shape_t < 0).any()):
+        raise CheckpointError(f"sparse tensor {name!r:.80} has a malformed shape {shape_t.tolist()!r:.60}")
+    shape = [int(v) for v in shape_t]
+    n = math.prod(shape)
+    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != -(-n // 8):
+        raise CheckpointError(f"sparse tensor {name!r:.80} declares {n} weights but holds a bit mask of "
+                              f"{bits.numel()} bytes")
+    if not values.is_floating_point() or values.dim() != 1 or values.numel() > n:
+        raise CheckpointError(f"sparse tensor {name!r:.80} has malformed values (dtype {values.dtype}, "
+                              f"shape {tuple(values.shape)})")
+    return shape, bits, values
+
+
+def check_meta(meta) -> dict:
+    """The metadata of a model file: an object whose ``input_shape``, if any, is 1 to 4 positive
+    sizes (at most 2**26 values in all) and whose ``metrics``, if any, map names to plain values."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"the metadata is a {type(meta).__name__}, not an object")
+    shape = meta.get("input_shape")
+    if shape is not None and not (isinstance(shape, list) and 1 <= len(shape) <= 4
+                                  and all(type(v) is int and 0 < v <= 2 ** 16 for v in shape)
+                                  and math.prod(shape) <= 2 ** 26):
+        raise CheckpointError(f"the recorded input shape {shape!r:.60} is not 1 to 4 positive sizes")
+    metrics = meta.get("metrics", {})
+    if not isinstance(metrics, dict) or not all(
+            isinstance(k, str) and (v is None or isinstance(v, (str, int, float))) for k, v in metrics.items()):
+        raise CheckpointError("the recorded metrics are not a mapping of names to numbers or words")
+    return meta
 
 
 def load_file(path: str | os.PathLike) -> tuple[nn.Module, list[dict] | dict, dict]:
@@ -141,10 +249,13 @@ def load_file(path: str | os.PathLike) -> tuple[nn.Module, list[dict] | dict, di
         raise CheckpointError(f"{path} is not a budgetprune model file (no '{FORMAT}' header); "
                               "pass a model.pt written by budgetprune")
     version = obj.get("version", 0)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path} is a damaged budgetprune model file (format version {version!r:.20} "
+                              "is not a number)")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer budgetprune (format {version}); upgrade")
     try:
-        meta = json.loads(obj.get("meta", "{}"))
+        meta = check_meta(json.loads(obj.get("meta", "{}")))
         if version >= 2:
             architecture = json.loads(obj["graph"])
             model = graphio.rebuild(architecture, unpack_sparse(obj["state_dict"], obj.get("sparse", {})))
@@ -153,15 +264,22 @@ def load_file(path: str | os.PathLike) -> tuple[nn.Module, list[dict] | dict, di
             model = _load_sequential(architecture, obj["state_dict"])
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path} is a damaged budgetprune model file ({type(exc).__name__}: "
                               f"{_first_line(exc)})") from None
     return model.eval(), architecture, meta
 
 
 def _load_sequential(specs: list[dict], state_dict: dict) -> nn.Sequential:
-    """A format-1 model: the Sequential ``specs`` describes, with ``state_dict`` loaded strictly."""
-    model = build_sequential(specs)
+    """A format-1 model: the Sequential ``specs`` describes, with ``state_dict`` loaded strictly
+    (built on the meta device and checked against the stored shapes before memory is allocated)."""
+    if not isinstance(specs, list) or not isinstance(state_dict, dict) or \
+            not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state_dict.items()):
+        raise CheckpointError("malformed format-1 file: no list of layers and mapping of weights")
+    with torch.device("meta"):
+        model = build_sequential(specs)
+    graphio.check_state_shapes(model, state_dict)
+    model.to_empty(device="cpu")
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
