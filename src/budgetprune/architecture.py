@@ -166,8 +166,8 @@ def build_layer(spec: dict) -> nn.Module:
         if op == "sequential":
             return nn.Sequential(OrderedDict((str(name), build_layer(s)) for name, s in spec["layers"].items()))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"malformed architecture entry {spec}: {type(exc).__name__} {exc}") from None
-    raise CheckpointError(f"unknown layer '{op}' in the architecture description; "
+        raise CheckpointError(f"malformed architecture entry {spec!r:.120}: {type(exc).__name__} {exc}") from None
+    raise CheckpointError(f"unknown layer {op!r:.60} in the architecture description; "
                           "the file was written by a newer budgetprune or is not a budgetprune file")
 
 

@@ -7,8 +7,16 @@ never shows a traceback for these.
 """
 
 
+#: Line breaks and other control characters, as the escapes Python writes for them: a message
+#: that quotes a file's text stays one line whatever the file holds.
+_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7F, 0x85, 0x2028, 0x2029) if c != 0x09}
+
+
 class BudgetpruneError(Exception):
     """Base class of the errors a user can act on; ``str(err)`` is one line."""
+
+    def __str__(self) -> str:
+        return super().__str__().translate(_ESCAPES)
 
 
 class ConfigError(BudgetpruneError):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from typing import Callable
 
 import torch
@@ -245,7 +246,8 @@ def rebuild(description: dict, state_dict: dict[str, torch.Tensor]) -> fx.GraphM
         raise CheckpointError("the model file's state dict is not a mapping of names to tensors")
     try:
         check_names(description)
-        with torch.device("meta"):  # declared sizes cost nothing until they are checked against the file
+        with torch.device("meta"), warnings.catch_warnings():  # declared sizes cost nothing until checked
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
             root = _build_root(description["modules"], description["tensors"])
         graph = _build_graph(description["nodes"], description["modules"], root)
         check_forward_source(graph.python_code("self").src, _SOURCE_FUNCTIONS, METHODS, _GETATTR_NAMES)
