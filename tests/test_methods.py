@@ -611,6 +611,23 @@ def test_latency_table_is_cached_per_device(monkeypatch, tmp_path):
     assert CostModel(graph, "latency").full() == pytest.approx(hand, rel=1e-9)
 
 
+@pytest.mark.parametrize("damaged", ['[1, 2]', '{"%s": [1]}', '{"%s": {"KEY": {"c_io": "x", "c_out": 1}}}',
+                                     '{"%s": {"KEY": {"c_io": -1, "c_out": 1}}}', '{"%s": {"KEY": {}}}'])
+def test_damaged_latency_cache_is_measured_again(damaged, monkeypatch, tmp_path):
+    """A cache file that is not the table budgetprune writes is never fatal: its entries are measured again."""
+    monkeypatch.setenv("BUDGETPRUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(latency, "measure_layer", lambda spec, device, repeats=20: {"table": [], "c_io": 1.0,
+                                                                                     "c_out": 2.0})
+    _, graph = lenet5_graph()
+    name = latency.device_name(torch.device("cpu"))
+    key = json.dumps(latency._layer_spec(graph, graph.layers["features.0"], graph.gm.get_submodule("features.0"), 1),
+                     sort_keys=True)
+    text = damaged.replace("%s", name) if "%s" in damaged else damaged
+    (tmp_path / "latency.json").write_text(text.replace('"KEY"', json.dumps(key)))
+    coefficients = latency.layer_coefficients(graph)
+    assert set(coefficients.values()) == {(1.0, 2.0)}
+
+
 def test_short_run_under_a_measured_latency_budget(demo_small, tmp_path, monkeypatch):
     monkeypatch.setenv("BUDGETPRUNE_CACHE", str(tmp_path / "cache"))
     train, test = demo_small

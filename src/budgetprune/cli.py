@@ -24,8 +24,9 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see '{self.prog} --help')")
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="dataset: demo, mnist, fashion-mnist, cifar10, cifar100")
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, help="dataset: demo, mnist, fashion-mnist, cifar10, cifar100"
+                                                      + ("" if required else " (required unless --resume)"))
     p.add_argument("--data-root", help="folder holding the dataset files (default $BUDGETPRUNE_DATA "
                                        "or ~/.cache/budgetprune/data)")
     p.add_argument("--download", action="store_true", help="fetch the dataset's canonical archives first")
@@ -37,24 +38,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("prune", help="train and prune a model under a budget")
-    p.add_argument("--model", required=True, help="model name (see 'budgetprune list')")
-    _add_data_args(p)
-    p.add_argument("--budget", required=True,
+    p.add_argument("--model", help="model name (see 'budgetprune list'; required unless --resume)")
+    _add_data_args(p, required=False)
+    p.add_argument("--budget",
                    help="allowed fraction of the unpruned cost (0.25) or pruning factor (4x) of --metric; "
-                        "several metrics at once: volume=0.25,flops=0.2")
+                        "several metrics at once: volume=0.25,flops=0.2 (required unless --resume)")
     p.add_argument("--metric", help="volume (activations; the default), flops, params, latency (measured per layer "
                                     "on this device, cached) or nonzero (conv/linear weights; the default with "
                                     "--granularity weight)")
     p.add_argument("--granularity", choices=["channel", "weight"],
                    help="prune whole channels (default: a physically smaller net) or single weights (l0, "
                         "constrained-l0, cs, sensitivity: a sparse net under a nonzero budget)")
-    p.add_argument("--method", default="bar", help="pruning method: bar (default), l0, constrained-l0, cs, sensitivity, "
-                                                   "ib, morphnet, random, magnitude, vq or id (see the README's Methods)")
+    p.add_argument("--method", help="pruning method: bar (default), l0, constrained-l0, cs, sensitivity, "
+                                    "ib, morphnet, random, magnitude, vq or id (see the README's Methods)")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the method (repeatable), e.g. rounds=3 for cs, kind=specific for "
                         "sensitivity, targets=layer for constrained-l0 (see the README's Methods)")
     p.add_argument("--out", required=True, help="run folder for the model, metrics, report and checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out (options left out are the run's; those given "
+                        "must match it, except --device, --data-root and --no-progress)")
     p.add_argument("--teacher", help="trained unpruned model (a budgetprune model.pt/teacher.pt or a state dict)")
     p.add_argument("--epochs", type=int, help="train+prune epochs (paper: 80; default 10)")
     p.add_argument("--finetune-epochs", type=int, help="fine-tune epochs with frozen gates (paper: 40; default 4)")
@@ -115,45 +118,114 @@ def _load_data(args):
     return load_dataset(args.data, root=args.data_root, download=args.download)
 
 
+#: PruneConfig fields a resumed run may change: they do not change its result.
+RESUME_MAY_CHANGE = ("device", "data_root", "progress")
+
+#: PruneConfig fields set by the prune option of the same name.
+_PLAIN_OPTIONS = ("model", "data", "data_root", "method", "teacher", "granularity", "epochs", "finetune_epochs",
+                  "lowlr_epochs", "teacher_epochs", "lr", "gate_lr", "batch_size", "lam", "gate_init", "dual_lr",
+                  "schedule", "student_init", "seed", "device", "block")
+
+
 def cmd_prune(args) -> int:
-    from .pipeline import PruneConfig
+    from .runfolder import RunFolder
 
+    missing = [f"--{name}" for name in ("model", "data", "budget") if getattr(args, name) is None]
+    if missing and not args.resume:
+        raise ConfigError(f"the following arguments are required: {', '.join(missing)} "
+                          "(see 'budgetprune prune --help')")
     out = Path(args.out)
-    if args.resume:
-        cfg_file = out / "config.json"
-        if not (out / "checkpoint.pt").exists():
-            raise ConfigError(f"{out} holds no interrupted run to resume (no checkpoint.pt); drop --resume")
-        saved = json.loads(cfg_file.read_text()) if cfg_file.exists() else None
-        config = PruneConfig.from_dict(saved) if saved else _config_from_args(args)
-        if args.device:
-            config.device = args.device
-    else:
-        if (out / "checkpoint.pt").exists() or (out / "metrics.json").exists():
-            raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        config = _config_from_args(args)
-    config.progress = not args.no_progress and sys.stderr.isatty()
-    return _run(config, out, resume=args.resume, download=getattr(args, "download", False))
+    with RunFolder(out):  # no other run writes in out while these checks and the run go on
+        config = _resumed_config(args, out) if args.resume else _new_config(args, out)
+        config.progress = not args.no_progress and sys.stderr.isatty()
+        return _run(config, out, resume=args.resume, download=getattr(args, "download", False))
 
 
-def _config_from_args(args):
-    from .budget import parse_budgets
+def _new_config(args, out: Path):
     from .pipeline import PruneConfig
-    granularity = args.granularity or "channel"
-    metric = args.metric or ("nonzero" if granularity == "weight" else "volume")
-    first, *more = parse_budgets(args.budget, metric)
-    config = PruneConfig(budget=first.fraction, metric=first.metric, method=args.method, model=args.model,
-                         data=args.data, data_root=args.data_root, teacher=args.teacher, granularity=granularity,
-                         extra_budgets={b.metric: b.fraction for b in more},
-                         method_options=parse_method_options(args.method_option))
-    for name in ("epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs", "lr", "gate_lr", "batch_size",
-                 "lam", "gate_init", "dual_lr", "schedule", "student_init", "seed", "device", "block"):
-        value = getattr(args, name, None)
-        if value is not None:
-            setattr(config, name, value)
-    if getattr(args, "no_fill", False):
-        config.fill_budget = False
+    if (out / "checkpoint.pt").exists() or (out / "metrics.json").exists():
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    config = PruneConfig(**_given_options(args, PruneConfig()))
     config.validate()
     return config
+
+
+def _resumed_config(args, out: Path):
+    """The saved config of the run in ``out``, with the options that may change taken from ``args``."""
+    if not (out / "checkpoint.pt").exists():
+        raise ConfigError(f"{out} holds no interrupted run to resume (no checkpoint.pt); drop --resume")
+    config = _saved_config(out)
+    given = _given_options(args, config)
+    _refuse_changes(config, given, out)
+    for name in RESUME_MAY_CHANGE:
+        if name in given:
+            setattr(config, name, given[name])
+    config.validate()
+    return config
+
+
+def _saved_config(out: Path):
+    from .pipeline import PruneConfig
+    path = out / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{out} holds a checkpoint but no config.json, so the run's options are unknown; "
+                          "start afresh with another --out")
+    try:
+        saved = json.loads(path.read_text())
+        return PruneConfig.from_dict(saved)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"{path} cannot be read ({first}); start afresh with another --out") from None
+
+
+def _given_options(args, base) -> dict:
+    """The PruneConfig fields the prune command line sets, resolved (``--budget 4x`` → budget 0.25).
+
+    Options left off the command line are left out. A ``--budget`` without ``--metric`` is read
+    in ``base``'s metric (the saved run's on --resume) unless ``--granularity`` changes it.
+    """
+    from .budget import parse_budgets
+    from .pipeline import PruneConfig
+    given = {name: getattr(args, name) for name in _PLAIN_OPTIONS if getattr(args, name, None) is not None}
+    granularity = given.get("granularity", base.granularity)
+    metric = args.metric or (base.metric if granularity == base.granularity
+                             else PruneConfig(granularity=granularity).metric)
+    if args.budget is not None:
+        first, *more = parse_budgets(args.budget, metric)
+        given.update(budget=first.fraction, metric=first.metric, extra_budgets={b.metric: b.fraction for b in more})
+    elif args.metric is not None:
+        given["metric"] = args.metric
+    if args.method_option:
+        given["method_options"] = parse_method_options(args.method_option)
+    if args.no_fill:
+        given["fill_budget"] = False
+    return given
+
+
+def _refuse_changes(saved, given: dict, out: Path) -> None:
+    """One-line ConfigError naming each option in ``given`` that differs from the ``saved`` run and
+    could change its result."""
+    from dataclasses import fields
+    changed = [_describe_change(f.name, given[f.name], getattr(saved, f.name)) for f in fields(saved)
+               if f.name in given and f.name not in RESUME_MAY_CHANGE and given[f.name] != getattr(saved, f.name)]
+    if changed:
+        raise ConfigError(f"--resume with options that differ from the run in {out}: {', '.join(changed)}; "
+                          "rerun with the run's options or choose another --out")
+
+
+def _describe_change(name: str, value, saved) -> str:
+    """``--budget 0.5 (run: 0.25)``."""
+    def show(v):
+        if isinstance(v, dict):
+            return ",".join(f"{k}={json.dumps(x) if not isinstance(x, str) else x}" for k, x in v.items()) or "none"
+        if isinstance(v, float):
+            return f"{v:g}"
+        return "not set" if v is None else str(v)
+    if name == "fill_budget":
+        return "--no-fill (run: without it)" if value is False else "without --no-fill (run: --no-fill)"
+    option = {"extra_budgets": "--budget, other metrics", "method_options": "--method-option"}.get(
+        name, "--" + name.replace("_", "-"))
+    return f"{option} {show(value)} (run: {show(saved)})"
 
 
 def parse_method_options(items: list[str]) -> dict:
@@ -203,18 +275,35 @@ def _run(config, out: Path, resume: bool, download: bool = False) -> int:
 def cmd_demo(args) -> int:
     from .budget import parse_budget
     from .pipeline import PruneConfig
+    from .runfolder import RunFolder
     out = Path(args.out)
     budget = parse_budget(args.budget, "volume")
-    resume = (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
-    if (out / "metrics.json").exists() and (out / "checkpoint.pt").exists():
-        import shutil
-        shutil.rmtree(out)  # a finished earlier demo run: start afresh
     config = PruneConfig(budget=budget.fraction, model="lenet5", data="demo", teacher_epochs=4, epochs=8,
                          finetune_epochs=3, lowlr_epochs=1, device=args.device)
     config.progress = not args.no_progress and sys.stderr.isatty()
-    code = _run(config, out, resume=resume)
+    with RunFolder(out):
+        finished = (out / "metrics.json").exists() and (out / "checkpoint.pt").exists()
+        resume = (out / "checkpoint.pt").exists() and not finished
+        if finished:
+            _clear_run_folder(out)  # a finished earlier demo run: start afresh
+        if resume:
+            _refuse_changes(_saved_config(out), asdict(config), out)
+        code = _run(config, out, resume=resume)
     print(f"report: {out / 'report.md'}  model: {out / 'model.pt'}  (try: budgetprune info {out / 'model.pt'})")
     return code
+
+
+def _clear_run_folder(out: Path) -> None:
+    """Remove everything in the run folder ``out`` but its lock."""
+    import shutil
+    from .runfolder import LOCK_NAME
+    for child in out.iterdir():
+        if child.name == LOCK_NAME:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def cmd_info(args) -> int:
@@ -281,9 +370,10 @@ def _input_shape(text: str) -> tuple[int, ...]:
 
 def cmd_export(args) -> int:
     import torch
-    from .export import to_onnx, to_torchscript
+    from .export import check_output_file, to_onnx, to_torchscript
     from .io import load_file
 
+    check_output_file(args.out)
     model, _, meta = load_file(args.model_file)
     shape = _input_shape(args.input_shape) if args.input_shape else tuple(meta.get("input_shape") or ())
     if not shape:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, ExportError
-from .io import atomic_write
+from .io import atomic_write, folder_problem
 
 TORCHSCRIPT_TOLERANCE = 1e-5
 ONNX_TOLERANCE = 1e-4
@@ -45,13 +45,14 @@ def to_torchscript(model: nn.Module, path: str | os.PathLike, example) -> dict:
     ``{"path", "format", "method", "verified", "max_abs_diff"}``; raises :class:`ExportError`
     when the written file does not reproduce the outputs.
     """
+    check_output_file(path)
     args = _as_args(example)
     with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.jit")  # deprecated, works
         module, method = _script_or_trace(model, args)
         buffer = _bytes_io.BytesIO()
         torch.jit.save(module, buffer)
-        atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
+        _write(path, buffer.getvalue())
         loaded = torch.jit.load(str(path), map_location="cpu")
         diff = _max_abs_diff(model(*args), loaded(*args))
     _check(diff, TORCHSCRIPT_TOLERANCE, path, "TorchScript")
@@ -89,11 +90,12 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, example, opset: int = 17)
     """
     exporter = "dynamo" if opset >= DYNAMO_MIN_OPSET else "torchscript"
     require(*ONNX_PACKAGES[exporter], purpose=f"ONNX export (opset {opset})")
+    check_output_file(path)
     args = _as_args(example)
     with _eval_mode(model), torch.no_grad():
         export = _export_dynamo if exporter == "dynamo" else _export_torchscript
         data = export(model, args, opset)
-        atomic_write(path, lambda fh: fh.write(data))
+        _write(path, data)
         expected = model(*args)
     result = {"path": str(path), "format": "onnx", "exporter": exporter, "opset": _opset_of(data),
               "verified": False, "max_abs_diff": None,
@@ -103,6 +105,26 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, example, opset: int = 17)
         _check(diff, ONNX_TOLERANCE, path, "ONNX")
         result.update(verified=True, max_abs_diff=diff, note="checked with onnxruntime")
     return result
+
+
+def check_output_file(path: str | os.PathLike) -> None:
+    """Raise a one-line :class:`ConfigError` when an export cannot be written to ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder; name the file to write, e.g. {path / 'model.onnx'}")
+    problem = folder_problem(path.parent)
+    if problem:
+        raise ConfigError(f"--out {path} cannot be written: its folder {path.parent} {problem}; "
+                          "choose another --out")
+
+
+def _write(path, data: bytes) -> None:
+    """Write the exported file atomically; one-line :class:`ExportError` when the system refuses."""
+    try:
+        atomic_write(path, lambda fh: fh.write(data))
+    except OSError as exc:
+        raise ExportError(f"cannot write {path} ({exc.strerror or exc}); choose an --out in a writable "
+                          "folder") from None
 
 
 def _export_dynamo(model: nn.Module, args: tuple, opset: int) -> bytes:

@@ -101,6 +101,13 @@ def measure_layer(spec: dict, device: torch.device, repeats: int = 20) -> dict:
     return {"table": [list(r) for r in rows], "c_io": float(coef[0]), "c_out": float(coef[1])}
 
 
+def _valid_entry(entry) -> bool:
+    """A cached measurement: finite, non-negative ``c_io`` and ``c_out``."""
+    return isinstance(entry, dict) and all(
+        isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool)
+        and 0.0 <= entry[k] < float("inf") for k in ("c_io", "c_out"))
+
+
 def layer_coefficients(graph, device: torch.device | None = None, batch: int = 1,
                        repeats: int = 20) -> dict[str, tuple[float, float]]:
     """``{layer: (c_io, c_out)}`` in ms for ``graph`` on ``device``, measured or from the cache."""
@@ -112,14 +119,18 @@ def layer_coefficients(graph, device: torch.device | None = None, batch: int = 1
     path = cache_path()
     try:
         cache = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         cache = {}  # an unreadable cache is rebuilt, never fatal
-    table = cache.setdefault(name, {})
+    if not isinstance(cache, dict):
+        cache = {}
+    if not isinstance(cache.get(name), dict):
+        cache[name] = {}
+    table = cache[name]
     out, changed = {}, False
     for layer in graph.layers.values():
         spec = _layer_spec(graph, layer, modules[layer.name], batch)
         key = json.dumps(spec, sort_keys=True)
-        if key not in table:
+        if not _valid_entry(table.get(key)):  # not measured yet, or a damaged entry: measure it
             table[key] = measure_layer(spec, device, repeats)
             changed = True
         out[layer.name] = (table[key]["c_io"], table[key]["c_out"])

@@ -31,6 +31,7 @@ from .liveness import effective_masks
 from .methods import available_methods, check_method_options, create_method, method_options
 from .objectives import distillation_loss
 from .resources import BUDGET_METRICS, METRICS, CostModel, resource_report
+from .runfolder import RunFolder
 from .sparsity import (check_weight_budget, count_kept, density, project_weights, prunable_weights,
                        scale_weights, weight_counts)
 
@@ -227,6 +228,10 @@ class PruneRun:
 
     # -- the run ----------------------------------------------------------------------
     def run(self, resume: bool = False) -> PruneResult:
+        with RunFolder(self.out):  # one run at a time in the folder (see budgetprune.runfolder)
+            return self._run_stages(resume)
+
+    def _run_stages(self, resume: bool) -> PruneResult:
         ckpt = self._load_checkpoint() if resume else None
         if ckpt is not None:
             self.log(f"resuming {self.out} at stage '{ckpt['stage']}' after epoch {ckpt['epoch']}")
