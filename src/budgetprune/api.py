@@ -12,7 +12,9 @@ from torch import fx, nn
 from . import io
 from .budget import parse_budgets
 from .errors import CheckpointError, ConfigError
-from .pipeline import PruneConfig, PruneRun
+from .inputs import check_inputs, check_model
+from .pipeline import PruneConfig, PruneRun, resolve_device
+from .seeding import isolated_rng
 
 
 def prune(model: nn.Module, train_data, test_data=None, *, budget: float | str = 0.25, metric: str | None = None,
@@ -28,7 +30,14 @@ def prune(model: nn.Module, train_data, test_data=None, *, budget: float | str =
     run folder (checkpoints, report); without it a temporary folder is used. Other keyword
     options are the fields of :class:`~budgetprune.pipeline.PruneConfig` (``epochs``,
     ``finetune_epochs``, ``lr``, ``device``, ...). ``test_data`` defaults to ``train_data``.
+
+    Everything is checked before any training: a model that is not a classifier (output
+    ``(batch, classes)``), an empty dataset, items that are not ``(input tensor, class index)``
+    pairs, or an option of the wrong type raise a one-line :class:`~budgetprune.BudgetpruneError`.
+    The run seeds torch's random generator from ``seed`` (default 0) and gives the caller's
+    generator state back afterwards.
     """
+    check_model(model)
     unknown = set(options) - set(PruneConfig.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}: see budgetprune.PruneConfig")
@@ -37,16 +46,23 @@ def prune(model: nn.Module, train_data, test_data=None, *, budget: float | str =
     first, *more = parse_budgets(budget, metric)
     config = PruneConfig(budget=first.fraction, metric=first.metric, method=method,
                          extra_budgets={b.metric: b.fraction for b in more}, **options)
+    config.validate()
     if log is None:
         log = lambda _msg: None  # noqa: E731
+    if not callable(log):
+        raise ConfigError(f"log must be a function taking one line of text, or None; got a {type(log).__name__}")
     test_data = test_data if test_data is not None else train_data
+    check_inputs(model, train_data, test_data)
+    if teacher is not None and not isinstance(teacher, (nn.Module, str, os.PathLike)):
+        raise ConfigError(f"teacher must be a trained model, the path of its checkpoint, or None; got a "
+                          f"{type(teacher).__name__}")
     if teacher is None and config.teacher_epochs == 0:
         teacher = model
     if isinstance(teacher, (str, os.PathLike)):
         config.teacher = str(teacher)
         example = train_data[0][0].unsqueeze(0)
         teacher = load_teacher(teacher, model, example)
-    with tempfile.TemporaryDirectory(prefix="budgetprune-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="budgetprune-") as tmp, isolated_rng(resolve_device(config.device)):
         run = PruneRun(model, train_data, test_data, config, out if out is not None else tmp,
                        teacher=teacher, log=log)
         result = run.run(resume=resume)
@@ -91,6 +107,8 @@ def _describe(model: nn.Module) -> str:
 
 def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> None:
     """Save a model returned by :func:`prune` or :func:`load` (architecture + weights)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"save() takes the path of the file to write, got {_what(path)}")
     specs = getattr(model, "budgetprune_architecture", None)
     if specs is None and not isinstance(model, fx.GraphModule):
         raise ConfigError("save() takes a model returned by budgetprune.prune() or budgetprune.load()")
@@ -99,6 +117,12 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) ->
 
 def load(path: str | os.PathLike) -> nn.Module:
     """Rebuild a saved model without its original code (eval mode, CPU)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"load() takes the path of a model file, got {_what(path)}")
     model, specs, _ = io.load_file(path)
     model.budgetprune_architecture = specs
     return model
+
+
+def _what(value) -> str:
+    return "None" if value is None else f"a {type(value).__name__}"

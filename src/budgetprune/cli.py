@@ -251,12 +251,14 @@ def _run(config, out: Path, resume: bool, download: bool = False) -> int:
     from .models import create_model
     from .pipeline import PruneRun
     from .methods import available_methods
+    from .seeding import seed_model_init
 
     if config.method not in available_methods():
         raise ConfigError(f"unknown method '{config.method}': choose one of {', '.join(available_methods())}")
     config.validate()
     splits = load_dataset(config.data, root=config.data_root, download=download, progress=config.progress)
     info = splits.info
+    seed_model_init(config.seed)  # the same --seed, the same initial weights
     model = create_model(config.model, in_channels=info.in_channels, num_classes=info.num_classes,
                          input_size=info.image_size)
     teacher = None

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .errors import TrainingDiverged
+from .errors import DataError, TrainingDiverged
 
 
 def iterate_batches(dataset: Dataset, batch_size: int, shuffle: bool = False,
@@ -31,8 +31,34 @@ def iterate_batches(dataset: Dataset, batch_size: int, shuffle: bool = False,
         else:
             items = [dataset[int(i)] for i in idx]
             x = torch.stack([it[0] for it in items])
-            y = torch.as_tensor([int(it[1]) for it in items])
+            y = torch.as_tensor([class_index(it[1], f"item {int(i)}") for it, i in zip(items, idx)], dtype=torch.long)
         yield idx, x, y
+
+
+def class_index(label, where: str) -> int:
+    """``label`` as a class index: an int or an integer 0-d tensor; a float is refused, not truncated."""
+    if torch.is_tensor(label) and label.numel() == 1 and not label.is_floating_point() \
+            and not label.is_complex() and label.dtype != torch.bool:
+        return int(label.reshape(()))
+    if isinstance(label, int) and not isinstance(label, bool):
+        return label
+    if hasattr(label, "dtype") and getattr(label, "shape", None) == () and "int" in str(label.dtype):
+        return int(label)  # a numpy integer
+    if torch.is_tensor(label):
+        shown = (f"{label.item():g} (a {str(label.dtype).replace('torch.', '')} tensor)" if label.numel() == 1
+                 and not label.is_complex() else f"tensor of dtype {label.dtype} and shape {tuple(label.shape)}")
+    else:
+        shown = f"{type(label).__name__} {label!r:.40}"
+    raise DataError(f"{where} has the label {shown}: labels must be integer class indices "
+                    "(an int or an integer 0-d tensor; convert float labels with .long() if they are whole)")
+
+
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Raise :class:`DataError` when a label is not a class of a ``num_classes``-way output."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise DataError(f"the label {bad} is not a class of the model, whose output has {num_classes} classes "
+                        f"(labels must lie in 0..{num_classes - 1}): give the model one output per class")
 
 
 def num_batches(dataset: Dataset, batch_size: int) -> int:
@@ -55,9 +81,10 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_siz
     was = model.training
     model.eval()
     correct, total, loss = 0, 0, 0.0
-    for _, x, y in iterate_batches(dataset, batch_size):
-        x, y = x.to(device), y.to(device)
+    for _, x, labels in iterate_batches(dataset, batch_size):
+        x, y = x.to(device), labels.to(device)
         logits = model(x)
+        check_labels(labels, logits.shape[1])
         loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
         total += y.numel()
@@ -68,42 +95,94 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_siz
 LossFn = Callable[..., torch.Tensor]  # (logits, labels, indices, images) -> loss
 
 
+class DivergenceCheck:
+    """Decides when training has diverged (raises :class:`TrainingDiverged`, one line).
+
+    Training has diverged when
+
+    1. the task loss or the method's penalty of a batch is NaN or infinite;
+    2. the task loss of a batch exceeds ``factor`` (1000) × the *reference*: the task loss of
+       the first batch the check saw (the pipeline keeps one check per stage and stores the
+       reference in its checkpoints), floored at 1 nat so that a well-fitted start does not make
+       the limit tiny. A cross-entropy or distillation loss a thousand times its start means
+       logits of absurd size: ``--lr 1e6`` takes the loss from 2.3 to ~1e30 in one step;
+    3. a parameter or floating-point buffer is NaN or infinite at the end of an epoch (an
+       overflowing step), so that no such weights reach a checkpoint.
+
+    The penalty is checked for finiteness only: a barrier (BAR's f(V, a, b)) is legitimately
+    large near its wall and is not compared with its start.
+    """
+
+    def __init__(self, factor: float = 1e3, reference: float | None = None):
+        self.factor = float(factor)
+        self.reference = reference
+
+    def check_loss(self, loss: float, penalty: float | None, step: int) -> None:
+        if not math.isfinite(loss) or (penalty is not None and not math.isfinite(penalty)):
+            bad = loss if not math.isfinite(loss) else penalty
+            what = "loss" if not math.isfinite(loss) else "method's penalty"
+            raise TrainingDiverged(f"the {what} became {bad} at step {step}")
+        if self.reference is None:
+            self.reference = loss
+        limit = self.factor * max(self.reference, 1.0)
+        if loss > limit:
+            raise TrainingDiverged(f"the loss exploded to {loss:.3g} at step {step} (more than {self.factor:g}x "
+                                   f"its start, {self.reference:.3g})")
+
+    @staticmethod
+    def check_weights(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        tensors = [(names.get(id(p), f"of the optimizer group '{g.get('name', i)}'"), p)
+                   for i, g in enumerate(optimizer.param_groups) for p in g["params"]]
+        tensors += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+        for name, t in tensors:
+            if not bool(torch.isfinite(t.detach()).all()):
+                raise TrainingDiverged(f"the weights {name} became NaN or infinite by step {step}")
+
+
 def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optimizer, loss_fn: LossFn, *,
                 device: torch.device, batch_size: int, generator: torch.Generator,
                 step: int = 0, total_steps: int = 1,
                 penalty: Callable[[float], torch.Tensor] | None = None,
                 after_step: Callable[[float], None] | None = None,
-                show_progress: bool = True, desc: str = "train") -> dict[str, float]:
-    """One epoch. ``progress`` passed to the method is (global step) / ``total_steps``."""
+                show_progress: bool = True, desc: str = "train",
+                divergence: DivergenceCheck | None = None) -> dict[str, float]:
+    """One epoch. ``progress`` passed to the method is (global step) / ``total_steps``.
+
+    Raises :class:`TrainingDiverged` as ``divergence`` decides (a fresh :class:`DivergenceCheck`,
+    referenced to this epoch's first batch, when None); the step that diverged is not applied.
+    """
+    divergence = divergence if divergence is not None else DivergenceCheck()
     model.train()
     seen, correct, loss_sum, pen_sum = 0, 0, 0.0, 0.0
     start = time.perf_counter()
-    bar = tqdm(total=num_batches(dataset, batch_size), desc=desc, leave=False, disable=not show_progress,
-               dynamic_ncols=True)
-    for idx, x, y in iterate_batches(dataset, batch_size, shuffle=True, generator=generator):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        progress = min(step / max(total_steps, 1), 1.0)
-        logits = model(x)
-        loss = loss_fn(logits, y, idx, x)
-        pen = penalty(progress) if penalty is not None else None
-        total = loss + pen if pen is not None else loss
-        if not torch.isfinite(total):
-            bar.close()
-            raise TrainingDiverged(f"the loss became {float(total.detach())} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        if after_step is not None:
-            after_step(progress)
-        step += 1
-        n = y.numel()
-        seen += n
-        loss_sum += float(loss.detach()) * n
-        pen_sum += (float(pen.detach()) if pen is not None else 0.0) * n
-        correct += int((logits.detach().argmax(1) == y).sum())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
-    bar.close()
+    with tqdm(total=num_batches(dataset, batch_size), desc=desc, leave=False, disable=not show_progress,
+              dynamic_ncols=True) as bar:
+        for idx, x, labels in iterate_batches(dataset, batch_size, shuffle=True, generator=generator):
+            x, y = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            progress = min(step / max(total_steps, 1), 1.0)
+            logits = model(x)
+            check_labels(labels, logits.shape[1])
+            loss = loss_fn(logits, y, idx, x)
+            pen = penalty(progress) if penalty is not None else None
+            total = loss + pen if pen is not None else loss
+            loss_value = float(loss.detach())
+            pen_value = float(pen.detach()) if pen is not None else None
+            divergence.check_loss(loss_value, pen_value, step)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step(progress)
+            step += 1
+            n = y.numel()
+            seen += n
+            loss_sum += loss_value * n
+            pen_sum += (pen_value or 0.0) * n
+            correct += int((logits.detach().argmax(1) == y).sum())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
+    divergence.check_weights(model, optimizer, step)
     return {"loss": loss_sum / max(seen, 1), "penalty": pen_sum / max(seen, 1),
             "train_accuracy": correct / max(seen, 1), "steps": step, "seconds": time.perf_counter() - start}
 

@@ -44,7 +44,8 @@ class GraphError(BudgetpruneError):
 
 
 class TrainingDiverged(BudgetpruneError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or the weights became NaN or infinite, or the loss exploded (see
+    ``engine.DivergenceCheck``); the last good checkpoint is kept and the message says what to rerun."""
 
 
 class ExportError(BudgetpruneError):

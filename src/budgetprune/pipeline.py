@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -22,11 +23,13 @@ from torch import nn
 
 from . import io
 from . import graphio
+from . import seeding
 from .budget import Budget, enforce_budget, fill_budget, reopenable_channels
 from .compact import compact, silence_channels, to_plain
-from .engine import evaluate, iterate_batches, make_optimizer, predict_logits, set_lr, train_epoch
+from .engine import DivergenceCheck, evaluate, iterate_batches, make_optimizer, predict_logits, set_lr, train_epoch
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .graph import ChannelGraph
+from .inputs import check_inputs
 from .liveness import effective_masks
 from .methods import available_methods, check_method_options, create_method, method_options
 from .objectives import distillation_loss
@@ -85,6 +88,7 @@ class PruneConfig:
             self.metric = "nonzero" if self.granularity == "weight" else "volume"
 
     def validate(self) -> None:
+        self._check_types()
         if self.granularity not in ("channel", "weight"):
             raise ConfigError(f"unknown granularity '{self.granularity}': choose channel or weight")
         if self.granularity == "weight":
@@ -124,6 +128,20 @@ class PruneConfig:
             raise ConfigError("--kd-alpha must lie in [0, 1] and --kd-temperature be at least 1")
         check_method_options(self.method, self.method_options)  # fails now, not after the teacher has trained
 
+    def _check_types(self) -> None:
+        """Each field holds its annotated type: an int field an int (not a bool), a float field a
+        finite number, ``X | None`` also None."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kinds = [k.strip() for k in str(f.type).split("|")]
+            if value is None and "None" in kinds:
+                continue
+            kind = kinds[0].split("[")[0]
+            if not _TYPE_CHECKS[kind](value):
+                hint = f"; the default is {f.default!r}" if f.default not in (MISSING, None) else ""
+                raise ConfigError(f"option {f.name} must be {_TYPE_WORDS[kind]}{' or None' if 'None' in kinds else ''}, "
+                                  f"got {value!r:.40} (a {type(value).__name__}){hint}")
+
     def budgets(self) -> list[Budget]:
         """Every budget of the run, the primary one (``metric``, ``budget``) first."""
         return [Budget(self.metric, self.budget)] + [Budget(m, f) for m, f in self.extra_budgets.items()]
@@ -138,6 +156,17 @@ class PruneConfig:
     def from_dict(cls, d: dict) -> "PruneConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+_TYPE_CHECKS = {  # Python's own types: config.json is written with the json module
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+    "dict": lambda v: isinstance(v, dict),
+}
+_TYPE_WORDS = {"int": "an int", "float": "a finite number", "str": "a string", "bool": "True or False",
+               "dict": "a dict"}
 
 
 @dataclass
@@ -165,6 +194,7 @@ class PruneRun:
     def __init__(self, model: nn.Module, train_data, test_data, config: PruneConfig, out_dir: str | Path,
                  teacher: nn.Module | None = None, log: Callable[[str], None] = print):
         config.validate()
+        check_inputs(model, train_data, test_data)
         self.config = config
         self.out = Path(out_dir)
         self.device = resolve_device(config.device)
@@ -188,11 +218,15 @@ class PruneRun:
         self.full = resource_report(self.graph, metrics=self.metrics)
         self.ckpt_path = self.out / "checkpoint.pt"
         self.history: list[dict] = []
+        self.saved: tuple[str, int] | None = None  # (stage, epoch) of the newest checkpoint
+        self.loss_reference: dict[str, float] = {}  # per stage: the task loss divergence is measured against
 
     # -- checkpoints ------------------------------------------------------------------
     def _save_checkpoint(self, stage: str, epoch: int, **state) -> None:
         io.torch_save(self.ckpt_path, {"stage": stage, "epoch": epoch, "history": json.dumps(self.history),
-                                       "rng": torch.get_rng_state(), **self._device_rng(), **state})
+                                       "rng": torch.get_rng_state(), **self._device_rng(),
+                                       "loss_reference": self.loss_reference.get(stage), **state})
+        self.saved = (stage, epoch)
 
     def _load_checkpoint(self) -> dict | None:
         if not self.ckpt_path.exists():
@@ -202,6 +236,9 @@ class PruneRun:
             raise CheckpointError(f"{self.ckpt_path} is not a budgetprune run checkpoint")
         self.history = json.loads(ckpt["history"])
         self._restore_rng(ckpt)
+        self.saved = (ckpt["stage"], int(ckpt["epoch"]))
+        if ckpt.get("loss_reference") is not None:
+            self.loss_reference[ckpt["stage"]] = float(ckpt["loss_reference"])
         return ckpt
 
     def _device_rng(self) -> dict:
@@ -216,7 +253,28 @@ class PruneRun:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
 
     def _generator(self, stage: str, epoch: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.config.seed * 10007 + STAGES.index(stage) * 1009 + epoch)
+        return seeding.batch_generator(self.config.seed, STAGES.index(stage), epoch)
+
+    def _load_optimizer(self, opt: torch.optim.Optimizer, state: dict) -> None:
+        """The saved optimizer state, at the learning rates of this run's config (a run resumed
+        after a divergence continues with the lower --lr it was given)."""
+        rates = [g["lr"] for g in opt.param_groups]
+        opt.load_state_dict(state)
+        for group, lr in zip(opt.param_groups, rates):
+            group["lr"] = lr
+
+    def _diverged(self, what: str, resumable: bool = True) -> TrainingDiverged:
+        """``what`` went wrong, and what to rerun: from the last good checkpoint, or afresh."""
+        lr = f"a lower --lr (now {self.config.lr:g})"
+        if not resumable:
+            return TrainingDiverged(f"{what}; the trained weights are unusable: rerun with another --out and {lr}")
+        if self.saved is not None and self.ckpt_path.exists():
+            stage, epoch = self.saved
+            after = f"after {stage} epoch {epoch}" if epoch else f"at the start of {stage}"
+            return TrainingDiverged(f"{what}; the last good checkpoint ({after}) is kept in {self.ckpt_path}: "
+                                    f"rerun with --resume and {lr}")
+        return TrainingDiverged(f"{what}; no epoch finished, so there is nothing to resume: rerun without "
+                                f"--resume with {lr}")
 
     def _line(self, stage: str, epoch: int, total: int, stats: dict) -> None:
         parts = [f"[{stage}] epoch {epoch}/{total}", f"loss {stats['loss']:.4f}",
@@ -261,8 +319,10 @@ class PruneRun:
         start = 0
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
+            self._load_optimizer(opt, ckpt["optimizer"])
             start = ckpt["epoch"]
+        else:
+            seeding.seed_stage(cfg.seed, "teacher")  # dropout and every other draw of the global generator
         steps_per_epoch = -(-len(self.train_data) // cfg.batch_size)
         for epoch in range(start, cfg.teacher_epochs):
             self._epoch(model, opt, "teacher", epoch, cfg.teacher_epochs, steps_per_epoch,
@@ -282,17 +342,17 @@ class PruneRun:
                after_step=None, progress_steps=None, status=None, method=None) -> dict:
         cfg = self.config
         step0 = epoch * steps_per_epoch
+        divergence = DivergenceCheck(reference=self.loss_reference.get(stage))
         try:
             stats = train_epoch(model, self.train_data, opt, loss_fn, device=self.device,
                                 batch_size=cfg.batch_size, generator=self._generator(stage, epoch),
                                 step=step0, total_steps=progress_steps or 1, penalty=penalty,
                                 after_step=after_step, show_progress=cfg.progress,
-                                desc=f"{stage} {epoch + 1}/{total_epochs}")
+                                desc=f"{stage} {epoch + 1}/{total_epochs}", divergence=divergence)
         except TrainingDiverged as exc:
-            kept = (f"the last good checkpoint ({stage} epoch {epoch}) is kept at {self.ckpt_path}"
-                    if self.ckpt_path.exists() else "no epoch had finished, so there is no checkpoint")
-            raise TrainingDiverged(f"{exc} in {stage} epoch {epoch + 1}; {kept}; lower --lr "
-                                   f"(now {cfg.lr:g}) and rerun, with --resume to continue") from None
+            raise self._diverged(f"{exc} in {stage} epoch {epoch + 1}") from None
+        if divergence.reference is not None:
+            self.loss_reference[stage] = divergence.reference
         if method is not None:
             method.eval()  # deterministic gates for the test accuracy, as the pruned network will have
         stats["test_accuracy"] = evaluate(model, self.test_data, self.device)["accuracy"]
@@ -325,6 +385,8 @@ class PruneRun:
         if skip:
             return
         cfg = self.config
+        if ckpt is None:
+            seeding.seed_stage(cfg.seed, "prune")  # gate initialisation and noise, dropout, random scores
         student = copy.deepcopy(self.model).to(self.device)
         if cfg.student_init == "teacher":
             student.load_state_dict(self._teacher_state_for_model())
@@ -336,7 +398,7 @@ class PruneRun:
         if ckpt is not None:
             student.load_state_dict(ckpt["model"])
             method.load_state_dict(ckpt["method"])
-            opt.load_state_dict(ckpt["optimizer"])
+            self._load_optimizer(opt, ckpt["optimizer"])
             start = ckpt["epoch"]
             self._restore_rng(ckpt)  # creating the gates drew random numbers: continue the saved stream
         steps_per_epoch = -(-len(self.train_data) // cfg.batch_size)
@@ -401,9 +463,7 @@ class PruneRun:
         specs = graphio.describe(net)
         x = next(iter(self._sample_batch()))
         with torch.no_grad():
-            diff = float((student(x) - net(x)).abs().max())
-        if diff > 1e-3:
-            raise RuntimeError(f"internal error: compacted outputs differ from the gated model by {diff}")
+            diff = self._compaction_diff(student(x), net(x), "compacted")
         method.detach()
         eff = effective_masks(graph, final)  # what the compacted network keeps (pruned-away blocks: none)
         masks_json = {g: [int(i) for i in torch.nonzero(m).flatten()] for g, m in eff.items()}
@@ -444,9 +504,7 @@ class PruneRun:
         net = compact(student, self.graph)  # same widths, pruned weights exactly 0
         specs = graphio.describe(net)
         with torch.no_grad():
-            diff = float((reference - net(x)).abs().max())
-        if diff > 1e-3:
-            raise RuntimeError(f"internal error: the sparse network's outputs differ from the gated model by {diff}")
+            diff = self._compaction_diff(reference, net(x), "sparse")
         self.weight_masks = final
         pruned = resource_report(self.graph, None, self.config.block, self.metrics)
         pruned["nonzero"] = float(count_kept(final))
@@ -456,6 +514,23 @@ class PruneRun:
                 "masks": {g: list(range(grp.channels)) for g, grp in self.graph.groups.items()},
                 "pruned": pruned, "pruned_by_block": {mode: pruned for mode in ("mixed", "regular")}}
         return net, specs, info
+
+    def _compaction_diff(self, reference: torch.Tensor, output: torch.Tensor, kind: str) -> float:
+        """Largest absolute difference of the pruned network's outputs from the gated model's.
+
+        Outputs that are not finite mean the trained weights are unusable (TrainingDiverged); a
+        difference above 1e-3 × max(1, largest |output|) is a bug of budgetprune (RuntimeError):
+        relative, because float32 sums of outputs of size 1e30 differ by 1e22 in their last bits.
+        """
+        if not bool(torch.isfinite(reference).all() and torch.isfinite(output).all()):
+            raise self._diverged("the pruned network's outputs are NaN or infinite after the prune stage",
+                                 resumable=False)
+        diff = float((reference - output).abs().max())
+        scale = max(1.0, float(reference.abs().max()))
+        if diff > 1e-3 * scale:
+            raise RuntimeError(f"internal error: the {kind} network's outputs differ from the gated model's by "
+                               f"{diff:.3g} (largest output {scale:.3g})")
+        return diff
 
     def _weight_mask_step(self, net: nn.Module):
         """After each fine-tune step: pruned weights back to exactly 0 (None for channel pruning)."""
@@ -494,7 +569,9 @@ class PruneRun:
                 self.weight_masks = {n: m.bool() for n, m in ckpt["weight_masks"].items()}
         opt = make_optimizer(list(net.parameters()), cfg.lr, cfg.weight_decay)
         if ckpt is not None and ckpt.get("optimizer"):
-            opt.load_state_dict(ckpt["optimizer"])
+            self._load_optimizer(opt, ckpt["optimizer"])
+        if start == 0:
+            seeding.seed_stage(cfg.seed, "finetune")  # dropout of the compacted network
         total = cfg.finetune_epochs + cfg.lowlr_epochs
         steps_per_epoch = -(-len(self.train_data) // cfg.batch_size)
         loss_fn = self._kd_loss(self.train_data) if total > start else None
