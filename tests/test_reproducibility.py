@@ -4,6 +4,7 @@ random stream from --seed)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -195,3 +196,42 @@ def test_compaction_compares_outputs_relative_to_their_size(tmp_path):
         run._compaction_diff(torch.ones(4, 10), torch.ones(4, 10) + 0.01, "compacted")
     with pytest.raises(TrainingDiverged, match="NaN or infinite.*rerun with another --out and a lower --lr"):
         run._compaction_diff(huge, huge * float("inf"), "compacted")
+
+
+def test_the_command_line_resumes_a_diverged_run_only_with_a_lower_lr(tmp_path, small_demo_cli, capsys):
+    """After a divergence the run folder records the learning rate; `--resume` must lower it
+    (and may), every other option must still match the run, and the resumed run finishes."""
+    splits = _demo_small()
+    out = tmp_path / "run"
+
+    class Stop(Exception):
+        pass
+
+    def stop(line):
+        if line.startswith("[prune] epoch 2/"):
+            raise Stop
+
+    cfg = PruneConfig(budget=0.25, model="lenet5", data="demo", lr=1e-3, **SMALL)
+    with pytest.raises(Stop):
+        PruneRun(budgetprune.create_model("lenet5"), splits.train, splits.test, cfg, out, log=stop).run()
+    cfg.lr = 1e6
+    with pytest.raises(TrainingDiverged):
+        PruneRun(budgetprune.create_model("lenet5"), splits.train, splits.test, cfg, out, log=lambda s: None).run(True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))  # as `prune --lr 1e6` writes it
+    assert json.loads((out / "diverged.json").read_text())["lr"] == 1e6
+
+    def resume(*extra):
+        capsys.readouterr()
+        code = cli.main(["prune", "--out", str(out), "--resume", "--no-progress", *extra])
+        return code, capsys.readouterr().err
+
+    code, err = resume()
+    assert code == 2 and "diverged at --lr 1e+06: resume it with a lower --lr" in err
+    code, err = resume("--lr", "1e-3", "--epochs", "5")
+    assert code == 2 and "--epochs 5 (run: 2)" in err and "--lr" not in err
+    assert resume("--lr", "1e-3")[0] == 0
+    assert not (out / "diverged.json").exists()
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e-3
+    assert json.loads((out / "metrics.json").read_text())["budget_ratio"] <= 1.0
+    code, err = resume("--lr", "1e-4")  # a finished run that did not diverge: lr is the run's again
+    assert code == 2 and "--lr 0.0001 (run: 0.001)" in err

@@ -154,10 +154,12 @@ def _resumed_config(args, out: Path):
     """The saved config of the run in ``out``, with the options that may change taken from ``args``."""
     if not (out / "checkpoint.pt").exists():
         raise ConfigError(f"{out} holds no interrupted run to resume (no checkpoint.pt); drop --resume")
+    from .pipeline import diverged_lr
     config = _saved_config(out)
     given = _given_options(args, config)
-    _refuse_changes(config, given, out)
-    for name in RESUME_MAY_CHANGE:
+    may_change = RESUME_MAY_CHANGE + (("lr",) if diverged_lr(out) is not None else ())  # a lower one, after a divergence
+    _refuse_changes(config, given, out, may_change)
+    for name in may_change:
         if name in given:
             setattr(config, name, given[name])
     config.validate()
@@ -202,12 +204,12 @@ def _given_options(args, base) -> dict:
     return given
 
 
-def _refuse_changes(saved, given: dict, out: Path) -> None:
+def _refuse_changes(saved, given: dict, out: Path, may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> None:
     """One-line ConfigError naming each option in ``given`` that differs from the ``saved`` run and
-    could change its result."""
+    could change its result (all but ``may_change``)."""
     from dataclasses import fields
     changed = [_describe_change(f.name, given[f.name], getattr(saved, f.name)) for f in fields(saved)
-               if f.name in given and f.name not in RESUME_MAY_CHANGE and given[f.name] != getattr(saved, f.name)]
+               if f.name in given and f.name not in may_change and given[f.name] != getattr(saved, f.name)]
     if changed:
         raise ConfigError(f"--resume with options that differ from the run in {out}: {', '.join(changed)}; "
                           "rerun with the run's options or choose another --out")

@@ -40,6 +40,19 @@ from .sparsity import (check_weight_budget, count_kept, density, project_weights
 
 STAGES = ("teacher", "prune", "finetune", "done")
 
+#: Written into the run folder when training diverged after a checkpoint: the learning rate it
+#: diverged at. While it is there, a resume may (and must) lower ``lr``; the resume removes it.
+DIVERGED_FILE = "diverged.json"
+
+
+def diverged_lr(out: str | Path) -> float | None:
+    """The learning rate the run in ``out`` diverged at, if it stopped that way (else None)."""
+    try:
+        lr = json.loads((Path(out) / DIVERGED_FILE).read_text()).get("lr")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0 else None
+
 
 @dataclass
 class PruneConfig:
@@ -271,6 +284,7 @@ class PruneRun:
         if self.saved is not None and self.ckpt_path.exists():
             stage, epoch = self.saved
             after = f"after {stage} epoch {epoch}" if epoch else f"at the start of {stage}"
+            io.write_json(self.out / DIVERGED_FILE, {"lr": self.config.lr, "stage": stage, "epoch": epoch})
             return TrainingDiverged(f"{what}; the last good checkpoint ({after}) is kept in {self.ckpt_path}: "
                                     f"rerun with --resume and {lr}")
         return TrainingDiverged(f"{what}; no epoch finished, so there is nothing to resume: rerun without "
@@ -290,6 +304,7 @@ class PruneRun:
             return self._run_stages(resume)
 
     def _run_stages(self, resume: bool) -> PruneResult:
+        self._check_diverged_resume(resume)
         ckpt = self._load_checkpoint() if resume else None
         if ckpt is not None:
             self.log(f"resuming {self.out} at stage '{ckpt['stage']}' after epoch {ckpt['epoch']}")
@@ -302,6 +317,16 @@ class PruneRun:
         net, specs, info = self._finetune_stage(ckpt if ckpt and ckpt["stage"] in ("finetune", "done") else None,
                                                 student_result)
         return self._finish(net, specs, info)
+
+    def _check_diverged_resume(self, resume: bool) -> None:
+        """After a divergence, a resume continues only with a lower learning rate."""
+        lr = diverged_lr(self.out)
+        if lr is None:
+            return
+        if resume and not self.config.lr < lr:
+            raise ConfigError(f"the run in {self.out} diverged at --lr {lr:g}: resume it with a lower --lr "
+                              f"(now {self.config.lr:g})")
+        (self.out / DIVERGED_FILE).unlink(missing_ok=True)
 
     # teacher -------------------------------------------------------------------------
     def _teacher_stage(self, ckpt: dict | None):
