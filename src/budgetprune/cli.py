@@ -11,7 +11,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .errors import BudgetpruneError, ConfigError
+from .errors import BudgetpruneError, ConfigError, first_line
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -176,7 +176,7 @@ def _saved_config(out: Path):
         saved = json.loads(path.read_text())
         return PruneConfig.from_dict(saved)
     except (OSError, ValueError, TypeError, AttributeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc)
         raise ConfigError(f"{path} cannot be read ({first}); start afresh with another --out") from None
 
 
@@ -387,7 +387,7 @@ def cmd_export(args) -> int:
         with torch.no_grad():
             model(example)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc)
         raise ConfigError(f"{args.model_file} does not take inputs of shape {shape} ({first}); "
                           "pass the --input-shape it was trained on") from None
     if args.format == "torchscript":

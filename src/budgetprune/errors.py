@@ -12,6 +12,13 @@ never shows a traceback for these.
 _ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7F, 0x85, 0x2028, 0x2029) if c != 0x09}
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of ``exc``'s message (its type's name when it has none), at most ``limit`` characters:
+    what a one-line error quotes of an exception from torch or the standard library."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
 class BudgetpruneError(Exception):
     """Base class of the errors a user can act on; ``str(err)`` is one line."""
 

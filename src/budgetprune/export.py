@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ConfigError, ExportError
+from .errors import ConfigError, ExportError, first_line
 from .io import atomic_write, folder_problem
 
 TORCHSCRIPT_TOLERANCE = 1e-5
@@ -66,7 +66,7 @@ def _script_or_trace(model: nn.Module, args: tuple):
         try:
             return torch.jit.script(model), "script"
         except Exception as exc:
-            reason = _first_line(exc)
+            reason = first_line(exc)
     warnings.warn(f"torch.jit.script failed ({reason}); falling back to torch.jit.trace, which fixes the "
                   "model's control flow to the example input's path", stacklevel=3)
     try:
@@ -75,7 +75,7 @@ def _script_or_trace(model: nn.Module, args: tuple):
             return torch.jit.trace(model, args), "trace"
     except Exception as exc:
         raise ExportError(f"cannot export to TorchScript: scripting failed ({reason}) and tracing failed "
-                          f"({_first_line(exc)})") from None
+                          f"({first_line(exc)})") from None
 
 
 def to_onnx(model: nn.Module, path: str | os.PathLike, example, opset: int = 17) -> dict:
@@ -161,7 +161,7 @@ def _quiet(exporter: str):
             warnings.simplefilter("ignore")
             yield
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export ({exporter} exporter) failed: {_first_line(exc)}") from None
+        raise ExportError(f"torch.onnx.export ({exporter} exporter) failed: {first_line(exc)}") from None
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
@@ -234,7 +234,3 @@ def _check(diff: float, tolerance: float, path, what: str) -> None:
         raise ExportError(f"the {what} file {Path(path)} does not reproduce the model's outputs "
                           f"(max abs difference {diff:.3g} > {tolerance:g})")
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]

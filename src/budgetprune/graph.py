@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import GraphError
+from .errors import GraphError, first_line
 
 #: Modules and functions that map 0 to 0 channel by channel.
 ZERO_PRESERVING_MODULES = (
@@ -175,7 +175,7 @@ class ChannelGraph:
         except Exception as exc:  # shape mismatch, wrong channel count, ...
             raise GraphError(
                 f"the example input of shape {tuple(example_input.shape)} does not fit "
-                f"{type(model).__name__}: {_first_line(exc)}; pass an input of the shape the model expects"
+                f"{type(model).__name__}: {first_line(exc, 300)}; pass an input of the shape the model expects"
             ) from None
         finally:
             model.train(was_training)
@@ -221,14 +221,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
         return fx.symbolic_trace(model)
     except Exception as exc:
         raise GraphError(
-            f"cannot trace {type(model).__name__} with torch.fx: {_first_line(exc)}; "
+            f"cannot trace {type(model).__name__} with torch.fx: {first_line(exc, 300)}; "
             "remove data-dependent control flow from forward() or wrap that part in a leaf module"
         ) from None
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
 
 
 def _shape(node) -> tuple[int, ...] | None:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .architecture import SelectFeatures, build_layer, module_spec
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 from .graphsafety import check_forward_source, check_keywords, check_names, device_of, dtype_of, \
     is_attribute_path, is_plain_name
 from .ops import CHANNEL_OPS
@@ -87,7 +87,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
         graph = _Tracer().trace(model)
     except Exception as exc:
         raise CheckpointError(f"{type(model).__name__} cannot be saved: torch.fx cannot trace it "
-                              f"({_first_line(exc)})") from None
+                              f"({first_line(exc)})") from None
     return fx.GraphModule(model, graph, type(model).__name__)
 
 
@@ -257,7 +257,7 @@ def rebuild(description: dict, state_dict: dict[str, torch.Tensor]) -> fx.GraphM
     except CheckpointError:
         raise
     except Exception as exc:  # a malformed (hand-edited or truncated) description
-        raise CheckpointError(f"malformed graph description: {_first_line(exc)}") from None
+        raise CheckpointError(f"malformed graph description: {first_line(exc)}") from None
     _load_state(gm, state_dict)
     return gm.eval()
 
@@ -405,7 +405,3 @@ def _load_state(gm: fx.GraphModule, state_dict) -> None:
         detail = " ".join(str(exc).split())[:300]
         raise CheckpointError(f"the weights do not match the graph description ({detail})") from None
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .engine import check_labels, class_index
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, first_line
 
 
 def check_model(model, name: str = "model") -> None:
@@ -32,7 +32,7 @@ def check_dataset(data, name: str) -> None:
     try:
         item = data[0]
     except Exception as exc:  # noqa: BLE001 - the user's dataset: any failure is reported in one line
-        raise DataError(f"{name}[0] cannot be read ({_first_line(exc)}): {name} must support len() and "
+        raise DataError(f"{name}[0] cannot be read ({first_line(exc)}): {name} must support len() and "
                         "indexing with an int") from None
     check_item(item, f"{name}[0]")
 
@@ -62,7 +62,7 @@ def check_classifier(model: nn.Module, example: torch.Tensor) -> int:
             out = model(example.to(device))
     except Exception as exc:  # noqa: BLE001 - the user's model: any failure is reported in one line
         raise ConfigError(f"the model cannot run on one training input of shape {tuple(example.shape)} "
-                          f"({_first_line(exc)}): give a model that takes the dataset's inputs") from None
+                          f"({first_line(exc)}): give a model that takes the dataset's inputs") from None
     finally:
         model.train(was)
     if not torch.is_tensor(out):
@@ -127,6 +127,3 @@ def _kind(value) -> str:
         return f"a {type(value).__name__} of {len(value)} items"
     return f"a {type(value).__name__}"
 
-
-def _first_line(exc: BaseException) -> str:
-    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import graphio
 from .architecture import build_sequential
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 FORMAT = "budgetprune-model"
 FORMAT_VERSION = 3
@@ -130,9 +130,6 @@ def torch_save(path, obj) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-
 
 def torch_load(path, what: str = "checkpoint") -> dict:
     """``torch.load`` with ``weights_only=True`` and one-line errors."""
@@ -142,7 +139,7 @@ def torch_load(path, what: str = "checkpoint") -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{what} {path} cannot be read ({_first_line(exc)}); "
+        raise CheckpointError(f"{what} {path} cannot be read ({first_line(exc)}); "
                               "is it a budgetprune or torch file?") from None
     return obj
 
@@ -266,7 +263,7 @@ def load_file(path: str | os.PathLike) -> tuple[nn.Module, list[dict] | dict, di
         raise CheckpointError(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path} is a damaged budgetprune model file ({type(exc).__name__}: "
-                              f"{_first_line(exc)})") from None
+                              f"{first_line(exc)})") from None
     return model.eval(), architecture, meta
 
 
