@@ -24,6 +24,7 @@ import torch
 from torch import fx
 
 import budgetprune
+import budgetprune.data
 from budgetprune import cli, graphio, graphsafety, io
 from budgetprune.errors import CheckpointError
 
@@ -34,8 +35,9 @@ from test_export import chain_model, residual_model  # noqa: E402
 # -- side effects, recorded by an audit hook ---------------------------------------------------
 _WATCHING: list[list] = []
 _FORBIDDEN = ("os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
-              "pty.spawn", "socket.connect", "socket.bind", "ctypes.dlopen", "os.remove", "os.rename", "os.mkdir",
-              "os.rmdir", "os.chmod", "os.truncate", "shutil.", "webbrowser.open")
+              "os.kill", "os.putenv", "os.unsetenv", "os.symlink", "os.link", "pty.spawn", "socket.", "ctypes.",
+              "os.remove", "os.rename", "os.mkdir", "os.rmdir", "os.chmod", "os.truncate", "shutil.",
+              "webbrowser.open", "urllib.Request")
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 
@@ -46,6 +48,8 @@ def _audit(event: str, args) -> None:
         _WATCHING[-1].append((event, repr(args)[:120]))
     elif event == "import" and args[0] not in sys.modules:
         _WATCHING[-1].append((event, args[0]))
+    elif event == "exec" and not getattr(args[0], "co_filename", "").startswith("<eval_with_key>"):
+        _WATCHING[-1].append((event, repr(args[0])[:120]))  # code run other than fx's generated forward
     elif event == "open":
         mode, flags = args[1], args[2]
         if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (mode is None and flags & _WRITE_FLAGS):
@@ -65,6 +69,17 @@ class side_effects:
     def __exit__(self, *exc):
         _WATCHING.pop()
         return False
+
+
+def test_the_side_effect_watch_sees_what_it_must(tmp_path):
+    """The watch the tests below rely on records a process, a new import, a file write and code run."""
+    sys.modules.pop("colorsys", None)
+    with side_effects() as seen:
+        os.system("true")
+        import colorsys  # noqa: F401
+        (tmp_path / "w").write_text("x")
+        exec("y = 1")
+    assert {"os.system", "import", "open", "exec"} <= {event for event, _ in seen}
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -330,6 +345,163 @@ def test_a_small_file_declaring_a_huge_layer_allocates_nothing(lenet_file, tmp_p
     assert grew < 200_000, f"loading grew the process by {grew} KiB"
 
 
+# -- format 1 (a list of layer specs of an nn.Sequential) -------------------------------------------
+def _format1(specs: list, state: dict, path, meta=None) -> str:
+    torch.save({"format": io.FORMAT, "version": 1, "architecture": json.dumps(specs), "state_dict": state,
+                "meta": json.dumps(meta or {"input_shape": [1, 28, 28]})}, path)
+    return str(path)
+
+
+def _lenet_format1(lenet_file, evil_layer: dict | None = None) -> tuple[list, dict]:
+    """LeNet-5 as a format-1 file (its specs and state by position), optionally with one more layer at 2."""
+    model, description, _ = io.load_file(lenet_file)
+    names = [name for name, _ in io.named_layer_specs(description)]
+    specs = [spec for _, spec in io.named_layer_specs(description)]
+    state = {}
+    for i, name in enumerate(names):
+        j = i + 1 if evil_layer is not None and i >= 2 else i
+        state.update({f"{j}.{k[len(name) + 1:]}": v for k, v in model.state_dict().items()
+                      if k.startswith(name + ".")})
+    if evil_layer is not None:
+        specs.insert(2, evil_layer)
+    return specs, state
+
+
+@pytest.mark.parametrize("name", [
+    'r") if getattr(__import__("os"), "system")("touch PWNED") else getattr(self, "r',
+    'r")\rgetattr(__import__("os"), "system")("touch PWNED")\rdef _g(self):\r    return getattr(self, "r',
+    "a\nb", "__class__", "x y"])
+def test_format1_layer_names_that_would_reach_traced_code_are_refused(name, lenet_file, tmp_path, monkeypatch, capsys):
+    """A nested Sequential's layer name reaches the source fx writes when the loaded model is traced
+    again (info, prune --teacher, save): refused where the layers are built, for both formats."""
+    monkeypatch.chdir(tmp_path)
+    name = name.replace("\\r", "\r").replace("\\n", "\n")
+    specs, state = _lenet_format1(lenet_file, {"op": "sequential", "layers": {name: {"op": "identity"}}})
+    path = _format1(specs, state, tmp_path / "f1.pt")
+    with side_effects() as seen, pytest.raises(CheckpointError, match="layer name"):
+        io.load(path)
+    assert cli.main(["info", path]) == 2
+    assert cli.main(["prune", "--model", "lenet5", "--data", "demo", "--budget", "0.5", "--teacher", path,
+                     "--epochs", "1", "--out", "run", "--no-progress"]) == 2
+    assert not seen and not (tmp_path / "PWNED").exists()
+    parts = _file_parts(residual_model(), {"input_shape": [3, 8, 8]})  # format 2 holds nested layers too
+    parts["graph"]["modules"]["block"]["layers"][name] = parts["graph"]["modules"]["block"]["layers"].pop("0")
+    with pytest.raises(CheckpointError, match="layer name"):
+        io.load(_write(parts, tmp_path / "f2.pt"))
+
+
+def test_format1_files_still_load_and_trace_again(lenet_file, tmp_path):
+    specs, state = _lenet_format1(lenet_file)
+    model = io.load(_format1(specs, state, tmp_path / "f1.pt"))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), io.load(lenet_file)(x))
+    budgetprune.ChannelGraph.build(model, x[:1])  # what info and prune --teacher do
+
+
+@pytest.mark.parametrize("source", [
+    "def forward(self, x):\n    self = x.detach()\n    y = self.data.zero_(x)\n    return x",  # self rebound
+    "def forward(self, torch):\n    y = torch.cat(torch)\n    return y",  # an input shadowing a global
+    "def forward(self, x):\n    getattr = x\n    return x",
+    "def forward(self, x):\n    budgetprune_ops_select_channels = x\n    return x",
+])
+def test_generated_source_that_rebinds_the_model_or_a_global_is_refused(source):
+    with pytest.raises(CheckpointError, match="a local named"):
+        _check(source.replace("\\n", "\n"))
+
+
+def test_a_node_named_self_is_refused(tmp_path):
+    """With a node named ``self`` fx writes ``self = ...`` and every later ``self.a.b(...)`` would call
+    a method of that value instead of a layer of the model."""
+    parts = _file_parts(residual_model(), {"input_shape": [3, 8, 8]})
+    _first(parts["graph"], "call_module")["name"] = "self"
+    with pytest.raises(CheckpointError, match="node name 'self'"):
+        io.load(_write(parts, tmp_path / "self.pt"))
+
+
+def _memory_after_load(path) -> tuple[str, int]:
+    """(what budgetprune.load said, KiB the process grew by while loading), in a fresh process."""
+    script = textwrap.dedent(f"""
+        import resource, budgetprune
+        from budgetprune.errors import CheckpointError
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            budgetprune.load({str(path)!r})
+            print("loaded")
+        except CheckpointError as exc:
+            print("refused:", exc)
+        print("grew_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120).stdout
+    return out.split("grew_kib")[0], int(out.split("grew_kib")[1])
+
+
+@pytest.mark.parametrize("where", ["dense weight", "sparse bit mask"])
+def test_tensors_not_backed_by_their_data_are_refused_before_any_copy(where, lenet_file, tmp_path):
+    """A stored tensor that is one value expanded to 2**28 (stride 0) costs a few bytes in the file
+    and 1 GiB once copied: refused when the file is read, with the process measured not to grow."""
+    o = torch.load(lenet_file, weights_only=True)
+    if where == "dense weight":
+        o["state_dict"]["features.0.weight"] = torch.ones(1).expand(2 ** 28)
+    else:
+        o.update(version=3, sparse={"extra": {"shape": torch.tensor([2 ** 28]),
+                                              "bits": torch.full((1,), 255, dtype=torch.uint8).expand(2 ** 25),
+                                              "values": torch.ones(1).expand(2 ** 28)}})
+    path = tmp_path / "expanded.pt"
+    torch.save(o, path)
+    assert path.stat().st_size < 3_000_000
+    said, grew = _memory_after_load(path)
+    assert "refused:" in said and "not backed by its own data" in said, said
+    assert grew < 200_000, f"loading grew the process by {grew} KiB"
+
+
+def test_a_checkpoint_with_damaged_parts_gives_one_line_on_resume(tmp_path, monkeypatch, capsys):
+    """`prune --resume` on a checkpoint.pt whose parts are not what budgetprune writes."""
+    from test_reproducibility import TINY, _demo_small
+    monkeypatch.setattr(budgetprune.data, "load_dataset", lambda *a, **k: _demo_small())
+    out = tmp_path / "run"
+    args = ["prune", "--model", "lenet5", "--data", "demo", "--budget", "0.25", "--out", str(out), "--no-progress",
+            *TINY]
+    assert cli.main(args) == 0
+    good = torch.load(out / "checkpoint.pt", weights_only=True)
+    damages = {"a list": [1, 2], "no history": {k: v for k, v in good.items() if k != "history"},
+               "history not text": dict(good, history=3), "bad random state": dict(good, rng=torch.zeros(3)),
+               "epoch as text": dict(good, epoch="1"), "weights of another shape": dict(
+                   good, model={k: v[:1] for k, v in good["model"].items()}),
+               "network not JSON": dict(good, arch="{")}
+    for why, damaged in damages.items():
+        torch.save(damaged, out / "checkpoint.pt")
+        (out / "metrics.json").unlink(missing_ok=True)
+        capsys.readouterr()
+        assert cli.main(args + ["--resume"]) == 2, why
+        err = capsys.readouterr().err
+        assert err.startswith("budgetprune: error: ") and err.count("\n") == 1 and "checkpoint" in err, (why, err)
+
+
+def test_info_prints_the_file_s_words_without_terminal_escapes(lenet_file, tmp_path, capsys):
+    o = torch.load(lenet_file, weights_only=True)
+    o["meta"] = json.dumps({"input_shape": [1, 28, 28],
+                            "metrics": {"accuracy\x1b[2J\x1b]0;title\x07": "0.99\r forged", "clip": "\x9b31m"}})
+    torch.save(o, tmp_path / "ansi.pt")
+    assert cli.main(["info", str(tmp_path / "ansi.pt")]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\r\x9b") and "\\x1b[2J" in out and "\\r forged" in out
+
+
+@pytest.mark.parametrize("output", ["size", "tuple"])
+def test_evaluate_on_a_file_whose_network_is_no_classifier_gives_one_line(output, tmp_path, capsys):
+    """A file that loads but whose forward returns a size or a tuple: evaluate says so in one line."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    size = g.call_method("size", (x,))
+    g.output(size if output == "size" else (x, x))
+    path = tmp_path / "odd.pt"
+    io.save(fx.GraphModule(torch.nn.Module(), g), path, meta={"input_shape": [1, 28, 28]})
+    assert cli.main(["evaluate", str(path), "--data", "demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be scored" in err
+
+
 # -- the fuzzer ---------------------------------------------------------------------------------
 _NASTY = ["", " ", "\n", "\r", "x\ny", "x\rimport os", "a)\r__import__('os').system('touch PWNED')\rdef _g(b",
           "__class__", "__import__", "__builtins__", "class", "self", "os.system", "torch.load", "_dynamo",
@@ -412,6 +584,10 @@ def _fuzz(parts: dict, cases: int, seed: int, tmp_path, example: torch.Tensor) -
                 model = None
             if model is not None:
                 counts["loaded"] += 1
+                try:
+                    fx.symbolic_trace(model)  # traced again, as info, prune --teacher and save do
+                except Exception:
+                    pass  # a graph torch.fx cannot trace again: an ordinary error
                 try:
                     with torch.no_grad():
                         out = model(example)

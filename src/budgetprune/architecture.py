@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .graphsafety import is_layer_name
 
 
 class SelectFeatures(nn.Module):
@@ -164,8 +165,12 @@ def build_layer(spec: dict) -> nn.Module:
                 raise ValueError(f"num_features {count!r:.40} is not a count")
             return SelectFeatures(torch.arange(count))  # on the meta device while a file is checked
         if op == "sequential":
-            return nn.Sequential(OrderedDict((str(name), build_layer(s)) for name, s in spec["layers"].items()))
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            bad = [name for name in spec["layers"] if not is_layer_name(name)]
+            if bad:  # torch.fx writes layer names into the source it generates when the model is traced
+                raise CheckpointError(f"malformed architecture entry: layer name {bad[0]!r:.80} is not a plain "
+                                      "identifier or index")
+            return nn.Sequential(OrderedDict((name, build_layer(s)) for name, s in spec["layers"].items()))
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError) as exc:
         raise CheckpointError(f"malformed architecture entry {spec!r:.120}: {type(exc).__name__} {exc}") from None
     raise CheckpointError(f"unknown layer {op!r:.60} in the architecture description; "
                           "the file was written by a newer budgetprune or is not a budgetprune file")

@@ -11,7 +11,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .errors import BudgetpruneError, ConfigError, first_line
+from .errors import BudgetpruneError, CheckpointError, ConfigError, first_line, printable
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -325,7 +325,7 @@ def cmd_info(args) -> int:
     res = resource_report(graph)
     print(f"{args.model_file}: input {tuple(shape)}, {sum(p.numel() for p in model.parameters())} parameters")
     for metric, value in meta.get("metrics", {}).items():
-        print(f"  {metric}: {value}")
+        print(f"  {printable(metric)}: {printable(value)}")  # the file's words: no terminal escapes
     layers = [(name, s) for name, s in named_layer_specs(specs) if s["op"] in ("conv2d", "linear")]
     w = max([8] + [len(name) + 2 for name, _ in layers])
     nonzero = density(model)
@@ -344,6 +344,7 @@ def cmd_info(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .engine import evaluate
+    from .inputs import check_classifier
     from .io import load_file
     from .pipeline import resolve_device
 
@@ -354,6 +355,10 @@ def cmd_evaluate(args) -> int:
     if shape and shape != data_shape:
         raise ConfigError(f"{args.model_file} takes inputs of shape {shape} but {args.data} images are "
                           f"{data_shape}; evaluate it on the dataset it was trained on")
+    try:
+        check_classifier(model, splits.test[0][0].unsqueeze(0))
+    except ConfigError as exc:
+        raise CheckpointError(f"{args.model_file} cannot be scored on {args.data}: {exc}") from None
     device = resolve_device(args.device)
     res = evaluate(model.to(device), splits.test, device)
     print(f"{args.model_file} on {args.data} test ({len(splits.test)} images): accuracy {res['accuracy']:.4f}, "

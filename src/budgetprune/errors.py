@@ -9,7 +9,13 @@ never shows a traceback for these.
 
 #: Line breaks and other control characters, as the escapes Python writes for them: a message
 #: that quotes a file's text stays one line whatever the file holds.
-_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7F, 0x85, 0x2028, 0x2029) if c != 0x09}
+_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
+            if c != 0x09}
+
+
+def printable(text: str) -> str:
+    """``text`` with line breaks and terminal control characters escaped: safe to print from a file."""
+    return str(text).translate(_ESCAPES)
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
@@ -23,7 +29,7 @@ class BudgetpruneError(Exception):
     """Base class of the errors a user can act on; ``str(err)`` is one line."""
 
     def __str__(self) -> str:
-        return super().__str__().translate(_ESCAPES)
+        return printable(super().__str__())
 
 
 class ConfigError(BudgetpruneError):

@@ -317,6 +317,8 @@ def _build_root(modules: dict[str, dict], tensors: dict[str, dict]) -> nn.Module
 
 
 def _build_graph(nodes: list[dict], modules: dict[str, dict], root: nn.Module) -> fx.Graph:
+    if len(nodes) > MAX_NODES:
+        raise CheckpointError(f"malformed graph description: {len(nodes)} nodes (at most {MAX_NODES})")
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}
     for entry in nodes:
@@ -360,9 +362,17 @@ def _target(entry: dict, modules: dict[str, dict], root: nn.Module, args):
     return target  # placeholder and output targets: plain names (graphsafety.check_names)
 
 
+#: The most items one argument list may hold, and the most nodes a graph may have: a file cannot
+#: make a small graph fan out into an arbitrary amount of work (a concatenation of 65,536 copies).
+MAX_ITEMS, MAX_NODES = 4096, 100_000
+
+
 def _decode(value, env: dict[str, fx.Node]):
     """The node argument a JSON value encodes (inverse of :func:`_encode`)."""
     if isinstance(value, list):
+        if len(value) > MAX_ITEMS:
+            raise CheckpointError(f"malformed graph description: an argument of {len(value)} items "
+                                  f"(at most {MAX_ITEMS})")
         return [_decode(v, env) for v in value]
     if not isinstance(value, dict):
         if value is None or isinstance(value, (bool, int, float, str)):

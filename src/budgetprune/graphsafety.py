@@ -49,25 +49,30 @@ def is_plain_name(name) -> bool:
             and not keyword.iskeyword(name) and not name.startswith("__"))
 
 
+def is_layer_name(name) -> bool:
+    """A child module's name: a plain name or an index (``conv1``, ``0``)."""
+    return is_plain_name(name) or (isinstance(name, str) and len(name) <= MAX_NAME
+                                   and _INDEX.fullmatch(name) is not None)
+
+
 def is_attribute_path(path) -> bool:
     """A dotted path whose parts are plain names or indices (``layer1.0.conv1``)."""
-    return isinstance(path, str) and 0 < len(path) <= 4 * MAX_NAME and all(
-        is_plain_name(part) or _INDEX.fullmatch(part) for part in path.split("."))
+    return isinstance(path, str) and 0 < len(path) <= 4 * MAX_NAME and all(map(is_layer_name, path.split(".")))
 
 
 def check_names(description: dict) -> None:
     """Every name of ``description`` that reaches generated code or a lookup, before anything is built.
 
     Node names and placeholder targets are plain names; module, tensor, ``call_module`` and
-    ``get_attr`` paths are attribute paths; the layers of a saved ``nn.Sequential`` are
-    named by plain names or indices; dtypes come from :data:`DTYPES`; keyword-argument
-    names are plain names (:func:`check_keywords` then checks them against the callee)."""
+    ``get_attr`` paths are attribute paths (the layers inside a saved ``nn.Sequential`` are
+    checked where they are built, :func:`budgetprune.architecture.build_layer`); dtypes come
+    from :data:`DTYPES`; keyword-argument names are plain names (:func:`check_keywords` then
+    checks them against the callee). No node may be named ``self``."""
     for field, kind in (("nodes", list), ("modules", dict), ("tensors", dict)):
         if not isinstance(description.get(field), kind):
             raise _malformed(f"'{field}' is not a {kind.__name__}")
-    for name, spec in description["modules"].items():
+    for name in description["modules"]:
         _check_path(name, "module")
-        _check_layer_names(spec, name)
     for name, spec in description["tensors"].items():
         _check_path(name, "tensor")
         if not isinstance(spec, dict):
@@ -77,7 +82,7 @@ def check_names(description: dict) -> None:
         if not isinstance(entry, dict):
             raise _malformed(f"node entry {entry!r:.60} is not an object")
         name, op, target = entry.get("name"), entry.get("op"), entry.get("target")
-        if not is_plain_name(name):
+        if not is_plain_name(name) or name == "self":
             raise _malformed(f"node name {name!r:.80} is not a plain identifier")
         if op in ("placeholder", "output") and not is_plain_name(target) or target == "self":
             raise _malformed(f"{op} node '{name}' has target {target!r:.80}")
@@ -91,17 +96,6 @@ def check_names(description: dict) -> None:
 def _check_path(path, what: str) -> None:
     if not is_attribute_path(path):
         raise _malformed(f"{what} name {path!r:.80} is not a valid attribute path")
-
-
-def _check_layer_names(spec, where: str) -> None:
-    if isinstance(spec, dict) and spec.get("op") == "sequential":
-        layers = spec.get("layers")
-        if not isinstance(layers, dict):
-            raise _malformed(f"sequential module '{where}' has no layer table")
-        for child, child_spec in layers.items():
-            if not (is_plain_name(child) or _INDEX.fullmatch(child)):
-                raise _malformed(f"layer name {child!r:.80} in '{where}' is not a plain identifier or index")
-            _check_layer_names(child_spec, f"{where}.{child}")
 
 
 def _check_keyword_names(kwargs, where: str) -> None:
@@ -232,6 +226,7 @@ class _SourceCheck:
         self.methods = methods
         self.attributes = attributes
         self.locals: set[str] = set()
+        self.reserved = {"self", "getattr", "slice", "device", "inf", "nan"} | {p.split(".")[0] for p in global_paths}
 
     def refuse(self, node: ast.AST, why: str):
         raise CheckpointError(f"the model file's graph generates code budgetprune does not run ({why} at "
@@ -249,9 +244,18 @@ class _SourceCheck:
                 or a.kwonlyargs or a.kwarg or a.defaults or not a.args or a.args[0].arg != "self" \
                 or any(arg.annotation is not None for arg in a.args):
             self.refuse(fn, "a forward() signature other than (self, inputs...)")
-        self.locals = {arg.arg for arg in a.args[1:]}
+        self.locals = set()
+        for arg in a.args[1:]:
+            self.bind(arg, arg.arg)
         for statement in fn.body:
             self.statement(statement)
+
+    def bind(self, node: ast.AST, name: str) -> None:
+        """A new local ``name``: never one the source reads as the model or a global (``self``,
+        ``torch``, ``getattr``, ``budgetprune_ops_...``): rebinding it would redirect those reads."""
+        if name in self.reserved:
+            self.refuse(node, f"a local named {name!r}")
+        self.locals.add(name)
 
     def is_wrap(self, s: ast.stmt) -> bool:
         """``torch.fx._symbolic_trace.wrap("budgetprune_ops_...")``: keeps a channel op one node when
@@ -264,7 +268,8 @@ class _SourceCheck:
     def statement(self, s: ast.stmt) -> None:
         if isinstance(s, ast.Assign) and all(isinstance(t, ast.Name) for t in s.targets):
             self.expression(s.value)
-            self.locals.update(t.id for t in s.targets)
+            for target in s.targets:
+                self.bind(target, target.id)
         elif isinstance(s, ast.AugAssign) and isinstance(s.target, ast.Name) and isinstance(s.op, _BINARY):
             self.local(s.target)
             self.expression(s.value)
@@ -327,8 +332,7 @@ class _SourceCheck:
                 e = e.value
             elif isinstance(e, ast.Call) and isinstance(e.func, ast.Name) and e.func.id == "getattr" \
                     and len(e.args) == 2 and not e.keywords and isinstance(e.args[1], ast.Constant) \
-                    and isinstance(e.args[1].value, str) and (is_plain_name(e.args[1].value)
-                                                              or _INDEX.fullmatch(e.args[1].value)):
+                    and is_layer_name(e.args[1].value):
                 e = e.args[0]
             else:
                 return False

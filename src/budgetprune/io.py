@@ -130,9 +130,16 @@ def torch_save(path, obj) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
+#: How much more memory the tensors of a file may claim than the data it stores (weights a
+#: model ties share one stored copy); anything more is a file built to exhaust memory.
+CLAIM_FACTOR = 2
+
 
 def torch_load(path, what: str = "checkpoint") -> dict:
-    """``torch.load`` with ``weights_only=True`` and one-line errors."""
+    """``torch.load`` with ``weights_only=True`` and one-line errors.
+
+    Every tensor must be backed by the data the file stores (:func:`check_backed`), so a file
+    cannot make a later copy of its tensors allocate more than it holds."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} {path} does not exist")
@@ -141,7 +148,37 @@ def torch_load(path, what: str = "checkpoint") -> dict:
     except Exception as exc:
         raise CheckpointError(f"{what} {path} cannot be read ({first_line(exc)}); "
                               "is it a budgetprune or torch file?") from None
+    check_backed(obj, f"{what} {path}")
     return obj
+
+
+def check_backed(obj, where: str) -> None:
+    """Refuse tensors that claim more elements than their storage holds (``expand``-ed, stride 0),
+    non-strided layouts, and files whose tensors claim in all more than :data:`CLAIM_FACTOR`
+    times the bytes they store."""
+    claimed, storages = 0, {}
+    stack, seen = [obj], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, torch.Tensor):
+            try:
+                storage = item.untyped_storage() if item.layout == torch.strided else None
+            except (RuntimeError, NotImplementedError):
+                storage = None
+            need = item.numel() * item.element_size()
+            if storage is None or (need and storage.nbytes() < need):
+                raise CheckpointError(f"{where} holds a tensor of shape {tuple(item.shape)} that is not backed by "
+                                      "its own data (expanded, or not a dense tensor); the file is damaged or crafted")
+            claimed += need
+            storages[storage.data_ptr()] = storage.nbytes()
+    if claimed > CLAIM_FACTOR * sum(storages.values()) + 2 ** 20:
+        raise CheckpointError(f"{where} has tensors claiming {claimed} bytes over {sum(storages.values())} bytes "
+                              "of stored data; the file is damaged or crafted")
 
 
 def save(model: nn.Module, path: str | os.PathLike, specs: list[dict] | None = None,
@@ -261,6 +298,8 @@ def load_file(path: str | os.PathLike) -> tuple[nn.Module, list[dict] | dict, di
             model = _load_sequential(architecture, obj["state_dict"])
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    except MemoryError:
+        raise CheckpointError(f"{path} describes a model too large for this machine's memory") from None
     except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path} is a damaged budgetprune model file ({type(exc).__name__}: "
                               f"{first_line(exc)})") from None

@@ -27,7 +27,7 @@ from . import seeding
 from .budget import Budget, enforce_budget, fill_budget, reopenable_channels
 from .compact import compact, silence_channels, to_plain
 from .engine import DivergenceCheck, evaluate, iterate_batches, make_optimizer, predict_logits, set_lr, train_epoch
-from .errors import CheckpointError, ConfigError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, TrainingDiverged, first_line
 from .graph import ChannelGraph
 from .inputs import check_inputs
 from .liveness import effective_masks
@@ -245,14 +245,31 @@ class PruneRun:
         if not self.ckpt_path.exists():
             return
         ckpt = io.torch_load(self.ckpt_path, "checkpoint")
-        if ckpt.get("stage") not in STAGES:
+        if not isinstance(ckpt, dict) or ckpt.get("stage") not in STAGES:
             raise CheckpointError(f"{self.ckpt_path} is not a budgetprune run checkpoint")
-        self.history = json.loads(ckpt["history"])
-        self._restore_rng(ckpt)
-        self.saved = (ckpt["stage"], int(ckpt["epoch"]))
-        if ckpt.get("loss_reference") is not None:
-            self.loss_reference[ckpt["stage"]] = float(ckpt["loss_reference"])
+        epoch, reference = ckpt.get("epoch"), ckpt.get("loss_reference")
+        if type(epoch) is not int or epoch < 0 or not isinstance(reference, (int, float, type(None))):
+            raise self._damaged("its epoch or loss reference is not a number")
+        self.history = self._from_checkpoint("history", lambda: json.loads(ckpt["history"]))
+        if not isinstance(self.history, list):
+            raise self._damaged("its history is not a list")
+        self._from_checkpoint("random state", lambda: self._restore_rng(ckpt))
+        self.saved = (ckpt["stage"], epoch)
+        if reference is not None:
+            self.loss_reference[ckpt["stage"]] = float(reference)
         return ckpt
+
+    def _damaged(self, why: str) -> CheckpointError:
+        return CheckpointError(f"{self.ckpt_path} is damaged ({why}); start afresh with another --out")
+
+    def _from_checkpoint(self, what: str, restore):
+        """``restore()``, which reads part ``what`` of the checkpoint; one line if the part is damaged."""
+        try:
+            return restore()
+        except CheckpointError as exc:
+            raise self._damaged(f"{what}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, RecursionError) as exc:
+            raise self._damaged(f"{what}: {first_line(exc)}") from None
 
     def _device_rng(self) -> dict:
         """The CUDA generator's state (gate samples on a GPU draw from it)."""
@@ -343,8 +360,8 @@ class PruneRun:
         opt = make_optimizer(list(model.parameters()), cfg.lr, cfg.weight_decay)
         start = 0
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            self._load_optimizer(opt, ckpt["optimizer"])
+            self._from_checkpoint("teacher weights", lambda: model.load_state_dict(ckpt["model"]))
+            self._from_checkpoint("optimizer", lambda: self._load_optimizer(opt, ckpt["optimizer"]))
             start = ckpt["epoch"]
         else:
             seeding.seed_stage(cfg.seed, "teacher")  # dropout and every other draw of the global generator
@@ -421,9 +438,9 @@ class PruneRun:
         opt = make_optimizer(list(student.parameters()), cfg.lr, cfg.weight_decay, method.param_groups(cfg.lr))
         start = 0
         if ckpt is not None:
-            student.load_state_dict(ckpt["model"])
-            method.load_state_dict(ckpt["method"])
-            self._load_optimizer(opt, ckpt["optimizer"])
+            self._from_checkpoint("student weights", lambda: student.load_state_dict(ckpt["model"]))
+            self._from_checkpoint("method state", lambda: method.load_state_dict(ckpt["method"]))
+            self._from_checkpoint("optimizer", lambda: self._load_optimizer(opt, ckpt["optimizer"]))
             start = ckpt["epoch"]
             self._restore_rng(ckpt)  # creating the gates drew random numbers: continue the saved stream
         steps_per_epoch = -(-len(self.train_data) // cfg.batch_size)
@@ -586,15 +603,18 @@ class PruneRun:
             self._save_checkpoint("finetune", 0, arch=json.dumps(specs), model=net.state_dict(),
                                   info=json.dumps(info), optimizer={}, **self._mask_state())
         else:
-            specs = json.loads(ckpt["arch"])
-            net = graphio.rebuild(specs, ckpt["model"]).to(self.device)
-            info = json.loads(ckpt["info"])
+            specs = self._from_checkpoint("network", lambda: json.loads(ckpt["arch"]))
+            net = self._from_checkpoint("network", lambda: graphio.rebuild(specs, ckpt["model"])).to(self.device)
+            info = self._from_checkpoint("pruning record", lambda: json.loads(ckpt["info"]))
+            if not isinstance(info, dict):
+                raise self._damaged("its pruning record is not an object")
             start = ckpt["epoch"]
             if self.per_weight:
-                self.weight_masks = {n: m.bool() for n, m in ckpt["weight_masks"].items()}
+                self.weight_masks = self._from_checkpoint("weight masks", lambda: {
+                    n: m.bool() for n, m in ckpt["weight_masks"].items()})
         opt = make_optimizer(list(net.parameters()), cfg.lr, cfg.weight_decay)
         if ckpt is not None and ckpt.get("optimizer"):
-            self._load_optimizer(opt, ckpt["optimizer"])
+            self._from_checkpoint("optimizer", lambda: self._load_optimizer(opt, ckpt["optimizer"]))
         if start == 0:
             seeding.seed_stage(cfg.seed, "finetune")  # dropout of the compacted network
         total = cfg.finetune_epochs + cfg.lowlr_epochs
