@@ -18,6 +18,7 @@ from budgetprune.data.tensors import DataSplits
 from budgetprune.engine import make_optimizer, train_epoch
 from budgetprune.errors import TrainingDiverged
 from budgetprune.pipeline import PruneConfig, PruneRun
+from budgetprune.pruner import Pruner
 
 TINY = ["--teacher-epochs", "1", "--epochs", "1", "--finetune-epochs", "1", "--lowlr-epochs", "0"]
 SMALL = dict(teacher_epochs=1, epochs=2, finetune_epochs=1, lowlr_epochs=0, progress=False)
@@ -186,16 +187,24 @@ def test_a_resume_with_a_lower_lr_continues_from_the_last_good_checkpoint(tmp_pa
 
 
 def test_compaction_compares_outputs_relative_to_their_size(tmp_path):
-    splits = _demo_small()
-    cfg = PruneConfig(budget=0.25, **SMALL)
-    run = PruneRun(budgetprune.create_model("lenet5"), splits.train, splits.test, cfg, tmp_path, log=lambda s: None)
     huge = torch.full((4, 10), 3e30)
     near = huge * (1 + 1e-6)  # a float32 rounding difference at that size: ~3e24
-    assert run._compaction_diff(huge, near, "compacted") == float((near - huge).max()) > 1e24
+    assert Pruner._check_outputs(huge, near, "compacted") == float((near - huge).max()) > 1e24
     with pytest.raises(RuntimeError, match="internal error"):
-        run._compaction_diff(torch.ones(4, 10), torch.ones(4, 10) + 0.01, "compacted")
+        Pruner._check_outputs(torch.ones(4, 10), torch.ones(4, 10) + 0.01, "compacted")
+    with pytest.raises(TrainingDiverged, match="NaN or infinite"):
+        Pruner._check_outputs(huge, huge * float("inf"), "compacted")
+    # the run says what to do about it: the trained weights are unusable
+    splits = _demo_small()
+    run = PruneRun(budgetprune.create_model("lenet5"), splits.train, splits.test, PruneConfig(budget=0.25, **SMALL),
+                   tmp_path, log=lambda s: None)
+
+    class Exploded:
+        def finalize(self, inputs):
+            Pruner._check_outputs(huge, huge * float("inf"), "compacted")
+
     with pytest.raises(TrainingDiverged, match="NaN or infinite.*rerun with another --out and a lower --lr"):
-        run._compaction_diff(huge, huge * float("inf"), "compacted")
+        run._hard_prune(Exploded())
 
 
 def test_the_command_line_resumes_a_diverged_run_only_with_a_lower_lr(tmp_path, small_demo_cli, capsys):

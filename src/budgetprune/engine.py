@@ -142,12 +142,14 @@ class DivergenceCheck:
 
 def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optimizer, loss_fn: LossFn, *,
                 device: torch.device, batch_size: int, generator: torch.Generator,
-                step: int = 0, total_steps: int = 1,
-                penalty: Callable[[float], torch.Tensor] | None = None,
-                after_step: Callable[[float], None] | None = None,
+                step: int = 0,
+                penalty: Callable[[], torch.Tensor] | None = None,
+                after_step: Callable[[], None] | None = None,
                 show_progress: bool = True, desc: str = "train",
                 divergence: DivergenceCheck | None = None) -> dict[str, float]:
-    """One epoch. ``progress`` passed to the method is (global step) / ``total_steps``.
+    """One epoch: ``penalty()`` is added to each batch's loss and ``after_step()`` called after
+    each optimiser step (a :class:`~budgetprune.pruner.Pruner`'s, which keeps its own step count);
+    ``step`` is the global step of the epoch's first batch (for the divergence report).
 
     Raises :class:`TrainingDiverged` as ``divergence`` decides (a fresh :class:`DivergenceCheck`,
     referenced to this epoch's first batch, when None); the step that diverged is not applied.
@@ -160,11 +162,10 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
               dynamic_ncols=True) as bar:
         for idx, x, labels in iterate_batches(dataset, batch_size, shuffle=True, generator=generator):
             x, y = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            progress = min(step / max(total_steps, 1), 1.0)
             logits = model(x)
             check_labels(labels, logits.shape[1])
             loss = loss_fn(logits, y, idx, x)
-            pen = penalty(progress) if penalty is not None else None
+            pen = penalty() if penalty is not None else None
             total = loss + pen if pen is not None else loss
             loss_value = float(loss.detach())
             pen_value = float(pen.detach()) if pen is not None else None
@@ -173,7 +174,7 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
             total.backward()
             optimizer.step()
             if after_step is not None:
-                after_step(progress)
+                after_step()
             step += 1
             n = y.numel()
             seen += n
@@ -188,10 +189,15 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
 
 
 def make_optimizer(params, lr: float, weight_decay: float, extra_groups: list[dict] | None = None):
-    """Adam (seed 001, section 5.1: lr 1e-3, weight decay 5e-4) with the method's own groups."""
+    """Adam over ``params`` (one group named ``weights``) and ``extra_groups`` (see :func:`adam`)."""
     groups = [{"params": [p for p in params if p.requires_grad], "lr": lr, "weight_decay": weight_decay,
                "name": "weights"}]
-    groups += extra_groups or []
+    return adam(groups + (extra_groups or []), lr, weight_decay)
+
+
+def adam(groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Adam:
+    """Adam (seed 001, section 5.1: lr 1e-3, weight decay 5e-4) over parameter groups, such as a
+    :meth:`~budgetprune.pruner.Pruner.parameters`' (the model's weights, then the method's gates)."""
     return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
 
 

@@ -24,19 +24,18 @@ from torch import nn
 from . import io
 from . import graphio
 from . import seeding
-from .budget import Budget, enforce_budget, fill_budget, reopenable_channels
-from .compact import compact, silence_channels, to_plain
-from .engine import DivergenceCheck, evaluate, iterate_batches, make_optimizer, predict_logits, set_lr, train_epoch
+from .budget import Budget
+from .compact import to_plain
+from .engine import DivergenceCheck, adam, evaluate, iterate_batches, make_optimizer, predict_logits, set_lr, train_epoch
 from .errors import CheckpointError, ConfigError, TrainingDiverged, first_line
 from .graph import ChannelGraph
 from .inputs import check_inputs
-from .liveness import effective_masks
-from .methods import available_methods, check_method_options, create_method, method_options
+from .methods import available_methods, check_method_options, method_options
 from .objectives import distillation_loss
-from .resources import BUDGET_METRICS, METRICS, CostModel, resource_report
+from .pruner import Pruner, check_prunable
+from .resources import BUDGET_METRICS, METRICS, resource_report
 from .runfolder import RunFolder
-from .sparsity import (check_weight_budget, count_kept, density, project_weights, prunable_weights,
-                       scale_weights, weight_counts)
+from .sparsity import density, prunable_weights
 
 STAGES = ("teacher", "prune", "finetune", "done")
 
@@ -159,11 +158,14 @@ class PruneConfig:
         """Every budget of the run, the primary one (``metric``, ``budget``) first."""
         return [Budget(self.metric, self.budget)] + [Budget(m, f) for m, f in self.extra_budgets.items()]
 
-    def method_settings(self, dataset_size: int | None) -> dict:
-        """Run-wide settings a method may take (each takes those it has; see ``create_method``)."""
-        return {"lam": self.lam, "schedule": self.schedule, "hardness": self.schedule_hardness,
-                "gate_lr": self.gate_lr, "gate_init": self.gate_init, "s0": self.gate_init,
-                "dual_lr": self.dual_lr, "dataset_size": dataset_size, "granularity": self.granularity}
+    def pruner_options(self, dataset_size: int | None) -> dict:
+        """The :class:`~budgetprune.pruner.Pruner` options this run sets (besides model, inputs, budget
+        and step count)."""
+        return {"metric": self.metric, "method": self.method, "granularity": self.granularity, "block": self.block,
+                "fill": self.fill_budget, "gate_inputs": self.gate_inputs, "method_options": self.method_options,
+                "lam": self.lam, "schedule": self.schedule, "schedule_hardness": self.schedule_hardness,
+                "gate_lr": self.gate_lr, "gate_init": self.gate_init, "dual_lr": self.dual_lr,
+                "dataset_size": dataset_size}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruneConfig":
@@ -221,12 +223,7 @@ class PruneRun:
         self.budgets = config.budgets()
         self.budget = self.budgets[0]
         self.per_weight = config.granularity == "weight"
-        if self.per_weight:
-            check_weight_budget(self.budget.absolute(self.graph), weight_counts(self.model))
-        for budget in [] if self.per_weight else self.budgets:
-            budget.check_reachable(self.graph, config.block)
-        create_method(config.method, shared=config.method_settings(len(train_data)),
-                      **config.method_options).check(self.model, self.graph)
+        check_prunable(self.model, self.graph, self.budgets, **config.pruner_options(len(train_data)))
         self.metrics = METRICS + tuple(b.metric for b in self.budgets if b.metric not in METRICS)
         self.full = resource_report(self.graph, metrics=self.metrics)
         self.ckpt_path = self.out / "checkpoint.pt"
@@ -329,10 +326,10 @@ class PruneRun:
         self._teacher_stage(ckpt if stage == "teacher" else None)
         if stage == "teacher":
             ckpt = None
-        student_result = self._prune_stage(ckpt if ckpt and ckpt["stage"] == "prune" else None,
-                                           skip=ckpt is not None and ckpt["stage"] in ("finetune", "done"))
+        pruner = self._prune_stage(ckpt if ckpt and ckpt["stage"] == "prune" else None,
+                                   skip=ckpt is not None and ckpt["stage"] in ("finetune", "done"))
         net, specs, info = self._finetune_stage(ckpt if ckpt and ckpt["stage"] in ("finetune", "done") else None,
-                                                student_result)
+                                                pruner)
         return self._finish(net, specs, info)
 
     def _check_diverged_resume(self, resume: bool) -> None:
@@ -380,28 +377,27 @@ class PruneRun:
         io.save(plain, self.out / "teacher.pt", meta={"role": "teacher", "model": self.config.model,
                                                       "input_shape": list(self.graph.input_shape)})
 
-    def _epoch(self, model, opt, stage, epoch, total_epochs, steps_per_epoch, loss_fn, penalty=None,
-               after_step=None, progress_steps=None, status=None, method=None) -> dict:
+    def _epoch(self, model, opt, stage, epoch, total_epochs, steps_per_epoch, loss_fn, pruner=None,
+               after_step=None) -> dict:
         cfg = self.config
         step0 = epoch * steps_per_epoch
         divergence = DivergenceCheck(reference=self.loss_reference.get(stage))
         try:
             stats = train_epoch(model, self.train_data, opt, loss_fn, device=self.device,
                                 batch_size=cfg.batch_size, generator=self._generator(stage, epoch),
-                                step=step0, total_steps=progress_steps or 1, penalty=penalty,
-                                after_step=after_step, show_progress=cfg.progress,
+                                step=step0, penalty=pruner.penalty if pruner else None,
+                                after_step=pruner.step if pruner else after_step, show_progress=cfg.progress,
                                 desc=f"{stage} {epoch + 1}/{total_epochs}", divergence=divergence)
         except TrainingDiverged as exc:
             raise self._diverged(f"{exc} in {stage} epoch {epoch + 1}") from None
         if divergence.reference is not None:
             self.loss_reference[stage] = divergence.reference
-        if method is not None:
-            method.eval()  # deterministic gates for the test accuracy, as the pruned network will have
+        if pruner is not None:
+            pruner.eval()  # deterministic gates for the test accuracy, as the pruned network will have
         stats["test_accuracy"] = evaluate(model, self.test_data, self.device)["accuracy"]
-        if method is not None:
-            method.train()
-        if status is not None:
-            stats.update(status())
+        if pruner is not None:
+            pruner.train()
+            stats.update({k: v for k, v in pruner.status().items() if k != "progress"})
         row = {"stage": stage, "epoch": epoch + 1, **{k: v for k, v in stats.items() if k != "steps"},
                "lr": opt.param_groups[0]["lr"]}
         self.history.append(row)
@@ -432,27 +428,24 @@ class PruneRun:
         student = copy.deepcopy(self.model).to(self.device)
         if cfg.student_init == "teacher":
             student.load_state_dict(self._teacher_state_for_model())
-        method = create_method(cfg.method, shared=cfg.method_settings(len(self.train_data)), **cfg.method_options)
-        method.attach(student, self.graph, self.budgets)
-        method.to(self.device)
-        opt = make_optimizer(list(student.parameters()), cfg.lr, cfg.weight_decay, method.param_groups(cfg.lr))
+        steps_per_epoch = -(-len(self.train_data) // cfg.batch_size)
+        pruner = Pruner(student, self.example, self.budgets, total_steps=steps_per_epoch * cfg.epochs,
+                        log=self.log, **cfg.pruner_options(len(self.train_data)))
+        opt = adam(pruner.parameters(cfg.lr, cfg.weight_decay), cfg.lr, cfg.weight_decay)
         start = 0
         if ckpt is not None:
             self._from_checkpoint("student weights", lambda: student.load_state_dict(ckpt["model"]))
-            self._from_checkpoint("method state", lambda: method.load_state_dict(ckpt["method"]))
+            self._from_checkpoint("method state", lambda: pruner.load_state_dict(
+                ckpt["pruner"] if "pruner" in ckpt else {"method": ckpt["method"], "steps": ckpt["epoch"] * steps_per_epoch}))
             self._from_checkpoint("optimizer", lambda: self._load_optimizer(opt, ckpt["optimizer"]))
             start = ckpt["epoch"]
             self._restore_rng(ckpt)  # creating the gates drew random numbers: continue the saved stream
-        steps_per_epoch = -(-len(self.train_data) // cfg.batch_size)
-        total_steps = steps_per_epoch * cfg.epochs
         loss_fn = self._kd_loss(self.train_data)
         for epoch in range(start, cfg.epochs):
-            self._epoch(student, opt, "prune", epoch, cfg.epochs, steps_per_epoch, loss_fn,
-                        penalty=method.penalty, after_step=method.after_step, progress_steps=total_steps,
-                        status=method.status, method=method)
-            self._save_checkpoint("prune", epoch + 1, model=student.state_dict(), method=method.state_dict(),
+            self._epoch(student, opt, "prune", epoch, cfg.epochs, steps_per_epoch, loss_fn, pruner=pruner)
+            self._save_checkpoint("prune", epoch + 1, model=student.state_dict(), pruner=pruner.state_dict(),
                                   optimizer=opt.state_dict())
-        return student, method
+        return pruner
 
     def _teacher_state_for_model(self) -> dict:
         """The teacher's weights under the model's names (a file written by an older version
@@ -464,116 +457,6 @@ class PruneRun:
             raise CheckpointError("the teacher's weights do not fit the model; pass a teacher of the same architecture")
         return {k: t.clone() for k, t in zip(mine, theirs.values())}
 
-    def _hard_prune(self, student: nn.Module, method) -> tuple[nn.Module, dict, dict]:
-        """Masks → exact budget → compaction, checking the compacted outputs."""
-        if self.per_weight:
-            return self._hard_prune_weights(student, method)
-        graph = method.graph
-        masks = method.keep_masks()
-        block = self.config.block
-        costs = {b.metric: (CostModel(graph, b.metric, block), b.absolute(graph)) for b in self.budgets}
-        before = {m: cm.hard(masks) for m, (cm, _) in costs.items()}
-        scores = method.scores()
-        final = enforce_budget(graph, masks, scores, self.budgets, mode=block)
-        dropped = int(sum(int(masks[g].sum()) - int(final[g].sum()) for g in masks))
-        reopened: dict[str, torch.Tensor] = {}
-        if self.config.fill_budget:
-            filled = fill_budget(graph, final, scores, self.budgets, reopenable=reopenable_channels(graph, final),
-                                 mode=block)
-            reopened = {g: torch.nonzero(filled[g] & ~final[g]).flatten() for g in final}
-            final = filled
-        n_reopened = int(sum(i.numel() for i in reopened.values()))
-        moves = []
-        for m, (cm, limit) in costs.items():
-            after = cm.hard(final)
-            moves.append(f"{m} {before[m]:.6g} → {after:.6g} (budget {limit:.6g}, {after / limit:.4f} of it)")
-        self.log(f"hard-prune: {'; '.join(moves)}; the budget projection dropped {dropped} channels"
-                 + (f" and reopened {n_reopened}" if n_reopened else ""))
-        before = before[self.budget.metric]
-        values = method.gate_values()
-        if n_reopened:
-            # Reopened channels pass with gate 1 and start with zero outgoing weights.
-            silence_channels(student, graph, reopened)
-            for g, idx in reopened.items():
-                values[g] = values[g].clone()
-                values[g][idx.to(values[g].device)] = 1.0
-        values = {g: values[g] * final[g].to(values[g].device).float() for g in final}
-        method.freeze(final, values)
-        student.eval()
-        method.eval()
-        net = compact(student, graph, final, values, mode=self.config.block)
-        specs = graphio.describe(net)
-        x = next(iter(self._sample_batch()))
-        with torch.no_grad():
-            diff = self._compaction_diff(student(x), net(x), "compacted")
-        method.detach()
-        eff = effective_masks(graph, final)  # what the compacted network keeps (pruned-away blocks: none)
-        masks_json = {g: [int(i) for i in torch.nonzero(m).flatten()] for g, m in eff.items()}
-        info = {"cost_before_projection": before, "channels_dropped_by_projection": dropped,
-                "channels_reopened_by_fill": n_reopened,
-                "compaction_max_abs_diff": diff, "masks": masks_json,
-                "pruned": resource_report(graph, final, self.config.block, self.metrics),
-                "pruned_by_block": {mode: resource_report(graph, final, mode, self.metrics)
-                                    for mode in ("mixed", "regular")}}
-        return net, specs, info
-
-    def _hard_prune_weights(self, student: nn.Module, method) -> tuple[nn.Module, dict, dict]:
-        """Per-weight masks → exactly floor(B) non-zero weights → weights zeroed in place.
-
-        Weights the fill reopens start at 0 (the function is unchanged) and may grow in
-        fine-tuning; every other pruned weight stays exactly 0 (:meth:`_weight_mask_step`)."""
-        masks = method.keep_masks()
-        limit = self.budget.absolute(self.graph)
-        final = project_weights(masks, method.scores(), limit, fill=self.config.fill_budget)
-        dropped = sum(int((masks[n].cpu() & ~final[n]).sum()) for n in final)
-        reopened = {n: final[n] & ~masks[n].cpu() for n in final}
-        n_reopened = count_kept(reopened)
-        before = count_kept(masks)
-        self.log(f"hard-prune: nonzero weights {before} → {count_kept(final)} (budget {limit:.6g}, "
-                 f"{count_kept(final) / limit:.4f} of it); the budget projection dropped {dropped} weights"
-                 + (f" and reopened {n_reopened} at 0" if n_reopened else ""))
-        values = method.gate_values()
-        values = {n: values[n].detach().reshape(-1) * (final[n] & ~reopened[n]).to(values[n].device).reshape(-1).float()
-                  for n in final}
-        method.freeze(final, values)
-        student.eval()
-        method.eval()
-        x = next(iter(self._sample_batch()))
-        with torch.no_grad():
-            reference = student(x)
-        method.detach()  # the unmasked weights are back; fold the masks into them
-        scale_weights(student, values)  # values are 0 on every weight that is not kept
-        net = compact(student, self.graph)  # same widths, pruned weights exactly 0
-        specs = graphio.describe(net)
-        with torch.no_grad():
-            diff = self._compaction_diff(reference, net(x), "sparse")
-        self.weight_masks = final
-        pruned = resource_report(self.graph, None, self.config.block, self.metrics)
-        pruned["nonzero"] = float(count_kept(final))
-        info = {"cost_before_projection": float(before), "channels_dropped_by_projection": 0,
-                "channels_reopened_by_fill": 0, "weights_dropped_by_projection": dropped,
-                "weights_reopened_by_fill": n_reopened, "compaction_max_abs_diff": diff,
-                "masks": {g: list(range(grp.channels)) for g, grp in self.graph.groups.items()},
-                "pruned": pruned, "pruned_by_block": {mode: pruned for mode in ("mixed", "regular")}}
-        return net, specs, info
-
-    def _compaction_diff(self, reference: torch.Tensor, output: torch.Tensor, kind: str) -> float:
-        """Largest absolute difference of the pruned network's outputs from the gated model's.
-
-        Outputs that are not finite mean the trained weights are unusable (TrainingDiverged); a
-        difference above 1e-3 × max(1, largest |output|) is a bug of budgetprune (RuntimeError):
-        relative, because float32 sums of outputs of size 1e30 differ by 1e22 in their last bits.
-        """
-        if not bool(torch.isfinite(reference).all() and torch.isfinite(output).all()):
-            raise self._diverged("the pruned network's outputs are NaN or infinite after the prune stage",
-                                 resumable=False)
-        diff = float((reference - output).abs().max())
-        scale = max(1.0, float(reference.abs().max()))
-        if diff > 1e-3 * scale:
-            raise RuntimeError(f"internal error: the {kind} network's outputs differ from the gated model's by "
-                               f"{diff:.3g} (largest output {scale:.3g})")
-        return diff
-
     def _weight_mask_step(self, net: nn.Module):
         """After each fine-tune step: pruned weights back to exactly 0 (None for channel pruning)."""
         if not self.per_weight:
@@ -583,22 +466,31 @@ class PruneRun:
                  for n, m in self.weight_masks.items()]
 
         @torch.no_grad()
-        def step(progress):
+        def step():
             for weight, mask in pairs:
                 weight.mul_(mask)
         return step
 
-    def _sample_batch(self):
-        for _, x, _ in iterate_batches(self.test_data, 256):
-            yield x.to(self.device)
-            break
+    def _sample_batch(self) -> torch.Tensor:
+        """Up to 256 test inputs: the compacted network is checked against the gated one on them."""
+        _, x, _ = next(iter(iterate_batches(self.test_data, 256)))
+        return x.to(self.device)
+
+    def _hard_prune(self, pruner: Pruner) -> tuple[nn.Module, dict, dict]:
+        """The pruner's finalize (exact budget, compaction, equality check) and the saved description."""
+        try:
+            net, info = pruner.finalize(self._sample_batch())
+        except TrainingDiverged as exc:
+            raise self._diverged(str(exc), resumable=False) from None
+        if self.per_weight:
+            self.weight_masks = pruner.weight_masks
+        return net, graphio.describe(net), info
 
     # finetune ------------------------------------------------------------------------
-    def _finetune_stage(self, ckpt: dict | None, student_result):
+    def _finetune_stage(self, ckpt: dict | None, pruner: Pruner | None):
         cfg = self.config
         if ckpt is None:
-            student, method = student_result
-            net, specs, info = self._hard_prune(student, method)
+            net, specs, info = self._hard_prune(pruner)
             start = 0
             self._save_checkpoint("finetune", 0, arch=json.dumps(specs), model=net.state_dict(),
                                   info=json.dumps(info), optimizer={}, **self._mask_state())

@@ -1,0 +1,297 @@
+"""The pruner: the one object a training loop drives to prune a model under a budget.
+
+Whatever the loop — budgetprune's own (:class:`budgetprune.pipeline.PruneRun`, the command
+line), a user's plain PyTorch loop, a Lightning or Hugging Face trainer — pruning goes through
+this object and nothing else::
+
+    pruner = budgetprune.Pruner(model, example_inputs, budget="flops=0.25", method="bar", total_steps=N)
+    optimizer = torch.optim.SGD(pruner.parameters(lr=0.1), lr=0.1, momentum=0.9)
+    for x, y in loader:
+        loss = task_loss(model(x), y) + pruner.penalty()
+        optimizer.zero_grad(); loss.backward(); optimizer.step(); pruner.step()
+    small, report = pruner.finalize()
+
+The pruner knows nothing of the data, the loss, the optimizer or the device placement: it
+adds the method's penalty (which depends on the budget, never on the task, so a model with
+any output works), takes one step signal per optimiser step (the budget schedule's clock),
+exposes its parameter groups and its state (:meth:`state_dict`, for the user's checkpoints),
+and at the end hard-prunes, meets the budget exactly (projection, then fill), compacts the
+network physically and checks that the compacted network computes what the gated one did
+(:meth:`finalize`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .budget import Budget, enforce_budget, fill_budget, parse_budgets, reopenable_channels
+from .compact import compact, silence_channels
+from .errors import ConfigError, TrainingDiverged
+from .graph import ChannelGraph
+from .liveness import effective_masks
+from .methods import create_method
+from .resources import METRICS, CostModel, resource_report
+from .sparsity import check_weight_budget, count_kept, project_weights, scale_weights, weight_counts
+
+BLOCKS = ("mixed", "regular")
+
+
+def method_settings(*, lam: float | None = None, schedule: str = "sigmoid", schedule_hardness: float | None = None,
+                    gate_lr: float | None = None, gate_init: float = 0.0, dual_lr: float | None = None,
+                    dataset_size: int | None = None, granularity: str = "channel") -> dict:
+    """Run-wide settings a method may take (each takes those it has; see ``create_method``)."""
+    return {"lam": lam, "schedule": schedule, "hardness": schedule_hardness, "gate_lr": gate_lr,
+            "gate_init": gate_init, "s0": gate_init, "dual_lr": dual_lr, "dataset_size": dataset_size,
+            "granularity": granularity}
+
+
+def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget], *, method: str = "bar",
+                   granularity: str = "channel", block: str = "mixed", method_options: dict | None = None,
+                   metric: str | None = None, fill: bool = True, gate_inputs: bool = True, **settings) -> None:
+    """Raise a one-line error when ``budgets`` cannot be met on ``model`` or the method's options
+    do not fit it, before any training; takes the :class:`Pruner`'s options (the pipeline checks
+    them before it trains a teacher)."""
+    if block not in BLOCKS:
+        raise ConfigError(f"block must be one of {', '.join(BLOCKS)}, not {block!r}")
+    unknown = set(settings) - set(method_settings.__kwdefaults__)
+    if unknown:
+        raise ConfigError(f"unknown Pruner option(s) {', '.join(sorted(unknown))}; it takes "
+                          f"{', '.join(sorted(method_settings.__kwdefaults__))}")
+    if granularity == "weight":
+        check_weight_budget(budgets[0].absolute(graph), weight_counts(model))
+    else:
+        for budget in budgets:
+            budget.check_reachable(graph, block)
+    create_method(method, shared=method_settings(granularity=granularity, **settings),
+                  **(method_options or {})).check(model, graph)
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    """The tensors of a model's output: a tensor, or a dict, list or tuple of them (nested)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _tensors(item)]
+    return []
+
+
+def output_difference(reference, output) -> tuple[float, float]:
+    """(largest absolute difference, max(1, largest |reference|)) of two outputs of the same
+    structure; raises TrainingDiverged when either is not finite."""
+    ref, out = _tensors(reference), _tensors(output)
+    if len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out)):
+        raise RuntimeError("internal error: the compacted network's outputs have another structure than the "
+                           "gated model's")
+    if not all(bool(torch.isfinite(t).all()) for t in ref + out):
+        raise TrainingDiverged("the pruned network's outputs are NaN or infinite after pruning")
+    diff = max((float((a - b).abs().max()) for a, b in zip(ref, out) if a.numel()), default=0.0)
+    return diff, max([1.0] + [float(a.abs().max()) for a in ref if a.numel()])
+
+
+class Pruner:
+    """Prunes ``model`` under ``budget`` while any training loop trains it.
+
+    ``example_inputs`` is one batch of inputs (a tensor) the model takes; it fixes the feature
+    map sizes the costs are counted on and checks the compacted network. ``budget`` is a
+    fraction (``0.25``), a factor (``"4x"``) or one budget per metric (``"flops=0.25,volume=0.5"``)
+    of the unpruned ``metric`` (``volume`` by default; ``nonzero`` with ``granularity="weight"``).
+    ``total_steps`` is the number of :meth:`step` calls over which the budget moves from the full
+    cost to the target (the method's schedule). The other options are those of the method
+    (``lam``, ``gate_lr``, ``gate_init``, ...; ``method_options`` for its own, e.g.
+    ``{"rounds": 3}`` for ``cs``), the granularity, the residual ``block`` of the compacted
+    network and whether the final projection ``fill``\\ s up to the budget.
+
+    The pruner attaches the method's gates to ``model`` in place; put the model on its device
+    first (the gates follow it).
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, budget: float | str | list[Budget], *,
+                 total_steps: int, metric: str | None = None, method: str = "bar", granularity: str = "channel",
+                 block: str = "mixed", fill: bool = True, gate_inputs: bool = True,
+                 method_options: dict | None = None, log: Callable[[str], None] | None = None, **settings):
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(example_inputs, torch.Tensor):
+            raise ConfigError("example_inputs must be one batch of inputs as a tensor (budgetprune traces models "
+                              f"of one tensor input), got {type(example_inputs).__name__}")
+        if type(total_steps) is not int or total_steps < 1:
+            raise ConfigError(f"total_steps must be a positive int (the optimiser steps of the pruning phase), "
+                              f"got {total_steps!r}")
+        metric = metric or ("nonzero" if granularity == "weight" else "volume")
+        self.budgets = list(budget) if isinstance(budget, (list, tuple)) else parse_budgets(budget, metric)
+        self.budget = self.budgets[0]
+        self.model = model
+        self.block = block
+        self.fill = fill
+        self.per_weight = granularity == "weight"
+        self.total_steps = total_steps
+        self.steps = 0
+        self.log = log or (lambda _line: None)
+        self.example = example_inputs.detach()
+        self.graph = ChannelGraph.build(model, self.example, gate_inputs=gate_inputs)
+        check_prunable(model, self.graph, self.budgets, method=method, granularity=granularity, block=block,
+                       method_options=method_options, **settings)
+        self.metrics = METRICS + tuple(b.metric for b in self.budgets if b.metric not in METRICS)
+        self.full = resource_report(self.graph, metrics=self.metrics)
+        self.method = create_method(method, shared=method_settings(granularity=granularity, **settings),
+                                    **(method_options or {}))
+        self.method.attach(model, self.graph, self.budgets)
+        device = next((p.device for p in model.parameters()), self.example.device)
+        self.method.to(device)
+        self.weight_masks: dict[str, torch.Tensor] | None = None  # after finalize(), per-weight pruning
+
+    # -- what a training loop calls ----------------------------------------------------------
+    @property
+    def progress(self) -> float:
+        """Fraction of ``total_steps`` done: the clock of the budget schedule."""
+        return min(self.steps / self.total_steps, 1.0)
+
+    def parameters(self, lr: float, weight_decay: float | None = None) -> list[dict]:
+        """Optimiser parameter groups: the model's weights (``name="weights"``), then the method's
+        own (gates: their own learning rate, no weight decay)."""
+        weights = {"params": [p for p in self.model.parameters() if p.requires_grad], "lr": lr, "name": "weights"}
+        if weight_decay is not None:
+            weights["weight_decay"] = weight_decay
+        return [weights] + self.method.param_groups(lr)
+
+    def penalty(self) -> torch.Tensor:
+        """The method's term to add to the task loss at the current step (a scalar tensor)."""
+        return self.method.penalty(self.progress)
+
+    def step(self) -> None:
+        """Call once after each optimiser step: the method's update (dual ascent, clamps, rounds)."""
+        self.method.after_step(self.progress)
+        self.steps += 1
+
+    def status(self) -> dict[str, float]:
+        """What to log: the method's numbers (BAR: hard cost ``V``, moving budget ``b``, barrier ``f``;
+        one of each per metric with several budgets) and ``progress``."""
+        return {**self.method.status(), "progress": self.progress}
+
+    def train(self, mode: bool = True) -> "Pruner":
+        """Sampled gates (training) or deterministic ones (``mode=False``, for evaluation)."""
+        self.method.train(mode)
+        return self
+
+    def eval(self) -> "Pruner":
+        return self.train(False)
+
+    def state_dict(self) -> dict:
+        """The method's state and the step count: save it with the model and optimizer to resume."""
+        return {"method": self.method.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.method.load_state_dict(state["method"])
+        steps = state["steps"]
+        if type(steps) is not int or steps < 0:
+            raise ConfigError(f"pruner state has step count {steps!r}, not a count")
+        self.steps = steps
+
+    # -- the end ---------------------------------------------------------------------------
+    def finalize(self, inputs: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
+        """Hard-prune, meet the budget exactly, compact; ``(smaller model, report)``.
+
+        The method's own masks are projected onto every budget (lowest keep-scores dropped)
+        and, with ``fill``, closed channels reopen while the budget holds; the gates' values are
+        folded into the weights, the method's hooks removed, and the physically smaller network
+        checked against the gated one on ``inputs`` (default: ``example_inputs``). The report
+        holds the costs before and after, what the projection dropped and the fill reopened,
+        the kept channels per group and the output difference."""
+        x = (self.example if inputs is None else inputs).to(self.example.device)
+        if self.per_weight:
+            return self._finalize_weights(x)
+        graph, method, block = self.graph, self.method, self.block
+        masks = method.keep_masks()
+        costs = {b.metric: (CostModel(graph, b.metric, block), b.absolute(graph)) for b in self.budgets}
+        before = {m: cm.hard(masks) for m, (cm, _) in costs.items()}
+        scores = method.scores()
+        final = enforce_budget(graph, masks, scores, self.budgets, mode=block)
+        dropped = int(sum(int(masks[g].sum()) - int(final[g].sum()) for g in masks))
+        reopened: dict[str, torch.Tensor] = {}
+        if self.fill:
+            filled = fill_budget(graph, final, scores, self.budgets, reopenable=reopenable_channels(graph, final),
+                                 mode=block)
+            reopened = {g: torch.nonzero(filled[g] & ~final[g]).flatten() for g in final}
+            final = filled
+        n_reopened = int(sum(i.numel() for i in reopened.values()))
+        moves = []
+        for m, (cm, limit) in costs.items():
+            after = cm.hard(final)
+            moves.append(f"{m} {before[m]:.6g} → {after:.6g} (budget {limit:.6g}, {after / limit:.4f} of it)")
+        self.log(f"hard-prune: {'; '.join(moves)}; the budget projection dropped {dropped} channels"
+                 + (f" and reopened {n_reopened}" if n_reopened else ""))
+        values = method.gate_values()
+        if n_reopened:  # reopened channels pass with gate 1 and start with zero outgoing weights
+            silence_channels(self.model, graph, reopened)
+            for g, idx in reopened.items():
+                values[g] = values[g].clone()
+                values[g][idx.to(values[g].device)] = 1.0
+        values = {g: values[g] * final[g].to(values[g].device).float() for g in final}
+        method.freeze(final, values)
+        self.model.eval()
+        method.eval()
+        net = compact(self.model, graph, final, values, mode=block)
+        with torch.no_grad():
+            diff = self._check_outputs(self.model(x), net(x), "compacted")
+        method.detach()
+        kept = effective_masks(graph, final)  # what the compacted network keeps (pruned-away blocks: none)
+        report = {"cost_before_projection": before[self.budget.metric], "channels_dropped_by_projection": dropped,
+                  "channels_reopened_by_fill": n_reopened, "compaction_max_abs_diff": diff,
+                  "masks": {g: [int(i) for i in torch.nonzero(m).flatten()] for g, m in kept.items()},
+                  "pruned": resource_report(graph, final, block, self.metrics),
+                  "pruned_by_block": {mode: resource_report(graph, final, mode, self.metrics) for mode in BLOCKS}}
+        return net, report
+
+    def _finalize_weights(self, x: torch.Tensor) -> tuple[nn.Module, dict]:
+        """Per-weight masks → exactly floor(B) non-zero weights → weights zeroed in place.
+
+        Weights the fill reopens start at 0 (the function is unchanged) and may grow in
+        fine-tuning; :attr:`weight_masks` then says which weights must stay 0."""
+        method = self.method
+        masks = method.keep_masks()
+        limit = self.budget.absolute(self.graph)
+        final = project_weights(masks, method.scores(), limit, fill=self.fill)
+        dropped = sum(int((masks[n].cpu() & ~final[n]).sum()) for n in final)
+        reopened = {n: final[n] & ~masks[n].cpu() for n in final}
+        n_reopened = count_kept(reopened)
+        before = count_kept(masks)
+        self.log(f"hard-prune: nonzero weights {before} → {count_kept(final)} (budget {limit:.6g}, "
+                 f"{count_kept(final) / limit:.4f} of it); the budget projection dropped {dropped} weights"
+                 + (f" and reopened {n_reopened} at 0" if n_reopened else ""))
+        values = method.gate_values()
+        values = {n: values[n].detach().reshape(-1) * (final[n] & ~reopened[n]).to(values[n].device).reshape(-1).float()
+                  for n in final}
+        method.freeze(final, values)
+        self.model.eval()
+        method.eval()
+        with torch.no_grad():
+            reference = self.model(x)
+        method.detach()  # the unmasked weights are back; fold the masks into them
+        scale_weights(self.model, values)  # values are 0 on every weight that is not kept
+        net = compact(self.model, self.graph)  # same widths, pruned weights exactly 0
+        with torch.no_grad():
+            diff = self._check_outputs(reference, net(x), "sparse")
+        self.weight_masks = final
+        pruned = resource_report(self.graph, None, self.block, self.metrics)
+        pruned["nonzero"] = float(count_kept(final))
+        report = {"cost_before_projection": float(before), "channels_dropped_by_projection": 0,
+                  "channels_reopened_by_fill": 0, "weights_dropped_by_projection": dropped,
+                  "weights_reopened_by_fill": n_reopened, "compaction_max_abs_diff": diff,
+                  "masks": {g: list(range(grp.channels)) for g, grp in self.graph.groups.items()},
+                  "pruned": pruned, "pruned_by_block": {mode: pruned for mode in BLOCKS}}
+        return net, report
+
+    @staticmethod
+    def _check_outputs(reference, output, kind: str) -> float:
+        """The largest absolute output difference; a relative one above 1e-3 is a bug of budgetprune
+        (relative, because float32 sums of outputs of size 1e30 differ by 1e22 in their last bits)."""
+        diff, scale = output_difference(reference, output)
+        if diff > 1e-3 * scale:
+            raise RuntimeError(f"internal error: the {kind} network's outputs differ from the gated model's by "
+                               f"{diff:.3g} (largest output {scale:.3g})")
+        return diff
