@@ -3,6 +3,8 @@
     >>> import budgetprune
     >>> small, metrics = budgetprune.prune(model, train_set, test_set, budget=0.25)
     >>> budgetprune.save(small, "model.pt"); same = budgetprune.load("model.pt")
+
+or, inside your own training loop, :class:`Pruner` (penalty, step, finalize).
 """
 
 from .api import load, load_teacher, prune, save
@@ -12,8 +14,9 @@ from .errors import BudgetpruneError
 from .graph import ChannelGraph
 from .models import available_models, create_model
 from .pipeline import PruneConfig
+from .pruner import Pruner
 
 __version__ = "0.1.0"
 
-__all__ = ["Budget", "BudgetpruneError", "ChannelGraph", "PruneConfig", "available_models", "compact",
+__all__ = ["Budget", "BudgetpruneError", "ChannelGraph", "PruneConfig", "Pruner", "available_models", "compact",
            "create_model", "enforce_budget", "load", "load_teacher", "parse_budget", "prune", "save"]

@@ -1,0 +1,230 @@
+"""The Pruner inside a user's own training loop: any optimizer, any loss, any output structure.
+
+Every method of the zoo is driven the same way (penalty, step, finalize) and ends on its
+budget; a model trained with a regression loss and models that return a dict or a tuple are
+pruned; the pruner's state resumes a loop exactly; bad arguments give one line.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import budgetprune
+from budgetprune import Pruner
+from budgetprune.errors import BudgetpruneError, ConfigError
+from budgetprune.methods import available_methods
+
+
+def _loop(model, pruner, batches, loss_fn, lr=0.01):
+    """The loop of the README: the user's optimizer and loss, the pruner's penalty and step."""
+    optimizer = torch.optim.SGD(pruner.parameters(lr=lr), lr=lr, momentum=0.9)
+    for x, y in batches:
+        loss = loss_fn(model(x), y) + pruner.penalty()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        pruner.step()
+    return optimizer
+
+
+def _batches(train, steps: int, batch: int = 32):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(steps):
+        idx = torch.randint(len(train), (batch,), generator=g)
+        out.append((torch.stack([train[int(i)][0] for i in idx]), torch.tensor([int(train[int(i)][1]) for i in idx])))
+    return out
+
+
+def _ratio(pruner, report) -> float:
+    return report["pruned"][pruner.budget.metric] / pruner.budget.absolute(pruner.graph)
+
+
+def test_bar_in_a_plain_sgd_loop_meets_a_flops_budget(demo_subsets):
+    torch.manual_seed(0)
+    train, _ = demo_subsets(512)
+    model = budgetprune.create_model("lenet5")
+    batches = _batches(train, 40)
+    pruner = Pruner(model, batches[0][0], "flops=0.25", method="bar", total_steps=len(batches), gate_init=3.0)
+    seen = []
+    optimizer = torch.optim.SGD(pruner.parameters(lr=0.01), lr=0.01, momentum=0.9)
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y) + pruner.penalty()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        pruner.step()
+        seen.append(pruner.status())
+    assert {"V", "b", "f", "progress"} <= set(seen[0]) and seen[-1]["progress"] == 1.0
+    assert seen[0]["b"] > seen[-1]["b"]  # the wall moved from the full cost toward the target
+    assert [g.get("name") for g in optimizer.param_groups] == ["weights", "gates"]
+    small, report = pruner.finalize()
+    assert 0.8 <= _ratio(pruner, report) <= 1.0  # at or under the budget (whole conv channels: coarse steps)
+    x = batches[0][0]
+    with torch.no_grad():
+        assert small(x).shape == (32, 10)
+    assert report["compaction_max_abs_diff"] <= 1e-4
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in budgetprune.create_model(
+        "lenet5").parameters())
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_method_runs_in_a_user_loop_and_ends_on_its_budget(method, demo_subsets):
+    torch.manual_seed(0)
+    train, _ = demo_subsets(256)
+    model = budgetprune.create_model("lenet5")
+    batches = _batches(train, 12)
+    pruner = Pruner(model, batches[0][0], 0.5, method=method, total_steps=len(batches), dataset_size=len(train))
+    _loop(model, pruner, batches, F.cross_entropy)
+    small, report = pruner.finalize(batches[0][0])
+    assert _ratio(pruner, report) <= 1.0 + 1e-9
+    with torch.no_grad():
+        assert small(batches[1][0]).shape == (32, 10)
+
+
+def test_per_weight_pruning_in_a_user_loop(demo_subsets):
+    torch.manual_seed(0)
+    train, _ = demo_subsets(256)
+    model = budgetprune.create_model("lenet5")
+    batches = _batches(train, 8)
+    pruner = Pruner(model, batches[0][0], 0.1, method="l0", granularity="weight", total_steps=len(batches))
+    _loop(model, pruner, batches, F.cross_entropy)
+    small, report = pruner.finalize()
+    kept = sum(int((m.weight != 0).sum()) for m in small.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert kept == int(report["pruned"]["nonzero"]) <= pruner.budget.absolute(pruner.graph)
+    assert set(pruner.weight_masks) == {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+class EncoderDecoder(nn.Module):
+    """A small convolutional autoencoder: the output is an image, the loss a regression."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc1, self.bn1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.enc2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32)
+        self.dec1, self.bn3 = nn.Conv2d(32, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.out = nn.Conv2d(16, 1, 3, padding=1)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.enc1(x)))
+        h = F.relu(self.bn2(self.enc2(h)))
+        h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+        h = F.relu(self.bn3(self.dec1(h)))
+        return self.out(h)
+
+
+def test_an_encoder_decoder_with_an_mse_loss_is_pruned(demo_subsets):
+    """The budget penalty never depends on the task: a regression model prunes like a classifier,
+    and its output channels (the image) are never pruned."""
+    torch.manual_seed(0)
+    train, _ = demo_subsets(256)
+    model = EncoderDecoder()
+    batches = [(x, x) for x, _ in _batches(train, 20)]
+    pruner = Pruner(model, batches[0][0], "volume=0.5", total_steps=len(batches), gate_init=3.0)
+    assert "out" not in {g.split(":")[0] for g in pruner.graph.groups}
+    _loop(model, pruner, batches, F.mse_loss)
+    small, report = pruner.finalize()
+    assert 0.9 <= _ratio(pruner, report) <= 1.0
+    with torch.no_grad():
+        assert small(batches[0][0]).shape == batches[0][0].shape
+
+
+class TwoHeads(nn.Module):
+    """Returns a dict (``as_dict``) or a tuple: logits and an embedding."""
+
+    def __init__(self, as_dict: bool):
+        super().__init__()
+        self.as_dict = as_dict
+        self.conv, self.bn = nn.Conv2d(1, 12, 5), nn.BatchNorm2d(12)
+        self.hidden = nn.Linear(12 * 12 * 12, 64)
+        self.embed, self.logits = nn.Linear(64, 8), nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        h = F.relu(self.hidden(torch.flatten(h, 1)))
+        out = {"logits": self.logits(h), "embedding": self.embed(h)}
+        return out if self.as_dict else (out["logits"], out["embedding"])
+
+
+@pytest.mark.parametrize("as_dict", [True, False])
+def test_models_returning_a_dict_or_a_tuple_are_pruned(as_dict, demo_subsets):
+    torch.manual_seed(0)
+    train, _ = demo_subsets(256)
+    model = TwoHeads(as_dict)
+    batches = _batches(train, 12)
+
+    def loss_fn(out, y):
+        logits, embedding = (out["logits"], out["embedding"]) if as_dict else out
+        return F.cross_entropy(logits, y) + 1e-3 * embedding.pow(2).mean()
+
+    pruner = Pruner(model, batches[0][0], "flops=0.5", total_steps=len(batches), gate_init=3.0)
+    _loop(model, pruner, batches, loss_fn)
+    small, report = pruner.finalize()
+    assert _ratio(pruner, report) <= 1.0
+    with torch.no_grad():
+        out = small(batches[0][0])
+    logits = out["logits"] if as_dict else out[0]
+    assert logits.shape == (32, 10)
+
+
+def test_a_loop_resumed_from_the_pruner_state_ends_exactly_as_an_uninterrupted_one(demo_subsets):
+    train, _ = demo_subsets(256)
+    batches = _batches(train, 16)
+
+    def start():
+        torch.manual_seed(0)
+        model = budgetprune.create_model("lenet5")
+        pruner = Pruner(model, batches[0][0], 0.25, total_steps=len(batches))
+        return model, pruner, torch.optim.Adam(pruner.parameters(lr=1e-3), lr=1e-3)
+
+    def train_steps(model, pruner, optimizer, part):
+        for x, y in part:
+            loss = F.cross_entropy(model(x), y) + pruner.penalty()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            pruner.step()
+
+    model, pruner, optimizer = start()
+    train_steps(model, pruner, optimizer, batches)
+    whole = pruner.finalize()[0]
+
+    model, pruner, optimizer = start()
+    train_steps(model, pruner, optimizer, batches[:7])
+    saved = {"model": model.state_dict(), "pruner": pruner.state_dict(), "optimizer": optimizer.state_dict(),
+             "rng": torch.get_rng_state()}
+    model, pruner, optimizer = start()  # a new process: everything rebuilt, then the user's checkpoint loaded
+    model.load_state_dict(saved["model"])
+    pruner.load_state_dict(saved["pruner"])
+    optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"])
+    assert pruner.steps == 7
+    train_steps(model, pruner, optimizer, batches[7:])
+    resumed = pruner.finalize()[0]
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"total_steps": 0}, "total_steps must be a positive int"),
+    ({"total_steps": 10, "example": [1, 2]}, "example_inputs must be one batch"),
+    ({"total_steps": 10, "learning_rate": 1}, "unknown Pruner option(s) learning_rate"),
+    ({"total_steps": 10, "budget": 1.5}, "budget"),
+    ({"total_steps": 10, "block": "fancy"}, "block must be one of"),
+    ({"total_steps": 10, "method": "nope"}, "unknown method"),
+])
+def test_bad_arguments_give_one_line(kwargs, words):
+    model = budgetprune.create_model("lenet5")
+    example = kwargs.pop("example", torch.zeros(2, 1, 28, 28))
+    budget = kwargs.pop("budget", 0.5)
+    with pytest.raises(BudgetpruneError) as err:
+        Pruner(model, example, budget, **kwargs)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_budget_nothing_can_reach_names_it():
+    with pytest.raises(ConfigError):
+        Pruner(budgetprune.create_model("lenet5"), torch.zeros(2, 1, 28, 28), 1e-6, total_steps=5)
