@@ -110,16 +110,22 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) ->
     if not isinstance(path, (str, os.PathLike)):
         raise ConfigError(f"save() takes the path of the file to write, got {_what(path)}")
     specs = getattr(model, "budgetprune_architecture", None)
-    if specs is None and not isinstance(model, fx.GraphModule):
-        raise ConfigError("save() takes a model returned by budgetprune.prune() or budgetprune.load()")
+    if specs is None and not isinstance(model, fx.GraphModule) and not hasattr(model, "budgetprune_plan"):
+        raise ConfigError("save() takes a model returned by budgetprune.prune(), Pruner.finalize() or "
+                          "budgetprune.load()")
     io.save(model, Path(path), specs, meta)
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a saved model without its original code (eval mode, CPU)."""
+def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a saved model (eval mode, CPU): without its original code from a self-contained
+    file, or, given ``model`` (the architecture that was pruned, as built before pruning), by
+    replaying the file's pruning plan on it — the way to load a network with operations a
+    self-contained file cannot describe."""
     if not isinstance(path, (str, os.PathLike)):
         raise CheckpointError(f"load() takes the path of a model file, got {_what(path)}")
-    model, specs, _ = io.load_file(path)
+    if model is not None and not isinstance(model, nn.Module):
+        raise CheckpointError(f"load(model=...) takes the unpruned torch.nn.Module, got {_what(model)}")
+    model, specs, _ = io.load_file(path, model)
     model.budgetprune_architecture = specs
     return model
 

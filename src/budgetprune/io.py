@@ -10,8 +10,10 @@ Format 2 (written now): ``{"format", "version": 2, "graph", "state_dict", "meta"
 graph, so residual networks are saved as well as chains. Format 3 is format 2 plus
 ``"sparse"``: weights that are at least half zeros (unstructured pruning) are stored as a
 bit mask (1 bit per weight) and their non-zero values, ``{name: {"shape", "bits",
-"values"}}``, and left out of ``state_dict``. Format 1 (still read): ``"architecture"`` is a
-JSON list of layer specs of an ``nn.Sequential``.
+"values"}}``, and left out of ``state_dict``. A model a Pruner finalized also carries ``"plan"``
+(JSON of :mod:`budgetprune.plan`); format 4 holds the plan and the weights without ``"graph"``,
+for networks a self-contained file cannot describe (loaded with the user's model). Format 1
+(still read): ``"architecture"`` is a JSON list of layer specs of an ``nn.Sequential``.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from torch import nn
 
 from . import graphio
 from .architecture import build_sequential
+from .plan import replay as plan_replay
 from .errors import CheckpointError, first_line
 
 FORMAT = "budgetprune-model"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 SPARSE_DENSITY = 0.5  # floating-point tensors with at most this fraction of non-zeros are stored sparse
 
 
@@ -183,18 +186,32 @@ def check_backed(obj, where: str) -> None:
 
 def save(model: nn.Module, path: str | os.PathLike, specs: list[dict] | None = None,
          meta: dict | None = None) -> None:
-    """Save a compacted model (format 2): its graph description, weights and metadata.
+    """Save a compacted model: its graph description and/or pruning plan, weights and metadata.
 
     ``model`` is a ``torch.fx.GraphModule``, or a module such as an ``nn.Sequential`` that is
-    traced with torch.fx first.
-    ``specs`` is accepted for compatibility with format 1 and ignored. Raises
-    :class:`CheckpointError` when the model uses something a model file cannot hold.
+    traced with torch.fx first. A model a :class:`~budgetprune.pruner.Pruner` finalized carries
+    its pruning plan (``budgetprune_plan``), which is saved too; where the network uses
+    something a self-contained file cannot hold, the file holds the plan and the weights only
+    (format 4: load it with the original model, ``load(path, model=...)``). ``specs`` is
+    accepted for compatibility with format 1 and ignored. Raises :class:`CheckpointError` when
+    the model can be saved neither way.
     """
-    gm = graphio.trace(model)
-    description = graphio.describe(gm)
-    state, sparse = pack_sparse(graphio.saveable_state(gm, description))
-    obj = {"format": FORMAT, "version": 3 if sparse else 2, "graph": json.dumps(description),
-           "state_dict": state, "meta": json.dumps(meta or {})}
+    plan = getattr(model, "budgetprune_plan", None)
+    try:
+        gm = graphio.trace(model)
+        description = graphio.describe(gm)
+        state = graphio.saveable_state(gm, description)
+    except CheckpointError:
+        if plan is None:
+            raise
+        description, state = None, {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state, sparse = pack_sparse(state)
+    version = 4 if description is None else 3 if sparse else 2
+    obj = {"format": FORMAT, "version": version, "state_dict": state, "meta": json.dumps(meta or {})}
+    if description is not None:
+        obj["graph"] = json.dumps(description)
+    if plan is not None:
+        obj["plan"] = json.dumps(plan)
     if sparse:
         obj["sparse"] = sparse
     torch_save(path, obj)
@@ -271,12 +288,15 @@ def check_meta(meta) -> dict:
     return meta
 
 
-def load_file(path: str | os.PathLike) -> tuple[nn.Module, list[dict] | dict, dict]:
+def load_file(path: str | os.PathLike, model: nn.Module | None = None) -> tuple[nn.Module, list[dict] | dict, dict]:
     """(model in eval mode, architecture, metadata) from a model file.
 
     The architecture is the list of layer specs for a format-1 file and the graph
-    description (:func:`budgetprune.graphio.describe`) for a format-2 file; the model is an
-    ``nn.Sequential`` or a ``torch.fx.GraphModule`` accordingly.
+    description (:func:`budgetprune.graphio.describe`) for a format-2 or 3 file; the model is an
+    ``nn.Sequential`` or a ``torch.fx.GraphModule`` accordingly. With ``model`` (the
+    architecture that was pruned, unpruned), the file's pruning plan is replayed on it instead
+    (:func:`budgetprune.plan.replay`) and the architecture is the plan; a format-4 file (plan and
+    weights only) needs it.
     """
     obj = torch_load(path, "model file")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
@@ -290,7 +310,17 @@ def load_file(path: str | os.PathLike) -> tuple[nn.Module, list[dict] | dict, di
         raise CheckpointError(f"{path} was written by a newer budgetprune (format {version}); upgrade")
     try:
         meta = check_meta(json.loads(obj.get("meta", "{}")))
-        if version >= 2:
+        if model is not None or version >= 4 and "graph" not in obj:
+            if "plan" not in obj:
+                raise CheckpointError("it holds no pruning plan to replay on the model passed (it was not "
+                                      "written from a Pruner's result); load it without model=")
+            if model is None:
+                raise CheckpointError("it holds the pruning plan and weights of a network no self-contained file "
+                                      "can describe: load it in Python with budgetprune.load(path, "
+                                      "model=TheUnprunedModel())")
+            architecture = json.loads(obj["plan"])
+            model = plan_replay(architecture, model, unpack_sparse(obj["state_dict"], obj.get("sparse", {})))
+        elif version >= 2:
             architecture = json.loads(obj["graph"])
             model = graphio.rebuild(architecture, unpack_sparse(obj["state_dict"], obj.get("sparse", {})))
         else:

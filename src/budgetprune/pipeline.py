@@ -500,6 +500,8 @@ class PruneRun:
             info = self._from_checkpoint("pruning record", lambda: json.loads(ckpt["info"]))
             if not isinstance(info, dict):
                 raise self._damaged("its pruning record is not an object")
+            if info.get("plan") is not None:
+                net.budgetprune_plan = info["plan"]  # model.pt keeps the plan across a resume
             start = ckpt["epoch"]
             if self.per_weight:
                 self.weight_masks = self._from_checkpoint("weight masks", lambda: {

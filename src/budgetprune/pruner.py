@@ -33,6 +33,7 @@ from .errors import ConfigError, TrainingDiverged
 from .graph import ChannelGraph
 from .liveness import effective_masks
 from .methods import create_method
+from .plan import make_plan
 from .resources import METRICS, CostModel, resource_report
 from .sparsity import check_weight_budget, count_kept, project_weights, scale_weights, weight_counts
 
@@ -129,6 +130,8 @@ class Pruner:
         self.block = block
         self.fill = fill
         self.per_weight = granularity == "weight"
+        self.granularity = granularity
+        self.gate_inputs = gate_inputs
         self.total_steps = total_steps
         self.steps = 0
         self.log = log or (lambda _line: None)
@@ -240,11 +243,13 @@ class Pruner:
             diff = self._check_outputs(self.model(x), net(x), "compacted")
         method.detach()
         kept = effective_masks(graph, final)  # what the compacted network keeps (pruned-away blocks: none)
+        self._attach_plan(net, final)
         report = {"cost_before_projection": before[self.budget.metric], "channels_dropped_by_projection": dropped,
                   "channels_reopened_by_fill": n_reopened, "compaction_max_abs_diff": diff,
                   "masks": {g: [int(i) for i in torch.nonzero(m).flatten()] for g, m in kept.items()},
                   "pruned": resource_report(graph, final, block, self.metrics),
-                  "pruned_by_block": {mode: resource_report(graph, final, mode, self.metrics) for mode in BLOCKS}}
+                  "pruned_by_block": {mode: resource_report(graph, final, mode, self.metrics) for mode in BLOCKS},
+                  "plan": net.budgetprune_plan}
         return net, report
 
     def _finalize_weights(self, x: torch.Tensor) -> tuple[nn.Module, dict]:
@@ -277,14 +282,22 @@ class Pruner:
         with torch.no_grad():
             diff = self._check_outputs(reference, net(x), "sparse")
         self.weight_masks = final
+        self._attach_plan(net, None)
         pruned = resource_report(self.graph, None, self.block, self.metrics)
         pruned["nonzero"] = float(count_kept(final))
         report = {"cost_before_projection": float(before), "channels_dropped_by_projection": 0,
                   "channels_reopened_by_fill": 0, "weights_dropped_by_projection": dropped,
                   "weights_reopened_by_fill": n_reopened, "compaction_max_abs_diff": diff,
                   "masks": {g: list(range(grp.channels)) for g, grp in self.graph.groups.items()},
-                  "pruned": pruned, "pruned_by_block": {mode: pruned for mode in BLOCKS}}
+                  "pruned": pruned, "pruned_by_block": {mode: pruned for mode in BLOCKS},
+                  "plan": net.budgetprune_plan}
         return net, report
+
+    def _attach_plan(self, net: nn.Module, masks: dict[str, torch.Tensor] | None) -> None:
+        """The pruning plan rides on the compacted network: ``budgetprune.save`` writes it, so the
+        network can be rebuilt from the user's own model even where no self-contained file can hold it."""
+        net.budgetprune_plan = make_plan(self.graph, masks, block=self.block, granularity=self.granularity,
+                                         gate_inputs=self.gate_inputs)
 
     @staticmethod
     def _check_outputs(reference, output, kind: str) -> float:

@@ -1,0 +1,96 @@
+"""A pruning plan: what :meth:`budgetprune.pruner.Pruner.finalize` decided, as plain data that
+replays on the user's own model.
+
+A model file can describe a compacted network by itself only when every operation of it is in
+budgetprune's allow-list (:mod:`budgetprune.graphio`). Any other network — stochastic depth,
+a custom activation, a hyphenated module name — is saved as (plan, weights): the plan names,
+for each channel group of the traced model, the channels kept, with the residual block mode,
+the granularity and the input shape. Loading replays it on a model the user passes (their own
+code, not the file's): trace, check that the groups are the plan's, compact with the kept
+channels, load the weights strictly. Nothing in a plan is ever code; it is only looked up.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .compact import compact
+from .errors import CheckpointError
+from .graph import ChannelGraph
+from .graphio import check_state_shapes
+
+FORMAT = "budgetprune-plan"
+VERSION = 1
+
+
+def make_plan(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None, *, block: str, granularity: str,
+              gate_inputs: bool) -> dict:
+    """The plan of a finalized pruning: ``masks`` are the final keep-masks per group (None: every
+    channel kept, as with per-weight pruning)."""
+    kept = {gid: [int(i) for i in torch.nonzero(m).flatten()] for gid, m in (masks or {}).items()}
+    return {"format": FORMAT, "version": VERSION, "granularity": granularity, "block": block,
+            "gate_inputs": gate_inputs, "input_shape": list(graph.input_shape),
+            "groups": {gid: g.channels for gid, g in graph.groups.items()}, "kept": kept}
+
+
+def _malformed(why: str) -> CheckpointError:
+    return CheckpointError(f"malformed pruning plan: {why}")
+
+
+def check_plan(plan) -> dict:
+    """``plan`` if it is a plan this budgetprune reads (types and ranges), else a one-line error."""
+    if not isinstance(plan, dict) or plan.get("format") != FORMAT:
+        raise _malformed("not a budgetprune pruning plan")
+    if not isinstance(plan.get("version"), int) or plan["version"] > VERSION:
+        raise CheckpointError(f"the pruning plan is version {plan.get('version')!r:.20}, not one this budgetprune "
+                              "reads; upgrade budgetprune")
+    if plan.get("granularity") not in ("channel", "weight") or plan.get("block") not in ("mixed", "regular") \
+            or not isinstance(plan.get("gate_inputs"), bool):
+        raise _malformed("granularity, block or gate_inputs is not one budgetprune knows")
+    shape = plan.get("input_shape")
+    if not (isinstance(shape, list) and 1 <= len(shape) <= 4 and all(type(v) is int and 0 < v <= 2 ** 16
+                                                                     for v in shape)):
+        raise _malformed(f"input shape {shape!r:.60} is not 1 to 4 positive sizes")
+    groups, kept = plan.get("groups"), plan.get("kept")
+    if not isinstance(groups, dict) or not all(isinstance(g, str) and type(n) is int and n > 0
+                                               for g, n in groups.items()):
+        raise _malformed("its groups are not a mapping of names to channel counts")
+    if not isinstance(kept, dict):
+        raise _malformed("its kept channels are not a mapping of groups to indices")
+    for gid, idx in kept.items():
+        if gid not in groups or not isinstance(idx, list) or not all(
+                type(i) is int and 0 <= i < groups[gid] for i in idx) or len(set(idx)) != len(idx):
+            raise _malformed(f"kept channels of group {gid!r:.60} are not distinct indices of its channels")
+    return plan
+
+
+def replay(plan: dict, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """The compacted network ``plan`` describes, built from the user's ``model`` (not changed)
+    with ``state_dict`` loaded strictly, in eval mode."""
+    plan = check_plan(plan)
+    model = copy.deepcopy(model).cpu().eval()
+    example = torch.zeros(1, *plan["input_shape"])
+    graph = ChannelGraph.build(model, example, gate_inputs=plan["gate_inputs"])
+    mine = {gid: g.channels for gid, g in graph.groups.items()}
+    if mine != plan["groups"]:
+        differ = sorted(set(mine) ^ set(plan["groups"])) or sorted(g for g in mine if mine[g] != plan["groups"][g])
+        raise CheckpointError(f"the model passed does not match the pruning plan (group {differ[0]!r:.60} differs): "
+                              "pass the same architecture that was pruned, before pruning")
+    masks = None
+    if plan["granularity"] == "channel":
+        masks = {}
+        for gid, idx in plan["kept"].items():
+            masks[gid] = torch.zeros(mine[gid], dtype=torch.bool)
+            masks[gid][torch.tensor(idx, dtype=torch.long)] = True
+    net = compact(model, graph, masks, mode=plan["block"])
+    check_state_shapes(net, state_dict)
+    try:
+        net.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the weights do not fit the replayed plan ({' '.join(str(exc).split())[:300]})") \
+            from None
+    net.budgetprune_plan = plan
+    return net.eval()
