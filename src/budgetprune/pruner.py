@@ -160,7 +160,12 @@ class Pruner:
         weights = {"params": [p for p in self.model.parameters() if p.requires_grad], "lr": lr, "name": "weights"}
         if weight_decay is not None:
             weights["weight_decay"] = weight_decay
-        return [weights] + self.method.param_groups(lr)
+        return [weights] + self.method_parameters(lr)
+
+    def method_parameters(self, lr: float) -> list[dict]:
+        """The method's own parameter groups only (gates), for an optimizer that already holds the
+        model's weights (``optimizer.add_param_group``)."""
+        return self.method.param_groups(lr)
 
     def penalty(self) -> torch.Tensor:
         """The method's term to add to the task loss at the current step (a scalar tensor)."""

@@ -1,0 +1,89 @@
+"""A PyTorch Lightning callback that prunes the trained module under a budget.
+
+    trainer = L.Trainer(max_epochs=10, callbacks=[BudgetPruning("flops=0.25")])
+    trainer.fit(module, loader)
+    small = trainer.callbacks[0].pruned_model      # also set as module.<module> (replace=True)
+
+The network pruned is ``module.<module>`` (default ``"model"`` when the LightningModule has
+such an attribute, else the LightningModule itself); ``example_inputs`` defaults to the
+LightningModule's ``example_input_array``. The budget moves over ``total_steps`` optimizer
+steps (default: all of the fit, ``trainer.estimated_stepping_batches``). At the end of the fit
+the pruner finalizes: :attr:`pruned_model` is the physically smaller network and :attr:`report`
+says what was kept. The callback's state (the pruner's) is saved in Lightning checkpoints.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+from ..errors import ConfigError
+from ..pruner import Pruner
+from .driver import TrainerDriver, submodule
+
+
+class BudgetPruning(pl.Callback):
+    """Prune ``module.<module>`` to ``budget`` while Lightning trains it (see the module docstring).
+
+    Other keyword options are the :class:`~budgetprune.pruner.Pruner`'s (``method``, ``metric``,
+    ``lam``, ``gate_init``, ``method_options``, ...); ``gate_lr`` is the learning rate of the
+    method's gates in the trainer's optimizer (1e-2, constant)."""
+
+    def __init__(self, budget, *, example_inputs: torch.Tensor | None = None, module: str | None = None,
+                 total_steps: int | None = None, gate_lr: float = 1e-2, replace: bool = True, **pruner_options):
+        super().__init__()
+        self.budget, self.example_inputs, self.module = budget, example_inputs, module
+        self.total_steps, self.gate_lr, self.replace = total_steps, gate_lr, replace
+        self.pruner_options = pruner_options
+        self.pruner: Pruner | None = None
+        self.driver: TrainerDriver | None = None
+        self.pruned_model = None
+        self.report: dict | None = None
+        self._restored: dict | None = None
+        self._counted = 0  # optimizer steps the pruner has seen
+
+    def _path(self, pl_module) -> str | None:
+        if self.module is not None:
+            return self.module
+        return "model" if isinstance(getattr(pl_module, "model", None), torch.nn.Module) else None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ConfigError(f"BudgetPruning works with one optimizer; the module configures {len(trainer.optimizers)}")
+        example = self.example_inputs if self.example_inputs is not None else pl_module.example_input_array
+        if not isinstance(example, torch.Tensor):
+            raise ConfigError("BudgetPruning needs one batch of inputs: pass example_inputs=... or set "
+                              "example_input_array on the LightningModule")
+        total = self.total_steps or int(trainer.estimated_stepping_batches)
+        self.pruner = Pruner(submodule(pl_module, self._path(pl_module)), example.to(pl_module.device), self.budget,
+                             total_steps=total, gate_lr=self.gate_lr, **self.pruner_options)
+        if self._restored is not None:
+            self.pruner.load_state_dict(self._restored["pruner"])
+            self._counted = self._restored["counted"]
+        self.driver = TrainerDriver(self.pruner)
+        self.driver.join(trainer.optimizers[0], self.gate_lr,
+                         [config.scheduler for config in trainer.lr_scheduler_configs])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.driver.before_optimizer_step()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        while self._counted < trainer.global_step:  # one pruner step per optimizer step taken
+            self.driver.after_optimizer_step()
+            self._counted += 1
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.log_dict({f"budgetprune/{k}": float(v) for k, v in self.pruner.status().items()})
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.pruned_model, self.report = self.pruner.finalize()
+        path = self._path(pl_module)
+        if self.replace and path:
+            parent, _, name = path.rpartition(".")
+            setattr(submodule(pl_module, parent), name, self.pruned_model)
+
+    def state_dict(self) -> dict:
+        return {} if self.pruner is None else {"pruner": self.pruner.state_dict(), "counted": self._counted}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = state_dict or None

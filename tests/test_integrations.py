@@ -1,0 +1,129 @@
+"""The Pruner inside a PyTorch Lightning fit and a Hugging Face Trainer run, end to end on
+small data: the budget is met, the trainer's model gets the smaller network, and (Lightning)
+the pruner's state rides in the trainer's checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import budgetprune
+
+L = pytest.importorskip("lightning", reason="pip install 'budgetprune[lightning]'")
+transformers = pytest.importorskip("transformers", reason="pip install 'budgetprune[huggingface]'")
+
+
+def _data(demo_subsets, n=256):
+    train, _ = demo_subsets(n)
+    xs = torch.stack([train[i][0] for i in range(len(train))])
+    ys = torch.tensor([int(train[i][1]) for i in range(len(train))])
+    return xs, ys
+
+
+class LitClassifier(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = budgetprune.create_model("lenet5")
+        self.example_input_array = torch.zeros(4, 1, 28, 28)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5)}
+
+
+class GateRates(L.Callback):
+    """Records the gates' learning rate at each optimizer step (after BudgetPruning's hook)."""
+
+    def __init__(self):
+        self.rates = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.rates.append(optimizer.param_groups[-1]["lr"])
+
+
+def _trainer(tmp_path, callback, epochs=2):
+    return L.Trainer(max_epochs=epochs, callbacks=[callback, GateRates()], default_root_dir=tmp_path, logger=False,
+                     enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+
+
+def test_lightning_callback_prunes_to_the_budget(demo_subsets, tmp_path):
+    from budgetprune.integrations.lightning import BudgetPruning
+    torch.manual_seed(0)
+    xs, ys = _data(demo_subsets)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs, ys), batch_size=32, shuffle=True)
+    module = LitClassifier()
+    callback = BudgetPruning("flops=0.5", gate_init=3.0)
+    trainer = _trainer(tmp_path, callback)
+    trainer.fit(module, loader)
+    pruner, report = callback.pruner, callback.report
+    assert pruner.steps == trainer.global_step == 16  # one pruner step per optimizer step
+    assert report["pruned"]["flops"] <= pruner.budget.absolute(pruner.graph)
+    assert module.model is callback.pruned_model  # the module now holds the smaller network
+    assert trainer.optimizers[0].param_groups[-1]["name"] == "gates"
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 2.5e-4  # StepLR halved the weights' rate twice
+    assert trainer.callbacks[1].rates == [1e-2] * 16  # and the gates kept theirs at every step
+    with torch.no_grad():
+        assert module.model(xs[:5]).shape == (5, 10)
+    saved = torch.load(trainer.checkpoint_callback.best_model_path or next(tmp_path.rglob("*.ckpt")),
+                       weights_only=False)
+    state = next(v for k, v in saved["callbacks"].items() if "BudgetPruning" in k)
+    assert state["counted"] == 16 and state["pruner"]["steps"] == 16
+
+
+class HFClassifier(nn.Module):
+    """What a Hugging Face Trainer expects: forward(inputs, labels) → {"loss", "logits"}."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = budgetprune.create_model("lenet5")
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.backbone(pixel_values)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels)
+        return out
+
+
+class DictDataset(torch.utils.data.Dataset):
+    def __init__(self, xs, ys):
+        self.xs, self.ys = xs, ys
+
+    def __len__(self):
+        return len(self.xs)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.xs[i], "labels": self.ys[i]}
+
+
+def test_huggingface_callback_prunes_to_the_budget(demo_subsets, tmp_path):
+    from budgetprune.integrations.huggingface import BudgetPruningCallback
+    torch.manual_seed(0)
+    xs, ys = _data(demo_subsets)
+    model = HFClassifier()
+    callback = BudgetPruningCallback("flops=0.5", xs[:4], module="backbone", gate_init=3.0)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=16, per_device_train_batch_size=32,
+                                          learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
+                                          logging_steps=8, disable_tqdm=True)
+    rates = []
+
+    class GateRatesHF(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            rates.append((optimizer.param_groups[0]["lr"], optimizer.param_groups[-1]["lr"]))
+
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=DictDataset(xs, ys),
+                                   callbacks=[callback, GateRatesHF()])
+    trainer.train()
+    assert rates[0][0] > rates[-1][0] and {gate for _, gate in rates} == {1e-2}  # linear decay; gates constant
+    pruner, report = callback.pruner, callback.report
+    assert pruner.steps == 16
+    assert report["pruned"]["flops"] <= pruner.budget.absolute(pruner.graph)
+    assert model.backbone is callback.pruned_model
+    with torch.no_grad():
+        assert model(xs[:5])["logits"].shape == (5, 10)
