@@ -127,3 +127,31 @@ def test_huggingface_callback_prunes_to_the_budget(demo_subsets, tmp_path):
     assert model.backbone is callback.pruned_model
     with torch.no_grad():
         assert model(xs[:5])["logits"].shape == (5, 10)
+
+
+def test_lightning_fit_resumed_from_its_checkpoint_continues_the_pruner(demo_subsets, tmp_path):
+    """A fit stopped after one epoch and resumed from Lightning's checkpoint: the pruner's step count
+    and gates come back with the optimizer (which holds the gates' group) and the run ends on budget."""
+    from budgetprune.integrations.lightning import BudgetPruning
+    torch.manual_seed(0)
+    xs, ys = _data(demo_subsets)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs, ys), batch_size=32)
+    first = BudgetPruning("flops=0.5", gate_init=3.0, total_steps=16)
+    trainer = _trainer(tmp_path / "a", first, epochs=1)
+    trainer.fit(LitClassifier(), loader)
+    ckpt = next((tmp_path / "a").rglob("*.ckpt"))
+    saved = next(v for k, v in torch.load(ckpt, weights_only=False)["callbacks"].items() if "BudgetPruning" in k)
+    at_start = {}
+
+    class Watched(BudgetPruning):
+        def on_train_start(self, trainer, pl_module):
+            at_start.update(steps=self.pruner.steps,
+                            method={k: v.clone() for k, v in self.pruner.method.state_dict().items()})
+
+    second = Watched("flops=0.5", gate_init=3.0, total_steps=16)
+    trainer = _trainer(tmp_path / "b", second, epochs=2)
+    trainer.fit(LitClassifier(), loader, ckpt_path=ckpt)
+    assert saved["pruner"]["steps"] == at_start["steps"] == 8  # the schedule's clock came back
+    assert all(torch.equal(saved["pruner"]["method"][k], at_start["method"][k]) for k in saved["pruner"]["method"])
+    assert second.pruner.steps == 16 and trainer.global_step == 16
+    assert second.report["pruned"]["flops"] <= second.pruner.budget.absolute(second.pruner.graph)

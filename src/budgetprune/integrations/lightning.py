@@ -42,6 +42,11 @@ class BudgetPruning(pl.Callback):
         self._restored: dict | None = None
         self._counted = 0  # optimizer steps the pruner has seen
 
+    @property
+    def state_key(self) -> str:
+        """The key of the pruner's state in Lightning checkpoints (the same for subclasses)."""
+        return "BudgetPruning"
+
     def _path(self, pl_module) -> str | None:
         if self.module is not None:
             return self.module
