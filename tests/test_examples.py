@@ -21,7 +21,7 @@ def test_plain_loop_example_prunes_to_its_budget_and_saves(tmp_path):
     assert run.returncode == 0, run.stderr
     line = next(line for line in run.stdout.splitlines() if line.startswith("pruned: flops"))
     ratio = float(line.split("(")[1].split(" of it")[0])
-    assert ratio <= 1.0
+    assert 0.8 <= ratio <= 1.0
     small = budgetprune.load(out)
     assert small(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 

@@ -65,6 +65,19 @@ def gate_site(graph: ChannelGraph, host: str) -> str:
     return site
 
 
+def gate_values(gate: GateFn, batch_size: int | None, model_training: bool) -> torch.Tensor:
+    """``gate(batch_size)``, sampled only while both the gate and the model it gates are training:
+    ``model.eval()`` alone gives the deterministic gates a validation pass needs (the gates are the
+    method's modules, not the model's, so the model's mode does not reach them)."""
+    if model_training or not getattr(gate, "training", False):
+        return gate(batch_size)
+    gate.train(False)
+    try:
+        return gate(batch_size)
+    finally:
+        gate.train(True)
+
+
 class GateHooks:
     """Forward hooks that apply ``gates[group_id]`` at each group's host module."""
 
@@ -72,6 +85,7 @@ class GateHooks:
         modules = dict(model.named_modules())
         self.graph = graph
         self.current: dict[str, torch.Tensor] = {}  # gate values of the forward pass under way
+        self.model_training = model.training  # of the forward pass under way
         self.handles = [model.register_forward_pre_hook(self._reset)]
         for gid, gate in gates.items():
             group = graph.groups[gid]
@@ -89,13 +103,14 @@ class GateHooks:
 
     def _reset(self, module, inputs):
         self.current.clear()
+        self.model_training = module.training
 
     def _alive(self, tensor: str) -> torch.Tensor:
         return alive(self.graph.tensors[tensor], {g: (v > 0) for g, v in self.current.items()})
 
     def _output_hook(self, gid: str, gate: GateFn, in_tensor: str):
         def hook(module, inputs, output):
-            z = gate(output.shape[0])
+            z = gate_values(gate, output.shape[0], self.model_training)
             info = self.graph.tensors[in_tensor]
             if info.sources() and all(g in self.current for g in info.sources()):
                 z = z * self._alive(in_tensor).to(z.dtype).amax(dim=-1, keepdim=True)  # purge
@@ -106,7 +121,7 @@ class GateHooks:
     def _input_hook(self, gid: str, gate: GateFn):
         def hook(module, inputs):
             x = inputs[0]
-            z = gate(x.shape[0])
+            z = gate_values(gate, x.shape[0], self.model_training)
             self.current[gid] = z.detach()
             return (x * _broadcast(z, x),) + tuple(inputs[1:])
         return hook

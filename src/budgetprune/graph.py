@@ -165,9 +165,13 @@ class ChannelGraph:
         ``gate_inputs`` adds a group for the input features of a network whose first layer
         is a linear layer (an MLP), so input pixels can be pruned too.
         """
-        gm = trace(model)
         was_training = model.training
-        model.eval()
+        model.eval()  # traced as it will be compacted and checked: training-only branches (dropout, drop path) out
+        try:
+            gm = trace(model)
+        except BaseException:
+            model.train(was_training)
+            raise
         try:
             with torch.no_grad():
                 gm(example_input)  # a plain call first: ShapeProp prints a traceback of its own on failure

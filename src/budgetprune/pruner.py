@@ -38,6 +38,7 @@ from .resources import METRICS, CostModel, resource_report
 from .sparsity import check_weight_budget, count_kept, project_weights, scale_weights, weight_counts
 
 BLOCKS = ("mixed", "regular")
+_MARK = "_budgetprune_pruner"  # on a model while a Pruner's gates are attached to it
 
 
 def method_settings(*, lam: float | None = None, schedule: str = "sigmoid", schedule_hardness: float | None = None,
@@ -120,6 +121,13 @@ class Pruner:
         if not isinstance(example_inputs, torch.Tensor):
             raise ConfigError("example_inputs must be one batch of inputs as a tensor (budgetprune traces models "
                               f"of one tensor input), got {type(example_inputs).__name__}")
+        if getattr(model, _MARK, None) is not None:
+            raise ConfigError("the model already has a Pruner's gates attached: finalize() that pruner first, "
+                              "or build a new model")
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise ConfigError("a Pruner does not yet keep its gates in step across processes (torch.distributed "
+                              f"world size {torch.distributed.get_world_size()}): prune in one process")
         if type(total_steps) is not int or total_steps < 1:
             raise ConfigError(f"total_steps must be a positive int (the optimiser steps of the pruning phase), "
                               f"got {total_steps!r}")
@@ -135,7 +143,8 @@ class Pruner:
         self.total_steps = total_steps
         self.steps = 0
         self.log = log or (lambda _line: None)
-        self.example = example_inputs.detach()
+        device = next((p.device for p in model.parameters()), example_inputs.device)
+        self.example = example_inputs.detach().to(device)
         self.graph = ChannelGraph.build(model, self.example, gate_inputs=gate_inputs)
         check_prunable(model, self.graph, self.budgets, method=method, granularity=granularity, block=block,
                        method_options=method_options, **settings)
@@ -144,9 +153,10 @@ class Pruner:
         self.method = create_method(method, shared=method_settings(granularity=granularity, **settings),
                                     **(method_options or {}))
         self.method.attach(model, self.graph, self.budgets)
-        device = next((p.device for p in model.parameters()), self.example.device)
         self.method.to(device)
+        setattr(model, _MARK, self)
         self.weight_masks: dict[str, torch.Tensor] | None = None  # after finalize(), per-weight pruning
+        self.result: tuple[nn.Module, dict] | None = None  # what finalize() returned
 
     # -- what a training loop calls ----------------------------------------------------------
     @property
@@ -169,12 +179,19 @@ class Pruner:
 
     def penalty(self) -> torch.Tensor:
         """The method's term to add to the task loss at the current step (a scalar tensor)."""
+        self._check_open("penalty()")
         return self.method.penalty(self.progress)
 
     def step(self) -> None:
         """Call once after each optimiser step: the method's update (dual ascent, clamps, rounds)."""
+        self._check_open("step()")
         self.method.after_step(self.progress)
         self.steps += 1
+
+    def _check_open(self, call: str) -> None:
+        if self.result is not None:
+            raise ConfigError(f"{call} after finalize(): the pruner has handed back its pruned model; train that "
+                              "model without the pruner (fine-tuning), or build a new Pruner")
 
     def status(self) -> dict[str, float]:
         """What to log: the method's numbers (BAR: hard cost ``V``, moving budget ``b``, barrier ``f``;
@@ -209,10 +226,23 @@ class Pruner:
         folded into the weights, the method's hooks removed, and the physically smaller network
         checked against the gated one on ``inputs`` (default: ``example_inputs``). The report
         holds the costs before and after, what the projection dropped and the fill reopened,
-        the kept channels per group and the output difference."""
+        the kept channels per group, the output difference and the pruning plan.
+
+        Both networks are left in eval mode; the original model is left without gates, its
+        reopened channels' outgoing weights zeroed (it computes what the pruned one does). A
+        second call returns the same result; :meth:`penalty` and :meth:`step` refuse after it."""
+        if self.result is not None:
+            return self.result  # finalize() twice: the same result
         x = (self.example if inputs is None else inputs).to(self.example.device)
-        if self.per_weight:
-            return self._finalize_weights(x)
+        try:
+            self.result = self._finalize_weights(x) if self.per_weight else self._finalize_channels(x)
+        finally:
+            self.method.detach()  # the user's model gets its plain forward back, whatever happened
+            if getattr(self.model, _MARK, None) is self:
+                delattr(self.model, _MARK)
+        return self.result
+
+    def _finalize_channels(self, x: torch.Tensor) -> tuple[nn.Module, dict]:
         graph, method, block = self.graph, self.method, self.block
         masks = method.keep_masks()
         costs = {b.metric: (CostModel(graph, b.metric, block), b.absolute(graph)) for b in self.budgets}
@@ -246,7 +276,6 @@ class Pruner:
         net = compact(self.model, graph, final, values, mode=block)
         with torch.no_grad():
             diff = self._check_outputs(self.model(x), net(x), "compacted")
-        method.detach()
         kept = effective_masks(graph, final)  # what the compacted network keeps (pruned-away blocks: none)
         self._attach_plan(net, final)
         report = {"cost_before_projection": before[self.budget.metric], "channels_dropped_by_projection": dropped,

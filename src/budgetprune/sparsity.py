@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .attach import gate_values
 from .errors import BudgetError
 
 _LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
@@ -58,7 +59,8 @@ class _GatedWeight(nn.Module):
         self._gate = (gate,)  # a tuple: the gate stays the method's module, not the user's model's
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self._gate[0]().reshape(weight.shape).to(weight.dtype)
+        # this parametrization is a submodule of the layer: its mode is the model's
+        return weight * gate_values(self._gate[0], None, self.training).reshape(weight.shape).to(weight.dtype)
 
 
 class WeightGates:

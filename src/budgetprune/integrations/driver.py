@@ -3,10 +3,13 @@
 A trainer computes and backpropagates its own loss; its callbacks cannot add a term to it. The
 gradient of (task loss + penalty) is the gradient of the loss plus the gradient of the penalty,
 so :meth:`TrainerDriver.before_optimizer_step` backpropagates the penalty alone right before the
-optimizer steps, once per optimizer step (after gradient accumulation, and after the trainer
-has unscaled mixed-precision gradients). The method's parameter groups join the trainer's
-optimizer, and their learning rate is held constant whatever the trainer's scheduler does to
-the other groups: the gates must keep learning until the budget is reached.
+trainer's optimizer steps, once per optimizer step (after gradient accumulation).
+
+The method's own parameters (gates) get their own Adam optimizer here, stepped right after the
+trainer's, at a constant learning rate: the trainer's optimizer, its scheduler, its gradient
+clipping and its saved state never see them (a scheduler that decays every group to zero would
+freeze the gates before they reach the budget, and a resumed trainer would find an optimizer
+state with a group it does not have).
 """
 
 from __future__ import annotations
@@ -29,44 +32,47 @@ def submodule(model: nn.Module, path: str | None) -> nn.Module:
         raise ConfigError(f"the model has no submodule '{path}' to prune: name the network with module=...") from None
 
 
+def replace_submodule(model: nn.Module, path: str | None, new: nn.Module) -> bool:
+    """Put ``new`` at ``model.<path>``; False when there is no path (the model itself was pruned)."""
+    if not path:
+        return False
+    parent, _, name = path.rpartition(".")
+    setattr(submodule(model, parent), name, new)
+    return True
+
+
 class TrainerDriver:
-    """One pruner, its optimizer groups and its step count, for a trainer's hooks."""
+    """One pruner and the optimizer of its gates, for a trainer's hooks."""
 
-    def __init__(self, pruner: Pruner):
+    def __init__(self, pruner: Pruner, gate_lr: float):
+        if pruner.method.penalty_reads_forward:
+            raise ConfigError(f"method '{pruner.method.name}' measures each step's forward pass in its penalty, "
+                              "which a trainer callback cannot reach; use it in your own loop (budgetprune.Pruner)")
         self.pruner = pruner
-        self.joined: torch.optim.Optimizer | None = None
-        self.groups: list[dict] = []
-        self.rates: list[float] = []
-
-    def join(self, optimizer: torch.optim.Optimizer, lr: float, schedulers=()) -> None:
-        """Add the method's parameter groups (gates) to ``optimizer``, once; ``schedulers`` already
-        made for it learn of the new groups (their per-group lists grow, as torch's schedulers
-        require one entry per group)."""
-        if self.joined is optimizer:
-            return
-        added = self.pruner.method_parameters(lr)
-        for group in added:
-            optimizer.add_param_group(group)
-            group = optimizer.param_groups[-1]
-            group.setdefault("initial_lr", group["lr"])
-            for scheduler in schedulers:
-                for name in ("base_lrs", "_last_lr"):
-                    if isinstance(getattr(scheduler, name, None), list):
-                        getattr(scheduler, name).append(group["lr"])
-                if isinstance(getattr(scheduler, "lr_lambdas", None), list):
-                    scheduler.lr_lambdas.append(scheduler.lr_lambdas[-1])
-        self.groups = optimizer.param_groups[len(optimizer.param_groups) - len(added):]
-        self.rates = [group["lr"] for group in self.groups]
-        self.joined = optimizer
+        groups = pruner.method_parameters(gate_lr)
+        self.optimizer = torch.optim.Adam(groups, lr=gate_lr) if groups else None
 
     def before_optimizer_step(self) -> None:
-        """Accumulate the penalty's gradient into the parameters' gradients; the gates' rate back
-        to its constant value (a scheduler may have scaled every group)."""
-        for group, lr in zip(self.groups, self.rates):
-            group["lr"] = lr
+        """Accumulate the penalty's gradient into the parameters' gradients."""
         penalty = self.pruner.penalty()
         if penalty.requires_grad:
             penalty.backward()
 
     def after_optimizer_step(self) -> None:
+        """The gates' update (skipped when a gradient is not finite, as a gradient scaler skips the
+        trainer's), then the pruner's step."""
+        if self.optimizer is not None:
+            grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if all(bool(torch.isfinite(g).all()) for g in grads):
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.pruner.step()
+
+    def state_dict(self) -> dict:
+        return {"pruner": self.pruner.state_dict(),
+                "gate_optimizer": self.optimizer.state_dict() if self.optimizer is not None else {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pruner.load_state_dict(state["pruner"])
+        if self.optimizer is not None and state.get("gate_optimizer"):
+            self.optimizer.load_state_dict(state["gate_optimizer"])

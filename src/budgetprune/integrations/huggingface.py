@@ -7,27 +7,34 @@
 The network pruned is ``model.<module>`` (the model itself by default: name the part that
 takes one input tensor when the model's forward also takes labels). The budget moves over
 ``total_steps`` optimizer steps (default: the run's ``max_steps``). The penalty's gradient is
-added after the Trainer clips gradients (``on_pre_optimizer_step``); with fp16 keep gradient
-clipping on (``max_grad_norm`` > 0, the default) so that gradients are unscaled by then. At
+added after the Trainer clips gradients (``on_pre_optimizer_step``). The pruner's state is
+written into each checkpoint folder (``budgetprune_pruner.pt``) and read back when training
+resumes from one; ``fp16`` (a gradient scaler) is refused, ``bf16`` works. At
 the end of training :attr:`pruned_model` is the physically smaller network and :attr:`report`
 what was kept; during training ``callback.pruner.status()`` gives the numbers to watch.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import TrainerCallback
 
+from .. import io
 from ..errors import ConfigError
 from ..pruner import Pruner
-from .driver import TrainerDriver, submodule
+from .driver import TrainerDriver, replace_submodule, submodule
+
+#: The pruner's state in each of the Trainer's checkpoint folders.
+STATE_FILE = "budgetprune_pruner.pt"
 
 
 class BudgetPruningCallback(TrainerCallback):
     """Prune ``model.<module>`` to ``budget`` while the Trainer trains it (see the module docstring).
 
     Other keyword options are the :class:`~budgetprune.pruner.Pruner`'s; ``gate_lr`` is the
-    learning rate of the method's gates in the Trainer's optimizer (1e-2, constant)."""
+    learning rate of the method's gates (their own Adam, constant; 1e-2)."""
 
     def __init__(self, budget, example_inputs: torch.Tensor, *, module: str | None = None,
                  total_steps: int | None = None, gate_lr: float = 1e-2, replace: bool = True, **pruner_options):
@@ -41,16 +48,29 @@ class BudgetPruningCallback(TrainerCallback):
         self.pruned_model = None
         self.report: dict | None = None
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        if optimizer is None:
-            raise ConfigError("the Trainer has no optimizer at the start of training")
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.pruned_model is not None:
+            raise ConfigError("this BudgetPruningCallback has already pruned its model; give a new one to "
+                              "another training run")
+        if args.fp16:
+            raise ConfigError("BudgetPruningCallback does not support fp16 (a gradient scaler): use bf16 or 32-bit")
         network = submodule(model, self.module)
         device = next((p.device for p in network.parameters()), torch.device("cpu"))
         total = self.total_steps or int(state.max_steps)
         self.pruner = Pruner(network, self.example_inputs.to(device), self.budget, total_steps=total,
-                             gate_lr=self.gate_lr, **self.pruner_options)
-        self.driver = TrainerDriver(self.pruner)
-        self.driver.join(optimizer, self.gate_lr, [lr_scheduler] if lr_scheduler is not None else [])
+                             **self.pruner_options)
+        self.driver = TrainerDriver(self.pruner, self.gate_lr)
+        if state.global_step > 0:  # resumed from a checkpoint folder
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+            if not os.path.isfile(path):
+                raise ConfigError(f"training resumes at step {state.global_step} but {path} does not exist: the "
+                                  "pruner's state cannot be restored; resume from a checkpoint this callback saved")
+            self.driver.load_state_dict(io.torch_load(path, "pruner state"))
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if self.driver is not None and os.path.isdir(folder):
+            io.torch_save(os.path.join(folder, STATE_FILE), self.driver.state_dict())
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.driver.before_optimizer_step()
@@ -60,6 +80,5 @@ class BudgetPruningCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.pruned_model, self.report = self.pruner.finalize()
-        if self.replace and self.module:
-            parent, _, name = self.module.rpartition(".")
-            setattr(submodule(model, parent), name, self.pruned_model)
+        if self.replace:
+            replace_submodule(model, self.module, self.pruned_model)

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ConfigError
 from ..pruner import Pruner
-from .driver import TrainerDriver, submodule
+from .driver import TrainerDriver, replace_submodule, submodule
 
 
 class BudgetPruning(pl.Callback):
@@ -27,7 +27,8 @@ class BudgetPruning(pl.Callback):
 
     Other keyword options are the :class:`~budgetprune.pruner.Pruner`'s (``method``, ``metric``,
     ``lam``, ``gate_init``, ``method_options``, ...); ``gate_lr`` is the learning rate of the
-    method's gates in the trainer's optimizer (1e-2, constant)."""
+    method's gates (their own Adam, constant; 1e-2). Mixed precision: ``bf16-mixed`` works;
+    ``16-mixed`` (a gradient scaler) is refused, since the gates' gradients would stay scaled."""
 
     def __init__(self, budget, *, example_inputs: torch.Tensor | None = None, module: str | None = None,
                  total_steps: int | None = None, gate_lr: float = 1e-2, replace: bool = True, **pruner_options):
@@ -53,26 +54,28 @@ class BudgetPruning(pl.Callback):
         return "model" if isinstance(getattr(pl_module, "model", None), torch.nn.Module) else None
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        if len(trainer.optimizers) != 1:
-            raise ConfigError(f"BudgetPruning works with one optimizer; the module configures {len(trainer.optimizers)}")
+        if self.pruned_model is not None:
+            raise ConfigError("this BudgetPruning callback has already pruned its model; give a new one to "
+                              "another fit")
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ConfigError("BudgetPruning does not support precision='16-mixed' (a gradient scaler): use "
+                              "'bf16-mixed' or 32-bit")
         example = self.example_inputs if self.example_inputs is not None else pl_module.example_input_array
         if not isinstance(example, torch.Tensor):
             raise ConfigError("BudgetPruning needs one batch of inputs: pass example_inputs=... or set "
                               "example_input_array on the LightningModule")
         total = self.total_steps or int(trainer.estimated_stepping_batches)
         self.pruner = Pruner(submodule(pl_module, self._path(pl_module)), example.to(pl_module.device), self.budget,
-                             total_steps=total, gate_lr=self.gate_lr, **self.pruner_options)
+                             total_steps=total, **self.pruner_options)
+        self.driver = TrainerDriver(self.pruner, self.gate_lr)
         if self._restored is not None:
-            self.pruner.load_state_dict(self._restored["pruner"])
+            self.driver.load_state_dict(self._restored)
             self._counted = self._restored["counted"]
-        self.driver = TrainerDriver(self.pruner)
-        self.driver.join(trainer.optimizers[0], self.gate_lr,
-                         [config.scheduler for config in trainer.lr_scheduler_configs])
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.driver.before_optimizer_step()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # after the step
         while self._counted < trainer.global_step:  # one pruner step per optimizer step taken
             self.driver.after_optimizer_step()
             self._counted += 1
@@ -82,13 +85,11 @@ class BudgetPruning(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.pruned_model, self.report = self.pruner.finalize()
-        path = self._path(pl_module)
-        if self.replace and path:
-            parent, _, name = path.rpartition(".")
-            setattr(submodule(pl_module, parent), name, self.pruned_model)
+        if self.replace:
+            replace_submodule(pl_module, self._path(pl_module), self.pruned_model)
 
     def state_dict(self) -> dict:
-        return {} if self.pruner is None else {"pruner": self.pruner.state_dict(), "counted": self._counted}
+        return {} if self.driver is None else {**self.driver.state_dict(), "counted": self._counted}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = state_dict or None

@@ -109,6 +109,10 @@ class Method(nn.Module):
 
     name = "base"
 
+    #: Whether :meth:`penalty` reads the forward pass of the same step (so it must be called
+    #: between the forward pass and the backward pass, as in a plain loop).
+    penalty_reads_forward = False
+
     def attach(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
         raise NotImplementedError
 

@@ -47,6 +47,8 @@ from .gated import GatedMethod
 class SensitivityRegularization(GatedMethod):
     """Channels whose outputs do not matter decay by λ·w·max(0, 1 − S) after every step."""
 
+    penalty_reads_forward = True  # the sensitivities are derivatives of this step's output
+
     guard_after_step = False
 
     def __init__(self, lam: float = 1e-2, kind: str = "unspecific", every: int = 10, threshold: float = 1e-2,
