@@ -26,7 +26,8 @@ from . import graphio
 from . import seeding
 from .budget import Budget
 from .compact import to_plain
-from .engine import DivergenceCheck, adam, evaluate, iterate_batches, make_optimizer, predict_logits, set_lr, train_epoch
+from .engine import (DivergenceCheck, adam, evaluate, iterate_batches, make_optimizer, num_batches, predict_logits,
+                     set_lr, train_epoch)
 from .errors import CheckpointError, ConfigError, TrainingDiverged, first_line
 from .graph import ChannelGraph
 from .inputs import check_inputs
@@ -362,7 +363,7 @@ class PruneRun:
             start = ckpt["epoch"]
         else:
             seeding.seed_stage(cfg.seed, "teacher")  # dropout and every other draw of the global generator
-        steps_per_epoch = -(-len(self.train_data) // cfg.batch_size)
+        steps_per_epoch = num_batches(self.train_data, cfg.batch_size)
         for epoch in range(start, cfg.teacher_epochs):
             self._epoch(model, opt, "teacher", epoch, cfg.teacher_epochs, steps_per_epoch,
                                 lambda logits, y, idx, x: nn.functional.cross_entropy(logits, y))
@@ -428,7 +429,7 @@ class PruneRun:
         student = copy.deepcopy(self.model).to(self.device)
         if cfg.student_init == "teacher":
             student.load_state_dict(self._teacher_state_for_model())
-        steps_per_epoch = -(-len(self.train_data) // cfg.batch_size)
+        steps_per_epoch = num_batches(self.train_data, cfg.batch_size)
         pruner = Pruner(student, self.example, self.budgets, total_steps=steps_per_epoch * cfg.epochs,
                         log=self.log, **cfg.pruner_options(len(self.train_data)))
         opt = adam(pruner.parameters(cfg.lr, cfg.weight_decay), cfg.lr, cfg.weight_decay)
@@ -512,7 +513,7 @@ class PruneRun:
         if start == 0:
             seeding.seed_stage(cfg.seed, "finetune")  # dropout of the compacted network
         total = cfg.finetune_epochs + cfg.lowlr_epochs
-        steps_per_epoch = -(-len(self.train_data) // cfg.batch_size)
+        steps_per_epoch = num_batches(self.train_data, cfg.batch_size)
         loss_fn = self._kd_loss(self.train_data) if total > start else None
         base = {"weights": cfg.lr}
         for epoch in range(start, total):
