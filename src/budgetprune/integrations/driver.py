@@ -76,3 +76,32 @@ class TrainerDriver:
         self.pruner.load_state_dict(state["pruner"])
         if self.optimizer is not None and state.get("gate_optimizer"):
             self.optimizer.load_state_dict(state["gate_optimizer"])
+
+
+class PruningCallback:
+    """What the Lightning and the Hugging Face callbacks share: their settings, the pruner and
+    driver they start when training starts, and the result they keep when it ends."""
+
+    def _settings(self, budget, example_inputs, module, total_steps, gate_lr, replace, pruner_options) -> None:
+        self.budget, self.example_inputs, self.module = budget, example_inputs, module
+        self.total_steps, self.gate_lr, self.replace = total_steps, gate_lr, replace
+        self.pruner_options = pruner_options
+        self.pruner: Pruner | None = None
+        self.driver: TrainerDriver | None = None
+        self.pruned_model: nn.Module | None = None
+        self.report: dict | None = None
+
+    def _start(self, network: nn.Module, example: torch.Tensor, total_steps: int) -> None:
+        """A new pruner on ``network`` (budget over ``total_steps`` unless set) and its driver."""
+        if self.pruned_model is not None:
+            raise ConfigError(f"this {type(self).__name__} has already pruned its model; give a new one to "
+                              "another training run")
+        self.pruner = Pruner(network, example, self.budget, total_steps=self.total_steps or int(total_steps),
+                             **self.pruner_options)
+        self.driver = TrainerDriver(self.pruner, self.gate_lr)
+
+    def _finish(self, owner: nn.Module, path: str | None) -> None:
+        """Finalize; the smaller network replaces ``owner.<path>`` (with ``replace``)."""
+        self.pruned_model, self.report = self.pruner.finalize()
+        if self.replace:
+            replace_submodule(owner, path, self.pruned_model)

@@ -23,14 +23,13 @@ from transformers import TrainerCallback
 
 from .. import io
 from ..errors import ConfigError
-from ..pruner import Pruner
-from .driver import TrainerDriver, replace_submodule, submodule
+from .driver import PruningCallback, submodule
 
 #: The pruner's state in each of the Trainer's checkpoint folders.
 STATE_FILE = "budgetprune_pruner.pt"
 
 
-class BudgetPruningCallback(TrainerCallback):
+class BudgetPruningCallback(PruningCallback, TrainerCallback):
     """Prune ``model.<module>`` to ``budget`` while the Trainer trains it (see the module docstring).
 
     Other keyword options are the :class:`~budgetprune.pruner.Pruner`'s; ``gate_lr`` is the
@@ -40,26 +39,14 @@ class BudgetPruningCallback(TrainerCallback):
                  total_steps: int | None = None, gate_lr: float = 1e-2, replace: bool = True, **pruner_options):
         if not isinstance(example_inputs, torch.Tensor):
             raise ConfigError("BudgetPruningCallback needs one batch of inputs to the pruned network as a tensor")
-        self.budget, self.example_inputs, self.module = budget, example_inputs, module
-        self.total_steps, self.gate_lr, self.replace = total_steps, gate_lr, replace
-        self.pruner_options = pruner_options
-        self.pruner: Pruner | None = None
-        self.driver: TrainerDriver | None = None
-        self.pruned_model = None
-        self.report: dict | None = None
+        self._settings(budget, example_inputs, module, total_steps, gate_lr, replace, pruner_options)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.pruned_model is not None:
-            raise ConfigError("this BudgetPruningCallback has already pruned its model; give a new one to "
-                              "another training run")
         if args.fp16:
             raise ConfigError("BudgetPruningCallback does not support fp16 (a gradient scaler): use bf16 or 32-bit")
         network = submodule(model, self.module)
         device = next((p.device for p in network.parameters()), torch.device("cpu"))
-        total = self.total_steps or int(state.max_steps)
-        self.pruner = Pruner(network, self.example_inputs.to(device), self.budget, total_steps=total,
-                             **self.pruner_options)
-        self.driver = TrainerDriver(self.pruner, self.gate_lr)
+        self._start(network, self.example_inputs.to(device), state.max_steps)
         if state.global_step > 0:  # resumed from a checkpoint folder
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
             if not os.path.isfile(path):
@@ -79,6 +66,4 @@ class BudgetPruningCallback(TrainerCallback):
         self.driver.after_optimizer_step()
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.pruned_model, self.report = self.pruner.finalize()
-        if self.replace:
-            replace_submodule(model, self.module, self.pruned_model)
+        self._finish(model, self.module)

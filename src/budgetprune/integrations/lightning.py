@@ -18,11 +18,10 @@ import lightning.pytorch as pl
 import torch
 
 from ..errors import ConfigError
-from ..pruner import Pruner
-from .driver import TrainerDriver, replace_submodule, submodule
+from .driver import PruningCallback, submodule
 
 
-class BudgetPruning(pl.Callback):
+class BudgetPruning(PruningCallback, pl.Callback):
     """Prune ``module.<module>`` to ``budget`` while Lightning trains it (see the module docstring).
 
     Other keyword options are the :class:`~budgetprune.pruner.Pruner`'s (``method``, ``metric``,
@@ -33,13 +32,7 @@ class BudgetPruning(pl.Callback):
     def __init__(self, budget, *, example_inputs: torch.Tensor | None = None, module: str | None = None,
                  total_steps: int | None = None, gate_lr: float = 1e-2, replace: bool = True, **pruner_options):
         super().__init__()
-        self.budget, self.example_inputs, self.module = budget, example_inputs, module
-        self.total_steps, self.gate_lr, self.replace = total_steps, gate_lr, replace
-        self.pruner_options = pruner_options
-        self.pruner: Pruner | None = None
-        self.driver: TrainerDriver | None = None
-        self.pruned_model = None
-        self.report: dict | None = None
+        self._settings(budget, example_inputs, module, total_steps, gate_lr, replace, pruner_options)
         self._restored: dict | None = None
         self._counted = 0  # optimizer steps the pruner has seen
 
@@ -54,9 +47,6 @@ class BudgetPruning(pl.Callback):
         return "model" if isinstance(getattr(pl_module, "model", None), torch.nn.Module) else None
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        if self.pruned_model is not None:
-            raise ConfigError("this BudgetPruning callback has already pruned its model; give a new one to "
-                              "another fit")
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             raise ConfigError("BudgetPruning does not support precision='16-mixed' (a gradient scaler): use "
                               "'bf16-mixed' or 32-bit")
@@ -64,10 +54,8 @@ class BudgetPruning(pl.Callback):
         if not isinstance(example, torch.Tensor):
             raise ConfigError("BudgetPruning needs one batch of inputs: pass example_inputs=... or set "
                               "example_input_array on the LightningModule")
-        total = self.total_steps or int(trainer.estimated_stepping_batches)
-        self.pruner = Pruner(submodule(pl_module, self._path(pl_module)), example.to(pl_module.device), self.budget,
-                             total_steps=total, **self.pruner_options)
-        self.driver = TrainerDriver(self.pruner, self.gate_lr)
+        self._start(submodule(pl_module, self._path(pl_module)), example.to(pl_module.device),
+                    trainer.estimated_stepping_batches)
         if self._restored is not None:
             self.driver.load_state_dict(self._restored)
             self._counted = self._restored["counted"]
@@ -84,9 +72,7 @@ class BudgetPruning(pl.Callback):
         pl_module.log_dict({f"budgetprune/{k}": float(v) for k, v in self.pruner.status().items()})
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self.pruned_model, self.report = self.pruner.finalize()
-        if self.replace:
-            replace_submodule(pl_module, self._path(pl_module), self.pruned_model)
+        self._finish(pl_module, self._path(pl_module))
 
     def state_dict(self) -> dict:
         return {} if self.driver is None else {**self.driver.state_dict(), "counted": self._counted}
