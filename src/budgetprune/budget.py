@@ -36,11 +36,24 @@ class Budget:
         (counted with ``mode``'s residual blocks)."""
         cm = CostModel(graph, self.metric, mode)
         full, low = cm.full(), cm.minimum()
-        if self.fraction * full < low:
-            raise BudgetError(
-                f"{self.metric} budget {self.fraction:.4g} (= {self.fraction * full:.4g}) is unreachable: "
-                f"keeping one channel per layer already costs {low:.4g} = {low / full:.4g} of the full "
-                f"network; use --budget {max(low / full * 1.05, 1e-4):.3g} or more")
+        if self.fraction * full >= low:
+            return
+        why = _blocking(graph)
+        if not graph.groups:
+            raise BudgetError(f"{self.metric} budget {self.fraction:.4g} is unreachable: nothing in the model can be "
+                              f"pruned ({why}); ChannelGraph.summary() or `budgetprune inspect` lists every layer")
+        raise BudgetError(
+            f"{self.metric} budget {self.fraction:.4g} (= {self.fraction * full:.4g}) is unreachable: "
+            f"keeping one channel per layer already costs {low:.4g} = {low / full:.4g} of the full "
+            f"network; use --budget {max(low / full * 1.05, 1e-4):.3g} or more" + (f" (not prunable: {why})" if why else ""))
+
+
+def _blocking(graph: ChannelGraph, shown: int = 3) -> str:
+    """The first layers that cannot be pruned and why (the first blocking op of each), those that
+    merely feed the network's output last."""
+    items = sorted(graph.ungated.items(), key=lambda kv: "network output" in kv[1])
+    text = "; ".join(f"{name}: {why}" for name, why in items[:shown])
+    return text + (f"; and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def parse_budget(value: str | float, metric: str = "volume") -> Budget:
