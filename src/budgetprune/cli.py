@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("prune", help="train and prune a model under a budget")
-    p.add_argument("--model", help="model name (see 'budgetprune list'; required unless --resume)")
+    p.add_argument("--model", help="model name (see 'budgetprune list'), torchvision:NAME, timm:NAME or "
+                                   "path/to/file.py:factory (your own code); required unless --resume")
     _add_data_args(p, required=False)
     p.add_argument("--budget",
                    help="allowed fraction of the unpruned cost (0.25) or pruning factor (4x) of --metric; "
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     n = sub.add_parser("inspect", help="what in a model can be pruned, what cannot and why, and its costs")
-    n.add_argument("--model", required=True, help="model name (see 'budgetprune list')")
+    n.add_argument("--model", required=True, help="model name (see 'budgetprune list'), torchvision:NAME, "
+                                                  "timm:NAME or path/to/file.py:factory")
     n.add_argument("--input-shape", default="1,28,28", help="one input without the batch dimension (default 1,28,28)")
     n.add_argument("--num-classes", type=int, default=10)
 

@@ -24,7 +24,12 @@ def available_models() -> list[str]:
 
 def create_model(name: str, *, in_channels: int = 1, num_classes: int = 10,
                  input_size: tuple[int, int] = (28, 28), **kwargs) -> nn.Module:
-    """Build a registered model for inputs of ``in_channels`` × ``input_size``."""
+    """Build a registered model for inputs of ``in_channels`` × ``input_size``; ``torchvision:NAME``,
+    ``timm:NAME`` and ``path/to/file.py:factory`` build models from elsewhere (see
+    :mod:`budgetprune.models.external`)."""
+    from .external import external_model, is_external
+    if is_external(name):
+        return external_model(name, in_channels=in_channels, num_classes=num_classes, input_size=input_size)
     if name not in _MODELS:
         close = difflib.get_close_matches(name, _MODELS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
