@@ -310,3 +310,36 @@ def test_when_nothing_can_be_pruned_the_error_names_the_blocking_op():
     text = str(err.value)
     assert "nothing in the model can be pruned" in text and "stem: read by 'permute'" in text
     assert text.index("stem:") < text.index("head: feeds the network output")  # the real blocker first
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNet's channel shuffle (view to 5-D, transpose, view back) between two convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)))
+        b, c, hh, ww = h.size()
+        h = torch.transpose(h.view(b, 2, c // 2, hh, ww), 1, 2).contiguous().view(b, c, hh, ww)
+        return self.fc(F.relu(self.conv3(h)).mean((2, 3)))
+
+
+def test_a_channel_shuffle_keeps_its_reshapes_in_the_compacted_network(tmp_path):
+    """A 5-D view is not a flatten: the compacted network keeps it (it used to become flatten(x, 1))."""
+    torch.manual_seed(0)
+    model = ChannelShuffle()
+    x = torch.randn(4, 1, 12, 12)
+    pruner = Pruner(model, x, "flops=0.7", total_steps=2, gate_init=3.0)
+    assert "conv1" in pruner.graph.groups and "conv2" not in pruner.graph.groups  # the shuffle blocks conv2 only
+    small, report = pruner.finalize()
+    assert report["compaction_max_abs_diff"] <= 1e-5
+    budgetprune.save(small, tmp_path / "shuffle.pt")  # torch.transpose: saved as plan + weights
+    again = budgetprune.load(tmp_path / "shuffle.pt", model=ChannelShuffle())
+    with torch.no_grad():
+        assert torch.allclose(again(x), small(x), atol=1e-6)

@@ -230,7 +230,8 @@ def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
                 node.args = (kept,) + rest if node.args else ()
                 if not node.args:
                     node.kwargs = {**node.kwargs, "tensors": kept}
-        elif node.op == "call_method" and node.target in FLATTEN_METHODS and node.target != "flatten":
+        elif node.op == "call_method" and node.target in FLATTEN_METHODS and node.target != "flatten" \
+                and len(_shape_of(node)) == 2:  # a flatten to (batch, features); other reshapes keep their sizes
             with g.inserting_before(node):
                 flat = g.call_function(torch.flatten, (node.args[0], 1))
             flat.meta["budgetprune_tensor"] = node.name
