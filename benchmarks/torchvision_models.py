@@ -1,0 +1,172 @@
+"""What budgetprune can prune in torchvision's classification models, one per family.
+
+For each model (untrained, ``num_classes=10``, random inputs of ``--size`` pixels) a Pruner
+under a FLOP budget takes ``--steps`` SGD steps and finalizes. Recorded per model: the share
+of conv/linear output channels that are prunable (channel groups over all conv/linear outputs
+but the classifier's; depthwise convs follow their producer and count with it), whether the
+budget is met (V/B), the compacted network's largest output difference from the gated one,
+the parameter and FLOP reduction, how the result saves (self-contained file or plan + weights)
+and whether the loaded file gives the same outputs — or the one-line error where a step fails.
+
+    python benchmarks/torchvision_models.py                      # every family, 64 px, 2x FLOPs
+    python benchmarks/torchvision_models.py --models resnet18,vit_b_16 --size 64
+
+Writes ``benchmarks/results/torchvision_models.{json,md}``. torchvision is a benchmark and test
+dependency only (``pip install --no-deps torchvision`` next to the torch pin); a CUDA build of
+torchvision imports with a CPU torch once its ``nms``/``qnms`` operator schemas are defined,
+which this script does when the plain import fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS  # noqa: E402
+
+import budgetprune  # noqa: E402
+from budgetprune import Pruner  # noqa: E402
+from budgetprune.errors import BudgetpruneError, first_line  # noqa: E402
+
+FAMILIES = ["resnet18", "resnext50_32x4d", "wide_resnet50_2", "vgg11_bn", "densenet121", "googlenet", "inception_v3",
+            "mobilenet_v2", "mobilenet_v3_small", "mnasnet0_5", "efficientnet_b0", "efficientnet_v2_s",
+            "shufflenet_v2_x0_5", "squeezenet1_0", "regnet_x_400mf", "convnext_tiny", "vit_b_16", "swin_t", "maxvit_t"]
+SIZE_AT_LEAST = {"inception_v3": 75, "maxvit_t": 224}  # what the architecture itself needs
+_SHIM = None
+
+
+def import_torchvision():
+    global _SHIM
+    if subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True).returncode != 0:
+        _SHIM = torch.library.Library("torchvision", "DEF")
+        _SHIM.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _SHIM.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import torchvision.models
+    return torchvision.models
+
+
+def make(models, name: str, size: int) -> nn.Module:
+    kwargs = {"weights": None, "num_classes": 10}
+    if name.startswith("vit_"):
+        kwargs["image_size"] = size
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=True)
+    return models.get_model(name, **kwargs)
+
+
+def prunable_share(model: nn.Module, graph) -> tuple[float, int, int]:
+    """(prunable share, prunable channels, all channels) of conv/linear outputs but the last layer's."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    total = sum(m.out_channels if isinstance(m, nn.Conv2d) else m.out_features for m in layers[:-1])
+    depthwise = {name for name, m in model.named_modules()
+                 if isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels and m.groups > 1}
+    grouped = sum(g.channels for g in graph.groups.values() if g.position == "output")
+    following = sum(graph.layers[name].out_channels for name in depthwise
+                    if name in graph.layers and graph.layers[name].out_group is None
+                    and graph.tensors[graph.layers[name].in_tensor].sources())
+    kept = grouped + following
+    return kept / max(total, 1), kept, total
+
+
+def one(models, name: str, size: int, budget: str, steps: int) -> dict:
+    row: dict = {"model": name, "size": size}
+    start = time.perf_counter()
+    stage = "build"
+    try:
+        torch.manual_seed(0)
+        model = make(models, name, size)
+        x, y = torch.randn(4, 3, size, size), torch.randint(0, 10, (4,))
+        full_params = sum(p.numel() for p in model.parameters())
+        stage = "trace"
+        pruner = Pruner(model, x, budget, total_steps=steps, gate_init=3.0)
+        row["prunable_share"], row["prunable_channels"], row["channels"] = prunable_share(model, pruner.graph)
+        stage = "train"
+        optimizer = torch.optim.SGD(pruner.parameters(lr=1e-2), lr=1e-2, momentum=0.9)
+        for _ in range(steps):
+            loss = F.cross_entropy(model(x), y) + pruner.penalty()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            pruner.step()
+        stage = "finalize"
+        small, report = pruner.finalize(x)
+        metric = pruner.budget.metric
+        row.update(budget_ratio=report["pruned"][metric] / pruner.budget.absolute(pruner.graph),
+                   compaction_max_abs_diff=report["compaction_max_abs_diff"],
+                   flops_reduction=pruner.full["flops"] / report["pruned"]["flops"],
+                   params_reduction=full_params / sum(p.numel() for p in small.parameters()))
+        stage = "save"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "m.pt"
+            budgetprune.save(small, path)
+            stored = torch.load(path, weights_only=True)
+            row["file"] = "self-contained" if "graph" in stored else "plan + weights"
+            stage = "load"
+            again = budgetprune.load(path) if "graph" in stored else budgetprune.load(path, model=make(models, name,
+                                                                                                          size))
+            with torch.no_grad():
+                row["load_max_abs_diff"] = float((again(x) - small(x)).abs().max())
+    except (BudgetpruneError, RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        row["failed_at"] = stage
+        row["error"] = f"{type(exc).__name__}: {first_line(exc, 240)}"
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| model | prunable channels | V/B | compaction diff | FLOPs ÷ | params ÷ | file | load diff | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        share = f"{r['prunable_share']:.0%} ({r['prunable_channels']}/{r['channels']})" if "prunable_share" in r else "–"
+        if "error" in r and "budget_ratio" not in r:
+            lines.append(f"| {r['model']} | {share} | failed at {r['failed_at']}: {r['error'].replace('|', '/')} "
+                         f"| | | | | | {r['seconds']:.0f} |")
+            continue
+        tail = (f"{r['file']} | {r['load_max_abs_diff']:.1e}" if "load_max_abs_diff" in r
+                else f"failed at {r.get('failed_at')}: {r.get('error', '').replace('|', '/')} | –")
+        lines.append(f"| {r['model']} | {share} | {r['budget_ratio']:.4f} | {r['compaction_max_abs_diff']:.1e} | "
+                     f"{r['flops_reduction']:.2f} | {r['params_reduction']:.2f} | {tail} | {r['seconds']:.0f} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(FAMILIES))
+    p.add_argument("--size", type=int, default=64, help="input pixels (raised where an architecture needs more)")
+    p.add_argument("--budget", default="flops=0.5")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    models = import_torchvision()
+    rows, start = [], time.perf_counter()
+    for name in args.models.split(","):
+        row = one(models, name, max(args.size, SIZE_AT_LEAST.get(name, 0)), args.budget, args.steps)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    record = {"command": "python benchmarks/torchvision_models.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "budget": args.budget, "steps": args.steps, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "wall_seconds": time.perf_counter() - start, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "torchvision_models.json").write_text(json.dumps(record, indent=2) + "\n")
+    page = ["# torchvision classification models under a FLOP budget", "",
+            f"Command: `{record['command']}`", "",
+            f"Untrained models, 10 classes, random inputs; {args.steps} SGD steps under `{args.budget}`, then "
+            f"finalize, save, load. torch {record['torch']}, {record['threads']} threads, wall time "
+            f"{record['wall_seconds'] / 60:.1f} min.", "", *table(rows), ""]
+    (out / "torchvision_models.md").write_text("\n".join(page))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
