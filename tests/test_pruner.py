@@ -343,3 +343,29 @@ def test_a_channel_shuffle_keeps_its_reshapes_in_the_compacted_network(tmp_path)
     again = budgetprune.load(tmp_path / "shuffle.pt", model=ChannelShuffle())
     with torch.no_grad():
         assert torch.allclose(again(x), small(x), atol=1e-6)
+
+
+class BroadcastBias(nn.Module):
+    """MaxViT's pattern: a 5-D attention-like tensor plus a 4-D bias, broadcast (not a channel add)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.bias = nn.Parameter(torch.randn(2, 6, 6))
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        b = h.shape[0]
+        a = h.view(b, 4, 2, 6, 6) + self.bias.unsqueeze(0)
+        return self.fc(F.relu(self.conv2(a.view(b, 8, 6, 6))).mean((2, 3)))
+
+
+def test_a_broadcast_add_of_other_layouts_is_left_as_it_is():
+    torch.manual_seed(0)
+    model = BroadcastBias()
+    x = torch.randn(4, 1, 6, 6)
+    pruner = Pruner(model, x, "flops=0.8", total_steps=1, gate_init=3.0)
+    small, report = pruner.finalize()
+    assert report["compaction_max_abs_diff"] <= 1e-5

@@ -219,7 +219,7 @@ def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
         is_mul = (node.op == "call_function" and node.target in MUL_FUNCTIONS) or \
             (node.op == "call_method" and node.target == "mul")
         tensor_args = [a for a in node.args if isinstance(a, fx.Node) and _tensor_name(a) in graph.tensors]
-        if (is_add or is_mul) and len(tensor_args) == 2:
+        if (is_add or is_mul) and len(tensor_args) == 2 and _same_layout(node, tensor_args):
             _rewrite_binary(g, buffers, node, tensor_args, index, alive, is_add,
                             node.target in SUB_FUNCTIONS or node.target == "sub")
         elif node.op == "call_function" and node.target is torch.cat:
@@ -255,6 +255,14 @@ def _tensor_name(node: fx.Node) -> str:
 
 def _is_bn(gm, node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm)
+
+
+def _same_layout(node: fx.Node, operands: list[fx.Node]) -> bool:
+    """Whether the operands of an add or mul have the result's dims, channels at dim 1 (a broadcast
+    over other dims, such as an attention bias added to (batch, windows, heads, N, N), is no channel op)."""
+    shape = _shape_of(node)
+    return shape is not None and len(shape) >= 2 and all(
+        _shape_of(t) is not None and len(_shape_of(t)) == len(shape) for t in operands)
 
 
 def _shape_of(node):

@@ -478,7 +478,8 @@ class _Builder:
             return self._same(node, tensor_args[0], "adding a constant")
         a, b = (self._info(t) for t in tensor_args)
         shape = _shape(node)
-        if a.expansion != 1 or b.expansion != 1 or a.slots != b.slots or len(shape) < 2 or shape[1] != a.slots:
+        if a.expansion != 1 or b.expansion != 1 or a.slots != b.slots or len(shape) < 2 or shape[1] != a.slots or \
+                any(len(_shape(t) or ()) != len(shape) for t in tensor_args):  # a broadcast over other dims
             raise _Unsupported(f"read by '{node.name}', which adds tensors of different channel layouts")
         self._set(node, TensorInfo(node.name, a.slots, _area(shape), 1, _merge(a.segments, b.segments)))
         for t in tensor_args:
