@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
 from functools import lru_cache
 
 import pytest
 import torch
 
 from budgetprune.data import load_dataset
+
+
+def _torchvision_operator_schemas():
+    """torchvision 0.28 from the registry is a CUDA build: with our CPU torch it imports only once
+    its ``torchvision::nms``/``qnms`` schemas exist. Lightning's torchmetrics imports torchvision
+    too, so they are defined before any test module is collected (where the plain import fails,
+    checked in a subprocess: a failed import leaves torch's operator registry half filled)."""
+    if importlib.util.find_spec("torchvision") is None:
+        return None
+    if subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True).returncode == 0:
+        return None
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    return lib
+
+
+_TORCHVISION_SCHEMAS = _torchvision_operator_schemas()  # kept alive for the session
 
 
 @lru_cache(maxsize=None)

@@ -2,7 +2,7 @@
 
 torchvision 0.28 from the registry is a CUDA build; with the CPU torch its import needs the
 ``torchvision::nms``/``qnms`` operator schemas defined first (a shim for the tests only:
-budgetprune itself never imports torchvision unless a spec names it).
+budgetprune itself never imports torchvision unless a spec names it; see tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -23,26 +23,11 @@ from budgetprune.errors import ConfigError
 
 @pytest.fixture(scope="module")
 def torchvision():
+    """torchvision, importable after conftest's operator-schema shim."""
     if importlib.util.find_spec("torchvision") is None:
         pytest.skip("torchvision is not installed (make test installs it)")
-    global _SHIM
-    if not _torchvision_imports():
-        _SHIM = torch.library.Library("torchvision", "DEF")  # kept alive: the schemas live as long as it does
-        _SHIM.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _SHIM.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     import torchvision
     return torchvision
-
-
-_SHIM = None
-
-
-def _torchvision_imports() -> bool:
-    """Whether torchvision imports as it is (a CPU build that matches torch) — in a subprocess, since
-    a failed import leaves torch's operator registry half filled."""
-    import subprocess
-    import sys
-    return subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True).returncode == 0
 
 
 def test_a_torchvision_resnet18_is_pruned_saved_and_loaded(torchvision, tmp_path):
