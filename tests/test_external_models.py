@@ -133,3 +133,22 @@ def test_a_model_file_that_does_not_exist_or_fails_to_run(tmp_path):
     bad.write_text("import not_a_module_anywhere\n")
     with pytest.raises(ConfigError, match="running .* failed \\(ModuleNotFoundError"):
         budgetprune.create_model(f"{bad}:f")
+
+
+def test_torchvision_mobilenet_v2_with_a_whole_block_pruned_compacts(torchvision):
+    """An inverted residual whose expansion is pruned away entirely: its add is removed with it (the
+    benchmark's mobilenet_v2 and mnasnet runs caught a compaction that left the add in place)."""
+    torch.manual_seed(0)
+    model = budgetprune.create_model("torchvision:mobilenet_v2", in_channels=3, num_classes=10, input_size=(64, 64))
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+    pruner = Pruner(model, x, "flops=0.5", total_steps=2, gate_init=3.0)
+    optimizer = torch.optim.SGD(pruner.parameters(lr=1e-3), lr=1e-3, momentum=0.9)
+    for _ in range(2):
+        loss = F.cross_entropy(model(x), y) + pruner.penalty()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        pruner.step()
+    small, report = pruner.finalize(x)
+    assert report["compaction_max_abs_diff"] <= 1e-4
+    assert 0.99 <= report["pruned"]["flops"] / pruner.budget.absolute(pruner.graph) <= 1.0

@@ -260,9 +260,8 @@ def _is_bn(gm, node) -> bool:
 def _same_layout(node: fx.Node, operands: list[fx.Node]) -> bool:
     """Whether the operands of an add or mul have the result's dims, channels at dim 1 (a broadcast
     over other dims, such as an attention bias added to (batch, windows, heads, N, N), is no channel op)."""
-    shape = _shape_of(node)
-    return shape is not None and len(shape) >= 2 and all(
-        _shape_of(t) is not None and len(_shape_of(t)) == len(shape) for t in operands)
+    known = [m.shape for m in (t.meta.get("tensor_meta") for t in (node, *operands)) if m is not None]
+    return len({len(shape) for shape in known}) <= 1  # nodes compaction made have no metadata: no say
 
 
 def _shape_of(node):
