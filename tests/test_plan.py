@@ -136,3 +136,37 @@ def test_a_file_without_a_plan_says_so_when_a_model_is_passed(tmp_path):
     budgetprune.save(torch.fx.symbolic_trace(budgetprune.create_model("lenet5")), path)
     with pytest.raises(CheckpointError, match="no pruning plan"):
         budgetprune.load(path, model=budgetprune.create_model("lenet5"))
+
+
+def test_the_full_pipeline_prunes_a_network_only_a_plan_can_describe(tmp_path, demo_subsets):
+    """budgetprune.prune (the command line's pipeline) on such a network: teacher.pt, the fine-tune
+    checkpoints and model.pt hold plans, and a run resumed at the fine-tune stage ends as one."""
+    train, test = demo_subsets(256, 128)
+    options = dict(budget="flops=0.6", teacher_epochs=1, epochs=1, finetune_epochs=2, lowlr_epochs=0, log=None,
+                   progress=False)
+    torch.manual_seed(0)
+    small, metrics = budgetprune.prune(Unusual(), train, test, out=tmp_path / "a", **options)
+    assert 0.8 <= metrics["budget_ratio"] <= 1.0
+    for name in ("teacher.pt", "model.pt"):
+        assert "graph" not in torch.load(tmp_path / "a" / name, weights_only=True)
+    again = budgetprune.load(tmp_path / "a" / "model.pt", model=Unusual())
+    x = test[0][0].unsqueeze(0)
+    with torch.no_grad():
+        assert torch.allclose(again(x), small(x), atol=1e-6)
+
+    # interrupted after the first fine-tune epoch, then resumed from its checkpoint
+    class Stop(Exception):
+        pass
+
+    def stop(line):
+        if line.startswith("[finetune] epoch 1/"):
+            raise Stop
+
+    torch.manual_seed(0)
+    with pytest.raises(Stop):
+        budgetprune.prune(Unusual(), train, test, out=tmp_path / "b", **{**options, "log": stop})
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["arch"] == "null"
+    torch.manual_seed(0)
+    resumed, _ = budgetprune.prune(Unusual(), train, test, out=tmp_path / "b", resume=True, **options)
+    with torch.no_grad():
+        assert torch.allclose(resumed(x), small(x), atol=1e-5)

@@ -76,7 +76,7 @@ def load_teacher(path: str | os.PathLike, model: nn.Module, example: torch.Tenso
     """
     obj = io.torch_load(path, "teacher checkpoint")
     if isinstance(obj, dict) and obj.get("format") == io.FORMAT:
-        net = io.load_file(path)[0]
+        net = io.load_file(path, fallback=model)[0]  # a plan-only file is replayed on the model
         if _shape_signature(net) != _shape_signature(model):
             raise CheckpointError(f"teacher checkpoint {path} is for another architecture "
                                   f"({_describe(net)}; the model is {_describe(model)})")

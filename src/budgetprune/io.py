@@ -288,7 +288,8 @@ def check_meta(meta) -> dict:
     return meta
 
 
-def load_file(path: str | os.PathLike, model: nn.Module | None = None) -> tuple[nn.Module, list[dict] | dict, dict]:
+def load_file(path: str | os.PathLike, model: nn.Module | None = None, *,
+              fallback: nn.Module | None = None) -> tuple[nn.Module, list[dict] | dict, dict]:
     """(model in eval mode, architecture, metadata) from a model file.
 
     The architecture is the list of layer specs for a format-1 file and the graph
@@ -296,7 +297,8 @@ def load_file(path: str | os.PathLike, model: nn.Module | None = None) -> tuple[
     ``nn.Sequential`` or a ``torch.fx.GraphModule`` accordingly. With ``model`` (the
     architecture that was pruned, unpruned), the file's pruning plan is replayed on it instead
     (:func:`budgetprune.plan.replay`) and the architecture is the plan; a format-4 file (plan and
-    weights only) needs it.
+    weights only) needs it; ``fallback`` is used as ``model`` for such a file only (a file with a
+    graph is then rebuilt from it).
     """
     obj = torch_load(path, "model file")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
@@ -310,6 +312,8 @@ def load_file(path: str | os.PathLike, model: nn.Module | None = None) -> tuple[
         raise CheckpointError(f"{path} was written by a newer budgetprune (format {version}); upgrade")
     try:
         meta = check_meta(json.loads(obj.get("meta", "{}")))
+        if model is None and "graph" not in obj and version >= 4:
+            model = fallback
         if model is not None or version >= 4 and "graph" not in obj:
             if "plan" not in obj:
                 raise CheckpointError("it holds no pruning plan to replay on the model passed (it was not "

@@ -33,6 +33,8 @@ from .graph import ChannelGraph
 from .inputs import check_inputs
 from .methods import available_methods, check_method_options, method_options
 from .objectives import distillation_loss
+from .plan import make_plan
+from .plan import replay as plan_replay
 from .pruner import Pruner, check_prunable
 from .resources import BUDGET_METRICS, METRICS, resource_report
 from .runfolder import RunFolder
@@ -189,8 +191,16 @@ _TYPE_WORDS = {"int": "an int", "float": "a finite number", "str": "a string", "
 class PruneResult:
     model: nn.Module  # the compacted network (a torch.fx.GraphModule)
     metrics: dict
-    architecture: dict  # budgetprune.graphio.describe(model)
+    architecture: dict | None  # budgetprune.graphio.describe(model); None where only its plan describes it
     history: list[dict] = field(default_factory=list)
+
+
+def _description(net: nn.Module) -> dict | None:
+    """The self-contained description of ``net``, or None where only its pruning plan can describe it."""
+    try:
+        return graphio.describe(graphio.trace(net))
+    except CheckpointError:
+        return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -347,7 +357,7 @@ class PruneRun:
     def _teacher_stage(self, ckpt: dict | None):
         teacher_file = self.out / "teacher.pt"
         if self.teacher is None and teacher_file.exists() and (ckpt is None):
-            self.teacher = io.load(teacher_file).to(self.device).eval()
+            self.teacher = io.load_file(teacher_file, fallback=self.model)[0].to(self.device).eval()
         if self.teacher is not None:
             if not teacher_file.exists():
                 self._save_teacher(self.teacher)
@@ -374,7 +384,11 @@ class PruneRun:
         return None
 
     def _save_teacher(self, teacher: nn.Module) -> None:
-        plain = to_plain(teacher, ChannelGraph.build(teacher, self.example))
+        graph = ChannelGraph.build(teacher, self.example)
+        plain = to_plain(teacher, graph)
+        # nothing pruned: a plan that keeps every channel, for networks no self-contained file can describe
+        plain.budgetprune_plan = make_plan(graph, None, block=self.config.block, granularity="channel",
+                                           gate_inputs=False)
         io.save(plain, self.out / "teacher.pt", meta={"role": "teacher", "model": self.config.model,
                                                       "input_shape": list(self.graph.input_shape)})
 
@@ -485,7 +499,7 @@ class PruneRun:
             raise self._diverged(str(exc), resumable=False) from None
         if self.per_weight:
             self.weight_masks = pruner.weight_masks
-        return net, graphio.describe(net), info
+        return net, _description(net), info
 
     # finetune ------------------------------------------------------------------------
     def _finetune_stage(self, ckpt: dict | None, pruner: Pruner | None):
@@ -497,10 +511,14 @@ class PruneRun:
                                   info=json.dumps(info), optimizer={}, **self._mask_state())
         else:
             specs = self._from_checkpoint("network", lambda: json.loads(ckpt["arch"]))
-            net = self._from_checkpoint("network", lambda: graphio.rebuild(specs, ckpt["model"])).to(self.device)
             info = self._from_checkpoint("pruning record", lambda: json.loads(ckpt["info"]))
             if not isinstance(info, dict):
                 raise self._damaged("its pruning record is not an object")
+            if specs is None:  # a network only its plan describes: replayed on the run's model
+                net = self._from_checkpoint("network", lambda: plan_replay(info.get("plan"), self.model, ckpt["model"]))
+            else:
+                net = self._from_checkpoint("network", lambda: graphio.rebuild(specs, ckpt["model"]))
+            net = net.to(self.device)
             if info.get("plan") is not None:
                 net.budgetprune_plan = info["plan"]  # model.pt keeps the plan across a resume
             start = ckpt["epoch"]
