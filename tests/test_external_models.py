@@ -13,12 +13,12 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import budgetprune
 import budgetprune.data
 from budgetprune import Pruner, cli
 from budgetprune.errors import ConfigError
+from loops import pruning_steps
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +37,7 @@ def test_a_torchvision_resnet18_is_pruned_saved_and_loaded(torchvision, tmp_path
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     pruner = Pruner(model, x, "flops=0.5", total_steps=3, gate_init=3.0)
     optimizer = torch.optim.Adam(pruner.parameters(lr=1e-3), lr=1e-3)
-    for _ in range(3):
-        loss = F.cross_entropy(model(x), y) + pruner.penalty()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        pruner.step()
+    pruning_steps(model, pruner, optimizer, [(x, y)] * 3)
     small, report = pruner.finalize()
     assert 0.9 <= report["pruned"]["flops"] / pruner.budget.absolute(pruner.graph) <= 1.0
     budgetprune.save(small, tmp_path / "r18.pt")
@@ -143,12 +138,7 @@ def test_torchvision_mobilenet_v2_with_a_whole_block_pruned_compacts(torchvision
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
     pruner = Pruner(model, x, "flops=0.5", total_steps=2, gate_init=3.0)
     optimizer = torch.optim.SGD(pruner.parameters(lr=1e-3), lr=1e-3, momentum=0.9)
-    for _ in range(2):
-        loss = F.cross_entropy(model(x), y) + pruner.penalty()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        pruner.step()
+    pruning_steps(model, pruner, optimizer, [(x, y)] * 2)
     small, report = pruner.finalize(x)
     assert report["compaction_max_abs_diff"] <= 1e-4
     assert 0.99 <= report["pruned"]["flops"] / pruner.budget.absolute(pruner.graph) <= 1.0

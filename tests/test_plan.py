@@ -19,6 +19,7 @@ from torch import nn
 import budgetprune
 from budgetprune import Pruner, cli
 from budgetprune.errors import CheckpointError
+from loops import pruning_steps
 
 HAVE_ORT = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
 
@@ -48,12 +49,7 @@ def _pruned(model_cls, budget="flops=0.5", steps=10):
     y = torch.randint(0, 10, (16,))
     pruner = Pruner(model, x, budget, total_steps=steps, gate_init=3.0)
     optimizer = torch.optim.Adam(pruner.parameters(lr=1e-2), lr=1e-2)
-    for _ in range(steps):
-        loss = F.cross_entropy(model(x), y) + pruner.penalty()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        pruner.step()
+    pruning_steps(model, pruner, optimizer, [(x, y)] * steps)
     small, report = pruner.finalize()
     return small, report, x
 

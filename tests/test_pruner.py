@@ -16,17 +16,13 @@ import budgetprune
 from budgetprune import Pruner
 from budgetprune.errors import BudgetpruneError, ConfigError
 from budgetprune.methods import available_methods
+from loops import pruning_steps
 
 
 def _loop(model, pruner, batches, loss_fn, lr=0.01):
     """The loop of the README: the user's optimizer and loss, the pruner's penalty and step."""
     optimizer = torch.optim.SGD(pruner.parameters(lr=lr), lr=lr, momentum=0.9)
-    for x, y in batches:
-        loss = loss_fn(model(x), y) + pruner.penalty()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        pruner.step()
+    pruning_steps(model, pruner, optimizer, batches, loss_fn)
     return optimizer
 
 
@@ -180,20 +176,12 @@ def test_a_loop_resumed_from_the_pruner_state_ends_exactly_as_an_uninterrupted_o
         pruner = Pruner(model, batches[0][0], 0.25, total_steps=len(batches))
         return model, pruner, torch.optim.Adam(pruner.parameters(lr=1e-3), lr=1e-3)
 
-    def train_steps(model, pruner, optimizer, part):
-        for x, y in part:
-            loss = F.cross_entropy(model(x), y) + pruner.penalty()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            pruner.step()
-
     model, pruner, optimizer = start()
-    train_steps(model, pruner, optimizer, batches)
+    pruning_steps(model, pruner, optimizer, batches)
     whole = pruner.finalize()[0]
 
     model, pruner, optimizer = start()
-    train_steps(model, pruner, optimizer, batches[:7])
+    pruning_steps(model, pruner, optimizer, batches[:7])
     saved = {"model": model.state_dict(), "pruner": pruner.state_dict(), "optimizer": optimizer.state_dict(),
              "rng": torch.get_rng_state()}
     model, pruner, optimizer = start()  # a new process: everything rebuilt, then the user's checkpoint loaded
@@ -202,7 +190,7 @@ def test_a_loop_resumed_from_the_pruner_state_ends_exactly_as_an_uninterrupted_o
     optimizer.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["rng"])
     assert pruner.steps == 7
-    train_steps(model, pruner, optimizer, batches[7:])
+    pruning_steps(model, pruner, optimizer, batches[7:])
     resumed = pruner.finalize()[0]
     a, b = whole.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
