@@ -286,7 +286,7 @@ def test_user_net_graph_places_gate_after_bn():
 # Graph errors
 # ---------------------------------------------------------------------------------------
 class Sliced(nn.Module):
-    """A channel slice and a grouped conv: what feeds them is left ungated, with the reason."""
+    """A channel slice (what feeds it is left ungated, with the reason) and a grouped conv (tied)."""
 
     def __init__(self):
         super().__init__()
@@ -306,8 +306,8 @@ class Sliced(nn.Module):
 def test_unsupported_ops_leave_their_writers_ungated():
     model = Sliced()
     graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 28, 28))
-    assert set(graph.groups) == {"conv4"}
-    assert "grouped convolution" in graph.ungated["conv1"] and "grouped convolution" in graph.ungated["conv2"]
+    assert set(graph.groups) == {"conv1", "conv2", "conv4"}
+    assert graph.groups["conv1"].units == 4 and graph.groups["conv2"].units == 4  # tied across 2 conv groups
     assert "getitem" in graph.ungated["conv3"]
     assert "network output" in graph.ungated["fc"]
     text = graph.summary()

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from .graph import ChannelGraph
+from .graph import ChannelGraph, ChannelGroup
 from .liveness import alive
 
 GateFn = Callable[[int], torch.Tensor]  # batch size -> (C,) or (batch, C) gate values
@@ -95,7 +95,7 @@ class GateHooks:
             else:
                 layer = graph.layers[group.producer]
                 site = modules[gate_site(graph, group.host)] if getattr(gate, "nonnegative", False) else host
-                self.handles.append(site.register_forward_hook(self._output_hook(gid, gate, layer.in_tensor)))
+                self.handles.append(site.register_forward_hook(self._output_hook(group, gate, layer.in_tensor)))
         nodes = {n.name: n for n in graph.gm.graph.nodes}
         for name in graph.renormalisers:
             node = nodes[name]
@@ -108,9 +108,11 @@ class GateHooks:
     def _alive(self, tensor: str) -> torch.Tensor:
         return alive(self.graph.tensors[tensor], {g: (v > 0) for g, v in self.current.items()})
 
-    def _output_hook(self, gid: str, gate: GateFn, in_tensor: str):
+    def _output_hook(self, group: ChannelGroup, gate: GateFn, in_tensor: str):
+        gid = group.id
+
         def hook(module, inputs, output):
-            z = gate_values(gate, output.shape[0], self.model_training)
+            z = group.expand(gate_values(gate, output.shape[0], self.model_training))  # tied units → channels
             info = self.graph.tensors[in_tensor]
             if info.sources() and all(g in self.current for g in info.sources()):
                 z = z * self._alive(in_tensor).to(z.dtype).amax(dim=-1, keepdim=True)  # purge

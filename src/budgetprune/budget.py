@@ -141,6 +141,30 @@ def _toggle(masks, pairs, value):
     return out
 
 
+def tie_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``masks`` with each set of tied channels (a grouped convolution's, :attr:`ChannelGroup.units`)
+    kept wherever one of them is: a per-channel decision made valid for compaction."""
+    out = {}
+    for gid, m in masks.items():
+        group = graph.groups.get(gid)
+        if group is not None and group.units != group.channels:
+            m = m.bool().view(-1, group.units).any(0).repeat(group.channels // group.units)
+        out[gid] = m
+    return out
+
+
+def _units(graph: ChannelGraph, gid: str, values: torch.Tensor, every: torch.Tensor | None = None):
+    """Per-unit sums of per-channel ``values`` (channel c belongs to unit c mod units), and, if
+    ``every`` (a per-channel bool) is given, whether it holds for all channels of each unit."""
+    u = graph.groups[gid].units
+    summed = values.view(-1, u).sum(0)
+    return summed if every is None else (summed, every.view(-1, u).all(0))
+
+
+def _unit_pairs(graph: ChannelGraph, gid: str, unit: int) -> tuple[tuple[str, int], ...]:
+    return tuple((gid, c) for c in graph.groups[gid].members(unit))
+
+
 class _Writers:
     """Which channels of other groups write the same slot as a given channel (a residual sum).
 
@@ -148,6 +172,7 @@ class _Writers:
     for the others), so the projection also offers removing the slot from every writer at once."""
 
     def __init__(self, graph: ChannelGraph):
+        self.groups = graph.groups
         self.by_group: dict[str, list] = {}
         for info in graph.tensors.values():
             for seg in info.segments:
@@ -157,11 +182,16 @@ class _Writers:
                             self.by_group.setdefault(gid, []).append((off, seg.length, seg.sources))
 
     def closure(self, gid: str, idx: int) -> tuple[tuple[str, int], ...] | None:
-        """Every (group, channel) sharing a slot with ``(gid, idx)``, transitively; None when an
-        always-alive input shares it (the slot cannot go)."""
+        """Every (group, channel) sharing a slot with ``(gid, idx)`` or tied to it (a grouped
+        convolution's channels), transitively; None when an always-alive input shares a slot
+        (the slot cannot go)."""
         seen, todo = {(gid, idx)}, [(gid, idx)]
         while todo:
             g, c = todo.pop()
+            for tied in self.groups[g].members(c):
+                if (g, tied) not in seen:
+                    seen.add((g, tied))
+                    todo.append((g, tied))
             for off, length, sources in self.by_group.get(g, ()):
                 if not off <= c < off + length:
                     continue
@@ -194,7 +224,7 @@ def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
     """
     budgets = _as_list(budget)
     costs = _Costs(graph, budgets, mode)
-    masks = {gid: m.detach().clone().bool().cpu() for gid, m in masks.items()}
+    masks = tie_masks(graph, {gid: m.detach().clone().bool().cpu() for gid, m in masks.items()})
     scores = {gid: s.detach().float().cpu() for gid, s in scores.items()}
     masks, dropped = _drop_until(graph, costs, masks, scores)
     if dropped is None:
@@ -229,18 +259,19 @@ def uniform_widths(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
     """
     budgets = _as_list(budget)
     costs = _Costs(graph, budgets, mode)
-    masks = {gid: m.detach().clone().bool().cpu() for gid, m in masks.items()}
+    masks = tie_masks(graph, {gid: m.detach().clone().bool().cpu() for gid, m in masks.items()})
     scores = {gid: s.detach().float().cpu() for gid, s in scores.items()}
-    order = {gid: torch.argsort(scores[gid].masked_fill(~masks[gid], float("-inf")), descending=True)
-             for gid in masks}
+    kept = {gid: _units(graph, gid, scores[gid], masks[gid]) for gid in masks}  # (unit scores, unit kept)
+    order = {gid: torch.argsort(us.masked_fill(~uk, float("-inf")), descending=True) for gid, (us, uk) in kept.items()}
 
     def scaled(s: float) -> dict[str, torch.Tensor]:
         out = {}
         for gid, m in masks.items():
-            k = min(int(m.sum()), max(1, round(s * graph.groups[gid].channels)))
-            keep = torch.zeros_like(m)
+            group = graph.groups[gid]
+            k = min(int(kept[gid][1].sum()), max(1, round(s * group.units)))
+            keep = torch.zeros(group.units, dtype=torch.bool)
             keep[order[gid][:k]] = True
-            out[gid] = keep
+            out[gid] = keep.repeat(group.channels // group.units)
         return out
 
     if costs.fits(masks):
@@ -273,11 +304,13 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
         ratios = costs.ratios(masks)
         offers = []  # (score / saving, group, pairs, saving, cost, trial)
         for gid, m in masks.items():
-            if int(m.sum()) <= graph.groups[gid].min_keep:
+            unit_scores, unit_kept = _units(graph, gid, scores[gid], m)
+            if not bool(unit_kept.any()):
                 continue
-            kept_scores = scores[gid].masked_fill(~m, float("inf"))
-            idx = int(torch.argmin(kept_scores))
-            pairs = ((gid, idx),)
+            idx = int(torch.argmin(unit_scores.masked_fill(~unit_kept, float("inf"))))
+            pairs = _unit_pairs(graph, gid, idx)  # one channel, or the channels tied to it
+            if int(m.sum()) - len(pairs) < graph.groups[gid].min_keep:
+                continue
             trial = _toggle(masks, pairs, False)
             saved = current - costs.load(trial)
             if saved <= 0 and writers is not None:  # a residual slot: remove it from every writer
@@ -295,8 +328,8 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
             offers.append((score / saved, gid, pairs, saved, cost, trial))
         if not offers:
             return masks, None
-        batch = _batch(masks, scores, [o for o in offers if len(o[2]) == 1],
-                       keep=lambda gid: max(graph.groups[gid].min_keep, 1), room=0.5 * costs.excess(masks),
+        batch = _batch(graph, masks, scores, [o for o in offers if {g for g, _ in o[2]} == {o[1]}],
+                       keep=lambda gid: 1 if graph.groups[gid].min_keep else 0, room=0.5 * costs.excess(masks),
                        lowest=True)
         if len(batch) >= 2:
             masks = {gid: m.clone() for gid, m in masks.items()}
@@ -311,23 +344,23 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
     return masks, dropped
 
 
-def _batch(masks, scores, offers, keep, room: float, lowest: bool) -> list[tuple[tuple[tuple[str, int]], float, tuple]]:
-    """The channels to toggle together: each group's channels at its measured saving (or
-    cost) per channel, best score / saving first, while their summed saving stays ≤ ``room``.
+def _batch(graph, masks, scores, offers, keep, room: float, lowest: bool) -> list[tuple[tuple[tuple[str, int]], float, tuple]]:
+    """The units to toggle together: each group's units (channels, or tied channels) at its
+    measured saving (or cost) per unit, best score / saving first, while their summed saving
+    stays ≤ ``room``.
 
-    ``lowest`` takes kept channels of lowest score (removal; ``keep(group)`` of them stay),
-    else closed channels of highest score (reopening; ``keep`` is unused)."""
+    ``lowest`` takes kept units of lowest score (removal; ``keep(group)`` of them stay),
+    else closed units of highest score (reopening; ``keep`` is unused)."""
     ranked = []
     for _, gid, _, saved, cost, _ in offers:
-        m = masks[gid]
+        unit_scores, candidates = _units(graph, gid, scores[gid], masks[gid] if lowest else ~masks[gid])
+        idx = torch.nonzero(candidates).flatten()
         if lowest:
-            idx = torch.nonzero(m).flatten()
-            order = idx[torch.argsort(scores[gid][idx])][:max(len(idx) - keep(gid), 0)]
+            order = idx[torch.argsort(unit_scores[idx])][:max(len(idx) - keep(gid), 0)]
         else:
-            idx = torch.nonzero(~m).flatten()
-            order = idx[torch.argsort(scores[gid][idx], descending=True)]
+            order = idx[torch.argsort(unit_scores[idx], descending=True)]
         for i in order.tolist():
-            s = float(scores[gid][i])
+            s = float(unit_scores[i])
             ranked.append(((s / saved) if lowest else -(s + 1e-12) / saved, gid, i, saved, cost))
     ranked.sort(key=lambda r: r[0])
     chosen, used = [], 0.0
@@ -335,7 +368,7 @@ def _batch(masks, scores, offers, keep, room: float, lowest: bool) -> list[tuple
         if used + saved > room:
             break
         used += saved
-        chosen.append((((gid, i),), saved, cost))
+        chosen.append((_unit_pairs(graph, gid, i), saved, cost))
     return chosen
 
 
@@ -354,8 +387,10 @@ def reopenable_channels(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> 
         if graph.groups[gid].shared:
             for c in torch.nonzero(allowed).flatten().tolist():
                 pairs = writers.closure(gid, c)
-                allowed[c] = pairs is None or any(bool(masks[g][i]) for g, i in pairs if (g, i) != (gid, c))
-        out[gid] = allowed
+                allowed[c] = pairs is None or any(bool(masks[g][i]) for g, i in pairs
+                                                  if g != gid or i not in graph.groups[gid].members(c))
+        group = graph.groups[gid]
+        out[gid] = allowed.view(-1, group.units).all(0).repeat(group.channels // group.units)
     return out
 
 
@@ -389,9 +424,13 @@ def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dic
         current = costs.total(masks)
         offers = []  # (score / cost, group, index, cost, cost, grown)
         for gid in sorted(open_groups):
-            closed_scores = scores[gid].masked_fill(~closed[gid] | masks[gid], float("-inf"))
+            unit_scores, unit_closed = _units(graph, gid, scores[gid], closed[gid] & ~masks[gid])
+            if not bool(unit_closed.any()):
+                open_groups.discard(gid)
+                continue
+            closed_scores = unit_scores.masked_fill(~unit_closed, float("-inf"))
             idx = int(torch.argmax(closed_scores))
-            grown = _toggle(masks, ((gid, idx),), True)
+            grown = _toggle(masks, _unit_pairs(graph, gid, idx), True)
             if not costs.fits(grown):
                 open_groups.discard(gid)  # costs only grow with more channels: this group is done
                 continue
@@ -400,7 +439,7 @@ def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dic
         if not offers:
             break
         blocked = {gid: masks[gid] | ~closed[gid] for gid in masks}  # what the batch may not reopen
-        batch = _batch(blocked, scores, offers, keep=None, room=0.5 * costs.slack(masks), lowest=False)
+        batch = _batch(graph, blocked, scores, offers, keep=None, room=0.5 * costs.slack(masks), lowest=False)
         grown = None
         while len(batch) >= 2:  # the per-channel costs are estimates: halve the batch until it fits
             trial = {gid: m.clone() for gid, m in masks.items()}
@@ -415,6 +454,6 @@ def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dic
             grown = max(offers, key=lambda o: o[0])[5]
         masks = grown
         for gid in list(open_groups):
-            if not bool((closed[gid] & ~masks[gid]).any()):
+            if not bool(_units(graph, gid, scores[gid], closed[gid] & ~masks[gid])[1].any()):
                 open_groups.discard(gid)
     return masks

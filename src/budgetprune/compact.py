@@ -72,7 +72,7 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
         if layer.in_tensor.endswith(":input") and gate_values and "input" in gate_values:
             z_in = gate_values["input"].detach().float().cpu()[index[layer.in_tensor]]  # MLP input gates
         new = _slice_layer(mod, rows, None if layer.depthwise else cols, layer.depthwise,
-                           zr if not layer.batchnorms else None, z_in)
+                           zr if not layer.batchnorms else None, z_in, layer.groups)
         _replace(gm, layer.name, new)
         for i, bn in enumerate(layer.batchnorms):
             last = i == len(layer.batchnorms) - 1
@@ -129,14 +129,20 @@ def _replace(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def _slice_layer(mod: nn.Module, rows, cols, depthwise: bool, z, z_in=None) -> nn.Module:
+def _slice_layer(mod: nn.Module, rows, cols, depthwise: bool, z, z_in=None, groups: int = 1) -> nn.Module:
     """A new conv/linear keeping output ``rows`` and input ``cols`` (None: all), gates folded:
-    ``z`` scales the outputs, ``z_in`` the inputs."""
+    ``z`` scales the outputs, ``z_in`` the inputs. A grouped convolution keeps its ``groups``:
+    each keeps the same positions (the graph ties them), so its input columns are the
+    positions kept in the first group."""
     W = mod.weight.detach()
     b = mod.bias.detach() if mod.bias is not None else None
     if rows is not None:
         W = W.index_select(0, rows.to(W.device))
         b = b.index_select(0, rows.to(W.device)) if b is not None else None
+    if cols is not None and groups > 1:
+        cols = _group_positions(cols, groups, mod.in_channels // groups)
+        if rows is not None:
+            _group_positions(rows, groups, mod.out_channels // groups)
     if cols is not None:
         W = W.index_select(1, cols.to(W.device))
     if z_in is not None:
@@ -148,8 +154,10 @@ def _slice_layer(mod: nn.Module, rows, cols, depthwise: bool, z, z_in=None) -> n
     if isinstance(mod, nn.Conv2d):
         out_c = W.shape[0]
         in_c = out_c if depthwise else W.shape[1]
+        if groups > 1:
+            in_c = W.shape[1] * groups
         new = nn.Conv2d(in_c, out_c, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
-                        groups=out_c if depthwise else 1, bias=b is not None, padding_mode=mod.padding_mode)
+                        groups=out_c if depthwise else groups, bias=b is not None, padding_mode=mod.padding_mode)
     else:
         new = nn.Linear(W.shape[1], W.shape[0], bias=b is not None)
     new = new.to(W.device, W.dtype)
@@ -158,6 +166,17 @@ def _slice_layer(mod: nn.Module, rows, cols, depthwise: bool, z, z_in=None) -> n
         if b is not None:
             new.bias.copy_(b)
     return new
+
+
+def _group_positions(index: torch.Tensor, groups: int, per_group: int) -> torch.Tensor:
+    """The positions within a group that a grouped convolution keeps, given the kept channel
+    ``index`` over all its groups; every group must keep the same positions."""
+    if index.numel() % groups:
+        raise RuntimeError(f"internal error: {index.numel()} kept channels cannot split into {groups} equal groups")
+    local = index.view(groups, -1) - (torch.arange(groups, device=index.device) * per_group)[:, None]
+    if bool((local != local[0]).any()) or bool((local < 0).any()) or bool((local >= per_group).any()):
+        raise RuntimeError("internal error: a grouped convolution's groups keep different positions")
+    return local[0]
 
 
 def _slice_bn(bn: nn.modules.batchnorm._BatchNorm, keep, z) -> nn.Module:
@@ -369,6 +388,12 @@ def silence_channels(model: nn.Module, graph: ChannelGraph, channels: dict[str, 
                 weight = modules[layer.name].weight
                 cols = _expand(slots, info.expansion).to(weight.device)
                 if layer.depthwise:
+                    continue
+                if layer.groups > 1:  # input c is column c mod a of the rows of its own conv group
+                    per_in, per_out = weight.shape[1], weight.shape[0] // layer.groups
+                    for c in cols.tolist():
+                        weight[(c // per_in) * per_out:(c // per_in + 1) * per_out, c % per_in] = 0.0
+                    zeroed += int(cols.numel()) * per_out * int(weight[0, 0].numel())
                     continue
                 weight.index_fill_(1, cols, 0.0)
                 zeroed += int(cols.numel()) * int(weight.shape[0]) * int(weight[0, 0].numel())

@@ -24,13 +24,16 @@ everywhere and removing it is exact.
 
 A slot can be removed when it is not alive. A group whose removal could cut every path from
 input to output (a layer of a chain, the 1×1 shortcut conv of a ResNet pooling block:
-seed 001, section 4.1, "fatal pruning") keeps at least one channel. Anything the graph
-cannot handle — a grouped convolution, a channel-mixing reshape, an unknown operation —
+seed 001, section 4.1, "fatal pruning") keeps at least one channel. A grouped convolution
+ties the channels it reads and writes across its groups (:attr:`ChannelGroup.units`), so each
+group keeps the same positions. Anything the graph cannot handle — a channel-mixing reshape,
+an unknown operation —
 leaves the layers that feed it ungated, listed with the reason in :meth:`ChannelGraph.summary`.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -117,6 +120,35 @@ class ChannelGroup:
     consumers: list[str] = field(default_factory=list)
     min_keep: int = 1
     shared: bool = False
+    tie_period: int = 0
+
+    def __post_init__(self):
+        if not self.tie_period:
+            self.tie_period = self.channels
+
+    @property
+    def units(self) -> int:
+        """Independent gates: channels ``c`` and ``c'`` share one when ``c ≡ c' (mod tie_period)``.
+
+        A grouped convolution can only be compacted into a grouped convolution when each of its
+        groups keeps the same positions, so the channels it reads (and its own outputs) are tied
+        across its groups (Torch-Pruning's rule for grouped convs): ``tie_period`` is the
+        channels per conv group, and every untied group has ``tie_period == channels``."""
+        return self.tie_period
+
+    def unit_of(self, device=None) -> torch.Tensor:
+        """The gate unit of each channel: ``c mod tie_period``."""
+        return torch.arange(self.channels, device=device) % self.tie_period
+
+    def expand(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-unit values (..., units) as per-channel values (..., channels); per-channel values unchanged."""
+        if self.tie_period == self.channels or values.shape[-1] == self.channels:
+            return values
+        return values[..., self.unit_of(values.device)]
+
+    def members(self, channel: int) -> tuple[int, ...]:
+        """The channels tied to ``channel`` (itself included), in order."""
+        return tuple(range(channel % self.tie_period, self.channels, self.tie_period))
 
 
 @dataclass
@@ -135,6 +167,7 @@ class Layer:
     depthwise: bool = False
     bias: bool = True
     batchnorms: list[str] = field(default_factory=list)  # host BatchNorms folded with this layer
+    groups: int = 1  # a grouped (not depthwise) convolution: each output reads in_features / groups inputs
 
 
 class ChannelGraph:
@@ -210,6 +243,8 @@ class ChannelGraph:
         rows.append(f"  {'group':<28}{'channels':>9}{'area':>7}{'keeps':>6}  host -> read by")
         for g in self.groups.values():
             tag = " (adds into a shared signal)" if g.shared else ""
+            if g.units != g.channels:
+                tag += f" ({g.units} units, tied across {g.channels // g.units} conv groups)"
             rows.append(f"  {g.id:<28}{g.channels:>9}{g.area:>7}{g.min_keep:>6}  {g.host} ({g.position}){tag} -> "
                         f"{', '.join(g.consumers) or '-'}")
         for node, what in self.renormalisers.items():
@@ -429,9 +464,9 @@ class _Builder:
         if kind == "linear" and len(in_shape) != 2:
             raise _Unsupported(f"read by linear '{node.target}' on a {len(in_shape)}-d input")
         depthwise = kind == "conv" and mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
-        if kind == "conv" and mod.groups > 1 and not depthwise:
-            self.blocked.setdefault(node.target, f"grouped convolution (groups={mod.groups})")
-            raise _Unsupported(f"read by grouped convolution '{node.target}' (groups={mod.groups})")
+        groups = mod.groups if kind == "conv" and not depthwise else 1
+        if groups > 1:
+            self._tie_input(node, src, mod.in_channels // groups)
         in_tensor = src.name
         if self.gate_inputs and kind == "linear" and not self.layers and info.always_alive() and \
                 "input" not in self.blocked:
@@ -456,7 +491,7 @@ class _Builder:
                 break
             cur = nxt
         layer = Layer(node.target, kind, in_tensor, host_node.name, in_shape[1], shape[1], _area(shape),
-                      _kernel_area(mod), None, depthwise, getattr(mod, "bias", None) is not None, bns)
+                      _kernel_area(mod), None, depthwise, getattr(mod, "bias", None) is not None, bns, groups=groups)
         self.layers[node.target] = layer
         if depthwise:
             self._same(node, src, "depthwise conv bias" if layer.bias else None)
@@ -470,8 +505,27 @@ class _Builder:
             if bn_node.op == "call_module" and bn_node.target in bns:
                 self.hosted[bn_node.name] = gid or ""
         if gated:
-            self.groups[gid] = ChannelGroup(gid, shape[1], _area(shape), host_node.target, "output", node.target)
+            self.groups[gid] = ChannelGroup(gid, shape[1], _area(shape), host_node.target, "output", node.target,
+                                            tie_period=shape[1] // groups)
             layer.out_group = gid
+
+    def _tie_input(self, node: fx.Node, src: fx.Node, per_group: int) -> None:
+        """A grouped convolution reads ``per_group`` channels per conv group: its input's writer
+        must keep the same positions in every group, so its channels are tied with that period.
+        Only a single gated writer of every input slot, in order, can be tied; other writers stay
+        ungated."""
+        info = self._info(src)
+        if info.always_alive():
+            return
+        writers = {g for s in info.segments for g, _ in s.sources}
+        gid = next(iter(writers)) if len(writers) == 1 else None
+        if gid in self.groups and info.expansion == 1 and self.groups[gid].channels == info.slots and \
+                all(s.sources == ((gid, s.start),) for s in info.segments):
+            group = self.groups[gid]
+            group.tie_period = math.gcd(group.tie_period, per_group)
+            return
+        self._block(src, f"read by grouped convolution '{node.target}' through a tensor that is not one "
+                         "layer's output in order (only a single writer can keep equal positions per group)")
 
     def _visit_add(self, node, tensor_args) -> None:
         if len(tensor_args) != 2:  # tensor + constant: a constant makes every slot non-zero

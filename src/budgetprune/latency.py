@@ -52,6 +52,8 @@ def _layer_spec(graph, layer, module: nn.Module, batch: int) -> dict:
     if layer.kind == "conv":
         spec.update(kernel=list(module.kernel_size), stride=list(module.stride), padding=list(module.padding),
                     dilation=list(module.dilation))
+    if layer.groups > 1:
+        spec["groups"] = layer.groups  # timed as a grouped conv, at widths that are multiples of it
     return spec
 
 
@@ -59,7 +61,7 @@ def _build(spec: dict, n_in: int, n_out: int, device: torch.device) -> tuple[nn.
     if spec["kind"] == "linear":
         return nn.Linear(n_in, n_out, bias=spec["bias"]).to(device).eval(), torch.randn(spec["batch"], n_in,
                                                                                          device=device)
-    groups = n_out if spec["depthwise"] else 1
+    groups = n_out if spec["depthwise"] else spec.get("groups", 1)
     conv = nn.Conv2d(n_in if not spec["depthwise"] else n_out, n_out, spec["kernel"], spec["stride"], spec["padding"],
                      spec["dilation"], groups=groups, bias=spec["bias"]).to(device).eval()
     x = torch.randn(spec["batch"], conv.in_channels, *spec["spatial"], device=device)
@@ -83,8 +85,9 @@ def _time(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
 
 def measure_layer(spec: dict, device: torch.device, repeats: int = 20) -> dict:
     """Time one layer shape at the grid of widths and fit ``c_io``, ``c_out`` (ms)."""
-    ins = [spec["in"]] if spec["depthwise"] else sorted({max(1, round(f * spec["in"])) for f in GRID})
-    outs = sorted({max(1, round(f * spec["out"])) for f in GRID})
+    g = spec.get("groups", 1)  # a grouped conv keeps a multiple of its groups on both sides
+    ins = [spec["in"]] if spec["depthwise"] else sorted({g * max(1, round(f * spec["in"] / g)) for f in GRID})
+    outs = sorted({g * max(1, round(f * spec["out"] / g)) for f in GRID})
     rows = []
     for n_in in ins:
         for n_out in outs:

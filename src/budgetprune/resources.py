@@ -76,7 +76,7 @@ def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
     terms: list[LayerCost] = []
     for layer in graph.layers.values():
         e = graph.tensors[layer.in_tensor].expansion
-        k = layer.kernel_area
+        k = layer.kernel_area / layer.groups  # an output of a grouped conv reads 1/groups of the inputs
         out_t = layer.out_tensor
         if metric == "volume":
             c_io, c_out = 0.0, float(layer.out_area)

@@ -20,11 +20,11 @@ from .magnitude import MagnitudePruning
 def reader_columns(graph: ChannelGraph, gid: str) -> dict[str, torch.Tensor] | None:
     """``{reader layer: input slot of each of the group's channels}``, or None when the
     group's channels cannot be folded (a slot also written by another group — a residual
-    sum — or a depthwise reader, which has no input side to fold into)."""
+    sum — or a depthwise or grouped reader, which cannot mix channels across its groups)."""
     channels = graph.groups[gid].channels
     out = {}
     for layer in graph.readers(gid):
-        if layer.depthwise:
+        if layer.depthwise or layer.groups > 1:  # a grouped reader only sees its own group's channels
             return None
         slots = torch.full((channels,), -1, dtype=torch.long)
         for seg in graph.tensors[layer.in_tensor].segments:

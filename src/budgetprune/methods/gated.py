@@ -54,7 +54,8 @@ class GatedMethod(Method):
         raise NotImplementedError
 
     def make_gate(self, group: ChannelGroup) -> nn.Module:
-        return self.new_gate(group.channels)
+        """One gate unit per independent channel (tied channels of a grouped conv share one)."""
+        return self.new_gate(group.units)
 
     @property
     def per_weight(self) -> bool:
@@ -92,8 +93,16 @@ class GatedMethod(Method):
         return self.gates[_key(gid)]
 
     def by_group(self, fn) -> dict[str, torch.Tensor]:
-        """``{group id: fn(gate)}``."""
-        return {self.gid_of[k]: fn(g) for k, g in self.gates.items()}
+        """``{group id: fn(gate)}``, per channel: a gate over tied units gives each channel its unit's value."""
+        out = {}
+        for key, gate in self.gates.items():
+            unit, value = self.gid_of[key], fn(gate)
+            group = None if self.per_weight else self.graph.groups.get(unit)
+            if group is not None and isinstance(value, torch.Tensor) and value.dim() >= 1 and \
+                    value.shape[-1] == group.units != group.channels:
+                value = group.expand(value)
+            out[unit] = value
+        return out
 
     def zero(self) -> torch.Tensor:
         """A differentiable 0 on the gates' device (a penalty that is off)."""
@@ -129,7 +138,12 @@ class GatedMethod(Method):
             det = self.gate_values()
             values = {g: det[g] * masks[g].to(det[g].device).float() for g in det}
         for key, gate in self.gates.items():
-            gate.freeze(values[self.gid_of[key]])
+            unit = self.gid_of[key]
+            value = values[unit]
+            group = None if self.per_weight else self.graph.groups.get(unit)
+            if group is not None and gate.num_channels == group.units != value.shape[-1]:
+                value = value[..., :group.units]  # tied masks: channels 0 .. units-1 stand for their units
+            gate.freeze(value)
 
     def param_groups(self, lr: float) -> list[dict]:
         params = [p for g in self.gates.values() for p in g.parameters()]
