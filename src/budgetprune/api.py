@@ -17,7 +17,7 @@ from .pipeline import PruneConfig, PruneRun, resolve_device
 from .seeding import isolated_rng
 
 
-def prune(model: nn.Module, train_data, test_data=None, *, budget: float | str = 0.25, metric: str | None = None,
+def prune(model: nn.Module, train_data=None, test_data=None, *, budget: float | str = 0.25, metric: str | None = None,
           method: str = "bar", teacher: nn.Module | str | os.PathLike | None = None,
           out: str | os.PathLike | None = None, resume: bool = False, log=print, **options):
     """Train and prune ``model`` under ``budget``; returns ``(compacted_model, metrics)``.
@@ -31,6 +31,11 @@ def prune(model: nn.Module, train_data, test_data=None, *, budget: float | str =
     options are the fields of :class:`~budgetprune.pipeline.PruneConfig` (``epochs``,
     ``finetune_epochs``, ``lr``, ``device``, ...). ``test_data`` defaults to ``train_data``.
 
+    ``train_data`` may also be a dataset's name, or be left out for ``data=``: ``"demo"``,
+    ``"cifar10"`` (with ``data_root=``), ``"folder:PATH"`` for your own images (with
+    ``image_size=``, ``augment=``, ``workers=``); the run then loads both splits itself, as the
+    command line does, and logs how a folder was split.
+
     Everything is checked before any training: a model that is not a classifier (output
     ``(batch, classes)``), an empty dataset, items that are not ``(input tensor, class index)``
     pairs, or an option of the wrong type raise a one-line :class:`~budgetprune.BudgetpruneError`.
@@ -41,6 +46,8 @@ def prune(model: nn.Module, train_data, test_data=None, *, budget: float | str =
     unknown = set(options) - set(PruneConfig.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}: see budgetprune.PruneConfig")
+    if isinstance(train_data, str):  # a dataset's name: the run loads it (see _named_data)
+        options = {**options, "data": train_data}
     if metric is None:
         metric = "nonzero" if options.get("granularity") == "weight" else "volume"
     first, *more = parse_budgets(budget, metric)
@@ -51,6 +58,10 @@ def prune(model: nn.Module, train_data, test_data=None, *, budget: float | str =
         log = lambda _msg: None  # noqa: E731
     if not callable(log):
         raise ConfigError(f"log must be a function taking one line of text, or None; got a {type(log).__name__}")
+    loaded = None  # the splits this call loads (from a dataset's name), closed when it ends
+    if train_data is None or isinstance(train_data, str):
+        loaded = _named_data(config, test_data, log)
+        train_data, test_data = loaded.train, loaded.test
     test_data = test_data if test_data is not None else train_data
     check_inputs(model, train_data, test_data)
     if teacher is not None and not isinstance(teacher, (nn.Module, str, os.PathLike)):
@@ -62,11 +73,32 @@ def prune(model: nn.Module, train_data, test_data=None, *, budget: float | str =
         config.teacher = str(teacher)
         example = train_data[0][0].unsqueeze(0)
         teacher = load_teacher(teacher, model, example)
-    with tempfile.TemporaryDirectory(prefix="budgetprune-") as tmp, isolated_rng(resolve_device(config.device)):
-        run = PruneRun(model, train_data, test_data, config, out if out is not None else tmp,
-                       teacher=teacher, log=log)
-        result = run.run(resume=resume)
+    try:
+        with tempfile.TemporaryDirectory(prefix="budgetprune-") as tmp, isolated_rng(resolve_device(config.device)):
+            run = PruneRun(model, train_data, test_data, config, out if out is not None else tmp,
+                           teacher=teacher, log=log)
+            result = run.run(resume=resume)
+    finally:
+        if loaded is not None:
+            loaded.close()  # the DataLoader workers of a folder of images
     return result.model, result.metrics
+
+
+def _named_data(config: PruneConfig, test_data, log):
+    """The :class:`~budgetprune.data.DataSplits` of the dataset ``config.data``, loaded as the
+    command line loads them."""
+    from .data import load_dataset
+    if config.data is None:
+        raise ConfigError("no data: pass train_data (a dataset of (input, label) pairs), or a dataset name as "
+                          "train_data or data=, e.g. data='folder:path/to/images'")
+    if test_data is not None:
+        raise ConfigError(f"test_data is given with the dataset name '{config.data}', which brings its own test "
+                          "split: pass either datasets or a name")
+    splits = load_dataset(config.data, root=config.data_root, progress=config.progress,
+                          image_size=config.image_size, augment=config.augment, workers=config.workers)
+    if splits.note:
+        log(splits.note)
+    return splits
 
 
 def load_teacher(path: str | os.PathLike, model: nn.Module, example: torch.Tensor) -> nn.Module:

@@ -11,6 +11,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from .data.images import AUGMENTATIONS
 from .errors import BudgetpruneError, CheckpointError, ConfigError, first_line, printable
 
 EXIT_USAGE = 2
@@ -24,12 +25,22 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see '{self.prog} --help')")
 
 
-def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--data", required=required, help="dataset: demo, mnist, fashion-mnist, cifar10, cifar100"
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True, augment: bool = True) -> None:
+    p.add_argument("--data", required=required, help="dataset: demo, mnist, fashion-mnist, cifar10, cifar100, or "
+                                                      "folder:PATH, your own images (one sub-folder per class)"
                                                       + ("" if required else " (required unless --resume)"))
     p.add_argument("--data-root", help="folder holding the dataset files (default $BUDGETPRUNE_DATA "
                                        "or ~/.cache/budgetprune/data)")
     p.add_argument("--download", action="store_true", help="fetch the dataset's canonical archives first")
+    p.add_argument("--image-size", type=int, metavar="N",
+                   help="folder:PATH: images resized and centre-cropped to N x N (default "
+                        + ("32)" if augment else "the model file's input size)"))
+    if augment:
+        p.add_argument("--augment", choices=list(AUGMENTATIONS),
+                       help="folder:PATH: training augmentation, none, flip (random horizontal flip) or crop-flip "
+                            "(random crop of 25-100%% of the image resized to N x N, then the flip; default)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="folder:PATH: processes decoding images (default min(4, CPU count); 0: the main process)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder for the model, metrics, report and checkpoints")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out (options left out are the run's; those given "
-                        "must match it, except --device, --data-root and --no-progress)")
+                        "must match it, except --device, --data-root, --workers and --no-progress)")
     p.add_argument("--teacher", help="trained unpruned model (a budgetprune model.pt/teacher.pt or a state dict)")
     p.add_argument("--epochs", type=int, help="train+prune epochs (paper: 80; default 10)")
     p.add_argument("--finetune-epochs", type=int, help="fine-tune epochs with frozen gates (paper: 40; default 4)")
@@ -100,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="test accuracy of a model file on a dataset")
     e.add_argument("model_file")
-    _add_data_args(e)
+    _add_data_args(e, augment=False)
     e.add_argument("--device", default="cpu")
 
     x = sub.add_parser("export", help="write a model file as TorchScript or ONNX (checked against the model)")
@@ -115,18 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_data(args):
-    from .data import load_dataset
-    return load_dataset(args.data, root=args.data_root, download=args.download)
-
-
 #: PruneConfig fields a resumed run may change: they do not change its result.
-RESUME_MAY_CHANGE = ("device", "data_root", "progress")
+RESUME_MAY_CHANGE = ("device", "data_root", "progress", "workers")
 
 #: PruneConfig fields set by the prune option of the same name.
-_PLAIN_OPTIONS = ("model", "data", "data_root", "method", "teacher", "granularity", "epochs", "finetune_epochs",
-                  "lowlr_epochs", "teacher_epochs", "lr", "gate_lr", "batch_size", "lam", "gate_init", "dual_lr",
-                  "schedule", "student_init", "seed", "device", "block")
+_PLAIN_OPTIONS = ("model", "data", "data_root", "image_size", "augment", "workers", "method", "teacher",
+                  "granularity", "epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs", "lr", "gate_lr",
+                  "batch_size", "lam", "gate_init", "dual_lr", "schedule", "student_init", "seed", "device", "block")
 
 
 def cmd_prune(args) -> int:
@@ -183,14 +189,18 @@ def _saved_config(out: Path):
 
 
 def _given_options(args, base) -> dict:
-    """The PruneConfig fields the prune command line sets, resolved (``--budget 4x`` → budget 0.25).
+    """The PruneConfig fields the prune command line sets, resolved (``--budget 4x`` → budget 0.25,
+    ``--data folder:PATH`` with PATH absolute).
 
     Options left off the command line are left out. A ``--budget`` without ``--metric`` is read
     in ``base``'s metric (the saved run's on --resume) unless ``--granularity`` changes it.
     """
     from .budget import parse_budgets
+    from .data.folder import absolute_folder_data, is_folder_data
     from .pipeline import PruneConfig
     given = {name: getattr(args, name) for name in _PLAIN_OPTIONS if getattr(args, name, None) is not None}
+    if is_folder_data(given.get("data")):
+        given["data"] = absolute_folder_data(given["data"])  # config.json holds a path any folder resumes from
     granularity = given.get("granularity", base.granularity)
     metric = args.metric or (base.metric if granularity == base.granularity
                              else PruneConfig(granularity=granularity).metric)
@@ -260,7 +270,10 @@ def _run(config, out: Path, resume: bool, download: bool = False) -> int:
     if config.method not in available_methods():
         raise ConfigError(f"unknown method '{config.method}': choose one of {', '.join(available_methods())}")
     config.validate()
-    splits = load_dataset(config.data, root=config.data_root, download=download, progress=config.progress)
+    splits = load_dataset(config.data, root=config.data_root, download=download, progress=config.progress,
+                          image_size=config.image_size, augment=config.augment, workers=config.workers)
+    if splits.note:
+        print(f"budgetprune: {splits.note}", flush=True)
     info = splits.info
     seed_model_init(config.seed)  # the same --seed, the same initial weights
     model = create_model(config.model, in_channels=info.in_channels, num_classes=info.num_classes,
@@ -274,7 +287,10 @@ def _run(config, out: Path, resume: bool, download: bool = False) -> int:
     budgets = ", ".join(f"{b.metric} {b.fraction:.4g} ({b.factor:.3g}x)" for b in config.budgets())
     print(f"budgetprune: {config.method} on {config.model} / {config.data}, budget {budgets}; run folder {out}",
           flush=True)
-    run.run(resume=resume)
+    try:
+        run.run(resume=resume)
+    finally:
+        splits.close()  # the DataLoader workers of a folder of images
     return 0
 
 
@@ -345,24 +361,37 @@ def cmd_info(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from .data import load_dataset
+    from .data.folder import is_folder_data
     from .engine import evaluate
     from .inputs import check_classifier
     from .io import load_file
     from .pipeline import resolve_device
 
     model, specs, meta = load_file(args.model_file)
-    splits = _load_data(args)
     shape = tuple(meta.get("input_shape") or ())
+    image_size = args.image_size
+    if image_size is None and is_folder_data(args.data) and len(shape) == 3 and shape[1] == shape[2]:
+        image_size = shape[1]  # the size the model was trained on
+    splits = load_dataset(args.data, root=args.data_root, download=args.download, image_size=image_size,
+                          workers=args.workers)
     data_shape = tuple(splits.test[0][0].shape)
     if shape and shape != data_shape:
+        fix = (f"pass --image-size {shape[1]}" if is_folder_data(args.data) and len(shape) == 3 and shape[0] == 3
+               and shape[1] == shape[2] else "evaluate it on the dataset it was trained on")
         raise ConfigError(f"{args.model_file} takes inputs of shape {shape} but {args.data} images are "
-                          f"{data_shape}; evaluate it on the dataset it was trained on")
+                          f"{data_shape}; {fix}")
     try:
         check_classifier(model, splits.test[0][0].unsqueeze(0))
     except ConfigError as exc:
         raise CheckpointError(f"{args.model_file} cannot be scored on {args.data}: {exc}") from None
     device = resolve_device(args.device)
-    res = evaluate(model.to(device), splits.test, device)
+    try:
+        res = evaluate(model.to(device), splits.test, device, workers=args.workers)
+    finally:
+        splits.close()
+    if splits.note:
+        print(splits.note)
     print(f"{args.model_file} on {args.data} test ({len(splits.test)} images): accuracy {res['accuracy']:.4f}, "
           f"loss {res['loss']:.4f}")
     return 0
@@ -433,7 +462,7 @@ def cmd_list(args) -> int:
     from .models import available_models
     from .resources import BUDGET_METRICS
     print("models:  ", ", ".join(available_models()))
-    print("datasets:", ", ".join(available_datasets()))
+    print("datasets:", ", ".join(available_datasets()), "(or folder:PATH, your own images)")
     print("methods: ", ", ".join(available_methods()))
     print("metrics: ", ", ".join(BUDGET_METRICS))
     return 0

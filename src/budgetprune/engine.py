@@ -19,20 +19,39 @@ from .errors import DataError, TrainingDiverged
 
 
 def iterate_batches(dataset: Dataset, batch_size: int, shuffle: bool = False,
-                    generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield ``(indices, images, labels)``; uses the dataset's fast ``batch()`` when it has one."""
+                    generator: torch.Generator | None = None, *, workers: int | None = None,
+                    pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(indices, images, labels)`` in a random (``shuffle``) or the dataset's order.
+
+    How a batch of indices becomes tensors depends on the dataset: one ``batch()`` call for data
+    held in memory (:class:`~budgetprune.data.ImageDataset`); a DataLoader with ``workers``
+    processes (default: the dataset's) and ``pin_memory`` for data streamed from disk
+    (:class:`~budgetprune.data.streaming.StreamedDataset`); item by item otherwise.
+    """
     n = len(dataset)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    fast = hasattr(dataset, "batch")
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
-        if fast:
-            x, y = dataset.batch(idx, generator=generator)
-        else:
-            items = [dataset[int(i)] for i in idx]
-            x = torch.stack([it[0] for it in items])
-            y = torch.as_tensor([class_index(it[1], f"item {int(i)}") for it, i in zip(items, idx)], dtype=torch.long)
+    chunks = [order[start:start + batch_size] for start in range(0, n, batch_size)]
+    if streams(dataset):
+        batches = dataset.stream(chunks, generator, workers=workers, pin_memory=pin_memory)
+    elif hasattr(dataset, "batch"):
+        batches = (dataset.batch(idx, generator=generator) for idx in chunks)
+    else:
+        batches = (_collate_items(dataset, idx) for idx in chunks)
+    for idx, (x, y) in zip(chunks, batches):
         yield idx, x, y
+
+
+def _collate_items(dataset: Dataset, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items ``idx`` of a plain map-style dataset, stacked; each label checked as a class index."""
+    items = [dataset[int(i)] for i in idx]
+    x = torch.stack([it[0] for it in items])
+    y = torch.as_tensor([class_index(it[1], f"item {int(i)}") for it, i in zip(items, idx)], dtype=torch.long)
+    return x, y
+
+
+def streams(dataset: Dataset) -> bool:
+    """Whether ``dataset`` is read from disk batch by batch rather than held in memory."""
+    return bool(getattr(dataset, "streamed", False))
 
 
 def class_index(label, where: str) -> int:
@@ -66,22 +85,25 @@ def num_batches(dataset: Dataset, batch_size: int) -> int:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512) -> torch.Tensor:
+def predict_logits(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512, *,
+                   workers: int | None = None) -> torch.Tensor:
     """Logits of ``model`` (eval mode) on every example, in dataset order, on the CPU."""
     was = model.training
     model.eval()
-    out = [model(x.to(device)).float().cpu() for _, x, _ in iterate_batches(dataset, batch_size)]
+    out = [model(x.to(device)).float().cpu()
+           for _, x, _ in iterate_batches(dataset, batch_size, workers=workers, pin_memory=device.type == "cuda")]
     model.train(was)
     return torch.cat(out)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` in eval mode."""
+def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512, *,
+             workers: int | None = None) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` in eval mode (``workers``: see :func:`iterate_batches`)."""
     was = model.training
     model.eval()
     correct, total, loss = 0, 0, 0.0
-    for _, x, labels in iterate_batches(dataset, batch_size):
+    for _, x, labels in iterate_batches(dataset, batch_size, workers=workers, pin_memory=device.type == "cuda"):
         x, y = x.to(device), labels.to(device)
         logits = model(x)
         check_labels(labels, logits.shape[1])
@@ -146,10 +168,11 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
                 penalty: Callable[[], torch.Tensor] | None = None,
                 after_step: Callable[[], None] | None = None,
                 show_progress: bool = True, desc: str = "train",
-                divergence: DivergenceCheck | None = None) -> dict[str, float]:
+                divergence: DivergenceCheck | None = None, workers: int | None = None) -> dict[str, float]:
     """One epoch: ``penalty()`` is added to each batch's loss and ``after_step()`` called after
     each optimiser step (a :class:`~budgetprune.pruner.Pruner`'s, which keeps its own step count);
-    ``step`` is the global step of the epoch's first batch (for the divergence report).
+    ``step`` is the global step of the epoch's first batch (for the divergence report);
+    ``workers`` the DataLoader processes of streamed data (see :func:`iterate_batches`).
 
     Raises :class:`TrainingDiverged` as ``divergence`` decides (a fresh :class:`DivergenceCheck`,
     referenced to this epoch's first batch, when None); the step that diverged is not applied.
@@ -160,7 +183,8 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
     start = time.perf_counter()
     with tqdm(total=num_batches(dataset, batch_size), desc=desc, leave=False, disable=not show_progress,
               dynamic_ncols=True) as bar:
-        for idx, x, labels in iterate_batches(dataset, batch_size, shuffle=True, generator=generator):
+        for idx, x, labels in iterate_batches(dataset, batch_size, shuffle=True, generator=generator,
+                                              workers=workers, pin_memory=device.type == "cuda"):
             x, y = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             logits = model(x)
             check_labels(labels, logits.shape[1])

@@ -31,6 +31,8 @@ def check_dataset(data, name: str) -> None:
         raise DataError(f"{name} is empty: pass at least one (input, label) pair")
     try:
         item = data[0]
+    except DataError:
+        raise  # already one line naming the problem (an unreadable image file)
     except Exception as exc:  # noqa: BLE001 - the user's dataset: any failure is reported in one line
         raise DataError(f"{name}[0] cannot be read ({first_line(exc)}): {name} must support len() and "
                         "indexing with an int") from None

@@ -26,8 +26,9 @@ from . import graphio
 from . import seeding
 from .budget import Budget
 from .compact import to_plain
+from .data.folder import check_folder_options
 from .engine import (DivergenceCheck, adam, evaluate, iterate_batches, make_optimizer, num_batches, predict_logits,
-                     set_lr, train_epoch)
+                     set_lr, streams, train_epoch)
 from .errors import CheckpointError, ConfigError, TrainingDiverged, first_line
 from .graph import ChannelGraph
 from .inputs import check_inputs
@@ -73,6 +74,9 @@ class PruneConfig:
     model: str | None = None
     data: str | None = None
     data_root: str | None = None
+    image_size: int | None = None  # folder:PATH data: side of the square inputs (None: 32)
+    augment: str | None = None  # folder:PATH data: none, flip or crop-flip (None: crop-flip)
+    workers: int | None = None  # DataLoader processes reading streamed data (None: min(4, CPU count))
     epochs: int = 10  # train + prune (paper: 80)
     finetune_epochs: int = 4  # gates frozen (paper: 40)
     lowlr_epochs: int = 1  # at lr × lowlr_factor (paper: 10)
@@ -141,6 +145,7 @@ class PruneConfig:
             raise ConfigError("--student-init must be 'teacher' or 'random'")
         if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature < 1.0:
             raise ConfigError("--kd-alpha must lie in [0, 1] and --kd-temperature be at least 1")
+        check_folder_options(self.data, self.image_size, self.augment, self.workers)
         check_method_options(self.method, self.method_options)  # fails now, not after the teacher has trained
 
     def _check_types(self) -> None:
@@ -361,7 +366,7 @@ class PruneRun:
         if self.teacher is not None:
             if not teacher_file.exists():
                 self._save_teacher(self.teacher)
-            self.unpruned_accuracy = evaluate(self.teacher, self.test_data, self.device)["accuracy"]
+            self.unpruned_accuracy = self._evaluate(self.teacher)
             return
         cfg = self.config
         model = copy.deepcopy(self.model).to(self.device)
@@ -380,7 +385,7 @@ class PruneRun:
             self._save_checkpoint("teacher", epoch + 1, model=model.state_dict(), optimizer=opt.state_dict())
         self.teacher = model.eval()
         self._save_teacher(model)
-        self.unpruned_accuracy = evaluate(model, self.test_data, self.device)["accuracy"]
+        self.unpruned_accuracy = self._evaluate(model)
         return None
 
     def _save_teacher(self, teacher: nn.Module) -> None:
@@ -402,14 +407,15 @@ class PruneRun:
                                 batch_size=cfg.batch_size, generator=self._generator(stage, epoch),
                                 step=step0, penalty=pruner.penalty if pruner else None,
                                 after_step=pruner.step if pruner else after_step, show_progress=cfg.progress,
-                                desc=f"{stage} {epoch + 1}/{total_epochs}", divergence=divergence)
+                                desc=f"{stage} {epoch + 1}/{total_epochs}", divergence=divergence,
+                                workers=cfg.workers)
         except TrainingDiverged as exc:
             raise self._diverged(f"{exc} in {stage} epoch {epoch + 1}") from None
         if divergence.reference is not None:
             self.loss_reference[stage] = divergence.reference
         if pruner is not None:
             pruner.eval()  # deterministic gates for the test accuracy, as the pruned network will have
-        stats["test_accuracy"] = evaluate(model, self.test_data, self.device)["accuracy"]
+        stats["test_accuracy"] = self._evaluate(model)
         if pruner is not None:
             pruner.train()
             stats.update({k: v for k, v in pruner.status().items() if k != "progress"})
@@ -419,10 +425,16 @@ class PruneRun:
         self._line(stage, epoch + 1, total_epochs, stats)
         return stats
 
+    def _evaluate(self, model: nn.Module) -> float:
+        """Test accuracy of ``model``."""
+        return evaluate(model, self.test_data, self.device, workers=self.config.workers)["accuracy"]
+
     def _kd_loss(self, dataset):
-        """Distillation loss; teacher logits are computed once when the data is not augmented."""
+        """Distillation loss; teacher logits are computed once when the data is in memory and not
+        augmented, batch by batch otherwise (streamed data: no N x classes table in memory)."""
         cfg = self.config
-        cached = None if getattr(dataset, "augment", False) else predict_logits(self.teacher, dataset, self.device)
+        on_the_fly = getattr(dataset, "augment", False) or streams(dataset)
+        cached = None if on_the_fly else predict_logits(self.teacher, dataset, self.device)
 
         def loss_fn(logits, y, idx, x):
             if cached is not None:
@@ -488,7 +500,8 @@ class PruneRun:
 
     def _sample_batch(self) -> torch.Tensor:
         """Up to 256 test inputs: the compacted network is checked against the gated one on them."""
-        _, x, _ = next(iter(iterate_batches(self.test_data, 256)))
+        _, x, _ = next(iter(iterate_batches(self.test_data, 256, workers=self.config.workers,
+                                            pin_memory=self.device.type == "cuda")))
         return x.to(self.device)
 
     def _hard_prune(self, pruner: Pruner) -> tuple[nn.Module, dict, dict]:
@@ -551,8 +564,8 @@ class PruneRun:
         from .report import layer_widths, write_report
         cfg = self.config
         if not hasattr(self, "unpruned_accuracy"):
-            self.unpruned_accuracy = evaluate(self.teacher, self.test_data, self.device)["accuracy"]
-        acc = evaluate(net, self.test_data, self.device)["accuracy"]
+            self.unpruned_accuracy = self._evaluate(self.teacher)
+        acc = self._evaluate(net)
         pruned = info["pruned"]
         limit = self.budget.fraction * self.full[cfg.metric]
         metrics = {

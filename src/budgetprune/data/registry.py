@@ -117,7 +117,8 @@ def get_spec(name: str) -> DatasetSpec:
     choices = available_datasets()
     close = difflib.get_close_matches(str(name).lower(), choices, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise DataError(f"unknown dataset '{name}'{hint}: choose one of {', '.join(choices)}")
+    raise DataError(f"unknown dataset '{name}'{hint}: choose one of {', '.join(choices)}, "
+                    "or folder:PATH for your own images")
 
 
 def resolve_root(root: str | os.PathLike | None) -> Path:

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DatasetInfo", "ImageDataset", "DataSplits", "random_crop_flip"]
+__all__ = ["DatasetInfo", "ImageDataset", "DataSplits", "normalise", "random_crop_flip"]
 
 CROP_PADDING = 4
 
@@ -39,6 +39,12 @@ def _as_index(indices) -> torch.Tensor:
     if idx.dtype == torch.bool:
         idx = idx.nonzero().flatten()
     return idx.reshape(-1).to(dtype=torch.long, device="cpu")
+
+
+def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 ``(x / 255 - mean) / std``; ``mean`` and ``std`` are (1, C, 1, 1)."""
+    x = images.to(torch.float32).div_(255.0)
+    return x.sub_(mean.to(x.device)).div_(std.to(x.device))
 
 
 def random_crop_flip(
@@ -102,8 +108,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> float32 ``(x / 255 - mean) / std``."""
-        x = images.to(torch.float32).div_(255.0)
-        return x.sub_(self._mean.to(x.device)).div_(self._std.to(x.device))
+        return normalise(images, self._mean, self._std)
 
     def batch(
         self, indices: torch.Tensor, generator: torch.Generator | None = None
@@ -130,8 +135,19 @@ class ImageDataset(torch.utils.data.Dataset):
 
 @dataclass
 class DataSplits:
-    """The train and test splits of a dataset and its description."""
+    """The train and test splits of a dataset and its description.
 
-    train: ImageDataset
-    test: ImageDataset
+    ``note`` is what a run should tell its user about how the data was read (for a folder of
+    images: the classes, the split and its source); empty for the built-in datasets.
+    """
+
+    train: torch.utils.data.Dataset  # an ImageDataset, or a FolderDataset streamed from disk
+    test: torch.utils.data.Dataset
     info: DatasetInfo
+    note: str = ""
+
+    def close(self) -> None:
+        """Stop the worker processes of splits streamed from disk (nothing to do for data in memory)."""
+        for split in (self.train, self.test):
+            if hasattr(split, "close"):
+                split.close()
