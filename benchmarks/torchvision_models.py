@@ -3,7 +3,8 @@
 For each model (untrained, ``num_classes=10``, random inputs of ``--size`` pixels) a Pruner
 under a FLOP budget takes ``--steps`` SGD steps and finalizes. Recorded per model: the share
 of conv/linear output channels that are prunable (channel groups over all conv/linear outputs
-but the classifier's; depthwise convs follow their producer and count with it), whether the
+but the classifier's; depthwise convs and squeeze-and-excitation scales follow the channels they
+read or scale and count with them), whether the
 budget is met (V/B), the compacted network's largest output difference from the gated one,
 the parameter and FLOP reduction, how the result saves (self-contained file or plan + weights)
 and whether the loaded file gives the same outputs — or the one-line error where a step fails.
@@ -74,6 +75,8 @@ def prunable_share(model: nn.Module, graph) -> tuple[float, int, int]:
     following = sum(graph.layers[name].out_channels for name in depthwise
                     if name in graph.layers and graph.layers[name].out_group is None
                     and graph.tensors[graph.layers[name].in_tensor].sources())
+    following += sum(layer.out_channels for layer in graph.layers.values()  # squeeze-and-excitation scales
+                     if layer.follows and graph.tensors[layer.out_tensor].sources())
     kept = grouped + following
     return kept / max(total, 1), kept, total
 

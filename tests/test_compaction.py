@@ -120,7 +120,8 @@ def check_compaction(model, graph, bar, masks, x, mode="mixed", values=None):
             continue
         mod = mods[layer.name]
         out = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
-        expected = int(sets[layer.out_tensor].sum()) if layer.out_group or layer.depthwise else layer.out_channels
+        expected = int(sets[layer.out_tensor].sum()) if layer.out_group or layer.depthwise or layer.follows \
+            else layer.out_channels
         assert out == expected, layer.name
     n_params = sum(p.numel() for p in net.parameters())
     assert n_params == resource_report(graph, masks, mode)["params"]
@@ -215,7 +216,9 @@ def test_residual_graph_groups_by_hand():
     info = graph.tensors[graph.layers["layer3.1.conv1"].in_tensor]
     assert info.sources() == {"layer3.0.downsample.0", "layer3.0.conv2"}
     _, graph = make_model("tiny_senet")
-    assert "layer1.0.se.fc2" in graph.ungated and "layer1.0.se.fc1" in graph.groups
+    se = graph.layers["layer1.0.se.fc2"]  # the scale follows the channels it multiplies
+    assert "layer1.0.se.fc2" not in graph.groups and se.follows and "layer1.0.se.fc1" in graph.groups
+    assert graph.tensors[se.out_tensor].sources() == graph.tensors[se.follows].sources()
     assert graph.groups["layer1.0.se.fc1"].min_keep == 1  # the scale's only input
     _, graph = make_model("tiny_mobilenetv2")
     dw = [l for l in graph.layers.values() if l.depthwise]

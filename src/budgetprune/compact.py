@@ -58,7 +58,8 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
             z = z * eff[gid].float()
         info_in = graph.tensors[layer.in_tensor]
         cols = _expand(index[layer.in_tensor], info_in.expansion)
-        rows = index[layer.in_tensor] if layer.depthwise else (index[layer.out_tensor] if gid else None)
+        rows = index[layer.in_tensor] if layer.depthwise else \
+            (index[layer.out_tensor] if gid or layer.follows else None)  # a scale keeps what it multiplies
         mod = modules[layer.name]
         if rows is not None and (rows.numel() == 0 or (gid is not None and not bool(eff[gid].any()))):
             # a pruned-away branch (its output is all zeros): removed with the graph rewrite

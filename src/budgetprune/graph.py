@@ -92,6 +92,7 @@ class TensorInfo:
     area: int  # H·W of a feature map (1 for a (batch, features) tensor)
     expansion: int = 1  # features per slot after a flatten
     segments: tuple[Segment, ...] = ()
+    scale: bool = False  # a squeeze-and-excitation scale: it follows the tensor it multiplies
 
     def sources(self) -> set[str]:
         return {g for s in self.segments for g, _ in s.sources if g is not ALWAYS}
@@ -168,6 +169,7 @@ class Layer:
     bias: bool = True
     batchnorms: list[str] = field(default_factory=list)  # host BatchNorms folded with this layer
     groups: int = 1  # a grouped (not depthwise) convolution: each output reads in_features / groups inputs
+    follows: str | None = None  # a squeeze-and-excitation scale: keeps the channels of the tensor it multiplies
 
 
 class ChannelGraph:
@@ -303,12 +305,14 @@ class _Builder:
                  input_shape: tuple[int, ...]):
         self.gm, self.modules, self.gate_inputs, self.input_shape = gm, modules, gate_inputs, input_shape
         self.blocked: dict[str, str] = {}  # producer -> why it stays ungated
+        self.followers: dict[str, str] = {}  # layer computing a channel scale -> the tensor it multiplies
 
     def build(self) -> ChannelGraph:
+        self._find_scales()
         for _ in range(1000):
-            before = dict(self.blocked)
+            before = (dict(self.blocked), dict(self.followers))
             graph = self._pass()
-            if self.blocked == before:
+            if (self.blocked, self.followers) == before:
                 return graph
         raise GraphError("internal error: the channel graph did not settle")
 
@@ -352,6 +356,27 @@ class _Builder:
         return ChannelGraph(self.gm, self.tensors, self.layers, self.groups, self.renorm, ungated,
                             self.input_shape, spaces, self.cats)
 
+    def _find_scales(self) -> None:
+        """Squeeze-and-excitation: a product of a feature map and a (batch, C, 1, 1) scale that one
+        conv/linear computes through activations; that layer follows the map's channels."""
+        calls = defaultdict(int)
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] += 1
+        for node in self.gm.graph.nodes:
+            is_mul = node.op == "call_function" and node.target in MUL_FUNCTIONS or \
+                node.op == "call_method" and node.target == "mul"
+            args = [a for a in node.args if isinstance(a, fx.Node)]
+            shapes = [_shape(a) for a in args]
+            if not is_mul or len(args) != 2 or any(sh is None or len(sh) < 3 for sh in shapes):
+                continue
+            areas = [_area(sh) for sh in shapes]
+            if min(areas) == max(areas) or shapes[0][1] != shapes[1][1]:
+                continue
+            producer = _scale_producer(args[areas.index(min(areas))], node, self.modules)
+            if producer is not None and calls[producer] == 1:
+                self.followers[producer] = args[areas.index(max(areas))].name
+
     def _find_layers(self, nodes, ungated) -> None:
         """Count module calls (a module called twice shares weights: never gated)."""
         for node in nodes:
@@ -394,9 +419,9 @@ class _Builder:
         if len(shape) < 2 or (shape[1] != info.slots * info.expansion):
             raise _Unsupported(f"{node.name} changes the channel dimension {_shape(src)} -> {shape}")
         self._set(node, TensorInfo(node.name, info.slots, _area(shape) if info.expansion == 1 else info.area,
-                                   info.expansion, info.segments))
+                                   info.expansion, info.segments, info.scale))
         self._union(node.name, src.name)
-        if renormalise and not info.always_alive():
+        if renormalise and not info.always_alive() and not info.scale:  # a scale's product is zero anyway
             if node.op != "call_module":  # only a module can be hooked to mask its output
                 raise _Unsupported(f"read by {renormalise} at node '{node.name}', which maps 0 to a non-zero "
                                    "value; write it as a module (e.g. nn.Sigmoid) so it can be masked")
@@ -439,7 +464,20 @@ class _Builder:
             return self._visit_flatten(node, tensor_args)
         if node.op == "call_method" and fn in ("mean", "amax", "sum") and _reduces_spatial_only(node):
             return self._same(node, tensor_args[0])
-        raise _Unsupported(f"read by {_describe(node, self.modules)}, which budgetprune cannot prune through")
+        return self._visit_unknown(node, tensor_args)
+
+    def _visit_unknown(self, node, tensor_args) -> None:
+        """An op the table does not know: passed through when probing shows it works channel by
+        channel (stochastic depth, a custom activation, an upsampling), else unsupported."""
+        kind = _probe_channelwise(node, self.modules, self._device()) if len(tensor_args) == 1 else None
+        if kind is None:
+            raise _Unsupported(f"read by {_describe(node, self.modules)}, which budgetprune cannot prune through")
+        return self._same(node, tensor_args[0], None if kind == "zero" else _describe(node, self.modules))
+
+    def _device(self) -> torch.device:
+        for p in self.gm.parameters():
+            return p.device
+        return torch.device("cpu")
 
     def _visit_module(self, node, mod, tensor_args) -> None:
         src = tensor_args[0]
@@ -453,7 +491,7 @@ class _Builder:
             return self._same(node, src, type(mod).__name__)
         if isinstance(mod, nn.Flatten):
             return self._visit_flatten(node, tensor_args)
-        raise _Unsupported(f"read by {_describe(node, self.modules)}, which budgetprune cannot prune through")
+        return self._visit_unknown(node, tensor_args)
 
     def _visit_layer(self, node, mod, src) -> None:
         info = self._info(src)
@@ -496,6 +534,13 @@ class _Builder:
         if depthwise:
             self._same(node, src, "depthwise conv bias" if layer.bias else None)
             layer.batchnorms, layer.out_tensor = [], node.name  # its BNs renormalise, they host no gate
+            return
+        followed = self.tensors.get(self.followers.get(node.target, ""))
+        if followed is not None and followed.slots == shape[1] and followed.expansion == 1:
+            # a squeeze-and-excitation scale: channel c lives while channel c of what it scales does
+            self._set(node, TensorInfo(node.name, shape[1], _area(shape), 1, followed.segments, scale=True))
+            self._union(node.name, followed.node)
+            layer.batchnorms, layer.out_tensor, layer.follows = [], node.name, followed.node
             return
         gated = node.target not in self.blocked
         gid = node.target if gated else ALWAYS
@@ -549,15 +594,18 @@ class _Builder:
         # A product is zero where either factor is; "alive where either writer is" over-approximates
         # (safe: a slot kept alive is computed, never wrongly dropped). A factor that is always
         # alive (a squeeze-and-excitation scale) leaves the other factor's slots unchanged.
-        if not a.always_alive() and not b.always_alive():
-            areas = [_area(_shape(t)) for t in tensor_args]
-            if min(areas) < max(areas):  # a broadcast scale (squeeze-and-excitation): never pruned itself
-                scale = tensor_args[areas.index(min(areas))]
-                self._block(scale, f"computes the channel scale multiplied at '{node.name}' "
-                                   "(squeeze-and-excitation); it follows the channels it scales")
-        segs = a.segments if b.always_alive() else b.segments if a.always_alive() else _merge(a.segments, b.segments)
+        areas = [_area(_shape(t)) for t in tensor_args]
+        big = tensor_args[0] if areas[0] >= areas[1] else tensor_args[1]
+        if not a.always_alive() and not b.always_alive() and min(areas) < max(areas) and not (a.scale or b.scale):
+            # a broadcast scale (squeeze-and-excitation): the layer computing it follows what it scales
+            self._block(tensor_args[areas.index(min(areas))], f"computes the channel scale multiplied at "
+                        f"'{node.name}' (squeeze-and-excitation) through ops other than activations")
+        if a.scale or b.scale:
+            segs = self._info(big).segments
+        else:
+            segs = a.segments if b.always_alive() else b.segments if a.always_alive() else \
+                _merge(a.segments, b.segments)
         self._set(node, TensorInfo(node.name, a.slots, _area(shape), 1, segs))
-        big = tensor_args[0] if _area(_shape(tensor_args[0])) >= _area(_shape(tensor_args[1])) else tensor_args[1]
         self._union(node.name, big.name)
 
     def _visit_cat(self, node) -> None:
@@ -624,6 +672,79 @@ def _merge(a: tuple[Segment, ...], b: tuple[Segment, ...]) -> tuple[Segment, ...
         always = any(g is ALWAYS for g, _ in sources)
         out.append(Segment(lo, hi - lo, ((ALWAYS, 0),) if always else tuple(dict.fromkeys(sources))))
     return tuple(out)
+
+
+def _scale_producer(scale: fx.Node, mul: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The conv/linear computing a squeeze-and-excitation scale: reached from the scale through
+    single-input nodes, each read by the next one alone (so its dead channels only ever meet
+    zeros in the product), or None."""
+    node, user = scale, mul
+    while True:
+        if len(node.users) != 1 or next(iter(node.users)) is not user:
+            return None
+        if node.op == "call_module" and isinstance(modules.get(node.target), (nn.Conv2d, nn.Linear)):
+            return node.target
+        if len(node.all_input_nodes) != 1:
+            return None
+        node, user = node.all_input_nodes[0], node
+
+
+def _probe_channelwise(node: fx.Node, modules: dict[str, nn.Module], device: torch.device) -> str | None:
+    """Whether an op unknown to the graph works channel by channel, found by running it.
+
+    The op's single tensor input is replaced by random values of the recorded shape (the
+    other arguments must be constants) and the op is run, in eval mode and without gradients,
+    three times: on the input, on the input with some channels zeroed, and on only the other
+    channels. It works channel by channel when the last run gives exactly the remaining
+    channels of the first (no channel reads another, and the op does not depend on how many
+    there are), and the second run gives the same on the channels it kept. Returns ``"zero"``
+    when the zeroed channels also stay exactly zero (a stochastic depth, an activation, an
+    upsampling), ``"renormalise"`` when they do not (it then needs masking), None otherwise.
+    """
+    in_shape, out_shape = _shape(node.all_input_nodes[0]), _shape(node)
+    if in_shape is None or out_shape is None or len(in_shape) < 2 or len(out_shape) < 2 or \
+            tuple(out_shape[:2]) != tuple(in_shape[:2]) or in_shape[1] < 2:
+        return None
+    meta = node.all_input_nodes[0].meta["tensor_meta"]
+    if not meta.dtype.is_floating_point:
+        return None
+    src = node.all_input_nodes[0]
+    if len(node.all_input_nodes) != 1:  # x.size(0) and other computed arguments: not probed
+        return None
+
+    def run(x):
+        args = fx.node.map_arg(node.args, lambda a: x)
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: x)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        mod = modules[node.target]
+        was = mod.training
+        mod.eval()
+        try:
+            return mod(*args, **kwargs)
+        finally:
+            mod.train(was)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tuple(in_shape), generator=gen).to(device, meta.dtype) + 0.5
+    c = in_shape[1]
+    keep = torch.arange(c, device=device) % 2 == 0
+    try:
+        with torch.no_grad():
+            full, zeroed, part = run(x), run(x * keep.view(1, -1, *[1] * (len(in_shape) - 2))), run(x[:, keep])
+    except Exception:
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.shape[:2] == (in_shape[0], n) for t, n in
+               ((full, c), (zeroed, c), (part, int(keep.sum())))):
+        return None
+    def same(a, b):
+        return bool(torch.isfinite(b).all()) and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    if not (same(part, full[:, keep]) and same(zeroed[:, keep], full[:, keep])):
+        return None
+    return "zero" if bool((zeroed[:, ~keep] == 0).all()) else "renormalise"
 
 
 def _reduces_spatial_only(node: fx.Node) -> bool:
