@@ -4,9 +4,9 @@ For each model (untrained, ``num_classes=10``, random inputs of ``--size`` pixel
 under a FLOP budget takes ``--steps`` SGD steps and finalizes. Recorded per model: the share
 of conv/linear output channels that are prunable (channel groups over all conv/linear outputs
 but the classifier's; depthwise convs and squeeze-and-excitation scales follow the channels they
-read or scale and count with them), whether the
-budget is met (V/B), the compacted network's largest output difference from the gated one,
-the parameter and FLOP reduction, how the result saves (self-contained file or plan + weights)
+read or scale and count with them) and why the rest is not, whether the budget is met (V/B), the
+compacted network's largest output difference from the gated one (relative to the largest
+output), the parameter and FLOP reduction, how the result saves (self-contained file or plan + weights)
 and whether the loaded file gives the same outputs — or the one-line error where a step fails.
 
     python benchmarks/torchvision_models.py                      # every family, 64 px, 2x FLOPs
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -93,6 +94,8 @@ def one(models, name: str, size: int, budget: str, steps: int) -> dict:
         stage = "trace"
         pruner = Pruner(model, x, budget, total_steps=steps, gate_init=3.0)
         row["prunable_share"], row["prunable_channels"], row["channels"] = prunable_share(model, pruner.graph)
+        reasons = Counter(why.split(" at node")[0] for why in pruner.graph.ungated.values())
+        row["not_pruned"] = {why: n for why, n in reasons.most_common() if why != "feeds the network output"}
         stage = "train"
         optimizer = torch.optim.SGD(pruner.parameters(lr=1e-3), lr=1e-3, momentum=0.9)
         for _ in range(steps):
@@ -103,6 +106,8 @@ def one(models, name: str, size: int, budget: str, steps: int) -> dict:
             pruner.step()
         stage = "finalize"
         small, report = pruner.finalize(x)
+        with torch.no_grad():
+            row["output_scale"] = float(small(x).abs().max())  # the difference below is relative to it
         metric = pruner.budget.metric
         row.update(budget_ratio=report["pruned"][metric] / pruner.budget.absolute(pruner.graph),
                    compaction_max_abs_diff=report["compaction_max_abs_diff"],
@@ -127,7 +132,8 @@ def one(models, name: str, size: int, budget: str, steps: int) -> dict:
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| model | prunable channels | V/B | compaction diff | FLOPs ÷ | params ÷ | file | load diff | seconds |",
+    lines = ["| model | prunable channels | V/B | compaction diff (relative) | FLOPs ÷ | params ÷ | file | load diff | "
+             "seconds |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         share = f"{r['prunable_share']:.0%} ({r['prunable_channels']}/{r['channels']})" if "prunable_share" in r else "–"
@@ -137,7 +143,9 @@ def table(rows: list[dict]) -> list[str]:
             continue
         tail = (f"{r['file']} | {r['load_max_abs_diff']:.1e}" if "load_max_abs_diff" in r
                 else f"failed at {r.get('failed_at')}: {r.get('error', '').replace('|', '/')} | –")
-        lines.append(f"| {r['model']} | {share} | {r['budget_ratio']:.4f} | {r['compaction_max_abs_diff']:.1e} | "
+        scale = r.get("output_scale", 1.0)
+        diff = f"{r['compaction_max_abs_diff'] / scale:.1e}" if scale > 0 else "outputs are 0"
+        lines.append(f"| {r['model']} | {share} | {r['budget_ratio']:.4f} | {diff} | "
                      f"{r['flops_reduction']:.2f} | {r['params_reduction']:.2f} | {tail} | {r['seconds']:.0f} |")
     return lines
 
@@ -166,7 +174,12 @@ def main(argv=None) -> int:
             f"Command: `{record['command']}`", "",
             f"Untrained models, 10 classes, random inputs; {args.steps} SGD steps (lr 1e-3) under `{args.budget}`, then "
             f"finalize, save, load. torch {record['torch']}, {record['threads']} threads, wall time "
-            f"{record['wall_seconds'] / 60:.1f} min.", "", *table(rows), ""]
+            f"{record['wall_seconds'] / 60:.1f} min.", "", *table(rows), "",
+            "What stays unpruned (layers left ungated, by reason; the classifier is never pruned):", ""]
+    for r in rows:
+        for why, n in r.get("not_pruned", {}).items():
+            page.append(f"- {r['model']}: {n} × {why}")
+    page.append("")
     (out / "torchvision_models.md").write_text("\n".join(page))
     return 0
 

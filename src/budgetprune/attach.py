@@ -31,11 +31,14 @@ from .liveness import alive
 GateFn = Callable[[int], torch.Tensor]  # batch size -> (C,) or (batch, C) gate values
 
 
-def _broadcast(z: torch.Tensor, like: torch.Tensor, expansion: int = 1) -> torch.Tensor:
-    """Shape per-slot values (C,) or (N, C) to multiply a (N, C·expansion, ...) tensor."""
+def _broadcast(z: torch.Tensor, like: torch.Tensor, expansion: int = 1, dim: int = 1) -> torch.Tensor:
+    """Shape per-slot values (C,) or (N, C) to multiply a (N, C·expansion, ...) tensor, or a
+    (N, ..., C) one when ``dim`` is -1 (tokens, channels-last maps)."""
     if expansion != 1:
         z = z.repeat_interleave(expansion, dim=-1)
     lead = z.shape[0] if z.dim() == 2 else 1
+    if dim == -1:
+        return z.reshape(lead, *([1] * (like.dim() - 2)), -1)
     return z.reshape(lead, -1, *([1] * (like.dim() - 2)))
 
 
@@ -117,7 +120,7 @@ class GateHooks:
             if info.sources() and all(g in self.current for g in info.sources()):
                 z = z * self._alive(in_tensor).to(z.dtype).amax(dim=-1, keepdim=True)  # purge
             self.current[gid] = z.detach()
-            return output * _broadcast(z, output)
+            return output * _broadcast(z, output, dim=group.dim)
         return hook
 
     def _input_hook(self, gid: str, gate: GateFn):

@@ -232,6 +232,27 @@ def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
                     sel = g.call_function(select_channels, (src, ref))
                 node.replace_input_with(src, sel)
             continue
+        if node.name in graph.splits:  # pieces of a chunk/split: the kept slots of each range
+            src, pieces = graph.splits[node.name]
+            kept, lo = [], 0
+            for piece in pieces:
+                n = graph.tensors[piece].slots
+                kept.append(int(((index[src] >= lo) & (index[src] < lo + n)).sum()))
+                lo += n
+            with g.inserting_before(node):
+                split = g.call_function(torch.split, (node.args[0], kept, 1))
+            node.replace_all_uses_with(split)
+            g.erase_node(node)
+            continue
+        if node.name in graph.shuffles:  # a channel shuffle: one gather of the kept slots, in order
+            src, perm = graph.shuffles[node.name]
+            ref = buffers.add(g, _positions(perm[index[node.name]], index[src]), node)
+            with g.inserting_before(node):
+                gathered = g.call_function(select_channels, (_source_of_shuffle(node), ref))
+            gathered.meta["budgetprune_tensor"] = node.name
+            node.replace_all_uses_with(gathered)
+            g.erase_node(node)
+            continue
         if node.name not in graph.tensors:
             continue
         is_add = (node.op == "call_function" and node.target in ADD_FUNCTIONS) or \
@@ -239,7 +260,10 @@ def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
         is_mul = (node.op == "call_function" and node.target in MUL_FUNCTIONS) or \
             (node.op == "call_method" and node.target == "mul")
         tensor_args = [a for a in node.args if isinstance(a, fx.Node) and _tensor_name(a) in graph.tensors]
-        if (is_add or is_mul) and len(tensor_args) == 2 and _same_layout(node, tensor_args):
+        # operands counted over different dims (tokens added to a linear's output over channels) were
+        # never pruned through: the graph left their writers ungated, and the op stays as it is
+        counted = {graph.tensors[_tensor_name(t)].slots for t in (*tensor_args, node) if _tensor_name(t) in graph.tensors}
+        if (is_add or is_mul) and len(tensor_args) == 2 and _same_layout(node, tensor_args) and len(counted) == 1:
             _rewrite_binary(g, buffers, node, tensor_args, index, alive, is_add,
                             node.target in SUB_FUNCTIONS or node.target == "sub")
         elif node.op == "call_function" and node.target is torch.cat:
@@ -266,6 +290,14 @@ def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
                     masked = g.call_function(operator.mul, (node, ref))
                 masked.meta["budgetprune_tensor"] = node.name
                 node.replace_all_uses_with(masked, delete_user_cb=lambda u: u is not masked)
+
+
+def _source_of_shuffle(final: fx.Node) -> fx.Node:
+    """The tensor a channel shuffle reorders: the input of the 5-d view its chain starts with."""
+    node = final.args[0]
+    while not (node.op == "call_method" and node.target in ("view", "reshape") and len(_shape_of(node)) == 5):
+        node = node.args[0]
+    return node.args[0]
 
 
 def _tensor_name(node: fx.Node) -> str:

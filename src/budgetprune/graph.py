@@ -59,6 +59,9 @@ ZERO_PRESERVING_FUNCTIONS = {
 }
 ZERO_PRESERVING_METHODS = {"relu", "tanh", "contiguous", "clone", "detach", "neg", "relu_"}
 #: Channel-wise ops that map 0 to something else: their output is masked by aliveness.
+#: Of those, the ones that work element by element on any layout (not poolings over the last dims).
+POOLING_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool1d, nn.AvgPool1d)
+POOLING_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 RENORMALISING_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.SELU, nn.CELU)
 RENORMALISING_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, F.selu, F.celu}
 RENORMALISING_METHODS = {"sigmoid"}
@@ -93,6 +96,7 @@ class TensorInfo:
     expansion: int = 1  # features per slot after a flatten
     segments: tuple[Segment, ...] = ()
     scale: bool = False  # a squeeze-and-excitation scale: it follows the tensor it multiplies
+    dim: int = 1  # where the channels are: 1 (N, C, H, W), or -1 (tokens (N, L, C), channels-last maps)
 
     def sources(self) -> set[str]:
         return {g for s in self.segments for g, _ in s.sources if g is not ALWAYS}
@@ -122,6 +126,7 @@ class ChannelGroup:
     min_keep: int = 1
     shared: bool = False
     tie_period: int = 0
+    dim: int = 1  # the host output's channel dim: 1, or -1 for a linear layer over tokens / channels-last
 
     def __post_init__(self):
         if not self.tie_period:
@@ -181,7 +186,9 @@ class ChannelGraph:
 
     def __init__(self, gm: fx.GraphModule, tensors: dict[str, TensorInfo], layers: dict[str, Layer],
                  groups: dict[str, ChannelGroup], renormalisers: dict[str, str], ungated: dict[str, str],
-                 input_shape: tuple[int, ...], spaces: dict[str, str], cats: dict[str, list[str]]):
+                 input_shape: tuple[int, ...], spaces: dict[str, str], cats: dict[str, list[str]],
+                 splits: dict[str, tuple[str, list[str]]] | None = None,
+                 shuffles: dict[str, tuple[str, torch.Tensor]] | None = None):
         self.gm = gm
         self.tensors = tensors
         self.layers = layers
@@ -191,6 +198,8 @@ class ChannelGraph:
         self.input_shape = input_shape
         self.spaces = spaces  # tensor -> the set of tensors that must keep equal width in a regular block
         self.cats = cats  # tensor made by torch.cat -> the tensors it joins, in order
+        self.splits = splits or {}  # chunk/split node -> (the tensor it splits, its pieces in order)
+        self.shuffles = shuffles or {}  # channel shuffle output -> (its input, input slot of each output slot)
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -275,9 +284,10 @@ def _shape(node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _area(shape: tuple[int, ...]) -> int:
+def _area(shape: tuple[int, ...], dim: int = 1) -> int:
+    """Positions per channel: H·W of a (N, C, H, W) map, L of (N, L, C) tokens (``dim`` -1)."""
     area = 1
-    for s in shape[2:]:
+    for s in (shape[2:] if dim == 1 else shape[1:-1]):
         area *= int(s)
     return area
 
@@ -324,6 +334,9 @@ class _Builder:
         self.groups: dict[str, ChannelGroup] = {}
         self.renorm: dict[str, str] = {}
         self.cats: dict[str, list[str]] = {}
+        self.splits: dict[str, tuple[str, list[str]]] = {}
+        self.shuffles: dict[str, tuple[str, torch.Tensor]] = {}
+        self.shuffle_inside: set[str] = set()
         self.hosted: dict[str, str] = {}  # node that is a gate host output -> group
         self.parent: dict[str, str] = {}  # union-find over tensors for regular-block widths
         self.calls: dict[str, int] = defaultdict(int)
@@ -339,8 +352,11 @@ class _Builder:
                 for arg in node.all_input_nodes:
                     self._block(arg, "feeds the network output")
                 continue
-            if _shape(node) is None:
-                continue  # x.size(0) and friends: not tensors
+            if _shape(node) is None:  # not one tensor: x.size(0) and friends, or several tensors (chunk, split)
+                if not _reads_metadata_only(node) and not self._visit_split(node):
+                    for arg in node.all_input_nodes:
+                        self._block(arg, f"read by {_describe(node, self.modules)}, which returns several tensors")
+                continue
             try:
                 self._visit(node)
             except _Unsupported as why:
@@ -354,7 +370,7 @@ class _Builder:
         self._finish_groups(nodes)
         spaces = {t: self._find(t) for t in self.tensors}
         return ChannelGraph(self.gm, self.tensors, self.layers, self.groups, self.renorm, ungated,
-                            self.input_shape, spaces, self.cats)
+                            self.input_shape, spaces, self.cats, self.splits, self.shuffles)
 
     def _find_scales(self) -> None:
         """Squeeze-and-excitation: a product of a feature map and a (batch, C, 1, 1) scale that one
@@ -405,9 +421,9 @@ class _Builder:
             self.parent[rb] = ra
 
     @staticmethod
-    def _fresh(node: fx.Node, shape, writer: str | None) -> TensorInfo:
-        slots = int(shape[1]) if len(shape) >= 2 else 1
-        return TensorInfo(node.name, slots, _area(shape), 1, (Segment(0, slots, ((writer, 0),)),))
+    def _fresh(node: fx.Node, shape, writer: str | None, dim: int = 1) -> TensorInfo:
+        slots = int(shape[dim]) if len(shape) >= 2 else 1
+        return TensorInfo(node.name, slots, _area(shape, dim), 1, (Segment(0, slots, ((writer, 0),)),), dim=dim)
 
     def _info(self, node) -> TensorInfo:
         return self.tensors[node.name]
@@ -416,12 +432,16 @@ class _Builder:
         """Output keeps the input's slots (area from the output shape)."""
         info = self._info(src)
         shape = _shape(node)
-        if len(shape) < 2 or (shape[1] != info.slots * info.expansion):
+        if len(shape) < 2 or (shape[info.dim] != info.slots * info.expansion) or \
+                (info.dim != 1 and len(shape) != len(_shape(src))):
             raise _Unsupported(f"{node.name} changes the channel dimension {_shape(src)} -> {shape}")
-        self._set(node, TensorInfo(node.name, info.slots, _area(shape) if info.expansion == 1 else info.area,
-                                   info.expansion, info.segments, info.scale))
+        self._set(node, TensorInfo(node.name, info.slots, _area(shape, info.dim) if info.expansion == 1 else info.area,
+                                   info.expansion, info.segments, info.scale, info.dim))
         self._union(node.name, src.name)
         if renormalise and not info.always_alive() and not info.scale:  # a scale's product is zero anyway
+            if info.dim != 1:
+                raise _Unsupported(f"read by {renormalise} at node '{node.name}', which maps 0 to a non-zero "
+                                   "value on channels in the last dim")
             if node.op != "call_module":  # only a module can be hooked to mask its output
                 raise _Unsupported(f"read by {renormalise} at node '{node.name}', which maps 0 to a non-zero "
                                    "value; write it as a module (e.g. nn.Sigmoid) so it can be masked")
@@ -439,9 +459,21 @@ class _Builder:
 
     # the op table ----------------------------------------------------------------------------
     def _visit(self, node: fx.Node) -> None:
+        if node.op == "call_function" and node.target is operator.getitem and \
+                isinstance(node.args[0], fx.Node) and node.args[0].name in self.splits:
+            piece = self.splits[node.args[0].name][1][node.args[1]]
+            info = self.tensors[piece]
+            self._set(node, TensorInfo(node.name, info.slots, info.area, 1, info.segments))
+            return self._union(node.name, piece)
+        if node.name in self.shuffles:
+            return self._set(node, self._shuffled(node))
+        if node.name in self.shuffle_inside:  # the 5-d view and transpose of a channel shuffle: read by it alone
+            return self._set(node, self._fresh(node, _shape(node), ALWAYS))
         tensor_args = [a for a in node.all_input_nodes if a.name in self.tensors]
         if not tensor_args and node.op != "get_attr":  # a tensor made from nothing: torch.zeros(...)
             return self._set(node, self._fresh(node, _shape(node), ALWAYS))
+        if any(self._info(a).dim != 1 and not self._info(a).always_alive() for a in tensor_args):
+            return self._visit_channels_last(node, tensor_args)
         if node.op == "call_module":
             return self._visit_module(node, self.modules[node.target], tensor_args)
         if node.op == "get_attr":
@@ -460,11 +492,96 @@ class _Builder:
             return self._visit_mul(node, tensor_args)
         if node.op == "call_function" and fn is torch.cat:
             return self._visit_cat(node)
+        if node.op == "call_method" and fn in ("view", "reshape") and self._match_shuffle(node):
+            return self._set(node, self._fresh(node, _shape(node), ALWAYS))
         if node.op == "call_function" and fn is torch.flatten or node.op == "call_method" and fn in FLATTEN_METHODS:
             return self._visit_flatten(node, tensor_args)
         if node.op == "call_method" and fn in ("mean", "amax", "sum") and _reduces_spatial_only(node):
             return self._same(node, tensor_args[0])
         return self._visit_unknown(node, tensor_args)
+
+    def _visit_split(self, node: fx.Node) -> bool:
+        """``x.chunk(k, dim=1)`` / ``x.split(sizes, dim=1)``: each piece keeps its range of slots."""
+        is_split = node.op == "call_method" and node.target in ("chunk", "split") or \
+            node.op == "call_function" and node.target in (torch.chunk, torch.split)
+        src = node.args[0] if node.args else None
+        if not is_split or not isinstance(src, fx.Node) or src.name not in self.tensors:
+            return False
+        info, in_shape = self.tensors[src.name], _shape(src)
+        metas = node.meta.get("tensor_meta")
+        if info.expansion != 1 or info.dim != 1 or _arg(node, 2, "dim", 0) not in (1, 1 - len(in_shape)) or \
+                not isinstance(metas, (tuple, list)) or not all(hasattr(m, "shape") for m in metas):
+            return False
+        sizes = [int(m.shape[1]) for m in metas]
+        if sum(sizes) != info.slots:
+            return False
+        pieces, lo = [], 0
+        for i, n in enumerate(sizes):
+            name = f"{node.name}:{i}"
+            self.tensors[name] = TensorInfo(name, n, info.area, 1, _slice_segments(info.segments, lo, lo + n))
+            self.parent.setdefault(name, name)
+            pieces.append(name)
+            lo += n
+        self.splits[node.name] = (src.name, pieces)
+        return True
+
+    def _match_shuffle(self, view: fx.Node) -> bool:
+        """A channel shuffle (ShuffleNet): ``x.view(N, g, C/g, H, W).transpose(1, 2)`` then back to
+        ``(N, C, H, W)``, each step read by the next alone: output slot a·g + b is input slot b·C/g + a."""
+        src = view.args[0]
+        if not isinstance(src, fx.Node) or src.name not in self.tensors:
+            return False
+        in_shape, s5 = _shape(src), _shape(view)
+        info = self.tensors[src.name]
+        if len(in_shape) != 4 or len(s5) != 5 or s5[0] != in_shape[0] or s5[1] * s5[2] != in_shape[1] or \
+                tuple(s5[3:]) != tuple(in_shape[2:]) or info.expansion != 1 or info.dim != 1:
+            return False
+        chain, cur = [view], view
+        while len(cur.users) == 1:
+            cur = next(iter(cur.users))
+            chain.append(cur)
+            if cur.op == "call_method" and cur.target == "contiguous":
+                continue
+            if cur.op in ("call_method", "call_function") and cur.target in ("transpose", torch.transpose) and \
+                    len(chain) == 2 and {_arg(cur, 1, "dim0", None), _arg(cur, 2, "dim1", None)} == {1, 2}:
+                continue
+            break
+        final = chain[-1]
+        if len(chain) < 3 or chain[1].target not in ("transpose", torch.transpose) or \
+                not (final.op == "call_method" and final.target in ("view", "reshape")) or \
+                tuple(_shape(final) or ()) != tuple(in_shape):
+            return False
+        g, per = s5[1], s5[2]
+        j = torch.arange(in_shape[1])
+        self.shuffles[final.name] = (src.name, (j % g) * per + j // g)
+        self.shuffle_inside.update(n.name for n in chain[1:-1])
+        return True
+
+    def _shuffled(self, node: fx.Node) -> TensorInfo:
+        src, perm = self.shuffles[node.name]
+        info = self.tensors[src]
+        segs = []
+        for j, p in enumerate(perm.tolist()):
+            seg = next(s for s in info.segments if s.start <= p < s.start + s.length)
+            segs.append(Segment(j, 1, tuple((g, off if g is ALWAYS else off + p - seg.start) for g, off in seg.sources)))
+        return TensorInfo(node.name, info.slots, _area(_shape(node)), 1, tuple(segs))
+
+    def _visit_channels_last(self, node, tensor_args) -> None:
+        """Pruned channels in the last dim (a linear layer's hidden width over tokens or a
+        channels-last map) pass through element-wise ops into the linear layer that reads them."""
+        mod = self.modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(mod, nn.Linear):
+            return self._visit_layer(node, mod, tensor_args[0])
+        if len(tensor_args) == 1 and (
+                isinstance(mod, ZERO_PRESERVING_MODULES) and not isinstance(mod, POOLING_MODULES)
+                or node.op == "call_function" and node.target in ZERO_PRESERVING_FUNCTIONS - POOLING_FUNCTIONS
+                or node.op == "call_method" and node.target in ZERO_PRESERVING_METHODS):
+            return self._same(node, tensor_args[0])
+        if len(tensor_args) == 1 and node.op != "get_attr" and \
+                _probe_channelwise(node, self.modules, self._device(), dim=-1) == "zero":
+            return self._same(node, tensor_args[0])
+        raise _Unsupported(f"read by {_describe(node, self.modules)}, which budgetprune cannot prune through "
+                           "on channels in the last dim (only element-wise ops and linear layers)")
 
     def _visit_unknown(self, node, tensor_args) -> None:
         """An op the table does not know: passed through when probing shows it works channel by
@@ -499,14 +616,21 @@ class _Builder:
         kind = "conv" if isinstance(mod, nn.Conv2d) else "linear"
         if kind == "conv" and mod.padding_mode != "zeros":
             raise _Unsupported(f"read by conv '{node.target}' with padding_mode '{mod.padding_mode}'")
-        if kind == "linear" and len(in_shape) != 2:
-            raise _Unsupported(f"read by linear '{node.target}' on a {len(in_shape)}-d input")
+        dim = -1 if kind == "linear" and len(in_shape) > 2 else 1  # a linear over tokens works on the last dim
+        if dim == -1 and not (info.dim == -1 and info.slots == in_shape[-1] and info.expansion == 1):
+            if not info.always_alive():
+                raise _Unsupported(f"read by linear '{node.target}' over the last dim of a {len(in_shape)}-d "
+                                   "tensor whose pruned channels are in dim 1")
+            info = TensorInfo(f"{node.name}:in", in_shape[-1], _area(in_shape, -1), 1,
+                              (Segment(0, in_shape[-1], ((ALWAYS, 0),)),), dim=-1)
+            self.tensors[info.node] = info  # what it reads: always alive, counted over the last dim
+            self.parent.setdefault(info.node, info.node)
         depthwise = kind == "conv" and mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
         groups = mod.groups if kind == "conv" and not depthwise else 1
         if groups > 1:
             self._tie_input(node, src, mod.in_channels // groups)
-        in_tensor = src.name
-        if self.gate_inputs and kind == "linear" and not self.layers and info.always_alive() and \
+        in_tensor = info.node if dim == -1 else src.name
+        if self.gate_inputs and kind == "linear" and dim == 1 and not self.layers and info.always_alive() and \
                 "input" not in self.blocked:
             in_tensor = f"{node.name}:input"  # the gated input features of an MLP
             n = in_shape[1]
@@ -528,7 +652,7 @@ class _Builder:
                       and nxt.target in ZERO_PRESERVING_METHODS):
                 break
             cur = nxt
-        layer = Layer(node.target, kind, in_tensor, host_node.name, in_shape[1], shape[1], _area(shape),
+        layer = Layer(node.target, kind, in_tensor, host_node.name, in_shape[dim], shape[dim], _area(shape, dim),
                       _kernel_area(mod), None, depthwise, getattr(mod, "bias", None) is not None, bns, groups=groups)
         self.layers[node.target] = layer
         if depthwise:
@@ -544,14 +668,14 @@ class _Builder:
             return
         gated = node.target not in self.blocked
         gid = node.target if gated else ALWAYS
-        out = self._fresh(node, shape, gid)
+        out = self._fresh(node, shape, gid, dim)
         self._set(node, out)
         for bn_node in self.gm.graph.nodes:
             if bn_node.op == "call_module" and bn_node.target in bns:
                 self.hosted[bn_node.name] = gid or ""
         if gated:
-            self.groups[gid] = ChannelGroup(gid, shape[1], _area(shape), host_node.target, "output", node.target,
-                                            tie_period=shape[1] // groups)
+            self.groups[gid] = ChannelGroup(gid, shape[dim], _area(shape, dim), host_node.target, "output",
+                                            node.target, tie_period=shape[dim] // groups, dim=dim)
             layer.out_group = gid
 
     def _tie_input(self, node: fx.Node, src: fx.Node, per_group: int) -> None:
@@ -674,6 +798,23 @@ def _merge(a: tuple[Segment, ...], b: tuple[Segment, ...]) -> tuple[Segment, ...
     return tuple(out)
 
 
+def _slice_segments(segments: tuple[Segment, ...], lo: int, hi: int) -> tuple[Segment, ...]:
+    """The segments of slots ``lo .. hi`` of a tensor, renumbered from 0."""
+    out = []
+    for s in segments:
+        a, b = max(s.start, lo), min(s.start + s.length, hi)
+        if a < b:
+            out.append(Segment(a - lo, b - a, tuple((g, off if g is ALWAYS else off + a - s.start)
+                                                    for g, off in s.sources)))
+    return tuple(out)
+
+
+def _reads_metadata_only(node: fx.Node) -> bool:
+    """``x.size()``, ``x.dim()``, ``x.shape``, ``x.dtype``: what never carries channel values."""
+    return node.op == "call_method" and node.target in SHAPE_METHODS or \
+        node.op == "call_function" and node.target in (getattr, len)
+
+
 def _scale_producer(scale: fx.Node, mul: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     """The conv/linear computing a squeeze-and-excitation scale: reached from the scale through
     single-input nodes, each read by the next one alone (so its dead channels only ever meet
@@ -689,7 +830,8 @@ def _scale_producer(scale: fx.Node, mul: fx.Node, modules: dict[str, nn.Module])
         node, user = node.all_input_nodes[0], node
 
 
-def _probe_channelwise(node: fx.Node, modules: dict[str, nn.Module], device: torch.device) -> str | None:
+def _probe_channelwise(node: fx.Node, modules: dict[str, nn.Module], device: torch.device,
+                       dim: int = 1) -> str | None:
     """Whether an op unknown to the graph works channel by channel, found by running it.
 
     The op's single tensor input is replaced by random values of the recorded shape (the
@@ -702,8 +844,10 @@ def _probe_channelwise(node: fx.Node, modules: dict[str, nn.Module], device: tor
     upsampling), ``"renormalise"`` when they do not (it then needs masking), None otherwise.
     """
     in_shape, out_shape = _shape(node.all_input_nodes[0]), _shape(node)
-    if in_shape is None or out_shape is None or len(in_shape) < 2 or len(out_shape) < 2 or \
-            tuple(out_shape[:2]) != tuple(in_shape[:2]) or in_shape[1] < 2:
+    if in_shape is None or out_shape is None or len(in_shape) < 2 or len(out_shape) != len(in_shape):
+        return None
+    cd = 1 if dim == 1 else len(in_shape) - 1  # the channel dim
+    if out_shape[0] != in_shape[0] or out_shape[cd] != in_shape[cd] or in_shape[cd] < 2:
         return None
     meta = node.all_input_nodes[0].meta["tensor_meta"]
     if not meta.dtype.is_floating_point:
@@ -729,22 +873,26 @@ def _probe_channelwise(node: fx.Node, modules: dict[str, nn.Module], device: tor
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tuple(in_shape), generator=gen).to(device, meta.dtype) + 0.5
-    c = in_shape[1]
+    c = in_shape[cd]
     keep = torch.arange(c, device=device) % 2 == 0
+    kept, dropped = torch.nonzero(keep).flatten(), torch.nonzero(~keep).flatten()
+    shape = [1] * len(in_shape)
+    shape[cd] = c
     try:
         with torch.no_grad():
-            full, zeroed, part = run(x), run(x * keep.view(1, -1, *[1] * (len(in_shape) - 2))), run(x[:, keep])
+            full, zeroed, part = run(x), run(x * keep.view(shape)), run(x.index_select(cd, kept))
     except Exception:
         return None
-    if not all(isinstance(t, torch.Tensor) and t.shape[:2] == (in_shape[0], n) for t, n in
-               ((full, c), (zeroed, c), (part, int(keep.sum())))):
+    if not all(isinstance(t, torch.Tensor) and t.dim() == len(in_shape) and t.shape[0] == in_shape[0]
+               and t.shape[cd] == n for t, n in ((full, c), (zeroed, c), (part, len(kept)))):
         return None
-    def same(a, b):
-        return bool(torch.isfinite(b).all()) and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
-    if not (same(part, full[:, keep]) and same(zeroed[:, keep], full[:, keep])):
+    def same(a, b):
+        return a.shape == b.shape and bool(torch.isfinite(b).all()) and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    if not (same(part, full.index_select(cd, kept)) and same(zeroed.index_select(cd, kept), full.index_select(cd, kept))):
         return None
-    return "zero" if bool((zeroed[:, ~keep] == 0).all()) else "renormalise"
+    return "zero" if bool((zeroed.index_select(cd, dropped) == 0).all()) else "renormalise"
 
 
 def _reduces_spatial_only(node: fx.Node) -> bool:

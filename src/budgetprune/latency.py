@@ -47,7 +47,8 @@ def _layer_spec(graph, layer, module: nn.Module, batch: int) -> dict:
     node = next(n for n in graph.gm.graph.nodes if n.op == "call_module" and n.target == layer.name)
     shape = list(node.args[0].meta["tensor_meta"].shape)
     spec = {"kind": layer.kind, "in": int(shape[1]) if layer.kind == "conv" else int(shape[-1]),
-            "out": layer.out_channels, "spatial": [int(s) for s in shape[2:]], "batch": batch,
+            "out": layer.out_channels, "spatial": [int(s) for s in (shape[2:] if layer.kind == "conv" else shape[1:-1])],
+            "batch": batch,
             "bias": module.bias is not None, "depthwise": bool(layer.depthwise)}
     if layer.kind == "conv":
         spec.update(kernel=list(module.kernel_size), stride=list(module.stride), padding=list(module.padding),
@@ -59,8 +60,8 @@ def _layer_spec(graph, layer, module: nn.Module, batch: int) -> dict:
 
 def _build(spec: dict, n_in: int, n_out: int, device: torch.device) -> tuple[nn.Module, torch.Tensor]:
     if spec["kind"] == "linear":
-        return nn.Linear(n_in, n_out, bias=spec["bias"]).to(device).eval(), torch.randn(spec["batch"], n_in,
-                                                                                         device=device)
+        return nn.Linear(n_in, n_out, bias=spec["bias"]).to(device).eval(), \
+            torch.randn(spec["batch"], *spec["spatial"], n_in, device=device)  # tokens (N, L, C) too
     groups = n_out if spec["depthwise"] else spec.get("groups", 1)
     conv = nn.Conv2d(n_in if not spec["depthwise"] else n_out, n_out, spec["kernel"], spec["stride"], spec["padding"],
                      spec["dilation"], groups=groups, bias=spec["bias"]).to(device).eval()

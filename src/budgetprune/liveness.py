@@ -112,7 +112,7 @@ def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "
     members = defaultdict(list)
     for name, space in graph.spaces.items():
         members[space].append(name)
-    cats = list(graph.cats.items())
+    cats = list(graph.cats.items()) + list(graph.splits.values())  # a split's input joins its pieces
     for _ in range(100):
         changed = False
         for names in members.values():
@@ -135,6 +135,12 @@ def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "
             joined = torch.cat([sets[p] for p in parts])
             if not torch.equal(joined | sets[name], sets[name]):
                 sets[name] = sets[name] | joined
+                changed = True
+        for out, (src, perm) in graph.shuffles.items():  # a shuffle's output is its input, reordered
+            grown_out, grown_src = sets[out] | sets[src][perm], sets[src].clone()
+            grown_src[perm] |= sets[out]
+            if not (torch.equal(grown_out, sets[out]) and torch.equal(grown_src, sets[src])):
+                sets[out], sets[src] = grown_out, grown_src
                 changed = True
         if not changed:
             return sets

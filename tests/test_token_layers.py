@@ -1,0 +1,120 @@
+"""Linear layers over tokens (N, L, C) and channels-last maps (N, H, W, C): the hidden width of
+a transformer's or a ConvNeXt block's MLP is pruned along the last dim, costs count every token,
+and compaction keeps the outputs. Ops returning several tensors (chunk, split) never hide a
+pruned channel: their writers stay ungated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from budgetprune import Pruner
+from budgetprune.compact import compact
+from budgetprune.graph import ChannelGraph
+from budgetprune.resources import CostModel
+
+from loops import pruning_steps
+
+
+class TokenMLP(nn.Module):
+    """Patch embedding, then a pre-norm transformer MLP block on (N, L, C) tokens."""
+
+    def __init__(self, c: int = 8, hidden: int = 24):
+        super().__init__()
+        self.embed = nn.Conv2d(3, c, 4, stride=4)
+        self.norm = nn.LayerNorm(c)
+        self.fc1 = nn.Linear(c, hidden)
+        self.fc2 = nn.Linear(hidden, c)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (N, L, C)
+        t = t + self.fc2(F.dropout(F.gelu(self.fc1(self.norm(t))), 0.1, self.training))
+        return self.head(t.mean(dim=1))
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise conv, then channels-last LayerNorm and MLP, scaled and added back."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 2, stride=2)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.pw1 = nn.Linear(c, 4 * c)
+        self.pw2 = nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.full((c, 1, 1), 0.5))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.pw2(nn.functional.gelu(self.pw1(y))).permute(0, 3, 1, 2)
+        x = x + self.gamma * y
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_a_transformer_mlp_s_hidden_width_is_a_group_over_the_last_dim():
+    model = TokenMLP()
+    x = torch.randn(2, 3, 16, 16)  # 16 tokens
+    graph = ChannelGraph.build(model, x)
+    g = graph.groups["fc1"]
+    assert g.dim == -1 and g.channels == 24 and g.area == 16
+    assert graph.layers["fc2"].in_features == 24 and graph.layers["fc1"].out_area == 16
+    # FLOPs by hand: embed 16 positions × 3·16 × 8, fc1 16 × 8 × 24, fc2 16 × 24 × 8, head 8 × 10
+    full = 16 * 48 * 8 + 16 * 8 * 24 + 16 * 24 * 8 + 8 * 10
+    cm = CostModel(graph, "flops")
+    assert cm.full() == pytest.approx(full)
+    masks = {gid: torch.ones(gr.channels, dtype=torch.bool) for gid, gr in graph.groups.items()}
+    masks["fc1"] = torch.arange(24) < 10
+    assert cm.hard(masks) == pytest.approx(full - 2 * 16 * 8 * 14)
+
+
+@pytest.mark.parametrize("cls", [TokenMLP, ConvNeXtBlock])
+def test_token_and_channels_last_blocks_prune_and_compact_with_equal_outputs(cls):
+    torch.manual_seed(0)
+    model = cls()
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    pruner = Pruner(model, x, "flops=0.6", total_steps=3)
+    hidden = "fc1" if cls is TokenMLP else "pw1"
+    assert pruner.graph.groups[hidden].dim == -1
+    pruning_steps(model, pruner, torch.optim.SGD(pruner.parameters(lr=0.05), lr=0.05), [(x, y)] * 3)
+    small, report = pruner.finalize(x)
+    assert report["compaction_max_abs_diff"] <= 1e-5
+    assert report["pruned"]["flops"] <= pruner.budget.absolute(pruner.graph) * (1 + 1e-9)
+    layer = small.get_submodule(hidden)
+    assert layer.out_features < layer.in_features * (3 if cls is TokenMLP else 4)
+
+
+def test_gates_over_the_last_dim_multiply_the_right_channels():
+    model = TokenMLP().eval()
+    x = torch.randn(2, 3, 16, 16)
+    graph = ChannelGraph.build(model, x)
+    masks = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
+    masks["fc1"] = torch.arange(24) % 3 != 0
+    small = compact(model, graph, masks)
+    with torch.no_grad():  # the same network by hand: the dropped hidden units' fc2 columns zeroed
+        w = model.fc2.weight.clone()
+        model.fc2.weight[:, ~masks["fc1"]] = 0.0
+        expected = model(x)
+        model.fc2.weight.copy_(w)
+        assert torch.allclose(small(x), expected, atol=1e-6)
+    assert small.fc1.out_features == 16 and small.fc2.in_features == 16
+
+
+class Chunked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        top, bottom = F.relu(self.c1(x)).chunk(2, dim=2)  # halves of the map, not of the channels
+        return self.fc((top + bottom).mean(dim=(2, 3)))
+
+
+def test_an_op_returning_several_tensors_leaves_its_writers_ungated():
+    graph = ChannelGraph.build(Chunked(), torch.randn(2, 3, 8, 8))
+    assert "c1" not in graph.groups and "returns several tensors" in graph.ungated["c1"]
