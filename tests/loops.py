@@ -1,8 +1,11 @@
-"""The user's training loop of the README, shared by the tests that drive a Pruner by hand."""
+"""What the tests that drive a Pruner by hand share: the user's training loop of the README, and
+BatchNorm statistics that are not the identity (so that a BatchNorm maps 0 to something else)."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def pruning_steps(model, pruner, optimizer, batches, loss_fn=F.cross_entropy) -> None:
@@ -13,3 +16,15 @@ def pruning_steps(model, pruner, optimizer, batches, loss_fn=F.cross_entropy) ->
         loss.backward()
         optimizer.step()
         pruner.step()
+
+
+def randomise_batchnorms(model: nn.Module, seed: int = 1) -> None:
+    """Running statistics and affine parameters of every BatchNorm drawn at random (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_((torch.rand(m.num_features, generator=gen) - 0.5) * 0.4)

@@ -20,7 +20,7 @@ from budgetprune.compact import compact, silence_channels
 from budgetprune.graph import ChannelGraph
 from budgetprune.resources import CostModel
 
-from loops import pruning_steps
+from loops import pruning_steps, randomise_batchnorms
 
 
 class Bottleneck(nn.Module):
@@ -48,16 +48,6 @@ class Bottleneck(nn.Module):
         if self.residual_read:
             x = F.relu(self.g2(x))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
-
-
-def _randomise_bn(model):
-    torch.manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
 
 
 def test_the_graph_ties_a_grouped_conv_s_input_writer_and_its_outputs():
@@ -136,7 +126,7 @@ def test_flops_of_a_tied_mask_equal_the_macs_of_the_compacted_grouped_network():
 def test_every_method_prunes_a_grouped_block_to_the_budget_with_equal_outputs(method):
     torch.manual_seed(0)
     model = Bottleneck()
-    _randomise_bn(model)
+    randomise_batchnorms(model)
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
     pruner = Pruner(model, x, "flops=0.5", method=method, total_steps=4)
     pruning_steps(model, pruner, torch.optim.SGD(pruner.parameters(lr=0.05), lr=0.05), [(x, y)] * 4)
@@ -150,7 +140,7 @@ def test_every_method_prunes_a_grouped_block_to_the_budget_with_equal_outputs(me
 def test_the_regular_block_compacts_a_grouped_bottleneck_with_equal_outputs():
     torch.manual_seed(0)
     model = Bottleneck()
-    _randomise_bn(model)
+    randomise_batchnorms(model)
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
     pruner = Pruner(model, x, "flops=0.7", method="magnitude", block="regular", total_steps=1)
     pruning_steps(model, pruner, torch.optim.SGD(pruner.parameters(lr=0.05), lr=0.05), [(x, y)])
@@ -163,7 +153,7 @@ def test_silencing_reopened_channels_read_by_a_grouped_conv_keeps_the_function()
     """A reopened channel's outgoing weights are zeroed only in its own conv group's rows."""
     torch.manual_seed(0)
     model = Bottleneck().eval()
-    _randomise_bn(model)
+    randomise_batchnorms(model)
     x = torch.randn(4, 3, 8, 8)
     graph = ChannelGraph.build(model, x)
     masks = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}

@@ -14,7 +14,7 @@ from budgetprune import Pruner
 from budgetprune.compact import compact
 from budgetprune.graph import ChannelGraph
 
-from loops import pruning_steps
+from loops import pruning_steps, randomise_batchnorms
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -61,16 +61,6 @@ class TinyShuffleNet(nn.Module):
         return self.fc(self.units(self.stem(x)).mean(dim=(2, 3)))
 
 
-def _randomise_bn(model):
-    torch.manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-
-
 def test_split_and_shuffle_keep_every_layer_prunable_with_slots_tracked():
     graph = ChannelGraph.build(TinyShuffleNet(), torch.randn(2, 3, 8, 8))
     assert set(graph.ungated) == {"fc"}
@@ -90,7 +80,7 @@ def test_split_and_shuffle_keep_every_layer_prunable_with_slots_tracked():
 def test_a_shufflenet_prunes_and_compacts_with_equal_outputs(use_split, mode):
     torch.manual_seed(0)
     model = TinyShuffleNet(use_split)
-    _randomise_bn(model)
+    randomise_batchnorms(model)
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
     pruner = Pruner(model, x, "flops=0.5", method="magnitude", block=mode, total_steps=1)
     pruning_steps(model, pruner, torch.optim.SGD(pruner.parameters(lr=0.05), lr=0.05), [(x, y)])
@@ -103,7 +93,7 @@ def test_a_shufflenet_prunes_and_compacts_with_equal_outputs(use_split, mode):
 def test_uneven_pieces_compact_to_a_split_of_the_kept_sizes():
     torch.manual_seed(0)
     model = TinyShuffleNet().eval()
-    _randomise_bn(model)
+    randomise_batchnorms(model)
     for m in model.modules():  # BatchNorms that map 0 to 0, so that zeroing at the hosts is the whole story
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.zero_()
