@@ -289,20 +289,20 @@ def test_user_net_graph_places_gate_after_bn():
 # Graph errors
 # ---------------------------------------------------------------------------------------
 class Sliced(nn.Module):
-    """A channel slice (what feeds it is left ungated, with the reason) and a grouped conv (tied)."""
+    """A strided channel slice (what feeds it is left ungated, with the reason) and a grouped conv (tied)."""
 
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-        self.conv3 = nn.Conv2d(8, 6, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
         self.conv4 = nn.Conv2d(4, 4, 3, padding=1)
         self.fc = nn.Linear(4 * 28 * 28, 10)
 
     def forward(self, x):
         y = self.conv2(F.relu(self.conv1(x)))
         z = F.relu(self.conv3(F.relu(y)))
-        z = self.conv4(z[:, :4])
+        z = self.conv4(z[:, ::2])
         return self.fc(F.relu(z).flatten(1))
 
 

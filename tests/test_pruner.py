@@ -324,7 +324,7 @@ def test_a_channel_shuffle_prunes_through_and_saves_as_a_plan(tmp_path):
     model = ChannelShuffle()
     x = torch.randn(4, 1, 12, 12)
     pruner = Pruner(model, x, "flops=0.7", total_steps=2, gate_init=3.0)
-    assert {"conv1", "conv2"} <= set(pruner.graph.groups) and len(pruner.graph.shuffles) == 1
+    assert {"conv1", "conv2"} <= set(pruner.graph.groups) and len(pruner.graph.gathers) == 1
     small, report = pruner.finalize()
     assert report["compaction_max_abs_diff"] <= 1e-5
     budgetprune.save(small, tmp_path / "shuffle.pt")  # torch.transpose: saved as plan + weights

@@ -1,4 +1,5 @@
-"""Channel split (``chunk``/``split`` along channels) and channel shuffle (ShuffleNet): every
+"""Channel split (``chunk``/``split`` along channels), channel slices ``x[:, a:b]`` and channel
+shuffle (ShuffleNet): every
 layer stays prunable, a split keeps each piece's range of slots, a shuffle reorders them, and
 the compacted network (a ``torch.split`` of the kept sizes, one gather for the shuffle)
 computes what the gated one does in both block modes."""
@@ -67,7 +68,7 @@ def test_split_and_shuffle_keep_every_layer_prunable_with_slots_tracked():
     assert len(graph.splits) == 2
     src, pieces = next(iter(graph.splits.values()))
     assert [graph.tensors[p].slots for p in pieces] == [8, 8]
-    out, (shuffled_from, perm) = next(iter(graph.shuffles.items()))
+    out, (shuffled_from, perm) = next(iter(graph.gathers.items()))
     assert perm.tolist() == [0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15]
     # after the first unit's shuffle, slot 1 carries branch2's channel 0 and slot 2 branch1's channel 1
     info = graph.tensors[out]
@@ -118,3 +119,35 @@ def test_uneven_pieces_compact_to_a_split_of_the_kept_sizes():
         h.remove()
     assert not torch.allclose(expected, reference)
     assert torch.allclose(small(x), expected, atol=1e-5)
+
+
+class SlicedNet(nn.Module):
+    """Two convs read different channel ranges of one map (a ghost or partial-conv module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(12)
+        self.c2 = nn.Conv2d(5, 6, 3, padding=1)
+        self.c3 = nn.Conv2d(7, 6, 3, padding=1)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        h = F.relu(self.b1(self.c1(x)))
+        y = torch.cat([F.relu(self.c2(h[:, :5])), F.relu(self.c3(h[:, 5:]))], dim=1)
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["mixed", "regular"])
+def test_channel_slices_prune_their_ranges_and_compact_with_equal_outputs(mode):
+    torch.manual_seed(0)
+    model = SlicedNet()
+    randomise_batchnorms(model)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    pruner = Pruner(model, x, "flops=0.5", method="magnitude", block=mode, total_steps=1)
+    assert set(pruner.graph.ungated) == {"fc"}
+    assert [int(v[1][0]) for v in pruner.graph.gathers.values()] == [0, 5]  # the two ranges start at 0 and 5
+    pruning_steps(model, pruner, torch.optim.SGD(pruner.parameters(lr=0.05), lr=0.05), [(x, y)])
+    small, report = pruner.finalize(x)
+    assert report["compaction_max_abs_diff"] <= 1e-5
+    assert small.c2.in_channels + small.c3.in_channels == small.c1.out_channels < 12

@@ -244,11 +244,11 @@ def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
             node.replace_all_uses_with(split)
             g.erase_node(node)
             continue
-        if node.name in graph.shuffles:  # a channel shuffle: one gather of the kept slots, in order
-            src, perm = graph.shuffles[node.name]
+        if node.name in graph.gathers:  # a channel shuffle or slice: one gather of the kept slots, in order
+            src, perm = graph.gathers[node.name]
             ref = buffers.add(g, _positions(perm[index[node.name]], index[src]), node)
             with g.inserting_before(node):
-                gathered = g.call_function(select_channels, (_source_of_shuffle(node), ref))
+                gathered = g.call_function(select_channels, (_gathered_source(node), ref))
             gathered.meta["budgetprune_tensor"] = node.name
             node.replace_all_uses_with(gathered)
             g.erase_node(node)
@@ -292,9 +292,12 @@ def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
                 node.replace_all_uses_with(masked, delete_user_cb=lambda u: u is not masked)
 
 
-def _source_of_shuffle(final: fx.Node) -> fx.Node:
-    """The tensor a channel shuffle reorders: the input of the 5-d view its chain starts with."""
-    node = final.args[0]
+def _gathered_source(node: fx.Node) -> fx.Node:
+    """What a channel slice ``x[:, a:b]`` reads, or a channel shuffle: the input of the 5-d view
+    its chain starts with."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        return node.args[0]
+    node = node.args[0]
     while not (node.op == "call_method" and node.target in ("view", "reshape") and len(_shape_of(node)) == 5):
         node = node.args[0]
     return node.args[0]

@@ -188,7 +188,7 @@ class ChannelGraph:
                  groups: dict[str, ChannelGroup], renormalisers: dict[str, str], ungated: dict[str, str],
                  input_shape: tuple[int, ...], spaces: dict[str, str], cats: dict[str, list[str]],
                  splits: dict[str, tuple[str, list[str]]] | None = None,
-                 shuffles: dict[str, tuple[str, torch.Tensor]] | None = None):
+                 gathers: dict[str, tuple[str, torch.Tensor]] | None = None):
         self.gm = gm
         self.tensors = tensors
         self.layers = layers
@@ -199,7 +199,7 @@ class ChannelGraph:
         self.spaces = spaces  # tensor -> the set of tensors that must keep equal width in a regular block
         self.cats = cats  # tensor made by torch.cat -> the tensors it joins, in order
         self.splits = splits or {}  # chunk/split node -> (the tensor it splits, its pieces in order)
-        self.shuffles = shuffles or {}  # channel shuffle output -> (its input, input slot of each output slot)
+        self.gathers = gathers or {}  # channel shuffle or slice output -> (its input, input slot of each output slot)
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -335,7 +335,7 @@ class _Builder:
         self.renorm: dict[str, str] = {}
         self.cats: dict[str, list[str]] = {}
         self.splits: dict[str, tuple[str, list[str]]] = {}
-        self.shuffles: dict[str, tuple[str, torch.Tensor]] = {}
+        self.gathers: dict[str, tuple[str, torch.Tensor]] = {}
         self.shuffle_inside: set[str] = set()
         self.hosted: dict[str, str] = {}  # node that is a gate host output -> group
         self.parent: dict[str, str] = {}  # union-find over tensors for regular-block widths
@@ -370,7 +370,7 @@ class _Builder:
         self._finish_groups(nodes)
         spaces = {t: self._find(t) for t in self.tensors}
         return ChannelGraph(self.gm, self.tensors, self.layers, self.groups, self.renorm, ungated,
-                            self.input_shape, spaces, self.cats, self.splits, self.shuffles)
+                            self.input_shape, spaces, self.cats, self.splits, self.gathers)
 
     def _find_scales(self) -> None:
         """Squeeze-and-excitation: a product of a feature map and a (batch, C, 1, 1) scale that one
@@ -465,8 +465,9 @@ class _Builder:
             info = self.tensors[piece]
             self._set(node, TensorInfo(node.name, info.slots, info.area, 1, info.segments))
             return self._union(node.name, piece)
-        if node.name in self.shuffles:
-            return self._set(node, self._shuffled(node))
+        if node.name in self.gathers or node.op == "call_function" and node.target is operator.getitem and \
+                self._match_channel_slice(node):
+            return self._set(node, self._gathered(node))
         if node.name in self.shuffle_inside:  # the 5-d view and transpose of a channel shuffle: read by it alone
             return self._set(node, self._fresh(node, _shape(node), ALWAYS))
         tensor_args = [a for a in node.all_input_nodes if a.name in self.tensors]
@@ -553,18 +554,36 @@ class _Builder:
             return False
         g, per = s5[1], s5[2]
         j = torch.arange(in_shape[1])
-        self.shuffles[final.name] = (src.name, (j % g) * per + j // g)
+        self.gathers[final.name] = (src.name, (j % g) * per + j // g)
         self.shuffle_inside.update(n.name for n in chain[1:-1])
         return True
 
-    def _shuffled(self, node: fx.Node) -> TensorInfo:
-        src, perm = self.shuffles[node.name]
+    def _match_channel_slice(self, node: fx.Node) -> bool:
+        """``x[:, a:b]`` (constant bounds, step 1): output slot j is input slot a + j."""
+        src, idx = node.args[0], node.args[1]
+        if not isinstance(src, fx.Node) or src.name not in self.tensors or not isinstance(idx, tuple) or \
+                len(idx) < 2 or idx[0] != slice(None) or not isinstance(idx[1], slice) or \
+                not all(i == slice(None) or i is Ellipsis for i in idx[2:]):
+            return False
+        info = self.tensors[src.name]
+        bounds = (idx[1].start, idx[1].stop, idx[1].step)
+        if info.dim != 1 or info.expansion != 1 or not all(v is None or isinstance(v, int) for v in bounds):
+            return False
+        a, b, step = idx[1].indices(info.slots)
+        if step != 1 or b <= a:
+            return False
+        self.gathers[node.name] = (src.name, torch.arange(a, b))
+        return True
+
+    def _gathered(self, node: fx.Node) -> TensorInfo:
+        """Output slot j is input slot perm[j] (a channel shuffle or slice): one length-1 segment per slot."""
+        src, perm = self.gathers[node.name]
         info = self.tensors[src]
         segs = []
         for j, p in enumerate(perm.tolist()):
             seg = next(s for s in info.segments if s.start <= p < s.start + s.length)
             segs.append(Segment(j, 1, tuple((g, off if g is ALWAYS else off + p - seg.start) for g, off in seg.sources)))
-        return TensorInfo(node.name, info.slots, _area(_shape(node)), 1, tuple(segs))
+        return TensorInfo(node.name, len(perm), _area(_shape(node)), 1, tuple(segs))
 
     def _visit_channels_last(self, node, tensor_args) -> None:
         """Pruned channels in the last dim (a linear layer's hidden width over tokens or a

@@ -136,7 +136,7 @@ def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "
             if not torch.equal(joined | sets[name], sets[name]):
                 sets[name] = sets[name] | joined
                 changed = True
-        for out, (src, perm) in graph.shuffles.items():  # a shuffle's output is its input, reordered
+        for out, (src, perm) in graph.gathers.items():  # a shuffle's output is its input, reordered
             grown_out, grown_src = sets[out] | sets[src][perm], sets[src].clone()
             grown_src[perm] |= sets[out]
             if not (torch.equal(grown_out, sets[out]) and torch.equal(grown_src, sets[src])):
