@@ -101,6 +101,23 @@ class TensorInfo:
     def sources(self) -> set[str]:
         return {g for s in self.segments for g, _ in s.sources if g is not ALWAYS}
 
+    @cached_property
+    def writers(self) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """The segments as index arrays, for vectorised aliveness: a bool (slots,) of the slots an
+        always-alive writer reaches, and per group the slots it writes and the channels it writes
+        them from (each slot at most once per group)."""
+        always = torch.zeros(self.slots, dtype=torch.bool)
+        by_group: dict[str, tuple[list, list]] = {}
+        for seg in self.segments:
+            for gid, off in seg.sources:
+                if gid is ALWAYS:
+                    always[seg.start:seg.start + seg.length] = True
+                else:
+                    slots, chans = by_group.setdefault(gid, ([], []))
+                    slots.append(torch.arange(seg.start, seg.start + seg.length))
+                    chans.append(torch.arange(off, off + seg.length))
+        return always, {gid: (torch.cat(sl), torch.cat(ch)) for gid, (sl, ch) in by_group.items()}
+
     def always_alive(self) -> bool:
         return all(any(g is ALWAYS for g, _ in s.sources) for s in self.segments)
 

@@ -23,7 +23,7 @@ from collections import defaultdict
 
 import torch
 
-from .graph import ALWAYS, ChannelGraph, TensorInfo
+from .graph import ChannelGraph, TensorInfo
 
 MODES = ("mixed", "regular")
 
@@ -41,28 +41,28 @@ def alive(info: TensorInfo, values: dict[str, torch.Tensor], like: torch.Tensor 
             lead = (v.shape[0],)
             break
     dtype = ref.dtype if ref.is_floating_point() else torch.float32
-    pieces = []
-    for seg in info.segments:  # segments are disjoint, in order, and cover every slot
-        dead = torch.ones(*lead, seg.length, dtype=dtype, device=ref.device)
-        for gid, off in seg.sources:
-            if gid is ALWAYS or gid not in values:
-                dead = torch.zeros_like(dead)
-                break
-            dead = dead * (1.0 - values[gid][..., off:off + seg.length].to(dtype))
-        pieces.append(1.0 - dead)
-    return torch.cat(pieces, dim=-1)
+    always, by_group = info.writers
+    always = always.clone()
+    dead = torch.ones(*lead, info.slots, dtype=dtype, device=ref.device)
+    for gid, (slots, chans) in by_group.items():  # each slot at most once per group
+        if gid not in values:
+            always[slots] = True
+            continue
+        slots, chans = slots.to(ref.device), chans.to(ref.device)
+        factor = 1.0 - values[gid].to(dtype).index_select(-1, chans)
+        dead = dead.index_copy(-1, slots, dead.index_select(-1, slots) * factor)
+    return 1.0 - dead * (~always).to(dead.device, dtype)
 
 
 def alive_mask(info: TensorInfo, masks: dict[str, torch.Tensor]) -> torch.Tensor:
     """Boolean (slots,) aliveness for 0/1 keep-masks."""
-    out = torch.zeros(info.slots, dtype=torch.bool)
-    for seg in info.segments:
-        sl = slice(seg.start, seg.start + seg.length)
-        for gid, off in seg.sources:
-            if gid is ALWAYS or gid not in masks:
-                out[sl] = True
-            else:
-                out[sl] |= masks[gid][off:off + seg.length].bool().cpu()
+    always, by_group = info.writers
+    out = always.clone()
+    for gid, (slots, chans) in by_group.items():
+        if gid not in masks:
+            out[slots] = True
+        else:
+            out[slots] |= masks[gid].bool().cpu()[chans]
     return out
 
 
@@ -106,7 +106,13 @@ def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "
     if mode not in MODES:
         raise ValueError(f"unknown block mode '{mode}': choose one of {', '.join(MODES)}")
     eff = effective_masks(graph, masks) if purge else masks
-    sets = {name: alive_mask(info, eff) for name, info in graph.tensors.items()}
+    shared: dict[int, torch.Tensor] = {}  # tensors passed through unchanged share their segments
+    sets = {}
+    for name, info in graph.tensors.items():
+        key = id(info.segments)
+        if key not in shared:
+            shared[key] = alive_mask(info, eff)
+        sets[name] = shared[key].clone()
     if mode == "mixed":
         return sets
     members = defaultdict(list)
