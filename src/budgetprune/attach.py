@@ -87,7 +87,7 @@ class GateHooks:
     def __init__(self, model: nn.Module, graph: ChannelGraph, gates: Mapping[str, GateFn]):
         modules = dict(model.named_modules())
         self.graph = graph
-        self.current: dict[str, torch.Tensor] = {}  # gate values of the forward pass under way
+        self.current: dict[str, torch.Tensor] = {}  # which gates are open (z > 0) in the forward pass under way
         self.model_training = model.training  # of the forward pass under way
         self.handles = [model.register_forward_pre_hook(self._reset)]
         for gid, gate in gates.items():
@@ -109,17 +109,17 @@ class GateHooks:
         self.model_training = module.training
 
     def _alive(self, tensor: str) -> torch.Tensor:
-        return alive(self.graph.tensors[tensor], {g: (v > 0) for g, v in self.current.items()})
+        return alive(self.graph.tensors[tensor], self.current)
 
     def _output_hook(self, group: ChannelGroup, gate: GateFn, in_tensor: str):
         gid = group.id
+        sources = self.graph.tensors[in_tensor].sources()  # the gates that can kill this layer's input
 
         def hook(module, inputs, output):
             z = group.expand(gate_values(gate, output.shape[0], self.model_training))  # tied units → channels
-            info = self.graph.tensors[in_tensor]
-            if info.sources() and all(g in self.current for g in info.sources()):
+            if sources and all(g in self.current for g in sources):
                 z = z * self._alive(in_tensor).to(z.dtype).amax(dim=-1, keepdim=True)  # purge
-            self.current[gid] = z.detach()
+            self.current[gid] = z.detach() > 0
             return output * _broadcast(z, output, dim=group.dim)
         return hook
 
@@ -127,7 +127,7 @@ class GateHooks:
         def hook(module, inputs):
             x = inputs[0]
             z = gate_values(gate, x.shape[0], self.model_training)
-            self.current[gid] = z.detach()
+            self.current[gid] = z.detach() > 0
             return (x * _broadcast(z, x),) + tuple(inputs[1:])
         return hook
 

@@ -1,0 +1,116 @@
+"""What a Pruner adds to a user's training step: the same loop with and without it, in one run.
+
+Two copies of the same network (same initial weights) train on the same random batches with
+SGD; one loop is plain (forward, cross-entropy, backward, step), the other adds
+``pruner.penalty()`` to the loss and calls ``pruner.step()`` (the README's three lines). Steps
+are timed in interleaved rounds (the order alternates each round, after warm-up steps) and the
+medians compared, so a machine that slows down during the run slows both loops alike.
+
+    python benchmarks/pruner_overhead.py                             # ResNet-50, batch 16, 64 px, BAR
+    python benchmarks/pruner_overhead.py --methods bar,l0,cs --size 96 --rounds 7
+
+Writes ``benchmarks/results/pruner_overhead.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS  # noqa: E402
+
+import budgetprune  # noqa: E402
+from budgetprune import Pruner  # noqa: E402
+
+
+def step(model, optimizer, x, y, pruner=None) -> float:
+    start = time.perf_counter()
+    loss = F.cross_entropy(model(x), y)
+    if pruner is not None:
+        loss = loss + pruner.penalty()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if pruner is not None:
+        pruner.step()
+    return time.perf_counter() - start
+
+
+def measure(args, method: str) -> dict:
+    torch.manual_seed(0)
+    make = lambda: budgetprune.create_model(args.model, in_channels=3, num_classes=10,  # noqa: E731
+                                            input_size=(args.size, args.size))
+    plain_model = make()
+    pruned_model = make()
+    pruned_model.load_state_dict(plain_model.state_dict())
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    y = torch.randint(0, 10, (args.batch,))
+    total = args.warmup + args.rounds * args.steps
+    build = time.perf_counter()
+    pruner = Pruner(pruned_model, x, args.budget, method=method, total_steps=10 * total)
+    build = time.perf_counter() - build
+    plain_opt = torch.optim.SGD(plain_model.parameters(), lr=1e-3, momentum=0.9)
+    pruned_opt = torch.optim.SGD(pruner.parameters(lr=1e-3), lr=1e-3, momentum=0.9)
+    for _ in range(args.warmup):
+        step(plain_model, plain_opt, x, y)
+        step(pruned_model, pruned_opt, x, y, pruner)
+    plain, pruned = [], []
+    for r in range(args.rounds):
+        order = [(plain, plain_model, plain_opt, None), (pruned, pruned_model, pruned_opt, pruner)]
+        for times, model, opt, p in (order if r % 2 == 0 else order[::-1]):
+            times.extend(step(model, opt, x, y, p) for _ in range(args.steps))
+    p_med, q_med = statistics.median(plain), statistics.median(pruned)
+    return {"method": method, "plain_step_s": p_med, "pruned_step_s": q_med, "ratio": q_med / p_med,
+            "plain_steps": plain, "pruned_steps": pruned, "pruner_build_s": build,
+            "groups": len(pruner.graph.groups)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--methods", default="bar")
+    p.add_argument("--budget", default="flops=0.5")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="steps per loop per round")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    rows = []
+    for method in args.methods.split(","):
+        row = measure(args, method)
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("_steps")}), flush=True)
+        rows.append(row)
+    record = {"command": "python benchmarks/pruner_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "model": args.model, "batch": args.batch, "size": args.size, "budget": args.budget,
+              "rounds": args.rounds, "steps_per_round": args.steps, "device": "cpu", "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pruner_overhead.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = ["# A Pruner inside a plain training loop: step time with and without it", "",
+             f"Command: `{record['command']}`", "",
+             f"{args.model}, batch {args.batch}, {args.size} px, CPU, torch {record['torch']}, {record['threads']} "
+             f"threads; budget `{args.budget}`; medians of {args.rounds} interleaved rounds of {args.steps} steps per "
+             f"loop after {args.warmup} warm-up steps; wall time {record['wall_seconds'] / 60:.1f} min.", "",
+             "| method | plain step (s) | step with the pruner (s) | ratio | channel groups | pruner build (s) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['plain_step_s']:.3f} | {r['pruned_step_s']:.3f} | {r['ratio']:.3f} | "
+                     f"{r['groups']} | {r['pruner_build_s']:.1f} |")
+    (out / "pruner_overhead.md").write_text("\n".join(lines + [""]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
