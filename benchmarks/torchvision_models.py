@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -94,7 +95,7 @@ def one(models, name: str, size: int, budget: str, steps: int) -> dict:
         stage = "trace"
         pruner = Pruner(model, x, budget, total_steps=steps, gate_init=3.0)
         row["prunable_share"], row["prunable_channels"], row["channels"] = prunable_share(model, pruner.graph)
-        reasons = Counter(why.split(" at node")[0] for why in pruner.graph.ungated.values())
+        reasons = Counter(re.sub(r" at node '[^']*'", "", why) for why in pruner.graph.ungated.values())
         row["not_pruned"] = {why: n for why, n in reasons.most_common() if why != "feeds the network output"}
         stage = "train"
         optimizer = torch.optim.SGD(pruner.parameters(lr=1e-3), lr=1e-3, momentum=0.9)
