@@ -51,6 +51,7 @@ class Net(nn.Module):
         self.b1 = nn.BatchNorm2d(8)
         self.c2 = nn.Conv2d(8, 8, 3, padding=1)
         self.shift = nn.LogSigmoid()  # a leaf module the graph's table does not list; maps 0 to log ½
+        self.row_norm = nn.LayerNorm(8)  # over each row of the map: channel by channel, maps 0 to its bias
         self.fc = nn.Linear(8, 10)
 
     def forward(self, x):
@@ -63,6 +64,8 @@ class Net(nn.Module):
             y = shift_activation(y)
         elif self.op == "shift_module":
             y = self.shift(y)
+        elif self.op == "row_norm":
+            y = self.row_norm(y)
         elif self.op == "mix":
             y = mix_channels(y)
         y = F.relu(self.c2(y))
@@ -158,3 +161,9 @@ def test_a_squeeze_and_excitation_network_prunes_with_equal_outputs():
         small, report = pruner.finalize(x)
         assert report["compaction_max_abs_diff"] <= 1e-5
         assert small.se.fc2.out_channels == small.c1.out_channels
+
+
+def test_a_module_with_parameters_is_masked_even_where_it_maps_zero_to_zero_today():
+    """The LayerNorm's bias starts at 0 (0 ↦ 0 at build time) but training moves it: masked."""
+    graph = _graph("row_norm")
+    assert "c1" in graph.groups and any("LayerNorm" in what for what in graph.renormalisers.values())

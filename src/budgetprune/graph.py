@@ -877,7 +877,8 @@ def _probe_channelwise(node: fx.Node, modules: dict[str, nn.Module], device: tor
     channels of the first (no channel reads another, and the op does not depend on how many
     there are), and the second run gives the same on the channels it kept. Returns ``"zero"``
     when the zeroed channels also stay exactly zero (a stochastic depth, an activation, an
-    upsampling), ``"renormalise"`` when they do not (it then needs masking), None otherwise.
+    upsampling), ``"renormalise"`` when they do not or when the op is a module with parameters
+    that training may change (it then needs masking), None otherwise.
     """
     in_shape, out_shape = _shape(node.all_input_nodes[0]), _shape(node)
     if in_shape is None or out_shape is None or len(in_shape) < 2 or len(out_shape) != len(in_shape):
@@ -928,6 +929,8 @@ def _probe_channelwise(node: fx.Node, modules: dict[str, nn.Module], device: tor
 
     if not (same(part, full.index_select(cd, kept)) and same(zeroed.index_select(cd, kept), full.index_select(cd, kept))):
         return None
+    if node.op == "call_module" and any(True for _ in modules[node.target].parameters()):
+        return "renormalise"  # a learned parameter (a LayerNorm's bias) may stop mapping 0 to 0: always masked
     return "zero" if bool((zeroed.index_select(cd, dropped) == 0).all()) else "renormalise"
 
 
