@@ -40,9 +40,9 @@ or matmul outside such a module is not seen), budgetprune's (``resource_report``
     python benchmarks/peer_torch_pruning.py --models resnet18,vit_b_16 --out /tmp/tp
 
 Writes ``benchmarks/results/peer_torch_pruning.{json,md}``. A model that fails (an exception, or
-past ``--timeout`` seconds, or past ``--graph-timeout`` seconds building Torch-Pruning's dependency graph
-and pruning groups, which do not end on some models) is recorded with a one-line error; the script
-goes on to the next.
+past ``--timeout`` seconds, past ``--graph-timeout`` seconds building Torch-Pruning's dependency graph
+and pruning groups, which do not end on some models, or past ``--max-memory-gb`` of resident memory)
+is recorded with a one-line error; the script goes on to the next.
 """
 
 from __future__ import annotations
@@ -51,9 +51,11 @@ import argparse
 import copy
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -73,15 +75,38 @@ from budgetprune.resources import resource_report  # noqa: E402
 LAYERS = (nn.Conv2d, nn.Linear)
 
 
-class Timeout(BaseException):
-    """Past a time limit: a BaseException, so that no per-stage `except Exception` swallows it."""
+class Limit(BaseException):
+    """Past a time or memory limit: a BaseException, so that no per-stage `except Exception` swallows it."""
 
 
 _LIMIT = {"text": ""}  # which limit the pending alarm stands for
 
 
 def _alarm(signum, frame):
-    raise Timeout(_LIMIT["text"])
+    raise Limit(_LIMIT["text"])
+
+
+def _memory(signum, frame):
+    raise Limit(_LIMIT["memory"])
+
+
+def watch_memory(gigabytes: float) -> None:
+    """Interrupt the main thread (SIGUSR1) whenever this process's resident memory passes ``gigabytes``:
+    Torch-Pruning's group search grows without end on some models (swin_t: 24 GB within minutes)."""
+    _LIMIT["memory"] = f"resident memory past {gigabytes:g} GB (--max-memory-gb)"
+    signal.signal(signal.SIGUSR1, _memory)
+    page, limit = os.sysconf("SC_PAGE_SIZE"), gigabytes * 2**30
+
+    def loop():
+        fired = False
+        while True:
+            time.sleep(0.5)
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * page
+            if rss > limit and not fired:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            fired = rss > limit
+    threading.Thread(target=loop, daemon=True).start()
 
 
 def arm(seconds: int, text: str) -> None:
@@ -299,9 +324,9 @@ def one(tp, models, name, size, target, steps, timeout) -> dict:
         arm(timeout, f"run not done in {timeout} s (--timeout)")
         try:
             run()
-        except Timeout as exc:  # past a limit, in whatever stage the run had reached
+        except Limit as exc:  # past a limit, in whatever stage the run had reached
             r = row.setdefault(label, {})
-            r.update(failed_at=f"{r.pop('stage', '?')} (timeout)", error=str(exc))
+            r.update(failed_at=f"{r.pop('stage', '?')} (limit)", error=str(exc))
         finally:
             signal.alarm(0)
     row["seconds"] = time.perf_counter() - start
@@ -361,6 +386,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=1200, help="seconds per model and run (iterative, one-shot)")
     p.add_argument("--graph-timeout", type=int, default=300,
                    help="seconds for Torch-Pruning's dependency graph and pruning groups (part of --timeout)")
+    p.add_argument("--max-memory-gb", type=float, default=8.0, help="stop a run past this resident memory")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -369,6 +395,7 @@ def main(argv=None) -> int:
     import torch_pruning as tp
     signal.signal(signal.SIGALRM, _alarm)
     GRAPH_TIMEOUT["seconds"] = args.graph_timeout
+    watch_memory(args.max_memory_gb)
     rows, start = [], time.perf_counter()
     for name in args.models.split(","):
         row = one(tp, models, name, max(args.size, SIZE_AT_LEAST.get(name, 0)), args.target, args.steps,
