@@ -153,12 +153,11 @@ def tie_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def _units(graph: ChannelGraph, gid: str, values: torch.Tensor, every: torch.Tensor | None = None):
-    """Per-unit sums of per-channel ``values`` (channel c belongs to unit c mod units), and, if
-    ``every`` (a per-channel bool) is given, whether it holds for all channels of each unit."""
+def _units(graph: ChannelGraph, gid: str, values: torch.Tensor, every: torch.Tensor):
+    """Per-unit sums of per-channel ``values`` (channel c belongs to unit c mod units), and
+    whether the per-channel bool ``every`` holds for all channels of each unit."""
     u = graph.groups[gid].units
-    summed = values.view(-1, u).sum(0)
-    return summed if every is None else (summed, every.view(-1, u).all(0))
+    return values.view(-1, u).sum(0), every.view(-1, u).all(0)
 
 
 def _unit_pairs(graph: ChannelGraph, gid: str, unit: int) -> tuple[tuple[str, int], ...]:

@@ -16,10 +16,13 @@ dead output channel also removes the next layer's inputs.
   with their full width; input features count when they are gated (an MLP).
 * flops — section 3.3's FLOP variant: a layer's cost also counts the (expected) active maps
   of its input: A_l · k² · n_in · n_out multiply-accumulates (a depthwise conv: A_l · k² · n_out;
-  MACs, the fvcore/thop convention: one MAC counts as one FLOP).
+  a conv with g groups: A_l · k² · n_in · n_out / g, each output reading its group's inputs;
+  a linear layer over tokens: A_l is the number of tokens; MACs, the fvcore/thop convention:
+  one MAC counts as one FLOP). Only conv and linear modules are counted: attention products and
+  functional projections (``F.linear`` inside an attention module) are not.
 * latency — milliseconds measured per layer on the current device and fitted to the same
   c_io · n_in · n_out + c_out · n_out form (:mod:`budgetprune.latency`): a budget like FLOPs.
-* params — weights k² · n_in · n_out, biases n_out, BatchNorm γ and β 2 · n_out (also for a
+* params — weights k² · n_in · n_out (/ g for a grouped conv), biases n_out, BatchNorm γ and β 2 · n_out (also for a
   BatchNorm that hosts no gate, e.g. a Wide-ResNet's pre-activation BN).
 * nonzero — the conv and linear weights alone (k² · n_in · n_out): the count an unstructured
   (per-weight) budget limits (:mod:`budgetprune.sparsity` counts single weights); for channel
