@@ -281,11 +281,13 @@ def test_the_pruner_lifecycle_is_guarded(demo_subsets):
 
 
 class ChannelsLast(nn.Module):
-    """A ConvNeXt-style block: permute to channels-last, LayerNorm, permute back (not prunable yet)."""
+    """A ConvNeXt-style block whose LayerNorm has no learned scale: nothing can switch a pruned channel
+    off after it, so the stem cannot be pruned."""
 
     def __init__(self):
         super().__init__()
-        self.stem, self.norm, self.head = nn.Conv2d(3, 16, 3), nn.LayerNorm(16), nn.Linear(16, 10)
+        self.stem, self.norm = nn.Conv2d(3, 16, 3), nn.LayerNorm(16, elementwise_affine=False)
+        self.head = nn.Linear(16, 10)
 
     def forward(self, x):
         h = self.norm(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -296,7 +298,7 @@ def test_when_nothing_can_be_pruned_the_error_names_the_blocking_op():
     with pytest.raises(ConfigError) as err:
         Pruner(ChannelsLast(), torch.zeros(2, 3, 16, 16), "flops=0.5", total_steps=3)
     text = str(err.value)
-    assert "nothing in the model can be pruned" in text and "stem: read by 'permute'" in text
+    assert "nothing in the model can be pruned" in text and "stem: read by LayerNorm 'norm', which has no learned scale" in text
     assert text.index("stem:") < text.index("head: feeds the network output")  # the real blocker first
 
 

@@ -84,8 +84,8 @@ def test_token_and_channels_last_blocks_prune_and_compact_with_equal_outputs(cls
     small, report = pruner.finalize(x)
     assert report["compaction_max_abs_diff"] <= 1e-5
     assert report["pruned"]["flops"] <= pruner.budget.absolute(pruner.graph) * (1 + 1e-9)
-    layer = small.get_submodule(hidden)
-    assert layer.out_features < layer.in_features * (3 if cls is TokenMLP else 4)
+    layer = small.get_submodule(hidden)  # the hidden width or the signal it reads (ConvNeXt's, under a LayerNorm)
+    assert layer.out_features * layer.in_features < 8 * (24 if cls is TokenMLP else 32)
 
 
 def test_gates_over_the_last_dim_multiply_the_right_channels():
@@ -118,3 +118,35 @@ class Chunked(nn.Module):
 def test_an_op_returning_several_tensors_leaves_its_writers_ungated():
     graph = ChannelGraph.build(Chunked(), torch.randn(2, 3, 8, 8))
     assert "c1" not in graph.groups and "returns several tensors" in graph.ungated["c1"]
+
+
+class Attention(nn.Module):
+    """A pre-norm self-attention block on 16 tokens of width 8: nn.MultiheadAttention, then an F.linear
+    with a parameter of its own (neither is a conv/linear module the graph prunes)."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.embed = nn.Conv2d(3, c, 4, stride=4)
+        self.attn = nn.MultiheadAttention(c, 2, batch_first=True)
+        self.mix = nn.Parameter(torch.randn(c, c) / c)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = t + self.attn(t, t, t, need_weights=False)[0]
+        return self.head(F.linear(t, self.mix).mean(dim=1))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_flops_and_params_count_what_runs_outside_the_pruned_layers(training):
+    model = Attention().train(training)
+    graph = ChannelGraph.build(model, torch.randn(2, 3, 16, 16))
+    L, C = 16, 8
+    layers = L * 48 * C + C * 10  # embed, head: what the graph's layers count
+    attention = L * C * 3 * C + 2 * L * L * C + L * C * C  # in-projection, scores and weighted sum, out-projection
+    assert CostModel(graph, "flops").full() == pytest.approx(layers + attention + L * C * C)  # + the F.linear
+    assert CostModel(graph, "flops").fixed == pytest.approx(2 * L * L * C + L * C * C)  # products, F.linear
+    params = CostModel(graph, "params")
+    assert params.full() == sum(p.numel() for p in model.parameters())
+    masks = {gid: torch.zeros(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
+    assert params.hard(masks) >= 3 * C * C + C * C  # the attention's weights stay, whatever is pruned

@@ -68,8 +68,7 @@ def test_a_family_prunes_to_the_budget_with_equal_outputs_and_loads(models, name
     torch.manual_seed(0)
     model, size = _build(models, name)
     x, y = torch.randn(4, 3, size, size), torch.randint(0, 10, (4,))
-    budget = "flops=0.7" if name == "convnext" else "flops=0.5"  # its stem and downsampling convs are not pruned
-    pruner = Pruner(model, x, budget, total_steps=2, gate_init=3.0)
+    pruner = Pruner(model, x, "flops=0.5", total_steps=2, gate_init=3.0)
     graph = pruner.graph
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if structure == "groups":
@@ -80,8 +79,11 @@ def test_a_family_prunes_to_the_budget_with_equal_outputs_and_loads(models, name
         assert set(graph.ungated) == {"classifier.1"}
     elif structure == "gathers":
         assert graph.gathers and graph.splits and set(graph.ungated) == {"fc"}
-    else:
+    else:  # the token / channels-last signal too, through LayerNorms, attention, class token and position embedding
         assert any(g.dim == -1 for g in graph.groups.values())
+        assert set(graph.ungated) == {"heads.head" if name == "vit" else "classifier.2"}
+        assert _prunable(graph) == sum(m.out_features if isinstance(m, nn.Linear) else m.out_channels
+                                       for m in layers) - 10  # all but the classifier
     pruning_steps(model, pruner, torch.optim.SGD(pruner.parameters(lr=1e-3), lr=1e-3), [(x, y)] * 2)
     small, report = pruner.finalize(x)
     with torch.no_grad():

@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import CheckpointError
 from .graphsafety import is_layer_name
+from .ops import SelfAttention
 
 
 class SelectFeatures(nn.Module):
@@ -107,6 +108,10 @@ LAYERS: tuple[LayerKind, ...] = (
     *(LayerKind(op, cls, (Arg("num_features"), Arg("eps"), Arg("momentum"), Arg("affine"),
                           Arg("track_running_stats")))
       for op, cls in (("batch_norm2d", nn.BatchNorm2d), ("batch_norm1d", nn.BatchNorm1d))),
+    LayerKind("layer_norm", nn.LayerNorm, (Arg("normalized_shape", "list"), Arg("eps"), Arg("elementwise_affine"),
+                                          Arg("bias", "bias"))),
+    LayerKind("self_attention", SelfAttention, (Arg("in_features"), Arg("embed_dim"), Arg("out_features"),
+                                                Arg("num_heads"), Arg("bias"), Arg("dropout"))),
     LayerKind("flatten", nn.Flatten, (Arg("start_dim", default=1), Arg("end_dim", default=-1))),
     *(LayerKind(op, cls, (_inplace(),)) for op, cls in (
         ("relu", nn.ReLU), ("relu6", nn.ReLU6), ("silu", nn.SiLU), ("hardswish", nn.Hardswish),

@@ -6,8 +6,10 @@ an MLP's input group, their input) by the gate values. Two more rules keep a dea
 exactly zero everywhere, so that the compacted network computes what the gated one does:
 
 * a gated layer none of whose input slots is alive outputs nothing (purge);
-* a renormaliser (a BatchNorm that hosts no gate, a depthwise conv's bias, a sigmoid) has
-  its output multiplied by the aliveness of its slots.
+* a renormaliser (a BatchNorm that hosts no gate, a depthwise conv's bias, a sigmoid, a
+  LayerNorm over the channels) has its output multiplied by the aliveness of its slots; a
+  function is masked at the output of the module that returns it
+  (:meth:`budgetprune.graph.ChannelGraph.mask_site`).
 
 Both use the gate values of the current forward pass (one sample per example in training).
 :meth:`GateHooks.remove` restores the model exactly.
@@ -99,10 +101,9 @@ class GateHooks:
                 layer = graph.layers[group.producer]
                 site = modules[gate_site(graph, group.host)] if getattr(gate, "nonnegative", False) else host
                 self.handles.append(site.register_forward_hook(self._output_hook(group, gate, layer.in_tensor)))
-        nodes = {n.name: n for n in graph.gm.graph.nodes}
         for name in graph.renormalisers:
-            node = nodes[name]
-            self.handles.append(modules[node.target].register_forward_hook(self._mask_hook(name)))
+            site, tensor = graph.mask_site(name)
+            self.handles.append(modules[site].register_forward_hook(self._mask_hook(tensor)))
 
     def _reset(self, module, inputs):
         self.current.clear()
@@ -116,11 +117,15 @@ class GateHooks:
         sources = self.graph.tensors[in_tensor].sources()  # the gates that can kill this layer's input
 
         def hook(module, inputs, output):
+            rest = None
+            if isinstance(output, tuple):  # nn.MultiheadAttention: (output, attention weights)
+                output, rest = output[0], output[1:]
             z = group.expand(gate_values(gate, output.shape[0], self.model_training))  # tied units → channels
             if sources and all(g in self.current for g in sources):
                 z = z * self._alive(in_tensor).to(z.dtype).amax(dim=-1, keepdim=True)  # purge
             self.current[gid] = z.detach() > 0
-            return output * _broadcast(z, output, dim=group.dim)
+            gated = output * _broadcast(z, output, dim=group.dim)
+            return gated if rest is None else (gated, *rest)
         return hook
 
     def _input_hook(self, gid: str, gate: GateFn):
@@ -138,7 +143,7 @@ class GateHooks:
             if not all(g in self.current for g in info.sources()):
                 return output
             live = self._alive(tensor).to(output.dtype)
-            return output * _broadcast(live, output, info.expansion)
+            return output * _broadcast(live, output, info.expansion, info.dim)
         return hook
 
     def remove(self) -> None:

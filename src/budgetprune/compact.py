@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from .graph import ADD_FUNCTIONS, FLATTEN_METHODS, MUL_FUNCTIONS, ChannelGraph
 from .liveness import effective_masks, slot_sets
-from .ops import index_add_channels, scatter_channels, select_channels
+from .ops import SelfAttention, full_count_layer_norm, index_add_channels, scatter_channels, select_channels
 
 SUB_FUNCTIONS = {operator.sub, operator.isub, torch.sub}
 
@@ -69,6 +69,10 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
                 hosted[bn] = True
             continue
         zr = z[rows] if z is not None else None
+        if layer.kind == "attention":  # nn.MultiheadAttention: its in- and out-projections lose channels
+            _replace(gm, layer.name, SelfAttention.pruned(mod, cols, rows if rows is not None else
+                                                          torch.arange(layer.out_channels), zr))
+            continue
         z_in = None
         if layer.in_tensor.endswith(":input") and gate_values and "input" in gate_values:
             z_in = gate_values["input"].detach().float().cpu()[index[layer.in_tensor]]  # MLP input gates
@@ -88,13 +92,61 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
             live = alive[node.name][keep].float()
             _replace(gm, node.target, _slice_bn(modules[node.target], keep, live) if keep.numel() else nn.Identity())
             hosted[node.target] = True
+    _slice_parameters(gm, graph, index)
     _rewrite_graph(gm, graph, index, alive, sets)
+    _rewrite_norms(gm, graph, index)
     _remove_empty(gm, {name: torch.nonzero(s).flatten() for name, s in alive.items()})
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
     gm.budgetprune_mode = mode
     return gm.to(device).eval()
+
+
+def _slice_parameters(gm: fx.GraphModule, graph: ChannelGraph, index) -> None:
+    """Parameters read across a tensor's channels (a layer scale, a LayerNorm's weight and bias)
+    keep the entries of the channels that tensor keeps."""
+    for path, param in graph.params.items():
+        owner_path, _, attr = path.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        value = getattr(owner, attr)
+        keep = index[param.tensor]
+        if keep.numel() == value.shape[param.axis]:
+            continue
+        sliced = value.detach().index_select(param.axis, keep.to(value.device))
+        if isinstance(value, nn.Parameter):
+            setattr(owner, attr, nn.Parameter(sliced, requires_grad=value.requires_grad))
+        elif attr in owner._buffers:
+            owner._buffers[attr] = sliced
+        else:
+            setattr(owner, attr, sliced)
+
+
+def _rewrite_norms(gm: fx.GraphModule, graph: ChannelGraph, index) -> None:
+    """A LayerNorm over channels some of which are pruned becomes :func:`full_count_layer_norm`
+    of the kept ones (its statistics still count the pruned channels as the zeros they were)."""
+    g = gm.graph
+    nodes = {n.name: n for n in g.nodes}
+    for name, norm in graph.norms.items():
+        node = nodes.get(name)
+        kept = index[norm.tensor].numel()
+        if node is None or kept in (0, norm.channels):
+            continue
+        with g.inserting_before(node):
+            if norm.module is not None:  # the module holds the sliced parameters; the function reads them
+                old = gm.get_submodule(norm.module)
+                new_norm = nn.LayerNorm(kept, eps=old.eps, bias=old.bias is not None).to(old.weight.device, old.weight.dtype)
+                new_norm.load_state_dict(old.state_dict())
+                _replace(gm, norm.module, new_norm)
+                weight = g.get_attr(norm.weight)
+                bias = g.get_attr(norm.bias) if norm.bias is not None else None
+            else:
+                weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+                bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+            new = g.call_function(full_count_layer_norm, (node.args[0], norm.channels, weight, bias, norm.eps))
+        new.meta["budgetprune_tensor"] = name
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
 
 
 def _remove_empty(gm: fx.GraphModule, index) -> None:
@@ -263,9 +315,11 @@ def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
         # operands counted over different dims (tokens added to a linear's output over channels) were
         # never pruned through: the graph left their writers ungated, and the op stays as it is
         counted = {graph.tensors[_tensor_name(t)].slots for t in (*tensor_args, node) if _tensor_name(t) in graph.tensors}
-        if (is_add or is_mul) and len(tensor_args) == 2 and _same_layout(node, tensor_args) and len(counted) == 1:
+        by_parameter = any(a.op == "get_attr" and a.target in graph.params for a in tensor_args)
+        if (is_add or is_mul) and len(tensor_args) == 2 and _same_layout(node, tensor_args) and len(counted) == 1 \
+                and not by_parameter:
             _rewrite_binary(g, buffers, node, tensor_args, index, alive, is_add,
-                            node.target in SUB_FUNCTIONS or node.target == "sub")
+                            node.target in SUB_FUNCTIONS or node.target == "sub", graph.tensors[node.name].dim)
         elif node.op == "call_function" and node.target is torch.cat:
             parts = node.args[0] if node.args else node.kwargs["tensors"]
             kept = [p for p in parts if index[_tensor_name(p)].numel() > 0]
@@ -274,6 +328,13 @@ def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
                 node.args = (kept,) + rest if node.args else ()
                 if not node.args:
                     node.kwargs = {**node.kwargs, "tensors": kept}
+        elif node.op == "call_method" and node.target in ("view", "reshape") and len(_shape_of(node)) == 3 \
+                and len(_shape_of(node.args[0])) == 4 and _shape_of(node)[:2] == _shape_of(node.args[0])[:2]:
+            with g.inserting_before(node):  # (N, C, H, W) -> (N, C, H·W) with C written out: a ViT's patches
+                flat = g.call_function(torch.flatten, (node.args[0], 2))
+            flat.meta["budgetprune_tensor"] = node.name
+            node.replace_all_uses_with(flat)
+            g.erase_node(node)
         elif node.op == "call_method" and node.target in FLATTEN_METHODS and node.target != "flatten" \
                 and len(_shape_of(node)) == 2:  # a flatten to (batch, features); other reshapes keep their sizes
             with g.inserting_before(node):
@@ -281,15 +342,23 @@ def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
             flat.meta["budgetprune_tensor"] = node.name
             node.replace_all_uses_with(flat)
             g.erase_node(node)
-        elif node.name in graph.renormalisers and not _is_bn(gm, node):
+        if node.name in graph.renormalisers and not getattr(node, "_erased", False) and not _is_bn(gm, node):
             dead = ~alive[node.name][index[node.name]]
             if bool(dead.any()):  # regular mode: channels kept for width only must stay zero
                 live = (~dead).float()
-                ref = buffers.add(g, live.view(1, -1, *([1] * (len(_shape_of(node)) - 2))), node.next)
+                shape = [1] * len(_shape_of(node))
+                shape[1 if graph.tensors[node.name].dim == 1 else -1] = -1
+                ref = buffers.add(g, live.view(shape), node.next)
                 with g.inserting_after(ref):
                     masked = g.call_function(operator.mul, (node, ref))
                 masked.meta["budgetprune_tensor"] = node.name
                 node.replace_all_uses_with(masked, delete_user_cb=lambda u: u is not masked)
+
+
+def _with_dim(args: tuple, dim: int) -> tuple:
+    """A channel op's arguments, with the channel dim only where it is not the default 1 (files
+    written before tokens were pruned call the ops without it)."""
+    return args if dim == 1 else (*args, dim)
 
 
 def _gathered_source(node: fx.Node) -> fx.Node:
@@ -325,7 +394,9 @@ def _shape_of(node):
 
 
 def _rewrite_binary(g: fx.Graph, buffers: _Buffers, node: fx.Node, args, index, alive, is_add: bool,
-                    is_sub: bool):
+                    is_sub: bool, dim: int = 1):
+    """An add or mul of tensors keeping different channels (in ``dim``): the mixed block's
+    index_add, or a gather / scatter of a factor."""
     a, b = args
     ia, ib, io = index[_tensor_name(a)], index[_tensor_name(b)], index[node.name]
     if is_add and not (bool(alive[_tensor_name(a)].any()) and bool(alive[_tensor_name(b)].any())):
@@ -358,11 +429,11 @@ def _rewrite_binary(g: fx.Graph, buffers: _Buffers, node: fx.Node, args, index, 
         else:
             ref = buffers.add(g, _positions(ia, io), node)
             with g.inserting_before(node):
-                base = g.call_function(scatter_channels, (a, ref, int(io.numel())))
+                base = g.call_function(scatter_channels, _with_dim((a, ref, int(io.numel())), dim))
             delta, delta_idx = b_node, ib
         ref = buffers.add(g, _positions(delta_idx, io), node)
         with g.inserting_before(node):
-            new = g.call_function(index_add_channels, (base, ref, delta))
+            new = g.call_function(index_add_channels, _with_dim((base, ref, delta), dim))
     else:
         sides = []
         for side, idx in ((a, ia), (b, ib)):
@@ -372,11 +443,11 @@ def _rewrite_binary(g: fx.Graph, buffers: _Buffers, node: fx.Node, args, index, 
             if bool(torch.isin(io, idx).all()):  # this factor has every channel needed: select them
                 ref = buffers.add(g, _positions(io, idx), node)
                 with g.inserting_before(node):
-                    sides.append(g.call_function(select_channels, (side, ref)))
+                    sides.append(g.call_function(select_channels, _with_dim((side, ref), dim)))
             else:  # channels it lacks are zero
                 ref = buffers.add(g, _positions(idx, io), node)
                 with g.inserting_before(node):
-                    sides.append(g.call_function(scatter_channels, (side, ref, int(io.numel()))))
+                    sides.append(g.call_function(scatter_channels, _with_dim((side, ref, int(io.numel())), dim)))
         with g.inserting_before(node):
             new = g.call_function(operator.mul, tuple(sides))
     new.meta["budgetprune_tensor"] = node.name
@@ -409,7 +480,9 @@ def silence_channels(model: nn.Module, graph: ChannelGraph, channels: dict[str, 
             group = graph.groups[gid]
             if group.shared:
                 layer = graph.layers[group.producer]
-                owners = [modules[layer.name]] + [modules[bn] for bn in layer.batchnorms]
+                owner = modules[layer.name]
+                owners = [owner.out_proj if isinstance(owner, nn.MultiheadAttention) else owner] + \
+                    [modules[bn] for bn in layer.batchnorms]
                 for mod in owners:
                     for p in (mod.weight, mod.bias):
                         if p is not None:
@@ -421,7 +494,8 @@ def silence_channels(model: nn.Module, graph: ChannelGraph, channels: dict[str, 
                 slots = torch.cat([torch.tensor([s.start + (i - off) for i in idx.tolist()
                                                  if off <= i < off + s.length], dtype=torch.long)
                                    for s in info.segments for g_, off in s.sources if g_ == gid])
-                weight = modules[layer.name].weight
+                reader = modules[layer.name]
+                weight = reader.in_proj_weight if layer.kind == "attention" else reader.weight
                 cols = _expand(slots, info.expansion).to(weight.device)
                 if layer.depthwise:
                     continue

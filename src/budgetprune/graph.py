@@ -15,12 +15,19 @@ flatten) and, for each slot, the gated channels that can write a non-zero value 
   add new maps: the mixed-connectivity block of seed 001, section 4.2 and supplement 2);
 * a ``cat`` places its inputs side by side; a depthwise conv works slot by slot; a
   squeeze-and-excitation ``mul`` keeps the slots of the scaled tensor; a flatten turns each
-  channel into H·W features.
+  channel into H·W features;
+* channels may live in the last dim (tokens (N, L, C), channels-last maps): ``permute`` and
+  ``transpose`` move them there and back; linear layers, element-wise ops, residual adds, a mean
+  over the tokens and a LayerNorm over the channels (:class:`Norm`) work there, and so does
+  ``nn.MultiheadAttention`` self-attention, a layer of kind ``"attention"`` (its heads keep their
+  width); a parameter read across the channels (a layer scale, a class token, a position
+  embedding: :class:`ChannelParameter`) is sliced with them.
 
 An op that maps 0 to a non-zero value (a BatchNorm that is not a gate host, e.g. the
-pre-activation BN of a Wide-ResNet block, a sigmoid, a bias) is a *renormaliser*: the
-gates also multiply its output by the slot's aliveness, so a dead channel is zero
-everywhere and removing it is exact.
+pre-activation BN of a Wide-ResNet block, a sigmoid, a bias, a LayerNorm, an added position
+embedding) is a *renormaliser*: the gates also multiply its output by the slot's aliveness, so
+a dead channel is zero everywhere and removing it is exact. A function is masked at the output
+of the module that returns it or first reads it (:meth:`ChannelGraph.mask_site`).
 
 A slot can be removed when it is not alive. A group whose removal could cut every path from
 input to output (a layer of a chain, the 1×1 shortcut conv of a ResNet pooling block:
@@ -174,6 +181,32 @@ class ChannelGroup:
         return tuple(range(channel % self.tie_period, self.channels, self.tie_period))
 
 
+@dataclass(frozen=True)
+class ChannelParameter:
+    """A parameter read across a tensor's channels (ConvNeXt's layer scale, a LayerNorm's weight):
+    compaction keeps its entries along ``axis`` for the channels ``tensor`` keeps."""
+
+    path: str  # the parameter's qualified name in the model
+    tensor: str  # the tensor whose channels it runs over
+    axis: int  # its dim that runs over those channels
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A LayerNorm over a tensor's channels (the last dim): each channel's output depends on the
+    mean and variance of all of them. A pruned channel is zero in the gated network, so its
+    statistics count it as a zero; the compacted network keeps that count
+    (:func:`budgetprune.ops.full_count_layer_norm`) and computes exactly what the gated one does."""
+
+    node: str
+    tensor: str  # what it normalises
+    channels: int  # how many channels its statistics divide by: the unpruned count
+    weight: str  # parameter paths
+    bias: str | None
+    eps: float
+    module: str | None = None  # an nn.LayerNorm's name, or None for F.layer_norm
+
+
 @dataclass
 class Layer:
     """A conv or linear layer: what it reads, what it writes, and its cost coefficients."""
@@ -205,7 +238,9 @@ class ChannelGraph:
                  groups: dict[str, ChannelGroup], renormalisers: dict[str, str], ungated: dict[str, str],
                  input_shape: tuple[int, ...], spaces: dict[str, str], cats: dict[str, list[str]],
                  splits: dict[str, tuple[str, list[str]]] | None = None,
-                 gathers: dict[str, tuple[str, torch.Tensor]] | None = None):
+                 gathers: dict[str, tuple[str, torch.Tensor]] | None = None,
+                 params: dict[str, ChannelParameter] | None = None, norms: dict[str, Norm] | None = None,
+                 mask_sites: dict[str, tuple[str, str]] | None = None):
         self.gm = gm
         self.tensors = tensors
         self.layers = layers
@@ -217,6 +252,10 @@ class ChannelGraph:
         self.cats = cats  # tensor made by torch.cat -> the tensors it joins, in order
         self.splits = splits or {}  # chunk/split node -> (the tensor it splits, its pieces in order)
         self.gathers = gathers or {}  # channel shuffle or slice output -> (its input, input slot of each output slot)
+        self.params = params or {}  # parameter path -> the tensor whose channels it is sliced with
+        self.norms = norms or {}  # LayerNorm node -> what compaction keeps of its statistics
+        self.mask_sites = mask_sites or {}  # function renormaliser -> (module whose output is masked, its tensor)
+        self.measured_flops: float | None = None  # MACs per example torch's counter counts in the whole model
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -244,9 +283,20 @@ class ChannelGraph:
             ) from None
         finally:
             model.train(was_training)
-        return _Builder(gm, dict(model.named_modules()), gate_inputs, tuple(example_input.shape[1:])).build()
+        graph = _Builder(gm, dict(model.named_modules()), gate_inputs, tuple(example_input.shape[1:])).build()
+        graph.measured_flops = _measured_macs(gm, example_input)
+        return graph
 
     # -- queries ----------------------------------------------------------------------
+    def mask_site(self, node: str) -> tuple[str, str]:
+        """Where the gates mask a renormaliser's output: (a module, the tensor it returns). A
+        module renormaliser is masked at its own output; a function (``F.layer_norm`` inside a
+        ``LayerNorm2d``) at the output of the innermost module that returns it."""
+        if node in self.mask_sites:
+            return self.mask_sites[node]
+        target = next(n.target for n in self.gm.graph.nodes if n.name == node)
+        return target, node
+
     def layer_of_group(self, gid: str) -> Layer | None:
         g = self.groups[gid]
         return self.layers.get(g.producer) if g.producer else None
@@ -292,6 +342,28 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "remove data-dependent control flow from forward() or wrap that part in a leaf module"
         ) from None
 
+
+
+def _measured_macs(gm: fx.GraphModule, example_input: torch.Tensor) -> float | None:
+    """Multiply-accumulates per example that ``torch.utils.flop_counter`` counts in one forward
+    pass (convolutions, matrix products, attention), or None where it cannot run the model. The
+    fast path of ``nn.MultiheadAttention`` is off and attention runs its math kernel while
+    counting: the counter cannot see into the fused kernels."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training, fast = gm.training, torch.backends.mha.get_fastpath_enabled()
+    gm.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+            gm(example_input)
+    except Exception:  # an op the counter cannot run: only the layers are counted
+        return None
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+        gm.train(was_training)
+    return counter.get_total_flops() / 2 / example_input.shape[0]  # the counter counts 2 FLOPs per MAC
 
 
 def _shape(node) -> tuple[int, ...] | None:
@@ -355,6 +427,9 @@ class _Builder:
         self.gathers: dict[str, tuple[str, torch.Tensor]] = {}
         self.shuffle_inside: set[str] = set()
         self.hosted: dict[str, str] = {}  # node that is a gate host output -> group
+        self.params: dict[str, ChannelParameter] = {}
+        self.norms: dict[str, Norm] = {}
+        self.attention: set[str] = set()  # nn.MultiheadAttention nodes that are layers
         self.parent: dict[str, str] = {}  # union-find over tensors for regular-block widths
         self.calls: dict[str, int] = defaultdict(int)
         ungated: dict[str, str] = dict(self.blocked)
@@ -369,7 +444,11 @@ class _Builder:
                 for arg in node.all_input_nodes:
                     self._block(arg, "feeds the network output")
                 continue
+            if self._visit_attention(node):
+                continue
             if _shape(node) is None:  # not one tensor: x.size(0) and friends, or several tensors (chunk, split)
+                if self._attention_weights(node):
+                    continue
                 if not _reads_metadata_only(node) and not self._visit_split(node):
                     for arg in node.all_input_nodes:
                         self._block(arg, f"read by {_describe(node, self.modules)}, which returns several tensors")
@@ -385,9 +464,11 @@ class _Builder:
         if not self.layers:
             raise GraphError("the model has no conv or linear layer to prune")
         self._finish_groups(nodes)
+        mask_sites = self._place_masks(nodes)
         spaces = {t: self._find(t) for t in self.tensors}
         return ChannelGraph(self.gm, self.tensors, self.layers, self.groups, self.renorm, ungated,
-                            self.input_shape, spaces, self.cats, self.splits, self.gathers)
+                            self.input_shape, spaces, self.cats, self.splits, self.gathers, self.params,
+                            self.norms, mask_sites)
 
     def _find_scales(self) -> None:
         """Squeeze-and-excitation: a product of a feature map and a (batch, C, 1, 1) scale that one
@@ -413,9 +494,11 @@ class _Builder:
     def _find_layers(self, nodes, ungated) -> None:
         """Count module calls (a module called twice shares weights: never gated)."""
         for node in nodes:
-            if node.op == "call_module":
+            if node.op in ("call_module", "get_attr"):
                 self.calls[node.target] += 1
         for name, n in self.calls.items():
+            if name not in self.modules:
+                continue  # a parameter read by get_attr
             mod = self.modules[name]
             if isinstance(mod, (nn.Conv2d, nn.Linear)) and n > 1:
                 self.blocked.setdefault(name, f"called {n} times (shared weights)")
@@ -456,13 +539,7 @@ class _Builder:
                                    info.expansion, info.segments, info.scale, info.dim))
         self._union(node.name, src.name)
         if renormalise and not info.always_alive() and not info.scale:  # a scale's product is zero anyway
-            if info.dim != 1:
-                raise _Unsupported(f"read by {renormalise} at node '{node.name}', which maps 0 to a non-zero "
-                                   "value on channels in the last dim")
-            if node.op != "call_module":  # only a module can be hooked to mask its output
-                raise _Unsupported(f"read by {renormalise} at node '{node.name}', which maps 0 to a non-zero "
-                                   "value; write it as a module (e.g. nn.Sigmoid) so it can be masked")
-            self.renorm[node.name] = renormalise
+            self.renorm[node.name] = renormalise  # a function is masked where a module returns it: _place_masks
 
     def _block(self, node: fx.Node, why: str) -> None:
         info = self.tensors.get(node.name)
@@ -477,6 +554,15 @@ class _Builder:
     # the op table ----------------------------------------------------------------------------
     def _visit(self, node: fx.Node) -> None:
         if node.op == "call_function" and node.target is operator.getitem and \
+                isinstance(node.args[0], fx.Node) and node.args[0].name in self.attention:
+            if node.args[1] != 0:  # the attention weights
+                return self._set(node, self._fresh(node, _shape(node), ALWAYS))
+            info = self.tensors[node.args[0].name]
+            self._set(node, TensorInfo(node.name, info.slots, info.area, 1, info.segments, dim=-1))
+            return self._union(node.name, node.args[0].name)
+        if node.op == "call_function" and node.target is operator.getitem and self._match_token_select(node):
+            return
+        if node.op == "call_function" and node.target is operator.getitem and \
                 isinstance(node.args[0], fx.Node) and node.args[0].name in self.splits:
             piece = self.splits[node.args[0].name][1][node.args[1]]
             info = self.tensors[piece]
@@ -490,6 +576,14 @@ class _Builder:
         tensor_args = [a for a in node.all_input_nodes if a.name in self.tensors]
         if not tensor_args and node.op != "get_attr":  # a tensor made from nothing: torch.zeros(...)
             return self._set(node, self._fresh(node, _shape(node), ALWAYS))
+        if _is_permute(node):
+            return self._visit_permute(node, tensor_args[0])
+        norm = self._match_layer_norm(node)
+        if norm is not None:
+            return self._visit_layer_norm(node, *norm)
+        param = self._parameter_operand(node, tensor_args)
+        if param is not None:
+            return self._visit_parameter_op(node, *param)
         if any(self._info(a).dim != 1 and not self._info(a).always_alive() for a in tensor_args):
             return self._visit_channels_last(node, tensor_args)
         if node.op == "call_module":
@@ -517,6 +611,262 @@ class _Builder:
         if node.op == "call_method" and fn in ("mean", "amax", "sum") and _reduces_spatial_only(node):
             return self._same(node, tensor_args[0])
         return self._visit_unknown(node, tensor_args)
+
+    def _visit_permute(self, node: fx.Node, src: fx.Node) -> None:
+        """``x.permute(...)`` or ``x.transpose(a, b)`` keeping the batch first: the channels move to
+        dim 1 or to the last dim (ConvNeXt's ``(N, C, H, W) -> (N, H, W, C)`` around its LayerNorm
+        and linear layers, a ViT's patches ``(N, C, L) -> (N, L, C)``)."""
+        info, in_shape = self._info(src), _shape(src)
+        perm = [int(d) % len(in_shape) for d in _permutation(node, len(in_shape))]
+        where = perm.index(1 if info.dim == 1 else len(in_shape) - 1)
+        if info.always_alive():  # nothing to prune; its channels are still counted where they went
+            dim = -1 if where == len(in_shape) - 1 and where != 1 else 1
+            return self._set(node, self._fresh(node, _shape(node), ALWAYS, dim))
+        if info.expansion != 1 or perm[0] != 0 or where not in (1, len(in_shape) - 1):
+            raise _Unsupported(f"read by '{node.name}', which permutes {tuple(in_shape)} to {_shape(node)} "
+                               "(only moves of the channels between dim 1 and the last dim are pruned)")
+        dim = 1 if where == 1 else -1
+        self._set(node, TensorInfo(node.name, info.slots, _area(_shape(node), dim), 1, info.segments, info.scale, dim))
+        self._union(node.name, src.name)
+
+    def _match_layer_norm(self, node: fx.Node):
+        """(input, normalised shape, weight path, bias path, eps, module) of an ``nn.LayerNorm`` or an
+        ``F.layer_norm`` whose weight and bias are the model's parameters, or None."""
+        if node.op == "call_module" and isinstance(self.modules[node.target], nn.LayerNorm):
+            mod = self.modules[node.target]
+            path = node.target
+            weight = f"{path}.weight" if mod.weight is not None else None
+            bias = f"{path}.bias" if getattr(mod, "bias", None) is not None else None
+            return node.args[0], tuple(mod.normalized_shape), weight, bias, mod.eps, path
+        if node.op == "call_function" and node.target is F.layer_norm:
+            attrs = []
+            for index, name in ((2, "weight"), (3, "bias")):
+                value = _arg(node, index, name, None)
+                if value is not None and not (isinstance(value, fx.Node) and value.op == "get_attr"):
+                    return None  # a computed weight: not a parameter compaction can slice
+                attrs.append(value.target if value is not None else None)
+            shape = _arg(node, 1, "normalized_shape", ())
+            shape = (shape,) if isinstance(shape, int) else tuple(shape)
+            return node.args[0], shape, attrs[0], attrs[1], float(_arg(node, 4, "eps", 1e-5)), None
+        return None
+
+    def _visit_layer_norm(self, node, src, normalized, weight, bias, eps, module) -> None:
+        """A LayerNorm over the channels: prunable with them when it has a learned scale (which the
+        gates' mask zeroes at a dead channel, and compaction slices) and each call has its own."""
+        info, shape = self._info(src), _shape(src)
+        if not isinstance(src, fx.Node) or info.always_alive():
+            return self._same(node, src)
+        if info.dim == 1 and len(shape) - len(normalized) > 1:  # over each row of a map: channel by channel
+            return self._visit_unknown(node, [src]) if node.op == "call_module" else \
+                self._visit_unknown(node, [a for a in node.all_input_nodes if a.name in self.tensors])
+        what = _describe(node, self.modules)
+        if info.expansion != 1 or not (info.dim == -1 or len(shape) == 2) or normalized != (info.slots,):
+            raise _Unsupported(f"read by {what}, which normalises over {normalized} of a {tuple(shape)} tensor "
+                               "(only a LayerNorm over the channels alone, in the last dim, is pruned)")
+        if weight is None:
+            raise _Unsupported(f"read by {what}, which has no learned scale to switch a pruned channel off")
+        if module is not None and self.calls[module] != 1 or \
+                any(p is not None and self.calls[p] > 1 for p in (weight, bias) if module is None):
+            raise _Unsupported(f"read by {what}, whose parameters are used more than once")
+        self._same(node, src, "LayerNorm")
+        self.norms[node.name] = Norm(node.name, src.name, info.slots, weight, bias, eps, module)
+        for path in (weight, bias):
+            if path is not None:
+                self.params[path] = ChannelParameter(path, src.name, 0)
+
+    def _parameter_operand(self, node: fx.Node, tensor_args):
+        """(parameter node, other operand, is_add) for ``x * p`` or ``x + p`` with ``p`` a parameter
+        read by this op alone (ConvNeXt's layer scale), else None."""
+        is_add = node.op == "call_function" and node.target in ADD_FUNCTIONS - {operator.sub, operator.isub, torch.sub} \
+            or node.op == "call_method" and node.target == "add"
+        is_mul = node.op == "call_function" and node.target in MUL_FUNCTIONS or \
+            node.op == "call_method" and node.target == "mul"
+        if not (is_add or is_mul) or len(tensor_args) != 2:
+            return None
+        params = [a for a in tensor_args if a.op == "get_attr" and self.calls[a.target] == 1 and len(a.users) == 1]
+        if len(params) != 1 or len(node.args) != 2:
+            return None
+        other = tensor_args[1] if params[0] is tensor_args[0] else tensor_args[0]
+        return params[0], other, is_add
+
+    def _visit_parameter_op(self, node: fx.Node, param: fx.Node, src: fx.Node, is_add: bool) -> None:
+        """A product with a parameter keeps zeros; a sum with one is masked by aliveness. Where the
+        parameter runs over the channels (a (C, 1, 1) layer scale), compaction slices it."""
+        info, shape, pshape = self._info(src), _shape(src), _shape(param)
+        if info.always_alive():
+            return self._set(node, self._fresh(node, _shape(node), ALWAYS))
+        if tuple(_shape(node)) != tuple(shape) or info.expansion != 1:
+            raise _Unsupported(f"read by '{node.name}', which broadcasts it with a parameter of shape {pshape}")
+        axis = (1 if info.dim == 1 else len(shape) - 1) - (len(shape) - len(pshape))
+        if axis >= 0 and pshape[axis] not in (1, info.slots):
+            raise _Unsupported(f"read by '{node.name}' with a parameter of shape {pshape}")
+        self._same(node, src, "adding a parameter" if is_add else None)
+        if axis >= 0 and pshape[axis] == info.slots:
+            self.params[param.target] = ChannelParameter(param.target, src.name, axis)
+
+    def _reduces_tokens(self, node: fx.Node, src: fx.Node) -> bool:
+        """``x.mean(dim=1)`` (``amax``, ``sum``) of channels-last tensors over dims other than the
+        batch and the channels (a transformer's mean over tokens): the channels stay."""
+        is_reduce = node.op == "call_method" and node.target in ("mean", "amax", "sum") or \
+            node.op == "call_function" and node.target in (torch.mean, torch.amax, torch.sum)
+        dims = _arg(node, 1, "dim", None)
+        in_shape, shape = _shape(src), _shape(node)
+        if not is_reduce or dims is None or _arg(node, 2, "keepdim", False) or shape is None:
+            return False
+        dims = {int(d) % len(in_shape) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
+        if not dims or 0 in dims or len(in_shape) - 1 in dims:
+            return False
+        info = self._info(src)
+        dim = 1 if len(shape) == 2 else -1
+        self._set(node, TensorInfo(node.name, info.slots, _area(shape, dim), 1, info.segments, info.scale, dim))
+        self._union(node.name, src.name)
+        return True
+
+    def _visit_attention(self, node: fx.Node) -> bool:
+        """``nn.MultiheadAttention`` as self-attention over tokens (N, L, E) (``batch_first``, one
+        input for query, key and value, no masks): a layer that reads its input's channels through
+        its in-projection and writes a gated group through its out-projection (a ViT block). Its
+        heads keep their width. Any other use leaves its input's writers ungated."""
+        mod = self.modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(mod, nn.MultiheadAttention):
+            return False
+        args = [_arg(node, i, name, None) for i, name in enumerate(("query", "key", "value"))]
+        extra = {k: v for k, v in node.kwargs.items() if k not in ("query", "key", "value", "need_weights")}
+        src = args[0]
+        metas = node.meta.get("tensor_meta")
+        out_shape = tuple(metas[0].shape) if isinstance(metas, (tuple, list)) and hasattr(metas[0], "shape") else None
+        why = None
+        if not (isinstance(src, fx.Node) and src is args[1] and src is args[2] and src.name in self.tensors):
+            why = "which budgetprune prunes only as self-attention (one tensor as query, key and value)"
+        elif not mod.batch_first or not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn \
+                or len(node.args) > 3 or any(v is not None and v is not False for v in extra.values()):
+            why = "which budgetprune prunes only with batch_first=True, no masks and no added key/value biases"
+        elif self.calls[node.target] != 1:
+            why = f"called {self.calls[node.target]} times (shared weights)"
+        elif out_shape is None or len(out_shape) != 3:
+            why = "whose output is not (N, L, E) tokens"
+        else:
+            info = self._info(src)
+            if not info.always_alive() and not (info.dim == -1 and info.slots == mod.embed_dim and info.expansion == 1):
+                why = "whose input's channels are not in the last dim"
+        if why is not None:
+            for arg in node.all_input_nodes:
+                self._block(arg, f"read by nn.MultiheadAttention '{node.target}', {why}")
+            shape = out_shape or (1, 1, mod.embed_dim)
+            self.tensors[node.name] = self._fresh(node, shape, ALWAYS, dim=-1)
+            self.parent.setdefault(node.name, node.name)
+            self.attention.add(node.name)
+            return True
+        info = self._info(src)
+        if info.always_alive():
+            info = _always_alive_over(info, _shape(src), -1)
+            info = TensorInfo(f"{node.name}:in", info.slots, info.area, 1, info.segments, dim=-1)
+            self.tensors[info.node] = info
+            self.parent.setdefault(info.node, info.node)
+        gated = node.target not in self.blocked
+        gid = node.target if gated else ALWAYS
+        layer = Layer(node.target, "attention", info.node, node.name, mod.embed_dim, mod.embed_dim, out_shape[1],
+                      1, None, False, mod.out_proj.bias is not None)
+        self.layers[node.target] = layer
+        self.tensors[node.name] = TensorInfo(node.name, mod.embed_dim, out_shape[1], 1,
+                                             (Segment(0, mod.embed_dim, ((gid, 0),)),), dim=-1)
+        self.parent.setdefault(node.name, node.name)
+        self.attention.add(node.name)
+        if gated:
+            self.groups[gid] = ChannelGroup(gid, mod.embed_dim, out_shape[1], node.target, "output", node.target,
+                                            dim=-1)
+            layer.out_group = gid
+        return True
+
+    def _attention_weights(self, node: fx.Node) -> bool:
+        """``attn(x, x, x)[1]`` when it is None (``need_weights=False``): carries nothing."""
+        return node.op == "call_function" and node.target is operator.getitem and \
+            isinstance(node.args[0], fx.Node) and node.args[0].name in self.attention
+
+    def _match_token_select(self, node: fx.Node) -> bool:
+        """``x[:, 0]`` of tokens (N, L, C): one token's channels (a ViT's class token), as (N, C)."""
+        src, idx = node.args[0], node.args[1]
+        if not isinstance(src, fx.Node) or src.name not in self.tensors or not isinstance(idx, tuple) or \
+                len(idx) != 2 or idx[0] != slice(None) or not isinstance(idx[1], int):
+            return False
+        info, shape = self.tensors[src.name], _shape(node)
+        if info.dim != -1 or info.expansion != 1 or len(_shape(src)) != 3 or shape is None or len(shape) != 2:
+            return False
+        self._set(node, TensorInfo(node.name, info.slots, 1, 1, info.segments, info.scale))
+        self._union(node.name, src.name)
+        return True
+
+    def _visit_token_cat(self, node: fx.Node) -> None:
+        """``torch.cat`` of channels-last tensors along another dim (a ViT's class token joined to the
+        patches): a slot is alive where it is in any part. A part that is a parameter (through
+        ``expand``) is masked by that aliveness and sliced with the channels at compaction."""
+        parts, dim = _arg(node, 0, "tensors", []), _arg(node, 1, "dim", 0)
+        shape = _shape(node)
+        if any(not isinstance(p, fx.Node) or p.name not in self.tensors for p in parts) or \
+                dim % len(shape) in (0, len(shape) - 1):
+            raise _Unsupported(f"read by torch.cat at node '{node.name}' along dim {dim} of channels-last tensors")
+        segments, params = None, []
+        for p in parts:
+            info = self._info(p)
+            param = _parameter_source(p, self.calls)
+            if info.always_alive() and param is not None and int(_shape(param)[-1]) == shape[-1]:
+                params.append(param)
+                continue
+            if info.always_alive():
+                info = _always_alive_over(info, _shape(p), -1)
+            if info.dim != -1 or info.expansion != 1 or info.slots != shape[-1]:
+                raise _Unsupported(f"read by torch.cat at node '{node.name}' of tensors of different channel layouts")
+            segments = info.segments if segments is None else _merge(segments, info.segments)
+        if segments is None:
+            return self._set(node, self._fresh(node, shape, ALWAYS, dim=-1))
+        self._set(node, TensorInfo(node.name, shape[-1], _area(shape, -1), 1, segments, dim=-1))
+        for p in parts:
+            if self._info(p).dim == -1:
+                self._union(node.name, p.name)
+        if params and not self.tensors[node.name].always_alive():
+            self.renorm[node.name] = "a parameter joined along the tokens"
+            for param in params:
+                self.params[param.target] = ChannelParameter(param.target, node.name, len(_shape(param)) - 1)
+
+    def _place_masks(self, nodes) -> dict[str, tuple[str, str]]:
+        """A renormalising function is masked at the output of the innermost module that returns
+        it through ops keeping its channels (``F.layer_norm`` → ``permute`` in a ``LayerNorm2d``),
+        else at the output of the first module reading it through such ops (a ViT's position
+        embedding sum → dropout); where there is none, its input's writers stay ungated."""
+        exits: dict[str, list[fx.Node]] = defaultdict(list)  # module path -> nodes its scope returns
+        for node in nodes:
+            inside = _scopes(node)
+            for path in inside:
+                if any(u.op == "output" or path not in _scopes(u) for u in node.users):
+                    exits[path].append(node)
+        sites = {}
+        by_name = {n.name: n for n in nodes}
+        for name, what in self.renorm.items():
+            node = by_name[name]
+            if node.op == "call_module":
+                continue
+            site = None
+            for path in reversed(_scopes(node)):
+                out = exits.get(path, [])
+                if len(out) == 1 and self.calls.get(path, 1) <= 1 and \
+                        _passes_through(node, out[0], self.tensors, self.norms):
+                    site = (path, out[0].name)
+                    break
+            cur = node
+            while site is None and len(_value_users(cur)) == 1:  # else the first module that reads it alone
+                cur = _value_users(cur)[0]
+                if cur.op == "call_module" and self.calls[cur.target] == 1 and \
+                        _passes_through(node, cur, self.tensors, self.norms):
+                    site = (cur.target, cur.name)
+                elif not _passes_through(node, cur, self.tensors, self.norms):
+                    break
+            if site is None:
+                for arg in node.all_input_nodes:
+                    self._block(arg, f"read by {what} at node '{name}', which maps 0 to a non-zero value; "
+                                     "write it as a module (e.g. nn.Sigmoid) so it can be masked")
+            else:
+                sites[name] = site
+        return sites
 
     def _visit_split(self, node: fx.Node) -> bool:
         """``x.chunk(k, dim=1)`` / ``x.split(sizes, dim=1)``: each piece keeps its range of slots."""
@@ -608,6 +958,13 @@ class _Builder:
         mod = self.modules.get(node.target) if node.op == "call_module" else None
         if isinstance(mod, nn.Linear):
             return self._visit_layer(node, mod, tensor_args[0])
+        if node.op == "call_function" and node.target in ADD_FUNCTIONS or \
+                node.op == "call_method" and node.target in ("add", "sub"):
+            return self._visit_add(node, tensor_args)
+        if node.op == "call_function" and node.target is torch.cat:
+            return self._visit_token_cat(node)
+        if len(tensor_args) == 1 and self._reduces_tokens(node, tensor_args[0]):
+            return
         if len(tensor_args) == 1 and (
                 isinstance(mod, ZERO_PRESERVING_MODULES) and not isinstance(mod, POOLING_MODULES)
                 or node.op == "call_function" and node.target in ZERO_PRESERVING_FUNCTIONS - POOLING_FUNCTIONS
@@ -737,12 +1094,17 @@ class _Builder:
             return self._same(node, tensor_args[0], "adding a constant")
         a, b = (self._info(t) for t in tensor_args)
         shape = _shape(node)
-        if a.expansion != 1 or b.expansion != 1 or a.slots != b.slots or len(shape) < 2 or shape[1] != a.slots or \
+        dim = a.dim if not a.always_alive() else b.dim
+        if len(shape) >= 2:  # an always-alive operand is counted over the other's channel dim
+            a, b = (_always_alive_over(x, shape, dim) if x.always_alive() and x.dim != dim else x for x in (a, b))
+        if a.expansion != 1 or b.expansion != 1 or a.slots != b.slots or len(shape) < 2 or \
+                shape[1 if dim == 1 else -1] != a.slots or a.dim != b.dim or \
                 any(len(_shape(t) or ()) != len(shape) for t in tensor_args):  # a broadcast over other dims
             raise _Unsupported(f"read by '{node.name}', which adds tensors of different channel layouts")
-        self._set(node, TensorInfo(node.name, a.slots, _area(shape), 1, _merge(a.segments, b.segments)))
+        self._set(node, TensorInfo(node.name, a.slots, _area(shape, dim), 1, _merge(a.segments, b.segments), dim=dim))
         for t in tensor_args:
-            self._union(node.name, t.name)
+            if self._info(t).slots == a.slots:  # an always-alive operand counted over another dim keeps its widths
+                self._union(node.name, t.name)
 
     def _visit_mul(self, node, tensor_args) -> None:
         if len(tensor_args) == 1:
@@ -788,6 +1150,10 @@ class _Builder:
     def _visit_flatten(self, node, tensor_args) -> None:
         src = tensor_args[0]
         info, in_shape, shape = self._info(src), _shape(src), _shape(node)
+        if len(shape) == 3 and len(in_shape) > 3 and tuple(shape[:2]) == tuple(in_shape[:2]) and info.dim == 1 and \
+                info.expansion == 1:  # (N, C, H, W) -> (N, C, H·W): a ViT's patches, channels unchanged
+            self._set(node, TensorInfo(node.name, info.slots, _area(shape), 1, info.segments, info.scale))
+            return self._union(node.name, src.name)
         if len(shape) != 2 or shape[0] != in_shape[0]:
             raise _Unsupported(f"reshaped by '{node.name}' to {shape} (only flattening to (batch, features))")
         if info.expansion != 1 or shape[1] % info.slots:
@@ -817,6 +1183,12 @@ class _Builder:
             g.min_keep = 0
         for gid in _protected_groups(self, nodes):
             self.groups[gid].min_keep = 1
+
+
+def _always_alive_over(info: TensorInfo, shape, dim: int) -> TensorInfo:
+    """An always-alive tensor's description with its channels in ``dim`` of ``shape``."""
+    slots = int(shape[1 if dim == 1 else -1])
+    return TensorInfo(info.node, slots, _area(shape, dim), 1, (Segment(0, slots, ((ALWAYS, 0),)),), dim=dim)
 
 
 def _merge(a: tuple[Segment, ...], b: tuple[Segment, ...]) -> tuple[Segment, ...]:
@@ -932,6 +1304,59 @@ def _probe_channelwise(node: fx.Node, modules: dict[str, nn.Module], device: tor
     if node.op == "call_module" and any(True for _ in modules[node.target].parameters()):
         return "renormalise"  # a learned parameter (a LayerNorm's bias) may stop mapping 0 to 0: always masked
     return "zero" if bool((zeroed.index_select(cd, dropped) == 0).all()) else "renormalise"
+
+
+def _is_permute(node: fx.Node) -> bool:
+    return node.op == "call_method" and node.target in ("permute", "transpose") or \
+        node.op == "call_function" and node.target in (torch.permute, torch.transpose)
+
+
+def _permutation(node: fx.Node, ndim: int) -> list[int]:
+    """The dims of ``x.permute(0, 2, 3, 1)``, ``x.permute([0, 2, 3, 1])``, ``torch.permute(x, dims)``
+    or ``x.transpose(1, 2)`` (a permutation of ``ndim`` dims)."""
+    if node.target in ("transpose", torch.transpose):
+        a, b = (int(_arg(node, i, name, 0)) % ndim for i, name in ((1, "dim0"), (2, "dim1")))
+        perm = list(range(ndim))
+        perm[a], perm[b] = b, a
+        return perm
+    dims = list(node.args[1:]) or [node.kwargs.get("dims")]
+    return list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+
+
+def _scopes(node: fx.Node) -> list[str]:
+    """The modules whose forward computed ``node``, outermost first (torch.fx's module stack)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [value[0] if isinstance(value, tuple) else key for key, value in stack.items()]
+
+
+def _passes_through(node: fx.Node, end: fx.Node, tensors: dict[str, TensorInfo], norms) -> bool:
+    """Whether ``node`` reaches ``end`` through sole users that keep its channel slots and mix no
+    channels (a LayerNorm would spread the unmasked value over the others)."""
+    segments = tensors[node.name].segments
+    while node is not end:
+        users = _value_users(node)
+        if len(users) != 1:
+            return False
+        node = users[0]
+        if node.name not in tensors or tensors[node.name].segments is not segments or node.name in norms:
+            return False
+    return True
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values (not only its shape)."""
+    return [u for u in node.users if not _reads_metadata_only(u)]
+
+
+def _parameter_source(node: fx.Node, calls) -> fx.Node | None:
+    """The parameter a tensor is, directly or through ``expand(..., -1)`` (a ViT's class token), read
+    there alone; else None."""
+    if node.op == "call_method" and node.target == "expand" and len(node.users) == 1 and \
+            node.args[-1] == -1 and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    if node.op == "get_attr" and calls[node.target] == 1 and len(node.users) == 1:
+        return node
+    return None
 
 
 def _reduces_spatial_only(node: fx.Node) -> bool:

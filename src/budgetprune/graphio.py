@@ -41,21 +41,21 @@ from .architecture import SelectFeatures, build_layer, module_spec
 from .errors import CheckpointError, first_line
 from .graphsafety import check_forward_source, check_keywords, check_names, device_of, dtype_of, \
     is_attribute_path, is_plain_name
-from .ops import CHANNEL_OPS
+from .ops import CHANNEL_OPS, SelfAttention
 
 FORMAT = "budgetprune-graph"
 VERSION = 1
 
 _F_NAMES = ("relu", "relu6", "leaky_relu", "elu", "celu", "selu", "gelu", "silu", "mish", "sigmoid", "hardswish",
             "hardsigmoid", "hardtanh", "softplus", "adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d",
-            "max_pool2d", "dropout", "dropout2d", "linear", "conv2d")
+            "max_pool2d", "dropout", "dropout2d", "linear", "conv2d", "layer_norm")
 
 #: The functions a saved graph may call, by stable name: pure tensor operations only.
 FUNCTIONS: dict[str, Callable] = {
     **{f"operator.{name}": getattr(operator, name) for name in ("add", "sub", "mul", "neg", "iadd", "isub", "imul",
                                                                 "getitem")},
     **{f"torch.{name}": getattr(torch, name) for name in ("cat", "flatten", "relu", "sigmoid", "tanh", "add", "sub",
-                                                          "mul", "neg")},
+                                                          "mul", "neg", "permute", "transpose")},
     **{f"F.{name}": getattr(F, name) for name in _F_NAMES},
     **{f"budgetprune.ops.{name}": fn for name, fn in CHANNEL_OPS.items()},
     "getattr": getattr,  # only for the attributes in _GETATTR_NAMES (fx records x.shape this way)
@@ -66,17 +66,17 @@ _GETATTR_NAMES = {"shape", "dtype", "device", "ndim"}
 #: The tensor methods a saved graph may call.
 METHODS = frozenset({"view", "reshape", "flatten", "size", "dim", "mean", "amax", "sum", "relu", "relu_", "sigmoid",
                      "tanh", "neg", "contiguous", "clone", "detach", "index_select", "index_add", "mul", "add", "sub",
-                     "expand_as"})
+                     "expand_as", "permute", "transpose", "expand"})
 
 _OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
 
 
 # -- describe ------------------------------------------------------------------------------
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, keeping budgetprune's ``SelectFeatures`` as one module."""
+    """torch.fx's tracer, keeping budgetprune's ``SelectFeatures`` and ``SelfAttention`` as one module each."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, SelectFeatures) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (SelectFeatures, SelfAttention)) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:

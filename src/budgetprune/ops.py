@@ -11,33 +11,98 @@ ONNX exporter handle, and are the only non-``torch`` functions a saved model may
   new map added to the residual signal, Fig. 4c, when the signal itself lacks it).
 * :func:`select_channels` keeps the channels at ``index`` (a block reading a subset
   ``h[I_in]`` of the residual signal).
+* :func:`full_count_layer_norm` is a LayerNorm over the kept channels whose statistics still
+  count the pruned ones, as the zeros they are in the gated network.
+* :class:`SelfAttention` is ``nn.MultiheadAttention``'s self-attention with its input and output
+  channels pruned (its heads keep their width).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import fx
+import torch.nn.functional as F
+from torch import fx, nn
 
 
 @fx.wrap
-def index_add_channels(base: torch.Tensor, index: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``base`` with ``delta`` added to its channels ``index`` (dim 1), out of place."""
-    return base.index_add(1, index, delta)
+def index_add_channels(base: torch.Tensor, index: torch.Tensor, delta: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``base`` with ``delta`` added to its channels ``index`` (in ``dim``: 1, or -1 for tokens), out of place."""
+    return base.index_add(dim % base.dim(), index, delta)  # a positive dim: the ONNX exporter needs it
 
 
 @fx.wrap
-def scatter_channels(x: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
-    """A zero tensor with ``width`` channels holding ``x``'s channels at ``index``."""
+def scatter_channels(x: torch.Tensor, index: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    """A zero tensor with ``width`` channels (in ``dim``) holding ``x``'s channels at ``index``."""
+    dim = dim % x.dim()
     shape = list(x.shape)
-    shape[1] = width
-    return x.new_zeros(shape).index_add(1, index, x)
+    shape[dim] = width
+    return x.new_zeros(shape).index_add(dim, index, x)
 
 
 @fx.wrap
-def select_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[:, index]``."""
-    return x.index_select(1, index)
+def select_channels(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``x[:, index]`` (``x[..., index]`` for ``dim`` -1)."""
+    return x.index_select(dim % x.dim(), index)
+
+
+@fx.wrap
+def full_count_layer_norm(x: torch.Tensor, channels: int, weight: torch.Tensor, bias: torch.Tensor | None,
+                          eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim of ``x`` (the kept channels) with the mean and variance of
+    ``channels`` values, the ``channels - x.shape[-1]`` pruned ones being zeros:
+    μ = Σx / C and σ² = (Σ(x − μ)² + (C − k)·μ²) / C, as ``F.layer_norm`` computes them on the
+    zero-padded input (biased variance), then ``(x − μ) / sqrt(σ² + eps) · weight + bias``."""
+    mean = x.sum(dim=-1, keepdim=True) / channels
+    centred = x - mean
+    var = (centred.square().sum(dim=-1, keepdim=True) + (channels - x.shape[-1]) * mean.square()) / channels
+    out = centred * torch.rsqrt(var + eps) * weight
+    return out + bias if bias is not None else out
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over tokens (N, L, ·) whose input and output widths are pruned
+    apart from its heads: ``nn.MultiheadAttention`` (batch first) with ``in_features`` input
+    channels and ``out_features`` output channels, ``num_heads`` heads of ``embed_dim / num_heads``.
+    It computes what the unpruned module computes on the kept channels; called like it
+    (``attn(x, x, x, need_weights=False)``), it returns ``(output, None)``."""
+
+    def __init__(self, in_features: int, embed_dim: int, out_features: int, num_heads: int, bias: bool = True,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.in_features, self.embed_dim, self.out_features = in_features, embed_dim, out_features
+        self.num_heads, self.bias, self.dropout = num_heads, bias, dropout
+        self.in_proj = nn.Linear(in_features, 3 * embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, out_features, bias=bias)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                need_weights: bool = False) -> tuple[torch.Tensor, None]:
+        n, length = query.shape[0], query.shape[1]
+        heads = self.in_proj(query).view(n, length, 3, self.num_heads, self.embed_dim // self.num_heads)
+        q, k, v = heads.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, L, head dim)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(n, length, self.embed_dim)), None
+
+    @classmethod
+    def pruned(cls, mha: nn.MultiheadAttention, cols: torch.Tensor, rows: torch.Tensor,
+               z: torch.Tensor | None = None) -> "SelfAttention":
+        """``mha`` keeping input channels ``cols`` and output channels ``rows``; ``z`` (per kept
+        output) is folded into the out-projection."""
+        bias = mha.in_proj_bias is not None
+        new = cls(int(cols.numel()), mha.embed_dim, int(rows.numel()), mha.num_heads, bias, float(mha.dropout))
+        new = new.to(mha.in_proj_weight.device, mha.in_proj_weight.dtype)
+        w_out = mha.out_proj.weight.detach().index_select(0, rows.to(mha.out_proj.weight.device))
+        b_out = mha.out_proj.bias.detach().index_select(0, rows.to(w_out.device)) if bias else None
+        if z is not None:
+            z = z.to(w_out.device, w_out.dtype)
+            w_out, b_out = w_out * z[:, None], b_out * z if b_out is not None else None
+        with torch.no_grad():
+            new.in_proj.weight.copy_(mha.in_proj_weight.detach().index_select(1, cols.to(w_out.device)))
+            new.out_proj.weight.copy_(w_out)
+            if bias:
+                new.in_proj.bias.copy_(mha.in_proj_bias.detach())
+                new.out_proj.bias.copy_(b_out)
+        return new
 
 
 #: Functions a saved compacted network may call besides torch's own (see budgetprune.io).
-CHANNEL_OPS = {f.__name__: f for f in (index_add_channels, scatter_channels, select_channels)}
+CHANNEL_OPS = {f.__name__: f for f in (index_add_channels, scatter_channels, select_channels, full_count_layer_norm)}

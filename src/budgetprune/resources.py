@@ -18,12 +18,19 @@ dead output channel also removes the next layer's inputs.
   of its input: A_l · k² · n_in · n_out multiply-accumulates (a depthwise conv: A_l · k² · n_out;
   a conv with g groups: A_l · k² · n_in · n_out / g, each output reading its group's inputs;
   a linear layer over tokens: A_l is the number of tokens; MACs, the fvcore/thop convention:
-  one MAC counts as one FLOP). Only conv and linear modules are counted: attention products and
-  functional projections (``F.linear`` inside an attention module) are not.
+  one MAC counts as one FLOP). What runs outside the graph's conv and linear layers and is never
+  pruned (attention products, ``nn.MultiheadAttention``'s projections, an ``F.linear`` inside an
+  attention function) is a constant: the MACs ``torch.utils.flop_counter`` counts for it when
+  the graph is built (:attr:`budgetprune.graph.ChannelGraph.measured_flops`), less what the
+  layers count. ``nn.MultiheadAttention`` (self-attention) is a layer: L · 3E · n_in for its
+  in-projection and L · E · n_out for its out-projection, E its unpruned embedding width; the
+  attention products between them (2 · L² · E) are in the constant.
 * latency — milliseconds measured per layer on the current device and fitted to the same
   c_io · n_in · n_out + c_out · n_out form (:mod:`budgetprune.latency`): a budget like FLOPs.
 * params — weights k² · n_in · n_out (/ g for a grouped conv), biases n_out, BatchNorm γ and β 2 · n_out (also for a
-  BatchNorm that hosts no gate, e.g. a Wide-ResNet's pre-activation BN).
+  BatchNorm that hosts no gate, e.g. a Wide-ResNet's pre-activation BN), a LayerNorm's and a layer
+  scale's entries per kept channel; every other parameter of the model (an attention's projections,
+  a position embedding) is a constant, so the full count is the model's parameter count.
 * nonzero — the conv and linear weights alone (k² · n_in · n_out): the count an unstructured
   (per-weight) budget limits (:mod:`budgetprune.sparsity` counts single weights); for channel
   pruning it is the weights the compacted network keeps.
@@ -78,6 +85,12 @@ def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
     timed = layer_coefficients(graph) if metric == "latency" else None
     terms: list[LayerCost] = []
     for layer in graph.layers.values():
+        if layer.kind == "attention":
+            if metric == "latency":
+                raise ConfigError(f"a latency budget cannot time the attention layer '{layer.name}' yet: "
+                                  "use a flops or params budget for this model")
+            terms += _attention_costs(layer, modules[layer.name], metric)
+            continue
         e = graph.tensors[layer.in_tensor].expansion
         k = layer.kernel_area / layer.groups  # an output of a grouped conv reads 1/groups of the inputs
         out_t = layer.out_tensor
@@ -100,6 +113,12 @@ def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
             if g.position == "input":
                 t = graph.layers[g.host].in_tensor
                 terms.append(LayerCost(g.id, None, t, g.id, 1, 0.0, float(g.area)))
+    if metric == "params":  # parameters read per channel: a LayerNorm's weight and bias, a layer scale
+        for param in graph.params.values():
+            value = graph.gm.get_parameter(param.path) if _is_parameter(graph.gm, param.path) else None
+            if value is not None:
+                terms.append(LayerCost(param.path, None, param.tensor, None, 1, 0.0,
+                                       float(value.numel() // value.shape[param.axis])))
     if metric == "params":  # BatchNorms that host no gate (pre-activation, after a depthwise conv)
         hosted = {bn for layer in graph.layers.values() for bn in layer.batchnorms}
         for node in graph.gm.graph.nodes:
@@ -110,8 +129,33 @@ def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
     return terms
 
 
+def _attention_costs(layer, mha: nn.MultiheadAttention, metric: str) -> list[LayerCost]:
+    """Self-attention's cost terms: per input channel (its in-projection's column, over L tokens)
+    and per output channel (its out-projection's row); its heads keep their width E."""
+    tokens, width = float(layer.out_area), float(mha.embed_dim)
+    per_in, per_out = {"volume": (0.0, tokens), "flops": (tokens * 3 * width, tokens * width),
+                       "params": (3 * width, width + (1.0 if layer.bias else 0.0)),
+                       "nonzero": (3 * width, width)}[metric]
+    terms = [LayerCost(layer.name, None, layer.out_tensor, layer.out_group, 1, 0.0, per_out)]
+    if per_in:
+        terms.append(LayerCost(layer.name, None, layer.in_tensor, None, 1, 0.0, per_in))
+    return terms
+
+
+def _is_parameter(module: nn.Module, path: str) -> bool:
+    owner, _, attr = path.rpartition(".")
+    return attr in (module.get_submodule(owner) if owner else module)._parameters
+
+
+#: The per-layer name of the constant cost of what is never pruned (see the module docstring).
+UNPRUNED_OPS = "(ops outside the pruned layers)"
+
+
 class CostModel:
-    """Hard and expected cost of one metric over one graph."""
+    """Hard and expected cost of one metric over one graph.
+
+    ``fixed`` is the constant cost of what no gate can remove: FLOPs of ops outside the conv and
+    linear layers, parameters outside the counted ones (0 for the other metrics)."""
 
     def __init__(self, graph: ChannelGraph, metric: str, mode: str = "mixed"):
         self.graph = graph
@@ -119,6 +163,11 @@ class CostModel:
         self.mode = mode
         self.terms = layer_costs(graph, metric)
         self._cache: tuple[bytes, float] | None = None
+        self.fixed = 0.0
+        total = graph.measured_flops if metric == "flops" else \
+            sum(p.numel() for p in graph.gm.parameters()) if metric == "params" else None
+        if total is not None:
+            self.fixed = float(max(0.0, total - sum(self.per_layer().values())))
 
     def layer_names(self) -> list[str]:
         """The names ``expected(..., weights=)`` and :meth:`per_layer` use."""
@@ -136,6 +185,8 @@ class CostModel:
             n_out = 0 if gone else int(sets[t.out_tensor].sum())
             n_in = int(sets[t.in_tensor].sum()) * t.in_expansion if t.in_tensor else 0
             out[t.name] = out.get(t.name, 0.0) + float(t.cost(n_in, n_out))
+        if self.fixed:
+            out[UNPRUNED_OPS] = self.fixed
         return out
 
     def hard(self, masks: dict[str, torch.Tensor]) -> float:
@@ -182,7 +233,7 @@ class CostModel:
             n_in = n(t.in_tensor) * t.in_expansion if t.in_tensor else 0.0
             w = 1.0 if weights is None else float(weights.get(t.name, 1.0))
             total = total + w * t.cost(n_in, n_out)
-        return total
+        return total + self.fixed
 
 
 def resource_report(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None = None,

@@ -24,7 +24,8 @@ def reader_columns(graph: ChannelGraph, gid: str) -> dict[str, torch.Tensor] | N
     channels = graph.groups[gid].channels
     out = {}
     for layer in graph.readers(gid):
-        if layer.depthwise or layer.groups > 1:  # a grouped reader only sees its own group's channels
+        if layer.depthwise or layer.groups > 1 or layer.kind == "attention":  # a grouped reader only sees
+            # its own group's channels; an attention's in-projection is not a plain weight to fold into
             return None
         slots = torch.full((channels,), -1, dtype=torch.long)
         for seg in graph.tensors[layer.in_tensor].segments:
