@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -55,3 +56,17 @@ def random_subset(ds, n: int, seed: int = 0):
     if n <= 0 or n >= len(ds):
         return ds
     return ds.subset(torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n])
+
+
+def source_state() -> tuple[str, list[str]] | None:
+    """The commit this checkout is at and the files of ``src/budgetprune`` that differ from it
+    (the code a benchmark ran), or None without git."""
+    root = HERE.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src/budgetprune"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head, [line[3:] for line in dirty if line.strip()]

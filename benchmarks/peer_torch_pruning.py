@@ -53,7 +53,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -65,7 +64,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
+from common import RESULTS, source_state  # noqa: E402
 from torchvision_models import FAMILIES, SIZE_AT_LEAST, import_torchvision, make  # noqa: E402
 
 from budgetprune.errors import first_line  # noqa: E402
@@ -432,15 +431,10 @@ def main(argv=None) -> int:
 def budgetprune_state() -> str:
     """budgetprune's version and commit, and whether its sources differed from the commit (its counter ran)."""
     import budgetprune
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src/budgetprune"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.split("\n")
-        dirty = [line[3:] for line in dirty if line.strip()]
-    except (OSError, subprocess.CalledProcessError):
+    state = source_state()
+    if state is None:
         return f"{getattr(budgetprune, '__version__', '?')} (no git)"
+    head, dirty = state
     tail = f", with uncommitted changes in {', '.join(dirty)}" if dirty else ""
     return f"{getattr(budgetprune, '__version__', '?')} at {head}{tail}"
 

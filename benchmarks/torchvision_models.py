@@ -11,6 +11,7 @@ and whether the loaded file gives the same outputs — or the one-line error whe
 
     python benchmarks/torchvision_models.py                      # every family, 64 px, 2x FLOPs
     python benchmarks/torchvision_models.py --models resnet18,vit_b_16 --size 64
+    python benchmarks/torchvision_models.py --models convnext_tiny,vit_b_16 --update   # rerun rows, keep the rest
 
 Writes ``benchmarks/results/torchvision_models.{json,md}``. torchvision is a benchmark and test
 dependency only (``pip install --no-deps torchvision`` next to the torch pin); a CUDA build of
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
+from common import RESULTS, source_state  # noqa: E402
 
 import budgetprune  # noqa: E402
 from budgetprune import Pruner  # noqa: E402
@@ -151,6 +152,12 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def git_commit() -> str:
+    """The commit the code under test is at (``+changes`` when its sources differ from it)."""
+    state = source_state()
+    return "unknown" if state is None else state[0] + ("+changes" if state[1] else "")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(FAMILIES))
@@ -158,24 +165,47 @@ def main(argv=None) -> int:
     p.add_argument("--budget", default="flops=0.5")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--update", action="store_true",
+                   help="replace only the rows of --models in the existing results (same budget and steps)")
     args = p.parse_args(argv)
-    models = import_torchvision()
-    rows, start = [], time.perf_counter()
-    for name in args.models.split(","):
-        row = one(models, name, max(args.size, SIZE_AT_LEAST.get(name, 0)), args.budget, args.steps)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    record = {"command": "python benchmarks/torchvision_models.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "budget": args.budget, "steps": args.steps, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "wall_seconds": time.perf_counter() - start, "rows": rows}
     out = Path(args.out)
+    runs, kept = [], {}
+    if args.update:
+        try:
+            old = json.loads((out / "torchvision_models.json").read_text())
+        except (OSError, ValueError) as exc:
+            p.error(f"--update needs the results of an earlier run in {out}: {exc}")
+        if old.get("budget") != args.budget or old.get("steps") != args.steps:
+            p.error(f"--update: the results in {out} were made with --budget {old.get('budget')} "
+                    f"--steps {old.get('steps')}; rerun with those or without --update")
+        runs = old.get("runs") or [{"command": old["command"], "commit": old.get("commit", "see the page"),
+                                     "models": [r["model"] for r in old["rows"]], "wall_seconds": old["wall_seconds"]}]
+        kept = {r["model"]: r for r in old["rows"]}
+    models = import_torchvision()
+    commit = git_commit()
+    start = time.perf_counter()
+    names = args.models.split(",")
+    for name in names:
+        row = one(models, name, max(args.size, SIZE_AT_LEAST.get(name, 0)), args.budget, args.steps)
+        row["commit"] = commit
+        print(json.dumps(row), flush=True)
+        kept[name] = row
+    command = "python benchmarks/torchvision_models.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    runs.append({"command": command, "commit": commit, "models": names, "wall_seconds": time.perf_counter() - start})
+    order = {name: i for i, name in enumerate(FAMILIES)}
+    rows = sorted(kept.values(), key=lambda r: order.get(r["model"], len(order)))
+    record = {"command": command, "budget": args.budget, "steps": args.steps, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "wall_seconds": sum(r["wall_seconds"] for r in runs),
+              "runs": runs, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "torchvision_models.json").write_text(json.dumps(record, indent=2) + "\n")
+    made = [f"- `{r['command']}` at commit {r['commit']}: {', '.join(r['models'])} "
+            f"({r['wall_seconds'] / 60:.1f} min)" for r in runs]
     page = ["# torchvision classification models under a FLOP budget", "",
-            f"Command: `{record['command']}`", "",
+            "Made by (a later run replaces the rows of the models it names):", "", *made, "",
             f"Untrained models, 10 classes, random inputs; {args.steps} SGD steps (lr 1e-3) under `{args.budget}`, then "
-            f"finalize, save, load. torch {record['torch']}, {record['threads']} threads, wall time "
-            f"{record['wall_seconds'] / 60:.1f} min.", "", *table(rows), "",
+            f"finalize, save, load. torch {record['torch']}, {record['threads']} threads. FLOPs are MACs of every "
+            "op torch's flop counter counts (attention products included).", "", *table(rows), "",
             "What stays unpruned (layers left ungated, by reason; the classifier is never pruned):", ""]
     for r in rows:
         for why, n in r.get("not_pruned", {}).items():

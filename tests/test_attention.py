@@ -169,6 +169,12 @@ def test_a_dead_channel_is_masked_per_example_after_the_position_embedding():
     assert torch.all(signal[0, :, 5] == 0) and not torch.all(signal[1, :, 5] == 0)
 
 
+def test_a_latency_budget_says_it_cannot_time_attention_yet():
+    from budgetprune.errors import ConfigError
+    with pytest.raises(ConfigError, match="cannot time the attention layer 'blocks.0.attn' yet: use a flops"):
+        Pruner(_model(), torch.randn(2, 3, 16, 16), "latency=0.5", total_steps=2)
+
+
 def test_a_cross_attention_leaves_its_inputs_ungated_with_the_reason():
     class Cross(nn.Module):
         def __init__(self):

@@ -491,3 +491,27 @@ def test_gate_site_stops_at_a_module_called_twice():
     model = SharedReLU()
     graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 12, 12))
     assert gate_site(graph, "conv1") == "conv1" and gate_site(graph, "conv2") == "conv2"
+
+
+@pytest.mark.parametrize("name", ["resnet20", "tiny_densenet"])
+def test_the_purge_test_is_the_aliveness_of_the_layer_input(name):
+    """A gated layer outputs nothing when no slot of its input is alive: the hooks test it from
+    the open gates of its writers; the same as the per-slot aliveness, reduced."""
+    from budgetprune.liveness import alive
+    model, graph = make_model(name)
+    hooks = GateHooks(model, graph, {})
+    gen = torch.Generator().manual_seed(0)
+    checked = 0
+    for layer in graph.layers.values():
+        sources = hooks._purge_sources(layer.in_tensor)
+        if not sources:
+            assert graph.tensors[layer.in_tensor].writers[0].any()  # something always writes it
+            continue
+        for _ in range(8):
+            hooks.current = {gid: (torch.rand(4, g.channels, generator=gen) < 0.2)
+                             & (torch.rand(4, 1, generator=gen) < 0.5) for gid, g in graph.groups.items()}
+            expected = alive(graph.tensors[layer.in_tensor], hooks.current).amax(dim=-1, keepdim=True) > 0
+            assert torch.equal(hooks._input_open(sources), expected)
+            checked += int((~expected).sum())
+    hooks.remove()
+    assert checked > 0  # some inputs were dead

@@ -112,17 +112,44 @@ class GateHooks:
     def _alive(self, tensor: str) -> torch.Tensor:
         return alive(self.graph.tensors[tensor], self.current)
 
+    def _purge_sources(self, in_tensor: str) -> list[tuple[str, torch.Tensor | None]]:
+        """The gated writers of a layer's input, each with the channels it writes there (None: all
+        of them): the input is dead when none of those is open. Empty when something always
+        writes it (the purge never applies)."""
+        always, by_group = self.graph.tensors[in_tensor].writers
+        if bool(always.any()):
+            return []
+        out = []
+        for gid, (_, chans) in by_group.items():
+            group = self.graph.groups.get(gid)
+            whole = group is not None and chans.numel() == group.channels and \
+                bool((chans.sort().values == torch.arange(group.channels)).all())
+            out.append((gid, None if whole else chans))
+        return out
+
+    def _input_open(self, sources) -> torch.Tensor:
+        """Whether any slot of a layer's input is alive in this pass: (batch, 1) or (1,) bools
+        (``alive(...).amax(-1)`` for 0/1 gates, without building the per-slot aliveness)."""
+        live = None
+        for gid, chans in sources:
+            cur = self.current[gid]
+            if chans is not None:
+                cur = cur.index_select(-1, chans.to(cur.device))
+            cur = cur.any(dim=-1, keepdim=True)
+            live = cur if live is None else live | cur
+        return live
+
     def _output_hook(self, group: ChannelGroup, gate: GateFn, in_tensor: str):
         gid = group.id
-        sources = self.graph.tensors[in_tensor].sources()  # the gates that can kill this layer's input
+        sources = self._purge_sources(in_tensor)  # the gates that can kill this layer's input
 
         def hook(module, inputs, output):
             rest = None
             if isinstance(output, tuple):  # nn.MultiheadAttention: (output, attention weights)
                 output, rest = output[0], output[1:]
             z = group.expand(gate_values(gate, output.shape[0], self.model_training))  # tied units → channels
-            if sources and all(g in self.current for g in sources):
-                z = z * self._alive(in_tensor).to(z.dtype).amax(dim=-1, keepdim=True)  # purge
+            if sources and all(g in self.current for g, _ in sources):
+                z = z * self._input_open(sources).to(z.dtype)  # purge
             self.current[gid] = z.detach() > 0
             gated = output * _broadcast(z, output, dim=group.dim)
             return gated if rest is None else (gated, *rest)

@@ -1261,7 +1261,6 @@ def _probe_channelwise(node: fx.Node, modules: dict[str, nn.Module], device: tor
     meta = node.all_input_nodes[0].meta["tensor_meta"]
     if not meta.dtype.is_floating_point:
         return None
-    src = node.all_input_nodes[0]
     if len(node.all_input_nodes) != 1:  # x.size(0) and other computed arguments: not probed
         return None
 

@@ -82,13 +82,14 @@ def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
     if metric not in BUDGET_METRICS:
         raise ConfigError(f"unknown metric '{metric}': choose one of {', '.join(BUDGET_METRICS)}")
     modules = dict(graph.gm.named_modules())
+    attention = [layer.name for layer in graph.layers.values() if layer.kind == "attention"]
+    if metric == "latency" and attention:
+        raise ConfigError(f"a latency budget cannot time the attention layer '{attention[0]}' yet: "
+                          "use a flops or params budget for this model")
     timed = layer_coefficients(graph) if metric == "latency" else None
     terms: list[LayerCost] = []
     for layer in graph.layers.values():
         if layer.kind == "attention":
-            if metric == "latency":
-                raise ConfigError(f"a latency budget cannot time the attention layer '{layer.name}' yet: "
-                                  "use a flops or params budget for this model")
             terms += _attention_costs(layer, modules[layer.name], metric)
             continue
         e = graph.tensors[layer.in_tensor].expansion
