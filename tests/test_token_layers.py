@@ -150,3 +150,12 @@ def test_flops_and_params_count_what_runs_outside_the_pruned_layers(training):
     assert params.full() == sum(p.numel() for p in model.parameters())
     masks = {gid: torch.zeros(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
     assert params.hard(masks) >= 3 * C * C + C * C  # the attention's weights stay, whatever is pruned
+
+
+def test_building_the_graph_leaves_every_module_in_its_mode():
+    """The shape pass and the FLOP count run the model in eval mode; the user's modes come back, module by module."""
+    model = Attention().train()
+    model.attn.eval()  # a user's own mix of modes
+    before = {name: m.training for name, m in model.named_modules()}
+    ChannelGraph.build(model, torch.randn(2, 3, 16, 16))
+    assert {name: m.training for name, m in model.named_modules()} == before

@@ -265,26 +265,27 @@ class ChannelGraph:
         ``gate_inputs`` adds a group for the input features of a network whose first layer
         is a linear layer (an MLP), so input pixels can be pruned too.
         """
-        was_training = model.training
+        modes = [(m, m.training) for m in model.modules()]  # the user's, module by module (a frozen BN stays in eval)
         model.eval()  # traced as it will be compacted and checked: training-only branches (dropout, drop path) out
         try:
             gm = trace(model)
         except BaseException:
-            model.train(was_training)
+            _restore_modes(modes)
             raise
         try:
             with torch.no_grad():
                 gm(example_input)  # a plain call first: ShapeProp prints a traceback of its own on failure
                 ShapeProp(gm).propagate(example_input)
+            measured = _measured_macs(gm, example_input)  # in eval mode too, as compacted
         except Exception as exc:  # shape mismatch, wrong channel count, ...
             raise GraphError(
                 f"the example input of shape {tuple(example_input.shape)} does not fit "
                 f"{type(model).__name__}: {first_line(exc, 300)}; pass an input of the shape the model expects"
             ) from None
         finally:
-            model.train(was_training)
+            _restore_modes(modes)
         graph = _Builder(gm, dict(model.named_modules()), gate_inputs, tuple(example_input.shape[1:])).build()
-        graph.measured_flops = _measured_macs(gm, example_input)
+        graph.measured_flops = measured
         return graph
 
     # -- queries ----------------------------------------------------------------------
@@ -344,16 +345,21 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 
 
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for module, training in modes:
+        module.training = training
+
+
 def _measured_macs(gm: fx.GraphModule, example_input: torch.Tensor) -> float | None:
     """Multiply-accumulates per example that ``torch.utils.flop_counter`` counts in one forward
     pass (convolutions, matrix products, attention), or None where it cannot run the model. The
     fast path of ``nn.MultiheadAttention`` is off and attention runs its math kernel while
-    counting: the counter cannot see into the fused kernels."""
+    counting: the counter cannot see into the fused kernels. The caller holds the model in eval
+    mode (the traced module shares the model's submodules: their modes are the user's)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training, fast = gm.training, torch.backends.mha.get_fastpath_enabled()
-    gm.eval()
+    fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
@@ -362,7 +368,6 @@ def _measured_macs(gm: fx.GraphModule, example_input: torch.Tensor) -> float | N
         return None
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
-        gm.train(was_training)
     return counter.get_total_flops() / 2 / example_input.shape[0]  # the counter counts 2 FLOPs per MAC
 
 
