@@ -204,6 +204,12 @@ class _Writers:
         return tuple(sorted(seen))
 
 
+#: Put-back tries that did not fit before the projection stops trying (each try is a full cost
+#: evaluation, a second or more on a ViT-B; a network of tens of thousands of channels has as
+#: many candidates).
+PUT_BACK_MISSES = 16
+
+
 def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
                    budget: Budget | list[Budget], mode: str = "mixed") -> dict[str, torch.Tensor]:
     """Drop the lowest score-per-cost channels until every budget holds (DESIGN's shared projection).
@@ -217,7 +223,8 @@ def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
     change, which is exact for the volume), so a network with tens of thousands of channels
     is projected in a few dozen cost evaluations per group. The last removal can overshoot
     (one wide-area map may save far more than needed), so the channels this projection
-    removed are then put back, most recently removed first, wherever they still fit.
+    removed are then put back, most recently removed first, wherever they still fit (until
+    :data:`PUT_BACK_MISSES` of them no longer do).
     ``mode`` is the residual block the costs are counted for (see
     :mod:`budgetprune.resources`). Masks are not modified in place.
     """
@@ -236,13 +243,45 @@ def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
         alt, more = _drop_until(graph, costs, _toggle(masks, pairs, True), scores, max_saving=saved)
         if more is not None and costs.total(alt) > costs.total(masks):
             masks, dropped = alt, dropped[:-1] + more
+    return _put_back(costs, masks, dropped)
+
+
+def _put_back(costs: _Costs, masks, dropped) -> dict[str, torch.Tensor]:
+    """Put back the channels the projection removed, most recent first, wherever they still fit.
+
+    The removals that fit the remaining slack by the cost they had when removed are tried as
+    one run, halved until the run fits (each try is one full cost evaluation; a network of tens
+    of thousands of channels has as many candidates); a single one that does not fit is passed
+    over. After :data:`PUT_BACK_MISSES` tries that did not fit the search stops."""
     slack = [1.0 - r for r in costs.ratios(masks)]
-    for pairs, _, cost in reversed(dropped):  # put back whatever still fits
-        if all(c <= room + 1e-12 for c, room in zip(cost, slack)) and not any(masks[g][i] for g, i in pairs):
-            grown = _toggle(masks, pairs, True)
-            if costs.fits(grown):
-                masks = grown
-                slack = [1.0 - r for r in costs.ratios(masks)]
+    todo = [(pairs, cost) for pairs, _, cost in reversed(dropped)]
+    i, misses = 0, 0
+    while i < len(todo) and misses < PUT_BACK_MISSES:
+        run, total = [], [0.0] * len(slack)
+        for pairs, cost in todo[i:]:
+            total = [t + c for t, c in zip(total, cost)]
+            if any(t > room + 1e-12 for t, room in zip(total, slack)):
+                break
+            run.append(pairs)
+        if not run:  # the next removal alone no longer fits the slack
+            i += 1
+            continue
+        k, fitted = len(run), False
+        while k and misses < PUT_BACK_MISSES:
+            grown = masks
+            for pairs in run[:k]:
+                if not any(grown[g][c] for g, c in pairs):
+                    grown = _toggle(grown, pairs, True)
+            fitted = costs.fits(grown)
+            if fitted:
+                break
+            misses += 1
+            k //= 2
+        if not fitted:
+            i += 1
+            continue
+        masks, i = grown, i + k
+        slack = [1.0 - r for r in costs.ratios(masks)]
     return masks
 
 
