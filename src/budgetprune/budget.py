@@ -204,10 +204,10 @@ class _Writers:
         return tuple(sorted(seen))
 
 
-#: Put-back tries that did not fit before the projection stops trying (each try is a full cost
-#: evaluation, a second or more on a ViT-B; a network of tens of thousands of channels has as
-#: many candidates).
-PUT_BACK_MISSES = 16
+#: Put-back tries in a row that did not fit before the projection stops trying (each try is a
+#: full cost evaluation, about a second on a ViT-B; a network of tens of thousands of channels
+#: has as many candidates).
+PUT_BACK_MISSES = 64
 
 
 def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
@@ -224,7 +224,7 @@ def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
     is projected in a few dozen cost evaluations per group. The last removal can overshoot
     (one wide-area map may save far more than needed), so the channels this projection
     removed are then put back, most recently removed first, wherever they still fit (until
-    :data:`PUT_BACK_MISSES` of them no longer do).
+    :data:`PUT_BACK_MISSES` tries in a row do not).
     ``mode`` is the residual block the costs are counted for (see
     :mod:`budgetprune.resources`). Masks are not modified in place.
     """
@@ -252,7 +252,7 @@ def _put_back(costs: _Costs, masks, dropped) -> dict[str, torch.Tensor]:
     The removals that fit the remaining slack by the cost they had when removed are tried as
     one run, halved until the run fits (each try is one full cost evaluation; a network of tens
     of thousands of channels has as many candidates); a single one that does not fit is passed
-    over. After :data:`PUT_BACK_MISSES` tries that did not fit the search stops."""
+    over. After :data:`PUT_BACK_MISSES` tries in a row that did not fit the search stops."""
     slack = [1.0 - r for r in costs.ratios(masks)]
     todo = [(pairs, cost) for pairs, _, cost in reversed(dropped)]
     i, misses = 0, 0
@@ -280,7 +280,7 @@ def _put_back(costs: _Costs, masks, dropped) -> dict[str, torch.Tensor]:
         if not fitted:
             i += 1
             continue
-        masks, i = grown, i + k
+        masks, i, misses = grown, i + k, 0
         slack = [1.0 - r for r in costs.ratios(masks)]
     return masks
 
