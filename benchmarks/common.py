@@ -70,3 +70,14 @@ def source_state() -> tuple[str, list[str]] | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head, [line[3:] for line in dirty if line.strip()]
+
+
+def pruning_steps(model, pruner, optimizer, x, y, steps: int) -> None:
+    """The README's loop on one batch: cross-entropy + the pruner's penalty, step, the pruner's step."""
+    import torch.nn.functional as F
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y) + pruner.penalty()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        pruner.step()

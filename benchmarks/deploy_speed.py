@@ -51,11 +51,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HERE, RESULTS  # noqa: E402
+from common import HERE, RESULTS, pruning_steps  # noqa: E402
 from torchvision_models import import_torchvision, make  # noqa: E402
 
 import budgetprune  # noqa: E402
@@ -163,12 +162,7 @@ def prune(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, s
                     log=lambda line: None, **options)
     # AdamW as in the README's loop: its steps are bounded (SGD at lr 1e-3 sends untrained resnet50's outputs to NaN)
     optimizer = torch.optim.AdamW(pruner.parameters(lr=1e-3), lr=1e-3)
-    for _ in range(steps):
-        loss = F.cross_entropy(model(x), y) + pruner.penalty()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        pruner.step()
+    pruning_steps(model, pruner, optimizer, x, y, steps)
     small, report = pruner.finalize(x)  # mixed blocks, the library's default
     # The final masks are the plan's; the gate values finalize folded are the frozen gates'.
     graph = pruner.graph

@@ -32,11 +32,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, source_state  # noqa: E402
+from common import RESULTS, pruning_steps, source_state  # noqa: E402
 
 import budgetprune  # noqa: E402
 from budgetprune import Pruner  # noqa: E402
@@ -100,12 +99,7 @@ def one(models, name: str, size: int, budget: str, steps: int) -> dict:
         row["not_pruned"] = {why: n for why, n in reasons.most_common() if why != "feeds the network output"}
         stage = "train"
         optimizer = torch.optim.SGD(pruner.parameters(lr=1e-3), lr=1e-3, momentum=0.9)
-        for _ in range(steps):
-            loss = F.cross_entropy(model(x), y) + pruner.penalty()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            pruner.step()
+        pruning_steps(model, pruner, optimizer, x, y, steps)
         stage = "finalize"
         small, report = pruner.finalize(x)
         with torch.no_grad():
