@@ -24,19 +24,50 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 
+def _spread(x: torch.Tensor, index: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``x``'s channels at ``index`` of ``width`` channels, zeros elsewhere, as one gather: ``x``
+    padded with one zero channel, then ``index_select`` of a map that sends every position outside
+    ``index`` to that zero channel. This is the form for ONNX: ``index_add`` exports as an index
+    expanded to the full activation and a ScatterElements, which onnxruntime runs several times
+    slower than a Gather along the channels (a 16×128×28×28 add: 21 ms against 4 ms on 2 cores)."""
+    k, width = int(x.shape[dim]), int(width)  # channel counts are static: the exporter folds the map to a constant
+    mapping = torch.full((width,), k, dtype=index.dtype, device=index.device)
+    mapping = mapping.index_copy(0, index, torch.arange(k, dtype=index.dtype, device=index.device))
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, 1]  # one zero channel at the end of dim
+    return F.pad(x, pad).index_select(dim, mapping)
+
+
 @fx.wrap
 def index_add_channels(base: torch.Tensor, index: torch.Tensor, delta: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """``base`` with ``delta`` added to its channels ``index`` (in ``dim``: 1, or -1 for tokens), out of place."""
-    return base.index_add(dim % base.dim(), index, delta)  # a positive dim: the ONNX exporter needs it
+    """``base`` with ``delta`` added to its channels ``index`` (in ``dim``: 1, or -1 for tokens), out of place.
+
+    Eager PyTorch and TorchScript run ``index_add`` (the fastest there); the ONNX export adds a
+    gathered ``delta`` instead (:func:`_spread`)."""
+    dim = dim % base.dim()  # a positive dim: the ONNX exporter needs it
+    if torch.jit.is_scripting():  # TorchScript compiles no branch after this one (the ONNX check is Python only)
+        return base.index_add(dim, index, delta)
+    if torch.onnx.is_in_onnx_export():
+        return base + _spread(delta, index, base.shape[dim], dim)
+    return base.index_add(dim, index, delta)
 
 
 @fx.wrap
 def scatter_channels(x: torch.Tensor, index: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
-    """A zero tensor with ``width`` channels (in ``dim``) holding ``x``'s channels at ``index``."""
+    """A zero tensor with ``width`` channels (in ``dim``) holding ``x``'s channels at ``index``
+    (a gather in the ONNX export, as in :func:`index_add_channels`)."""
     dim = dim % x.dim()
+    if torch.jit.is_scripting():  # TorchScript compiles no branch after this one (the ONNX check is Python only)
+        return _zeros_with(x, width, dim).index_add(dim, index, x)
+    if torch.onnx.is_in_onnx_export():
+        return _spread(x, index, width, dim)
+    return _zeros_with(x, width, dim).index_add(dim, index, x)
+
+
+def _zeros_with(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zeros shaped like ``x`` with ``width`` channels in ``dim``."""
     shape = list(x.shape)
     shape[dim] = width
-    return x.new_zeros(shape).index_add(dim, index, x)
+    return x.new_zeros(shape)
 
 
 @fx.wrap
