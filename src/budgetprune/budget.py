@@ -13,6 +13,7 @@ import torch
 
 from .errors import BudgetError
 from .graph import ALWAYS, ChannelGraph
+from .liveness import channel_multiple
 from .resources import BUDGET_METRICS, CostModel
 
 
@@ -226,9 +227,45 @@ def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
     removed are then put back, most recently removed first, wherever they still fit (until
     :data:`PUT_BACK_MISSES` tries in a row do not).
     ``mode`` is the residual block the costs are counted for (see
-    :mod:`budgetprune.resources`). Masks are not modified in place.
+    :mod:`budgetprune.resources`); with widths padded to a multiple
+    (:class:`budgetprune.liveness.BlockMode`) see :func:`_project_padded`. Masks are not
+    modified in place.
     """
     budgets = _as_list(budget)
+    if channel_multiple(mode) > 1:
+        return _project_padded(graph, masks, scores, budgets, mode)
+    return _project(graph, masks, scores, budgets, mode)
+
+
+#: How many shrunken budgets :func:`_project_padded` tries before it gives up.
+PADDED_TRIES = 12
+
+
+def _project_padded(graph: ChannelGraph, masks, scores, budgets: list[Budget], mode) -> dict[str, torch.Tensor]:
+    """:func:`enforce_budget` for widths padded to a multiple.
+
+    Padded costs stay flat over most single removals (a width of 30 pads to 32 like 31 does), so
+    the greedy search that weighs a removal by what it saves cannot run on them. The projection
+    runs on the exact widths instead, to budgets shrunk by the padding's share (the padded cost
+    over the budget, measured on the previous try) until the padded network fits. The fill that
+    follows (:func:`fill_budget` with the same mode) then turns the padding into kept channels:
+    a channel reopened into a padded width costs nothing."""
+    exact = str(mode)
+    padded = _Costs(graph, budgets, mode)
+    shrunk = list(budgets)
+    for _ in range(PADDED_TRIES):
+        out = _project(graph, masks, scores, shrunk, exact)
+        ratios = padded.ratios(out)
+        if max(ratios) <= 1.0:
+            return out
+        shrunk = [Budget(b.metric, b.fraction / max(r, 1.0 + 1e-3)) for b, r in zip(shrunk, ratios)]
+    names = ", ".join(f"{b.metric} {b.fraction:.4g}" for b in budgets)
+    raise BudgetError(f"budget ({names}) cannot be met with widths padded to multiples of {channel_multiple(mode)}: "
+                      "raise the budget or lower the channel multiple")
+
+
+def _project(graph: ChannelGraph, masks, scores, budgets: list[Budget], mode: str) -> dict[str, torch.Tensor]:
+    """:func:`enforce_budget` on exact widths."""
     costs = _Costs(graph, budgets, mode)
     masks = tie_masks(graph, {gid: m.detach().clone().bool().cpu() for gid, m in masks.items()})
     scores = {gid: s.detach().float().cpu() for gid, s in scores.items()}

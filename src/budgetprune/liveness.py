@@ -14,7 +14,10 @@ away disappears as a whole (automatic depth determination, seed 001 section 4.1)
 * ``"mixed"`` (the mixed-connectivity block, seed 001 supplement 2): exactly the alive slots;
   a residual add of tensors with different slots becomes ``index_add``;
 * ``"regular"``: tensors that are added together keep the same channels (the union of their
-  alive slots), as a regular ResBlock needs; the extra channels are computed as zeros.
+  alive slots), as a regular ResBlock needs; the extra channels are computed as zeros;
+* ``BlockMode("regular", multiple=m)``: the same, with every width padded up to a multiple of
+  ``m`` (or to the full width) by more zero channels, for the runtimes whose fast kernels need
+  aligned widths (onnxruntime's blocked convolutions on CPU: 8 or 16 channels).
 """
 
 from __future__ import annotations
@@ -26,6 +29,40 @@ import torch
 from .graph import ChannelGraph, TensorInfo
 
 MODES = ("mixed", "regular")
+
+
+class BlockMode(str):
+    """A block mode (``"mixed"`` or ``"regular"``) whose kept widths are padded to a multiple.
+
+    It is the plain string everywhere a mode is compared or stored, and carries ``multiple``
+    (1: no padding) to :func:`slot_sets`, so the costs, the projection and the compaction that
+    take a mode all count and build the same padded widths. Only regular blocks pad: a mixed
+    block's sum keeps the union of its operands' channels at their own positions, which padding
+    each tensor on its own would break."""
+
+    multiple: int
+
+    def __new__(cls, kind: str, multiple: int = 1) -> "BlockMode":
+        if kind not in MODES:
+            raise ValueError(f"unknown block mode '{kind}': choose one of {', '.join(MODES)}")
+        if type(multiple) is not int or multiple < 1:
+            raise ValueError(f"the channel multiple must be a positive int, got {multiple!r}")
+        if multiple > 1 and kind != "regular":
+            raise ValueError("channel widths are padded to a multiple in regular blocks only: use block 'regular'")
+        mode = super().__new__(cls, kind)
+        mode.multiple = multiple
+        return mode
+
+    def __reduce__(self):
+        return BlockMode, (str(self), self.multiple)
+
+    def __repr__(self) -> str:
+        return f"BlockMode({str(self)!r}, multiple={self.multiple})"
+
+
+def channel_multiple(mode: str) -> int:
+    """The multiple ``mode`` pads kept widths to (1 for a plain mode string)."""
+    return getattr(mode, "multiple", 1)
 
 
 def alive(info: TensorInfo, values: dict[str, torch.Tensor], like: torch.Tensor | None = None) -> torch.Tensor:
@@ -149,5 +186,34 @@ def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "
                 sets[out], sets[src] = grown_out, grown_src
                 changed = True
         if not changed:
+            if channel_multiple(mode) > 1:
+                _pad_widths(graph, sets, members, channel_multiple(mode))
             return sets
     raise RuntimeError("internal error: regular-block widths did not settle")
+
+
+def _pad_widths(graph: ChannelGraph, sets: dict[str, torch.Tensor], members: dict, multiple: int) -> None:
+    """Pad each space's kept channels (regular blocks: one set per space) up to a multiple of
+    ``multiple``, or to its full width, with the lowest-numbered channels it does not keep (they
+    compute zeros, as a regular block's extra channels do), in place. A space read through a
+    concatenation, split or channel shuffle keeps its width: its positions are tied to another
+    tensor's."""
+    tied = set()
+    for name, parts in graph.cats.items():
+        tied.update((name, *parts))
+    for src, pieces in graph.splits.values():
+        tied.update((src, *pieces))
+    for out, (src, _) in graph.gathers.items():
+        tied.update((out, src))
+    for names in members.values():
+        if tied.intersection(names):
+            continue
+        kept = sets[names[0]]
+        n = int(kept.sum())
+        target = min(-(-n // multiple) * multiple, kept.numel())
+        if n == 0 or target == n:
+            continue
+        padded = kept.clone()
+        padded[torch.nonzero(~kept).flatten()[:target - n]] = True
+        for name in names:
+            sets[name] = padded.clone()

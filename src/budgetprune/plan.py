@@ -4,8 +4,8 @@ replays on the user's own model.
 A model file can describe a compacted network by itself only when every operation of it is in
 budgetprune's allow-list (:mod:`budgetprune.graphio`). Any other network — stochastic depth,
 a custom activation, a hyphenated module name — is saved as (plan, weights): the plan names,
-for each channel group of the traced model, the channels kept, with the residual block mode,
-the granularity and the input shape. Loading replays it on a model the user passes (their own
+for each channel group of the traced model, the channels kept, with the residual block mode
+(and the multiple its widths are padded to), the granularity and the input shape. Loading replays it on a model the user passes (their own
 code, not the file's): trace, check that the groups are the plan's, compact with the kept
 channels, load the weights strictly. Nothing in a plan is ever code; it is only looked up.
 """
@@ -21,6 +21,7 @@ from .compact import compact
 from .errors import CheckpointError
 from .graph import ChannelGraph
 from .graphio import check_state_shapes
+from .liveness import BlockMode, channel_multiple
 
 FORMAT = "budgetprune-plan"
 VERSION = 1
@@ -31,8 +32,8 @@ def make_plan(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None, *, blo
     """The plan of a finalized pruning: ``masks`` are the final keep-masks per group (None: every
     channel kept, as with per-weight pruning)."""
     kept = {gid: [int(i) for i in torch.nonzero(m).flatten()] for gid, m in (masks or {}).items()}
-    return {"format": FORMAT, "version": VERSION, "granularity": granularity, "block": block,
-            "gate_inputs": gate_inputs, "input_shape": list(graph.input_shape),
+    return {"format": FORMAT, "version": VERSION, "granularity": granularity, "block": str(block),
+            "channel_multiple": channel_multiple(block), "gate_inputs": gate_inputs, "input_shape": list(graph.input_shape),
             "groups": {gid: g.channels for gid, g in graph.groups.items()}, "kept": kept}
 
 
@@ -50,6 +51,9 @@ def check_plan(plan) -> dict:
     if plan.get("granularity") not in ("channel", "weight") or plan.get("block") not in ("mixed", "regular") \
             or not isinstance(plan.get("gate_inputs"), bool):
         raise _malformed("granularity, block or gate_inputs is not one budgetprune knows")
+    multiple = plan.get("channel_multiple", 1)  # plans written before widths were padded have none
+    if type(multiple) is not int or not 1 <= multiple <= 2 ** 16 or (multiple > 1 and plan["block"] != "regular"):
+        raise _malformed(f"channel multiple {multiple!r:.20} is not a positive int (above 1 with regular blocks only)")
     shape = plan.get("input_shape")
     if not (isinstance(shape, list) and 1 <= len(shape) <= 4 and all(type(v) is int and 0 < v <= 2 ** 16
                                                                      for v in shape)):
@@ -85,7 +89,7 @@ def replay(plan: dict, model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
         for gid, idx in plan["kept"].items():
             masks[gid] = torch.zeros(mine[gid], dtype=torch.bool)
             masks[gid][torch.tensor(idx, dtype=torch.long)] = True
-    net = compact(model, graph, masks, mode=plan["block"])
+    net = compact(model, graph, masks, mode=BlockMode(plan["block"], plan.get("channel_multiple", 1)))
     check_state_shapes(net, state_dict)
     try:
         net.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,175 @@
+"""Widths padded to a multiple of channels (``BlockMode("regular", multiple=m)``).
+
+Runtimes such as onnxruntime on CPU run their fast blocked convolutions only when a layer's
+channel counts are multiples of 8 or 16. These tests check that the padded slot sets are
+multiples (or full), contain the kept channels and agree within a residual space; that the
+compacted network still computes the gated network's outputs with every conv width a multiple;
+that the padded hard cost is the compacted network's own count (an independent trace of it);
+that the projection and the fill meet the budget in padded costs; and that a Pruner run saves
+and replays its plan with the padded widths.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import budgetprune
+from budgetprune.budget import Budget, enforce_budget, fill_budget, reopenable_channels
+from budgetprune.errors import CheckpointError
+from budgetprune.liveness import BlockMode, slot_sets
+from budgetprune.plan import check_plan, replay
+from budgetprune.resources import CostModel
+
+from test_compaction import attach_random, check_compaction, make_model
+
+PADDED_MODELS = ["resnet20", "wrn", "tiny_mobilenetv2", "tiny_senet", "vgg_small"]
+
+
+def _aligned(n: int, full: int, multiple: int) -> bool:
+    return n % multiple == 0 or n == full
+
+
+def _tied(graph) -> set[str]:
+    """Tensors in a space read through a concatenation, split or shuffle (not padded)."""
+    names = set()
+    for name, parts in graph.cats.items():
+        names.update((name, *parts))
+    for src, pieces in graph.splits.values():
+        names.update((src, *pieces))
+    for out, (src, _) in graph.gathers.items():
+        names.update((out, src))
+    spaces = {graph.spaces[n] for n in names}
+    return {t for t, space in graph.spaces.items() if space in spaces}
+
+
+@pytest.mark.parametrize("multiple", [4, 8])
+@pytest.mark.parametrize("name", PADDED_MODELS + ["tiny_densenet"])
+def test_padded_slot_sets(name, multiple):
+    model, graph = make_model(name)
+    bar = attach_random(model, graph, seed=3)
+    masks = bar.keep_masks()
+    exact = slot_sets(graph, masks, "regular")
+    padded = slot_sets(graph, masks, BlockMode("regular", multiple))
+    tied = _tied(graph)
+    grew = 0
+    for t, s in padded.items():
+        assert bool((s | exact[t]).eq(s).all()), t  # the kept channels stay
+        n, full = int(s.sum()), s.numel()
+        if t in tied:
+            assert torch.equal(s, exact[t]), t  # positions tied to another tensor: not padded
+        else:
+            assert n == 0 or _aligned(n, full, multiple), (t, n, full)
+            # by as few channels as it takes
+            assert n - int(exact[t].sum()) < multiple or n == int(exact[t].sum())
+        grew += n - int(exact[t].sum())
+    # random masks leave unaligned widths to pad; a DenseNet's every space is read through its
+    # concatenations, so it keeps its exact widths
+    assert (grew > 0) == (name != "tiny_densenet")
+    for t, space in graph.spaces.items():  # a regular block's added tensors keep one set
+        first = next(u for u, sp in graph.spaces.items() if sp == space)
+        assert torch.equal(padded[t], padded[first])
+
+
+@pytest.mark.parametrize("name", PADDED_MODELS)
+def test_padded_compaction_is_exact_and_aligned(name):
+    model, graph = make_model(name)
+    bar = attach_random(model, graph, seed=11)
+    masks = bar.keep_masks()
+    mode = BlockMode("regular", 8)
+    torch.manual_seed(1)
+    x = torch.randn(8, 1, 28, 28)
+    net, _ = check_compaction(model, graph, bar, masks, x, mode)  # outputs, widths, params
+    full = {name: mod for name, mod in model.named_modules()}
+    for layer_name, mod in net.named_modules():
+        if isinstance(mod, nn.Conv2d) and layer_name in full:
+            unpruned = full[layer_name]
+            assert _aligned(mod.out_channels, unpruned.out_channels, 8), layer_name
+            assert _aligned(mod.in_channels, unpruned.in_channels, 8), layer_name
+    # the padded cost is what the compacted network computes: counted again on its own trace
+    small = budgetprune.ChannelGraph.build(net, x[:1])
+    for metric in ("flops", "params", "volume"):
+        padded = CostModel(graph, metric, mode).hard(masks)
+        exact = CostModel(graph, metric, "regular").hard(masks)
+        assert padded == pytest.approx(CostModel(small, metric).full(), rel=1e-9), metric
+        assert padded >= exact
+
+
+def test_block_mode_is_the_plain_string_and_refuses_mixed_padding():
+    mode = BlockMode("regular", 16)
+    assert mode == "regular" and mode.multiple == 16 and str(mode) == "regular"
+    assert BlockMode("mixed").multiple == 1
+    with pytest.raises(ValueError, match="regular blocks only"):
+        BlockMode("mixed", 8)
+    with pytest.raises(ValueError, match="positive int"):
+        BlockMode("regular", 0)
+    with pytest.raises(ValueError, match="unknown block mode"):
+        BlockMode("dense", 8)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "tiny_mobilenetv2"])
+def test_projection_and_fill_meet_the_budget_in_padded_widths(name):
+    model, graph = make_model(name)
+    bar = attach_random(model, graph, seed=5, shift=2.0)  # mostly open gates: far over budget
+    masks, scores = bar.keep_masks(), bar.scores()
+    mode = BlockMode("regular", 8)
+    budget = Budget("flops", 0.4)
+    limit = budget.absolute(graph)
+    projected = enforce_budget(graph, masks, scores, budget, mode=mode)
+    padded = CostModel(graph, "flops", mode)
+    assert padded.hard(projected) <= limit
+    filled = fill_budget(graph, projected, scores, budget, reopenable=reopenable_channels(graph, projected), mode=mode)
+    assert padded.hard(projected) <= padded.hard(filled) <= limit
+    # the fill turns padding into kept channels: no fewer real channels, no more padded cost
+    exact = slot_sets(graph, filled, "regular")
+    pads = slot_sets(graph, filled, mode)
+    before = sum(int((slot_sets(graph, projected, mode)[t] & ~slot_sets(graph, projected, "regular")[t]).sum())
+                 for t in graph.tensors)
+    after = sum(int((pads[t] & ~exact[t]).sum()) for t in graph.tensors)
+    assert after <= before
+
+
+def test_pruner_run_with_padded_widths_saves_and_replays(tmp_path):
+    torch.manual_seed(0)
+    model = budgetprune.create_model("resnet20")
+    reference = budgetprune.create_model("resnet20")
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    pruner = budgetprune.Pruner(model, x, "flops=0.5", total_steps=3, method="magnitude",
+                                block=BlockMode("regular", 8))
+    optimizer = torch.optim.SGD(pruner.parameters(lr=0.01), lr=0.01)
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(model(x), y) + pruner.penalty()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        pruner.step()
+    small, report = pruner.finalize(x)
+    limit = pruner.budget.absolute(pruner.graph)
+    assert report["pruned"]["flops"] <= limit
+    counted = budgetprune.ChannelGraph.build(small, x[:1])
+    assert CostModel(counted, "flops").full() == pytest.approx(report["pruned"]["flops"], rel=1e-9)
+    convs = [m for m in small.modules() if isinstance(m, nn.Conv2d)]
+    assert all(_aligned(c.out_channels, 64, 8) and (c.in_channels == 1 or c.in_channels % 8 == 0) for c in convs)
+    plan = small.budgetprune_plan
+    assert plan["block"] == "regular" and plan["channel_multiple"] == 8
+    again = replay(plan, reference, small.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(again(x), small(x), atol=1e-6)
+    path = tmp_path / "m.pt"
+    budgetprune.save(small, path)
+    with torch.no_grad():
+        assert torch.allclose(budgetprune.load(path)(x), small(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, 2.0, "8", 2 ** 20])
+def test_plan_with_a_bad_multiple_is_refused(bad):
+    plan = {"format": "budgetprune-plan", "version": 1, "granularity": "channel", "block": "regular",
+            "channel_multiple": bad, "gate_inputs": False, "input_shape": [1, 28, 28], "groups": {"a": 4},
+            "kept": {"a": [0, 1]}}
+    with pytest.raises(CheckpointError, match="channel multiple"):
+        check_plan(plan)
+    plan.update(channel_multiple=8, block="mixed")
+    with pytest.raises(CheckpointError, match="channel multiple"):
+        check_plan(plan)
