@@ -29,6 +29,7 @@ from torch import nn
 
 from .graph import ChannelGraph, ChannelGroup
 from .liveness import alive
+from .precision import float32
 
 GateFn = Callable[[int], torch.Tensor]  # batch size -> (C,) or (batch, C) gate values
 
@@ -74,13 +75,20 @@ def gate_values(gate: GateFn, batch_size: int | None, model_training: bool) -> t
     """``gate(batch_size)``, sampled only while both the gate and the model it gates are training:
     ``model.eval()`` alone gives the deterministic gates a validation pass needs (the gates are the
     method's modules, not the model's, so the model's mode does not reach them)."""
-    if model_training or not getattr(gate, "training", False):
-        return gate(batch_size)
-    gate.train(False)
-    try:
-        return gate(batch_size)
-    finally:
-        gate.train(True)
+    with float32(_device_of(gate)):  # gate values are float32 even inside a user's autocast region
+        if model_training or not getattr(gate, "training", False):
+            return gate(batch_size)
+        gate.train(False)
+        try:
+            return gate(batch_size)
+        finally:
+            gate.train(True)
+
+
+def _device_of(gate: GateFn) -> torch.device:
+    """Where a gate module keeps its tensors (the CPU for a plain function)."""
+    tensors = list(gate.parameters()) + list(gate.buffers()) if isinstance(gate, nn.Module) else []
+    return tensors[0].device if tensors else torch.device("cpu")
 
 
 class GateHooks:
@@ -151,7 +159,7 @@ class GateHooks:
             if sources and all(g in self.current for g, _ in sources):
                 z = z * self._input_open(sources).to(z.dtype)  # purge
             self.current[gid] = z.detach() > 0
-            gated = output * _broadcast(z, output, dim=group.dim)
+            gated = output * _broadcast(z.to(output.dtype), output, dim=group.dim)  # autocast: stays bf16/fp16
             return gated if rest is None else (gated, *rest)
         return hook
 
@@ -160,7 +168,7 @@ class GateHooks:
             x = inputs[0]
             z = gate_values(gate, x.shape[0], self.model_training)
             self.current[gid] = z.detach() > 0
-            return (x * _broadcast(z, x),) + tuple(inputs[1:])
+            return (x * _broadcast(z.to(x.dtype), x),) + tuple(inputs[1:])
         return hook
 
     def _mask_hook(self, tensor: str):

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student-init", choices=["teacher", "random"], help="start the student from (default teacher)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="training precision: fp32 (default), or autocast to bf16 or fp16 (fp16 with a gradient "
+                        "scaler); gates, costs and barrier stay float32")
     p.add_argument("--no-fill", action="store_true",
                    help="do not reopen channels when the run ends under its budget (default: fill up to it)")
     p.add_argument("--block", choices=["mixed", "regular"],
@@ -132,10 +135,14 @@ RESUME_MAY_CHANGE = ("device", "data_root", "progress", "workers")
 #: PruneConfig fields set by the prune option of the same name.
 _PLAIN_OPTIONS = ("model", "data", "data_root", "image_size", "augment", "workers", "method", "teacher",
                   "granularity", "epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs", "lr", "gate_lr",
-                  "batch_size", "lam", "gate_init", "dual_lr", "schedule", "student_init", "seed", "device", "block")
+                  "batch_size", "lam", "gate_init", "dual_lr", "schedule", "student_init", "seed", "device", "block",
+                  "precision")
 
 
 def cmd_prune(args) -> int:
+    """``budgetprune prune``; under ``torchrun`` each process runs it as one rank of the run
+    (rank 0 holds the folder's lock and writes; every rank checks the options first)."""
+    from . import distributed
     from .runfolder import RunFolder
 
     missing = [f"--{name}" for name in ("model", "data", "budget") if getattr(args, name) is None]
@@ -143,10 +150,15 @@ def cmd_prune(args) -> int:
         raise ConfigError(f"the following arguments are required: {', '.join(missing)} "
                           "(see 'budgetprune prune --help')")
     out = Path(args.out)
-    with RunFolder(out):  # no other run writes in out while these checks and the run go on
-        config = _resumed_config(args, out) if args.resume else _new_config(args, out)
-        config.progress = not args.no_progress and sys.stderr.isatty()
-        return _run(config, out, resume=args.resume, download=getattr(args, "download", False))
+    try:
+        with distributed.main_only(RunFolder(out)):  # no other run writes in out while these checks and the run go on
+            config = _resumed_config(args, out) if args.resume else _new_config(args, out)
+            config.progress = not args.no_progress and sys.stderr.isatty()
+            config.device = distributed.init_from_env(config.device)
+            distributed.barrier()  # every rank has checked the folder before rank 0 writes in it
+            return _run(config, out, resume=args.resume, download=getattr(args, "download", False))
+    finally:
+        distributed.shutdown()
 
 
 def _new_config(args, out: Path):
@@ -261,6 +273,7 @@ def parse_method_options(items: list[str]) -> dict:
 def _run(config, out: Path, resume: bool, download: bool = False) -> int:
     from .api import load_teacher
     from .data import load_dataset
+    from .distributed import is_main, world_size
     from .io import write_json
     from .models import create_model
     from .pipeline import PruneRun
@@ -272,7 +285,7 @@ def _run(config, out: Path, resume: bool, download: bool = False) -> int:
     config.validate()
     splits = load_dataset(config.data, root=config.data_root, download=download, progress=config.progress,
                           image_size=config.image_size, augment=config.augment, workers=config.workers)
-    if splits.note:
+    if splits.note and is_main():
         print(f"budgetprune: {splits.note}", flush=True)
     info = splits.info
     seed_model_init(config.seed)  # the same --seed, the same initial weights
@@ -282,11 +295,13 @@ def _run(config, out: Path, resume: bool, download: bool = False) -> int:
     if config.teacher:
         teacher = load_teacher(config.teacher, model, splits.train[0][0].unsqueeze(0))
     run = PruneRun(model, splits.train, splits.test, config, out, teacher=teacher, log=print)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", asdict(config))
-    budgets = ", ".join(f"{b.metric} {b.fraction:.4g} ({b.factor:.3g}x)" for b in config.budgets())
-    print(f"budgetprune: {config.method} on {config.model} / {config.data}, budget {budgets}; run folder {out}",
-          flush=True)
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", asdict(config))
+        budgets = ", ".join(f"{b.metric} {b.fraction:.4g} ({b.factor:.3g}x)" for b in config.budgets())
+        processes = f" in {world_size()} processes" if world_size() > 1 else ""
+        print(f"budgetprune: {config.method} on {config.model} / {config.data}, budget {budgets}; run folder {out}"
+              + processes, flush=True)
     try:
         run.run(resume=resume)
     finally:

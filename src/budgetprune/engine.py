@@ -15,13 +15,20 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import DataError, TrainingDiverged
+from .precision import autocast
 
 
 def iterate_batches(dataset: Dataset, batch_size: int, shuffle: bool = False,
                     generator: torch.Generator | None = None, *, workers: int | None = None,
-                    pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                    pin_memory: bool = False, shard: bool = False
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(indices, images, labels)`` in a random (``shuffle``) or the dataset's order.
+
+    With ``shard`` under torch.distributed, each process takes its part of every global batch of
+    ``batch_size`` (:func:`budgetprune.distributed.shard`; the same ``generator`` seed on every
+    rank gives the same global batches).
 
     How a batch of indices becomes tensors depends on the dataset: one ``batch()`` call for data
     held in memory (:class:`~budgetprune.data.ImageDataset`); a DataLoader with ``workers``
@@ -31,6 +38,8 @@ def iterate_batches(dataset: Dataset, batch_size: int, shuffle: bool = False,
     n = len(dataset)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     chunks = [order[start:start + batch_size] for start in range(0, n, batch_size)]
+    if shard:
+        chunks = [distributed.shard(c) for c in chunks]
     if streams(dataset):
         batches = dataset.stream(chunks, generator, workers=workers, pin_memory=pin_memory)
     elif hasattr(dataset, "batch"):
@@ -168,11 +177,21 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
                 penalty: Callable[[], torch.Tensor] | None = None,
                 after_step: Callable[[], None] | None = None,
                 show_progress: bool = True, desc: str = "train",
-                divergence: DivergenceCheck | None = None, workers: int | None = None) -> dict[str, float]:
+                divergence: DivergenceCheck | None = None, workers: int | None = None,
+                precision: str = "fp32", scaler: torch.amp.GradScaler | None = None,
+                shard: bool = False) -> dict[str, float]:
     """One epoch: ``penalty()`` is added to each batch's loss and ``after_step()`` called after
     each optimiser step (a :class:`~budgetprune.pruner.Pruner`'s, which keeps its own step count);
     ``step`` is the global step of the epoch's first batch (for the divergence report);
     ``workers`` the DataLoader processes of streamed data (see :func:`iterate_batches`).
+
+    ``precision`` (``fp32``, ``bf16``, ``fp16``) runs the forward pass under autocast; the loss is
+    computed in float32 from the logits, and ``scaler`` (a :func:`~budgetprune.precision.grad_scaler`,
+    needed for ``fp16``) scales it for the backward pass.
+
+    ``shard``: ``model`` is a DistributedDataParallel replica and this process trains on its part
+    of each global batch; the losses the divergence check and the returned numbers see are the
+    means over all processes, so every rank decides alike.
 
     Raises :class:`TrainingDiverged` as ``divergence`` decides (a fresh :class:`DivergenceCheck`,
     referenced to this epoch's first batch, when None); the step that diverged is not applied.
@@ -184,19 +203,28 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
     with tqdm(total=num_batches(dataset, batch_size), desc=desc, leave=False, disable=not show_progress,
               dynamic_ncols=True) as bar:
         for idx, x, labels in iterate_batches(dataset, batch_size, shuffle=True, generator=generator,
-                                              workers=workers, pin_memory=device.type == "cuda"):
+                                              workers=workers, pin_memory=device.type == "cuda", shard=shard):
             x, y = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            logits = model(x)
+            with autocast(device, precision):
+                logits = model(x)
+            logits = logits.float()
             check_labels(labels, logits.shape[1])
             loss = loss_fn(logits, y, idx, x)
             pen = penalty() if penalty is not None else None
             total = loss + pen if pen is not None else loss
             loss_value = float(loss.detach())
             pen_value = float(pen.detach()) if pen is not None else None
+            if shard and distributed.active():
+                loss_value = distributed.sum_values([loss_value])[0] / distributed.world_size()
             divergence.check_loss(loss_value, pen_value, step)
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
+            if scaler is None:
+                total.backward()
+                optimizer.step()
+            else:
+                scaler.scale(total).backward()
+                scaler.step(optimizer)
+                scaler.update()
             if after_step is not None:
                 after_step()
             step += 1
@@ -208,6 +236,8 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
     divergence.check_weights(model, optimizer, step)
+    if shard:
+        seen, correct, loss_sum, pen_sum = distributed.sum_values([seen, correct, loss_sum, pen_sum])
     return {"loss": loss_sum / max(seen, 1), "penalty": pen_sum / max(seen, 1),
             "train_accuracy": correct / max(seen, 1), "steps": step, "seconds": time.perf_counter() - start}
 

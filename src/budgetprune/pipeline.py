@@ -23,6 +23,7 @@ from torch import nn
 
 from . import io
 from . import graphio
+from . import distributed
 from . import seeding
 from .budget import Budget
 from .compact import to_plain
@@ -36,6 +37,7 @@ from .methods import available_methods, check_method_options, method_options
 from .objectives import distillation_loss
 from .plan import make_plan
 from .plan import replay as plan_replay
+from .precision import check_precision, grad_scaler
 from .pruner import Pruner, check_prunable
 from .resources import BUDGET_METRICS, METRICS, resource_report
 from .runfolder import RunFolder
@@ -100,6 +102,7 @@ class PruneConfig:
     teacher: str | None = None
     seed: int = 0
     device: str = "cpu"
+    precision: str = "fp32"  # fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler)
     progress: bool = True
 
     def __post_init__(self):
@@ -146,6 +149,7 @@ class PruneConfig:
         if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature < 1.0:
             raise ConfigError("--kd-alpha must lie in [0, 1] and --kd-temperature be at least 1")
         check_folder_options(self.data, self.image_size, self.augment, self.workers)
+        check_precision(self.precision)
         check_method_options(self.method, self.method_options)  # fails now, not after the teacher has trained
 
     def _check_types(self) -> None:
@@ -229,9 +233,10 @@ class PruneRun:
         self.config = config
         self.out = Path(out_dir)
         self.device = resolve_device(config.device)
+        check_precision(config.precision, self.device)
         self.model = model.to(self.device)
         self.train_data, self.test_data = train_data, test_data
-        self.log = log
+        self.log = log if distributed.is_main() else (lambda _line: None)  # rank 0 speaks for every process
         self.teacher = teacher.to(self.device).eval() if teacher is not None else None
         x0 = train_data[0][0]
         self.example = x0.unsqueeze(0).to(self.device)
@@ -246,13 +251,18 @@ class PruneRun:
         self.history: list[dict] = []
         self.saved: tuple[str, int] | None = None  # (stage, epoch) of the newest checkpoint
         self.loss_reference: dict[str, float] = {}  # per stage: the task loss divergence is measured against
+        self.scalers: dict[str, torch.amp.GradScaler] = {}  # per stage, with --precision fp16
+        self.replicas: dict[int, nn.Module] = {}  # under torch.distributed: id(model) -> its DDP replica
 
     # -- checkpoints ------------------------------------------------------------------
     def _save_checkpoint(self, stage: str, epoch: int, **state) -> None:
+        self.saved = (stage, epoch)
+        if not distributed.is_main():
+            return  # rank 0 writes; every rank holds the same state
         io.torch_save(self.ckpt_path, {"stage": stage, "epoch": epoch, "history": json.dumps(self.history),
                                        "rng": torch.get_rng_state(), **self._device_rng(),
-                                       "loss_reference": self.loss_reference.get(stage), **state})
-        self.saved = (stage, epoch)
+                                       "loss_reference": self.loss_reference.get(stage), **self._scaler_state(stage),
+                                       **state})
 
     def _load_checkpoint(self) -> dict | None:
         if not self.ckpt_path.exists():
@@ -267,6 +277,8 @@ class PruneRun:
         if not isinstance(self.history, list):
             raise self._damaged("its history is not a list")
         self._from_checkpoint("random state", lambda: self._restore_rng(ckpt))
+        if "scaler" in ckpt and self._scaler(ckpt["stage"]) is not None:
+            self._from_checkpoint("gradient scaler", lambda: self._scaler(ckpt["stage"]).load_state_dict(ckpt["scaler"]))
         self.saved = (ckpt["stage"], epoch)
         if reference is not None:
             self.loss_reference[ckpt["stage"]] = float(reference)
@@ -283,6 +295,18 @@ class PruneRun:
             raise self._damaged(f"{what}: {exc}") from None
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, RecursionError) as exc:
             raise self._damaged(f"{what}: {first_line(exc)}") from None
+
+    def _scaler(self, stage: str) -> torch.amp.GradScaler | None:
+        """The gradient scaler of ``stage`` (one per stage, kept across its epochs); None unless fp16."""
+        if self.config.precision != "fp16":
+            return None
+        if stage not in self.scalers:
+            self.scalers[stage] = grad_scaler(self.device, self.config.precision)
+        return self.scalers[stage]
+
+    def _scaler_state(self, stage: str) -> dict:
+        scaler = self._scaler(stage)
+        return {"scaler": scaler.state_dict()} if scaler is not None else {}
 
     def _device_rng(self) -> dict:
         """The CUDA generator's state (gate samples on a GPU draw from it)."""
@@ -314,7 +338,8 @@ class PruneRun:
         if self.saved is not None and self.ckpt_path.exists():
             stage, epoch = self.saved
             after = f"after {stage} epoch {epoch}" if epoch else f"at the start of {stage}"
-            io.write_json(self.out / DIVERGED_FILE, {"lr": self.config.lr, "stage": stage, "epoch": epoch})
+            if distributed.is_main():
+                io.write_json(self.out / DIVERGED_FILE, {"lr": self.config.lr, "stage": stage, "epoch": epoch})
             return TrainingDiverged(f"{what}; the last good checkpoint ({after}) is kept in {self.ckpt_path}: "
                                     f"rerun with --resume and {lr}")
         return TrainingDiverged(f"{what}; no epoch finished, so there is nothing to resume: rerun without "
@@ -330,7 +355,7 @@ class PruneRun:
 
     # -- the run ----------------------------------------------------------------------
     def run(self, resume: bool = False) -> PruneResult:
-        with RunFolder(self.out):  # one run at a time in the folder (see budgetprune.runfolder)
+        with distributed.main_only(RunFolder(self.out)):  # one run at a time in the folder (see budgetprune.runfolder)
             return self._run_stages(resume)
 
     def _run_stages(self, resume: bool) -> PruneResult:
@@ -356,7 +381,9 @@ class PruneRun:
         if resume and not self.config.lr < lr:
             raise ConfigError(f"the run in {self.out} diverged at --lr {lr:g}: resume it with a lower --lr "
                               f"(now {self.config.lr:g})")
-        (self.out / DIVERGED_FILE).unlink(missing_ok=True)
+        distributed.barrier()  # every rank has read the file before rank 0 removes it
+        if distributed.is_main():
+            (self.out / DIVERGED_FILE).unlink(missing_ok=True)
 
     # teacher -------------------------------------------------------------------------
     def _teacher_stage(self, ckpt: dict | None):
@@ -389,6 +416,8 @@ class PruneRun:
         return None
 
     def _save_teacher(self, teacher: nn.Module) -> None:
+        if not distributed.is_main():
+            return
         graph = ChannelGraph.build(teacher, self.example)
         plain = to_plain(teacher, graph)
         # nothing pruned: a plan that keeps every channel, for networks no self-contained file can describe
@@ -403,12 +432,15 @@ class PruneRun:
         step0 = epoch * steps_per_epoch
         divergence = DivergenceCheck(reference=self.loss_reference.get(stage))
         try:
-            stats = train_epoch(model, self.train_data, opt, loss_fn, device=self.device,
+            stats = train_epoch(self._replica(model), self.train_data, opt, loss_fn,
+                                device=self.device,
                                 batch_size=cfg.batch_size, generator=self._generator(stage, epoch),
                                 step=step0, penalty=pruner.penalty if pruner else None,
-                                after_step=pruner.step if pruner else after_step, show_progress=cfg.progress,
+                                after_step=pruner.step if pruner else after_step,
+                                show_progress=cfg.progress and distributed.is_main(),
                                 desc=f"{stage} {epoch + 1}/{total_epochs}", divergence=divergence,
-                                workers=cfg.workers)
+                                workers=cfg.workers, precision=cfg.precision, scaler=self._scaler(stage),
+                                shard=distributed.active())
         except TrainingDiverged as exc:
             raise self._diverged(f"{exc} in {stage} epoch {epoch + 1}") from None
         if divergence.reference is not None:
@@ -424,6 +456,18 @@ class PruneRun:
         self.history.append(row)
         self._line(stage, epoch + 1, total_epochs, stats)
         return stats
+
+    def _replica(self, model: nn.Module) -> nn.Module:
+        """``model`` itself in one process; under torch.distributed its DistributedDataParallel
+        replica (made once per model: its construction broadcasts rank 0's weights), which averages
+        the gradients of each global batch over the processes. The gates of a gated model (the
+        pruner's, not the model's parameters) are averaged by the pruner itself."""
+        if not distributed.active():
+            return model
+        if id(model) not in self.replicas:
+            ids = [self.device] if self.device.type == "cuda" else None
+            self.replicas[id(model)] = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return self.replicas[id(model)]
 
     def _evaluate(self, model: nn.Module) -> float:
         """Test accuracy of ``model``."""
@@ -560,8 +604,22 @@ class PruneRun:
         return {"weight_masks": self.weight_masks} if self.per_weight else {}
 
     # results -------------------------------------------------------------------------
+    def _write_results(self, net: nn.Module, metrics: dict) -> None:
+        """model.pt, metrics.json, history.json, config.json and the report."""
+        from .report import write_report
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        io.save(net, self.out / "model.pt", meta={"metrics": {k: metrics[k] for k in
+                                                                ("method", "metric", "budget_fraction")},
+                                                    "model": cfg.model, "input_shape": list(self.graph.input_shape)})
+        metrics["model_file_bytes"] = (self.out / "model.pt").stat().st_size
+        io.write_json(self.out / "metrics.json", metrics)
+        io.write_json(self.out / "history.json", self.history)
+        io.write_json(self.out / "config.json", asdict(cfg))
+        write_report(self.out, metrics, self.history)
+
     def _finish(self, net: nn.Module, specs: dict, info: dict) -> PruneResult:
-        from .report import layer_widths, write_report
+        from .report import layer_widths
         cfg = self.config
         if not hasattr(self, "unpruned_accuracy"):
             self.unpruned_accuracy = self._evaluate(self.teacher)
@@ -593,15 +651,8 @@ class PruneRun:
                             "weights_reopened_by_fill": info["weights_reopened_by_fill"],
                             "nonzero_after_finetune": sum(v["nonzero"] for v in layers.values()),
                             "density": layers})
-        self.out.mkdir(parents=True, exist_ok=True)
-        io.save(net, self.out / "model.pt", meta={"metrics": {k: metrics[k] for k in
-                                                                ("method", "metric", "budget_fraction")},
-                                                    "model": cfg.model, "input_shape": list(self.graph.input_shape)})
-        metrics["model_file_bytes"] = (self.out / "model.pt").stat().st_size
-        io.write_json(self.out / "metrics.json", metrics)
-        io.write_json(self.out / "history.json", self.history)
-        io.write_json(self.out / "config.json", asdict(cfg))
-        write_report(self.out, metrics, self.history)
+        if distributed.is_main():  # rank 0 writes the run folder
+            self._write_results(net, metrics)
         total = cfg.finetune_epochs + cfg.lowlr_epochs
         self._save_checkpoint("done", total, arch=json.dumps(specs), model=net.state_dict(), info=json.dumps(info),
                               optimizer={}, **self._mask_state())

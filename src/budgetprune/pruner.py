@@ -33,7 +33,9 @@ from .errors import ConfigError, TrainingDiverged
 from .graph import ChannelGraph
 from .liveness import effective_masks
 from .methods import create_method
+from . import distributed
 from .plan import make_plan
+from .precision import float32
 from .resources import METRICS, CostModel, resource_report
 from .sparsity import check_weight_budget, count_kept, project_weights, scale_weights, weight_counts
 
@@ -124,10 +126,6 @@ class Pruner:
         if getattr(model, _MARK, None) is not None:
             raise ConfigError("the model already has a Pruner's gates attached: finalize() that pruner first, "
                               "or build a new model")
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            raise ConfigError("a Pruner does not yet keep its gates in step across processes (torch.distributed "
-                              f"world size {torch.distributed.get_world_size()}): prune in one process")
         if type(total_steps) is not int or total_steps < 1:
             raise ConfigError(f"total_steps must be a positive int (the optimiser steps of the pruning phase), "
                               f"got {total_steps!r}")
@@ -155,6 +153,7 @@ class Pruner:
         self.method.attach(model, self.graph, self.budgets)
         self.method.to(device)
         setattr(model, _MARK, self)
+        self._sync = _ProcessSync(self.method, model)  # several processes: the same gates and decisions on each
         self.weight_masks: dict[str, torch.Tensor] | None = None  # after finalize(), per-weight pruning
         self.result: tuple[nn.Module, dict] | None = None  # what finalize() returned
 
@@ -178,14 +177,22 @@ class Pruner:
         return self.method.param_groups(lr)
 
     def penalty(self) -> torch.Tensor:
-        """The method's term to add to the task loss at the current step (a scalar tensor)."""
+        """The method's term to add to the task loss at the current step (a float32 scalar tensor).
+
+        It may be called inside an autocast region (mixed precision): the gate probabilities,
+        costs and barrier are computed with autocast off, in float32."""
         self._check_open("penalty()")
-        return self.method.penalty(self.progress)
+        with float32(self.example.device):
+            return self.method.penalty(self.progress).float()
 
     def step(self) -> None:
-        """Call once after each optimiser step: the method's update (dual ascent, clamps, rounds)."""
+        """Call once after each optimiser step: the method's update (dual ascent, clamps, rounds),
+        in float32 like :meth:`penalty`."""
         self._check_open("step()")
-        self.method.after_step(self.progress)
+        with float32(self.example.device):
+            self._sync.before_step()
+            self.method.after_step(self.progress)
+            self._sync.after_step()
         self.steps += 1
 
     def _check_open(self, call: str) -> None:
@@ -211,11 +218,14 @@ class Pruner:
         return {"method": self.method.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; under torch.distributed, call it on every rank (rank 0's
+        state is then broadcast)."""
         self.method.load_state_dict(state["method"])
         steps = state["steps"]
         if type(steps) is not int or steps < 0:
             raise ConfigError(f"pruner state has step count {steps!r}, not a count")
         self.steps = steps
+        self._sync.broadcast_state()
 
     # -- the end ---------------------------------------------------------------------------
     def finalize(self, inputs: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
@@ -235,18 +245,21 @@ class Pruner:
             return self.result  # finalize() twice: the same result
         x = (self.example if inputs is None else inputs).to(self.example.device)
         try:
-            self.result = self._finalize_weights(x) if self.per_weight else self._finalize_channels(x)
+            with float32(self.example.device):  # the projection and the output check, also inside autocast
+                self.result = self._finalize_weights(x) if self.per_weight else self._finalize_channels(x)
         finally:
             self.method.detach()  # the user's model gets its plain forward back, whatever happened
+            self._sync.close()
             if getattr(self.model, _MARK, None) is self:
                 delattr(self.model, _MARK)
         return self.result
 
-    def _finalize_channels(self, x: torch.Tensor) -> tuple[nn.Module, dict]:
+    def _decide_channels(self) -> dict:
+        """The hard decision: the method's masks projected onto every budget, then filled up to it
+        (what was kept, dropped and reopened, and the costs before)."""
         graph, method, block = self.graph, self.method, self.block
         masks = method.keep_masks()
-        costs = {b.metric: (CostModel(graph, b.metric, block), b.absolute(graph)) for b in self.budgets}
-        before = {m: cm.hard(masks) for m, (cm, _) in costs.items()}
+        before = {b.metric: CostModel(graph, b.metric, block).hard(masks) for b in self.budgets}
         scores = method.scores()
         final = enforce_budget(graph, masks, scores, self.budgets, mode=block)
         dropped = int(sum(int(masks[g].sum()) - int(final[g].sum()) for g in masks))
@@ -256,6 +269,13 @@ class Pruner:
                                  mode=block)
             reopened = {g: torch.nonzero(filled[g] & ~final[g]).flatten() for g in final}
             final = filled
+        return {"final": final, "dropped": dropped, "reopened": reopened, "before": before}
+
+    def _finalize_channels(self, x: torch.Tensor) -> tuple[nn.Module, dict]:
+        graph, method, block = self.graph, self.method, self.block
+        decision = self._sync.decide(self._decide_channels)  # computed on rank 0, the same on every rank
+        final, dropped, reopened, before = (decision[k] for k in ("final", "dropped", "reopened", "before"))
+        costs = {b.metric: (CostModel(graph, b.metric, block), b.absolute(graph)) for b in self.budgets}
         n_reopened = int(sum(i.numel() for i in reopened.values()))
         moves = []
         for m, (cm, limit) in costs.items():
@@ -294,7 +314,7 @@ class Pruner:
         method = self.method
         masks = method.keep_masks()
         limit = self.budget.absolute(self.graph)
-        final = project_weights(masks, method.scores(), limit, fill=self.fill)
+        final = self._sync.decide(lambda: project_weights(masks, method.scores(), limit, fill=self.fill))
         dropped = sum(int((masks[n].cpu() & ~final[n]).sum()) for n in final)
         reopened = {n: final[n] & ~masks[n].cpu() for n in final}
         n_reopened = count_kept(reopened)
@@ -342,3 +362,77 @@ class Pruner:
             raise RuntimeError(f"internal error: the {kind} network's outputs differ from the gated model's by "
                                f"{diff:.3g} (largest output {scale:.3g})")
         return diff
+
+
+class _ProcessSync:
+    """What keeps a pruner the same in every process of a torch.distributed group (nothing in one).
+
+    - At the start every rank takes rank 0's method state (gate initialisation, random scores,
+      starting norms), as DistributedDataParallel does for the model.
+    - The gates' gradients are averaged over the ranks as backward accumulates them, as DDP
+      averages the model's; the gates then take the same optimiser step everywhere.
+    - Statistics a method gathers from this process's batches (``Method.rank_statistics``,
+      e.g. sensitivity's) are averaged before its update; after the update every rank takes
+      rank 0's buffers (multipliers, masks, statistics, counters), so the state the method
+      changes outside autograd stays identical bit for bit.
+    - The hard decision of ``finalize()`` (masks, projection, fill) is computed on rank 0 and
+      broadcast; the compaction that follows is the same on every rank.
+
+    Collectives go through a process group of their own, so those issued from autograd hooks
+    never interleave with DDP's.
+    """
+
+    def __init__(self, method: nn.Module, model: nn.Module):
+        self.method = method
+        self.on = distributed.active()
+        self.group = distributed.new_group()
+        self.hooks: list = []
+        self.statistics: set[str] = set()
+        if not self.on:
+            return
+        device = next(iter(list(method.parameters()) + list(method.buffers())), torch.empty(0)).device
+        self.device = device if torch.distributed.get_backend(self.group) == "nccl" else torch.device("cpu")
+        model_params = {id(p) for p in model.parameters()}
+        own = [p for p in method.parameters() if id(p) not in model_params]
+        self.hooks = distributed.average_gradients(own, self.group)
+        self.statistics = set(getattr(method, "rank_statistics", ()))
+        self.broadcast_state()
+
+    def broadcast_state(self) -> None:
+        """Every rank takes rank 0's whole method state."""
+        if self.on:
+            distributed.broadcast_module(self.method, group=self.group)
+
+    def before_step(self) -> None:
+        if not self.on:
+            return
+        for name, buf in self.method.named_buffers():
+            if name.rsplit(".", 1)[-1] in self.statistics:
+                distributed.average_(buf, self.group)
+
+    def after_step(self) -> None:
+        if self.on:
+            distributed.broadcast_tensors(list(self.method.buffers()), group=self.group)
+
+    def decide(self, compute):
+        """``compute()`` on rank 0, its result on every rank (tensors come back on the CPU)."""
+        if not self.on:
+            return compute()
+        result = _to_cpu(compute()) if distributed.is_main() else None
+        return distributed.broadcast_object(result, group=self.group, device=self.device)
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
+def _to_cpu(value):
+    """``value`` with every tensor in it (in dicts, lists, tuples) moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value

@@ -113,6 +113,10 @@ class Method(nn.Module):
     #: between the forward pass and the backward pass, as in a plain loop).
     penalty_reads_forward = False
 
+    #: Names of buffers the method fills from the batches it sees (statistics): under
+    #: torch.distributed the pruner averages them over the processes before :meth:`after_step`.
+    rank_statistics: tuple[str, ...] = ()
+
     def attach(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
         raise NotImplementedError
 

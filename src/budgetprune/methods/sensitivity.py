@@ -51,6 +51,8 @@ class SensitivityRegularization(GatedMethod):
 
     guard_after_step = False
 
+    rank_statistics = ("sensitivity",)  # measured on each process's batches: averaged over processes
+
     def __init__(self, lam: float = 1e-2, kind: str = "unspecific", every: int = 10, threshold: float = 1e-2,
                  momentum: float = 0.9, granularity: str = "channel"):
         super().__init__(gate_lr=None, granularity=granularity)

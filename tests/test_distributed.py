@@ -1,0 +1,154 @@
+"""Two processes (gloo on the CPU): a Pruner inside a user's DistributedDataParallel loop, and
+``torchrun -m budgetprune prune``, end with the same masks and weights on every rank and meet the
+budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import budgetprune
+from budgetprune import distributed
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _user_loop(rank: int, port: int, out: str, method: str) -> None:
+    """One rank of a plain DDP loop with a Pruner; writes what it ends with to ``out/rank.pt``."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        from budgetprune.data import load_dataset
+        from budgetprune.engine import iterate_batches
+        torch.manual_seed(100 + rank)  # different initial weights and gates per rank: rank 0's must win
+        model = budgetprune.create_model("lenet5")
+        train = load_dataset("demo").train.subset(range(256))
+        steps = 3 * 4
+        pruner = budgetprune.Pruner(model, train[0][0].unsqueeze(0), budget="4x", method=method,
+                                    total_steps=steps, gate_init=3.0)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.Adam(pruner.parameters(lr=1e-3), lr=1e-3)
+        gen = torch.Generator().manual_seed(0)  # the same global batches on every rank
+        for _ in range(3):
+            for idx, x, y in iterate_batches(train, 64, shuffle=True, generator=gen):
+                mine = distributed.shard(torch.arange(len(idx)))
+                loss = torch.nn.functional.cross_entropy(ddp(x[mine]), y[mine]) + pruner.penalty()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                pruner.step()
+        state = {k: v.clone() for k, v in pruner.state_dict()["method"].items()}
+        small, report = pruner.finalize(train[0][0].unsqueeze(0).repeat(4, 1, 1, 1))
+        torch.save({"masks": report["masks"], "pruned": report["pruned"], "budget": pruner.budget.absolute(pruner.graph),
+                    "weights": small.state_dict(), "method_state": state}, Path(out) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _assert_same(a, b, where=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("method", ["bar", "sensitivity"])
+def test_pruner_in_a_ddp_loop_gives_every_rank_the_same_result(tmp_path, method):
+    mp.spawn(_user_loop, args=(_free_port(), str(tmp_path), method), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(WORLD))
+    _assert_same(r0["method_state"], r1["method_state"], "method state")
+    _assert_same(r0["masks"], r1["masks"], "masks")
+    _assert_same(r0["weights"], r1["weights"], "weights")
+    assert r0["pruned"]["volume"] <= r0["budget"] + 1e-9
+
+
+def _pipeline_run(rank: int, port: int, out: str, results: str) -> None:
+    """One rank of the run pipeline: interrupted in its second prune epoch, then resumed."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        import budgetprune.pipeline as pl
+        from budgetprune.data import load_dataset
+        splits = load_dataset("demo")
+        train, test = splits.train.subset(range(384)), splits.test.subset(range(128))
+        cfg = pl.PruneConfig(budget=0.25, model="lenet5", data="demo", teacher_epochs=1, epochs=2, finetune_epochs=1,
+                             lowlr_epochs=0, gate_init=3.0, progress=False)
+        real, calls = pl.train_epoch, []
+
+        def interrupted(*args, **kwargs):  # teacher 1, prune 1, then Ctrl-C on every rank
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+        pl.train_epoch = interrupted
+        torch.manual_seed(rank)  # each rank builds other weights: rank 0's must win
+        with pytest.raises(KeyboardInterrupt):
+            pl.PruneRun(budgetprune.create_model("lenet5"), train, test, cfg, out, log=lambda _: None).run()
+        pl.train_epoch = real
+        dist.barrier()
+        result = pl.PruneRun(budgetprune.create_model("lenet5"), train, test, cfg, out,
+                             log=lambda _: None).run(resume=True)
+        torch.save({"weights": result.model.state_dict(), "history": [h["stage"] for h in result.history],
+                    "ratio": result.metrics["budget_ratio"], "kept": result.metrics["kept_channels"]},
+                   Path(results) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_run_pipeline_resumes_in_two_processes_with_the_same_weights(tmp_path):
+    out = tmp_path / "run"
+    mp.spawn(_pipeline_run, args=(_free_port(), str(out), str(tmp_path)), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(WORLD))
+    _assert_same(r0["weights"], r1["weights"], "weights")
+    assert r0["kept"] == r1["kept"]
+    assert r0["history"] == ["teacher", "prune", "prune", "finetune"]  # the resume lost no epoch
+    assert 0.95 <= r0["ratio"] <= 1.0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pruned"]["volume"] <= m["budget"] + 1e-9
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["checkpoint.pt", "config.json", "history.json", "metrics.json", "model.pt", "report.md", "teacher.pt",
+         "widths.png"])
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
+                    reason="torchrun is not installed next to this Python")
+def test_torchrun_command_line(tmp_path):
+    out = tmp_path / "run"
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--nproc_per_node", str(WORLD), "--master_port", str(_free_port()),
+                           "-m", "budgetprune", "prune", "--model", "lenet5", "--data", "demo", "--budget", "4x",
+                           "--out", str(out), "--no-progress", "--teacher-epochs", "1", "--epochs", "1",
+                           "--finetune-epochs", "0", "--lowlr-epochs", "0"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("done: test accuracy") == 1  # rank 0 speaks for both
+    assert "in 2 processes" in proc.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pruned"]["volume"] <= m["budget"] + 1e-9 and 0.95 <= m["budget_ratio"] <= 1.0
+
+
+def test_one_process_is_untouched():
+    assert not distributed.active() and distributed.rank() == 0 and distributed.world_size() == 1
+    idx = torch.arange(5)
+    assert torch.equal(distributed.shard(idx), idx)
