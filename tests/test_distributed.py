@@ -29,34 +29,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _user_loop(rank: int, port: int, out: str, method: str) -> None:
-    """One rank of a plain DDP loop with a Pruner; writes what it ends with to ``out/rank.pt``."""
+def _train(method: str, optimizer: str, seed: int) -> dict:
+    """A plain loop with a Pruner (a DDP one when a process group is up): three epochs of four
+    global batches of 64 from the same shuffled order on every rank, each rank on its shard."""
+    from budgetprune.data import load_dataset
+    from budgetprune.engine import iterate_batches
+    torch.manual_seed(seed)
+    model = budgetprune.create_model("lenet5")
+    train = load_dataset("demo").train.subset(range(256))
+    pruner = budgetprune.Pruner(model, train[0][0].unsqueeze(0), budget="4x", method=method,
+                                total_steps=3 * 4, gate_init=3.0)
+    net = torch.nn.parallel.DistributedDataParallel(model) if distributed.active() else model
+    groups = pruner.parameters(lr=1e-3)
+    opt = torch.optim.Adam(groups, lr=1e-3) if optimizer == "adam" else torch.optim.SGD(groups, lr=0.05)
+    gen = torch.Generator().manual_seed(0)  # the same global batches on every rank
+    for _ in range(3):
+        for idx, x, y in iterate_batches(train, 64, shuffle=True, generator=gen):
+            mine = distributed.shard(torch.arange(len(idx)))
+            loss = torch.nn.functional.cross_entropy(net(x[mine]), y[mine]) + pruner.penalty()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            pruner.step()
+    state = {k: v.clone() for k, v in pruner.state_dict()["method"].items()}
+    small, report = pruner.finalize(train[0][0].unsqueeze(0).repeat(4, 1, 1, 1))
+    return {"masks": report["masks"], "pruned": report["pruned"], "budget": pruner.budget.absolute(pruner.graph),
+            "weights": small.state_dict(), "method_state": state}
+
+
+def _user_loop(rank: int, port: int, out: str, method: str, optimizer: str) -> None:
+    """One rank of :func:`_train`; writes what it ends with to ``out/rank.pt``."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        from budgetprune.data import load_dataset
-        from budgetprune.engine import iterate_batches
-        torch.manual_seed(100 + rank)  # different initial weights and gates per rank: rank 0's must win
-        model = budgetprune.create_model("lenet5")
-        train = load_dataset("demo").train.subset(range(256))
-        steps = 3 * 4
-        pruner = budgetprune.Pruner(model, train[0][0].unsqueeze(0), budget="4x", method=method,
-                                    total_steps=steps, gate_init=3.0)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        optimizer = torch.optim.Adam(pruner.parameters(lr=1e-3), lr=1e-3)
-        gen = torch.Generator().manual_seed(0)  # the same global batches on every rank
-        for _ in range(3):
-            for idx, x, y in iterate_batches(train, 64, shuffle=True, generator=gen):
-                mine = distributed.shard(torch.arange(len(idx)))
-                loss = torch.nn.functional.cross_entropy(ddp(x[mine]), y[mine]) + pruner.penalty()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                pruner.step()
-        state = {k: v.clone() for k, v in pruner.state_dict()["method"].items()}
-        small, report = pruner.finalize(train[0][0].unsqueeze(0).repeat(4, 1, 1, 1))
-        torch.save({"masks": report["masks"], "pruned": report["pruned"], "budget": pruner.budget.absolute(pruner.graph),
-                    "weights": small.state_dict(), "method_state": state}, Path(out) / f"{rank}.pt")
+        # different initial weights and gates per rank: rank 0's must win
+        torch.save(_train(method, optimizer, seed=100 + rank), Path(out) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -72,14 +79,30 @@ def _assert_same(a, b, where=""):
         assert a == b, where
 
 
-@pytest.mark.parametrize("method", ["bar", "sensitivity"])
-def test_pruner_in_a_ddp_loop_gives_every_rank_the_same_result(tmp_path, method):
-    mp.spawn(_user_loop, args=(_free_port(), str(tmp_path), method), nprocs=WORLD, join=True)
+def _two_ranks(tmp_path, method: str, optimizer: str = "adam") -> dict:
+    mp.spawn(_user_loop, args=(_free_port(), str(tmp_path), method, optimizer), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(WORLD))
     _assert_same(r0["method_state"], r1["method_state"], "method state")
     _assert_same(r0["masks"], r1["masks"], "masks")
     _assert_same(r0["weights"], r1["weights"], "weights")
     assert r0["pruned"]["volume"] <= r0["budget"] + 1e-9
+    return r0
+
+
+@pytest.mark.parametrize("method", ["bar", "sensitivity"])
+def test_pruner_in_a_ddp_loop_gives_every_rank_the_same_result(tmp_path, method):
+    _two_ranks(tmp_path, method)
+
+
+def test_two_ranks_equal_one_process_on_the_same_global_batches(tmp_path):
+    """MorphNet's gates on LeNet-5 (no BatchNorm) are the method's own deterministic parameters, so
+    two half batches with averaged gradients are one whole batch, up to float rounding."""
+    two = _two_ranks(tmp_path, "morphnet", "sgd")
+    one = _train("morphnet", "sgd", seed=100)
+    assert two["masks"] == one["masks"]
+    for key in ("method_state", "weights"):
+        for name, t in one[key].items():
+            torch.testing.assert_close(two[key][name], t, rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
 
 
 def _pipeline_run(rank: int, port: int, out: str, results: str) -> None:

@@ -126,3 +126,16 @@ def test_regions():
             assert not torch.is_autocast_enabled("cpu")
     with autocast("cpu", "fp32"):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_fp16_run_keeps_its_gradient_scaler_in_checkpoints(tmp_path, demo_subsets):
+    """fp16 autocasts on this torch's CPU too; the stage's scaler rides in each checkpoint."""
+    train, test = demo_subsets(256, 64)
+    cfg = PruneConfig(budget=0.25, model="lenet5", data="demo", teacher_epochs=1, epochs=1, finetune_epochs=0,
+                      lowlr_epochs=0, progress=False, precision="fp16")
+    run = PruneRun(budgetprune.create_model("lenet5"), train, test, cfg, tmp_path / "fp16", log=lambda s: None)
+    m = run.run().metrics
+    assert m["pruned"]["volume"] <= m["budget"] + 1e-9
+    assert set(run.scalers) >= {"teacher", "prune"} and all(s.is_enabled() for s in run.scalers.values())
+    ckpt = torch.load(tmp_path / "fp16" / "checkpoint.pt", weights_only=True)
+    assert ckpt["scaler"]["scale"] > 0
