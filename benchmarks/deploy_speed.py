@@ -6,7 +6,10 @@ takes ``--steps`` AdamW steps and finalizes (the final projection meets the budg
 the library's default). The final keep-masks and gate values of that one run are then compacted
 twice with ``budgetprune.compact.compact``: ``mode="mixed"`` (index_select/index_add around
 residual sums, only kept maps computed) and ``mode="regular"`` (tensors that are added keep equal
-widths: the union of their channels). Timing does not need accuracy, so the weights are untrained.
+widths: the union of their channels). A second pruner, the same run with
+``block="regular", channel_multiple=--multiple``, projects and fills under costs that count
+every width padded to a multiple of ``--multiple`` channels (``padded``: onnxruntime's blocked CPU
+convolutions need such widths). Timing does not need accuracy, so the weights are untrained.
 
 Where the masks come from (``--method``): ``magnitude`` (default) is the library's iterative
 baseline, every layer's width scaled by one factor and the channels of a layer chosen by weight
@@ -21,7 +24,7 @@ Every network (the unpruned model itself, as a user has it, and the four pruned 
 with ``budgetprune.export.to_torchscript`` and ``budgetprune.export.to_onnx`` (default opset),
 and timed in three runtimes: eager PyTorch (``torch.no_grad``), the loaded TorchScript file, and
 an onnxruntime ``InferenceSession`` (CPU, ``intra_op_num_threads`` = ``--threads``), at batch 1
-and 16. Per model, runtime and batch the five networks are timed in ``--rounds`` interleaved
+and 16. Per model, runtime and batch the networks (unpruned, and three per budget) are timed in ``--rounds`` interleaved
 rounds (the order rotates every round); a round times each network ``repeats`` times (enough for
 the unpruned one to take ``--round-ms``) and keeps the median; the result is the median over
 rounds. Speedup is over the unpruned model in the same runtime and batch; speedup ÷ FLOP reduction
@@ -70,6 +73,9 @@ REGISTRY = {"resnet20": (1, 28, 28)}
 MODELS = ["resnet20", *TORCHVISION]
 RUNTIMES = ["eager", "torchscript", "onnxruntime"]
 BLOCKS = ["regular", "mixed"]
+#: The pruned networks per budget: both blocks compacted from the same masks, and the regular
+#: block with widths padded to a multiple (its own projection, counted with the padding).
+NETWORKS = BLOCKS + ["padded"]
 METHOD_NOTE = {"magnitude": ": every layer's width scaled by one factor, channels by weight magnitude, so every "
                              "residual stream is pruned and every residual sum of the mixed network is mixed",
                "bar": ", `gate_init=3`: gates barely trained, the projection removes whole branches and "
@@ -124,10 +130,13 @@ def arguments(argv) -> argparse.Namespace:
                    help="the pruning method that makes the masks (see the module docstring)")
     p.add_argument("--steps", type=int, default=4, help="AdamW steps of the pruner before finalize")
     p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
+    p.add_argument("--multiple", type=int, default=16,
+                   help="channel multiple of the padded network (onnxruntime's blocked CPU convolutions: 16 with "
+                        "AVX-512, 8 with AVX2)")
     p.add_argument("--work", default=str(HERE.parent / "runs" / "deploy_speed"), help="exported files go here")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
-    for flag in ("rounds", "size", "threads"):
+    for flag in ("rounds", "size", "threads", "multiple"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1, not {getattr(args, flag)}")
     if args.steps < 0:
@@ -152,18 +161,28 @@ def build(name: str, size: int, models_module):
     return make(models_module, name, size), (3, size, size)
 
 
-def prune(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, steps: int) -> dict:
-    """Prune a copy of ``unpruned`` to 1/``factor`` of its FLOPs; compact the same masks in both blocks."""
+def pruned(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, steps: int, block: str,
+           multiple: int = 1):
+    """(model, pruner, compacted network, report) of one pruning of a copy of ``unpruned`` to
+    1/``factor`` of its FLOPs, its costs counted with ``block`` (widths padded to ``multiple``)."""
     torch.manual_seed(0)
     model = copy.deepcopy(unpruned).train()
     x, y = torch.randn(2, *shape), torch.randint(0, 10, (2,))
     options = {"gate_init": 3.0} if method == "bar" else {}
     pruner = Pruner(model, x, f"flops={1.0 / factor!r}", total_steps=max(steps, 1), method=method,
-                    log=lambda line: None, **options)
+                    block=block, channel_multiple=multiple, log=lambda line: None, **options)
     # AdamW as in the README's loop: its steps are bounded (SGD at lr 1e-3 sends untrained resnet50's outputs to NaN)
     optimizer = torch.optim.AdamW(pruner.parameters(lr=1e-3), lr=1e-3)
     pruning_steps(model, pruner, optimizer, x, y, steps)
-    small, report = pruner.finalize(x)  # mixed blocks, the library's default
+    small, report = pruner.finalize(x)
+    return model, pruner, small, report
+
+
+def prune(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, steps: int, multiple: int) -> dict:
+    """Prune a copy of ``unpruned`` to 1/``factor`` of its FLOPs; compact the same masks in both
+    blocks; prune another copy the same way with regular blocks padded to ``multiple`` channels."""
+    model, pruner, small, report = pruned(unpruned, shape, factor, method, steps, "mixed")  # the library's default
+    x = pruner.example
     # The final masks are the plan's; the gate values finalize folded are the frozen gates'.
     graph = pruner.graph
     masks = {}
@@ -187,6 +206,12 @@ def prune(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, s
     for mode in BLOCKS:
         cost = report["pruned_by_block"][mode]
         out[mode] = {"flops": cost["flops"], "params": cost["params"], "flop_reduction": full / cost["flops"]}
+    _, padded_pruner, out["nets"]["padded"], padded = pruned(unpruned, shape, factor, method, steps, "regular",
+                                                              multiple)
+    cost = padded["pruned"]
+    out["padded"] = {"flops": cost["flops"], "params": cost["params"], "flop_reduction": full / cost["flops"],
+                     "multiple": multiple,
+                     "V_over_B": cost["flops"] / padded_pruner.budget.absolute(padded_pruner.graph)}
     return out
 
 
@@ -336,8 +361,8 @@ def measure_model(name: str, args, models_module, quiet: Quiet, bar) -> dict:
     seconds = {"prune": time.perf_counter()}
     for factor in args.budgets:
         bar.set_description(f"{name}: prune {factor:g}x")
-        p = prune(unpruned, shape, factor, args.method, args.steps)
-        for mode in BLOCKS:
+        p = prune(unpruned, shape, factor, args.method, args.steps, args.multiple)
+        for mode in NETWORKS:
             nets[f"{factor:g}x/{mode}"] = p["nets"][mode]
         budgets.append({k: v for k, v in p.items() if k != "nets"})
     bar.set_description(f"{name}: export")
@@ -387,7 +412,7 @@ def rows_of(result: dict) -> list[dict]:
                          "block": "unpruned", "ms": base, "flop_reduction": 1.0, "speedup": 1.0,
                          "speedup_over_flop_reduction": 1.0})
             for b in m["budgets"]:
-                for mode in BLOCKS:
+                for mode in NETWORKS:
                     ms = lat["ms"][f"{b['factor']:g}x/{mode}"]
                     red = b[mode]["flop_reduction"]
                     rows.append({"model": m["model"], "budget": b["factor"], "runtime": lat["runtime"],
@@ -463,18 +488,21 @@ def main(argv=None) -> int:
 def markdown(r: dict) -> str:
     env, s = r["environment"], r["settings"]
     rows = r["rows"]
-    lines = ["# Deployed speed: unpruned vs pruned (regular and mixed blocks) in eager PyTorch, TorchScript and "
-             "onnxruntime", "", f"Command: `{r['command']}`", "",
+    lines = ["# Deployed speed: unpruned vs pruned (regular, mixed and padded regular blocks) in eager PyTorch, "
+             "TorchScript and onnxruntime", "", f"Command: `{r['command']}`", "",
              f"Untrained models, 10 classes, random inputs (torchvision models 3×{s['size']}×{s['size']}; resnet20, "
              "budgetprune's registry model for Fashion-MNIST, 1×28×28). Per FLOP budget one `budgetprune.Pruner` "
              f"(method `{s['method']}`{METHOD_NOTE[s['method']]}) takes {s['steps']} AdamW steps (lr 1e-3, batch 2) "
              "and finalizes (projection to the budget under mixed blocks); its final masks and gate values are "
              "compacted twice, "
-             "`mode=\"regular\"` and `mode=\"mixed\"` (same channels, outputs equal to finalize's). "
+             "`mode=\"regular\"` and `mode=\"mixed\"` (same channels, outputs equal to finalize's). A third "
+             "pruner, the same but with `block=\"regular\", channel_multiple=" + str(s.get("multiple", 16)) + "`, "
+             "projects and fills under costs counted with every regular-block width padded to a multiple of "
+             + str(s.get("multiple", 16)) + " channels (its own masks; `padded` below). "
              "Exports: `budgetprune.export.to_torchscript` and `to_onnx` (opset 17, TorchScript-based "
              f"exporter). onnxruntime {env['onnxruntime']} CPU with intra_op_num_threads={s['threads']}, "
              f"inter_op_num_threads=1; torch {env['torch']} with {env['torch_threads']} threads. Timing: per model, "
-             f"runtime and batch the five networks in {s['rounds']} interleaved rounds (order rotating), each round "
+             f"runtime and batch the {1 + len(NETWORKS) * len(s['budgets'])} networks in {s['rounds']} interleaved rounds (order rotating), each round "
              "the median of as many runs as make the unpruned network take "
              f"{s['round_ms']:g} ms (at least 1); the table gives the median over rounds. "
              f"**The machine was shared**: its {env['cpu_count']} CPU cores ({env['cpu']}) also ran another "
@@ -511,11 +539,11 @@ def markdown(r: dict) -> str:
         lines.append("No pruned network is slower than the unpruned one.")
     lines += ["", "Speedup ÷ FLOP reduction, min – max over models and budgets (target ≥ "
               f"{TARGET} at batch 16 in onnxruntime):", "",
-              "| runtime | batch | regular | mixed |", "|---|---:|---|---|"]
+              "| runtime | batch | " + " | ".join(NETWORKS) + " |", "|---|---:|" + "---|" * len(NETWORKS)]
     for runtime in s["runtimes"]:
         for batch in s["batches"]:
             cells = []
-            for mode in BLOCKS:
+            for mode in NETWORKS:
                 v = [x for x in rows if x["runtime"] == runtime and x["batch"] == batch and x["block"] == mode]
                 if not v:
                     cells.append("–")
@@ -524,7 +552,7 @@ def markdown(r: dict) -> str:
                 hi = max(v, key=lambda x: x["speedup_over_flop_reduction"])
                 cells.append(f"{lo['speedup_over_flop_reduction']:.2f} ({lo['model']} {lo['budget']:g}×) – "
                              f"{hi['speedup_over_flop_reduction']:.2f} ({hi['model']} {hi['budget']:g}×)")
-            lines.append(f"| {runtime} | {batch} | {cells[0]} | {cells[1]} |")
+            lines.append(f"| {runtime} | {batch} | " + " | ".join(cells) + " |")
     lines += ["", "## Every measurement", "",
               "| model | budget | runtime | batch | block | FLOP red. | ms | speedup | speedup ÷ FLOP red. |",
               "|---|---:|---|---:|---|---:|---:|---:|---:|"]
@@ -581,7 +609,7 @@ def plot(r: dict, path: Path) -> None:
                 continue
             big = x["batch"] == max(batches)
             ax.scatter(x["flop_reduction"], x["speedup"], color=colors[x["model"]],
-                       marker="o" if x["block"] == "mixed" else "s", s=36 if big else 22,
+                       marker={"mixed": "o", "regular": "s"}.get(x["block"], "^"), s=36 if big else 22,
                        facecolors=colors[x["model"]] if big else "none", linewidths=1.1)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
@@ -596,6 +624,7 @@ def plot(r: dict, path: Path) -> None:
     handles = [plt.Line2D([], [], color=colors[m], marker="o", ls="", label=m) for m in models]
     handles += [plt.Line2D([], [], color="k", marker="o", ls="", label="mixed block"),
                 plt.Line2D([], [], color="k", marker="s", ls="", label="regular block"),
+                plt.Line2D([], [], color="k", marker="^", ls="", label="regular, padded widths"),
                 plt.Line2D([], [], color="k", marker="o", ls="", label=f"batch {max(batches)}"),
                 plt.Line2D([], [], color="k", marker="o", ls="", fillstyle="none", label="other batch")]
     handles += axes[0][0].get_legend_handles_labels()[0][:2]

@@ -11,13 +11,15 @@ and replays its plan with the padded widths.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
 
 import budgetprune
 from budgetprune.budget import Budget, enforce_budget, fill_budget, reopenable_channels
-from budgetprune.errors import CheckpointError
+from budgetprune.errors import CheckpointError, ConfigError
 from budgetprune.liveness import BlockMode, slot_sets
 from budgetprune.plan import check_plan, replay
 from budgetprune.resources import CostModel
@@ -97,6 +99,11 @@ def test_padded_compaction_is_exact_and_aligned(name):
 
 
 def test_block_mode_is_the_plain_string_and_refuses_mixed_padding():
+    model = budgetprune.create_model("resnet20")
+    with pytest.raises(ConfigError, match="block='regular'"):
+        budgetprune.Pruner(model, torch.zeros(2, 1, 28, 28), 0.5, total_steps=1, channel_multiple=8)
+    with pytest.raises(ConfigError, match="positive int"):
+        budgetprune.Pruner(model, torch.zeros(2, 1, 28, 28), 0.5, total_steps=1, block="regular", channel_multiple=0)
     mode = BlockMode("regular", 16)
     assert mode == "regular" and mode.multiple == 16 and str(mode) == "regular"
     assert BlockMode("mixed").multiple == 1
@@ -136,8 +143,8 @@ def test_pruner_run_with_padded_widths_saves_and_replays(tmp_path):
     reference = budgetprune.create_model("resnet20")
     reference.load_state_dict(model.state_dict())
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
-    pruner = budgetprune.Pruner(model, x, "flops=0.5", total_steps=3, method="magnitude",
-                                block=BlockMode("regular", 8))
+    pruner = budgetprune.Pruner(model, x, "flops=0.5", total_steps=3, method="magnitude", block="regular",
+                                channel_multiple=8)
     optimizer = torch.optim.SGD(pruner.parameters(lr=0.01), lr=0.01)
     for _ in range(3):
         loss = nn.functional.cross_entropy(model(x), y) + pruner.penalty()
@@ -173,3 +180,21 @@ def test_plan_with_a_bad_multiple_is_refused(bad):
     plan.update(channel_multiple=8, block="mixed")
     with pytest.raises(CheckpointError, match="channel multiple"):
         check_plan(plan)
+
+
+def test_cli_run_with_padded_widths(tmp_path, capsys):
+    from budgetprune import cli
+
+    out = tmp_path / "run"
+    code = cli.main(["prune", "--model", "lenet5", "--data", "demo", "--budget", "flops=0.3", "--block", "regular",
+                     "--channel-multiple", "4", "--out", str(out), "--no-progress", "--teacher-epochs", "1",
+                     "--epochs", "1", "--finetune-epochs", "0", "--lowlr-epochs", "0"])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["channel_multiple"] == 4 and metrics["block"] == "regular"
+    assert metrics["pruned"]["flops"] <= metrics["budget"]
+    model = budgetprune.load(out / "model.pt")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c.out_channels % 4 == 0 for c in convs)
+    counted = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 28, 28))
+    assert CostModel(counted, "flops").full() == pytest.approx(metrics["pruned"]["flops"], rel=1e-9)

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", choices=["mixed", "regular"],
                    help="residual adds of the compacted net: mixed (index_add, computes only kept maps; "
                         "default) or regular (added tensors keep equal widths)")
+    p.add_argument("--channel-multiple", type=int,
+                   help="with --block regular: pad every kept width to a multiple of this many channels, counted "
+                        "in the budget (onnxruntime's fast CPU convolutions need 8, or 16 with AVX-512; default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     n = sub.add_parser("inspect", help="what in a model can be pruned, what cannot and why, and its costs")
@@ -136,7 +139,7 @@ RESUME_MAY_CHANGE = ("device", "data_root", "progress", "workers")
 _PLAIN_OPTIONS = ("model", "data", "data_root", "image_size", "augment", "workers", "method", "teacher",
                   "granularity", "epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs", "lr", "gate_lr",
                   "batch_size", "lam", "gate_init", "dual_lr", "schedule", "student_init", "seed", "device", "block",
-                  "precision")
+                  "channel_multiple", "precision")
 
 
 def cmd_prune(args) -> int:

@@ -31,7 +31,7 @@ from .budget import Budget, enforce_budget, fill_budget, parse_budgets, reopenab
 from .compact import compact, silence_channels
 from .errors import ConfigError, TrainingDiverged
 from .graph import ChannelGraph
-from .liveness import effective_masks
+from .liveness import BlockMode, effective_masks
 from .methods import create_method
 from . import distributed
 from .plan import make_plan
@@ -40,6 +40,16 @@ from .resources import METRICS, CostModel, resource_report
 from .sparsity import check_weight_budget, count_kept, project_weights, scale_weights, weight_counts
 
 BLOCKS = ("mixed", "regular")
+
+
+def block_mode(block: str, channel_multiple: int = 1) -> BlockMode:
+    """The residual ``block`` with its widths padded to ``channel_multiple``, or a one-line error."""
+    if type(channel_multiple) is not int or channel_multiple < 1:
+        raise ConfigError(f"channel_multiple must be a positive int (1: exact widths), got {channel_multiple!r}")
+    if channel_multiple > 1 and block != "regular":
+        raise ConfigError(f"channel_multiple {channel_multiple} pads the widths of regular blocks only (a mixed "
+                          "block's sums keep each branch's own channels): use block='regular' (--block regular)")
+    return BlockMode(str(block), channel_multiple)
 _MARK = "_budgetprune_pruner"  # on a model while a Pruner's gates are attached to it
 
 
@@ -53,13 +63,15 @@ def method_settings(*, lam: float | None = None, schedule: str = "sigmoid", sche
 
 
 def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget], *, method: str = "bar",
-                   granularity: str = "channel", block: str = "mixed", method_options: dict | None = None,
-                   metric: str | None = None, fill: bool = True, gate_inputs: bool = True, **settings) -> None:
+                   granularity: str = "channel", block: str = "mixed", channel_multiple: int = 1,
+                   method_options: dict | None = None, metric: str | None = None, fill: bool = True,
+                   gate_inputs: bool = True, **settings) -> None:
     """Raise a one-line error when ``budgets`` cannot be met on ``model`` or the method's options
     do not fit it, before any training; takes the :class:`Pruner`'s options (the pipeline checks
     them before it trains a teacher)."""
     if block not in BLOCKS:
         raise ConfigError(f"block must be one of {', '.join(BLOCKS)}, not {block!r}")
+    block = block_mode(block, channel_multiple)
     unknown = set(settings) - set(method_settings.__kwdefaults__)
     if unknown:
         raise ConfigError(f"unknown Pruner option(s) {', '.join(sorted(unknown))}; it takes "
@@ -68,7 +80,7 @@ def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget],
         check_weight_budget(budgets[0].absolute(graph), weight_counts(model))
     else:
         for budget in budgets:
-            budget.check_reachable(graph, block)
+            budget.check_reachable(graph, block)  # counted with the padded widths
     create_method(method, shared=method_settings(granularity=granularity, **settings),
                   **(method_options or {})).check(model, graph)
 
@@ -108,7 +120,9 @@ class Pruner:
     cost to the target (the method's schedule). The other options are those of the method
     (``lam``, ``gate_lr``, ``gate_init``, ...; ``method_options`` for its own, e.g.
     ``{"rounds": 3}`` for ``cs``), the granularity, the residual ``block`` of the compacted
-    network and whether the final projection ``fill``\\ s up to the budget.
+    network (with ``block="regular"``, ``channel_multiple`` pads every width to a multiple of
+    that many channels, counted in the budget: the widths onnxruntime's fast CPU convolutions
+    need, 8 or 16) and whether the final projection ``fill``\\ s up to the budget.
 
     The pruner attaches the method's gates to ``model`` in place; put the model on its device
     first (the gates follow it).
@@ -116,7 +130,7 @@ class Pruner:
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, budget: float | str | list[Budget], *,
                  total_steps: int, metric: str | None = None, method: str = "bar", granularity: str = "channel",
-                 block: str = "mixed", fill: bool = True, gate_inputs: bool = True,
+                 block: str = "mixed", channel_multiple: int = 1, fill: bool = True, gate_inputs: bool = True,
                  method_options: dict | None = None, log: Callable[[str], None] | None = None, **settings):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -133,7 +147,6 @@ class Pruner:
         self.budgets = list(budget) if isinstance(budget, (list, tuple)) else parse_budgets(budget, metric)
         self.budget = self.budgets[0]
         self.model = model
-        self.block = block
         self.fill = fill
         self.per_weight = granularity == "weight"
         self.granularity = granularity
@@ -145,7 +158,8 @@ class Pruner:
         self.example = example_inputs.detach().to(device)
         self.graph = ChannelGraph.build(model, self.example, gate_inputs=gate_inputs)
         check_prunable(model, self.graph, self.budgets, method=method, granularity=granularity, block=block,
-                       method_options=method_options, **settings)
+                       channel_multiple=channel_multiple, method_options=method_options, **settings)
+        self.block = block_mode(block, channel_multiple)
         self.metrics = METRICS + tuple(b.metric for b in self.budgets if b.metric not in METRICS)
         self.full = resource_report(self.graph, metrics=self.metrics)
         self.method = create_method(method, shared=method_settings(granularity=granularity, **settings),
@@ -302,7 +316,8 @@ class Pruner:
                   "channels_reopened_by_fill": n_reopened, "compaction_max_abs_diff": diff,
                   "masks": {g: [int(i) for i in torch.nonzero(m).flatten()] for g, m in kept.items()},
                   "pruned": resource_report(graph, final, block, self.metrics),
-                  "pruned_by_block": {mode: resource_report(graph, final, mode, self.metrics) for mode in BLOCKS},
+                  "pruned_by_block": {mode: resource_report(graph, final, block if mode == block else mode,
+                                                            self.metrics) for mode in BLOCKS},
                   "plan": net.budgetprune_plan}
         return net, report
 
