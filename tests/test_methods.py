@@ -576,12 +576,13 @@ def test_cli_rejects_a_malformed_budget_list(capsys, tmp_path):
 # the latency budget
 # ---------------------------------------------------------------------------------------
 def test_latency_fit_recovers_a_bilinear_timer_exactly(monkeypatch):
-    def fake_time(module, x, repeats):
+    def fake_time(module, repeats, device=None):
         n_in, n_out = (module.in_features, module.out_features) if isinstance(module, torch.nn.Linear) \
             else (module.in_channels, module.out_channels)
         return 0.002 * n_in * n_out + 0.05 * n_out
 
-    monkeypatch.setattr(latency, "_time", fake_time)
+    monkeypatch.setattr(latency, "runner", lambda module, x, runtime: module)  # timed by its widths
+    monkeypatch.setattr(latency, "median_ms", fake_time)
     spec = {"kind": "conv", "in": 20, "out": 50, "spatial": [12, 12], "batch": 1, "bias": True,
             "depthwise": False, "kernel": [5, 5], "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1]}
     fit = latency.measure_layer(spec, torch.device("cpu"), repeats=1)
@@ -593,7 +594,7 @@ def test_latency_table_is_cached_per_device(monkeypatch, tmp_path):
     monkeypatch.setenv("BUDGETPRUNE_CACHE", str(tmp_path))
     calls = []
 
-    def fake_measure(spec, device, repeats=20):
+    def fake_measure(spec, device, repeats=20, runtime="eager"):
         calls.append(spec["out"])
         return {"table": [], "c_io": 1e-3 * spec["out"], "c_out": 0.01}
 
@@ -609,6 +610,36 @@ def test_latency_table_is_cached_per_device(monkeypatch, tmp_path):
     hand = (1e-3 * 20 * 1 * 20 + 0.01 * 20) + (1e-3 * 50 * 20 * 50 + 0.01 * 50) \
         + (1e-3 * 500 * 800 * 500 + 0.01 * 500) + (1e-3 * 10 * 500 * 10 + 0.01 * 10)
     assert CostModel(graph, "latency").full() == pytest.approx(hand, rel=1e-9)
+    # another runtime has its own table
+    latency.layer_coefficients(graph, runtime="onnxruntime")
+    assert len(calls) == 8
+    cache = json.loads((tmp_path / "latency.json").read_text())
+    assert sorted(cache) == sorted([latency.device_name(torch.device("cpu")),
+                                    latency.device_name(torch.device("cpu"), "onnxruntime")])
+    assert latency.device_name(torch.device("cpu"), "onnxruntime").startswith("onnxruntime:")
+
+
+@pytest.mark.parametrize("runtime", ["torchscript", "onnxruntime"])
+def test_latency_table_measured_in_a_deployment_runtime(runtime):
+    spec = {"kind": "conv", "in": 16, "out": 32, "spatial": [8, 8], "batch": 1, "bias": False,
+            "depthwise": False, "kernel": [3, 3], "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1]}
+    fit = latency.measure_layer(spec, torch.device("cpu"), repeats=3, runtime=runtime)
+    assert len(fit["table"]) == 16 and all(ms > 0 for _, _, ms in fit["table"])
+    assert fit["c_io"] >= 0 and fit["c_out"] >= 0 and fit["c_io"] + fit["c_out"] > 0
+
+
+def test_pruner_under_an_onnxruntime_latency_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("BUDGETPRUNE_CACHE", str(tmp_path))
+    model = budgetprune.create_model("lenet5")
+    x = torch.randn(4, 1, 28, 28)
+    pruner = budgetprune.Pruner(model, x, "latency:onnxruntime=0.5", total_steps=1, method="magnitude")
+    small, report = pruner.finalize(x)
+    limit = pruner.budget.absolute(pruner.graph)
+    assert report["pruned"]["latency:onnxruntime"] <= limit
+    cache = json.loads((tmp_path / "latency.json").read_text())
+    assert list(cache) == [latency.device_name(torch.device("cpu"), "onnxruntime")]
+    with pytest.raises(ConfigError, match="unknown runtime"):
+        latency.layer_coefficients(pruner.graph, runtime="tensorrt")
 
 
 @pytest.mark.parametrize("damaged", ['[1, 2]', '{"%s": [1]}', '{"%s": {"KEY": {"c_io": "x", "c_out": 1}}}',
@@ -616,8 +647,8 @@ def test_latency_table_is_cached_per_device(monkeypatch, tmp_path):
 def test_damaged_latency_cache_is_measured_again(damaged, monkeypatch, tmp_path):
     """A cache file that is not the table budgetprune writes is never fatal: its entries are measured again."""
     monkeypatch.setenv("BUDGETPRUNE_CACHE", str(tmp_path))
-    monkeypatch.setattr(latency, "measure_layer", lambda spec, device, repeats=20: {"table": [], "c_io": 1.0,
-                                                                                     "c_out": 2.0})
+    monkeypatch.setattr(latency, "measure_layer", lambda spec, device, repeats=20, runtime="eager":
+                        {"table": [], "c_io": 1.0, "c_out": 2.0})
     _, graph = lenet5_graph()
     name = latency.device_name(torch.device("cpu"))
     key = json.dumps(latency._layer_spec(graph, graph.layers["features.0"], graph.gm.get_submodule("features.0"), 1),

@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allowed fraction of the unpruned cost (0.25) or pruning factor (4x) of --metric; "
                         "several metrics at once: volume=0.25,flops=0.2 (required unless --resume)")
     p.add_argument("--metric", help="volume (activations; the default), flops, params, latency (measured per layer "
-                                    "on this device, cached) or nonzero (conv/linear weights; the default with "
-                                    "--granularity weight)")
+                                    "on this device in eager PyTorch, cached; latency:onnxruntime or "
+                                    "latency:torchscript in those runtimes) or nonzero (conv/linear weights; the "
+                                    "default with --granularity weight)")
     p.add_argument("--granularity", choices=["channel", "weight"],
                    help="prune whole channels (default: a physically smaller net) or single weights (l0, "
                         "constrained-l0, cs, sensitivity: a sparse net under a nonzero budget)")

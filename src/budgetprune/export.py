@@ -89,13 +89,11 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, example, opset: int = 17)
     when the export fails or does not reproduce the outputs.
     """
     exporter = "dynamo" if opset >= DYNAMO_MIN_OPSET else "torchscript"
-    require(*ONNX_PACKAGES[exporter], purpose=f"ONNX export (opset {opset})")
     check_output_file(path)
     args = _as_args(example)
+    data = onnx_bytes(model, example, opset)
+    _write(path, data)
     with _eval_mode(model), torch.no_grad():
-        export = _export_dynamo if exporter == "dynamo" else _export_torchscript
-        data = export(model, args, opset)
-        _write(path, data)
         expected = model(*args)
     result = {"path": str(path), "format": "onnx", "exporter": exporter, "opset": _opset_of(data),
               "verified": False, "max_abs_diff": None,
@@ -105,6 +103,23 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, example, opset: int = 17)
         _check(diff, ONNX_TOLERANCE, path, "ONNX")
         result.update(verified=True, max_abs_diff=diff, note="checked with onnxruntime")
     return result
+
+
+def onnx_bytes(model: nn.Module, example, opset: int = 17) -> bytes:
+    """The ONNX file of ``model`` (in eval mode, batch dimension dynamic) as bytes, not written
+    or checked: what :func:`to_onnx` writes."""
+    exporter = "dynamo" if opset >= DYNAMO_MIN_OPSET else "torchscript"
+    require(*ONNX_PACKAGES[exporter], purpose=f"ONNX export (opset {opset})")
+    with _eval_mode(model), torch.no_grad():
+        export = _export_dynamo if exporter == "dynamo" else _export_torchscript
+        return export(model, _as_args(example), opset)
+
+
+def torchscript_module(model: nn.Module, example) -> torch.jit.ScriptModule:
+    """``model`` (in eval mode) as the TorchScript module :func:`to_torchscript` saves, not saved."""
+    with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.jit")
+        return _script_or_trace(model, _as_args(example))[0].eval()
 
 
 def check_output_file(path: str | os.PathLike) -> None:

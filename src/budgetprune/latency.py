@@ -1,4 +1,4 @@
-"""The latency metric: a per-layer table of measured run times on the current device.
+"""The latency metrics: a per-layer table of measured run times on the current device.
 
 For every conv/linear layer of a graph, a layer of the same kind, kernel, stride and input
 size is timed on the device at a grid of widths (¼, ½, ¾ and all of its input and output
@@ -7,7 +7,13 @@ channels; median of repeated runs). A least-squares fit of the table to
 so the latency is a budget like FLOPs: hard cost, expectation under the gates and the
 projection all work unchanged (:mod:`budgetprune.resources`).
 
-Tables are built once per device and layer shape and cached as JSON in
+The metric names the runtime the layers are timed in (:mod:`budgetprune.runtimes`):
+``latency`` is eager PyTorch, ``latency:torchscript`` and ``latency:onnxruntime`` the runtimes
+the exported files run in. onnxruntime's fast CPU convolutions need widths that are multiples
+of 8 or 16 channels; the grid's widths are such multiples for most layers, so the table
+predicts a network pruned with padded widths (``channel_multiple``) and under-predicts others.
+
+Tables are built once per device, runtime and layer shape and cached as JSON in
 ``$BUDGETPRUNE_CACHE/latency.json`` (default ``~/.cache/budgetprune``), keyed by the device's
 name, so a second run on the same machine measures nothing. Times are in milliseconds per
 call at ``batch`` examples (1 by default: the latency of one input).
@@ -18,16 +24,21 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import io
+from .runtimes import check_runtime, median_ms, runner
 
 GRID = (0.25, 0.5, 0.75, 1.0)
+#: The latency metrics, by the runtime their table is measured in.
+LATENCY_METRICS = {"latency": "eager", "latency:torchscript": "torchscript", "latency:onnxruntime": "onnxruntime"}
+
+
+def is_latency(metric: str) -> bool:
+    return metric in LATENCY_METRICS
 
 
 def cache_path() -> Path:
@@ -35,12 +46,15 @@ def cache_path() -> Path:
     return Path(root) / "latency.json"
 
 
-def device_name(device: torch.device) -> str:
-    """A name that identifies the hardware the table was measured on."""
+def device_name(device: torch.device, runtime: str = "eager") -> str:
+    """A name that identifies the hardware (and the runtime, other than eager PyTorch) the table
+    was measured on."""
     if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    cpu = platform.processor() or platform.machine()
-    return f"{device.type}:{cpu}:{os.cpu_count()} cores:{torch.get_num_threads()} threads"
+        name = f"cuda:{torch.cuda.get_device_name(device)}"
+    else:
+        cpu = platform.processor() or platform.machine()
+        name = f"{device.type}:{cpu}:{os.cpu_count()} cores:{torch.get_num_threads()} threads"
+    return name if runtime == "eager" else f"{runtime}:{name}"
 
 
 def _layer_spec(graph, layer, module: nn.Module, batch: int) -> dict:
@@ -69,23 +83,8 @@ def _build(spec: dict, n_in: int, n_out: int, device: torch.device) -> tuple[nn.
     return conv, x
 
 
-def _time(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    with torch.no_grad():
-        for _ in range(3):
-            module(x)
-        times = []
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            module(x)
-            sync()
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
-def measure_layer(spec: dict, device: torch.device, repeats: int = 20) -> dict:
-    """Time one layer shape at the grid of widths and fit ``c_io``, ``c_out`` (ms)."""
+def measure_layer(spec: dict, device: torch.device, repeats: int = 20, runtime: str = "eager") -> dict:
+    """Time one layer shape at the grid of widths in ``runtime`` and fit ``c_io``, ``c_out`` (ms)."""
     g = spec.get("groups", 1)  # a grouped conv keeps a multiple of its groups on both sides
     ins = [spec["in"]] if spec["depthwise"] else sorted({g * max(1, round(f * spec["in"] / g)) for f in GRID})
     outs = sorted({g * max(1, round(f * spec["out"] / g)) for f in GRID})
@@ -93,7 +92,7 @@ def measure_layer(spec: dict, device: torch.device, repeats: int = 20) -> dict:
     for n_in in ins:
         for n_out in outs:
             module, x = _build(spec, n_in if not spec["depthwise"] else n_out, n_out, device)
-            rows.append((n_in, n_out, _time(module, x, repeats)))
+            rows.append((n_in, n_out, median_ms(runner(module, x, runtime), repeats, device=device)))
     if spec["depthwise"]:
         a = torch.tensor([[0.0, float(o)] for _, o, _ in rows], dtype=torch.float64)
     else:
@@ -112,14 +111,16 @@ def _valid_entry(entry) -> bool:
         and 0.0 <= entry[k] < float("inf") for k in ("c_io", "c_out"))
 
 
-def layer_coefficients(graph, device: torch.device | None = None, batch: int = 1,
-                       repeats: int = 20) -> dict[str, tuple[float, float]]:
-    """``{layer: (c_io, c_out)}`` in ms for ``graph`` on ``device``, measured or from the cache."""
+def layer_coefficients(graph, device: torch.device | None = None, batch: int = 1, repeats: int = 20,
+                       runtime: str = "eager") -> dict[str, tuple[float, float]]:
+    """``{layer: (c_io, c_out)}`` in ms for ``graph`` on ``device`` in ``runtime``, measured or
+    from the cache."""
+    check_runtime(runtime)
     modules = dict(graph.gm.named_modules())
     if device is None:
         param = next(graph.gm.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-    name = device_name(device)
+    name = device_name(device, runtime)
     path = cache_path()
     try:
         cache = json.loads(path.read_text()) if path.exists() else {}
@@ -135,7 +136,7 @@ def layer_coefficients(graph, device: torch.device | None = None, batch: int = 1
         spec = _layer_spec(graph, layer, modules[layer.name], batch)
         key = json.dumps(spec, sort_keys=True)
         if not _valid_entry(table.get(key)):  # not measured yet, or a damaged entry: measure it
-            table[key] = measure_layer(spec, device, repeats)
+            table[key] = measure_layer(spec, device, repeats, runtime)
             changed = True
         out[layer.name] = (table[key]["c_io"], table[key]["c_out"])
     if changed:

@@ -27,6 +27,8 @@ dead output channel also removes the next layer's inputs.
   attention products between them (2 · L² · E) are in the constant.
 * latency — milliseconds measured per layer on the current device and fitted to the same
   c_io · n_in · n_out + c_out · n_out form (:mod:`budgetprune.latency`): a budget like FLOPs.
+  ``latency`` times the layers in eager PyTorch, ``latency:torchscript`` and
+  ``latency:onnxruntime`` in those runtimes.
 * params — weights k² · n_in · n_out (/ g for a grouped conv), biases n_out, BatchNorm γ and β 2 · n_out (also for a
   BatchNorm that hosts no gate, e.g. a Wide-ResNet's pre-activation BN), a LayerNorm's and a layer
   scale's entries per kept channel; every other parameter of the model (an attention's projections,
@@ -49,12 +51,12 @@ from torch import nn
 
 from .errors import ConfigError
 from .graph import ChannelGraph
-from .latency import layer_coefficients
+from .latency import LATENCY_METRICS, is_latency, layer_coefficients
 from .liveness import alive, effective_masks, slot_sets
 
 METRICS = ("volume", "flops", "params")  # counted: every report gives them
 #: Every metric a budget may use: the counted ones and the measured latency (:mod:`budgetprune.latency`).
-BUDGET_METRICS = METRICS + ("nonzero", "latency")
+BUDGET_METRICS = METRICS + ("nonzero", *LATENCY_METRICS)
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,10 @@ def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
         raise ConfigError(f"unknown metric '{metric}': choose one of {', '.join(BUDGET_METRICS)}")
     modules = dict(graph.gm.named_modules())
     attention = [layer.name for layer in graph.layers.values() if layer.kind == "attention"]
-    if metric == "latency" and attention:
+    if is_latency(metric) and attention:
         raise ConfigError(f"a latency budget cannot time the attention layer '{attention[0]}' yet: "
                           "use a flops or params budget for this model")
-    timed = layer_coefficients(graph) if metric == "latency" else None
+    timed = layer_coefficients(graph, runtime=LATENCY_METRICS[metric]) if is_latency(metric) else None
     terms: list[LayerCost] = []
     for layer in graph.layers.values():
         if layer.kind == "attention":
@@ -99,7 +101,7 @@ def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
             c_io, c_out = 0.0, float(layer.out_area)
         elif metric == "flops":
             c_io, c_out = (0.0, float(layer.out_area * k)) if layer.depthwise else (float(layer.out_area * k), 0.0)
-        elif metric == "latency":  # measured ms, fitted to the same bilinear form
+        elif is_latency(metric):  # measured ms in the metric's runtime, fitted to the same bilinear form
             c_io, c_out = (0.0, timed[layer.name][1]) if layer.depthwise else timed[layer.name]
         elif metric == "nonzero":
             c_io, c_out = (0.0, float(k)) if layer.depthwise else (float(k), 0.0)

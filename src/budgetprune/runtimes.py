@@ -1,0 +1,73 @@
+"""Running and timing a network in the runtimes users deploy with.
+
+``eager`` is PyTorch itself; ``torchscript`` the module :func:`budgetprune.export.to_torchscript`
+saves; ``onnxruntime`` an ``InferenceSession`` of the file :func:`budgetprune.export.to_onnx`
+writes (CPU, or CUDA where onnxruntime has it and the example is on a GPU). The per-layer latency
+table (:mod:`budgetprune.latency`) and the deployed speed of a run's result time networks here,
+so a latency budget and the speed a run reports are measured in the runtime a user names.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .export import onnx_bytes, require, torchscript_module
+
+RUNTIMES = ("eager", "torchscript", "onnxruntime")
+
+
+def check_runtime(runtime: str) -> str:
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime '{runtime}': choose one of {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime":
+        require("onnx", "onnxruntime", purpose="timing in onnxruntime")
+    return runtime
+
+
+def runner(model: nn.Module, example: torch.Tensor, runtime: str = "eager",
+           threads: int | None = None) -> Callable[[], object]:
+    """A no-argument callable that runs ``model`` (eval mode) once on ``example`` in ``runtime``;
+    onnxruntime uses ``threads`` intra-op threads (default: torch's thread count)."""
+    check_runtime(runtime)
+    model.eval()
+    if runtime == "eager":
+        return lambda: model(example)
+    if runtime == "torchscript":
+        module = torchscript_module(model, example)
+        return lambda: module(example)
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # no warnings about the hardware-specific optimisations it applies
+    providers = ["CPUExecutionProvider"]
+    if example.is_cuda and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = onnxruntime.InferenceSession(onnx_bytes(model, example), options, providers=providers)
+    feeds = {session.get_inputs()[0].name: example.detach().cpu().numpy()}
+    return lambda: session.run(None, feeds)
+
+
+def median_ms(run: Callable[[], object], repeats: int = 20, warmup: int = 3,
+              device: torch.device | None = None) -> float:
+    """Median wall time of ``run()`` in milliseconds over ``repeats`` calls after ``warmup`` ones
+    (CUDA work is waited for on ``device``)."""
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+    times = []
+    with torch.no_grad():
+        for _ in range(warmup):
+            run()
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
