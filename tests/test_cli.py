@@ -51,6 +51,13 @@ def test_prune_end_to_end_meets_budget(finished_run):
     assert config["epochs"] == 2 and config["model"] == "lenet5"
     report = (finished_run / "report.md").read_text()
     assert "widths.png" in report and (finished_run / "widths.png").stat().st_size > 1000
+    # the result's own deployed speed, in onnxruntime where it is installed
+    from budgetprune.runtimes import default_runtime
+    deployed = m["deployed"]
+    assert deployed["runtime"] == default_runtime(["volume"]) and deployed["batch"] == 1
+    assert deployed["unpruned_ms"] > 0 and deployed["pruned_ms"] > 0
+    assert deployed["speedup"] == pytest.approx(deployed["unpruned_ms"] / deployed["pruned_ms"])
+    assert f"Deployed speed in {deployed['runtime']}" in report
 
 
 @pytest.mark.slow

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", choices=["mixed", "regular"],
                    help="residual adds of the compacted net: mixed (index_add, computes only kept maps; "
                         "default) or regular (added tensors keep equal widths)")
+    p.add_argument("--deploy-runtime", choices=["eager", "torchscript", "onnxruntime", "none"],
+                   help="where the result's speed is timed against the unpruned network's (metrics.json "
+                        "'deployed'): the latency budget's runtime, else onnxruntime when installed, else eager")
     p.add_argument("--channel-multiple", type=int,
                    help="with --block regular: pad every kept width to a multiple of this many channels, counted "
                         "in the budget (onnxruntime's fast CPU convolutions need 8, or 16 with AVX-512; default 1)")
@@ -134,13 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: PruneConfig fields a resumed run may change: they do not change its result.
-RESUME_MAY_CHANGE = ("device", "data_root", "progress", "workers")
+RESUME_MAY_CHANGE = ("device", "data_root", "progress", "workers", "deploy_runtime")
 
 #: PruneConfig fields set by the prune option of the same name.
 _PLAIN_OPTIONS = ("model", "data", "data_root", "image_size", "augment", "workers", "method", "teacher",
                   "granularity", "epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs", "lr", "gate_lr",
                   "batch_size", "lam", "gate_init", "dual_lr", "schedule", "student_init", "seed", "device", "block",
-                  "channel_multiple", "precision")
+                  "channel_multiple", "precision", "deploy_runtime")
 
 
 def cmd_prune(args) -> int:

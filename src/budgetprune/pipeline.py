@@ -41,6 +41,7 @@ from .precision import check_precision, grad_scaler
 from .pruner import Pruner, check_prunable
 from .resources import BUDGET_METRICS, METRICS, resource_report
 from .runfolder import RunFolder
+from .runtimes import check_runtime, default_runtime, deployed_speed
 from .sparsity import density, prunable_weights
 
 STAGES = ("teacher", "prune", "finetune", "done")
@@ -100,6 +101,7 @@ class PruneConfig:
     fill_budget: bool = True  # reopen closed channels (zero outgoing weights) while the budget holds
     block: str = "mixed"  # residual adds of the compacted net: "mixed" (index_add) or "regular"
     channel_multiple: int = 1  # regular blocks: widths padded to a multiple (onnxruntime's fast CPU convs: 8, 16)
+    deploy_runtime: str | None = None  # where the result's speed is timed: eager, torchscript, onnxruntime, none
     teacher: str | None = None
     seed: int = 0
     device: str = "cpu"
@@ -139,6 +141,8 @@ class PruneConfig:
             raise ConfigError("--batch-size and --lr must be positive")
         if self.block not in ("mixed", "regular"):
             raise ConfigError("--block must be 'mixed' or 'regular'")
+        if self.deploy_runtime not in (None, "none"):
+            check_runtime(self.deploy_runtime)
         if self.channel_multiple < 1 or (self.channel_multiple > 1 and self.block != "regular"):
             raise ConfigError(f"--channel-multiple {self.channel_multiple}: the multiple must be 1 or more, and pads "
                               "the widths of regular blocks only: add --block regular")
@@ -623,6 +627,15 @@ class PruneRun:
         io.write_json(self.out / "config.json", asdict(cfg))
         write_report(self.out, metrics, self.history)
 
+    def _deployed_speed(self, net: nn.Module) -> dict | None:
+        """The result's latency next to the unpruned network's, at batch 1, in the chosen runtime."""
+        runtime = self.config.deploy_runtime or default_runtime([b.metric for b in self.budgets])
+        if runtime == "none":
+            return None
+        example = torch.zeros(1, *self.graph.input_shape, device=self.device)
+        self.log(f"timing the unpruned and the pruned network in {runtime} (batch 1)")
+        return deployed_speed(self.teacher, net, example, runtime)
+
     def _finish(self, net: nn.Module, specs: dict, info: dict) -> PruneResult:
         from .report import layer_widths
         cfg = self.config
@@ -656,7 +669,8 @@ class PruneRun:
                             "weights_reopened_by_fill": info["weights_reopened_by_fill"],
                             "nonzero_after_finetune": sum(v["nonzero"] for v in layers.values()),
                             "density": layers})
-        if distributed.is_main():  # rank 0 writes the run folder
+        if distributed.is_main():  # rank 0 times the result and writes the run folder
+            metrics["deployed"] = self._deployed_speed(net)
             self._write_results(net, metrics)
         total = cfg.finetune_epochs + cfg.lowlr_epochs
         self._save_checkpoint("done", total, arch=json.dumps(specs), model=net.state_dict(), info=json.dumps(info),

@@ -62,6 +62,14 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
              + ("at value 0" if per_weight else "zero outgoing weights at reopening")
              + f"): {m.get(f'{unit}_reopened_by_fill', 0)}",
              f"- Compacted vs gated outputs, max abs difference: {m['compaction_max_abs_diff']:.2e}"]
+    deployed = m.get("deployed")
+    if deployed and "error" in deployed:
+        lines.append(f"- Deployed speed in {deployed['runtime']}: not measured ({deployed['error']})")
+    elif deployed:
+        lines.append(f"- Deployed speed in {deployed['runtime']} (batch {deployed['batch']}, {deployed['device']}, "
+                     f"{deployed['threads']} threads): unpruned {deployed['unpruned_ms']:.3f} ms, pruned "
+                     f"{deployed['pruned_ms']:.3f} ms: **{deployed['speedup']:.2f}×**"
+                     + (" (slower: see the README's \"Deployed speed\")" if deployed["speedup"] < 1 else ""))
     if per_weight:
         lines.append(f"- Non-zero weights after fine-tuning: {m['nonzero_after_finetune']} (pruned weights stay 0); "
                      f"model file {m.get('model_file_bytes', 0) / 1024:.1f} KiB, sparse weights stored as bit mask "

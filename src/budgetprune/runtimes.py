@@ -71,3 +71,39 @@ def median_ms(run: Callable[[], object], repeats: int = 20, warmup: int = 3,
             sync()
             times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def default_runtime(metrics: list[str]) -> str:
+    """The runtime a run reports its deployed speed in: the one its latency budget is measured in,
+    else onnxruntime where it is installed, else eager PyTorch."""
+    from .latency import LATENCY_METRICS
+
+    for metric in metrics:
+        if metric in LATENCY_METRICS:
+            return LATENCY_METRICS[metric]
+    try:
+        check_runtime("onnxruntime")
+    except ConfigError:
+        return "eager"
+    return "onnxruntime"
+
+
+def deployed_speed(unpruned: nn.Module, pruned: nn.Module, example: torch.Tensor, runtime: str,
+                   repeats: int = 30) -> dict:
+    """Latency of the unpruned and the pruned network in ``runtime`` on ``example`` (what a run
+    reports in ``metrics.json``): milliseconds (medians, the two timed in alternating rounds so
+    a busy machine slows both alike) and the speedup. An export that fails is reported, not raised."""
+    from .errors import ExportError
+
+    try:
+        runs = {"unpruned": runner(unpruned, example, runtime), "pruned": runner(pruned, example, runtime)}
+    except (ExportError, ConfigError) as exc:
+        return {"runtime": runtime, "error": str(exc)}
+    rounds = {name: [] for name in runs}
+    for _ in range(5):
+        for name, run in runs.items():
+            rounds[name].append(median_ms(run, max(1, repeats // 5), warmup=1, device=example.device))
+    ms = {name: statistics.median(times) for name, times in rounds.items()}
+    return {"runtime": runtime, "batch": int(example.shape[0]), "device": str(example.device),
+            "threads": torch.get_num_threads(), "unpruned_ms": ms["unpruned"], "pruned_ms": ms["pruned"],
+            "speedup": ms["unpruned"] / ms["pruned"]}
