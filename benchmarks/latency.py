@@ -1,26 +1,19 @@
-"""Latency measurement shared by the benchmarks: medians of repeated runs, interleaved."""
+"""Latency measurement shared by the benchmarks: medians of repeated runs, interleaved
+(eager PyTorch; :mod:`budgetprune.runtimes` times the other runtimes the same way)."""
 
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 from torch import nn
 
+from budgetprune.runtimes import median_ms, runner
+
 
 def median_latency(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
     """Median seconds of ``repeats`` forward passes (after a warm-up), in eval mode, no grad."""
-    model.eval()
-    with torch.no_grad():
-        for _ in range(max(3, repeats // 10)):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_ms(runner(model, x, "eager"), repeats, warmup=max(3, repeats // 10), device=x.device) / 1e3
 
 
 def interleaved_latency(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, rounds: int = 5) -> dict:
