@@ -3,9 +3,7 @@
 For every conv/linear layer of a graph, a layer of the same kind, kernel, stride and input
 size is timed on the device at a grid of widths (¼, ½, ¾ and all of its input and output
 channels; median of repeated runs). A least-squares fit of the table to
-``t ≈ c_0 + c_io · n_in · n_out + c_out · n_out`` gives the same bilinear form the FLOP count has
-(the intercept ``c_0`` is what calling one layer alone costs whatever its width, the runtime's
-call and layout overhead; it is left out of the layer's cost),
+``t ≈ c_io · n_in · n_out + c_out · n_out`` gives the same bilinear form the FLOP count has,
 so the latency is a budget like FLOPs: hard cost, expectation under the gates and the
 projection all work unchanged (:mod:`budgetprune.resources`).
 
@@ -14,12 +12,6 @@ The metric names the runtime the layers are timed in (:mod:`budgetprune.runtimes
 the exported files run in. onnxruntime's fast CPU convolutions need widths that are multiples
 of 8 or 16 channels; the grid's widths are such multiples for most layers, so the table
 predicts a network pruned with padded widths (``channel_multiple``) and under-predicts others.
-
-The table times the conv and linear layers alone; what else the network runs (additions,
-pooling, activations a runtime does not fuse, the runtime's own overhead) is the constant
-:func:`network_ms` − Σ table, measured once on the unpruned network and counted in every cost,
-as FLOPs count the ops no gate prunes. It does not shrink with the pruned channels, so the
-pruned network's measured latency lands at or under what its cost predicts.
 
 Tables are built once per device, runtime and layer shape and cached as JSON in
 ``$BUDGETPRUNE_CACHE/latency.json`` (default ``~/.cache/budgetprune``), keyed by the device's
@@ -77,7 +69,6 @@ def _layer_spec(graph, layer, module: nn.Module, batch: int) -> dict:
                     dilation=list(module.dilation))
     if layer.groups > 1:
         spec["groups"] = layer.groups  # timed as a grouped conv, at widths that are multiples of it
-    spec["fit"] = "intercept"  # entries fitted without the per-call intercept are measured again
     return spec
 
 
@@ -93,7 +84,7 @@ def _build(spec: dict, n_in: int, n_out: int, device: torch.device) -> tuple[nn.
 
 
 def measure_layer(spec: dict, device: torch.device, repeats: int = 20, runtime: str = "eager") -> dict:
-    """Time one layer shape at the grid of widths in ``runtime`` and fit ``c_0``, ``c_io``, ``c_out`` (ms)."""
+    """Time one layer shape at the grid of widths in ``runtime`` and fit ``c_io``, ``c_out`` (ms)."""
     g = spec.get("groups", 1)  # a grouped conv keeps a multiple of its groups on both sides
     ins = [spec["in"]] if spec["depthwise"] else sorted({g * max(1, round(f * spec["in"] / g)) for f in GRID})
     outs = sorted({g * max(1, round(f * spec["out"] / g)) for f in GRID})
@@ -102,48 +93,15 @@ def measure_layer(spec: dict, device: torch.device, repeats: int = 20, runtime: 
         for n_out in outs:
             module, x = _build(spec, n_in if not spec["depthwise"] else n_out, n_out, device)
             rows.append((n_in, n_out, median_ms(runner(module, x, runtime), repeats, device=device)))
-    columns = [(lambda i, o: 1.0), (lambda i, o: float(o))]  # intercept, per output channel
-    if not spec["depthwise"]:
-        columns.insert(1, lambda i, o: float(i * o))
-    coef = _nonnegative_fit(rows, columns)
-    c_0, c_io, c_out = (coef[0], 0.0, coef[1]) if spec["depthwise"] else tuple(coef)
-    if c_io + c_out == 0.0:  # timer resolution: fall back to the time per output channel
-        c_0, c_out = 0.0, max(r[2] for r in rows) / max(outs)
-    return {"table": [list(r) for r in rows], "c_0": c_0, "c_io": c_io, "c_out": c_out}
-
-
-def _nonnegative_fit(rows, columns) -> list[float]:
-    """Least squares of the times on ``columns`` (functions of n_in, n_out) with every coefficient
-    ≥ 0: a negative one is set to 0 and the others are fitted again."""
-    active = list(range(len(columns)))
+    if spec["depthwise"]:
+        a = torch.tensor([[0.0, float(o)] for _, o, _ in rows], dtype=torch.float64)
+    else:
+        a = torch.tensor([[float(i * o), float(o)] for i, o, _ in rows], dtype=torch.float64)
     t = torch.tensor([[r[2]] for r in rows], dtype=torch.float64)
-    while True:
-        a = torch.tensor([[columns[j](i, o) for j in active] for i, o, _ in rows], dtype=torch.float64)
-        solution = torch.linalg.lstsq(a, t).solution.flatten()
-        if bool((solution >= 0).all()) or len(active) == 1:
-            coef = [0.0] * len(columns)
-            for j, value in zip(active, solution.clamp_min(0.0).tolist()):
-                coef[j] = value
-            return coef
-        active.pop(int(torch.argmin(solution)))
-
-
-def network_ms(graph, runtime: str = "eager", batch: int = 1, repeats: int = 20) -> float:
-    """Measured latency (ms) of the whole unpruned network of ``graph`` in ``runtime`` at ``batch``
-    examples, measured once per graph (the model's modules keep their own training modes)."""
-    memo = graph.__dict__.setdefault("_network_ms", {})
-    if (runtime, batch) not in memo:
-        check_runtime(runtime)
-        param = next(graph.gm.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        modes = [(m, m.training) for m in graph.gm.modules()]
-        try:
-            example = torch.zeros(batch, *graph.input_shape, device=device)
-            memo[(runtime, batch)] = median_ms(runner(graph.gm, example, runtime), repeats, device=device)
-        finally:
-            for module, training in modes:
-                module.training = training
-    return memo[(runtime, batch)]
+    coef = torch.linalg.lstsq(a, t).solution.flatten().clamp_min(0.0)
+    if float(coef.sum()) == 0.0:  # timer resolution: fall back to the time per output channel
+        coef = torch.tensor([0.0, max(r[2] for r in rows) / max(outs)], dtype=torch.float64)
+    return {"table": [list(r) for r in rows], "c_io": float(coef[0]), "c_out": float(coef[1])}
 
 
 def _valid_entry(entry) -> bool:

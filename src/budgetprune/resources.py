@@ -28,8 +28,7 @@ dead output channel also removes the next layer's inputs.
 * latency — milliseconds measured per layer on the current device and fitted to the same
   c_io · n_in · n_out + c_out · n_out form (:mod:`budgetprune.latency`): a budget like FLOPs.
   ``latency`` times the layers in eager PyTorch, ``latency:torchscript`` and
-  ``latency:onnxruntime`` in those runtimes. What the whole unpruned network measures beyond
-  its layers' table is a constant (:func:`budgetprune.latency.network_ms`).
+  ``latency:onnxruntime`` in those runtimes.
 * params — weights k² · n_in · n_out (/ g for a grouped conv), biases n_out, BatchNorm γ and β 2 · n_out (also for a
   BatchNorm that hosts no gate, e.g. a Wide-ResNet's pre-activation BN), a LayerNorm's and a layer
   scale's entries per kept channel; every other parameter of the model (an attention's projections,
@@ -52,7 +51,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .graph import ChannelGraph
-from .latency import LATENCY_METRICS, is_latency, layer_coefficients, network_ms
+from .latency import LATENCY_METRICS, is_latency, layer_coefficients
 from .liveness import alive, effective_masks, slot_sets
 
 METRICS = ("volume", "flops", "params")  # counted: every report gives them
@@ -159,8 +158,7 @@ class CostModel:
     """Hard and expected cost of one metric over one graph.
 
     ``fixed`` is the constant cost of what no gate can remove: FLOPs of ops outside the conv and
-    linear layers, parameters outside the counted ones, the measured latency of the whole network
-    beyond its layers' (0 for the other metrics)."""
+    linear layers, parameters outside the counted ones (0 for the other metrics)."""
 
     def __init__(self, graph: ChannelGraph, metric: str, mode: str = "mixed"):
         self.graph = graph
@@ -170,8 +168,7 @@ class CostModel:
         self._cache: tuple[bytes, float] | None = None
         self.fixed = 0.0
         total = graph.measured_flops if metric == "flops" else \
-            sum(p.numel() for p in graph.gm.parameters()) if metric == "params" else \
-            network_ms(graph, LATENCY_METRICS[metric]) if is_latency(metric) else None
+            sum(p.numel() for p in graph.gm.parameters()) if metric == "params" else None
         if total is not None:
             self.fixed = float(max(0.0, total - sum(self.per_layer().values())))
 
