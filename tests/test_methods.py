@@ -704,3 +704,40 @@ def test_fill_reopens_a_residual_writer_only_where_its_slot_is_alive():
                       Budget("volume", 0.999999), reopenable=allowed)
     assert not any(bool(out[g][5]) for g in writers) and bool(out["layer1.1.conv2"][7])
     assert cm.hard(out) <= 0.999999 * cm.full()
+
+
+def test_runtime_latency_budget_is_tightened_until_the_timed_network_meets_it(monkeypatch):
+    """The table says the budget holds; the timed network says it does not: the projection runs
+    again to a shrunk budget until the measured latency is within it."""
+    from budgetprune import measured, resources
+
+    monkeypatch.setattr(resources, "layer_coefficients", lambda graph, runtime="eager": {
+        name: (1e-3, 0.0) for name in graph.layers})  # the table: per input × output channel, no area
+    def timed(unpruned, net, example, runtime):  # the network's time: its MACs and 0.2 ms for the rest
+        counted = {name: CostModel(budgetprune.ChannelGraph.build(m, example), "flops").full()
+                   for name, m in (("unpruned", unpruned), ("pruned", net))}
+        return {f"{name}_ms": 0.2 + cost * 1e-6 for name, cost in counted.items()}
+
+    monkeypatch.setattr(measured, "deployed_speed", timed)
+    model = budgetprune.create_model("lenet5")
+    x = torch.randn(4, 1, 28, 28)
+    lines = []
+    pruner = budgetprune.Pruner(model, x, "latency:onnxruntime=0.5", total_steps=1, method="magnitude",
+                                log=lines.append)
+    _, report = pruner.finalize(x)
+    tries = report["measured_latency"]["tries"]
+    assert len(tries) >= 2  # the first projection measured over its budget
+    first, last = tries[0]["measured"]["latency:onnxruntime"], tries[-1]["measured"]["latency:onnxruntime"]
+    assert first["ratio"] > 0.5 and 0.9 <= last["ratio"] / 0.5 <= 1.0  # measured within [0.9, 1] of the budget
+    assert tries[-1]["projected_to"]["latency:onnxruntime"] < 0.5
+    assert any("of the budget" in line for line in lines)
+
+
+def test_other_budgets_are_not_timed(monkeypatch):
+    from budgetprune import measured
+
+    monkeypatch.setattr(measured, "deployed_speed", lambda *a, **k: pytest.fail("timed a flops budget"))
+    model = budgetprune.create_model("lenet5")
+    x = torch.randn(4, 1, 28, 28)
+    _, report = budgetprune.Pruner(model, x, "flops=0.5", total_steps=1, method="magnitude").finalize(x)
+    assert "measured_latency" not in report

@@ -32,6 +32,7 @@ from .compact import compact, silence_channels
 from .errors import ConfigError, TrainingDiverged
 from .graph import ChannelGraph
 from .liveness import BlockMode, effective_masks
+from .measured import meet_measured_latency
 from .methods import create_method
 from . import distributed
 from .plan import make_plan
@@ -275,15 +276,23 @@ class Pruner:
         masks = method.keep_masks()
         before = {b.metric: CostModel(graph, b.metric, block).hard(masks) for b in self.budgets}
         scores = method.scores()
-        final = enforce_budget(graph, masks, scores, self.budgets, mode=block)
-        dropped = int(sum(int(masks[g].sum()) - int(final[g].sum()) for g in masks))
-        reopened: dict[str, torch.Tensor] = {}
-        if self.fill:
-            filled = fill_budget(graph, final, scores, self.budgets, reopenable=reopenable_channels(graph, final),
-                                 mode=block)
-            reopened = {g: torch.nonzero(filled[g] & ~final[g]).flatten() for g in final}
-            final = filled
-        return {"final": final, "dropped": dropped, "reopened": reopened, "before": before}
+
+        def project(budgets: list[Budget]) -> tuple[dict, dict]:
+            final = enforce_budget(graph, masks, scores, budgets, mode=block)
+            reopened: dict[str, torch.Tensor] = {}
+            if self.fill:
+                filled = fill_budget(graph, final, scores, budgets, reopenable=reopenable_channels(graph, final),
+                                     mode=block)
+                reopened = {g: torch.nonzero(filled[g] & ~final[g]).flatten() for g in final}
+                final = filled
+            return final, reopened
+
+        final, reopened, measured = meet_measured_latency(
+            project, lambda kept: compact(self.model, graph, kept, mode=block), self.budgets,
+            compact(self.model, graph, None, mode=block), self.example[:1], self.log)
+        dropped = int(sum(int(masks[g].sum()) - int(final[g].sum()) + int(reopened.get(g, torch.empty(0)).numel())
+                          for g in masks))
+        return {"final": final, "dropped": dropped, "reopened": reopened, "before": before, "measured": measured}
 
     def _finalize_channels(self, x: torch.Tensor) -> tuple[nn.Module, dict]:
         graph, method, block = self.graph, self.method, self.block
@@ -319,6 +328,8 @@ class Pruner:
                   "pruned_by_block": {mode: resource_report(graph, final, block if mode == block else mode,
                                                             self.metrics) for mode in BLOCKS},
                   "plan": net.budgetprune_plan}
+        if decision.get("measured") is not None:  # a runtime latency budget: the timed projections
+            report["measured_latency"] = decision["measured"]
         return net, report
 
     def _finalize_weights(self, x: torch.Tensor) -> tuple[nn.Module, dict]:

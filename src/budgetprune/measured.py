@@ -1,0 +1,110 @@
+"""Latency budgets in a deployment runtime, checked by timing the compacted network there.
+
+A ``latency:onnxruntime`` or ``latency:torchscript`` budget is counted with a per-layer table
+(:mod:`budgetprune.latency`): each layer timed alone. A whole network runs differently (memory
+traffic between layers, the ops between them, the runtime's fusions; at 224 px onnxruntime takes
+1.5–2× the sum of the layers), so the table's ratio of pruned to unpruned cost is only close to
+the measured one: 3–35 % over it on resnet20, resnet18 and mobilenet_v2
+(``benchmarks/latency_budget.py``). So the projection's result is compacted, exported and timed
+against the unpruned network in the budget's runtime (alternating rounds, batch 1); while the
+measured ratio is not within [:data:`LOWEST`, 1] of the budget, the projection runs again from
+the same masks to another budget, up to :data:`MEASURED_TRIES` times: first the budget scaled by
+the measured excess, then by false position between the tries over and under it (what the table
+leaves out, the ops between the layers and the runtime's overhead, does not scale with it). The
+try measured closest under the budget is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .budget import Budget
+from .errors import BudgetError
+from .latency import LATENCY_METRICS
+from .runtimes import deployed_speed
+
+#: Latency metrics measured in a deployment runtime, by runtime (eager PyTorch is not checked).
+RUNTIME_LATENCIES = {metric: runtime for metric, runtime in LATENCY_METRICS.items() if runtime != "eager"}
+#: Projections tried at most (the first included) before the tightest one is kept.
+MEASURED_TRIES = 5
+#: A shrunk budget aims this far under the measured budget (timing noise on a busy machine) ...
+MARGIN = 0.97
+#: ... and a result measured at this share of its budget or more is kept.
+LOWEST = 0.9
+
+
+def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
+                          compacted: Callable[[dict], nn.Module], budgets: list[Budget], unpruned: nn.Module,
+                          example: torch.Tensor, log: Callable[[str], None] = lambda line: None):
+    """``project(budgets) -> (masks, reopened)``, tightened until the network ``compacted(masks)``
+    measures within every runtime latency budget against ``unpruned`` on ``example``.
+
+    Returns ``(masks, reopened, record)``; ``record`` is None without such a budget, else per try
+    the budgets projected to and the measured ratios."""
+    masks, reopened = project(budgets)
+    timed = [b for b in budgets if b.metric in RUNTIME_LATENCIES]
+    if not timed:
+        return masks, reopened, None
+    record = {"tries": []}
+    current = list(budgets)
+    best = None  # (worst measured ratio / budget, masks, reopened) of the tries within every budget
+    for _ in range(MEASURED_TRIES):
+        net = compacted(masks)
+        measured = {}
+        for b in timed:
+            speed = deployed_speed(unpruned, net, example, RUNTIME_LATENCIES[b.metric])
+            if "error" in speed:
+                log(f"{b.metric}: the result could not be timed ({speed['error']}); it meets the table's budget")
+                record["error"] = speed["error"]
+                return masks, reopened, record
+            measured[b.metric] = {"unpruned_ms": speed["unpruned_ms"], "pruned_ms": speed["pruned_ms"],
+                                  "ratio": speed["pruned_ms"] / speed["unpruned_ms"], "fraction": b.fraction}
+        record["tries"].append({"projected_to": {b.metric: b.fraction for b in current if b.metric in measured},
+                                "measured": measured})
+        over = {m: v["ratio"] / v["fraction"] for m, v in measured.items()}
+        log("measured " + "; ".join(f"{m}: {v['pruned_ms']:.4g} ms of {v['unpruned_ms']:.4g} ms unpruned = "
+                                    f"{over[m]:.3f} of the budget" for m, v in measured.items()))
+        worst = max(over.values())
+        if worst <= 1.0 and (best is None or worst > best[0]):
+            best = (worst, masks, reopened)
+        if LOWEST <= worst <= 1.0:
+            break
+        fractions = {b.metric: _next_fraction(b.metric, record["tries"], MARGIN * b.fraction, b.fraction)
+                     for b in timed}
+        if all(abs(fractions[b.metric] - b.fraction) < 1e-4 * b.fraction for b in current if b.metric in fractions):
+            break  # the search no longer moves
+        current = [Budget(b.metric, fractions[b.metric]) if b.metric in fractions else b for b in current]
+        try:
+            masks, reopened = project(current)
+        except BudgetError as exc:
+            log(f"the measured latency budget cannot be tightened further ({exc})")
+            break
+    if best is not None:
+        return best[1], best[2], record
+    log(f"after {len(record['tries'])} projections the measured latency stays over its budget; the tightest "
+        "network is kept")
+    return masks, reopened, record
+
+
+def _next_fraction(metric: str, tries: list[dict], target: float, limit: float) -> float:
+    """The fraction to project ``metric`` to next so that its measured ratio reaches ``target``
+    (never above the user's ``limit``): between the nearest tries over and under the budget when
+    there are both (false position), else the secant through the last two, else the last one
+    scaled by the measured excess."""
+    points = [(t["projected_to"][metric], t["measured"][metric]["ratio"]) for t in tries if metric in t["measured"]]
+    f1, r1 = points[-1]
+    guess = f1 * target / r1
+    over = [p for p in points if p[1] > target / MARGIN]
+    under = [p for p in points if p[1] <= target / MARGIN]
+    if over and under:
+        (f0, r0), (f1, r1) = min(over, key=lambda p: p[1]), max(under, key=lambda p: p[1])
+    elif len(points) >= 2:
+        f0, r0 = points[-2]
+    else:
+        f0 = r0 = None
+    if f0 is not None and f0 != f1 and r0 != r1 and (r0 - r1) / (f0 - f1) > 0:  # latency grows with the budget
+        guess = f1 + (target - r1) * (f0 - f1) / (r0 - r1)
+    return min(max(guess, 0.05 * f1), limit)
