@@ -51,6 +51,8 @@ def block_mode(block: str, channel_multiple: int = 1) -> BlockMode:
         raise ConfigError(f"channel_multiple {channel_multiple} pads the widths of regular blocks only (a mixed "
                           "block's sums keep each branch's own channels): use block='regular' (--block regular)")
     return BlockMode(str(block), channel_multiple)
+
+
 _MARK = "_budgetprune_pruner"  # on a model while a Pruner's gates are attached to it
 
 
