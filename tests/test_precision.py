@@ -95,7 +95,8 @@ def test_bf16_run_meets_the_budget_like_fp32(tmp_path, demo_subsets):
 def test_bf16_cli_run_writes_its_precision(tmp_path):
     out = tmp_path / "run"
     assert cli.main(["prune", "--model", "lenet5", "--data", "demo", "--budget", "4x", "--out", str(out),
-                     "--precision", "bf16", "--no-progress", *FAST]) == 0
+                     "--precision", "bf16", "--no-progress", "--teacher-epochs", "0", "--epochs", "1",
+                     "--finetune-epochs", "0", "--lowlr-epochs", "0"]) == 0
     assert json.loads((out / "config.json").read_text())["precision"] == "bf16"
     m = json.loads((out / "metrics.json").read_text())
     assert m["pruned"]["volume"] <= m["budget"] + 1e-9 and 0.95 <= m["budget_ratio"] <= 1.0

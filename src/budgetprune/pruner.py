@@ -129,6 +129,12 @@ class Pruner:
 
     The pruner attaches the method's gates to ``model`` in place; put the model on its device
     first (the gates follow it).
+
+    Mixed precision: :meth:`penalty`, :meth:`step` and :meth:`finalize` may be called inside
+    ``torch.autocast``; they compute in float32 (as the gates do when sampled). Several processes
+    (torch.distributed): build the pruner on every rank before wrapping the model in
+    DistributedDataParallel; the gates and the method's state stay the same on every rank and
+    :meth:`finalize` gives every rank the network rank 0 decided (see :class:`_ProcessSync`).
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, budget: float | str | list[Budget], *,
