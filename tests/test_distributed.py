@@ -131,7 +131,11 @@ def _pipeline_run(rank: int, port: int, out: str, results: str) -> None:
         dist.barrier()
         result = pl.PruneRun(budgetprune.create_model("lenet5"), train, test, cfg, out,
                              log=lambda _: None).run(resume=True)
-        torch.save({"weights": result.model.state_dict(), "history": [h["stage"] for h in result.history],
+        torch.manual_seed(rank)  # the same initial weights as the interrupted run
+        whole = pl.PruneRun(budgetprune.create_model("lenet5"), train, test, cfg, Path(out + "-whole"),
+                            log=lambda _: None).run()  # the same run, not interrupted
+        torch.save({"weights": result.model.state_dict(), "whole": whole.model.state_dict(),
+                    "history": [h["stage"] for h in result.history],
                     "ratio": result.metrics["budget_ratio"], "kept": result.metrics["kept_channels"]},
                    Path(results) / f"{rank}.pt")
     finally:
@@ -143,6 +147,7 @@ def test_run_pipeline_resumes_in_two_processes_with_the_same_weights(tmp_path):
     mp.spawn(_pipeline_run, args=(_free_port(), str(out), str(tmp_path)), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(WORLD))
     _assert_same(r0["weights"], r1["weights"], "weights")
+    _assert_same(r0["weights"], r0["whole"], "resumed vs uninterrupted weights")  # every rank resumes rank 0's state
     assert r0["kept"] == r1["kept"]
     assert r0["history"] == ["teacher", "prune", "prune", "finetune"]  # the resume lost no epoch
     assert 0.95 <= r0["ratio"] <= 1.0
