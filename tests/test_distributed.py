@@ -180,3 +180,16 @@ def test_one_process_is_untouched():
     assert not distributed.active() and distributed.rank() == 0 and distributed.world_size() == 1
     idx = torch.arange(5)
     assert torch.equal(distributed.shard(idx), idx)
+
+
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
+def test_an_interrupt_under_torchrun_is_reported_once(rank, said, monkeypatch, capsys):
+    from budgetprune import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(cli.COMMANDS, "list", interrupted)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    assert cli.main(["list"]) == cli.EXIT_INTERRUPTED
+    assert ("--resume" in capsys.readouterr().err) == said

@@ -502,8 +502,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"budgetprune: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("budgetprune: interrupted; every finished epoch is saved: rerun the same command with --resume "
-              "to continue", file=sys.stderr)
+        from .distributed import is_main
+        if is_main():  # under torchrun every process is interrupted; one says so
+            print("budgetprune: interrupted; every finished epoch is saved: rerun the same command with --resume "
+                  "to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
