@@ -22,6 +22,7 @@ the same, but the product's saved tensors for backward are the pooled, smaller m
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 
 import torch
@@ -87,8 +88,8 @@ def gate_values(gate: GateFn, batch_size: int | None, model_training: bool) -> t
 
 def _device_of(gate: GateFn) -> torch.device:
     """Where a gate module keeps its tensors (the CPU for a plain function)."""
-    tensors = list(gate.parameters()) + list(gate.buffers()) if isinstance(gate, nn.Module) else []
-    return tensors[0].device if tensors else torch.device("cpu")
+    first = next(itertools.chain(gate.parameters(), gate.buffers()), None) if isinstance(gate, nn.Module) else None
+    return first.device if first is not None else torch.device("cpu")
 
 
 class GateHooks:
