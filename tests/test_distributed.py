@@ -193,3 +193,12 @@ def test_an_interrupt_under_torchrun_is_reported_once(rank, said, monkeypatch, c
     monkeypatch.setenv("RANK", rank)
     assert cli.main(["list"]) == cli.EXIT_INTERRUPTED
     assert ("--resume" in capsys.readouterr().err) == said
+
+
+def test_the_demo_under_torchrun_is_refused_in_one_line(monkeypatch, capsys, tmp_path):
+    from budgetprune import cli
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "without torchrun" in err and "prune" in err
+    assert not (tmp_path / "demo").exists()

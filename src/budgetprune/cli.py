@@ -318,8 +318,12 @@ def _run(config, out: Path, resume: bool, download: bool = False) -> int:
 
 def cmd_demo(args) -> int:
     from .budget import parse_budget
+    from .distributed import launched
     from .pipeline import PruneConfig
     from .runfolder import RunFolder
+    if launched():
+        raise ConfigError("the demo runs in one process: run 'budgetprune demo' without torchrun, or "
+                          "'torchrun ... -m budgetprune prune --model lenet5 --data demo --budget 4x --out DIR'")
     out = Path(args.out)
     budget = parse_budget(args.budget, "volume")
     config = PruneConfig(budget=budget.fraction, model="lenet5", data="demo", teacher_epochs=4, epochs=8,
