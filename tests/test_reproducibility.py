@@ -102,7 +102,7 @@ def test_api_runs_do_not_depend_on_the_callers_random_state_and_give_it_back(met
         after = torch.rand(3)
         torch.manual_seed(caller_seed)
         assert torch.equal(after, torch.rand(3))  # the caller's stream is given back untouched
-        results.append(m)
+        results.append({k: v for k, v in m.items() if k != "deployed"})  # its timings differ
     assert results[0] == results[1]
 
 
