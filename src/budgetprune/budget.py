@@ -253,12 +253,13 @@ def _project_padded(graph: ChannelGraph, masks, scores, budgets: list[Budget], m
     exact = str(mode)
     padded = _Costs(graph, budgets, mode)
     shrunk = list(budgets)
-    for _ in range(PADDED_TRIES):
+    for attempt in range(PADDED_TRIES):
         out = _project(graph, masks, scores, shrunk, exact)
         ratios = padded.ratios(out)
         if max(ratios) <= 1.0:
             return out
-        shrunk = [Budget(b.metric, b.fraction / max(r, 1.0 + 1e-3)) for b, r in zip(shrunk, ratios)]
+        least = 1.0 + 0.005 * 2 ** attempt  # a padded cost that barely moves: shrink faster each try
+        shrunk = [Budget(b.metric, b.fraction / max(r, least)) if r > 1.0 else b for b, r in zip(shrunk, ratios)]
     names = ", ".join(f"{b.metric} {b.fraction:.4g}" for b in budgets)
     raise BudgetError(f"budget ({names}) cannot be met with widths padded to multiples of {channel_multiple(mode)}: "
                       "raise the budget or lower the channel multiple")
