@@ -256,6 +256,7 @@ def runners(runtime: str, nets: dict, folder: Path, x: torch.Tensor, threads: in
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see budgetprune.runtimes.runner
     feed = x.numpy()
     out = {}
     for key in nets:
