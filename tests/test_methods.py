@@ -632,7 +632,8 @@ def test_pruner_under_an_onnxruntime_latency_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("BUDGETPRUNE_CACHE", str(tmp_path))
     model = budgetprune.create_model("lenet5")
     x = torch.randn(4, 1, 28, 28)
-    pruner = budgetprune.Pruner(model, x, "latency:onnxruntime=0.5", total_steps=1, method="magnitude")
+    pruner = budgetprune.Pruner(model, x, "latency:onnxruntime=0.5", total_steps=1, method="magnitude",
+                                block="regular")
     small, report = pruner.finalize(x)
     limit = pruner.budget.absolute(pruner.graph)
     assert report["pruned"]["latency:onnxruntime"] <= limit
@@ -722,8 +723,10 @@ def test_runtime_latency_budget_is_tightened_until_the_timed_network_meets_it(mo
     model = budgetprune.create_model("lenet5")
     x = torch.randn(4, 1, 28, 28)
     lines = []
+    with pytest.raises(ConfigError, match="needs regular blocks"):
+        budgetprune.Pruner(model, x, "latency:onnxruntime=0.5", total_steps=1)
     pruner = budgetprune.Pruner(model, x, "latency:onnxruntime=0.5", total_steps=1, method="magnitude",
-                                log=lines.append)
+                                block="regular", log=lines.append)
     _, report = pruner.finalize(x)
     tries = report["measured_latency"]["tries"]
     assert len(tries) >= 2  # the first projection measured over its budget

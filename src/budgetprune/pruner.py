@@ -32,7 +32,7 @@ from .compact import compact, silence_channels
 from .errors import ConfigError, TrainingDiverged
 from .graph import ChannelGraph
 from .liveness import BlockMode, effective_masks
-from .measured import meet_measured_latency
+from .measured import RUNTIME_LATENCIES, meet_measured_latency
 from .methods import create_method
 from . import distributed
 from .plan import make_plan
@@ -75,6 +75,11 @@ def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget],
     if block not in BLOCKS:
         raise ConfigError(f"block must be one of {', '.join(BLOCKS)}, not {block!r}")
     block = block_mode(block, channel_multiple)
+    timed = [b.metric for b in budgets if b.metric in RUNTIME_LATENCIES]
+    if timed and block == "mixed" and granularity == "channel":
+        raise ConfigError(f"a {timed[0]} budget needs regular blocks: its table times the layers, not the channel "
+                          "gathers of mixed blocks, which in that runtime can cost more than the channels they save; "
+                          "use block='regular' (--block regular), with channel_multiple=16 for onnxruntime on CPU")
     unknown = set(settings) - set(method_settings.__kwdefaults__)
     if unknown:
         raise ConfigError(f"unknown Pruner option(s) {', '.join(sorted(unknown))}; it takes "
