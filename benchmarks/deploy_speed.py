@@ -450,7 +450,7 @@ def environment(args) -> dict:
             "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
             "onnxruntime_intra_op_threads": args.threads, "onnxruntime_inter_op_threads": 1,
             "cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "shared_machine": "2 CPU cores shared with another engineer's test runs while timing"}
+            "shared_machine": "2 CPU cores; other processes are waited out (Quiet)"}
 
 
 def main(argv=None) -> int:
@@ -502,13 +502,14 @@ def markdown(r: dict) -> str:
              + str(s.get("multiple", 16)) + " channels (its own masks; `padded` below). "
              "Exports: `budgetprune.export.to_torchscript` and `to_onnx` (opset 17, TorchScript-based "
              f"exporter). onnxruntime {env['onnxruntime']} CPU with intra_op_num_threads={s['threads']}, "
-             f"inter_op_num_threads=1; torch {env['torch']} with {env['torch_threads']} threads. Timing: per model, "
+             f"inter_op_num_threads=1, idle threads not spinning (a spinning pool of one session slows the next "
+             f"session timed); torch {env['torch']} with {env['torch_threads']} threads. Timing: per model, "
              f"runtime and batch the {1 + len(NETWORKS) * len(s['budgets'])} networks in {s['rounds']} interleaved rounds (order rotating), each round "
              "the median of as many runs as make the unpruned network take "
              f"{s['round_ms']:g} ms (at least 1); the table gives the median over rounds. "
-             f"**The machine was shared**: its {env['cpu_count']} CPU cores ({env['cpu']}) also ran another "
-             "engineer's test suite during the measurement, which stalls every parallel region of a 2-thread run "
-             "(resnet20 at batch 1 took 670 ms instead of 2 ms in an unguarded run). So each measurement first "
+             f"**The machine may be shared**: its {env['cpu_count']} CPU cores ({env['cpu']}) may run other "
+             "processes, which stall every parallel region of a 2-thread run (resnet20 at batch 1 took 670 ms "
+             "instead of 2 ms beside another test suite). So each measurement first "
              f"waits until the other processes use at most {s['quiet_busy']:.0%} of the CPUs (`/proc/stat`) and is "
              "repeated, up to twice, when they used more meanwhile; the run waited "
              f"{r['waited_for_quiet_seconds'] / 60:.1f} min in all (at most {s['quiet_budget_min']:g}), and "
