@@ -81,3 +81,15 @@ def pruning_steps(model, pruner, optimizer, x, y, steps: int) -> None:
         loss.backward()
         optimizer.step()
         pruner.step()
+
+
+def write_results(out: str | Path, name: str, record: dict, page: str) -> Path:
+    """Write ``<name>.json`` (the record) and ``<name>.md`` (the page) into the results folder
+    ``out``, atomically; returns the folder."""
+    from budgetprune import io
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_json(out / f"{name}.json", record)
+    io.write_text(out / f"{name}.md", page if page.endswith("\n") else page + "\n")
+    return out

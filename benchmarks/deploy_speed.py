@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import platform
 import statistics
@@ -57,13 +56,14 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HERE, RESULTS, pruning_steps  # noqa: E402
+from common import HERE, RESULTS, pruning_steps, write_results  # noqa: E402
 from torchvision_models import import_torchvision, make  # noqa: E402
 
 import budgetprune  # noqa: E402
 from budgetprune import Pruner  # noqa: E402
 from budgetprune.compact import compact  # noqa: E402
 from budgetprune.export import to_onnx, to_torchscript  # noqa: E402
+from budgetprune.runtimes import onnxruntime_session  # noqa: E402
 
 #: Torchvision classification models (untrained, 10 classes, 3 × size × size) ...
 TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large"]
@@ -251,17 +251,10 @@ def runners(runtime: str, nets: dict, folder: Path, x: torch.Tensor, threads: in
         loaded = {key: torch.jit.load(str(folder / f"{key.replace('/', '_')}.pt"), map_location="cpu").eval()
                   for key in nets}
         return {key: (lambda m=m: m(x)) for key, m in loaded.items()}
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see budgetprune.runtimes.runner
     feed = x.numpy()
     out = {}
     for key in nets:
-        session = ort.InferenceSession(str(folder / f"{key.replace('/', '_')}.onnx"), options,
-                                       providers=["CPUExecutionProvider"])
+        session = onnxruntime_session(str(folder / f"{key.replace('/', '_')}.onnx"), threads)
         inputs = {session.get_inputs()[0].name: feed}
         out[key] = lambda s=session, i=inputs: s.run(None, i)
     return out
@@ -474,10 +467,7 @@ def main(argv=None) -> int:
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
               "environment": environment(args), "wall_seconds": time.perf_counter() - start, "models": results}
     record["rows"] = rows_of(record)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "deploy_speed.json").write_text(json.dumps(record, indent=1) + "\n")
-    (out / "deploy_speed.md").write_text(markdown(record))
+    out = write_results(args.out, "deploy_speed", record, markdown(record))
     plot(record, out / "deploy_speed.png")
     print(f"results in {out}/deploy_speed.{{json,md,png}} ({record['wall_seconds'] / 60:.1f} min)")
     return 0

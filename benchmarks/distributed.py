@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import random_subset, record_header, run_arguments, run_record  # noqa: E402
+from common import random_subset, record_header, run_arguments, run_record, write_results  # noqa: E402
 
 import budgetprune  # noqa: E402
 from budgetprune import distributed  # noqa: E402
@@ -93,10 +93,7 @@ def main(argv=None) -> dict:
     record.update(wall_seconds=time.perf_counter() - started, budget=args.budget, batch_size=args.batch_size,
                   gate_init=args.gate_init, train_images=args.train_subset,
                   rows=rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "distributed.json").write_text(json.dumps(record, indent=1))
-    (out / "distributed.md").write_text("\n".join(_page(record)) + "\n")
+    write_results(args.out, "distributed", record, "\n".join(_page(record)))
     return record
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -38,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HERE, RESULTS, pruning_steps, source_state  # noqa: E402
+from common import HERE, RESULTS, pruning_steps, source_state, write_results  # noqa: E402
 from deploy_speed import REGISTRY, TORCHVISION, build  # noqa: E402
 from torchvision_models import import_torchvision  # noqa: E402
 
@@ -127,10 +126,7 @@ def main(argv=None) -> int:
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache")},
               "git": state[0] if state else None, "uncommitted_src": state[1] if state else None,
               "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start, "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latency_budget.json").write_text(json.dumps(record, indent=1) + "\n")
-    (out / "latency_budget.md").write_text(markdown(record))
+    out = write_results(args.out, "latency_budget", record, markdown(record))
     print(f"results in {out}/latency_budget.{{json,md}} ({record['wall_seconds'] / 60:.1f} min)")
     return 0
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import random_subset, record_header, run_arguments, run_record  # noqa: E402
+from common import random_subset, record_header, run_arguments, run_record, write_results  # noqa: E402
 
 import budgetprune  # noqa: E402
 from budgetprune.data import load_dataset  # noqa: E402
@@ -61,10 +61,7 @@ def main(argv=None) -> dict:
     record.update(wall_seconds=time.perf_counter() - started, budget=args.budget, gate_init=args.gate_init,
                   train_images=len(train),
                   rows=rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "precision.json").write_text(json.dumps(record, indent=1))
-    (out / "precision.md").write_text("\n".join(_page(record)) + "\n")
+    write_results(args.out, "precision", record, "\n".join(_page(record)))
     return record
 
 

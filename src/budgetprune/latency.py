@@ -12,6 +12,8 @@ The metric names the runtime the layers are timed in (:mod:`budgetprune.runtimes
 the exported files run in. onnxruntime's fast CPU convolutions need widths that are multiples
 of 8 or 16 channels; the grid's widths are such multiples for most layers, so the table
 predicts a network pruned with padded widths (``channel_multiple``) and under-predicts others.
+A table of layers timed alone is only close to the whole network: a runtime budget is checked
+on the exported result (:mod:`budgetprune.measured`).
 
 Tables are built once per device, runtime and layer shape and cached as JSON in
 ``$BUDGETPRUNE_CACHE/latency.json`` (default ``~/.cache/budgetprune``), keyed by the device's

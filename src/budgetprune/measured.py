@@ -37,10 +37,11 @@ LOWEST = 0.9
 
 
 def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
-                          compacted: Callable[[dict], nn.Module], budgets: list[Budget], unpruned: nn.Module,
+                          compacted: Callable[[dict | None], nn.Module], budgets: list[Budget],
                           example: torch.Tensor, log: Callable[[str], None] = lambda line: None):
     """``project(budgets) -> (masks, reopened)``, tightened until the network ``compacted(masks)``
-    measures within every runtime latency budget against ``unpruned`` on ``example``.
+    measures within every runtime latency budget against the unpruned ``compacted(None)`` on
+    ``example``.
 
     Returns ``(masks, reopened, record)``; ``record`` is None without such a budget, else per try
     the budgets projected to and the measured ratios."""
@@ -48,6 +49,7 @@ def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
     timed = [b for b in budgets if b.metric in RUNTIME_LATENCIES]
     if not timed:
         return masks, reopened, None
+    unpruned = compacted(None)
     record = {"tries": []}
     current = list(budgets)
     best = None  # (worst measured ratio / budget, masks, reopened) of the tries within every budget

@@ -301,8 +301,8 @@ class Pruner:
             return final, reopened
 
         final, reopened, measured = meet_measured_latency(
-            project, lambda kept: compact(self.model, graph, kept, mode=block), self.budgets,
-            compact(self.model, graph, None, mode=block), self.example[:1], self.log)
+            project, lambda kept: compact(self.model, graph, kept, mode=block), self.budgets, self.example[:1],
+            self.log)
         dropped = int(sum(int(masks[g].sum()) - int(final[g].sum()) + int(reopened.get(g, torch.empty(0)).numel())
                           for g in masks))
         return {"final": final, "dropped": dropped, "reopened": reopened, "before": before, "measured": measured}

@@ -41,6 +41,15 @@ def runner(model: nn.Module, example: torch.Tensor, runtime: str = "eager",
     if runtime == "torchscript":
         module = torchscript_module(model, example)
         return lambda: module(example)
+    session = onnxruntime_session(onnx_bytes(model, example), threads, cuda=example.is_cuda)
+    feeds = {session.get_inputs()[0].name: example.detach().cpu().numpy()}
+    return lambda: session.run(None, feeds)
+
+
+def onnxruntime_session(model: bytes | str, threads: int | None = None, cuda: bool = False):
+    """An onnxruntime ``InferenceSession`` of an ONNX file (a path, or its bytes) set up for timing:
+    ``threads`` intra-op threads (default: torch's thread count), one inter-op thread, CUDA where
+    asked and available."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -51,11 +60,9 @@ def runner(model: nn.Module, example: torch.Tensor, runtime: str = "eager",
     # next session timed in the same process (one network measured 4.6 or 8.3 ms by turns)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
-    if example.is_cuda and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+    if cuda and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    session = onnxruntime.InferenceSession(onnx_bytes(model, example), options, providers=providers)
-    feeds = {session.get_inputs()[0].name: example.detach().cpu().numpy()}
-    return lambda: session.run(None, feeds)
+    return onnxruntime.InferenceSession(model, options, providers=providers)
 
 
 def median_ms(run: Callable[[], object], repeats: int = 20, warmup: int = 3,
