@@ -723,8 +723,8 @@ def test_runtime_latency_budget_is_tightened_until_the_timed_network_meets_it(mo
     model = budgetprune.create_model("lenet5")
     x = torch.randn(4, 1, 28, 28)
     lines = []
-    with pytest.raises(ConfigError, match="needs regular blocks"):
-        budgetprune.Pruner(model, x, "latency:onnxruntime=0.5", total_steps=1)
+    with pytest.raises(ConfigError, match="cannot use mixed blocks"):
+        budgetprune.Pruner(model, x, "latency:onnxruntime=0.5", total_steps=1, block="mixed")
     pruner = budgetprune.Pruner(model, x, "latency:onnxruntime=0.5", total_steps=1, method="magnitude",
                                 block="regular", log=lines.append)
     _, report = pruner.finalize(x)

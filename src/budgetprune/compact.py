@@ -23,8 +23,9 @@ import operator
 import torch
 from torch import fx, nn
 
+from .blocks import as_mode, choose_blocks
 from .graph import ADD_FUNCTIONS, FLATTEN_METHODS, MUL_FUNCTIONS, ChannelGraph
-from .liveness import effective_masks, slot_sets
+from .liveness import channel_multiple, effective_masks, slot_sets
 from .ops import SelfAttention, full_count_layer_norm, index_add_channels, scatter_channels, select_channels
 
 SUB_FUNCTIONS = {operator.sub, operator.isub, torch.sub}
@@ -40,9 +41,15 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
     full = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
     masks = {**full, **{g: m.detach().bool().cpu() for g, m in (masks or {}).items()}}
     eff = effective_masks(graph, masks)
-    sets = slot_sets(graph, masks, mode)
+    mode = as_mode(mode)
+    if str(mode) == "auto" and mode.mixed is None:  # choose each residual space's block for these masks
+        from .resources import layer_costs  # resources → latency → io → plan → compact: imported here
+
+        mode, sets = choose_blocks(graph, eff, mode, layer_costs(graph, "flops"))
+    else:
+        sets = slot_sets(graph, masks, mode)
     index = {name: torch.nonzero(s).flatten() for name, s in sets.items()}
-    alive = sets if mode == "mixed" else slot_sets(graph, masks, "mixed")
+    alive = sets if mode == "mixed" and channel_multiple(mode) == 1 else slot_sets(graph, masks, "mixed")
     gm = _copy_without_hooks(fx.GraphModule(model, copy.deepcopy(graph.gm.graph)))  # the model's own weights
     modules = dict(gm.named_modules())
     device = next(model.parameters()).device
