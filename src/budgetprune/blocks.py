@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .graph import ChannelGraph
-from .liveness import BlockMode, channel_multiple, channel_sums, combine_sets, mixed_sets, regular_sets, tied_spaces
+from .liveness import BlockMode, alive_sets, channel_multiple, channel_sums, combine_sets, mixed_sets, regular_sets, tied_spaces
 from .ops import index_add_channels
 
 #: γ per runtime (multiply-adds per channel of a gathered sum, per position), measured on CPU
@@ -65,7 +65,8 @@ def choose_blocks(graph: ChannelGraph, eff: dict[str, torch.Tensor], mode: Block
     (:func:`budgetprune.liveness.effective_masks`); ``flop_terms`` are the FLOP cost terms
     (:func:`budgetprune.resources.layer_costs`) the saving is counted with."""
     multiple = channel_multiple(mode)
-    regular, mixed = regular_sets(graph, eff, multiple), mixed_sets(graph, eff, multiple)
+    alive = alive_sets(graph, eff)
+    regular, mixed = regular_sets(graph, eff, multiple, alive), mixed_sets(graph, eff, multiple, alive)
     differ = {graph.spaces[n] for n in regular if not torch.equal(regular[n], mixed[n])} - tied_spaces(graph)
     if not differ:
         return mode.chosen(frozenset()), regular

@@ -176,10 +176,13 @@ def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "
     chosen = getattr(mode, "mixed", None)
     if chosen is None:
         raise ValueError("internal error: an auto block mode reached slot_sets before its sums were chosen")
-    return combine_sets(graph, regular_sets(graph, eff, multiple), mixed_sets(graph, eff, multiple), chosen)
+    alive = alive_sets(graph, eff)
+    return combine_sets(graph, regular_sets(graph, eff, multiple, alive), mixed_sets(graph, eff, multiple, alive),
+                        chosen)
 
 
-def _alive_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def alive_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Boolean (slots,) aliveness of every tensor for the purged masks ``eff``."""
     shared: dict[int, torch.Tensor] = {}  # tensors passed through unchanged share their segments
     sets = {}
     for name, info in graph.tensors.items():
@@ -197,20 +200,22 @@ def _members(graph: ChannelGraph) -> dict[str, list[str]]:
     return members
 
 
-def mixed_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], multiple: int = 1) -> dict[str, torch.Tensor]:
-    """Mixed blocks: each tensor keeps its alive channels (``eff``: purged masks), padded to
-    ``multiple`` tensor by tensor (:func:`_pad_mixed`)."""
-    sets = _alive_sets(graph, eff)
+def mixed_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], multiple: int = 1,
+               alive: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Mixed blocks: each tensor keeps its alive channels (``eff``: purged masks; ``alive``: their
+    :func:`alive_sets` if already computed), padded to ``multiple`` tensor by tensor (:func:`_pad_mixed`)."""
+    sets = {n: a.clone() for n, a in alive.items()} if alive is not None else alive_sets(graph, eff)
     if multiple > 1:
         _pad_mixed(graph, sets, multiple)
     return sets
 
 
-def regular_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], multiple: int = 1) -> dict[str, torch.Tensor]:
+def regular_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], multiple: int = 1,
+                 alive: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Regular blocks: the tensors of a space keep one set, the union of their alive channels
-    (``eff``: purged masks), widened where concatenations, splits and shuffles tie positions, then
-    padded to ``multiple`` (:func:`_pad_widths`)."""
-    sets = _alive_sets(graph, eff)
+    (``eff``: purged masks; ``alive`` as in :func:`mixed_sets`), widened where concatenations,
+    splits and shuffles tie positions, then padded to ``multiple`` (:func:`_pad_widths`)."""
+    sets = {n: a.clone() for n, a in alive.items()} if alive is not None else alive_sets(graph, eff)
     members = _members(graph)
     cats = list(graph.cats.items()) + list(graph.splits.values())  # a split's input joins its pieces
     for _ in range(100):
