@@ -63,7 +63,9 @@ from torchvision_models import import_torchvision, make  # noqa: E402
 
 import budgetprune  # noqa: E402
 from budgetprune import Pruner  # noqa: E402
+from budgetprune.blocks import GATHER_COST, gathered_positions  # noqa: E402
 from budgetprune.compact import compact  # noqa: E402
+from budgetprune.liveness import slot_sets  # noqa: E402
 from budgetprune.export import to_onnx, to_torchscript  # noqa: E402
 from budgetprune.runtimes import onnxruntime_session  # noqa: E402
 
@@ -210,6 +212,8 @@ def prune(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, s
     for mode in BLOCKS:
         cost = report["pruned_by_block"][mode]
         out[mode] = {"flops": cost["flops"], "params": cost["params"], "flop_reduction": full / cost["flops"]}
+    # what the mixed network's sums gather: with the two networks' times, the γ they imply
+    out["mixed"]["gathered_positions"] = gathered_positions(graph, slot_sets(graph, masks, "mixed"))
     _, padded_pruner, out["nets"]["padded"], padded = pruned(unpruned, shape, factor, method, steps, "regular",
                                                               multiple)
     cost = padded["pruned"]
@@ -425,6 +429,27 @@ def rows_of(result: dict) -> list[dict]:
     return rows
 
 
+def implied_gamma(result: dict) -> list[dict]:
+    """Per (model, budget, runtime, batch): the gather cost γ (MACs per gathered channel and
+    position) that the same-mask mixed and regular networks' times imply, with time ∝ MACs at the
+    unpruned network's rate: γ = ((t_mixed − t_regular) / t_unpruned · F_unpruned − (F_mixed −
+    F_regular)) / gathered positions, FLOPs F per example."""
+    out = []
+    for m in result["models"]:
+        if "error" in m:
+            continue
+        for lat in m["latency"]:
+            for b in m["budgets"]:
+                gathered = b["mixed"].get("gathered_positions", 0)
+                if not gathered:
+                    continue
+                t = {k: lat["ms"][f"{b['factor']:g}x/{k}"] for k in ("mixed", "regular")}
+                extra = (t["mixed"] - t["regular"]) / lat["ms"]["unpruned"] * m["unpruned_flops"]
+                out.append({"model": m["model"], "budget": b["factor"], "runtime": lat["runtime"], "batch": lat["batch"],
+                            "gamma": (extra - (b["mixed"]["flops"] - b["regular"]["flops"])) / gathered})
+    return out
+
+
 def environment(args) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -477,6 +502,7 @@ def main(argv=None) -> int:
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
               "environment": environment(args), "wall_seconds": time.perf_counter() - start, "models": results}
     record["rows"] = rows_of(record)
+    record["implied_gamma"] = implied_gamma(record)
     out = write_results(args.out, "deploy_speed", record, markdown(record))
     plot(record, out / "deploy_speed.png")
     print(f"results in {out}/deploy_speed.{{json,md,png}} ({record['wall_seconds'] / 60:.1f} min)")
@@ -559,6 +585,19 @@ def markdown(r: dict) -> str:
                 cells.append(f"{lo['speedup_over_flop_reduction']:.2f} ({lo['model']} {lo['budget']:g}×) – "
                              f"{hi['speedup_over_flop_reduction']:.2f} ({hi['model']} {hi['budget']:g}×)")
             lines.append(f"| {runtime} | {batch} | " + " | ".join(cells) + " |")
+    gammas = implied_gamma(r)
+    if gammas:
+        lines += ["", "Gather cost γ the same-mask mixed and regular networks imply (MACs per gathered channel and "
+                  "position: γ = ((t_mixed − t_regular) / t_unpruned · FLOPs_unpruned − (FLOPs_mixed − FLOPs_regular)) "
+                  "÷ gathered positions; `block=\"auto\"` keeps a residual space mixed where what it saves exceeds "
+                  "γ per gathered position):", "",
+                  "| runtime | batch | median γ | min – max | in `GATHER_COST` |", "|---|---:|---:|---|---:|"]
+        for runtime in s["runtimes"]:
+            for batch in s["batches"]:
+                v = sorted(g["gamma"] for g in gammas if g["runtime"] == runtime and g["batch"] == batch)
+                if v:
+                    lines.append(f"| {runtime} | {batch} | {statistics.median(v):.0f} | {v[0]:.0f} – {v[-1]:.0f} | "
+                                 f"{GATHER_COST.get(runtime, float('nan')):g} |")
     lines += ["", "## Every measurement", "",
               "| model | budget | runtime | batch | block | FLOP red. | ms | speedup | speedup ÷ FLOP red. |",
               "|---|---:|---|---:|---|---:|---:|---:|---:|"]

@@ -43,7 +43,7 @@ def main(argv=None) -> None:
             gamma = statistics.median(r["gather_cost"] for r in runs)
             rows.append({"runtime": runtime, "batch": batch, "gather_cost": gamma, "runs": runs})
             print(f"{runtime:12s} batch {batch:3d}: γ = {gamma:7.1f} MACs per channel and position "
-                  f"(runs {', '.join(f'{r['gather_cost']:.1f}' for r in runs)})", flush=True)
+                  f"(runs {', '.join(f'{x:.1f}' for x in (r['gather_cost'] for r in runs))})", flush=True)
     state = source_state()
     record = {"command": "python benchmarks/gather_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "git": state[0] if state else None, "threads": args.threads, "torch": torch.__version__,
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
              "|---|---:|---:|---|---:|"]
     for r in rows:
         lines.append(f"| {r['runtime']} | {r['batch']} | {r['gather_cost']:.1f} | "
-                     f"{', '.join(f'{x['gather_cost']:.1f}' for x in r['runs'])} | {GATHER_COST[r['runtime']]:g} |")
+                     f"{', '.join(f'{g:.1f}' for g in (x['gather_cost'] for x in r['runs']))} | {GATHER_COST[r['runtime']]:g} |")
     lines += ["", "Per shape (first measurement of each runtime and batch):", "",
               "| runtime | batch | channels × size² | regular ms | mixed ms | γ |", "|---|---:|---|---:|---:|---:|"]
     for r in rows:

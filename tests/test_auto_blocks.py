@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 import budgetprune
-from budgetprune.blocks import GATHER_COST, choose_blocks, measure_gather_cost
+from budgetprune.blocks import GATHER_COST, choose_blocks, gathered_positions, measure_gather_cost
 from budgetprune.budget import Budget, enforce_budget, fill_budget, reopenable_channels
 from budgetprune.errors import CheckpointError, ConfigError
 from budgetprune.graph import _measured_macs
-from budgetprune.liveness import BlockMode, effective_masks
+from budgetprune.liveness import BlockMode, effective_masks, slot_sets
 from budgetprune.methods.bar import BAR
 from budgetprune.plan import replay
 from budgetprune.resources import CostModel, layer_costs
@@ -89,6 +89,9 @@ def test_the_choice_picks_each_kind_for_what_it_saves():
     assert saving[big] > gamma * gathered[big] and saving[small] < gamma * gathered[small]
     chosen, _ = choose_blocks(graph, eff, BlockMode("auto", gather_cost=gamma), flops)
     assert chosen.mixed == {big}
+    assert gathered_positions(graph, slot_sets(graph, masks, "mixed")) == gathered[big] + gathered[small]
+    assert gathered_positions(graph, slot_sets(graph, masks, chosen)) == gathered[big]
+    assert gathered_positions(graph, slot_sets(graph, masks, "regular")) == 0
     # the thresholds: free gathers make both mixed, gathers dearer than the saving make neither
     assert choose_blocks(graph, eff, BlockMode("auto", gather_cost=0.0), flops)[0].mixed == {big, small}
     dear = saving[big] / gathered[big] * 1.001

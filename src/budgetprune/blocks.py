@@ -84,12 +84,24 @@ def choose_blocks(graph: ChannelGraph, eff: dict[str, torch.Tensor], mode: Block
             n_out_r, n_out_m = (0, 0) if gone else (n_regular[t.out_tensor], count(t.out_tensor))
             saving[space] += float(t.cost(n_in_r, n_out_r)) - float(t.cost(n_in_m, n_out_m))
     overhead: dict[str, float] = defaultdict(float)
-    for out, operands in channel_sums(graph):
-        space = graph.spaces[out]
-        if space in differ and any(not torch.equal(mixed[o], mixed[out]) for o in operands):
-            overhead[space] += mode.gather_cost * graph.tensors[out].area * n_mixed[out]
+    for space, positions in _gathers(graph, mixed):
+        overhead[space] += mode.gather_cost * positions
     chosen = frozenset(s for s in differ if saving[s] > overhead[s])
     return mode.chosen(chosen), combine_sets(graph, regular, mixed, chosen)
+
+
+def _gathers(graph: ChannelGraph, sets: dict[str, torch.Tensor]):
+    """``(space, channels × positions per example of its result)`` for each sum of a network
+    keeping ``sets`` that gathers (an operand keeps other channels than the result)."""
+    for out, operands in channel_sums(graph):
+        if any(not torch.equal(sets[o], sets[out]) for o in operands):
+            yield graph.spaces[out], graph.tensors[out].area * int(sets[out].sum())
+
+
+def gathered_positions(graph: ChannelGraph, sets: dict[str, torch.Tensor]) -> int:
+    """Channels × positions per example that the gathering sums of a network keeping ``sets``
+    (:func:`budgetprune.liveness.slot_sets`) produce: what ``γ`` multiplies."""
+    return sum(positions for _, positions in _gathers(graph, sets))
 
 
 class _ResidualBlock(nn.Module):
