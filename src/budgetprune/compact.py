@@ -25,7 +25,8 @@ from torch import fx, nn
 
 from .graph import ADD_FUNCTIONS, FLATTEN_METHODS, MUL_FUNCTIONS, ChannelGraph
 from .liveness import effective_masks, slot_sets
-from .ops import SelfAttention, full_count_layer_norm, index_add_channels, scatter_channels, select_channels
+from .ops import SelfAttention, full_count_layer_norm, index_add_channels, scatter_channels, select_channels, \
+    window_attention
 
 SUB_FUNCTIONS = {operator.sub, operator.isub, torch.sub}
 
@@ -63,15 +64,20 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
         mod = modules[layer.name]
         if rows is not None and (rows.numel() == 0 or (gid is not None and not bool(eff[gid].any()))):
             # a pruned-away branch (its output is all zeros): removed with the graph rewrite
+            if layer.kind == "attention" and layer.attention.family != "multihead":
+                continue  # a function call: removed with the graph rewrite, its parameters with it
             _replace(gm, layer.name, nn.Identity())
             for bn in layer.batchnorms:
                 _replace(gm, bn, nn.Identity())
                 hosted[bn] = True
             continue
         zr = z[rows] if z is not None else None
-        if layer.kind == "attention":  # nn.MultiheadAttention: its in- and out-projections lose channels
-            _replace(gm, layer.name, SelfAttention.pruned(mod, cols, rows if rows is not None else
-                                                          torch.arange(layer.out_channels), zr))
+        if layer.kind == "attention":  # its query/key/value and output projections lose channels
+            rows = rows if rows is not None else torch.arange(layer.out_channels)
+            if layer.attention.family == "multihead":
+                _replace(gm, layer.name, SelfAttention.pruned(mod, cols, rows, zr))
+            else:
+                _prune_window_attention(gm, layer, cols, rows, zr)
             continue
         z_in = None
         if layer.in_tensor.endswith(":input") and gate_values and "input" in gate_values:
@@ -101,6 +107,31 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
     gm.delete_all_unused_submodules()
     gm.budgetprune_mode = mode
     return gm.to(device).eval()
+
+
+def _prune_window_attention(gm: fx.GraphModule, layer, cols: torch.Tensor, rows: torch.Tensor,
+                            z: torch.Tensor | None) -> None:
+    """Swin's window attention on the kept channels: its query/key/value weight keeps the input
+    columns ``cols``, its output projection the rows ``rows`` (``z`` folded in), and the call runs
+    :func:`budgetprune.ops.window_attention`, which takes its widths from the weights."""
+    spec = layer.attention
+    qkv = gm.get_parameter(spec.qkv_weight).detach()
+    _set_parameter(gm, spec.qkv_weight, qkv.index_select(1, cols.to(qkv.device)))
+    z = z.to(qkv.device, qkv.dtype) if z is not None else None
+    for path, shape in ((spec.proj_weight, (-1, 1)), (spec.proj_bias, (-1,))):
+        if path is not None:
+            value = gm.get_parameter(path).detach().index_select(0, rows.to(qkv.device))
+            _set_parameter(gm, path, value * z.view(shape) if z is not None else value)
+    node = next(n for n in gm.graph.nodes if n.name == layer.out_tensor)
+    node.target = window_attention
+
+
+def _set_parameter(gm: fx.GraphModule, path: str, value: torch.Tensor) -> None:
+    """Replace the parameter at ``path`` with ``value`` (trainable as it was)."""
+    owner_path, _, attr = path.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    old = getattr(owner, attr)
+    setattr(owner, attr, nn.Parameter(value.clone(), requires_grad=old.requires_grad))
 
 
 def _slice_parameters(gm: fx.GraphModule, graph: ChannelGraph, index) -> None:
@@ -295,6 +326,11 @@ def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
                 split = g.call_function(torch.split, (node.args[0], kept, 1))
             node.replace_all_uses_with(split)
             g.erase_node(node)
+            continue
+        if node.name in graph.computed_gathers:  # a probed channel map, run on the kept input channels
+            src, perm = graph.gathers[node.name]
+            if not torch.equal(torch.nonzero(torch.isin(perm, index[src])).flatten(), index[node.name]):
+                raise RuntimeError(f"internal error: '{node.name}' keeps other channels than its input gives it")
             continue
         if node.name in graph.gathers:  # a channel shuffle or slice: one gather of the kept slots, in order
             src, perm = graph.gathers[node.name]

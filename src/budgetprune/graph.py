@@ -51,7 +51,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from . import attention
+from .attention import Attention
 from .errors import GraphError, first_line
+from .probe import probe_channel_map, probe_channelwise
 
 #: Modules and functions that map 0 to 0 channel by channel.
 ZERO_PRESERVING_MODULES = (
@@ -212,7 +215,7 @@ class Layer:
     """A conv or linear layer: what it reads, what it writes, and its cost coefficients."""
 
     name: str
-    kind: str  # "conv" | "linear"
+    kind: str  # "conv" | "linear" | "attention"
     in_tensor: str  # TensorInfo key of its input
     out_tensor: str  # TensorInfo key of its output (after the host BatchNorm for a gated layer)
     in_features: int
@@ -225,6 +228,7 @@ class Layer:
     batchnorms: list[str] = field(default_factory=list)  # host BatchNorms folded with this layer
     groups: int = 1  # a grouped (not depthwise) convolution: each output reads in_features / groups inputs
     follows: str | None = None  # a squeeze-and-excitation scale: keeps the channels of the tensor it multiplies
+    attention: Attention | None = None  # kind "attention": its shape and projections
 
 
 class ChannelGraph:
@@ -240,7 +244,7 @@ class ChannelGraph:
                  splits: dict[str, tuple[str, list[str]]] | None = None,
                  gathers: dict[str, tuple[str, torch.Tensor]] | None = None,
                  params: dict[str, ChannelParameter] | None = None, norms: dict[str, Norm] | None = None,
-                 mask_sites: dict[str, tuple[str, str]] | None = None):
+                 mask_sites: dict[str, tuple[str, str]] | None = None, computed_gathers: set[str] | None = None):
         self.gm = gm
         self.tensors = tensors
         self.layers = layers
@@ -252,6 +256,7 @@ class ChannelGraph:
         self.cats = cats  # tensor made by torch.cat -> the tensors it joins, in order
         self.splits = splits or {}  # chunk/split node -> (the tensor it splits, its pieces in order)
         self.gathers = gathers or {}  # channel shuffle or slice output -> (its input, input slot of each output slot)
+        self.computed_gathers = computed_gathers or set()  # gathers an op computes (probed): compaction keeps the op
         self.params = params or {}  # parameter path -> the tensor whose channels it is sliced with
         self.norms = norms or {}  # LayerNorm node -> what compaction keeps of its statistics
         self.mask_sites = mask_sites or {}  # function renormaliser -> (module whose output is masked, its tensor)
@@ -410,6 +415,7 @@ class _Builder:
         self.gm, self.modules, self.gate_inputs, self.input_shape = gm, modules, gate_inputs, input_shape
         self.blocked: dict[str, str] = {}  # producer -> why it stays ungated
         self.followers: dict[str, str] = {}  # layer computing a channel scale -> the tensor it multiplies
+        self.probes: dict[tuple, object] = {}  # what running an unknown op showed (see budgetprune.probe)
 
     def build(self) -> ChannelGraph:
         self._find_scales()
@@ -430,6 +436,7 @@ class _Builder:
         self.cats: dict[str, list[str]] = {}
         self.splits: dict[str, tuple[str, list[str]]] = {}
         self.gathers: dict[str, tuple[str, torch.Tensor]] = {}
+        self.computed_gathers: set[str] = set()
         self.shuffle_inside: set[str] = set()
         self.hosted: dict[str, str] = {}  # node that is a gate host output -> group
         self.params: dict[str, ChannelParameter] = {}
@@ -439,6 +446,9 @@ class _Builder:
         self.calls: dict[str, int] = defaultdict(int)
         ungated: dict[str, str] = dict(self.blocked)
         self._find_layers(nodes, ungated)
+        self.exits = _module_exits(nodes)
+        self.returned_by = {out[0].name: path for path, out in self.exits.items()
+                            if len(out) == 1 and self.calls.get(path, 0) <= 1}
         for node in nodes:
             if node.op == "placeholder":
                 shape = _shape(node)
@@ -473,7 +483,7 @@ class _Builder:
         spaces = {t: self._find(t) for t in self.tensors}
         return ChannelGraph(self.gm, self.tensors, self.layers, self.groups, self.renorm, ungated,
                             self.input_shape, spaces, self.cats, self.splits, self.gathers, self.params,
-                            self.norms, mask_sites)
+                            self.norms, mask_sites, self.computed_gathers)
 
     def _find_scales(self) -> None:
         """Squeeze-and-excitation: a product of a feature map and a (batch, C, 1, 1) scale that one
@@ -513,6 +523,11 @@ class _Builder:
     def _set(self, node: fx.Node, info: TensorInfo) -> None:
         self.tensors[node.name] = info
         self.parent.setdefault(node.name, node.name)
+
+    def _set_named(self, info: TensorInfo) -> None:
+        """A tensor the graph adds (an always-alive input described over another dim)."""
+        self.tensors[info.node] = info
+        self.parent.setdefault(info.node, info.node)
 
     def _find(self, t: str) -> str:
         while self.parent[t] != t:
@@ -728,58 +743,52 @@ class _Builder:
         return True
 
     def _visit_attention(self, node: fx.Node) -> bool:
-        """``nn.MultiheadAttention`` as self-attention over tokens (N, L, E) (``batch_first``, one
-        input for query, key and value, no masks): a layer that reads its input's channels through
-        its in-projection and writes a gated group through its out-projection (a ViT block). Its
-        heads keep their width. Any other use leaves its input's writers ungated."""
-        mod = self.modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(mod, nn.MultiheadAttention):
+        """An attention layer (:mod:`budgetprune.attention`: ``nn.MultiheadAttention`` self-attention,
+        Swin's window attention) reads its input's channels through its query/key/value projection
+        and writes a gated group through its output projection; its heads keep their width. An
+        attention call budgetprune does not prune leaves its input's writers ungated."""
+        spec = attention.match(node, self.modules, self.calls, self.returned_by)
+        if spec is None:
             return False
-        args = [_arg(node, i, name, None) for i, name in enumerate(("query", "key", "value"))]
-        extra = {k: v for k, v in node.kwargs.items() if k not in ("query", "key", "value", "need_weights")}
-        src = args[0]
-        metas = node.meta.get("tensor_meta")
-        out_shape = tuple(metas[0].shape) if isinstance(metas, (tuple, list)) and hasattr(metas[0], "shape") else None
-        why = None
-        if not (isinstance(src, fx.Node) and src is args[1] and src is args[2] and src.name in self.tensors):
-            why = "which budgetprune prunes only as self-attention (one tensor as query, key and value)"
-        elif not mod.batch_first or not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn \
-                or len(node.args) > 3 or any(v is not None and v is not False for v in extra.values()):
-            why = "which budgetprune prunes only with batch_first=True, no masks and no added key/value biases"
-        elif self.calls[node.target] != 1:
-            why = f"called {self.calls[node.target]} times (shared weights)"
-        elif out_shape is None or len(out_shape) != 3:
-            why = "whose output is not (N, L, E) tokens"
-        else:
-            info = self._info(src)
-            if not info.always_alive() and not (info.dim == -1 and info.slots == mod.embed_dim and info.expansion == 1):
+        is_module = node.op == "call_module"
+        what = f"{type(self.modules[node.target]).__name__} '{node.target}'" if is_module else \
+            f"'{node.target.__name__}' at node '{node.name}'"
+        out_shape = _shape(node) if not is_module else None
+        if is_module:  # nn.MultiheadAttention returns (output, attention weights)
+            metas = node.meta.get("tensor_meta")
+            out_shape = tuple(metas[0].shape) if isinstance(metas, (tuple, list)) and hasattr(metas[0], "shape") \
+                else None
+            self.attention.add(node.name)
+        why = spec if isinstance(spec, str) else None
+        src = next((a for a in node.all_input_nodes if a.name == spec.source), None) if why is None else None
+        if why is None:
+            info = self._info(src) if src is not None and src.name in self.tensors else None
+            if info is None or not info.always_alive() and not (
+                    info.dim == -1 and info.slots == spec.in_features and info.expansion == 1):
                 why = "whose input's channels are not in the last dim"
         if why is not None:
             for arg in node.all_input_nodes:
-                self._block(arg, f"read by nn.MultiheadAttention '{node.target}', {why}")
-            shape = out_shape or (1, 1, mod.embed_dim)
-            self.tensors[node.name] = self._fresh(node, shape, ALWAYS, dim=-1)
-            self.parent.setdefault(node.name, node.name)
-            self.attention.add(node.name)
+                self._block(arg, f"read by {what}, {why}")
+            width = self.modules[node.target].embed_dim if is_module else 1
+            self._set(node, self._fresh(node, out_shape or (1, 1, width), ALWAYS, dim=-1))
             return True
         info = self._info(src)
         if info.always_alive():
             info = _always_alive_over(info, _shape(src), -1)
             info = TensorInfo(f"{node.name}:in", info.slots, info.area, 1, info.segments, dim=-1)
-            self.tensors[info.node] = info
-            self.parent.setdefault(info.node, info.node)
-        gated = node.target not in self.blocked
-        gid = node.target if gated else ALWAYS
-        layer = Layer(node.target, "attention", info.node, node.name, mod.embed_dim, mod.embed_dim, out_shape[1],
-                      1, None, False, mod.out_proj.bias is not None)
-        self.layers[node.target] = layer
-        self.tensors[node.name] = TensorInfo(node.name, mod.embed_dim, out_shape[1], 1,
-                                             (Segment(0, mod.embed_dim, ((gid, 0),)),), dim=-1)
-        self.parent.setdefault(node.name, node.name)
-        self.attention.add(node.name)
+            self._set_named(info)
+        name = spec.host
+        gated = name not in self.blocked
+        gid = name if gated else ALWAYS
+        area = _area(out_shape, -1)
+        bias = spec.proj_bias is not None
+        layer = Layer(name, "attention", info.node, node.name, spec.in_features, spec.out_features, area,
+                      1, None, False, bias, attention=spec)
+        self.layers[name] = layer
+        self._set(node, TensorInfo(node.name, spec.out_features, area, 1,
+                                   (Segment(0, spec.out_features, ((gid, 0),)),), dim=-1))
         if gated:
-            self.groups[gid] = ChannelGroup(gid, mod.embed_dim, out_shape[1], node.target, "output", node.target,
-                                            dim=-1)
+            self.groups[gid] = ChannelGroup(gid, spec.out_features, area, spec.host, "output", name, dim=-1)
             layer.out_group = gid
         return True
 
@@ -838,12 +847,7 @@ class _Builder:
         it through ops keeping its channels (``F.layer_norm`` → ``permute`` in a ``LayerNorm2d``),
         else at the output of the first module reading it through such ops (a ViT's position
         embedding sum → dropout); where there is none, its input's writers stay ungated."""
-        exits: dict[str, list[fx.Node]] = defaultdict(list)  # module path -> nodes its scope returns
-        for node in nodes:
-            inside = _scopes(node)
-            for path in inside:
-                if any(u.op == "output" or path not in _scopes(u) for u in node.users):
-                    exits[path].append(node)
+        exits = self.exits
         sites = {}
         by_name = {n.name: n for n in nodes}
         for name, what in self.renorm.items():
@@ -948,14 +952,35 @@ class _Builder:
         return True
 
     def _gathered(self, node: fx.Node) -> TensorInfo:
-        """Output slot j is input slot perm[j] (a channel shuffle or slice): one length-1 segment per slot."""
+        """Output slot j is input slot perm[j] (a channel shuffle, slice or probed channel map): runs of
+        consecutive input slots from one segment make one segment."""
         src, perm = self.gathers[node.name]
         info = self.tensors[src]
-        segs = []
+        runs: list[list] = []  # [start, length, input segment, first input slot]
         for j, p in enumerate(perm.tolist()):
             seg = next(s for s in info.segments if s.start <= p < s.start + s.length)
-            segs.append(Segment(j, 1, tuple((g, off if g is ALWAYS else off + p - seg.start) for g, off in seg.sources)))
-        return TensorInfo(node.name, len(perm), _area(_shape(node)), 1, tuple(segs))
+            last = runs[-1] if runs else None
+            if last is not None and last[2] is seg and last[3] + last[1] == p:
+                last[1] += 1
+            else:
+                runs.append([j, 1, seg, p])
+        segs = tuple(Segment(j, n, tuple((g, off if g is ALWAYS else off + p - seg.start) for g, off in seg.sources))
+                     for j, n, seg, p in runs)
+        return TensorInfo(node.name, len(perm), _area(_shape(node), info.dim), 1, segs, dim=info.dim)
+
+    def _visit_channel_map(self, node: fx.Node, src: fx.Node, dim: int) -> bool:
+        """An op that probing shows copies each input channel into one or more output channels, each
+        computed from its source alone (Swin's patch merging): a gather of its input's slots. The
+        compacted network runs the op on the kept channels (:attr:`ChannelGraph.computed_gathers`)."""
+        if node.op == "get_attr" or self._info(src).always_alive():
+            return False
+        found = self._probed(probe_channel_map, node, dim)
+        if found is None or found[0] != "zero" or self._info(src).expansion != 1:
+            return False
+        self.gathers[node.name] = (src.name, found[1])
+        self.computed_gathers.add(node.name)
+        self._set(node, self._gathered(node))
+        return True
 
     def _visit_channels_last(self, node, tensor_args) -> None:
         """Pruned channels in the last dim (a linear layer's hidden width over tokens or a
@@ -976,18 +1001,29 @@ class _Builder:
                 or node.op == "call_method" and node.target in ZERO_PRESERVING_METHODS):
             return self._same(node, tensor_args[0])
         if len(tensor_args) == 1 and node.op != "get_attr" and \
-                _probe_channelwise(node, self.modules, self._device(), dim=-1) == "zero":
+                self._probed(probe_channelwise, node, -1) == "zero":
             return self._same(node, tensor_args[0])
+        if len(tensor_args) == 1 and self._visit_channel_map(node, tensor_args[0], -1):
+            return
         raise _Unsupported(f"read by {_describe(node, self.modules)}, which budgetprune cannot prune through "
                            "on channels in the last dim (only element-wise ops and linear layers)")
 
     def _visit_unknown(self, node, tensor_args) -> None:
         """An op the table does not know: passed through when probing shows it works channel by
         channel (stochastic depth, a custom activation, an upsampling), else unsupported."""
-        kind = _probe_channelwise(node, self.modules, self._device()) if len(tensor_args) == 1 else None
+        kind = self._probed(probe_channelwise, node, 1) if len(tensor_args) == 1 else None
+        if kind is None and len(tensor_args) == 1 and self._visit_channel_map(node, tensor_args[0], 1):
+            return
         if kind is None:
             raise _Unsupported(f"read by {_describe(node, self.modules)}, which budgetprune cannot prune through")
         return self._same(node, tensor_args[0], None if kind == "zero" else _describe(node, self.modules))
+
+    def _probed(self, probe, node: fx.Node, dim: int):
+        """``probe(node, ...)``, run once per node over the builder's passes."""
+        key = (probe.__name__, node.name, dim)
+        if key not in self.probes:
+            self.probes[key] = probe(node, self.modules, self._device(), dim=dim)
+        return self.probes[key]
 
     def _device(self) -> torch.device:
         for p in self.gm.parameters():
@@ -1243,73 +1279,6 @@ def _scale_producer(scale: fx.Node, mul: fx.Node, modules: dict[str, nn.Module])
         node, user = node.all_input_nodes[0], node
 
 
-def _probe_channelwise(node: fx.Node, modules: dict[str, nn.Module], device: torch.device,
-                       dim: int = 1) -> str | None:
-    """Whether an op unknown to the graph works channel by channel, found by running it.
-
-    The op's single tensor input is replaced by random values of the recorded shape (the
-    other arguments must be constants) and the op is run, in eval mode and without gradients,
-    three times: on the input, on the input with some channels zeroed, and on only the other
-    channels. It works channel by channel when the last run gives exactly the remaining
-    channels of the first (no channel reads another, and the op does not depend on how many
-    there are), and the second run gives the same on the channels it kept. Returns ``"zero"``
-    when the zeroed channels also stay exactly zero (a stochastic depth, an activation, an
-    upsampling), ``"renormalise"`` when they do not or when the op is a module with parameters
-    that training may change (it then needs masking), None otherwise.
-    """
-    in_shape, out_shape = _shape(node.all_input_nodes[0]), _shape(node)
-    if in_shape is None or out_shape is None or len(in_shape) < 2 or len(out_shape) != len(in_shape):
-        return None
-    cd = 1 if dim == 1 else len(in_shape) - 1  # the channel dim
-    if out_shape[0] != in_shape[0] or out_shape[cd] != in_shape[cd] or in_shape[cd] < 2:
-        return None
-    meta = node.all_input_nodes[0].meta["tensor_meta"]
-    if not meta.dtype.is_floating_point:
-        return None
-    if len(node.all_input_nodes) != 1:  # x.size(0) and other computed arguments: not probed
-        return None
-
-    def run(x):
-        args = fx.node.map_arg(node.args, lambda a: x)
-        kwargs = fx.node.map_arg(node.kwargs, lambda a: x)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        mod = modules[node.target]
-        was = mod.training
-        mod.eval()
-        try:
-            return mod(*args, **kwargs)
-        finally:
-            mod.train(was)
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(tuple(in_shape), generator=gen).to(device, meta.dtype) + 0.5
-    c = in_shape[cd]
-    keep = torch.arange(c, device=device) % 2 == 0
-    kept, dropped = torch.nonzero(keep).flatten(), torch.nonzero(~keep).flatten()
-    shape = [1] * len(in_shape)
-    shape[cd] = c
-    try:
-        with torch.no_grad():
-            full, zeroed, part = run(x), run(x * keep.view(shape)), run(x.index_select(cd, kept))
-    except Exception:
-        return None
-    if not all(isinstance(t, torch.Tensor) and t.dim() == len(in_shape) and t.shape[0] == in_shape[0]
-               and t.shape[cd] == n for t, n in ((full, c), (zeroed, c), (part, len(kept)))):
-        return None
-
-    def same(a, b):
-        return a.shape == b.shape and bool(torch.isfinite(b).all()) and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
-
-    if not (same(part, full.index_select(cd, kept)) and same(zeroed.index_select(cd, kept), full.index_select(cd, kept))):
-        return None
-    if node.op == "call_module" and any(True for _ in modules[node.target].parameters()):
-        return "renormalise"  # a learned parameter (a LayerNorm's bias) may stop mapping 0 to 0: always masked
-    return "zero" if bool((zeroed.index_select(cd, dropped) == 0).all()) else "renormalise"
-
-
 def _is_permute(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("permute", "transpose") or \
         node.op == "call_function" and node.target in (torch.permute, torch.transpose)
@@ -1325,6 +1294,16 @@ def _permutation(node: fx.Node, ndim: int) -> list[int]:
         return perm
     dims = list(node.args[1:]) or [node.kwargs.get("dims")]
     return list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+
+
+def _module_exits(nodes) -> dict[str, list[fx.Node]]:
+    """Module path -> the nodes its forward returns (those read outside its scope)."""
+    exits: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in nodes:
+        for path in _scopes(node):
+            if any(u.op == "output" or path not in _scopes(u) for u in node.users):
+                exits[path].append(node)
+    return exits
 
 
 def _scopes(node: fx.Node) -> list[str]:

@@ -179,9 +179,10 @@ def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "
             if not torch.equal(joined | sets[name], sets[name]):
                 sets[name] = sets[name] | joined
                 changed = True
-        for out, (src, perm) in graph.gathers.items():  # a shuffle's output is its input, reordered
-            grown_out, grown_src = sets[out] | sets[src][perm], sets[src].clone()
-            grown_src[perm] |= sets[out]
+        for out, (src, perm) in graph.gathers.items():  # a shuffle's output is its input, reordered (or repeated)
+            grown_out = sets[out] | sets[src][perm]
+            grown_src = sets[src] | torch.zeros(sets[src].numel(), dtype=torch.long).index_add(
+                0, perm, sets[out].long()).bool()
             if not (torch.equal(grown_out, sets[out]) and torch.equal(grown_src, sets[src])):
                 sets[out], sets[src] = grown_out, grown_src
                 changed = True

@@ -15,9 +15,13 @@ ONNX exporter handle, and are the only non-``torch`` functions a saved model may
   count the pruned ones, as the zeros they are in the gated network.
 * :class:`SelfAttention` is ``nn.MultiheadAttention``'s self-attention with its input and output
   channels pruned (its heads keep their width).
+* :func:`window_attention` is torchvision's ``shifted_window_attention`` (Swin) with its input
+  and output channels pruned apart from its heads.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +138,67 @@ class SelfAttention(nn.Module):
                 new.in_proj.bias.copy_(mha.in_proj_bias.detach())
                 new.out_proj.bias.copy_(b_out)
         return new
+
+
+@fx.wrap
+def window_attention(input: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: torch.Tensor,
+                     relative_position_bias: torch.Tensor, window_size: list[int], num_heads: int,
+                     shift_size: list[int], attention_dropout: float = 0.0, dropout: float = 0.0,
+                     qkv_bias: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None,
+                     logit_scale: torch.Tensor | None = None, training: bool = True) -> torch.Tensor:
+    """torchvision's ``shifted_window_attention`` (Swin, Liu et al. 2021, Eq. 4 and section 3.2:
+    W-MSA / SW-MSA with relative position bias; V2's cosine attention with ``logit_scale``) where the
+    input width ``C_in``, the attention width ``E`` and the output width ``C_out`` may differ: torchvision
+    takes all three from the input (``C``); here ``E = qkv_weight.shape[0] / 3`` (``num_heads`` heads of
+    ``E / num_heads``) and ``C_out = proj_weight.shape[0]``. Same arguments and the same operations in
+    the same order, so on unpruned weights it computes what torchvision's function computes."""
+    b, h, w, _ = input.shape
+    embed = qkv_weight.shape[0] // 3
+    head_dim, out_width = embed // num_heads, proj_weight.shape[0]
+    pad_r = (window_size[1] - w % window_size[1]) % window_size[1]
+    pad_b = (window_size[0] - h % window_size[0]) % window_size[0]
+    x = F.pad(input, (0, 0, 0, pad_r, 0, pad_b))
+    _, pad_h, pad_w, c_in = x.shape
+    shift_size = [0 if window_size[i] >= (pad_h, pad_w)[i] else shift_size[i] for i in range(2)]
+    if sum(shift_size) > 0:  # cyclic shift
+        x = torch.roll(x, shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
+    num_windows = (pad_h // window_size[0]) * (pad_w // window_size[1])
+    x = x.view(b, pad_h // window_size[0], window_size[0], pad_w // window_size[1], window_size[1], c_in)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b * num_windows, window_size[0] * window_size[1], c_in)
+    if logit_scale is not None and qkv_bias is not None:  # V2: no bias on the keys
+        qkv_bias = torch.cat([qkv_bias[:embed], torch.zeros_like(qkv_bias[embed:2 * embed]), qkv_bias[2 * embed:]])
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    qkv = qkv.reshape(x.size(0), x.size(1), 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if logit_scale is not None:  # cosine attention
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * head_dim ** -0.5).matmul(k.transpose(-2, -1))
+    attn = attn + relative_position_bias
+    if sum(shift_size) > 0:  # tokens from different regions of a shifted window do not attend to each other
+        mask = x.new_zeros((pad_h, pad_w))
+        h_slices = ((0, -window_size[0]), (-window_size[0], -shift_size[0]), (-shift_size[0], None))
+        w_slices = ((0, -window_size[1]), (-window_size[1], -shift_size[1]), (-shift_size[1], None))
+        count = 0
+        for hs in h_slices:
+            for ws in w_slices:
+                mask[hs[0]:hs[1], ws[0]:ws[1]] = count
+                count += 1
+        mask = mask.view(pad_h // window_size[0], window_size[0], pad_w // window_size[1], window_size[1])
+        mask = mask.permute(0, 2, 1, 3).reshape(num_windows, window_size[0] * window_size[1])
+        mask = mask.unsqueeze(1) - mask.unsqueeze(2)
+        mask = mask.masked_fill(mask != 0, float(-100.0)).masked_fill(mask == 0, float(0.0))
+        attn = attn.view(x.size(0) // num_windows, num_windows, num_heads, x.size(1), x.size(1))
+        attn = (attn + mask.unsqueeze(1).unsqueeze(0)).view(-1, num_heads, x.size(1), x.size(1))
+    attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
+    x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), x.size(1), num_heads * head_dim)
+    x = F.dropout(F.linear(x, proj_weight, proj_bias), p=dropout, training=training)
+    x = x.view(b, pad_h // window_size[0], pad_w // window_size[1], window_size[0], window_size[1], out_width)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, pad_h, pad_w, out_width)
+    if sum(shift_size) > 0:  # reverse cyclic shift
+        x = torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
+    return x[:, :h, :w, :].contiguous()
 
 
 #: Functions a saved compacted network may call besides torch's own (see budgetprune.io).

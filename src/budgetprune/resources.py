@@ -22,9 +22,10 @@ dead output channel also removes the next layer's inputs.
   pruned (attention products, ``nn.MultiheadAttention``'s projections, an ``F.linear`` inside an
   attention function) is a constant: the MACs ``torch.utils.flop_counter`` counts for it when
   the graph is built (:attr:`budgetprune.graph.ChannelGraph.measured_flops`), less what the
-  layers count. ``nn.MultiheadAttention`` (self-attention) is a layer: L · 3E · n_in for its
-  in-projection and L · E · n_out for its out-projection, E its unpruned embedding width; the
-  attention products between them (2 · L² · E) are in the constant.
+  layers count. An attention layer (``nn.MultiheadAttention`` self-attention, Swin's window
+  attention: :mod:`budgetprune.attention`) is a layer: T · 3E · n_in for its query/key/value
+  projection and T · E · n_out for its output projection over T positions, E its unpruned
+  attention width; the attention products between them (2 · T · window · E) are in the constant.
 * latency — milliseconds measured per layer on the current device and fitted to the same
   c_io · n_in · n_out + c_out · n_out form (:mod:`budgetprune.latency`): a budget like FLOPs.
   ``latency`` times the layers in eager PyTorch, ``latency:torchscript`` and
@@ -92,7 +93,7 @@ def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
     terms: list[LayerCost] = []
     for layer in graph.layers.values():
         if layer.kind == "attention":
-            terms += _attention_costs(layer, modules[layer.name], metric)
+            terms += _attention_costs(layer, metric)
             continue
         e = graph.tensors[layer.in_tensor].expansion
         k = layer.kernel_area / layer.groups  # an output of a grouped conv reads 1/groups of the inputs
@@ -132,11 +133,16 @@ def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
     return terms
 
 
-def _attention_costs(layer, mha: nn.MultiheadAttention, metric: str) -> list[LayerCost]:
-    """Self-attention's cost terms: per input channel (its in-projection's column, over L tokens)
-    and per output channel (its out-projection's row); its heads keep their width E."""
-    tokens, width = float(layer.out_area), float(mha.embed_dim)
-    per_in, per_out = {"volume": (0.0, tokens), "flops": (tokens * 3 * width, tokens * width),
+def _attention_costs(layer, metric: str) -> list[LayerCost]:
+    """An attention layer's cost terms (:class:`budgetprune.attention.Attention`): per input channel
+    its query/key/value projection's column (3E MACs at each of T positions: T · 3E FLOPs, 3E
+    weights) and per output channel its output projection's row (T · E FLOPs, E weights and a
+    bias); T counts the positions the projections run over (a Swin map padded to whole windows),
+    and its heads keep their width E. The attention products and the projections' other
+    parameters are in the constant."""
+    spec = layer.attention
+    tokens, width = float(spec.tokens), float(spec.embed_dim)
+    per_in, per_out = {"volume": (0.0, float(layer.out_area)), "flops": (tokens * 3 * width, tokens * width),
                        "params": (3 * width, width + (1.0 if layer.bias else 0.0)),
                        "nonzero": (3 * width, width)}[metric]
     terms = [LayerCost(layer.name, None, layer.out_tensor, layer.out_group, 1, 0.0, per_out)]
