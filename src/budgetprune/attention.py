@@ -11,6 +11,8 @@ pruned like a linear layer's; its heads keep their width. Three families are rec
   returns it with that module's ``qkv`` and ``proj`` weights: channels-last maps (N, H, W, C)
   cut into windows of Wh × Ww tokens (the map padded to whole windows), each token attending to
   its window.
+* ``"relative"``: torchvision's ``RelativePositionalMultiHeadAttention`` (MaxViT), traced as one
+  module (:func:`is_leaf`): (N, G, P, C), each of the G groups of P tokens attending to itself.
 
 Each recogniser returns an :class:`Attention` (the layer's shape and parameter paths), a
 reason why the call is not pruned (its input's writers then stay ungated), or None when the
@@ -29,7 +31,7 @@ from torch import fx, nn
 class Attention:
     """One attention layer, for its costs and its compaction (parameter paths are the model's)."""
 
-    family: str  # "multihead" | "window"
+    family: str  # "multihead" | "window" | "relative"
     source: str  # the node of its input tensor
     host: str  # the module whose output is the layer's output (gated there)
     in_features: int  # C_in
@@ -53,7 +55,7 @@ def match(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int],
     """The attention layer ``node`` computes, why it is not pruned, or None (no attention call).
     ``calls`` counts the model's module calls and parameter reads; ``returned_by`` maps a node to
     the module (called once) whose forward returns it."""
-    for recognise in (_multihead, _window):
+    for recognise in (_multihead, _window, _relative):
         found = recognise(node, modules, calls, returned_by)
         if found is not None:
             return found
@@ -130,3 +132,30 @@ def _window(node, modules, calls, returned_by) -> Attention | str | None:
     return Attention("window", src.name, host, qkv[1], qkv[0] // 3, proj[0], a["num_heads"], tokens, wh * ww,
                      a["qkv_weight"].target, a["qkv_bias"].target if a["qkv_bias"] is not None else None,
                      a["proj_weight"].target, a["proj_bias"].target if a["proj_bias"] is not None else None)
+
+
+def _is_torchvision(module: nn.Module, file: str, name: str) -> bool:
+    """Whether ``module`` is torchvision's class ``name`` of ``torchvision.models.<file>`` (not imported)."""
+    cls = type(module)
+    return cls.__name__ == name and cls.__module__ == f"torchvision.models.{file}"
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """Attention modules the channel graph traces as one node, to prune as a whole."""
+    return _is_torchvision(module, "maxvit", "RelativePositionalMultiHeadAttention")
+
+
+def _relative(node, modules, calls, returned_by) -> Attention | str | None:
+    """MaxViT's ``RelativePositionalMultiHeadAttention`` on (N, G, P, C)."""
+    mod = modules.get(node.target) if node.op == "call_module" else None
+    if mod is None or not is_leaf(mod):
+        return None
+    src, shape = node.args[0] if node.args else None, _shape(node)
+    if calls[node.target] != 1:
+        return f"called {calls[node.target]} times (shared weights)"
+    if not isinstance(src, fx.Node) or shape is None or len(shape) != 4:
+        return "whose input is not (N, G, P, C) groups of tokens"
+    path = node.target
+    return Attention("relative", src.name, path, mod.to_qkv.in_features, mod.n_heads * mod.head_dim,
+                     mod.merge.out_features, mod.n_heads, shape[1] * shape[2], shape[2],
+                     f"{path}.to_qkv.weight", f"{path}.to_qkv.bias", f"{path}.merge.weight", f"{path}.merge.bias")

@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from .graph import ADD_FUNCTIONS, FLATTEN_METHODS, MUL_FUNCTIONS, ChannelGraph
 from .liveness import effective_masks, slot_sets
-from .ops import SelfAttention, full_count_layer_norm, index_add_channels, scatter_channels, select_channels, \
+from .ops import RelativeAttention, SelfAttention, full_count_layer_norm, index_add_channels, scatter_channels, select_channels, \
     window_attention
 
 SUB_FUNCTIONS = {operator.sub, operator.isub, torch.sub}
@@ -64,7 +64,7 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
         mod = modules[layer.name]
         if rows is not None and (rows.numel() == 0 or (gid is not None and not bool(eff[gid].any()))):
             # a pruned-away branch (its output is all zeros): removed with the graph rewrite
-            if layer.kind == "attention" and layer.attention.family != "multihead":
+            if layer.kind == "attention" and layer.attention.family == "window":
                 continue  # a function call: removed with the graph rewrite, its parameters with it
             _replace(gm, layer.name, nn.Identity())
             for bn in layer.batchnorms:
@@ -76,6 +76,8 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
             rows = rows if rows is not None else torch.arange(layer.out_channels)
             if layer.attention.family == "multihead":
                 _replace(gm, layer.name, SelfAttention.pruned(mod, cols, rows, zr))
+            elif layer.attention.family == "relative":
+                _replace(gm, layer.name, RelativeAttention.pruned(mod, cols, rows, zr))
             else:
                 _prune_window_attention(gm, layer, cols, rows, zr)
             continue
@@ -364,13 +366,8 @@ def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
                 node.args = (kept,) + rest if node.args else ()
                 if not node.args:
                     node.kwargs = {**node.kwargs, "tensors": kept}
-        elif node.op == "call_method" and node.target in ("view", "reshape") and len(_shape_of(node)) == 3 \
-                and len(_shape_of(node.args[0])) == 4 and _shape_of(node)[:2] == _shape_of(node.args[0])[:2]:
-            with g.inserting_before(node):  # (N, C, H, W) -> (N, C, H·W) with C written out: a ViT's patches
-                flat = g.call_function(torch.flatten, (node.args[0], 2))
-            flat.meta["budgetprune_tensor"] = node.name
-            node.replace_all_uses_with(flat)
-            g.erase_node(node)
+        elif node.op == "call_method" and node.target in ("view", "reshape") and len(_shape_of(node)) > 2:
+            _resize_channels(node, graph.tensors[node.name], int(index[node.name].numel()))
         elif node.op == "call_method" and node.target in FLATTEN_METHODS and node.target != "flatten" \
                 and len(_shape_of(node)) == 2:  # a flatten to (batch, features); other reshapes keep their sizes
             with g.inserting_before(node):
@@ -389,6 +386,19 @@ def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
                     masked = g.call_function(operator.mul, (node, ref))
                 masked.meta["budgetprune_tensor"] = node.name
                 node.replace_all_uses_with(masked, delete_user_cb=lambda u: u is not masked)
+
+
+def _resize_channels(node: fx.Node, info, kept: int) -> None:
+    """A reshape that keeps the channel dim (a ViT's (N, C, H, W) -> (N, C, H·W), MaxViT's windows)
+    with its channel count written out: the count becomes the kept one (a computed size, read from
+    the compacted input's shape, is right as it is)."""
+    packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+    sizes = list(node.args[1] if packed else node.args[1:])
+    at = 1 if info.dim == 1 else len(sizes) - 1
+    if not isinstance(sizes[at], int) or sizes[at] != info.slots or kept == info.slots:
+        return
+    sizes[at] = kept
+    node.args = (node.args[0], type(node.args[1])(sizes)) if packed else (node.args[0], *sizes)
 
 
 def _with_dim(args: tuple, dim: int) -> tuple:

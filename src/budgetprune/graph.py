@@ -338,10 +338,17 @@ class ChannelGraph:
         return "\n".join(rows)
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping the attention modules budgetprune prunes as a whole as one node."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return attention.is_leaf(m) or super().is_leaf_module(m, qualname)
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace`` with a one-line error naming what failed."""
+    """``torch.fx.symbolic_trace`` (attention modules kept whole) with a one-line error naming what failed."""
     try:
-        return fx.symbolic_trace(model)
+        return fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception as exc:
         raise GraphError(
             f"cannot trace {type(model).__name__} with torch.fx: {first_line(exc, 300)}; "
@@ -753,8 +760,8 @@ class _Builder:
         is_module = node.op == "call_module"
         what = f"{type(self.modules[node.target]).__name__} '{node.target}'" if is_module else \
             f"'{node.target.__name__}' at node '{node.name}'"
-        out_shape = _shape(node) if not is_module else None
-        if is_module:  # nn.MultiheadAttention returns (output, attention weights)
+        out_shape = _shape(node)
+        if isinstance(self.modules.get(node.target), nn.MultiheadAttention):  # returns (output, weights)
             metas = node.meta.get("tensor_meta")
             out_shape = tuple(metas[0].shape) if isinstance(metas, (tuple, list)) and hasattr(metas[0], "shape") \
                 else None
@@ -769,7 +776,7 @@ class _Builder:
         if why is not None:
             for arg in node.all_input_nodes:
                 self._block(arg, f"read by {what}, {why}")
-            width = self.modules[node.target].embed_dim if is_module else 1
+            width = getattr(self.modules.get(node.target), "embed_dim", 1)
             self._set(node, self._fresh(node, out_shape or (1, 1, width), ALWAYS, dim=-1))
             return True
         info = self._info(src)
@@ -995,6 +1002,10 @@ class _Builder:
             return self._visit_token_cat(node)
         if len(tensor_args) == 1 and self._reduces_tokens(node, tensor_args[0]):
             return
+        if node.op == "call_function" and node.target is torch.flatten or \
+                node.op == "call_method" and node.target in FLATTEN_METHODS:
+            if _keeps_channels(self._info(tensor_args[0]), _shape(tensor_args[0]), _shape(node)):
+                return self._visit_flatten(node, tensor_args)
         if len(tensor_args) == 1 and (
                 isinstance(mod, ZERO_PRESERVING_MODULES) and not isinstance(mod, POOLING_MODULES)
                 or node.op == "call_function" and node.target in ZERO_PRESERVING_FUNCTIONS - POOLING_FUNCTIONS
@@ -1191,11 +1202,11 @@ class _Builder:
     def _visit_flatten(self, node, tensor_args) -> None:
         src = tensor_args[0]
         info, in_shape, shape = self._info(src), _shape(src), _shape(node)
-        if len(shape) == 3 and len(in_shape) > 3 and tuple(shape[:2]) == tuple(in_shape[:2]) and info.dim == 1 and \
-                info.expansion == 1:  # (N, C, H, W) -> (N, C, H·W): a ViT's patches, channels unchanged
-            self._set(node, TensorInfo(node.name, info.slots, _area(shape), 1, info.segments, info.scale))
+        if _keeps_channels(info, in_shape, shape):  # (N, C, H, W) -> (N, C, H·W): a ViT's patches
+            self._set(node, TensorInfo(node.name, info.slots, _area(shape, info.dim), 1, info.segments, info.scale,
+                                       info.dim))
             return self._union(node.name, src.name)
-        if len(shape) != 2 or shape[0] != in_shape[0]:
+        if info.dim != 1 or len(shape) != 2 or shape[0] != in_shape[0]:
             raise _Unsupported(f"reshaped by '{node.name}' to {shape} (only flattening to (batch, features))")
         if info.expansion != 1 or shape[1] % info.slots:
             raise _Unsupported(f"reshaped by '{node.name}' in a way that mixes channels")
@@ -1280,14 +1291,14 @@ def _scale_producer(scale: fx.Node, mul: fx.Node, modules: dict[str, nn.Module])
 
 
 def _is_permute(node: fx.Node) -> bool:
-    return node.op == "call_method" and node.target in ("permute", "transpose") or \
-        node.op == "call_function" and node.target in (torch.permute, torch.transpose)
+    return node.op == "call_method" and node.target in ("permute", "transpose", "swapaxes") or \
+        node.op == "call_function" and node.target in (torch.permute, torch.transpose, torch.swapaxes)
 
 
 def _permutation(node: fx.Node, ndim: int) -> list[int]:
     """The dims of ``x.permute(0, 2, 3, 1)``, ``x.permute([0, 2, 3, 1])``, ``torch.permute(x, dims)``
     or ``x.transpose(1, 2)`` (a permutation of ``ndim`` dims)."""
-    if node.target in ("transpose", torch.transpose):
+    if node.target in ("transpose", torch.transpose, "swapaxes", torch.swapaxes):
         a, b = (int(_arg(node, i, name, 0)) % ndim for i, name in ((1, "dim0"), (2, "dim1")))
         perm = list(range(ndim))
         perm[a], perm[b] = b, a
@@ -1340,6 +1351,16 @@ def _parameter_source(node: fx.Node, calls) -> fx.Node | None:
     if node.op == "get_attr" and calls[node.target] == 1 and len(node.users) == 1:
         return node
     return None
+
+
+def _keeps_channels(info: TensorInfo, in_shape, shape) -> bool:
+    """Whether a reshape of a tensor described by ``info`` keeps its batch and its channel dim (dim 1
+    before, or the last dim after, the dims it regroups): (N, C, H, W) -> (N, C, h, p, w, p) (MaxViT's
+    windows), (N, G, P, C) -> (N, h, w, p, p, C). Row-major order puts element (n, c, r) of
+    (N, C, R) at n·C·R + c·R + r in both shapes, so every element keeps its batch and channel."""
+    if info.expansion != 1 or len(shape) < 3 or shape[0] != in_shape[0]:
+        return False
+    return shape[1] == in_shape[1] if info.dim == 1 else shape[-1] == in_shape[-1]
 
 
 def _reduces_spatial_only(node: fx.Node) -> bool:

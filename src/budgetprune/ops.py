@@ -17,6 +17,8 @@ ONNX exporter handle, and are the only non-``torch`` functions a saved model may
   channels pruned (its heads keep their width).
 * :func:`window_attention` is torchvision's ``shifted_window_attention`` (Swin) with its input
   and output channels pruned apart from its heads.
+* :class:`RelativeAttention` is MaxViT's relative-position multi-head attention with its input
+  and output channels pruned apart from its heads.
 """
 
 from __future__ import annotations
@@ -199,6 +201,63 @@ def window_attention(input: torch.Tensor, qkv_weight: torch.Tensor, proj_weight:
     if sum(shift_size) > 0:  # reverse cyclic shift
         x = torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
     return x[:, :h, :w, :].contiguous()
+
+
+class RelativeAttention(nn.Module):
+    """torchvision's ``RelativePositionalMultiHeadAttention`` (MaxViT, Tu et al. 2022, section 3.1:
+    self-attention within each of G groups of P tokens, with a learned bias per head and relative
+    position) on (B, G, P, ``in_features``) with ``num_heads`` heads of ``head_dim`` and
+    ``out_features`` outputs; torchvision's takes all three widths from ``feat_dim``. ``scale`` is the
+    unpruned ``feat_dim ** -0.5`` torchvision multiplies the keys by. The same operations in the same
+    order, and the same parameter and buffer names."""
+
+    def __init__(self, in_features: int, num_heads: int, head_dim: int, out_features: int, max_seq_len: int,
+                 scale: float):
+        super().__init__()
+        self.n_heads, self.head_dim, self.max_seq_len, self.scale_factor = num_heads, head_dim, max_seq_len, scale
+        size = int(math.sqrt(max_seq_len))
+        self.to_qkv = nn.Linear(in_features, 3 * num_heads * head_dim)
+        self.merge = nn.Linear(num_heads * head_dim, out_features)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * size - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", torch.zeros(max_seq_len, max_seq_len, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, g, p, _ = x.shape
+        heads, dh = self.n_heads, self.head_dim
+        q, k, v = torch.chunk(self.to_qkv(x), 3, dim=-1)
+        q = q.reshape(b, g, p, heads, dh).permute(0, 1, 3, 2, 4)
+        k = k.reshape(b, g, p, heads, dh).permute(0, 1, 3, 2, 4)
+        v = v.reshape(b, g, p, heads, dh).permute(0, 1, 3, 2, 4)
+        k = k * self.scale_factor
+        dot_prod = torch.einsum("B G H I D, B G H J D -> B G H I J", q, k)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(self.max_seq_len, self.max_seq_len, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        dot_prod = F.softmax(dot_prod + bias, dim=-1)
+        out = torch.einsum("B G H I J, B G H J D -> B G H I D", dot_prod, v)
+        return self.merge(out.permute(0, 1, 3, 2, 4).reshape(b, g, p, heads * dh))
+
+    @classmethod
+    def pruned(cls, attn: nn.Module, cols: torch.Tensor, rows: torch.Tensor,
+               z: torch.Tensor | None = None) -> "RelativeAttention":
+        """MaxViT's ``attn`` keeping input channels ``cols`` and output channels ``rows``; ``z`` (per kept
+        output) is folded into the merge projection."""
+        new = cls(int(cols.numel()), attn.n_heads, attn.head_dim, int(rows.numel()), attn.max_seq_len,
+                  float(attn.scale_factor))
+        weight = attn.to_qkv.weight
+        new = new.to(weight.device, weight.dtype)
+        w_out = attn.merge.weight.detach().index_select(0, rows.to(weight.device))
+        b_out = attn.merge.bias.detach().index_select(0, rows.to(weight.device))
+        if z is not None:
+            z = z.to(weight.device, weight.dtype)
+            w_out, b_out = w_out * z[:, None], b_out * z
+        with torch.no_grad():
+            new.to_qkv.weight.copy_(weight.detach().index_select(1, cols.to(weight.device)))
+            new.to_qkv.bias.copy_(attn.to_qkv.bias.detach())
+            new.merge.weight.copy_(w_out)
+            new.merge.bias.copy_(b_out)
+            new.relative_position_bias_table.copy_(attn.relative_position_bias_table.detach())
+            new.relative_position_index.copy_(attn.relative_position_index)
+        return new
 
 
 #: Functions a saved compacted network may call besides torch's own (see budgetprune.io).
