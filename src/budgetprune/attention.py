@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import fx, nn
 
 
@@ -44,10 +45,58 @@ class Attention:
     qkv_bias: str | None
     proj_weight: str
     proj_bias: str | None
+    batch_dim: int = 0  # where the examples are in the qkv projection's output (dim 0 repeated per window)
+    head_params: tuple[tuple[str, int], ...] | None = ()  # parameters with one entry per head along an axis;
+    # None where the heads cannot be pruned
 
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
+
+
+def qkv_rows(embed_dim: int, head_dim: int, heads: torch.Tensor) -> torch.Tensor:
+    """The rows of ``W_qkv`` (and of its bias) of the kept ``heads``: q, then k, then v, each in
+    head order (row part·E + h·d + j for part 0, 1, 2)."""
+    per_part = head_columns(head_dim, heads)
+    return torch.cat([per_part + part * embed_dim for part in range(3)])
+
+
+def head_columns(head_dim: int, heads: torch.Tensor) -> torch.Tensor:
+    """The columns of ``W_proj`` that read the kept ``heads`` (h·d + j)."""
+    return (heads.long().cpu()[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def value_scale(head_dim: int, z: torch.Tensor) -> torch.Tensor:
+    """Factors of the qkv projection's outputs, (3E,) from per-head gates (heads,): 1 on the queries
+    and keys, z_h on each value of head h."""
+    values = z.repeat_interleave(head_dim, dim=-1)
+    return torch.cat([torch.ones_like(values), torch.ones_like(values), values], dim=-1)
+
+
+def pruned_qkv(weight: torch.Tensor, bias: torch.Tensor | None, head_dim: int, cols: torch.Tensor,
+               heads: torch.Tensor, z_heads: torch.Tensor | None = None):
+    """``(W_qkv, b_qkv)`` keeping the input columns ``cols`` and the rows of the kept ``heads``, each
+    head's gate ``z_heads`` folded into its values."""
+    rows = qkv_rows(weight.shape[0] // 3, head_dim, heads).to(weight.device)
+    w = weight.detach().index_select(0, rows).index_select(1, cols.to(weight.device))
+    b = bias.detach().index_select(0, rows) if bias is not None else None
+    if z_heads is not None:
+        scale = value_scale(head_dim, z_heads.to(weight.device, weight.dtype))
+        w, b = w * scale[:, None], b * scale if b is not None else None
+    return w, b
+
+
+def pruned_proj(weight: torch.Tensor, bias: torch.Tensor | None, head_dim: int, rows: torch.Tensor,
+                heads: torch.Tensor, z: torch.Tensor | None = None):
+    """``(W_proj, b_proj)`` keeping the output ``rows`` and the columns of the kept ``heads``, the
+    output gates ``z`` folded in."""
+    w = weight.detach().index_select(0, rows.to(weight.device))
+    w = w.index_select(1, head_columns(head_dim, heads).to(weight.device))
+    b = bias.detach().index_select(0, rows.to(weight.device)) if bias is not None else None
+    if z is not None:
+        z = z.to(weight.device, weight.dtype)
+        w, b = w * z[:, None], b * z if b is not None else None
+    return w, b
 
 
 def match(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int],
@@ -96,7 +145,8 @@ def _multihead(node, modules, calls, returned_by) -> Attention | str | None:
     bias = mod.in_proj_bias is not None
     return Attention("multihead", src.name, path, e, e, e, mod.num_heads, out_shape[1], out_shape[1],
                      f"{path}.in_proj_weight", f"{path}.in_proj_bias" if bias else None,
-                     f"{path}.out_proj.weight", f"{path}.out_proj.bias" if mod.out_proj.bias is not None else None)
+                     f"{path}.out_proj.weight", f"{path}.out_proj.bias" if mod.out_proj.bias is not None else None,
+                     batch_dim=1)
 
 
 _WINDOW_ARGS = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
@@ -129,9 +179,17 @@ def _window(node, modules, calls, returned_by) -> Attention | str | None:
     h, w = in_shape[1], in_shape[2]
     wh, ww = a["window_size"]
     tokens = math.ceil(h / wh) * wh * math.ceil(w / ww) * ww
+    bias = a["relative_position_bias"]
+    table = bias.args[0] if isinstance(bias, fx.Node) and bias.op == "call_function" and \
+        getattr(bias.target, "__name__", None) == "_get_relative_position_bias" and bias.args else None
+    per_head = None  # V2 computes its bias with an MLP and scales logits per head: its heads stay whole
+    if a["logit_scale"] is None and isinstance(table, fx.Node) and table.op == "get_attr" and \
+            calls[table.target] == 1 and len(table.users) == 1 and len(bias.users) == 1:
+        per_head = ((table.target, 1),)
     return Attention("window", src.name, host, qkv[1], qkv[0] // 3, proj[0], a["num_heads"], tokens, wh * ww,
                      a["qkv_weight"].target, a["qkv_bias"].target if a["qkv_bias"] is not None else None,
-                     a["proj_weight"].target, a["proj_bias"].target if a["proj_bias"] is not None else None)
+                     a["proj_weight"].target, a["proj_bias"].target if a["proj_bias"] is not None else None,
+                     head_params=per_head)
 
 
 def _is_torchvision(module: nn.Module, file: str, name: str) -> bool:
@@ -158,4 +216,5 @@ def _relative(node, modules, calls, returned_by) -> Attention | str | None:
     path = node.target
     return Attention("relative", src.name, path, mod.to_qkv.in_features, mod.n_heads * mod.head_dim,
                      mod.merge.out_features, mod.n_heads, shape[1] * shape[2], shape[2],
-                     f"{path}.to_qkv.weight", f"{path}.to_qkv.bias", f"{path}.merge.weight", f"{path}.merge.bias")
+                     f"{path}.to_qkv.weight", f"{path}.to_qkv.bias", f"{path}.merge.weight", f"{path}.merge.bias",
+                     head_params=((f"{path}.relative_position_bias_table", 1),))

@@ -136,8 +136,9 @@ class TensorInfo:
 class ChannelGroup:
     """The output channels of one layer (or an MLP's input features), one gate each.
 
-    ``position`` is ``"output"`` (the gate multiplies the host's output) or ``"input"`` (it
-    multiplies the host's input). ``min_keep`` is 1 where removing every channel could cut
+    ``position`` is ``"output"`` (the gate multiplies the host's output), ``"input"`` (it
+    multiplies the host's input) or ``"heads"`` (one gate per head of an attention layer, on its
+    values: :mod:`budgetprune.attention`). ``min_keep`` is 1 where removing every channel could cut
     the network (the fatal-pruning guard) and 0 where the whole group may go (a residual
     branch: automatic depth determination). ``shared`` is True when other groups write the
     same slots (the last conv of a residual branch adds into the residual signal).
@@ -229,6 +230,7 @@ class Layer:
     groups: int = 1  # a grouped (not depthwise) convolution: each output reads in_features / groups inputs
     follows: str | None = None  # a squeeze-and-excitation scale: keeps the channels of the tensor it multiplies
     attention: Attention | None = None  # kind "attention": its shape and projections
+    heads: str | None = None  # kind "attention": the group gating its heads (its tensor: out_tensor + ":heads")
 
 
 class ChannelGraph:
@@ -303,6 +305,24 @@ class ChannelGraph:
         target = next(n.target for n in self.gm.graph.nodes if n.name == node)
         return target, node
 
+    def filter_rows(self, gid: str) -> list[tuple[str, torch.Tensor]]:
+        """The parameters (paths) whose rows (dim 0) belong to one channel each of an output group,
+        with the channel of each row: its layer's weight and bias; an attention layer's output
+        projection; for an attention's heads, the query, key and value rows of each head (row r of
+        ``W_qkv`` is head (r mod E) // d)."""
+        group = self.groups[gid]
+        layer = self.layers[group.producer]
+        if layer.kind != "attention":
+            module = self.gm.get_submodule(layer.name)
+            paths = [f"{layer.name}.{attr}" for attr in ("weight", "bias") if getattr(module, attr, None) is not None]
+            return [(path, torch.arange(group.channels)) for path in paths]
+        spec = layer.attention
+        if group.position == "heads":
+            rows = torch.arange(3 * spec.embed_dim) % spec.embed_dim // spec.head_dim
+            return [(path, rows) for path in (spec.qkv_weight, spec.qkv_bias) if path is not None]
+        return [(path, torch.arange(group.channels)) for path in (spec.proj_weight, spec.proj_bias)
+                if path is not None]
+
     def layer_of_group(self, gid: str) -> Layer | None:
         g = self.groups[gid]
         return self.layers.get(g.producer) if g.producer else None
@@ -343,6 +363,12 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return attention.is_leaf(m) or super().is_leaf_module(m, qualname)
+
+
+def parameter(modules: dict[str, nn.Module], path: str) -> torch.Tensor:
+    """The parameter at ``path`` (``"features.1.0.attn.qkv.weight"``) of a model's ``named_modules()``."""
+    owner, _, attr = path.rpartition(".")
+    return getattr(modules[owner], attr)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -797,6 +823,12 @@ class _Builder:
         if gated:
             self.groups[gid] = ChannelGroup(gid, spec.out_features, area, spec.host, "output", name, dim=-1)
             layer.out_group = gid
+        heads = f"{name}:heads"
+        if spec.head_params is not None and spec.num_heads > 1 and heads not in self.blocked:
+            self._set_named(TensorInfo(f"{node.name}:heads", spec.num_heads, spec.tokens, 1,
+                                       (Segment(0, spec.num_heads, ((heads, 0),)),), dim=-1))
+            self.groups[heads] = ChannelGroup(heads, spec.num_heads, spec.tokens, spec.host, "heads", name, dim=-1)
+            layer.heads = heads
         return True
 
     def _attention_weights(self, node: fx.Node) -> bool:
@@ -1232,7 +1264,7 @@ class _Builder:
                     if g1 != g2 and lo1 < hi2 and lo2 < hi1:
                         self.groups[g1].shared = self.groups[g2].shared = True
         for g in self.groups.values():
-            g.min_keep = 0
+            g.min_keep = 1 if g.position == "heads" else 0  # an attention keeps a head while it is computed
         for gid in _protected_groups(self, nodes):
             self.groups[gid].min_keep = 1
 

@@ -107,7 +107,8 @@ def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict
     """``masks`` with the purge rules applied until nothing changes.
 
     Forward: a gated layer with no alive input keeps nothing (its output would be a constant
-    the gates also switch off). Backward: a gated layer whose every reader is a gated layer
+    the gates also switch off); an attention layer without output channels or input keeps no
+    head, and one without heads no output channel. Backward: a gated layer whose every reader is a gated layer
     that keeps nothing is useless and goes too (a residual branch whose last conv is pruned
     takes its first conv with it). Together they remove whole blocks: automatic depth
     determination (seed 001, section 4.1).
@@ -125,6 +126,18 @@ def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict
                 continue
             if not bool(alive_mask(graph.tensors[layer.in_tensor], eff).any()):
                 eff[gid] = torch.zeros_like(eff[gid])
+                changed = True
+        for layer in layers:  # an attention computes its heads for its output alone, and outputs nothing without them
+            if layer.heads is None or not bool(eff[layer.heads].any()):
+                continue
+            if layer.out_group is not None and not bool(eff[layer.out_group].any()) or \
+                    not bool(alive_mask(graph.tensors[layer.in_tensor], eff).any()):
+                eff[layer.heads] = torch.zeros_like(eff[layer.heads])
+                changed = True
+        for layer in layers:
+            if layer.heads is not None and layer.out_group is not None and not bool(eff[layer.heads].any()) \
+                    and bool(eff[layer.out_group].any()):
+                eff[layer.out_group] = torch.zeros_like(eff[layer.out_group])
                 changed = True
         for layer in reversed(layers):
             gid = layer.out_group

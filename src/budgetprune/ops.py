@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .attention import pruned_proj, pruned_qkv
+
 
 def _spread(x: torch.Tensor, index: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     """``x``'s channels at ``index`` of ``width`` channels, zeros elsewhere, as one gather: ``x``
@@ -122,24 +124,27 @@ class SelfAttention(nn.Module):
 
     @classmethod
     def pruned(cls, mha: nn.MultiheadAttention, cols: torch.Tensor, rows: torch.Tensor,
-               z: torch.Tensor | None = None) -> "SelfAttention":
-        """``mha`` keeping input channels ``cols`` and output channels ``rows``; ``z`` (per kept
-        output) is folded into the out-projection."""
-        bias = mha.in_proj_bias is not None
-        new = cls(int(cols.numel()), mha.embed_dim, int(rows.numel()), mha.num_heads, bias, float(mha.dropout))
-        new = new.to(mha.in_proj_weight.device, mha.in_proj_weight.dtype)
-        w_out = mha.out_proj.weight.detach().index_select(0, rows.to(mha.out_proj.weight.device))
-        b_out = mha.out_proj.bias.detach().index_select(0, rows.to(w_out.device)) if bias else None
-        if z is not None:
-            z = z.to(w_out.device, w_out.dtype)
-            w_out, b_out = w_out * z[:, None], b_out * z if b_out is not None else None
-        with torch.no_grad():
-            new.in_proj.weight.copy_(mha.in_proj_weight.detach().index_select(1, cols.to(w_out.device)))
-            new.out_proj.weight.copy_(w_out)
-            if bias:
-                new.in_proj.bias.copy_(mha.in_proj_bias.detach())
-                new.out_proj.bias.copy_(b_out)
+               z: torch.Tensor | None = None, heads: torch.Tensor | None = None,
+               z_heads: torch.Tensor | None = None) -> "SelfAttention":
+        """``mha`` keeping input channels ``cols``, output channels ``rows`` and ``heads`` (all: None);
+        ``z`` (per kept output) is folded into the out-projection, ``z_heads`` (per kept head) into the
+        values."""
+        d = mha.embed_dim // mha.num_heads
+        heads = torch.arange(mha.num_heads) if heads is None else heads
+        w_in, b_in = pruned_qkv(mha.in_proj_weight, mha.in_proj_bias, d, cols, heads, z_heads)
+        w_out, b_out = pruned_proj(mha.out_proj.weight, mha.out_proj.bias, d, rows, heads, z)
+        new = cls(int(cols.numel()), int(heads.numel()) * d, int(rows.numel()), int(heads.numel()),
+                  b_in is not None, float(mha.dropout)).to(w_in.device, w_in.dtype)
+        _copy_linear(new.in_proj, w_in, b_in)
+        _copy_linear(new.out_proj, w_out, b_out)
         return new
+
+
+def _copy_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
 
 
 @fx.wrap
@@ -237,25 +242,21 @@ class RelativeAttention(nn.Module):
         return self.merge(out.permute(0, 1, 3, 2, 4).reshape(b, g, p, heads * dh))
 
     @classmethod
-    def pruned(cls, attn: nn.Module, cols: torch.Tensor, rows: torch.Tensor,
-               z: torch.Tensor | None = None) -> "RelativeAttention":
-        """MaxViT's ``attn`` keeping input channels ``cols`` and output channels ``rows``; ``z`` (per kept
-        output) is folded into the merge projection."""
-        new = cls(int(cols.numel()), attn.n_heads, attn.head_dim, int(rows.numel()), attn.max_seq_len,
-                  float(attn.scale_factor))
-        weight = attn.to_qkv.weight
-        new = new.to(weight.device, weight.dtype)
-        w_out = attn.merge.weight.detach().index_select(0, rows.to(weight.device))
-        b_out = attn.merge.bias.detach().index_select(0, rows.to(weight.device))
-        if z is not None:
-            z = z.to(weight.device, weight.dtype)
-            w_out, b_out = w_out * z[:, None], b_out * z
+    def pruned(cls, attn: nn.Module, cols: torch.Tensor, rows: torch.Tensor, z: torch.Tensor | None = None,
+               heads: torch.Tensor | None = None, z_heads: torch.Tensor | None = None) -> "RelativeAttention":
+        """MaxViT's ``attn`` keeping input channels ``cols``, output channels ``rows`` and ``heads`` (all:
+        None); ``z`` (per kept output) is folded into the merge projection, ``z_heads`` (per kept head)
+        into the values."""
+        heads = torch.arange(attn.n_heads) if heads is None else heads
+        w_in, b_in = pruned_qkv(attn.to_qkv.weight, attn.to_qkv.bias, attn.head_dim, cols, heads, z_heads)
+        w_out, b_out = pruned_proj(attn.merge.weight, attn.merge.bias, attn.head_dim, rows, heads, z)
+        new = cls(int(cols.numel()), int(heads.numel()), attn.head_dim, int(rows.numel()), attn.max_seq_len,
+                  float(attn.scale_factor)).to(w_in.device, w_in.dtype)
+        _copy_linear(new.to_qkv, w_in, b_in)
+        _copy_linear(new.merge, w_out, b_out)
+        table = attn.relative_position_bias_table.detach()
         with torch.no_grad():
-            new.to_qkv.weight.copy_(weight.detach().index_select(1, cols.to(weight.device)))
-            new.to_qkv.bias.copy_(attn.to_qkv.bias.detach())
-            new.merge.weight.copy_(w_out)
-            new.merge.bias.copy_(b_out)
-            new.relative_position_bias_table.copy_(attn.relative_position_bias_table.detach())
+            new.relative_position_bias_table.copy_(table.index_select(1, heads.to(table.device)))
             new.relative_position_index.copy_(attn.relative_position_index)
         return new
 

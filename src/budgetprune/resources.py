@@ -23,9 +23,9 @@ dead output channel also removes the next layer's inputs.
   attention function) is a constant: the MACs ``torch.utils.flop_counter`` counts for it when
   the graph is built (:attr:`budgetprune.graph.ChannelGraph.measured_flops`), less what the
   layers count. An attention layer (``nn.MultiheadAttention`` self-attention, Swin's window
-  attention: :mod:`budgetprune.attention`) is a layer: T · 3E · n_in for its query/key/value
-  projection and T · E · n_out for its output projection over T positions, E its unpruned
-  attention width; the attention products between them (2 · T · window · E) are in the constant.
+  attention, MaxViT's relative attention: :mod:`budgetprune.attention`) is a layer whose
+  projections and attention products count per kept input channel, head and output channel
+  (:func:`_attention_costs`).
 * latency — milliseconds measured per layer on the current device and fitted to the same
   c_io · n_in · n_out + c_out · n_out form (:mod:`budgetprune.latency`): a budget like FLOPs.
   ``latency`` times the layers in eager PyTorch, ``latency:torchscript`` and
@@ -93,7 +93,7 @@ def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
     terms: list[LayerCost] = []
     for layer in graph.layers.values():
         if layer.kind == "attention":
-            terms += _attention_costs(layer, metric)
+            terms += _attention_costs(layer, graph, metric)
             continue
         e = graph.tensors[layer.in_tensor].expansion
         k = layer.kernel_area / layer.groups  # an output of a grouped conv reads 1/groups of the inputs
@@ -133,22 +133,43 @@ def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
     return terms
 
 
-def _attention_costs(layer, metric: str) -> list[LayerCost]:
-    """An attention layer's cost terms (:class:`budgetprune.attention.Attention`): per input channel
-    its query/key/value projection's column (3E MACs at each of T positions: T · 3E FLOPs, 3E
-    weights) and per output channel its output projection's row (T · E FLOPs, E weights and a
-    bias); T counts the positions the projections run over (a Swin map padded to whole windows),
-    and its heads keep their width E. The attention products and the projections' other
-    parameters are in the constant."""
-    spec = layer.attention
-    tokens, width = float(spec.tokens), float(spec.embed_dim)
-    per_in, per_out = {"volume": (0.0, float(layer.out_area)), "flops": (tokens * 3 * width, tokens * width),
-                       "params": (3 * width, width + (1.0 if layer.bias else 0.0)),
-                       "nonzero": (3 * width, width)}[metric]
-    terms = [LayerCost(layer.name, None, layer.out_tensor, layer.out_group, 1, 0.0, per_out)]
-    if per_in:
-        terms.append(LayerCost(layer.name, None, layer.in_tensor, None, 1, 0.0, per_in))
-    return terms
+def _attention_costs(layer, graph: ChannelGraph, metric: str) -> list[LayerCost]:
+    """An attention layer's cost terms (:class:`budgetprune.attention.Attention`), with n_in input
+    channels, n_h heads of width d and n_out output channels over T positions (a Swin map padded
+    to whole windows), each query attending to w keys:
+
+    * FLOPs: T · 3d · n_in · n_h for the query/key/value projection, 2 · T · w · d · n_h for the
+      attention products (q·kᵀ and the weighted sum of the values), T · d · n_h · n_out for the
+      output projection;
+    * params: 3d · n_in · n_h weights and 3d · n_h biases (q, k, v), d · n_h · n_out weights and
+      n_out biases (output), and each per-head parameter's entries (a relative position bias
+      table's column);
+    * volume: 3d · T activations per head (its queries, keys and values) and T per output channel.
+
+    Where the heads are not gated (n_h fixed) their part is the same with n_h = heads, and the
+    attention products are in the constant."""
+    spec, heads = layer.attention, layer.heads
+    tokens, d = float(spec.tokens), float(spec.head_dim)
+    head_t = f"{layer.out_tensor}:heads" if heads else None
+    n_heads = 1.0 if heads else float(spec.num_heads)  # folded into the coefficients where heads are fixed
+    per_head_params = 0.0
+    for path, axis in spec.head_params or ():
+        value = graph.gm.get_parameter(path)
+        per_head_params += float(value.numel() // value.shape[axis])
+    if metric == "flops":
+        qkv, per_head, out, per_out = tokens * 3 * d, 2 * tokens * spec.window * d, tokens * d, 0.0
+    elif metric in ("params", "nonzero"):
+        bias = metric == "params"
+        qkv, out = 3 * d, d
+        per_head = (3 * d if bias and spec.qkv_bias else 0.0) + (per_head_params if bias else 0.0)
+        per_out = 1.0 if bias and layer.bias else 0.0
+    else:  # volume
+        qkv, per_head, out, per_out = 0.0, 3 * d * tokens, 0.0, float(layer.out_area)
+    if not heads:  # the heads' own terms are constants (the attention products, its biases: measured)
+        return [LayerCost(layer.name, None, layer.out_tensor, layer.out_group, 1, 0.0, out * n_heads + per_out),
+                *([LayerCost(layer.name, None, layer.in_tensor, None, 1, 0.0, qkv * n_heads)] if qkv else [])]
+    return [LayerCost(layer.name, layer.in_tensor if qkv else None, head_t, heads, 1, qkv, per_head),
+            LayerCost(layer.name, head_t if out else None, layer.out_tensor, layer.out_group, 1, out, per_out)]
 
 
 def _is_parameter(module: nn.Module, path: str) -> bool:
