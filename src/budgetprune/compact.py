@@ -387,6 +387,13 @@ def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
                 node.args = (kept,) + rest if node.args else ()
                 if not node.args:
                     node.kwargs = {**node.kwargs, "tensors": kept}
+        elif node.op == "call_method" and node.target in ("view", "reshape") and len(_shape_of(node)) == 3 \
+                and len(_shape_of(node.args[0])) == 4 and _shape_of(node)[:2] == _shape_of(node.args[0])[:2]:
+            with g.inserting_before(node):  # (N, C, H, W) -> (N, C, H·W): a ViT's patches, as a flatten (no
+                flat = g.call_function(torch.flatten, (node.args[0], 2))  # sizes computed from shapes to save)
+            flat.meta["budgetprune_tensor"] = node.name
+            node.replace_all_uses_with(flat)
+            g.erase_node(node)
         elif node.op == "call_method" and node.target in ("view", "reshape") and len(_shape_of(node)) > 2:
             _resize_channels(node, graph.tensors[node.name], int(index[node.name].numel()))
         elif node.op == "call_method" and node.target in FLATTEN_METHODS and node.target != "flatten" \
