@@ -9,7 +9,9 @@ residual sums, only kept maps computed) and ``mode="regular"`` (tensors that are
 widths: the union of their channels). A second pruner, the same run with
 ``block="regular", channel_multiple=--multiple``, projects and fills under costs that count
 every width padded to a multiple of ``--multiple`` channels (``padded``: onnxruntime's blocked CPU
-convolutions need such widths). Timing does not need accuracy, so the weights are untrained.
+convolutions need such widths). A third, with the library's default ``block="auto"`` (each
+residual space mixed or regular, whichever onnxruntime runs faster by its gather cost) and the
+same padding (``auto``). Timing does not need accuracy, so the weights are untrained.
 
 Where the masks come from (``--method``): ``magnitude`` (default) is the library's iterative
 baseline, every layer's width scaled by one factor and the channels of a layer chosen by weight
@@ -20,11 +22,11 @@ near-equal scores and removes whole residual branches (and most of a stem) while
 residual streams whole; the mixed and regular networks are then often the same network. A
 trained BAR run lies between the two; neither short run reproduces its widths.
 
-Every network (the unpruned model itself, as a user has it, and the four pruned ones) is exported
+Every network (the unpruned model itself, as a user has it, and the pruned ones) is exported
 with ``budgetprune.export.to_torchscript`` and ``budgetprune.export.to_onnx`` (default opset),
 and timed in three runtimes: eager PyTorch (``torch.no_grad``), the loaded TorchScript file, and
 an onnxruntime ``InferenceSession`` (CPU, ``intra_op_num_threads`` = ``--threads``), at batch 1
-and 16. Per model, runtime and batch the networks (unpruned, and three per budget) are timed in ``--rounds`` interleaved
+and 16. Per model, runtime and batch the networks (unpruned, and four per budget) are timed in ``--rounds`` interleaved
 rounds (the order rotates every round); a round times each network ``repeats`` times (enough for
 the unpruned one to take ``--round-ms``) and keeps the median; the result is the median over
 rounds. Speedup is over the unpruned model in the same runtime and batch; speedup ÷ FLOP reduction
@@ -73,9 +75,10 @@ REGISTRY = {"resnet20": (1, 28, 28)}
 MODELS = ["resnet20", *TORCHVISION]
 RUNTIMES = ["eager", "torchscript", "onnxruntime"]
 BLOCKS = ["regular", "mixed"]
-#: The pruned networks per budget: both blocks compacted from the same masks, and the regular
-#: block with widths padded to a multiple (its own projection, counted with the padding).
-NETWORKS = BLOCKS + ["padded"]
+#: The pruned networks per budget: both blocks compacted from the same masks, the regular block
+#: with widths padded to a multiple, and auto blocks (weighed for onnxruntime) with the same
+#: padding (each its own projection, counted with the padding).
+NETWORKS = BLOCKS + ["padded", "auto"]
 METHOD_NOTE = {"magnitude": ": every layer's width scaled by one factor, channels by weight magnitude, so every "
                              "residual stream is pruned and every residual sum of the mixed network is mixed",
                "bar": ", `gate_init=3`: gates barely trained, the projection removes whole branches and "
@@ -162,7 +165,7 @@ def build(name: str, size: int, models_module):
 
 
 def pruned(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, steps: int, block: str,
-           multiple: int = 1):
+           multiple: int = 1, runtime: str = "onnxruntime"):
     """(model, pruner, compacted network, report) of one pruning of a copy of ``unpruned`` to
     1/``factor`` of its FLOPs, its costs counted with ``block`` (widths padded to ``multiple``)."""
     torch.manual_seed(0)
@@ -170,7 +173,8 @@ def pruned(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, 
     x, y = torch.randn(2, *shape), torch.randint(0, 10, (2,))
     options = {"gate_init": 3.0} if method == "bar" else {}
     pruner = Pruner(model, x, f"flops={1.0 / factor!r}", total_steps=max(steps, 1), method=method,
-                    block=block, channel_multiple=multiple, log=lambda line: None, **options)
+                    block=block, channel_multiple=multiple, deploy_runtime=runtime, log=lambda line: None,
+                    **options)
     # AdamW as in the README's loop: its steps are bounded (SGD at lr 1e-3 sends untrained resnet50's outputs to NaN)
     optimizer = torch.optim.AdamW(pruner.parameters(lr=1e-3), lr=1e-3)
     pruning_steps(model, pruner, optimizer, x, y, steps)
@@ -181,7 +185,7 @@ def pruned(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, 
 def prune(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, steps: int, multiple: int) -> dict:
     """Prune a copy of ``unpruned`` to 1/``factor`` of its FLOPs; compact the same masks in both
     blocks; prune another copy the same way with regular blocks padded to ``multiple`` channels."""
-    model, pruner, small, report = pruned(unpruned, shape, factor, method, steps, "mixed")  # the library's default
+    model, pruner, small, report = pruned(unpruned, shape, factor, method, steps, "mixed")
     x = pruner.example
     # The final masks are the plan's; the gate values finalize folded are the frozen gates'.
     graph = pruner.graph
@@ -212,6 +216,12 @@ def prune(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, s
     out["padded"] = {"flops": cost["flops"], "params": cost["params"], "flop_reduction": full / cost["flops"],
                      "multiple": multiple,
                      "V_over_B": cost["flops"] / padded_pruner.budget.absolute(padded_pruner.graph)}
+    _, auto_pruner, out["nets"]["auto"], auto = pruned(unpruned, shape, factor, method, steps, "auto", multiple)
+    cost = auto["pruned"]
+    mixed = auto["plan"]["mixed_spaces"]
+    out["auto"] = {"flops": cost["flops"], "params": cost["params"], "flop_reduction": full / cost["flops"],
+                   "multiple": multiple, "gather_cost": auto_pruner.block.gather_cost, "mixed_spaces": len(mixed),
+                   "V_over_B": cost["flops"] / auto_pruner.budget.absolute(auto_pruner.graph)}
     return out
 
 
@@ -479,7 +489,8 @@ def main(argv=None) -> int:
 def markdown(r: dict) -> str:
     env, s = r["environment"], r["settings"]
     rows = r["rows"]
-    lines = ["# Deployed speed: unpruned vs pruned (regular, mixed and padded regular blocks) in eager PyTorch, "
+    lines = ["# Deployed speed: unpruned vs pruned (regular, mixed, padded regular and padded auto blocks) in eager "
+             "PyTorch, "
              "TorchScript and onnxruntime", "", f"Command: `{r['command']}`", "",
              f"Untrained models, 10 classes, random inputs (torchvision models 3×{s['size']}×{s['size']}; resnet20, "
              "budgetprune's registry model for Fashion-MNIST, 1×28×28). Per FLOP budget one `budgetprune.Pruner` "
@@ -489,7 +500,10 @@ def markdown(r: dict) -> str:
              "`mode=\"regular\"` and `mode=\"mixed\"` (same channels, outputs equal to finalize's). A third "
              "pruner, the same but with `block=\"regular\", channel_multiple=" + str(s.get("multiple", 16)) + "`, "
              "projects and fills under costs counted with every regular-block width padded to a multiple of "
-             + str(s.get("multiple", 16)) + " channels (its own masks; `padded` below). "
+             + str(s.get("multiple", 16)) + " channels (its own masks; `padded` below). A fourth, with the "
+             "library's default `block=\"auto\"` weighed for onnxruntime and the same padding, keeps each residual "
+             "space mixed or regular by what it saves against its gathers' cost (`auto` below; how many spaces "
+             "it kept mixed is in the JSON). "
              "Exports: `budgetprune.export.to_torchscript` and `to_onnx` (opset 17, TorchScript-based "
              f"exporter). onnxruntime {env['onnxruntime']} CPU with intra_op_num_threads={s['threads']}, "
              f"inter_op_num_threads=1, idle threads not spinning (a spinning pool of one session slows the next "
@@ -601,7 +615,7 @@ def plot(r: dict, path: Path) -> None:
                 continue
             big = x["batch"] == max(batches)
             ax.scatter(x["flop_reduction"], x["speedup"], color=colors[x["model"]],
-                       marker={"mixed": "o", "regular": "s"}.get(x["block"], "^"), s=36 if big else 22,
+                       marker={"mixed": "o", "regular": "s", "auto": "D"}.get(x["block"], "^"), s=36 if big else 22,
                        facecolors=colors[x["model"]] if big else "none", linewidths=1.1)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
@@ -617,6 +631,7 @@ def plot(r: dict, path: Path) -> None:
     handles += [plt.Line2D([], [], color="k", marker="o", ls="", label="mixed block"),
                 plt.Line2D([], [], color="k", marker="s", ls="", label="regular block"),
                 plt.Line2D([], [], color="k", marker="^", ls="", label="regular, padded widths"),
+                plt.Line2D([], [], color="k", marker="D", ls="", label="auto, padded widths"),
                 plt.Line2D([], [], color="k", marker="o", ls="", label=f"batch {max(batches)}"),
                 plt.Line2D([], [], color="k", marker="o", ls="", fillstyle="none", label="other batch")]
     handles += axes[0][0].get_legend_handles_labels()[0][:2]

@@ -98,21 +98,62 @@ def test_padded_compaction_is_exact_and_aligned(name):
         assert padded >= exact
 
 
-def test_block_mode_is_the_plain_string_and_refuses_mixed_padding():
+def test_block_mode_is_the_plain_string():
     model = budgetprune.create_model("resnet20")
-    with pytest.raises(ConfigError, match="block='regular'"):
-        budgetprune.Pruner(model, torch.zeros(2, 1, 28, 28), 0.5, total_steps=1, channel_multiple=8)
     with pytest.raises(ConfigError, match="positive int"):
         budgetprune.Pruner(model, torch.zeros(2, 1, 28, 28), 0.5, total_steps=1, block="regular", channel_multiple=0)
+    with pytest.raises(ConfigError, match="block must be one of auto, mixed, regular"):
+        budgetprune.Pruner(model, torch.zeros(2, 1, 28, 28), 0.5, total_steps=1, block="dense")
     mode = BlockMode("regular", 16)
     assert mode == "regular" and mode.multiple == 16 and str(mode) == "regular"
-    assert BlockMode("mixed").multiple == 1
-    with pytest.raises(ValueError, match="regular blocks only"):
-        BlockMode("mixed", 8)
+    assert BlockMode("mixed").multiple == 1 and BlockMode("mixed", 8).multiple == 8
     with pytest.raises(ValueError, match="positive int"):
         BlockMode("regular", 0)
     with pytest.raises(ValueError, match="unknown block mode"):
         BlockMode("dense", 8)
+    with pytest.raises(ValueError, match="only an auto block mode"):
+        BlockMode("mixed", mixed=frozenset())
+
+
+@pytest.mark.parametrize("multiple", [4, 8])
+@pytest.mark.parametrize("name", PADDED_MODELS)
+def test_padded_mixed_sets(name, multiple):
+    """Mixed blocks pad tensor by tensor: every set holds its alive channels, is aligned (or full),
+    and every residual sum's result keeps what its operands keep."""
+    model, graph = make_model(name)
+    bar = attach_random(model, graph, seed=3)
+    masks = bar.keep_masks()
+    alive = slot_sets(graph, masks, "mixed")
+    padded = slot_sets(graph, masks, BlockMode("mixed", multiple))
+    tied = _tied(graph)
+    for t, s in padded.items():
+        assert bool((s | alive[t]).eq(s).all()), t
+        if t in tied:
+            assert torch.equal(s, alive[t]), t
+        else:
+            assert int(s.sum()) == 0 or _aligned(int(s.sum()), s.numel(), multiple), t
+    sums = 0
+    for node in graph.gm.graph.nodes:
+        if node.op == "call_function" and node.name in graph.tensors and "add" in node.name:
+            operands = [a.name for a in node.args if isinstance(a, torch.fx.Node) and a.name in graph.tensors]
+            for op in operands:
+                assert bool((padded[node.name] | padded[op]).eq(padded[node.name]).all()), (node.name, op)
+            sums += 1
+    assert (sums > 0) == (name != "vgg_small")  # a plain chain has no residual sum
+
+
+@pytest.mark.parametrize("name", PADDED_MODELS)
+def test_padded_mixed_compaction_is_exact_and_counted(name):
+    model, graph = make_model(name)
+    bar = attach_random(model, graph, seed=11)
+    masks = bar.keep_masks()
+    mode = BlockMode("mixed", 8)
+    x = torch.randn(4, 1, 28, 28)
+    net, _ = check_compaction(model, graph, bar, masks, x, mode)  # outputs, widths, params
+    # the padded cost is what the compacted network computes, counted by torch's flop counter
+    from budgetprune.graph import _measured_macs
+
+    assert CostModel(graph, "flops", mode).hard(masks) == pytest.approx(_measured_macs(net, x), rel=1e-9)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "tiny_mobilenetv2"])
@@ -177,8 +218,8 @@ def test_plan_with_a_bad_multiple_is_refused(bad):
             "kept": {"a": [0, 1]}}
     with pytest.raises(CheckpointError, match="channel multiple"):
         check_plan(plan)
-    plan.update(channel_multiple=8, block="mixed")
-    with pytest.raises(CheckpointError, match="channel multiple"):
+    plan.update(channel_multiple=8, block="mixed", mixed_spaces=["add"])
+    with pytest.raises(CheckpointError, match="mixed spaces"):
         check_plan(plan)
 
 

@@ -111,7 +111,7 @@ def check_compaction(model, graph, bar, masks, x, mode="mixed", values=None):
 
     # widths: every kept conv/linear has the channels the slot sets say
     eff = effective_masks(graph, masks)
-    sets = slot_sets(graph, masks, mode)
+    sets = slot_sets(graph, masks, net.budgetprune_mode)  # the blocks compaction built (auto: as chosen)
     mods = dict(net.named_modules())
     for layer in graph.layers.values():
         alive_out = layer.out_group is None or bool(eff[layer.out_group].any())

@@ -714,7 +714,7 @@ def test_runtime_latency_budget_is_tightened_until_the_timed_network_meets_it(mo
 
     monkeypatch.setattr(resources, "layer_coefficients", lambda graph, runtime="eager": {
         name: (1e-3, 0.0) for name in graph.layers})  # the table: per input × output channel, no area
-    def timed(unpruned, net, example, runtime):  # the network's time: its MACs and 0.2 ms for the rest
+    def timed(unpruned, net, example, runtime, repeats=30):  # the network's time: its MACs and 0.2 ms for the rest
         counted = {name: CostModel(budgetprune.ChannelGraph.build(m, example), "flops").full()
                    for name, m in (("unpruned", unpruned), ("pruned", net))}
         return {f"{name}_ms": 0.2 + cost * 1e-6 for name, cost in counted.items()}
@@ -723,15 +723,15 @@ def test_runtime_latency_budget_is_tightened_until_the_timed_network_meets_it(mo
     model = budgetprune.create_model("lenet5")
     x = torch.randn(4, 1, 28, 28)
     lines = []
-    with pytest.raises(ConfigError, match="needs regular blocks"):
-        budgetprune.Pruner(model, x, "latency:onnxruntime=0.5", total_steps=1)
+    with pytest.raises(ConfigError, match="cannot use mixed blocks"):
+        budgetprune.Pruner(model, x, "latency:onnxruntime=0.5", total_steps=1, block="mixed")
     pruner = budgetprune.Pruner(model, x, "latency:onnxruntime=0.5", total_steps=1, method="magnitude",
                                 block="regular", log=lines.append)
     _, report = pruner.finalize(x)
     tries = report["measured_latency"]["tries"]
     assert len(tries) >= 2  # the first projection measured over its budget
     first, last = tries[0]["measured"]["latency:onnxruntime"], tries[-1]["measured"]["latency:onnxruntime"]
-    assert first["ratio"] > 0.5 and 0.9 <= last["ratio"] / 0.5 <= 1.0  # measured within [0.9, 1] of the budget
+    assert first["ratio"] > 0.5 and measured.BAND[0] <= last["ratio"] / 0.5 <= measured.BAND[1]  # aimed inside [0.9, 1]
     assert tries[-1]["projected_to"]["latency:onnxruntime"] < 0.5
     assert any("of the budget" in line for line in lines)
 

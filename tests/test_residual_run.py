@@ -25,7 +25,7 @@ def test_bar_on_resnet20_meets_budget(demo_small, block, tmp_path):
     model = budgetprune.create_model("resnet20")
     small, m = budgetprune.prune(model, train, test, budget="4x", out=tmp_path / "run", log=None, block=block, **FAST)
     assert m["pruned"]["volume"] <= m["budget"] + 1e-9 and 0.95 <= m["budget_ratio"] <= 1.0
-    assert m["block"] == block and set(m["pruned_by_block"]) == {"mixed", "regular"}
+    assert m["block"] == block and set(m["pruned_by_block"]) == {"auto", "mixed", "regular"}
     assert m["pruned_by_block"]["mixed"]["volume"] <= m["pruned_by_block"]["regular"]["volume"]
     assert m["compaction_max_abs_diff"] <= 1e-5
     assert isinstance(small, torch.fx.GraphModule)

@@ -24,7 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from budgetprune.attach import GateHooks
 from budgetprune.compact import compact
 from budgetprune.graph import ChannelGraph
-from budgetprune.ops import RelativeAttention, window_attention
+from budgetprune.liveness import BlockMode
+from budgetprune.ops import RelativeAttention, SelfAttention, window_attention
 from budgetprune.resources import CostModel
 
 
@@ -137,8 +138,8 @@ def test_patch_merging_is_a_probed_channel_map(tv):
     assert graph.tensors[merge].dim == -1 and len(graph.tensors[merge].segments) == 4
 
 
-@pytest.mark.parametrize("mode", ["mixed", "regular"])
-@pytest.mark.parametrize("name", ["swin", "maxvit", "vit"])
+@pytest.mark.parametrize("name, mode", [(name, mode) for name in ("swin", "maxvit", "vit") for mode in
+                                        ("mixed", "regular")] + [("maxvit", BlockMode("mixed", 4))])
 def test_random_masks_compact_to_the_gated_network_with_the_costs_counted(tv, name, mode):
     model, size = _tiny(tv, name)
     _away_from_init(model)
@@ -166,6 +167,9 @@ def test_random_masks_compact_to_the_gated_network_with_the_costs_counted(tv, na
     assert CostModel(graph, "flops", mode).hard(masks) == pytest.approx(_macs(small, x))
     assert CostModel(graph, "params", mode).hard(masks) == sum(p.numel() for p in small.parameters())
     assert CostModel(graph, "flops").full() == pytest.approx(_macs(model, x))
+    kept = sorted(int(masks[g.id].sum()) for g in heads)  # whole heads, never padded to a channel multiple
+    assert sorted(m.num_heads if isinstance(m, SelfAttention) else m.n_heads for m in small.modules()
+                  if isinstance(m, (SelfAttention, RelativeAttention))) == ([] if name == "swin" else kept)
 
 
 def test_a_swin_v2_prunes_its_channels_and_keeps_its_heads(tv):

@@ -250,7 +250,7 @@ def _project_padded(graph: ChannelGraph, masks, scores, budgets: list[Budget], m
     over the budget, measured on the previous try) until the padded network fits. The fill that
     follows (:func:`fill_budget` with the same mode) then turns the padding into kept channels:
     a channel reopened into a padded width costs nothing."""
-    exact = str(mode)
+    exact = mode.exact()  # the same blocks (auto: chosen per masks) without the padding
     padded = _Costs(graph, budgets, mode)
     shrunk = list(budgets)
     for attempt in range(PADDED_TRIES):
@@ -374,7 +374,7 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
     (None if the budgets cannot be met).
     """
     dropped: list[tuple[tuple[tuple[str, int], ...], float, tuple[float, ...]]] = []
-    writers = _Writers(graph) if costs.mode == "regular" else None
+    writers = _Writers(graph) if costs.mode in ("regular", "auto") else None  # auto: a space may be regular
     current = costs.load(masks)
     while current > 0.0:
         ratios = costs.ratios(masks)

@@ -93,14 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "scaler); gates, costs and barrier stay float32")
     p.add_argument("--no-fill", action="store_true",
                    help="do not reopen channels when the run ends under its budget (default: fill up to it)")
-    p.add_argument("--block", choices=["mixed", "regular"],
-                   help="residual adds of the compacted net: mixed (index_add, computes only kept maps; "
-                        "default) or regular (added tensors keep equal widths)")
+    p.add_argument("--block", choices=["auto", "mixed", "regular"],
+                   help="residual sums of the compacted net: mixed (each tensor keeps its own channels, sums "
+                        "gather them), regular (added tensors keep equal widths) or auto (default: per sum, "
+                        "the one that runs faster in the --deploy-runtime)")
     p.add_argument("--deploy-runtime", choices=["eager", "torchscript", "onnxruntime", "none"],
-                   help="where the result's speed is timed against the unpruned network's (metrics.json "
-                        "'deployed'): the latency budget's runtime, else onnxruntime when installed, else eager")
+                   help="where the result runs: --block auto weighs gathers at their cost there, and the "
+                        "result's speed is timed there against the unpruned network's (metrics.json 'deployed'); "
+                        "default: the latency budget's runtime, else onnxruntime when installed, else eager")
     p.add_argument("--channel-multiple", type=int,
-                   help="with --block regular: pad every kept width to a multiple of this many channels, counted "
+                   help="pad every kept width to a multiple of this many channels, counted "
                         "in the budget (onnxruntime's fast CPU convolutions need 8, or 16 with AVX-512; default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -24,10 +24,11 @@ import torch
 from torch import fx, nn
 
 from .attention import head_columns, pruned_proj, pruned_qkv
+from .blocks import as_mode, choose_blocks
 from .graph import ADD_FUNCTIONS, FLATTEN_METHODS, MUL_FUNCTIONS, ChannelGraph
-from .liveness import effective_masks, slot_sets
-from .ops import RelativeAttention, SelfAttention, full_count_layer_norm, index_add_channels, scatter_channels, select_channels, \
-    window_attention
+from .liveness import channel_multiple, effective_masks, slot_sets
+from .ops import RelativeAttention, SelfAttention, full_count_layer_norm, index_add_channels, scatter_channels, \
+    select_channels, window_attention
 
 SUB_FUNCTIONS = {operator.sub, operator.isub, torch.sub}
 
@@ -42,9 +43,15 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
     full = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
     masks = {**full, **{g: m.detach().bool().cpu() for g, m in (masks or {}).items()}}
     eff = effective_masks(graph, masks)
-    sets = slot_sets(graph, masks, mode)
+    mode = as_mode(mode)
+    if str(mode) == "auto" and mode.mixed is None:  # choose each residual space's block for these masks
+        from .resources import layer_costs  # resources → latency → io → plan → compact: imported here
+
+        mode, sets = choose_blocks(graph, eff, mode, layer_costs(graph, "flops"))
+    else:
+        sets = slot_sets(graph, masks, mode)
     index = {name: torch.nonzero(s).flatten() for name, s in sets.items()}
-    alive = sets if mode == "mixed" else slot_sets(graph, masks, "mixed")
+    alive = sets if mode == "mixed" and channel_multiple(mode) == 1 else slot_sets(graph, masks, "mixed")
     gm = _copy_without_hooks(fx.GraphModule(model, copy.deepcopy(graph.gm.graph)))  # the model's own weights
     modules = dict(gm.named_modules())
     device = next(model.parameters()).device
@@ -117,7 +124,7 @@ def _kept_heads(layer, index, eff, gate_values) -> tuple[torch.Tensor, torch.Ten
     """An attention layer's kept heads and their gate values to fold (None: every head, no gates)."""
     if layer.heads is None:
         return torch.arange(layer.attention.num_heads), None
-    heads = index[f"{layer.out_tensor}:heads"]
+    heads = index[layer.heads_tensor]
     z = gate_values[layer.heads].detach().float().cpu() if gate_values and layer.heads in gate_values else \
         torch.ones(layer.attention.num_heads)
     return heads, (z * eff[layer.heads].float())[heads]

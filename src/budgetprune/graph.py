@@ -230,7 +230,12 @@ class Layer:
     groups: int = 1  # a grouped (not depthwise) convolution: each output reads in_features / groups inputs
     follows: str | None = None  # a squeeze-and-excitation scale: keeps the channels of the tensor it multiplies
     attention: Attention | None = None  # kind "attention": its shape and projections
-    heads: str | None = None  # kind "attention": the group gating its heads (its tensor: out_tensor + ":heads")
+    heads: str | None = None  # kind "attention": the group gating its heads (its tensor: :attr:`heads_tensor`)
+
+    @property
+    def heads_tensor(self) -> str:
+        """The tensor of an attention layer's heads, one slot per head (no node computes it alone)."""
+        return f"{self.out_tensor}:heads"
 
 
 class ChannelGraph:
@@ -825,7 +830,7 @@ class _Builder:
             layer.out_group = gid
         heads = f"{name}:heads"
         if spec.head_params is not None and spec.num_heads > 1 and heads not in self.blocked:
-            self._set_named(TensorInfo(f"{node.name}:heads", spec.num_heads, spec.tokens, 1,
+            self._set_named(TensorInfo(layer.heads_tensor, spec.num_heads, spec.tokens, 1,
                                        (Segment(0, spec.num_heads, ((heads, 0),)),), dim=-1))
             self.groups[heads] = ChannelGroup(heads, spec.num_heads, spec.tokens, spec.host, "heads", name, dim=-1)
             layer.heads = heads

@@ -15,9 +15,13 @@ away disappears as a whole (automatic depth determination, seed 001 section 4.1)
   a residual add of tensors with different slots becomes ``index_add``;
 * ``"regular"``: tensors that are added together keep the same channels (the union of their
   alive slots), as a regular ResBlock needs; the extra channels are computed as zeros;
-* ``BlockMode("regular", multiple=m)``: the same, with every width padded up to a multiple of
+* ``"auto"``: per residual space, mixed or regular, whichever is cheaper to run
+  (:mod:`budgetprune.blocks` chooses; the mode then carries the spaces it keeps mixed);
+* ``BlockMode(kind, multiple=m)``: the same, with every width padded up to a multiple of
   ``m`` (or to the full width) by more zero channels, for the runtimes whose fast kernels need
-  aligned widths (onnxruntime's blocked convolutions on CPU: 8 or 16 channels).
+  aligned widths (onnxruntime's blocked convolutions on CPU: 8 or 16 channels). Regular
+  spaces pad their one set; in mixed spaces each tensor pads its own, and a sum keeps what its
+  operands keep.
 """
 
 from __future__ import annotations
@@ -26,38 +30,56 @@ from collections import defaultdict
 
 import torch
 
-from .graph import ChannelGraph, TensorInfo
+from .graph import ADD_FUNCTIONS, MUL_FUNCTIONS, ChannelGraph, TensorInfo
 
-MODES = ("mixed", "regular")
+MODES = ("mixed", "regular", "auto")
 
 
 class BlockMode(str):
-    """A block mode (``"mixed"`` or ``"regular"``) whose kept widths are padded to a multiple.
+    """A block mode (``"mixed"``, ``"regular"`` or ``"auto"``) whose kept widths are padded to a
+    multiple.
 
     It is the plain string everywhere a mode is compared or stored, and carries ``multiple``
     (1: no padding) to :func:`slot_sets`, so the costs, the projection and the compaction that
-    take a mode all count and build the same padded widths. Only regular blocks pad: a mixed
-    block's sum keeps the union of its operands' channels at their own positions, which padding
-    each tensor on its own would break."""
+    take a mode all count and build the same padded widths. An ``"auto"`` mode also carries
+    ``gather_cost`` (what a mixed sum costs to run, in multiply-adds per channel of its result
+    at each position: :mod:`budgetprune.blocks`) and, once chosen for given masks, ``mixed``:
+    the spaces (:attr:`budgetprune.graph.ChannelGraph.spaces` keys) kept mixed."""
 
     multiple: int
+    gather_cost: float
+    mixed: frozenset[str] | None
 
-    def __new__(cls, kind: str, multiple: int = 1) -> "BlockMode":
+    def __new__(cls, kind: str, multiple: int = 1, gather_cost: float = 0.0,
+                mixed: frozenset[str] | None = None) -> "BlockMode":
         if kind not in MODES:
             raise ValueError(f"unknown block mode '{kind}': choose one of {', '.join(MODES)}")
         if type(multiple) is not int or multiple < 1:
             raise ValueError(f"the channel multiple must be a positive int, got {multiple!r}")
-        if multiple > 1 and kind != "regular":
-            raise ValueError("channel widths are padded to a multiple in regular blocks only: use block 'regular'")
+        if not (isinstance(gather_cost, (int, float)) and 0.0 <= gather_cost < float("inf")):
+            raise ValueError(f"the gather cost must be a non-negative number, got {gather_cost!r}")
+        if mixed is not None and kind != "auto":
+            raise ValueError("only an auto block mode names the spaces it keeps mixed")
         mode = super().__new__(cls, kind)
-        mode.multiple = multiple
+        mode.multiple, mode.gather_cost = multiple, float(gather_cost)
+        mode.mixed = frozenset(mixed) if mixed is not None else None
         return mode
 
+    def chosen(self, mixed: frozenset[str]) -> "BlockMode":
+        """This auto mode with its mixed spaces chosen."""
+        return BlockMode(str(self), self.multiple, self.gather_cost, mixed)
+
+    def exact(self) -> "BlockMode":
+        """The same mode without padding."""
+        return BlockMode(str(self), 1, self.gather_cost, self.mixed)
+
     def __reduce__(self):
-        return BlockMode, (str(self), self.multiple)
+        return BlockMode, (str(self), self.multiple, self.gather_cost, self.mixed)
 
     def __repr__(self) -> str:
-        return f"BlockMode({str(self)!r}, multiple={self.multiple})"
+        extra = f", gather_cost={self.gather_cost:g}" if str(self) == "auto" else ""
+        extra += f", mixed={sorted(self.mixed)}" if self.mixed is not None else ""
+        return f"BlockMode({str(self)!r}, multiple={self.multiple}{extra})"
 
 
 def channel_multiple(mode: str) -> int:
@@ -152,10 +174,28 @@ def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict
 
 def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "mixed",
               purge: bool = True) -> dict[str, torch.Tensor]:
-    """Boolean (slots,) vector per tensor: the channels it keeps in the compacted network."""
-    if mode not in MODES:
+    """Boolean (slots,) vector per tensor: the channels it keeps in the compacted network.
+
+    An ``"auto"`` mode must name its mixed sums (:mod:`budgetprune.blocks` chooses them)."""
+    kind = str(mode)
+    if kind not in MODES:
         raise ValueError(f"unknown block mode '{mode}': choose one of {', '.join(MODES)}")
     eff = effective_masks(graph, masks) if purge else masks
+    multiple = channel_multiple(mode)
+    if kind == "mixed":
+        return mixed_sets(graph, eff, multiple)
+    if kind == "regular":
+        return regular_sets(graph, eff, multiple)
+    chosen = getattr(mode, "mixed", None)
+    if chosen is None:
+        raise ValueError("internal error: an auto block mode reached slot_sets before its sums were chosen")
+    alive = alive_sets(graph, eff)
+    return combine_sets(graph, regular_sets(graph, eff, multiple, alive), mixed_sets(graph, eff, multiple, alive),
+                        chosen)
+
+
+def alive_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Boolean (slots,) aliveness of every tensor for the purged masks ``eff``."""
     shared: dict[int, torch.Tensor] = {}  # tensors passed through unchanged share their segments
     sets = {}
     for name, info in graph.tensors.items():
@@ -163,11 +203,33 @@ def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "
         if key not in shared:
             shared[key] = alive_mask(info, eff)
         sets[name] = shared[key].clone()
-    if mode == "mixed":
-        return sets
+    return sets
+
+
+def _members(graph: ChannelGraph) -> dict[str, list[str]]:
     members = defaultdict(list)
     for name, space in graph.spaces.items():
         members[space].append(name)
+    return members
+
+
+def mixed_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], multiple: int = 1,
+               alive: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Mixed blocks: each tensor keeps its alive channels (``eff``: purged masks; ``alive``: their
+    :func:`alive_sets` if already computed), padded to ``multiple`` tensor by tensor (:func:`_pad_mixed`)."""
+    sets = {n: a.clone() for n, a in alive.items()} if alive is not None else alive_sets(graph, eff)
+    if multiple > 1:
+        _pad_mixed(graph, sets, multiple)
+    return sets
+
+
+def regular_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], multiple: int = 1,
+                 alive: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Regular blocks: the tensors of a space keep one set, the union of their alive channels
+    (``eff``: purged masks; ``alive`` as in :func:`mixed_sets`), widened where concatenations,
+    splits and shuffles tie positions, then padded to ``multiple`` (:func:`_pad_widths`)."""
+    sets = {n: a.clone() for n, a in alive.items()} if alive is not None else alive_sets(graph, eff)
+    members = _members(graph)
     cats = list(graph.cats.items()) + list(graph.splits.values())  # a split's input joins its pieces
     for _ in range(100):
         changed = False
@@ -200,10 +262,44 @@ def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "
                 sets[out], sets[src] = grown_out, grown_src
                 changed = True
         if not changed:
-            if channel_multiple(mode) > 1:
-                _pad_widths(graph, sets, members, channel_multiple(mode))
+            if multiple > 1:
+                _pad_widths(graph, sets, members, multiple)
             return sets
     raise RuntimeError("internal error: regular-block widths did not settle")
+
+
+def tied_spaces(graph: ChannelGraph) -> set[str]:
+    """Spaces whose channel positions are tied to another tensor's by a concatenation, split or
+    channel shuffle, and an attention's heads: they keep regular widths, unpadded."""
+    tied = set()
+    for name, parts in graph.cats.items():
+        tied.update((name, *parts))
+    for src, pieces in graph.splits.values():
+        tied.update((src, *pieces))
+    for out, (src, _) in graph.gathers.items():
+        tied.update((out, src))
+    tied.update(layer.heads_tensor for layer in graph.layers.values() if layer.heads)  # whole heads, not padded
+    return {graph.spaces[t] for t in tied if t in graph.spaces}
+
+
+def combine_sets(graph: ChannelGraph, regular: dict[str, torch.Tensor], mixed: dict[str, torch.Tensor],
+                 chosen: frozenset[str]) -> dict[str, torch.Tensor]:
+    """Per space: the mixed sets of the spaces in ``chosen``, the regular ones elsewhere (a space
+    tied by a concatenation, split or shuffle is always regular)."""
+    keep_mixed = set(chosen) - tied_spaces(graph)
+    return {name: (mixed if graph.spaces[name] in keep_mixed else regular)[name].clone() for name in regular}
+
+
+def _padded(kept: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``kept`` with its lowest-numbered other channels added until its count is a multiple of
+    ``multiple`` or the full width (an empty set stays empty)."""
+    n = int(kept.sum())
+    target = min(-(-n // multiple) * multiple, kept.numel())
+    if n == 0 or target == n:
+        return kept
+    padded = kept.clone()
+    padded[torch.nonzero(~kept).flatten()[:target - n]] = True
+    return padded
 
 
 def _pad_widths(graph: ChannelGraph, sets: dict[str, torch.Tensor], members: dict, multiple: int) -> None:
@@ -212,22 +308,63 @@ def _pad_widths(graph: ChannelGraph, sets: dict[str, torch.Tensor], members: dic
     compute zeros, as a regular block's extra channels do), in place. A space read through a
     concatenation, split or channel shuffle keeps its width: its positions are tied to another
     tensor's."""
-    tied = set()
-    for name, parts in graph.cats.items():
-        tied.update((name, *parts))
-    for src, pieces in graph.splits.values():
-        tied.update((src, *pieces))
-    for out, (src, _) in graph.gathers.items():
-        tied.update((out, src))
-    for names in members.values():
-        if tied.intersection(names):
+    tied = tied_spaces(graph)
+    for space, names in members.items():
+        if space in tied:
             continue
-        kept = sets[names[0]]
-        n = int(kept.sum())
-        target = min(-(-n // multiple) * multiple, kept.numel())
-        if n == 0 or target == n:
-            continue
-        padded = kept.clone()
-        padded[torch.nonzero(~kept).flatten()[:target - n]] = True
+        padded = _padded(sets[names[0]], multiple)
         for name in names:
             sets[name] = padded.clone()
+
+
+def channel_sums(graph: ChannelGraph) -> list[tuple[str, tuple[str, ...]]]:
+    """``(result, operands)`` for each add or product whose result shares a space with operands
+    it does not pass through unchanged (residual sums, channel scales), in execution order: under
+    mixed blocks the result keeps every channel those operands keep."""
+    sums = []
+    for node in graph.gm.graph.nodes:
+        info = graph.tensors.get(node.name)
+        if info is None or not (node.op == "call_function" and node.target in ADD_FUNCTIONS | MUL_FUNCTIONS
+                                or node.op == "call_method" and node.target in ("add", "sub", "mul")):
+            continue
+        operands = tuple(a.name for a in node.all_input_nodes if a.name in graph.tensors
+                         and graph.spaces.get(a.name) == graph.spaces[node.name]
+                         and graph.tensors[a.name].segments is not info.segments)
+        if operands:
+            sums.append((node.name, operands))
+    return sums
+
+
+def _pad_mixed(graph: ChannelGraph, sets: dict[str, torch.Tensor], multiple: int) -> None:
+    """Pad each tensor's kept channels (mixed blocks) up to a multiple of ``multiple``, or to its
+    full width, in place. Tensors passed through unchanged keep one set; a sum keeps every channel
+    its operands keep (widened, then padded again, in execution order), so every mixed sum
+    still adds a subset of its result's channels. Spaces tied by a concatenation, split or
+    shuffle keep their widths."""
+    tied = tied_spaces(graph)
+    units: dict[int, list[str]] = defaultdict(list)
+    for name, info in graph.tensors.items():
+        if graph.spaces[name] not in tied:
+            units[id(info.segments)].append(name)
+    unit_of = {name: key for key, names in units.items() for name in names}
+    for names in units.values():
+        padded = _padded(sets[names[0]], multiple)
+        for name in names:
+            sets[name] = padded.clone()
+    for _ in range(100):
+        changed = False
+        for out, operands in channel_sums(graph):
+            if out not in unit_of:
+                continue
+            need = sets[out].clone()
+            for op in operands:
+                need |= sets[op]
+            if torch.equal(need, sets[out]):
+                continue
+            grown = _padded(need, multiple)
+            for name in units[unit_of[out]]:
+                sets[name] = grown.clone()
+            changed = True
+        if not changed:
+            return
+    raise RuntimeError("internal error: padded mixed-block widths did not settle")

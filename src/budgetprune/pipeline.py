@@ -99,9 +99,10 @@ class PruneConfig:
     student_init: str = "teacher"  # "teacher" or "random"
     gate_inputs: bool = True  # gate an MLP's input features (Louizos et al.)
     fill_budget: bool = True  # reopen closed channels (zero outgoing weights) while the budget holds
-    block: str = "mixed"  # residual adds of the compacted net: "mixed" (index_add) or "regular"
-    channel_multiple: int = 1  # regular blocks: widths padded to a multiple (onnxruntime's fast CPU convs: 8, 16)
-    deploy_runtime: str | None = None  # where the result's speed is timed: eager, torchscript, onnxruntime, none
+    block: str = "auto"  # residual sums of the compacted net: "auto" (per sum, the faster), "mixed" or "regular"
+    channel_multiple: int = 1  # widths padded to a multiple (onnxruntime's fast CPU convs: 8, 16)
+    deploy_runtime: str | None = None  # where the result runs (auto blocks weigh gathers there; its speed is timed
+    # there): eager, torchscript, onnxruntime, none
     teacher: str | None = None
     seed: int = 0
     device: str = "cpu"
@@ -139,13 +140,12 @@ class PruneConfig:
             raise ConfigError("--epochs must be at least 1: pruning happens during training")
         if self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("--batch-size and --lr must be positive")
-        if self.block not in ("mixed", "regular"):
-            raise ConfigError("--block must be 'mixed' or 'regular'")
+        if self.block not in ("auto", "mixed", "regular"):
+            raise ConfigError("--block must be 'auto', 'mixed' or 'regular'")
         if self.deploy_runtime not in (None, "none"):
             check_runtime(self.deploy_runtime)
-        if self.channel_multiple < 1 or (self.channel_multiple > 1 and self.block != "regular"):
-            raise ConfigError(f"--channel-multiple {self.channel_multiple}: the multiple must be 1 or more, and pads "
-                              "the widths of regular blocks only: add --block regular")
+        if self.channel_multiple < 1:
+            raise ConfigError(f"--channel-multiple {self.channel_multiple}: the multiple must be 1 or more")
         if self.method not in available_methods():
             raise ConfigError(f"unknown method '{self.method}': choose one of {', '.join(available_methods())}")
         if self.lam is not None and self.lam < 0:
@@ -182,7 +182,7 @@ class PruneConfig:
         """The :class:`~budgetprune.pruner.Pruner` options this run sets (besides model, inputs, budget
         and step count)."""
         return {"metric": self.metric, "method": self.method, "granularity": self.granularity, "block": self.block,
-                "channel_multiple": self.channel_multiple,
+                "channel_multiple": self.channel_multiple, "deploy_runtime": self.deploy_runtime,
                 "fill": self.fill_budget, "gate_inputs": self.gate_inputs, "method_options": self.method_options,
                 "lam": self.lam, "schedule": self.schedule, "schedule_hardness": self.schedule_hardness,
                 "gate_lr": self.gate_lr, "gate_init": self.gate_init, "dual_lr": self.dual_lr,

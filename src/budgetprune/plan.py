@@ -32,9 +32,16 @@ def make_plan(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None, *, blo
     """The plan of a finalized pruning: ``masks`` are the final keep-masks per group (None: every
     channel kept, as with per-weight pruning)."""
     kept = {gid: [int(i) for i in torch.nonzero(m).flatten()] for gid, m in (masks or {}).items()}
-    return {"format": FORMAT, "version": VERSION, "granularity": granularity, "block": str(block),
-            "channel_multiple": channel_multiple(block), "gate_inputs": gate_inputs, "input_shape": list(graph.input_shape),
-            "groups": {gid: g.channels for gid, g in graph.groups.items()}, "kept": kept}
+    plan = {"format": FORMAT, "version": VERSION, "granularity": granularity, "block": str(block),
+            "channel_multiple": channel_multiple(block), "gate_inputs": gate_inputs,
+            "input_shape": list(graph.input_shape), "groups": {gid: g.channels for gid, g in graph.groups.items()},
+            "kept": kept}
+    if str(block) == "auto":
+        members: dict[str, list[str]] = {}
+        for name, space in graph.spaces.items():
+            members.setdefault(space, []).append(name)
+        plan["mixed_spaces"] = sorted(min(members[s]) for s in (getattr(block, "mixed", None) or ()))
+    return plan
 
 
 def _malformed(why: str) -> CheckpointError:
@@ -48,12 +55,16 @@ def check_plan(plan) -> dict:
     if not isinstance(plan.get("version"), int) or plan["version"] > VERSION:
         raise CheckpointError(f"the pruning plan is version {plan.get('version')!r:.20}, not one this budgetprune "
                               "reads; upgrade budgetprune")
-    if plan.get("granularity") not in ("channel", "weight") or plan.get("block") not in ("mixed", "regular") \
+    if plan.get("granularity") not in ("channel", "weight") or plan.get("block") not in ("mixed", "regular", "auto") \
             or not isinstance(plan.get("gate_inputs"), bool):
         raise _malformed("granularity, block or gate_inputs is not one budgetprune knows")
     multiple = plan.get("channel_multiple", 1)  # plans written before widths were padded have none
-    if type(multiple) is not int or not 1 <= multiple <= 2 ** 16 or (multiple > 1 and plan["block"] != "regular"):
-        raise _malformed(f"channel multiple {multiple!r:.20} is not a positive int (above 1 with regular blocks only)")
+    if type(multiple) is not int or not 1 <= multiple <= 2 ** 16:
+        raise _malformed(f"channel multiple {multiple!r:.20} is not a positive int")
+    mixed = plan.get("mixed_spaces", [])
+    if not isinstance(mixed, list) or not all(isinstance(t, str) for t in mixed) or \
+            (mixed and plan["block"] != "auto"):
+        raise _malformed("its mixed spaces are not a list of tensor names (with auto blocks only)")
     shape = plan.get("input_shape")
     if not (isinstance(shape, list) and 1 <= len(shape) <= 4 and all(type(v) is int and 0 < v <= 2 ** 16
                                                                      for v in shape)):
@@ -89,7 +100,7 @@ def replay(plan: dict, model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
         for gid, idx in plan["kept"].items():
             masks[gid] = torch.zeros(mine[gid], dtype=torch.bool)
             masks[gid][torch.tensor(idx, dtype=torch.long)] = True
-    net = compact(model, graph, masks, mode=BlockMode(plan["block"], plan.get("channel_multiple", 1)))
+    net = compact(model, graph, masks, mode=_block(plan, graph))
     check_state_shapes(net, state_dict)
     try:
         net.load_state_dict(state_dict, strict=True)
@@ -98,3 +109,15 @@ def replay(plan: dict, model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
             from None
     net.budgetprune_plan = plan
     return net.eval()
+
+
+def _block(plan: dict, graph: ChannelGraph) -> BlockMode:
+    """The block mode ``plan`` was compacted with, its mixed spaces (auto blocks) found in ``graph``."""
+    multiple = plan.get("channel_multiple", 1)
+    if plan["block"] != "auto":
+        return BlockMode(plan["block"], multiple)
+    unknown = [t for t in plan.get("mixed_spaces", []) if t not in graph.spaces]
+    if unknown:
+        raise CheckpointError(f"the model passed does not match the pruning plan (no tensor {unknown[0]!r:.60}): "
+                              "pass the same architecture that was pruned, before pruning")
+    return BlockMode("auto", multiple, mixed=frozenset(graph.spaces[t] for t in plan.get("mixed_spaces", [])))

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .blocks import GATHER_COST, auto_mode
 from .budget import Budget, enforce_budget, fill_budget, parse_budgets, reopenable_channels
 from .compact import compact, silence_channels
 from .errors import ConfigError, TrainingDiverged
@@ -38,19 +39,31 @@ from . import distributed
 from .plan import make_plan
 from .precision import float32
 from .resources import METRICS, CostModel, resource_report
+from .runtimes import default_runtime
 from .sparsity import check_weight_budget, count_kept, project_weights, scale_weights, weight_counts
 
-BLOCKS = ("mixed", "regular")
+BLOCKS = ("auto", "mixed", "regular")
 
 
-def block_mode(block: str, channel_multiple: int = 1) -> BlockMode:
-    """The residual ``block`` with its widths padded to ``channel_multiple``, or a one-line error."""
+def block_mode(block: str, channel_multiple: int = 1, runtime: str | None = None,
+               gather_cost: float | None = None) -> BlockMode:
+    """The residual ``block`` with its widths padded to ``channel_multiple``, or a one-line error.
+    ``"auto"`` weighs a mixed sum's gather at its cost in ``runtime`` (default: where the result
+    is deployed, :func:`budgetprune.runtimes.default_runtime`) unless ``gather_cost`` is given."""
+    if block not in BLOCKS:
+        raise ConfigError(f"block must be one of {', '.join(BLOCKS)}, not {block!r}")
     if type(channel_multiple) is not int or channel_multiple < 1:
         raise ConfigError(f"channel_multiple must be a positive int (1: exact widths), got {channel_multiple!r}")
-    if channel_multiple > 1 and block != "regular":
-        raise ConfigError(f"channel_multiple {channel_multiple} pads the widths of regular blocks only (a mixed "
-                          "block's sums keep each branch's own channels): use block='regular' (--block regular)")
-    return BlockMode(str(block), channel_multiple)
+    if gather_cost is not None and not (isinstance(gather_cost, (int, float)) and not isinstance(gather_cost, bool)
+                                        and 0 <= gather_cost < float("inf")):
+        raise ConfigError(f"gather_cost must be a non-negative number of multiply-adds, got {gather_cost!r}")
+    if block != "auto":
+        return BlockMode(block, channel_multiple)
+    if runtime in (None, "none"):
+        runtime = default_runtime([])
+    if runtime not in GATHER_COST:
+        raise ConfigError(f"unknown runtime '{runtime}': choose one of {', '.join(GATHER_COST)}")
+    return auto_mode(runtime, channel_multiple, gather_cost)
 
 
 _MARK = "_budgetprune_pruner"  # on a model while a Pruner's gates are attached to it
@@ -66,20 +79,20 @@ def method_settings(*, lam: float | None = None, schedule: str = "sigmoid", sche
 
 
 def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget], *, method: str = "bar",
-                   granularity: str = "channel", block: str = "mixed", channel_multiple: int = 1,
+                   granularity: str = "channel", block: str = "auto", channel_multiple: int = 1,
+                   deploy_runtime: str | None = None, gather_cost: float | None = None,
                    method_options: dict | None = None, metric: str | None = None, fill: bool = True,
                    gate_inputs: bool = True, **settings) -> None:
     """Raise a one-line error when ``budgets`` cannot be met on ``model`` or the method's options
     do not fit it, before any training; takes the :class:`Pruner`'s options (the pipeline checks
     them before it trains a teacher)."""
-    if block not in BLOCKS:
-        raise ConfigError(f"block must be one of {', '.join(BLOCKS)}, not {block!r}")
-    block = block_mode(block, channel_multiple)
+    block = block_mode(block, channel_multiple, deploy_runtime, gather_cost)
     timed = [b.metric for b in budgets if b.metric in RUNTIME_LATENCIES]
     if timed and block == "mixed" and granularity == "channel":
-        raise ConfigError(f"a {timed[0]} budget needs regular blocks: its table times the layers, not the channel "
-                          "gathers of mixed blocks, which in that runtime can cost more than the channels they save; "
-                          "use block='regular' (--block regular), with channel_multiple=16 for onnxruntime on CPU")
+        raise ConfigError(f"a {timed[0]} budget cannot use mixed blocks: its table times the layers, not the "
+                          "channel gathers of mixed blocks, which in that runtime can cost more than the channels "
+                          "they save; use block='auto' (--block auto, the default: it weighs each gather) or "
+                          "'regular', with channel_multiple=16 for onnxruntime on CPU")
     unknown = set(settings) - set(method_settings.__kwdefaults__)
     if unknown:
         raise ConfigError(f"unknown Pruner option(s) {', '.join(sorted(unknown))}; it takes "
@@ -144,7 +157,8 @@ class Pruner:
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, budget: float | str | list[Budget], *,
                  total_steps: int, metric: str | None = None, method: str = "bar", granularity: str = "channel",
-                 block: str = "mixed", channel_multiple: int = 1, fill: bool = True, gate_inputs: bool = True,
+                 block: str = "auto", channel_multiple: int = 1, deploy_runtime: str | None = None,
+                 gather_cost: float | None = None, fill: bool = True, gate_inputs: bool = True,
                  method_options: dict | None = None, log: Callable[[str], None] | None = None, **settings):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -171,9 +185,13 @@ class Pruner:
         device = next((p.device for p in model.parameters()), example_inputs.device)
         self.example = example_inputs.detach().to(device)
         self.graph = ChannelGraph.build(model, self.example, gate_inputs=gate_inputs)
+        if deploy_runtime is None:
+            deploy_runtime = default_runtime([b.metric for b in self.budgets])
         check_prunable(model, self.graph, self.budgets, method=method, granularity=granularity, block=block,
-                       channel_multiple=channel_multiple, method_options=method_options, **settings)
-        self.block = block_mode(block, channel_multiple)
+                       channel_multiple=channel_multiple, deploy_runtime=deploy_runtime, gather_cost=gather_cost,
+                       method_options=method_options, **settings)
+        self.block = block_mode(block, channel_multiple, deploy_runtime, gather_cost)
+        self.deploy_runtime = deploy_runtime if deploy_runtime != "none" else default_runtime([])
         self.metrics = METRICS + tuple(b.metric for b in self.budgets if b.metric not in METRICS)
         self.full = resource_report(self.graph, metrics=self.metrics)
         self.method = create_method(method, shared=method_settings(granularity=granularity, **settings),
@@ -338,8 +356,8 @@ class Pruner:
                   "channels_reopened_by_fill": n_reopened, "compaction_max_abs_diff": diff,
                   "masks": {g: [int(i) for i in torch.nonzero(m).flatten()] for g, m in kept.items()},
                   "pruned": resource_report(graph, final, block, self.metrics),
-                  "pruned_by_block": {mode: resource_report(graph, final, block if mode == block else mode,
-                                                            self.metrics) for mode in BLOCKS},
+                  "pruned_by_block": {name: resource_report(graph, final, mode, self.metrics)
+                                      for name, mode in self._block_modes().items()},
                   "plan": net.budgetprune_plan}
         if decision.get("measured") is not None:  # a runtime latency budget: the timed projections
             report["measured_latency"] = decision["measured"]
@@ -386,10 +404,17 @@ class Pruner:
                   "plan": net.budgetprune_plan}
         return net, report
 
+    def _block_modes(self) -> dict[str, BlockMode]:
+        """Each kind of residual block, this pruner's own as it is (padding, gather cost)."""
+        modes = {"auto": auto_mode(self.deploy_runtime), "mixed": BlockMode("mixed"), "regular": BlockMode("regular")}
+        return {**modes, str(self.block): self.block}
+
     def _attach_plan(self, net: nn.Module, masks: dict[str, torch.Tensor] | None) -> None:
         """The pruning plan rides on the compacted network: ``budgetprune.save`` writes it, so the
-        network can be rebuilt from the user's own model even where no self-contained file can hold it."""
-        net.budgetprune_plan = make_plan(self.graph, masks, block=self.block, granularity=self.granularity,
+        network can be rebuilt from the user's own model even where no self-contained file can hold it.
+        It names the blocks compaction built (``"auto"``: the spaces it kept mixed)."""
+        block = getattr(net, "budgetprune_mode", self.block) if masks is not None else self.block
+        net.budgetprune_plan = make_plan(self.graph, masks, block=block, granularity=self.granularity,
                                          gate_inputs=self.gate_inputs)
 
     @staticmethod

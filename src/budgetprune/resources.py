@@ -40,7 +40,9 @@ dead output channel also removes the next layer's inputs.
 
 ``mode`` picks what the hard cost counts for residual networks: ``"mixed"`` (the
 mixed-connectivity block: only alive maps are computed; what BAR optimises) or
-``"regular"`` (tensors added together keep equal widths; seed 001, supplement 5).
+``"regular"`` (tensors added together keep equal widths; seed 001, supplement 5) or
+``"auto"`` (per residual space the faster of the two, :mod:`budgetprune.blocks`: the cost of a
+set of masks is that of the network the choice builds for them).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from torch import nn
 from .errors import ConfigError
 from .graph import ChannelGraph
 from .latency import LATENCY_METRICS, is_latency, layer_coefficients
+from .blocks import as_mode, choose_blocks
 from .liveness import alive, effective_masks, slot_sets
 
 METRICS = ("volume", "flops", "params")  # counted: every report gives them
@@ -150,7 +153,7 @@ def _attention_costs(layer, graph: ChannelGraph, metric: str) -> list[LayerCost]
     attention products are in the constant."""
     spec, heads = layer.attention, layer.heads
     tokens, d = float(spec.tokens), float(spec.head_dim)
-    head_t = f"{layer.out_tensor}:heads" if heads else None
+    head_t = layer.heads_tensor if heads else None
     n_heads = 1.0 if heads else float(spec.num_heads)  # folded into the coefficients where heads are fixed
     per_head_params = 0.0
     for path, axis in spec.head_params or ():
@@ -190,9 +193,10 @@ class CostModel:
     def __init__(self, graph: ChannelGraph, metric: str, mode: str = "mixed"):
         self.graph = graph
         self.metric = metric
-        self.mode = mode
+        self.mode = as_mode(mode)
         self.terms = layer_costs(graph, metric)
         self._cache: tuple[bytes, float] | None = None
+        self._flops: list[LayerCost] | None = None
         self.fixed = 0.0
         total = graph.measured_flops if metric == "flops" else \
             sum(p.numel() for p in graph.gm.parameters()) if metric == "params" else None
@@ -208,7 +212,10 @@ class CostModel:
         """Cost of each term for the network that keeps ``masks`` (None: the full network)."""
         masks = self._full_masks() if masks is None else masks
         eff = effective_masks(self.graph, masks)
-        sets = slot_sets(self.graph, eff, self.mode, purge=False)
+        if str(self.mode) == "auto" and self.mode.mixed is None:
+            _, sets = choose_blocks(self.graph, eff, self.mode, self._flop_terms())
+        else:
+            sets = slot_sets(self.graph, eff, self.mode, purge=False)
         out: dict[str, float] = {}
         for t in self.terms:
             gone = t.out_group is not None and not bool(eff[t.out_group].any())  # a pruned-away layer
@@ -240,6 +247,14 @@ class CostModel:
             m[:g.min_keep] = True
             masks[gid] = m
         return self.hard(masks)
+
+    def _flop_terms(self) -> list[LayerCost]:
+        """The FLOP terms ``"auto"`` blocks weigh their choice with."""
+        if self.metric == "flops":
+            return self.terms
+        if self._flops is None:
+            self._flops = layer_costs(self.graph, "flops")
+        return self._flops
 
     def _full_masks(self) -> dict[str, torch.Tensor]:
         return {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in self.graph.groups.items()}
