@@ -2,8 +2,11 @@
 
 An attention layer reads its input's channels through the columns of a query/key/value
 projection ``W_qkv`` (3E × C_in) and writes its output channels through the rows of an output
-projection ``W_proj`` (C_out × E), E = heads × head width. Its input and output channels are
-pruned like a linear layer's; its heads keep their width. Three families are recognised:
+projection ``W_proj`` (C_out × E), E = heads × head width d. Its input and output channels are
+pruned like a linear layer's. Its heads are pruned whole: head h is the rows h·d … h·d + d − 1 of
+each of q, k and v (:func:`qkv_rows`) and the same columns of ``W_proj`` (:func:`head_columns`);
+its gate multiplies its values, so z_h · softmax(q_h k_hᵀ) v_h is the head's output scaled by z_h
+(:func:`value_scale`). Three families are recognised:
 
 * ``"multihead"``: ``nn.MultiheadAttention`` as self-attention (a ViT block): tokens (N, L, C),
   every token attends to all L.

@@ -16,12 +16,17 @@ flatten) and, for each slot, the gated channels that can write a non-zero value 
 * a ``cat`` places its inputs side by side; a depthwise conv works slot by slot; a
   squeeze-and-excitation ``mul`` keeps the slots of the scaled tensor; a flatten turns each
   channel into H·W features;
-* channels may live in the last dim (tokens (N, L, C), channels-last maps): ``permute`` and
-  ``transpose`` move them there and back; linear layers, element-wise ops, residual adds, a mean
-  over the tokens and a LayerNorm over the channels (:class:`Norm`) work there, and so does
-  ``nn.MultiheadAttention`` self-attention, a layer of kind ``"attention"`` (its heads keep their
-  width); a parameter read across the channels (a layer scale, a class token, a position
-  embedding: :class:`ChannelParameter`) is sliced with them.
+* channels may live in the last dim (tokens (N, L, C), channels-last maps): ``permute``,
+  ``transpose`` and ``swapaxes`` move them there and back, and a reshape that keeps the batch
+  and the channel dim (MaxViT's windows) regroups the rest; linear layers, element-wise ops,
+  residual adds, a mean over the tokens and a LayerNorm over the channels (:class:`Norm`) work
+  there, and so do attention layers (:mod:`budgetprune.attention`: ``nn.MultiheadAttention``,
+  Swin's and MaxViT's), layers of kind ``"attention"`` whose heads are a group of their own; a
+  parameter read across the channels (a layer scale, a class token, a position embedding:
+  :class:`ChannelParameter`) is sliced with them;
+* an op the graph does not know is run on random inputs (:mod:`budgetprune.probe`): passed
+  through when it works channel by channel, a gather when each output channel copies one input
+  channel (Swin's patch merging).
 
 An op that maps 0 to a non-zero value (a BatchNorm that is not a gate host, e.g. the
 pre-activation BN of a Wide-ResNet block, a sigmoid, a bias, a LayerNorm, an added position
@@ -563,7 +568,7 @@ class _Builder:
         self.parent.setdefault(node.name, node.name)
 
     def _set_named(self, info: TensorInfo) -> None:
-        """A tensor the graph adds (an always-alive input described over another dim)."""
+        """A tensor the graph adds (an always-alive input described over another dim, an attention's heads)."""
         self.tensors[info.node] = info
         self.parent.setdefault(info.node, info.node)
 
@@ -782,9 +787,10 @@ class _Builder:
 
     def _visit_attention(self, node: fx.Node) -> bool:
         """An attention layer (:mod:`budgetprune.attention`: ``nn.MultiheadAttention`` self-attention,
-        Swin's window attention) reads its input's channels through its query/key/value projection
-        and writes a gated group through its output projection; its heads keep their width. An
-        attention call budgetprune does not prune leaves its input's writers ungated."""
+        Swin's window attention, MaxViT's relative attention) reads its input's channels through its
+        query/key/value projection and writes a gated group through its output projection; its heads
+        are a group of their own (one slot per head in :attr:`Layer.heads_tensor`) where its family
+        allows. An attention call budgetprune does not prune leaves its input's writers ungated."""
         spec = attention.match(node, self.modules, self.calls, self.returned_by)
         if spec is None:
             return False

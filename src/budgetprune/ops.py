@@ -14,11 +14,11 @@ ONNX exporter handle, and are the only non-``torch`` functions a saved model may
 * :func:`full_count_layer_norm` is a LayerNorm over the kept channels whose statistics still
   count the pruned ones, as the zeros they are in the gated network.
 * :class:`SelfAttention` is ``nn.MultiheadAttention``'s self-attention with its input and output
-  channels pruned (its heads keep their width).
+  channels and its heads pruned.
 * :func:`window_attention` is torchvision's ``shifted_window_attention`` (Swin) with its input
-  and output channels pruned apart from its heads.
+  and output channels and its heads pruned.
 * :class:`RelativeAttention` is MaxViT's relative-position multi-head attention with its input
-  and output channels pruned apart from its heads.
+  and output channels and its heads pruned.
 """
 
 from __future__ import annotations
@@ -100,9 +100,10 @@ def full_count_layer_norm(x: torch.Tensor, channels: int, weight: torch.Tensor, 
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over tokens (N, L, ·) whose input and output widths are pruned
-    apart from its heads: ``nn.MultiheadAttention`` (batch first) with ``in_features`` input
-    channels and ``out_features`` output channels, ``num_heads`` heads of ``embed_dim / num_heads``.
+    """Multi-head self-attention over tokens (N, L, ·) whose input and output widths and heads are
+    pruned: ``nn.MultiheadAttention`` (batch first) with ``in_features`` input channels and
+    ``out_features`` output channels, ``num_heads`` heads of ``embed_dim / num_heads`` (the
+    unpruned head width: the attention's scale 1/√d stays).
     It computes what the unpruned module computes on the kept channels; called like it
     (``attn(x, x, x, need_weights=False)``), it returns ``(output, None)``."""
 
