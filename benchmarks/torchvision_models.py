@@ -4,7 +4,8 @@ For each model (untrained, ``num_classes=10``, random inputs of ``--size`` pixel
 under a FLOP budget takes ``--steps`` SGD steps and finalizes. Recorded per model: the share
 of conv/linear output channels that are prunable (channel groups over all conv/linear outputs
 but the classifier's; depthwise convs and squeeze-and-excitation scales follow the channels they
-read or scale and count with them) and why the rest is not, whether the budget is met (V/B), the
+read or scale and count with them, an attention's query/key/value projection with its gated
+heads) and why the rest is not, whether the budget is met (V/B), the
 compacted network's largest output difference from the gated one (relative to the largest
 output), the parameter and FLOP reduction, how the result saves (self-contained file or plan + weights)
 and whether the loaded file gives the same outputs — or the one-line error where a step fails.
@@ -79,6 +80,11 @@ def prunable_share(model: nn.Module, graph) -> tuple[float, int, int]:
                     and graph.tensors[graph.layers[name].in_tensor].sources())
     following += sum(layer.out_channels for layer in graph.layers.values()  # squeeze-and-excitation scales
                      if layer.follows and graph.tensors[layer.out_tensor].sources())
+    modules = dict(model.named_modules())
+    for g in graph.groups.values():  # a gated head prunes its 3·d query, key and value rows of an nn.Linear
+        spec = graph.layers[g.producer].attention if g.position == "heads" else None
+        if spec is not None and isinstance(modules.get(spec.qkv_weight.rpartition(".")[0]), nn.Linear):
+            following += g.channels * 3 * spec.head_dim
     kept = grouped + following
     return kept / max(total, 1), kept, total
 

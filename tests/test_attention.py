@@ -1,9 +1,9 @@
 """Vision transformers: the token signal is pruned through LayerNorms, the class token and the
 position embedding (parameters masked by the signal's aliveness and sliced with it), and
-``nn.MultiheadAttention`` self-attention, a layer whose in-projection reads the kept channels and
-whose out-projection writes a gated group (its heads keep their width). Compaction gives the same
-outputs in both block modes; FLOPs count the projections per kept channel and the attention
-products as a constant."""
+``nn.MultiheadAttention`` self-attention, a layer whose in-projection reads the kept channels, whose
+out-projection writes a gated group, and whose heads are gated whole. Compaction gives the same
+outputs in both block modes; FLOPs count the projections per kept channel and head and the
+attention products per head."""
 
 from __future__ import annotations
 
@@ -102,6 +102,7 @@ def test_random_masks_compact_to_the_gated_network(mode):
     model, x = _model(), torch.randn(4, 3, 16, 16)
     graph = ChannelGraph.build(model, x)
     masks = _random_masks(graph, 3)
+    masks["blocks.0.attn:heads"] = torch.tensor([False, True])
     hooks = GateHooks(model, graph, {gid: (lambda n, m=m: m.float()) for gid, m in masks.items()})
     with torch.no_grad():
         gated = model(x)
@@ -111,41 +112,54 @@ def test_random_masks_compact_to_the_gated_network(mode):
         assert not torch.allclose(gated, model(x), atol=1e-3)
         assert torch.allclose(small(x), gated, atol=1e-5), float((small(x) - gated).abs().max())
     attn = small.get_submodule("blocks.0.attn")
-    assert isinstance(attn, SelfAttention) and attn.embed_dim == C  # heads keep their width
+    heads = int(masks["blocks.0.attn:heads"].sum())
+    assert isinstance(attn, SelfAttention) and (attn.num_heads, attn.embed_dim) == (heads, heads * C // HEADS)
     if mode == "mixed":
         assert attn.out_features == int(masks["blocks.0.attn"].sum())
         assert small.class_token.shape[-1] == small.pos.shape[-1] == int(masks["patch"].sum())
 
 
-def test_a_pruned_self_attention_is_the_module_on_the_kept_channels():
+def test_a_pruned_self_attention_is_the_module_on_the_kept_channels_and_heads():
     torch.manual_seed(4)
     mha = nn.MultiheadAttention(C, HEADS, batch_first=True).eval()
     cols, rows = torch.tensor([0, 3, 4, 9, 15]), torch.tensor([1, 2, 8, 11])
-    z = torch.rand(4) + 0.5
+    z, z_head = torch.rand(4) + 0.5, 0.7
     x = torch.randn(3, 7, C)
     x[..., [c for c in range(C) if c not in cols.tolist()]] = 0.0  # what the pruned channels are: zeros
+    gated = nn.MultiheadAttention(C, HEADS, batch_first=True).eval()  # head 0's values gone, head 1's scaled
+    gated.load_state_dict(mha.state_dict())
+    d = C // HEADS
     with torch.no_grad():
-        expected = mha(x, x, x, need_weights=False)[0][..., rows] * z
-        small = SelfAttention.pruned(mha, cols, rows, z).eval()
+        gated.in_proj_weight[2 * C:2 * C + d] = 0.0
+        gated.in_proj_bias[2 * C:2 * C + d] = 0.0
+        gated.in_proj_weight[2 * C + d:] *= z_head
+        gated.in_proj_bias[2 * C + d:] *= z_head
+        expected = gated(x, x, x, need_weights=False)[0][..., rows] * z
+        small = SelfAttention.pruned(mha, cols, rows, z, torch.tensor([1]), torch.tensor([z_head])).eval()
         out, weights = small(x[..., cols], None, None)
+        whole = SelfAttention.pruned(mha, cols, rows, z).eval()(x[..., cols])[0]
+    assert small.num_heads == 1 and small.embed_dim == d
     assert weights is None and torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(whole, mha(x, x, x, need_weights=False)[0][..., rows] * z, atol=1e-5)
 
 
-def test_flops_count_the_projections_per_kept_channel_and_the_products_once():
+def test_flops_count_the_projections_per_kept_channel_and_head_and_the_products_per_head():
     model = _model()
     graph = ChannelGraph.build(model, torch.randn(2, 3, 16, 16))
     cm = CostModel(graph, "flops")
-    L, E = TOKENS, C
+    L, E, d = TOKENS, C, C // HEADS
     patch = 16 * 48 * C
     block = L * E * 3 * E + L * E * E + L * E * 2 * E + L * 2 * E * E  # in/out projections, fc1, fc2
-    assert cm.fixed == pytest.approx(2 * 2 * L * L * E)  # q·kᵀ and the weighted sum, two blocks
+    assert cm.fixed == 0  # q·kᵀ and the weighted sum count per head
     assert cm.full() == pytest.approx(patch + 2 * block + 2 * 2 * L * L * E + C * 10)
     masks = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
     masks["blocks.0.attn"] = torch.arange(C) < 4  # 12 out-projection rows fewer (it adds into the signal:
-    per = cm.per_layer(masks)  # the signal keeps them, its other writers write every channel)
-    assert per["blocks.0.attn"] == pytest.approx(L * 3 * E * E + L * E * 4)
+    masks["blocks.0.attn:heads"] = torch.tensor([False, True])  # the signal keeps them), one head of two
+    per = cm.per_layer(masks)
+    assert per["blocks.0.attn"] == pytest.approx(L * 3 * d * E + 2 * L * L * d + L * d * 4)
     params = CostModel(graph, "params")
     assert params.full() == sum(p.numel() for p in model.parameters())
+    assert params.per_layer(masks)["blocks.0.attn"] == 3 * d * E + 3 * d + d * 4 + 4  # weights and biases
 
 
 def test_a_dead_channel_is_masked_per_example_after_the_position_embedding():

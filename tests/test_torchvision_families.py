@@ -3,7 +3,7 @@ Pruner meets a FLOP budget, compacts to equal outputs, and saves and loads.
 
 One model per structure the graph handles (grouped convs, squeeze-and-excitation with
 stochastic depth, channel split and shuffle, linear layers over tokens and channels-last
-maps), built from torchvision's own classes in a small configuration so the module runs in
+maps, attention layers and their heads: ViT's, Swin's windows, MaxViT's windows and grids), built from torchvision's own classes in a small configuration so the module runs in
 a minute. The full-size
 table is ``benchmarks/torchvision_models.py``'s. torchvision imports after conftest's shim.
 """
@@ -29,6 +29,9 @@ def models():
     return torchvision.models
 
 
+CLASSIFIER = {"vit": "heads.head", "convnext": "classifier.2", "swin": "head", "maxvit": "classifier.5"}
+
+
 def _build(models, name):
     if name == "vit":  # ViT-B's layout, tiny: 2 layers, 16-dim tokens, 32×32 images in 8×8 patches
         return models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
@@ -46,15 +49,26 @@ def _build(models, name):
         return models.EfficientNet(setting, dropout=0.2, stochastic_depth_prob=0.2, num_classes=10), 32
     if name == "shufflenet":  # ShuffleNetV2's units (channel split and shuffle), tiny
         return models.ShuffleNetV2([2, 1, 1], [8, 16, 32, 64, 128], num_classes=10), 32
+    if name == "swin":  # Swin-T's layout, tiny: window attention (shifted in the second block), patch merging
+        return models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                      window_size=[4, 4], num_classes=10), 32
+    if name == "maxvit":  # MaxViT-T's layout, tiny: MBConv, window and grid attention in one block
+        return models.MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16],
+                             block_layers=[1], head_dim=8, stochastic_depth_prob=0.1, num_classes=10), 32
     raise ValueError(name)
 
 
-def _prunable(graph):
-    """Output channels of conv/linear layers in groups, or following one (depthwise, SE scale)."""
+def _prunable(graph, model):
+    """Output channels of conv/linear layers in groups, following one (depthwise, SE scale) or in a
+    gated attention head (3·d query, key and value rows of an nn.Linear projection)."""
     groups = sum(g.channels for g in graph.groups.values() if g.position == "output")
     following = sum(l.out_channels for l in graph.layers.values()
                     if (l.depthwise or l.follows) and l.out_group is None and graph.tensors[l.out_tensor].sources())
-    return groups + following
+    modules = dict(model.named_modules())
+    heads = sum(g.channels * 3 * graph.layers[g.producer].attention.head_dim for g in graph.groups.values()
+                if g.position == "heads" and isinstance(
+                    modules[graph.layers[g.producer].attention.qkv_weight.rpartition(".")[0]], nn.Linear))
+    return groups + following + heads
 
 
 @pytest.mark.parametrize("name, structure", [
@@ -63,6 +77,8 @@ def _prunable(graph):
     ("shufflenet", "gathers"),
     ("vit", "tokens"),
     ("convnext", "tokens"),
+    ("swin", "tokens"),
+    ("maxvit", "tokens"),
 ])
 def test_a_family_prunes_to_the_budget_with_equal_outputs_and_loads(models, name, structure, tmp_path):
     torch.manual_seed(0)
@@ -73,17 +89,20 @@ def test_a_family_prunes_to_the_budget_with_equal_outputs_and_loads(models, name
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if structure == "groups":
         assert any(g.units < g.channels for g in graph.groups.values()) and any(l.follows for l in graph.layers.values())
-        assert _prunable(graph) == sum(m.out_channels for m in layers if isinstance(m, nn.Conv2d))  # all but fc
+        assert _prunable(graph, model) == sum(m.out_channels for m in layers if isinstance(m, nn.Conv2d))  # not fc
     elif structure == "scales":
         assert any(l.follows for l in graph.layers.values())
         assert set(graph.ungated) == {"classifier.1"}
     elif structure == "gathers":
         assert graph.gathers and graph.splits and set(graph.ungated) == {"fc"}
-    else:  # the token / channels-last signal too, through LayerNorms, attention, class token and position embedding
+    else:  # the token / channels-last signal too, through LayerNorms, attention (its heads), class token,
+        # position embedding, patch merging and window partitions
         assert any(g.dim == -1 for g in graph.groups.values())
-        assert set(graph.ungated) == {"heads.head" if name == "vit" else "classifier.2"}
-        assert _prunable(graph) == sum(m.out_features if isinstance(m, nn.Linear) else m.out_channels
-                                       for m in layers) - 10  # all but the classifier
+        assert set(graph.ungated) == {CLASSIFIER[name]}
+        assert _prunable(graph, model) == sum(m.out_features if isinstance(m, nn.Linear) else m.out_channels
+                                              for m in layers) - 10  # all but the classifier
+        if name != "convnext":
+            assert any(g.position == "heads" for g in graph.groups.values())
     pruning_steps(model, pruner, torch.optim.SGD(pruner.parameters(lr=1e-3), lr=1e-3), [(x, y)] * 2)
     small, report = pruner.finalize(x)
     with torch.no_grad():
@@ -91,6 +110,8 @@ def test_a_family_prunes_to_the_budget_with_equal_outputs_and_loads(models, name
     assert scale > 0 and report["compaction_max_abs_diff"] <= 1e-4 * scale
     assert 0.95 <= report["pruned"]["flops"] / pruner.budget.absolute(graph) <= 1.0
     budgetprune.save(small, tmp_path / "m.pt")
+    if name == "vit":  # its compacted attention and patches are safe ops: the file stands alone
+        assert "graph" in torch.load(tmp_path / "m.pt", weights_only=True)
     again = budgetprune.load(tmp_path / "m.pt", model=_build(models, name)[0])
     with torch.no_grad():
         assert torch.allclose(again(x), small(x), atol=1e-5 * max(scale, 1.0))

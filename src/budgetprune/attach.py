@@ -5,7 +5,8 @@ the method, and forward hooks on the graph's *host* modules multiply their outpu
 an MLP's input group, their input) by the gate values. Two more rules keep a dead channel
 exactly zero everywhere, so that the compacted network computes what the gated one does:
 
-* a gated layer none of whose input slots is alive outputs nothing (purge);
+* a gated layer none of whose input slots is alive outputs nothing (purge), nor does an
+  attention layer none of whose heads is open;
 * a renormaliser (a BatchNorm that hosts no gate, a depthwise conv's bias, a sigmoid, a
   LayerNorm over the channels) has its output multiplied by the aliveness of its slots; a
   function is masked at the output of the module that returns it
@@ -28,6 +29,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from .attention import Attention, value_scale
 from .graph import ChannelGraph, ChannelGroup
 from .liveness import alive
 from .precision import float32
@@ -106,10 +108,13 @@ class GateHooks:
             host = modules[group.host]
             if group.position == "input":
                 self.handles.append(host.register_forward_pre_hook(self._input_hook(gid, gate)))
+            elif group.position == "heads":
+                self.handles += self._head_hooks(host, modules, group, gate, graph.layers[group.producer].attention)
             else:
                 layer = graph.layers[group.producer]
                 site = modules[gate_site(graph, group.host)] if getattr(gate, "nonnegative", False) else host
-                self.handles.append(site.register_forward_hook(self._output_hook(group, gate, layer.in_tensor)))
+                self.handles.append(site.register_forward_hook(self._output_hook(group, gate, layer.in_tensor,
+                                                                                 layer.heads)))
         for name in graph.renormalisers:
             site, tensor = graph.mask_site(name)
             self.handles.append(modules[site].register_forward_hook(self._mask_hook(tensor)))
@@ -148,7 +153,7 @@ class GateHooks:
             live = cur if live is None else live | cur
         return live
 
-    def _output_hook(self, group: ChannelGroup, gate: GateFn, in_tensor: str):
+    def _output_hook(self, group: ChannelGroup, gate: GateFn, in_tensor: str, heads: str | None = None):
         gid = group.id
         sources = self._purge_sources(in_tensor)  # the gates that can kill this layer's input
 
@@ -159,6 +164,8 @@ class GateHooks:
             z = group.expand(gate_values(gate, output.shape[0], self.model_training))  # tied units → channels
             if sources and all(g in self.current for g, _ in sources):
                 z = z * self._input_open(sources).to(z.dtype)  # purge
+            if heads in self.current:  # an attention without heads outputs nothing (its biases: purged too)
+                z = z * self.current[heads].any(dim=-1, keepdim=True).to(z.dtype)
             self.current[gid] = z.detach() > 0
             gated = output * _broadcast(z.to(output.dtype), output, dim=group.dim)  # autocast: stays bf16/fp16
             return gated if rest is None else (gated, *rest)
@@ -171,6 +178,36 @@ class GateHooks:
             self.current[gid] = z.detach() > 0
             return (x * _broadcast(z.to(x.dtype), x),) + tuple(inputs[1:])
         return hook
+
+    def _head_hooks(self, host: nn.Module, modules: dict[str, nn.Module], group: ChannelGroup, gate: GateFn,
+                    spec: Attention) -> list:
+        """An attention's head gates z_h scale the values of head h: for the length of the host's
+        forward its query/key/value weight and bias are replaced by their product with
+        :func:`budgetprune.attention.value_scale` (one gate sample per batch: the weights are shared
+        by every example), then given back, also when the forward fails."""
+        owners = []
+        for path, shape in ((spec.qkv_weight, (-1, 1)), (spec.qkv_bias, (-1,))):
+            if path is not None:
+                owner_path, _, attr = path.rpartition(".")
+                owners.append((modules[owner_path], attr, shape))
+        saved: list[tuple[nn.Module, str, torch.Tensor]] = []
+
+        def scale(module, inputs):
+            z = gate_values(gate, 1, self.model_training)  # one sample for the batch
+            z = z.reshape(-1, z.shape[-1])[0]
+            self.current[group.id] = z.detach() > 0
+            factors = value_scale(spec.head_dim, z)
+            for owner, attr, shape in owners:
+                original = owner._parameters[attr]
+                saved.append((owner, attr, original))
+                owner._parameters[attr] = original * factors.to(original.device, original.dtype).view(shape)
+
+        def restore(module, inputs, output):
+            while saved:
+                owner, attr, original = saved.pop()
+                owner._parameters[attr] = original
+
+        return [host.register_forward_pre_hook(scale), host.register_forward_hook(restore, always_call=True)]
 
     def _mask_hook(self, tensor: str):
         info = self.graph.tensors[tensor]

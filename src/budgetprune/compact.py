@@ -23,10 +23,12 @@ import operator
 import torch
 from torch import fx, nn
 
+from .attention import head_columns, pruned_proj, pruned_qkv
 from .blocks import as_mode, choose_blocks
 from .graph import ADD_FUNCTIONS, FLATTEN_METHODS, MUL_FUNCTIONS, ChannelGraph
 from .liveness import channel_multiple, effective_masks, slot_sets
-from .ops import SelfAttention, full_count_layer_norm, index_add_channels, scatter_channels, select_channels
+from .ops import RelativeAttention, SelfAttention, full_count_layer_norm, index_add_channels, scatter_channels, \
+    select_channels, window_attention
 
 SUB_FUNCTIONS = {operator.sub, operator.isub, torch.sub}
 
@@ -70,15 +72,23 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
         mod = modules[layer.name]
         if rows is not None and (rows.numel() == 0 or (gid is not None and not bool(eff[gid].any()))):
             # a pruned-away branch (its output is all zeros): removed with the graph rewrite
+            if layer.kind == "attention" and layer.attention.family == "window":
+                continue  # a function call: removed with the graph rewrite, its parameters with it
             _replace(gm, layer.name, nn.Identity())
             for bn in layer.batchnorms:
                 _replace(gm, bn, nn.Identity())
                 hosted[bn] = True
             continue
         zr = z[rows] if z is not None else None
-        if layer.kind == "attention":  # nn.MultiheadAttention: its in- and out-projections lose channels
-            _replace(gm, layer.name, SelfAttention.pruned(mod, cols, rows if rows is not None else
-                                                          torch.arange(layer.out_channels), zr))
+        if layer.kind == "attention":  # its query/key/value and output projections lose channels and heads
+            rows = rows if rows is not None else torch.arange(layer.out_channels)
+            heads, z_heads = _kept_heads(layer, index, eff, gate_values)
+            if layer.attention.family == "multihead":
+                _replace(gm, layer.name, SelfAttention.pruned(mod, cols, rows, zr, heads, z_heads))
+            elif layer.attention.family == "relative":
+                _replace(gm, layer.name, RelativeAttention.pruned(mod, cols, rows, zr, heads, z_heads))
+            else:
+                _prune_window_attention(gm, layer, cols, rows, zr, heads, z_heads)
             continue
         z_in = None
         if layer.in_tensor.endswith(":input") and gate_values and "input" in gate_values:
@@ -108,6 +118,50 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
     gm.delete_all_unused_submodules()
     gm.budgetprune_mode = mode
     return gm.to(device).eval()
+
+
+def _kept_heads(layer, index, eff, gate_values) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An attention layer's kept heads and their gate values to fold (None: every head, no gates)."""
+    if layer.heads is None:
+        return torch.arange(layer.attention.num_heads), None
+    heads = index[layer.heads_tensor]
+    z = gate_values[layer.heads].detach().float().cpu() if gate_values and layer.heads in gate_values else \
+        torch.ones(layer.attention.num_heads)
+    return heads, (z * eff[layer.heads].float())[heads]
+
+
+def _prune_window_attention(gm: fx.GraphModule, layer, cols: torch.Tensor, rows: torch.Tensor,
+                            z: torch.Tensor | None, heads: torch.Tensor, z_heads: torch.Tensor | None) -> None:
+    """Swin's window attention on the kept channels and heads: its query/key/value weight keeps the
+    input columns ``cols`` and the heads' rows, its output projection the rows ``rows`` (``z`` folded
+    in) and the heads' columns, its relative position bias table the heads' columns; the call runs
+    :func:`budgetprune.ops.window_attention`, which takes its widths from the weights."""
+    spec = layer.attention
+    get = lambda path: gm.get_parameter(path) if path is not None else None  # noqa: E731
+    w_in, b_in = pruned_qkv(get(spec.qkv_weight), get(spec.qkv_bias), spec.head_dim, cols, heads, z_heads)
+    w_out, b_out = pruned_proj(get(spec.proj_weight), get(spec.proj_bias), spec.head_dim, rows, heads, z)
+    for path, value in ((spec.qkv_weight, w_in), (spec.qkv_bias, b_in), (spec.proj_weight, w_out),
+                        (spec.proj_bias, b_out)):
+        if path is not None:
+            _set_parameter(gm, path, value)
+    for path, axis in spec.head_params or ():
+        value = get(path).detach()
+        _set_parameter(gm, path, value.index_select(axis, heads.to(value.device)))
+    node = next(n for n in gm.graph.nodes if n.name == layer.out_tensor)
+    node.target = window_attention
+    if int(heads.numel()) != spec.num_heads:
+        if len(node.args) > 5:
+            node.args = (*node.args[:5], int(heads.numel()), *node.args[6:])
+        else:
+            node.kwargs = {**node.kwargs, "num_heads": int(heads.numel())}
+
+
+def _set_parameter(gm: fx.GraphModule, path: str, value: torch.Tensor) -> None:
+    """Replace the parameter at ``path`` with ``value`` (trainable as it was)."""
+    owner_path, _, attr = path.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    old = getattr(owner, attr)
+    setattr(owner, attr, nn.Parameter(value.clone(), requires_grad=old.requires_grad))
 
 
 def _slice_parameters(gm: fx.GraphModule, graph: ChannelGraph, index) -> None:
@@ -303,6 +357,11 @@ def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
             node.replace_all_uses_with(split)
             g.erase_node(node)
             continue
+        if node.name in graph.computed_gathers:  # a probed channel map, run on the kept input channels
+            src, perm = graph.gathers[node.name]
+            if not torch.equal(torch.nonzero(torch.isin(perm, index[src])).flatten(), index[node.name]):
+                raise RuntimeError(f"internal error: '{node.name}' keeps other channels than its input gives it")
+            continue
         if node.name in graph.gathers:  # a channel shuffle or slice: one gather of the kept slots, in order
             src, perm = graph.gathers[node.name]
             ref = buffers.add(g, _positions(perm[index[node.name]], index[src]), node)
@@ -337,13 +396,16 @@ def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
                     node.kwargs = {**node.kwargs, "tensors": kept}
         elif node.op == "call_method" and node.target in ("view", "reshape") and len(_shape_of(node)) == 3 \
                 and len(_shape_of(node.args[0])) == 4 and _shape_of(node)[:2] == _shape_of(node.args[0])[:2]:
-            with g.inserting_before(node):  # (N, C, H, W) -> (N, C, H·W) with C written out: a ViT's patches
-                flat = g.call_function(torch.flatten, (node.args[0], 2))
+            with g.inserting_before(node):  # (N, C, H, W) -> (N, C, H·W): a ViT's patches, as a flatten (no
+                flat = g.call_function(torch.flatten, (node.args[0], 2))  # sizes computed from shapes to save)
             flat.meta["budgetprune_tensor"] = node.name
             node.replace_all_uses_with(flat)
             g.erase_node(node)
+        elif node.op == "call_method" and node.target in ("view", "reshape") and len(_shape_of(node)) > 2:
+            _resize_channels(node, graph.tensors[node.name], int(index[node.name].numel()))
         elif node.op == "call_method" and node.target in FLATTEN_METHODS and node.target != "flatten" \
-                and len(_shape_of(node)) == 2:  # a flatten to (batch, features); other reshapes keep their sizes
+                and len(_shape_of(node)) == 2 and _shape_of(node)[0] == _shape_of(node.args[0])[0]:
+            # a flatten to (batch, features); other reshapes keep their sizes
             with g.inserting_before(node):
                 flat = g.call_function(torch.flatten, (node.args[0], 1))
             flat.meta["budgetprune_tensor"] = node.name
@@ -360,6 +422,19 @@ def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
                     masked = g.call_function(operator.mul, (node, ref))
                 masked.meta["budgetprune_tensor"] = node.name
                 node.replace_all_uses_with(masked, delete_user_cb=lambda u: u is not masked)
+
+
+def _resize_channels(node: fx.Node, info, kept: int) -> None:
+    """A reshape that keeps the channel dim (a ViT's (N, C, H, W) -> (N, C, H·W), MaxViT's windows)
+    with its channel count written out: the count becomes the kept one (a computed size, read from
+    the compacted input's shape, is right as it is)."""
+    packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+    sizes = list(node.args[1] if packed else node.args[1:])
+    at = 1 if info.dim == 1 else len(sizes) - 1
+    if not isinstance(sizes[at], int) or sizes[at] != info.slots or kept == info.slots:
+        return
+    sizes[at] = kept
+    node.args = (node.args[0], type(node.args[1])(sizes)) if packed else (node.args[0], *sizes)
 
 
 def _with_dim(args: tuple, dim: int) -> tuple:
@@ -472,6 +547,8 @@ def silence_channels(model: nn.Module, graph: ChannelGraph, channels: dict[str, 
 
     * a group that is the sole writer of its slots gets zero *outgoing* weights (the columns
       that read it); its own filter keeps computing and the zeros receive gradients;
+    * a head of an attention layer gets zero columns in the output projection (its values are
+      computed, and add nothing);
     * a group that writes into a residual sum with others (``shared``) gets a zero *output*:
       its filter row, bias and host BatchNorm γ and β, so it adds 0 to the sum (β and the
       filter still receive gradients).
@@ -485,24 +562,32 @@ def silence_channels(model: nn.Module, graph: ChannelGraph, channels: dict[str, 
             if idx.numel() == 0:
                 continue
             group = graph.groups[gid]
+            if group.position == "heads":  # a reopened head: the output projection's columns that read it
+                spec = graph.layers[group.producer].attention
+                weight = model.get_parameter(spec.proj_weight)
+                cols = head_columns(spec.head_dim, idx).to(weight.device)
+                weight.index_fill_(1, cols, 0.0)
+                zeroed += int(cols.numel()) * int(weight.shape[0])
+                continue
             if group.shared:
                 layer = graph.layers[group.producer]
-                owner = modules[layer.name]
-                owners = [owner.out_proj if isinstance(owner, nn.MultiheadAttention) else owner] + \
-                    [modules[bn] for bn in layer.batchnorms]
-                for mod in owners:
-                    for p in (mod.weight, mod.bias):
-                        if p is not None:
-                            p[idx.to(p.device)] = 0.0
-                            zeroed += int(idx.numel()) * int(p[0].numel())
+                if layer.kind == "attention":  # its output projection's rows
+                    params = [model.get_parameter(p) for p in (layer.attention.proj_weight, layer.attention.proj_bias)
+                              if p is not None]
+                else:
+                    params = [p for mod in [modules[layer.name]] + [modules[bn] for bn in layer.batchnorms]
+                              for p in (mod.weight, mod.bias) if p is not None]
+                for p in params:
+                    p[idx.to(p.device)] = 0.0
+                    zeroed += int(idx.numel()) * int(p[0].numel())
                 continue
             for layer in graph.readers(gid):
                 info = graph.tensors[layer.in_tensor]
                 slots = torch.cat([torch.tensor([s.start + (i - off) for i in idx.tolist()
                                                  if off <= i < off + s.length], dtype=torch.long)
                                    for s in info.segments for g_, off in s.sources if g_ == gid])
-                reader = modules[layer.name]
-                weight = reader.in_proj_weight if layer.kind == "attention" else reader.weight
+                weight = model.get_parameter(layer.attention.qkv_weight) if layer.kind == "attention" else \
+                    modules[layer.name].weight
                 cols = _expand(slots, info.expansion).to(weight.device)
                 if layer.depthwise:
                     continue

@@ -16,12 +16,17 @@ flatten) and, for each slot, the gated channels that can write a non-zero value 
 * a ``cat`` places its inputs side by side; a depthwise conv works slot by slot; a
   squeeze-and-excitation ``mul`` keeps the slots of the scaled tensor; a flatten turns each
   channel into H·W features;
-* channels may live in the last dim (tokens (N, L, C), channels-last maps): ``permute`` and
-  ``transpose`` move them there and back; linear layers, element-wise ops, residual adds, a mean
-  over the tokens and a LayerNorm over the channels (:class:`Norm`) work there, and so does
-  ``nn.MultiheadAttention`` self-attention, a layer of kind ``"attention"`` (its heads keep their
-  width); a parameter read across the channels (a layer scale, a class token, a position
-  embedding: :class:`ChannelParameter`) is sliced with them.
+* channels may live in the last dim (tokens (N, L, C), channels-last maps): ``permute``,
+  ``transpose`` and ``swapaxes`` move them there and back, and a reshape that keeps the batch
+  and the channel dim (MaxViT's windows) regroups the rest; linear layers, element-wise ops,
+  residual adds, a mean over the tokens and a LayerNorm over the channels (:class:`Norm`) work
+  there, and so do attention layers (:mod:`budgetprune.attention`: ``nn.MultiheadAttention``,
+  Swin's and MaxViT's), layers of kind ``"attention"`` whose heads are a group of their own; a
+  parameter read across the channels (a layer scale, a class token, a position embedding:
+  :class:`ChannelParameter`) is sliced with them;
+* an op the graph does not know is run on random inputs (:mod:`budgetprune.probe`): passed
+  through when it works channel by channel, a gather when each output channel copies one input
+  channel (Swin's patch merging).
 
 An op that maps 0 to a non-zero value (a BatchNorm that is not a gate host, e.g. the
 pre-activation BN of a Wide-ResNet block, a sigmoid, a bias, a LayerNorm, an added position
@@ -51,7 +56,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from . import attention
+from .attention import Attention
 from .errors import GraphError, first_line
+from .probe import probe_channel_map, probe_channelwise
 
 #: Modules and functions that map 0 to 0 channel by channel.
 ZERO_PRESERVING_MODULES = (
@@ -133,8 +141,9 @@ class TensorInfo:
 class ChannelGroup:
     """The output channels of one layer (or an MLP's input features), one gate each.
 
-    ``position`` is ``"output"`` (the gate multiplies the host's output) or ``"input"`` (it
-    multiplies the host's input). ``min_keep`` is 1 where removing every channel could cut
+    ``position`` is ``"output"`` (the gate multiplies the host's output), ``"input"`` (it
+    multiplies the host's input) or ``"heads"`` (one gate per head of an attention layer, on its
+    values: :mod:`budgetprune.attention`). ``min_keep`` is 1 where removing every channel could cut
     the network (the fatal-pruning guard) and 0 where the whole group may go (a residual
     branch: automatic depth determination). ``shared`` is True when other groups write the
     same slots (the last conv of a residual branch adds into the residual signal).
@@ -212,7 +221,7 @@ class Layer:
     """A conv or linear layer: what it reads, what it writes, and its cost coefficients."""
 
     name: str
-    kind: str  # "conv" | "linear"
+    kind: str  # "conv" | "linear" | "attention"
     in_tensor: str  # TensorInfo key of its input
     out_tensor: str  # TensorInfo key of its output (after the host BatchNorm for a gated layer)
     in_features: int
@@ -225,6 +234,13 @@ class Layer:
     batchnorms: list[str] = field(default_factory=list)  # host BatchNorms folded with this layer
     groups: int = 1  # a grouped (not depthwise) convolution: each output reads in_features / groups inputs
     follows: str | None = None  # a squeeze-and-excitation scale: keeps the channels of the tensor it multiplies
+    attention: Attention | None = None  # kind "attention": its shape and projections
+    heads: str | None = None  # kind "attention": the group gating its heads (its tensor: :attr:`heads_tensor`)
+
+    @property
+    def heads_tensor(self) -> str:
+        """The tensor of an attention layer's heads, one slot per head (no node computes it alone)."""
+        return f"{self.out_tensor}:heads"
 
 
 class ChannelGraph:
@@ -240,7 +256,7 @@ class ChannelGraph:
                  splits: dict[str, tuple[str, list[str]]] | None = None,
                  gathers: dict[str, tuple[str, torch.Tensor]] | None = None,
                  params: dict[str, ChannelParameter] | None = None, norms: dict[str, Norm] | None = None,
-                 mask_sites: dict[str, tuple[str, str]] | None = None):
+                 mask_sites: dict[str, tuple[str, str]] | None = None, computed_gathers: set[str] | None = None):
         self.gm = gm
         self.tensors = tensors
         self.layers = layers
@@ -252,6 +268,7 @@ class ChannelGraph:
         self.cats = cats  # tensor made by torch.cat -> the tensors it joins, in order
         self.splits = splits or {}  # chunk/split node -> (the tensor it splits, its pieces in order)
         self.gathers = gathers or {}  # channel shuffle or slice output -> (its input, input slot of each output slot)
+        self.computed_gathers = computed_gathers or set()  # gathers an op computes (probed): compaction keeps the op
         self.params = params or {}  # parameter path -> the tensor whose channels it is sliced with
         self.norms = norms or {}  # LayerNorm node -> what compaction keeps of its statistics
         self.mask_sites = mask_sites or {}  # function renormaliser -> (module whose output is masked, its tensor)
@@ -298,6 +315,24 @@ class ChannelGraph:
         target = next(n.target for n in self.gm.graph.nodes if n.name == node)
         return target, node
 
+    def filter_rows(self, gid: str) -> list[tuple[str, torch.Tensor]]:
+        """The parameters (paths) whose rows (dim 0) belong to one channel each of an output group,
+        with the channel of each row: its layer's weight and bias; an attention layer's output
+        projection; for an attention's heads, the query, key and value rows of each head (row r of
+        ``W_qkv`` is head (r mod E) // d)."""
+        group = self.groups[gid]
+        layer = self.layers[group.producer]
+        if layer.kind != "attention":
+            module = self.gm.get_submodule(layer.name)
+            paths = [f"{layer.name}.{attr}" for attr in ("weight", "bias") if getattr(module, attr, None) is not None]
+            return [(path, torch.arange(group.channels)) for path in paths]
+        spec = layer.attention
+        if group.position == "heads":
+            rows = torch.arange(3 * spec.embed_dim) % spec.embed_dim // spec.head_dim
+            return [(path, rows) for path in (spec.qkv_weight, spec.qkv_bias) if path is not None]
+        return [(path, torch.arange(group.channels)) for path in (spec.proj_weight, spec.proj_bias)
+                if path is not None]
+
     def layer_of_group(self, gid: str) -> Layer | None:
         g = self.groups[gid]
         return self.layers.get(g.producer) if g.producer else None
@@ -333,10 +368,23 @@ class ChannelGraph:
         return "\n".join(rows)
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping the attention modules budgetprune prunes as a whole as one node."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return attention.is_leaf(m) or super().is_leaf_module(m, qualname)
+
+
+def parameter(modules: dict[str, nn.Module], path: str) -> torch.Tensor:
+    """The parameter at ``path`` (``"features.1.0.attn.qkv.weight"``) of a model's ``named_modules()``."""
+    owner, _, attr = path.rpartition(".")
+    return getattr(modules[owner], attr)
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace`` with a one-line error naming what failed."""
+    """``torch.fx.symbolic_trace`` (attention modules kept whole) with a one-line error naming what failed."""
     try:
-        return fx.symbolic_trace(model)
+        return fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception as exc:
         raise GraphError(
             f"cannot trace {type(model).__name__} with torch.fx: {first_line(exc, 300)}; "
@@ -410,6 +458,7 @@ class _Builder:
         self.gm, self.modules, self.gate_inputs, self.input_shape = gm, modules, gate_inputs, input_shape
         self.blocked: dict[str, str] = {}  # producer -> why it stays ungated
         self.followers: dict[str, str] = {}  # layer computing a channel scale -> the tensor it multiplies
+        self.probes: dict[tuple, object] = {}  # what running an unknown op showed (see budgetprune.probe)
 
     def build(self) -> ChannelGraph:
         self._find_scales()
@@ -430,6 +479,7 @@ class _Builder:
         self.cats: dict[str, list[str]] = {}
         self.splits: dict[str, tuple[str, list[str]]] = {}
         self.gathers: dict[str, tuple[str, torch.Tensor]] = {}
+        self.computed_gathers: set[str] = set()
         self.shuffle_inside: set[str] = set()
         self.hosted: dict[str, str] = {}  # node that is a gate host output -> group
         self.params: dict[str, ChannelParameter] = {}
@@ -439,6 +489,9 @@ class _Builder:
         self.calls: dict[str, int] = defaultdict(int)
         ungated: dict[str, str] = dict(self.blocked)
         self._find_layers(nodes, ungated)
+        self.exits = _module_exits(nodes)
+        self.returned_by = {out[0].name: path for path, out in self.exits.items()
+                            if len(out) == 1 and self.calls.get(path, 0) <= 1}
         for node in nodes:
             if node.op == "placeholder":
                 shape = _shape(node)
@@ -473,7 +526,7 @@ class _Builder:
         spaces = {t: self._find(t) for t in self.tensors}
         return ChannelGraph(self.gm, self.tensors, self.layers, self.groups, self.renorm, ungated,
                             self.input_shape, spaces, self.cats, self.splits, self.gathers, self.params,
-                            self.norms, mask_sites)
+                            self.norms, mask_sites, self.computed_gathers)
 
     def _find_scales(self) -> None:
         """Squeeze-and-excitation: a product of a feature map and a (batch, C, 1, 1) scale that one
@@ -513,6 +566,11 @@ class _Builder:
     def _set(self, node: fx.Node, info: TensorInfo) -> None:
         self.tensors[node.name] = info
         self.parent.setdefault(node.name, node.name)
+
+    def _set_named(self, info: TensorInfo) -> None:
+        """A tensor the graph adds (an always-alive input described over another dim, an attention's heads)."""
+        self.tensors[info.node] = info
+        self.parent.setdefault(info.node, info.node)
 
     def _find(self, t: str) -> str:
         while self.parent[t] != t:
@@ -728,59 +786,60 @@ class _Builder:
         return True
 
     def _visit_attention(self, node: fx.Node) -> bool:
-        """``nn.MultiheadAttention`` as self-attention over tokens (N, L, E) (``batch_first``, one
-        input for query, key and value, no masks): a layer that reads its input's channels through
-        its in-projection and writes a gated group through its out-projection (a ViT block). Its
-        heads keep their width. Any other use leaves its input's writers ungated."""
-        mod = self.modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(mod, nn.MultiheadAttention):
+        """An attention layer (:mod:`budgetprune.attention`: ``nn.MultiheadAttention`` self-attention,
+        Swin's window attention, MaxViT's relative attention) reads its input's channels through its
+        query/key/value projection and writes a gated group through its output projection; its heads
+        are a group of their own (one slot per head in :attr:`Layer.heads_tensor`) where its family
+        allows. An attention call budgetprune does not prune leaves its input's writers ungated."""
+        spec = attention.match(node, self.modules, self.calls, self.returned_by)
+        if spec is None:
             return False
-        args = [_arg(node, i, name, None) for i, name in enumerate(("query", "key", "value"))]
-        extra = {k: v for k, v in node.kwargs.items() if k not in ("query", "key", "value", "need_weights")}
-        src = args[0]
-        metas = node.meta.get("tensor_meta")
-        out_shape = tuple(metas[0].shape) if isinstance(metas, (tuple, list)) and hasattr(metas[0], "shape") else None
-        why = None
-        if not (isinstance(src, fx.Node) and src is args[1] and src is args[2] and src.name in self.tensors):
-            why = "which budgetprune prunes only as self-attention (one tensor as query, key and value)"
-        elif not mod.batch_first or not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn \
-                or len(node.args) > 3 or any(v is not None and v is not False for v in extra.values()):
-            why = "which budgetprune prunes only with batch_first=True, no masks and no added key/value biases"
-        elif self.calls[node.target] != 1:
-            why = f"called {self.calls[node.target]} times (shared weights)"
-        elif out_shape is None or len(out_shape) != 3:
-            why = "whose output is not (N, L, E) tokens"
-        else:
-            info = self._info(src)
-            if not info.always_alive() and not (info.dim == -1 and info.slots == mod.embed_dim and info.expansion == 1):
+        is_module = node.op == "call_module"
+        what = f"{type(self.modules[node.target]).__name__} '{node.target}'" if is_module else \
+            f"'{node.target.__name__}' at node '{node.name}'"
+        out_shape = _shape(node)
+        if isinstance(self.modules.get(node.target), nn.MultiheadAttention):  # returns (output, weights)
+            metas = node.meta.get("tensor_meta")
+            out_shape = tuple(metas[0].shape) if isinstance(metas, (tuple, list)) and hasattr(metas[0], "shape") \
+                else None
+            self.attention.add(node.name)
+        why = spec if isinstance(spec, str) else None
+        src = next((a for a in node.all_input_nodes if a.name == spec.source), None) if why is None else None
+        if why is None:
+            info = self._info(src) if src is not None and src.name in self.tensors else None
+            if info is None or not info.always_alive() and not (
+                    info.dim == -1 and info.slots == spec.in_features and info.expansion == 1):
                 why = "whose input's channels are not in the last dim"
         if why is not None:
             for arg in node.all_input_nodes:
-                self._block(arg, f"read by nn.MultiheadAttention '{node.target}', {why}")
-            shape = out_shape or (1, 1, mod.embed_dim)
-            self.tensors[node.name] = self._fresh(node, shape, ALWAYS, dim=-1)
-            self.parent.setdefault(node.name, node.name)
-            self.attention.add(node.name)
+                self._block(arg, f"read by {what}, {why}")
+            width = getattr(self.modules.get(node.target), "embed_dim", 1)
+            self._set(node, self._fresh(node, out_shape or (1, 1, width), ALWAYS, dim=-1))
             return True
         info = self._info(src)
         if info.always_alive():
             info = _always_alive_over(info, _shape(src), -1)
             info = TensorInfo(f"{node.name}:in", info.slots, info.area, 1, info.segments, dim=-1)
-            self.tensors[info.node] = info
-            self.parent.setdefault(info.node, info.node)
-        gated = node.target not in self.blocked
-        gid = node.target if gated else ALWAYS
-        layer = Layer(node.target, "attention", info.node, node.name, mod.embed_dim, mod.embed_dim, out_shape[1],
-                      1, None, False, mod.out_proj.bias is not None)
-        self.layers[node.target] = layer
-        self.tensors[node.name] = TensorInfo(node.name, mod.embed_dim, out_shape[1], 1,
-                                             (Segment(0, mod.embed_dim, ((gid, 0),)),), dim=-1)
-        self.parent.setdefault(node.name, node.name)
-        self.attention.add(node.name)
+            self._set_named(info)
+        name = spec.host
+        gated = name not in self.blocked
+        gid = name if gated else ALWAYS
+        area = _area(out_shape, -1)
+        bias = spec.proj_bias is not None
+        layer = Layer(name, "attention", info.node, node.name, spec.in_features, spec.out_features, area,
+                      1, None, False, bias, attention=spec)
+        self.layers[name] = layer
+        self._set(node, TensorInfo(node.name, spec.out_features, area, 1,
+                                   (Segment(0, spec.out_features, ((gid, 0),)),), dim=-1))
         if gated:
-            self.groups[gid] = ChannelGroup(gid, mod.embed_dim, out_shape[1], node.target, "output", node.target,
-                                            dim=-1)
+            self.groups[gid] = ChannelGroup(gid, spec.out_features, area, spec.host, "output", name, dim=-1)
             layer.out_group = gid
+        heads = f"{name}:heads"
+        if spec.head_params is not None and spec.num_heads > 1 and heads not in self.blocked:
+            self._set_named(TensorInfo(layer.heads_tensor, spec.num_heads, spec.tokens, 1,
+                                       (Segment(0, spec.num_heads, ((heads, 0),)),), dim=-1))
+            self.groups[heads] = ChannelGroup(heads, spec.num_heads, spec.tokens, spec.host, "heads", name, dim=-1)
+            layer.heads = heads
         return True
 
     def _attention_weights(self, node: fx.Node) -> bool:
@@ -838,12 +897,7 @@ class _Builder:
         it through ops keeping its channels (``F.layer_norm`` → ``permute`` in a ``LayerNorm2d``),
         else at the output of the first module reading it through such ops (a ViT's position
         embedding sum → dropout); where there is none, its input's writers stay ungated."""
-        exits: dict[str, list[fx.Node]] = defaultdict(list)  # module path -> nodes its scope returns
-        for node in nodes:
-            inside = _scopes(node)
-            for path in inside:
-                if any(u.op == "output" or path not in _scopes(u) for u in node.users):
-                    exits[path].append(node)
+        exits = self.exits
         sites = {}
         by_name = {n.name: n for n in nodes}
         for name, what in self.renorm.items():
@@ -948,14 +1002,35 @@ class _Builder:
         return True
 
     def _gathered(self, node: fx.Node) -> TensorInfo:
-        """Output slot j is input slot perm[j] (a channel shuffle or slice): one length-1 segment per slot."""
+        """Output slot j is input slot perm[j] (a channel shuffle, slice or probed channel map): runs of
+        consecutive input slots from one segment make one segment."""
         src, perm = self.gathers[node.name]
         info = self.tensors[src]
-        segs = []
+        runs: list[list] = []  # [start, length, input segment, first input slot]
         for j, p in enumerate(perm.tolist()):
             seg = next(s for s in info.segments if s.start <= p < s.start + s.length)
-            segs.append(Segment(j, 1, tuple((g, off if g is ALWAYS else off + p - seg.start) for g, off in seg.sources)))
-        return TensorInfo(node.name, len(perm), _area(_shape(node)), 1, tuple(segs))
+            last = runs[-1] if runs else None
+            if last is not None and last[2] is seg and last[3] + last[1] == p:
+                last[1] += 1
+            else:
+                runs.append([j, 1, seg, p])
+        segs = tuple(Segment(j, n, tuple((g, off if g is ALWAYS else off + p - seg.start) for g, off in seg.sources))
+                     for j, n, seg, p in runs)
+        return TensorInfo(node.name, len(perm), _area(_shape(node), info.dim), 1, segs, dim=info.dim)
+
+    def _visit_channel_map(self, node: fx.Node, src: fx.Node, dim: int) -> bool:
+        """An op that probing shows copies each input channel into one or more output channels, each
+        computed from its source alone (Swin's patch merging): a gather of its input's slots. The
+        compacted network runs the op on the kept channels (:attr:`ChannelGraph.computed_gathers`)."""
+        if node.op == "get_attr" or self._info(src).always_alive():
+            return False
+        found = self._probed(probe_channel_map, node, dim)
+        if found is None or found[0] != "zero" or self._info(src).expansion != 1:
+            return False
+        self.gathers[node.name] = (src.name, found[1])
+        self.computed_gathers.add(node.name)
+        self._set(node, self._gathered(node))
+        return True
 
     def _visit_channels_last(self, node, tensor_args) -> None:
         """Pruned channels in the last dim (a linear layer's hidden width over tokens or a
@@ -970,24 +1045,39 @@ class _Builder:
             return self._visit_token_cat(node)
         if len(tensor_args) == 1 and self._reduces_tokens(node, tensor_args[0]):
             return
+        if node.op == "call_function" and node.target is torch.flatten or \
+                node.op == "call_method" and node.target in FLATTEN_METHODS:
+            if _keeps_channels(self._info(tensor_args[0]), _shape(tensor_args[0]), _shape(node)):
+                return self._visit_flatten(node, tensor_args)
         if len(tensor_args) == 1 and (
                 isinstance(mod, ZERO_PRESERVING_MODULES) and not isinstance(mod, POOLING_MODULES)
                 or node.op == "call_function" and node.target in ZERO_PRESERVING_FUNCTIONS - POOLING_FUNCTIONS
                 or node.op == "call_method" and node.target in ZERO_PRESERVING_METHODS):
             return self._same(node, tensor_args[0])
         if len(tensor_args) == 1 and node.op != "get_attr" and \
-                _probe_channelwise(node, self.modules, self._device(), dim=-1) == "zero":
+                self._probed(probe_channelwise, node, -1) == "zero":
             return self._same(node, tensor_args[0])
+        if len(tensor_args) == 1 and self._visit_channel_map(node, tensor_args[0], -1):
+            return
         raise _Unsupported(f"read by {_describe(node, self.modules)}, which budgetprune cannot prune through "
                            "on channels in the last dim (only element-wise ops and linear layers)")
 
     def _visit_unknown(self, node, tensor_args) -> None:
         """An op the table does not know: passed through when probing shows it works channel by
         channel (stochastic depth, a custom activation, an upsampling), else unsupported."""
-        kind = _probe_channelwise(node, self.modules, self._device()) if len(tensor_args) == 1 else None
+        kind = self._probed(probe_channelwise, node, 1) if len(tensor_args) == 1 else None
+        if kind is None and len(tensor_args) == 1 and self._visit_channel_map(node, tensor_args[0], 1):
+            return
         if kind is None:
             raise _Unsupported(f"read by {_describe(node, self.modules)}, which budgetprune cannot prune through")
         return self._same(node, tensor_args[0], None if kind == "zero" else _describe(node, self.modules))
+
+    def _probed(self, probe, node: fx.Node, dim: int):
+        """``probe(node, ...)``, run once per node over the builder's passes."""
+        key = (probe.__name__, node.name, dim)
+        if key not in self.probes:
+            self.probes[key] = probe(node, self.modules, self._device(), dim=dim)
+        return self.probes[key]
 
     def _device(self) -> torch.device:
         for p in self.gm.parameters():
@@ -1155,11 +1245,11 @@ class _Builder:
     def _visit_flatten(self, node, tensor_args) -> None:
         src = tensor_args[0]
         info, in_shape, shape = self._info(src), _shape(src), _shape(node)
-        if len(shape) == 3 and len(in_shape) > 3 and tuple(shape[:2]) == tuple(in_shape[:2]) and info.dim == 1 and \
-                info.expansion == 1:  # (N, C, H, W) -> (N, C, H·W): a ViT's patches, channels unchanged
-            self._set(node, TensorInfo(node.name, info.slots, _area(shape), 1, info.segments, info.scale))
+        if _keeps_channels(info, in_shape, shape):  # (N, C, H, W) -> (N, C, H·W): a ViT's patches
+            self._set(node, TensorInfo(node.name, info.slots, _area(shape, info.dim), 1, info.segments, info.scale,
+                                       info.dim))
             return self._union(node.name, src.name)
-        if len(shape) != 2 or shape[0] != in_shape[0]:
+        if info.dim != 1 or len(shape) != 2 or shape[0] != in_shape[0]:
             raise _Unsupported(f"reshaped by '{node.name}' to {shape} (only flattening to (batch, features))")
         if info.expansion != 1 or shape[1] % info.slots:
             raise _Unsupported(f"reshaped by '{node.name}' in a way that mixes channels")
@@ -1185,7 +1275,7 @@ class _Builder:
                     if g1 != g2 and lo1 < hi2 and lo2 < hi1:
                         self.groups[g1].shared = self.groups[g2].shared = True
         for g in self.groups.values():
-            g.min_keep = 0
+            g.min_keep = 1 if g.position == "heads" else 0  # an attention keeps a head while it is computed
         for gid in _protected_groups(self, nodes):
             self.groups[gid].min_keep = 1
 
@@ -1243,88 +1333,31 @@ def _scale_producer(scale: fx.Node, mul: fx.Node, modules: dict[str, nn.Module])
         node, user = node.all_input_nodes[0], node
 
 
-def _probe_channelwise(node: fx.Node, modules: dict[str, nn.Module], device: torch.device,
-                       dim: int = 1) -> str | None:
-    """Whether an op unknown to the graph works channel by channel, found by running it.
-
-    The op's single tensor input is replaced by random values of the recorded shape (the
-    other arguments must be constants) and the op is run, in eval mode and without gradients,
-    three times: on the input, on the input with some channels zeroed, and on only the other
-    channels. It works channel by channel when the last run gives exactly the remaining
-    channels of the first (no channel reads another, and the op does not depend on how many
-    there are), and the second run gives the same on the channels it kept. Returns ``"zero"``
-    when the zeroed channels also stay exactly zero (a stochastic depth, an activation, an
-    upsampling), ``"renormalise"`` when they do not or when the op is a module with parameters
-    that training may change (it then needs masking), None otherwise.
-    """
-    in_shape, out_shape = _shape(node.all_input_nodes[0]), _shape(node)
-    if in_shape is None or out_shape is None or len(in_shape) < 2 or len(out_shape) != len(in_shape):
-        return None
-    cd = 1 if dim == 1 else len(in_shape) - 1  # the channel dim
-    if out_shape[0] != in_shape[0] or out_shape[cd] != in_shape[cd] or in_shape[cd] < 2:
-        return None
-    meta = node.all_input_nodes[0].meta["tensor_meta"]
-    if not meta.dtype.is_floating_point:
-        return None
-    if len(node.all_input_nodes) != 1:  # x.size(0) and other computed arguments: not probed
-        return None
-
-    def run(x):
-        args = fx.node.map_arg(node.args, lambda a: x)
-        kwargs = fx.node.map_arg(node.kwargs, lambda a: x)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        mod = modules[node.target]
-        was = mod.training
-        mod.eval()
-        try:
-            return mod(*args, **kwargs)
-        finally:
-            mod.train(was)
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(tuple(in_shape), generator=gen).to(device, meta.dtype) + 0.5
-    c = in_shape[cd]
-    keep = torch.arange(c, device=device) % 2 == 0
-    kept, dropped = torch.nonzero(keep).flatten(), torch.nonzero(~keep).flatten()
-    shape = [1] * len(in_shape)
-    shape[cd] = c
-    try:
-        with torch.no_grad():
-            full, zeroed, part = run(x), run(x * keep.view(shape)), run(x.index_select(cd, kept))
-    except Exception:
-        return None
-    if not all(isinstance(t, torch.Tensor) and t.dim() == len(in_shape) and t.shape[0] == in_shape[0]
-               and t.shape[cd] == n for t, n in ((full, c), (zeroed, c), (part, len(kept)))):
-        return None
-
-    def same(a, b):
-        return a.shape == b.shape and bool(torch.isfinite(b).all()) and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
-
-    if not (same(part, full.index_select(cd, kept)) and same(zeroed.index_select(cd, kept), full.index_select(cd, kept))):
-        return None
-    if node.op == "call_module" and any(True for _ in modules[node.target].parameters()):
-        return "renormalise"  # a learned parameter (a LayerNorm's bias) may stop mapping 0 to 0: always masked
-    return "zero" if bool((zeroed.index_select(cd, dropped) == 0).all()) else "renormalise"
-
-
 def _is_permute(node: fx.Node) -> bool:
-    return node.op == "call_method" and node.target in ("permute", "transpose") or \
-        node.op == "call_function" and node.target in (torch.permute, torch.transpose)
+    return node.op == "call_method" and node.target in ("permute", "transpose", "swapaxes") or \
+        node.op == "call_function" and node.target in (torch.permute, torch.transpose, torch.swapaxes)
 
 
 def _permutation(node: fx.Node, ndim: int) -> list[int]:
     """The dims of ``x.permute(0, 2, 3, 1)``, ``x.permute([0, 2, 3, 1])``, ``torch.permute(x, dims)``
     or ``x.transpose(1, 2)`` (a permutation of ``ndim`` dims)."""
-    if node.target in ("transpose", torch.transpose):
+    if node.target in ("transpose", torch.transpose, "swapaxes", torch.swapaxes):
         a, b = (int(_arg(node, i, name, 0)) % ndim for i, name in ((1, "dim0"), (2, "dim1")))
         perm = list(range(ndim))
         perm[a], perm[b] = b, a
         return perm
     dims = list(node.args[1:]) or [node.kwargs.get("dims")]
     return list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+
+
+def _module_exits(nodes) -> dict[str, list[fx.Node]]:
+    """Module path -> the nodes its forward returns (those read outside its scope)."""
+    exits: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in nodes:
+        for path in _scopes(node):
+            if any(u.op == "output" or path not in _scopes(u) for u in node.users):
+                exits[path].append(node)
+    return exits
 
 
 def _scopes(node: fx.Node) -> list[str]:
@@ -1361,6 +1394,16 @@ def _parameter_source(node: fx.Node, calls) -> fx.Node | None:
     if node.op == "get_attr" and calls[node.target] == 1 and len(node.users) == 1:
         return node
     return None
+
+
+def _keeps_channels(info: TensorInfo, in_shape, shape) -> bool:
+    """Whether a reshape of a tensor described by ``info`` keeps its batch and its channel dim (dim 1
+    before, or the last dim after, the dims it regroups): (N, C, H, W) -> (N, C, h, p, w, p) (MaxViT's
+    windows), (N, G, P, C) -> (N, h, w, p, p, C). Row-major order puts element (n, c, r) of
+    (N, C, R) at n·C·R + c·R + r in both shapes, so every element keeps its batch and channel."""
+    if info.expansion != 1 or len(shape) < 3 or shape[0] != in_shape[0]:
+        return False
+    return shape[1] == in_shape[1] if info.dim == 1 else shape[-1] == in_shape[-1]
 
 
 def _reduces_spatial_only(node: fx.Node) -> bool:

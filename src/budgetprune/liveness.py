@@ -129,7 +129,8 @@ def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict
     """``masks`` with the purge rules applied until nothing changes.
 
     Forward: a gated layer with no alive input keeps nothing (its output would be a constant
-    the gates also switch off). Backward: a gated layer whose every reader is a gated layer
+    the gates also switch off); an attention layer without output channels or input keeps no
+    head, and one without heads no output channel. Backward: a gated layer whose every reader is a gated layer
     that keeps nothing is useless and goes too (a residual branch whose last conv is pruned
     takes its first conv with it). Together they remove whole blocks: automatic depth
     determination (seed 001, section 4.1).
@@ -147,6 +148,18 @@ def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict
                 continue
             if not bool(alive_mask(graph.tensors[layer.in_tensor], eff).any()):
                 eff[gid] = torch.zeros_like(eff[gid])
+                changed = True
+        for layer in layers:  # an attention computes its heads for its output alone, and outputs nothing without them
+            if layer.heads is None or not bool(eff[layer.heads].any()):
+                continue
+            if layer.out_group is not None and not bool(eff[layer.out_group].any()) or \
+                    not bool(alive_mask(graph.tensors[layer.in_tensor], eff).any()):
+                eff[layer.heads] = torch.zeros_like(eff[layer.heads])
+                changed = True
+        for layer in layers:
+            if layer.heads is not None and layer.out_group is not None and not bool(eff[layer.heads].any()) \
+                    and bool(eff[layer.out_group].any()):
+                eff[layer.out_group] = torch.zeros_like(eff[layer.out_group])
                 changed = True
         for layer in reversed(layers):
             gid = layer.out_group
@@ -241,9 +254,10 @@ def regular_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], multiple: in
             if not torch.equal(joined | sets[name], sets[name]):
                 sets[name] = sets[name] | joined
                 changed = True
-        for out, (src, perm) in graph.gathers.items():  # a shuffle's output is its input, reordered
-            grown_out, grown_src = sets[out] | sets[src][perm], sets[src].clone()
-            grown_src[perm] |= sets[out]
+        for out, (src, perm) in graph.gathers.items():  # a shuffle's output is its input, reordered (or repeated)
+            grown_out = sets[out] | sets[src][perm]
+            grown_src = sets[src] | torch.zeros(sets[src].numel(), dtype=torch.long).index_add(
+                0, perm, sets[out].long()).bool()
             if not (torch.equal(grown_out, sets[out]) and torch.equal(grown_src, sets[src])):
                 sets[out], sets[src] = grown_out, grown_src
                 changed = True
@@ -256,7 +270,7 @@ def regular_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], multiple: in
 
 def tied_spaces(graph: ChannelGraph) -> set[str]:
     """Spaces whose channel positions are tied to another tensor's by a concatenation, split or
-    channel shuffle: they keep regular widths, unpadded."""
+    channel shuffle, and an attention's heads: they keep regular widths, unpadded."""
     tied = set()
     for name, parts in graph.cats.items():
         tied.update((name, *parts))
@@ -264,6 +278,7 @@ def tied_spaces(graph: ChannelGraph) -> set[str]:
         tied.update((src, *pieces))
     for out, (src, _) in graph.gathers.items():
         tied.update((out, src))
+    tied.update(layer.heads_tensor for layer in graph.layers.values() if layer.heads)  # whole heads, not padded
     return {graph.spaces[t] for t in tied if t in graph.spaces}
 
 

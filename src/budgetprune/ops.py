@@ -14,14 +14,22 @@ ONNX exporter handle, and are the only non-``torch`` functions a saved model may
 * :func:`full_count_layer_norm` is a LayerNorm over the kept channels whose statistics still
   count the pruned ones, as the zeros they are in the gated network.
 * :class:`SelfAttention` is ``nn.MultiheadAttention``'s self-attention with its input and output
-  channels pruned (its heads keep their width).
+  channels and its heads pruned.
+* :func:`window_attention` is torchvision's ``shifted_window_attention`` (Swin) with its input
+  and output channels and its heads pruned.
+* :class:`RelativeAttention` is MaxViT's relative-position multi-head attention with its input
+  and output channels and its heads pruned.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from .attention import pruned_proj, pruned_qkv
 
 
 def _spread(x: torch.Tensor, index: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -92,9 +100,10 @@ def full_count_layer_norm(x: torch.Tensor, channels: int, weight: torch.Tensor, 
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over tokens (N, L, ·) whose input and output widths are pruned
-    apart from its heads: ``nn.MultiheadAttention`` (batch first) with ``in_features`` input
-    channels and ``out_features`` output channels, ``num_heads`` heads of ``embed_dim / num_heads``.
+    """Multi-head self-attention over tokens (N, L, ·) whose input and output widths and heads are
+    pruned: ``nn.MultiheadAttention`` (batch first) with ``in_features`` input channels and
+    ``out_features`` output channels, ``num_heads`` heads of ``embed_dim / num_heads`` (the
+    unpruned head width: the attention's scale 1/√d stays).
     It computes what the unpruned module computes on the kept channels; called like it
     (``attn(x, x, x, need_weights=False)``), it returns ``(output, None)``."""
 
@@ -116,23 +125,140 @@ class SelfAttention(nn.Module):
 
     @classmethod
     def pruned(cls, mha: nn.MultiheadAttention, cols: torch.Tensor, rows: torch.Tensor,
-               z: torch.Tensor | None = None) -> "SelfAttention":
-        """``mha`` keeping input channels ``cols`` and output channels ``rows``; ``z`` (per kept
-        output) is folded into the out-projection."""
-        bias = mha.in_proj_bias is not None
-        new = cls(int(cols.numel()), mha.embed_dim, int(rows.numel()), mha.num_heads, bias, float(mha.dropout))
-        new = new.to(mha.in_proj_weight.device, mha.in_proj_weight.dtype)
-        w_out = mha.out_proj.weight.detach().index_select(0, rows.to(mha.out_proj.weight.device))
-        b_out = mha.out_proj.bias.detach().index_select(0, rows.to(w_out.device)) if bias else None
-        if z is not None:
-            z = z.to(w_out.device, w_out.dtype)
-            w_out, b_out = w_out * z[:, None], b_out * z if b_out is not None else None
+               z: torch.Tensor | None = None, heads: torch.Tensor | None = None,
+               z_heads: torch.Tensor | None = None) -> "SelfAttention":
+        """``mha`` keeping input channels ``cols``, output channels ``rows`` and ``heads`` (all: None);
+        ``z`` (per kept output) is folded into the out-projection, ``z_heads`` (per kept head) into the
+        values."""
+        d = mha.embed_dim // mha.num_heads
+        heads = torch.arange(mha.num_heads) if heads is None else heads
+        w_in, b_in = pruned_qkv(mha.in_proj_weight, mha.in_proj_bias, d, cols, heads, z_heads)
+        w_out, b_out = pruned_proj(mha.out_proj.weight, mha.out_proj.bias, d, rows, heads, z)
+        new = cls(int(cols.numel()), int(heads.numel()) * d, int(rows.numel()), int(heads.numel()),
+                  b_in is not None, float(mha.dropout)).to(w_in.device, w_in.dtype)
+        _copy_linear(new.in_proj, w_in, b_in)
+        _copy_linear(new.out_proj, w_out, b_out)
+        return new
+
+
+def _copy_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+
+
+@fx.wrap
+def window_attention(input: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: torch.Tensor,
+                     relative_position_bias: torch.Tensor, window_size: list[int], num_heads: int,
+                     shift_size: list[int], attention_dropout: float = 0.0, dropout: float = 0.0,
+                     qkv_bias: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None,
+                     logit_scale: torch.Tensor | None = None, training: bool = True) -> torch.Tensor:
+    """torchvision's ``shifted_window_attention`` (Swin, Liu et al. 2021, Eq. 4 and section 3.2:
+    W-MSA / SW-MSA with relative position bias; V2's cosine attention with ``logit_scale``) where the
+    input width ``C_in``, the attention width ``E`` and the output width ``C_out`` may differ: torchvision
+    takes all three from the input (``C``); here ``E = qkv_weight.shape[0] / 3`` (``num_heads`` heads of
+    ``E / num_heads``) and ``C_out = proj_weight.shape[0]``. Same arguments and the same operations in
+    the same order, so on unpruned weights it computes what torchvision's function computes."""
+    b, h, w, _ = input.shape
+    embed = qkv_weight.shape[0] // 3
+    head_dim, out_width = embed // num_heads, proj_weight.shape[0]
+    pad_r = (window_size[1] - w % window_size[1]) % window_size[1]
+    pad_b = (window_size[0] - h % window_size[0]) % window_size[0]
+    x = F.pad(input, (0, 0, 0, pad_r, 0, pad_b))
+    _, pad_h, pad_w, c_in = x.shape
+    shift_size = [0 if window_size[i] >= (pad_h, pad_w)[i] else shift_size[i] for i in range(2)]
+    if sum(shift_size) > 0:  # cyclic shift
+        x = torch.roll(x, shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
+    num_windows = (pad_h // window_size[0]) * (pad_w // window_size[1])
+    x = x.view(b, pad_h // window_size[0], window_size[0], pad_w // window_size[1], window_size[1], c_in)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b * num_windows, window_size[0] * window_size[1], c_in)
+    if logit_scale is not None and qkv_bias is not None:  # V2: no bias on the keys
+        qkv_bias = torch.cat([qkv_bias[:embed], torch.zeros_like(qkv_bias[embed:2 * embed]), qkv_bias[2 * embed:]])
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    qkv = qkv.reshape(x.size(0), x.size(1), 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if logit_scale is not None:  # cosine attention
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * head_dim ** -0.5).matmul(k.transpose(-2, -1))
+    attn = attn + relative_position_bias
+    if sum(shift_size) > 0:  # tokens from different regions of a shifted window do not attend to each other
+        mask = x.new_zeros((pad_h, pad_w))
+        h_slices = ((0, -window_size[0]), (-window_size[0], -shift_size[0]), (-shift_size[0], None))
+        w_slices = ((0, -window_size[1]), (-window_size[1], -shift_size[1]), (-shift_size[1], None))
+        count = 0
+        for hs in h_slices:
+            for ws in w_slices:
+                mask[hs[0]:hs[1], ws[0]:ws[1]] = count
+                count += 1
+        mask = mask.view(pad_h // window_size[0], window_size[0], pad_w // window_size[1], window_size[1])
+        mask = mask.permute(0, 2, 1, 3).reshape(num_windows, window_size[0] * window_size[1])
+        mask = mask.unsqueeze(1) - mask.unsqueeze(2)
+        mask = mask.masked_fill(mask != 0, float(-100.0)).masked_fill(mask == 0, float(0.0))
+        attn = attn.view(x.size(0) // num_windows, num_windows, num_heads, x.size(1), x.size(1))
+        attn = (attn + mask.unsqueeze(1).unsqueeze(0)).view(-1, num_heads, x.size(1), x.size(1))
+    attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
+    x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), x.size(1), num_heads * head_dim)
+    x = F.dropout(F.linear(x, proj_weight, proj_bias), p=dropout, training=training)
+    x = x.view(b, pad_h // window_size[0], pad_w // window_size[1], window_size[0], window_size[1], out_width)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, pad_h, pad_w, out_width)
+    if sum(shift_size) > 0:  # reverse cyclic shift
+        x = torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
+    return x[:, :h, :w, :].contiguous()
+
+
+class RelativeAttention(nn.Module):
+    """torchvision's ``RelativePositionalMultiHeadAttention`` (MaxViT, Tu et al. 2022, section 3.1:
+    self-attention within each of G groups of P tokens, with a learned bias per head and relative
+    position) on (B, G, P, ``in_features``) with ``num_heads`` heads of ``head_dim`` and
+    ``out_features`` outputs; torchvision's takes all three widths from ``feat_dim``. ``scale`` is the
+    unpruned ``feat_dim ** -0.5`` torchvision multiplies the keys by. The same operations in the same
+    order, and the same parameter and buffer names."""
+
+    def __init__(self, in_features: int, num_heads: int, head_dim: int, out_features: int, max_seq_len: int,
+                 scale: float):
+        super().__init__()
+        self.n_heads, self.head_dim, self.max_seq_len, self.scale_factor = num_heads, head_dim, max_seq_len, scale
+        size = int(math.sqrt(max_seq_len))
+        self.to_qkv = nn.Linear(in_features, 3 * num_heads * head_dim)
+        self.merge = nn.Linear(num_heads * head_dim, out_features)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * size - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", torch.zeros(max_seq_len, max_seq_len, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, g, p, _ = x.shape
+        heads, dh = self.n_heads, self.head_dim
+        q, k, v = torch.chunk(self.to_qkv(x), 3, dim=-1)
+        q = q.reshape(b, g, p, heads, dh).permute(0, 1, 3, 2, 4)
+        k = k.reshape(b, g, p, heads, dh).permute(0, 1, 3, 2, 4)
+        v = v.reshape(b, g, p, heads, dh).permute(0, 1, 3, 2, 4)
+        k = k * self.scale_factor
+        dot_prod = torch.einsum("B G H I D, B G H J D -> B G H I J", q, k)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(self.max_seq_len, self.max_seq_len, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        dot_prod = F.softmax(dot_prod + bias, dim=-1)
+        out = torch.einsum("B G H I J, B G H J D -> B G H I D", dot_prod, v)
+        return self.merge(out.permute(0, 1, 3, 2, 4).reshape(b, g, p, heads * dh))
+
+    @classmethod
+    def pruned(cls, attn: nn.Module, cols: torch.Tensor, rows: torch.Tensor, z: torch.Tensor | None = None,
+               heads: torch.Tensor | None = None, z_heads: torch.Tensor | None = None) -> "RelativeAttention":
+        """MaxViT's ``attn`` keeping input channels ``cols``, output channels ``rows`` and ``heads`` (all:
+        None); ``z`` (per kept output) is folded into the merge projection, ``z_heads`` (per kept head)
+        into the values."""
+        heads = torch.arange(attn.n_heads) if heads is None else heads
+        w_in, b_in = pruned_qkv(attn.to_qkv.weight, attn.to_qkv.bias, attn.head_dim, cols, heads, z_heads)
+        w_out, b_out = pruned_proj(attn.merge.weight, attn.merge.bias, attn.head_dim, rows, heads, z)
+        new = cls(int(cols.numel()), int(heads.numel()), attn.head_dim, int(rows.numel()), attn.max_seq_len,
+                  float(attn.scale_factor)).to(w_in.device, w_in.dtype)
+        _copy_linear(new.to_qkv, w_in, b_in)
+        _copy_linear(new.merge, w_out, b_out)
+        table = attn.relative_position_bias_table.detach()
         with torch.no_grad():
-            new.in_proj.weight.copy_(mha.in_proj_weight.detach().index_select(1, cols.to(w_out.device)))
-            new.out_proj.weight.copy_(w_out)
-            if bias:
-                new.in_proj.bias.copy_(mha.in_proj_bias.detach())
-                new.out_proj.bias.copy_(b_out)
+            new.relative_position_bias_table.copy_(table.index_select(1, heads.to(table.device)))
+            new.relative_position_index.copy_(attn.relative_position_index)
         return new
 
 

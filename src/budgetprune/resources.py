@@ -22,9 +22,10 @@ dead output channel also removes the next layer's inputs.
   pruned (attention products, ``nn.MultiheadAttention``'s projections, an ``F.linear`` inside an
   attention function) is a constant: the MACs ``torch.utils.flop_counter`` counts for it when
   the graph is built (:attr:`budgetprune.graph.ChannelGraph.measured_flops`), less what the
-  layers count. ``nn.MultiheadAttention`` (self-attention) is a layer: L · 3E · n_in for its
-  in-projection and L · E · n_out for its out-projection, E its unpruned embedding width; the
-  attention products between them (2 · L² · E) are in the constant.
+  layers count. An attention layer (``nn.MultiheadAttention`` self-attention, Swin's window
+  attention, MaxViT's relative attention: :mod:`budgetprune.attention`) is a layer whose
+  projections and attention products count per kept input channel, head and output channel
+  (:func:`_attention_costs`).
 * latency — milliseconds measured per layer on the current device and fitted to the same
   c_io · n_in · n_out + c_out · n_out form (:mod:`budgetprune.latency`): a budget like FLOPs.
   ``latency`` times the layers in eager PyTorch, ``latency:torchscript`` and
@@ -95,7 +96,7 @@ def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
     terms: list[LayerCost] = []
     for layer in graph.layers.values():
         if layer.kind == "attention":
-            terms += _attention_costs(layer, modules[layer.name], metric)
+            terms += _attention_costs(layer, graph, metric)
             continue
         e = graph.tensors[layer.in_tensor].expansion
         k = layer.kernel_area / layer.groups  # an output of a grouped conv reads 1/groups of the inputs
@@ -135,17 +136,43 @@ def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
     return terms
 
 
-def _attention_costs(layer, mha: nn.MultiheadAttention, metric: str) -> list[LayerCost]:
-    """Self-attention's cost terms: per input channel (its in-projection's column, over L tokens)
-    and per output channel (its out-projection's row); its heads keep their width E."""
-    tokens, width = float(layer.out_area), float(mha.embed_dim)
-    per_in, per_out = {"volume": (0.0, tokens), "flops": (tokens * 3 * width, tokens * width),
-                       "params": (3 * width, width + (1.0 if layer.bias else 0.0)),
-                       "nonzero": (3 * width, width)}[metric]
-    terms = [LayerCost(layer.name, None, layer.out_tensor, layer.out_group, 1, 0.0, per_out)]
-    if per_in:
-        terms.append(LayerCost(layer.name, None, layer.in_tensor, None, 1, 0.0, per_in))
-    return terms
+def _attention_costs(layer, graph: ChannelGraph, metric: str) -> list[LayerCost]:
+    """An attention layer's cost terms (:class:`budgetprune.attention.Attention`), with n_in input
+    channels, n_h heads of width d and n_out output channels over T positions (a Swin map padded
+    to whole windows), each query attending to w keys:
+
+    * FLOPs: T · 3d · n_in · n_h for the query/key/value projection, 2 · T · w · d · n_h for the
+      attention products (q·kᵀ and the weighted sum of the values), T · d · n_h · n_out for the
+      output projection;
+    * params: 3d · n_in · n_h weights and 3d · n_h biases (q, k, v), d · n_h · n_out weights and
+      n_out biases (output), and each per-head parameter's entries (a relative position bias
+      table's column);
+    * volume: 3d · T activations per head (its queries, keys and values) and T per output channel.
+
+    Where the heads are not gated (n_h fixed) their part is the same with n_h = heads, and the
+    attention products are in the constant."""
+    spec, heads = layer.attention, layer.heads
+    tokens, d = float(spec.tokens), float(spec.head_dim)
+    head_t = layer.heads_tensor if heads else None
+    n_heads = 1.0 if heads else float(spec.num_heads)  # folded into the coefficients where heads are fixed
+    per_head_params = 0.0
+    for path, axis in spec.head_params or ():
+        value = graph.gm.get_parameter(path)
+        per_head_params += float(value.numel() // value.shape[axis])
+    if metric == "flops":
+        qkv, per_head, out, per_out = tokens * 3 * d, 2 * tokens * spec.window * d, tokens * d, 0.0
+    elif metric in ("params", "nonzero"):
+        bias = metric == "params"
+        qkv, out = 3 * d, d
+        per_head = (3 * d if bias and spec.qkv_bias else 0.0) + (per_head_params if bias else 0.0)
+        per_out = 1.0 if bias and layer.bias else 0.0
+    else:  # volume
+        qkv, per_head, out, per_out = 0.0, 3 * d * tokens, 0.0, float(layer.out_area)
+    if not heads:  # the heads' own terms are constants (the attention products, its biases: measured)
+        return [LayerCost(layer.name, None, layer.out_tensor, layer.out_group, 1, 0.0, out * n_heads + per_out),
+                *([LayerCost(layer.name, None, layer.in_tensor, None, 1, 0.0, qkv * n_heads)] if qkv else [])]
+    return [LayerCost(layer.name, layer.in_tensor if qkv else None, head_t, heads, 1, qkv, per_head),
+            LayerCost(layer.name, head_t if out else None, layer.out_tensor, layer.out_group, 1, out, per_out)]
 
 
 def _is_parameter(module: nn.Module, path: str) -> bool:

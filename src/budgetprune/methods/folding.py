@@ -97,7 +97,9 @@ class FoldingPruning(MagnitudePruning):
         for gid, keep in after.items():
             kept = torch.nonzero(before[gid]).flatten()
             k = int(keep.sum())
-            if self.graph.groups[gid].position != "output" or k >= len(kept) or k == 0:
+            group = self.graph.groups[gid]
+            if group.position != "output" or k >= len(kept) or k == 0 or \
+                    self.graph.layers[group.producer].kind == "attention":  # its filters mix heads: not folded
                 out[gid] = keep
                 continue
             mask = torch.zeros_like(keep)

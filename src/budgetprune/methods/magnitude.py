@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..graph import parameter
 from .base import register_method
 from .iterative import IterativePruning
 
@@ -24,7 +25,10 @@ class MagnitudePruning(IterativePruning):
             if group.position == "input":
                 w = self.modules_of[group.host].weight.detach().abs()
                 out[gid] = w.mean(dim=0).reshape(group.channels, -1).mean(dim=1)
-            else:
-                w = self.modules_of[group.producer].weight.detach().abs()
-                out[gid] = w.reshape(w.shape[0], -1).mean(dim=1)
+            else:  # the mean over the group's filter rows (an attention head: its q, k and v rows)
+                path, rows = self.graph.filter_rows(gid)[0]
+                w = parameter(self.modules_of, path).detach().abs()
+                w = w.reshape(w.shape[0], -1).mean(dim=1)
+                out[gid] = torch.zeros(group.channels, dtype=w.dtype, device=w.device).index_add(
+                    0, rows.to(w.device), w) / torch.bincount(rows, minlength=group.channels).to(w)
         return out

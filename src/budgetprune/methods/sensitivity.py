@@ -38,7 +38,7 @@ from torch import nn
 
 from ..budget import Budget
 from ..gates import MaskGate
-from ..graph import ChannelGraph, ChannelGroup
+from ..graph import ChannelGraph, ChannelGroup, parameter
 from .base import register_method
 from .gated import GatedMethod
 
@@ -97,12 +97,11 @@ class SensitivityRegularization(GatedMethod):
         self._output = output if module.training else None
 
     # -- the parameters a channel owns ------------------------------------------------
-    def _filter_params(self, gid: str) -> list[torch.Tensor]:
-        group = self.graph.groups[gid]
-        if group.position == "input":
+    def _filter_params(self, gid: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, channel of each of its rows) of an output group's filters."""
+        if self.graph.groups[gid].position == "input":
             return []
-        module = self.modules_of[group.producer]
-        return [p for p in (module.weight, module.bias) if p is not None]
+        return [(parameter(self.modules_of, path), rows) for path, rows in self.graph.filter_rows(gid)]
 
     def _weight(self, name: str) -> torch.Tensor:
         """A layer's weight parameter (the unmasked original while gates are attached)."""
@@ -120,8 +119,9 @@ class SensitivityRegularization(GatedMethod):
         if group.position == "input":  # an MLP's input features: the columns that read them
             w = self.modules_of[group.host].weight.detach()
             return w.reshape(w.shape[0], group.channels, -1).square().sum(dim=(0, 2)).sqrt()
-        return torch.sqrt(sum(p.detach().reshape(p.shape[0], -1).square().sum(dim=1)
-                              for p in self._filter_params(gid)))
+        return torch.sqrt(sum(torch.zeros(group.channels, dtype=p.dtype, device=p.device).index_add(
+            0, rows.to(p.device), p.detach().reshape(p.shape[0], -1).square().sum(dim=1))
+            for p, rows in self._filter_params(gid)))
 
     # -- sensitivity -------------------------------------------------------------------
     def sensitivities(self, output: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -164,8 +164,12 @@ class SensitivityRegularization(GatedMethod):
         for gid in self.units:
             gate = self.gate(gid)
             shrink = 1.0 - self.lam * (1.0 - gate.sensitivity).clamp_min(0.0) * gate.mask
-            for p in ([self._weight(gid)] if self.per_weight else self._filter_params(gid)):
-                p.mul_(shrink.to(p).reshape(p.shape if self.per_weight else (-1, *([1] * (p.dim() - 1)))))
+            if self.per_weight:
+                p = self._weight(gid)
+                p.mul_(shrink.to(p).reshape(p.shape))
+                continue
+            for p, rows in self._filter_params(gid):
+                p.mul_(shrink.to(p)[rows.to(p.device)].reshape(-1, *([1] * (p.dim() - 1))))
 
     def scores(self) -> dict[str, torch.Tensor]:
         """S per channel; |w| per weight (the magnitude the decay left)."""
