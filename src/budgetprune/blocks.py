@@ -21,7 +21,7 @@ kept mixed when
 where the left side sums over the layers reading or writing a tensor of ``s`` (the others at
 their regular widths), a sum gathers when one operand keeps other channels than its result,
 and ``γ`` is the runtime's gather cost: the multiply-adds one channel of a gathered sum costs
-at each position (:data:`GATHER_COST`, measured by :func:`measure_gather_cost`). Spaces whose
+at each position (:data:`GATHER_COST`). Spaces whose
 positions are tied by a concatenation, split or channel shuffle stay regular. The costs, the
 budget projection and the compaction all call the same choice for the same masks
 (:class:`budgetprune.resources.CostModel`, :func:`budgetprune.compact.compact`), so the
@@ -33,16 +33,19 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from torch import nn
 
 from .graph import ChannelGraph
 from .liveness import BlockMode, alive_sets, channel_multiple, channel_sums, combine_sets, mixed_sets, regular_sets, tied_spaces
-from .ops import index_add_channels
 
-#: γ per runtime (multiply-adds per channel of a gathered sum, per position), measured on CPU
-#: (2 cores, AMD EPYC) by ``python benchmarks/gather_cost.py``
-#: (``benchmarks/results/gather_cost.md``); :func:`measure_gather_cost` measures it elsewhere.
-GATHER_COST = {"eager": 150.0, "torchscript": 150.0, "onnxruntime": 100.0}
+#: γ per runtime (multiply-adds per channel of a gathered sum, per position), measured on CPU (2
+#: cores, AMD EPYC) by ``python benchmarks/deploy_speed.py`` (``benchmarks/results/deploy_speed.md``):
+#: eager PyTorch and TorchScript from what the same-mask mixed and regular networks' times imply
+#: (medians over resnet20, resnet18 and mobilenet_v2 at 2× and 4× FLOPs, batch 1 and 16: 58–107
+#: and 59–70, each measurement noisy). In onnxruntime a gather also breaks the chain of blocked
+#: (NCHWc) convolutions, which those unpadded networks do not show: with widths padded to 16 and
+#: γ = 100, auto networks ran up to 23 % slower than regular ones at batch 16, so there a space
+#: stays mixed only where it saves ten times as much. On other hardware pass ``gather_cost``.
+GATHER_COST = {"eager": 80.0, "torchscript": 65.0, "onnxruntime": 1000.0}
 
 
 def auto_mode(runtime: str = "eager", multiple: int = 1, gather_cost: float | None = None) -> BlockMode:
@@ -102,57 +105,3 @@ def gathered_positions(graph: ChannelGraph, sets: dict[str, torch.Tensor]) -> in
     """Channels × positions per example that the gathering sums of a network keeping ``sets``
     (:func:`budgetprune.liveness.slot_sets`) produce: what ``γ`` multiplies."""
     return sum(positions for _, positions in _gathers(graph, sets))
-
-
-class _ResidualBlock(nn.Module):
-    """conv → ReLU → conv (``width`` outputs) added into the ``channels``-wide input, then a
-    conv reading the sum: regular (``width == channels``, a plain add) or mixed (the second
-    conv's ``width`` outputs gathered into every ``channels // width``-th channel)."""
-
-    def __init__(self, channels: int, width: int):
-        super().__init__()
-        self.a = nn.Conv2d(channels, channels, 3, padding=1)
-        self.b = nn.Conv2d(channels, width, 3, padding=1)
-        self.c = nn.Conv2d(channels, channels, 3, padding=1)
-        self.mixed = width != channels
-        self.register_buffer("index", torch.arange(width) * (channels // width))
-
-    def forward(self, x):
-        delta = self.b(torch.relu(self.a(x)))
-        out = index_add_channels(x, self.index, delta) if self.mixed else x + delta
-        return self.c(torch.relu(out))
-
-
-def measure_gather_cost(runtime: str = "eager", device: str | torch.device = "cpu", batch: int = 16,
-                        shapes: tuple[tuple[int, int], ...] = ((64, 28), (128, 14), (256, 7)),
-                        rounds: int = 5) -> dict:
-    """γ of :data:`GATHER_COST` measured in ``runtime`` on ``device``: per (channels, size) of
-    ``shapes``, a residual block whose branch writes all its channels (regular) against the same
-    block whose branch writes half of them, gathered into the sum (mixed), timed in ``rounds``
-    alternating rounds (each keeps its fastest). The mixed block saves the MACs of half the
-    branch's last conv; what it takes longer than that saving predicts, per channel of the sum
-    and position, in MACs at the regular block's rate, is γ. Returns the per-shape values and
-    their median (``"gather_cost"``, floored at 0)."""
-    from .runtimes import median_ms, runner
-
-    device = torch.device(device)
-    per_shape = []
-    for channels, size in shapes:
-        example = torch.randn(batch, channels, size, size, device=device)
-        nets = {"regular": _ResidualBlock(channels, channels), "mixed": _ResidualBlock(channels, channels // 2)}
-        runs = {k: runner(net.to(device).eval(), example, runtime) for k, net in nets.items()}
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        for _ in range(rounds):
-            for k, run in runs.items():
-                times[k].append(median_ms(run, 10, 2, device))
-        best = {k: min(v) for k, v in times.items()}
-        positions = batch * size * size
-        macs = 3 * channels * channels * 9 * positions
-        saved = (channels - channels // 2) * channels * 9 * positions
-        ms_per_mac = best["regular"] / macs
-        extra = best["mixed"] - (best["regular"] - saved * ms_per_mac)
-        per_shape.append({"channels": channels, "size": size, "regular_ms": best["regular"],
-                          "mixed_ms": best["mixed"], "gather_cost": extra / ms_per_mac / (channels * positions)})
-    values = sorted(r["gather_cost"] for r in per_shape)
-    return {"runtime": runtime, "device": str(device), "batch": batch, "shapes": per_shape,
-            "gather_cost": max(0.0, values[len(values) // 2])}
