@@ -21,8 +21,8 @@ kept mixed when
 where the left side sums over the layers reading or writing a tensor of ``s`` (the others at
 their regular widths), a sum gathers when one operand keeps other channels than its result,
 and ``γ`` is the runtime's gather cost: the multiply-adds one channel of a gathered sum costs
-at each position (:data:`GATHER_COST`). Spaces whose
-positions are tied by a concatenation, split or channel shuffle stay regular. The costs, the
+at each position (:data:`GATHER_COST`). Spaces whose positions are tied by a concatenation,
+split or channel shuffle stay regular. The costs, the
 budget projection and the compaction all call the same choice for the same masks
 (:class:`budgetprune.resources.CostModel`, :func:`budgetprune.compact.compact`), so the
 budget counts exactly the network that is built.
@@ -35,16 +35,18 @@ from collections import defaultdict
 import torch
 
 from .graph import ChannelGraph
-from .liveness import BlockMode, alive_sets, channel_multiple, channel_sums, combine_sets, mixed_sets, regular_sets, tied_spaces
+from .liveness import (BlockMode, alive_sets, channel_multiple, channel_sums, combine_sets, mixed_sets, regular_sets,
+                       tied_spaces)
 
 #: γ per runtime (multiply-adds per channel of a gathered sum, per position), measured on CPU (2
 #: cores, AMD EPYC) by ``python benchmarks/deploy_speed.py`` (``benchmarks/results/deploy_speed.md``):
 #: eager PyTorch and TorchScript from what the same-mask mixed and regular networks' times imply
-#: (medians over resnet20, resnet18 and mobilenet_v2 at 2× and 4× FLOPs, batch 1 and 16: 58–107
-#: and 59–70, each measurement noisy). In onnxruntime a gather also breaks the chain of blocked
-#: (NCHWc) convolutions, which those unpadded networks do not show: with widths padded to 16 and
-#: γ = 100, auto networks ran up to 23 % slower than regular ones at batch 16, so there a space
-#: stays mixed only where it saves ten times as much. On other hardware pass ``gather_cost``.
+#: (medians over its five models at 2× and 4× FLOPs: 78–115 in eager PyTorch and 62–74 in
+#: TorchScript at batch 16 and 1; single measurements are noisy). In onnxruntime a gather also
+#: breaks the chain of blocked (NCHWc) convolutions, which those unpadded networks do not show:
+#: in a first run with widths padded to 16 and γ = 100, auto networks ran up to 23 % slower than
+#: padded regular ones at batch 16, so there a space stays mixed only where it saves ten times as
+#: much. On other hardware pass ``gather_cost``.
 GATHER_COST = {"eager": 80.0, "torchscript": 65.0, "onnxruntime": 1000.0}
 
 
