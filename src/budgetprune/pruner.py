@@ -141,9 +141,11 @@ class Pruner:
     cost to the target (the method's schedule). The other options are those of the method
     (``lam``, ``gate_lr``, ``gate_init``, ...; ``method_options`` for its own, e.g.
     ``{"rounds": 3}`` for ``cs``), the granularity, the residual ``block`` of the compacted
-    network (with ``block="regular"``, ``channel_multiple`` pads every width to a multiple of
-    that many channels, counted in the budget: the widths onnxruntime's fast CPU convolutions
-    need, 8 or 16) and whether the final projection ``fill``\\ s up to the budget.
+    network (``"auto"``: per residual space mixed or regular, whichever runs faster in
+    ``deploy_runtime``, its gathers weighed at ``gather_cost``, :mod:`budgetprune.blocks`;
+    ``"mixed"``; ``"regular"``), ``channel_multiple`` (every width padded to a multiple of that
+    many channels, counted in the budget: the widths onnxruntime's fast CPU convolutions need, 8
+    or 16) and whether the final projection ``fill``\\ s up to the budget.
 
     The pruner attaches the method's gates to ``model`` in place; put the model on its device
     first (the gates follow it).
