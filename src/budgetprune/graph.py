@@ -290,10 +290,13 @@ class ChannelGraph:
             _restore_modes(modes)
             raise
         try:
+            # the first call counts the MACs (in eval mode, as compacted); where the counter cannot run
+            # it, a plain call (ShapeProp prints a traceback of its own on failure)
+            measured = _measured_macs(gm, example_input)
             with torch.no_grad():
-                gm(example_input)  # a plain call first: ShapeProp prints a traceback of its own on failure
+                if measured is None:
+                    gm(example_input)
                 ShapeProp(gm).propagate(example_input)
-            measured = _measured_macs(gm, example_input)  # in eval mode too, as compacted
         except Exception as exc:  # shape mismatch, wrong channel count, ...
             raise GraphError(
                 f"the example input of shape {tuple(example_input.shape)} does not fit "
