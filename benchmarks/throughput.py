@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import random
 import statistics
 import sys
 import time
@@ -180,12 +181,28 @@ def training(reference, x, y, args, quiet: Quiet) -> list[dict]:
         return [{"method": "plain", "error": f"{type(exc).__name__}: {first_line(exc, 300)}"}]
     for key in steps:
         rows[key].update(summary(times[key], shares[key], len(x)))
-    plain = rows["plain"]["step_s"]
-    for row in rows.values():
-        if "step_s" in row:
-            row["ratio"] = row["step_s"] / plain
-            row["mean_ratio"] = row["mean_step_s"] / rows["plain"]["mean_step_s"]
+    compare(list(rows.values()))
     return list(rows.values())
+
+
+def compare(rows: list[dict]) -> None:
+    """Add to each timed row its median and mean step over the plain row's, and the median
+    ratio's 95 % interval."""
+    plain = next(row for row in rows if row["method"] == "plain")
+    for row in rows:
+        if "step_s" in row and "step_s" in plain:
+            row["ratio"] = row["step_s"] / plain["step_s"]
+            row["mean_ratio"] = row["mean_step_s"] / plain["mean_step_s"]
+            row["ratio_95"] = ratio_interval(row["steps_s"], plain["steps_s"])
+
+
+def ratio_interval(numerator: list[float], denominator: list[float], draws: int = 2000) -> list[float]:
+    """The 95 % bootstrap interval of median(numerator) ÷ median(denominator), each list
+    resampled with replacement (steps taken as independent; fixed seed)."""
+    rng = random.Random(0)
+    ratios = sorted(statistics.median(rng.choices(numerator, k=len(numerator)))
+                    / statistics.median(rng.choices(denominator, k=len(denominator))) for _ in range(draws))
+    return [ratios[round(0.025 * (draws - 1))], ratios[round(0.975 * (draws - 1))]]
 
 
 def inference(reference, x, y, args, quiet: Quiet) -> dict:
@@ -204,8 +221,15 @@ def inference(reference, x, y, args, quiet: Quiet) -> dict:
            "V_over_B": report["pruned"][pruner.budget.metric] / pruner.budget.absolute(pruner.graph)}
     for key in times:
         out[key] = summary(times[key], shares[key], len(x))
-    out["speedup"] = out["unpruned"]["step_s"] / out["compacted"]["step_s"]
+    speedup(out)
     return out
+
+
+def speedup(inference: dict) -> None:
+    """Add the compacted network's speedup over the unpruned one (median forward passes) and its 95 % interval."""
+    unpruned, compacted = inference["unpruned"], inference["compacted"]
+    inference["speedup"] = unpruned["step_s"] / compacted["step_s"]
+    inference["speedup_95"] = ratio_interval(unpruned["steps_s"], compacted["steps_s"])
 
 
 def measure_model(name: str, args, quiet: Quiet) -> dict:
@@ -268,7 +292,7 @@ def markdown(r: dict) -> str:
              f"`{s['budget']}`; SGD (lr {LR:g}, momentum 0.9) on one random batch; per model the plain step and every "
              f"method's step timed in {s['rounds']} interleaved rounds of {s['steps']} step(s) each (order rotating) "
              f"after {s['warmup']} warm-up step(s); images/s = batch ÷ median step; × plain = median step ÷ the plain "
-             f"step's. {others(r)} Wall time {r['wall_seconds'] / 60:.1f} min.", "", "## Training step", ""]
+             f"step's, in brackets its 95 % bootstrap interval over the steps. {others(r)} Wall time {r['wall_seconds'] / 60:.1f} min.", "", "## Training step", ""]
     models = r["models"]
     header = "| method | " + " | ".join(f"{m['model']} (batch {m['batch']}, {'×'.join(map(str, m['input_shape']))}) "
                                        f"images/s | × plain" for m in models) + " |"
@@ -280,7 +304,8 @@ def markdown(r: dict) -> str:
             if row is None or "error" in row:
                 cells += ["failed" if row else "", ""]
             else:
-                cells += [f"{row['images_per_s']:.0f}", f"{row['ratio']:.3f}"]
+                low, high = row["ratio_95"]
+                cells += [f"{row['images_per_s']:.0f}", f"{row['ratio']:.2f} ({low:.2f}–{high:.2f})"]
         lines.append(f"| {'plain (teacher step)' if method == 'plain' else method} | " + " | ".join(cells) + " |")
     lines += ["", "## Inference of the compacted network (BAR, pruned to the budget)", "",
               "| model | batch | unpruned images/s | compacted images/s | speedup | FLOPs ÷ | V/B |",
@@ -291,7 +316,8 @@ def markdown(r: dict) -> str:
             lines.append(f"| {m['model']} | {m['batch']} | failed: {i['error']} | | | | |")
             continue
         lines.append(f"| {m['model']} | {m['batch']} | {i['unpruned']['images_per_s']:.0f} | "
-                     f"{i['compacted']['images_per_s']:.0f} | {i['speedup']:.2f} | {i['flop_reduction']:.2f} | "
+                     f"{i['compacted']['images_per_s']:.0f} | {i['speedup']:.2f} ({i['speedup_95'][0]:.2f}–"
+                     f"{i['speedup_95'][1]:.2f}) | {i['flop_reduction']:.2f} | "
                      f"{i['V_over_B']:.4f} |")
     lines += ["", "## Notes", ""] + notes(r)
     return "\n".join(lines) + "\n"
@@ -320,11 +346,15 @@ def notes(r: dict) -> list[str]:
         if bar is None:
             continue
         target = TARGETS[device]
-        out.append(f"- {m['model']}: the BAR step is {bar['ratio']:.3f}× the plain step "
-                   f"({'meets' if bar['ratio'] <= target else 'misses'} the {device.upper()} target ≤ {target:.2f}×).")
-        slow = [t for k, t in rows.items() if k not in ("plain", "bar") and t["ratio"] > 1.1 * bar["ratio"]]
+        low, high = bar["ratio_95"]
+        verdict = "meets" if bar["ratio"] <= target else "misses"
+        sure = (bar["ratio"] <= target) == (high <= target) == (low <= target)
+        out.append(f"- {m['model']}: the BAR step is {bar['ratio']:.3f}× the plain step (95 % interval {low:.2f}–"
+                   f"{high:.2f}): it {verdict} the {device.upper()} target ≤ {target:.2f}×"
+                   + ("." if sure else ", within the noise of this run."))
+        slow = [t for k, t in rows.items() if k not in ("plain", "bar") and t["ratio_95"][0] > high]
         if slow:
-            out.append("  Slower than BAR by more than 10 %: " + ", ".join(
+            out.append("  Slower than BAR beyond the noise (intervals apart): " + ", ".join(
                 f"{t['method']} {t['ratio']:.3f}×" for t in sorted(slow, key=lambda t: -t["ratio"])) + ".")
         spiky = [t for k, t in rows.items() if t["mean_ratio"] > 1.2 * t["ratio"]]
         if spiky:
