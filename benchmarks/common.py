@@ -1,5 +1,6 @@
 """What the benchmark scripts share: their common options, the record of how a result was
-made (command, schedule, machine), and a random training subset."""
+made (command, schedule, machine), a random training subset, and timed training steps and
+forward passes interleaved so that a machine that slows down slows every contender alike."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import argparse
 import platform
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,8 +41,29 @@ def run_record(script: str, args, argv) -> dict:
             "model": args.model, "data": args.data,
             "epochs": {"teacher": args.teacher_epochs, "prune": args.epochs, "finetune": args.finetune_epochs,
                        "lowlr": args.lowlr_epochs},
-            "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()}}
+            "machine": machine()}
+
+
+def cpu_name() -> str | None:
+    """The processor's model name (from /proc/cpuinfo; Python's guess elsewhere)."""
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        return platform.processor() or None
+    return next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+                 if line.startswith("model name")), platform.processor() or None)
+
+
+def machine(device: torch.device | None = None) -> dict:
+    """Python, torch, torch's threads and the processor; with a ``device``, the CPU's model name
+    and, for CUDA, the GPU's."""
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()}
+    if device is not None:
+        out["cpu"] = cpu_name()
+    if device is not None and device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out["cuda"] = torch.version.cuda
+    return out
 
 
 def record_header(r: dict, title: str, setup: str) -> list[str]:
@@ -72,15 +96,73 @@ def source_state() -> tuple[str, list[str]] | None:
     return head, [line[3:] for line in dirty if line.strip()]
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait until ``device`` has done the work queued on it (CUDA runs asynchronously; a CPU
+    has nothing queued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def training_step(model, optimizer, x, y, pruner=None) -> float:
+    """One step of the README's loop on one batch, its wall seconds: cross-entropy (+ the
+    pruner's penalty), backward, the optimizer's step (then the pruner's); the device is
+    synchronised before and after, so the time is the step's on a GPU too."""
+    import torch.nn.functional as F
+    synchronize(x.device)
+    start = time.perf_counter()
+    loss = F.cross_entropy(model(x), y)
+    if pruner is not None:
+        loss = loss + pruner.penalty()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if pruner is not None:
+        pruner.step()
+    synchronize(x.device)
+    return time.perf_counter() - start
+
+
 def pruning_steps(model, pruner, optimizer, x, y, steps: int) -> None:
     """The README's loop on one batch: cross-entropy + the pruner's penalty, step, the pruner's step."""
-    import torch.nn.functional as F
     for _ in range(steps):
-        loss = F.cross_entropy(model(x), y) + pruner.penalty()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        pruner.step()
+        training_step(model, optimizer, x, y, pruner)
+
+
+@torch.no_grad()
+def inference_call(model, x) -> float:
+    """Wall seconds of one forward pass of ``model`` (in the mode it is in) on ``x``, without
+    gradients, the device synchronised before and after."""
+    synchronize(x.device)
+    start = time.perf_counter()
+    model(x)
+    synchronize(x.device)
+    return time.perf_counter() - start
+
+
+def interleaved_steps(contenders: dict[str, Callable[[], float]], rounds: int, per_turn: int, warmup: int = 0,
+                      run: Callable | None = None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Time several contenders in one run. ``contenders`` maps a name to a function that does one step
+    and returns its seconds (:func:`training_step`, :func:`inference_call`). First ``warmup``
+    untimed steps of each (interleaved); then ``rounds`` rounds in which each contender takes a
+    turn of ``per_turn`` steps in a row, the order rotating every round (with two contenders it
+    alternates), so a machine that slows down during the run slows all alike. ``run`` runs each
+    turn and may repeat it (``Quiet.run``: ``(result, others' CPU share, attempts)``).
+
+    Returns (per name the seconds of every timed step, per name the others' CPU share in each turn)."""
+    names = list(contenders)
+    run = run or (lambda turn: (turn(), 0.0, 1))
+    for _ in range(warmup):
+        for name in names:
+            contenders[name]()
+    times = {name: [] for name in names}
+    shares = {name: [] for name in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            seconds, share, _ = run(lambda step=contenders[name]: [step() for _ in range(per_turn)])
+            times[name].extend(seconds)
+            shares[name].append(share)
+    return times, shares
 
 
 def write_results(out: str | Path, name: str, record: dict, page: str) -> Path:

@@ -58,7 +58,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HERE, RESULTS, pruning_steps, write_results  # noqa: E402
+from common import HERE, RESULTS, cpu_name, pruning_steps, write_results  # noqa: E402
+from quiet import Quiet  # noqa: E402
 from torchvision_models import import_torchvision, make  # noqa: E402
 
 import budgetprune  # noqa: E402
@@ -274,60 +275,6 @@ def runners(runtime: str, nets: dict, folder: Path, x: torch.Tensor, threads: in
     return out
 
 
-class Quiet:
-    """Measure only while the other processes of the machine leave it alone.
-
-    The machine is shared: another process on the same cores stalls every parallel region of a
-    2-thread run (resnet20 at batch 1 went from 2 ms to 670 ms). Before a measurement this waits
-    until the others use at most ``busy`` of all CPUs (from ``/proc/stat``, minus this process's
-    own CPU time); a measurement during which they used more is repeated, up to ``retries``
-    times. Waiting stops for good once ``budget`` seconds of waiting are spent (the run's length
-    stays bounded); from then on measurements are taken as they come, and flagged."""
-
-    def __init__(self, busy: float, budget: float, retries: int = 2, max_wait: float = 20.0):
-        self.busy, self.budget, self.retries, self.max_wait = busy, budget, retries, max_wait
-        self.waited = 0.0
-        self.enabled = Path("/proc/stat").exists() and budget > 0
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        """(busy seconds of all CPUs, total seconds of all CPUs, this process's CPU seconds)."""
-        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        hz = os.sysconf("SC_CLK_TCK")
-        idle = fields[3] + fields[4]
-        return (sum(fields) - idle) / hz, sum(fields) / hz, time.process_time()
-
-    def others(self, a, b) -> float:
-        """The share of all CPUs that other processes used between samples ``a`` and ``b``."""
-        total = b[1] - a[1]
-        return max(0.0, (b[0] - a[0]) - (b[2] - a[2])) / total if total > 0 else 0.0
-
-    def wait(self) -> None:
-        start = time.perf_counter()
-        while self.enabled and self.waited + (time.perf_counter() - start) < self.budget \
-                and time.perf_counter() - start < self.max_wait:
-            a = self._sample()
-            time.sleep(0.1)
-            if self.others(a, self._sample()) <= self.busy:
-                break
-        self.waited += time.perf_counter() - start
-
-    def measure(self, fn, repeats: int) -> tuple[float, float, int]:
-        """(median seconds of ``repeats`` calls, the others' CPU share meanwhile, attempts)."""
-        for attempt in range(1, self.retries + 2):
-            self.wait()
-            a = self._sample() if self.enabled else None
-            runs = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                runs.append(time.perf_counter() - t0)
-            share = self.others(a, self._sample()) if self.enabled else 0.0
-            if share <= self.busy or attempt > self.retries or self.waited >= self.budget:
-                return statistics.median(runs), share, attempt
-        raise AssertionError("unreachable")
-
-
 def interleaved(fns: dict, rounds: int, round_seconds: float, quiet: Quiet, bar) -> tuple[dict, dict, int]:
     """({name: [median seconds of each round]}, {name: [others' CPU share in each]}, repeats per
     round), the order rotating every round."""
@@ -468,8 +415,6 @@ def environment(args) -> dict:
         except (OSError, subprocess.SubprocessError):
             return None
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else None
     return {"git_commit": git("rev-parse", "HEAD"),
             "uncommitted_changes_in_src": (git("status", "--porcelain", "--", "src") or "").splitlines(),
             "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision,
@@ -477,7 +422,7 @@ def environment(args) -> dict:
             if hasattr(budgetprune, "__version__") else None,
             "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
             "onnxruntime_intra_op_threads": args.threads, "onnxruntime_inter_op_threads": 1,
-            "cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "cpu": cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "shared_machine": "2 CPU cores; other processes are waited out (Quiet)"}
 
 

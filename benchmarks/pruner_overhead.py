@@ -22,26 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
+from common import RESULTS, interleaved_steps, training_step  # noqa: E402
 
 import budgetprune  # noqa: E402
 from budgetprune import Pruner  # noqa: E402
-
-
-def step(model, optimizer, x, y, pruner=None) -> float:
-    start = time.perf_counter()
-    loss = F.cross_entropy(model(x), y)
-    if pruner is not None:
-        loss = loss + pruner.penalty()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if pruner is not None:
-        pruner.step()
-    return time.perf_counter() - start
 
 
 def measure(args, method: str) -> dict:
@@ -59,14 +45,10 @@ def measure(args, method: str) -> dict:
     build = time.perf_counter() - build
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=1e-3, momentum=0.9)
     pruned_opt = torch.optim.SGD(pruner.parameters(lr=1e-3), lr=1e-3, momentum=0.9)
-    for _ in range(args.warmup):
-        step(plain_model, plain_opt, x, y)
-        step(pruned_model, pruned_opt, x, y, pruner)
-    plain, pruned = [], []
-    for r in range(args.rounds):
-        order = [(plain, plain_model, plain_opt, None), (pruned, pruned_model, pruned_opt, pruner)]
-        for times, model, opt, p in (order if r % 2 == 0 else order[::-1]):
-            times.extend(step(model, opt, x, y, p) for _ in range(args.steps))
+    times, _ = interleaved_steps({"plain": lambda: training_step(plain_model, plain_opt, x, y),
+                                  "pruned": lambda: training_step(pruned_model, pruned_opt, x, y, pruner)},
+                                 args.rounds, args.steps, args.warmup)
+    plain, pruned = times["plain"], times["pruned"]
     p_med, q_med = statistics.median(plain), statistics.median(pruned)
     return {"method": method, "plain_step_s": p_med, "pruned_step_s": q_med, "ratio": q_med / p_med,
             "plain_steps": plain, "pruned_steps": pruned, "pruner_build_s": build,
