@@ -233,6 +233,8 @@ def test_cli_run_with_padded_widths(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["channel_multiple"] == 4 and metrics["block"] == "regular"
+    assert "- Residual blocks: regular (added tensors keep equal widths); widths padded to multiples of 4" in \
+        (out / "report.md").read_text()
     assert metrics["pruned"]["flops"] <= metrics["budget"]
     model = budgetprune.load(out / "model.pt")
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]

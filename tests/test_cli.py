@@ -51,6 +51,9 @@ def test_prune_end_to_end_meets_budget(finished_run):
     assert config["epochs"] == 2 and config["model"] == "lenet5"
     report = (finished_run / "report.md").read_text()
     assert "widths.png" in report and (finished_run / "widths.png").stat().st_size > 1000
+    # the default blocks: auto, and a chain network has no residual space to keep mixed
+    assert m["block"] == "auto" and m["mixed_spaces"] == []
+    assert "- Residual blocks: auto (0 residual spaces kept mixed, the others regular)" in report
     # the result's own deployed speed, in onnxruntime where it is installed
     from budgetprune.runtimes import default_runtime
     deployed = m["deployed"]

@@ -62,6 +62,12 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
              + ("at value 0" if per_weight else "zero outgoing weights at reopening")
              + f"): {m.get(f'{unit}_reopened_by_fill', 0)}",
              f"- Compacted vs gated outputs, max abs difference: {m['compaction_max_abs_diff']:.2e}"]
+    if not per_weight and "block" in m:
+        blocks = {"auto": f"auto ({len(m.get('mixed_spaces') or [])} residual spaces kept mixed, the others regular)",
+                  "mixed": "mixed (sums gather each branch's channels)",
+                  "regular": "regular (added tensors keep equal widths)"}.get(m["block"], m["block"])
+        multiple = m.get("channel_multiple", 1)
+        lines.append(f"- Residual blocks: {blocks}" + (f"; widths padded to multiples of {multiple}" if multiple > 1 else ""))
     deployed = m.get("deployed")
     if deployed and "error" in deployed:
         lines.append(f"- Deployed speed in {deployed['runtime']}: not measured ({deployed['error']})")
