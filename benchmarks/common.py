@@ -18,6 +18,24 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
+class Parser(argparse.ArgumentParser):
+    """A bad flag is one line on stderr and exit code 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def name_list(text: str, known: list[str], what: str) -> list[str]:
+    """The comma-separated names of ``text``, each one of ``known`` (an argparse type)."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or repr(text)}; choose from "
+                                         f"{', '.join(known)}")
+    return names
+
+
 def run_arguments(description: str, model: str, work: str, teacher: int, prune: int, finetune: int,
                   lowlr: int) -> argparse.ArgumentParser:
     """A parser with the options every benchmark run has (data, model, schedule, folders)."""

@@ -58,7 +58,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HERE, RESULTS, cpu_name, pruning_steps, write_results  # noqa: E402
+from common import HERE, RESULTS, Parser, cpu_name, name_list, pruning_steps, write_results  # noqa: E402
 from quiet import Quiet  # noqa: E402
 from torchvision_models import import_torchvision, make  # noqa: E402
 
@@ -89,14 +89,6 @@ METHOD_NOTE = {"magnitude": ": every layer's width scaled by one factor, channel
 TARGET = 0.7  # issue 14: speedup ≥ 0.7 × FLOP reduction at batch 16 in onnxruntime
 
 
-class Parser(argparse.ArgumentParser):
-    """A bad flag is one line on stderr and exit code 2."""
-
-    def error(self, message):
-        print(f"deploy_speed.py: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def number_list(kind, text: str, what: str, low: float) -> list:
     try:
         values = [kind(v.strip().removesuffix("x")) for v in text.split(",") if v.strip()]
@@ -105,15 +97,6 @@ def number_list(kind, text: str, what: str, low: float) -> list:
     if not values or any(v <= low for v in values):
         raise argparse.ArgumentTypeError(f"expected {what} above {low:g}, not {text!r}")
     return values
-
-
-def name_list(text: str, known: list[str], what: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [n for n in names if n not in known]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or repr(text)}; choose from "
-                                         f"{', '.join(known)}")
-    return names
 
 
 def arguments(argv) -> argparse.Namespace:

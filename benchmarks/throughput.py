@@ -48,8 +48,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (HERE, RESULTS, inference_call, interleaved_steps, machine, pruning_steps,  # noqa: E402
-                    source_state, training_step, write_results)
+from common import (HERE, RESULTS, Parser, inference_call, interleaved_steps, machine, name_list,  # noqa: E402
+                    pruning_steps, source_state, training_step, write_results)
 from quiet import Quiet  # noqa: E402
 
 import budgetprune  # noqa: E402
@@ -69,29 +69,12 @@ TARGETS = {"cpu": 1.15, "cuda": 1.10}
 LR = 1e-3
 
 
-class Parser(argparse.ArgumentParser):
-    """A bad flag is one line on stderr and exit code 2."""
-
-    def error(self, message):
-        print(f"throughput.py: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def names(text: str, known: list[str], what: str) -> list[str]:
-    chosen = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [n for n in chosen if n not in known]
-    if not chosen or unknown:
-        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or repr(text)}; choose from "
-                                         f"{', '.join(known)}")
-    return chosen
-
-
 def arguments(argv) -> argparse.Namespace:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--models", type=lambda t: names(t, list(MODELS), "model(s)"),
+    p.add_argument("--models", type=lambda t: name_list(t, list(MODELS), "model(s)"),
                    help=f"comma-separated, from {','.join(MODELS)} (default: all)")
-    p.add_argument("--methods", type=lambda t: names(t, available_methods(), "method(s)"), default=available_methods(),
+    p.add_argument("--methods", type=lambda t: name_list(t, available_methods(), "method(s)"), default=available_methods(),
                    help="comma-separated pruning methods (default: all)")
     p.add_argument("--budget", default="flops=0.25", help="the pruners' budget (as --budget of the CLI)")
     p.add_argument("--batch", type=int, help="batch of every model (default: 128, resnet50 16)")

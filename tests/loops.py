@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from budgetprune.attach import GateHooks
+
 
 def pruning_steps(model, pruner, optimizer, batches, loss_fn=F.cross_entropy) -> None:
     """One optimizer step per (x, y) of ``batches``: task loss + the pruner's penalty, then the pruner's step."""
@@ -16,6 +18,17 @@ def pruning_steps(model, pruner, optimizer, batches, loss_fn=F.cross_entropy) ->
         loss.backward()
         optimizer.step()
         pruner.step()
+
+
+def masked_output(model: nn.Module, graph, masks: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The model's output on ``x`` with every group's gates fixed at its 0/1 ``masks`` (the hooks
+    removed afterwards): the gated network a compacted one must reproduce."""
+    hooks = GateHooks(model, graph, {gid: (lambda n, m=m: m.float()) for gid, m in masks.items()})
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        hooks.remove()
 
 
 def randomise_batchnorms(model: nn.Module, seed: int = 1) -> None:

@@ -22,7 +22,7 @@ from budgetprune.graph import ChannelGraph
 from budgetprune.ops import SelfAttention
 from budgetprune.resources import CostModel
 
-from loops import pruning_steps
+from loops import masked_output, pruning_steps
 
 C, HEADS, TOKENS = 16, 2, 17  # 16 patches of 4×4 from a 16×16 image, and the class token
 
@@ -103,10 +103,7 @@ def test_random_masks_compact_to_the_gated_network(mode):
     graph = ChannelGraph.build(model, x)
     masks = _random_masks(graph, 3)
     masks["blocks.0.attn:heads"] = torch.tensor([False, True])
-    hooks = GateHooks(model, graph, {gid: (lambda n, m=m: m.float()) for gid, m in masks.items()})
-    with torch.no_grad():
-        gated = model(x)
-    hooks.remove()
+    gated = masked_output(model, graph, masks, x)
     small = compact(model, graph, masks, mode=mode)
     with torch.no_grad():
         assert not torch.allclose(gated, model(x), atol=1e-3)

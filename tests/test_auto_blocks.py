@@ -25,6 +25,7 @@ from budgetprune.methods.bar import BAR
 from budgetprune.plan import replay
 from budgetprune.resources import CostModel, layer_costs
 
+from loops import pruning_steps
 from test_compaction import _randomise_bn, attach_random, check_compaction, make_model
 
 
@@ -161,12 +162,7 @@ def _pruned_resnet20(**options):
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     pruner = budgetprune.Pruner(model, x, "flops=0.5", total_steps=2, method="magnitude", **options)
     optimizer = torch.optim.SGD(pruner.parameters(lr=0.01), lr=0.01)
-    for _ in range(2):
-        loss = nn.functional.cross_entropy(model(x), y) + pruner.penalty()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        pruner.step()
+    pruning_steps(model, pruner, optimizer, [(x, y)] * 2)
     return pruner, reference, x
 
 

@@ -24,6 +24,7 @@ from budgetprune.liveness import BlockMode, slot_sets
 from budgetprune.plan import check_plan, replay
 from budgetprune.resources import CostModel
 
+from loops import pruning_steps
 from test_compaction import attach_random, check_compaction, make_model
 
 PADDED_MODELS = ["resnet20", "wrn", "tiny_mobilenetv2", "tiny_senet", "vgg_small"]
@@ -187,12 +188,7 @@ def test_pruner_run_with_padded_widths_saves_and_replays(tmp_path):
     pruner = budgetprune.Pruner(model, x, "flops=0.5", total_steps=3, method="magnitude", block="regular",
                                 channel_multiple=8)
     optimizer = torch.optim.SGD(pruner.parameters(lr=0.01), lr=0.01)
-    for _ in range(3):
-        loss = nn.functional.cross_entropy(model(x), y) + pruner.penalty()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        pruner.step()
+    pruning_steps(model, pruner, optimizer, [(x, y)] * 3)
     small, report = pruner.finalize(x)
     limit = pruner.budget.absolute(pruner.graph)
     assert report["pruned"]["flops"] <= limit

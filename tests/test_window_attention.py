@@ -21,12 +21,13 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from budgetprune.attach import GateHooks
 from budgetprune.compact import compact
 from budgetprune.graph import ChannelGraph
 from budgetprune.liveness import BlockMode
 from budgetprune.ops import RelativeAttention, SelfAttention, window_attention
 from budgetprune.resources import CostModel
+
+from loops import masked_output
 
 
 @pytest.fixture(scope="module")
@@ -154,10 +155,7 @@ def test_random_masks_compact_to_the_gated_network_with_the_costs_counted(tv, na
         m[0] = True
     for g in heads:  # the last head goes in every attention layer
         masks[g.id][-1] = False
-    hooks = GateHooks(model, graph, {gid: (lambda n, m=m: m.float()) for gid, m in masks.items()})
-    with torch.no_grad():
-        gated = model(x)
-    hooks.remove()
+    gated = masked_output(model, graph, masks, x)
     small = compact(model, graph, masks, mode=mode)
     with torch.no_grad():
         out, plain = small(x), model(x)
@@ -185,9 +183,6 @@ def test_a_swin_v2_prunes_its_channels_and_keeps_its_heads(tv):
     assert not any(g.position == "heads" for g in graph.groups.values())
     assert {"features.1.0.attn", "features.1.1.attn", "features.3.0.attn"} <= set(graph.groups)
     masks = {gid: torch.arange(g.channels) % 3 != 1 for gid, g in graph.groups.items()}
-    hooks = GateHooks(model, graph, {gid: (lambda n, m=m: m.float()) for gid, m in masks.items()})
-    with torch.no_grad():
-        gated = model(x)
-    hooks.remove()
+    gated = masked_output(model, graph, masks, x)
     with torch.no_grad():
         assert torch.allclose(compact(model, graph, masks)(x), gated, atol=1e-5 * float(gated.abs().max()))

@@ -31,12 +31,13 @@ budget counts exactly the network that is built.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
 from .graph import ChannelGraph
 from .liveness import (BlockMode, alive_sets, channel_multiple, channel_sums, combine_sets, mixed_sets, regular_sets,
-                       tied_spaces)
+                       slot_sets, tied_spaces)
 
 #: γ per runtime (multiply-adds per channel of a gathered sum, per position), measured on CPU (2
 #: cores, AMD EPYC) by ``python benchmarks/deploy_speed.py`` (``benchmarks/results/deploy_speed.md``):
@@ -44,9 +45,10 @@ from .liveness import (BlockMode, alive_sets, channel_multiple, channel_sums, co
 #: (medians over its five models at 2× and 4× FLOPs: 78–115 in eager PyTorch and 62–74 in
 #: TorchScript at batch 16 and 1; single measurements are noisy). In onnxruntime a gather also
 #: breaks the chain of blocked (NCHWc) convolutions, which those unpadded networks do not show:
-#: in a first run with widths padded to 16 and γ = 100, auto networks ran up to 23 % slower than
-#: padded regular ones at batch 16, so there a space stays mixed only where it saves ten times as
-#: much. On other hardware pass ``gather_cost``.
+#: in a first run with widths padded to 16 and γ = 100 (``benchmarks/results/deploy_speed_gamma100``),
+#: auto networks took up to 29 % longer than padded regular ones at batch 16 (resnet20 4×: 2.15 vs
+#: 1.66 ms), so there a space stays mixed only where it saves ten times as much. On other hardware
+#: pass ``gather_cost``.
 GATHER_COST = {"eager": 80.0, "torchscript": 65.0, "onnxruntime": 1000.0}
 
 
@@ -62,6 +64,16 @@ def as_mode(mode: str) -> BlockMode:
     if isinstance(mode, BlockMode):
         return mode
     return auto_mode("eager") if mode == "auto" else BlockMode(str(mode))
+
+
+def built_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], mode: str,
+               flop_terms: Callable[[], list]) -> tuple[BlockMode, dict[str, torch.Tensor]]:
+    """``(the blocks built, the channels each tensor keeps)`` for the purged masks ``eff``: an
+    ``"auto"`` mode whose spaces are not chosen yet is chosen here (weighed with ``flop_terms()``)."""
+    mode = as_mode(mode)
+    if str(mode) == "auto" and mode.mixed is None:
+        return choose_blocks(graph, eff, mode, flop_terms())
+    return mode, slot_sets(graph, eff, mode, purge=False)
 
 
 def choose_blocks(graph: ChannelGraph, eff: dict[str, torch.Tensor], mode: BlockMode,

@@ -24,9 +24,9 @@ import torch
 from torch import fx, nn
 
 from .attention import head_columns, pruned_proj, pruned_qkv
-from .blocks import as_mode, choose_blocks
+from .blocks import built_sets
 from .graph import ADD_FUNCTIONS, FLATTEN_METHODS, MUL_FUNCTIONS, ChannelGraph
-from .liveness import channel_multiple, effective_masks, slot_sets
+from .liveness import alive_sets, channel_multiple, effective_masks
 from .ops import RelativeAttention, SelfAttention, full_count_layer_norm, index_add_channels, scatter_channels, \
     select_channels, window_attention
 
@@ -42,16 +42,12 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
     """
     full = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
     masks = {**full, **{g: m.detach().bool().cpu() for g, m in (masks or {}).items()}}
-    eff = effective_masks(graph, masks)
-    mode = as_mode(mode)
-    if str(mode) == "auto" and mode.mixed is None:  # choose each residual space's block for these masks
-        from .resources import layer_costs  # resources → latency → io → plan → compact: imported here
+    from .resources import layer_costs  # resources → latency → io → plan → compact: imported here
 
-        mode, sets = choose_blocks(graph, eff, mode, layer_costs(graph, "flops"))
-    else:
-        sets = slot_sets(graph, masks, mode)
+    eff = effective_masks(graph, masks)
+    mode, sets = built_sets(graph, eff, mode, lambda: layer_costs(graph, "flops"))  # auto: chosen for these masks
     index = {name: torch.nonzero(s).flatten() for name, s in sets.items()}
-    alive = sets if mode == "mixed" and channel_multiple(mode) == 1 else slot_sets(graph, masks, "mixed")
+    alive = sets if mode == "mixed" and channel_multiple(mode) == 1 else alive_sets(graph, eff)
     gm = _copy_without_hooks(fx.GraphModule(model, copy.deepcopy(graph.gm.graph)))  # the model's own weights
     modules = dict(gm.named_modules())
     device = next(model.parameters()).device

@@ -45,11 +45,16 @@ from .sparsity import check_weight_budget, count_kept, project_weights, scale_we
 BLOCKS = ("auto", "mixed", "regular")
 
 
-def block_mode(block: str, channel_multiple: int = 1, runtime: str | None = None,
+def deploy_runtime_of(deploy_runtime: str | None, budgets: list[Budget]) -> str:
+    """The runtime the result is deployed in: the one named, else (None, or ``"none"``: no
+    timing asked) :func:`budgetprune.runtimes.default_runtime` for ``budgets``."""
+    return default_runtime([b.metric for b in budgets]) if deploy_runtime in (None, "none") else deploy_runtime
+
+
+def block_mode(block: str, channel_multiple: int = 1, runtime: str = "eager",
                gather_cost: float | None = None) -> BlockMode:
     """The residual ``block`` with its widths padded to ``channel_multiple``, or a one-line error.
-    ``"auto"`` weighs a mixed sum's gather at its cost in ``runtime`` (default: where the result
-    is deployed, :func:`budgetprune.runtimes.default_runtime`) unless ``gather_cost`` is given."""
+    ``"auto"`` weighs a mixed sum's gather at its cost in ``runtime`` unless ``gather_cost`` is given."""
     if block not in BLOCKS:
         raise ConfigError(f"block must be one of {', '.join(BLOCKS)}, not {block!r}")
     if type(channel_multiple) is not int or channel_multiple < 1:
@@ -59,8 +64,6 @@ def block_mode(block: str, channel_multiple: int = 1, runtime: str | None = None
         raise ConfigError(f"gather_cost must be a non-negative number of multiply-adds, got {gather_cost!r}")
     if block != "auto":
         return BlockMode(block, channel_multiple)
-    if runtime in (None, "none"):
-        runtime = default_runtime([])
     if runtime not in GATHER_COST:
         raise ConfigError(f"unknown runtime '{runtime}': choose one of {', '.join(GATHER_COST)}")
     return auto_mode(runtime, channel_multiple, gather_cost)
@@ -86,7 +89,7 @@ def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget],
     """Raise a one-line error when ``budgets`` cannot be met on ``model`` or the method's options
     do not fit it, before any training; takes the :class:`Pruner`'s options (the pipeline checks
     them before it trains a teacher)."""
-    block = block_mode(block, channel_multiple, deploy_runtime, gather_cost)
+    block = block_mode(block, channel_multiple, deploy_runtime_of(deploy_runtime, budgets), gather_cost)
     timed = [b.metric for b in budgets if b.metric in RUNTIME_LATENCIES]
     if timed and block == "mixed" and granularity == "channel":
         raise ConfigError(f"a {timed[0]} budget cannot use mixed blocks: its table times the layers, not the "
@@ -187,13 +190,11 @@ class Pruner:
         device = next((p.device for p in model.parameters()), example_inputs.device)
         self.example = example_inputs.detach().to(device)
         self.graph = ChannelGraph.build(model, self.example, gate_inputs=gate_inputs)
-        if deploy_runtime is None:
-            deploy_runtime = default_runtime([b.metric for b in self.budgets])
+        self.deploy_runtime = deploy_runtime_of(deploy_runtime, self.budgets)
         check_prunable(model, self.graph, self.budgets, method=method, granularity=granularity, block=block,
-                       channel_multiple=channel_multiple, deploy_runtime=deploy_runtime, gather_cost=gather_cost,
+                       channel_multiple=channel_multiple, deploy_runtime=self.deploy_runtime, gather_cost=gather_cost,
                        method_options=method_options, **settings)
-        self.block = block_mode(block, channel_multiple, deploy_runtime, gather_cost)
-        self.deploy_runtime = deploy_runtime if deploy_runtime != "none" else default_runtime([])
+        self.block = block_mode(block, channel_multiple, self.deploy_runtime, gather_cost)
         self.metrics = METRICS + tuple(b.metric for b in self.budgets if b.metric not in METRICS)
         self.full = resource_report(self.graph, metrics=self.metrics)
         self.method = create_method(method, shared=method_settings(granularity=granularity, **settings),

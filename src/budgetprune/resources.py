@@ -55,8 +55,8 @@ from torch import nn
 from .errors import ConfigError
 from .graph import ChannelGraph
 from .latency import LATENCY_METRICS, is_latency, layer_coefficients
-from .blocks import as_mode, choose_blocks
-from .liveness import alive, effective_masks, slot_sets
+from .blocks import as_mode, built_sets
+from .liveness import alive, effective_masks
 
 METRICS = ("volume", "flops", "params")  # counted: every report gives them
 #: Every metric a budget may use: the counted ones and the measured latency (:mod:`budgetprune.latency`).
@@ -212,10 +212,7 @@ class CostModel:
         """Cost of each term for the network that keeps ``masks`` (None: the full network)."""
         masks = self._full_masks() if masks is None else masks
         eff = effective_masks(self.graph, masks)
-        if str(self.mode) == "auto" and self.mode.mixed is None:
-            _, sets = choose_blocks(self.graph, eff, self.mode, self._flop_terms())
-        else:
-            sets = slot_sets(self.graph, eff, self.mode, purge=False)
+        _, sets = built_sets(self.graph, eff, self.mode, self._flop_terms)
         out: dict[str, float] = {}
         for t in self.terms:
             gone = t.out_group is not None and not bool(eff[t.out_group].any())  # a pruned-away layer
