@@ -515,3 +515,22 @@ def test_the_purge_test_is_the_aliveness_of_the_layer_input(name):
             checked += int((~expected).sum())
     hooks.remove()
     assert checked > 0  # some inputs were dead
+
+
+def test_a_negative_scale_keeps_its_channel_alive():
+    """MorphNet's own scale γ may be negative: a channel whose only kept gate value is negative is
+    alive (z ≠ 0), so the layer reading it is not purged and the compacted network equals the gated
+    one (the purge once tested z > 0 and dropped the next layer's output)."""
+    torch.manual_seed(0)
+    model = budgetprune.create_model("lenet5", in_channels=1, num_classes=10, input_size=(28, 28))
+    x = torch.randn(8, 1, 28, 28)
+    pruner = budgetprune.Pruner(model, x, 0.5, total_steps=1, method="morphnet",
+                                fill=False)
+    with torch.no_grad():
+        gamma = pruner.method.gate("features.0").gamma
+        gamma.fill_(1e-3)          # below the threshold: pruned
+        gamma[3] = -0.5            # the one kept channel, negative
+    net, report = pruner.finalize(x)
+    assert report["masks"]["features.0"] == [3]
+    assert report["compaction_max_abs_diff"] < 1e-5
+    assert float(net(x).std(dim=0).max()) > 1e-4  # the second conv was not purged to its bias

@@ -100,7 +100,7 @@ class GateHooks:
     def __init__(self, model: nn.Module, graph: ChannelGraph, gates: Mapping[str, GateFn]):
         modules = dict(model.named_modules())
         self.graph = graph
-        self.current: dict[str, torch.Tensor] = {}  # which gates are open (z > 0) in the forward pass under way
+        self.current: dict[str, torch.Tensor] = {}  # which gates are open (z ≠ 0: a signed scale too) in the forward pass under way
         self.model_training = model.training  # of the forward pass under way
         self.handles = [model.register_forward_pre_hook(self._reset)]
         for gid, gate in gates.items():
@@ -166,7 +166,7 @@ class GateHooks:
                 z = z * self._input_open(sources).to(z.dtype)  # purge
             if heads in self.current:  # an attention without heads outputs nothing (its biases: purged too)
                 z = z * self.current[heads].any(dim=-1, keepdim=True).to(z.dtype)
-            self.current[gid] = z.detach() > 0
+            self.current[gid] = z.detach() != 0
             gated = output * _broadcast(z.to(output.dtype), output, dim=group.dim)  # autocast: stays bf16/fp16
             return gated if rest is None else (gated, *rest)
         return hook
@@ -175,7 +175,7 @@ class GateHooks:
         def hook(module, inputs):
             x = inputs[0]
             z = gate_values(gate, x.shape[0], self.model_training)
-            self.current[gid] = z.detach() > 0
+            self.current[gid] = z.detach() != 0
             return (x * _broadcast(z.to(x.dtype), x),) + tuple(inputs[1:])
         return hook
 
@@ -195,7 +195,7 @@ class GateHooks:
         def scale(module, inputs):
             z = gate_values(gate, 1, self.model_training)  # one sample for the batch
             z = z.reshape(-1, z.shape[-1])[0]
-            self.current[group.id] = z.detach() > 0
+            self.current[group.id] = z.detach() != 0
             factors = value_scale(spec.head_dim, z)
             for owner, attr, shape in owners:
                 original = owner._parameters[attr]
