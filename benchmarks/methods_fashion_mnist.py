@@ -5,7 +5,11 @@ method (the comparison of seed 001, section 5): test accuracy vs the unpruned te
 FLOP and parameter reductions, how much of the budget the projection or the fill had to fix,
 and the layer widths each method chose. Writes ``benchmarks/results/methods_fashion_mnist.{json,md,png}``.
 
-    python benchmarks/methods_fashion_mnist.py --data-root ../shared/data --factor 8
+    python benchmarks/methods_fashion_mnist.py --data-root ../shared/data --factor 8 --seeds 0,1,2
+
+With several seeds every method runs once per seed (each seed its own teacher); the table gives
+the accuracy as mean ± standard deviation and marks a method whose mean is within two standard
+errors of the best one's as a tie.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from budgetprune.cli import parse_method_options
 from budgetprune.methods import available_methods, method_options
 from budgetprune.pipeline import PruneConfig, PruneRun
 from common import random_subset, record_header, run_arguments, run_record
+from stats import format_mean_std, mean_std, tie
 
 
 
@@ -40,7 +45,10 @@ def main(argv=None) -> int:
     p.add_argument("--methods", help="comma-separated; NAME:KEY=VALUE:... sets a method option or lam, dual_lr, "
                                      "gate_init, gate_lr (values without commas; default: every method that "
                                      "prunes at this granularity)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; each has its own teacher (default 0)")
+    p.add_argument("--schedule-end", type=float, default=1.0, help="the runs' --schedule-end (default 1)")
     args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     per_weight = args.granularity == "weight"
     if args.methods is None:
         args.methods = ",".join(m for m in available_methods() if not per_weight or "granularity" in method_options(m))
@@ -49,51 +57,57 @@ def main(argv=None) -> int:
     splits = load_dataset(args.data, root=args.data_root)
     info = splits.info
     train = random_subset(splits.train, args.train_subset)
-    work, out = Path(args.work), Path(args.out)
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    unit = "weights" if per_weight else "channels"
+    runs = []
+    for seed in seeds:
+        work = Path(args.work) if seed == 0 else Path(args.work) / f"seed{seed}"  # seed 0: where earlier runs are
 
-    def new_model():
-        torch.manual_seed(0)
-        return budgetprune.create_model(args.model, in_channels=info.in_channels, num_classes=info.num_classes,
-                                        input_size=info.image_size)
+        def new_model():
+            torch.manual_seed(seed)
+            return budgetprune.create_model(args.model, in_channels=info.in_channels, num_classes=info.num_classes,
+                                            input_size=info.image_size)
 
-    teacher = io.load(work / "teacher.pt") if (work / "teacher.pt").exists() else None
-    rows = []
-    for entry in args.methods.split(","):
-        method, *settings = entry.split(":")
-        options = parse_method_options(settings)
-        run_settings = {k: options.pop(k) for k in list(options) if k in RUN_FIELDS}  # lam=... is --lam
-        label = " ".join([method] + settings)
-        run_dir = work / re.sub(r"[^A-Za-z0-9=.+-]+", "_", "weight-" * per_weight + "-".join([method] + settings))
-        if (run_dir / "metrics.json").exists():
-            m = json.loads((run_dir / "metrics.json").read_text())
-        else:
-            cfg = PruneConfig(budget=1.0 / args.factor, method=method, model=args.model, data=args.data,
-                              epochs=args.epochs, finetune_epochs=args.finetune_epochs, lowlr_epochs=args.lowlr_epochs,
-                              teacher_epochs=args.teacher_epochs, progress=False, granularity=args.granularity,
-                              method_options=options, **run_settings)
-            start = time.time()
-            run = PruneRun(new_model(), train, splits.test, cfg, run_dir, teacher=teacher,
-                           log=lambda s: print(f"[{label}] {s}", flush=True))
-            m = run.run(resume=(run_dir / "checkpoint.pt").exists()).metrics
-            m["benchmark_seconds"] = time.time() - start
-            io.write_json(run_dir / "metrics.json", m)
-            if teacher is None:
-                io.save(to_plain(run.teacher, run.graph), work / "teacher.pt", meta={"role": "teacher"})
-                teacher = run.teacher
-        unit = "weights" if per_weight else "channels"
-        rows.append({"method": label, "test_accuracy": m["test_accuracy"],
-                     "unpruned_test_accuracy": m["unpruned_test_accuracy"],
-                     "accuracy_change_points": 100 * m["accuracy_change"], "V_over_B": m["budget_ratio"],
-                     "reduction": m["reduction_factor"], "widths": {k: v["kept"] for k, v in m["widths"].items()},
-                     "cost_before_projection_over_B": m["cost_before_projection"] / m["budget"],
-                     "dropped_by_projection": m[f"{unit}_dropped_by_projection"],
-                     "reopened_by_fill": m[f"{unit}_reopened_by_fill"],
-                     "density": {k: v["nonzero"] / v["total"] for k, v in m.get("density", {}).items()},
-                     "model_file_bytes": m.get("model_file_bytes"), "seconds": m.get("benchmark_seconds")})
-        print(json.dumps(rows[-1]), flush=True)
-    result = {**run_record("methods_fashion_mnist.py", args, argv), "factor": args.factor,
-              "train_images": args.train_subset or len(splits.train.labels), "wall_seconds": time.time() - t0, "rows": rows}
+        teacher = io.load(work / "teacher.pt") if (work / "teacher.pt").exists() else None
+        for entry in args.methods.split(","):
+            method, *settings = entry.split(":")
+            options = parse_method_options(settings)
+            run_settings = {k: options.pop(k) for k in list(options) if k in RUN_FIELDS}  # lam=... is --lam
+            label = " ".join([method] + settings)
+            name = "-".join([method] + settings) + (f"-end{args.schedule_end:g}" if args.schedule_end != 1 else "")
+            run_dir = work / re.sub(r"[^A-Za-z0-9=.+-]+", "_", "weight-" * per_weight + name)
+            if (run_dir / "metrics.json").exists():
+                m = json.loads((run_dir / "metrics.json").read_text())
+            else:
+                cfg = PruneConfig(budget=1.0 / args.factor, method=method, model=args.model, data=args.data,
+                                  epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                                  lowlr_epochs=args.lowlr_epochs, teacher_epochs=args.teacher_epochs,
+                                  progress=False, granularity=args.granularity, method_options=options,
+                                  seed=seed, schedule_end=args.schedule_end, **run_settings)
+                start = time.time()
+                run = PruneRun(new_model(), train, splits.test, cfg, run_dir, teacher=teacher,
+                               log=lambda s: print(f"[{label} seed {seed}] {s}", flush=True))
+                m = run.run(resume=(run_dir / "checkpoint.pt").exists()).metrics
+                m["benchmark_seconds"] = time.time() - start
+                io.write_json(run_dir / "metrics.json", m)
+                if teacher is None:
+                    io.save(to_plain(run.teacher, run.graph), work / "teacher.pt", meta={"role": "teacher"})
+                    teacher = run.teacher
+            runs.append({"method": label, "seed": seed, "test_accuracy": m["test_accuracy"],
+                         "unpruned_test_accuracy": m["unpruned_test_accuracy"],
+                         "accuracy_change_points": 100 * m["accuracy_change"], "V_over_B": m["budget_ratio"],
+                         "reduction": m["reduction_factor"], "widths": {k: v["kept"] for k, v in m["widths"].items()},
+                         "cost_before_projection_over_B": m["cost_before_projection"] / m["budget"],
+                         "dropped_by_projection": m[f"{unit}_dropped_by_projection"],
+                         "reopened_by_fill": m[f"{unit}_reopened_by_fill"],
+                         "density": {k: v["nonzero"] / v["total"] for k, v in m.get("density", {}).items()},
+                         "model_file_bytes": m.get("model_file_bytes"), "seconds": m.get("benchmark_seconds")})
+            print(json.dumps(runs[-1]), flush=True)
+    result = {**run_record("methods_fashion_mnist.py", args, argv), "factor": args.factor, "seeds": seeds,
+              "schedule_end": args.schedule_end,
+              "train_images": args.train_subset or len(splits.train.labels), "wall_seconds": time.time() - t0,
+              "runs": runs, "rows": summarise(runs)}
     result["granularity"] = args.granularity
     io.write_json(out / f"methods_fashion_mnist{suffix}.json", result)
     write_markdown(result, out, suffix)
@@ -102,28 +116,56 @@ def main(argv=None) -> int:
     return 0
 
 
+def summarise(runs: list[dict]) -> list[dict]:
+    """One row per method: its seeds' accuracies as mean ± std, whether it ties the best method (a
+    difference under two standard errors), and seed-averaged costs; the first seed's widths."""
+    by_method: dict[str, list[dict]] = {}
+    for r in runs:
+        by_method.setdefault(r["method"], []).append(r)
+    accuracies = {m: [100 * r["test_accuracy"] for r in rs] for m, rs in by_method.items()}
+    best = max(accuracies, key=lambda m: mean_std(accuracies[m])[0])
+    rows = []
+    for method, rs in by_method.items():
+        acc = accuracies[method]
+        mean = lambda key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+        rows.append({**rs[0], "seeds": [r["seed"] for r in rs], "accuracies": acc,
+                     "test_accuracy": mean_std(acc)[0] / 100, "test_accuracy_std": mean_std(acc)[1] / 100,
+                     "unpruned_test_accuracy": mean("unpruned_test_accuracy"),
+                     "unpruned_accuracies": [100 * r["unpruned_test_accuracy"] for r in rs],
+                     "accuracy_change_points": mean("accuracy_change_points"), "V_over_B": mean("V_over_B"),
+                     "cost_before_projection_over_B": mean("cost_before_projection_over_B"),
+                     "best": method == best, "tie_with_best": method != best and tie(acc, accuracies[best])})
+    return rows
+
+
 def write_markdown(r: dict, out: Path, suffix: str = "") -> None:
     per_weight = r.get("granularity") == "weight"
     metric = "non-zero weights" if per_weight else "volume"
+    seeds = r.get("seeds", [0])
     lines = record_header(r, f"Every method on {r['data']} / {r['model']} at {r['factor']:g}× {metric}",
-                          f"{r['train_images']} training images, one teacher for all; default hyper-parameters of "
-                          "every method unless the name gives an option.")
+                          f"{r['train_images']} training images, one teacher per seed for all methods; default "
+                          "hyper-parameters of every method unless the name gives an option; seeds "
+                          f"{', '.join(map(str, seeds))}; budget schedule end {r.get('schedule_end', 1):g}.")
     unit = "weights" if per_weight else "channels"
-    last = "density per layer" if per_weight else "widths"
-    lines += [f"| method | test acc | Δ points | cost/B | cost before projection / B | {unit} dropped | "
-              f"{unit} reopened | FLOP red. | param red. | {last} |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    last = "density per layer" if per_weight else "widths (first seed)"
+    lines += [f"| method | test acc (mean ± std) | vs best | Δ points | cost/B | cost before projection / B | "
+              f"{unit} dropped | {unit} reopened | FLOP red. | param red. | {last} |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in sorted(r["rows"], key=lambda x: -x["test_accuracy"]):
         red = row["reduction"]
         shape = ("-".join(f"{100 * v:.1f}%" for v in row["density"].values()) if per_weight
                  else "-".join(str(v) for v in row["widths"].values()))
-        lines.append(f"| {row['method']} | {100 * row['test_accuracy']:.2f} % | {row['accuracy_change_points']:+.2f} | "
+        acc = format_mean_std(row.get("accuracies", [100 * row["test_accuracy"]]))
+        verdict = "best" if row.get("best") else ("tie" if row.get("tie_with_best") else "behind")
+        lines.append(f"| {row['method']} | {acc} % | {verdict} | {row['accuracy_change_points']:+.2f} | "
                      f"{row['V_over_B']:.4f} | {row['cost_before_projection_over_B']:.2f} | "
                      f"{row.get('dropped_by_projection', row.get('channels_dropped_by_projection'))} | "
                      f"{row.get('reopened_by_fill', row.get('channels_reopened_by_fill'))} | "
                      f"{red['flops']:.1f}× | {red['params']:.1f}× | {shape} |")
     if r["rows"]:
-        lines += ["", f"Unpruned teacher: {100 * r['rows'][0]['unpruned_test_accuracy']:.2f} %."]
+        teacher = r["rows"][0].get("unpruned_accuracies", [100 * r["rows"][0]["unpruned_test_accuracy"]])
+        lines += ["", f"Unpruned teachers: {format_mean_std(teacher)} %. 'tie': the difference from the best "
+                      "method's mean is under two standard errors of the difference (benchmarks/stats.py)."]
     if per_weight:
         lines += ["", "Per-weight pruning leaves the network's shape (so its FLOPs and dense parameter count) as it "
                       "was; the budget counts non-zero conv/linear weights, stored sparse in the model file."]
@@ -137,7 +179,8 @@ def plot(r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     rows = sorted(r["rows"], key=lambda x: -x["test_accuracy"])
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    ax.bar([x["method"] for x in rows], [100 * x["test_accuracy"] for x in rows], color="#1f6feb")
+    ax.bar([x["method"] for x in rows], [100 * x["test_accuracy"] for x in rows], color="#1f6feb",
+           yerr=[100 * x.get("test_accuracy_std", 0.0) for x in rows], capsize=3)
     if rows:
         ax.axhline(100 * rows[0]["unpruned_test_accuracy"], color="gray", ls="--", label="unpruned")
     ax.set_ylabel("test accuracy (%)")

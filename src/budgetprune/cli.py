@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "open, better for short runs from the teacher)")
     p.add_argument("--dual-lr", type=float, help="constrained-l0: learning rate of the multipliers (default 1e-2)")
     p.add_argument("--schedule", choices=["sigmoid", "linear", "exponential"], help="budget schedule")
+    p.add_argument("--schedule-end", type=float,
+                   help="fraction of the train+prune epochs after which the budget has reached its target and "
+                        "the rest trains at it (default 1: at their end, the paper's)")
     p.add_argument("--student-init", choices=["teacher", "random"], help="start the student from (default teacher)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="cpu (default), cuda or cuda:N")
@@ -144,8 +147,8 @@ RESUME_MAY_CHANGE = ("device", "data_root", "progress", "workers", "deploy_runti
 #: PruneConfig fields set by the prune option of the same name.
 _PLAIN_OPTIONS = ("model", "data", "data_root", "image_size", "augment", "workers", "method", "teacher",
                   "granularity", "epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs", "lr", "gate_lr",
-                  "batch_size", "lam", "gate_init", "dual_lr", "schedule", "student_init", "seed", "device", "block",
-                  "channel_multiple", "precision", "deploy_runtime")
+                  "batch_size", "lam", "gate_init", "dual_lr", "schedule", "schedule_end", "student_init", "seed",
+                  "device", "block", "channel_multiple", "precision", "deploy_runtime")
 
 
 def cmd_prune(args) -> int:

@@ -76,13 +76,24 @@ SCHEDULES = {"sigmoid": sigmoid_transition, "linear": linear_transition,
              "exponential": exponential_transition}
 
 
+def check_schedule_end(end) -> float:
+    """``end`` as a float in (0, 1], or a one-line error."""
+    if isinstance(end, bool) or not isinstance(end, (int, float)) or not 0.0 < end <= 1.0:
+        raise ConfigError(f"schedule end {end!r} must lie in (0, 1]: the fraction of the pruning phase after "
+                          "which the budget has reached its target (1: the paper's, at the very end)")
+    return float(end)
+
+
 class BudgetSchedule:
     """The moving budget b = (1 − T(i)) V_F + T(i) B with a = B − 10⁻⁴ V_F (seed 001, Eq. 7).
 
-    ``i`` is the fraction of the training phase done (iteration / training iterations).
+    ``i`` is the fraction of the training phase done (iteration / training iterations), divided
+    by ``end``: with ``end`` < 1 the budget reaches B after that fraction of the phase, and the
+    rest of it trains at the budget (1: the paper's schedule, B at the very end).
     """
 
-    def __init__(self, full: float, budget: float, kind: str = "sigmoid", hardness: float | None = None):
+    def __init__(self, full: float, budget: float, kind: str = "sigmoid", hardness: float | None = None,
+                 end: float = 1.0):
         if kind not in SCHEDULES:
             raise ConfigError(f"unknown schedule '{kind}': choose one of {', '.join(SCHEDULES)}")
         if not 0 < budget < full:
@@ -90,10 +101,11 @@ class BudgetSchedule:
         self.full, self.budget, self.kind = float(full), float(budget), kind
         self.hardness = hardness if hardness is not None else {"sigmoid": 10.0, "linear": 0.0,
                                                                "exponential": 5.0}[kind]
+        self.end = check_schedule_end(end)
         self.a = self.budget - 1e-4 * self.full
 
     def transition(self, progress: float) -> float:
-        return SCHEDULES[self.kind](progress, self.hardness)
+        return SCHEDULES[self.kind](min(progress / self.end, 1.0), self.hardness)
 
     def b(self, progress: float) -> float:
         T = self.transition(progress)

@@ -34,7 +34,7 @@ from .errors import CheckpointError, ConfigError, TrainingDiverged, first_line
 from .graph import ChannelGraph
 from .inputs import check_inputs
 from .methods import available_methods, check_method_options, method_options
-from .objectives import distillation_loss
+from .objectives import check_schedule_end, distillation_loss
 from .plan import make_plan
 from .plan import replay as plan_replay
 from .precision import check_precision, grad_scaler
@@ -96,6 +96,7 @@ class PruneConfig:
     dual_lr: float | None = None  # constrained-l0: learning rate of the Lagrange multipliers
     schedule: str = "sigmoid"
     schedule_hardness: float | None = None
+    schedule_end: float = 1.0  # fraction of the prune epochs after which b = B (paper: 1)
     student_init: str = "teacher"  # "teacher" or "random"
     gate_inputs: bool = True  # gate an MLP's input features (Louizos et al.)
     fill_budget: bool = True  # reopen closed channels (zero outgoing weights) while the budget holds
@@ -152,6 +153,7 @@ class PruneConfig:
             raise ConfigError("--lam must be 0 or more")
         if self.dual_lr is not None and not self.dual_lr > 0:
             raise ConfigError("--dual-lr must be positive")
+        check_schedule_end(self.schedule_end)
         if self.student_init not in ("teacher", "random"):
             raise ConfigError("--student-init must be 'teacher' or 'random'")
         if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature < 1.0:
@@ -185,6 +187,7 @@ class PruneConfig:
                 "channel_multiple": self.channel_multiple, "deploy_runtime": self.deploy_runtime,
                 "fill": self.fill_budget, "gate_inputs": self.gate_inputs, "method_options": self.method_options,
                 "lam": self.lam, "schedule": self.schedule, "schedule_hardness": self.schedule_hardness,
+                "schedule_end": self.schedule_end,
                 "gate_lr": self.gate_lr, "gate_init": self.gate_init, "dual_lr": self.dual_lr,
                 "dataset_size": dataset_size}
 

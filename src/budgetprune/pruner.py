@@ -35,6 +35,7 @@ from .graph import ChannelGraph
 from .liveness import BlockMode, effective_masks
 from .measured import RUNTIME_LATENCIES, meet_measured_latency
 from .methods import create_method
+from .objectives import check_schedule_end
 from . import distributed
 from .plan import make_plan
 from .precision import float32
@@ -73,10 +74,12 @@ _MARK = "_budgetprune_pruner"  # on a model while a Pruner's gates are attached 
 
 
 def method_settings(*, lam: float | None = None, schedule: str = "sigmoid", schedule_hardness: float | None = None,
-                    gate_lr: float | None = None, gate_init: float = 0.0, dual_lr: float | None = None,
-                    dataset_size: int | None = None, granularity: str = "channel") -> dict:
+                    schedule_end: float = 1.0, gate_lr: float | None = None, gate_init: float = 0.0,
+                    dual_lr: float | None = None, dataset_size: int | None = None,
+                    granularity: str = "channel") -> dict:
     """Run-wide settings a method may take (each takes those it has; see ``create_method``)."""
-    return {"lam": lam, "schedule": schedule, "hardness": schedule_hardness, "gate_lr": gate_lr,
+    return {"lam": lam, "schedule": schedule, "hardness": schedule_hardness, "schedule_end": schedule_end,
+            "gate_lr": gate_lr,
             "gate_init": gate_init, "s0": gate_init, "dual_lr": dual_lr, "dataset_size": dataset_size,
             "granularity": granularity}
 
@@ -100,6 +103,7 @@ def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget],
     if unknown:
         raise ConfigError(f"unknown Pruner option(s) {', '.join(sorted(unknown))}; it takes "
                           f"{', '.join(sorted(method_settings.__kwdefaults__))}")
+    check_schedule_end(settings.get("schedule_end", 1.0))
     if granularity == "weight":
         check_weight_budget(budgets[0].absolute(graph), weight_counts(model))
     else:

@@ -16,7 +16,7 @@ from torch import nn
 from ..budget import Budget
 from ..gates import HardConcreteGate
 from ..graph import ChannelGraph
-from ..objectives import BudgetSchedule, barrier
+from ..objectives import BudgetSchedule, barrier, check_schedule_end
 from ..resources import CostModel
 from .base import register_method
 from .gated import GatedMethod
@@ -28,16 +28,18 @@ class BAR(GatedMethod):
 
     ``lam`` is λ of the final loss (seed 001, section 3.5; 1e-5 there, for the volume
     metric). For other metrics, L_S is rescaled by V_F / cost_F so the same λ weighs the
-    same. ``schedule`` is ``sigmoid`` (default, d = 10), ``linear`` or ``exponential``.
+    same. ``schedule`` is ``sigmoid`` (default, d = 10), ``linear`` or ``exponential``; the budget
+    reaches its target after ``schedule_end`` of the pruning phase (1: at its end, the paper's).
     ``gate_init`` is the initial log α (see :class:`~budgetprune.gates.HardConcreteGate`).
     """
 
     def __init__(self, lam: float = 1e-5, schedule: str = "sigmoid", hardness: float | None = None,
-                 gate_lr: float | None = None, gate_init: float = 0.0):
+                 gate_lr: float | None = None, gate_init: float = 0.0, schedule_end: float = 1.0):
         super().__init__(gate_lr)
         self.lam = lam
         self.schedule_kind = schedule
         self.hardness = hardness
+        self.schedule_end = check_schedule_end(schedule_end)
         self.gate_init = float(gate_init)
 
     def new_gate(self, size: int) -> nn.Module:
@@ -49,7 +51,8 @@ class BAR(GatedMethod):
         for budget in budgets:
             cm = CostModel(graph, budget.metric)
             full = cm.full()
-            schedule = BudgetSchedule(full, budget.fraction * full, self.schedule_kind, self.hardness)
+            schedule = BudgetSchedule(full, budget.fraction * full, self.schedule_kind, self.hardness,
+                                      self.schedule_end)
             self.terms.append((budget, cm, schedule, volume_full / full))
 
     def penalty(self, progress: float) -> torch.Tensor:

@@ -42,6 +42,7 @@ def method_options(name: str) -> list[str]:
 
 #: Run-wide settings a method takes from the run's configuration, and the flag that sets each.
 RUN_SETTINGS = {"lam": "--lam", "schedule": "--schedule", "hardness": "--schedule-hardness (schedule_hardness)",
+                "schedule_end": "--schedule-end",
                 "gate_lr": "--gate-lr", "gate_init": "--gate-init", "s0": "--gate-init", "dual_lr": "--dual-lr",
                 "dataset_size": "the training data", "granularity": "--granularity"}
 

@@ -28,6 +28,7 @@ import math
 import torch
 from torch import nn
 
+from ..aiming import AIM_GAIN, AIM_RATE, BudgetAim
 from ..budget import Budget
 from ..gates import SigmoidGate
 from ..graph import ChannelGraph
@@ -45,8 +46,11 @@ class ContinuousSparsification(GatedMethod):
 
     def __init__(self, lam: float | None = None, beta_max: float = 200.0, s0: float = 0.0, rounds: int = 1,
                  rewind: float = 0.0, rewind_ticket: bool = True, gate_lr: float | None = None,
-                 granularity: str = "channel"):
-        super().__init__(gate_lr, granularity)
+                 granularity: str = "channel",
+                 aim: str = "budget", aim_rate: float = AIM_RATE, aim_gain: float = AIM_GAIN,
+                 schedule: str = "sigmoid", hardness: float | None = None, schedule_end: float = 1.0):
+        super().__init__(gate_lr, granularity, BudgetAim.create(
+            aim, aim_rate, aim_gain, schedule, hardness, schedule_end))
         if lam is None:  # per weight the data gradient on each s is far smaller than on a whole channel's
             lam = 1e-5 if granularity == "weight" else 1e-3
         if lam < 0 or not beta_max >= 1.0:
@@ -95,7 +99,7 @@ class ContinuousSparsification(GatedMethod):
         for gate in self.gates.values():
             total = total + gate.soft().sum()
         self._last.update({"beta": beta, "mask_l1": float(total.detach()), "round": float(self.round) + 1})
-        return self.lam * total
+        return self.weight() * total
 
     # -- ticket search ---------------------------------------------------------------------
     @torch.no_grad()

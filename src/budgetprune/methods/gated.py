@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..aiming import BudgetAim
 from ..attach import GateHooks
 from ..budget import Budget
 from ..graph import ChannelGroup, ChannelGraph
@@ -39,12 +40,13 @@ class GatedMethod(Method):
     #: Whether the fatal-pruning guard clamps a protected group's best gate open after each step.
     guard_after_step = True
 
-    def __init__(self, gate_lr: float | None = None, granularity: str = "channel"):
+    def __init__(self, gate_lr: float | None = None, granularity: str = "channel", aim: BudgetAim | None = None):
         super().__init__()
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, not '{granularity}'")
         self.gate_lr = gate_lr
         self.granularity = granularity
+        self.aim = aim  # a method without a budget of its own: λ aimed at the budget schedule (None: fixed λ)
         self.gates = nn.ModuleDict()
         self._hooks: GateHooks | WeightGates | None = None
         self._last: dict[str, float] = {}
@@ -81,6 +83,8 @@ class GatedMethod(Method):
             self.gates[_key(unit)] = gate.to(device)
             self.gid_of[_key(unit)] = unit
         self.setup(model, graph, budgets)
+        if self.aim is not None:
+            self.aim.setup(budgets, self.cost_model)
         gates = {unit: self.gates[_key(unit)] for unit in units}
         self._hooks = WeightGates(model, gates) if self.per_weight else GateHooks(model, graph, gates)
 
@@ -112,16 +116,24 @@ class GatedMethod(Method):
         return torch.zeros((), device=self.device)
 
     def after_step(self, progress: float) -> None:
-        """Keep ≥ 1 open channel in every protected group (the fatal-pruning guard, seed 001 section 4.1).
+        """Keep ≥ 1 open channel in every protected group (the fatal-pruning guard, seed 001 section 4.1),
+        then, for an aimed method, the controller's step (:mod:`budgetprune.aiming`).
 
         Groups with ``min_keep`` 0 (inside a residual branch) may close completely: the
         block then disappears (automatic depth determination). With per-weight gates every
         layer keeps ≥ 1 weight."""
-        if not self.guard_after_step:
-            return
-        for key, gate in self.gates.items():
-            if gate.frozen is None and (self.per_weight or self.graph.groups[self.gid_of[key]].min_keep > 0):
-                gate.keep_at_least_one()
+        if self.guard_after_step:
+            for key, gate in self.gates.items():
+                if gate.frozen is None and (self.per_weight or self.graph.groups[self.gid_of[key]].min_keep > 0):
+                    gate.keep_at_least_one()
+        if self.aim is not None:
+            with torch.no_grad():
+                ratio = self.aim.update(self.keep_masks(), progress)
+            self._last.update({"cost/b": ratio, "lam": self.weight()})
+
+    def weight(self) -> float:
+        """λ of the penalty at this step: the method's λ, times the aim's multiplier when aimed."""
+        return self.lam * (self.aim.factor() if self.aim is not None else 1.0)
 
     def scores(self) -> dict[str, torch.Tensor]:
         return self.by_group(lambda g: g.keep_score().detach())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..aiming import AIM_GAIN, AIM_RATE, BudgetAim
 from ..budget import Budget
 from ..gates import GaussianGate
 from ..graph import ChannelGraph
@@ -24,8 +25,11 @@ from .gated import GatedMethod
 class InformationBottleneck(GatedMethod):
     """λ · Σ_l A_l Σ_i log(1 + μ²/σ²) with Gaussian channel gates; ``lam`` 1e-5 by default."""
 
-    def __init__(self, lam: float = 1e-5, threshold: float = 1.0, gate_lr: float | None = None):
-        super().__init__(gate_lr)
+    def __init__(self, lam: float = 1e-5, threshold: float = 1.0, gate_lr: float | None = None,
+                 aim: str = "budget", aim_rate: float = AIM_RATE, aim_gain: float = AIM_GAIN,
+                 schedule: str = "sigmoid", hardness: float | None = None, schedule_end: float = 1.0):
+        super().__init__(gate_lr, aim=BudgetAim.create(
+            aim, aim_rate, aim_gain, schedule, hardness, schedule_end))
         if lam < 0 or not threshold > 0:
             raise ValueError("ib needs lam ≥ 0 and threshold > 0")
         self.lam = float(lam)
@@ -44,4 +48,4 @@ class InformationBottleneck(GatedMethod):
     def penalty(self, progress: float) -> torch.Tensor:
         prior = self.prior()
         self._last["prior"] = float(prior.detach())
-        return self.lam * prior
+        return self.weight() * prior

@@ -4,7 +4,8 @@ prune half of the remaining cost and retrain.
 The prune phase is cut into n + 1 equal parts, n = ⌈log₂(1 / budget fraction)⌉: the first
 trains the unpruned network, and at the start of part k (k = 1..n) the network is pruned to
 max(2⁻ᵏ, fraction) of its full cost, then retrained until the next cut (with ``steps`` = n
-given, cut k prunes to fraction^(k/n) instead). As in seed 001 (section 5.1), a cut scales
+given, cut k prunes to fraction^(k/n) instead). With ``schedule_end`` < 1 the n + 1 parts share
+that first fraction of the phase and the rest retrains the pruned network. As in seed 001 (section 5.1), a cut scales
 the width of every layer by one factor (:func:`budgetprune.budget.uniform_widths`) and the
 method's channel scores decide which channels of a layer stay; ``allocation="global"``
 uses the shared projection (:func:`budgetprune.budget.enforce_budget`: lowest score per
@@ -23,6 +24,7 @@ from torch import nn
 from ..budget import Budget, enforce_budget, uniform_widths
 from ..gates import MaskGate
 from ..graph import ChannelGraph, ChannelGroup
+from ..objectives import check_schedule_end
 from .gated import GatedMethod
 
 
@@ -31,8 +33,9 @@ class IterativePruning(GatedMethod):
 
     guard_after_step = False
 
-    def __init__(self, steps: int | None = None, allocation: str = "uniform"):
+    def __init__(self, steps: int | None = None, allocation: str = "uniform", schedule_end: float = 1.0):
         super().__init__(gate_lr=None)
+        self.schedule_end = check_schedule_end(schedule_end)
         if steps is not None and steps < 1:
             raise ValueError("the iterative scheme needs at least one pruning step")
         if allocation not in ("uniform", "global"):
@@ -54,8 +57,9 @@ class IterativePruning(GatedMethod):
         self.register_buffer("cuts_done", torch.zeros((), dtype=torch.long))
 
     def cut_progress(self, k: int) -> float:
-        """Where (fraction of the prune phase) cut k (0-based) happens."""
-        return (k + 1) / (len(self.fractions) + 1)
+        """Where (fraction of the prune phase) cut k (0-based) happens: the cuts and the retraining
+        between them share the first ``schedule_end`` of the phase, the rest retrains at the budget."""
+        return (k + 1) / (len(self.fractions) + 1) * self.schedule_end
 
     def channel_scores(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..aiming import AIM_GAIN, AIM_RATE, BudgetAim
 from ..budget import Budget
 from ..errors import ConfigError
 from ..gates import HardConcreteGate
@@ -39,8 +40,11 @@ class PenalizedL0(GatedMethod):
 
     def __init__(self, lam: float | None = None, dataset_size: int | None = None, metric: str = "params",
                  layer_lam: dict[str, float] | None = None, gate_lr: float | None = None, gate_init: float = 0.0,
-                 granularity: str = "channel"):
-        super().__init__(gate_lr, granularity)
+                 granularity: str = "channel",
+                 aim: str = "budget", aim_rate: float = AIM_RATE, aim_gain: float = AIM_GAIN,
+                 schedule: str = "sigmoid", hardness: float | None = None, schedule_end: float = 1.0):
+        super().__init__(gate_lr, granularity, BudgetAim.create(
+            aim, aim_rate, aim_gain, schedule, hardness, schedule_end))
         if lam is None:
             lam = 0.1 / dataset_size if dataset_size else 1e-6
         if lam < 0:
@@ -71,4 +75,4 @@ class PenalizedL0(GatedMethod):
     def penalty(self, progress: float) -> torch.Tensor:
         l0 = self.expected_l0()
         self._last["E_L0"] = float(l0.detach())
-        return self.lam * l0
+        return self.weight() * l0

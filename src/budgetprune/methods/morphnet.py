@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..aiming import AIM_GAIN, AIM_RATE, BudgetAim
 from ..budget import Budget
 from ..gates import ScaleGate
 from ..graph import ChannelGraph, ChannelGroup
@@ -28,8 +29,11 @@ class MorphNet(GatedMethod):
     """Resource-weighted L1 on BatchNorm scales; ``metric`` defaults to the (first) budget's."""
 
     def __init__(self, lam: float = 1e-4, threshold: float = 1e-2, metric: str | None = None,
-                 gate_lr: float | None = None):
-        super().__init__(gate_lr)
+                 gate_lr: float | None = None,
+                 aim: str = "budget", aim_rate: float = AIM_RATE, aim_gain: float = AIM_GAIN,
+                 schedule: str = "sigmoid", hardness: float | None = None, schedule_end: float = 1.0):
+        super().__init__(gate_lr, aim=BudgetAim.create(
+            aim, aim_rate, aim_gain, schedule, hardness, schedule_end))
         if lam < 0 or not threshold > 0:
             raise ValueError("morphnet needs lam ≥ 0 and threshold > 0")
         self.lam = float(lam)
@@ -68,4 +72,4 @@ class MorphNet(GatedMethod):
         for gid, gate in self.by_group(lambda g: g).items():
             total = total + (w[gid].to(gate.gamma) * gate.gamma.abs()).sum()
         self._last["l1"] = float(total.detach())
-        return self.lam * self.scale * total
+        return self.weight() * self.scale * total

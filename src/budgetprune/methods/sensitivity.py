@@ -36,11 +36,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..aiming import AIM_GAIN, AIM_RATE, BudgetAim
 from ..budget import Budget
 from ..gates import MaskGate
 from ..graph import ChannelGraph, ChannelGroup, parameter
 from .base import register_method
 from .gated import GatedMethod
+
+
+#: The largest decay λ·m an aimed run applies per step (the paper's λ < 1 keeps w ← w(1 − λ(1 − S)) a
+#: shrink; half a filter per step is already a cut).
+MAX_DECAY = 0.5
 
 
 @register_method("sensitivity")
@@ -54,8 +60,11 @@ class SensitivityRegularization(GatedMethod):
     rank_statistics = ("sensitivity",)  # measured on each process's batches: averaged over processes
 
     def __init__(self, lam: float = 1e-2, kind: str = "unspecific", every: int = 10, threshold: float = 1e-2,
-                 momentum: float = 0.9, granularity: str = "channel"):
-        super().__init__(gate_lr=None, granularity=granularity)
+                 momentum: float = 0.9, granularity: str = "channel",
+                 aim: str = "budget", aim_rate: float = AIM_RATE, aim_gain: float = AIM_GAIN,
+                 schedule: str = "sigmoid", hardness: float | None = None, schedule_end: float = 1.0):
+        super().__init__(gate_lr=None, granularity=granularity, aim=BudgetAim.create(
+            aim, aim_rate, aim_gain, schedule, hardness, schedule_end))
         if kind not in ("unspecific", "specific"):
             raise ValueError("sensitivity kind must be 'unspecific' or 'specific'")
         if not 0 <= lam < 1 or every < 1 or not threshold > 0:
@@ -161,15 +170,17 @@ class SensitivityRegularization(GatedMethod):
         """w ← w − λ · w · max(0, 1 − S) on every channel's filter (seed 002's learning rule,
         after the optimiser's own step)."""
         self.steps += 1
+        lam = min(self.weight(), MAX_DECAY)
         for gid in self.units:
             gate = self.gate(gid)
-            shrink = 1.0 - self.lam * (1.0 - gate.sensitivity).clamp_min(0.0) * gate.mask
+            shrink = 1.0 - lam * (1.0 - gate.sensitivity).clamp_min(0.0) * gate.mask
             if self.per_weight:
                 p = self._weight(gid)
                 p.mul_(shrink.to(p).reshape(p.shape))
                 continue
             for p, rows in self._filter_params(gid):
                 p.mul_(shrink.to(p)[rows.to(p.device)].reshape(-1, *([1] * (p.dim() - 1))))
+        super().after_step(progress)  # aimed: the controller's step on the masks this decay left
 
     def scores(self) -> dict[str, torch.Tensor]:
         """S per channel; |w| per weight (the magnitude the decay left)."""
