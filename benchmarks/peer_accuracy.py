@@ -482,7 +482,11 @@ def plot(record: dict, path: Path) -> None:
             y = [mean_std(p["acc"]) for _, p in pts]
             style = dict(lw=2.5, color="black") if m == "bar" else dict(ls="--" if m.endswith("-plain") else "-")
             ax.errorbar(x, [v[0] for v in y], yerr=[v[1] for v in y], marker="o", capsize=3, label=m, **style)
+        factors = sorted(s[model])
         ax.set_xscale("log", base=2)
+        ax.set_xlim(factors[0] / 1.4, factors[-1] * 1.4)  # one factor alone still gets a readable axis
+        ax.set_xticks(factors, [f"{f:g}×" for f in factors])
+        ax.minorticks_off()
         ax.set_xlabel("FLOP reduction (torch.utils.flop_counter)")
         ax.set_ylabel("test accuracy (%), mean ± std over seeds")
         ax.set_title(model)
