@@ -48,7 +48,6 @@ is recorded with a one-line error; the script goes on to the next.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -61,18 +60,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, source_state  # noqa: E402
+from common import RESULTS  # noqa: E402
+from peer import LAYERS, aten_macs, base_pruner, bp_count, budgetprune_state, layers, outputs, version  # noqa: E402
 from torchvision_models import FAMILIES, SIZE_AT_LEAST, import_torchvision, make  # noqa: E402
 
 from budgetprune.errors import first_line  # noqa: E402
-from budgetprune.graph import ChannelGraph  # noqa: E402
-from budgetprune.resources import resource_report  # noqa: E402
-
-LAYERS = (nn.Conv2d, nn.Linear)
-
 
 class Limit(BaseException):
     """Past a time or memory limit: a BaseException, so that no per-stage `except Exception` swallows it."""
@@ -131,14 +125,6 @@ def limited_graph(build_pruner):
             arm(max(1, left - int(time.monotonic() - start)), text)
 
 
-def outputs(m: nn.Module) -> int:
-    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-
-
-def layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, LAYERS)]
-
-
 def attention_setup(model: nn.Module) -> tuple[dict, dict, callable]:
     """``num_heads`` and ``out_channel_groups`` for the pruner, and what to reset on the model after each step."""
     from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
@@ -165,10 +151,8 @@ def attention_setup(model: nn.Module) -> tuple[dict, dict, callable]:
 
 def pruner_for(tp, model, x, ratio: float, steps: int):
     num_heads, groups, fix = attention_setup(model)
-    pruner = tp.pruner.BasePruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                  pruning_ratio=ratio, iterative_steps=steps, global_pruning=False,
-                                  ignored_layers=[layers(model)[-1]], num_heads=num_heads, in_channel_groups={},
-                                  out_channel_groups=groups)
+    pruner = base_pruner(tp, model, x, tp.importance.GroupMagnitudeImportance(p=2), ratio, steps,
+                         num_heads=num_heads, in_channel_groups={}, out_channel_groups=groups)
     return pruner, fix
 
 
@@ -187,28 +171,6 @@ def tp_prunable(pruner, model) -> tuple[int, set]:
             if isinstance(m, LAYERS) and m is not classifier:
                 seen.add(m)
     return sum(outputs(m) for m in seen), seen
-
-
-def bp_count(model, x) -> dict | str:
-    """budgetprune's counter (conv/linear MACs, params): a dict, or the one-line error."""
-    try:
-        report = resource_report(ChannelGraph.build(model, x), metrics=("flops", "params"))
-        return {"flops": report["flops"], "params": report["params"]}
-    except Exception as exc:  # noqa: BLE001 - a model budgetprune cannot trace
-        return f"{type(exc).__name__}: {first_line(exc, 160)}"
-
-
-def aten_macs(model, x) -> float | str:
-    """Multiply-accumulates per input of the conv/matmul operators torch runs (``torch.utils.flop_counter``),
-    whatever calls them: functional ``F.linear`` and attention included. Counted on a copy in train
-    mode, where ``nn.MultiheadAttention`` takes its decomposed path (the eval fast path is not counted)."""
-    try:
-        clone = copy.deepcopy(model).train()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            clone(x)
-        return counter.get_total_flops() / 2 / x.shape[0]
-    except Exception as exc:  # noqa: BLE001
-        return f"{type(exc).__name__}: {first_line(exc, 160)}"
 
 
 def forward_ok(model, x) -> str | None:
@@ -403,7 +365,7 @@ def main(argv=None) -> int:
         rows.append(row)
     record = {"command": "python benchmarks/peer_torch_pruning.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "target": args.target, "steps": args.steps, "torch": torch.__version__,
-              "torch_pruning": _version("torch-pruning"),
+              "torch_pruning": version("torch-pruning"),
               "torch_pruning_module_version": getattr(tp, "__version__", None),  # 1.6.1's says 1.6.0
               "threads": torch.get_num_threads(), "budgetprune": budgetprune_state(),
               "wall_seconds": time.perf_counter() - start, "rows": rows}
@@ -426,25 +388,6 @@ def main(argv=None) -> int:
             "count of the full model over aten's. budgetprune: " + record["budgetprune"] + ".", "", *table(rows), ""]
     (out / "peer_torch_pruning.md").write_text("\n".join(page))
     return 0
-
-
-def budgetprune_state() -> str:
-    """budgetprune's version and commit, and whether its sources differed from the commit (its counter ran)."""
-    import budgetprune
-    state = source_state()
-    if state is None:
-        return f"{getattr(budgetprune, '__version__', '?')} (no git)"
-    head, dirty = state
-    tail = f", with uncommitted changes in {', '.join(dirty)}" if dirty else ""
-    return f"{getattr(budgetprune, '__version__', '?')} at {head}{tail}"
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

@@ -165,6 +165,16 @@ def _small_run(out, **kw):
     return PruneRun(budgetprune.create_model("lenet5"), train, test, cfg, out, log=lambda s: None)
 
 
+def test_train_teacher_runs_the_teacher_stage_alone_and_a_second_call_loads_its_file(tmp_path, monkeypatch):
+    import budgetprune.pipeline as pl
+    teacher = _small_run(tmp_path / "t").train_teacher()
+    assert (tmp_path / "t" / "teacher.pt").exists() and not (tmp_path / "t" / "model.pt").exists()
+    monkeypatch.setattr(pl, "train_epoch", lambda *a, **k: pytest.fail("the teacher was trained again"))
+    again = _small_run(tmp_path / "t").train_teacher(resume=True)
+    x = load_dataset("demo").test[0][0].unsqueeze(0)
+    assert torch.equal(teacher.eval()(x), again.eval()(x))
+
+
 @pytest.mark.slow
 def test_interrupted_run_resumes_without_losing_an_epoch(tmp_path, monkeypatch):
     import budgetprune.pipeline as pl

@@ -385,6 +385,15 @@ class PruneRun:
                                                 pruner)
         return self._finish(net, specs, info)
 
+    def train_teacher(self, resume: bool = False) -> nn.Module:
+        """The teacher stage alone: train the unpruned teacher (or load the run folder's
+        ``teacher.pt``), write ``teacher.pt`` and return the teacher, so that several runs, or
+        another pruning tool, can start from the same weights (pass the file as ``teacher``)."""
+        with distributed.main_only(RunFolder(self.out)):
+            ckpt = self._load_checkpoint() if resume else None
+            self._teacher_stage(ckpt if ckpt is not None and ckpt["stage"] == "teacher" else None)
+        return self.teacher
+
     def _check_diverged_resume(self, resume: bool) -> None:
         """After a divergence, a resume continues only with a lower learning rate."""
         lr = diverged_lr(self.out)

@@ -1,0 +1,50 @@
+"""benchmarks/peer_accuracy.py's core on a few hundred demo images: BAR and a Torch-Pruning pruner
+from one teacher both land at or under the FLOP target, within [0.95, 1] of it, by one counter; a bad
+flag is one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def peer_accuracy():
+    pytest.importorskip("torch_pruning")
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import peer_accuracy
+        yield peer_accuracy
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_both_sides_meet_the_flop_target_from_one_teacher(peer_accuracy, tmp_path):
+    import torch_pruning as tp
+    from budgetprune.data import load_dataset
+
+    from common import random_subset
+
+    splits = load_dataset("demo")
+    train, test = random_subset(splits.train, 300), random_subset(splits.test, 200)
+    settings = peer_accuracy.Settings("demo", 300, teacher_epochs=1, prune_epochs=1, finetune_epochs=0,
+                                      lowlr_epochs=0, tp_steps=1, taylor_batches=2)
+    setup = peer_accuracy.prepare("lenet5", 0, train, test, splits.info, settings, tmp_path / "teacher",
+                                  log=lambda _: None)
+    assert setup.full["flops"] == setup.full["bp_flops"] > 0  # LeNet-5: both counters agree
+    for method in ("bar", "tp-magnitude-oneshot"):
+        row = peer_accuracy.run_one(tp, setup, method, 8.0, settings, tmp_path / method, log=lambda _: None)
+        assert 0.95 <= row["flops_over_target"] <= 1.0 and row["in_window"], row
+        assert row["flops"] == row["bp_flops"] and 0.0 <= row["test_accuracy"] <= 1.0, row
+        assert row["teacher_accuracy"] == setup.teacher_accuracy
+
+
+def test_epochs_that_do_not_add_up_are_a_one_line_error(tmp_path):
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "peer_accuracy.py"), "--total-epochs", "10",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "--total-epochs" in run.stderr, run.stderr
