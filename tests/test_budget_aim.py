@@ -109,7 +109,8 @@ def test_lambda_rises_while_the_cost_is_over_the_schedule(method, demo_subsets):
     train, _ = demo_subsets(64)
     batches = _batches(train, 6)
     model = budgetprune.create_model("lenet5")
-    aimed = Pruner(model, batches[0][0], 0.25, method=method, total_steps=6, dataset_size=len(train))
+    aimed = Pruner(model, batches[0][0], 0.25, method=method, total_steps=6, dataset_size=len(train),
+                   method_options={"aim": "budget"})
     weights = []
     for x, y in batches:
         F.cross_entropy(model(x), y) + aimed.penalty()
