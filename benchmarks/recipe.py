@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ CONTENDERS = [PLAIN, *RECIPES]
 #: model:data and the contenders run on it by default. A LeNet-5 epoch on 50 000 images is ~25 s
 #: on one core here, LeNet-300-100's ~2 s: LeNet-5 gets the smaller grid.
 DEFAULT_GRID = {"lenet300:mnist": CONTENDERS,
-                "lenet5:fashion-mnist": [PLAIN, "default", "adamw-cos", "adamw-cos-ls", "sgd-cos"]}
+                "lenet5:fashion-mnist": [PLAIN, "default", "adamw-cos", "sgd-cos", "adamw-cos-ls"]}
 
 
 def settings(name: str) -> str:
@@ -228,17 +229,28 @@ def main(argv=None) -> int:
                    help="comma-separated contenders for every model (default: each model's grid)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at once (one thread each)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--work", default=str(HERE.parent / "runs" / "recipe"),
+                   help="each finished run is kept here and not trained again (delete it to start afresh)")
     args = p.parse_args(argv)
     if args.epochs < 1 or args.seeds < 1 or args.jobs < 1:
         p.error("--epochs, --seeds and --jobs must be at least 1")
     grid = {m: (args.recipes or DEFAULT_GRID[m]) for m in args.models}
     jobs = [(m, name, seed, args.epochs, args.validation, args.data_root)
             for m, names in grid.items() for seed in range(args.seeds) for name in names]
-    jobs.sort(key=lambda j: j[0].startswith("lenet300"))  # the long runs first: the pool ends together
+    # the short runs first, then seed by seed: a partial grid is already comparable
+    jobs.sort(key=lambda j: (not j[0].startswith("lenet300"), j[2], grid[j[0]].index(j[1])))
     t0 = time.time()
-    runs = []
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    cached = {job: work / (f"{job[0].replace(':', '_')}_{job[1].replace(' ', '_')}_seed{job[2]}_"
+                           f"{job[3]}ep_val{job[4]:g}.json") for job in jobs}
+    runs = [json.loads(f.read_text()) for f in cached.values() if f.exists()]
+    todo = [job for job in jobs if not cached[job].exists()]
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        for run in pool.map(one_run, jobs):
+        futures = {pool.submit(one_run, job): job for job in todo}
+        for future in as_completed(futures):
+            run = future.result()
+            cached[futures[future]].write_text(json.dumps(run))
             runs.append(run)
             print(f"{run['model']} {run['recipe']} seed {run['seed']}: val {run['val_accuracy']:.2f} "
                   f"test {run['test_accuracy']:.2f} ({run['train_seconds']:.0f} s)", flush=True)
