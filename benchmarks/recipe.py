@@ -38,6 +38,8 @@ RECIPES = {
                          label_smoothing=0.1, batch_size=128),
     "adamw-cos-b64": dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, lr_schedule="cosine", warmup_epochs=0.5,
                           batch_size=64),
+    "adamw-cos-ls-b64": dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, lr_schedule="cosine", warmup_epochs=0.5,
+                             label_smoothing=0.1, batch_size=64),
     "sgd-cos": dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, lr_schedule="cosine",
                     warmup_epochs=0.5, batch_size=128),
     "sgd-cos-ls": dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
@@ -47,9 +49,11 @@ PLAIN = "plain loop"  # the issue's reference: Adam lr 1e-3, batch 128, no weigh
 CONTENDERS = [PLAIN, *RECIPES]
 
 #: model:data and the contenders run on it by default. A LeNet-5 epoch on 50 000 images is ~25 s
-#: on one core here, LeNet-300-100's ~2 s: LeNet-5 gets the smaller grid.
+#: of one core here (minutes on the shared machine), LeNet-300-100's ~2 s: LeNet-5 gets the
+#: reference, the old default and the recipe with the best validation accuracy on LeNet-300-100
+#: (chosen before any LeNet-5 run, without looking at a test accuracy).
 DEFAULT_GRID = {"lenet300:mnist": CONTENDERS,
-                "lenet5:fashion-mnist": [PLAIN, "default", "adamw-cos", "sgd-cos", "adamw-cos-ls"]}
+                "lenet5:fashion-mnist": [PLAIN, "default", "adamw-cos-ls-b64"]}
 
 
 def settings(name: str) -> str:

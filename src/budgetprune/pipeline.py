@@ -3,8 +3,9 @@
 Stages (seed 001, supplement 3.1): the unpruned *teacher* is trained (or loaded); the
 *prune* stage trains the student with the method's penalty while the budget tightens; the
 student is then hard-pruned, projected onto the budget exactly and physically compacted;
-the *finetune* stage trains the compacted network with knowledge distillation, first at the
-base learning rate and then at a tenth of it. After every epoch the run's state is written
+the *finetune* stage trains the compacted network with knowledge distillation (with a constant
+rate, first at the base learning rate and then at a tenth of it). Each stage trains with its
+recipe (:meth:`PruneConfig.recipe`, :mod:`budgetprune.recipe`). After every epoch the run's state is written
 atomically to ``checkpoint.pt``, so an interrupted run resumes without losing a finished
 epoch.
 """
@@ -396,7 +397,9 @@ class PruneRun:
     def _line(self, stage: str, epoch: int, total: int, stats: dict) -> None:
         parts = [f"[{stage}] epoch {epoch}/{total}", f"loss {stats['loss']:.4f}",
                  f"acc {stats['train_accuracy']:.4f}", f"test {stats['test_accuracy']:.4f}"]
-        skip = {"loss", "train_accuracy", "test_accuracy", "seconds", "steps", "penalty"}
+        if "val_accuracy" in stats:
+            parts.append(f"val {stats['val_accuracy']:.4f}")
+        skip = {"loss", "train_accuracy", "test_accuracy", "val_accuracy", "seconds", "steps", "penalty"}
         parts += [f"{k} {v:.4g}" for k, v in stats.items() if k not in skip and isinstance(v, (int, float))]
         parts.append(f"{stats['seconds']:.1f}s")
         self.log("  ".join(parts))
