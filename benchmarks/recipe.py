@@ -160,6 +160,8 @@ def summarise(runs: list[dict], grid: dict[str, list[str]]) -> dict:
         recipes = [n for n in rows if n != PLAIN]
         best = max(recipes, key=lambda n: rows[n]["val_mean_std"][0]) if recipes else None
         for name, row in rows.items():
+            if best is not None and name != best:
+                row["val_vs_best"] = _verdict(row["val"], rows[best]["val"])
             for ref in ("default", PLAIN):
                 if ref in rows and name != ref:
                     row[f"val_vs_{ref}"] = _verdict(row["val"], rows[ref]["val"])
@@ -181,16 +183,20 @@ def page(record: dict) -> str:
              "out (chosen from the seed) for validation and never trained on. **Chosen by validation accuracy**; "
              "the test accuracy is reported, never used to choose. Accuracy in % (mean ± std over seeds); "
              "'tie' = the means differ by under two standard errors of their difference (benchmarks/stats.py). "
-             f"Machine: {record['machine']}. Wall time {record['wall_seconds'] / 60:.1f} min.", ""]
+             f"Machine: {record['machine']}, {record['jobs']} runs at once, one thread each, shared with "
+             f"other jobs (s/run: wall seconds of one run's training). Training time of all runs "
+             f"{record['train_seconds'] / 60:.0f} min (runs kept in --work from earlier invocations are read, "
+             f"not trained again; this invocation: {record['wall_seconds'] / 60:.1f} min).", ""]
     for model_data, res in record["results"].items():
         lines += [f"## {model_data}", "",
-                  "| recipe | settings | val accuracy | vs default (val) | test accuracy | vs default (test) | "
-                  "vs plain loop (test) | s/run |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| recipe | settings | val accuracy | vs default (val) | vs best (val) | test accuracy | "
+                  "vs default (test) | vs plain loop (test) | s/run |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, row in res["rows"].items():
             mark = " **(best val)**" if name == res["best_by_validation"] else ""
             lines.append(f"| {name}{mark} | {row['settings']} | {format_mean_std(row['val'])} | "
-                         f"{row.get('val_vs_default', '—')} | {format_mean_std(row['test'])} | "
+                         f"{row.get('val_vs_default', '—')} | {row.get('val_vs_best', '—')} | "
+                         f"{format_mean_std(row['test'])} | "
                          f"{row.get('test_vs_default', '—')} | {row.get('test_vs_plain loop', '—')} | "
                          f"{row['train_seconds']:.0f} |")
         lines.append("")
@@ -261,7 +267,8 @@ def main(argv=None) -> int:
     record = {"command": "python benchmarks/recipe.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "epochs": args.epochs, "seeds": list(range(args.seeds)), "validation": args.validation,
               "machine": machine(), "jobs": args.jobs, "recipes": RECIPES, "runs": runs,
-              "results": summarise(runs, grid), "wall_seconds": time.time() - t0}
+              "results": summarise(runs, grid), "wall_seconds": time.time() - t0,
+              "train_seconds": sum(r["train_seconds"] for r in runs)}
     out = write_results(args.out, "recipe", record, page(record))
     plot(record, out / "recipe.png")
     print(page(record))
