@@ -121,8 +121,10 @@ def test_adamw_decays_apart_from_the_gradient_adam_and_sgd_through_it():
 
 
 def test_the_prune_stage_keeps_the_papers_recipe_unless_asked():
-    cfg = PruneConfig(optimizer="sgd", lr=0.05, weight_decay=1e-4, lr_schedule="cosine", label_smoothing=0.1)
-    assert cfg.recipe("teacher") == Recipe("sgd", 0.05, 1e-4, schedule="cosine", label_smoothing=0.1)
+    cfg = PruneConfig(optimizer="sgd", lr=0.05, weight_decay=1e-4, lr_schedule="cosine", warmup_epochs=0.25,
+                      label_smoothing=0.1)
+    assert cfg.recipe("teacher") == Recipe("sgd", 0.05, 1e-4, schedule="cosine", warmup_epochs=0.25,
+                                           label_smoothing=0.1)
     assert cfg.recipe("finetune") == cfg.recipe("teacher")
     assert cfg.recipe("prune") == Recipe("adam", 0.05, 5e-4)
     cfg.prune_recipe = "same"
