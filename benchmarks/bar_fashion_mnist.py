@@ -25,7 +25,8 @@ from budgetprune import io
 from budgetprune.budget import Budget
 from budgetprune.compact import to_plain
 from budgetprune.data import load_dataset
-from budgetprune.engine import iterate_batches, make_optimizer, predict_logits
+from budgetprune.engine import iterate_batches, predict_logits
+from budgetprune.recipe import PAPER, make_optimizer
 from budgetprune.graph import ChannelGraph
 from budgetprune.methods import create_method
 from budgetprune.objectives import distillation_loss
@@ -60,7 +61,7 @@ def step_costs(model_name: str, splits, teacher: nn.Module, steps: int = 150) ->
         model = budgetprune.create_model(model_name, in_channels=info.in_channels, num_classes=info.num_classes,
                                          input_size=info.image_size)
         if kind == "plain":
-            opt = make_optimizer(list(model.parameters()), 1e-3, 5e-4)
+            opt = make_optimizer(list(model.parameters()), PAPER)
 
             def step(i):
                 _, x, y = x_all[i % len(x_all)]
@@ -72,7 +73,8 @@ def step_costs(model_name: str, splits, teacher: nn.Module, steps: int = 150) ->
         graph = ChannelGraph.build(model, x_all[0][1][:1])
         method = create_method("bar", gate_lr=1e-2)
         method.attach(model, graph, [Budget("volume", 0.25)])
-        opt = make_optimizer(list(model.parameters()), 1e-3, 5e-4, method.param_groups(1e-3))
+        opt = make_optimizer([{"params": list(model.parameters()), "name": "weights"}] + method.param_groups(1e-3),
+                             PAPER)
 
         def step(i):
             idx, x, y = x_all[i % len(x_all)]

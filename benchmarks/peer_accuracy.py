@@ -50,7 +50,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import replace, asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -62,7 +62,8 @@ import budgetprune  # noqa: E402
 from budgetprune import io, seeding  # noqa: E402
 from budgetprune.api import load_teacher  # noqa: E402
 from budgetprune.data import load_dataset  # noqa: E402
-from budgetprune.engine import evaluate, iterate_batches, make_optimizer, predict_logits, set_lr, train_epoch  # noqa: E402
+from budgetprune.engine import evaluate, iterate_batches, predict_logits, train_epoch  # noqa: E402
+from budgetprune.recipe import PAPER, make_optimizer, set_lr  # noqa: E402
 from budgetprune.objectives import distillation_loss  # noqa: E402
 from budgetprune.pipeline import PruneConfig, PruneRun  # noqa: E402
 from common import HERE, RESULTS, Parser, machine, name_list, random_subset  # noqa: E402
@@ -273,7 +274,8 @@ def run_tp(tp, setup: Setup, method: str, factor: float, settings: Settings, log
         record["steps"].append(step)
         log(f"[{method} {factor:g}x] step {i + 1}/{steps}: {step.get('ranking', '')} ratio {step['ratio']:.4f}, FLOPs {step['flops']:.4g} "
             f"({step['flops'] / target:.4f} of the step's target)")
-        opt = make_optimizer(list(model.parameters()), rec.lr, rec.weight_decay)
+        # seed 001's fine-tune (Adam, coupled L2, constant rate then lr/10): what the committed results used
+        opt = make_optimizer(list(model.parameters()), replace(PAPER, lr=rec.lr, weight_decay=rec.weight_decay))
         for _ in range(shares[i]):
             low = epoch >= total - rec.lowlr_epochs
             set_lr(opt, rec.lowlr_factor if low else 1.0, {"weights": rec.lr})

@@ -74,9 +74,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="trained unpruned model (a budgetprune model.pt/teacher.pt or a state dict)")
     p.add_argument("--epochs", type=int, help="train+prune epochs (paper: 80; default 10)")
     p.add_argument("--finetune-epochs", type=int, help="fine-tune epochs with frozen gates (paper: 40; default 4)")
-    p.add_argument("--lowlr-epochs", type=int, help="last fine-tune epochs at lr/10 (paper: 10; default 1)")
+    p.add_argument("--lowlr-epochs", type=int, help="last fine-tune epochs: at lr/10 with --lr-schedule constant (paper: 10), "
+                                                    "the cosine's tail otherwise (default 1)")
     p.add_argument("--teacher-epochs", type=int, help="epochs to train the unpruned teacher (default 5)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, help="learning rate of the network's weights (default 1e-3)")
+    p.add_argument("--optimizer", help="teacher and fine-tune optimizer: adamw (decoupled weight decay; the "
+                                       "default), adam (coupled L2; the paper's) or sgd")
+    p.add_argument("--weight-decay", type=float, help="weight decay as --optimizer applies it (default 0.05; "
+                                                      "the paper's Adam: 5e-4); never on gates")
+    p.add_argument("--momentum", type=float, help="sgd: momentum (default 0.9)")
+    p.add_argument("--nesterov", action="store_true", help="sgd: Nesterov momentum")
+    p.add_argument("--lr-schedule", help="learning rate over each stage: cosine (default) or onecycle (both anneal "
+                                         "the whole stage, --lowlr-epochs included), or constant (fine-tune ends "
+                                         "with --lowlr-epochs at lr/10); the gates' rate stays constant")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up at the start of each stage, in epochs "
+                                                       "(fractions allowed; default 0.5)")
+    p.add_argument("--label-smoothing", type=float, help="label smoothing of the teacher's cross-entropy and of "
+                                                         "distillation's hard-label term (default 0.1)")
+    p.add_argument("--prune-recipe", help="prune stage: paper (default: Adam at --lr, L2 5e-4, constant rate, "
+                                          "as BAR was tuned) or same (the recipe options above)")
+    p.add_argument("--validation", type=float, metavar="N",
+                   help="hold out N training images (or a fraction, 0.1) chosen from --seed, never trained on; "
+                        "every epoch logs val_accuracy (default 0: none)")
     p.add_argument("--gate-lr", type=float, help="learning rate of the gate parameters (default 1e-2)")
     p.add_argument("--batch-size", type=int, help="batch size (default 64)")
     p.add_argument("--lam", type=float, help="weight λ of the method's penalty (default: the method's; bar 1e-5, "
@@ -148,7 +167,8 @@ RESUME_MAY_CHANGE = ("device", "data_root", "progress", "workers", "deploy_runti
 _PLAIN_OPTIONS = ("model", "data", "data_root", "image_size", "augment", "workers", "method", "teacher",
                   "granularity", "epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs", "lr", "gate_lr",
                   "batch_size", "lam", "gate_init", "dual_lr", "schedule", "schedule_end", "student_init", "seed",
-                  "device", "block", "channel_multiple", "precision", "deploy_runtime")
+                  "device", "block", "channel_multiple", "precision", "deploy_runtime", "optimizer", "weight_decay",
+                  "momentum", "lr_schedule", "warmup_epochs", "label_smoothing", "prune_recipe", "validation")
 
 
 def cmd_prune(args) -> int:
@@ -237,6 +257,8 @@ def _given_options(args, base) -> dict:
         given["method_options"] = parse_method_options(args.method_option)
     if args.no_fill:
         given["fill_budget"] = False
+    if args.nesterov:
+        given["nesterov"] = True
     return given
 
 

@@ -176,13 +176,15 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
                 step: int = 0,
                 penalty: Callable[[], torch.Tensor] | None = None,
                 after_step: Callable[[], None] | None = None,
+                before_step: Callable[[int], None] | None = None,
                 show_progress: bool = True, desc: str = "train",
                 divergence: DivergenceCheck | None = None, workers: int | None = None,
                 precision: str = "fp32", scaler: torch.amp.GradScaler | None = None,
                 shard: bool = False) -> dict[str, float]:
     """One epoch: ``penalty()`` is added to each batch's loss and ``after_step()`` called after
     each optimiser step (a :class:`~budgetprune.pruner.Pruner`'s, which keeps its own step count);
-    ``step`` is the global step of the epoch's first batch (for the divergence report);
+    ``before_step(step)`` before each, with the batch's global step (the learning-rate schedule,
+    :func:`budgetprune.recipe.stage_schedule`); ``step`` is the global step of the epoch's first batch;
     ``workers`` the DataLoader processes of streamed data (see :func:`iterate_batches`).
 
     ``precision`` (``fp32``, ``bf16``, ``fp16``) runs the forward pass under autocast; the loss is
@@ -218,6 +220,8 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
                 loss_value = distributed.sum_values([loss_value])[0] / distributed.world_size()
             divergence.check_loss(loss_value, pen_value, step)
             optimizer.zero_grad(set_to_none=True)
+            if before_step is not None:
+                before_step(step)
             if scaler is None:
                 total.backward()
                 optimizer.step()
@@ -240,22 +244,3 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
         seen, correct, loss_sum, pen_sum = distributed.sum_values([seen, correct, loss_sum, pen_sum])
     return {"loss": loss_sum / max(seen, 1), "penalty": pen_sum / max(seen, 1),
             "train_accuracy": correct / max(seen, 1), "steps": step, "seconds": time.perf_counter() - start}
-
-
-def make_optimizer(params, lr: float, weight_decay: float, extra_groups: list[dict] | None = None):
-    """Adam over ``params`` (one group named ``weights``) and ``extra_groups`` (see :func:`adam`)."""
-    groups = [{"params": [p for p in params if p.requires_grad], "lr": lr, "weight_decay": weight_decay,
-               "name": "weights"}]
-    return adam(groups + (extra_groups or []), lr, weight_decay)
-
-
-def adam(groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Adam:
-    """Adam (seed 001, section 5.1: lr 1e-3, weight decay 5e-4) over parameter groups, such as a
-    :meth:`~budgetprune.pruner.Pruner.parameters`' (the model's weights, then the method's gates)."""
-    return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, factor: float, base: dict[str, float]) -> None:
-    """Scale every group's learning rate to ``factor`` × its base value."""
-    for g in optimizer.param_groups:
-        g["lr"] = base[g.get("name", "weights")] * factor

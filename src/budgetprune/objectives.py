@@ -122,17 +122,26 @@ def dual_ascent(multipliers: torch.Tensor, violations: torch.Tensor, lr: float) 
     return (multipliers + lr * violations.to(multipliers)).clamp_min(0.0)
 
 
+def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, epsilon: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy against the smoothed target (1 − ε) one-hot(y) + ε/K over K classes
+    (label smoothing, Szegedy et al. 2016, section 7): (1 − ε) CE(y) + ε · mean_k(−log p_k)."""
+    return F.cross_entropy(logits, targets, label_smoothing=float(epsilon))
+
+
 def distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor,
                       teacher_logits: torch.Tensor | None, alpha: float = 0.9,
-                      temperature: float = 4.0) -> torch.Tensor:
+                      temperature: float = 4.0, label_smoothing: float = 0.0) -> torch.Tensor:
     """(1 − α) CE(P_s, y) + α T² CE(P_s, P_t) (Hinton et al.; seed 001, section 3.5).
+
+    ``label_smoothing`` ε smooths the hard term only: its target is (1 − ε) one-hot(y) + ε/K
+    (Szegedy et al. 2016, section 7; :func:`smoothed_cross_entropy`); the teacher's P_t is soft already.
 
     The soft term is computed as KL(P_t ‖ P_s) = CE(P_s, P_t) − H(P_t), with P = softmax(logits/T):
     the same gradient as the paper's cross-entropy (H(P_t) does not depend on the student),
     but a value that reads 0 when the student matches the teacher. Averaged over the batch.
     Without a teacher this is the plain cross-entropy.
     """
-    hard = F.cross_entropy(student_logits, targets)
+    hard = smoothed_cross_entropy(student_logits, targets, label_smoothing)
     if teacher_logits is None or alpha == 0.0:
         return hard
     T = temperature

@@ -3,8 +3,9 @@
 Stages (seed 001, supplement 3.1): the unpruned *teacher* is trained (or loaded); the
 *prune* stage trains the student with the method's penalty while the budget tightens; the
 student is then hard-pruned, projected onto the budget exactly and physically compacted;
-the *finetune* stage trains the compacted network with knowledge distillation, first at the
-base learning rate and then at a tenth of it. After every epoch the run's state is written
+the *finetune* stage trains the compacted network with knowledge distillation (with a constant
+rate, first at the base learning rate and then at a tenth of it). Each stage trains with its
+recipe (:meth:`PruneConfig.recipe`, :mod:`budgetprune.recipe`). After every epoch the run's state is written
 atomically to ``checkpoint.pt``, so an interrupted run resumes without losing a finished
 epoch.
 """
@@ -28,16 +29,17 @@ from . import seeding
 from .budget import Budget
 from .compact import to_plain
 from .data.folder import check_folder_options
-from .engine import (DivergenceCheck, adam, evaluate, iterate_batches, make_optimizer, num_batches, predict_logits,
-                     set_lr, streams, train_epoch)
+from .data.validation import check_validation, split_validation
+from .engine import DivergenceCheck, evaluate, iterate_batches, num_batches, predict_logits, streams, train_epoch
 from .errors import CheckpointError, ConfigError, TrainingDiverged, first_line
 from .graph import ChannelGraph
 from .inputs import check_inputs
 from .methods import available_methods, check_method_options, method_options
-from .objectives import check_schedule_end, distillation_loss
+from .objectives import check_schedule_end, distillation_loss, smoothed_cross_entropy
 from .plan import make_plan
 from .plan import replay as plan_replay
 from .precision import check_precision, grad_scaler
+from .recipe import Recipe, make_optimizer, stage_schedule
 from .pruner import Pruner, check_prunable
 from .resources import BUDGET_METRICS, METRICS, resource_report
 from .runfolder import RunFolder
@@ -88,7 +90,17 @@ class PruneConfig:
     gate_lr: float | None = 1e-2
     gate_init: float = 0.0  # initial log α of Hard Concrete gates (seed 001 supplement 4: ≈ 0); s0 of cs
     lowlr_factor: float = 0.1
-    weight_decay: float = 5e-4
+    # the training recipe of the teacher and fine-tune stages (budgetprune.recipe; README "Training recipe")
+    # (benchmarks/results/recipe.md: chosen on validation accuracy; seed 001's: adam, 5e-4, constant, 0, 0)
+    optimizer: str = "adamw"  # adam (coupled L2, seed 001), adamw (decoupled) or sgd
+    weight_decay: float = 0.05  # as the optimizer applies it (seed 001: 5e-4 with Adam)
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    lr_schedule: str = "cosine"  # constant, cosine or onecycle, per stage, from each stage's global step
+    warmup_epochs: float = 0.5  # linear warm-up at the start of each stage (fractions allowed)
+    label_smoothing: float = 0.1  # the teacher's cross-entropy and the hard part of distillation
+    prune_recipe: str = "paper"  # the prune stage: "paper" (Adam at lr, L2 5e-4, constant) or "same" (the above)
+    validation: float = 0  # training images held out for val_accuracy: a count (≥ 1), a fraction (< 1), 0: none
     batch_size: int = 64
     kd_alpha: float = 0.9
     kd_temperature: float = 4.0
@@ -141,6 +153,10 @@ class PruneConfig:
             raise ConfigError("--epochs must be at least 1: pruning happens during training")
         if self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("--batch-size and --lr must be positive")
+        if self.prune_recipe not in PRUNE_RECIPES:
+            raise ConfigError(f"unknown --prune-recipe '{self.prune_recipe}': choose {' or '.join(PRUNE_RECIPES)}")
+        self.recipe("teacher").check()
+        check_validation(self.validation)
         if self.block not in ("auto", "mixed", "regular"):
             raise ConfigError("--block must be 'auto', 'mixed' or 'regular'")
         if self.deploy_runtime not in (None, "none"):
@@ -191,10 +207,32 @@ class PruneConfig:
                 "gate_lr": self.gate_lr, "gate_init": self.gate_init, "dual_lr": self.dual_lr,
                 "dataset_size": dataset_size}
 
+    def recipe(self, stage: str) -> Recipe:
+        """How ``stage`` trains: the teacher and fine-tune stages by the recipe options; the prune
+        stage by them too with ``prune_recipe="same"``, and by seed 001's (Adam at ``lr``, coupled L2
+        5e-4, constant rate, no smoothing) with ``"paper"``: BAR's gates, barrier weight λ and budget
+        schedule were tuned with it."""
+        if stage == "prune" and self.prune_recipe == "paper":
+            return Recipe(optimizer="adam", lr=self.lr, weight_decay=PAPER_WEIGHT_DECAY)
+        return Recipe(optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay, momentum=self.momentum,
+                      nesterov=self.nesterov, schedule=self.lr_schedule, warmup_epochs=self.warmup_epochs,
+                      label_smoothing=self.label_smoothing)
+
     @classmethod
     def from_dict(cls, d: dict) -> "PruneConfig":
+        """The config a ``config.json`` holds; a key it lacks (written before the option existed)
+        takes the value that gives that version's behaviour (:data:`BEFORE_OPTION`), not today's default."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{**BEFORE_OPTION, **{k: v for k, v in d.items() if k in names}})
+
+
+PRUNE_RECIPES = ("paper", "same")
+PAPER_WEIGHT_DECAY = 5e-4  # seed 001, section 5.1, with Adam at lr 1e-3
+
+#: The behaviour of runs whose config.json predates an option: a resumed old run continues as it began.
+BEFORE_OPTION = {"optimizer": "adam", "weight_decay": 5e-4, "momentum": 0.9, "nesterov": False,
+                 "lr_schedule": "constant", "warmup_epochs": 0.0, "label_smoothing": 0.0, "prune_recipe": "paper",
+                 "validation": 0, "batch_size": 64, "lr": 1e-3}
 
 
 _TYPE_CHECKS = {  # Python's own types: config.json is written with the json module
@@ -247,7 +285,10 @@ class PruneRun:
         self.device = resolve_device(config.device)
         check_precision(config.precision, self.device)
         self.model = model.to(self.device)
-        self.train_data, self.test_data = train_data, test_data
+        # the held-out validation images (config.validation) are never trained on
+        self.train_data, self.val_data = split_validation(train_data, config.validation, config.seed)
+        self.test_data = test_data
+        self._parts = [d for d in (self.train_data, self.val_data) if d is not None and d is not train_data]
         self.log = log if distributed.is_main() else (lambda _line: None)  # rank 0 speaks for every process
         self.teacher = teacher.to(self.device).eval() if teacher is not None else None
         x0 = train_data[0][0]
@@ -256,7 +297,7 @@ class PruneRun:
         self.budgets = config.budgets()
         self.budget = self.budgets[0]
         self.per_weight = config.granularity == "weight"
-        check_prunable(self.model, self.graph, self.budgets, **config.pruner_options(len(train_data)))
+        check_prunable(self.model, self.graph, self.budgets, **config.pruner_options(len(self.train_data)))
         self.metrics = METRICS + tuple(b.metric for b in self.budgets if b.metric not in METRICS)
         self.full = resource_report(self.graph, metrics=self.metrics)
         self.ckpt_path = self.out / "checkpoint.pt"
@@ -360,15 +401,22 @@ class PruneRun:
     def _line(self, stage: str, epoch: int, total: int, stats: dict) -> None:
         parts = [f"[{stage}] epoch {epoch}/{total}", f"loss {stats['loss']:.4f}",
                  f"acc {stats['train_accuracy']:.4f}", f"test {stats['test_accuracy']:.4f}"]
-        skip = {"loss", "train_accuracy", "test_accuracy", "seconds", "steps", "penalty"}
+        if "val_accuracy" in stats:
+            parts.append(f"val {stats['val_accuracy']:.4f}")
+        skip = {"loss", "train_accuracy", "test_accuracy", "val_accuracy", "seconds", "steps", "penalty"}
         parts += [f"{k} {v:.4g}" for k, v in stats.items() if k not in skip and isinstance(v, (int, float))]
         parts.append(f"{stats['seconds']:.1f}s")
         self.log("  ".join(parts))
 
     # -- the run ----------------------------------------------------------------------
     def run(self, resume: bool = False) -> PruneResult:
-        with distributed.main_only(RunFolder(self.out)):  # one run at a time in the folder (see budgetprune.runfolder)
-            return self._run_stages(resume)
+        try:
+            with distributed.main_only(RunFolder(self.out)):  # one run at a time in the folder (see budgetprune.runfolder)
+                return self._run_stages(resume)
+        finally:
+            for part in self._parts:  # the worker processes of a split folder of images
+                if hasattr(part, "close"):
+                    part.close()
 
     def _run_stages(self, resume: bool) -> PruneResult:
         self._check_diverged_resume(resume)
@@ -414,11 +462,12 @@ class PruneRun:
         if self.teacher is not None:
             if not teacher_file.exists():
                 self._save_teacher(self.teacher)
-            self.unpruned_accuracy = self._evaluate(self.teacher)
+            self._evaluate_unpruned()
             return
         cfg = self.config
+        recipe = cfg.recipe("teacher")
         model = copy.deepcopy(self.model).to(self.device)
-        opt = make_optimizer(list(model.parameters()), cfg.lr, cfg.weight_decay)
+        opt = make_optimizer(list(model.parameters()), recipe)
         start = 0
         if ckpt is not None:
             self._from_checkpoint("teacher weights", lambda: model.load_state_dict(ckpt["model"]))
@@ -427,14 +476,20 @@ class PruneRun:
         else:
             seeding.seed_stage(cfg.seed, "teacher")  # dropout and every other draw of the global generator
         steps_per_epoch = num_batches(self.train_data, cfg.batch_size)
+        schedule = stage_schedule(opt, recipe, steps_per_epoch, cfg.teacher_epochs)
         for epoch in range(start, cfg.teacher_epochs):
             self._epoch(model, opt, "teacher", epoch, cfg.teacher_epochs, steps_per_epoch,
-                                lambda logits, y, idx, x: nn.functional.cross_entropy(logits, y))
+                        lambda logits, y, idx, x: smoothed_cross_entropy(logits, y, recipe.label_smoothing),
+                        before_step=schedule)
             self._save_checkpoint("teacher", epoch + 1, model=model.state_dict(), optimizer=opt.state_dict())
         self.teacher = model.eval()
         self._save_teacher(model)
-        self.unpruned_accuracy = self._evaluate(model)
+        self._evaluate_unpruned()
         return None
+
+    def _evaluate_unpruned(self) -> None:
+        self.unpruned_accuracy = self._evaluate(self.teacher)
+        self.unpruned_val_accuracy = self._evaluate(self.teacher, self.val_data) if self.val_data else None
 
     def _save_teacher(self, teacher: nn.Module) -> None:
         if not distributed.is_main():
@@ -448,7 +503,7 @@ class PruneRun:
                                                       "input_shape": list(self.graph.input_shape)})
 
     def _epoch(self, model, opt, stage, epoch, total_epochs, steps_per_epoch, loss_fn, pruner=None,
-               after_step=None) -> dict:
+               after_step=None, before_step=None) -> dict:
         cfg = self.config
         step0 = epoch * steps_per_epoch
         divergence = DivergenceCheck(reference=self.loss_reference.get(stage))
@@ -457,7 +512,7 @@ class PruneRun:
                                 device=self.device,
                                 batch_size=cfg.batch_size, generator=self._generator(stage, epoch),
                                 step=step0, penalty=pruner.penalty if pruner else None,
-                                after_step=pruner.step if pruner else after_step,
+                                after_step=pruner.step if pruner else after_step, before_step=before_step,
                                 show_progress=cfg.progress and distributed.is_main(),
                                 desc=f"{stage} {epoch + 1}/{total_epochs}", divergence=divergence,
                                 workers=cfg.workers, precision=cfg.precision, scaler=self._scaler(stage),
@@ -469,6 +524,8 @@ class PruneRun:
         if pruner is not None:
             pruner.eval()  # deterministic gates for the test accuracy, as the pruned network will have
         stats["test_accuracy"] = self._evaluate(model)
+        if self.val_data is not None:
+            stats["val_accuracy"] = self._evaluate(model, self.val_data)
         if pruner is not None:
             pruner.train()
             stats.update({k: v for k, v in pruner.status().items() if k != "progress"})
@@ -490,11 +547,12 @@ class PruneRun:
             self.replicas[id(model)] = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         return self.replicas[id(model)]
 
-    def _evaluate(self, model: nn.Module) -> float:
-        """Test accuracy of ``model``."""
-        return evaluate(model, self.test_data, self.device, workers=self.config.workers)["accuracy"]
+    def _evaluate(self, model: nn.Module, data=None) -> float:
+        """Accuracy of ``model`` on ``data`` (default: the test split)."""
+        data = self.test_data if data is None else data
+        return evaluate(model, data, self.device, workers=self.config.workers)["accuracy"]
 
-    def _kd_loss(self, dataset):
+    def _kd_loss(self, dataset, recipe: Recipe):
         """Distillation loss; teacher logits are computed once when the data is in memory and not
         augmented, batch by batch otherwise (streamed data: no N x classes table in memory)."""
         cfg = self.config
@@ -507,7 +565,7 @@ class PruneRun:
             else:
                 with torch.no_grad():
                     t = self.teacher(x)
-            return distillation_loss(logits, y, t, cfg.kd_alpha, cfg.kd_temperature)
+            return distillation_loss(logits, y, t, cfg.kd_alpha, cfg.kd_temperature, recipe.label_smoothing)
         return loss_fn
 
     # prune ---------------------------------------------------------------------------
@@ -523,7 +581,9 @@ class PruneRun:
         steps_per_epoch = num_batches(self.train_data, cfg.batch_size)
         pruner = Pruner(student, self.example, self.budgets, total_steps=steps_per_epoch * cfg.epochs,
                         log=self.log, **cfg.pruner_options(len(self.train_data)))
-        opt = adam(pruner.parameters(cfg.lr, cfg.weight_decay), cfg.lr, cfg.weight_decay)
+        recipe = cfg.recipe("prune")
+        opt = make_optimizer(pruner.parameters(recipe.lr, recipe.weight_decay), recipe)
+        schedule = stage_schedule(opt, recipe, steps_per_epoch, cfg.epochs)  # the weights'; the gates keep theirs
         start = 0
         if ckpt is not None:
             self._from_checkpoint("student weights", lambda: student.load_state_dict(ckpt["model"]))
@@ -532,9 +592,10 @@ class PruneRun:
             self._from_checkpoint("optimizer", lambda: self._load_optimizer(opt, ckpt["optimizer"]))
             start = ckpt["epoch"]
             self._restore_rng(ckpt)  # creating the gates drew random numbers: continue the saved stream
-        loss_fn = self._kd_loss(self.train_data)
+        loss_fn = self._kd_loss(self.train_data, recipe)
         for epoch in range(start, cfg.epochs):
-            self._epoch(student, opt, "prune", epoch, cfg.epochs, steps_per_epoch, loss_fn, pruner=pruner)
+            self._epoch(student, opt, "prune", epoch, cfg.epochs, steps_per_epoch, loss_fn, pruner=pruner,
+                        before_step=schedule)
             self._save_checkpoint("prune", epoch + 1, model=student.state_dict(), pruner=pruner.state_dict(),
                                   optimizer=opt.state_dict())
         return pruner
@@ -603,19 +664,20 @@ class PruneRun:
             if self.per_weight:
                 self.weight_masks = self._from_checkpoint("weight masks", lambda: {
                     n: m.bool() for n, m in ckpt["weight_masks"].items()})
-        opt = make_optimizer(list(net.parameters()), cfg.lr, cfg.weight_decay)
+        recipe = cfg.recipe("finetune")
+        opt = make_optimizer(list(net.parameters()), recipe)
         if ckpt is not None and ckpt.get("optimizer"):
             self._from_checkpoint("optimizer", lambda: self._load_optimizer(opt, ckpt["optimizer"]))
         if start == 0:
             seeding.seed_stage(cfg.seed, "finetune")  # dropout of the compacted network
         total = cfg.finetune_epochs + cfg.lowlr_epochs
         steps_per_epoch = num_batches(self.train_data, cfg.batch_size)
-        loss_fn = self._kd_loss(self.train_data) if total > start else None
-        base = {"weights": cfg.lr}
+        loss_fn = self._kd_loss(self.train_data, recipe) if total > start else None
+        # constant: the last lowlr_epochs at lr × lowlr_factor; cosine and onecycle anneal over all of them
+        schedule = stage_schedule(opt, recipe, steps_per_epoch, cfg.finetune_epochs, cfg.lowlr_epochs, cfg.lowlr_factor)
         for epoch in range(start, total):
-            set_lr(opt, 1.0 if epoch < cfg.finetune_epochs else cfg.lowlr_factor, base)
             self._epoch(net, opt, "finetune", epoch, total, steps_per_epoch, loss_fn,
-                        after_step=self._weight_mask_step(net))
+                        after_step=self._weight_mask_step(net), before_step=schedule)
             self._save_checkpoint("finetune", epoch + 1, arch=json.dumps(specs), model=net.state_dict(),
                                   info=json.dumps(info), optimizer=opt.state_dict(), **self._mask_state())
         return net.eval(), specs, info
@@ -652,7 +714,7 @@ class PruneRun:
         from .report import layer_widths
         cfg = self.config
         if not hasattr(self, "unpruned_accuracy"):
-            self.unpruned_accuracy = self._evaluate(self.teacher)
+            self._evaluate_unpruned()
         acc = self._evaluate(net)
         pruned = info["pruned"]
         limit = self.budget.fraction * self.full[cfg.metric]
@@ -670,6 +732,8 @@ class PruneRun:
             "kept_channels": info["masks"],  # per group: indices of the original channels kept
             "test_accuracy": acc, "unpruned_test_accuracy": self.unpruned_accuracy,
             "accuracy_change": acc - self.unpruned_accuracy,
+            **({"val_accuracy": self._evaluate(net, self.val_data), "unpruned_val_accuracy": self.unpruned_val_accuracy,
+                "validation_images": len(self.val_data)} if self.val_data is not None else {}),
             "cost_before_projection": info["cost_before_projection"],
             "channels_dropped_by_projection": info["channels_dropped_by_projection"],
             "channels_reopened_by_fill": info.get("channels_reopened_by_fill", 0),

@@ -119,6 +119,13 @@ class FolderDataset(StreamedDataset):
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         return normalise(images, self._mean, self._std)
 
+    def holdout(self, indices, augment: bool) -> FolderDataset:
+        """The selected images, augmented as this dataset is if ``augment`` (a training part),
+        never otherwise (a validation part); read by worker processes of their own."""
+        samples = [(self.path(int(i)), int(self.labels[int(i)])) for i in indices]
+        transform = self.transform if augment else ImageTransform(self.transform.size, "none")
+        return FolderDataset(samples, transform, self.workers)
+
     def __repr__(self) -> str:
         size = self.transform.size
         return f"FolderDataset(n={len(self)}, shape=(3, {size}, {size}), augment={self.transform.augment!r})"

@@ -128,6 +128,12 @@ class ImageDataset(torch.utils.data.Dataset):
         idx = _as_index(indices)
         return ImageDataset(self.images[idx], self.labels[idx], self.mean, self.std, self.augment)
 
+    def holdout(self, indices, augment: bool) -> ImageDataset:
+        """The selected samples, augmented as this dataset is if ``augment`` (a training part),
+        never otherwise (a validation part)."""
+        idx = _as_index(indices)
+        return ImageDataset(self.images[idx], self.labels[idx], self.mean, self.std, self.augment and augment)
+
     def __repr__(self) -> str:
         n, c, h, w = self.images.shape
         return f"ImageDataset(n={n}, shape=({c}, {h}, {w}), augment={self.augment})"
