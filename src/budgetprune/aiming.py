@@ -36,8 +36,8 @@ from .budget import Budget
 from .errors import ConfigError
 from .objectives import SCHEDULES, BudgetSchedule, check_schedule_end
 
-#: How λ is weighed: ``budget`` (aimed, the default of methods without a budget of their own) or
-#: ``fixed`` (the paper's constant λ).
+#: How λ is weighed: ``budget`` (aimed: the default of l0, sensitivity and ib) or ``fixed`` (the
+#: paper's constant λ: the default of cs and morphnet, which aimed lost accuracy; see their classes).
 AIMS = ("budget", "fixed")
 
 #: Integral gain η per step of log(C/b): a cost 10 % over b raises λ by e^(0.1η) per step
