@@ -176,6 +176,10 @@ def test_the_aim_resumes_from_the_method_state(demo_subsets):
     other = Pruner(budgetprune.create_model("lenet5"), batches[0][0], 0.25, method="ib", total_steps=4)
     other.load_state_dict(state)
     assert other.method.weight() == pytest.approx(pruner.method.weight())
+    older = {"method": {k: v for k, v in state["method"].items() if not k.startswith("aim.")}, "steps": 3}
+    fresh = Pruner(budgetprune.create_model("lenet5"), batches[0][0], 0.25, method="ib", total_steps=4)
+    fresh.load_state_dict(older)  # saved before λ was aimed: the controller starts afresh
+    assert fresh.method.weight() == pytest.approx(fresh.method.lam)
 
 
 def test_an_aimed_sensitivity_decay_stays_a_shrink(demo_subsets):

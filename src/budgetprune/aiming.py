@@ -97,6 +97,13 @@ class BudgetAim(nn.Module):
                 raise ValueError(str(exc)) from None
             self.terms.append((budget, cm, schedule))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A method state saved before λ was aimed (an older run resumed) has no controller state:
+        the controller starts afresh (λ at the method's own) instead of refusing the checkpoint."""
+        for name, buf in self.named_buffers(recurse=False):
+            state_dict.setdefault(prefix + name, buf.detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def ratio(self, masks: dict[str, torch.Tensor], progress: float) -> float:
         """max_k C_k / b_k(t): above 1 while the method keeps more than the schedule allows."""
         return max(cm.hard(masks) / schedule.b(progress) for _, cm, schedule in self.terms)
