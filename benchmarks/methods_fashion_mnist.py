@@ -156,7 +156,8 @@ def write_markdown(r: dict, out: Path, suffix: str = "") -> None:
         shape = ("-".join(f"{100 * v:.1f}%" for v in row["density"].values()) if per_weight
                  else "-".join(str(v) for v in row["widths"].values()))
         acc = format_mean_std(row.get("accuracies", [100 * row["test_accuracy"]]))
-        verdict = "best" if row.get("best") else ("tie" if row.get("tie_with_best") else "behind")
+        verdict = ("best" if row.get("best") else ("tie" if row.get("tie_with_best") else "behind")) \
+            if len(seeds) > 1 else "one seed"
         lines.append(f"| {row['method']} | {acc} % | {verdict} | {row['accuracy_change_points']:+.2f} | "
                      f"{row['V_over_B']:.4f} | {row['cost_before_projection_over_B']:.2f} | "
                      f"{row.get('dropped_by_projection', row.get('channels_dropped_by_projection'))} | "
@@ -166,6 +167,8 @@ def write_markdown(r: dict, out: Path, suffix: str = "") -> None:
         teacher = r["rows"][0].get("unpruned_accuracies", [100 * r["rows"][0]["unpruned_test_accuracy"]])
         lines += ["", f"Unpruned teachers: {format_mean_std(teacher)} %. 'tie': the difference from the best "
                       "method's mean is under two standard errors of the difference (benchmarks/stats.py)."]
+    if r.get("note"):
+        lines += ["", r["note"]]
     if per_weight:
         lines += ["", "Per-weight pruning leaves the network's shape (so its FLOPs and dense parameter count) as it "
                       "was; the budget counts non-zero conv/linear weights, stored sparse in the model file."]
