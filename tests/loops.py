@@ -20,6 +20,17 @@ def pruning_steps(model, pruner, optimizer, batches, loss_fn=F.cross_entropy) ->
         pruner.step()
 
 
+def random_batches(dataset, steps: int, batch: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` batches of ``batch`` (image, label) pairs drawn at random (seeded) from ``dataset``."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(steps):
+        idx = torch.randint(len(dataset), (batch,), generator=g)
+        out.append((torch.stack([dataset[int(i)][0] for i in idx]),
+                    torch.tensor([int(dataset[int(i)][1]) for i in idx])))
+    return out
+
+
 def masked_output(model: nn.Module, graph, masks: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The model's output on ``x`` with every group's gates fixed at its 0/1 ``masks`` (the hooks
     removed afterwards): the gated network a compacted one must reproduce."""

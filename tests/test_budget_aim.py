@@ -20,7 +20,7 @@ from budgetprune.budget import Budget
 from budgetprune.errors import ConfigError
 from budgetprune.methods import create_method
 from budgetprune.objectives import BudgetSchedule, sigmoid_transition
-from loops import pruning_steps
+from loops import pruning_steps, random_batches
 
 AIMED = ["l0", "cs", "sensitivity", "ib", "morphnet"]
 
@@ -93,21 +93,12 @@ def test_iterative_cuts_share_the_first_part_of_the_phase():
     assert [early.cut_progress(k) for k in range(n)] == pytest.approx([0.5 * (k + 1) / (n + 1) for k in range(n)])
 
 
-def _batches(train, steps: int, batch: int = 32):
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(steps):
-        idx = torch.randint(len(train), (batch,), generator=g)
-        out.append((torch.stack([train[int(i)][0] for i in idx]), torch.tensor([int(train[int(i)][1]) for i in idx])))
-    return out
-
-
 @pytest.mark.parametrize("method", AIMED)
 def test_lambda_rises_while_the_cost_is_over_the_schedule(method, demo_subsets):
     """With the weights never updated, the cost stays at the full one while b falls: the aimed λ
     only grows (a fixed λ does not move); the penalty is λ × the method's term."""
     train, _ = demo_subsets(64)
-    batches = _batches(train, 6)
+    batches = random_batches(train, 6)
     model = budgetprune.create_model("lenet5")
     aimed = Pruner(model, batches[0][0], 0.25, method=method, total_steps=6, dataset_size=len(train),
                    method_options={"aim": "budget"})
@@ -129,7 +120,7 @@ def test_lambda_rises_while_the_cost_is_over_the_schedule(method, demo_subsets):
 
 def test_the_penalty_is_the_aimed_weight_times_the_term(demo_subsets):
     train, _ = demo_subsets(64)
-    batches = _batches(train, 3)
+    batches = random_batches(train, 3)
     model = budgetprune.create_model("lenet5")
     pruner = Pruner(model, batches[0][0], 0.25, method="l0", total_steps=3, dataset_size=len(train))
     for _ in range(2):
@@ -165,7 +156,7 @@ def test_an_aimed_run_ends_nearer_its_budget_than_a_fixed_one():
 
 def test_the_aim_resumes_from_the_method_state(demo_subsets):
     train, _ = demo_subsets(64)
-    batches = _batches(train, 4)
+    batches = random_batches(train, 4)
     model = budgetprune.create_model("lenet5")
     pruner = Pruner(model, batches[0][0], 0.25, method="ib", total_steps=4)
     for _ in range(3):
@@ -185,7 +176,7 @@ def test_the_aim_resumes_from_the_method_state(demo_subsets):
 def test_an_aimed_sensitivity_decay_stays_a_shrink(demo_subsets):
     from budgetprune.methods.sensitivity import MAX_DECAY
     train, _ = demo_subsets(64)
-    batches = _batches(train, 2)
+    batches = random_batches(train, 2)
     model = budgetprune.create_model("lenet5")
     pruner = Pruner(model, batches[0][0], 0.25, method="sensitivity", total_steps=2)
     pruner.method.aim.integral.fill_(AIM_LIMIT)  # λ·m far above 1

@@ -16,7 +16,7 @@ import budgetprune
 from budgetprune import Pruner
 from budgetprune.errors import BudgetpruneError, ConfigError
 from budgetprune.methods import available_methods
-from loops import pruning_steps
+from loops import pruning_steps, random_batches
 
 
 def _loop(model, pruner, batches, loss_fn, lr=0.01):
@@ -24,15 +24,6 @@ def _loop(model, pruner, batches, loss_fn, lr=0.01):
     optimizer = torch.optim.SGD(pruner.parameters(lr=lr), lr=lr, momentum=0.9)
     pruning_steps(model, pruner, optimizer, batches, loss_fn)
     return optimizer
-
-
-def _batches(train, steps: int, batch: int = 32):
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(steps):
-        idx = torch.randint(len(train), (batch,), generator=g)
-        out.append((torch.stack([train[int(i)][0] for i in idx]), torch.tensor([int(train[int(i)][1]) for i in idx])))
-    return out
 
 
 def _ratio(pruner, report) -> float:
@@ -43,7 +34,7 @@ def test_bar_in_a_plain_sgd_loop_meets_a_flops_budget(demo_subsets):
     torch.manual_seed(0)
     train, _ = demo_subsets(512)
     model = budgetprune.create_model("lenet5")
-    batches = _batches(train, 40)
+    batches = random_batches(train, 40)
     pruner = Pruner(model, batches[0][0], "flops=0.25", method="bar", total_steps=len(batches), gate_init=3.0)
     seen = []
     optimizer = torch.optim.SGD(pruner.parameters(lr=0.01), lr=0.01, momentum=0.9)
@@ -72,7 +63,7 @@ def test_every_method_runs_in_a_user_loop_and_ends_on_its_budget(method, demo_su
     torch.manual_seed(0)
     train, _ = demo_subsets(256)
     model = budgetprune.create_model("lenet5")
-    batches = _batches(train, 12)
+    batches = random_batches(train, 12)
     pruner = Pruner(model, batches[0][0], 0.5, method=method, total_steps=len(batches), dataset_size=len(train))
     _loop(model, pruner, batches, F.cross_entropy)
     small, report = pruner.finalize(batches[0][0])
@@ -85,7 +76,7 @@ def test_per_weight_pruning_in_a_user_loop(demo_subsets):
     torch.manual_seed(0)
     train, _ = demo_subsets(256)
     model = budgetprune.create_model("lenet5")
-    batches = _batches(train, 8)
+    batches = random_batches(train, 8)
     pruner = Pruner(model, batches[0][0], 0.1, method="l0", granularity="weight", total_steps=len(batches))
     _loop(model, pruner, batches, F.cross_entropy)
     small, report = pruner.finalize()
@@ -118,7 +109,7 @@ def test_an_encoder_decoder_with_an_mse_loss_is_pruned(demo_subsets):
     torch.manual_seed(0)
     train, _ = demo_subsets(256)
     model = EncoderDecoder()
-    batches = [(x, x) for x, _ in _batches(train, 20)]
+    batches = [(x, x) for x, _ in random_batches(train, 20)]
     pruner = Pruner(model, batches[0][0], "volume=0.5", total_steps=len(batches), gate_init=3.0)
     assert "out" not in {g.split(":")[0] for g in pruner.graph.groups}
     _loop(model, pruner, batches, F.mse_loss)
@@ -150,7 +141,7 @@ def test_models_returning_a_dict_or_a_tuple_are_pruned(as_dict, demo_subsets):
     torch.manual_seed(0)
     train, _ = demo_subsets(256)
     model = TwoHeads(as_dict)
-    batches = _batches(train, 12)
+    batches = random_batches(train, 12)
 
     def loss_fn(out, y):
         logits, embedding = (out["logits"], out["embedding"]) if as_dict else out
@@ -168,7 +159,7 @@ def test_models_returning_a_dict_or_a_tuple_are_pruned(as_dict, demo_subsets):
 
 def test_a_loop_resumed_from_the_pruner_state_ends_exactly_as_an_uninterrupted_one(demo_subsets):
     train, _ = demo_subsets(256)
-    batches = _batches(train, 16)
+    batches = random_batches(train, 16)
 
     def start():
         torch.manual_seed(0)
@@ -243,7 +234,7 @@ def test_a_model_with_training_only_branches_is_pruned_and_checked(demo_subsets)
     torch.manual_seed(0)
     train, _ = demo_subsets(128)
     model = DropPathNet()
-    batches = _batches(train, 8)
+    batches = random_batches(train, 8)
     pruner = Pruner(model, batches[0][0], "flops=0.6", total_steps=len(batches), gate_init=3.0)
     assert model.training  # building the pruner left the model's mode alone
     _loop(model, pruner, batches, F.cross_entropy)
@@ -255,7 +246,7 @@ def test_model_eval_alone_gives_deterministic_gates(demo_subsets):
     """The gates belong to the pruner, not the model; evaluation in the user's loop calls only model.eval()."""
     train, _ = demo_subsets(64)
     model = budgetprune.create_model("lenet5")
-    x = _batches(train, 1)[0][0]
+    x = random_batches(train, 1)[0][0]
     Pruner(model, x, 0.5, total_steps=10)
     model.train()
     with torch.no_grad():
@@ -267,7 +258,7 @@ def test_model_eval_alone_gives_deterministic_gates(demo_subsets):
 def test_the_pruner_lifecycle_is_guarded(demo_subsets):
     train, _ = demo_subsets(64)
     model = budgetprune.create_model("lenet5")
-    x = _batches(train, 1)[0][0]
+    x = random_batches(train, 1)[0][0]
     pruner = Pruner(model, x, 0.5, total_steps=10)
     with pytest.raises(ConfigError, match="already has a Pruner"):
         Pruner(model, x, 0.5, total_steps=10)  # a notebook cell run twice: no second set of gates
