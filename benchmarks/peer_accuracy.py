@@ -17,10 +17,11 @@ factor (target: the full model's FLOPs / factor):
   by bisection on a copy, for global and for local (per-layer) ranking: the smallest ratio whose
   FLOPs are at or under the step's target; the step takes the ranking that keeps more FLOPs. So the
   result never passes the target and lands as close under it as Torch-Pruning's channels allow.
-  Fine-tune: budgetprune's own recipe (``kd``: distillation from the same teacher, its Adam learning
-  rate, weight decay and batch size, the last ``--lowlr-epochs`` at its low learning rate; the
-  engine's ``train_epoch``); the ``-plain`` variants fine-tune with cross-entropy, Adam lr 1e-3,
-  batch 128, no weight decay, constant learning rate.
+  Fine-tune: budgetprune's own fine-tune stage (``kd``: ``PruneConfig().recipe("finetune")``, the
+  optimiser, weight decay, warm-up, learning-rate schedule, label smoothing and batch size that
+  ``bar``'s compacted network gets, with distillation from the same teacher; the engine's
+  ``train_epoch``); the ``-plain`` variants fine-tune with cross-entropy, Adam lr 1e-3, batch 128,
+  no weight decay, constant learning rate.
 
 FLOPs are counted for both sides by one counter, ``torch.utils.flop_counter`` (the MACs of every
 convolution and matrix product torch runs, per image); budgetprune's own count (``resource_report``,
@@ -62,8 +63,8 @@ import budgetprune  # noqa: E402
 from budgetprune import io, seeding  # noqa: E402
 from budgetprune.api import load_teacher  # noqa: E402
 from budgetprune.data import load_dataset  # noqa: E402
-from budgetprune.engine import evaluate, iterate_batches, predict_logits, train_epoch  # noqa: E402
-from budgetprune.recipe import PAPER, make_optimizer, set_lr  # noqa: E402
+from budgetprune.engine import evaluate, iterate_batches, num_batches, predict_logits, train_epoch  # noqa: E402
+from budgetprune.recipe import Recipe, make_optimizer, stage_schedule  # noqa: E402
 from budgetprune.objectives import distillation_loss  # noqa: E402
 from budgetprune.pipeline import PruneConfig, PruneRun  # noqa: E402
 from common import HERE, RESULTS, Parser, machine, name_list, random_subset  # noqa: E402
@@ -89,6 +90,7 @@ class Settings:
     lowlr_epochs: int
     tp_steps: int
     taylor_batches: int
+    finetune: str = ""  # the kd fine-tune recipe in words: results made under another recipe are not mixed
 
     @property
     def epochs_after_teacher(self) -> int:
@@ -96,23 +98,40 @@ class Settings:
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """How a Torch-Pruning result is fine-tuned."""
+class FineTune:
+    """How a Torch-Pruning result is fine-tuned: ``stage`` trains it (a budgetprune recipe), with
+    distillation from the teacher (``distill``) or the cross-entropy, at ``batch_size``; the last
+    ``lowlr_epochs`` at ``lowlr_factor`` × the rate when the schedule is constant."""
     name: str
-    lr: float
-    weight_decay: float
+    stage: Recipe
     batch_size: int
     lowlr_epochs: int
     lowlr_factor: float
     distill: bool
 
 
-def recipe(method: str, settings: Settings) -> Recipe:
-    """budgetprune's fine-tune recipe (its PruneConfig defaults), or the plain one for ``-plain``."""
+#: The plain loop of the issue's reference: cross-entropy, Adam lr 1e-3, batch 128, no weight decay, constant rate.
+PLAIN = FineTune("plain", Recipe(optimizer="adam", lr=1e-3, weight_decay=0.0), 128, 0, 1.0, False)
+
+
+def finetune_recipe(method: str, settings: Settings) -> FineTune:
+    """budgetprune's own fine-tune stage (``PruneConfig().recipe("finetune")``, its batch size,
+    distillation weights and low-lr tail: what ``bar``'s compacted network gets), or the plain
+    loop for ``-plain``."""
     if method.endswith("-plain"):
-        return Recipe("plain", 1e-3, 0.0, 128, 0, 1.0, False)
+        return PLAIN
     cfg = PruneConfig()
-    return Recipe("kd", cfg.lr, cfg.weight_decay, cfg.batch_size, settings.lowlr_epochs, cfg.lowlr_factor, True)
+    return FineTune("kd", cfg.recipe("finetune"), cfg.batch_size, settings.lowlr_epochs, cfg.lowlr_factor, True)
+
+
+def recipe_words(ft: FineTune) -> str:
+    r = ft.stage
+    words = f"{r.optimizer} lr {r.lr:g}, weight decay {r.weight_decay:g}, batch {ft.batch_size}, {r.schedule}"
+    if r.warmup_epochs:
+        words += f" with {r.warmup_epochs:g}-epoch warm-up"
+    if r.label_smoothing:
+        words += f", label smoothing {r.label_smoothing:g}"
+    return words + (", distillation from the teacher" if ft.distill else ", cross-entropy")
 
 
 @dataclass
@@ -245,7 +264,7 @@ def epoch_shares(epochs: int, steps: int) -> list[int]:
 def run_tp(tp, setup: Setup, method: str, factor: float, settings: Settings, log=print) -> tuple[nn.Module, dict]:
     """A Torch-Pruning recipe (``tp-{magnitude,taylor}-{oneshot,iterative}[-plain]``) from the teacher's weights."""
     _, kind, schedule, *_ = method.split("-")
-    rec = recipe(method, settings)
+    ft = finetune_recipe(method, settings)
     model = setup.new_model()
     model.load_state_dict(setup.teacher.state_dict())
     importance = (tp.importance.GroupMagnitudeImportance(p=2) if kind == "magnitude"
@@ -254,17 +273,19 @@ def run_tp(tp, setup: Setup, method: str, factor: float, settings: Settings, log
     total = settings.epochs_after_teacher
     shares = epoch_shares(total, steps)
     keep = 1.0 / math.sqrt(factor)  # channel keep fraction whose square is the FLOP share
-    if rec.distill:
+    smoothing = ft.stage.label_smoothing
+    if ft.distill:
         logits = setup.teacher_logits()
         cfg = PruneConfig()
 
         def loss_fn(out, y, idx, x):
-            return distillation_loss(out, y, logits.index_select(0, idx), cfg.kd_alpha, cfg.kd_temperature)
+            return distillation_loss(out, y, logits.index_select(0, idx), cfg.kd_alpha, cfg.kd_temperature, smoothing)
     else:
         def loss_fn(out, y, idx, x):
-            return distillation_loss(out, y, None)
+            return distillation_loss(out, y, None, label_smoothing=smoothing)
     seeding.seed_stage(setup.seed, "finetune")
-    record, epoch = {"steps": [], "recipe": asdict(rec), "epoch_shares": shares}, 0
+    record, epoch = {"steps": [], "recipe": asdict(ft), "epoch_shares": shares}, 0
+    steps_per_epoch = num_batches(setup.train, ft.batch_size)
     for i in range(steps):
         target = setup.full["flops"] * (1.0 - (1.0 - keep) * (i + 1) / steps) ** 2
         if kind == "taylor":
@@ -274,13 +295,15 @@ def run_tp(tp, setup: Setup, method: str, factor: float, settings: Settings, log
         record["steps"].append(step)
         log(f"[{method} {factor:g}x] step {i + 1}/{steps}: {step.get('ranking', '')} ratio {step['ratio']:.4f}, FLOPs {step['flops']:.4g} "
             f"({step['flops'] / target:.4f} of the step's target)")
-        # seed 001's fine-tune (Adam, coupled L2, constant rate then lr/10): what the committed results used
-        opt = make_optimizer(list(model.parameters()), replace(PAPER, lr=rec.lr, weight_decay=rec.weight_decay))
-        for _ in range(shares[i]):
-            low = epoch >= total - rec.lowlr_epochs
-            set_lr(opt, rec.lowlr_factor if low else 1.0, {"weights": rec.lr})
-            stats = train_epoch(model, setup.train, opt, loss_fn, device=CPU, batch_size=rec.batch_size,
-                                generator=seeding.batch_generator(setup.seed, 2, epoch), show_progress=False)
+        # each step's fine-tune is one stage of budgetprune's recipe (its warm-up and schedule over
+        # the step's share of epochs; a constant rate takes the low-lr tail in the last share)
+        opt = make_optimizer(list(model.parameters()), ft.stage)
+        low = min(ft.lowlr_epochs, shares[i]) if i == steps - 1 else 0
+        schedule_fn = stage_schedule(opt, ft.stage, steps_per_epoch, shares[i] - low, low, ft.lowlr_factor)
+        for e in range(shares[i]):
+            stats = train_epoch(model, setup.train, opt, loss_fn, device=CPU, batch_size=ft.batch_size,
+                                generator=seeding.batch_generator(setup.seed, 2, epoch), show_progress=False,
+                                step=e * steps_per_epoch, before_step=schedule_fn)
             log(f"[{method} {factor:g}x] epoch {epoch + 1}/{total}: loss {stats['loss']:.4f} "
                 f"{stats['seconds']:.0f}s")
             epoch += 1
@@ -440,9 +463,9 @@ def write_page(record: dict, out: Path) -> None:
               "`GroupTaylorImportance` (gradients of the cross-entropy over a few training batches before each step); "
               "each step's pruning ratio bisected, for global and for local ranking, to the smallest one at or under "
               "that step's FLOP target, the ranking that leaves more FLOPs kept. Fine-tune `kd` = budgetprune's own "
-              "(distillation from the same teacher, Adam at its lr and weight decay, batch 64, the last low-lr epochs "
-              "at lr/10, the engine's `train_epoch`); `-plain` = cross-entropy, Adam lr 1e-3, batch 128, no weight "
-              "decay. FLOPs: one counter for both sides, `torch.utils.flop_counter` (conv and matmul MACs per image); "
+              "fine-tune stage, the one `bar`'s compacted network gets (see each model's recipe below; the engine's "
+              "`train_epoch`); `-plain` = cross-entropy, Adam lr 1e-3, batch 128, no weight decay, constant rate. "
+              "FLOPs: one counter for both sides, `torch.utils.flop_counter` (conv and matmul MACs per image); "
               "budgetprune's `resource_report` count is in the second table. Nothing was tuned; the test set is read "
               "once per run, for the final accuracy.", "",
               "Accuracy: mean ± standard deviation over the seeds (n=3 unless marked); **bold**: the best method at "
@@ -456,7 +479,8 @@ def write_page(record: dict, out: Path) -> None:
                   f"{st['prune_epochs'] + st['finetune_epochs'] + st['lowlr_epochs']}: `bar` prunes {st['prune_epochs']}, "
                   f"fine-tunes {st['finetune_epochs']} + {st['lowlr_epochs']} at lr/10; each Torch-Pruning recipe "
                   f"fine-tunes E epochs (iterative: {st['tp_steps']} pruning steps, each followed by an equal share of "
-                  f"them; Taylor: {st['taylor_batches']} batches of gradients). "
+                  f"them; Taylor: {st['taylor_batches']} batches of gradients). Fine-tune `kd`: "
+                  f"{st.get('finetune') or 'adam lr 0.001, weight decay 0.0005, batch 64, constant, the last epoch at lr/10, distillation from the teacher'}. "
                   + (f"Unpruned teachers: {format_mean_std(teachers)} % (n={len(teachers)})." if teachers else ""), ""]
         lines += model_table(model, s[model]) + [""]
         v = verdicts(s[model])
@@ -553,7 +577,8 @@ def check(p: Parser, args) -> Settings:
     if args.prune_epochs < 1 or args.tp_steps < 1 or args.taylor_batches < 1:
         p.error("--prune-epochs, --tp-steps and --taylor-batches must be at least 1")
     settings = Settings(args.data, args.train_subset, args.teacher_epochs, args.prune_epochs, args.finetune_epochs,
-                        args.lowlr_epochs, args.tp_steps, args.taylor_batches)
+                        args.lowlr_epochs, args.tp_steps, args.taylor_batches, "")
+    settings = replace(settings, finetune=recipe_words(finetune_recipe("tp", settings)))
     if args.teacher_epochs + settings.epochs_after_teacher != args.total_epochs:
         p.error(f"--total-epochs {args.total_epochs} must equal --teacher-epochs + --prune-epochs + "
                 f"--finetune-epochs + --lowlr-epochs ({args.teacher_epochs + settings.epochs_after_teacher})")

@@ -42,6 +42,10 @@ def test_both_sides_meet_the_flop_target_from_one_teacher(peer_accuracy, tmp_pat
         assert 0.95 <= row["flops_over_target"] <= 1.0 and row["in_window"], row
         assert row["flops"] == row["bp_flops"] and 0.0 <= row["test_accuracy"] <= 1.0, row
         assert row["teacher_accuracy"] == setup.teacher_accuracy
+    # Torch-Pruning's network is fine-tuned by the very recipe bar's fine-tune stage uses
+    from dataclasses import asdict
+    from budgetprune.pipeline import PruneConfig
+    assert row["recipe"]["stage"] == asdict(PruneConfig().recipe("finetune")) and row["recipe"]["distill"]
 
 
 def test_epochs_that_do_not_add_up_are_a_one_line_error(tmp_path):

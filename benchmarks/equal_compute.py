@@ -1,0 +1,285 @@
+"""BAR's settings at equal compute, chosen on held-out validation images (a benchmark, not a test).
+
+A fixed total of epochs (``--total-epochs``, the teacher's included) is split between the
+teacher, the prune stage and the fine-tune stage in several ways, and BAR's own settings vary
+around each split: the schedule end (the budget move finished after a fraction of the prune
+stage, then training at the budget), the gates' initial log α, the prune stage's recipe, and the
+student's initialisation. Every contender trains on the same images and is compared on the same
+``--validation`` images held out of them (chosen from the seed, as ``budgetprune prune
+--validation`` chooses them); the test accuracy is reported beside and chooses nothing.
+Torch-Pruning's one-shot magnitude pruner (``peer_accuracy.py``'s recipe: the same teacher,
+budgetprune's fine-tune stage for the rest of the epochs) runs on the same split as the reference.
+
+Each variant is a split plus :class:`~budgetprune.pipeline.PruneConfig` options; a teacher is
+trained once per (seed, teacher epochs) and shared. Differences under two standard errors are
+ties (``stats.tie``). Runs are kept in ``--work`` and are not trained again; the page and the
+JSON are rewritten from all finished runs of the chosen factors, variants and seeds.
+
+    python benchmarks/equal_compute.py --data-root ../shared/data --factors 8 --seeds 0 --jobs 2
+    python benchmarks/equal_compute.py --data-root ../shared/data --factors 4,8,16 --seeds 0,1,2 \\
+        --variants t8-p2-f2,t8-p1-f3,tp-magnitude-oneshot --jobs 2
+
+Writes ``benchmarks/results/equal_compute.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HERE, RESULTS, Parser, machine, name_list, write_results  # noqa: E402
+from stats import format_mean_std, mean_std, tie  # noqa: E402
+
+TP = "tp-magnitude-oneshot"
+
+#: name -> (teacher epochs, prune epochs, fine-tune epochs, low-lr epochs, PruneConfig options).
+#: The fine-tune stage is cosine-annealed over its fine-tune + low-lr epochs (the default recipe).
+SPLITS = {
+    "t8-p2-f2": (8, 2, 1, 1, {}),
+    "t8-p1-f3": (8, 1, 2, 1, {}),
+    "t8-p3-f1": (8, 3, 0, 1, {}),
+    "t6-p4-f2": (6, 4, 1, 1, {}),
+    "t6-p3-f3": (6, 3, 2, 1, {}),
+    "t10-p1-f1": (10, 1, 0, 1, {}),
+    "t8-p2-f2-end0.5": (8, 2, 1, 1, {"schedule_end": 0.5}),
+    "t8-p1-f3-end0.5": (8, 1, 2, 1, {"schedule_end": 0.5}),
+    "t8-p2-f2-same": (8, 2, 1, 1, {"prune_recipe": "same"}),
+    "t8-p2-f2-init3": (8, 2, 1, 1, {"gate_init": 3.0}),
+    "t8-p1-f3-init3": (8, 1, 2, 1, {"gate_init": 3.0}),
+    "t8-p2-f2-random": (8, 2, 1, 1, {"student_init": "random"}),
+}
+#: Torch-Pruning's reference: the teacher's epochs, then one-shot pruning and fine-tuning for the rest.
+TP_TEACHER = 8
+VARIANTS = list(SPLITS) + [TP]
+
+
+def total_epochs(variant: str, total: int) -> int:
+    if variant == TP:
+        return total
+    t, p, f, low, _ = SPLITS[variant]
+    return t + p + f + low
+
+
+def teacher_epochs(variant: str) -> int:
+    return TP_TEACHER if variant == TP else SPLITS[variant][0]
+
+
+def describe(variant: str, total: int) -> str:
+    """A variant in words, for the table."""
+    if variant == TP:
+        return (f"Torch-Pruning group magnitude, one shot: teacher {TP_TEACHER}, fine-tune {total - TP_TEACHER} "
+                "(budgetprune's fine-tune stage)")
+    if variant not in SPLITS:  # a variant of an older version of this script, read from --work
+        return variant
+    t, p, f, low, opts = SPLITS[variant]
+    words = f"teacher {t}, prune {p}, fine-tune {f + low}"
+    return words + "".join(f", {k} {v}" for k, v in opts.items())
+
+
+# -- one job, in its own process ---------------------------------------------------------------
+
+def _data(data: str, data_root: str, validation: float, seed: int):
+    import torch
+    torch.set_num_threads(1)
+    from budgetprune.data import load_dataset
+    from budgetprune.data.validation import split_validation
+    splits = load_dataset(data, root=data_root)
+    fit, val = split_validation(splits.train, validation, seed)
+    return splits, fit, val
+
+
+def _setup(job: dict, splits, fit):
+    """peer_accuracy's Setup: the (seed, teacher epochs) teacher, trained on ``fit`` or loaded."""
+    import peer_accuracy
+    t = teacher_epochs(job["variant"])
+    settings = peer_accuracy.Settings(job["data"], len(fit), t, max(job["total"] - t, 1), 0, 0, 1, 10)
+    folder = Path(job["work"]) / job["model"] / f"seed{job['seed']}" / f"teacher-{t}"
+    return peer_accuracy.prepare(job["model"], job["seed"], fit, splits.test, splits.info, settings, folder,
+                                 log=lambda s: None), settings
+
+
+def teacher_job(job: dict) -> dict:
+    splits, fit, _ = _data(job["data"], job["data_root"], job["validation"], job["seed"])
+    start = time.time()
+    setup, _ = _setup(job, splits, fit)
+    return {"teacher_accuracy": setup.teacher_accuracy, "seconds": time.time() - start}
+
+
+def run_job(job: dict) -> dict:
+    """One (seed, factor, variant): its validation and test accuracy and FLOP reduction."""
+    import budgetprune
+    from budgetprune.engine import evaluate
+    import peer_accuracy
+    from peer import version
+
+    splits, fit, val = _data(job["data"], job["data_root"], job["validation"], job["seed"])
+    setup, settings = _setup(job, splits, fit)
+    folder = Path(job["work"]) / job["model"] / f"seed{job['seed']}" / f"{job['variant']}-{job['factor']:g}"
+    start = time.time()
+    variant, factor = job["variant"], job["factor"]
+    if variant == TP:
+        import torch_pruning as tp
+        net, record = peer_accuracy.run_tp(tp, setup, TP, factor, settings, log=lambda s: None)
+        extra = {"torch_pruning": version("torch-pruning")}
+    else:
+        _, p, f, low, opts = SPLITS[variant]
+        net, m = budgetprune.prune(setup.new_model(), fit, splits.test, budget=1.0 / factor, metric="flops",
+                                   method="bar", teacher=setup.teacher_file, out=folder,
+                                   resume=(folder / "checkpoint.pt").exists(), log=lambda s: None,
+                                   epochs=p, finetune_epochs=f, lowlr_epochs=low, seed=job["seed"],
+                                   progress=False, **opts)
+        extra = {"budget_ratio": m["budget_ratio"]}
+    costs = peer_accuracy.costs(net, setup.example)
+    return {"model": job["model"], "data": job["data"], "seed": job["seed"], "factor": factor, "variant": variant,
+            "val_accuracy": 100 * evaluate(net, val, peer_accuracy.CPU)["accuracy"],
+            "test_accuracy": 100 * evaluate(net, splits.test, peer_accuracy.CPU)["accuracy"],
+            "teacher_test_accuracy": 100 * setup.teacher_accuracy,
+            "flops_reduction": setup.full["flops"] / costs["flops"], "seconds": time.time() - start, **extra}
+
+
+# -- the page --------------------------------------------------------------------------------
+
+def summarise(runs: list[dict]) -> dict:
+    """Per factor: per variant the seeds' accuracies; the best by validation; ties with it."""
+    out: dict = {}
+    for r in runs:
+        out.setdefault(f"{r['factor']:g}", {}).setdefault(r["variant"], []).append(r)
+    table = {}
+    for factor, by_variant in out.items():
+        val = {v: [r["val_accuracy"] for r in rows] for v, rows in by_variant.items()}
+        best = max(val, key=lambda v: mean_std(val[v])[0])
+        table[factor] = {"best_by_validation": best, "variants": {
+            v: {"seeds": sorted(r["seed"] for r in rows), "val": val[v], "test": [r["test_accuracy"] for r in rows],
+                "flops_reduction": [r["flops_reduction"] for r in rows],
+                "vs_best": "—" if v == best else ("tie" if tie(val[v], val[best]) else "worse")}
+            for v, rows in by_variant.items()}}
+    return table
+
+
+def page(record: dict) -> str:
+    lines = ["# BAR's settings at equal compute (chosen on validation)", "",
+             f"Command: `{record['command']}`", "",
+             f"{record['model']} on {record['data']}, {record['total_epochs']} epochs in total per contender (the "
+             f"teacher's included); {record['validation']:g} training images held out (chosen from the seed) and "
+             "never trained on. **Chosen by validation accuracy**; the test accuracy is reported, never used to "
+             "choose. Accuracy in % (mean ± std over seeds); 'tie' = within two standard errors of the "
+             "difference from the best (benchmarks/stats.py); with one seed there is no spread, and a "
+             "difference of a few tenths is noise. FLOP budgets (the full model's FLOPs / factor). "
+             f"Machine: {record['machine']}, {record['jobs']} runs at once, one thread each.", ""]
+    for factor, s in sorted(record["results"].items(), key=lambda kv: float(kv[0])):
+        lines += [f"## {factor}× FLOPs", "",
+                  "| variant | what | seeds | val accuracy | vs best (val) | test accuracy | FLOPs ÷ |",
+                  "|---|---|---|---|---|---|---|"]
+        rows = sorted(s["variants"].items(), key=lambda kv: -mean_std(kv[1]["val"])[0])
+        for v, r in rows:
+            name = f"{v} **(best val)**" if v == s["best_by_validation"] else v
+            red = r["flops_reduction"]
+            lines.append(f"| {name} | {describe(v, record['total_epochs'])} | {','.join(map(str, r['seeds']))} | "
+                         f"{format_mean_std(r['val'])} | {r['vs_best']} | {format_mean_std(r['test'])} | "
+                         f"{min(red):.2f}–{max(red):.2f} |")
+        lines.append("")
+    lines += ["![validation accuracy per variant](equal_compute.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from budgetprune import io
+    results = sorted(record["results"].items(), key=lambda kv: float(kv[0]))
+    if not results:
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 0.35 * len(VARIANTS) + 1.5), squeeze=False)
+    for ax, (factor, s) in zip(axes[0], results):
+        names = sorted(s["variants"], key=lambda v: mean_std(s["variants"][v]["val"])[0])
+        stats = [mean_std(s["variants"][v]["val"]) for v in names]
+        colors = ["tab:gray" if v == TP else "tab:blue" for v in names]
+        ax.barh(range(len(names)), [m for m, _ in stats], xerr=[e for _, e in stats], color=colors, capsize=3)
+        lo = min(m - e for m, e in stats)
+        ax.set_xlim(lo - 0.5, max(m + e for m, e in stats) + 0.3)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_xlabel("validation accuracy (%)")
+        ax.set_title(f"{record['model']}, {factor}× FLOPs, {record['total_epochs']} epochs")
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    io.atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    plt.close(fig)
+
+
+# -- the command -----------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data"))
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--model", default="lenet5")
+    p.add_argument("--total-epochs", type=int, default=12, help="per contender, the teacher's included")
+    p.add_argument("--factors", default="8", help="comma-separated FLOP reduction factors (default 8)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--variants", type=lambda t: name_list(t, VARIANTS, "variant"), default=VARIANTS,
+                   help=f"comma-separated, of {', '.join(VARIANTS)} (default: all)")
+    p.add_argument("--validation", type=float, default=10000, help="training images held out (default 10000)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at once (one thread each)")
+    p.add_argument("--work", default=str(HERE.parent / "runs" / "equal_compute"))
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    try:
+        factors = [float(f) for f in args.factors.split(",") if f.strip()]
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--factors and --seeds are comma-separated numbers (got {args.factors!r}, {args.seeds!r})")
+    if not factors or any(f <= 1 for f in factors) or not seeds or any(s < 0 for s in seeds):
+        p.error("--factors must be above 1 and --seeds 0 or more")
+    if args.jobs < 1 or args.validation <= 0:
+        p.error("--jobs must be at least 1 and --validation above 0 (the choice is made on it)")
+    wrong = [v for v in args.variants if total_epochs(v, args.total_epochs) != args.total_epochs]
+    if wrong:
+        p.error(f"variants {', '.join(wrong)} are not {args.total_epochs} epochs in total: pick others or "
+                "--total-epochs 12")
+    if TP_TEACHER >= args.total_epochs:
+        p.error(f"--total-epochs must exceed Torch-Pruning's teacher epochs ({TP_TEACHER})")
+    base = dict(model=args.model, data=args.data, data_root=args.data_root, validation=args.validation,
+                work=args.work, total=args.total_epochs)
+    work = Path(args.work)
+    cache = work / "runs"
+    cache.mkdir(parents=True, exist_ok=True)
+
+    def cached(job: dict) -> Path:
+        return cache / f"{job['model']}_{job['data']}_seed{job['seed']}_{job['variant']}_{job['factor']:g}x_" \
+                       f"{job['total']}ep_val{job['validation']:g}.json"
+
+    jobs = [base | {"seed": s, "factor": f, "variant": v} for s in seeds for f in factors for v in args.variants]
+    todo = [j for j in jobs if not cached(j).exists()]
+    teachers = {(j["seed"], teacher_epochs(j["variant"])): j for j in todo}
+    t0 = time.time()
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        for future in as_completed([pool.submit(teacher_job, j) for j in teachers.values()]):
+            print(f"teacher ready: {future.result()}", flush=True)
+        futures = {pool.submit(run_job, j): j for j in todo}
+        for future in as_completed(futures):
+            run = future.result()
+            from budgetprune import io
+            io.write_json(cached(futures[future]), run)
+            print(f"{run['variant']} {run['factor']:g}x seed {run['seed']}: val {run['val_accuracy']:.2f} "
+                  f"test {run['test_accuracy']:.2f} FLOPs ÷ {run['flops_reduction']:.2f} ({run['seconds']:.0f} s)",
+                  flush=True)
+    runs = [json.loads(cached(j).read_text()) for j in jobs if cached(j).exists()]
+    record = {"command": "python benchmarks/equal_compute.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "model": args.model, "data": args.data, "total_epochs": args.total_epochs, "validation": args.validation,
+              "machine": machine(), "jobs": args.jobs, "splits": {v: list(s) for v, s in SPLITS.items()},
+              "runs": runs, "results": summarise(runs), "wall_seconds": time.time() - t0}
+    out = write_results(args.out, "equal_compute", record, page(record))
+    plot(record, out / "equal_compute.png")
+    print(page(record))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""benchmarks/equal_compute.py: every variant spends the same total of epochs, the choice is made
+on validation accuracy and never on the test accuracy, and a bad flag is one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def equal_compute():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import equal_compute
+        yield equal_compute
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_every_variant_spends_the_same_epochs(equal_compute):
+    assert len(equal_compute.VARIANTS) > 2
+    for v in equal_compute.VARIANTS:
+        assert equal_compute.total_epochs(v, 12) == 12, v
+    # a variant's words name its split
+    assert equal_compute.describe("t6-p3-f3", 12).startswith("teacher 6, prune 3, fine-tune 3")
+
+
+def test_the_best_is_chosen_on_validation_not_on_test(equal_compute):
+    def run(variant, seed, val, test):
+        return {"variant": variant, "seed": seed, "factor": 8.0, "val_accuracy": val, "test_accuracy": test,
+                "flops_reduction": 8.0}
+    runs = [run("a", s, 90.0 + 0.1 * s, 80.0) for s in range(3)] + \
+           [run("b", s, 89.0 + 0.1 * s, 95.0) for s in range(3)] + \
+           [run("c", s, 89.4 + 0.5 * s, 70.0) for s in range(3)]
+    s = equal_compute.summarise(runs)["8"]
+    assert s["best_by_validation"] == "a"  # b is better on test, never looked at for the choice
+    assert s["variants"]["b"]["vs_best"] == "worse"  # 1 point apart, spread 0.1
+    assert s["variants"]["c"]["vs_best"] == "tie"  # within two standard errors
+    page = equal_compute.page({"command": "x", "model": "lenet5", "data": "fashion-mnist", "total_epochs": 12,
+                               "validation": 10000, "machine": {}, "jobs": 2, "results": {"8": s}})
+    assert "a **(best val)**" in page and page.index("| a **") < page.index("| c |") < page.index("| b |")
+
+
+def test_variants_that_do_not_add_up_are_a_one_line_error(tmp_path):
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "equal_compute.py"), "--total-epochs", "10",
+                          "--variants", "t8-p2-f2", "--out", str(tmp_path), "--work", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "t8-p2-f2" in run.stderr, run.stderr
