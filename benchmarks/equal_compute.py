@@ -33,6 +33,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from budgetprune import io  # noqa: E402
 from common import HERE, RESULTS, Parser, machine, name_list, write_results  # noqa: E402
 from stats import format_mean_std, mean_std, tie  # noqa: E402
 
@@ -94,21 +95,37 @@ def _data(data: str, data_root: str, validation: float, seed: int):
     return splits, fit, val
 
 
-def _setup(job: dict, splits, fit):
-    """peer_accuracy's Setup: the (seed, teacher epochs) teacher, trained on ``fit`` or loaded."""
+def _teacher_folder(job: dict) -> Path:
+    return Path(job["work"]) / job["model"] / f"seed{job['seed']}" / f"teacher-{teacher_epochs(job['variant'])}"
+
+
+def _settings(job: dict, fit):
     import peer_accuracy
     t = teacher_epochs(job["variant"])
-    settings = peer_accuracy.Settings(job["data"], len(fit), t, max(job["total"] - t, 1), 0, 0, 1, 10)
-    folder = Path(job["work"]) / job["model"] / f"seed{job['seed']}" / f"teacher-{t}"
-    return peer_accuracy.prepare(job["model"], job["seed"], fit, splits.test, splits.info, settings, folder,
-                                 log=lambda s: None), settings
+    return peer_accuracy.Settings(job["data"], len(fit), t, max(job["total"] - t, 1), 0, 0, 1, 10)
 
 
 def teacher_job(job: dict) -> dict:
+    """Train the (seed, teacher epochs) teacher on the training part (or load it), once, before the
+    runs that share it; its test accuracy is kept beside it."""
+    import peer_accuracy
     splits, fit, _ = _data(job["data"], job["data_root"], job["validation"], job["seed"])
     start = time.time()
-    setup, _ = _setup(job, splits, fit)
+    folder = _teacher_folder(job)
+    setup = peer_accuracy.prepare(job["model"], job["seed"], fit, splits.test, splits.info, _settings(job, fit),
+                                  folder, log=lambda s: None)
+    io.write_json(folder / "teacher_accuracy.json", {"test_accuracy": setup.teacher_accuracy})
     return {"teacher_accuracy": setup.teacher_accuracy, "seconds": time.time() - start}
+
+
+def _setup(job: dict, splits, fit):
+    """peer_accuracy's Setup from the teacher :func:`teacher_job` trained (read only: several runs
+    share it at once)."""
+    import peer_accuracy
+    folder = _teacher_folder(job)
+    accuracy = json.loads((folder / "teacher_accuracy.json").read_text())["test_accuracy"]
+    return peer_accuracy.from_teacher(job["model"], job["seed"], fit, splits.test, splits.info,
+                                      folder / "teacher.pt", accuracy), _settings(job, fit)
 
 
 def run_job(job: dict) -> dict:
@@ -157,7 +174,8 @@ def summarise(runs: list[dict]) -> dict:
         table[factor] = {"best_by_validation": best, "variants": {
             v: {"seeds": sorted(r["seed"] for r in rows), "val": val[v], "test": [r["test_accuracy"] for r in rows],
                 "flops_reduction": [r["flops_reduction"] for r in rows],
-                "vs_best": "—" if v == best else ("tie" if tie(val[v], val[best]) else "worse")}
+                "vs_best": "—" if v == best else ("one seed" if min(len(val[v]), len(val[best])) < 2
+                                                   else "tie" if tie(val[v], val[best]) else "worse")}
             for v, rows in by_variant.items()}}
     return table
 
@@ -169,7 +187,7 @@ def page(record: dict) -> str:
              f"teacher's included); {record['validation']:g} training images held out (chosen from the seed) and "
              "never trained on. **Chosen by validation accuracy**; the test accuracy is reported, never used to "
              "choose. Accuracy in % (mean ± std over seeds); 'tie' = within two standard errors of the "
-             "difference from the best (benchmarks/stats.py); with one seed there is no spread, and a "
+             "difference from the best (benchmarks/stats.py); 'one seed': no spread to judge by, and a "
              "difference of a few tenths is noise. FLOP budgets (the full model's FLOPs / factor). "
              f"Machine: {record['machine']}, {record['jobs']} runs at once, one thread each.", ""]
     for factor, s in sorted(record["results"].items(), key=lambda kv: float(kv[0])):
@@ -229,6 +247,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at once (one thread each)")
     p.add_argument("--work", default=str(HERE.parent / "runs" / "equal_compute"))
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rewrite the page from the finished runs in --work")
     args = p.parse_args(argv)
     try:
         factors = [float(f) for f in args.factors.split(",") if f.strip()]
@@ -256,17 +276,24 @@ def main(argv=None) -> int:
                        f"{job['total']}ep_val{job['validation']:g}.json"
 
     jobs = [base | {"seed": s, "factor": f, "variant": v} for s in seeds for f in factors for v in args.variants]
-    todo = [j for j in jobs if not cached(j).exists()]
+    todo = [] if args.report_only else [j for j in jobs if not cached(j).exists()]
     teachers = {(j["seed"], teacher_epochs(j["variant"])): j for j in todo}
     t0 = time.time()
+    failed: list[str] = []
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         for future in as_completed([pool.submit(teacher_job, j) for j in teachers.values()]):
             print(f"teacher ready: {future.result()}", flush=True)
         futures = {pool.submit(run_job, j): j for j in todo}
         for future in as_completed(futures):
-            run = future.result()
-            from budgetprune import io
-            io.write_json(cached(futures[future]), run)
+            job = futures[future]
+            try:
+                run = future.result()
+            except Exception as exc:  # one failed run is reported; the others go on
+                failed.append(f"{job['variant']} {job['factor']:g}x seed {job['seed']}: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}")
+                print(f"FAILED {failed[-1]}", flush=True)
+                continue
+            io.write_json(cached(job), run)
             print(f"{run['variant']} {run['factor']:g}x seed {run['seed']}: val {run['val_accuracy']:.2f} "
                   f"test {run['test_accuracy']:.2f} FLOPs ÷ {run['flops_reduction']:.2f} ({run['seconds']:.0f} s)",
                   flush=True)
@@ -278,7 +305,9 @@ def main(argv=None) -> int:
     out = write_results(args.out, "equal_compute", record, page(record))
     plot(record, out / "equal_compute.png")
     print(page(record))
-    return 0
+    for line in failed:
+        print(f"failed: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

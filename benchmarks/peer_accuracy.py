@@ -177,11 +177,16 @@ def prepare(model: str, seed: int, train, test, info, settings: Settings, folder
     start = time.time()
     run = PruneRun(new_model(model, info, seed), train, test, cfg, folder, log=log)
     run.train_teacher(resume=True)
+    setup = from_teacher(model, seed, train, test, info, folder / "teacher.pt", run.unpruned_accuracy)
+    setup.full["teacher_seconds"] = time.time() - start
+    return setup
+
+
+def from_teacher(model: str, seed: int, train, test, info, teacher_file: Path, accuracy: float) -> Setup:
+    """The (model, seed)'s Setup from a trained teacher's file (its test ``accuracy`` as measured)."""
     example = train[0][0].unsqueeze(0)
-    teacher = load_teacher(folder / "teacher.pt", new_model(model, info, seed), example)
-    full = costs(teacher, example)
-    return Setup(model, seed, train, test, info, folder / "teacher.pt", teacher, run.unpruned_accuracy, example,
-                 full | {"teacher_seconds": time.time() - start})
+    teacher = load_teacher(teacher_file, new_model(model, info, seed), example)
+    return Setup(model, seed, train, test, info, teacher_file, teacher, accuracy, example, costs(teacher, example))
 
 
 def run_bar(setup: Setup, factor: float, settings: Settings, folder: Path, log=print) -> tuple[nn.Module, dict]:

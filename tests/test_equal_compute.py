@@ -36,11 +36,12 @@ def test_the_best_is_chosen_on_validation_not_on_test(equal_compute):
                 "flops_reduction": 8.0}
     runs = [run("a", s, 90.0 + 0.1 * s, 80.0) for s in range(3)] + \
            [run("b", s, 89.0 + 0.1 * s, 95.0) for s in range(3)] + \
-           [run("c", s, 89.4 + 0.5 * s, 70.0) for s in range(3)]
+           [run("c", s, 89.4 + 0.5 * s, 70.0) for s in range(3)] + [run("d", 0, 85.0, 85.0)]
     s = equal_compute.summarise(runs)["8"]
     assert s["best_by_validation"] == "a"  # b is better on test, never looked at for the choice
     assert s["variants"]["b"]["vs_best"] == "worse"  # 1 point apart, spread 0.1
     assert s["variants"]["c"]["vs_best"] == "tie"  # within two standard errors
+    assert s["variants"]["d"]["vs_best"] == "one seed"  # no spread: neither a tie nor a loss is known
     page = equal_compute.page({"command": "x", "model": "lenet5", "data": "fashion-mnist", "total_epochs": 12,
                                "validation": 10000, "machine": {}, "jobs": 2, "results": {"8": s}})
     assert "a **(best val)**" in page and page.index("| a **") < page.index("| c |") < page.index("| b |")
