@@ -42,6 +42,9 @@ def test_the_best_is_chosen_on_validation_not_on_test(equal_compute):
     assert s["variants"]["b"]["vs_best"] == "worse"  # 1 point apart, spread 0.1
     assert s["variants"]["c"]["vs_best"] == "tie"  # within two standard errors
     assert s["variants"]["d"]["vs_best"] == "one seed"  # no spread: neither a tie nor a loss is known
+    # paired gaps: on the seeds both ran (d: seed 0 only, 85.0 against a's 90.0)
+    assert s["variants"]["b"]["paired_gap"] == pytest.approx(-1.0) and s["variants"]["b"]["paired_seeds"] == [0, 1, 2]
+    assert s["variants"]["d"]["paired_gap"] == pytest.approx(-5.0) and s["variants"]["d"]["paired_seeds"] == [0]
     page = equal_compute.page({"command": "x", "model": "lenet5", "data": "fashion-mnist", "total_epochs": 12,
                                "validation": 10000, "machine": {}, "jobs": 2, "results": {"8": s}})
     assert "a **(best val)**" in page and page.index("| a **") < page.index("| c |") < page.index("| b |")
