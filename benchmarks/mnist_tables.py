@@ -64,6 +64,9 @@ class Row:
     note: str = ""
 
 
+LAYER_NOTE = ("the seed reports the model-wise constraint only; layer targets at its sparsity: the library's "
+              "targets=layer bounds each layer's share of open channels by the budget's fraction (not its "
+              "parameters), then the final projection and fill meet the params budget")
 LOUIZOS_EPOCHS = "200 (Louizos et al.; not in the seed text)"
 NOT_STATED = "not stated in seed 003"
 
@@ -73,9 +76,7 @@ ROWS = [
     Row("lenet300-cl0-model", "lenet300", "constrained-l0", "198-233-100", SEED_003, 1.4, NOT_STATED,
         {"targets": "model"}, note="paper: ε = 33 % (expected active parameters), reached 198-233-100"),
     Row("lenet300-cl0-layer", "lenet300", "constrained-l0", "198-233-100", SEED_003, 1.4, NOT_STATED,
-        {"targets": "layer"}, note="the seed reports the model-wise constraint only; layer targets at its sparsity: the library's "
-        "targets=layer bounds each layer's share of open channels by the budget's fraction (not its parameters), "
-        "then the final projection and fill meet the params budget"),
+        {"targets": "layer"}, note=LAYER_NOTE),
     Row("lenet300-cs", "lenet300", "cs", "219-214-100", NO_MNIST["cs"], None, "—",
         note="at the L0 row's sparsity"),
     Row("lenet300-sensitivity", "lenet300", "sensitivity", "219-214-100", NO_MNIST["sensitivity"], None, "—",
@@ -85,9 +86,7 @@ ROWS = [
     Row("lenet5-cl0-model", "lenet5", "constrained-l0", "20-21-34-407", SEED_003, 0.53, NOT_STATED,
         {"targets": "model"}, note="paper: ε = 10 %, reached 20-21-34-407"),
     Row("lenet5-cl0-layer", "lenet5", "constrained-l0", "20-21-34-407", SEED_003, 0.53, NOT_STATED,
-        {"targets": "layer"}, note="the seed reports the model-wise constraint only; layer targets at its sparsity: the library's "
-        "targets=layer bounds each layer's share of open channels by the budget's fraction (not its parameters), "
-        "then the final projection and fill meet the params budget"),
+        {"targets": "layer"}, note=LAYER_NOTE),
     Row("lenet5-cs", "lenet5", "cs", "20-25-45-462", NO_MNIST["cs"], None, "—", note="at the L0 row's sparsity"),
     Row("lenet5-sensitivity", "lenet5", "sensitivity", "20-25-45-462", NO_MNIST["sensitivity"], None, "—",
         note="at the L0 row's sparsity"),
@@ -254,14 +253,19 @@ def summarise(records: list[dict], rows: list[Row]) -> list[dict]:
 
 def page(record: dict) -> str:
     lines = ["# The seed papers' MNIST tables", "",
-             f"Command: `{record['command']}`", "",
+             f"Command: `{record['command']}`; the runs were made by "
+             + ", ".join(f"`{c}`" for c in record.get("run_by", [])) + ".", "",
              "Full MNIST (60 000 training, 10 000 test images). Each row prunes the paper's network to the "
              "paper's share of parameters: the paper's kept architecture (Louizos et al.'s notation: a conv's "
              "kept maps, a linear layer's kept inputs) counted by `architecture_params` over the full model's "
              "parameters, as a `params` budget at channel granularity (LeNet-300-100's inputs gated). "
              "Methods at their default settings, nothing chosen on the test set. Error in % (mean ± std over the "
              f"seeds listed); 'within' = our mean within {WITHIN} points of the paper's. Epochs: teacher + prune + "
-             "fine-tune + low-lr (the prune stage starts from the teacher's weights). "
+             "fine-tune + low-lr (the prune stage starts from the teacher's weights; one teacher per model and seed is "
+             "shared by that model's rows, and 'min / run' of a seed's first row includes training it). "
+             "Louizos et al.'s LeNet-5 keeps 45 single inputs of the first fc layer (positions within maps); "
+             "channel pruning keeps whole maps (16 inputs each), so our kept networks reach the same share of "
+             "parameters with another shape. "
              f"Machine: {record['machine']}, one thread.", "",
              "| row | method | paper's kept (params) | ours kept (params) | paper error | our error | seeds | gap | "
              f"within {WITHIN} | epochs paper | epochs ours | min / run |",
@@ -276,7 +280,8 @@ def page(record: dict) -> str:
                          f"— | {s['paper_epochs']} | — | — |")
             continue
         archs = sorted(set(s["architectures"]))
-        ours_kept = f"{', '.join(archs[:3])}{' …' if len(archs) > 3 else ''} ({100 * mean_std(s['kept_fractions'])[0]:.2f} %)"
+        kept = 100 * mean_std(s["kept_fractions"])[0]
+        ours_kept = f"{', '.join(archs[:3])}{' …' if len(archs) > 3 else ''} ({kept:.2f} %)"
         gap = "—" if s["gap"] is None else f"{s['gap']:+.2f}"
         lines.append(f"| {s['row']} | {s['method']}{opts} | {paper_kept} | {ours_kept} | {paper_error} | {s['error']} | "
                      f"{','.join(map(str, s['seeds']))} | {gap} | {s['within']} | {s['paper_epochs']} | "
@@ -303,7 +308,8 @@ def epochs_arg(text: str) -> tuple[int, int, int, int]:
     except ValueError:
         values = ()
     if len(values) != 4 or any(v < 0 for v in values) or values[0] < 1 or values[1] < 1:
-        raise argparse.ArgumentTypeError(f"epochs are teacher,prune,finetune,lowlr (teacher and prune ≥ 1); got {text!r}")
+        raise argparse.ArgumentTypeError(f"epochs are teacher,prune,finetune,lowlr (teacher and prune ≥ 1); "
+                                         f"got {text!r}")
     return values  # type: ignore[return-value]
 
 
@@ -361,6 +367,7 @@ def main(argv=None) -> int:
                 splits = load_dataset("mnist", root=args.data_root, progress=False)
             print(f"[{time.strftime('%H:%M:%S')}] {row.name} seed {seed}, epochs {epochs[row.model]}", flush=True)
             record = run_row(row, seed, epochs[row.model], splits, work, log=lambda s: None)
+            record["command"] = command
             done.parent.mkdir(parents=True, exist_ok=True)
             done.write_text(json.dumps(record, indent=1))
             print(f"[{time.strftime('%H:%M:%S')}]   " + (f"error: {record['error']}" if "error" in record else
@@ -368,7 +375,8 @@ def main(argv=None) -> int:
                   f"({100 * record['kept_fraction']:.2f} % params), {record['seconds'] / 60:.1f} min"), flush=True)
     records = [json.loads((folder(row, seed) / "record.json").read_text())
                for seed in args.seeds for row in args.rows if (folder(row, seed) / "record.json").exists()]
-    result = {"command": command, "machine": machine(), "within_points": WITHIN,
+    runs = sorted({r.get("command", "an earlier version of this script") for r in records})
+    result = {"command": command, "run_by": runs, "machine": machine(), "within_points": WITHIN,
               "epochs": {m: dict(zip(("teacher", "prune", "finetune", "lowlr"), e)) for m, e in epochs.items()},
               "rows": summarise(records, args.rows), "records": records,
               "wall_seconds_this_invocation": time.time() - started}
