@@ -213,7 +213,7 @@ def prune_to(tp, model: nn.Module, importance, target: float, x: torch.Tensor) -
     """One Torch-Pruning step on a copy of ``model`` that lands as close to ``target`` FLOPs as it
     can without passing it: for global and for local (per-layer) ranking, the smallest pruning ratio
     at or under ``target``, found by bisection; of the two, the one with more FLOPs left (a LeNet-5
-    conv1 channel alone is 6 % of the network's FLOPs, so either ranking may have to stop well under
+    conv1 channel alone is about 4 % of the network's FLOPs, so either ranking may have to stop well under
     the target). The gradients in ``.grad``, which Taylor importance reads, are copied along.
     Returns the pruned copy and the step's record."""
     def trial(ratio: float, global_pruning: bool):
