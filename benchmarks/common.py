@@ -1,5 +1,5 @@
 """What the benchmark scripts share: their common options, the record of how a result was
-made (command, schedule, machine), a random training subset, and timed training steps and
+made (command, schedule, machine), a seeded new model, a random training subset, and timed training steps and
 forward passes interleaved so that a machine that slows down slows every contender alike."""
 
 from __future__ import annotations
@@ -91,6 +91,14 @@ def record_header(r: dict, title: str, setup: str) -> list[str]:
     return [f"# {title}", "", f"Command: `{r['command']}`", "",
             f"{setup} Epochs: teacher {e['teacher']}, prune {e['prune']}, fine-tune {e['finetune']} + {e['lowlr']} "
             f"at lr/10. Machine: {r['machine']}. Wall time {r['wall_seconds'] / 60:.1f} min.", ""]
+
+
+def seeded_model(name: str, seed: int, in_channels: int, num_classes: int, input_size) -> torch.nn.Module:
+    """A registry model with the initial weights ``budgetprune prune --seed seed`` gives it."""
+    from budgetprune.models import create_model
+    from budgetprune.seeding import seed_model_init
+    seed_model_init(seed)
+    return create_model(name, in_channels=in_channels, num_classes=num_classes, input_size=tuple(input_size))
 
 
 def random_subset(ds, n: int, seed: int = 0):

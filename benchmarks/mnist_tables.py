@@ -29,14 +29,15 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HERE, RESULTS, Parser, machine, write_results  # noqa: E402
+from budgetprune import io  # noqa: E402
+from common import HERE, RESULTS, Parser, machine, seeded_model, write_results  # noqa: E402
 from stats import format_mean_std, mean_std  # noqa: E402
 
 WITHIN = 0.2  # the target: our error within this many points of the paper's
@@ -70,27 +71,27 @@ LAYER_NOTE = ("the seed reports the model-wise constraint only; layer targets at
 LOUIZOS_EPOCHS = "200 (Louizos et al.; not in the seed text)"
 NOT_STATED = "not stated in seed 003"
 
-ROWS = [
-    Row("lenet300-l0", "lenet300", "l0", "219-214-100", SEED_003_LOUIZOS, 1.4, LOUIZOS_EPOCHS,
-        note="penalised, λ = 0.1/N (the method's default)"),
-    Row("lenet300-cl0-model", "lenet300", "constrained-l0", "198-233-100", SEED_003, 1.4, NOT_STATED,
-        {"targets": "model"}, note="paper: ε = 33 % (expected active parameters), reached 198-233-100"),
-    Row("lenet300-cl0-layer", "lenet300", "constrained-l0", "198-233-100", SEED_003, 1.4, NOT_STATED,
-        {"targets": "layer"}, note=LAYER_NOTE),
-    Row("lenet300-cs", "lenet300", "cs", "219-214-100", NO_MNIST["cs"], None, "—",
-        note="at the L0 row's sparsity"),
-    Row("lenet300-sensitivity", "lenet300", "sensitivity", "219-214-100", NO_MNIST["sensitivity"], None, "—",
-        note="at the L0 row's sparsity"),
-    Row("lenet5-l0", "lenet5", "l0", "20-25-45-462", SEED_003_LOUIZOS, 0.9, LOUIZOS_EPOCHS,
-        note="penalised, λ = 0.1/N (the method's default)"),
-    Row("lenet5-cl0-model", "lenet5", "constrained-l0", "20-21-34-407", SEED_003, 0.53, NOT_STATED,
-        {"targets": "model"}, note="paper: ε = 10 %, reached 20-21-34-407"),
-    Row("lenet5-cl0-layer", "lenet5", "constrained-l0", "20-21-34-407", SEED_003, 0.53, NOT_STATED,
-        {"targets": "layer"}, note=LAYER_NOTE),
-    Row("lenet5-cs", "lenet5", "cs", "20-25-45-462", NO_MNIST["cs"], None, "—", note="at the L0 row's sparsity"),
-    Row("lenet5-sensitivity", "lenet5", "sensitivity", "20-25-45-462", NO_MNIST["sensitivity"], None, "—",
-        note="at the L0 row's sparsity"),
-]
+def paper_rows(model: str, penalised: tuple[str, float], constrained: tuple[str, float, str]) -> list[Row]:
+    """A model's five rows: L0 at Louizos et al.'s kept architecture and error (``penalised``:
+    architecture, error %), constrained L0 with model and with layer targets at seed 003's
+    (``constrained``: architecture, error %, how it was reached), and cs and sensitivity, which
+    no seed reports on MNIST, at the L0 row's sparsity."""
+    arch, error = penalised
+    c_arch, c_error, reached = constrained
+    return [
+        Row(f"{model}-l0", model, "l0", arch, SEED_003_LOUIZOS, error, LOUIZOS_EPOCHS,
+            note="penalised, λ = 0.1/N (the method's default)"),
+        Row(f"{model}-cl0-model", model, "constrained-l0", c_arch, SEED_003, c_error, NOT_STATED,
+            {"targets": "model"}, note=f"paper: {reached}"),
+        Row(f"{model}-cl0-layer", model, "constrained-l0", c_arch, SEED_003, c_error, NOT_STATED,
+            {"targets": "layer"}, note=LAYER_NOTE),
+    ] + [Row(f"{model}-{method}", model, method, arch, NO_MNIST[method], None, "—", note="at the L0 row's sparsity")
+         for method in ("cs", "sensitivity")]
+
+
+ROWS = (paper_rows("lenet300", ("219-214-100", 1.4),
+                   ("198-233-100", 1.4, "ε = 33 % (expected active parameters), reached 198-233-100"))
+        + paper_rows("lenet5", ("20-25-45-462", 0.9), ("20-21-34-407", 0.53, "ε = 10 %, reached 20-21-34-407")))
 ROW_NAMES = [r.name for r in ROWS]
 MODELS = sorted({r.model for r in ROWS})
 #: (teacher, prune, fine-tune, low-lr) epochs per model: what one CPU thread affords
@@ -147,10 +148,8 @@ def architecture_params(model: nn.Module, architecture: str) -> int:
 
 
 def new_model(name: str, seed: int = 0) -> nn.Module:
-    import budgetprune
-    from budgetprune import seeding
-    seeding.seed_model_init(seed)
-    return budgetprune.create_model(name, in_channels=1, num_classes=10, input_size=(28, 28))
+    """An MNIST model (one channel, 28 × 28, ten classes) with ``seed``'s initial weights."""
+    return seeded_model(name, seed, 1, 10, (28, 28))
 
 
 def row_budget(row: Row) -> tuple[float, str]:
@@ -178,7 +177,7 @@ def teacher_file(work: Path, model: str, seed: int, epochs: int, train, test) ->
     run = PruneRun(new_model(model, seed), train, test, cfg, folder, log=lambda s: None)
     run.train_teacher(resume=True)
     error = 100 * (1 - run.unpruned_accuracy)
-    done.write_text(json.dumps({"test_error": error, "seconds": time.time() - start}))
+    io.write_json(done, {"test_error": error, "seconds": time.time() - start})
     return folder / "teacher.pt", error
 
 
@@ -369,7 +368,7 @@ def main(argv=None) -> int:
             record = run_row(row, seed, epochs[row.model], splits, work, log=lambda s: None)
             record["command"] = command
             done.parent.mkdir(parents=True, exist_ok=True)
-            done.write_text(json.dumps(record, indent=1))
+            io.write_json(done, record)
             print(f"[{time.strftime('%H:%M:%S')}]   " + (f"error: {record['error']}" if "error" in record else
                   f"test error {record['test_error']:.2f} %, kept {record['architecture']} "
                   f"({100 * record['kept_fraction']:.2f} % params), {record['seconds'] / 60:.1f} min"), flush=True)

@@ -67,7 +67,7 @@ from budgetprune.engine import evaluate, iterate_batches, num_batches, predict_l
 from budgetprune.recipe import Recipe, make_optimizer, stage_schedule  # noqa: E402
 from budgetprune.objectives import distillation_loss  # noqa: E402
 from budgetprune.pipeline import PruneConfig, PruneRun  # noqa: E402
-from common import HERE, RESULTS, Parser, machine, name_list, random_subset  # noqa: E402
+from common import HERE, RESULTS, Parser, machine, name_list, random_subset, seeded_model  # noqa: E402
 from peer import aten_macs, base_pruner, bp_count, budgetprune_state, version  # noqa: E402
 from stats import format_mean_std, mean_std, tie  # noqa: E402
 
@@ -159,9 +159,7 @@ class Setup:
 
 
 def new_model(name: str, info, seed: int) -> nn.Module:
-    seeding.seed_model_init(seed)
-    return budgetprune.create_model(name, in_channels=info.in_channels, num_classes=info.num_classes,
-                                    input_size=info.image_size)
+    return seeded_model(name, seed, info.in_channels, info.num_classes, info.image_size)
 
 
 def costs(net: nn.Module, x: torch.Tensor) -> dict:

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import HERE, RESULTS, Parser, machine, name_list, write_results
+from budgetprune import io
+from common import HERE, RESULTS, Parser, machine, name_list, seeded_model, write_results
 from stats import format_mean_std, mean_std, tie
 
 #: Recipes by name: the PruneConfig recipe fields and batch size each sets. ``default`` is the
@@ -80,11 +81,7 @@ def _splits(model_data: str, data_root: str, validation: float, seed: int):
 
 
 def _model(model_data: str, info, seed: int):
-    from budgetprune.models import create_model
-    from budgetprune.seeding import seed_model_init
-    seed_model_init(seed)  # the initial weights budgetprune prune --seed gives
-    return create_model(model_data.split(":")[0], in_channels=info.in_channels, num_classes=info.num_classes,
-                        input_size=info.image_size)
+    return seeded_model(model_data.split(":")[0], seed, info.in_channels, info.num_classes, info.image_size)
 
 
 def train_budgetprune(model, train, recipe_fields: dict, epochs: int, seed: int) -> None:
@@ -260,7 +257,7 @@ def main(argv=None) -> int:
         futures = {pool.submit(one_run, job): job for job in todo}
         for future in as_completed(futures):
             run = future.result()
-            cached[futures[future]].write_text(json.dumps(run))
+            io.write_json(cached[futures[future]], run)
             runs.append(run)
             print(f"{run['model']} {run['recipe']} seed {run['seed']}: val {run['val_accuracy']:.2f} "
                   f"test {run['test_accuracy']:.2f} ({run['train_seconds']:.0f} s)", flush=True)

@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_scripts import BENCHMARKS, benchmark_module
 
 
 @pytest.fixture(scope="module")
 def equal_compute():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import equal_compute
-        yield equal_compute
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_module("equal_compute") as module:
+        yield module
 
 
 def test_every_variant_spends_the_same_epochs(equal_compute):

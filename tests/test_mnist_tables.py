@@ -6,22 +6,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_scripts import BENCHMARKS, benchmark_module
 
 
 @pytest.fixture(scope="module")
 def tables():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import mnist_tables
-        yield mnist_tables
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_module("mnist_tables") as module:
+        yield module
 
 
 def test_lenet300_architecture_params_by_hand(tables):

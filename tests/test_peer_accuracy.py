@@ -6,22 +6,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_scripts import BENCHMARKS, benchmark_module
 
 
 @pytest.fixture(scope="module")
 def peer_accuracy():
     pytest.importorskip("torch_pruning")
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import peer_accuracy
-        yield peer_accuracy
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_module("peer_accuracy") as module:
+        yield module
 
 
 def test_both_sides_meet_the_flop_target_from_one_teacher(peer_accuracy, tmp_path):
