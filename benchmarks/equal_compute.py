@@ -54,6 +54,7 @@ SPLITS = {
     "t8-p2-f2-init3": (8, 2, 1, 1, {"gate_init": 3.0}),
     "t8-p1-f3-init3": (8, 1, 2, 1, {"gate_init": 3.0}),
     "t8-p2-f2-random": (8, 2, 1, 1, {"student_init": "random"}),
+    "t8-p2-f2-batch": (8, 2, 1, 1, {"gate_sample": "batch"}),
 }
 #: Torch-Pruning's reference: the teacher's epochs, then one-shot pruning and fine-tuning for the rest.
 TP_TEACHER = 8

@@ -7,7 +7,10 @@ are timed in interleaved rounds (the order alternates each round, after warm-up 
 medians compared, so a machine that slows down during the run slows both loops alike.
 
     python benchmarks/pruner_overhead.py                             # ResNet-50, batch 16, 64 px, BAR
+    python benchmarks/pruner_overhead.py --methods bar,bar/batch --rounds 7    # gates per example, per batch
     python benchmarks/pruner_overhead.py --methods bar,l0,cs --size 96 --rounds 7
+
+A method written ``name/batch`` samples its gates once per batch (``Pruner(gate_sample="batch")``).
 
 Writes ``benchmarks/results/pruner_overhead.{json,md}``.
 """
@@ -41,7 +44,8 @@ def measure(args, method: str) -> dict:
     y = torch.randint(0, 10, (args.batch,))
     total = args.warmup + args.rounds * args.steps
     build = time.perf_counter()
-    pruner = Pruner(pruned_model, x, args.budget, method=method, total_steps=10 * total)
+    name, _, sample = method.partition("/")
+    pruner = Pruner(pruned_model, x, args.budget, method=name, total_steps=10 * total, gate_sample=sample or "example")
     build = time.perf_counter() - build
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=1e-3, momentum=0.9)
     pruned_opt = torch.optim.SGD(pruner.parameters(lr=1e-3), lr=1e-3, momentum=0.9)

@@ -8,7 +8,9 @@ initial weights train on one random batch with SGD (lr 1e-3, momentum 0.9):
 - **plain**, the teacher's step: forward, cross-entropy, backward, the optimizer's step;
 - **every method** (``--methods``, default all of ``budgetprune.methods.available_methods()``):
   the same step with a ``budgetprune.Pruner`` under ``--budget``, its ``penalty()`` added to
-  the loss and its ``step()`` called after the optimizer's (the README's loop). Each pruner's
+  the loss and its ``step()`` called after the optimizer's (the README's loop), its gates
+  sampled per example (the default); the methods of ``--per-batch`` (default bar) once more with
+  ``gate_sample="batch"`` (rows ``bar/batch``: one sample per batch, folded into the weights). Each pruner's
   ``total_steps`` is ten times the steps it takes here, so the budget barely moves: this times
   the step early in a run, not a method's rare events (an iterative cut, a CS round), which the
   median leaves out.
@@ -76,6 +78,8 @@ def arguments(argv) -> argparse.Namespace:
                    help=f"comma-separated, from {','.join(MODELS)} (default: all)")
     p.add_argument("--methods", type=lambda t: name_list(t, available_methods(), "method(s)"), default=available_methods(),
                    help="comma-separated pruning methods (default: all)")
+    p.add_argument("--per-batch", type=lambda t: name_list(t, available_methods(), "method(s)"), default=["bar"],
+                   help="comma-separated methods timed once more with gates sampled per batch (default: bar)")
     p.add_argument("--budget", default="flops=0.25", help="the pruners' budget (as --budget of the CLI)")
     p.add_argument("--batch", type=int, help="batch of every model (default: 128, resnet50 16)")
     p.add_argument("--size", type=int, help="input pixels of every model (default: 28, resnet50 64)")
@@ -125,17 +129,25 @@ def configuration(name: str, args) -> dict:
 
 
 def contender(reference: torch.nn.Module, x, y, method: str | None, args, total_steps: int) -> dict:
-    """A copy of ``reference``, its optimizer and (with ``method``) its Pruner; the step that times them."""
+    """A copy of ``reference``, its optimizer and (with ``method``: a name, or ``name/batch`` for
+    gates sampled per batch) its Pruner; the step that times them."""
     model = copy.deepcopy(reference).train()
     out = {}
     pruner = None
     if method is not None:
+        name, _, sample = method.partition("/")
         start = time.perf_counter()
-        pruner = Pruner(model, x[:2], args.budget, method=method, total_steps=total_steps, deploy_runtime="eager")
+        pruner = Pruner(model, x[:2], args.budget, method=name, total_steps=total_steps, deploy_runtime="eager",
+                        gate_sample=sample or "example")
         out = {"pruner_build_s": time.perf_counter() - start, "groups": len(pruner.graph.groups)}
     optimizer = torch.optim.SGD(pruner.parameters(lr=LR) if pruner else model.parameters(), lr=LR, momentum=0.9)
     out["step"] = lambda: training_step(model, optimizer, x, y, pruner)
     return out
+
+
+def contenders(args) -> list[str]:
+    """The timed methods: each of ``--methods``, then ``name/batch`` for each of ``--per-batch``."""
+    return [*args.methods, *(f"{m}/batch" for m in args.per_batch)]
 
 
 def summary(times: list[float], shares: list[float], batch: int) -> dict:
@@ -148,7 +160,7 @@ def training(reference, x, y, args, quiet: Quiet) -> list[dict]:
     """Rows of the plain step and of every method's step (or its one-line error), ratios to the plain step."""
     total = 10 * (args.warmup + args.rounds * args.steps)
     rows, steps = {}, {}
-    for method in [None, *args.methods]:
+    for method in [None, *contenders(args)]:
         key = method or "plain"
         try:
             c = contender(reference, x, y, method, args, total)
@@ -280,7 +292,7 @@ def markdown(r: dict) -> str:
     header = "| method | " + " | ".join(f"{m['model']} (batch {m['batch']}, {'×'.join(map(str, m['input_shape']))}) "
                                        f"images/s | × plain" for m in models) + " |"
     lines += [header, "|---|" + "---|---|" * len(models)]
-    for method in ["plain", *s["methods"]]:
+    for method in ["plain", *s["methods"], *(f"{m}/batch" for m in s.get("per_batch", []))]:
         cells = []
         for m in models:
             row = next((t for t in m["training"] if t["method"] == method), None)
@@ -289,7 +301,8 @@ def markdown(r: dict) -> str:
             else:
                 low, high = row["ratio_95"]
                 cells += [f"{row['images_per_s']:.0f}", f"{row['ratio']:.2f} ({low:.2f}–{high:.2f})"]
-        lines.append(f"| {'plain (teacher step)' if method == 'plain' else method} | " + " | ".join(cells) + " |")
+        label = {"plain": "plain (teacher step)"}.get(method, method.replace("/batch", ", gates per batch"))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## Inference of the compacted network (BAR, pruned to the budget)", "",
               "| model | batch | unpruned images/s | compacted images/s | speedup | FLOPs ÷ | V/B |",
               "|---|---|---|---|---|---|---|"]
@@ -315,6 +328,15 @@ def others(r: dict) -> str:
             "were spent waiting for a quiet machine.")
 
 
+def verdict(row: dict, target: float, device: str) -> str:
+    """A step's ratio to the plain step, its interval, and whether it meets ``target``."""
+    low, high = row["ratio_95"]
+    meets = "meets" if row["ratio"] <= target else "misses"
+    sure = (row["ratio"] <= target) == (high <= target) == (low <= target)
+    return (f"{row['ratio']:.3f}× the plain step (95 % interval {low:.2f}–{high:.2f}): it {meets} the "
+            f"{device.upper()} target ≤ {target:.2f}×" + ("." if sure else ", within the noise of this run."))
+
+
 def notes(r: dict) -> list[str]:
     """The BAR step against its target, and the methods whose step is much slower than BAR's."""
     device = r["environment"]["device"].split(":")[0]
@@ -329,13 +351,11 @@ def notes(r: dict) -> list[str]:
         if bar is None:
             continue
         target = TARGETS[device]
-        low, high = bar["ratio_95"]
-        verdict = "meets" if bar["ratio"] <= target else "misses"
-        sure = (bar["ratio"] <= target) == (high <= target) == (low <= target)
-        out.append(f"- {m['model']}: the BAR step is {bar['ratio']:.3f}× the plain step (95 % interval {low:.2f}–"
-                   f"{high:.2f}): it {verdict} the {device.upper()} target ≤ {target:.2f}×"
-                   + ("." if sure else ", within the noise of this run."))
-        slow = [t for k, t in rows.items() if k not in ("plain", "bar") and t["ratio_95"][0] > high]
+        for key, words in (("bar", "the BAR step"), ("bar/batch", "with gates sampled per batch, the BAR step")):
+            if key in rows:
+                out.append(f"- {m['model']}: {words} is {verdict(rows[key], target, device)}")
+        high = bar["ratio_95"][1]
+        slow = [t for k, t in rows.items() if k not in ("plain", "bar", "bar/batch") and t["ratio_95"][0] > high]
         if slow:
             out.append("  Slower than BAR beyond the noise (intervals apart): " + ", ".join(
                 f"{t['method']} {t['ratio']:.3f}×" for t in sorted(slow, key=lambda t: -t["ratio"])) + ".")

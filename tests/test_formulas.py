@@ -833,3 +833,36 @@ def test_expected_cost_on_residual_graph_matches_monte_carlo(metric):
     if metric == "volume":  # Eq. 4's L_S: each layer's own maps, Σ A_l Σ p, plus the ungated fc's 10 outputs
         by_hand = sum(float(p.sum()) * graph.groups[g].area for g, p in probs.items()) + 10
         assert abs(by_hand - expected) < 1e-9 * expected
+
+
+@pytest.mark.parametrize("model_name, metric", [("resnet20", "flops"), ("resnet20", "volume"), ("lenet300", "params")])
+def test_the_vectorised_expectation_equals_the_sum_of_its_terms(model_name, metric):
+    """CostModel.expected (every term at once, budgetprune.expectation) against the formula
+    written term by term with the per-tensor aliveness 1 − Π(1 − p) of budgetprune.liveness:
+    value and gradient, with per-layer weights, and with one group left without gates (always alive)."""
+    from budgetprune.liveness import alive
+    model = budgetprune.create_model(model_name)
+    graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 28, 28), gate_inputs=True)
+    cm = CostModel(graph, metric)
+    gen = torch.Generator().manual_seed(5)
+    groups = list(graph.groups)
+    base = {gid: torch.rand(graph.groups[gid].channels, generator=gen, dtype=torch.float64) for gid in groups[1:]}
+    weights = {t.name: 0.5 + i % 3 for i, t in enumerate(cm.terms) if i % 2}
+    unweighted = None
+    for w in (None, weights):
+        fast = {g: p.clone().requires_grad_(True) for g, p in base.items()}
+        slow = {g: p.clone().requires_grad_(True) for g, p in base.items()}
+        value = cm.expected(fast, weights=w)
+        reference = cm.fixed
+        for t in cm.terms:
+            n_out = slow[t.out_group].sum() if t.out_group in slow else alive(graph.tensors[t.out_tensor], slow).sum()
+            n_in = alive(graph.tensors[t.in_tensor], slow).sum() * t.in_expansion if t.in_tensor else 0.0
+            reference = reference + (1.0 if w is None else w.get(t.name, 1.0)) * t.cost(n_in, n_out)
+        assert float(value) == pytest.approx(float(reference), rel=1e-12)
+        unweighted = float(value) if w is None else unweighted
+        value.backward()
+        reference.backward()
+        for g in base:
+            torch.testing.assert_close(fast[g].grad, slow[g].grad, rtol=1e-10, atol=1e-12)
+    as_float = cm.expected({g: p.float() for g, p in base.items()})
+    assert as_float.dtype == torch.float32 and float(as_float) == pytest.approx(unweighted, rel=1e-5)

@@ -12,8 +12,16 @@ exactly zero everywhere, so that the compacted network computes what the gated o
   function is masked at the output of the module that returns it
   (:meth:`budgetprune.graph.ChannelGraph.mask_site`).
 
-Both use the gate values of the current forward pass (one sample per example in training).
-:meth:`GateHooks.remove` restores the model exactly.
+Both use the gate values of the current forward pass: in training one sample per example
+(``sample="example"``) or one per batch (``sample="batch"``); at evaluation, and for
+deterministic gates, one value per channel. :meth:`GateHooks.remove` restores the model exactly.
+
+A gate with one value per channel for the whole batch (a per-batch sample, a deterministic or
+frozen gate) costs no pass over the feature maps where its host is a plain convolution, linear
+layer or affine BatchNorm: z·(Wx + b) = (zW)x + zb, so for the length of the host's forward its
+weight and bias are replaced by their products with z (as the attention heads' gates do with
+the values), and given back after it, also when the forward fails. A per-example sample is
+multiplied into the host's output as before.
 
 A gate whose values are never negative (``gate.nonnegative``) is applied further down a
 chain of ReLUs and poolings that only its host feeds, since z·relu(x) = relu(z·x) and
@@ -53,14 +61,44 @@ _COMMUTING = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, n
               nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
 
 
-def gate_site(graph: ChannelGraph, host: str) -> str:
-    """The last module of the chain host → ReLU / pooling → ... in which each module is called
-    once and is the only reader of the one before (the host itself when there is none)."""
-    modules = dict(graph.gm.named_modules())
+#: Gate sampling in training: one sample per example and channel, or one per channel for the batch.
+SAMPLES = ("example", "batch")
+
+#: Host modules whose parameters scale their output channels: a gate folds into them (exact types:
+#: a subclass may transform its weight first, e.g. a weight-standardised convolution).
+_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _module_calls(graph: ChannelGraph) -> dict[str, int]:
+    """How many times the traced forward calls each module."""
     calls: dict[str, int] = {}
     for n in graph.gm.graph.nodes:
         if n.op == "call_module":
             calls[n.target] = calls.get(n.target, 0) + 1
+    return calls
+
+
+def fold_targets(module: nn.Module, channels: int) -> list[tuple[str, tuple[int, ...]]] | None:
+    """(parameter name, shape of the factor) of each parameter of ``module`` that, multiplied by
+    per-channel values z, multiplies its output channel c by z_c: the weight's rows (a
+    convolution's or linear layer's output channels, an affine BatchNorm's scale) and the bias.
+    None when ``module`` is not one whose output channels its parameters scale that way."""
+    if type(module) not in _FOLDABLE or hasattr(module, "parametrizations"):
+        return None
+    weight = module._parameters.get("weight")
+    if weight is None or weight.shape[0] != channels:
+        return None
+    targets = [("weight", (-1,) + (1,) * (weight.dim() - 1))]
+    if module._parameters.get("bias") is not None:
+        targets.append(("bias", (-1,)))
+    return targets
+
+
+def gate_site(graph: ChannelGraph, host: str) -> str:
+    """The last module of the chain host → ReLU / pooling → ... in which each module is called
+    once and is the only reader of the one before (the host itself when there is none)."""
+    modules = dict(graph.gm.named_modules())
+    calls = _module_calls(graph)
     nodes = [n for n in graph.gm.graph.nodes if n.op == "call_module" and n.target == host]
     if len(nodes) != 1 or calls.get(host) != 1:
         return host
@@ -95,15 +133,22 @@ def _device_of(gate: GateFn) -> torch.device:
 
 
 class GateHooks:
-    """Forward hooks that apply ``gates[group_id]`` at each group's host module."""
+    """Forward hooks that apply ``gates[group_id]`` at each group's host module; in training each
+    gate is sampled once per example (``sample="example"``) or once per batch (``"batch"``)."""
 
-    def __init__(self, model: nn.Module, graph: ChannelGraph, gates: Mapping[str, GateFn]):
+    def __init__(self, model: nn.Module, graph: ChannelGraph, gates: Mapping[str, GateFn], sample: str = "example"):
+        if sample not in SAMPLES:
+            raise ValueError(f"gate sample must be one of {', '.join(SAMPLES)}, not {sample!r}")
         modules = dict(model.named_modules())
+        calls = _module_calls(graph)
         self.graph = graph
+        self.per_batch = sample == "batch"
         self.current: dict[str, torch.Tensor] = {}  # which gates are open (z ≠ 0: a signed scale too) in the forward pass under way
+        self.pending: dict[str, torch.Tensor] = {}  # gate values computed at a host, to multiply at its site
         self.model_training = model.training  # of the forward pass under way
         self.handles = [model.register_forward_pre_hook(self._reset)]
-        for gid, gate in gates.items():
+        # input gates first: a host's pre-hooks run in this order, and a folded output gate reads them (purge)
+        for gid, gate in sorted(gates.items(), key=lambda item: graph.groups[item[0]].position != "input"):
             group = graph.groups[gid]
             host = modules[group.host]
             if group.position == "input":
@@ -113,15 +158,25 @@ class GateHooks:
             else:
                 layer = graph.layers[group.producer]
                 site = modules[gate_site(graph, group.host)] if getattr(gate, "nonnegative", False) else host
-                self.handles.append(site.register_forward_hook(self._output_hook(group, gate, layer.in_tensor,
-                                                                                 layer.heads)))
+                targets = fold_targets(host, group.channels) if calls.get(group.host) == 1 and layer.heads is None \
+                    else None
+                if targets is None:
+                    self.handles.append(site.register_forward_hook(self._output_hook(group, gate, layer.in_tensor,
+                                                                                     layer.heads)))
+                else:
+                    self.handles += self._folding_hooks(host, site, group, gate, layer.in_tensor, targets)
         for name in graph.renormalisers:
             site, tensor = graph.mask_site(name)
             self.handles.append(modules[site].register_forward_hook(self._mask_hook(tensor)))
 
     def _reset(self, module, inputs):
         self.current.clear()
+        self.pending.clear()
         self.model_training = module.training
+
+    def _batch(self, x: torch.Tensor) -> int | None:
+        """The batch size a gate samples for (None: one sample for the batch)."""
+        return None if self.per_batch else x.shape[0]
 
     def _alive(self, tensor: str) -> torch.Tensor:
         return alive(self.graph.tensors[tensor], self.current)
@@ -153,28 +208,68 @@ class GateHooks:
             live = cur if live is None else live | cur
         return live
 
+    def _output_values(self, group: ChannelGroup, gate: GateFn, sources, heads: str | None,
+                       batch: int | None) -> torch.Tensor:
+        """A group's gate values for this pass, (channels,) or (batch, channels), with its layer
+        purged when its input or its heads are all closed; records which are open."""
+        z = group.expand(gate_values(gate, batch, self.model_training))  # tied units → channels
+        if sources and all(g in self.current for g, _ in sources):
+            z = z * self._input_open(sources).to(z.dtype)  # purge
+        if heads in self.current:  # an attention without heads outputs nothing (its biases: purged too)
+            z = z * self.current[heads].any(dim=-1, keepdim=True).to(z.dtype)
+        self.current[group.id] = z.detach() != 0
+        return z
+
     def _output_hook(self, group: ChannelGroup, gate: GateFn, in_tensor: str, heads: str | None = None):
-        gid = group.id
         sources = self._purge_sources(in_tensor)  # the gates that can kill this layer's input
 
         def hook(module, inputs, output):
             rest = None
             if isinstance(output, tuple):  # nn.MultiheadAttention: (output, attention weights)
                 output, rest = output[0], output[1:]
-            z = group.expand(gate_values(gate, output.shape[0], self.model_training))  # tied units → channels
-            if sources and all(g in self.current for g, _ in sources):
-                z = z * self._input_open(sources).to(z.dtype)  # purge
-            if heads in self.current:  # an attention without heads outputs nothing (its biases: purged too)
-                z = z * self.current[heads].any(dim=-1, keepdim=True).to(z.dtype)
-            self.current[gid] = z.detach() != 0
+            z = self._output_values(group, gate, sources, heads, self._batch(output))
             gated = output * _broadcast(z.to(output.dtype), output, dim=group.dim)  # autocast: stays bf16/fp16
             return gated if rest is None else (gated, *rest)
         return hook
 
+    def _folding_hooks(self, host: nn.Module, site: nn.Module, group: ChannelGroup, gate: GateFn, in_tensor: str,
+                       targets: list[tuple[str, tuple[int, ...]]]) -> list:
+        """Hooks of a group whose host's parameters scale its output channels: values with one
+        entry per channel are folded into the host's weight and bias for the length of its
+        forward (no pass over the feature maps); per-example values are multiplied in at the
+        site, as :meth:`_output_hook` does."""
+        gid = group.id
+        sources = self._purge_sources(in_tensor)
+        saved: list[tuple[str, torch.Tensor]] = []
+
+        def fold(module, inputs):
+            z = self._output_values(group, gate, sources, None, self._batch(inputs[0]))
+            if z.dim() != 1:
+                self.pending[gid] = z
+                return
+            for attr, shape in targets:
+                original = module._parameters[attr]
+                saved.append((attr, original))
+                module._parameters[attr] = original * z.to(original.device, original.dtype).view(shape)
+
+        def restore(module, inputs, output):
+            while saved:
+                attr, original = saved.pop()
+                module._parameters[attr] = original
+
+        def multiply(module, inputs, output):
+            z = self.pending.pop(gid, None)
+            if z is None:  # folded
+                return output
+            return output * _broadcast(z.to(output.dtype), output, dim=group.dim)
+
+        return [host.register_forward_pre_hook(fold), host.register_forward_hook(restore, always_call=True),
+                site.register_forward_hook(multiply)]
+
     def _input_hook(self, gid: str, gate: GateFn):
         def hook(module, inputs):
             x = inputs[0]
-            z = gate_values(gate, x.shape[0], self.model_training)
+            z = gate_values(gate, self._batch(x), self.model_training)
             self.current[gid] = z.detach() != 0
             return (x * _broadcast(z.to(x.dtype), x),) + tuple(inputs[1:])
         return hook

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               "l0 0.1/N)")
     p.add_argument("--gate-init", type=float, help="initial log α of Hard Concrete gates (default 0; 3 starts them "
                                                     "open, better for short runs from the teacher)")
+    p.add_argument("--gate-sample", choices=["example", "batch"],
+                   help="training samples of stochastic gates: one per example and channel (default) or one per "
+                        "channel for the batch (folded into the layer's weights: a cheaper step)")
     p.add_argument("--dual-lr", type=float, help="constrained-l0: learning rate of the multipliers (default 1e-2)")
     p.add_argument("--schedule", choices=["sigmoid", "linear", "exponential"], help="budget schedule")
     p.add_argument("--schedule-end", type=float,
@@ -166,7 +169,7 @@ RESUME_MAY_CHANGE = ("device", "data_root", "progress", "workers", "deploy_runti
 #: PruneConfig fields set by the prune option of the same name.
 _PLAIN_OPTIONS = ("model", "data", "data_root", "image_size", "augment", "workers", "method", "teacher",
                   "granularity", "epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs", "lr", "gate_lr",
-                  "batch_size", "lam", "gate_init", "dual_lr", "schedule", "schedule_end", "student_init", "seed",
+                  "batch_size", "lam", "gate_init", "gate_sample", "dual_lr", "schedule", "schedule_end", "student_init", "seed",
                   "device", "block", "channel_multiple", "precision", "deploy_runtime", "optimizer", "weight_decay",
                   "momentum", "lr_schedule", "warmup_epochs", "label_smoothing", "prune_recipe", "validation")
 

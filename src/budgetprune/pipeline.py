@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import io
+from .attach import SAMPLES
 from . import graphio
 from . import distributed
 from . import seeding
@@ -111,6 +112,7 @@ class PruneConfig:
     schedule_end: float = 1.0  # fraction of the prune epochs after which b = B (paper: 1)
     student_init: str = "teacher"  # "teacher" or "random"
     gate_inputs: bool = True  # gate an MLP's input features (Louizos et al.)
+    gate_sample: str = "example"  # stochastic gates sampled per example, or per batch (folded into the host's weights)
     fill_budget: bool = True  # reopen closed channels (zero outgoing weights) while the budget holds
     block: str = "auto"  # residual sums of the compacted net: "auto" (per sum, the faster), "mixed" or "regular"
     channel_multiple: int = 1  # widths padded to a multiple (onnxruntime's fast CPU convs: 8, 16)
@@ -170,6 +172,8 @@ class PruneConfig:
         if self.dual_lr is not None and not self.dual_lr > 0:
             raise ConfigError("--dual-lr must be positive")
         check_schedule_end(self.schedule_end)
+        if self.gate_sample not in SAMPLES:
+            raise ConfigError(f"--gate-sample must be one of {', '.join(SAMPLES)}, not {self.gate_sample!r}")
         if self.student_init not in ("teacher", "random"):
             raise ConfigError("--student-init must be 'teacher' or 'random'")
         if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature < 1.0:
@@ -201,7 +205,8 @@ class PruneConfig:
         and step count)."""
         return {"metric": self.metric, "method": self.method, "granularity": self.granularity, "block": self.block,
                 "channel_multiple": self.channel_multiple, "deploy_runtime": self.deploy_runtime,
-                "fill": self.fill_budget, "gate_inputs": self.gate_inputs, "method_options": self.method_options,
+                "fill": self.fill_budget, "gate_inputs": self.gate_inputs, "gate_sample": self.gate_sample,
+                "method_options": self.method_options,
                 "lam": self.lam, "schedule": self.schedule, "schedule_hardness": self.schedule_hardness,
                 "schedule_end": self.schedule_end,
                 "gate_lr": self.gate_lr, "gate_init": self.gate_init, "dual_lr": self.dual_lr,

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .attach import SAMPLES
 from .blocks import GATHER_COST, auto_mode
 from .budget import Budget, enforce_budget, fill_budget, parse_budgets, reopenable_channels
 from .compact import compact, silence_channels
@@ -88,10 +89,12 @@ def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget],
                    granularity: str = "channel", block: str = "auto", channel_multiple: int = 1,
                    deploy_runtime: str | None = None, gather_cost: float | None = None,
                    method_options: dict | None = None, metric: str | None = None, fill: bool = True,
-                   gate_inputs: bool = True, **settings) -> None:
+                   gate_inputs: bool = True, gate_sample: str = "example", **settings) -> None:
     """Raise a one-line error when ``budgets`` cannot be met on ``model`` or the method's options
     do not fit it, before any training; takes the :class:`Pruner`'s options (the pipeline checks
     them before it trains a teacher)."""
+    if gate_sample not in SAMPLES:
+        raise ConfigError(f"gate_sample must be one of {', '.join(SAMPLES)}, not {gate_sample!r}")
     block = block_mode(block, channel_multiple, deploy_runtime_of(deploy_runtime, budgets), gather_cost)
     timed = [b.metric for b in budgets if b.metric in RUNTIME_LATENCIES]
     if timed and block == "mixed" and granularity == "channel":
@@ -152,7 +155,10 @@ class Pruner:
     ``deploy_runtime``, its gathers weighed at ``gather_cost``, :mod:`budgetprune.blocks`;
     ``"mixed"``; ``"regular"``), ``channel_multiple`` (every width padded to a multiple of that
     many channels, counted in the budget: the widths onnxruntime's fast CPU convolutions need, 8
-    or 16) and whether the final projection ``fill``\\ s up to the budget.
+    or 16) and whether the final projection ``fill``\\ s up to the budget. ``gate_sample`` is how a
+    stochastic gate is sampled in training: once per example and channel (``"example"``, the
+    default) or once per channel for the whole batch (``"batch"``: the gate then folds into its
+    host's weights, no pass over the feature maps; see :mod:`budgetprune.attach`).
 
     The pruner attaches the method's gates to ``model`` in place; put the model on its device
     first (the gates follow it).
@@ -168,7 +174,8 @@ class Pruner:
                  total_steps: int, metric: str | None = None, method: str = "bar", granularity: str = "channel",
                  block: str = "auto", channel_multiple: int = 1, deploy_runtime: str | None = None,
                  gather_cost: float | None = None, fill: bool = True, gate_inputs: bool = True,
-                 method_options: dict | None = None, log: Callable[[str], None] | None = None, **settings):
+                 gate_sample: str = "example", method_options: dict | None = None,
+                 log: Callable[[str], None] | None = None, **settings):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(example_inputs, torch.Tensor):
@@ -197,12 +204,13 @@ class Pruner:
         self.deploy_runtime = deploy_runtime_of(deploy_runtime, self.budgets)
         check_prunable(model, self.graph, self.budgets, method=method, granularity=granularity, block=block,
                        channel_multiple=channel_multiple, deploy_runtime=self.deploy_runtime, gather_cost=gather_cost,
-                       method_options=method_options, **settings)
+                       gate_sample=gate_sample, method_options=method_options, **settings)
         self.block = block_mode(block, channel_multiple, self.deploy_runtime, gather_cost)
         self.metrics = METRICS + tuple(b.metric for b in self.budgets if b.metric not in METRICS)
         self.full = resource_report(self.graph, metrics=self.metrics)
         self.method = create_method(method, shared=method_settings(granularity=granularity, **settings),
                                     **(method_options or {}))
+        self.method.gate_sample = gate_sample
         self.method.attach(model, self.graph, self.budgets)
         self.method.to(device)
         setattr(model, _MARK, self)

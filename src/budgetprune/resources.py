@@ -56,7 +56,8 @@ from .errors import ConfigError
 from .graph import ChannelGraph
 from .latency import LATENCY_METRICS, is_latency, layer_coefficients
 from .blocks import as_mode, built_sets
-from .liveness import alive, effective_masks
+from .expectation import ExpectedCost
+from .liveness import effective_masks
 
 METRICS = ("volume", "flops", "params")  # counted: every report gives them
 #: Every metric a budget may use: the counted ones and the measured latency (:mod:`budgetprune.latency`).
@@ -195,6 +196,7 @@ class CostModel:
         self.metric = metric
         self.mode = as_mode(mode)
         self.terms = layer_costs(graph, metric)
+        self._expected = ExpectedCost(graph, self.terms)
         self._cache: tuple[bytes, float] | None = None
         self._flops: list[LayerCost] | None = None
         self.fixed = 0.0
@@ -225,7 +227,9 @@ class CostModel:
 
     def hard(self, masks: dict[str, torch.Tensor]) -> float:
         """Cost of the compacted network that keeps exactly the channels set in ``masks``."""
-        key = b"".join(masks[g].detach().bool().cpu().numpy().tobytes() for g in sorted(masks))
+        names = sorted(masks)
+        flat = torch.cat([masks[g].detach().bool().reshape(-1) for g in names]) if names else torch.zeros(0)
+        key = flat.cpu().numpy().tobytes() + ",".join(f"{g}:{masks[g].numel()}" for g in names).encode()  # one copy
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         value = float(sum(self.per_layer(masks).values()))
@@ -258,24 +262,11 @@ class CostModel:
 
     # expected -----------------------------------------------------------------------------
     def expected(self, probs: dict[str, torch.Tensor], weights: dict[str, float] | None = None) -> torch.Tensor:
-        """Differentiable expectation: n = Σ P(slot alive) with independent gates P(z > 0).
+        """Differentiable expectation: n = Σ P(slot alive) with independent gates P(z > 0)
+        (vectorised over every term: :class:`budgetprune.expectation.ExpectedCost`).
 
         ``weights`` multiplies the cost of the layers it names (others count once)."""
-        like = next(iter(probs.values()))
-        cache: dict[str, torch.Tensor] = {}
-
-        def n(tensor: str) -> torch.Tensor:
-            if tensor not in cache:
-                cache[tensor] = alive(self.graph.tensors[tensor], probs, like).sum()
-            return cache[tensor]
-
-        total = like.new_zeros(())
-        for t in self.terms:
-            n_out = probs[t.out_group].sum() if t.out_group in probs else n(t.out_tensor)
-            n_in = n(t.in_tensor) * t.in_expansion if t.in_tensor else 0.0
-            w = 1.0 if weights is None else float(weights.get(t.name, 1.0))
-            total = total + w * t.cost(n_in, n_out)
-        return total + self.fixed
+        return self._expected(probs, weights) + self.fixed
 
 
 def resource_report(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None = None,

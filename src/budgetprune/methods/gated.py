@@ -39,6 +39,10 @@ class GatedMethod(Method):
 
     #: Whether the fatal-pruning guard clamps a protected group's best gate open after each step.
     guard_after_step = True
+    #: Gate samples in training: one per example and channel ("example") or one per channel for the
+    #: batch ("batch": folded into the host's weights where it can be, no pass over the feature maps).
+    #: Set before :meth:`attach` (the Pruner's ``gate_sample``).
+    gate_sample = "example"
 
     def __init__(self, gate_lr: float | None = None, granularity: str = "channel", aim: BudgetAim | None = None):
         super().__init__()
@@ -86,7 +90,7 @@ class GatedMethod(Method):
         if self.aim is not None:
             self.aim.setup(budgets, self.cost_model)
         gates = {unit: self.gates[_key(unit)] for unit in units}
-        self._hooks = WeightGates(model, gates) if self.per_weight else GateHooks(model, graph, gates)
+        self._hooks = WeightGates(model, gates) if self.per_weight else GateHooks(model, graph, gates, self.gate_sample)
 
     def detach(self) -> None:
         if self._hooks is not None:
