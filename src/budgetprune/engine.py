@@ -22,13 +22,15 @@ from .precision import autocast
 
 def iterate_batches(dataset: Dataset, batch_size: int, shuffle: bool = False,
                     generator: torch.Generator | None = None, *, workers: int | None = None,
-                    pin_memory: bool = False, shard: bool = False
+                    pin_memory: bool = False, shard: bool = False, part: bool = False
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(indices, images, labels)`` in a random (``shuffle``) or the dataset's order.
 
     With ``shard`` under torch.distributed, each process takes its part of every global batch of
     ``batch_size`` (:func:`budgetprune.distributed.shard`; the same ``generator`` seed on every
-    rank gives the same global batches).
+    rank gives the same global batches). With ``part`` each process takes every world-size-th
+    example instead, none twice (the ranks' parts together are the dataset: evaluation), in
+    batches of ``batch_size``.
 
     How a batch of indices becomes tensors depends on the dataset: one ``batch()`` call for data
     held in memory (:class:`~budgetprune.data.ImageDataset`); a DataLoader with ``workers``
@@ -37,6 +39,8 @@ def iterate_batches(dataset: Dataset, batch_size: int, shuffle: bool = False,
     """
     n = len(dataset)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if part:
+        order = order[distributed.rank()::distributed.world_size()]
     chunks = [order[start:start + batch_size] for start in range(0, n, batch_size)]
     if shard:
         chunks = [distributed.shard(c) for c in chunks]
@@ -107,12 +111,18 @@ def predict_logits(model: nn.Module, dataset: Dataset, device: torch.device, bat
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512, *,
-             workers: int | None = None) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` in eval mode (``workers``: see :func:`iterate_batches`)."""
+             workers: int | None = None, split: bool = False) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` in eval mode (``workers``: see :func:`iterate_batches`).
+
+    With ``split`` under torch.distributed every process evaluates its part of ``dataset`` and the
+    counts are summed over the processes, so each gets the whole dataset's figures (``model``
+    must then be a plain module, not a DistributedDataParallel replica: the ranks' parts may
+    differ by one batch)."""
     was = model.training
     model.eval()
     correct, total, loss = 0, 0, 0.0
-    for _, x, labels in iterate_batches(dataset, batch_size, workers=workers, pin_memory=device.type == "cuda"):
+    for _, x, labels in iterate_batches(dataset, batch_size, workers=workers, pin_memory=device.type == "cuda",
+                                        part=split):
         x, y = x.to(device), labels.to(device)
         logits = model(x)
         check_labels(labels, logits.shape[1])
@@ -120,6 +130,8 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_siz
         correct += int((logits.argmax(1) == y).sum())
         total += y.numel()
     model.train(was)
+    if split:
+        correct, total, loss = distributed.sum_values([correct, total, loss], device)
     return {"accuracy": correct / max(total, 1), "loss": loss / max(total, 1)}
 
 

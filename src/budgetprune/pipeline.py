@@ -553,9 +553,10 @@ class PruneRun:
         return self.replicas[id(model)]
 
     def _evaluate(self, model: nn.Module, data=None) -> float:
-        """Accuracy of ``model`` on ``data`` (default: the test split)."""
+        """Accuracy of ``model`` on ``data`` (default: the test split); under torch.distributed each
+        process evaluates its part and the counts are summed."""
         data = self.test_data if data is None else data
-        return evaluate(model, data, self.device, workers=self.config.workers)["accuracy"]
+        return evaluate(model, data, self.device, workers=self.config.workers, split=True)["accuracy"]
 
     def _kd_loss(self, dataset, recipe: Recipe):
         """Distillation loss; teacher logits are computed once when the data is in memory and not
