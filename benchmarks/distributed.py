@@ -124,13 +124,13 @@ def _page(r: dict) -> list[str]:
                           f"{r['model']} on {r['data']} ({r['train_images'] or 'all'} training images), BAR, volume "
                           f"budget {r['budget']:g}, gate init {r['gate_init']:g}, global batch {r['batch_size']} in "
                           "both; one thread per process.")
-    lines += ["| processes | test accuracy | unpruned | V/B | smallest step left (÷ B) | within budget | ranks identical "
-              "| seconds |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["| processes | test accuracy | unpruned | V/B | smallest step left (÷ B) | within budget "
+              "| ranks identical | seconds |", "|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         step = f"{row['smallest_step']:.4f}" if "smallest_step" in row else "–"
         lines.append(f"| {row['processes']} | {row['test_accuracy']:.4f} | {row['unpruned_test_accuracy']:.4f} | "
-                     f"{row['budget_ratio']:.4f} | {step} | {row['within_budget']} | {row.get('ranks_identical', '–')} | "
-                     f"{row['seconds']:.0f} |")
+                     f"{row['budget_ratio']:.4f} | {step} | {row['within_budget']} | "
+                     f"{row.get('ranks_identical', '–')} | {row['seconds']:.0f} |")
     one, two = r["rows"]
     lines += ["", f"Accuracy, two processes minus one: {100 * (two['test_accuracy'] - one['test_accuracy']):+.2f} "
                   f"points; V/B {one['budget_ratio']:.4f} vs {two['budget_ratio']:.4f}. The smallest step left is "

@@ -169,8 +169,8 @@ RESUME_MAY_CHANGE = ("device", "data_root", "progress", "workers", "deploy_runti
 #: PruneConfig fields set by the prune option of the same name.
 _PLAIN_OPTIONS = ("model", "data", "data_root", "image_size", "augment", "workers", "method", "teacher",
                   "granularity", "epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs", "lr", "gate_lr",
-                  "batch_size", "lam", "gate_init", "gate_sample", "dual_lr", "schedule", "schedule_end", "student_init", "seed",
-                  "device", "block", "channel_multiple", "precision", "deploy_runtime", "optimizer", "weight_decay",
+                  "batch_size", "lam", "gate_init", "gate_sample", "dual_lr", "schedule", "schedule_end",
+                  "student_init", "seed", "device", "block", "channel_multiple", "precision", "deploy_runtime", "optimizer", "weight_decay",
                   "momentum", "lr_schedule", "warmup_epochs", "label_smoothing", "prune_recipe", "validation")
 
 

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from . import io
-from .attach import SAMPLES
 from . import graphio
 from . import distributed
 from . import seeding
+from .attach import SAMPLES
 from .budget import Budget
 from .compact import to_plain
 from .data.folder import check_folder_options
