@@ -106,34 +106,38 @@ def test_two_ranks_equal_one_process_on_the_same_global_batches(tmp_path):
 
 
 def _split_evaluation(rank: int, port: int, out: str) -> None:
-    """One rank evaluating a seeded LeNet-5 on 201 demo images split between the ranks."""
+    """One rank evaluating a seeded LeNet-5 on 201 demo images split between the ranks, and
+    computing its logits (a teacher's for distillation) the same way."""
     from budgetprune.data import load_dataset
-    from budgetprune.engine import evaluate, iterate_batches
+    from budgetprune.engine import evaluate, iterate_batches, predict_logits
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)
         model, data = budgetprune.create_model("lenet5"), load_dataset("demo").test.subset(range(201))
         mine = torch.cat([idx for idx, _, _ in iterate_batches(data, 16, part=True)])
-        torch.save({"result": evaluate(model, data, torch.device("cpu"), batch_size=16, split=True), "mine": mine},
-                   Path(out) / f"{rank}.pt")
+        cpu = torch.device("cpu")
+        torch.save({"result": evaluate(model, data, cpu, batch_size=16, split=True), "mine": mine,
+                    "logits": predict_logits(model, data, cpu, batch_size=16, split=True)}, Path(out) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def test_evaluation_is_split_between_the_ranks_and_summed(tmp_path):
     from budgetprune.data import load_dataset
-    from budgetprune.engine import evaluate
+    from budgetprune.engine import evaluate, predict_logits
     mp.spawn(_split_evaluation, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(WORLD))
     assert len(r0["mine"]) == 101 and len(r1["mine"]) == 100  # each example once, on one rank
     assert sorted(torch.cat([r0["mine"], r1["mine"]]).tolist()) == list(range(201))
     torch.manual_seed(0)
-    whole = evaluate(budgetprune.create_model("lenet5"), load_dataset("demo").test.subset(range(201)),
-                     torch.device("cpu"), batch_size=16)
+    model, data = budgetprune.create_model("lenet5"), load_dataset("demo").test.subset(range(201))
+    whole = evaluate(model, data, torch.device("cpu"), batch_size=16)
+    logits = predict_logits(model, data, torch.device("cpu"), batch_size=16)
     for r in (r0, r1):
         assert r["result"]["accuracy"] == whole["accuracy"]
         assert r["result"]["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+        torch.testing.assert_close(r["logits"], logits)  # every row in dataset order, on both ranks
 
 
 def _pipeline_run(rank: int, port: int, out: str, results: str) -> None:

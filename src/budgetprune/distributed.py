@@ -139,6 +139,24 @@ def broadcast_object(obj, src: int = 0, group=None, device: torch.device | str |
     return box[0]
 
 
+def gather_parts(part: torch.Tensor, total: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The rows of every rank's ``part`` in one tensor of ``total`` rows, where rank r holds rows
+    r, r + N, r + 2N, ... (the parts of ``iterate_batches(part=True)``), on every rank and on the
+    device ``part`` is on (the collective itself runs on ``device``: the GPU under NCCL)."""
+    if not active():
+        return part
+    world = dist.get_world_size()
+    rows = -(-total // world)  # the largest part
+    padded = torch.zeros(rows, *part.shape[1:], dtype=part.dtype, device=device)
+    padded[:len(part)] = part.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    out = torch.empty(total, *part.shape[1:], dtype=part.dtype, device=device)
+    for r, p in enumerate(parts):
+        out[r::world] = p[:len(range(r, total, world))]
+    return out.to(part.device)
+
+
 def shard(indices: torch.Tensor) -> torch.Tensor:
     """This rank's part of a global batch: every ``world_size``-th index from its rank. A batch
     that does not divide evenly is first padded with its own first indices (as

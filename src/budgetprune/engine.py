@@ -99,14 +99,19 @@ def num_batches(dataset: Dataset, batch_size: int) -> int:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512, *,
-                   workers: int | None = None) -> torch.Tensor:
-    """Logits of ``model`` (eval mode) on every example, in dataset order, on the CPU."""
+                   workers: int | None = None, split: bool = False) -> torch.Tensor:
+    """Logits of ``model`` (eval mode) on every example, in dataset order, on the CPU. With
+    ``split`` under torch.distributed each process computes every N-th example's and the parts
+    are gathered, so each gets the whole table at 1/N of the work."""
+    split = split and len(dataset) >= distributed.world_size()  # every process has a part
     was = model.training
     model.eval()
     out = [model(x.to(device)).float().cpu()
-           for _, x, _ in iterate_batches(dataset, batch_size, workers=workers, pin_memory=device.type == "cuda")]
+           for _, x, _ in iterate_batches(dataset, batch_size, workers=workers, pin_memory=device.type == "cuda",
+                                          part=split)]
     model.train(was)
-    return torch.cat(out)
+    logits = torch.cat(out)
+    return distributed.gather_parts(logits, len(dataset), device) if split else logits
 
 
 @torch.no_grad()

@@ -563,7 +563,7 @@ class PruneRun:
         augmented, batch by batch otherwise (streamed data: no N x classes table in memory)."""
         cfg = self.config
         on_the_fly = getattr(dataset, "augment", False) or streams(dataset)
-        cached = None if on_the_fly else predict_logits(self.teacher, dataset, self.device)
+        cached = None if on_the_fly else predict_logits(self.teacher, dataset, self.device, split=True)
 
         def loss_fn(logits, y, idx, x):
             if cached is not None:
