@@ -112,6 +112,7 @@ def test_existing_run_folder_needs_resume(finished_run, capsys):
     (["--epochs", "0"], "--epochs"),
     (["--channel-multiple", "0"], "1 or more"),
     (["--block", "regular", "--channel-multiple", "-8"], "1 or more"),
+    (["--gate-sample", "sometimes"], "--gate-sample"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, words, capsys, tmp_path):
     base = {"--model": "lenet5", "--data": "demo", "--budget": "0.25", "--out": str(tmp_path / "run")}

@@ -201,3 +201,16 @@ def test_a_folded_layer_whose_inputs_are_all_closed_outputs_nothing(monkeypatch)
     model(x)
     hooks.remove()
     assert float(seen["first"].abs().max()) == 0.0
+
+
+def test_the_command_line_samples_per_batch_and_records_it(tmp_path):
+    import json
+
+    from budgetprune import cli
+    out = tmp_path / "run"
+    assert cli.main(["prune", "--model", "lenet5", "--data", "demo", "--budget", "4x", "--gate-sample", "batch",
+                     "--out", str(out), "--no-progress", "--teacher-epochs", "1", "--epochs", "1",
+                     "--finetune-epochs", "0", "--lowlr-epochs", "0", "--deploy-runtime", "none"]) == 0
+    assert json.loads((out / "config.json").read_text())["gate_sample"] == "batch"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pruned"]["volume"] <= m["budget"] + 1e-9
