@@ -129,6 +129,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def method_and_sample(label: str) -> tuple[str, str]:
+    """A benchmark's method label, ``name`` or ``name/batch`` (gates sampled once per batch), as
+    the Pruner's ``(method, gate_sample)``."""
+    name, _, sample = label.partition("/")
+    return name, sample or "example"
+
+
 def training_step(model, optimizer, x, y, pruner=None) -> float:
     """One step of the README's loop on one batch, its wall seconds: cross-entropy (+ the
     pruner's penalty), backward, the optimizer's step (then the pruner's); the device is

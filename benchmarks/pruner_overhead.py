@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, interleaved_steps, training_step  # noqa: E402
+from common import RESULTS, interleaved_steps, method_and_sample, training_step  # noqa: E402
 
 import budgetprune  # noqa: E402
 from budgetprune import Pruner  # noqa: E402
@@ -44,8 +44,8 @@ def measure(args, method: str) -> dict:
     y = torch.randint(0, 10, (args.batch,))
     total = args.warmup + args.rounds * args.steps
     build = time.perf_counter()
-    name, _, sample = method.partition("/")
-    pruner = Pruner(pruned_model, x, args.budget, method=name, total_steps=10 * total, gate_sample=sample or "example")
+    name, sample = method_and_sample(method)
+    pruner = Pruner(pruned_model, x, args.budget, method=name, total_steps=10 * total, gate_sample=sample)
     build = time.perf_counter() - build
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=1e-3, momentum=0.9)
     pruned_opt = torch.optim.SGD(pruner.parameters(lr=1e-3), lr=1e-3, momentum=0.9)

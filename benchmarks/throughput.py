@@ -50,8 +50,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (HERE, RESULTS, Parser, inference_call, interleaved_steps, machine, name_list,  # noqa: E402
-                    pruning_steps, source_state, training_step, write_results)
+from common import (HERE, RESULTS, Parser, inference_call, interleaved_steps, machine, method_and_sample,  # noqa: E402
+                    name_list, pruning_steps, source_state, training_step, write_results)
 from quiet import Quiet  # noqa: E402
 
 import budgetprune  # noqa: E402
@@ -135,19 +135,20 @@ def contender(reference: torch.nn.Module, x, y, method: str | None, args, total_
     out = {}
     pruner = None
     if method is not None:
-        name, _, sample = method.partition("/")
+        name, sample = method_and_sample(method)
         start = time.perf_counter()
         pruner = Pruner(model, x[:2], args.budget, method=name, total_steps=total_steps, deploy_runtime="eager",
-                        gate_sample=sample or "example")
+                        gate_sample=sample)
         out = {"pruner_build_s": time.perf_counter() - start, "groups": len(pruner.graph.groups)}
     optimizer = torch.optim.SGD(pruner.parameters(lr=LR) if pruner else model.parameters(), lr=LR, momentum=0.9)
     out["step"] = lambda: training_step(model, optimizer, x, y, pruner)
     return out
 
 
-def contenders(args) -> list[str]:
-    """The timed methods: each of ``--methods``, then ``name/batch`` for each of ``--per-batch``."""
-    return [*args.methods, *(f"{m}/batch" for m in args.per_batch)]
+def contenders(methods: list[str], per_batch: list[str]) -> list[str]:
+    """The timed methods: each of ``methods`` (``--methods``), then ``name/batch`` for each of
+    ``per_batch`` (``--per-batch``)."""
+    return [*methods, *(f"{m}/batch" for m in per_batch)]
 
 
 def summary(times: list[float], shares: list[float], batch: int) -> dict:
@@ -160,7 +161,7 @@ def training(reference, x, y, args, quiet: Quiet) -> list[dict]:
     """Rows of the plain step and of every method's step (or its one-line error), ratios to the plain step."""
     total = 10 * (args.warmup + args.rounds * args.steps)
     rows, steps = {}, {}
-    for method in [None, *contenders(args)]:
+    for method in [None, *contenders(args.methods, args.per_batch)]:
         key = method or "plain"
         try:
             c = contender(reference, x, y, method, args, total)
@@ -292,7 +293,7 @@ def markdown(r: dict) -> str:
     header = "| method | " + " | ".join(f"{m['model']} (batch {m['batch']}, {'×'.join(map(str, m['input_shape']))}) "
                                        f"images/s | × plain" for m in models) + " |"
     lines += [header, "|---|" + "---|---|" * len(models)]
-    for method in ["plain", *s["methods"], *(f"{m}/batch" for m in s.get("per_batch", []))]:
+    for method in ["plain", *contenders(s["methods"], s.get("per_batch", []))]:
         cells = []
         for m in models:
             row = next((t for t in m["training"] if t["method"] == method), None)

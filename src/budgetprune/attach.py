@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .attention import Attention, value_scale
+from .errors import ConfigError
 from .graph import ChannelGraph, ChannelGroup
 from .liveness import alive
 from .precision import float32
@@ -63,6 +64,13 @@ _COMMUTING = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, n
 
 #: Gate sampling in training: one sample per example and channel, or one per channel for the batch.
 SAMPLES = ("example", "batch")
+
+
+def check_gate_sample(sample) -> None:
+    """Raise a one-line ConfigError unless ``sample`` is one of :data:`SAMPLES`."""
+    if sample not in SAMPLES:
+        raise ConfigError(f"gate_sample must be one of {', '.join(SAMPLES)} (--gate-sample on the command line), "
+                          f"not {sample!r}")
 
 #: Host modules whose parameters scale their output channels: a gate folds into them (exact types:
 #: a subclass may transform its weight first, e.g. a weight-standardised convolution).
@@ -137,8 +145,7 @@ class GateHooks:
     gate is sampled once per example (``sample="example"``) or once per batch (``"batch"``)."""
 
     def __init__(self, model: nn.Module, graph: ChannelGraph, gates: Mapping[str, GateFn], sample: str = "example"):
-        if sample not in SAMPLES:
-            raise ValueError(f"gate sample must be one of {', '.join(SAMPLES)}, not {sample!r}")
+        check_gate_sample(sample)
         modules = dict(model.named_modules())
         calls = _module_calls(graph)
         self.graph = graph

@@ -133,18 +133,6 @@ class TensorInfo:
                     chans.append(torch.arange(off, off + seg.length))
         return always, {gid: (torch.cat(sl), torch.cat(ch)) for gid, (sl, ch) in by_group.items()}
 
-    @cached_property
-    def sole_writer(self) -> str | None:
-        """The group that alone writes every slot, slot j from its channel j (a plain layer's
-        output): the tensor's aliveness is then that group's. None otherwise."""
-        always, by_group = self.writers
-        if bool(always.any()) or len(by_group) != 1:
-            return None
-        ((gid, (slots, chans)),) = by_group.items()
-        identity = torch.arange(self.slots)
-        same = slots.numel() == self.slots and bool((slots == identity).all()) and bool((chans == identity).all())
-        return gid if same else None
-
     def always_alive(self) -> bool:
         return all(any(g is ALWAYS for g, _ in s.sources) for s in self.segments)
 

@@ -100,9 +100,6 @@ def alive(info: TensorInfo, values: dict[str, torch.Tensor], like: torch.Tensor 
             lead = (v.shape[0],)
             break
     dtype = ref.dtype if ref.is_floating_point() else torch.float32
-    sole = info.sole_writer
-    if sole is not None and sole in values and (values[sole].dim() == 2 or not lead):
-        return values[sole].to(ref.device, dtype)  # one group writes slot j from its channel j
     always, by_group = info.writers
     always = always.clone()
     dead = torch.ones(*lead, info.slots, dtype=dtype, device=ref.device)

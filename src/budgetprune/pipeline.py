@@ -26,7 +26,7 @@ from . import io
 from . import graphio
 from . import distributed
 from . import seeding
-from .attach import SAMPLES
+from .attach import check_gate_sample
 from .budget import Budget
 from .compact import to_plain
 from .data.folder import check_folder_options
@@ -172,8 +172,7 @@ class PruneConfig:
         if self.dual_lr is not None and not self.dual_lr > 0:
             raise ConfigError("--dual-lr must be positive")
         check_schedule_end(self.schedule_end)
-        if self.gate_sample not in SAMPLES:
-            raise ConfigError(f"--gate-sample must be one of {', '.join(SAMPLES)}, not {self.gate_sample!r}")
+        check_gate_sample(self.gate_sample)
         if self.student_init not in ("teacher", "random"):
             raise ConfigError("--student-init must be 'teacher' or 'random'")
         if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature < 1.0:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .attach import SAMPLES
+from .attach import check_gate_sample
 from .blocks import GATHER_COST, auto_mode
 from .budget import Budget, enforce_budget, fill_budget, parse_budgets, reopenable_channels
 from .compact import compact, silence_channels
@@ -93,8 +93,7 @@ def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget],
     """Raise a one-line error when ``budgets`` cannot be met on ``model`` or the method's options
     do not fit it, before any training; takes the :class:`Pruner`'s options (the pipeline checks
     them before it trains a teacher)."""
-    if gate_sample not in SAMPLES:
-        raise ConfigError(f"gate_sample must be one of {', '.join(SAMPLES)}, not {gate_sample!r}")
+    check_gate_sample(gate_sample)
     block = block_mode(block, channel_multiple, deploy_runtime_of(deploy_runtime, budgets), gather_cost)
     timed = [b.metric for b in budgets if b.metric in RUNTIME_LATENCIES]
     if timed and block == "mixed" and granularity == "channel":
