@@ -18,6 +18,8 @@ JSON are rewritten from all finished runs of the chosen factors, variants and se
     python benchmarks/equal_compute.py --data-root ../shared/data --factors 8 --seeds 0 --jobs 2
     python benchmarks/equal_compute.py --data-root ../shared/data --factors 4,8,16 --seeds 0,1,2 \\
         --variants t8-p2-f2,t8-p1-f3,tp-magnitude-oneshot --jobs 2
+    python benchmarks/equal_compute.py --data-root ../shared/data --total-epochs 60 --factors 8,16 \\
+        --seeds 0,1,2 --variants t40-p10-f10,tp-magnitude-oneshot --out benchmarks/results/equal_compute_60
 
 Writes ``benchmarks/results/equal_compute.{json,md,png}``.
 """
@@ -55,10 +57,19 @@ SPLITS = {
     "t8-p1-f3-init3": (8, 1, 2, 1, {"gate_init": 3.0}),
     "t8-p2-f2-random": (8, 2, 1, 1, {"student_init": "random"}),
     "t8-p2-f2-batch": (8, 2, 1, 1, {"gate_sample": "batch"}),
+    # the long budget (--total-epochs 60): the short default's split, five times longer, and around it
+    "t40-p10-f10": (40, 10, 5, 5, {}),
+    "t30-p20-f10": (30, 20, 5, 5, {}),
+    "t40-p15-f5": (40, 15, 3, 2, {}),
+    "t40-p10-f10-init3": (40, 10, 5, 5, {"gate_init": 3.0}),
 }
-#: Torch-Pruning's reference: the teacher's epochs, then one-shot pruning and fine-tuning for the rest.
-TP_TEACHER = 8
 VARIANTS = list(SPLITS) + [TP]
+
+
+def tp_teacher_epochs(total: int) -> int:
+    """Torch-Pruning's reference trains the teacher two thirds of the epochs (8 of 12, 40 of 60: the
+    teacher of BAR's default split, so both share it), then prunes once and fine-tunes the rest."""
+    return round(2 * total / 3)
 
 
 def total_epochs(variant: str, total: int) -> int:
@@ -68,14 +79,15 @@ def total_epochs(variant: str, total: int) -> int:
     return t + p + f + low
 
 
-def teacher_epochs(variant: str) -> int:
-    return TP_TEACHER if variant == TP else SPLITS[variant][0]
+def teacher_epochs(variant: str, total: int) -> int:
+    return tp_teacher_epochs(total) if variant == TP else SPLITS[variant][0]
 
 
 def describe(variant: str, total: int) -> str:
     """A variant in words, for the table."""
     if variant == TP:
-        return (f"Torch-Pruning group magnitude, one shot: teacher {TP_TEACHER}, fine-tune {total - TP_TEACHER} "
+        t = tp_teacher_epochs(total)
+        return (f"Torch-Pruning group magnitude, one shot: teacher {t}, fine-tune {total - t} "
                 "(budgetprune's fine-tune stage)")
     if variant not in SPLITS:  # a variant of an older version of this script, read from --work
         return variant
@@ -97,12 +109,13 @@ def _data(data: str, data_root: str, validation: float, seed: int):
 
 
 def _teacher_folder(job: dict) -> Path:
-    return Path(job["work"]) / job["model"] / f"seed{job['seed']}" / f"teacher-{teacher_epochs(job['variant'])}"
+    epochs = teacher_epochs(job["variant"], job["total"])
+    return Path(job["work"]) / job["model"] / f"seed{job['seed']}" / f"teacher-{epochs}"
 
 
 def _settings(job: dict, fit):
     import peer_accuracy
-    t = teacher_epochs(job["variant"])
+    t = teacher_epochs(job["variant"], job["total"])
     return peer_accuracy.Settings(job["data"], len(fit), t, max(job["total"] - t, 1), 0, 0, 1, 10)
 
 
@@ -264,8 +277,8 @@ def main(argv=None) -> int:
     p.add_argument("--total-epochs", type=int, default=12, help="per contender, the teacher's included")
     p.add_argument("--factors", default="8", help="comma-separated FLOP reduction factors (default 8)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    p.add_argument("--variants", type=lambda t: name_list(t, VARIANTS, "variant"), default=VARIANTS,
-                   help=f"comma-separated, of {', '.join(VARIANTS)} (default: all)")
+    p.add_argument("--variants", type=lambda t: name_list(t, VARIANTS, "variant"), default=None,
+                   help=f"comma-separated, of {', '.join(VARIANTS)} (default: all of --total-epochs)")
     p.add_argument("--validation", type=float, default=10000, help="training images held out (default 10000)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at once (one thread each)")
     p.add_argument("--work", default=str(HERE.parent / "runs" / "equal_compute"))
@@ -282,12 +295,14 @@ def main(argv=None) -> int:
         p.error("--factors must be above 1 and --seeds 0 or more")
     if args.jobs < 1 or args.validation <= 0:
         p.error("--jobs must be at least 1 and --validation above 0 (the choice is made on it)")
+    if args.variants is None:
+        args.variants = [v for v in VARIANTS if total_epochs(v, args.total_epochs) == args.total_epochs]
     wrong = [v for v in args.variants if total_epochs(v, args.total_epochs) != args.total_epochs]
     if wrong:
         p.error(f"variants {', '.join(wrong)} are not {args.total_epochs} epochs in total: pick others or "
-                "--total-epochs 12")
-    if TP_TEACHER >= args.total_epochs:
-        p.error(f"--total-epochs must exceed Torch-Pruning's teacher epochs ({TP_TEACHER})")
+                "another --total-epochs")
+    if args.total_epochs < 3:
+        p.error("--total-epochs must be 3 or more (Torch-Pruning's reference trains a teacher two thirds of them)")
     base = dict(model=args.model, data=args.data, data_root=args.data_root, validation=args.validation,
                 work=args.work, total=args.total_epochs)
     work = Path(args.work)
@@ -300,7 +315,7 @@ def main(argv=None) -> int:
 
     jobs = [base | {"seed": s, "factor": f, "variant": v} for s in seeds for f in factors for v in args.variants]
     todo = [] if args.report_only else [j for j in jobs if not cached(j).exists()]
-    teachers = {(j["seed"], teacher_epochs(j["variant"])): j for j in todo}
+    teachers = {(j["seed"], teacher_epochs(j["variant"], j["total"])): j for j in todo}
     t0 = time.time()
     failed: list[str] = []
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:

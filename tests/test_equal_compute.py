@@ -18,11 +18,22 @@ def equal_compute():
 
 
 def test_every_variant_spends_the_same_epochs(equal_compute):
-    assert len(equal_compute.VARIANTS) > 2
+    totals = {}
     for v in equal_compute.VARIANTS:
-        assert equal_compute.total_epochs(v, 12) == 12, v
+        totals.setdefault(equal_compute.total_epochs(v, 60), []).append(v)
+    # the short and the long budget, each with several splits; Torch-Pruning's reference in both
+    assert sorted(totals) == [12, 60] and len(totals[12]) > 2 and len(totals[60]) > 2, totals
+    assert equal_compute.TP in totals[60] and equal_compute.total_epochs(equal_compute.TP, 12) == 12
     # a variant's words name its split
     assert equal_compute.describe("t6-p3-f3", 12).startswith("teacher 6, prune 3, fine-tune 3")
+
+
+def test_torch_pruning_shares_the_teacher_of_the_default_split(equal_compute):
+    for default, total in (("t8-p2-f2", 12), ("t40-p10-f10", 60)):
+        assert equal_compute.teacher_epochs(equal_compute.TP, total) == \
+            equal_compute.teacher_epochs(default, total), total
+    assert equal_compute.describe(equal_compute.TP, 60).startswith(
+        "Torch-Pruning group magnitude, one shot: teacher 40, fine-tune 20")
 
 
 def test_the_best_is_chosen_on_validation_not_on_test(equal_compute):
