@@ -4,6 +4,13 @@ the pruner's state rides in the trainer's checkpoint."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,3 +202,31 @@ def test_a_method_whose_penalty_reads_the_forward_pass_is_refused_by_the_callbac
     pruner = budgetprune.Pruner(model, torch.zeros(2, 1, 28, 28), 0.5, method="sensitivity", total_steps=4)
     with pytest.raises(ConfigError, match="sensitivity.*own loop"):
         TrainerDriver(pruner, 1e-2)
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
+                    reason="torchrun is not installed next to this Python")
+@pytest.mark.parametrize("trainer", ["lightning", "huggingface"])
+def test_callbacks_under_torchrun_give_every_rank_the_same_pruned_network(trainer, tmp_path):
+    """Two gloo ranks, each starting from other weights, under the trainer's own DDP: the callback
+    (built after the trainer wraps the model) ends on every rank with rank 0's gates, the same
+    masks and the same weights, one pruner step per optimizer step, on budget."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port),
+                           str(Path(__file__).with_name("trainer_ranks.py")), trainer, str(tmp_path)],
+                          capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2))
+    assert r0["world_size"] == 2 and r0["global_step"] == r0["steps"] == r1["steps"] == 8
+    for key in ("method_state", "weights"):
+        assert r0[key].keys() == r1[key].keys()
+        assert all(torch.equal(r0[key][k], r1[key][k]) for k in r0[key]), key
+    assert all(torch.equal(torch.as_tensor(r0["masks"][k]), torch.as_tensor(r1["masks"][k])) for k in r0["masks"])
+    assert 0.8 <= r0["pruned"]["flops"] / r0["budget"] <= 1.0
+    if trainer == "huggingface":  # rank 0 alone writes the pruner's state into each checkpoint folder
+        from budgetprune.integrations.huggingface import STATE_FILE
+        saved = torch.load(tmp_path / trainer / "checkpoint-4" / STATE_FILE, weights_only=True)
+        assert saved["pruner"]["steps"] == 4

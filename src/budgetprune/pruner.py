@@ -164,9 +164,11 @@ class Pruner:
 
     Mixed precision: :meth:`penalty`, :meth:`step` and :meth:`finalize` may be called inside
     ``torch.autocast``; they compute in float32 (as the gates do when sampled). Several processes
-    (torch.distributed): build the pruner on every rank before wrapping the model in
-    DistributedDataParallel; the gates and the method's state stay the same on every rank and
-    :meth:`finalize` gives every rank the network rank 0 decided (see :class:`_ProcessSync`).
+    (torch.distributed): build the pruner on every rank, before or after wrapping the model in
+    DistributedDataParallel (the trainer callbacks build it after: the gates are not the
+    wrapper's parameters, the pruner averages their gradients itself); the gates and the
+    method's state stay the same on every rank and :meth:`finalize` gives every rank the network
+    rank 0 decided (see :class:`_ProcessSync`).
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, budget: float | str | list[Budget], *,

@@ -56,7 +56,8 @@ class BudgetPruningCallback(PruningCallback, TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if self.driver is not None and os.path.isdir(folder):
+        # one writer: under torch.distributed every rank holds the same pruner state
+        if self.driver is not None and state.is_world_process_zero and os.path.isdir(folder):
             io.torch_save(os.path.join(folder, STATE_FILE), self.driver.state_dict())
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):

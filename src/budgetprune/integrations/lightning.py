@@ -69,7 +69,8 @@ class BudgetPruning(PruningCallback, pl.Callback):
             self._counted += 1
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        pl_module.log_dict({f"budgetprune/{k}": float(v) for k, v in self.pruner.status().items()})
+        # the same on every rank (the pruner is kept in sync); sync_dist says so to Lightning
+        pl_module.log_dict({f"budgetprune/{k}": float(v) for k, v in self.pruner.status().items()}, sync_dist=True)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._finish(pl_module, self._path(pl_module))
