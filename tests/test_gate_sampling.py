@@ -214,3 +214,67 @@ def test_the_command_line_samples_per_batch_and_records_it(tmp_path):
     assert json.loads((out / "config.json").read_text())["gate_sample"] == "batch"
     m = json.loads((out / "metrics.json").read_text())
     assert m["pruned"]["volume"] <= m["budget"] + 1e-9
+
+
+def test_gates_sampled_together_are_each_gates_inverse_cdf_sample():
+    """sample_together draws several gates' samples as one tensor: each gate's block is the paper's
+    inverse CDF (seed 001, supplement Eq. 4) of its own log α on the same uniform noise, and the
+    gradient of one gate's sample reaches that gate's log α only."""
+    from budgetprune.gates import BETA, GAMMA, ZETA, sample_together
+    a, b = HardConcreteGate(3), HardConcreteGate(2)
+    with torch.no_grad():
+        a.log_alpha.copy_(torch.tensor([-2.0, 0.0, 1.5]))
+        b.log_alpha.copy_(torch.tensor([3.0, -0.5]))
+    la = torch.tensor([-2.0, 0.0, 1.5, 3.0, -0.5], dtype=torch.float64)
+    for batch, shape in ((500, (500, 5)), (None, (5,))):
+        torch.manual_seed(11)
+        za, zb = sample_together([a, b], batch)
+        torch.manual_seed(11)
+        u = torch.rand(shape).clamp(1e-6, 1 - 1e-6).double()
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + la) / BETA)
+        expected = (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+        assert za.shape == shape[:-1] + (3,) and zb.shape == shape[:-1] + (2,)
+        torch.testing.assert_close(torch.cat([za, zb], dim=-1).double(), expected, atol=1e-5, rtol=0)
+    za.sum().backward()
+    assert float(a.log_alpha.grad.abs().sum()) > 0
+    assert b.log_alpha.grad is None or float(b.log_alpha.grad.abs().sum()) == 0
+
+
+class _Draws(TorchDispatchMode):
+    """Counts the uniform noise tensors drawn."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.uniform_, torch.ops.aten.rand):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("sample", ["example", "batch"])
+def test_the_gates_are_drawn_once_per_forward_pass_and_only_while_sampling(sample):
+    torch.manual_seed(0)
+    model = create_model("lenet5", in_channels=1, num_classes=10)
+    x = torch.randn(6, 1, 28, 28)
+    pruner = Pruner(model, x[:2], budget="flops=0.5", method="bar", total_steps=10, gate_sample=sample)
+    model.train()
+    outs = []
+    for seed in (1, 2, 1):
+        torch.manual_seed(seed)
+        with _Draws() as draws:
+            outs.append(model(x))
+        assert draws.count == 1  # every gate of the network from one draw
+    assert not torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])  # a new draw each pass
+    gid = next(iter(pruner.graph.groups))
+    gate = pruner.method.gate(gid)
+    gate.freeze(torch.zeros(gate.num_channels))  # a frozen gate is not drawn: its values are its own
+    with _Draws() as draws:
+        model(x)
+    assert draws.count == 1 and gid not in pruner.method._hooks.joint.drawn
+    assert len(pruner.method._hooks.joint.drawn) == len(pruner.graph.groups) - 1
+    model.eval()
+    with _Draws() as draws:
+        model(x)
+    assert draws.count == 0

@@ -39,6 +39,7 @@ from torch import nn
 
 from .attention import Attention, value_scale
 from .errors import ConfigError
+from .gates import HardConcreteGate, sample_together
 from .graph import ChannelGraph, ChannelGroup
 from .liveness import alive
 from .precision import float32
@@ -140,6 +141,47 @@ def _device_of(gate: GateFn) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+class JointSamples:
+    """The training samples of many Hard Concrete gates, drawn together (:func:`budgetprune.gates.
+    sample_together`) at the first request of a forward pass and kept until the next pass: one chain
+    of operations for all of them instead of one per gate, which is most of what sampling costs
+    (each operation on a few hundred values costs about what it costs on thousands). A gate that is
+    frozen or in eval mode is not drawn; a request for another batch size draws again."""
+
+    _NONE = object()  # no draw yet in this pass (None is a batch size: one sample for the batch)
+
+    def __init__(self, gates: Mapping[str, GateFn]):
+        self.gates = {gid: g for gid, g in gates.items() if isinstance(g, HardConcreteGate)
+                      and type(g).sample is HardConcreteGate.sample and type(g).forward is HardConcreteGate.forward}
+        self.drawn: dict[str, torch.Tensor] = {}
+        self.batch = self._NONE
+
+    def clear(self) -> None:
+        self.drawn.clear()
+        self.batch = self._NONE
+
+    def get(self, gid: str, batch: int | None) -> torch.Tensor | None:
+        """``gid``'s sample for ``batch`` (None: the gate is not one drawn jointly, or not sampling)."""
+        gate = self.gates.get(gid)
+        if gate is None or not gate.training or gate.frozen is not None:
+            return None
+        if self.batch is JointSamples._NONE or self.batch != batch:
+            self._draw(batch)
+        return self.drawn.get(gid)
+
+    def _draw(self, batch: int | None) -> None:
+        self.drawn.clear()
+        self.batch = batch
+        sets: dict[tuple, list[str]] = {}
+        for gid, g in self.gates.items():
+            if g.training and g.frozen is None:
+                key = (g.beta, g.gamma, g.zeta, g.log_alpha.device, g.log_alpha.dtype)
+                sets.setdefault(key, []).append(gid)
+        for key, gids in sets.items():
+            with float32(key[3]):  # float32 even inside a user's autocast region, as gate_values
+                self.drawn.update(zip(gids, sample_together([self.gates[g] for g in gids], batch)))
+
+
 class GateHooks:
     """Forward hooks that apply ``gates[group_id]`` at each group's host module; in training each
     gate is sampled once per example (``sample="example"``) or once per batch (``"batch"``)."""
@@ -153,6 +195,8 @@ class GateHooks:
         self.current: dict[str, torch.Tensor] = {}  # which gates are open (z ≠ 0: a signed scale too) in the forward pass under way
         self.pending: dict[str, torch.Tensor] = {}  # gate values computed at a host, to multiply at its site
         self.model_training = model.training  # of the forward pass under way
+        # Hard Concrete gates of channel groups are sampled together, once per forward pass (JointSamples)
+        self.joint = JointSamples({gid: gate for gid, gate in gates.items() if graph.groups[gid].position != "heads"})
         self.handles = [model.register_forward_pre_hook(self._reset)]
         # input gates first: a host's pre-hooks run in this order, and a folded output gate reads them (purge)
         for gid, gate in sorted(gates.items(), key=lambda item: graph.groups[item[0]].position != "input"):
@@ -179,7 +223,13 @@ class GateHooks:
     def _reset(self, module, inputs):
         self.current.clear()
         self.pending.clear()
+        self.joint.clear()
         self.model_training = module.training
+
+    def _values(self, gid: str, gate: GateFn, batch: int | None) -> torch.Tensor:
+        """A gate's values for this pass: its share of the joint sample where it has one, else its own."""
+        z = self.joint.get(gid, batch) if self.model_training else None
+        return z if z is not None else gate_values(gate, batch, self.model_training)
 
     def _batch(self, x: torch.Tensor) -> int | None:
         """The batch size a gate samples for (None: one sample for the batch)."""
@@ -219,7 +269,7 @@ class GateHooks:
                        batch: int | None) -> torch.Tensor:
         """A group's gate values for this pass, (channels,) or (batch, channels), with its layer
         purged when its input or its heads are all closed; records which are open."""
-        z = group.expand(gate_values(gate, batch, self.model_training))  # tied units → channels
+        z = group.expand(self._values(group.id, gate, batch))  # tied units → channels
         if sources and all(g in self.current for g, _ in sources):
             z = z * self._input_open(sources).to(z.dtype)  # purge
         if heads in self.current:  # an attention without heads outputs nothing (its biases: purged too)
@@ -276,7 +326,7 @@ class GateHooks:
     def _input_hook(self, gid: str, gate: GateFn):
         def hook(module, inputs):
             x = inputs[0]
-            z = gate_values(gate, self._batch(x), self.model_training)
+            z = self._values(gid, gate, self._batch(x))
             self.current[gid] = z.detach() != 0
             return (x * _broadcast(z.to(x.dtype), x),) + tuple(inputs[1:])
         return hook

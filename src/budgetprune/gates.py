@@ -56,12 +56,7 @@ class HardConcreteGate(nn.Module):
 
     def sample(self, batch_size: int | None = None) -> torch.Tensor:
         """Reparametrised sample, differentiable w.r.t. ``log_alpha``; one per example if asked."""
-        shape = (self.num_channels,) if batch_size is None else (batch_size, self.num_channels)
-        eps = 1e-6
-        u = torch.rand(shape, device=self.log_alpha.device, dtype=self.log_alpha.dtype)
-        u = u.clamp(eps, 1.0 - eps)
-        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
-        return self._stretch(s)
+        return hard_concrete_sample(self.log_alpha, batch_size, self.beta, self.gamma, self.zeta)
 
     def deterministic(self) -> torch.Tensor:
         """ẑ = clamp(σ(log α)(ζ−γ)+γ, 0, 1): the gate used at evaluation and for pruning."""
@@ -112,6 +107,26 @@ class HardConcreteGate(nn.Module):
         if self.training:
             return self.sample(batch_size)
         return self.deterministic()
+
+
+def hard_concrete_sample(log_alpha: torch.Tensor, batch_size: int | None, beta: float, gamma: float,
+                         zeta: float) -> torch.Tensor:
+    """``z = clamp(σ((log u − log(1−u) + log α)/β)(ζ−γ)+γ, 0, 1)``, u ~ U(0, 1) (seed 001, supplement
+    Eq. 4), for every entry of ``log_alpha``: (C,), or (batch, C) with one sample per example."""
+    shape = log_alpha.shape if batch_size is None else (batch_size, *log_alpha.shape)
+    u = torch.rand(shape, device=log_alpha.device, dtype=log_alpha.dtype)
+    s = torch.sigmoid((torch.logit(u, eps=1e-6) + log_alpha) / beta)  # logit(u) = log u − log(1 − u)
+    return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
+
+
+def sample_together(gates: list[HardConcreteGate], batch_size: int | None) -> list[torch.Tensor]:
+    """The samples :meth:`HardConcreteGate.sample` draws, for several gates with the same (β, γ, ζ) at
+    once: their ``log α`` joined into one tensor, one chain of a dozen operations for all of them
+    (instead of a dozen per gate), then split back; each gate's sample has its distribution."""
+    first = gates[0]
+    log_alpha = torch.cat([g.log_alpha for g in gates])
+    z = hard_concrete_sample(log_alpha, batch_size, first.beta, first.gamma, first.zeta)
+    return list(z.split([g.num_channels for g in gates], dim=-1))
 
 
 class MaskGate(nn.Module):
