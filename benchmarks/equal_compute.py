@@ -12,8 +12,9 @@ budgetprune's fine-tune stage for the rest of the epochs) runs on the same split
 
 Each variant is a split plus :class:`~budgetprune.pipeline.PruneConfig` options; a teacher is
 trained once per (seed, teacher epochs) and shared. Differences under two standard errors are
-ties (``stats.tie``). Runs are kept in ``--work`` and are not trained again; the page and the
-JSON are rewritten from all finished runs of the chosen factors, variants and seeds.
+ties (``stats.tie``). Runs are kept in ``--work`` and, with the page, in ``--out``'s JSON; neither
+is trained again, and the page and the JSON are rewritten from all finished runs of the chosen
+factors, variants and seeds.
 
     python benchmarks/equal_compute.py --data-root ../shared/data --factors 8 --seeds 0 --jobs 2
     python benchmarks/equal_compute.py --data-root ../shared/data --factors 4,8,16 --seeds 0,1,2 \\
@@ -174,6 +175,18 @@ def run_job(job: dict) -> dict:
             "flops_reduction": setup.full["flops"] / costs["flops"], "seconds": time.time() - start, **extra}
 
 
+def committed_runs(path: Path, base: dict) -> dict[tuple, dict]:
+    """The runs of an earlier page at ``path`` made with the same model, data, total epochs and
+    validation images, by (seed, variant, factor): finished work, not trained again (the page is
+    rewritten from them and the new runs)."""
+    if not path.exists():
+        return {}
+    record = json.loads(path.read_text())
+    same = all(record.get(k) == base[k] for k in ("model", "data", "validation")) and \
+        record.get("total_epochs") == base["total"]
+    return {(r["seed"], r["variant"], float(r["factor"])): r for r in record.get("runs", [])} if same else {}
+
+
 # -- the page --------------------------------------------------------------------------------
 
 def summarise(runs: list[dict]) -> dict:
@@ -313,8 +326,16 @@ def main(argv=None) -> int:
         return cache / f"{job['model']}_{job['data']}_seed{job['seed']}_{job['variant']}_{job['factor']:g}x_" \
                        f"{job['total']}ep_val{job['validation']:g}.json"
 
+    committed = committed_runs(Path(args.out) / "equal_compute.json", base)
+
+    def finished(job: dict) -> dict | None:
+        """The job's run, from this machine's cache or from the results committed in --out."""
+        if cached(job).exists():
+            return json.loads(cached(job).read_text())
+        return committed.get((job["seed"], job["variant"], job["factor"]))
+
     jobs = [base | {"seed": s, "factor": f, "variant": v} for s in seeds for f in factors for v in args.variants]
-    todo = [] if args.report_only else [j for j in jobs if not cached(j).exists()]
+    todo = [] if args.report_only else [j for j in jobs if finished(j) is None]
     teachers = {(j["seed"], teacher_epochs(j["variant"], j["total"])): j for j in todo}
     t0 = time.time()
     failed: list[str] = []
@@ -335,7 +356,7 @@ def main(argv=None) -> int:
             print(f"{run['variant']} {run['factor']:g}x seed {run['seed']}: val {run['val_accuracy']:.2f} "
                   f"test {run['test_accuracy']:.2f} FLOPs ÷ {run['flops_reduction']:.2f} ({run['seconds']:.0f} s)",
                   flush=True)
-    runs = [json.loads(cached(j).read_text()) for j in jobs if cached(j).exists()]
+    runs = [run for run in map(finished, jobs) if run is not None]
     record = {"command": "python benchmarks/equal_compute.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": args.model, "data": args.data, "total_epochs": args.total_epochs, "validation": args.validation,
               "machine": machine(), "jobs": args.jobs, "splits": {v: list(s) for v, s in SPLITS.items()},
