@@ -61,3 +61,17 @@ def test_variants_that_do_not_add_up_are_a_one_line_error(tmp_path):
                           "--variants", "t8-p2-f2", "--out", str(tmp_path), "--work", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "t8-p2-f2" in run.stderr, run.stderr
+
+
+def test_runs_of_the_committed_page_count_as_finished_only_for_the_same_setup(equal_compute, tmp_path):
+    import json
+    run = {"model": "lenet5", "data": "fashion-mnist", "seed": 1, "factor": 8.0, "variant": "t40-p10-f10",
+           "val_accuracy": 90.0, "test_accuracy": 89.0, "flops_reduction": 8.0}
+    page = tmp_path / "equal_compute.json"
+    page.write_text(json.dumps({"model": "lenet5", "data": "fashion-mnist", "total_epochs": 60, "validation": 10000,
+                                "runs": [run]}))
+    base = {"model": "lenet5", "data": "fashion-mnist", "validation": 10000.0, "total": 60}
+    assert equal_compute.committed_runs(page, base) == {(1, "t40-p10-f10", 8.0): run}
+    assert equal_compute.committed_runs(page, base | {"total": 12}) == {}  # another total: not the same runs
+    assert equal_compute.committed_runs(page, base | {"validation": 5000.0}) == {}
+    assert equal_compute.committed_runs(tmp_path / "none.json", base) == {}
