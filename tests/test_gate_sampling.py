@@ -254,11 +254,14 @@ class _Draws(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("sample", ["example", "batch"])
-def test_the_gates_are_drawn_once_per_forward_pass_and_only_while_sampling(sample):
+def test_the_gates_are_drawn_once_per_forward_pass_and_only_while_sampling(sample, monkeypatch):
     torch.manual_seed(0)
     model = create_model("lenet5", in_channels=1, num_classes=10)
     x = torch.randn(6, 1, 28, 28)
     pruner = Pruner(model, x[:2], budget="flops=0.5", method="bar", total_steps=10, gate_sample=sample)
+    drawn = []
+    real = attach.sample_together
+    monkeypatch.setattr(attach, "sample_together", lambda gates, batch: drawn.append(gates) or real(gates, batch))
     model.train()
     outs = []
     for seed in (1, 2, 1):
@@ -267,13 +270,17 @@ def test_the_gates_are_drawn_once_per_forward_pass_and_only_while_sampling(sampl
             outs.append(model(x))
         assert draws.count == 1  # every gate of the network from one draw
     assert not torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])  # a new draw each pass
-    gid = next(iter(pruner.graph.groups))
-    gate = pruner.method.gate(gid)
-    gate.freeze(torch.zeros(gate.num_channels))  # a frozen gate is not drawn: its values are its own
+    gates = {gid: pruner.method.gate(gid) for gid in pruner.graph.groups}
+    assert drawn[-1] == list(gates.values())
+    # a part of the model called on its own, twice: each call draws anew (nothing left over is reused)
+    torch.manual_seed(3)
+    first, second = model.features(x), model.features(x)
+    assert len(drawn) == 5 and not torch.equal(first, second)
+    frozen = next(iter(gates.values()))
+    frozen.freeze(torch.zeros(frozen.num_channels))  # a frozen gate is not drawn: its values are its own
     with _Draws() as draws:
         model(x)
-    assert draws.count == 1 and gid not in pruner.method._hooks.joint.drawn
-    assert len(pruner.method._hooks.joint.drawn) == len(pruner.graph.groups) - 1
+    assert draws.count == 1 and drawn[-1] == list(gates.values())[1:]
     model.eval()
     with _Draws() as draws:
         model(x)

@@ -143,10 +143,12 @@ def _device_of(gate: GateFn) -> torch.device:
 
 class JointSamples:
     """The training samples of many Hard Concrete gates, drawn together (:func:`budgetprune.gates.
-    sample_together`) at the first request of a forward pass and kept until the next pass: one chain
-    of operations for all of them instead of one per gate, which is most of what sampling costs
-    (each operation on a few hundred values costs about what it costs on thousands). A gate that is
-    frozen or in eval mode is not drawn; a request for another batch size draws again."""
+    sample_together`) at the first request of a forward pass: one chain of operations for all of
+    them instead of one per gate, which is most of what sampling costs (an operation on a few
+    hundred values costs about what it costs on thousands). Each sample serves one request; a gate
+    asked again (a module called twice, a part of the model called on its own), or for another
+    batch size, has all gates drawn anew, as gates sampled one by one would be. A gate that is
+    frozen or in eval mode is not drawn."""
 
     _NONE = object()  # no draw yet in this pass (None is a batch size: one sample for the batch)
 
@@ -165,9 +167,9 @@ class JointSamples:
         gate = self.gates.get(gid)
         if gate is None or not gate.training or gate.frozen is not None:
             return None
-        if self.batch is JointSamples._NONE or self.batch != batch:
+        if self.batch is JointSamples._NONE or self.batch != batch or gid not in self.drawn:
             self._draw(batch)
-        return self.drawn.get(gid)
+        return self.drawn.pop(gid, None)
 
     def _draw(self, batch: int | None) -> None:
         self.drawn.clear()
