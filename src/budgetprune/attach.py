@@ -14,7 +14,9 @@ exactly zero everywhere, so that the compacted network computes what the gated o
 
 Both use the gate values of the current forward pass: in training one sample per example
 (``sample="example"``) or one per batch (``sample="batch"``); at evaluation, and for
-deterministic gates, one value per channel. :meth:`GateHooks.remove` restores the model exactly.
+deterministic gates, one value per channel. The Hard Concrete gates of a network are sampled
+together, once per pass (:class:`JointSamples`). :meth:`GateHooks.remove` restores the model
+exactly.
 
 A gate with one value per channel for the whole batch (a per-batch sample, a deterministic or
 frozen gate) costs no pass over the feature maps where its host is a plain convolution, linear
