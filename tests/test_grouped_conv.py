@@ -167,3 +167,35 @@ def test_silencing_reopened_channels_read_by_a_grouped_conv_keeps_the_function()
     w = model.c2.weight.detach()
     assert float(w[0:4, 1].abs().sum()) == 0.0 and float(w[4:8, 1].abs().sum()) == 0.0
     assert float(w[0:4, 0].abs().sum()) > 0.0
+
+
+@pytest.mark.parametrize("method", ["bar", "l0", "constrained-l0", "ib"])
+def test_per_channel_quantities_computed_together_equal_each_gates_own(method):
+    """GatedMethod.per_channel joins the Hard Concrete gates' log α and computes a quantity once: the
+    values (tied units expanded to their channels) and the gradients are each gate's own."""
+    torch.manual_seed(0)
+    model = Bottleneck(residual_read=True)
+    pruner = Pruner(model, torch.randn(2, 3, 8, 8), "flops=0.5", method=method, total_steps=10)
+    gates = pruner.method.gates
+    with torch.no_grad():
+        for gate in gates.values():
+            for p in gate.parameters():
+                p.copy_(torch.randn(p.shape) * 2)
+    for quantity in ("deterministic", "prob_nonzero", "keep_score", "keep_mask"):
+        if not hasattr(next(iter(gates.values())), quantity):
+            continue
+        joint, own = pruner.method.per_channel(quantity), pruner.method.by_group(lambda g: getattr(g, quantity)())
+        assert joint.keys() == own.keys() and joint["c1"].shape == (32,)  # 4 units tied across 8 groups
+        for gid in own:
+            torch.testing.assert_close(joint[gid], own[gid], rtol=0, atol=0, msg=f"{quantity} {gid}")
+    if method != "ib":
+        weights = {gid: torch.rand(t.shape) for gid, t in own.items()}
+        grads = []
+        for values in (pruner.method.per_channel("prob_nonzero"),
+                       pruner.method.by_group(lambda g: g.prob_nonzero())):
+            pruner.method.zero_grad()
+            sum((weights[g] * v).sum() for g, v in values.items()).backward()
+            grads.append({k: p.grad.clone() for k, p in pruner.method.named_parameters() if p.grad is not None})
+        assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(gates)
+        for k in grads[0]:
+            torch.testing.assert_close(grads[0][k], grads[1][k], msg=k)

@@ -129,6 +129,35 @@ def sample_together(gates: list[HardConcreteGate], batch_size: int | None) -> li
     return list(z.split([g.num_channels for g in gates], dim=-1))
 
 
+class _JoinedGates:
+    """Several Hard Concrete gates with the same (β, γ, ζ) as one: their log α joined, with the
+    gate's own per-channel methods (they read only log α, β, γ and ζ)."""
+
+    _stretch = HardConcreteGate._stretch
+    deterministic = HardConcreteGate.deterministic
+    prob_nonzero = HardConcreteGate.prob_nonzero
+    keep_score = HardConcreteGate.keep_score
+    keep_mask = HardConcreteGate.keep_mask
+
+    def __init__(self, gates: list[HardConcreteGate]):
+        self.beta, self.gamma, self.zeta = gates[0].beta, gates[0].gamma, gates[0].zeta
+        self.log_alpha = torch.cat([g.log_alpha for g in gates])
+
+
+#: The per-channel quantities :func:`per_channel_together` computes.
+JOINT_QUANTITIES = ("deterministic", "prob_nonzero", "keep_score", "keep_mask")
+
+
+def per_channel_together(gates: list[HardConcreteGate], quantity: str) -> list[torch.Tensor]:
+    """``getattr(gate, quantity)()`` of every gate (one of :data:`JOINT_QUANTITIES`), for several
+    Hard Concrete gates with the same (β, γ, ζ): computed once over their joined log α, then
+    split back (gradients reach each gate's log α)."""
+    if quantity not in JOINT_QUANTITIES:
+        raise ValueError(f"per_channel_together computes {', '.join(JOINT_QUANTITIES)}, not {quantity!r}")
+    values = getattr(_JoinedGates(gates), quantity)()
+    return list(values.split([g.num_channels for g in gates]))
+
+
 class MaskGate(nn.Module):
     """A fixed 0/1 mask per channel, no parameters: the gate of the iterative baselines
     (random, weight magnitude, VQ, ID; seed 001 supplement 3.2), which prune by setting it."""

@@ -57,9 +57,8 @@ class BAR(GatedMethod):
 
     def penalty(self, progress: float) -> torch.Tensor:
         """λ Σ_metrics L_S · f(V, a, b) (seed 001, Eq. 6 and the final loss of section 3.5)."""
-        probs = self.by_group(lambda g: g.prob_nonzero())
-        with torch.no_grad():
-            masks = self.by_group(lambda g: g.keep_mask())
+        probs = self.per_channel("prob_nonzero")
+        masks = self.keep_masks()
         total = self.zero()
         for budget, cm, schedule, scale in self.terms:
             V = cm.hard(masks)

@@ -57,7 +57,7 @@ class ConstrainedL0(GatedMethod):
 
     def violations(self) -> torch.Tensor:
         """g_i = expected cost_i / full_i − ε_i for every constraint (≤ 0 when it holds)."""
-        probs = self.by_group(lambda g: g.prob_nonzero())
+        probs = self.per_channel("prob_nonzero")
         if self.targets == "model":
             return torch.stack([cm.expected(probs) / full - b.fraction for b, cm, full in self.constraints])
         return torch.stack([p.mean() - self.fraction for p in probs.values()])

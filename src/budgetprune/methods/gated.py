@@ -21,6 +21,7 @@ from torch import nn
 from ..aiming import BudgetAim
 from ..attach import GateHooks
 from ..budget import Budget
+from ..gates import HardConcreteGate, per_channel_together
 from ..graph import ChannelGroup, ChannelGraph
 from ..resources import CostModel
 from ..sparsity import WeightCost, WeightGates, weight_counts
@@ -102,9 +103,29 @@ class GatedMethod(Method):
 
     def by_group(self, fn) -> dict[str, torch.Tensor]:
         """``{group id: fn(gate)}``, per channel: a gate over tied units gives each channel its unit's value."""
-        out = {}
+        return self._by_unit({key: fn(gate) for key, gate in self.gates.items()})
+
+    def per_channel(self, quantity: str) -> dict[str, torch.Tensor]:
+        """``by_group(lambda g: getattr(g, quantity)())`` for a per-channel quantity of
+        :data:`budgetprune.gates.JOINT_QUANTITIES`: the Hard Concrete gates that share (β, γ, ζ)
+        compute it once over their joined log α (a handful of operations for the whole network
+        instead of a handful per gate; :func:`budgetprune.gates.per_channel_together`)."""
+        joint: dict[tuple, list[str]] = {}
+        values = {}
         for key, gate in self.gates.items():
-            unit, value = self.gid_of[key], fn(gate)
+            if type(gate) is HardConcreteGate:
+                joint.setdefault((gate.beta, gate.gamma, gate.zeta, gate.log_alpha.device), []).append(key)
+            else:
+                values[key] = getattr(gate, quantity)()
+        for keys in joint.values():
+            values.update(zip(keys, per_channel_together([self.gates[k] for k in keys], quantity)))
+        return self._by_unit({key: values[key] for key in self.gates})
+
+    def _by_unit(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Values per gate key as values per unit (group id or layer name), tied units expanded."""
+        out = {}
+        for key, value in values.items():
+            unit = self.gid_of[key]
             group = None if self.per_weight else self.graph.groups.get(unit)
             if group is not None and isinstance(value, torch.Tensor) and value.dim() >= 1 and \
                     value.shape[-1] == group.units != group.channels:
@@ -140,13 +161,16 @@ class GatedMethod(Method):
         return self.lam * (self.aim.factor() if self.aim is not None else 1.0)
 
     def scores(self) -> dict[str, torch.Tensor]:
-        return self.by_group(lambda g: g.keep_score().detach())
+        with torch.no_grad():
+            return self.per_channel("keep_score")
 
     def keep_masks(self) -> dict[str, torch.Tensor]:
-        return self.by_group(lambda g: g.keep_mask().detach())
+        with torch.no_grad():
+            return self.per_channel("keep_mask")
 
     def gate_values(self) -> dict[str, torch.Tensor]:
-        return self.by_group(lambda g: g.deterministic().detach())
+        with torch.no_grad():
+            return self.per_channel("deterministic")
 
     def freeze(self, masks: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | None = None) -> None:
         """Gates become their deterministic value (or ``values``) on kept channels and 0 on pruned ones."""

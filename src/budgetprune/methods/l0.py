@@ -70,7 +70,7 @@ class PenalizedL0(GatedMethod):
 
     def expected_l0(self) -> torch.Tensor:
         """E[‖θ‖₀] (each layer weighted by its ``layer_lam`` factor)."""
-        return self.cost.expected(self.by_group(lambda g: g.prob_nonzero()), weights=self.layer_lam or None)
+        return self.cost.expected(self.per_channel("prob_nonzero"), weights=self.layer_lam or None)
 
     def penalty(self, progress: float) -> torch.Tensor:
         l0 = self.expected_l0()
