@@ -263,7 +263,8 @@ def plot(record: dict, path: Path) -> None:
     results = sorted(record["results"].items(), key=lambda kv: float(kv[0]))
     if not results:
         return
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 0.35 * len(VARIANTS) + 1.5), squeeze=False)
+    rows = max(len(s["variants"]) for _, s in results)
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 0.35 * rows + 2.0), squeeze=False)
     for ax, (factor, s) in zip(axes[0], results):
         v = s["variants"]
         names = sorted((n for n in v if v[n]["paired_gap"] is not None), key=lambda n: v[n]["paired_gap"])
