@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import budgetprune
+from trainer_ranks import DictDataset, HFClassifier
 
 L = pytest.importorskip("lightning", reason="pip install 'budgetprune[lightning]'")
 transformers = pytest.importorskip("transformers", reason="pip install 'budgetprune[huggingface]'")
@@ -87,32 +87,6 @@ def test_lightning_callback_prunes_to_the_budget(scheduler, demo_subsets, tmp_pa
                        weights_only=False)
     state = next(v for k, v in saved["callbacks"].items() if "BudgetPruning" in k)
     assert state["counted"] == 16 and state["pruner"]["steps"] == 16
-
-
-class HFClassifier(nn.Module):
-    """What a Hugging Face Trainer expects: forward(inputs, labels) → {"loss", "logits"}."""
-
-    def __init__(self):
-        super().__init__()
-        self.backbone = budgetprune.create_model("lenet5")
-
-    def forward(self, pixel_values, labels=None):
-        logits = self.backbone(pixel_values)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = F.cross_entropy(logits, labels)
-        return out
-
-
-class DictDataset(torch.utils.data.Dataset):
-    def __init__(self, xs, ys):
-        self.xs, self.ys = xs, ys
-
-    def __len__(self):
-        return len(self.xs)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.xs[i], "labels": self.ys[i]}
 
 
 def test_huggingface_callback_prunes_to_the_budget(demo_subsets, tmp_path):

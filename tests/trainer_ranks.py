@@ -1,5 +1,6 @@
 """One rank of a Lightning fit or a Hugging Face Trainer run under torchrun, with budgetprune's
-callback: ``torchrun --nproc_per_node 2 tests/trainer_ranks.py lightning|huggingface OUT``.
+callback: ``torchrun --nproc_per_node 2 tests/trainer_ranks.py lightning|huggingface OUT``. Its
+Hugging Face model and dataset are also those of tests/test_integrations.py.
 
 Each rank trains on its shard of 256 demo images (the trainer's own distributed sampler) and
 writes what its callback ended with to ``OUT/<rank>.pt``: the masks, the pruned network's
@@ -16,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import budgetprune
-import conftest  # noqa: F401  (torchvision's operator schemas: Lightning's torchmetrics imports torchvision)
 from budgetprune.data import load_dataset
 
 STEPS = 8  # optimizer steps of the run: 2 epochs of 4 global batches of 32 (16 per rank)
@@ -60,6 +60,8 @@ def lightning(out: Path) -> dict:
 
 
 class HFClassifier(nn.Module):
+    """What a Hugging Face Trainer expects: forward(inputs, labels) → {"loss", "logits"}."""
+
     def __init__(self):
         super().__init__()
         self.backbone = budgetprune.create_model("lenet5")
@@ -70,6 +72,8 @@ class HFClassifier(nn.Module):
 
 
 class DictDataset(torch.utils.data.Dataset):
+    """Images and labels as the dicts a Hugging Face Trainer batches."""
+
     def __init__(self, xs, ys):
         self.xs, self.ys = xs, ys
 
@@ -105,6 +109,7 @@ def _result(callback) -> dict:
 
 
 if __name__ == "__main__":
+    import conftest  # noqa: F401  (torchvision's operator schemas: Lightning and transformers import torchvision)
     torch.set_num_threads(1)
     kind, folder = sys.argv[1], Path(sys.argv[2])
     torch.manual_seed(int(os.environ["RANK"]))  # other weights on each rank: the trainers must agree them
