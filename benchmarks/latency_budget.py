@@ -6,8 +6,8 @@ of widths, :mod:`budgetprune.latency`) takes ``--steps`` AdamW steps on random i
 finalizes: the projection meets the budget in the table's milliseconds, and finalize times the
 result in onnxruntime and projects again, aiming at 0.95 of the budget, until it measures within
 [0.92, 0.98] of it (:mod:`budgetprune.measured`, at most 7 projections). The compacted network and the unpruned one
-are then timed again here, independently (:func:`budgetprune.runtimes.deployed_speed`,
-alternating rounds, batch 1). The target: the measured
+are then timed again here, independently (:func:`budgetprune.runtimes.deployed_speed`: runs
+paired by turns, batch 1, the ratio a median of the pairs' ratios). The target: the measured
 latency of the pruned network is within [0.9, 1.0] of the budget, i.e. of ``fraction`` × the
 measured latency of the unpruned network.
 
@@ -57,7 +57,7 @@ def arguments(argv) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=224, help="pixels of the torchvision models' inputs")
     p.add_argument("--steps", type=int, default=4, help="AdamW steps before finalize")
     p.add_argument("--multiple", type=int, default=16, help="channel multiple of the padded regular blocks")
-    p.add_argument("--repeats", type=int, default=50, help="timed runs per network (in 5 alternating rounds)")
+    p.add_argument("--repeats", type=int, default=50, help="timed runs per network at least (paired by turns with the other network, a second at least)")
     p.add_argument("--cache", default=str(HERE.parent / "runs" / "latency_budget" / "cache"))
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -94,7 +94,7 @@ def run_one(unpruned, shape, fraction: float, block: str, multiple: int, steps: 
            "measured": measured, "table_seconds": table_seconds,
            "flop_reduction": pruner.full["flops"] / report["pruned"]["flops"]}
     if "error" not in measured:
-        ratio = measured["pruned_ms"] / measured["unpruned_ms"]
+        ratio = measured["ratio"]
         out["measured_ratio"] = ratio
         out["measured_over_budget"] = ratio / fraction
         out["on_target"] = TARGET[0] <= ratio / fraction <= TARGET[1]
@@ -138,7 +138,7 @@ def markdown(r: dict) -> str:
              "Per model and latency fraction, a `Pruner` with the budget `latency:onnxruntime=<fraction>` (method "
              f"`magnitude`, {s['steps']} AdamW steps on random inputs, untrained weights) finalizes; the compacted "
              "network and the unpruned one are exported to ONNX and timed in onnxruntime at batch 1 "
-             f"({r['threads']} threads, medians of 5 alternating rounds, {s['repeats']} runs in all). "
+             f"({r['threads']} threads; runs paired by turns, at least {s['repeats']} pairs and a second; the ratio is the median of the pairs' ratios). "
              "*Projections*: how many finalize timed (aiming at 0.95 of the budget) before one measured within "
              "[0.92, 0.98] of it (7 at most). *Table* is the per-layer table's ratio of the result; *measured* is the exported "
              f"network's latency over the unpruned one's, timed again after finalize. Target: measured ÷ budget in [{TARGET[0]}, {TARGET[1]}]. "

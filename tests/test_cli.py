@@ -59,7 +59,7 @@ def test_prune_end_to_end_meets_budget(finished_run):
     deployed = m["deployed"]
     assert deployed["runtime"] == default_runtime(["volume"]) and deployed["batch"] == 1
     assert deployed["unpruned_ms"] > 0 and deployed["pruned_ms"] > 0
-    assert deployed["speedup"] == pytest.approx(deployed["unpruned_ms"] / deployed["pruned_ms"])
+    assert deployed["speedup"] == pytest.approx(1 / deployed["ratio"]) and deployed["pairs"] >= 30
     assert f"Deployed speed in {deployed['runtime']}" in report
 
 

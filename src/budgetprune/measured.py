@@ -6,7 +6,7 @@ traffic between layers, the ops between them, the runtime's fusions; at 224 px o
 1.5–2× the sum of the layers), so the table's ratio of pruned to unpruned cost is only close to
 the measured one: 3–35 % over it on resnet20, resnet18 and mobilenet_v2
 (``benchmarks/latency_budget.py``). So the projection's result is compacted, exported and timed
-against the unpruned network in the budget's runtime (alternating rounds, batch 1); while the
+against the unpruned network in the budget's runtime (paired runs, batch 1); while the
 measured ratio is not within :data:`BAND` of the budget, the projection runs again from the same
 masks to another budget, up to :data:`MEASURED_TRIES` times, aiming at :data:`AIM` of it: first
 the budget scaled by the measured excess, then by false position between the tries over and under
@@ -36,7 +36,8 @@ MEASURED_TRIES = 7
 AIM = 0.95
 #: ... and the search stops at a result measured within this share of it.
 BAND = (0.92, 0.98)
-#: Timed runs of each network per measurement (5 alternating rounds).
+#: Timed runs of each network per measurement at least (run by turns with the unpruned one, for a
+#: second at least: :func:`budgetprune.runtimes.paired_times`).
 REPEATS = 60
 
 
@@ -67,7 +68,7 @@ def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
                 record["error"] = speed["error"]
                 return masks, reopened, record
             measured[b.metric] = {"unpruned_ms": speed["unpruned_ms"], "pruned_ms": speed["pruned_ms"],
-                                  "ratio": speed["pruned_ms"] / speed["unpruned_ms"], "fraction": b.fraction}
+                                  "ratio": speed["ratio"], "fraction": b.fraction}
         record["tries"].append({"projected_to": {b.metric: b.fraction for b in current if b.metric in measured},
                                 "measured": measured})
         over = {m: v["ratio"] / v["fraction"] for m, v in measured.items()}

@@ -9,6 +9,7 @@ so a latency budget and the speed a run reports are measured in the runtime a us
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -98,23 +99,55 @@ def default_runtime(metrics: list[str]) -> str:
     return "onnxruntime"
 
 
+def paired_times(first: Callable[[], object], second: Callable[[], object], repeats: int = 30,
+                 min_seconds: float = 1.0, warmup: int = 2,
+                 device: torch.device | None = None) -> tuple[list[float], list[float]]:
+    """Wall times in seconds of ``first()`` and ``second()`` run by turns, one call each per pair
+    (ABBA order, so neither always runs first), ``repeats`` pairs or as many as take
+    ``min_seconds`` (at most 5000). A machine that slows down slows both calls of a pair alike, so
+    the ratio of a pair's times stays steady where separate rounds of each drift apart (two
+    identical onnxruntime networks timed 5 rounds apiece measured 0.98–1.07 of each other, by
+    pairs 0.99–1.01)."""
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+
+    def once(run):
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        for _ in range(warmup):
+            first(), second()
+        pair = once(first) + once(second)
+        pairs = min(5000, max(repeats, math.ceil(min_seconds / max(pair, 1e-6))))
+        a, b = [], []
+        for i in range(pairs):
+            if i % 2:
+                b.append(once(second))
+                a.append(once(first))
+            else:
+                a.append(once(first))
+                b.append(once(second))
+    return a, b
+
+
 def deployed_speed(unpruned: nn.Module, pruned: nn.Module, example: torch.Tensor, runtime: str,
-                   repeats: int = 30) -> dict:
+                   repeats: int = 30, min_seconds: float = 1.0) -> dict:
     """Latency of the unpruned and the pruned network in ``runtime`` on ``example`` (what a run
-    reports in ``metrics.json``): milliseconds and the speedup. The two are timed in 5 alternating
-    rounds (the median of each round's runs) and each keeps its fastest round: other processes on
-    the machine only ever add time. An export that fails is reported, not raised."""
+    reports in ``metrics.json``): the median milliseconds of each, and their ratio as the median
+    of the ratios of paired runs (:func:`paired_times`), with the speedup its inverse. An export
+    that fails is reported, not raised."""
     from .errors import ExportError
 
     try:
         runs = {"unpruned": runner(unpruned, example, runtime), "pruned": runner(pruned, example, runtime)}
     except (ExportError, ConfigError) as exc:
         return {"runtime": runtime, "error": str(exc)}
-    rounds = {name: [] for name in runs}
-    for _ in range(5):
-        for name, run in runs.items():
-            rounds[name].append(median_ms(run, max(1, repeats // 5), warmup=1, device=example.device))
-    ms = {name: min(times) for name, times in rounds.items()}
+    full, small = paired_times(runs["unpruned"], runs["pruned"], repeats, min_seconds, device=example.device)
+    ratio = statistics.median(s / f for f, s in zip(full, small))
     return {"runtime": runtime, "batch": int(example.shape[0]), "device": str(example.device),
-            "threads": torch.get_num_threads(), "unpruned_ms": ms["unpruned"], "pruned_ms": ms["pruned"],
-            "speedup": ms["unpruned"] / ms["pruned"]}
+            "threads": torch.get_num_threads(), "unpruned_ms": 1e3 * statistics.median(full),
+            "pruned_ms": 1e3 * statistics.median(small), "ratio": ratio, "speedup": 1.0 / ratio,
+            "pairs": len(full)}
