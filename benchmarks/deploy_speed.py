@@ -64,6 +64,7 @@ from torchvision_models import import_torchvision, make  # noqa: E402
 
 import budgetprune  # noqa: E402
 from budgetprune import Pruner  # noqa: E402
+from budgetprune.cli import channel_multiple_arg  # noqa: E402
 from budgetprune.blocks import GATHER_COST, gathered_positions  # noqa: E402
 from budgetprune.compact import compact  # noqa: E402
 from budgetprune.liveness import slot_sets  # noqa: E402
@@ -87,6 +88,12 @@ METHOD_NOTE = {"magnitude": ": every layer's width scaled by one factor, channel
                "bar": ", `gate_init=3`: gates barely trained, the projection removes whole branches and "
                       "leaves residual streams whole"}
 TARGET = 0.7  # issue 14: speedup ≥ 0.7 × FLOP reduction at batch 16 in onnxruntime
+
+
+def padding_words(multiple) -> str:
+    from budgetprune.pruner import check_channel_multiple
+
+    return check_channel_multiple(multiple).describe()
 
 
 def number_list(kind, text: str, what: str, low: float) -> list:
@@ -119,13 +126,14 @@ def arguments(argv) -> argparse.Namespace:
                    help="the pruning method that makes the masks (see the module docstring)")
     p.add_argument("--steps", type=int, default=4, help="AdamW steps of the pruner before finalize")
     p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
-    p.add_argument("--multiple", type=int, default=16,
-                   help="channel multiple of the padded network (onnxruntime's blocked CPU convolutions: 16 with "
-                        "AVX-512, 8 with AVX2)")
+    p.add_argument("--multiple", type=channel_multiple_arg, default=16,
+                   help="channel multiple of the padded networks (onnxruntime's blocked CPU convolutions: 16 with "
+                        "AVX-512, 8 with AVX2), or auto: the library's default (multiples of 8 in feature maps of "
+                        "32 channels or more)")
     p.add_argument("--work", default=str(HERE.parent / "runs" / "deploy_speed"), help="exported files go here")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
-    for flag in ("rounds", "size", "threads", "multiple"):
+    for flag in ("rounds", "size", "threads"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1, not {getattr(args, flag)}")
     if args.steps < 0:
@@ -452,9 +460,9 @@ def markdown(r: dict) -> str:
              "and finalizes (projection to the budget under mixed blocks); its final masks and gate values are "
              "compacted twice, "
              "`mode=\"regular\"` and `mode=\"mixed\"` (same channels, outputs equal to finalize's). A third "
-             "pruner, the same but with `block=\"regular\", channel_multiple=" + str(s.get("multiple", 16)) + "`, "
-             "projects and fills under costs counted with every regular-block width padded to a multiple of "
-             + str(s.get("multiple", 16)) + " channels (its own masks; `padded` below). A fourth, with the "
+             "pruner, the same but with `block=\"regular\", channel_multiple=" + repr(s.get("multiple", 16)) + "`, "
+             "projects and fills under costs counted with its regular-block widths padded ("
+             + padding_words(s.get("multiple", 16)) + "; its own masks; `padded` below). A fourth, with the "
              "library's default `block=\"auto\"` weighed for onnxruntime and the same padding, keeps each residual "
              "space mixed or regular by what it saves against its gathers' cost (`auto` below; how many spaces "
              "it kept mixed is in the JSON). "

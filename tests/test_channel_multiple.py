@@ -20,7 +20,7 @@ from torch import nn
 import budgetprune
 from budgetprune.budget import Budget, enforce_budget, fill_budget, reopenable_channels
 from budgetprune.errors import CheckpointError, ConfigError
-from budgetprune.liveness import BlockMode, slot_sets
+from budgetprune.liveness import BlockMode, Padding, auto_padding, slot_sets
 from budgetprune.plan import check_plan, replay
 from budgetprune.resources import CostModel
 
@@ -101,8 +101,10 @@ def test_padded_compaction_is_exact_and_aligned(name):
 
 def test_block_mode_is_the_plain_string():
     model = budgetprune.create_model("resnet20")
-    with pytest.raises(ConfigError, match="positive int"):
-        budgetprune.Pruner(model, torch.zeros(2, 1, 28, 28), 0.5, total_steps=1, block="regular", channel_multiple=0)
+    for bad in (0, "8", 2.0):
+        with pytest.raises(ConfigError, match="channel_multiple must be 'auto' or a positive int"):
+            budgetprune.Pruner(model, torch.zeros(2, 1, 28, 28), 0.5, total_steps=1, block="regular",
+                               channel_multiple=bad)
     with pytest.raises(ConfigError, match="block must be one of auto, mixed, regular"):
         budgetprune.Pruner(model, torch.zeros(2, 1, 28, 28), 0.5, total_steps=1, block="dense")
     mode = BlockMode("regular", 16)
@@ -237,3 +239,120 @@ def test_cli_run_with_padded_widths(tmp_path, capsys):
     assert convs and all(c.out_channels % 4 == 0 for c in convs)
     counted = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 28, 28))
     assert CostModel(counted, "flops").full() == pytest.approx(metrics["pruned"]["flops"], rel=1e-9)
+
+
+def test_padding_targets_by_hand():
+    """Multiples of 8 in feature maps of 32 channels or more (``channel_multiple="auto"``), hand-worked."""
+    auto = auto_padding()
+    assert tuple(auto) == (8, 32, 2)
+    assert auto.target(13, 64, 49) == 16 and auto.target(16, 64, 49) == 16 and auto.target(63, 64, 49) == 64
+    assert auto.target(33, 36, 4) == 36  # capped at the full width
+    assert auto.target(0, 64, 49) == 0  # a dead tensor stays dead
+    assert auto.target(5, 16, 49) == 5 and auto.target(3, 31, 49) == 3 and auto.target(3, 32, 49) == 8  # narrow: exact
+    assert auto.target(13, 120, 1) == 13  # (batch, features): exact
+    assert Padding(16).target(5, 16) == 16 and Padding(16).target(1, 6) == 6  # an explicit multiple pads all
+    assert Padding().target(13, 64, 49) == 13
+    assert auto.describe() == "widths padded to multiples of 8 (tensors under 32 channels or of (batch, features) exact)"
+    assert Padding().describe() == "exact widths"
+
+
+@pytest.mark.parametrize("kind", ["regular", "mixed"])
+@pytest.mark.parametrize("name", ["resnet20", "wrn"])
+def test_auto_padding_pads_wide_tensors_and_leaves_narrow_ones_exact(name, kind):
+    """resnet20's 16-channel stage keeps its exact widths, its 32- and 64-channel stages pad to
+    multiples of 8; the compacted network still computes the gated one."""
+    model, graph = make_model(name)
+    bar = attach_random(model, graph, seed=5)
+    masks = bar.keep_masks()
+    padding = auto_padding()
+    mode = BlockMode(kind, padding.multiple, min_width=padding.min_width, min_area=padding.min_area)
+    exact, padded = slot_sets(graph, masks, kind), slot_sets(graph, masks, mode)
+    tied = _tied(graph)
+    area = {}  # a space is padded alike, by its largest map (a pooled map keeps the set of the map it pools)
+    for t, space in graph.spaces.items():
+        area[space] = max(area.get(space, 0), graph.tensors[t].area)
+    narrow_unaligned = grew = 0
+    for t, s in padded.items():
+        n, full, before = int(s.sum()), s.numel(), int(exact[t].sum())
+        assert bool((s | exact[t]).eq(s).all()), t
+        if full < 32 or area[graph.spaces[t]] < 2 or t in tied:
+            assert torch.equal(s, exact[t]), t
+            narrow_unaligned += n % 8 != 0
+        else:
+            assert n == 0 or _aligned(n, full, 8), (t, n, full)
+            grew += n - before
+    assert narrow_unaligned > 0 and grew > 0  # both kinds of tensor are there to tell apart
+    torch.manual_seed(1)
+    x = torch.randn(4, 1, 28, 28)
+    check_compaction(model, graph, bar, masks, x, mode)
+
+
+def test_pruner_with_auto_padding_pads_feature_maps_and_its_plan_replays(tmp_path):
+    torch.manual_seed(0)
+    model, reference = budgetprune.create_model("resnet20"), budgetprune.create_model("resnet20")
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    assert budgetprune.Pruner(budgetprune.create_model("resnet20"), x, "flops=0.4", total_steps=3).block.multiple == 1
+    pruner = budgetprune.Pruner(model, x, "flops=0.4", total_steps=3, method="magnitude", channel_multiple="auto")
+    assert (pruner.block.multiple, pruner.block.min_width, pruner.block.min_area) == (8, 32, 2)
+    optimizer = torch.optim.SGD(pruner.parameters(lr=0.01), lr=0.01)
+    pruning_steps(model, pruner, optimizer, [(x, y)] * 3)
+    small, report = pruner.finalize(x)
+    assert report["pruned"]["flops"] <= pruner.budget.absolute(pruner.graph)
+    counted = budgetprune.ChannelGraph.build(small, x[:1])
+    assert CostModel(counted, "flops").full() == pytest.approx(report["pruned"]["flops"], rel=1e-9)
+    originals = dict(reference.named_modules())
+    for layer, conv in small.named_modules():
+        if isinstance(conv, nn.Conv2d) and originals[layer].out_channels >= 32:
+            assert _aligned(conv.out_channels, originals[layer].out_channels, 8), layer
+    plan = small.budgetprune_plan
+    assert (plan["channel_multiple"], plan["pad_min_width"], plan["pad_min_area"], plan["version"]) == (8, 32, 2, 2)
+    again = replay(plan, reference, small.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(again(x), small(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "32", True])
+def test_plan_with_a_bad_narrowest_padded_width_is_refused(bad):
+    plan = {"format": "budgetprune-plan", "version": 2, "granularity": "channel", "block": "regular",
+            "channel_multiple": 8, "pad_min_width": bad, "gate_inputs": False, "input_shape": [1, 28, 28],
+            "groups": {"a": 4}, "kept": {"a": [0, 1]}}
+    with pytest.raises(CheckpointError, match="narrowest padded width"):
+        check_plan(plan)
+
+
+def test_cli_channel_multiple_takes_auto_or_a_positive_number(tmp_path, capsys):
+    from budgetprune import cli
+
+    parser = cli.build_parser()
+    assert parser.parse_args(["prune", "--model", "lenet5", "--data", "demo", "--budget", "0.5",
+                              "--channel-multiple", "auto", "--out", "r"]).channel_multiple == "auto"
+    assert parser.parse_args(["prune", "--model", "lenet5", "--data", "demo", "--budget", "0.5",
+                              "--channel-multiple", "16", "--out", "r"]).channel_multiple == 16
+    for bad in ("0", "eight"):
+        code = cli.main(["prune", "--model", "lenet5", "--data", "demo", "--budget", "0.5", "--channel-multiple",
+                         bad, "--out", str(tmp_path / "run")])
+        err = capsys.readouterr().err
+        assert code == 2 and f"'{bad}' is not 'auto' or a positive whole number" in err and "Traceback" not in err
+
+
+def test_plan_with_a_bad_fewest_padded_positions_is_refused():
+    plan = {"format": "budgetprune-plan", "version": 2, "granularity": "channel", "block": "regular",
+            "channel_multiple": 8, "pad_min_area": 0, "gate_inputs": False, "input_shape": [1, 28, 28],
+            "groups": {"a": 4}, "kept": {"a": [0, 1]}}
+    with pytest.raises(CheckpointError, match="fewest positions"):
+        check_plan(plan)
+
+
+def test_auto_padding_leaves_a_fully_connected_network_exact():
+    """LeNet-300-100's layers work on (batch, features) tensors: the auto padding leaves every
+    width exact, where a multiple of 8 for every tensor would not."""
+    model, graph = make_model("lenet300")
+    bar = attach_random(model, graph, seed=2)
+    masks = bar.keep_masks()
+    padding = auto_padding()
+    mode = BlockMode("regular", padding.multiple, min_width=padding.min_width, min_area=padding.min_area)
+    exact, padded = slot_sets(graph, masks, "regular"), slot_sets(graph, masks, mode)
+    assert all(torch.equal(padded[t], exact[t]) for t in exact)
+    assert any(int(s.sum()) % 8 for s in exact.values())  # widths a padding would have changed
+    assert not all(torch.equal(s, exact[t]) for t, s in slot_sets(graph, masks, BlockMode("regular", 8)).items())

@@ -110,8 +110,8 @@ def test_existing_run_folder_needs_resume(finished_run, capsys):
     (["--data", "fashion-mnist", "--data-root", "/nonexistent/folder"], "/nonexistent/folder"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
     (["--epochs", "0"], "--epochs"),
-    (["--channel-multiple", "0"], "1 or more"),
-    (["--block", "regular", "--channel-multiple", "-8"], "1 or more"),
+    (["--channel-multiple", "0"], "not 'auto' or a positive whole number"),
+    (["--block", "regular", "--channel-multiple", "-8"], "not 'auto' or a positive whole number"),
     (["--gate-sample", "sometimes"], "--gate-sample"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, words, capsys, tmp_path):

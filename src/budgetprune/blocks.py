@@ -36,8 +36,8 @@ from collections.abc import Callable
 import torch
 
 from .graph import ChannelGraph
-from .liveness import (BlockMode, alive_sets, channel_multiple, channel_sums, combine_sets, mixed_sets, regular_sets,
-                       slot_sets, tied_spaces)
+from .liveness import (BlockMode, alive_sets, channel_sums, combine_sets, mixed_sets, regular_sets,
+                       Padding, padding_of, slot_sets, tied_spaces)
 
 #: γ per runtime (multiply-adds per channel of a gathered sum, per position), measured on CPU (2
 #: cores, AMD EPYC) by ``python benchmarks/deploy_speed.py`` (``benchmarks/results/deploy_speed.md``):
@@ -52,10 +52,12 @@ from .liveness import (BlockMode, alive_sets, channel_multiple, channel_sums, co
 GATHER_COST = {"eager": 80.0, "torchscript": 65.0, "onnxruntime": 1000.0}
 
 
-def auto_mode(runtime: str = "eager", multiple: int = 1, gather_cost: float | None = None) -> BlockMode:
+def auto_mode(runtime: str = "eager", multiple: int | Padding = 1, gather_cost: float | None = None) -> BlockMode:
     """The ``"auto"`` block mode for ``runtime`` (its :data:`GATHER_COST` unless ``gather_cost``
-    is given), its widths padded to ``multiple``."""
-    return BlockMode("auto", multiple, GATHER_COST[runtime] if gather_cost is None else gather_cost)
+    is given), its widths padded to ``multiple`` (an int, or a :class:`~budgetprune.liveness.Padding`)."""
+    padding = multiple if isinstance(multiple, Padding) else Padding(multiple)
+    return BlockMode("auto", padding.multiple, GATHER_COST[runtime] if gather_cost is None else gather_cost,
+                     min_width=padding.min_width, min_area=padding.min_area)
 
 
 def as_mode(mode: str) -> BlockMode:
@@ -81,9 +83,9 @@ def choose_blocks(graph: ChannelGraph, eff: dict[str, torch.Tensor], mode: Block
     """``(mode with its mixed spaces chosen, the kept sets)`` for the purged masks ``eff``
     (:func:`budgetprune.liveness.effective_masks`); ``flop_terms`` are the FLOP cost terms
     (:func:`budgetprune.resources.layer_costs`) the saving is counted with."""
-    multiple = channel_multiple(mode)
+    padding = padding_of(mode)
     alive = alive_sets(graph, eff)
-    regular, mixed = regular_sets(graph, eff, multiple, alive), mixed_sets(graph, eff, multiple, alive)
+    regular, mixed = regular_sets(graph, eff, padding, alive), mixed_sets(graph, eff, padding, alive)
     differ = {graph.spaces[n] for n in regular if not torch.equal(regular[n], mixed[n])} - tied_spaces(graph)
     if not differ:
         return mode.chosen(frozenset()), regular

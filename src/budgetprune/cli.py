@@ -25,6 +25,20 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see '{self.prog} --help')")
 
 
+def channel_multiple_arg(text: str) -> int | str:
+    """``--channel-multiple``: ``auto`` or a positive whole number."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not 'auto' or a positive whole number of channels "
+                                         "(1: exact widths)")
+    return value
+
+
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True, augment: bool = True) -> None:
     p.add_argument("--data", required=required, help="dataset: demo, mnist, fashion-mnist, cifar10, cifar100, or "
                                                       "folder:PATH, your own images (one sub-folder per class)"
@@ -126,9 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the result runs: --block auto weighs gathers at their cost there, and the "
                         "result's speed is timed there against the unpruned network's (metrics.json 'deployed'); "
                         "default: the latency budget's runtime, else onnxruntime when installed, else eager")
-    p.add_argument("--channel-multiple", type=int,
-                   help="pad every kept width to a multiple of this many channels, counted "
-                        "in the budget (onnxruntime's fast CPU convolutions need 8, or 16 with AVX-512; default 1)")
+    p.add_argument("--channel-multiple", type=channel_multiple_arg,
+                   help="pad every kept width to a multiple of this many channels, counted in the budget "
+                        "(onnxruntime's fast CPU convolutions need 8, or 16 with AVX-512); auto: multiples of 8 "
+                        "in feature maps of 32 channels or more, narrower ones exact; default 1: exact widths")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     n = sub.add_parser("inspect", help="what in a model can be pruned, what cannot and why, and its costs")

@@ -41,7 +41,7 @@ from .plan import make_plan
 from .plan import replay as plan_replay
 from .precision import check_precision, grad_scaler
 from .recipe import Recipe, make_optimizer, stage_schedule
-from .pruner import Pruner, check_prunable
+from .pruner import Pruner, check_channel_multiple, check_prunable
 from .resources import BUDGET_METRICS, METRICS, resource_report
 from .runfolder import RunFolder
 from .runtimes import check_runtime, default_runtime, deployed_speed
@@ -115,7 +115,7 @@ class PruneConfig:
     gate_sample: str = "example"  # stochastic gates sampled per example, or per batch (folded into the host's weights)
     fill_budget: bool = True  # reopen closed channels (zero outgoing weights) while the budget holds
     block: str = "auto"  # residual sums of the compacted net: "auto" (per sum, the faster), "mixed" or "regular"
-    channel_multiple: int = 1  # widths padded to a multiple (onnxruntime's fast CPU convs: 8, 16)
+    channel_multiple: int | str = 1  # widths padded to a multiple (1: exact; auto: 8 in maps of 32 channels up)
     deploy_runtime: str | None = None  # where the result runs (auto blocks weigh gathers there; its speed is timed
     # there): eager, torchscript, onnxruntime, none
     teacher: str | None = None
@@ -163,8 +163,7 @@ class PruneConfig:
             raise ConfigError("--block must be 'auto', 'mixed' or 'regular'")
         if self.deploy_runtime not in (None, "none"):
             check_runtime(self.deploy_runtime)
-        if self.channel_multiple < 1:
-            raise ConfigError(f"--channel-multiple {self.channel_multiple}: the multiple must be 1 or more")
+        check_channel_multiple(self.channel_multiple)
         if self.method not in available_methods():
             raise ConfigError(f"unknown method '{self.method}': choose one of {', '.join(available_methods())}")
         if self.lam is not None and self.lam < 0:
@@ -183,17 +182,17 @@ class PruneConfig:
 
     def _check_types(self) -> None:
         """Each field holds its annotated type: an int field an int (not a bool), a float field a
-        finite number, ``X | None`` also None."""
+        finite number, ``X | Y`` either, ``X | None`` also None."""
         for f in fields(self):
             value = getattr(self, f.name)
             kinds = [k.strip() for k in str(f.type).split("|")]
             if value is None and "None" in kinds:
                 continue
-            kind = kinds[0].split("[")[0]
-            if not _TYPE_CHECKS[kind](value):
+            types = [k.split("[")[0] for k in kinds if k != "None"]
+            if not any(_TYPE_CHECKS[kind](value) for kind in types):
                 hint = f"; the default is {f.default!r}" if f.default not in (MISSING, None) else ""
-                raise ConfigError(f"option {f.name} must be {_TYPE_WORDS[kind]}{' or None' if 'None' in kinds else ''}, "
-                                  f"got {value!r:.40} (a {type(value).__name__}){hint}")
+                words = " or ".join([_TYPE_WORDS[kind] for kind in types] + (["None"] if "None" in kinds else []))
+                raise ConfigError(f"option {f.name} must be {words}, got {value!r:.40} (a {type(value).__name__}){hint}")
 
     def budgets(self) -> list[Budget]:
         """Every budget of the run, the primary one (``metric``, ``budget``) first."""
@@ -730,6 +729,7 @@ class PruneRun:
                                    "pruned": pruned[b.metric], "ratio": pruned[b.metric] / (b.fraction * self.full[b.metric])}
                         for b in self.budgets},
             "full": self.full, "pruned": pruned, "block": cfg.block, "channel_multiple": cfg.channel_multiple,
+            "padding": list(check_channel_multiple(cfg.channel_multiple)),  # [multiple, min width, min positions]
             "mixed_spaces": (info.get("plan") or {}).get("mixed_spaces", []),  # auto: the residual spaces kept mixed
             "pruned_by_block": info.get("pruned_by_block", {cfg.block: pruned}),
             "reduction_factor": {k: self.full[k] / pruned[k] for k in self.full},

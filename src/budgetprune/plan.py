@@ -5,7 +5,7 @@ A model file can describe a compacted network by itself only when every operatio
 budgetprune's allow-list (:mod:`budgetprune.graphio`). Any other network — stochastic depth,
 a custom activation, a hyphenated module name — is saved as (plan, weights): the plan names,
 for each channel group of the traced model, the channels kept, with the residual block mode
-(and the multiple its widths are padded to), the granularity and the input shape. Loading replays it on a model the user passes (their own
+(and the multiple its widths are padded to, from which width up), the granularity and the input shape. Loading replays it on a model the user passes (their own
 code, not the file's): trace, check that the groups are the plan's, compact with the kept
 channels, load the weights strictly. Nothing in a plan is ever code; it is only looked up.
 """
@@ -21,10 +21,10 @@ from .compact import compact
 from .errors import CheckpointError
 from .graph import ChannelGraph
 from .graphio import check_state_shapes
-from .liveness import BlockMode, channel_multiple
+from .liveness import BlockMode, channel_multiple, padding_of
 
 FORMAT = "budgetprune-plan"
-VERSION = 1
+VERSION = 2  # 2: some tensors may keep exact widths (pad_min_width, pad_min_area)
 
 
 def make_plan(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None, *, block: str, granularity: str,
@@ -33,7 +33,9 @@ def make_plan(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None, *, blo
     channel kept, as with per-weight pruning)."""
     kept = {gid: [int(i) for i in torch.nonzero(m).flatten()] for gid, m in (masks or {}).items()}
     plan = {"format": FORMAT, "version": VERSION, "granularity": granularity, "block": str(block),
-            "channel_multiple": channel_multiple(block), "gate_inputs": gate_inputs,
+            "channel_multiple": channel_multiple(block), "pad_min_width": padding_of(block).min_width,
+            "pad_min_area": padding_of(block).min_area,
+            "gate_inputs": gate_inputs,
             "input_shape": list(graph.input_shape), "groups": {gid: g.channels for gid, g in graph.groups.items()},
             "kept": kept}
     if str(block) == "auto":
@@ -61,6 +63,12 @@ def check_plan(plan) -> dict:
     multiple = plan.get("channel_multiple", 1)  # plans written before widths were padded have none
     if type(multiple) is not int or not 1 <= multiple <= 2 ** 16:
         raise _malformed(f"channel multiple {multiple!r:.20} is not a positive int")
+    floor = plan.get("pad_min_width", 0)  # plans written before narrow tensors kept exact widths have none
+    if type(floor) is not int or not 0 <= floor <= 2 ** 24:
+        raise _malformed(f"narrowest padded width {floor!r:.20} is not a non-negative int")
+    area = plan.get("pad_min_area", 1)
+    if type(area) is not int or not 1 <= area <= 2 ** 30:
+        raise _malformed(f"fewest positions of a padded tensor {area!r:.20} is not a positive int")
     mixed = plan.get("mixed_spaces", [])
     if not isinstance(mixed, list) or not all(isinstance(t, str) for t in mixed) or \
             (mixed and plan["block"] != "auto"):
@@ -113,11 +121,12 @@ def replay(plan: dict, model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
 
 def _block(plan: dict, graph: ChannelGraph) -> BlockMode:
     """The block mode ``plan`` was compacted with, its mixed spaces (auto blocks) found in ``graph``."""
-    multiple = plan.get("channel_multiple", 1)
+    multiple, floor, area = plan.get("channel_multiple", 1), plan.get("pad_min_width", 0), plan.get("pad_min_area", 1)
     if plan["block"] != "auto":
-        return BlockMode(plan["block"], multiple)
+        return BlockMode(plan["block"], multiple, min_width=floor, min_area=area)
     unknown = [t for t in plan.get("mixed_spaces", []) if t not in graph.spaces]
     if unknown:
         raise CheckpointError(f"the model passed does not match the pruning plan (no tensor {unknown[0]!r:.60}): "
                               "pass the same architecture that was pruned, before pruning")
-    return BlockMode("auto", multiple, mixed=frozenset(graph.spaces[t] for t in plan.get("mixed_spaces", [])))
+    return BlockMode("auto", multiple, mixed=frozenset(graph.spaces[t] for t in plan.get("mixed_spaces", [])),
+                     min_width=floor, min_area=area)

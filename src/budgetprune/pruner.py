@@ -33,7 +33,7 @@ from .budget import Budget, enforce_budget, fill_budget, parse_budgets, reopenab
 from .compact import compact, silence_channels
 from .errors import ConfigError, TrainingDiverged
 from .graph import ChannelGraph
-from .liveness import BlockMode, effective_masks
+from .liveness import BlockMode, Padding, auto_padding, effective_masks
 from .measured import RUNTIME_LATENCIES, meet_measured_latency
 from .methods import create_method
 from .objectives import check_schedule_end
@@ -53,22 +53,34 @@ def deploy_runtime_of(deploy_runtime: str | None, budgets: list[Budget]) -> str:
     return default_runtime([b.metric for b in budgets]) if deploy_runtime in (None, "none") else deploy_runtime
 
 
-def block_mode(block: str, channel_multiple: int = 1, runtime: str = "eager",
+def block_mode(block: str, channel_multiple: int | str = 1, runtime: str = "eager",
                gather_cost: float | None = None) -> BlockMode:
-    """The residual ``block`` with its widths padded to ``channel_multiple``, or a one-line error.
-    ``"auto"`` weighs a mixed sum's gather at its cost in ``runtime`` unless ``gather_cost`` is given."""
+    """The residual ``block`` with its widths padded to ``channel_multiple`` (``"auto"``:
+    :func:`budgetprune.liveness.auto_padding`), or a one-line error. ``"auto"`` blocks weigh a
+    mixed sum's gather at its cost in ``runtime`` unless ``gather_cost`` is given."""
     if block not in BLOCKS:
         raise ConfigError(f"block must be one of {', '.join(BLOCKS)}, not {block!r}")
-    if type(channel_multiple) is not int or channel_multiple < 1:
-        raise ConfigError(f"channel_multiple must be a positive int (1: exact widths), got {channel_multiple!r}")
+    padding = check_channel_multiple(channel_multiple)
     if gather_cost is not None and not (isinstance(gather_cost, (int, float)) and not isinstance(gather_cost, bool)
                                         and 0 <= gather_cost < float("inf")):
         raise ConfigError(f"gather_cost must be a non-negative number of multiply-adds, got {gather_cost!r}")
     if block != "auto":
-        return BlockMode(block, channel_multiple)
+        return BlockMode(block, padding.multiple, min_width=padding.min_width, min_area=padding.min_area)
     if runtime not in GATHER_COST:
         raise ConfigError(f"unknown runtime '{runtime}': choose one of {', '.join(GATHER_COST)}")
-    return auto_mode(runtime, channel_multiple, gather_cost)
+    return auto_mode(runtime, padding, gather_cost)
+
+
+def check_channel_multiple(channel_multiple: int | str) -> Padding:
+    """The padding ``channel_multiple`` asks for: ``"auto"`` (multiples of 8 in feature maps and
+    token tensors of 32 channels or more, :func:`budgetprune.liveness.auto_padding`) or a
+    positive int (every width; 1: exact widths)."""
+    if channel_multiple == "auto":
+        return auto_padding()
+    if type(channel_multiple) is not int or channel_multiple < 1:
+        raise ConfigError(f"channel_multiple must be 'auto' or a positive int (1: exact widths), got "
+                          f"{channel_multiple!r:.40}")
+    return Padding(channel_multiple)
 
 
 _MARK = "_budgetprune_pruner"  # on a model while a Pruner's gates are attached to it
@@ -86,7 +98,7 @@ def method_settings(*, lam: float | None = None, schedule: str = "sigmoid", sche
 
 
 def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget], *, method: str = "bar",
-                   granularity: str = "channel", block: str = "auto", channel_multiple: int = 1,
+                   granularity: str = "channel", block: str = "auto", channel_multiple: int | str = 1,
                    deploy_runtime: str | None = None, gather_cost: float | None = None,
                    method_options: dict | None = None, metric: str | None = None, fill: bool = True,
                    gate_inputs: bool = True, gate_sample: str = "example", **settings) -> None:
@@ -154,7 +166,8 @@ class Pruner:
     ``deploy_runtime``, its gathers weighed at ``gather_cost``, :mod:`budgetprune.blocks`;
     ``"mixed"``; ``"regular"``), ``channel_multiple`` (every width padded to a multiple of that
     many channels, counted in the budget: the widths onnxruntime's fast CPU convolutions need, 8
-    or 16) and whether the final projection ``fill``\\ s up to the budget. ``gate_sample`` is how a
+    or 16; ``"auto"`` pads feature maps and token tensors of 32 channels or more to multiples of 8
+    and leaves narrower ones and (batch, features) tensors exact; 1, the default: exact widths) and whether the final projection ``fill``\\ s up to the budget. ``gate_sample`` is how a
     stochastic gate is sampled in training: once per example and channel (``"example"``, the
     default) or once per channel for the whole batch (``"batch"``: the gate then folds into its
     host's weights, no pass over the feature maps; see :mod:`budgetprune.attach`).
@@ -173,7 +186,7 @@ class Pruner:
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, budget: float | str | list[Budget], *,
                  total_steps: int, metric: str | None = None, method: str = "bar", granularity: str = "channel",
-                 block: str = "auto", channel_multiple: int = 1, deploy_runtime: str | None = None,
+                 block: str = "auto", channel_multiple: int | str = 1, deploy_runtime: str | None = None,
                  gather_cost: float | None = None, fill: bool = True, gate_inputs: bool = True,
                  gate_sample: str = "example", method_options: dict | None = None,
                  log: Callable[[str], None] | None = None, **settings):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import io
 from .graph import ChannelGraph
+from .liveness import Padding
 
 
 def layer_widths(graph: ChannelGraph, masks: dict[str, list[int]]) -> dict[str, dict[str, int]]:
@@ -66,8 +67,11 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
         blocks = {"auto": f"auto ({len(m.get('mixed_spaces') or [])} residual spaces kept mixed, the others regular)",
                   "mixed": "mixed (sums gather each branch's channels)",
                   "regular": "regular (added tensors keep equal widths)"}.get(m["block"], m["block"])
-        multiple = m.get("channel_multiple", 1)
-        lines.append(f"- Residual blocks: {blocks}" + (f"; widths padded to multiples of {multiple}" if multiple > 1 else ""))
+        padding = m.get("padding")
+        padding = Padding(*padding) if isinstance(padding, list) and len(padding) == 3 and \
+            all(type(v) is int for v in padding) else Padding(m.get("channel_multiple") if type(
+                m.get("channel_multiple")) is int else 1)
+        lines.append(f"- Residual blocks: {blocks}; {padding.describe()}")
     deployed = m.get("deployed")
     if deployed and "error" in deployed:
         lines.append(f"- Deployed speed in {deployed['runtime']}: not measured ({deployed['error']})")
