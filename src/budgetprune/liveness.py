@@ -41,10 +41,10 @@ MODES = ("mixed", "regular", "auto")
 #: one position) at least :data:`AUTO_MIN_WIDTH` channels wide are padded to multiples of
 #: :data:`AUTO_MULTIPLE`; narrower ones and (batch, features) tensors stay exact. onnxruntime's CPU
 #: convolutions block channels by 8 (AVX2) or 16 (AVX-512), and a network with unaligned widths
-#: can run slower than the unpruned one (resnet20 and mobilenet_v2 at 2× fewer FLOPs ran at 0.95×
-#: and 0.90× of it at batch 16; with multiples of 8 at 2.0× and 1.9×, with 16 barely faster); a
-#: layer of 6 or 16 channels (LeNet-5's convolutions) would lose most of its choices to a multiple
-#: of 8, and a fully connected layer over (batch, features) gains little from it. It is not the
+#: can run slower than the unpruned one (resnet20 and mobilenet_v2 at 2× fewer FLOPs, exact widths,
+#: ran at 0.73× and 0.84× of it in onnxruntime at batch 16; padded this way at 1.64× and 1.92×:
+#: ``benchmarks/results/deploy_speed_auto``); a layer of 16 channels would lose most of its choices
+#: to a multiple of 8, and a fully connected layer over (batch, features) gains little from it. It is not the
 #: default: a step of 8 channels can be too coarse to end on the budget (LeNet-5 at 8× fewer FLOPs,
 #: its 50-channel conv padded, ended at 0.87–0.93 of the budget instead of within [0.95, 1]).
 AUTO_MULTIPLE = 8

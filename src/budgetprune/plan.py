@@ -21,7 +21,7 @@ from .compact import compact
 from .errors import CheckpointError
 from .graph import ChannelGraph
 from .graphio import check_state_shapes
-from .liveness import BlockMode, channel_multiple, padding_of
+from .liveness import BlockMode, padding_of
 
 FORMAT = "budgetprune-plan"
 VERSION = 2  # 2: some tensors may keep exact widths (pad_min_width, pad_min_area)
@@ -32,10 +32,12 @@ def make_plan(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None, *, blo
     """The plan of a finalized pruning: ``masks`` are the final keep-masks per group (None: every
     channel kept, as with per-weight pruning)."""
     kept = {gid: [int(i) for i in torch.nonzero(m).flatten()] for gid, m in (masks or {}).items()}
-    plan = {"format": FORMAT, "version": VERSION, "granularity": granularity, "block": str(block),
-            "channel_multiple": channel_multiple(block), "pad_min_width": padding_of(block).min_width,
-            "pad_min_area": padding_of(block).min_area,
-            "gate_inputs": gate_inputs,
+    padding = padding_of(block)
+    # a padding that leaves some tensors exact needs version 2 to read; other plans stay readable by version 1
+    floors = {"pad_min_width": padding.min_width, "pad_min_area": padding.min_area} \
+        if (padding.min_width, padding.min_area) != (0, 1) else {}
+    plan = {"format": FORMAT, "version": VERSION if floors else 1, "granularity": granularity, "block": str(block),
+            "channel_multiple": padding.multiple, **floors, "gate_inputs": gate_inputs,
             "input_shape": list(graph.input_shape), "groups": {gid: g.channels for gid, g in graph.groups.items()},
             "kept": kept}
     if str(block) == "auto":
