@@ -65,6 +65,7 @@ from torchvision_models import import_torchvision, make  # noqa: E402
 import budgetprune  # noqa: E402
 from budgetprune import Pruner  # noqa: E402
 from budgetprune.cli import channel_multiple_arg  # noqa: E402
+from budgetprune.pruner import check_channel_multiple  # noqa: E402
 from budgetprune.blocks import GATHER_COST, gathered_positions  # noqa: E402
 from budgetprune.compact import compact  # noqa: E402
 from budgetprune.liveness import slot_sets  # noqa: E402
@@ -91,8 +92,6 @@ TARGET = 0.7  # issue 14: speedup ≥ 0.7 × FLOP reduction at batch 16 in onnxr
 
 
 def padding_words(multiple) -> str:
-    from budgetprune.pruner import check_channel_multiple
-
     return check_channel_multiple(multiple).describe()
 
 

@@ -13,7 +13,7 @@ import torch
 
 from .errors import BudgetError
 from .graph import ALWAYS, ChannelGraph
-from .liveness import channel_multiple
+from .liveness import padding_of
 from .resources import BUDGET_METRICS, CostModel
 
 
@@ -232,7 +232,7 @@ def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
     modified in place.
     """
     budgets = _as_list(budget)
-    if channel_multiple(mode) > 1:
+    if padding_of(mode).multiple > 1:
         return _project_padded(graph, masks, scores, budgets, mode)
     return _project(graph, masks, scores, budgets, mode)
 
@@ -261,7 +261,7 @@ def _project_padded(graph: ChannelGraph, masks, scores, budgets: list[Budget], m
         least = 1.0 + 0.005 * 2 ** attempt  # a padded cost that barely moves: shrink faster each try
         shrunk = [Budget(b.metric, b.fraction / max(r, least)) if r > 1.0 else b for b, r in zip(shrunk, ratios)]
     names = ", ".join(f"{b.metric} {b.fraction:.4g}" for b in budgets)
-    raise BudgetError(f"budget ({names}) cannot be met with widths padded to multiples of {channel_multiple(mode)}: "
+    raise BudgetError(f"budget ({names}) cannot be met with widths padded to multiples of {padding_of(mode).multiple}: "
                       "raise the budget or lower the channel multiple")
 
 

@@ -26,7 +26,7 @@ from torch import fx, nn
 from .attention import head_columns, pruned_proj, pruned_qkv
 from .blocks import built_sets
 from .graph import ADD_FUNCTIONS, FLATTEN_METHODS, MUL_FUNCTIONS, ChannelGraph
-from .liveness import alive_sets, channel_multiple, effective_masks
+from .liveness import alive_sets, effective_masks, padding_of
 from .ops import RelativeAttention, SelfAttention, full_count_layer_norm, index_add_channels, scatter_channels, \
     select_channels, window_attention
 
@@ -47,7 +47,7 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
     eff = effective_masks(graph, masks)
     mode, sets = built_sets(graph, eff, mode, lambda: layer_costs(graph, "flops"))  # auto: chosen for these masks
     index = {name: torch.nonzero(s).flatten() for name, s in sets.items()}
-    alive = sets if mode == "mixed" and channel_multiple(mode) == 1 else alive_sets(graph, eff)
+    alive = sets if mode == "mixed" and padding_of(mode).multiple == 1 else alive_sets(graph, eff)
     gm = _copy_without_hooks(fx.GraphModule(model, copy.deepcopy(graph.gm.graph)))  # the model's own weights
     modules = dict(gm.named_modules())
     device = next(model.parameters()).device

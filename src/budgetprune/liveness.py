@@ -45,8 +45,9 @@ MODES = ("mixed", "regular", "auto")
 #: ran at 0.73× and 0.84× of it in onnxruntime at batch 16; padded this way at 1.64× and 1.92×:
 #: ``benchmarks/results/deploy_speed_auto``); a layer of 16 channels would lose most of its choices
 #: to a multiple of 8, and a fully connected layer over (batch, features) gains little from it. It is not the
-#: default: a step of 8 channels can be too coarse to end on the budget (LeNet-5 at 8× fewer FLOPs,
-#: its 50-channel conv padded, ended at 0.87–0.93 of the budget instead of within [0.95, 1]).
+#: default: a step of 8 channels can be too coarse to end on the budget (two short LeNet-5 runs of
+#: the tests, ``test_peer_accuracy`` at 8× fewer FLOPs and ``test_methods``' two-budget run, its
+#: 50-channel conv padded, ended at 0.87 and 0.93 of their FLOP budget instead of within [0.95, 1]).
 AUTO_MULTIPLE = 8
 AUTO_MIN_WIDTH = 32
 AUTO_MIN_AREA = 2
@@ -152,11 +153,6 @@ def auto_padding() -> Padding:
     return Padding(AUTO_MULTIPLE, AUTO_MIN_WIDTH, AUTO_MIN_AREA)
 
 
-def channel_multiple(mode: str) -> int:
-    """The multiple ``mode`` pads kept widths to (1 for a plain mode string)."""
-    return getattr(mode, "multiple", 1)
-
-
 def padding_of(mode: str) -> Padding:
     """How ``mode`` pads kept widths (none for a plain mode string)."""
     return mode.padding() if isinstance(mode, BlockMode) else Padding()
@@ -256,16 +252,16 @@ def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "
     if kind not in MODES:
         raise ValueError(f"unknown block mode '{mode}': choose one of {', '.join(MODES)}")
     eff = effective_masks(graph, masks) if purge else masks
-    multiple = padding_of(mode)
+    padding = padding_of(mode)
     if kind == "mixed":
-        return mixed_sets(graph, eff, multiple)
+        return mixed_sets(graph, eff, padding)
     if kind == "regular":
-        return regular_sets(graph, eff, multiple)
+        return regular_sets(graph, eff, padding)
     chosen = getattr(mode, "mixed", None)
     if chosen is None:
         raise ValueError("internal error: an auto block mode reached slot_sets before its sums were chosen")
     alive = alive_sets(graph, eff)
-    return combine_sets(graph, regular_sets(graph, eff, multiple, alive), mixed_sets(graph, eff, multiple, alive),
+    return combine_sets(graph, regular_sets(graph, eff, padding, alive), mixed_sets(graph, eff, padding, alive),
                         chosen)
 
 
@@ -288,27 +284,22 @@ def _members(graph: ChannelGraph) -> dict[str, list[str]]:
     return members
 
 
-def mixed_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], multiple: int | Padding = 1,
+def mixed_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], padding: Padding = Padding(),
                alive: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Mixed blocks: each tensor keeps its alive channels (``eff``: purged masks; ``alive``: their
-    :func:`alive_sets` if already computed), padded to ``multiple`` (an int, or a
-    :class:`Padding`) tensor by tensor (:func:`_pad_mixed`)."""
+    :func:`alive_sets` if already computed), padded as ``padding`` asks, tensor by tensor
+    (:func:`_pad_mixed`)."""
     sets = {n: a.clone() for n, a in alive.items()} if alive is not None else alive_sets(graph, eff)
-    padding = _as_padding(multiple)
     if padding.multiple > 1:
         _pad_mixed(graph, sets, padding)
     return sets
 
 
-def _as_padding(multiple: int | Padding) -> Padding:
-    return multiple if isinstance(multiple, Padding) else Padding(multiple)
-
-
-def regular_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], multiple: int | Padding = 1,
+def regular_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], padding: Padding = Padding(),
                  alive: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Regular blocks: the tensors of a space keep one set, the union of their alive channels
     (``eff``: purged masks; ``alive`` as in :func:`mixed_sets`), widened where concatenations,
-    splits and shuffles tie positions, then padded to ``multiple`` (:func:`_pad_widths`)."""
+    splits and shuffles tie positions, then padded as ``padding`` asks (:func:`_pad_widths`)."""
     sets = {n: a.clone() for n, a in alive.items()} if alive is not None else alive_sets(graph, eff)
     members = _members(graph)
     cats = list(graph.cats.items()) + list(graph.splits.values())  # a split's input joins its pieces
@@ -343,7 +334,6 @@ def regular_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], multiple: in
                 sets[out], sets[src] = grown_out, grown_src
                 changed = True
         if not changed:
-            padding = _as_padding(multiple)
             if padding.multiple > 1:
                 _pad_widths(graph, sets, members, padding)
             return sets
@@ -385,9 +375,9 @@ def _padded(kept: torch.Tensor, padding: Padding, area: int) -> torch.Tensor:
     return padded
 
 
-def _pad_widths(graph: ChannelGraph, sets: dict[str, torch.Tensor], members: dict, multiple: Padding) -> None:
-    """Pad each space's kept channels (regular blocks: one set per space) up to a multiple of
-    ``multiple``, or to its full width, with the lowest-numbered channels it does not keep (they
+def _pad_widths(graph: ChannelGraph, sets: dict[str, torch.Tensor], members: dict, padding: Padding) -> None:
+    """Pad each space's kept channels (regular blocks: one set per space) as ``padding`` asks (a
+    multiple, or the full width), with the lowest-numbered channels it does not keep (they
     compute zeros, as a regular block's extra channels do), in place. A space read through a
     concatenation, split or channel shuffle keeps its width: its positions are tied to another
     tensor's."""
@@ -395,7 +385,7 @@ def _pad_widths(graph: ChannelGraph, sets: dict[str, torch.Tensor], members: dic
     for space, names in members.items():
         if space in tied:
             continue
-        padded = _padded(sets[names[0]], multiple, _area(graph, names))
+        padded = _padded(sets[names[0]], padding, _area(graph, names))
         for name in names:
             sets[name] = padded.clone()
 
@@ -424,9 +414,9 @@ def channel_sums(graph: ChannelGraph) -> list[tuple[str, tuple[str, ...]]]:
     return sums
 
 
-def _pad_mixed(graph: ChannelGraph, sets: dict[str, torch.Tensor], multiple: Padding) -> None:
-    """Pad each tensor's kept channels (mixed blocks) up to a multiple of ``multiple``, or to its
-    full width, in place. Tensors passed through unchanged keep one set; a sum keeps every channel
+def _pad_mixed(graph: ChannelGraph, sets: dict[str, torch.Tensor], padding: Padding) -> None:
+    """Pad each tensor's kept channels (mixed blocks) as ``padding`` asks (a multiple, or its
+    full width), in place. Tensors passed through unchanged keep one set; a sum keeps every channel
     its operands keep (widened, then padded again, in execution order), so every mixed sum
     still adds a subset of its result's channels. Spaces tied by a concatenation, split or
     shuffle keep their widths."""
@@ -437,7 +427,7 @@ def _pad_mixed(graph: ChannelGraph, sets: dict[str, torch.Tensor], multiple: Pad
             units[id(info.segments)].append(name)
     unit_of = {name: key for key, names in units.items() for name in names}
     for names in units.values():
-        padded = _padded(sets[names[0]], multiple, _area(graph, names))
+        padded = _padded(sets[names[0]], padding, _area(graph, names))
         for name in names:
             sets[name] = padded.clone()
     for _ in range(100):
@@ -450,7 +440,7 @@ def _pad_mixed(graph: ChannelGraph, sets: dict[str, torch.Tensor], multiple: Pad
                 need |= sets[op]
             if torch.equal(need, sets[out]):
                 continue
-            grown = _padded(need, multiple, _area(graph, units[unit_of[out]]))
+            grown = _padded(need, padding, _area(graph, units[unit_of[out]]))
             for name in units[unit_of[out]]:
                 sets[name] = grown.clone()
             changed = True

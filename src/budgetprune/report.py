@@ -67,10 +67,7 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
         blocks = {"auto": f"auto ({len(m.get('mixed_spaces') or [])} residual spaces kept mixed, the others regular)",
                   "mixed": "mixed (sums gather each branch's channels)",
                   "regular": "regular (added tensors keep equal widths)"}.get(m["block"], m["block"])
-        padding = m.get("padding")
-        padding = Padding(*padding) if isinstance(padding, list) and len(padding) == 3 and \
-            all(type(v) is int for v in padding) else Padding(m.get("channel_multiple") if type(
-                m.get("channel_multiple")) is int else 1)
+        padding = Padding(*m.get("padding", [1]))
         lines.append(f"- Residual blocks: {blocks}; {padding.describe()}")
     deployed = m.get("deployed")
     if deployed and "error" in deployed:

@@ -105,9 +105,9 @@ def paired_times(first: Callable[[], object], second: Callable[[], object], repe
     """Wall times in seconds of ``first()`` and ``second()`` run by turns, one call each per pair
     (ABBA order, so neither always runs first), ``repeats`` pairs or as many as take
     ``min_seconds`` (at most 5000). A machine that slows down slows both calls of a pair alike, so
-    the ratio of a pair's times stays steady where separate rounds of each drift apart (two
-    identical onnxruntime networks timed 5 rounds apiece measured 0.98–1.07 of each other, by
-    pairs 0.99–1.01)."""
+    the ratio of a pair's times stays steady where separate rounds of each can drift apart (two
+    copies of resnet20 in onnxruntime, idle machine: 0.988–1.007 of each other by pairs,
+    0.995–1.031 by rounds; ``benchmarks/timing_pairs.py``)."""
     sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
 
     def once(run):
