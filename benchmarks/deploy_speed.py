@@ -26,14 +26,15 @@ Every network (the unpruned model itself, as a user has it, and the pruned ones)
 with ``budgetprune.export.to_torchscript`` and ``budgetprune.export.to_onnx`` (default opset),
 and timed in three runtimes: eager PyTorch (``torch.no_grad``), the loaded TorchScript file, and
 an onnxruntime ``InferenceSession`` (CPU, ``intra_op_num_threads`` = ``--threads``), at batch 1
-and 16. Per model, runtime and batch the networks (unpruned, and four per budget) are timed in ``--rounds`` interleaved
-rounds (the order rotates every round); a round times each network ``repeats`` times (enough for
-the unpruned one to take ``--round-ms``) and keeps the median; the result is the median over
-rounds. Speedup is over the unpruned model in the same runtime and batch; speedup ÷ FLOP reduction
-uses each compacted network's own FLOPs (budgetprune's count at the timed input size).
+and 16. Per model, runtime and batch each pruned network is timed by turns with the unpruned
+one (``budgetprune.runtimes.paired_times``: one run of each per pair, ABBA order, ``--pairs``
+pairs or as many as take ``--pair-seconds``), so a machine that slows down slows both runs of a
+pair; its speedup is the inverse of the median of the pairs' time ratios (pruned ÷ unpruned), in
+the same runtime and batch. Speedup ÷ FLOP reduction uses each compacted network's own FLOPs
+(budgetprune's count at the timed input size).
 
     python benchmarks/deploy_speed.py                                      # every model, 2x and 4x
-    python benchmarks/deploy_speed.py --models resnet20 --budgets 2 --rounds 3   # smoke run, < 1 min
+    python benchmarks/deploy_speed.py --models resnet20 --budgets 2 --pairs 3   # smoke run, < 1 min
 
 Writes ``benchmarks/results/deploy_speed.{json,md,png}``; the exported files stay in ``--work``
 (default ``runs/deploy_speed``) for inspection, and the JSON counts the ONNX op types of each.
@@ -70,7 +71,7 @@ from budgetprune.blocks import GATHER_COST, gathered_positions  # noqa: E402
 from budgetprune.compact import compact  # noqa: E402
 from budgetprune.liveness import slot_sets  # noqa: E402
 from budgetprune.export import to_onnx, to_torchscript  # noqa: E402
-from budgetprune.runtimes import onnxruntime_session  # noqa: E402
+from budgetprune.runtimes import onnxruntime_session, paired_times  # noqa: E402
 
 #: Torchvision classification models (untrained, 10 classes, 3 × size × size) ...
 TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large"]
@@ -113,9 +114,10 @@ def arguments(argv) -> argparse.Namespace:
                    help="FLOP reduction factors (2 means flops=0.5)")
     p.add_argument("--runtimes", type=lambda t: name_list(t, RUNTIMES, "runtime(s)"), default=RUNTIMES)
     p.add_argument("--batches", type=lambda t: number_list(int, t, "batch sizes", 0), default=[1, 16])
-    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median over them)")
-    p.add_argument("--round-ms", type=float, default=60.0,
-                   help="a round runs each network enough times for the unpruned one to take this long")
+    p.add_argument("--pairs", type=int, default=7,
+                   help="paired runs (unpruned, pruned) per pruned network at least (median of their ratios)")
+    p.add_argument("--pair-seconds", type=float, default=1.0,
+                   help="more pairs while a network's pairs take less than this many seconds")
     p.add_argument("--quiet-busy", type=float, default=0.15,
                    help="measure while other processes use at most this share of all CPUs (see Quiet)")
     p.add_argument("--quiet-budget-min", type=float, default=12.0,
@@ -125,22 +127,22 @@ def arguments(argv) -> argparse.Namespace:
                    help="the pruning method that makes the masks (see the module docstring)")
     p.add_argument("--steps", type=int, default=4, help="AdamW steps of the pruner before finalize")
     p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
-    p.add_argument("--multiple", type=channel_multiple_arg, default=16,
+    p.add_argument("--multiple", type=channel_multiple_arg, default="auto",
                    help="channel multiple of the padded networks (onnxruntime's blocked CPU convolutions: 16 with "
-                        "AVX-512, 8 with AVX2), or auto: the library's default (multiples of 8 in feature maps of "
-                        "32 channels or more)")
+                        "AVX-512, 8 with AVX2), or auto: the library's default (multiples of 8 in feature maps "
+                        "that keep 32 channels or more)")
     p.add_argument("--work", default=str(HERE.parent / "runs" / "deploy_speed"), help="exported files go here")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
-    for flag in ("rounds", "size", "threads"):
+    for flag in ("pairs", "size", "threads"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1, not {getattr(args, flag)}")
     if args.steps < 0:
         p.error(f"--steps must be 0 or more, not {args.steps}")
     if not 0 < args.quiet_busy <= 1 or args.quiet_budget_min < 0:
         p.error("--quiet-busy must be in (0, 1] and --quiet-budget-min 0 or more")
-    if args.round_ms <= 0:
-        p.error(f"--round-ms must be above 0, not {args.round_ms:g}")
+    if args.pair_seconds < 0:
+        p.error(f"--pair-seconds must be 0 or more, not {args.pair_seconds:g}")
     if args.size < 32 and any(m in TORCHVISION for m in args.models):
         p.error(f"--size {args.size} is too small for the torchvision models (32 or more)")
     return args
@@ -265,33 +267,25 @@ def runners(runtime: str, nets: dict, folder: Path, x: torch.Tensor, threads: in
     return out
 
 
-def interleaved(fns: dict, rounds: int, round_seconds: float, quiet: Quiet, bar) -> tuple[dict, dict, int]:
-    """({name: [median seconds of each round]}, {name: [others' CPU share in each]}, repeats per
-    round), the order rotating every round."""
+def paired(fns: dict, pairs: int, seconds: float, quiet: Quiet, bar) -> dict:
+    """Per pruned network (every key of ``fns`` after the first, the unpruned one): its runs and
+    the unpruned network's, by turns (:func:`budgetprune.runtimes.paired_times`), after the
+    machine is quiet (and again, up to twice, if it was not meanwhile)."""
     names = list(fns)
+    base = names[0]
     for fn in fns.values():  # warm-up: TorchScript's profiling executor optimizes on the first calls
         for _ in range(3):
             fn()
-    calls = []
-    for _ in range(3):  # the unpruned network comes first; the fastest of 3 calls, as contention only adds
-        quiet.wait()
-        t0 = time.perf_counter()
-        fns[names[0]]()
-        calls.append(time.perf_counter() - t0)
-        if calls[-1] > round_seconds:
-            break
-    repeats = max(1, min(200, round(round_seconds / max(min(calls), 1e-6))))
-    times = {name: [] for name in names}
-    shares = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            if repeats > 1:
-                fns[name]()  # caches warm for this network (a run of ≥ round_seconds needs none)
-            seconds, share, _ = quiet.measure(fns[name], repeats)
-            times[name].append(seconds)
-            shares[name].append(share)
+    out = {}
+    for name in names[1:]:
+        (a, b), share, _ = quiet.run(lambda: paired_times(fns[base], fns[name], repeats=pairs, min_seconds=seconds,
+                                                          warmup=1))
+        ratios = [y / x for x, y in zip(a, b)]
+        out[name] = {"unpruned_ms": [1e3 * t for t in a], "ms": [1e3 * t for t in b], "ratio": statistics.median(ratios),
+                     "ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3,
+                     "others_cpu_share": share}
         bar.update(1)
-    return times, shares, repeats
+    return out
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -323,18 +317,19 @@ def measure_model(name: str, args, models_module, quiet: Quiet, bar) -> dict:
             with torch.no_grad():
                 fns = runners(runtime, nets, folder, x, args.threads)
                 load_before, t0, waited = os.getloadavg()[0], time.perf_counter(), quiet.waited
-                times, shares, repeats = interleaved(fns, args.rounds, args.round_ms / 1e3, quiet, bar)
+                runs = paired(fns, args.pairs, args.pair_seconds, quiet, bar)
             del fns
-            latency.append({"runtime": runtime, "batch": batch, "repeats_per_round": repeats,
+            unpruned_ms = [t for r in runs.values() for t in r["unpruned_ms"]]
+            latency.append({"runtime": runtime, "batch": batch,
                             "seconds": time.perf_counter() - t0, "waited_for_quiet_seconds": quiet.waited - waited,
                             "load_average_1min": [load_before, os.getloadavg()[0]],
-                            "others_cpu_share_per_round": shares,
-                            "ms": {k: 1e3 * statistics.median(t) for k, t in times.items()},
-                            "ms_min_over_rounds": {k: 1e3 * min(t) for k, t in times.items()},
-                            "ms_quartiles_over_rounds": {k: [1e3 * q for q in statistics.quantiles(t, n=4)]
-                                                         if len(t) > 1 else [1e3 * t[0]] * 3
-                                                         for k, t in times.items()},
-                            "round_ms": {k: [1e3 * s for s in t] for k, t in times.items()}})
+                            "ms": {"unpruned": statistics.median(unpruned_ms),
+                                   **{k: statistics.median(r["ms"]) for k, r in runs.items()}},
+                            "speedup": {k: 1.0 / r["ratio"] for k, r in runs.items()},
+                            "pairs": {k: len(r["ms"]) for k, r in runs.items()},
+                            "ratio_quartiles": {k: r["ratio_quartiles"] for k, r in runs.items()},
+                            "others_cpu_share": {k: r["others_cpu_share"] for k, r in runs.items()},
+                            "runs_ms": {k: {"unpruned": r["unpruned_ms"], "pruned": r["ms"]} for k, r in runs.items()}})
             gc.collect()
     seconds["end"] = time.perf_counter()
     marks = list(seconds.values())
@@ -358,11 +353,11 @@ def rows_of(result: dict) -> list[dict]:
                          "speedup_over_flop_reduction": 1.0})
             for b in m["budgets"]:
                 for mode in NETWORKS:
-                    ms = lat["ms"][f"{b['factor']:g}x/{mode}"]
-                    red = b[mode]["flop_reduction"]
+                    key = f"{b['factor']:g}x/{mode}"
+                    red, speedup = b[mode]["flop_reduction"], lat["speedup"][key]
                     rows.append({"model": m["model"], "budget": b["factor"], "runtime": lat["runtime"],
-                                 "batch": lat["batch"], "block": mode, "ms": ms, "flop_reduction": red,
-                                 "speedup": base / ms, "speedup_over_flop_reduction": base / ms / red})
+                                 "batch": lat["batch"], "block": mode, "ms": lat["ms"][key], "flop_reduction": red,
+                                 "speedup": speedup, "speedup_over_flop_reduction": speedup / red})
     return rows
 
 
@@ -370,7 +365,8 @@ def implied_gamma(result: dict) -> list[dict]:
     """Per (model, budget, runtime, batch): the gather cost γ (MACs per gathered channel and
     position) that the same-mask mixed and regular networks' times imply, with time ∝ MACs at the
     unpruned network's rate: γ = ((t_mixed − t_regular) / t_unpruned · F_unpruned − (F_mixed −
-    F_regular)) / gathered positions, FLOPs F per example."""
+    F_regular)) / gathered positions, FLOPs F per example, each t / t_unpruned the inverse of
+    the network's paired speedup."""
     out = []
     for m in result["models"]:
         if "error" in m:
@@ -380,8 +376,8 @@ def implied_gamma(result: dict) -> list[dict]:
                 gathered = b["mixed"].get("gathered_positions", 0)
                 if not gathered:
                     continue
-                t = {k: lat["ms"][f"{b['factor']:g}x/{k}"] for k in ("mixed", "regular")}
-                extra = (t["mixed"] - t["regular"]) / lat["ms"]["unpruned"] * m["unpruned_flops"]
+                t = {k: 1.0 / lat["speedup"][f"{b['factor']:g}x/{k}"] for k in ("mixed", "regular")}
+                extra = (t["mixed"] - t["regular"]) * m["unpruned_flops"]
                 out.append({"model": m["model"], "budget": b["factor"], "runtime": lat["runtime"], "batch": lat["batch"],
                             "gamma": (extra - (b["mixed"]["flops"] - b["regular"]["flops"])) / gathered})
     return out
@@ -422,10 +418,10 @@ def main(argv=None) -> int:
     command = "python benchmarks/deploy_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     models_module = import_torchvision() if any(m in TORCHVISION for m in args.models) else None
     start = time.perf_counter()
-    ticks = len(args.models) * len(args.runtimes) * len(args.batches) * args.rounds
+    ticks = len(args.models) * len(args.runtimes) * len(args.batches) * len(NETWORKS) * len(args.budgets)
     results = []
     quiet = Quiet(args.quiet_busy, 60 * args.quiet_budget_min)
-    with tqdm(total=ticks, unit="round", dynamic_ncols=True) as bar:
+    with tqdm(total=ticks, unit="network", dynamic_ncols=True) as bar:
         for name in args.models:
             try:
                 results.append(measure_model(name, args, models_module, quiet, bar))
@@ -469,9 +465,10 @@ def markdown(r: dict) -> str:
              f"exporter). onnxruntime {env['onnxruntime']} CPU with intra_op_num_threads={s['threads']}, "
              f"inter_op_num_threads=1, idle threads not spinning (a spinning pool of one session slows the next "
              f"session timed); torch {env['torch']} with {env['torch_threads']} threads. Timing: per model, "
-             f"runtime and batch the {1 + len(NETWORKS) * len(s['budgets'])} networks in {s['rounds']} interleaved rounds (order rotating), each round "
-             "the median of as many runs as make the unpruned network take "
-             f"{s['round_ms']:g} ms (at least 1); the table gives the median over rounds. "
+             f"runtime and batch each of the {len(NETWORKS) * len(s['budgets'])} pruned networks runs by turns with "
+             f"the unpruned one (one run each per pair, ABBA order), {s['pairs']} pairs or as many as take "
+             f"{s['pair_seconds']:g} s; its speedup is the inverse of the median of its pairs' time ratios, and "
+             "ms is its median run (the unpruned row: the median of all its runs). "
              f"**The machine may be shared**: its {env['cpu_count']} CPU cores ({env['cpu']}) may run other "
              "processes, which stall every parallel region of a 2-thread run (resnet20 at batch 1 took 670 ms "
              "instead of 2 ms beside another test suite). So each measurement first "
@@ -479,8 +476,8 @@ def markdown(r: dict) -> str:
              "repeated, up to twice, when they used more meanwhile; the run waited "
              f"{r['waited_for_quiet_seconds'] / 60:.1f} min in all (at most {s['quiet_budget_min']:g}), and "
              f"{quiet_share(r)} measurements ran with the others "
-             "under that share. Absolute times stay noisier than on a quiet machine; the interleaving keeps "
-             "the ratios between networks of one model fair. Speedup: over the unpruned model in the same runtime "
+             "under that share. Absolute times stay noisier than on a quiet machine; the pairing keeps "
+             "the ratios fair, as a slowdown slows both runs of a pair. Speedup: over the unpruned model in the same runtime "
              "and batch. FLOP red.: the compacted network's own FLOP reduction (budgetprune's count; a regular "
              "block keeps the union of the channels of the tensors it adds, so it may keep more FLOPs than the "
              f"budget). git {env['git_commit']}"
@@ -563,7 +560,7 @@ def markdown(r: dict) -> str:
 def quiet_share(r: dict) -> str:
     """'N of M': the measurements during which the other processes stayed under --quiet-busy."""
     shares = [v for m in r["models"] if "error" not in m for lat in m["latency"]
-              for per_round in lat["others_cpu_share_per_round"].values() for v in per_round]
+              for v in lat["others_cpu_share"].values()]
     return f"{sum(v <= r['settings']['quiet_busy'] for v in shares)} of {len(shares)}"
 
 

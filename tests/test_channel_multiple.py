@@ -11,7 +11,9 @@ and replays its plan with the padded widths.
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -242,30 +244,45 @@ def test_cli_run_with_padded_widths(tmp_path, capsys):
 
 
 def test_padding_targets_by_hand():
-    """Multiples of 8 in feature maps of 32 channels or more (``channel_multiple="auto"``), hand-worked."""
+    """Multiples of 8 in feature maps that keep 32 channels or more (``channel_multiple="auto"``),
+    hand-worked."""
     auto = auto_padding()
-    assert tuple(auto) == (8, 32, 2)
-    assert auto.target(13, 64, 49) == 16 and auto.target(16, 64, 49) == 16 and auto.target(63, 64, 49) == 64
+    assert tuple(auto) == (8, 0, 2, 32)
+    assert auto.target(33, 64, 49) == 40 and auto.target(32, 64, 49) == 32 and auto.target(63, 64, 49) == 64
     assert auto.target(33, 36, 4) == 36  # capped at the full width
     assert auto.target(0, 64, 49) == 0  # a dead tensor stays dead
-    assert auto.target(5, 16, 49) == 5 and auto.target(3, 31, 49) == 3 and auto.target(3, 32, 49) == 8  # narrow: exact
-    assert auto.target(13, 120, 1) == 13  # (batch, features): exact
+    assert auto.target(31, 64, 49) == 31 and auto.target(13, 64, 49) == 13 and auto.target(5, 16, 49) == 5  # few kept
+    assert auto.target(41, 120, 1) == 41  # (batch, features): exact
     assert Padding(16).target(5, 16) == 16 and Padding(16).target(1, 6) == 6  # an explicit multiple pads all
+    assert Padding(8, 32).target(3, 32, 49) == 8 and Padding(8, 32).target(3, 31, 49) == 3  # by full width
     assert Padding().target(13, 64, 49) == 13
-    assert auto.describe() == "widths padded to multiples of 8 (tensors under 32 channels or of (batch, features) exact)"
+    assert auto.describe() == ("widths padded to multiples of 8 (tensors keeping under 32 channels or of (batch, "
+                               "features) exact)")
     assert Padding().describe() == "exact widths"
+    # the padded count never falls as more channels are kept (the projection and the fill rely on it)
+    for padding in (auto, Padding(8, 32, 2), Padding(16)):
+        counts = [padding.target(k, 100, 49) for k in range(101)]
+        assert counts == sorted(counts) and all(c >= k for k, c in enumerate(counts))
+    for bad in (dict(multiple=0), dict(min_width=-1), dict(min_area=0), dict(min_kept=2.0)):
+        with pytest.raises(ValueError):
+            Padding(**bad)
+    mode = BlockMode("auto", auto, gather_cost=5.0, mixed=frozenset({"x"}))
+    for again in (copy.deepcopy(mode), pickle.loads(pickle.dumps(mode))):
+        assert again == "auto" and again.padding() == auto and isinstance(again.padding(), Padding)
+        assert (again.gather_cost, again.mixed) == (5.0, {"x"})
 
 
 @pytest.mark.parametrize("kind", ["regular", "mixed"])
 @pytest.mark.parametrize("name", ["resnet20", "wrn"])
 def test_auto_padding_pads_wide_tensors_and_leaves_narrow_ones_exact(name, kind):
-    """resnet20's 16-channel stage keeps its exact widths, its 32- and 64-channel stages pad to
-    multiples of 8; the compacted network still computes the gated one."""
+    """Tensors that keep fewer than 32 channels (all of resnet20's 16-channel stage among them)
+    keep their exact widths, the others pad to multiples of 8; the compacted network still
+    computes the gated one."""
     model, graph = make_model(name)
     bar = attach_random(model, graph, seed=5)
     masks = bar.keep_masks()
     padding = auto_padding()
-    mode = BlockMode(kind, padding.multiple, min_width=padding.min_width, min_area=padding.min_area)
+    mode = BlockMode(kind, padding)
     exact, padded = slot_sets(graph, masks, kind), slot_sets(graph, masks, mode)
     tied = _tied(graph)
     area = {}  # a space is padded alike, by its largest map (a pooled map keeps the set of the map it pools)
@@ -275,7 +292,7 @@ def test_auto_padding_pads_wide_tensors_and_leaves_narrow_ones_exact(name, kind)
     for t, s in padded.items():
         n, full, before = int(s.sum()), s.numel(), int(exact[t].sum())
         assert bool((s | exact[t]).eq(s).all()), t
-        if full < 32 or area[graph.spaces[t]] < 2 or t in tied:
+        if before < 32 or area[graph.spaces[t]] < 2 or t in tied:
             assert torch.equal(s, exact[t]), t
             narrow_unaligned += n % 8 != 0
         else:
@@ -292,9 +309,10 @@ def test_pruner_with_auto_padding_pads_feature_maps_and_its_plan_replays(tmp_pat
     model, reference = budgetprune.create_model("resnet20"), budgetprune.create_model("resnet20")
     reference.load_state_dict(model.state_dict())
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    assert budgetprune.Pruner(budgetprune.create_model("resnet20"), x, "flops=0.4", total_steps=3).block.multiple == 1
-    pruner = budgetprune.Pruner(model, x, "flops=0.4", total_steps=3, method="magnitude", channel_multiple="auto")
-    assert (pruner.block.multiple, pruner.block.min_width, pruner.block.min_area) == (8, 32, 2)
+    exact = budgetprune.Pruner(budgetprune.create_model("resnet20"), x, "flops=0.4", total_steps=3, channel_multiple=1)
+    assert exact.block.multiple == 1
+    pruner = budgetprune.Pruner(model, x, "flops=0.4", total_steps=3, method="magnitude")  # auto by default
+    assert pruner.block.padding() == auto_padding() == (8, 0, 2, 32)
     optimizer = torch.optim.SGD(pruner.parameters(lr=0.01), lr=0.01)
     pruning_steps(model, pruner, optimizer, [(x, y)] * 3)
     small, report = pruner.finalize(x)
@@ -302,23 +320,52 @@ def test_pruner_with_auto_padding_pads_feature_maps_and_its_plan_replays(tmp_pat
     counted = budgetprune.ChannelGraph.build(small, x[:1])
     assert CostModel(counted, "flops").full() == pytest.approx(report["pruned"]["flops"], rel=1e-9)
     originals = dict(reference.named_modules())
-    for layer, conv in small.named_modules():
-        if isinstance(conv, nn.Conv2d) and originals[layer].out_channels >= 32:
-            assert _aligned(conv.out_channels, originals[layer].out_channels, 8), layer
+    widths = [(conv.out_channels, originals[layer].out_channels) for layer, conv in small.named_modules()
+              if isinstance(conv, nn.Conv2d)]
+    assert all(_aligned(n, full, 8) for n, full in widths if n >= 32)
+    assert any(n % 8 for n, _ in widths)  # some keep fewer than 32 channels, at exact widths
     plan = small.budgetprune_plan
-    assert (plan["channel_multiple"], plan["pad_min_width"], plan["pad_min_area"], plan["version"]) == (8, 32, 2, 2)
+    assert (plan["channel_multiple"], plan["pad_min_area"], plan["pad_min_kept"], plan["version"]) == (8, 2, 32, 3)
+    assert "pad_min_width" not in plan
     again = replay(plan, reference, small.state_dict())
     with torch.no_grad():
         assert torch.allclose(again(x), small(x), atol=1e-6)
 
 
-@pytest.mark.parametrize("bad", [-1, 2.5, "32", True])
-def test_plan_with_a_bad_narrowest_padded_width_is_refused(bad):
-    plan = {"format": "budgetprune-plan", "version": 2, "granularity": "channel", "block": "regular",
-            "channel_multiple": 8, "pad_min_width": bad, "gate_inputs": False, "input_shape": [1, 28, 28],
+@pytest.mark.parametrize("field, what, bad", [
+    ("pad_min_width", "narrowest padded width", -1), ("pad_min_width", "narrowest padded width", 2.5),
+    ("pad_min_width", "narrowest padded width", "32"), ("pad_min_width", "narrowest padded width", True),
+    ("pad_min_area", "fewest positions", 0), ("pad_min_kept", "fewest kept channels", -1),
+    ("pad_min_kept", "fewest kept channels", "32")])
+def test_plan_with_a_bad_padding_floor_is_refused(field, what, bad):
+    plan = {"format": "budgetprune-plan", "version": 3, "granularity": "channel", "block": "regular",
+            "channel_multiple": 8, field: bad, "gate_inputs": False, "input_shape": [1, 28, 28],
             "groups": {"a": 4}, "kept": {"a": [0, 1]}}
-    with pytest.raises(CheckpointError, match="narrowest padded width"):
+    with pytest.raises(CheckpointError, match=what):
         check_plan(plan)
+
+
+@pytest.mark.parametrize("padding, version", [(Padding(8), 1), (Padding(8, 32, 2), 2), (auto_padding(), 3)])
+def test_a_plan_is_written_at_the_lowest_version_that_reads_it_and_replays(padding, version):
+    """A plan padded by the full width (as written before kept counts set the floor) still
+    replays to the same network, and a plan names only the floors its padding has."""
+    from budgetprune.compact import compact
+    from budgetprune.plan import make_plan
+
+    gated, gated_graph = make_model("resnet20")
+    masks = attach_random(gated, gated_graph, seed=4).keep_masks()
+    model, graph = make_model("resnet20")  # a plain one, as the user passes it
+    mode = BlockMode("regular", padding)
+    net = compact(model, graph, masks, mode=mode)
+    plan = json.loads(json.dumps(make_plan(graph, masks, block=mode, granularity="channel", gate_inputs=False)))
+    assert plan["version"] == version
+    assert [k for k in ("pad_min_width", "pad_min_area", "pad_min_kept") if k in plan] == \
+        [k for k, v, absent in zip(("pad_min_width", "pad_min_area", "pad_min_kept"), padding[1:], (0, 1, 0))
+         if v != absent]
+    again = replay(plan, model, net.state_dict())
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(again(x), net.eval()(x))
 
 
 def test_cli_channel_multiple_takes_auto_or_a_positive_number(tmp_path, capsys):
@@ -336,14 +383,6 @@ def test_cli_channel_multiple_takes_auto_or_a_positive_number(tmp_path, capsys):
         assert code == 2 and f"'{bad}' is not 'auto' or a positive whole number" in err and "Traceback" not in err
 
 
-def test_plan_with_a_bad_fewest_padded_positions_is_refused():
-    plan = {"format": "budgetprune-plan", "version": 2, "granularity": "channel", "block": "regular",
-            "channel_multiple": 8, "pad_min_area": 0, "gate_inputs": False, "input_shape": [1, 28, 28],
-            "groups": {"a": 4}, "kept": {"a": [0, 1]}}
-    with pytest.raises(CheckpointError, match="fewest positions"):
-        check_plan(plan)
-
-
 def test_auto_padding_leaves_a_fully_connected_network_exact():
     """LeNet-300-100's layers work on (batch, features) tensors: the auto padding leaves every
     width exact, where a multiple of 8 for every tensor would not."""
@@ -351,7 +390,7 @@ def test_auto_padding_leaves_a_fully_connected_network_exact():
     bar = attach_random(model, graph, seed=2)
     masks = bar.keep_masks()
     padding = auto_padding()
-    mode = BlockMode("regular", padding.multiple, min_width=padding.min_width, min_area=padding.min_area)
+    mode = BlockMode("regular", padding)
     exact, padded = slot_sets(graph, masks, "regular"), slot_sets(graph, masks, mode)
     assert all(torch.equal(padded[t], exact[t]) for t in exact)
     assert any(int(s.sum()) % 8 for s in exact.values())  # widths a padding would have changed

@@ -55,9 +55,7 @@ GATHER_COST = {"eager": 80.0, "torchscript": 65.0, "onnxruntime": 1000.0}
 def auto_mode(runtime: str = "eager", multiple: int | Padding = 1, gather_cost: float | None = None) -> BlockMode:
     """The ``"auto"`` block mode for ``runtime`` (its :data:`GATHER_COST` unless ``gather_cost``
     is given), its widths padded to ``multiple`` (an int, or a :class:`~budgetprune.liveness.Padding`)."""
-    padding = multiple if isinstance(multiple, Padding) else Padding(multiple)
-    return BlockMode("auto", padding.multiple, GATHER_COST[runtime] if gather_cost is None else gather_cost,
-                     min_width=padding.min_width, min_area=padding.min_area)
+    return BlockMode("auto", multiple, GATHER_COST[runtime] if gather_cost is None else gather_cost)
 
 
 def as_mode(mode: str) -> BlockMode:

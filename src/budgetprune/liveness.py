@@ -17,14 +17,15 @@ away disappears as a whole (automatic depth determination, seed 001 section 4.1)
   alive slots), as a regular ResBlock needs; the extra channels are computed as zeros;
 * ``"auto"``: per residual space, mixed or regular, whichever is cheaper to run
   (:mod:`budgetprune.blocks` chooses; the mode then carries the spaces it keeps mixed);
-* ``BlockMode(kind, multiple=m)``: the same, with every width padded up to a multiple of
+* ``BlockMode(kind, Padding(m, ...))``: the same, with every width padded up to a multiple of
   ``m`` (or to the full width) by more zero channels, for the runtimes whose fast kernels need
   aligned widths (onnxruntime's blocked convolutions on CPU: 8 or 16 channels). Regular
   spaces pad their one set; in mixed spaces each tensor pads its own, and a sum keeps what its
-  operands keep. With ``min_width=w`` a tensor narrower than ``w`` channels keeps exact widths,
-  with ``min_area=a`` one of fewer than ``a`` positions (a (batch, features) tensor has one)
-  does (``channel_multiple="auto"``, :func:`auto_padding`: multiples of 8 in feature maps and
-  token tensors of 32 channels or more).
+  operands keep. A :class:`Padding` can leave tensors exact: those narrower than ``min_width``
+  channels, with fewer than ``min_area`` positions (a (batch, features) tensor has one), or that
+  keep fewer than ``min_kept`` channels (``channel_multiple="auto"``, the default,
+  :func:`auto_padding`: multiples of 8 in feature maps and token tensors that keep 32 channels
+  or more).
 """
 
 from __future__ import annotations
@@ -37,88 +38,94 @@ from .graph import ADD_FUNCTIONS, MUL_FUNCTIONS, ChannelGraph, TensorInfo
 
 MODES = ("mixed", "regular", "auto")
 
-#: The padding ``channel_multiple="auto"`` asks for: feature maps and token tensors (more than
-#: one position) at least :data:`AUTO_MIN_WIDTH` channels wide are padded to multiples of
-#: :data:`AUTO_MULTIPLE`; narrower ones and (batch, features) tensors stay exact. onnxruntime's CPU
-#: convolutions block channels by 8 (AVX2) or 16 (AVX-512), and a network with unaligned widths
-#: can run slower than the unpruned one (resnet20 and mobilenet_v2 at 2× fewer FLOPs, exact widths,
-#: ran at 0.73× and 0.84× of it in onnxruntime at batch 16; padded this way at 1.64× and 1.92×:
-#: ``benchmarks/results/deploy_speed_auto``); a layer of 16 channels would lose most of its choices
-#: to a multiple of 8, and a fully connected layer over (batch, features) gains little from it. It is not the
-#: default: a step of 8 channels can be too coarse to end on the budget (two short LeNet-5 runs of
-#: the tests, ``test_peer_accuracy`` at 8× fewer FLOPs and ``test_methods``' two-budget run, its
-#: 50-channel conv padded, ended at 0.87 and 0.93 of their FLOP budget instead of within [0.95, 1]).
+#: The padding ``channel_multiple="auto"`` (the default) asks for: feature maps and token tensors
+#: (more than one position) that keep at least :data:`AUTO_MIN_KEPT` channels are padded to
+#: multiples of :data:`AUTO_MULTIPLE`; those that keep fewer and (batch, features) tensors stay
+#: exact. onnxruntime's CPU convolutions block channels by 8 (AVX2) or 16 (AVX-512), and a network
+#: with unaligned widths can run slower than the unpruned one (resnet20 and mobilenet_v2 at 2× fewer
+#: FLOPs, exact widths, ran at 0.73× and 0.84× of it in onnxruntime at batch 16; padded at 1.64× and
+#: 1.92×: ``benchmarks/results/deploy_speed_auto``). Below 32 kept channels a step of 8 is a quarter
+#: of the layer or more: too coarse to end on the budget (LeNet-5's 50-channel conv padded whenever
+#: it was 32 channels wide or more left two short test runs at 0.87 and 0.93 of their FLOP budget
+#: instead of within [0.95, 1]: it kept 24), and a fully connected layer over (batch, features)
+#: gains little from it.
 AUTO_MULTIPLE = 8
-AUTO_MIN_WIDTH = 32
+AUTO_MIN_KEPT = 32
 AUTO_MIN_AREA = 2
 
 
 class BlockMode(str):
-    """A block mode (``"mixed"``, ``"regular"`` or ``"auto"``) whose kept widths are padded to a
-    multiple.
+    """A block mode (``"mixed"``, ``"regular"`` or ``"auto"``) whose kept widths are padded as a
+    :class:`Padding` asks.
 
-    It is the plain string everywhere a mode is compared or stored, and carries ``multiple``
-    (1: no padding) to :func:`slot_sets`, so the costs, the projection and the compaction that
-    take a mode all count and build the same padded widths. An ``"auto"`` mode also carries
+    It is the plain string everywhere a mode is compared or stored, and carries its padding
+    (``multiple`` 1: none) to :func:`slot_sets`, so the costs, the projection and the compaction
+    that take a mode all count and build the same padded widths. An ``"auto"`` mode also carries
     ``gather_cost`` (what a mixed sum costs to run, in multiply-adds per channel of its result
     at each position: :mod:`budgetprune.blocks`) and, once chosen for given masks, ``mixed``:
     the spaces (:attr:`budgetprune.graph.ChannelGraph.spaces` keys) kept mixed."""
 
-    multiple: int
-    min_width: int
-    min_area: int
     gather_cost: float
     mixed: frozenset[str] | None
 
-    def __new__(cls, kind: str, multiple: int = 1, gather_cost: float = 0.0,
-                mixed: frozenset[str] | None = None, min_width: int = 0, min_area: int = 1) -> "BlockMode":
+    def __new__(cls, kind: str, padding: "int | Padding" = 1, gather_cost: float = 0.0,
+                mixed: frozenset[str] | None = None) -> "BlockMode":
         if kind not in MODES:
             raise ValueError(f"unknown block mode '{kind}': choose one of {', '.join(MODES)}")
+        if not isinstance(padding, Padding):
+            padding = Padding(padding)
+        if not (isinstance(gather_cost, (int, float)) and 0.0 <= gather_cost < float("inf")):
+            raise ValueError(f"the gather cost must be a non-negative number, got {gather_cost!r}")
+        if mixed is not None and kind != "auto":
+            raise ValueError("only an auto block mode names the spaces it keeps mixed")
+        mode = super().__new__(cls, kind)
+        mode._padding, mode.gather_cost = padding, float(gather_cost)
+        mode.mixed = frozenset(mixed) if mixed is not None else None
+        return mode
+
+    @property
+    def multiple(self) -> int:
+        return self._padding.multiple
+
+    def padding(self) -> "Padding":
+        return self._padding
+
+    def chosen(self, mixed: frozenset[str]) -> "BlockMode":
+        """This auto mode with its mixed spaces chosen."""
+        return BlockMode(str(self), self._padding, self.gather_cost, mixed)
+
+    def exact(self) -> "BlockMode":
+        """The same mode without padding."""
+        return BlockMode(str(self), 1, self.gather_cost, self.mixed)
+
+    def __reduce__(self):
+        return BlockMode, (str(self), self._padding, self.gather_cost, self.mixed)
+
+    def __repr__(self) -> str:
+        extra = f", gather_cost={self.gather_cost:g}" if str(self) == "auto" else ""
+        extra += f", mixed={sorted(self.mixed)}" if self.mixed is not None else ""
+        return f"BlockMode({str(self)!r}, {self._padding!r}{extra})"
+
+
+class Padding(tuple):
+    """``(multiple, min_width, min_area, min_kept)``: kept widths padded up to a multiple of
+    ``multiple`` (or to the full width) in tensors at least ``min_width`` channels wide with at
+    least ``min_area`` positions (H·W of a feature map, tokens of a token tensor, 1 for (batch,
+    features)) that keep at least ``min_kept`` channels. Every other tensor keeps its exact width."""
+
+    def __new__(cls, multiple: int = 1, min_width: int = 0, min_area: int = 1, min_kept: int = 0) -> "Padding":
         if type(multiple) is not int or multiple < 1:
             raise ValueError(f"the channel multiple must be a positive int, got {multiple!r}")
         if type(min_width) is not int or min_width < 0:
             raise ValueError(f"the narrowest padded width must be a non-negative int, got {min_width!r}")
         if type(min_area) is not int or min_area < 1:
             raise ValueError(f"the fewest positions of a padded tensor must be a positive int, got {min_area!r}")
-        if not (isinstance(gather_cost, (int, float)) and 0.0 <= gather_cost < float("inf")):
-            raise ValueError(f"the gather cost must be a non-negative number, got {gather_cost!r}")
-        if mixed is not None and kind != "auto":
-            raise ValueError("only an auto block mode names the spaces it keeps mixed")
-        mode = super().__new__(cls, kind)
-        mode.multiple, mode.gather_cost, mode.min_width, mode.min_area = multiple, float(gather_cost), min_width, \
-            min_area
-        mode.mixed = frozenset(mixed) if mixed is not None else None
-        return mode
+        if type(min_kept) is not int or min_kept < 0:
+            raise ValueError(f"the fewest kept channels of a padded tensor must be a non-negative int, got {min_kept!r}")
+        return super().__new__(cls, (multiple, min_width, min_area, min_kept))
 
-    def chosen(self, mixed: frozenset[str]) -> "BlockMode":
-        """This auto mode with its mixed spaces chosen."""
-        return BlockMode(str(self), self.multiple, self.gather_cost, mixed, self.min_width, self.min_area)
-
-    def exact(self) -> "BlockMode":
-        """The same mode without padding."""
-        return BlockMode(str(self), 1, self.gather_cost, self.mixed)
-
-    def padding(self) -> "Padding":
-        return Padding(self.multiple, self.min_width, self.min_area)
-
-    def __reduce__(self):
-        return BlockMode, (str(self), self.multiple, self.gather_cost, self.mixed, self.min_width, self.min_area)
-
-    def __repr__(self) -> str:
-        extra = f", gather_cost={self.gather_cost:g}" if str(self) == "auto" else ""
-        extra += f", mixed={sorted(self.mixed)}" if self.mixed is not None else ""
-        extra += f", min_width={self.min_width}" if self.min_width else ""
-        extra += f", min_area={self.min_area}" if self.min_area > 1 else ""
-        return f"BlockMode({str(self)!r}, multiple={self.multiple}{extra})"
-
-
-class Padding(tuple):
-    """``(multiple, min_width, min_area)``: kept widths padded up to a multiple of ``multiple``
-    (or to the full width) in tensors at least ``min_width`` channels wide with at least
-    ``min_area`` positions (H·W of a feature map, tokens of a token tensor, 1 for (batch, features))."""
-
-    def __new__(cls, multiple: int = 1, min_width: int = 0, min_area: int = 1) -> "Padding":
-        return super().__new__(cls, (multiple, min_width, min_area))
+    def __getnewargs__(self) -> tuple:  # copies and pickles rebuild it from its four fields
+        return tuple(self)
 
     @property
     def multiple(self) -> int:
@@ -132,10 +139,14 @@ class Padding(tuple):
     def min_area(self) -> int:
         return self[2]
 
+    @property
+    def min_kept(self) -> int:
+        return self[3]
+
     def target(self, kept: int, width: int, area: int = 1) -> int:
         """The padded count of ``kept`` channels of a ``width``-channel tensor of ``area``
         positions (0 stays 0)."""
-        if kept == 0 or width < self.min_width or area < self.min_area:
+        if kept == 0 or kept < self.min_kept or width < self.min_width or area < self.min_area:
             return kept
         return min(-(-kept // self.multiple) * self.multiple, width)
 
@@ -143,14 +154,18 @@ class Padding(tuple):
         if self.multiple == 1:
             return "exact widths"
         exact = ([f"under {self.min_width} channels"] if self.min_width else []) + \
+            ([f"keeping under {self.min_kept} channels"] if self.min_kept else []) + \
             (["of (batch, features)"] if self.min_area == 2 else [f"of under {self.min_area} positions"]
              if self.min_area > 2 else [])
         return f"widths padded to multiples of {self.multiple}" + \
             (f" (tensors {' or '.join(exact)} exact)" if exact else "")
 
+    def __repr__(self) -> str:
+        return f"Padding{tuple(self)!r}"
+
 
 def auto_padding() -> Padding:
-    return Padding(AUTO_MULTIPLE, AUTO_MIN_WIDTH, AUTO_MIN_AREA)
+    return Padding(AUTO_MULTIPLE, min_area=AUTO_MIN_AREA, min_kept=AUTO_MIN_KEPT)
 
 
 def padding_of(mode: str) -> Padding:

@@ -115,7 +115,7 @@ class PruneConfig:
     gate_sample: str = "example"  # stochastic gates sampled per example, or per batch (folded into the host's weights)
     fill_budget: bool = True  # reopen closed channels (zero outgoing weights) while the budget holds
     block: str = "auto"  # residual sums of the compacted net: "auto" (per sum, the faster), "mixed" or "regular"
-    channel_multiple: int | str = 1  # widths padded to a multiple (1: exact; auto: 8 in maps of 32 channels up)
+    channel_multiple: int | str = "auto"  # widths padded to a multiple (1: exact; auto: 8 where a map keeps 32 channels up)
     deploy_runtime: str | None = None  # where the result runs (auto blocks weigh gathers there; its speed is timed
     # there): eager, torchscript, onnxruntime, none
     teacher: str | None = None
@@ -729,7 +729,7 @@ class PruneRun:
                                    "pruned": pruned[b.metric], "ratio": pruned[b.metric] / (b.fraction * self.full[b.metric])}
                         for b in self.budgets},
             "full": self.full, "pruned": pruned, "block": cfg.block, "channel_multiple": cfg.channel_multiple,
-            "padding": list(check_channel_multiple(cfg.channel_multiple)),  # [multiple, min width, min positions]
+            "padding": list(check_channel_multiple(cfg.channel_multiple)),  # [multiple, min width, min positions, min kept]
             "mixed_spaces": (info.get("plan") or {}).get("mixed_spaces", []),  # auto: the residual spaces kept mixed
             "pruned_by_block": info.get("pruned_by_block", {cfg.block: pruned}),
             "reduction_factor": {k: self.full[k] / pruned[k] for k in self.full},

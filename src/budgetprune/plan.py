@@ -21,10 +21,17 @@ from .compact import compact
 from .errors import CheckpointError
 from .graph import ChannelGraph
 from .graphio import check_state_shapes
-from .liveness import BlockMode, padding_of
+from .liveness import BlockMode, Padding, padding_of
 
 FORMAT = "budgetprune-plan"
-VERSION = 2  # 2: some tensors may keep exact widths (pad_min_width, pad_min_area)
+#: 2: some tensors may keep exact widths (pad_min_width, pad_min_area); 3: also those that keep
+#: few channels (pad_min_kept). A plan is written at the lowest version that reads it.
+VERSION = 3
+
+#: The plan fields of a :class:`~budgetprune.liveness.Padding` after its multiple: name, value
+#: when absent (no floor), the first plan version that has it, what it is.
+_FLOORS = (("pad_min_width", 0, 2, "narrowest padded width"), ("pad_min_area", 1, 2, "fewest positions of a padded tensor"),
+           ("pad_min_kept", 0, 3, "fewest kept channels of a padded tensor"))
 
 
 def make_plan(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None, *, block: str, granularity: str,
@@ -33,10 +40,10 @@ def make_plan(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None, *, blo
     channel kept, as with per-weight pruning)."""
     kept = {gid: [int(i) for i in torch.nonzero(m).flatten()] for gid, m in (masks or {}).items()}
     padding = padding_of(block)
-    # a padding that leaves some tensors exact needs version 2 to read; other plans stay readable by version 1
-    floors = {"pad_min_width": padding.min_width, "pad_min_area": padding.min_area} \
-        if (padding.min_width, padding.min_area) != (0, 1) else {}
-    plan = {"format": FORMAT, "version": VERSION if floors else 1, "granularity": granularity, "block": str(block),
+    # a padding that leaves some tensors exact needs a later version to read; other plans stay readable by version 1
+    floors = {name: value for (name, absent, *_), value in zip(_FLOORS, padding[1:]) if value != absent}
+    version = max([1] + [since for name, _, since, _ in _FLOORS if name in floors])
+    plan = {"format": FORMAT, "version": version, "granularity": granularity, "block": str(block),
             "channel_multiple": padding.multiple, **floors, "gate_inputs": gate_inputs,
             "input_shape": list(graph.input_shape), "groups": {gid: g.channels for gid, g in graph.groups.items()},
             "kept": kept}
@@ -65,12 +72,10 @@ def check_plan(plan) -> dict:
     multiple = plan.get("channel_multiple", 1)  # plans written before widths were padded have none
     if type(multiple) is not int or not 1 <= multiple <= 2 ** 16:
         raise _malformed(f"channel multiple {multiple!r:.20} is not a positive int")
-    floor = plan.get("pad_min_width", 0)  # plans written before narrow tensors kept exact widths have none
-    if type(floor) is not int or not 0 <= floor <= 2 ** 24:
-        raise _malformed(f"narrowest padded width {floor!r:.20} is not a non-negative int")
-    area = plan.get("pad_min_area", 1)
-    if type(area) is not int or not 1 <= area <= 2 ** 30:
-        raise _malformed(f"fewest positions of a padded tensor {area!r:.20} is not a positive int")
+    for name, absent, _, what in _FLOORS:  # plans written before some tensors kept exact widths have none
+        value = plan.get(name, absent)
+        if type(value) is not int or not absent <= value <= 2 ** 30:
+            raise _malformed(f"{what} {value!r:.20} is not an int of at least {absent}")
     mixed = plan.get("mixed_spaces", [])
     if not isinstance(mixed, list) or not all(isinstance(t, str) for t in mixed) or \
             (mixed and plan["block"] != "auto"):
@@ -123,12 +128,11 @@ def replay(plan: dict, model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
 
 def _block(plan: dict, graph: ChannelGraph) -> BlockMode:
     """The block mode ``plan`` was compacted with, its mixed spaces (auto blocks) found in ``graph``."""
-    multiple, floor, area = plan.get("channel_multiple", 1), plan.get("pad_min_width", 0), plan.get("pad_min_area", 1)
+    padding = Padding(plan.get("channel_multiple", 1), *(plan.get(name, absent) for name, absent, *_ in _FLOORS))
     if plan["block"] != "auto":
-        return BlockMode(plan["block"], multiple, min_width=floor, min_area=area)
+        return BlockMode(plan["block"], padding)
     unknown = [t for t in plan.get("mixed_spaces", []) if t not in graph.spaces]
     if unknown:
         raise CheckpointError(f"the model passed does not match the pruning plan (no tensor {unknown[0]!r:.60}): "
                               "pass the same architecture that was pruned, before pruning")
-    return BlockMode("auto", multiple, mixed=frozenset(graph.spaces[t] for t in plan.get("mixed_spaces", [])),
-                     min_width=floor, min_area=area)
+    return BlockMode("auto", padding, mixed=frozenset(graph.spaces[t] for t in plan.get("mixed_spaces", [])))

@@ -53,7 +53,7 @@ def deploy_runtime_of(deploy_runtime: str | None, budgets: list[Budget]) -> str:
     return default_runtime([b.metric for b in budgets]) if deploy_runtime in (None, "none") else deploy_runtime
 
 
-def block_mode(block: str, channel_multiple: int | str = 1, runtime: str = "eager",
+def block_mode(block: str, channel_multiple: int | str = "auto", runtime: str = "eager",
                gather_cost: float | None = None) -> BlockMode:
     """The residual ``block`` with its widths padded to ``channel_multiple`` (``"auto"``:
     :func:`budgetprune.liveness.auto_padding`), or a one-line error. ``"auto"`` blocks weigh a
@@ -65,7 +65,7 @@ def block_mode(block: str, channel_multiple: int | str = 1, runtime: str = "eage
                                         and 0 <= gather_cost < float("inf")):
         raise ConfigError(f"gather_cost must be a non-negative number of multiply-adds, got {gather_cost!r}")
     if block != "auto":
-        return BlockMode(block, padding.multiple, min_width=padding.min_width, min_area=padding.min_area)
+        return BlockMode(block, padding)
     if runtime not in GATHER_COST:
         raise ConfigError(f"unknown runtime '{runtime}': choose one of {', '.join(GATHER_COST)}")
     return auto_mode(runtime, padding, gather_cost)
@@ -73,7 +73,7 @@ def block_mode(block: str, channel_multiple: int | str = 1, runtime: str = "eage
 
 def check_channel_multiple(channel_multiple: int | str) -> Padding:
     """The padding ``channel_multiple`` asks for: ``"auto"`` (multiples of 8 in feature maps and
-    token tensors of 32 channels or more, :func:`budgetprune.liveness.auto_padding`) or a
+    token tensors that keep 32 channels or more, :func:`budgetprune.liveness.auto_padding`) or a
     positive int (every width; 1: exact widths)."""
     if channel_multiple == "auto":
         return auto_padding()
@@ -98,7 +98,7 @@ def method_settings(*, lam: float | None = None, schedule: str = "sigmoid", sche
 
 
 def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget], *, method: str = "bar",
-                   granularity: str = "channel", block: str = "auto", channel_multiple: int | str = 1,
+                   granularity: str = "channel", block: str = "auto", channel_multiple: int | str = "auto",
                    deploy_runtime: str | None = None, gather_cost: float | None = None,
                    method_options: dict | None = None, metric: str | None = None, fill: bool = True,
                    gate_inputs: bool = True, gate_sample: str = "example", **settings) -> None:
@@ -112,7 +112,7 @@ def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget],
         raise ConfigError(f"a {timed[0]} budget cannot use mixed blocks: its table times the layers, not the "
                           "channel gathers of mixed blocks, which in that runtime can cost more than the channels "
                           "they save; use block='auto' (--block auto, the default: it weighs each gather) or "
-                          "'regular', with channel_multiple=16 for onnxruntime on CPU")
+                          "'regular'")
     unknown = set(settings) - set(method_settings.__kwdefaults__)
     if unknown:
         raise ConfigError(f"unknown Pruner option(s) {', '.join(sorted(unknown))}; it takes "
@@ -166,8 +166,10 @@ class Pruner:
     ``deploy_runtime``, its gathers weighed at ``gather_cost``, :mod:`budgetprune.blocks`;
     ``"mixed"``; ``"regular"``), ``channel_multiple`` (every width padded to a multiple of that
     many channels, counted in the budget: the widths onnxruntime's fast CPU convolutions need, 8
-    or 16; ``"auto"`` pads feature maps and token tensors of 32 channels or more to multiples of 8
-    and leaves narrower ones and (batch, features) tensors exact; 1, the default: exact widths) and whether the final projection ``fill``\\ s up to the budget. ``gate_sample`` is how a
+    or 16; ``"auto"``, the default, pads feature maps and token tensors that keep 32 channels or
+    more to multiples of 8 and leaves the others and (batch, features) tensors exact,
+    :func:`budgetprune.liveness.auto_padding`; 1: exact widths) and whether the final projection
+    ``fill``\\ s up to the budget. ``gate_sample`` is how a
     stochastic gate is sampled in training: once per example and channel (``"example"``, the
     default) or once per channel for the whole batch (``"batch"``: the gate then folds into its
     host's weights, no pass over the feature maps; see :mod:`budgetprune.attach`).
@@ -186,7 +188,7 @@ class Pruner:
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, budget: float | str | list[Budget], *,
                  total_steps: int, metric: str | None = None, method: str = "bar", granularity: str = "channel",
-                 block: str = "auto", channel_multiple: int | str = 1, deploy_runtime: str | None = None,
+                 block: str = "auto", channel_multiple: int | str = "auto", deploy_runtime: str | None = None,
                  gather_cost: float | None = None, fill: bool = True, gate_inputs: bool = True,
                  gate_sample: str = "example", method_options: dict | None = None,
                  log: Callable[[str], None] | None = None, **settings):
