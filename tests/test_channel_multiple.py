@@ -22,7 +22,7 @@ from torch import nn
 import budgetprune
 from budgetprune.budget import Budget, enforce_budget, fill_budget, reopenable_channels
 from budgetprune.errors import CheckpointError, ConfigError
-from budgetprune.liveness import BlockMode, Padding, auto_padding, slot_sets
+from budgetprune.liveness import BlockMode, Padding, auto_paddings, slot_sets
 from budgetprune.plan import check_plan, replay
 from budgetprune.resources import CostModel
 
@@ -244,10 +244,14 @@ def test_cli_run_with_padded_widths(tmp_path, capsys):
 
 
 def test_padding_targets_by_hand():
-    """Multiples of 8 in feature maps that keep 32 channels or more (``channel_multiple="auto"``),
-    hand-worked."""
-    auto = auto_padding()
-    assert tuple(auto) == (8, 0, 2, 32)
+    """``channel_multiple="auto"``'s paddings, hand-worked: multiples of 8 in feature maps of 32
+    channels or more, then in those that keep 32 channels or more, then exact widths."""
+    assert auto_paddings() == ((8, 32, 2, 0), (8, 0, 2, 32), (1, 0, 1, 0))
+    wide = auto_paddings()[0]
+    assert wide.target(13, 64, 49) == 16 and wide.target(3, 32, 49) == 8 and wide.target(3, 31, 49) == 3
+    assert wide.target(13, 120, 1) == 13  # (batch, features): exact
+    assert wide.describe() == "widths padded to multiples of 8 (tensors under 32 channels or of (batch, features) exact)"
+    auto = auto_paddings()[1]
     assert auto.target(33, 64, 49) == 40 and auto.target(32, 64, 49) == 32 and auto.target(63, 64, 49) == 64
     assert auto.target(33, 36, 4) == 36  # capped at the full width
     assert auto.target(0, 64, 49) == 0  # a dead tensor stays dead
@@ -260,7 +264,7 @@ def test_padding_targets_by_hand():
                                "features) exact)")
     assert Padding().describe() == "exact widths"
     # the padded count never falls as more channels are kept (the projection and the fill rely on it)
-    for padding in (auto, Padding(8, 32, 2), Padding(16)):
+    for padding in (*auto_paddings(), Padding(16)):
         counts = [padding.target(k, 100, 49) for k in range(101)]
         assert counts == sorted(counts) and all(c >= k for k, c in enumerate(counts))
     for bad in (dict(multiple=0), dict(min_width=-1), dict(min_area=0), dict(min_kept=2.0)):
@@ -272,16 +276,17 @@ def test_padding_targets_by_hand():
         assert (again.gather_cost, again.mixed) == (5.0, {"x"})
 
 
+@pytest.mark.parametrize("rung", [0, 1])
 @pytest.mark.parametrize("kind", ["regular", "mixed"])
 @pytest.mark.parametrize("name", ["resnet20", "wrn"])
-def test_auto_padding_pads_wide_tensors_and_leaves_narrow_ones_exact(name, kind):
-    """Tensors that keep fewer than 32 channels (all of resnet20's 16-channel stage among them)
-    keep their exact widths, the others pad to multiples of 8; the compacted network still
-    computes the gated one."""
+def test_auto_padding_pads_wide_tensors_and_leaves_narrow_ones_exact(name, kind, rung):
+    """Tensors narrower than 32 channels (resnet20's 16-channel stage), or with the second
+    padding of ``"auto"`` those that keep fewer than 32, keep their exact widths; the others pad to
+    multiples of 8; the compacted network still computes the gated one."""
     model, graph = make_model(name)
     bar = attach_random(model, graph, seed=5)
     masks = bar.keep_masks()
-    padding = auto_padding()
+    padding = auto_paddings()[rung]
     mode = BlockMode(kind, padding)
     exact, padded = slot_sets(graph, masks, kind), slot_sets(graph, masks, mode)
     tied = _tied(graph)
@@ -292,7 +297,7 @@ def test_auto_padding_pads_wide_tensors_and_leaves_narrow_ones_exact(name, kind)
     for t, s in padded.items():
         n, full, before = int(s.sum()), s.numel(), int(exact[t].sum())
         assert bool((s | exact[t]).eq(s).all()), t
-        if before < 32 or area[graph.spaces[t]] < 2 or t in tied:
+        if (full if rung == 0 else before) < 32 or area[graph.spaces[t]] < 2 or t in tied:
             assert torch.equal(s, exact[t]), t
             narrow_unaligned += n % 8 != 0
         else:
@@ -312,7 +317,7 @@ def test_pruner_with_auto_padding_pads_feature_maps_and_its_plan_replays(tmp_pat
     exact = budgetprune.Pruner(budgetprune.create_model("resnet20"), x, "flops=0.4", total_steps=3, channel_multiple=1)
     assert exact.block.multiple == 1
     pruner = budgetprune.Pruner(model, x, "flops=0.4", total_steps=3, method="magnitude")  # auto by default
-    assert pruner.block.padding() == auto_padding() == (8, 0, 2, 32)
+    assert pruner.block.padding() == auto_paddings()[0] == (8, 32, 2, 0)  # the first to try
     optimizer = torch.optim.SGD(pruner.parameters(lr=0.01), lr=0.01)
     pruning_steps(model, pruner, optimizer, [(x, y)] * 3)
     small, report = pruner.finalize(x)
@@ -322,11 +327,12 @@ def test_pruner_with_auto_padding_pads_feature_maps_and_its_plan_replays(tmp_pat
     originals = dict(reference.named_modules())
     widths = [(conv.out_channels, originals[layer].out_channels) for layer, conv in small.named_modules()
               if isinstance(conv, nn.Conv2d)]
-    assert all(_aligned(n, full, 8) for n, full in widths if n >= 32)
-    assert any(n % 8 for n, _ in widths)  # some keep fewer than 32 channels, at exact widths
+    assert report["padding"] == [8, 32, 2, 0] and pruner.block.padding() == auto_paddings()[0]  # it ended on budget
+    assert report["pruned"]["flops"] >= 0.95 * pruner.budget.absolute(pruner.graph)
+    assert all(_aligned(n, full, 8) for n, full in widths if full >= 32)
+    assert any(n % 8 for n, _ in widths)  # the 16-channel stage keeps exact widths
     plan = small.budgetprune_plan
-    assert (plan["channel_multiple"], plan["pad_min_area"], plan["pad_min_kept"], plan["version"]) == (8, 2, 32, 3)
-    assert "pad_min_width" not in plan
+    assert (plan["channel_multiple"], plan["pad_min_width"], plan["pad_min_area"], plan["version"]) == (8, 32, 2, 2)
     again = replay(plan, reference, small.state_dict())
     with torch.no_grad():
         assert torch.allclose(again(x), small(x), atol=1e-6)
@@ -345,7 +351,7 @@ def test_plan_with_a_bad_padding_floor_is_refused(field, what, bad):
         check_plan(plan)
 
 
-@pytest.mark.parametrize("padding, version", [(Padding(8), 1), (Padding(8, 32, 2), 2), (auto_padding(), 3)])
+@pytest.mark.parametrize("padding, version", [(Padding(8), 1), (Padding(8, 32, 2), 2), (auto_paddings()[1], 3)])
 def test_a_plan_is_written_at_the_lowest_version_that_reads_it_and_replays(padding, version):
     """A plan padded by the full width (as written before kept counts set the floor) still
     replays to the same network, and a plan names only the floors its padding has."""
@@ -389,9 +395,47 @@ def test_auto_padding_leaves_a_fully_connected_network_exact():
     model, graph = make_model("lenet300")
     bar = attach_random(model, graph, seed=2)
     masks = bar.keep_masks()
-    padding = auto_padding()
-    mode = BlockMode("regular", padding)
-    exact, padded = slot_sets(graph, masks, "regular"), slot_sets(graph, masks, mode)
-    assert all(torch.equal(padded[t], exact[t]) for t in exact)
+    exact = slot_sets(graph, masks, "regular")
+    for padding in auto_paddings():
+        padded = slot_sets(graph, masks, BlockMode("regular", padding))
+        assert all(torch.equal(padded[t], exact[t]) for t in exact)
     assert any(int(s.sum()) % 8 for s in exact.values())  # widths a padding would have changed
     assert not all(torch.equal(s, exact[t]) for t, s in slot_sets(graph, masks, BlockMode("regular", 8)).items())
+
+
+@pytest.mark.parametrize("budget, method, rung", [("flops=0.125", "magnitude", 0), ("flops=0.125", "bar", 1),
+                                                  ("flops=0.2", "bar", 2)])
+def test_auto_padding_falls_back_to_a_finer_one_where_steps_of_8_cannot_end_on_the_budget(budget, method, rung):
+    """On LeNet-5 (20-50-500) a step of 8 channels of its 50-channel conv is a large share of a
+    small budget: where the padded network ends under 0.95 of its budget, finalize pads only maps
+    that keep 32 channels or more, then keeps exact widths, and the run ends within [0.95, 1]; the
+    plan names the padding kept and replays. An explicit multiple is never loosened."""
+    def finalized(**options):
+        torch.manual_seed(0)
+        model = budgetprune.create_model("lenet5")
+        x = torch.randn(8, 1, 28, 28)
+        logs = []
+        pruner = budgetprune.Pruner(model, x, budget, total_steps=1, method=method, log=logs.append, **options)
+        pruner.step()
+        small, report = pruner.finalize()
+        return pruner, small, report, [line for line in logs if "trying" in line], x
+
+    pruner, small, report, fallbacks, x = finalized()
+    ratio = report["pruned"]["flops"] / pruner.budget.absolute(pruner.graph)
+    assert report["padding"] == list(auto_paddings()[rung]) and pruner.block.padding() == auto_paddings()[rung]
+    assert 0.95 <= ratio <= 1.0 and len(fallbacks) == rung
+    for line in fallbacks:  # each padding tried before ended too far under the budget
+        assert float(line.split("ends at ")[1].split()[0]) < 0.95
+    counted = budgetprune.ChannelGraph.build(small, x[:1])
+    assert CostModel(counted, "flops").full() == pytest.approx(report["pruned"]["flops"], rel=1e-9)
+    plan = small.budgetprune_plan
+    assert plan["version"] == (2, 3, 1)[rung]
+    fresh = budgetprune.create_model("lenet5")
+    with torch.no_grad():
+        assert torch.allclose(replay(plan, fresh, small.state_dict())(x), small(x), atol=1e-6)
+    if rung:
+        pruner, small, report, fallbacks, _ = finalized(channel_multiple=8)
+        assert report["padding"] == [8, 0, 1, 0] and not fallbacks
+        widths = [m.out_features if isinstance(m, nn.Linear) else m.out_channels
+                  for m in small.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        assert widths[-1] == 10 and all(n % 8 == 0 or n in (20, 50, 500) for n in widths[:-1])

@@ -205,6 +205,11 @@ class _Writers:
         return tuple(sorted(seen))
 
 
+#: The fraction of its budget a projected and filled network should reach: one ending lower had
+#: room a finer step could have used (the projection then tries the channels cheaper than its last
+#: removal; ``channel_multiple="auto"`` tries a finer padding).
+FILLED = 0.95
+
 #: Put-back tries in a row that did not fit before the projection stops trying (each try is a
 #: full cost evaluation, about a second on a ViT-B; a network of tens of thousands of channels
 #: has as many candidates).
@@ -275,7 +280,7 @@ def _project(graph: ChannelGraph, masks, scores, budgets: list[Budget], mode: st
         names = ", ".join(f"{b.metric} {b.fraction:.4g}" for b in budgets)
         raise BudgetError(f"budget ({names}) cannot be met without removing the last channel of a layer "
                           "whose loss would cut the network; raise the budget")
-    if dropped and max(costs.ratios(masks)) < 0.95:
+    if dropped and max(costs.ratios(masks)) < FILLED:
         # The last removal overshot: try the cheaper channels instead of it.
         pairs, saved, _ = dropped[-1]
         alt, more = _drop_until(graph, costs, _toggle(masks, pairs, True), scores, max_saving=saved)

@@ -24,8 +24,8 @@ away disappears as a whole (automatic depth determination, seed 001 section 4.1)
   operands keep. A :class:`Padding` can leave tensors exact: those narrower than ``min_width``
   channels, with fewer than ``min_area`` positions (a (batch, features) tensor has one), or that
   keep fewer than ``min_kept`` channels (``channel_multiple="auto"``, the default,
-  :func:`auto_padding`: multiples of 8 in feature maps and token tensors that keep 32 channels
-  or more).
+  :func:`auto_paddings`: multiples of 8 in feature maps and token tensors of 32 channels or
+  more, or where that ends too far under the budget, in those that keep 32 or more).
 """
 
 from __future__ import annotations
@@ -38,18 +38,20 @@ from .graph import ADD_FUNCTIONS, MUL_FUNCTIONS, ChannelGraph, TensorInfo
 
 MODES = ("mixed", "regular", "auto")
 
-#: The padding ``channel_multiple="auto"`` (the default) asks for: feature maps and token tensors
-#: (more than one position) that keep at least :data:`AUTO_MIN_KEPT` channels are padded to
-#: multiples of :data:`AUTO_MULTIPLE`; those that keep fewer and (batch, features) tensors stay
-#: exact. onnxruntime's CPU convolutions block channels by 8 (AVX2) or 16 (AVX-512), and a network
-#: with unaligned widths can run slower than the unpruned one (resnet20 and mobilenet_v2 at 2× fewer
-#: FLOPs, exact widths, ran at 0.73× and 0.84× of it in onnxruntime at batch 16; padded at 1.64× and
-#: 1.92×: ``benchmarks/results/deploy_speed_auto``). Below 32 kept channels a step of 8 is a quarter
-#: of the layer or more: too coarse to end on the budget (LeNet-5's 50-channel conv padded whenever
-#: it was 32 channels wide or more left two short test runs at 0.87 and 0.93 of their FLOP budget
-#: instead of within [0.95, 1]: it kept 24), and a fully connected layer over (batch, features)
-#: gains little from it.
+#: The paddings ``channel_multiple="auto"`` (the default) tries, in turn (:func:`auto_paddings`):
+#: multiples of :data:`AUTO_MULTIPLE` in feature maps and token tensors (more than one position)
+#: at least :data:`AUTO_MIN_WIDTH` channels wide; the same only where a tensor keeps at least
+#: :data:`AUTO_MIN_KEPT` channels; exact widths. onnxruntime's CPU convolutions block channels by
+#: 8 (AVX2) or 16 (AVX-512), and a network with unaligned widths can run slower than the unpruned
+#: one (resnet20 and mobilenet_v2 at 2× fewer FLOPs, exact widths, ran at 0.73× and 0.84× of it in
+#: onnxruntime at batch 16; padded at 1.64× and 1.92×: ``benchmarks/results/deploy_speed_auto``);
+#: a layer of 16 channels would lose most of its choices to a multiple of 8, and a fully connected
+#: layer over (batch, features) gains little from it. On a small network a step of 8 channels can
+#: be too coarse to end on the budget (LeNet-5's 50-channel conv padded left two short test runs at
+#: 0.87 and 0.93 of their FLOP budget: it kept 24), so finalize falls back to the next padding
+#: when a network ends under :data:`budgetprune.budget.FILLED` of its budget.
 AUTO_MULTIPLE = 8
+AUTO_MIN_WIDTH = 32
 AUTO_MIN_KEPT = 32
 AUTO_MIN_AREA = 2
 
@@ -164,8 +166,10 @@ class Padding(tuple):
         return f"Padding{tuple(self)!r}"
 
 
-def auto_padding() -> Padding:
-    return Padding(AUTO_MULTIPLE, min_area=AUTO_MIN_AREA, min_kept=AUTO_MIN_KEPT)
+def auto_paddings() -> tuple[Padding, ...]:
+    """The paddings ``channel_multiple="auto"`` tries in turn (see :data:`AUTO_MULTIPLE`)."""
+    return (Padding(AUTO_MULTIPLE, AUTO_MIN_WIDTH, AUTO_MIN_AREA),
+            Padding(AUTO_MULTIPLE, 0, AUTO_MIN_AREA, AUTO_MIN_KEPT), Padding())
 
 
 def padding_of(mode: str) -> Padding:

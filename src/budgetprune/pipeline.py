@@ -729,7 +729,8 @@ class PruneRun:
                                    "pruned": pruned[b.metric], "ratio": pruned[b.metric] / (b.fraction * self.full[b.metric])}
                         for b in self.budgets},
             "full": self.full, "pruned": pruned, "block": cfg.block, "channel_multiple": cfg.channel_multiple,
-            "padding": list(check_channel_multiple(cfg.channel_multiple)),  # [multiple, min width, min positions, min kept]
+            # [multiple, min width, min positions, min kept]: the padding finalize kept
+            "padding": info.get("padding", list(check_channel_multiple(cfg.channel_multiple))),
             "mixed_spaces": (info.get("plan") or {}).get("mixed_spaces", []),  # auto: the residual spaces kept mixed
             "pruned_by_block": info.get("pruned_by_block", {cfg.block: pruned}),
             "reduction_factor": {k: self.full[k] / pruned[k] for k in self.full},

@@ -29,11 +29,11 @@ from torch import nn
 
 from .attach import check_gate_sample
 from .blocks import GATHER_COST, auto_mode
-from .budget import Budget, enforce_budget, fill_budget, parse_budgets, reopenable_channels
+from .budget import FILLED, Budget, enforce_budget, fill_budget, parse_budgets, reopenable_channels
 from .compact import compact, silence_channels
-from .errors import ConfigError, TrainingDiverged
+from .errors import BudgetError, ConfigError, TrainingDiverged
 from .graph import ChannelGraph
-from .liveness import BlockMode, Padding, auto_padding, effective_masks
+from .liveness import BlockMode, Padding, auto_paddings, effective_masks
 from .measured import RUNTIME_LATENCIES, meet_measured_latency
 from .methods import create_method
 from .objectives import check_schedule_end
@@ -56,7 +56,7 @@ def deploy_runtime_of(deploy_runtime: str | None, budgets: list[Budget]) -> str:
 def block_mode(block: str, channel_multiple: int | str = "auto", runtime: str = "eager",
                gather_cost: float | None = None) -> BlockMode:
     """The residual ``block`` with its widths padded to ``channel_multiple`` (``"auto"``:
-    :func:`budgetprune.liveness.auto_padding`), or a one-line error. ``"auto"`` blocks weigh a
+    the first of :func:`budgetprune.liveness.auto_paddings`), or a one-line error. ``"auto"`` blocks weigh a
     mixed sum's gather at its cost in ``runtime`` unless ``gather_cost`` is given."""
     if block not in BLOCKS:
         raise ConfigError(f"block must be one of {', '.join(BLOCKS)}, not {block!r}")
@@ -72,15 +72,22 @@ def block_mode(block: str, channel_multiple: int | str = "auto", runtime: str = 
 
 
 def check_channel_multiple(channel_multiple: int | str) -> Padding:
-    """The padding ``channel_multiple`` asks for: ``"auto"`` (multiples of 8 in feature maps and
-    token tensors that keep 32 channels or more, :func:`budgetprune.liveness.auto_padding`) or a
+    """The padding ``channel_multiple`` asks for first: ``"auto"`` (multiples of 8 in feature maps
+    and token tensors of 32 channels or more, :func:`budgetprune.liveness.auto_paddings`) or a
     positive int (every width; 1: exact widths)."""
+    return padding_ladder(channel_multiple)[0]
+
+
+def padding_ladder(channel_multiple: int | str) -> tuple[Padding, ...]:
+    """The paddings finalize tries in turn, keeping the first whose network ends within
+    [:data:`~budgetprune.budget.FILLED`, 1] of its budget (else the fullest): ``"auto"``'s
+    (:func:`budgetprune.liveness.auto_paddings`), or the one a positive int asks for."""
     if channel_multiple == "auto":
-        return auto_padding()
+        return auto_paddings()
     if type(channel_multiple) is not int or channel_multiple < 1:
         raise ConfigError(f"channel_multiple must be 'auto' or a positive int (1: exact widths), got "
                           f"{channel_multiple!r:.40}")
-    return Padding(channel_multiple)
+    return (Padding(channel_multiple),)
 
 
 _MARK = "_budgetprune_pruner"  # on a model while a Pruner's gates are attached to it
@@ -121,8 +128,9 @@ def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget],
     if granularity == "weight":
         check_weight_budget(budgets[0].absolute(graph), weight_counts(model))
     else:
+        loosest = BlockMode(str(block), padding_ladder(channel_multiple)[-1], block.gather_cost)
         for budget in budgets:
-            budget.check_reachable(graph, block)  # counted with the padded widths
+            budget.check_reachable(graph, loosest)  # counted with the padded widths finalize may end with
     create_method(method, shared=method_settings(granularity=granularity, **settings),
                   **(method_options or {})).check(model, graph)
 
@@ -166,9 +174,11 @@ class Pruner:
     ``deploy_runtime``, its gathers weighed at ``gather_cost``, :mod:`budgetprune.blocks`;
     ``"mixed"``; ``"regular"``), ``channel_multiple`` (every width padded to a multiple of that
     many channels, counted in the budget: the widths onnxruntime's fast CPU convolutions need, 8
-    or 16; ``"auto"``, the default, pads feature maps and token tensors that keep 32 channels or
-    more to multiples of 8 and leaves the others and (batch, features) tensors exact,
-    :func:`budgetprune.liveness.auto_padding`; 1: exact widths) and whether the final projection
+    or 16; ``"auto"``, the default, pads feature maps and token tensors of 32 channels or more to
+    multiples of 8 and leaves narrower ones and (batch, features) tensors exact, and where that
+    ends under 0.95 of the budget, pads only those that keep 32 channels or more, else keeps
+    exact widths, :func:`budgetprune.liveness.auto_paddings`; 1: exact widths; :attr:`block`
+    after :meth:`finalize` holds the padding kept) and whether the final projection
     ``fill``\\ s up to the budget. ``gate_sample`` is how a
     stochastic gate is sampled in training: once per example and channel (``"example"``, the
     default) or once per channel for the whole batch (``"batch"``: the gate then folds into its
@@ -222,6 +232,7 @@ class Pruner:
                        channel_multiple=channel_multiple, deploy_runtime=self.deploy_runtime, gather_cost=gather_cost,
                        gate_sample=gate_sample, method_options=method_options, **settings)
         self.block = block_mode(block, channel_multiple, self.deploy_runtime, gather_cost)
+        self.paddings = padding_ladder(channel_multiple)  # finalize keeps the first that ends on the budget
         self.metrics = METRICS + tuple(b.metric for b in self.budgets if b.metric not in METRICS)
         self.full = resource_report(self.graph, metrics=self.metrics)
         self.method = create_method(method, shared=method_settings(granularity=granularity, **settings),
@@ -334,31 +345,56 @@ class Pruner:
     def _decide_channels(self) -> dict:
         """The hard decision: the method's masks projected onto every budget, then filled up to it
         (what was kept, dropped and reopened, and the costs before)."""
-        graph, method, block = self.graph, self.method, self.block
+        graph, method = self.graph, self.method
         masks = method.keep_masks()
-        before = {b.metric: CostModel(graph, b.metric, block).hard(masks) for b in self.budgets}
+        before = {b.metric: CostModel(graph, b.metric, self.block).hard(masks) for b in self.budgets}
         scores = method.scores()
+        modes = [BlockMode(str(self.block), padding, self.block.gather_cost) for padding in self.paddings]
+        chosen = [modes[0]]
 
-        def project(budgets: list[Budget]) -> tuple[dict, dict]:
-            final = enforce_budget(graph, masks, scores, budgets, mode=block)
+        def project_with(budgets: list[Budget], mode: BlockMode) -> tuple[dict, dict]:
+            final = enforce_budget(graph, masks, scores, budgets, mode=mode)
             reopened: dict[str, torch.Tensor] = {}
             if self.fill:
                 filled = fill_budget(graph, final, scores, budgets, reopenable=reopenable_channels(graph, final),
-                                     mode=block)
+                                     mode=mode)
                 reopened = {g: torch.nonzero(filled[g] & ~final[g]).flatten() for g in final}
                 final = filled
             return final, reopened
 
+        def project(budgets: list[Budget]) -> tuple[dict, dict]:
+            # each padding in turn (channel_multiple="auto"), until one ends close enough to the budget
+            best = None  # (fullness, final, reopened, mode)
+            for i, mode in enumerate(modes):
+                try:
+                    final, reopened = project_with(budgets, mode)
+                except BudgetError:
+                    if best is None and i + 1 == len(modes):
+                        raise
+                    continue
+                fullness = max(CostModel(graph, b.metric, mode).hard(final) / b.absolute(graph) for b in budgets)
+                if best is None or fullness > best[0]:
+                    best = (fullness, final, reopened, mode)
+                if fullness >= FILLED:
+                    break
+                if i + 1 < len(modes):
+                    self.log(f"{mode.padding().describe()}: ends at {fullness:.4f} of the budget, under {FILLED}; "
+                             f"trying {modes[i + 1].padding().describe()}")
+            chosen[0] = best[3]
+            return best[1], best[2]
+
         final, reopened, measured = meet_measured_latency(
-            project, lambda kept: compact(self.model, graph, kept, mode=block), self.budgets, self.example[:1],
+            project, lambda kept: compact(self.model, graph, kept, mode=chosen[0]), self.budgets, self.example[:1],
             self.log)
         dropped = int(sum(int(masks[g].sum()) - int(final[g].sum()) + int(reopened.get(g, torch.empty(0)).numel())
                           for g in masks))
-        return {"final": final, "dropped": dropped, "reopened": reopened, "before": before, "measured": measured}
+        return {"final": final, "dropped": dropped, "reopened": reopened, "before": before, "measured": measured,
+                "block": chosen[0]}
 
     def _finalize_channels(self, x: torch.Tensor) -> tuple[nn.Module, dict]:
-        graph, method, block = self.graph, self.method, self.block
         decision = self._sync.decide(self._decide_channels)  # computed on rank 0, the same on every rank
+        self.block = decision["block"]  # the padding finalize kept (channel_multiple="auto" tries several)
+        graph, method, block = self.graph, self.method, self.block
         final, dropped, reopened, before = (decision[k] for k in ("final", "dropped", "reopened", "before"))
         costs = {b.metric: (CostModel(graph, b.metric, block), b.absolute(graph)) for b in self.budgets}
         n_reopened = int(sum(i.numel() for i in reopened.values()))
@@ -385,6 +421,7 @@ class Pruner:
         self._attach_plan(net, final)
         report = {"cost_before_projection": before[self.budget.metric], "channels_dropped_by_projection": dropped,
                   "channels_reopened_by_fill": n_reopened, "compaction_max_abs_diff": diff,
+                  "padding": list(block.padding()),
                   "masks": {g: [int(i) for i in torch.nonzero(m).flatten()] for g, m in kept.items()},
                   "pruned": resource_report(graph, final, block, self.metrics),
                   "pruned_by_block": {name: resource_report(graph, final, mode, self.metrics)
