@@ -409,7 +409,8 @@ def test_auto_padding_falls_back_to_a_finer_one_where_steps_of_8_cannot_end_on_t
     """On LeNet-5 (20-50-500) a step of 8 channels of its 50-channel conv is a large share of a
     small budget: where the padded network ends under 0.95 of its budget, finalize pads only maps
     that keep 32 channels or more, then keeps exact widths, and the run ends within [0.95, 1]; the
-    plan names the padding kept and replays. An explicit multiple is never loosened."""
+    plan names the padding kept and replays. An explicit multiple is never loosened, nor is any
+    padding without the fill (a network may then end under its budget by the method's choice)."""
     def finalized(**options):
         torch.manual_seed(0)
         model = budgetprune.create_model("lenet5")
@@ -439,3 +440,5 @@ def test_auto_padding_falls_back_to_a_finer_one_where_steps_of_8_cannot_end_on_t
         widths = [m.out_features if isinstance(m, nn.Linear) else m.out_channels
                   for m in small.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         assert widths[-1] == 10 and all(n % 8 == 0 or n in (20, 50, 500) for n in widths[:-1])
+        _, _, report, fallbacks, _ = finalized(fill=False)
+        assert report["padding"] == list(auto_paddings()[0]) and not fallbacks

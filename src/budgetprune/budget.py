@@ -254,12 +254,17 @@ def _project_padded(graph: ChannelGraph, masks, scores, budgets: list[Budget], m
     runs on the exact widths instead, to budgets shrunk by the padding's share (the padded cost
     over the budget, measured on the previous try) until the padded network fits. The fill that
     follows (:func:`fill_budget` with the same mode) then turns the padding into kept channels:
-    a channel reopened into a padded width costs nothing."""
+    a channel reopened into a padded width costs nothing. The first try shrinks each budget by the
+    padding's share in the masks given; each later try starts from the last one's masks, which
+    already fit a larger budget (the greedy order of removal is the same), so it only removes the
+    difference."""
     exact = mode.exact()  # the same blocks (auto: chosen per masks) without the padding
     padded = _Costs(graph, budgets, mode)
-    shrunk = list(budgets)
+    share = [p / e if e > 0 else 1.0 for p, e in zip(padded.ratios(masks), _Costs(graph, budgets, exact).ratios(masks))]
+    shrunk = [Budget(b.metric, b.fraction / max(s, 1.0)) for b, s in zip(budgets, share)]
+    out = masks
     for attempt in range(PADDED_TRIES):
-        out = _project(graph, masks, scores, shrunk, exact)
+        out = _project(graph, out, scores, shrunk, exact)
         ratios = padded.ratios(out)
         if max(ratios) <= 1.0:
             return out

@@ -128,7 +128,7 @@ def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget],
     if granularity == "weight":
         check_weight_budget(budgets[0].absolute(graph), weight_counts(model))
     else:
-        loosest = BlockMode(str(block), padding_ladder(channel_multiple)[-1], block.gather_cost)
+        loosest = BlockMode(str(block), padding_ladder(channel_multiple)[-1 if fill else 0], block.gather_cost)
         for budget in budgets:
             budget.check_reachable(graph, loosest)  # counted with the padded widths finalize may end with
     create_method(method, shared=method_settings(granularity=granularity, **settings),
@@ -176,8 +176,8 @@ class Pruner:
     many channels, counted in the budget: the widths onnxruntime's fast CPU convolutions need, 8
     or 16; ``"auto"``, the default, pads feature maps and token tensors of 32 channels or more to
     multiples of 8 and leaves narrower ones and (batch, features) tensors exact, and where that
-    ends under 0.95 of the budget, pads only those that keep 32 channels or more, else keeps
-    exact widths, :func:`budgetprune.liveness.auto_paddings`; 1: exact widths; :attr:`block`
+    ends under 0.95 of the budget after the fill, pads only those that keep 32 channels or more,
+    else keeps exact widths, :func:`budgetprune.liveness.auto_paddings`; 1: exact widths; :attr:`block`
     after :meth:`finalize` holds the padding kept) and whether the final projection
     ``fill``\\ s up to the budget. ``gate_sample`` is how a
     stochastic gate is sampled in training: once per example and channel (``"example"``, the
@@ -232,7 +232,7 @@ class Pruner:
                        channel_multiple=channel_multiple, deploy_runtime=self.deploy_runtime, gather_cost=gather_cost,
                        gate_sample=gate_sample, method_options=method_options, **settings)
         self.block = block_mode(block, channel_multiple, self.deploy_runtime, gather_cost)
-        self.paddings = padding_ladder(channel_multiple)  # finalize keeps the first that ends on the budget
+        self.paddings = padding_ladder(channel_multiple)  # with the fill, finalize keeps the first that ends on budget
         self.metrics = METRICS + tuple(b.metric for b in self.budgets if b.metric not in METRICS)
         self.full = resource_report(self.graph, metrics=self.metrics)
         self.method = create_method(method, shared=method_settings(granularity=granularity, **settings),
@@ -349,7 +349,9 @@ class Pruner:
         masks = method.keep_masks()
         before = {b.metric: CostModel(graph, b.metric, self.block).hard(masks) for b in self.budgets}
         scores = method.scores()
-        modes = [BlockMode(str(self.block), padding, self.block.gather_cost) for padding in self.paddings]
+        # without the fill a network may end under its budget by the method's choice: no finer padding
+        modes = [BlockMode(str(self.block), padding, self.block.gather_cost)
+                 for padding in (self.paddings if self.fill else self.paddings[:1])]
         chosen = [modes[0]]
 
         def project_with(budgets: list[Budget], mode: BlockMode) -> tuple[dict, dict]:
