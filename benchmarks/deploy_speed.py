@@ -130,7 +130,7 @@ def arguments(argv) -> argparse.Namespace:
     p.add_argument("--multiple", type=channel_multiple_arg, default="auto",
                    help="channel multiple of the padded networks (onnxruntime's blocked CPU convolutions: 16 with "
                         "AVX-512, 8 with AVX2), or auto: the library's default (multiples of 8 in feature maps "
-                        "that keep 32 channels or more)")
+                        "of 32 channels or more, loosened where that cannot end on the budget)")
     p.add_argument("--work", default=str(HERE.parent / "runs" / "deploy_speed"), help="exported files go here")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -281,7 +281,8 @@ def paired(fns: dict, pairs: int, seconds: float, quiet: Quiet, bar) -> dict:
         (a, b), share, _ = quiet.run(lambda: paired_times(fns[base], fns[name], repeats=pairs, min_seconds=seconds,
                                                           warmup=1))
         ratios = [y / x for x, y in zip(a, b)]
-        out[name] = {"unpruned_ms": [1e3 * t for t in a], "ms": [1e3 * t for t in b], "ratio": statistics.median(ratios),
+        out[name] = {"unpruned_ms": [1e3 * t for t in a], "ms": [1e3 * t for t in b],
+                     "ratio": statistics.median(ratios),
                      "ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3,
                      "others_cpu_share": share}
         bar.update(1)

@@ -250,7 +250,8 @@ def test_padding_targets_by_hand():
     wide = auto_paddings()[0]
     assert wide.target(13, 64, 49) == 16 and wide.target(3, 32, 49) == 8 and wide.target(3, 31, 49) == 3
     assert wide.target(13, 120, 1) == 13  # (batch, features): exact
-    assert wide.describe() == "widths padded to multiples of 8 (tensors under 32 channels or of (batch, features) exact)"
+    assert wide.describe() == ("widths padded to multiples of 8 (tensors under 32 channels or of (batch, features) "
+                               "exact)")
     auto = auto_paddings()[1]
     assert auto.target(33, 64, 49) == 40 and auto.target(32, 64, 49) == 32 and auto.target(63, 64, 49) == 64
     assert auto.target(33, 36, 4) == 36  # capped at the full width

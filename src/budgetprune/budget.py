@@ -260,7 +260,8 @@ def _project_padded(graph: ChannelGraph, masks, scores, budgets: list[Budget], m
     difference."""
     exact = mode.exact()  # the same blocks (auto: chosen per masks) without the padding
     padded = _Costs(graph, budgets, mode)
-    share = [p / e if e > 0 else 1.0 for p, e in zip(padded.ratios(masks), _Costs(graph, budgets, exact).ratios(masks))]
+    share = [p / e if e > 0 else 1.0
+             for p, e in zip(padded.ratios(masks), _Costs(graph, budgets, exact).ratios(masks))]
     shrunk = [Budget(b.metric, b.fraction / max(s, 1.0)) for b, s in zip(budgets, share)]
     out = masks
     for attempt in range(PADDED_TRIES):

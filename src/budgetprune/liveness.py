@@ -123,7 +123,8 @@ class Padding(tuple):
         if type(min_area) is not int or min_area < 1:
             raise ValueError(f"the fewest positions of a padded tensor must be a positive int, got {min_area!r}")
         if type(min_kept) is not int or min_kept < 0:
-            raise ValueError(f"the fewest kept channels of a padded tensor must be a non-negative int, got {min_kept!r}")
+            raise ValueError(f"the fewest kept channels of a padded tensor must be a non-negative int, "
+                             f"got {min_kept!r}")
         return super().__new__(cls, (multiple, min_width, min_area, min_kept))
 
     def __getnewargs__(self) -> tuple:  # copies and pickles rebuild it from its four fields

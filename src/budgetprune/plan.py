@@ -30,7 +30,8 @@ VERSION = 3
 
 #: The plan fields of a :class:`~budgetprune.liveness.Padding` after its multiple: name, value
 #: when absent (no floor), the first plan version that has it, what it is.
-_FLOORS = (("pad_min_width", 0, 2, "narrowest padded width"), ("pad_min_area", 1, 2, "fewest positions of a padded tensor"),
+_FLOORS = (("pad_min_width", 0, 2, "narrowest padded width"),
+           ("pad_min_area", 1, 2, "fewest positions of a padded tensor"),
            ("pad_min_kept", 0, 3, "fewest kept channels of a padded tensor"))
 
 
