@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import budgetprune
-from budgetprune.budget import Budget, enforce_budget, fill_budget, reopenable_channels
+from budgetprune.budget import Budget, budget_ratios, enforce_budget, fill_budget, reopenable_channels
 from budgetprune.errors import CheckpointError, ConfigError
 from budgetprune.liveness import BlockMode, Padding, auto_paddings, slot_sets
 from budgetprune.plan import check_plan, replay
@@ -174,6 +174,9 @@ def test_projection_and_fill_meet_the_budget_in_padded_widths(name):
     assert padded.hard(projected) <= limit
     filled = fill_budget(graph, projected, scores, budget, reopenable=reopenable_channels(graph, projected), mode=mode)
     assert padded.hard(projected) <= padded.hard(filled) <= limit
+    net = budgetprune.compact(model, graph, filled, mode=mode)  # counted again on the built network's own trace
+    built = CostModel(budgetprune.ChannelGraph.build(net, torch.zeros(1, 1, 28, 28)), "flops").full()
+    assert budget_ratios(graph, filled, budget, mode) == [pytest.approx(built / limit, rel=1e-9)]
     # the fill turns padding into kept channels: no fewer real channels, no more padded cost
     exact = slot_sets(graph, filled, "regular")
     pads = slot_sets(graph, filled, mode)

@@ -132,6 +132,12 @@ class _Costs:
         return min(1.0 - r for r in self.ratios(masks))
 
 
+def budget_ratios(graph: ChannelGraph, masks: dict[str, torch.Tensor], budgets: Budget | list[Budget],
+                  mode: str = "mixed") -> list[float]:
+    """Each budget's hard cost of ``masks`` over its limit, counted with ``mode``'s blocks and padding."""
+    return _Costs(graph, _as_list(budgets), mode).ratios(masks)
+
+
 def _toggle(masks, pairs, value):
     """``masks`` with channel ``idx`` of ``gid`` set to ``value`` for every (gid, idx) in ``pairs``."""
     out = dict(masks)

@@ -29,7 +29,7 @@ from torch import nn
 
 from .attach import check_gate_sample
 from .blocks import GATHER_COST, auto_mode
-from .budget import FILLED, Budget, enforce_budget, fill_budget, parse_budgets, reopenable_channels
+from .budget import FILLED, Budget, budget_ratios, enforce_budget, fill_budget, parse_budgets, reopenable_channels
 from .compact import compact, silence_channels
 from .errors import BudgetError, ConfigError, TrainingDiverged
 from .graph import ChannelGraph
@@ -374,7 +374,7 @@ class Pruner:
                     if best is None and i + 1 == len(modes):
                         raise
                     continue
-                fullness = max(CostModel(graph, b.metric, mode).hard(final) / b.absolute(graph) for b in budgets)
+                fullness = max(budget_ratios(graph, final, budgets, mode))
                 if best is None or fullness > best[0]:
                     best = (fullness, final, reopened, mode)
                 if fullness >= FILLED:
