@@ -150,7 +150,7 @@ def _pipeline_run(rank: int, port: int, out: str, results: str) -> None:
         splits = load_dataset("demo")
         train, test = splits.train.subset(range(384)), splits.test.subset(range(128))
         cfg = pl.PruneConfig(budget=0.25, model="lenet5", data="demo", teacher_epochs=1, epochs=2, finetune_epochs=1,
-                             lowlr_epochs=0, gate_init=3.0, progress=False)
+                             lowlr_epochs=0, gate_init=3.0, progress=False, deploy_runtime="none")
         real, calls = pl.train_epoch, []
 
         def interrupted(*args, **kwargs):  # teacher 1, prune 1, then Ctrl-C on every rank
@@ -202,7 +202,7 @@ def test_torchrun_command_line(tmp_path):
     proc = subprocess.run([torchrun, "--nproc_per_node", str(WORLD), "--master_port", str(_free_port()),
                            "-m", "budgetprune", "prune", "--model", "lenet5", "--data", "demo", "--budget", "4x",
                            "--out", str(out), "--no-progress", "--teacher-epochs", "0", "--epochs", "1",
-                           "--finetune-epochs", "0", "--lowlr-epochs", "0"],
+                           "--finetune-epochs", "0", "--lowlr-epochs", "0", "--deploy-runtime", "none"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("done: test accuracy") == 1  # rank 0 speaks for both

@@ -24,7 +24,8 @@ from budgetprune.errors import ConfigError, DataError
 from budgetprune.pipeline import PruneConfig
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 220)}
-FAST = ["--teacher-epochs", "2", "--epochs", "2", "--finetune-epochs", "1", "--lowlr-epochs", "0"]
+FAST = ["--teacher-epochs", "2", "--epochs", "2", "--finetune-epochs", "1", "--lowlr-epochs", "0",
+        "--deploy-runtime", "none"]  # the result's speed is not timed here (tests/test_cli.py times it)
 
 
 def write_image(path, colour, size=(16, 16), seed=0, mode="RGB"):

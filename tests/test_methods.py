@@ -514,7 +514,8 @@ def demo_small(demo_subsets):
     return demo_subsets(512)
 
 
-FAST = dict(teacher_epochs=1, epochs=2, finetune_epochs=1, lowlr_epochs=0, batch_size=64, progress=False)
+FAST = dict(teacher_epochs=1, epochs=2, finetune_epochs=1, lowlr_epochs=0, batch_size=64, progress=False,
+            deploy_runtime="none")  # the result's speed is not timed here (tests/test_cli.py times it)
 
 
 @pytest.mark.parametrize("method", ["l0", "constrained-l0", "cs", "sensitivity", "ib", "morphnet", "random",
@@ -538,7 +539,7 @@ def test_every_method_prunes_resnet20_within_budget(method, demo_small, tmp_path
     _, m = budgetprune.prune(budgetprune.create_model("resnet20"), train.subset(torch.arange(192)),
                              test.subset(torch.arange(64)), budget="4x", method=method, out=tmp_path / "run", log=None,
                              teacher_epochs=0, epochs=1, finetune_epochs=0, lowlr_epochs=0, batch_size=64,
-                             progress=False)
+                             progress=False, deploy_runtime="none")
     assert m["pruned"]["volume"] <= m["budget"] + 1e-9 and 0.95 <= m["budget_ratio"] <= 1.0
     assert m["compaction_max_abs_diff"] <= 1e-4
 

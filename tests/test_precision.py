@@ -16,7 +16,8 @@ from budgetprune.errors import ConfigError
 from budgetprune.pipeline import PruneConfig, PruneRun
 from budgetprune.precision import autocast, check_precision, float32
 
-FAST = ["--teacher-epochs", "1", "--epochs", "2", "--finetune-epochs", "1", "--lowlr-epochs", "0"]
+FAST = ["--teacher-epochs", "1", "--epochs", "2", "--finetune-epochs", "1", "--lowlr-epochs", "0",
+        "--deploy-runtime", "none"]  # the result's speed is not timed here (tests/test_cli.py times it)
 
 
 def _pruner(method="bar", **kw):
@@ -96,7 +97,7 @@ def test_bf16_cli_run_writes_its_precision(tmp_path):
     out = tmp_path / "run"
     assert cli.main(["prune", "--model", "lenet5", "--data", "demo", "--budget", "4x", "--out", str(out),
                      "--precision", "bf16", "--no-progress", "--teacher-epochs", "0", "--epochs", "1",
-                     "--finetune-epochs", "0", "--lowlr-epochs", "0"]) == 0
+                     "--finetune-epochs", "0", "--lowlr-epochs", "0", "--deploy-runtime", "none"]) == 0
     assert json.loads((out / "config.json").read_text())["precision"] == "bf16"
     m = json.loads((out / "metrics.json").read_text())
     assert m["pruned"]["volume"] <= m["budget"] + 1e-9 and 0.95 <= m["budget_ratio"] <= 1.0

@@ -9,12 +9,13 @@ import torch
 import budgetprune
 from budgetprune import cli
 
-FAST = dict(teacher_epochs=1, epochs=2, finetune_epochs=1, lowlr_epochs=0, batch_size=64, progress=False)
+FAST = dict(teacher_epochs=1, epochs=2, finetune_epochs=1, lowlr_epochs=0, batch_size=64, progress=False,
+            deploy_runtime="none")  # the result's speed is not timed here (tests/test_cli.py times it)
 
 
 @pytest.fixture(scope="module")
 def demo_small(demo_subsets):
-    return demo_subsets(768)
+    return demo_subsets(384)
 
 
 @pytest.mark.slow

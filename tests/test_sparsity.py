@@ -305,7 +305,8 @@ def test_sparse_model_file_is_smaller_and_loads_exactly(tmp_path):
 # ---------------------------------------------------------------------------------------
 # short runs: every per-weight method meets the non-zero-weight budget
 # ---------------------------------------------------------------------------------------
-FAST = dict(teacher_epochs=1, epochs=2, finetune_epochs=1, lowlr_epochs=0, batch_size=64, progress=False)
+FAST = dict(teacher_epochs=1, epochs=2, finetune_epochs=1, lowlr_epochs=0, batch_size=64, progress=False,
+            deploy_runtime="none")  # the result's speed is not timed here (tests/test_cli.py times it)
 
 
 @pytest.mark.parametrize("method,options", [("l0", {}), ("constrained-l0", {}), ("cs", {}),
@@ -332,7 +333,7 @@ def test_weight_run_on_resnet20_meets_the_nonzero_budget(method, demo_subsets, t
     torch.manual_seed(0)
     net, m = budgetprune.prune(budgetprune.create_model("resnet20"), train, test, budget="10x", method=method,
                                granularity="weight", out=tmp_path / "run", log=None, teacher_epochs=0, epochs=1,
-                               finetune_epochs=1, lowlr_epochs=0, progress=False)
+                               finetune_epochs=1, lowlr_epochs=0, progress=False, deploy_runtime="none")
     assert m["budget"] * 0.95 <= m["nonzero_after_finetune"] <= m["pruned"]["nonzero"] <= m["budget"]
     assert m["compaction_max_abs_diff"] <= 1e-5 and sum(v["nonzero"] for v in density(net).values()) == \
         m["nonzero_after_finetune"]

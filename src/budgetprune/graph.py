@@ -59,6 +59,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from . import attention
 from .attention import Attention
 from .errors import GraphError, first_line
+from .fx_registry import forget_unused_wraps
 from .probe import probe_channel_map, probe_channelwise
 
 #: Modules and functions that map 0 to 0 channel by channel.
@@ -132,6 +133,15 @@ class TensorInfo:
                     slots.append(torch.arange(seg.start, seg.start + seg.length))
                     chans.append(torch.arange(off, off + seg.length))
         return always, {gid: (torch.cat(sl), torch.cat(ch)) for gid, (sl, ch) in by_group.items()}
+
+    @cached_property
+    def whole_writers(self) -> frozenset[str]:
+        """The groups that write every slot of the tensor from their channel of the same index (a
+        layer's own output, passed on unchanged): their aliveness is their mask as it is."""
+        _, by_group = self.writers
+        whole = torch.arange(self.slots)
+        return frozenset(gid for gid, (slots, chans) in by_group.items()
+                         if torch.equal(slots, whole) and torch.equal(chans, whole))
 
     def always_alive(self) -> bool:
         return all(any(g is ALWAYS for g, _ in s.sources) for s in self.segments)
@@ -386,6 +396,7 @@ def parameter(modules: dict[str, nn.Module], path: str) -> torch.Tensor:
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """``torch.fx.symbolic_trace`` (attention modules kept whole) with a one-line error naming what failed."""
+    forget_unused_wraps()  # a trace patches every registered wrap: drop those of modules gone
     try:
         return fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception as exc:

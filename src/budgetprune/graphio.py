@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .architecture import SelectFeatures, build_layer, module_spec
+from .fx_registry import forget_unused_wraps
 from .errors import CheckpointError, first_line
 from .graphsafety import check_forward_source, check_keywords, check_names, device_of, dtype_of, \
     is_attribute_path, is_plain_name
@@ -83,6 +84,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """``model`` itself if it is a GraphModule, else its ``torch.fx`` trace (``SelectFeatures`` kept whole)."""
     if isinstance(model, fx.GraphModule):
         return model
+    forget_unused_wraps()  # a trace patches every registered wrap: drop those of modules gone
     try:
         graph = _Tracer().trace(model)
     except Exception as exc:
@@ -251,6 +253,7 @@ def rebuild(description: dict, state_dict: dict[str, torch.Tensor]) -> fx.GraphM
             root = _build_root(description["modules"], description["tensors"])
         graph = _build_graph(description["nodes"], description["modules"], root)
         check_forward_source(graph.python_code("self").src, _SOURCE_FUNCTIONS, METHODS, _GETATTR_NAMES)
+        forget_unused_wraps()  # its code registers its channel ops again: drop the registrations of modules gone
         gm = fx.GraphModule(root, graph, "CompactedNet")
         check_state_shapes(gm, state_dict)
         gm.to_empty(device="cpu")

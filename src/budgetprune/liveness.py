@@ -207,12 +207,16 @@ def alive(info: TensorInfo, values: dict[str, torch.Tensor], like: torch.Tensor 
 def alive_mask(info: TensorInfo, masks: dict[str, torch.Tensor]) -> torch.Tensor:
     """Boolean (slots,) aliveness for 0/1 keep-masks."""
     always, by_group = info.writers
+    whole = info.whole_writers
     out = always.clone()
     for gid, (slots, chans) in by_group.items():
-        if gid not in masks:
+        mask = masks.get(gid)
+        if mask is None:
             out[slots] = True
+        elif gid in whole and mask.numel() == info.slots:
+            out |= mask.to("cpu", torch.bool)
         else:
-            out[slots] |= masks[gid].bool().cpu()[chans]
+            out[slots] |= mask.to("cpu", torch.bool)[chans]
     return out
 
 
