@@ -11,10 +11,11 @@ paired by turns, batch 1, the ratio a median of the pairs' ratios). The target: 
 latency of the pruned network is within [0.9, 1.0] of the budget, i.e. of ``fraction`` × the
 measured latency of the unpruned network.
 
-Each run is done three times: with regular blocks, with regular blocks whose widths are padded to
-``--multiple`` channels (onnxruntime's blocked CPU convolutions need such widths; the table's grid
-widths are multiples for most layers), and with the default auto blocks (each residual space
-mixed or regular by its gathers' cost in onnxruntime) padded the same way. A runtime latency
+Each run is done three times: with regular blocks of exact widths, with regular blocks whose
+widths are padded as ``--multiple`` asks (default ``auto``, the library's default: multiples of 8
+in maps of 32 channels or more, loosened where that cannot end on the budget; onnxruntime's
+blocked CPU convolutions need such widths), and with the library's defaults (auto blocks: each
+residual space mixed or regular by its gathers' cost in onnxruntime; padded the same way). A runtime latency
 budget refuses pure mixed blocks: measured here before that refusal, their gathers (not in the
 table) drove mobilenet_v2 to 520× fewer FLOPs to meet a 2× latency budget. Untrained weights: timing does not need accuracy.
 
@@ -56,7 +57,8 @@ def arguments(argv) -> argparse.Namespace:
     p.add_argument("--fractions", default="0.5,0.25", help="latency budgets as fractions of the unpruned latency")
     p.add_argument("--size", type=int, default=224, help="pixels of the torchvision models' inputs")
     p.add_argument("--steps", type=int, default=4, help="AdamW steps before finalize")
-    p.add_argument("--multiple", type=int, default=16, help="channel multiple of the padded regular blocks")
+    p.add_argument("--multiple", default="auto", help="channel multiple of the padded runs: an integer, or auto "
+                                                       "(the library default)")
     p.add_argument("--repeats", type=int, default=50, help="timed runs per network at least (paired by turns with the other network, a second at least)")
     p.add_argument("--cache", default=str(HERE.parent / "runs" / "latency_budget" / "cache"))
     p.add_argument("--out", default=str(RESULTS))
@@ -71,10 +73,15 @@ def arguments(argv) -> argparse.Namespace:
         p.error(f"--fractions must be numbers, not {args.fractions!r}")
     if not all(0 < f < 1 for f in args.fractions):
         p.error("--fractions must lie strictly between 0 and 1")
+    if args.multiple != "auto":
+        try:
+            args.multiple = int(args.multiple)
+        except ValueError:
+            p.error(f"--multiple must be an integer or auto, not {args.multiple!r}")
     return args
 
 
-def run_one(unpruned, shape, fraction: float, block: str, multiple: int, steps: int, repeats: int) -> dict:
+def run_one(unpruned, shape, fraction: float, block: str, multiple: int | str, steps: int, repeats: int) -> dict:
     torch.manual_seed(0)
     model = copy.deepcopy(unpruned).train()
     x, y = torch.randn(2, *shape), torch.randint(0, 10, (2,))
@@ -89,7 +96,8 @@ def run_one(unpruned, shape, fraction: float, block: str, multiple: int, steps: 
     full, pruned = pruner.full[metric], report["pruned"][metric]
     measured = deployed_speed(unpruned.eval(), small, torch.zeros(1, *shape), "onnxruntime", repeats=repeats)
     tries = report.get("measured_latency", {}).get("tries", [])
-    out = {"fraction": fraction, "block": block, "channel_multiple": multiple, "finalize_tries": tries,
+    out = {"fraction": fraction, "block": block, "channel_multiple": multiple, "padding": report.get("padding"),
+           "finalize_tries": tries,
            "table_ms": {"unpruned": full, "pruned": pruned, "ratio": pruned / full},
            "measured": measured, "table_seconds": table_seconds,
            "flop_reduction": pruner.full["flops"] / report["pruned"]["flops"]}
@@ -132,6 +140,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def _padding(row: dict) -> str:
+    """How a padded run's widths ended: ``×16``, or ``auto → 8 in maps ≥ 32 ch`` (the rung kept)."""
+    if row["channel_multiple"] != "auto":
+        return f"×{row['channel_multiple']}"
+    kept = row.get("padding")  # [multiple, min_width, min_area, min_kept]
+    if not kept or kept[0] <= 1:
+        return "auto → exact"
+    floor = f"≥ {kept[1]} ch" if kept[1] else f"keeping ≥ {kept[3]} ch"
+    return f"auto → {kept[0]} in maps {floor}"
+
+
 def markdown(r: dict) -> str:
     s = r["settings"]
     lines = ["# Latency budgets measured in onnxruntime", "", f"Command: `{r['command']}`", "",
@@ -152,7 +171,7 @@ def markdown(r: dict) -> str:
         if "error" in row:
             lines.append(f"| {row['model']} | | | | failed: {row['error']} | | | | | |")
             continue
-        block = row["block"] + (f", ×{row['channel_multiple']}" if row["channel_multiple"] > 1 else "")
+        block = row["block"] + (f", {_padding(row)}" if row["channel_multiple"] != 1 else "")
         m = row["measured"]
         if "error" in m:
             lines.append(f"| {row['model']} | {row['fraction']:g} | {block} | {len(row['finalize_tries'])} | "
