@@ -536,3 +536,41 @@ def test_a_negative_scale_keeps_its_channel_alive():
     assert report["masks"]["features.0"] == [3]
     assert report["compaction_max_abs_diff"] < 1e-5
     assert float(net(x).std(dim=0).max()) > 1e-4  # the second conv was not purged to its bias
+
+
+class _CatNet(nn.Module):
+    """A layer's output read whole, through a concatenation, and as a residual sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.c, self.head = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        a = F.relu(self.a(x))
+        h = self.c(torch.cat([a, self.b(x)], 1)) + a
+        return self.head(h).mean((2, 3))
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: budgetprune.create_model("resnet20"), (1, 1, 28, 28)),
+                                         (_CatNet, (1, 3, 8, 8))])
+def test_aliveness_of_every_tensor_follows_its_segments(make, shape):
+    """:func:`alive_mask` (with its shortcut for a layer's output read whole) against each slot's
+    writers read straight from the graph's segments."""
+    from budgetprune.graph import ALWAYS, ChannelGraph
+    from budgetprune.liveness import alive_mask
+
+    torch.manual_seed(0)
+    graph = ChannelGraph.build(make(), torch.randn(*shape))
+    assert any(info.whole_writers for info in graph.tensors.values())
+    for trial in range(5):
+        masks = {gid: torch.rand(g.channels) < 0.5 for gid, g in graph.groups.items()}
+        if trial == 4:
+            masks.pop(next(iter(masks)))  # a group without a mask is kept whole
+        for name, info in graph.tensors.items():
+            expected = torch.zeros(info.slots, dtype=torch.bool)
+            for seg in info.segments:
+                for j in range(seg.length):
+                    expected[seg.start + j] |= any(
+                        g is ALWAYS or g not in masks or bool(masks[g][off + j]) for g, off in seg.sources)
+            assert torch.equal(alive_mask(info, masks), expected), name

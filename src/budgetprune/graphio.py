@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .architecture import SelectFeatures, build_layer, module_spec
-from .fx_registry import forget_unused_wraps
 from .errors import CheckpointError, first_line
+from .fx_registry import forget_unused_wraps
 from .graphsafety import check_forward_source, check_keywords, check_names, device_of, dtype_of, \
     is_attribute_path, is_plain_name
 from .ops import CHANNEL_OPS, SelfAttention
