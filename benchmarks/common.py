@@ -208,3 +208,20 @@ def write_results(out: str | Path, name: str, record: dict, page: str) -> Path:
     io.write_json(out / f"{name}.json", record)
     io.write_text(out / f"{name}.md", page if page.endswith("\n") else page + "\n")
     return out
+
+
+def padding_label(padding: list | None) -> str:
+    """A short name for the padding a finalize kept (its report's ``padding``: multiple, min_width,
+    min_area, min_kept): ``8 in maps ≥ 32 ch``, ``8 where ≥ 32 ch kept``, ``×16``, ``exact``; ``–``
+    for a result that does not record it (before the auto padding)."""
+    if not padding:
+        return "–"
+    multiple, min_width, _, min_kept = padding
+    if multiple <= 1:
+        return "exact"
+    if min_width:
+        return f"{multiple} in maps ≥ {min_width} ch"
+    if min_kept:
+        return f"{multiple} where ≥ {min_kept} ch kept"
+    return f"×{multiple}"
+

@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HERE, RESULTS, pruning_steps, source_state, write_results  # noqa: E402
+from common import HERE, RESULTS, padding_label, pruning_steps, source_state, write_results  # noqa: E402
 from deploy_speed import REGISTRY, TORCHVISION, build  # noqa: E402
 from torchvision_models import import_torchvision  # noqa: E402
 
@@ -141,14 +141,10 @@ def main(argv=None) -> int:
 
 
 def _padding(row: dict) -> str:
-    """How a padded run's widths ended: ``×16``, or ``auto → 8 in maps ≥ 32 ch`` (the rung kept)."""
+    """How a padded run's widths ended: ``×16``, or ``auto → 8 in maps ≥ 32 ch`` (the padding kept)."""
     if row["channel_multiple"] != "auto":
         return f"×{row['channel_multiple']}"
-    kept = row.get("padding")  # [multiple, min_width, min_area, min_kept]
-    if not kept or kept[0] <= 1:
-        return "auto → exact"
-    floor = f"≥ {kept[1]} ch" if kept[1] else f"keeping ≥ {kept[3]} ch"
-    return f"auto → {kept[0]} in maps {floor}"
+    return f"auto → {padding_label(row.get('padding'))}"
 
 
 def markdown(r: dict) -> str:

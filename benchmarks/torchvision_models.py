@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, pruning_steps, source_state  # noqa: E402
+from common import RESULTS, padding_label, pruning_steps, source_state  # noqa: E402
 
 import budgetprune  # noqa: E402
 from budgetprune import Pruner  # noqa: E402
@@ -111,6 +111,7 @@ def one(models, name: str, size: int, budget: str, steps: int) -> dict:
         with torch.no_grad():
             row["output_scale"] = float(small(x).abs().max())  # the difference below is relative to it
         metric = pruner.budget.metric
+        row["padding"] = report.get("padding")  # the padding finalize kept: [multiple, min_width, min_area, min_kept]
         row.update(budget_ratio=report["pruned"][metric] / pruner.budget.absolute(pruner.graph),
                    compaction_max_abs_diff=report["compaction_max_abs_diff"],
                    flops_reduction=pruner.full["flops"] / report["pruned"]["flops"],
@@ -134,20 +135,20 @@ def one(models, name: str, size: int, budget: str, steps: int) -> dict:
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| model | prunable channels | V/B | compaction diff (relative) | FLOPs ÷ | params ÷ | file | load diff | "
-             "seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | prunable channels | V/B | widths | compaction diff (relative) | FLOPs ÷ | params ÷ | file | "
+             "load diff | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         share = f"{r['prunable_share']:.0%} ({r['prunable_channels']}/{r['channels']})" if "prunable_share" in r else "–"
         if "error" in r and "budget_ratio" not in r:
             lines.append(f"| {r['model']} | {share} | failed at {r['failed_at']}: {r['error'].replace('|', '/')} "
-                         f"| | | | | | {r['seconds']:.0f} |")
+                         f"| | | | | | | {r['seconds']:.0f} |")
             continue
         tail = (f"{r['file']} | {r['load_max_abs_diff']:.1e}" if "load_max_abs_diff" in r
                 else f"failed at {r.get('failed_at')}: {r.get('error', '').replace('|', '/')} | –")
         scale = r.get("output_scale", 1.0)
         diff = f"{r['compaction_max_abs_diff'] / scale:.1e}" if scale > 0 else "outputs are 0"
-        lines.append(f"| {r['model']} | {share} | {r['budget_ratio']:.4f} | {diff} | "
+        lines.append(f"| {r['model']} | {share} | {r['budget_ratio']:.4f} | {padding_label(r.get('padding'))} | {diff} | "
                      f"{r['flops_reduction']:.2f} | {r['params_reduction']:.2f} | {tail} | {r['seconds']:.0f} |")
     return lines
 
