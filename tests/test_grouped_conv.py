@@ -199,3 +199,24 @@ def test_per_channel_quantities_computed_together_equal_each_gates_own(method):
         assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(gates)
         for k in grads[0]:
             torch.testing.assert_close(grads[0][k], grads[1][k], msg=k)
+
+
+def test_padded_widths_leave_a_grouped_conv_s_tied_channels_exact():
+    """Three conv groups: a width padded to a multiple of 8 would not split into equal groups (it
+    stopped finalize: "80 kept channels cannot split into 3 equal groups"; RegNet's 25 groups
+    likewise), so the spaces of tied channels keep their exact (whole-unit) widths while the rest
+    is padded: the default padding finalizes, meets the budget and compacts with equal outputs."""
+    torch.manual_seed(0)
+    model = Bottleneck(c=48, width=96, groups=3)
+    randomise_batchnorms(model)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    pruner = Pruner(model, x, "flops=0.5", total_steps=2, method="magnitude")
+    assert pruner.graph.groups["c1"].units == 32  # 96 channels tied with a period of 32
+    optimizer = torch.optim.SGD(pruner.parameters(lr=1e-3), lr=1e-3)
+    pruning_steps(model, pruner, optimizer, [(x, y)] * 2)
+    small, report = pruner.finalize(x)
+    assert report["padding"][0] == 8 and report["compaction_max_abs_diff"] <= 1e-5
+    assert 0.95 <= report["pruned"]["flops"] / pruner.budget.absolute(pruner.graph) <= 1.0
+    convs = dict(small.named_modules())
+    assert convs["c2"].groups == 3 and convs["c2"].out_channels % 3 == 0
+    assert convs["stem"].out_channels % 8 == 0  # the residual stream (48 channels) is padded

@@ -366,8 +366,13 @@ def regular_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], padding: Pad
 
 def tied_spaces(graph: ChannelGraph) -> set[str]:
     """Spaces whose channel positions are tied to another tensor's by a concatenation, split or
-    channel shuffle, and an attention's heads: they keep regular widths, unpadded."""
+    channel shuffle, an attention's heads, and the spaces a grouped convolution's tied channels
+    write (kept in whole units, one channel per conv group: a padded width would not split into
+    equal groups, e.g. RegNet's 25 groups): they keep regular widths, unpadded."""
     tied = set()
+    grouped = {gid for gid, g in graph.groups.items() if g.units < g.channels}
+    if grouped:
+        tied.update(name for name, info in graph.tensors.items() if info.sources() & grouped)
     for name, parts in graph.cats.items():
         tied.update((name, *parts))
     for src, pieces in graph.splits.values():
