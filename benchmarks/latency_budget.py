@@ -44,6 +44,7 @@ from deploy_speed import REGISTRY, TORCHVISION, build  # noqa: E402
 from torchvision_models import import_torchvision  # noqa: E402
 
 from budgetprune import Pruner  # noqa: E402
+from budgetprune.cli import channel_multiple_arg  # noqa: E402
 from budgetprune.runtimes import deployed_speed  # noqa: E402
 
 MODELS = ["resnet20", "resnet18", "mobilenet_v2"]
@@ -57,8 +58,8 @@ def arguments(argv) -> argparse.Namespace:
     p.add_argument("--fractions", default="0.5,0.25", help="latency budgets as fractions of the unpruned latency")
     p.add_argument("--size", type=int, default=224, help="pixels of the torchvision models' inputs")
     p.add_argument("--steps", type=int, default=4, help="AdamW steps before finalize")
-    p.add_argument("--multiple", default="auto", help="channel multiple of the padded runs: an integer, or auto "
-                                                       "(the library default)")
+    p.add_argument("--multiple", type=channel_multiple_arg, default="auto",
+                   help="channel multiple of the padded runs: a whole number, or auto (the library default)")
     p.add_argument("--repeats", type=int, default=50, help="timed runs per network at least (paired by turns with the other network, a second at least)")
     p.add_argument("--cache", default=str(HERE.parent / "runs" / "latency_budget" / "cache"))
     p.add_argument("--out", default=str(RESULTS))
@@ -73,11 +74,6 @@ def arguments(argv) -> argparse.Namespace:
         p.error(f"--fractions must be numbers, not {args.fractions!r}")
     if not all(0 < f < 1 for f in args.fractions):
         p.error("--fractions must lie strictly between 0 and 1")
-    if args.multiple != "auto":
-        try:
-            args.multiple = int(args.multiple)
-        except ValueError:
-            p.error(f"--multiple must be an integer or auto, not {args.multiple!r}")
     return args
 
 
