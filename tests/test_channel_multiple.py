@@ -247,15 +247,21 @@ def test_cli_run_with_padded_widths(tmp_path, capsys):
 
 
 def test_padding_targets_by_hand():
-    """``channel_multiple="auto"``'s paddings, hand-worked: multiples of 8 in feature maps of 32
-    channels or more, then in those that keep 32 channels or more, then exact widths."""
-    assert auto_paddings() == ((8, 32, 2, 0), (8, 0, 2, 32), (1, 0, 1, 0))
-    wide = auto_paddings()[0]
+    """``channel_multiple="auto"``'s paddings, hand-worked: multiples of 8 in every feature map,
+    then in feature maps of 32 channels or more, then in those that keep 32 channels or more, then
+    exact widths."""
+    assert auto_paddings() == ((8, 0, 2, 0), (8, 32, 2, 0), (8, 0, 2, 32), (1, 0, 1, 0))
+    maps = auto_paddings()[0]
+    assert maps.target(3, 16, 784) == 8 and maps.target(9, 16, 784) == 16 and maps.target(13, 20, 49) == 16
+    assert maps.target(17, 20, 49) == 20  # capped at the full width
+    assert maps.target(13, 120, 1) == 13  # (batch, features): exact
+    assert maps.describe() == "widths padded to multiples of 8 (tensors of (batch, features) exact)"
+    wide = auto_paddings()[1]
     assert wide.target(13, 64, 49) == 16 and wide.target(3, 32, 49) == 8 and wide.target(3, 31, 49) == 3
     assert wide.target(13, 120, 1) == 13  # (batch, features): exact
     assert wide.describe() == ("widths padded to multiples of 8 (tensors under 32 channels or of (batch, features) "
                                "exact)")
-    auto = auto_paddings()[1]
+    auto = auto_paddings()[2]
     assert auto.target(33, 64, 49) == 40 and auto.target(32, 64, 49) == 32 and auto.target(63, 64, 49) == 64
     assert auto.target(33, 36, 4) == 36  # capped at the full width
     assert auto.target(0, 64, 49) == 0  # a dead tensor stays dead
@@ -280,13 +286,14 @@ def test_padding_targets_by_hand():
         assert (again.gather_cost, again.mixed) == (5.0, {"x"})
 
 
-@pytest.mark.parametrize("rung", [0, 1])
+@pytest.mark.parametrize("rung", [0, 1, 2])
 @pytest.mark.parametrize("kind", ["regular", "mixed"])
 @pytest.mark.parametrize("name", ["resnet20", "wrn"])
-def test_auto_padding_pads_wide_tensors_and_leaves_narrow_ones_exact(name, kind, rung):
-    """Tensors narrower than 32 channels (resnet20's 16-channel stage), or with the second
-    padding of ``"auto"`` those that keep fewer than 32, keep their exact widths; the others pad to
-    multiples of 8; the compacted network still computes the gated one."""
+def test_auto_padding_pads_feature_maps_and_leaves_the_others_exact(name, kind, rung):
+    """With the first padding of ``"auto"`` every feature map pads to a multiple of 8 (resnet20's
+    16-channel stage too); with the second, tensors narrower than 32 channels keep their exact
+    widths, with the third those that keep fewer than 32; the compacted network still computes
+    the gated one."""
     model, graph = make_model(name)
     bar = attach_random(model, graph, seed=5)
     masks = bar.keep_masks()
@@ -297,17 +304,19 @@ def test_auto_padding_pads_wide_tensors_and_leaves_narrow_ones_exact(name, kind,
     area = {}  # a space is padded alike, by its largest map (a pooled map keeps the set of the map it pools)
     for t, space in graph.spaces.items():
         area[space] = max(area.get(space, 0), graph.tensors[t].area)
-    narrow_unaligned = grew = 0
+    narrow_unaligned = grew = narrow_grew = 0
     for t, s in padded.items():
         n, full, before = int(s.sum()), s.numel(), int(exact[t].sum())
         assert bool((s | exact[t]).eq(s).all()), t
-        if (full if rung == 0 else before) < 32 or area[graph.spaces[t]] < 2 or t in tied:
+        if (32, full, before)[rung] < 32 or area[graph.spaces[t]] < 2 or t in tied:
             assert torch.equal(s, exact[t]), t
             narrow_unaligned += n % 8 != 0
         else:
             assert n == 0 or _aligned(n, full, 8), (t, n, full)
             grew += n - before
+            narrow_grew += full < 32 and n > before
     assert narrow_unaligned > 0 and grew > 0  # both kinds of tensor are there to tell apart
+    assert bool(narrow_grew) == (rung == 0)  # narrow maps pad only with the first
     torch.manual_seed(1)
     x = torch.randn(4, 1, 28, 28)
     check_compaction(model, graph, bar, masks, x, mode)
@@ -321,7 +330,7 @@ def test_pruner_with_auto_padding_pads_feature_maps_and_its_plan_replays(tmp_pat
     exact = budgetprune.Pruner(budgetprune.create_model("resnet20"), x, "flops=0.4", total_steps=3, channel_multiple=1)
     assert exact.block.multiple == 1
     pruner = budgetprune.Pruner(model, x, "flops=0.4", total_steps=3, method="magnitude")  # auto by default
-    assert pruner.block.padding() == auto_paddings()[0] == (8, 32, 2, 0)  # the first to try
+    assert pruner.block.padding() == auto_paddings()[0] == (8, 0, 2, 0)  # the first to try
     optimizer = torch.optim.SGD(pruner.parameters(lr=0.01), lr=0.01)
     pruning_steps(model, pruner, optimizer, [(x, y)] * 3)
     small, report = pruner.finalize(x)
@@ -331,12 +340,11 @@ def test_pruner_with_auto_padding_pads_feature_maps_and_its_plan_replays(tmp_pat
     originals = dict(reference.named_modules())
     widths = [(conv.out_channels, originals[layer].out_channels) for layer, conv in small.named_modules()
               if isinstance(conv, nn.Conv2d)]
-    assert report["padding"] == [8, 32, 2, 0] and pruner.block.padding() == auto_paddings()[0]  # it ended on budget
+    assert report["padding"] == [8, 0, 2, 0] and pruner.block.padding() == auto_paddings()[0]  # it ended on budget
     assert report["pruned"]["flops"] >= 0.95 * pruner.budget.absolute(pruner.graph)
-    assert all(_aligned(n, full, 8) for n, full in widths if full >= 32)
-    assert any(n % 8 for n, _ in widths)  # the 16-channel stage keeps exact widths
+    assert all(_aligned(n, full, 8) for n, full in widths)  # the 16-channel stage too
     plan = small.budgetprune_plan
-    assert (plan["channel_multiple"], plan["pad_min_width"], plan["pad_min_area"], plan["version"]) == (8, 32, 2, 2)
+    assert (plan["channel_multiple"], plan["pad_min_area"], plan["version"]) == (8, 2, 2) and "pad_min_width" not in plan
     again = replay(plan, reference, small.state_dict())
     with torch.no_grad():
         assert torch.allclose(again(x), small(x), atol=1e-6)
@@ -355,7 +363,8 @@ def test_plan_with_a_bad_padding_floor_is_refused(field, what, bad):
         check_plan(plan)
 
 
-@pytest.mark.parametrize("padding, version", [(Padding(8), 1), (Padding(8, 32, 2), 2), (auto_paddings()[1], 3)])
+@pytest.mark.parametrize("padding, version", [(Padding(8), 1), (Padding(8, 32, 2), 2), (auto_paddings()[0], 2),
+                                              (auto_paddings()[2], 3)])
 def test_a_plan_is_written_at_the_lowest_version_that_reads_it_and_replays(padding, version):
     """A plan padded by the full width (as written before kept counts set the floor) still
     replays to the same network, and a plan names only the floors its padding has."""
@@ -407,12 +416,13 @@ def test_auto_padding_leaves_a_fully_connected_network_exact():
     assert not all(torch.equal(s, exact[t]) for t, s in slot_sets(graph, masks, BlockMode("regular", 8)).items())
 
 
-@pytest.mark.parametrize("budget, method, rung", [("flops=0.125", "magnitude", 0), ("flops=0.125", "bar", 1),
-                                                  ("flops=0.2", "bar", 2)])
+@pytest.mark.parametrize("budget, method, rung", [("flops=0.125", "magnitude", 0), ("flops=0.25", "bar", 1),
+                                                  ("flops=0.35", "magnitude", 2), ("flops=0.15", "bar", 3)])
 def test_auto_padding_falls_back_to_a_finer_one_where_steps_of_8_cannot_end_on_the_budget(budget, method, rung):
-    """On LeNet-5 (20-50-500) a step of 8 channels of its 50-channel conv is a large share of a
-    small budget: where the padded network ends under 0.95 of its budget, finalize pads only maps
-    that keep 32 channels or more, then keeps exact widths, and the run ends within [0.95, 1]; the
+    """On LeNet-5 (20-50-500) a step of 8 channels of its convs is a large share of a small
+    budget: where the padded network ends under 0.95 of its budget, finalize pads only maps of 32
+    channels or more, then maps that keep 32 or more, then keeps exact widths, and the run ends
+    within [0.95, 1]; the
     plan names the padding kept and replays. An explicit multiple is never loosened, nor is any
     padding without the fill (a network may then end under its budget by the method's choice)."""
     def finalized(**options):
@@ -434,7 +444,7 @@ def test_auto_padding_falls_back_to_a_finer_one_where_steps_of_8_cannot_end_on_t
     counted = budgetprune.ChannelGraph.build(small, x[:1])
     assert CostModel(counted, "flops").full() == pytest.approx(report["pruned"]["flops"], rel=1e-9)
     plan = small.budgetprune_plan
-    assert plan["version"] == (2, 3, 1)[rung]
+    assert plan["version"] == (2, 2, 3, 1)[rung]
     fresh = budgetprune.create_model("lenet5")
     with torch.no_grad():
         assert torch.allclose(replay(plan, fresh, small.state_dict())(x), small(x), atol=1e-6)
@@ -446,3 +456,79 @@ def test_auto_padding_falls_back_to_a_finer_one_where_steps_of_8_cannot_end_on_t
         assert widths[-1] == 10 and all(n % 8 == 0 or n in (20, 50, 500) for n in widths[:-1])
         _, _, report, fallbacks, _ = finalized(fill=False)
         assert report["padding"] == list(auto_paddings()[0]) and not fallbacks
+
+
+def test_auto_padding_that_cannot_meet_the_budget_at_all_says_so_and_tries_the_next():
+    """LeNet-5 at a tenth of its FLOPs: with both convs padded to multiples of 8 no set of
+    channels fits the budget; finalize logs why and ends, with a finer padding, within
+    [0.95, 1] of it."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 28, 28)
+    logs = []
+    pruner = budgetprune.Pruner(budgetprune.create_model("lenet5"), x, "flops=0.1", total_steps=1,
+                                method="magnitude", log=logs.append, deploy_runtime="none")
+    pruner.step()
+    _, report = pruner.finalize()
+    assert logs[0].startswith(f"{auto_paddings()[0].describe()}: cannot meet the budget (")
+    assert logs[0].endswith(f"; trying {auto_paddings()[1].describe()}")
+    assert report["padding"] != list(auto_paddings()[0])
+    assert 0.95 <= report["pruned"]["flops"] / pruner.budget.absolute(pruner.graph) <= 1.0
+
+
+@pytest.mark.parametrize("name", ["resnet20", "wrn"])
+def test_padded_mixed_tensors_stay_within_the_regular_block_s_padded_set(name):
+    """A padded mixed tensor pads with channels its residual space keeps elsewhere first, then
+    with the ones a regular block pads with: every tensor keeps a subset of the regular block's
+    padded set, so a mixed block never costs more than a regular one of the same masks. Padded
+    with its own lowest-numbered free channels (plans before version 4), the sums add up the
+    different paddings and keep more than the regular block."""
+    padding = auto_paddings()[0]
+    tied = None
+    legacy_over = 0
+    for seed in range(4):
+        model, graph = make_model(name)
+        bar = attach_random(model, graph, seed=seed)
+        masks = bar.keep_masks()
+        tied = _tied(graph)
+        regular = slot_sets(graph, masks, BlockMode("regular", padding))
+        mixed = slot_sets(graph, masks, BlockMode("mixed", padding))
+        legacy = slot_sets(graph, masks, BlockMode("mixed", padding, pad_within_space=False))
+        exact = slot_sets(graph, masks, "mixed")
+        for t in regular:
+            if t in tied:
+                continue
+            assert bool((mixed[t] & ~regular[t]).sum() == 0), (seed, t)
+            assert bool((exact[t] & ~mixed[t]).sum() == 0) and _aligned(int(mixed[t].sum()), mixed[t].numel(), 8) \
+                or graph.tensors[t].area < 2 or int(mixed[t].sum()) == int(exact[t].sum()), (seed, t)
+            legacy_over += int((legacy[t] & ~regular[t]).sum())
+        for metric in ("flops", "volume"):
+            assert CostModel(graph, metric, BlockMode("mixed", padding)).hard(masks) <= \
+                CostModel(graph, metric, BlockMode("regular", padding)).hard(masks)
+        x = torch.randn(4, 1, 28, 28)
+        check_compaction(model, graph, bar, masks, x, BlockMode("mixed", padding))
+    assert legacy_over > 0 or name == "resnet20"  # the earlier padding kept channels outside it (in wrn)
+
+
+def test_a_padded_mixed_plan_replays_with_the_padding_it_was_written_with():
+    """A padded mixed plan is written at version 4 (pads within the space) and replays to the
+    same network; one compacted the earlier way is written at the version before and replays
+    that way, although the two networks differ."""
+    from budgetprune.compact import compact
+    from budgetprune.plan import make_plan
+
+    gated, gated_graph = make_model("resnet20")
+    masks = attach_random(gated, gated_graph, seed=1).keep_masks()
+    x = torch.randn(2, 1, 28, 28)
+    shapes = []
+    for within, version in ((True, 4), (False, 2)):
+        model, graph = make_model("resnet20")
+        mode = BlockMode("mixed", auto_paddings()[0], pad_within_space=within)
+        net = compact(model, graph, masks, mode=mode)
+        plan = json.loads(json.dumps(make_plan(graph, masks, block=mode, granularity="channel", gate_inputs=False)))
+        assert plan["version"] == version
+        again = replay(plan, model, net.state_dict())
+        with torch.no_grad():
+            assert torch.equal(again(x), net.eval()(x))
+        shapes.append(net.state_dict())
+    assert shapes[0].keys() != shapes[1].keys() or \
+        any(v.shape != shapes[1][k].shape or not torch.equal(v, shapes[1][k]) for k, v in shapes[0].items())

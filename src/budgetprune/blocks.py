@@ -83,7 +83,8 @@ def choose_blocks(graph: ChannelGraph, eff: dict[str, torch.Tensor], mode: Block
     (:func:`budgetprune.resources.layer_costs`) the saving is counted with."""
     padding = padding_of(mode)
     alive = alive_sets(graph, eff)
-    regular, mixed = regular_sets(graph, eff, padding, alive), mixed_sets(graph, eff, padding, alive)
+    regular = regular_sets(graph, eff, padding, alive)
+    mixed = mixed_sets(graph, eff, padding, alive, within_space=getattr(mode, "pad_within_space", True))
     differ = {graph.spaces[n] for n in regular if not torch.equal(regular[n], mixed[n])} - tied_spaces(graph)
     if not differ:
         return mode.chosen(frozenset()), regular

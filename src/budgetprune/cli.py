@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel-multiple", type=channel_multiple_arg,
                    help="pad every kept width to a multiple of this many channels, counted in the budget "
                         "(onnxruntime's fast CPU convolutions need 8, or 16 with AVX-512); 1: exact widths; default "
-                        "auto: multiples of 8 in feature maps of 32 channels or more, the others exact, loosened "
-                        "where that cannot end within 0.95 of the budget")
+                        "auto: multiples of 8 in feature maps and token tensors, (batch, features) exact, "
+                        "loosened (maps of 32 channels or more, then those keeping 32 or more, then exact) where "
+                        "that cannot end within 0.95 of the budget")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     n = sub.add_parser("inspect", help="what in a model can be pruned, what cannot and why, and its costs")

@@ -24,8 +24,9 @@ away disappears as a whole (automatic depth determination, seed 001 section 4.1)
   operands keep. A :class:`Padding` can leave tensors exact: those narrower than ``min_width``
   channels, with fewer than ``min_area`` positions (a (batch, features) tensor has one), or that
   keep fewer than ``min_kept`` channels (``channel_multiple="auto"``, the default,
-  :func:`auto_paddings`: multiples of 8 in feature maps and token tensors of 32 channels or
-  more, or where that ends too far under the budget, in those that keep 32 or more).
+  :func:`auto_paddings`: multiples of 8 in every feature map and token tensor, or where that
+  ends too far under the budget, in those of 32 channels or more, then in those that keep 32 or
+  more).
 """
 
 from __future__ import annotations
@@ -39,17 +40,19 @@ from .graph import ADD_FUNCTIONS, MUL_FUNCTIONS, ChannelGraph, TensorInfo
 MODES = ("mixed", "regular", "auto")
 
 #: The paddings ``channel_multiple="auto"`` (the default) tries, in turn (:func:`auto_paddings`):
-#: multiples of :data:`AUTO_MULTIPLE` in feature maps and token tensors (more than one position)
-#: at least :data:`AUTO_MIN_WIDTH` channels wide; the same only where a tensor keeps at least
-#: :data:`AUTO_MIN_KEPT` channels; exact widths. onnxruntime's CPU convolutions block channels by
-#: 8 (AVX2) or 16 (AVX-512), and a network with unaligned widths can run slower than the unpruned
-#: one (resnet20 and mobilenet_v2 at 2× fewer FLOPs, exact widths, ran at 0.73× and 0.84× of it in
-#: onnxruntime at batch 16; padded at 1.64× and 1.92×: ``benchmarks/results/deploy_speed_auto``);
-#: a layer of 16 channels would lose most of its choices to a multiple of 8, and a fully connected
-#: layer over (batch, features) gains little from it. On a small network a step of 8 channels can
-#: be too coarse to end on the budget (LeNet-5's 50-channel conv padded left two short test runs at
-#: 0.87 and 0.93 of their FLOP budget: it kept 24), so finalize falls back to the next padding
-#: when a network ends under :data:`budgetprune.budget.FILLED` of its budget.
+#: multiples of :data:`AUTO_MULTIPLE` in every feature map and token tensor (more than one
+#: position); the same only in those at least :data:`AUTO_MIN_WIDTH` channels wide; only where a
+#: tensor keeps at least :data:`AUTO_MIN_KEPT` channels; exact widths. onnxruntime's CPU
+#: convolutions block channels by 8 (AVX2) or 16 (AVX-512), and a network with unaligned widths
+#: can run slower than the unpruned one (resnet20 and mobilenet_v2 at 2× fewer FLOPs, exact
+#: widths, ran at 0.73× and 0.84× of it in onnxruntime at batch 16; padded at 1.64× and 1.92×:
+#: ``benchmarks/results/deploy_speed_auto``). Narrow maps matter too: with its 16-channel stage
+#: left exact, resnet20 at 2× ran 1.38× faster there, padded to 8 everywhere 1.91×
+#: (``benchmarks/results/deploy_speed_resnet20_paddings``). A fully connected layer over
+#: (batch, features) gains little from it. On a small network a step of 8 channels can be too
+#: coarse to end on the budget (LeNet-5 (20-50-500), both convs padded, ended at 0.79 of a quarter
+#: of its FLOPs in a short test run), so finalize falls back to the next padding when a network
+#: ends under :data:`budgetprune.budget.FILLED` of its budget or cannot meet it.
 AUTO_MULTIPLE = 8
 AUTO_MIN_WIDTH = 32
 AUTO_MIN_KEPT = 32
@@ -65,13 +68,17 @@ class BlockMode(str):
     that take a mode all count and build the same padded widths. An ``"auto"`` mode also carries
     ``gather_cost`` (what a mixed sum costs to run, in multiply-adds per channel of its result
     at each position: :mod:`budgetprune.blocks`) and, once chosen for given masks, ``mixed``:
-    the spaces (:attr:`budgetprune.graph.ChannelGraph.spaces` keys) kept mixed."""
+    the spaces (:attr:`budgetprune.graph.ChannelGraph.spaces` keys) kept mixed.
+    ``pad_within_space`` (the default) pads a mixed tensor with channels its residual space
+    keeps elsewhere first (:func:`_pad_mixed`); False, how plans before version 4 were compacted,
+    with the lowest-numbered channels it does not keep."""
 
     gather_cost: float
     mixed: frozenset[str] | None
+    pad_within_space: bool
 
     def __new__(cls, kind: str, padding: "int | Padding" = 1, gather_cost: float = 0.0,
-                mixed: frozenset[str] | None = None) -> "BlockMode":
+                mixed: frozenset[str] | None = None, pad_within_space: bool = True) -> "BlockMode":
         if kind not in MODES:
             raise ValueError(f"unknown block mode '{kind}': choose one of {', '.join(MODES)}")
         if not isinstance(padding, Padding):
@@ -83,6 +90,7 @@ class BlockMode(str):
         mode = super().__new__(cls, kind)
         mode._padding, mode.gather_cost = padding, float(gather_cost)
         mode.mixed = frozenset(mixed) if mixed is not None else None
+        mode.pad_within_space = bool(pad_within_space)
         return mode
 
     @property
@@ -94,18 +102,19 @@ class BlockMode(str):
 
     def chosen(self, mixed: frozenset[str]) -> "BlockMode":
         """This auto mode with its mixed spaces chosen."""
-        return BlockMode(str(self), self._padding, self.gather_cost, mixed)
+        return BlockMode(str(self), self._padding, self.gather_cost, mixed, self.pad_within_space)
 
     def exact(self) -> "BlockMode":
         """The same mode without padding."""
-        return BlockMode(str(self), 1, self.gather_cost, self.mixed)
+        return BlockMode(str(self), 1, self.gather_cost, self.mixed, self.pad_within_space)
 
     def __reduce__(self):
-        return BlockMode, (str(self), self._padding, self.gather_cost, self.mixed)
+        return BlockMode, (str(self), self._padding, self.gather_cost, self.mixed, self.pad_within_space)
 
     def __repr__(self) -> str:
         extra = f", gather_cost={self.gather_cost:g}" if str(self) == "auto" else ""
         extra += f", mixed={sorted(self.mixed)}" if self.mixed is not None else ""
+        extra += ", pad_within_space=False" if not self.pad_within_space else ""
         return f"BlockMode({str(self)!r}, {self._padding!r}{extra})"
 
 
@@ -169,7 +178,7 @@ class Padding(tuple):
 
 def auto_paddings() -> tuple[Padding, ...]:
     """The paddings ``channel_multiple="auto"`` tries in turn (see :data:`AUTO_MULTIPLE`)."""
-    return (Padding(AUTO_MULTIPLE, AUTO_MIN_WIDTH, AUTO_MIN_AREA),
+    return (Padding(AUTO_MULTIPLE, 0, AUTO_MIN_AREA), Padding(AUTO_MULTIPLE, AUTO_MIN_WIDTH, AUTO_MIN_AREA),
             Padding(AUTO_MULTIPLE, 0, AUTO_MIN_AREA, AUTO_MIN_KEPT), Padding())
 
 
@@ -277,16 +286,17 @@ def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "
         raise ValueError(f"unknown block mode '{mode}': choose one of {', '.join(MODES)}")
     eff = effective_masks(graph, masks) if purge else masks
     padding = padding_of(mode)
+    within = getattr(mode, "pad_within_space", True)
     if kind == "mixed":
-        return mixed_sets(graph, eff, padding)
+        return mixed_sets(graph, eff, padding, within_space=within)
     if kind == "regular":
         return regular_sets(graph, eff, padding)
     chosen = getattr(mode, "mixed", None)
     if chosen is None:
         raise ValueError("internal error: an auto block mode reached slot_sets before its sums were chosen")
     alive = alive_sets(graph, eff)
-    return combine_sets(graph, regular_sets(graph, eff, padding, alive), mixed_sets(graph, eff, padding, alive),
-                        chosen)
+    return combine_sets(graph, regular_sets(graph, eff, padding, alive),
+                        mixed_sets(graph, eff, padding, alive, within_space=within), chosen)
 
 
 def alive_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -309,13 +319,13 @@ def _members(graph: ChannelGraph) -> dict[str, list[str]]:
 
 
 def mixed_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], padding: Padding = Padding(),
-               alive: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+               alive: dict[str, torch.Tensor] | None = None, within_space: bool = True) -> dict[str, torch.Tensor]:
     """Mixed blocks: each tensor keeps its alive channels (``eff``: purged masks; ``alive``: their
     :func:`alive_sets` if already computed), padded as ``padding`` asks, tensor by tensor
-    (:func:`_pad_mixed`)."""
+    (:func:`_pad_mixed`; ``within_space``: with its space's other channels first)."""
     sets = {n: a.clone() for n, a in alive.items()} if alive is not None else alive_sets(graph, eff)
     if padding.multiple > 1:
-        _pad_mixed(graph, sets, padding)
+        _pad_mixed(graph, sets, padding, within_space)
     return sets
 
 
@@ -391,16 +401,20 @@ def combine_sets(graph: ChannelGraph, regular: dict[str, torch.Tensor], mixed: d
     return {name: (mixed if graph.spaces[name] in keep_mixed else regular)[name].clone() for name in regular}
 
 
-def _padded(kept: torch.Tensor, padding: Padding, area: int) -> torch.Tensor:
-    """``kept`` (of a tensor of ``area`` positions) with its lowest-numbered other channels added
-    until its count is what ``padding`` asks (:meth:`Padding.target`: a multiple, or the full
-    width; an empty set stays empty, a tensor the padding leaves alone exact)."""
+def _padded(kept: torch.Tensor, padding: Padding, area: int, prefer: torch.Tensor | None = None) -> torch.Tensor:
+    """``kept`` (of a tensor of ``area`` positions) with other channels added until its count is
+    what ``padding`` asks (:meth:`Padding.target`: a multiple, or the full width; an empty set
+    stays empty, a tensor the padding leaves alone exact): those in ``prefer`` first, then the
+    lowest-numbered others."""
     n = int(kept.sum())
     target = padding.target(n, kept.numel(), area)
     if target == n:
         return kept
     padded = kept.clone()
-    padded[torch.nonzero(~kept).flatten()[:target - n]] = True
+    free = ~kept
+    order = torch.nonzero(free).flatten() if prefer is None else \
+        torch.cat([torch.nonzero(free & prefer).flatten(), torch.nonzero(free & ~prefer).flatten()])
+    padded[order[:target - n]] = True
     return padded
 
 
@@ -443,20 +457,32 @@ def channel_sums(graph: ChannelGraph) -> list[tuple[str, tuple[str, ...]]]:
     return sums
 
 
-def _pad_mixed(graph: ChannelGraph, sets: dict[str, torch.Tensor], padding: Padding) -> None:
+def _pad_mixed(graph: ChannelGraph, sets: dict[str, torch.Tensor], padding: Padding,
+               within_space: bool = True) -> None:
     """Pad each tensor's kept channels (mixed blocks) as ``padding`` asks (a multiple, or its
     full width), in place. Tensors passed through unchanged keep one set; a sum keeps every channel
     its operands keep (widened, then padded again, in execution order), so every mixed sum
     still adds a subset of its result's channels. Spaces tied by a concatenation, split or
-    shuffle keep their widths."""
+    shuffle keep their widths.
+
+    ``within_space``: a tensor pads first with channels other tensors of its residual space keep
+    (their union ``U``), then with the lowest-numbered others, the channels a regular block pads
+    ``U`` with; so every padded set, and every sum of them, stays within the regular block's
+    padded set, and a mixed block never keeps more than a regular one. Otherwise (plans before
+    version 4) it pads with its own lowest-numbered free channels, which the sums then add up."""
     tied = tied_spaces(graph)
+    union: dict[str, torch.Tensor] = {}
+    if within_space:
+        for name, s in sets.items():
+            space = graph.spaces[name]
+            union[space] = union[space] | s if space in union else s.clone()
     units: dict[int, list[str]] = defaultdict(list)
     for name, info in graph.tensors.items():
         if graph.spaces[name] not in tied:
             units[id(info.segments)].append(name)
     unit_of = {name: key for key, names in units.items() for name in names}
     for names in units.values():
-        padded = _padded(sets[names[0]], padding, _area(graph, names))
+        padded = _padded(sets[names[0]], padding, _area(graph, names), union.get(graph.spaces[names[0]]))
         for name in names:
             sets[name] = padded.clone()
     for _ in range(100):
@@ -469,7 +495,7 @@ def _pad_mixed(graph: ChannelGraph, sets: dict[str, torch.Tensor], padding: Padd
                 need |= sets[op]
             if torch.equal(need, sets[out]):
                 continue
-            grown = _padded(need, padding, _area(graph, units[unit_of[out]]))
+            grown = _padded(need, padding, _area(graph, units[unit_of[out]]), union.get(graph.spaces[out]))
             for name in units[unit_of[out]]:
                 sets[name] = grown.clone()
             changed = True

@@ -115,7 +115,7 @@ class PruneConfig:
     gate_sample: str = "example"  # stochastic gates sampled per example, or per batch (folded into the host's weights)
     fill_budget: bool = True  # reopen closed channels (zero outgoing weights) while the budget holds
     block: str = "auto"  # residual sums of the compacted net: "auto" (per sum, the faster), "mixed" or "regular"
-    channel_multiple: int | str = "auto"  # widths padded to a multiple (1: exact; auto: 8 in maps of 32 channels up,
+    channel_multiple: int | str = "auto"  # widths padded to a multiple (1: exact; auto: 8 in feature maps,
     # loosened where that cannot end on the budget)
     deploy_runtime: str | None = None  # where the result runs (auto blocks weigh gathers there; its speed is timed
     # there): eager, torchscript, onnxruntime, none

@@ -25,8 +25,11 @@ from .liveness import BlockMode, Padding, padding_of
 
 FORMAT = "budgetprune-plan"
 #: 2: some tensors may keep exact widths (pad_min_width, pad_min_area); 3: also those that keep
-#: few channels (pad_min_kept). A plan is written at the lowest version that reads it.
-VERSION = 3
+#: few channels (pad_min_kept); 4: a padded mixed tensor pads with its residual space's channels
+#: first (:func:`budgetprune.liveness._pad_mixed`; a padded mixed or auto plan of an earlier
+#: version replays as it was written). A plan is written at the lowest version that reads it.
+VERSION = 4
+_PAD_WITHIN_SPACE = 4  # the first version whose padded mixed tensors pad within their space
 
 #: The plan fields of a :class:`~budgetprune.liveness.Padding` after its multiple: name, value
 #: when absent (no floor), the first plan version that has it, what it is.
@@ -44,6 +47,9 @@ def make_plan(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None, *, blo
     # a padding that leaves some tensors exact needs a later version to read; other plans stay readable by version 1
     floors = {name: value for (name, absent, *_), value in zip(_FLOORS, padding[1:]) if value != absent}
     version = max([1] + [since for name, _, since, _ in _FLOORS if name in floors])
+    mixed = str(block) == "mixed" or str(block) == "auto" and bool(getattr(block, "mixed", None))
+    if mixed and padding.multiple > 1 and getattr(block, "pad_within_space", True):  # a padded mixed tensor
+        version = max(version, _PAD_WITHIN_SPACE)
     plan = {"format": FORMAT, "version": version, "granularity": granularity, "block": str(block),
             "channel_multiple": padding.multiple, **floors, "gate_inputs": gate_inputs,
             "input_shape": list(graph.input_shape), "groups": {gid: g.channels for gid, g in graph.groups.items()},
@@ -130,10 +136,12 @@ def replay(plan: dict, model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
 def _block(plan: dict, graph: ChannelGraph) -> BlockMode:
     """The block mode ``plan`` was compacted with, its mixed spaces (auto blocks) found in ``graph``."""
     padding = Padding(plan.get("channel_multiple", 1), *(plan.get(name, absent) for name, absent, *_ in _FLOORS))
+    within = plan["version"] >= _PAD_WITHIN_SPACE
     if plan["block"] != "auto":
-        return BlockMode(plan["block"], padding)
+        return BlockMode(plan["block"], padding, pad_within_space=within)
     unknown = [t for t in plan.get("mixed_spaces", []) if t not in graph.spaces]
     if unknown:
         raise CheckpointError(f"the model passed does not match the pruning plan (no tensor {unknown[0]!r:.60}): "
                               "pass the same architecture that was pruned, before pruning")
-    return BlockMode("auto", padding, mixed=frozenset(graph.spaces[t] for t in plan.get("mixed_spaces", [])))
+    return BlockMode("auto", padding, mixed=frozenset(graph.spaces[t] for t in plan.get("mixed_spaces", [])),
+                     pad_within_space=within)

@@ -73,7 +73,7 @@ def block_mode(block: str, channel_multiple: int | str = "auto", runtime: str = 
 
 def check_channel_multiple(channel_multiple: int | str) -> Padding:
     """The padding ``channel_multiple`` asks for first: ``"auto"`` (multiples of 8 in feature maps
-    and token tensors of 32 channels or more, :func:`budgetprune.liveness.auto_paddings`) or a
+    and token tensors, :func:`budgetprune.liveness.auto_paddings`) or a
     positive int (every width; 1: exact widths)."""
     return padding_ladder(channel_multiple)[0]
 
@@ -174,10 +174,10 @@ class Pruner:
     ``deploy_runtime``, its gathers weighed at ``gather_cost``, :mod:`budgetprune.blocks`;
     ``"mixed"``; ``"regular"``), ``channel_multiple`` (every width padded to a multiple of that
     many channels, counted in the budget: the widths onnxruntime's fast CPU convolutions need, 8
-    or 16; ``"auto"``, the default, pads feature maps and token tensors of 32 channels or more to
-    multiples of 8 and leaves narrower ones and (batch, features) tensors exact, and where that
-    ends under 0.95 of the budget after the fill, pads only those that keep 32 channels or more,
-    else keeps exact widths, :func:`budgetprune.liveness.auto_paddings`; 1: exact widths; :attr:`block`
+    or 16; ``"auto"``, the default, pads feature maps and token tensors to multiples of 8 and
+    leaves (batch, features) tensors exact, and where that ends under 0.95 of the budget after the
+    fill, pads only those of 32 channels or more, then only those that keep 32 or more, else keeps
+    exact widths, :func:`budgetprune.liveness.auto_paddings`; 1: exact widths; :attr:`block`
     after :meth:`finalize` holds the padding kept) and whether the final projection
     ``fill``\\ s up to the budget. ``gate_sample`` is how a
     stochastic gate is sampled in training: once per example and channel (``"example"``, the
@@ -370,9 +370,12 @@ class Pruner:
             for i, mode in enumerate(modes):
                 try:
                     final, reopened = project_with(budgets, mode)
-                except BudgetError:
+                except BudgetError as error:
                     if best is None and i + 1 == len(modes):
                         raise
+                    if i + 1 < len(modes):
+                        self.log(f"{mode.padding().describe()}: cannot meet the budget ({error}); "
+                                 f"trying {modes[i + 1].padding().describe()}")
                     continue
                 fullness = max(budget_ratios(graph, final, budgets, mode))
                 if best is None or fullness > best[0]:
@@ -475,8 +478,10 @@ class Pruner:
         return net, report
 
     def _block_modes(self) -> dict[str, BlockMode]:
-        """Each kind of residual block, this pruner's own as it is (padding, gather cost)."""
-        modes = {"auto": auto_mode(self.deploy_runtime), "mixed": BlockMode("mixed"), "regular": BlockMode("regular")}
+        """Each kind of residual block with this pruner's padding, its own as it is (gather cost)."""
+        padding = self.block.padding()
+        modes = {"auto": auto_mode(self.deploy_runtime, padding), "mixed": BlockMode("mixed", padding),
+                 "regular": BlockMode("regular", padding)}
         return {**modes, str(self.block): self.block}
 
     def _attach_plan(self, net: nn.Module, masks: dict[str, torch.Tensor] | None) -> None:
