@@ -35,6 +35,8 @@ the same runtime and batch. Speedup ÷ FLOP reduction uses each compacted networ
 
     python benchmarks/deploy_speed.py                                      # every model, 2x and 4x
     python benchmarks/deploy_speed.py --models resnet20 --budgets 2 --pairs 3   # smoke run, < 1 min
+    python benchmarks/deploy_speed.py --models efficientnet_b0,vit_b_16 --runtimes onnxruntime \
+        --out benchmarks/results/deploy_speed_families              # other torchvision families
 
 Writes ``benchmarks/results/deploy_speed.{json,md,png}``; the exported files stay in ``--work``
 (default ``runs/deploy_speed``) for inspection, and the JSON counts the ONNX op types of each.
@@ -61,7 +63,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import HERE, RESULTS, Parser, cpu_name, name_list, pruning_steps, write_results  # noqa: E402
 from quiet import Quiet  # noqa: E402
-from torchvision_models import import_torchvision, make  # noqa: E402
+from torchvision_models import FAMILIES, SIZE_AT_LEAST, import_torchvision, make  # noqa: E402
 
 import budgetprune  # noqa: E402
 from budgetprune import Pruner  # noqa: E402
@@ -75,10 +77,13 @@ from budgetprune.runtimes import onnxruntime_session, paired_times  # noqa: E402
 
 #: Torchvision classification models (untrained, 10 classes, 3 × size × size) ...
 TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large"]
+#: ... any other torchvision family on request (``--models``), as ``torchvision_models.py`` builds it.
+MORE_TORCHVISION = [name for name in FAMILIES if name not in TORCHVISION]
 #: ... and budgetprune's own registry models, with the input of the data they are built for
 #: (resnet20's defaults: 1 channel, 28 × 28, Fashion-MNIST).
 REGISTRY = {"resnet20": (1, 28, 28)}
-MODELS = ["resnet20", *TORCHVISION]
+MODELS = ["resnet20", *TORCHVISION]  # the default run
+KNOWN_MODELS = [*MODELS, *MORE_TORCHVISION]
 RUNTIMES = ["eager", "torchscript", "onnxruntime"]
 BLOCKS = ["regular", "mixed"]
 #: The pruned networks per budget: both blocks compacted from the same masks, the regular block
@@ -108,8 +113,8 @@ def number_list(kind, text: str, what: str, low: float) -> list:
 
 def arguments(argv) -> argparse.Namespace:
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", type=lambda t: name_list(t, MODELS, "model(s)"), default=MODELS,
-                   help=f"comma-separated, from {','.join(MODELS)}")
+    p.add_argument("--models", type=lambda t: name_list(t, KNOWN_MODELS, "model(s)"), default=MODELS,
+                   help=f"comma-separated (default {','.join(MODELS)}), from {','.join(KNOWN_MODELS)}")
     p.add_argument("--budgets", type=lambda t: number_list(float, t, "FLOP reduction factors", 1.0), default=[2.0, 4.0],
                    help="FLOP reduction factors (2 means flops=0.5)")
     p.add_argument("--runtimes", type=lambda t: name_list(t, RUNTIMES, "runtime(s)"), default=RUNTIMES)
@@ -130,7 +135,7 @@ def arguments(argv) -> argparse.Namespace:
     p.add_argument("--multiple", type=channel_multiple_arg, default="auto",
                    help="channel multiple of the padded networks (onnxruntime's blocked CPU convolutions: 16 with "
                         "AVX-512, 8 with AVX2), or auto: the library's default (multiples of 8 in feature maps "
-                        "of 32 channels or more, loosened where that cannot end on the budget)")
+                        "and token tensors, loosened where that cannot end on the budget)")
     p.add_argument("--work", default=str(HERE.parent / "runs" / "deploy_speed"), help="exported files go here")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -143,8 +148,9 @@ def arguments(argv) -> argparse.Namespace:
         p.error("--quiet-busy must be in (0, 1] and --quiet-budget-min 0 or more")
     if args.pair_seconds < 0:
         p.error(f"--pair-seconds must be 0 or more, not {args.pair_seconds:g}")
-    if args.size < 32 and any(m in TORCHVISION for m in args.models):
-        p.error(f"--size {args.size} is too small for the torchvision models (32 or more)")
+    for name in args.models:
+        if name not in REGISTRY and args.size < SIZE_AT_LEAST.get(name, 32):
+            p.error(f"--size {args.size} is too small for {name} ({SIZE_AT_LEAST.get(name, 32)} or more)")
     return args
 
 
@@ -418,7 +424,7 @@ def main(argv=None) -> int:
     args = arguments(argv)
     torch.set_num_threads(args.threads)
     command = "python benchmarks/deploy_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    models_module = import_torchvision() if any(m in TORCHVISION for m in args.models) else None
+    models_module = import_torchvision() if any(m not in REGISTRY for m in args.models) else None
     start = time.perf_counter()
     ticks = len(args.models) * len(args.runtimes) * len(args.batches) * len(NETWORKS) * len(args.budgets)
     results = []

@@ -10,7 +10,7 @@ against the unpruned network in the budget's runtime (paired runs, batch 1); whi
 measured ratio is not within :data:`BAND` of the budget, the projection runs again from the same
 masks to another budget, up to :data:`MEASURED_TRIES` times, aiming at :data:`AIM` of it: first
 the budget scaled by the measured excess, then by false position between the tries over and under
-the aim (what the table leaves out, the ops between the layers and the runtime's overhead, does
+the aim (:func:`_next_fraction`; what the table leaves out, the ops between the layers and the runtime's overhead, does
 not scale with it). Of the tries measured within the budget, the one closest to the aim is kept:
 a network timed again later measures a few percent apart (sub-millisecond networks on a busy
 machine more), so a result aimed at the middle of [0.9, 1] stays inside it.
@@ -98,20 +98,30 @@ def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
 
 def _next_fraction(metric: str, tries: list[dict], target: float, limit: float) -> float:
     """The fraction to project ``metric`` to next so that its measured ratio reaches ``target``
-    (never above the user's ``limit``): between the nearest tries over and under the budget when
-    there are both (false position), else the secant through the last two, else the last one
-    scaled by the measured excess."""
+    (never above the user's ``limit``).
+
+    Where the tries bracket the target (the largest fraction measured under it below the
+    smallest measured over it): false position between those two, kept a tenth of the bracket
+    inside it, so each try narrows the bracket and never repeats one. A network's latency is
+    not monotone in its widths (unaligned channel counts run slower kernels), so the bracket is
+    taken by fraction, not by the ratios nearest the target: with ratios nearest the target a
+    narrower network that measured slower sent the search back to a fraction already tried.
+    Without a bracket: the secant through the last two tries where latency grows with the budget,
+    else the last one scaled by the measured excess."""
     points = [(t["projected_to"][metric], t["measured"][metric]["ratio"]) for t in tries if metric in t["measured"]]
     f1, r1 = points[-1]
     guess = f1 * target / r1
-    over = [p for p in points if p[1] > target]
     under = [p for p in points if p[1] <= target]
-    if over and under:
-        (f0, r0), (f1, r1) = min(over, key=lambda p: p[1]), max(under, key=lambda p: p[1])
-    elif len(points) >= 2:
+    over = [p for p in points if p[1] > target]
+    low = max(under) if under else None  # the widest network measured under the target
+    high = min(over) if over else None  # the narrowest measured over it
+    if low is not None and high is not None and low[0] < high[0]:
+        (f0, r0), (f1, r1) = low, high  # r0 <= target < r1
+        guess = f0 + (target - r0) * (f1 - f0) / (r1 - r0)
+        margin = 0.1 * (f1 - f0)
+        return min(max(guess, f0 + margin), f1 - margin, limit)
+    if len(points) >= 2:
         f0, r0 = points[-2]
-    else:
-        f0 = r0 = None
-    if f0 is not None and f0 != f1 and r0 != r1 and (r0 - r1) / (f0 - f1) > 0:  # latency grows with the budget
-        guess = f1 + (target - r1) * (f0 - f1) / (r0 - r1)
+        if f0 != f1 and r0 != r1 and (r0 - r1) / (f0 - f1) > 0:  # latency grows with the budget
+            guess = f1 + (target - r1) * (f0 - f1) / (r0 - r1)
     return min(max(guess, 0.05 * f1), limit)
