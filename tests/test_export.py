@@ -269,6 +269,29 @@ def test_onnx_round_trip(opset, exporter, tmp_path):
         assert torch.allclose(torch.from_numpy(out), gm(x), atol=1e-4)
 
 
+class SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        y, _ = self.attention(x, x, x, need_weights=False)
+        return self.head(y.mean(1))
+
+
+@needs_onnx
+def test_onnx_export_of_multihead_attention_in_eval_mode(tmp_path):
+    """In eval mode without gradients nn.MultiheadAttention runs a fused op ONNX has no operator
+    for (torchvision's ViT failed to export); the export runs it as plain ops and gives the
+    process its fast path back."""
+    model = SelfAttention().eval()
+    assert torch.backends.mha.get_fastpath_enabled()
+    result = to_onnx(model, tmp_path / "m.onnx", torch.randn(2, 5, 16))
+    assert result["verified"] and result["max_abs_diff"] <= 1e-4
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
 def test_onnx_without_its_packages_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # makes `import onnxscript` fail
     with pytest.raises(ConfigError, match=r"onnxscript.*pip install 'budgetprune\[export\]'"):

@@ -110,7 +110,7 @@ def onnx_bytes(model: nn.Module, example, opset: int = 17) -> bytes:
     or checked: what :func:`to_onnx` writes."""
     exporter = "dynamo" if opset >= DYNAMO_MIN_OPSET else "torchscript"
     require(*ONNX_PACKAGES[exporter], purpose=f"ONNX export (opset {opset})")
-    with _eval_mode(model), torch.no_grad():
+    with _eval_mode(model), torch.no_grad(), _without_mha_fastpath():
         export = _export_dynamo if exporter == "dynamo" else _export_torchscript
         return export(model, _as_args(example), opset)
 
@@ -220,6 +220,20 @@ def _eval_mode(model: nn.Module):
         yield
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def _without_mha_fastpath():
+    """``nn.MultiheadAttention`` in eval mode without gradients runs one fused op
+    (``aten::_native_multi_head_attention``, torchvision's ViT, ``nn.TransformerEncoder``) that
+    ONNX has no operator for; with its fast path off it runs the same attention as plain ops the
+    exporters know. The setting is process-wide: it is restored after the export."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def _as_args(example) -> tuple:
