@@ -552,14 +552,20 @@ class _CatNet(nn.Module):
         return self.head(h).mean((2, 3))
 
 
+@pytest.mark.parametrize("gather_from", [1, None])
 @pytest.mark.parametrize("make, shape", [(lambda: budgetprune.create_model("resnet20"), (1, 1, 28, 28)),
-                                         (_CatNet, (1, 3, 8, 8))])
-def test_aliveness_of_every_tensor_follows_its_segments(make, shape):
-    """:func:`alive_mask` (with its shortcut for a layer's output read whole) against each slot's
-    writers read straight from the graph's segments."""
+                                         (_CatNet, (1, 3, 8, 8)),
+                                         (lambda: budgetprune.create_model("tiny_densenet"), (1, 1, 28, 28))])
+def test_aliveness_of_every_tensor_follows_its_segments(make, shape, gather_from, monkeypatch):
+    """:func:`alive_mask` (with its shortcut for a layer's output read whole, and its one gather
+    over many writers: forced for every tensor with ``gather_from=1``) against each slot's writers
+    read straight from the graph's segments."""
+    from budgetprune import liveness
     from budgetprune.graph import ALWAYS, ChannelGraph
     from budgetprune.liveness import alive_mask
 
+    if gather_from is not None:
+        monkeypatch.setattr(liveness, "GATHER_WRITERS", gather_from)
     torch.manual_seed(0)
     graph = ChannelGraph.build(make(), torch.randn(*shape))
     assert any(info.whole_writers for info in graph.tensors.values())

@@ -143,6 +143,23 @@ class TensorInfo:
         return frozenset(gid for gid, (slots, chans) in by_group.items()
                          if torch.equal(slots, whole) and torch.equal(chans, whole))
 
+    @cached_property
+    def gathered_writers(self) -> tuple[tuple[tuple[str, int], ...], torch.Tensor, torch.Tensor]:
+        """:attr:`writers` as one gather: ((group, channels read), ...) in order, the slot each
+        read reaches and its index into the groups' masks cut to those lengths and concatenated
+        (:func:`budgetprune.liveness.alive_mask` then needs one cat and one index per tensor,
+        not a pass per group: a DenseNet concatenation has dozens of writers)."""
+        _, by_group = self.writers
+        parts, slots, index, offset = [], [], [], 0
+        for gid, (sl, ch) in by_group.items():
+            length = int(ch.max()) + 1
+            parts.append((gid, length))
+            slots.append(sl)
+            index.append(ch + offset)
+            offset += length
+        empty = torch.zeros(0, dtype=torch.long)
+        return tuple(parts), torch.cat(slots) if slots else empty, torch.cat(index) if index else empty
+
     def always_alive(self) -> bool:
         return all(any(g is ALWAYS for g, _ in s.sources) for s in self.segments)
 

@@ -213,11 +213,23 @@ def alive(info: TensorInfo, values: dict[str, torch.Tensor], like: torch.Tensor 
     return 1.0 - dead * (~always).to(dead.device, dtype)
 
 
+#: Writers of a tensor from which :func:`alive_mask` gathers them all at once instead of one by
+#: one (a DenseNet concatenation has dozens; with a few, the loop is faster).
+GATHER_WRITERS = 5
+
+
 def alive_mask(info: TensorInfo, masks: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Boolean (slots,) aliveness for 0/1 keep-masks."""
+    """Boolean (slots,) aliveness for 0/1 keep-masks: a slot is alive when an always-alive
+    writer or a kept channel of a group writes it (a group without a mask keeps every channel)."""
     always, by_group = info.writers
-    whole = info.whole_writers
     out = always.clone()
+    if len(by_group) >= GATHER_WRITERS:
+        parts, slots, index = info.gathered_writers
+        kept = torch.cat([torch.ones(length, dtype=torch.bool) if masks.get(gid) is None
+                          else masks[gid].to("cpu", torch.bool)[:length] for gid, length in parts])
+        out[slots[kept[index]]] = True
+        return out
+    whole = info.whole_writers
     for gid, (slots, chans) in by_group.items():
         mask = masks.get(gid)
         if mask is None:
