@@ -13,7 +13,7 @@ measured latency of the unpruned network.
 
 Each run is done three times: with regular blocks of exact widths, with regular blocks whose
 widths are padded as ``--multiple`` asks (default ``auto``, the library's default: multiples of 8
-in maps of 32 channels or more, loosened where that cannot end on the budget; onnxruntime's
+in every feature map, loosened where that cannot end on the budget; onnxruntime's
 blocked CPU convolutions need such widths), and with the library's defaults (auto blocks: each
 residual space mixed or regular by its gathers' cost in onnxruntime; padded the same way). A runtime latency
 budget refuses pure mixed blocks: measured here before that refusal, their gathers (not in the
