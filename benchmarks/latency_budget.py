@@ -137,7 +137,7 @@ def main(argv=None) -> int:
 
 
 def _padding(row: dict) -> str:
-    """How a padded run's widths ended: ``×16``, or ``auto → 8 in maps ≥ 32 ch`` (the padding kept)."""
+    """How a padded run's widths ended: ``×16``, or ``auto → ×8`` (the padding kept)."""
     if row["channel_multiple"] != "auto":
         return f"×{row['channel_multiple']}"
     return f"auto → {padding_label(row.get('padding'))}"
