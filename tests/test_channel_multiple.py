@@ -62,19 +62,25 @@ def test_padded_slot_sets(name, multiple):
     for t, s in padded.items():
         assert bool((s | exact[t]).eq(s).all()), t  # the kept channels stay
         n, full = int(s.sum()), s.numel()
-        if t in tied:
-            assert torch.equal(s, exact[t]), t  # positions tied to another tensor: not padded
-        else:
-            assert n == 0 or _aligned(n, full, multiple), (t, n, full)
-            # by as few channels as it takes
+        assert n == 0 or _aligned(n, full, multiple), (t, n, full)
+        if t not in tied:  # by as few channels as it takes (a tied tensor also takes what its ties add)
             assert n - int(exact[t].sum()) < multiple or n == int(exact[t].sum())
         grew += n - int(exact[t].sum())
-    # random masks leave unaligned widths to pad; a DenseNet's every space is read through its
-    # concatenations, so it keeps its exact widths
-    assert (grew > 0) == (name != "tiny_densenet")
+    assert grew > 0  # random masks leave unaligned widths to pad (a DenseNet's tied by its concatenations)
     for t, space in graph.spaces.items():  # a regular block's added tensors keep one set
         first = next(u for u, sp in graph.spaces.items() if sp == space)
         assert torch.equal(padded[t], padded[first])
+    _check_ties(graph, padded)
+
+
+def _check_ties(graph, sets) -> None:
+    """Concatenations, splits and shuffles keep the same channels on both sides."""
+    for name, parts in graph.cats.items():
+        assert torch.equal(sets[name], torch.cat([sets[p] for p in parts])), name
+    for src, pieces in graph.splits.values():
+        assert torch.equal(sets[src], torch.cat([sets[p] for p in pieces])), src
+    for out, (src, perm) in graph.gathers.items():
+        assert torch.equal(sets[out], sets[src][perm]), out
 
 
 @pytest.mark.parametrize("name", PADDED_MODELS)
@@ -532,3 +538,92 @@ def test_a_padded_mixed_plan_replays_with_the_padding_it_was_written_with():
         shapes.append(net.state_dict())
     assert shapes[0].keys() != shapes[1].keys() or \
         any(v.shape != shapes[1][k].shape or not torch.equal(v, shapes[1][k]) for k, v in shapes[0].items())
+
+
+def _wide_shufflenet() -> nn.Module:
+    from test_shuffle_split import ShuffleUnit
+    return nn.Sequential(nn.Conv2d(1, 48, 3, 1, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU(),
+                         ShuffleUnit(48, 2, False), ShuffleUnit(48, 1, True), ShuffleUnit(48, 1, False),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10))
+
+
+@pytest.mark.parametrize("name", ["tiny_densenet", "shufflenet"])
+def test_channels_tied_by_position_pad_together_and_compact_exactly(name):
+    """A DenseNet's concatenations and a ShuffleNet's splits, concatenations and shuffles tie
+    positions across tensors: each pads, the ties carry what it adds, until every conv reads and
+    writes a multiple of 8 channels (or all of them); the compacted network computes the gated
+    one's outputs and its own trace counts the padded cost."""
+    from loops import randomise_batchnorms
+
+    mode = BlockMode("regular", 8)
+    for seed in range(2):
+        if name == "shufflenet":
+            torch.manual_seed(seed)
+            model = _wide_shufflenet()
+            randomise_batchnorms(model)
+            graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 28, 28))
+            assert graph.splits and graph.gathers
+        else:
+            model, graph = make_model(name)
+            assert graph.cats
+        bar = attach_random(model, graph, seed=seed)
+        masks = bar.keep_masks()
+        exact = slot_sets(graph, masks, BlockMode("regular", 8, pad_tied=False))
+        padded = slot_sets(graph, masks, mode)
+        assert any(not torch.equal(padded[t], exact[t]) for t in _tied(graph))  # tied tensors grew
+        _check_ties(graph, padded)
+        x = torch.randn(4, 1, 28, 28)
+        net, _ = check_compaction(model, graph, bar, masks, x, mode)
+        full = dict(model.named_modules())
+        for layer_name, mod in net.named_modules():
+            if isinstance(mod, nn.Conv2d) and mod.groups == 1 and layer_name in full:
+                assert _aligned(mod.out_channels, full[layer_name].out_channels, 8), layer_name
+                assert _aligned(mod.in_channels, full[layer_name].in_channels, 8), layer_name
+        small = budgetprune.ChannelGraph.build(net, x[:1])
+        assert CostModel(graph, "flops", mode).hard(masks) == pytest.approx(CostModel(small, "flops").full(), rel=1e-9)
+
+
+def test_grouped_channels_pad_per_conv_group_by_hand():
+    """Positions {0, 3, 5} kept in each of 3 conv groups of 16 pad to the 8 lowest, {0..7}, in every
+    group; a group width of 4 (under the multiple) or groups keeping different positions stay
+    exact; a padding that leaves the tensor alone (too few positions) too."""
+    from budgetprune.liveness import _padded_per_group
+    kept = torch.zeros(48, dtype=torch.bool)
+    for g in range(3):
+        kept[[16 * g, 16 * g + 3, 16 * g + 5]] = True
+    padded = _padded_per_group(kept, Padding(8), 4, 16)
+    assert torch.nonzero(padded).flatten().tolist() == [16 * g + i for g in range(3) for i in range(8)]
+    assert _padded_per_group(kept, Padding(8, 0, 8), 4, 16) is kept  # 4 positions, under min_area 8
+    narrow = kept[:12].clone()
+    assert _padded_per_group(narrow, Padding(8), 4, 4) is narrow
+    uneven = kept.clone()
+    uneven[17] = True
+    assert _padded_per_group(uneven, Padding(8), 4, 16) is uneven
+    nine = kept.clone()
+    for g in range(3):
+        nine[16 * g + 8: 16 * g + 14] = True  # 9 of 16 per group pad to all 16
+    assert bool(_padded_per_group(nine, Padding(8), 4, 16).all())
+
+
+def test_a_plan_padded_before_tied_channels_were_replays_with_them_exact():
+    """A padded plan whose tied channels were exact (written before version 5, or where finalize
+    fell back to exact tied channels) replays to that network; the current padding pads them and
+    writes version 5."""
+    from budgetprune.compact import compact
+    from budgetprune.plan import make_plan
+
+    gated, gated_graph = make_model("tiny_densenet")
+    masks = attach_random(gated, gated_graph, seed=1).keep_masks()
+    x = torch.randn(2, 1, 28, 28)
+    widths = []
+    for tied, version in ((True, 5), (False, 2)):
+        model, graph = make_model("tiny_densenet")
+        mode = BlockMode("regular", auto_paddings()[0], pad_tied=tied)
+        net = compact(model, graph, masks, mode=mode)
+        plan = json.loads(json.dumps(make_plan(graph, masks, block=mode, granularity="channel", gate_inputs=False)))
+        assert plan["version"] == version
+        again = replay(plan, model, net.state_dict())
+        with torch.no_grad():
+            assert torch.equal(again(x), net.eval()(x))
+        widths.append(sum(p.numel() for p in net.parameters()))
+    assert widths[0] > widths[1]

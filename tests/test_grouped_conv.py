@@ -201,22 +201,45 @@ def test_per_channel_quantities_computed_together_equal_each_gates_own(method):
             torch.testing.assert_close(grads[0][k], grads[1][k], msg=k)
 
 
-def test_padded_widths_leave_a_grouped_conv_s_tied_channels_exact():
-    """Three conv groups: a width padded to a multiple of 8 would not split into equal groups (it
-    stopped finalize: "80 kept channels cannot split into 3 equal groups"; RegNet's 25 groups
-    likewise), so the spaces of tied channels keep their exact (whole-unit) widths while the rest
-    is padded: the default padding finalizes, meets the budget and compacts with equal outputs."""
+@pytest.mark.parametrize("budget, tied", [(0.3, True), (0.5, False)])
+def test_padded_widths_pad_each_conv_group_alike_or_fall_back_to_exact_tied_channels(budget, tied):
+    """Three conv groups of 32: the tied channels pad per conv group (each group keeps a
+    multiple of 8: the width splits into equal groups, which a total padded to 8 would not, e.g.
+    80 into 3). Where those steps of 3 × 8 channels cannot end within 0.95 of the budget, finalize
+    keeps the same padding with the tied channels exact (the rest still padded). Either way the
+    budget is met and the compacted network computes the gated one's outputs."""
     torch.manual_seed(0)
     model = Bottleneck(c=48, width=96, groups=3)
     randomise_batchnorms(model)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
-    pruner = Pruner(model, x, "flops=0.5", total_steps=2, method="magnitude")
+    logs = []
+    pruner = Pruner(model, x, f"flops={budget}", total_steps=2, method="magnitude", log=logs.append)
     assert pruner.graph.groups["c1"].units == 32  # 96 channels tied with a period of 32
     optimizer = torch.optim.SGD(pruner.parameters(lr=1e-3), lr=1e-3)
     pruning_steps(model, pruner, optimizer, [(x, y)] * 2)
     small, report = pruner.finalize(x)
-    assert report["padding"][0] == 8 and report["compaction_max_abs_diff"] <= 1e-5
+    assert report["padding"][0] == 8 and report["pad_tied"] is tied and report["compaction_max_abs_diff"] <= 1e-5
     assert 0.95 <= report["pruned"]["flops"] / pruner.budget.absolute(pruner.graph) <= 1.0
     convs = dict(small.named_modules())
     assert convs["c2"].groups == 3 and convs["c2"].out_channels % 3 == 0
     assert convs["stem"].out_channels % 8 == 0  # the residual stream (48 channels) is padded
+    per_group = [convs["c2"].in_channels // 3, convs["c2"].out_channels // 3]
+    assert all(n % 8 == 0 for n in per_group) == tied, per_group
+    assert any("grouped conv exact" in line for line in logs) == (not tied)
+    assert report["plan"]["version"] == (5 if tied else 2)
+
+
+@pytest.mark.parametrize("block", ["mixed", "regular"])
+def test_each_block_kind_pads_a_grouped_conv_per_conv_group(block):
+    """Mixed and regular blocks alike pad a grouped conv's tied channels per conv group, and the
+    compacted network computes the gated one's outputs on budget."""
+    torch.manual_seed(0)
+    model = Bottleneck(c=48, width=96, groups=3)
+    randomise_batchnorms(model)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    pruner = Pruner(model, x, "flops=0.3", total_steps=2, method="magnitude", block=block)
+    pruning_steps(model, pruner, torch.optim.SGD(pruner.parameters(lr=1e-3), lr=1e-3), [(x, y)] * 2)
+    small, report = pruner.finalize(x)
+    assert report["pad_tied"] and report["compaction_max_abs_diff"] <= 1e-5
+    assert 0.95 <= report["pruned"]["flops"] / pruner.budget.absolute(pruner.graph) <= 1.0
+    assert small.c2.groups == 3 and small.c2.in_channels % 24 == 0 and small.c2.out_channels % 24 == 0

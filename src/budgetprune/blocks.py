@@ -52,10 +52,13 @@ from .liveness import (BlockMode, alive_sets, channel_sums, combine_sets, mixed_
 GATHER_COST = {"eager": 80.0, "torchscript": 65.0, "onnxruntime": 1000.0}
 
 
-def auto_mode(runtime: str = "eager", multiple: int | Padding = 1, gather_cost: float | None = None) -> BlockMode:
+def auto_mode(runtime: str = "eager", multiple: int | Padding = 1, gather_cost: float | None = None,
+              pad_tied: bool = True) -> BlockMode:
     """The ``"auto"`` block mode for ``runtime`` (its :data:`GATHER_COST` unless ``gather_cost``
-    is given), its widths padded to ``multiple`` (an int, or a :class:`~budgetprune.liveness.Padding`)."""
-    return BlockMode("auto", multiple, GATHER_COST[runtime] if gather_cost is None else gather_cost)
+    is given), its widths padded to ``multiple`` (an int, or a :class:`~budgetprune.liveness.Padding`;
+    ``pad_tied``: tied channels too)."""
+    return BlockMode("auto", multiple, GATHER_COST[runtime] if gather_cost is None else gather_cost,
+                     pad_tied=pad_tied)
 
 
 def as_mode(mode: str) -> BlockMode:
@@ -83,8 +86,9 @@ def choose_blocks(graph: ChannelGraph, eff: dict[str, torch.Tensor], mode: Block
     (:func:`budgetprune.resources.layer_costs`) the saving is counted with."""
     padding = padding_of(mode)
     alive = alive_sets(graph, eff)
-    regular = regular_sets(graph, eff, padding, alive)
-    mixed = mixed_sets(graph, eff, padding, alive, within_space=getattr(mode, "pad_within_space", True))
+    tied = getattr(mode, "pad_tied", True)
+    regular = regular_sets(graph, eff, padding, alive, pad_tied=tied)
+    mixed = mixed_sets(graph, eff, padding, alive, within_space=getattr(mode, "pad_within_space", True), pad_tied=tied)
     differ = {graph.spaces[n] for n in regular if not torch.equal(regular[n], mixed[n])} - tied_spaces(graph)
     if not differ:
         return mode.chosen(frozenset()), regular

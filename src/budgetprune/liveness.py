@@ -21,7 +21,12 @@ away disappears as a whole (automatic depth determination, seed 001 section 4.1)
   ``m`` (or to the full width) by more zero channels, for the runtimes whose fast kernels need
   aligned widths (onnxruntime's blocked convolutions on CPU: 8 or 16 channels). Regular
   spaces pad their one set; in mixed spaces each tensor pads its own, and a sum keeps what its
-  operands keep. A :class:`Padding` can leave tensors exact: those narrower than ``min_width``
+  operands keep. Channels tied by position (a concatenation, a split, a channel shuffle) are
+  padded together in regular blocks: each tied tensor pads, the ties carry the added channels
+  to the tensors they join, until every one is aligned (:func:`regular_sets`). A grouped
+  convolution's tied channels pad the positions each conv group keeps
+  (:func:`_padded_per_group`). An attention's heads stay whole. A :class:`Padding` can leave
+  tensors exact: those narrower than ``min_width``
   channels, with fewer than ``min_area`` positions (a (batch, features) tensor has one), or that
   keep fewer than ``min_kept`` channels (``channel_multiple="auto"``, the default,
   :func:`auto_paddings`: multiples of 8 in every feature map and token tensor, or where that
@@ -31,6 +36,7 @@ away disappears as a whole (automatic depth determination, seed 001 section 4.1)
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -71,14 +77,18 @@ class BlockMode(str):
     the spaces (:attr:`budgetprune.graph.ChannelGraph.spaces` keys) kept mixed.
     ``pad_within_space`` (the default) pads a mixed tensor with channels its residual space
     keeps elsewhere first (:func:`_pad_mixed`); False, how plans before version 4 were compacted,
-    with the lowest-numbered channels it does not keep."""
+    with the lowest-numbered channels it does not keep. ``pad_tied`` (the default) also pads
+    channels tied by position or by a grouped convolution (:func:`regular_sets`); False, how plans
+    before version 5 were compacted, leaves them exact."""
 
     gather_cost: float
     mixed: frozenset[str] | None
     pad_within_space: bool
+    pad_tied: bool
 
     def __new__(cls, kind: str, padding: "int | Padding" = 1, gather_cost: float = 0.0,
-                mixed: frozenset[str] | None = None, pad_within_space: bool = True) -> "BlockMode":
+                mixed: frozenset[str] | None = None, pad_within_space: bool = True,
+                pad_tied: bool = True) -> "BlockMode":
         if kind not in MODES:
             raise ValueError(f"unknown block mode '{kind}': choose one of {', '.join(MODES)}")
         if not isinstance(padding, Padding):
@@ -91,6 +101,7 @@ class BlockMode(str):
         mode._padding, mode.gather_cost = padding, float(gather_cost)
         mode.mixed = frozenset(mixed) if mixed is not None else None
         mode.pad_within_space = bool(pad_within_space)
+        mode.pad_tied = bool(pad_tied)
         return mode
 
     @property
@@ -102,19 +113,24 @@ class BlockMode(str):
 
     def chosen(self, mixed: frozenset[str]) -> "BlockMode":
         """This auto mode with its mixed spaces chosen."""
-        return BlockMode(str(self), self._padding, self.gather_cost, mixed, self.pad_within_space)
+        return BlockMode(str(self), self._padding, self.gather_cost, mixed, self.pad_within_space, self.pad_tied)
 
     def exact(self) -> "BlockMode":
         """The same mode without padding."""
-        return BlockMode(str(self), 1, self.gather_cost, self.mixed, self.pad_within_space)
+        return BlockMode(str(self), 1, self.gather_cost, self.mixed, self.pad_within_space, self.pad_tied)
 
     def __reduce__(self):
-        return BlockMode, (str(self), self._padding, self.gather_cost, self.mixed, self.pad_within_space)
+        return BlockMode, (str(self), self._padding, self.gather_cost, self.mixed, self.pad_within_space,
+                           self.pad_tied)
+
+    def describe_padding(self) -> str:
+        return describe_padding(self._padding, self.pad_tied)
 
     def __repr__(self) -> str:
         extra = f", gather_cost={self.gather_cost:g}" if str(self) == "auto" else ""
         extra += f", mixed={sorted(self.mixed)}" if self.mixed is not None else ""
         extra += ", pad_within_space=False" if not self.pad_within_space else ""
+        extra += ", pad_tied=False" if not self.pad_tied else ""
         return f"BlockMode({str(self)!r}, {self._padding!r}{extra})"
 
 
@@ -155,10 +171,15 @@ class Padding(tuple):
     def min_kept(self) -> int:
         return self[3]
 
+    def applies(self, kept: int, width: int, area: int = 1) -> bool:
+        """Whether ``kept`` channels of a ``width``-channel tensor of ``area`` positions are
+        padded at all (an empty set never is)."""
+        return kept > 0 and kept >= self.min_kept and width >= self.min_width and area >= self.min_area
+
     def target(self, kept: int, width: int, area: int = 1) -> int:
         """The padded count of ``kept`` channels of a ``width``-channel tensor of ``area``
         positions (0 stays 0)."""
-        if kept == 0 or kept < self.min_kept or width < self.min_width or area < self.min_area:
+        if not self.applies(kept, width, area):
             return kept
         return min(-(-kept // self.multiple) * self.multiple, width)
 
@@ -174,6 +195,12 @@ class Padding(tuple):
 
     def __repr__(self) -> str:
         return f"Padding{tuple(self)!r}"
+
+
+def describe_padding(padding: Padding, pad_tied: bool = True) -> str:
+    """What ``padding`` (and ``pad_tied``, :class:`BlockMode`) does to kept widths, in words."""
+    return padding.describe() + ("" if pad_tied or padding.multiple == 1 else
+                                 "; channels tied by a concatenation, split, shuffle or grouped conv exact")
 
 
 def auto_paddings() -> tuple[Padding, ...]:
@@ -298,17 +325,17 @@ def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "
         raise ValueError(f"unknown block mode '{mode}': choose one of {', '.join(MODES)}")
     eff = effective_masks(graph, masks) if purge else masks
     padding = padding_of(mode)
-    within = getattr(mode, "pad_within_space", True)
+    within, tied = getattr(mode, "pad_within_space", True), getattr(mode, "pad_tied", True)
     if kind == "mixed":
-        return mixed_sets(graph, eff, padding, within_space=within)
+        return mixed_sets(graph, eff, padding, within_space=within, pad_tied=tied)
     if kind == "regular":
-        return regular_sets(graph, eff, padding)
+        return regular_sets(graph, eff, padding, pad_tied=tied)
     chosen = getattr(mode, "mixed", None)
     if chosen is None:
         raise ValueError("internal error: an auto block mode reached slot_sets before its sums were chosen")
     alive = alive_sets(graph, eff)
-    return combine_sets(graph, regular_sets(graph, eff, padding, alive),
-                        mixed_sets(graph, eff, padding, alive, within_space=within), chosen)
+    return combine_sets(graph, regular_sets(graph, eff, padding, alive, pad_tied=tied),
+                        mixed_sets(graph, eff, padding, alive, within_space=within, pad_tied=tied), chosen)
 
 
 def alive_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -331,23 +358,37 @@ def _members(graph: ChannelGraph) -> dict[str, list[str]]:
 
 
 def mixed_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], padding: Padding = Padding(),
-               alive: dict[str, torch.Tensor] | None = None, within_space: bool = True) -> dict[str, torch.Tensor]:
+               alive: dict[str, torch.Tensor] | None = None, within_space: bool = True,
+               pad_tied: bool = True) -> dict[str, torch.Tensor]:
     """Mixed blocks: each tensor keeps its alive channels (``eff``: purged masks; ``alive``: their
     :func:`alive_sets` if already computed), padded as ``padding`` asks, tensor by tensor
-    (:func:`_pad_mixed`; ``within_space``: with its space's other channels first)."""
+    (:func:`_pad_mixed`; ``within_space``: with its space's other channels first; ``pad_tied``:
+    a grouped convolution's tied channels too)."""
     sets = {n: a.clone() for n, a in alive.items()} if alive is not None else alive_sets(graph, eff)
     if padding.multiple > 1:
-        _pad_mixed(graph, sets, padding, within_space)
+        _pad_mixed(graph, sets, padding, within_space, pad_tied)
     return sets
 
 
 def regular_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], padding: Padding = Padding(),
-                 alive: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                 alive: dict[str, torch.Tensor] | None = None, pad_tied: bool = True) -> dict[str, torch.Tensor]:
     """Regular blocks: the tensors of a space keep one set, the union of their alive channels
     (``eff``: purged masks; ``alive`` as in :func:`mixed_sets`), widened where concatenations,
-    splits and shuffles tie positions, then padded as ``padding`` asks (:func:`_pad_widths`)."""
+    splits and shuffles tie positions (:func:`_tie_positions`), then padded as ``padding`` asks
+    (:func:`_pad_widths`). Padding a tensor tied by position widens the tensors it is tied to,
+    so the two alternate until nothing changes (each round only adds channels, so they end;
+    ``pad_tied`` False, as plans before version 5: tied tensors stay exact)."""
     sets = {n: a.clone() for n, a in alive.items()} if alive is not None else alive_sets(graph, eff)
     members = _members(graph)
+    while True:
+        _tie_positions(graph, sets, members)
+        if padding.multiple == 1 or not _pad_widths(graph, sets, members, padding, pad_tied):
+            return sets
+
+
+def _tie_positions(graph: ChannelGraph, sets: dict[str, torch.Tensor], members: dict[str, list[str]]) -> None:
+    """Widen ``sets`` in place until the tensors of a space keep one set and every concatenation,
+    split and channel shuffle keeps the same channels on both sides."""
     cats = list(graph.cats.items()) + list(graph.splits.values())  # a split's input joins its pieces
     for _ in range(100):
         changed = False
@@ -380,29 +421,63 @@ def regular_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], padding: Pad
                 sets[out], sets[src] = grown_out, grown_src
                 changed = True
         if not changed:
-            if padding.multiple > 1:
-                _pad_widths(graph, sets, members, padding)
-            return sets
+            return
     raise RuntimeError("internal error: regular-block widths did not settle")
 
 
-def tied_spaces(graph: ChannelGraph) -> set[str]:
+def _spaces_of(graph: ChannelGraph, tensors) -> set[str]:
+    return {graph.spaces[t] for t in tensors if t in graph.spaces}
+
+
+def position_tied_spaces(graph: ChannelGraph) -> set[str]:
     """Spaces whose channel positions are tied to another tensor's by a concatenation, split or
-    channel shuffle, an attention's heads, and the spaces a grouped convolution's tied channels
-    write (kept in whole units, one channel per conv group: a padded width would not split into
-    equal groups, e.g. RegNet's 25 groups): they keep regular widths, unpadded."""
+    channel shuffle."""
     tied = set()
-    grouped = {gid for gid, g in graph.groups.items() if g.units < g.channels}
-    if grouped:
-        tied.update(name for name, info in graph.tensors.items() if info.sources() & grouped)
     for name, parts in graph.cats.items():
         tied.update((name, *parts))
     for src, pieces in graph.splits.values():
         tied.update((src, *pieces))
     for out, (src, _) in graph.gathers.items():
         tied.update((out, src))
-    tied.update(layer.heads_tensor for layer in graph.layers.values() if layer.heads)  # whole heads, not padded
-    return {graph.spaces[t] for t in tied if t in graph.spaces}
+    return _spaces_of(graph, tied)
+
+
+def grouped_periods(graph: ChannelGraph) -> dict[str, int]:
+    """The spaces a grouped convolution's tied channels write (each conv group keeps the same
+    positions: :attr:`budgetprune.graph.ChannelGroup.units`), with the period of their ties."""
+    grouped = {gid: g.tie_period for gid, g in graph.groups.items() if g.units < g.channels}
+    periods: dict[str, int] = {}
+    for name, info in graph.tensors.items():
+        for gid in info.sources() & grouped.keys():
+            space = graph.spaces.get(name)
+            if space is not None:
+                periods[space] = math.gcd(periods.get(space, 0), grouped[gid])
+    return periods
+
+
+def tied_spaces(graph: ChannelGraph) -> set[str]:
+    """Spaces whose channel positions are tied: by a concatenation, split or channel shuffle
+    (:func:`position_tied_spaces`), an attention's heads, or a grouped convolution
+    (:func:`grouped_periods`). They keep regular widths in every block mode."""
+    return position_tied_spaces(graph) | _head_spaces(graph) | set(grouped_periods(graph))
+
+
+def _head_spaces(graph: ChannelGraph) -> set[str]:
+    return _spaces_of(graph, (layer.heads_tensor for layer in graph.layers.values() if layer.heads))
+
+
+def _padded_spaces(graph: ChannelGraph, pad_tied: bool, positions: bool) -> tuple[set[str], dict[str, int]]:
+    """``(spaces left exact, grouped spaces padded per conv group with their period)``.
+
+    An attention's heads stay whole. With ``pad_tied`` False (plans before version 5) every tied
+    space stays exact. Otherwise a grouped space pads per conv group unless positions tie it as
+    well, and a space tied by position is padded when ``positions`` (regular blocks, where the
+    ties carry the padding across: :func:`regular_sets`)."""
+    grouped, by_position, heads = grouped_periods(graph), position_tied_spaces(graph), _head_spaces(graph)
+    if not pad_tied:
+        return set(grouped) | by_position | heads, {}
+    periods = {space: p for space, p in grouped.items() if space not in by_position | heads}
+    return heads | (set(grouped) - set(periods)) | (set() if positions else by_position), periods
 
 
 def combine_sets(graph: ChannelGraph, regular: dict[str, torch.Tensor], mixed: dict[str, torch.Tensor],
@@ -430,19 +505,49 @@ def _padded(kept: torch.Tensor, padding: Padding, area: int, prefer: torch.Tenso
     return padded
 
 
-def _pad_widths(graph: ChannelGraph, sets: dict[str, torch.Tensor], members: dict, padding: Padding) -> None:
+def _padded_per_group(kept: torch.Tensor, padding: Padding, area: int, period: int) -> torch.Tensor:
+    """``kept`` of a grouped convolution's tied channels (the same positions in each conv group of
+    ``period`` channels) with positions added in every group alike until each group keeps a
+    multiple of ``padding.multiple`` (or all of its ``period``), the lowest-numbered first.
+
+    The runtime's fast grouped convolution needs each group's width aligned, not only the total:
+    in onnxruntime (CPU, one thread, batch 16) RegNet-X blocks whose 10 or 25 conv groups of 16
+    kept 8 channels each ran at 0.79–0.92 of their FLOP reduction, kept 4 or 6 at 0.50–0.67, also
+    where the total (40 channels) was a multiple of 8 (``benchmarks/grouped_conv_speed.py``).
+    A period that is not a multiple of the padding's (e.g. ResNeXt's 4 channels per group) or a
+    set not alike in every group stays exact."""
+    n = int(kept.sum())
+    if period % padding.multiple or not padding.applies(n, kept.numel(), area):
+        return kept
+    rows = kept.view(-1, period)
+    first = rows[0]
+    if not bool((rows == first).all()):
+        return kept
+    one = _padded(first, Padding(padding.multiple), 1)
+    return kept if one is first else one.repeat(rows.shape[0])
+
+
+def _pad_widths(graph: ChannelGraph, sets: dict[str, torch.Tensor], members: dict, padding: Padding,
+                pad_tied: bool = True) -> bool:
     """Pad each space's kept channels (regular blocks: one set per space) as ``padding`` asks (a
     multiple, or the full width), with the lowest-numbered channels it does not keep (they
-    compute zeros, as a regular block's extra channels do), in place. A space read through a
-    concatenation, split or channel shuffle keeps its width: its positions are tied to another
-    tensor's."""
-    tied = tied_spaces(graph)
+    compute zeros, as a regular block's extra channels do), in place; whether any grew. A grouped
+    convolution's tied channels pad per conv group (:func:`_padded_per_group`); an attention's
+    heads, and with ``pad_tied`` False every tied space, keep their widths
+    (:func:`_padded_spaces`)."""
+    exact, periods = _padded_spaces(graph, pad_tied, positions=True)
+    grew = False
     for space, names in members.items():
-        if space in tied:
+        if space in exact:
             continue
-        padded = _padded(sets[names[0]], padding, _area(graph, names))
-        for name in names:
-            sets[name] = padded.clone()
+        area = _area(graph, names)
+        padded = _padded_per_group(sets[names[0]], padding, area, periods[space]) if space in periods else \
+            _padded(sets[names[0]], padding, area)
+        if padded is not sets[names[0]]:
+            grew = True
+            for name in names:
+                sets[name] = padded.clone()
+    return grew
 
 
 def _area(graph: ChannelGraph, names: list[str]) -> int:
@@ -470,19 +575,20 @@ def channel_sums(graph: ChannelGraph) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def _pad_mixed(graph: ChannelGraph, sets: dict[str, torch.Tensor], padding: Padding,
-               within_space: bool = True) -> None:
+               within_space: bool = True, pad_tied: bool = True) -> None:
     """Pad each tensor's kept channels (mixed blocks) as ``padding`` asks (a multiple, or its
     full width), in place. Tensors passed through unchanged keep one set; a sum keeps every channel
     its operands keep (widened, then padded again, in execution order), so every mixed sum
     still adds a subset of its result's channels. Spaces tied by a concatenation, split or
-    shuffle keep their widths.
+    shuffle, and an attention's heads, keep their widths; a grouped convolution's tied channels pad
+    per conv group (:func:`_padded_per_group`; ``pad_tied`` False: exact).
 
     ``within_space``: a tensor pads first with channels other tensors of its residual space keep
     (their union ``U``), then with the lowest-numbered others, the channels a regular block pads
     ``U`` with; so every padded set, and every sum of them, stays within the regular block's
     padded set, and a mixed block never keeps more than a regular one. Otherwise (plans before
     version 4) it pads with its own lowest-numbered free channels, which the sums then add up."""
-    tied = tied_spaces(graph)
+    tied, periods = _padded_spaces(graph, pad_tied, positions=False)
     union: dict[str, torch.Tensor] = {}
     if within_space:
         for name, s in sets.items():
@@ -494,13 +600,15 @@ def _pad_mixed(graph: ChannelGraph, sets: dict[str, torch.Tensor], padding: Padd
             units[id(info.segments)].append(name)
     unit_of = {name: key for key, names in units.items() for name in names}
     for names in units.values():
-        padded = _padded(sets[names[0]], padding, _area(graph, names), union.get(graph.spaces[names[0]]))
+        space = graph.spaces[names[0]]
+        padded = _padded_per_group(sets[names[0]], padding, _area(graph, names), periods[space]) \
+            if space in periods else _padded(sets[names[0]], padding, _area(graph, names), union.get(space))
         for name in names:
             sets[name] = padded.clone()
     for _ in range(100):
         changed = False
         for out, operands in channel_sums(graph):
-            if out not in unit_of:
+            if out not in unit_of or graph.spaces[out] in periods:
                 continue
             need = sets[out].clone()
             for op in operands:

@@ -732,6 +732,7 @@ class PruneRun:
             "full": self.full, "pruned": pruned, "block": cfg.block, "channel_multiple": cfg.channel_multiple,
             # [multiple, min width, min positions, min kept]: the padding finalize kept
             "padding": info.get("padding", list(check_channel_multiple(cfg.channel_multiple))),
+            "pad_tied": info.get("pad_tied", True),  # False: tied channels (concatenations, grouped convs) exact
             "mixed_spaces": (info.get("plan") or {}).get("mixed_spaces", []),  # auto: the residual spaces kept mixed
             "pruned_by_block": info.get("pruned_by_block", {cfg.block: pruned}),
             "reduction_factor": {k: self.full[k] / pruned[k] for k in self.full},

@@ -21,15 +21,18 @@ from .compact import compact
 from .errors import CheckpointError
 from .graph import ChannelGraph
 from .graphio import check_state_shapes
-from .liveness import BlockMode, Padding, padding_of
+from .liveness import BlockMode, Padding, grouped_periods, padding_of, position_tied_spaces
 
 FORMAT = "budgetprune-plan"
 #: 2: some tensors may keep exact widths (pad_min_width, pad_min_area); 3: also those that keep
 #: few channels (pad_min_kept); 4: a padded mixed tensor pads with its residual space's channels
 #: first (:func:`budgetprune.liveness._pad_mixed`; a padded mixed or auto plan of an earlier
-#: version replays as it was written). A plan is written at the lowest version that reads it.
-VERSION = 4
+#: version replays as it was written); 5: channels tied by position or by a grouped convolution
+#: are padded too (:func:`budgetprune.liveness.regular_sets`). A plan is written at the lowest
+#: version that reads it.
+VERSION = 5
 _PAD_WITHIN_SPACE = 4  # the first version whose padded mixed tensors pad within their space
+_PAD_TIED = 5  # the first version whose tied channels are padded
 
 #: The plan fields of a :class:`~budgetprune.liveness.Padding` after its multiple: name, value
 #: when absent (no floor), the first plan version that has it, what it is.
@@ -50,6 +53,8 @@ def make_plan(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None, *, blo
     mixed = str(block) == "mixed" or str(block) == "auto" and bool(getattr(block, "mixed", None))
     if mixed and padding.multiple > 1 and getattr(block, "pad_within_space", True):  # a padded mixed tensor
         version = max(version, _PAD_WITHIN_SPACE)
+    if padding.multiple > 1 and getattr(block, "pad_tied", True) and (position_tied_spaces(graph) or grouped_periods(graph)):
+        version = max(version, _PAD_TIED)
     plan = {"format": FORMAT, "version": version, "granularity": granularity, "block": str(block),
             "channel_multiple": padding.multiple, **floors, "gate_inputs": gate_inputs,
             "input_shape": list(graph.input_shape), "groups": {gid: g.channels for gid, g in graph.groups.items()},
@@ -136,12 +141,12 @@ def replay(plan: dict, model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
 def _block(plan: dict, graph: ChannelGraph) -> BlockMode:
     """The block mode ``plan`` was compacted with, its mixed spaces (auto blocks) found in ``graph``."""
     padding = Padding(plan.get("channel_multiple", 1), *(plan.get(name, absent) for name, absent, *_ in _FLOORS))
-    within = plan["version"] >= _PAD_WITHIN_SPACE
+    within, tied = plan["version"] >= _PAD_WITHIN_SPACE, plan["version"] >= _PAD_TIED
     if plan["block"] != "auto":
-        return BlockMode(plan["block"], padding, pad_within_space=within)
+        return BlockMode(plan["block"], padding, pad_within_space=within, pad_tied=tied)
     unknown = [t for t in plan.get("mixed_spaces", []) if t not in graph.spaces]
     if unknown:
         raise CheckpointError(f"the model passed does not match the pruning plan (no tensor {unknown[0]!r:.60}): "
                               "pass the same architecture that was pruned, before pruning")
     return BlockMode("auto", padding, mixed=frozenset(graph.spaces[t] for t in plan.get("mixed_spaces", [])),
-                     pad_within_space=within)
+                     pad_within_space=within, pad_tied=tied)

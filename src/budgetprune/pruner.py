@@ -33,7 +33,7 @@ from .budget import FILLED, Budget, budget_ratios, enforce_budget, fill_budget, 
 from .compact import compact, silence_channels
 from .errors import BudgetError, ConfigError, TrainingDiverged
 from .graph import ChannelGraph
-from .liveness import BlockMode, Padding, auto_paddings, effective_masks
+from .liveness import BlockMode, Padding, auto_paddings, effective_masks, grouped_periods, position_tied_spaces
 from .measured import RUNTIME_LATENCIES, meet_measured_latency
 from .methods import create_method
 from .objectives import check_schedule_end
@@ -352,6 +352,11 @@ class Pruner:
         # without the fill a network may end under its budget by the method's choice: no finer padding
         modes = [BlockMode(str(self.block), padding, self.block.gather_cost)
                  for padding in (self.paddings if self.fill else self.paddings[:1])]
+        if self.fill and modes[0].multiple > 1 and (position_tied_spaces(graph) or grouped_periods(graph)):
+            # tied channels pad in coarse steps (a grouped conv's, by the multiple in every conv group):
+            # where that cannot end on the budget, the same padding with them exact comes next
+            modes.insert(1, BlockMode(str(self.block), modes[0].padding(), self.block.gather_cost, pad_tied=False))
+            modes[2:] = [BlockMode(str(m), m.padding(), m.gather_cost, pad_tied=False) for m in modes[2:]]
         chosen = [modes[0]]
 
         def project_with(budgets: list[Budget], mode: BlockMode) -> tuple[dict, dict]:
@@ -374,8 +379,8 @@ class Pruner:
                     if best is None and i + 1 == len(modes):
                         raise
                     if i + 1 < len(modes):
-                        self.log(f"{mode.padding().describe()}: cannot meet the budget ({error}); "
-                                 f"trying {modes[i + 1].padding().describe()}")
+                        self.log(f"{mode.describe_padding()}: cannot meet the budget ({error}); "
+                                 f"trying {modes[i + 1].describe_padding()}")
                     continue
                 fullness = max(budget_ratios(graph, final, budgets, mode))
                 if best is None or fullness > best[0]:
@@ -383,8 +388,8 @@ class Pruner:
                 if fullness >= FILLED:
                     break
                 if i + 1 < len(modes):
-                    self.log(f"{mode.padding().describe()}: ends at {fullness:.4f} of the budget, under {FILLED}; "
-                             f"trying {modes[i + 1].padding().describe()}")
+                    self.log(f"{mode.describe_padding()}: ends at {fullness:.4f} of the budget, under {FILLED}; "
+                             f"trying {modes[i + 1].describe_padding()}")
             chosen[0] = best[3]
             return best[1], best[2]
 
@@ -426,7 +431,7 @@ class Pruner:
         self._attach_plan(net, final)
         report = {"cost_before_projection": before[self.budget.metric], "channels_dropped_by_projection": dropped,
                   "channels_reopened_by_fill": n_reopened, "compaction_max_abs_diff": diff,
-                  "padding": list(block.padding()),
+                  "padding": list(block.padding()), "pad_tied": block.pad_tied,
                   "masks": {g: [int(i) for i in torch.nonzero(m).flatten()] for g, m in kept.items()},
                   "pruned": resource_report(graph, final, block, self.metrics),
                   "pruned_by_block": {name: resource_report(graph, final, mode, self.metrics)
@@ -480,8 +485,9 @@ class Pruner:
     def _block_modes(self) -> dict[str, BlockMode]:
         """Each kind of residual block with this pruner's padding, its own as it is (gather cost)."""
         padding = self.block.padding()
-        modes = {"auto": auto_mode(self.deploy_runtime, padding), "mixed": BlockMode("mixed", padding),
-                 "regular": BlockMode("regular", padding)}
+        tied = self.block.pad_tied
+        modes = {"auto": auto_mode(self.deploy_runtime, padding, pad_tied=tied),
+                 "mixed": BlockMode("mixed", padding, pad_tied=tied), "regular": BlockMode("regular", padding, pad_tied=tied)}
         return {**modes, str(self.block): self.block}
 
     def _attach_plan(self, net: nn.Module, masks: dict[str, torch.Tensor] | None) -> None:

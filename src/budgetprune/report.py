@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import io
 from .graph import ChannelGraph
-from .liveness import Padding
+from .liveness import Padding, describe_padding
 
 
 def layer_widths(graph: ChannelGraph, masks: dict[str, list[int]]) -> dict[str, dict[str, int]]:
@@ -67,8 +67,8 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
         blocks = {"auto": f"auto ({len(m.get('mixed_spaces') or [])} residual spaces kept mixed, the others regular)",
                   "mixed": "mixed (sums gather each branch's channels)",
                   "regular": "regular (added tensors keep equal widths)"}.get(m["block"], m["block"])
-        padding = Padding(*m.get("padding", [1]))
-        lines.append(f"- Residual blocks: {blocks}; {padding.describe()}")
+        padding = describe_padding(Padding(*m.get("padding", [1])), m.get("pad_tied", True))
+        lines.append(f"- Residual blocks: {blocks}; {padding}")
     deployed = m.get("deployed")
     if deployed and "error" in deployed:
         lines.append(f"- Deployed speed in {deployed['runtime']}: not measured ({deployed['error']})")
