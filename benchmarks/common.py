@@ -210,18 +210,20 @@ def write_results(out: str | Path, name: str, record: dict, page: str) -> Path:
     return out
 
 
-def padding_label(padding: list | None) -> str:
+def padding_label(padding: list | None, pad_tied: bool | None = None) -> str:
     """A short name for the padding a finalize kept (its report's ``padding``: multiple, min_width,
-    min_area, min_kept): ``8 in maps ≥ 32 ch``, ``8 where ≥ 32 ch kept``, ``×16``, ``exact``; ``–``
-    for a result that does not record it (before the auto padding)."""
+    min_area, min_kept; ``pad_tied`` False: tied channels left exact): ``8 in maps ≥ 32 ch``,
+    ``8 where ≥ 32 ch kept``, ``×16``, ``×8, tied exact``, ``exact``; ``–`` for a result that does
+    not record it (before the auto padding)."""
     if not padding:
         return "–"
     multiple, min_width, _, min_kept = padding
     if multiple <= 1:
         return "exact"
+    tied = ", tied exact" if pad_tied is False else ""
     if min_width:
-        return f"{multiple} in maps ≥ {min_width} ch"
+        return f"{multiple} in maps ≥ {min_width} ch{tied}"
     if min_kept:
-        return f"{multiple} where ≥ {min_kept} ch kept"
-    return f"×{multiple}"
+        return f"{multiple} where ≥ {min_kept} ch kept{tied}"
+    return f"×{multiple}{tied}"
 

@@ -217,13 +217,13 @@ def prune(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, s
                                                               multiple)
     cost = padded["pruned"]
     out["padded"] = {"flops": cost["flops"], "params": cost["params"], "flop_reduction": full / cost["flops"],
-                     "multiple": multiple, "padding": padded_pruner.block.padding().describe(),
+                     "multiple": multiple, "padding": padded_pruner.block.describe_padding(),
                      "V_over_B": cost["flops"] / padded_pruner.budget.absolute(padded_pruner.graph)}
     _, auto_pruner, out["nets"]["auto"], auto = pruned(unpruned, shape, factor, method, steps, "auto", multiple)
     cost = auto["pruned"]
     mixed = auto["plan"]["mixed_spaces"]
     out["auto"] = {"flops": cost["flops"], "params": cost["params"], "flop_reduction": full / cost["flops"],
-                   "multiple": multiple, "padding": auto_pruner.block.padding().describe(),
+                   "multiple": multiple, "padding": auto_pruner.block.describe_padding(),
                    "gather_cost": auto_pruner.block.gather_cost, "mixed_spaces": len(mixed),
                    "V_over_B": cost["flops"] / auto_pruner.budget.absolute(auto_pruner.graph)}
     return out

@@ -112,6 +112,7 @@ def one(models, name: str, size: int, budget: str, steps: int) -> dict:
             row["output_scale"] = float(small(x).abs().max())  # the difference below is relative to it
         metric = pruner.budget.metric
         row["padding"] = report.get("padding")  # the padding finalize kept: [multiple, min_width, min_area, min_kept]
+        row["pad_tied"] = report.get("pad_tied")  # and whether tied channels (concatenations, grouped convs) were padded
         row.update(budget_ratio=report["pruned"][metric] / pruner.budget.absolute(pruner.graph),
                    compaction_max_abs_diff=report["compaction_max_abs_diff"],
                    flops_reduction=pruner.full["flops"] / report["pruned"]["flops"],
@@ -148,7 +149,7 @@ def table(rows: list[dict]) -> list[str]:
                 else f"failed at {r.get('failed_at')}: {r.get('error', '').replace('|', '/')} | –")
         scale = r.get("output_scale", 1.0)
         diff = f"{r['compaction_max_abs_diff'] / scale:.1e}" if scale > 0 else "outputs are 0"
-        lines.append(f"| {r['model']} | {share} | {r['budget_ratio']:.4f} | {padding_label(r.get('padding'))} | {diff} | "
+        lines.append(f"| {r['model']} | {share} | {r['budget_ratio']:.4f} | {padding_label(r.get('padding'), r.get('pad_tied'))} | {diff} | "
                      f"{r['flops_reduction']:.2f} | {r['params_reduction']:.2f} | {tail} | {r['seconds']:.0f} |")
     return lines
 

@@ -512,7 +512,7 @@ def _padded_per_group(kept: torch.Tensor, padding: Padding, area: int, period: i
 
     The runtime's fast grouped convolution needs each group's width aligned, not only the total:
     in onnxruntime (CPU, one thread, batch 16) RegNet-X blocks whose 10 or 25 conv groups of 16
-    kept 8 channels each ran at 0.79–0.92 of their FLOP reduction, kept 4 or 6 at 0.50–0.67, also
+    kept 8 channels each ran at 0.80–0.91 of their FLOP reduction, kept 4 or 6 at 0.50–0.67, also
     where the total (40 channels) was a multiple of 8 (``benchmarks/grouped_conv_speed.py``).
     A period that is not a multiple of the padding's (e.g. ResNeXt's 4 channels per group) or a
     set not alike in every group stays exact."""
