@@ -372,6 +372,58 @@ class ChannelGraph:
         return self._readers[gid]
 
     @cached_property
+    def tied_positions(self) -> tuple[list[str], torch.Tensor, int]:
+        """``(tensors, class of each slot, number of classes)``: the slots of ``tensors`` (those
+        tied to another), laid end to end in that order, numbered by which must keep the same
+        channel in a regular block.
+        Slot i of the tensors of a space (:attr:`spaces`) is one position; so are a concatenation's
+        (or split's) slot and the piece's slot it joins, and a channel shuffle's output slot and the
+        input slot it reads. The classes are the connected positions (label propagation with
+        pointer jumping over those identifications)."""
+        counts: dict[str, int] = defaultdict(int)
+        for space in self.spaces.values():
+            counts[space] += 1
+        joined = {t for name, parts in list(self.cats.items()) + list(self.splits.values()) for t in (name, *parts)}
+        joined |= {t for out, (src, _) in self.gathers.items() for t in (out, src)}
+        names = [t for t in self.tensors if t in joined or counts.get(self.spaces.get(t), 0) > 1]  # the others: alone
+        offset, start = {}, 0
+        for name in names:
+            offset[name] = start
+            start += self.tensors[name].slots
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def tie(a: str, a_slots: torch.Tensor, b: str, b_slots: torch.Tensor) -> None:
+            pairs.append((offset[a] + a_slots, offset[b] + b_slots))
+
+        first: dict[str, str] = {}
+        for name, space in self.spaces.items():
+            if name in offset:
+                lead = first.setdefault(space, name)
+                if lead != name:
+                    slots = torch.arange(self.tensors[name].slots)
+                    tie(name, slots, lead, slots)
+        for name, parts in list(self.cats.items()) + list(self.splits.values()):  # a split's input joins its pieces
+            at = 0
+            for part in parts:
+                slots = torch.arange(self.tensors[part].slots)
+                tie(name, at + slots, part, slots)
+                at += len(slots)
+        for out, (src, perm) in self.gathers.items():
+            tie(out, torch.arange(len(perm)), src, perm.long())
+        labels = torch.arange(start)
+        if pairs:
+            u, v = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+            while True:
+                low = torch.minimum(labels[u], labels[v])
+                new = labels.scatter_reduce(0, u, low, "amin").scatter_reduce(0, v, low, "amin")
+                new = new[new]  # a label is a slot whose own label is no larger: jump to it
+                if torch.equal(new, labels):
+                    break
+                labels = new
+        classes, labels = torch.unique(labels, return_inverse=True)
+        return names, labels, len(classes)
+
+    @cached_property
     def _readers(self) -> dict[str, list[Layer]]:
         out: dict[str, list[Layer]] = {gid: [] for gid in self.groups}
         for layer in self.layers.values():

@@ -380,49 +380,27 @@ def regular_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], padding: Pad
     ``pad_tied`` False, as plans before version 5: tied tensors stay exact)."""
     sets = {n: a.clone() for n, a in alive.items()} if alive is not None else alive_sets(graph, eff)
     members = _members(graph)
-    while True:
-        _tie_positions(graph, sets, members)
-        if padding.multiple == 1 or not _pad_widths(graph, sets, members, padding, pad_tied):
-            return sets
+    _tie_positions(graph, sets)
+    if padding.multiple == 1:
+        return sets
+    exact, periods = _padded_spaces(graph, pad_tied, positions=True)
+    by_position = position_tied_spaces(graph) - exact
+    while _pad_widths(graph, sets, members, padding, exact, periods) & by_position:  # carried across the ties
+        _tie_positions(graph, sets)
+    return sets
 
 
-def _tie_positions(graph: ChannelGraph, sets: dict[str, torch.Tensor], members: dict[str, list[str]]) -> None:
+def _tie_positions(graph: ChannelGraph, sets: dict[str, torch.Tensor]) -> None:
     """Widen ``sets`` in place until the tensors of a space keep one set and every concatenation,
-    split and channel shuffle keeps the same channels on both sides."""
-    cats = list(graph.cats.items()) + list(graph.splits.values())  # a split's input joins its pieces
-    for _ in range(100):
-        changed = False
-        for names in members.values():
-            union = sets[names[0]].clone()
-            for n in names[1:]:
-                union |= sets[n]
-            for n in names:
-                if not torch.equal(sets[n], union):
-                    sets[n] = union.clone()
-                    changed = True
-        for name, parts in cats:
-            start = 0
-            for part in parts:
-                piece = sets[name][start:start + sets[part].numel()]
-                grown = sets[part] | piece
-                if not torch.equal(grown, sets[part]):
-                    sets[part] = grown
-                    changed = True
-                start += sets[part].numel()
-            joined = torch.cat([sets[p] for p in parts])
-            if not torch.equal(joined | sets[name], sets[name]):
-                sets[name] = sets[name] | joined
-                changed = True
-        for out, (src, perm) in graph.gathers.items():  # a shuffle's output is its input, reordered (or repeated)
-            grown_out = sets[out] | sets[src][perm]
-            grown_src = sets[src] | torch.zeros(sets[src].numel(), dtype=torch.long).index_add(
-                0, perm, sets[out].long()).bool()
-            if not (torch.equal(grown_out, sets[out]) and torch.equal(grown_src, sets[src])):
-                sets[out], sets[src] = grown_out, grown_src
-                changed = True
-        if not changed:
-            return
-    raise RuntimeError("internal error: regular-block widths did not settle")
+    split and channel shuffle keeps the same channels on both sides: a slot is kept where any
+    slot of its class is (:attr:`budgetprune.graph.ChannelGraph.tied_positions`)."""
+    names, labels, classes = graph.tied_positions
+    flat = torch.cat([sets[n] for n in names])
+    labels = labels.to(flat.device)
+    kept = torch.zeros(classes, dtype=torch.bool, device=flat.device)
+    kept[labels[flat]] = True
+    for name, part in zip(names, torch.split(kept[labels], [sets[n].numel() for n in names])):
+        sets[name] = part.clone()
 
 
 def _spaces_of(graph: ChannelGraph, tensors) -> set[str]:
@@ -528,15 +506,13 @@ def _padded_per_group(kept: torch.Tensor, padding: Padding, area: int, period: i
 
 
 def _pad_widths(graph: ChannelGraph, sets: dict[str, torch.Tensor], members: dict, padding: Padding,
-                pad_tied: bool = True) -> bool:
+                exact: set[str], periods: dict[str, int]) -> set[str]:
     """Pad each space's kept channels (regular blocks: one set per space) as ``padding`` asks (a
     multiple, or the full width), with the lowest-numbered channels it does not keep (they
-    compute zeros, as a regular block's extra channels do), in place; whether any grew. A grouped
-    convolution's tied channels pad per conv group (:func:`_padded_per_group`); an attention's
-    heads, and with ``pad_tied`` False every tied space, keep their widths
-    (:func:`_padded_spaces`)."""
-    exact, periods = _padded_spaces(graph, pad_tied, positions=True)
-    grew = False
+    compute zeros, as a regular block's extra channels do), in place; the spaces that grew.
+    Spaces in ``exact`` keep their widths; those in ``periods``, a grouped convolution's tied
+    channels, pad per conv group (:func:`_padded_per_group`); see :func:`_padded_spaces`."""
+    grew = set()
     for space, names in members.items():
         if space in exact:
             continue
@@ -544,7 +520,7 @@ def _pad_widths(graph: ChannelGraph, sets: dict[str, torch.Tensor], members: dic
         padded = _padded_per_group(sets[names[0]], padding, area, periods[space]) if space in periods else \
             _padded(sets[names[0]], padding, area)
         if padded is not sets[names[0]]:
-            grew = True
+            grew.add(space)
             for name in names:
                 sets[name] = padded.clone()
     return grew
