@@ -34,6 +34,17 @@ def test_the_bracket_is_the_widest_under_and_the_narrowest_over():
     assert 0.0432 < guess < 0.0842
 
 
+def test_a_narrower_network_that_measured_slower_does_not_undo_the_bracket():
+    """Measured over the target at 0.1 but under it at 0.2: the bracket is (0.2, 0.25), the
+    narrowest over the target *above* the widest under it; pairing (0.2, 0.1) brackets nothing,
+    and the search fell back to scaling the last try, which returned 0.25, the first try."""
+    history = tries((0.25, 0.5), (0.1, 0.3), (0.2, 0.2), (0.05, 0.1))
+    target = 0.95 * 0.25
+    guess = measured._next_fraction(METRIC, history, target, 0.25)
+    assert guess == pytest.approx(0.2 + (target - 0.2) * (0.25 - 0.2) / (0.5 - 0.2))
+    assert 0.2 < guess < 0.25
+
+
 def test_a_try_stays_a_tenth_of_the_bracket_inside_it():
     # the line through the bracket's ends reaches the target at its under end
     guess = measured._next_fraction(METRIC, tries((0.3, 2.0), (0.1, 0.39999)), 0.4, 0.5)

@@ -100,8 +100,8 @@ def _next_fraction(metric: str, tries: list[dict], target: float, limit: float) 
     """The fraction to project ``metric`` to next so that its measured ratio reaches ``target``
     (never above the user's ``limit``).
 
-    Where the tries bracket the target (the largest fraction measured under it below the
-    smallest measured over it): false position between those two, kept a tenth of the bracket
+    Where the tries bracket the target (the largest fraction measured under it, and the smallest
+    above that one measured over it): false position between those two, kept a tenth of the bracket
     inside it, so each try narrows the bracket and never repeats one. A network's latency is
     not monotone in its widths (unaligned channel counts run slower kernels), so the bracket is
     taken by fraction, not by the ratios nearest the target: with ratios nearest the target a
@@ -109,17 +109,17 @@ def _next_fraction(metric: str, tries: list[dict], target: float, limit: float) 
     Without a bracket: the secant through the last two tries where latency grows with the budget,
     else the last one scaled by the measured excess."""
     points = [(t["projected_to"][metric], t["measured"][metric]["ratio"]) for t in tries if metric in t["measured"]]
-    f1, r1 = points[-1]
-    guess = f1 * target / r1
     under = [p for p in points if p[1] <= target]
-    over = [p for p in points if p[1] > target]
     low = max(under) if under else None  # the widest network measured under the target
-    high = min(over) if over else None  # the narrowest measured over it
-    if low is not None and high is not None and low[0] < high[0]:
+    # the narrowest measured over it, wider than that (a narrower one that measured slower brackets nothing)
+    high = min((p for p in points if p[1] > target and (low is None or p[0] > low[0])), default=None)
+    if low is not None and high is not None:
         (f0, r0), (f1, r1) = low, high  # r0 <= target < r1
         guess = f0 + (target - r0) * (f1 - f0) / (r1 - r0)
         margin = 0.1 * (f1 - f0)
         return min(max(guess, f0 + margin), f1 - margin, limit)
+    f1, r1 = points[-1]
+    guess = f1 * target / r1
     if len(points) >= 2:
         f0, r0 = points[-2]
         if f0 != f1 and r0 != r1 and (r0 - r1) / (f0 - f1) > 0:  # latency grows with the budget
