@@ -68,7 +68,7 @@ class Sized(nn.Module):
 
 def ratio_of(fraction):
     """A latency that is not monotone in the width: the widths between 0.07 and 0.085 of the
-    unit run a slower kernel (unaligned channel counts), so measured ratios between 0.222 and 0.322
+    unit run a slower kernel (unaligned channel counts), so measured ratios between 0.222 and 0.261
     cannot be had; the best under a budget of 0.25 is 0.888 of it, just under 0.07."""
     return 2.6 * fraction + 0.04 + (0.1 if 0.07 <= fraction < 0.085 else 0.0)
 
