@@ -26,7 +26,7 @@ from budgetprune.liveness import BlockMode, Padding, auto_paddings, slot_sets
 from budgetprune.plan import check_plan, replay
 from budgetprune.resources import CostModel
 
-from loops import pruning_steps
+from loops import pruning_steps, randomise_batchnorms
 from test_compaction import attach_random, check_compaction, make_model
 
 PADDED_MODELS = ["resnet20", "wrn", "tiny_mobilenetv2", "tiny_senet", "vgg_small"]
@@ -515,27 +515,32 @@ def test_padded_mixed_tensors_stay_within_the_regular_block_s_padded_set(name):
     assert legacy_over > 0 or name == "resnet20"  # the earlier padding kept channels outside it (in wrn)
 
 
+def _compact_and_replay(name: str, masks: dict, mode: BlockMode, version: int) -> nn.Module:
+    """``name`` compacted with ``mode``: its plan, through JSON, is written at ``version`` and
+    replays to a network with the same outputs; the compacted network."""
+    from budgetprune.compact import compact
+    from budgetprune.plan import make_plan
+
+    model, graph = make_model(name)
+    net = compact(model, graph, masks, mode=mode)
+    plan = json.loads(json.dumps(make_plan(graph, masks, block=mode, granularity="channel", gate_inputs=False)))
+    assert plan["version"] == version
+    again = replay(plan, model, net.state_dict())
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(again(x), net.eval()(x))
+    return net
+
+
 def test_a_padded_mixed_plan_replays_with_the_padding_it_was_written_with():
     """A padded mixed plan is written at version 4 (pads within the space) and replays to the
     same network; one compacted the earlier way is written at the version before and replays
     that way, although the two networks differ."""
-    from budgetprune.compact import compact
-    from budgetprune.plan import make_plan
-
     gated, gated_graph = make_model("resnet20")
     masks = attach_random(gated, gated_graph, seed=1).keep_masks()
-    x = torch.randn(2, 1, 28, 28)
-    shapes = []
-    for within, version in ((True, 4), (False, 2)):
-        model, graph = make_model("resnet20")
-        mode = BlockMode("mixed", auto_paddings()[0], pad_within_space=within)
-        net = compact(model, graph, masks, mode=mode)
-        plan = json.loads(json.dumps(make_plan(graph, masks, block=mode, granularity="channel", gate_inputs=False)))
-        assert plan["version"] == version
-        again = replay(plan, model, net.state_dict())
-        with torch.no_grad():
-            assert torch.equal(again(x), net.eval()(x))
-        shapes.append(net.state_dict())
+    shapes = [_compact_and_replay("resnet20", masks, BlockMode("mixed", auto_paddings()[0], pad_within_space=within),
+                                  version).state_dict()
+              for within, version in ((True, 4), (False, 2))]
     assert shapes[0].keys() != shapes[1].keys() or \
         any(v.shape != shapes[1][k].shape or not torch.equal(v, shapes[1][k]) for k, v in shapes[0].items())
 
@@ -553,8 +558,6 @@ def test_channels_tied_by_position_pad_together_and_compact_exactly(name):
     positions across tensors: each pads, the ties carry what it adds, until every conv reads and
     writes a multiple of 8 channels (or all of them); the compacted network computes the gated
     one's outputs and its own trace counts the padded cost."""
-    from loops import randomise_batchnorms
-
     mode = BlockMode("regular", 8)
     for seed in range(2):
         if name == "shufflenet":
@@ -609,23 +612,11 @@ def test_a_plan_padded_before_tied_channels_were_replays_with_them_exact():
     """A padded plan whose tied channels were exact (written before version 5, or where finalize
     fell back to exact tied channels) replays to that network; the current padding pads them and
     writes version 5."""
-    from budgetprune.compact import compact
-    from budgetprune.plan import make_plan
-
     gated, gated_graph = make_model("tiny_densenet")
     masks = attach_random(gated, gated_graph, seed=1).keep_masks()
-    x = torch.randn(2, 1, 28, 28)
-    widths = []
-    for tied, version in ((True, 5), (False, 2)):
-        model, graph = make_model("tiny_densenet")
-        mode = BlockMode("regular", auto_paddings()[0], pad_tied=tied)
-        net = compact(model, graph, masks, mode=mode)
-        plan = json.loads(json.dumps(make_plan(graph, masks, block=mode, granularity="channel", gate_inputs=False)))
-        assert plan["version"] == version
-        again = replay(plan, model, net.state_dict())
-        with torch.no_grad():
-            assert torch.equal(again(x), net.eval()(x))
-        widths.append(sum(p.numel() for p in net.parameters()))
+    widths = [sum(p.numel() for p in _compact_and_replay(
+        "tiny_densenet", masks, BlockMode("regular", auto_paddings()[0], pad_tied=tied), version).parameters())
+        for tied, version in ((True, 5), (False, 2))]
     assert widths[0] > widths[1]
 
 

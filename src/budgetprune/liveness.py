@@ -440,6 +440,12 @@ def tied_spaces(graph: ChannelGraph) -> set[str]:
     return position_tied_spaces(graph) | _head_spaces(graph) | set(grouped_periods(graph))
 
 
+def has_tied_channels(graph: ChannelGraph) -> bool:
+    """Whether ``graph`` has channels tied by position or by a grouped convolution: the ones a
+    padding with ``pad_tied`` pads (plan version 5) and finalize may fall back to leave exact."""
+    return bool(position_tied_spaces(graph) or grouped_periods(graph))
+
+
 def _head_spaces(graph: ChannelGraph) -> set[str]:
     return _spaces_of(graph, (layer.heads_tensor for layer in graph.layers.values() if layer.heads))
 

@@ -21,7 +21,7 @@ from .compact import compact
 from .errors import CheckpointError
 from .graph import ChannelGraph
 from .graphio import check_state_shapes
-from .liveness import BlockMode, Padding, grouped_periods, padding_of, position_tied_spaces
+from .liveness import BlockMode, Padding, has_tied_channels, padding_of
 
 FORMAT = "budgetprune-plan"
 #: 2: some tensors may keep exact widths (pad_min_width, pad_min_area); 3: also those that keep
@@ -53,7 +53,7 @@ def make_plan(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None, *, blo
     mixed = str(block) == "mixed" or str(block) == "auto" and bool(getattr(block, "mixed", None))
     if mixed and padding.multiple > 1 and getattr(block, "pad_within_space", True):  # a padded mixed tensor
         version = max(version, _PAD_WITHIN_SPACE)
-    if padding.multiple > 1 and getattr(block, "pad_tied", True) and (position_tied_spaces(graph) or grouped_periods(graph)):
+    if padding.multiple > 1 and getattr(block, "pad_tied", True) and has_tied_channels(graph):
         version = max(version, _PAD_TIED)
     plan = {"format": FORMAT, "version": version, "granularity": granularity, "block": str(block),
             "channel_multiple": padding.multiple, **floors, "gate_inputs": gate_inputs,

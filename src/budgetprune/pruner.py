@@ -33,7 +33,7 @@ from .budget import FILLED, Budget, budget_ratios, enforce_budget, fill_budget, 
 from .compact import compact, silence_channels
 from .errors import BudgetError, ConfigError, TrainingDiverged
 from .graph import ChannelGraph
-from .liveness import BlockMode, Padding, auto_paddings, effective_masks, grouped_periods, position_tied_spaces
+from .liveness import BlockMode, Padding, auto_paddings, effective_masks, has_tied_channels
 from .measured import RUNTIME_LATENCIES, meet_measured_latency
 from .methods import create_method
 from .objectives import check_schedule_end
@@ -352,7 +352,7 @@ class Pruner:
         # without the fill a network may end under its budget by the method's choice: no finer padding
         modes = [BlockMode(str(self.block), padding, self.block.gather_cost)
                  for padding in (self.paddings if self.fill else self.paddings[:1])]
-        if self.fill and modes[0].multiple > 1 and (position_tied_spaces(graph) or grouped_periods(graph)):
+        if self.fill and modes[0].multiple > 1 and has_tied_channels(graph):
             # tied channels pad in coarse steps (a grouped conv's, by the multiple in every conv group):
             # where that cannot end on the budget, the same padding with them exact comes next
             modes.insert(1, BlockMode(str(self.block), modes[0].padding(), self.block.gather_cost, pad_tied=False))
