@@ -22,6 +22,13 @@ near-equal scores and removes whole residual branches (and most of a stem) while
 residual streams whole; the mixed and regular networks are then often the same network. A
 trained BAR run lies between the two; neither short run reproduces its widths.
 
+Trained networks (``--runs``): finished ``budgetprune prune`` runs with FLOP budgets (the CLI's
+defaults: BAR, auto blocks, auto padding) replace the untrained pruning of their model. The run's
+teacher (``teacher.pt``, shared by the runs of one model) is the unpruned network; its own
+``model.pt``, fine-tuned, is the ``auto`` network (what the user got); the channels it kept
+(its pruning plan) are compacted both ways, ``regular`` and ``mixed``, with the teacher's weights
+(timing needs the widths, not the fine-tuned weights). No ``padded`` network is built for a run.
+
 Every network (the unpruned model itself, as a user has it, and the pruned ones) is exported
 with ``budgetprune.export.to_torchscript`` and ``budgetprune.export.to_onnx`` (default opset),
 and timed in three runtimes: eager PyTorch (``torch.no_grad``), the loaded TorchScript file, and
@@ -37,6 +44,12 @@ the same runtime and batch. Speedup ÷ FLOP reduction uses each compacted networ
     python benchmarks/deploy_speed.py --models resnet20 --budgets 2 --pairs 3   # smoke run, < 1 min
     python benchmarks/deploy_speed.py --models efficientnet_b0,vit_b_16 --runtimes onnxruntime \
         --out benchmarks/results/deploy_speed_families              # other torchvision families
+    python benchmarks/deploy_speed.py --models resnet20 --runs runs/deploy_resnet20/2x,runs/deploy_resnet20/4x \
+        --out benchmarks/results/deploy_speed_trained                # trained BAR runs of resnet20
+
+``--profile RUNS`` adds onnxruntime's own profile of every network, by op type (1 thread, the
+largest batch): where the time of the unpruned and the default pruned network goes, and which
+op types speed up less than the FLOPs fall (layout conversions, concatenations, channel shuffles).
 
 Writes ``benchmarks/results/deploy_speed.{json,md,png}``; the exported files stay in ``--work``
 (default ``runs/deploy_speed``) for inspection, and the JSON counts the ONNX op types of each.
@@ -47,6 +60,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import os
 import platform
 import statistics
@@ -61,7 +75,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HERE, RESULTS, Parser, cpu_name, name_list, pruning_steps, write_results  # noqa: E402
+from common import HERE, RESULTS, Parser, cpu_name, name_list, padding_label, pruning_steps, write_results  # noqa: E402
 from quiet import Quiet  # noqa: E402
 from torchvision_models import FAMILIES, SIZE_AT_LEAST, import_torchvision, make  # noqa: E402
 
@@ -72,7 +86,11 @@ from budgetprune.pruner import check_channel_multiple  # noqa: E402
 from budgetprune.blocks import GATHER_COST, gathered_positions  # noqa: E402
 from budgetprune.compact import compact  # noqa: E402
 from budgetprune.liveness import slot_sets  # noqa: E402
+from budgetprune.errors import CheckpointError  # noqa: E402
 from budgetprune.export import to_onnx, to_torchscript  # noqa: E402
+from budgetprune.graph import ChannelGraph  # noqa: E402
+from budgetprune.io import load_file  # noqa: E402
+from budgetprune.resources import resource_report  # noqa: E402
 from budgetprune.runtimes import onnxruntime_session, paired_times  # noqa: E402
 
 #: Torchvision classification models (untrained, 10 classes, 3 × size × size) ...
@@ -90,6 +108,10 @@ BLOCKS = ["regular", "mixed"]
 #: with widths padded to a multiple, and auto blocks (weighed for onnxruntime) with the same
 #: padding (each its own projection, counted with the padding).
 NETWORKS = BLOCKS + ["padded", "auto"]
+#: The networks of a trained run (``--runs``): its kept channels both ways, and the run's own result.
+RUN_NETWORKS = BLOCKS + ["auto"]
+#: What a finished run folder holds that the benchmark reads.
+RUN_FILES = ("config.json", "metrics.json", "teacher.pt", "model.pt")
 METHOD_NOTE = {"magnitude": ": every layer's width scaled by one factor, channels by weight magnitude, so every "
                              "residual stream is pruned and every residual sum of the mixed network is mixed",
                "bar": ", `gate_init=3`: gates barely trained, the projection removes whole branches and "
@@ -136,9 +158,17 @@ def arguments(argv) -> argparse.Namespace:
                    help="channel multiple of the padded networks (onnxruntime's blocked CPU convolutions: 16 with "
                         "AVX-512, 8 with AVX2), or auto: the library's default (multiples of 8 in feature maps "
                         "and token tensors, loosened where that cannot end on the budget)")
+    p.add_argument("--profile", type=int, default=0, metavar="RUNS",
+                   help="also profile every ONNX network by op type in onnxruntime (1 thread, the largest batch, "
+                        "RUNS runs; 0: no profile): where each network's time goes")
+    p.add_argument("--runs", type=run_list, default={},
+                   help="comma-separated folders of finished `budgetprune prune` runs (FLOP budgets, one teacher per "
+                        "model): their trained networks replace the untrained pruning of their model")
     p.add_argument("--work", default=str(HERE.parent / "runs" / "deploy_speed"), help="exported files go here")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    if args.profile < 0:
+        p.error(f"--profile must be 0 or more runs, not {args.profile}")
     for flag in ("pairs", "size", "threads"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1, not {getattr(args, flag)}")
@@ -148,10 +178,41 @@ def arguments(argv) -> argparse.Namespace:
         p.error("--quiet-busy must be in (0, 1] and --quiet-budget-min 0 or more")
     if args.pair_seconds < 0:
         p.error(f"--pair-seconds must be 0 or more, not {args.pair_seconds:g}")
+    for name in args.runs:
+        if name not in args.models:
+            p.error(f"--runs has runs of {name}: add it to --models")
     for name in args.models:
         if name not in REGISTRY and args.size < SIZE_AT_LEAST.get(name, 32):
             p.error(f"--size {args.size} is too small for {name} ({SIZE_AT_LEAST.get(name, 32)} or more)")
     return args
+
+
+def run_list(text: str) -> dict[str, list[Path]]:
+    """``--runs``: the finished run folders of ``text``, by the registry model they pruned."""
+    runs: dict[str, list[Path]] = {}
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            continue
+        folder = Path(item)
+        missing = [f for f in RUN_FILES if not (folder / f).is_file()]
+        if missing:
+            raise argparse.ArgumentTypeError(f"{folder} is not a finished budgetprune run (no {', '.join(missing)}); "
+                                             "pass the --out folder of a `budgetprune prune` run that completed")
+        try:
+            config = json.loads((folder / "config.json").read_text())
+            metrics = json.loads((folder / "metrics.json").read_text())
+            name, metric = config["model"], metrics["metric"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise argparse.ArgumentTypeError(f"{folder}: unreadable run record ({type(exc).__name__}: {exc})") from None
+        if name not in REGISTRY:
+            raise argparse.ArgumentTypeError(f"{folder} pruned {name!r}; runs of {', '.join(REGISTRY)} only")
+        if metric != "flops":
+            raise argparse.ArgumentTypeError(f"{folder} has a {metric} budget; the benchmark compares FLOP budgets "
+                                             "(run it with --metric flops)")
+        runs.setdefault(name, []).append(folder)
+    if not runs:
+        raise argparse.ArgumentTypeError(f"expected run folders, not {text!r}")
+    return runs
 
 
 # --------------------------------------------------------------------------------------------- pruning
@@ -229,6 +290,76 @@ def prune(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, s
     return out
 
 
+def flops_of(net: torch.nn.Module, shape: tuple) -> float:
+    """budgetprune's FLOP count of ``net`` at one input of ``shape``."""
+    graph = ChannelGraph.build(copy.deepcopy(net), torch.zeros(1, *shape))
+    return resource_report(graph, metrics=("flops",))["flops"]
+
+
+def run_teacher(name: str, folders: list[Path]) -> tuple[torch.nn.Module, tuple]:
+    """(the unpruned ``name`` with the runs' trained teacher weights, input shape); the runs must share them."""
+    teacher, shape = None, None
+    for folder in folders:
+        net, _, meta = load_file(folder / "teacher.pt")
+        state = net.state_dict()
+        if teacher is None:
+            shape = tuple(meta.get("input_shape") or REGISTRY[name])
+            teacher = budgetprune.create_model(name, in_channels=shape[0], num_classes=_classes(state),
+                                               input_size=shape[1:])
+            try:
+                teacher.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                raise CheckpointError(f"{folder}/teacher.pt does not fit {name}: {str(exc).splitlines()[0]}") from None
+        elif state.keys() != teacher.state_dict().keys() or any(
+                not torch.equal(v, teacher.state_dict()[k]) for k, v in state.items()):
+            raise CheckpointError(f"the runs of {name} have different teachers ({folders[0]}, {folder}): prune "
+                                  f"the later ones with --teacher {folders[0]}/teacher.pt")
+    return teacher.eval(), shape
+
+
+def _classes(state: dict) -> int:
+    """The number of classes of a registry classifier's state dict (its last weight's rows)."""
+    return int([v for k, v in state.items() if k.endswith("weight")][-1].shape[0])
+
+
+def from_run(folder: Path, teacher: torch.nn.Module, shape: tuple) -> dict:
+    """A finished run's networks, as :func:`prune` returns them: its kept channels compacted both
+    ways with the teacher's weights, and its own (fine-tuned) network as ``auto``."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    run_net, plan, _ = load_file(folder / "model.pt", model=teacher)  # the plan replayed on the architecture
+    if not isinstance(plan, dict) or plan.get("granularity") != "channel":
+        raise CheckpointError(f"{folder}/model.pt holds no channel pruning plan")
+    graph = ChannelGraph.build(copy.deepcopy(teacher), torch.zeros(1, *shape), gate_inputs=plan["gate_inputs"])
+    masks = {}
+    for gid, kept in plan["kept"].items():
+        masks[gid] = torch.zeros(graph.groups[gid].channels, dtype=torch.bool)
+        masks[gid][kept] = True
+    nets = {mode: compact(teacher, graph, masks, mode=mode).eval() for mode in BLOCKS}
+    nets["auto"] = run_net.eval()
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        reference = nets["mixed"](x)
+        scale = float(reference.abs().max()) or 1.0
+        check = {"regular_vs_mixed": float((nets["regular"](x) - reference).abs().max()) / scale}
+    if check["regular_vs_mixed"] > 1e-4:
+        raise RuntimeError(f"{folder}: the regular and mixed compactions differ (relative): {check}")
+    full = flops_of(teacher, shape)
+    out = {"factor": 1.0 / metrics["budget_fraction"], "run": str(folder), "networks": RUN_NETWORKS, "nets": nets,
+           "unpruned_flops": full, "relative_output_diff": check, "method": metrics.get("method"),
+           "test_accuracy": metrics.get("test_accuracy"), "teacher_test_accuracy": metrics.get("unpruned_test_accuracy"),
+           "kept_channels": sum(int(m.sum()) for m in masks.values()),
+           "channels": sum(int(m.numel()) for m in masks.values())}
+    for mode in RUN_NETWORKS:
+        flops = flops_of(nets[mode], shape)
+        out[mode] = {"flops": flops, "params": sum(p.numel() for p in nets[mode].parameters()),
+                     "flop_reduction": full / flops}
+    out["mixed"]["gathered_positions"] = gathered_positions(graph, slot_sets(graph, masks, "mixed"))
+    out["auto"].update(block=plan.get("block"), mixed_spaces=len(plan.get("mixed_spaces", [])),
+                       padding=metrics.get("padding"), pad_tied=metrics.get("pad_tied"))
+    out["V_over_B"] = out["auto"]["flops"] / (full * metrics["budget_fraction"])
+    return out
+
+
 # --------------------------------------------------------------------------------------------- runtimes
 
 
@@ -274,6 +405,35 @@ def runners(runtime: str, nets: dict, folder: Path, x: torch.Tensor, threads: in
     return out
 
 
+def op_profile(path: Path, x: torch.Tensor, runs: int) -> dict[str, float]:
+    """Milliseconds per run by ONNX op type of the file at ``path`` on ``x`` (onnxruntime's
+    profiler, one thread, the kernels' own times summed; layout conversions of the blocked
+    convolutions show as ``ReorderInput`` / ``ReorderOutput``)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = 1, 1, 3
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    for _ in range(runs + 3):  # 3 warm-up runs, left out below
+        session.run(None, feed)
+    trace = Path(session.end_profiling())
+    try:
+        events = json.loads(trace.read_text())
+    finally:
+        trace.unlink(missing_ok=True)
+    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")  # one per run
+    if len(starts) != runs + 3:
+        raise RuntimeError(f"onnxruntime's profile of {path.name} has {len(starts)} runs, not {runs + 3}")
+    by_op: Counter = Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= starts[3]:
+            by_op[e["args"]["op_name"]] += e["dur"]  # µs
+    return {op: us / runs / 1e3 for op, us in by_op.most_common()}
+
+
 def paired(fns: dict, pairs: int, seconds: float, quiet: Quiet, bar) -> dict:
     """Per pruned network (every key of ``fns`` after the first, the unpruned one): its runs and
     the unpruned network's, by turns (:func:`budgetprune.runtimes.paired_times`), after the
@@ -301,21 +461,30 @@ def paired(fns: dict, pairs: int, seconds: float, quiet: Quiet, bar) -> dict:
 
 def measure_model(name: str, args, models_module, quiet: Quiet, bar) -> dict:
     torch.manual_seed(0)
-    unpruned, shape = build(name, args.size, models_module)
+    runs = args.runs.get(name)
+    unpruned, shape = run_teacher(name, runs) if runs else build(name, args.size, models_module)
     unpruned.eval()
     nets = {"unpruned": unpruned}
     budgets = []
     seconds = {"prune": time.perf_counter()}
-    for factor in args.budgets:
-        bar.set_description(f"{name}: prune {factor:g}x")
-        p = prune(unpruned, shape, factor, args.method, args.steps, args.multiple)
-        for mode in NETWORKS:
-            nets[f"{factor:g}x/{mode}"] = p["nets"][mode]
+    for source in runs or args.budgets:
+        bar.set_description(f"{name}: " + (f"run {source}" if runs else f"prune {source:g}x"))
+        p = from_run(source, unpruned, shape) if runs else prune(unpruned, shape, source, args.method, args.steps,
+                                                                   args.multiple)
+        for mode in p.get("networks", NETWORKS):
+            nets[f"{p['factor']:g}x/{mode}"] = p["nets"][mode]
         budgets.append({k: v for k, v in p.items() if k != "nets"})
     bar.set_description(f"{name}: export")
     folder = Path(args.work) / name
     seconds["export"] = time.perf_counter()
     exports = export_all(nets, shape, folder)
+    profile = None
+    if args.profile:
+        bar.set_description(f"{name}: profile")
+        x = torch.randn(max(args.batches), *shape)
+        profile = {"batch": max(args.batches), "runs": args.profile,
+                   "ms": {key: quiet.run(lambda k=key: op_profile(folder / f"{k.replace('/', '_')}.onnx", x,
+                                                                    args.profile))[0] for key in nets}}
     seconds["timing"] = time.perf_counter()
     latency = []
     for runtime in args.runtimes:
@@ -342,10 +511,10 @@ def measure_model(name: str, args, models_module, quiet: Quiet, bar) -> dict:
     seconds["end"] = time.perf_counter()
     marks = list(seconds.values())
     seconds = {k: b - a for k, a, b in zip(seconds, marks, marks[1:])}
-    return {"model": name, "input_shape": list(shape), "seconds": seconds,
+    return {"model": name, "trained": bool(runs), "input_shape": list(shape), "seconds": seconds,
             "unpruned_flops": budgets[0]["unpruned_flops"],
             "unpruned_params": sum(p.numel() for p in unpruned.parameters()), "budgets": budgets,
-            "exports": exports, "latency": latency}
+            "exports": exports, "latency": latency, "profile": profile}
 
 
 def rows_of(result: dict) -> list[dict]:
@@ -360,7 +529,7 @@ def rows_of(result: dict) -> list[dict]:
                          "block": "unpruned", "ms": base, "flop_reduction": 1.0, "speedup": 1.0,
                          "speedup_over_flop_reduction": 1.0})
             for b in m["budgets"]:
-                for mode in NETWORKS:
+                for mode in b.get("networks", NETWORKS):
                     key = f"{b['factor']:g}x/{mode}"
                     red, speedup = b[mode]["flop_reduction"], lat["speedup"][key]
                     rows.append({"model": m["model"], "budget": b["factor"], "runtime": lat["runtime"],
@@ -426,7 +595,9 @@ def main(argv=None) -> int:
     command = "python benchmarks/deploy_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     models_module = import_torchvision() if any(m not in REGISTRY for m in args.models) else None
     start = time.perf_counter()
-    ticks = len(args.models) * len(args.runtimes) * len(args.batches) * len(NETWORKS) * len(args.budgets)
+    per_model = {name: len(args.runs[name]) * len(RUN_NETWORKS) if name in args.runs else
+                 len(args.budgets) * len(NETWORKS) for name in args.models}
+    ticks = len(args.runtimes) * len(args.batches) * sum(per_model.values())
     results = []
     quiet = Quiet(args.quiet_busy, 60 * args.quiet_budget_min)
     with tqdm(total=ticks, unit="network", dynamic_ncols=True) as bar:
@@ -491,6 +662,16 @@ def markdown(r: dict) -> str:
              f"budget). git {env['git_commit']}"
              + (f" (uncommitted changes in src: {len(env['uncommitted_changes_in_src'])} files)"
                 if env["uncommitted_changes_in_src"] else "") + f". Wall time {r['wall_seconds'] / 60:.1f} min.", ""]
+    for m in r["models"]:
+        if m.get("trained"):
+            lines += [f"**{m['model']} is trained** (`--runs`): the unpruned network is the runs' teacher, "
+                      "`auto` is each run's own fine-tuned result (its blocks and padding), `regular` and `mixed` "
+                      "its kept channels compacted both ways with the teacher's weights; no `padded` network.", ""]
+            lines += [f"- {b['factor']:g}×: `{b['run']}`, {b['method']}, test accuracy "
+                      f"{_percent(b['teacher_test_accuracy'])} unpruned → {_percent(b['test_accuracy'])}, "
+                      f"V/B {b['V_over_B']:.3f}, padding {padding_label(b['auto']['padding'], b['auto']['pad_tied'])}, "
+                      f"{b['auto']['mixed_spaces']} mixed residual space(s)" for b in m["budgets"]]
+            lines.append("")
     failed = [m for m in r["models"] if "error" in m]
     for m in failed:
         lines.append(f"- **{m['model']} failed**: {m['error']}")
@@ -547,6 +728,7 @@ def markdown(r: dict) -> str:
         ratio = "" if x["block"] == "unpruned" else f"{x['speedup_over_flop_reduction']:.2f}"
         lines.append(f"| {x['model']} | {budget} | {x['runtime']} | {x['batch']} | {x['block']} | "
                      f"{x['flop_reduction']:.2f}× | {x['ms']:.3f} | {x['speedup']:.2f}×{flag} | {ratio} |")
+    lines += profile_tables(r)
     lines += ["", "## ONNX graphs", "",
               "Node counts of the exported files (ops whose count differs between the networks of a model; "
               "`Conv` for scale):", ""]
@@ -563,6 +745,41 @@ def markdown(r: dict) -> str:
         lines.append("")
     lines += ["![speedup vs FLOP reduction](deploy_speed.png)", ""]
     return "\n".join(lines)
+
+
+def profile_tables(r: dict) -> list[str]:
+    """Per profiled model: milliseconds by ONNX op type, the unpruned network and each budget's
+    default (``auto``) network, with each op type's own speedup."""
+    lines = []
+    for m in r["models"]:
+        prof = m.get("profile")
+        if not prof:
+            continue
+        ms = prof["ms"]
+        keys = [f"{b['factor']:g}x/auto" for b in m["budgets"]]
+        ops = sorted({op for k in ["unpruned", *keys] for op in ms[k]}, key=lambda op: -ms["unpruned"].get(op, 0.0))
+        lines += ["", f"### Where the time goes: {m['model']}", "",
+                  f"onnxruntime's profiler, 1 thread, batch {prof['batch']}, {prof['runs']} runs: milliseconds per "
+                  "run by op type (kernel times summed; `ReorderInput`/`ReorderOutput` convert to and from the "
+                  "blocked layout of onnxruntime's convolutions), the default (`auto`) network of each budget, and "
+                  "each op type's speedup. FLOP red. is the whole network's.", "",
+                  "| op type | unpruned ms | " + " | ".join(f"{k.split('/')[0]} ms (speedup)" for k in keys) + " |",
+                  "|---|---:|" + "---:|" * len(keys)]
+
+        def cell(key, op=None):
+            t = sum(ms[key].values()) if op is None else ms[key].get(op, 0.0)
+            base = sum(ms["unpruned"].values()) if op is None else ms["unpruned"].get(op, 0.0)
+            return f"{t:.3f}" + (f" ({base / t:.2f}×)" if t > 0 and base > 0 else "")
+
+        for op in ops:
+            lines.append(f"| {op} | {ms['unpruned'].get(op, 0.0):.3f} | " + " | ".join(cell(k, op) for k in keys) + " |")
+        lines.append(f"| **all** | {sum(ms['unpruned'].values()):.3f} | " + " | ".join(cell(k) for k in keys) + " |")
+        lines.append("| FLOP red. | | " + " | ".join(f"{b['auto']['flop_reduction']:.2f}×" for b in m["budgets"]) + " |")
+    return lines
+
+
+def _percent(accuracy) -> str:
+    return "?" if accuracy is None else f"{100 * accuracy:.2f} %"
 
 
 def quiet_share(r: dict) -> str:

@@ -1,0 +1,138 @@
+"""``benchmarks/deploy_speed.py --runs``: the networks of a finished run (its teacher, its own
+result, its kept channels compacted both ways) and the folders it refuses."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+import budgetprune
+from budgetprune import io
+from budgetprune.errors import CheckpointError
+from benchmark_scripts import benchmark_module
+
+
+@pytest.fixture(scope="module")
+def deploy_speed():
+    with benchmark_module("deploy_speed") as module:
+        yield module
+
+
+RUN_RECORD = {"method": "magnitude", "metric": "flops", "budget_fraction": 0.5, "test_accuracy": 0.5,
+              "unpruned_test_accuracy": 0.6}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A run folder as ``budgetprune prune`` leaves it, made with a Pruner on random data: the
+    teacher (``teacher.pt``), the result (``model.pt``, with its plan) and the run's records;
+    with the pruned network, finalize's report and the pruner."""
+    folder = tmp_path_factory.mktemp("run") / "2x"
+    torch.manual_seed(0)
+    teacher = budgetprune.create_model("resnet20").eval()
+    model = budgetprune.create_model("resnet20")
+    model.load_state_dict(teacher.state_dict())
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    pruner = budgetprune.Pruner(model, x, "flops=0.5", total_steps=2, method="magnitude", log=lambda line: None)
+    optimizer = torch.optim.AdamW(pruner.parameters(lr=1e-3), lr=1e-3)
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(model(x), y) + pruner.penalty()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        pruner.step()
+    small, report = pruner.finalize(x)
+    folder.mkdir()
+    io.save(teacher, folder / "teacher.pt")  # as the run's teacher stage writes it
+    budgetprune.save(small, folder / "model.pt")
+    (folder / "config.json").write_text(json.dumps({"model": "resnet20"}))
+    (folder / "metrics.json").write_text(json.dumps({**RUN_RECORD, "padding": report["padding"],
+                                                     "pad_tied": report.get("pad_tied")}))
+    return folder, small, report, pruner
+
+
+def test_a_finished_run_gives_its_own_network_and_its_channels_both_ways(deploy_speed, finished_run):
+    folder, small, report, pruner = finished_run
+    runs = deploy_speed.run_list(str(folder))
+    assert list(runs) == ["resnet20"]
+    teacher, shape = deploy_speed.run_teacher("resnet20", runs["resnet20"])
+    assert shape == (1, 28, 28)
+    out = deploy_speed.from_run(runs["resnet20"][0], teacher, shape)
+    assert out["factor"] == 2.0 and out["networks"] == ["regular", "mixed", "auto"]
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        # auto is the run's own network; regular and mixed compute the same function
+        torch.testing.assert_close(out["nets"]["auto"](x), small(x))
+        torch.testing.assert_close(out["nets"]["regular"](x), out["nets"]["mixed"](x), rtol=1e-5, atol=1e-5)
+    # FLOPs traced from the compacted networks, against the pruner's own cost model
+    assert out["unpruned_flops"] == pytest.approx(pruner.full["flops"])
+    assert out["auto"]["flops"] == pytest.approx(report["pruned"]["flops"])
+    assert out["V_over_B"] == pytest.approx(report["pruned"]["flops"] / (0.5 * pruner.full["flops"]))
+    # the same kept channels: a regular block keeps the union of the channels it adds, never fewer
+    assert out["regular"]["flops"] >= out["mixed"]["flops"]
+    kept = sum(len(v) for v in report["plan"]["kept"].values())
+    assert out["kept_channels"] == kept < out["channels"]
+
+
+def test_runs_of_one_model_must_share_their_teacher(deploy_speed, finished_run, tmp_path):
+    other = tmp_path / "4x"
+    shutil.copytree(finished_run[0], other)
+    torch.manual_seed(1)
+    io.save(budgetprune.create_model("resnet20").eval(), other / "teacher.pt")  # another teacher
+    runs = deploy_speed.run_list(f"{finished_run[0]},{other}")
+    with pytest.raises(CheckpointError, match="different teachers.*--teacher"):
+        deploy_speed.run_teacher("resnet20", runs["resnet20"])
+
+
+def _run_records(folder):
+    """A folder with a run's records (the model files are not read before the run is measured)."""
+    folder.mkdir()
+    for name in ("teacher.pt", "model.pt"):
+        (folder / name).write_bytes(b"")
+    (folder / "config.json").write_text(json.dumps({"model": "resnet20"}))
+    (folder / "metrics.json").write_text(json.dumps(RUN_RECORD))
+    return folder
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "model.pt").unlink(), "not a finished budgetprune run \\(no model.pt\\)"),
+    (lambda f: (f / "metrics.json").write_text(json.dumps({"metric": "volume", "budget_fraction": 0.5})),
+     "volume budget"),
+    (lambda f: (f / "config.json").write_text(json.dumps({"model": "lenet5"})), "runs of resnet20 only"),
+    (lambda f: (f / "config.json").write_text("{"), "unreadable run record"),
+])
+def test_a_folder_that_is_not_a_usable_run_is_one_line_and_exit_2(deploy_speed, tmp_path, capsys, damage, message):
+    damage(_run_records(tmp_path / "run"))
+    with pytest.raises(SystemExit) as exc:
+        deploy_speed.arguments(["--models", "resnet20", "--runs", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err)
+
+
+def test_runs_of_a_model_not_measured_are_refused(deploy_speed, tmp_path, capsys):
+    _run_records(tmp_path / "run")
+    with pytest.raises(SystemExit):
+        deploy_speed.arguments(["--models", "resnet18", "--runs", str(tmp_path / "run")])
+    assert "add it to --models" in capsys.readouterr().err
+
+
+def test_the_op_profile_counts_the_timed_runs_by_op_type(deploy_speed, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from budgetprune.export import to_onnx
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 26 * 26, 10))
+    x = torch.randn(2, 1, 28, 28)
+    to_onnx(net.eval(), tmp_path / "net.onnx", x[:1])
+    ms = deploy_speed.op_profile(tmp_path / "net.onnx", x, runs=4)
+    assert {"Conv", "Gemm"} <= set(ms) and all(v > 0 for v in ms.values())
+    assert not list(tmp_path.glob("*.json"))  # the profiler's trace is removed
+    page = deploy_speed.profile_tables({"models": [{
+        "model": "net", "budgets": [{"factor": 2.0, "auto": {"flop_reduction": 2.0}}],
+        "profile": {"batch": 2, "runs": 4, "ms": {"unpruned": {"Conv": 2.0, "Gemm": 1.0},
+                                                  "2x/auto": {"Conv": 0.5, "Gemm": 1.0}}}}]})
+    assert "| Conv | 2.000 | 0.500 (4.00×) |" in page and "| **all** | 3.000 | 1.500 (2.00×) |" in page
