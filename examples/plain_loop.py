@@ -72,8 +72,10 @@ def main(argv=None) -> int:
     steps_per_epoch = min(len(train_loader), args.max_steps or len(train_loader))
     example = next(iter(train_loader))[0]
 
+    # The model trains from scratch here, so its gates start where seed 001's do (log α ≈ 0), not
+    # open (the Pruner's default, for a model that is already trained).
     pruner = budgetprune.Pruner(model, example, args.budget, method=args.method,
-                                total_steps=args.epochs * steps_per_epoch, gate_lr=1e-2)
+                                total_steps=args.epochs * steps_per_epoch, gate_lr=1e-2, gate_init=0.0)
     # A constant learning rate while the budget moves: the gates must keep learning until the end.
     optimizer = torch.optim.AdamW(pruner.parameters(lr=args.lr), lr=args.lr, weight_decay=1e-4)
     for epoch in range(args.epochs):

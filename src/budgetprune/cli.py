@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="batch size (default 64)")
     p.add_argument("--lam", type=float, help="weight λ of the method's penalty (default: the method's; bar 1e-5, "
                                               "l0 0.1/N)")
-    p.add_argument("--gate-init", type=float, help="initial log α of Hard Concrete gates (default 0; 3 starts them "
-                                                    "open, better for short runs from the teacher)")
+    p.add_argument("--gate-init", type=float, help="initial log α of Hard Concrete gates (default 3, gates open, "
+                                                    "when the student starts from the teacher; 0, the paper's, with "
+                                                    "--student-init random); s0 of cs (default 0)")
     p.add_argument("--gate-sample", choices=["example", "batch"],
                    help="training samples of stochastic gates: one per example and channel (default) or one per "
                         "channel for the batch (folded into the layer's weights: a cheaper step)")

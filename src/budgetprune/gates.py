@@ -17,6 +17,15 @@ BETA = 2.0 / 3.0
 GAMMA = -0.1
 ZETA = 1.1
 
+#: Initial log α of the gates of a network that is already trained (the default when the student
+#: starts from the teacher, and of a :class:`~budgetprune.Pruner`): ẑ = 1, a training sample is
+#: exactly 1 with probability 0.80 and 0 with probability 0.01. Seed 001's log α ≈ 0 trains from
+#: scratch; on trained weights its samples (ẑ = 0.5, P(z = 0) = 0.17 per channel and example)
+#: are a shock: a trained ResNet-20 (Fashion-MNIST, 93 % test accuracy) scored 13 % with them
+#: before any step, 85 % at log α = 3 (``benchmarks/results/gate_init.md``, with the BAR runs
+#: from both starts).
+OPEN_LOG_ALPHA = 3.0
+
 
 class HardConcreteGate(nn.Module):
     """One Hard Concrete gate per channel, parametrised by ``log_alpha`` (Φ in seed 001).

@@ -89,7 +89,9 @@ class PruneConfig:
     teacher_epochs: int = 5  # unpruned teacher, when none is given (paper: 80 + 10)
     lr: float = 1e-3
     gate_lr: float | None = 1e-2
-    gate_init: float = 0.0  # initial log α of Hard Concrete gates (seed 001 supplement 4: ≈ 0); s0 of cs
+    # initial log α of Hard Concrete gates, s0 of cs; None: open gates (gates.OPEN_LOG_ALPHA; cs 0) for a
+    # student started from the teacher, seed 001's ≈ 0 (supplement 4) for a random one
+    gate_init: float | None = None
     lowlr_factor: float = 0.1
     # the training recipe of the teacher and fine-tune stages (budgetprune.recipe; README "Training recipe")
     # (benchmarks/results/recipe.md: chosen on validation accuracy; seed 001's: adam, 5e-4, constant, 0, 0)
@@ -208,8 +210,16 @@ class PruneConfig:
                 "method_options": self.method_options,
                 "lam": self.lam, "schedule": self.schedule, "schedule_hardness": self.schedule_hardness,
                 "schedule_end": self.schedule_end,
-                "gate_lr": self.gate_lr, "gate_init": self.gate_init, "dual_lr": self.dual_lr,
+                "gate_lr": self.gate_lr, "gate_init": self.gate_init_for_student(), "dual_lr": self.dual_lr,
                 "dataset_size": dataset_size}
+
+    def gate_init_for_student(self) -> float | None:
+        """The gates' initial log α: as set, else open (None: the Pruner's default) on a student
+        started from the teacher and seed 001's 0 on a random one (trained from scratch, as the
+        paper's CIFAR runs)."""
+        if self.gate_init is not None or self.student_init == "teacher":
+            return self.gate_init
+        return 0.0
 
     def recipe(self, stage: str) -> Recipe:
         """How ``stage`` trains: the teacher and fine-tune stages by the recipe options; the prune

@@ -32,6 +32,7 @@ from .blocks import GATHER_COST, auto_mode
 from .budget import FILLED, Budget, budget_ratios, enforce_budget, fill_budget, parse_budgets, reopenable_channels
 from .compact import compact, silence_channels
 from .errors import BudgetError, ConfigError, TrainingDiverged
+from .gates import OPEN_LOG_ALPHA
 from .graph import ChannelGraph
 from .liveness import BlockMode, Padding, auto_paddings, effective_masks, has_tied_channels
 from .measured import RUNTIME_LATENCIES, meet_measured_latency
@@ -94,13 +95,16 @@ _MARK = "_budgetprune_pruner"  # on a model while a Pruner's gates are attached 
 
 
 def method_settings(*, lam: float | None = None, schedule: str = "sigmoid", schedule_hardness: float | None = None,
-                    schedule_end: float = 1.0, gate_lr: float | None = None, gate_init: float = 0.0,
+                    schedule_end: float = 1.0, gate_lr: float | None = None, gate_init: float | None = None,
                     dual_lr: float | None = None, dataset_size: int | None = None,
                     granularity: str = "channel") -> dict:
-    """Run-wide settings a method may take (each takes those it has; see ``create_method``)."""
+    """Run-wide settings a method may take (each takes those it has; see ``create_method``).
+    ``gate_init`` None: Hard Concrete gates start open (:data:`~budgetprune.gates.OPEN_LOG_ALPHA`,
+    the model is trained), ``cs`` at s₀ = 0."""
     return {"lam": lam, "schedule": schedule, "hardness": schedule_hardness, "schedule_end": schedule_end,
             "gate_lr": gate_lr,
-            "gate_init": gate_init, "s0": gate_init, "dual_lr": dual_lr, "dataset_size": dataset_size,
+            "gate_init": OPEN_LOG_ALPHA if gate_init is None else gate_init,
+            "s0": 0.0 if gate_init is None else gate_init, "dual_lr": dual_lr, "dataset_size": dataset_size,
             "granularity": granularity}
 
 
@@ -169,7 +173,9 @@ class Pruner:
     ``total_steps`` is the number of :meth:`step` calls over which the budget moves from the full
     cost to the target (the method's schedule). The other options are those of the method
     (``lam``, ``gate_lr``, ``gate_init``, ...; ``method_options`` for its own, e.g.
-    ``{"rounds": 3}`` for ``cs``), the granularity, the residual ``block`` of the compacted
+    ``{"rounds": 3}`` for ``cs``; Hard Concrete gates start open,
+    :data:`~budgetprune.gates.OPEN_LOG_ALPHA`, as the model is taken to be trained:
+    ``gate_init=0.0`` is seed 001's start for training from scratch), the granularity, the residual ``block`` of the compacted
     network (``"auto"``: per residual space mixed or regular, whichever runs faster in
     ``deploy_runtime``, its gathers weighed at ``gather_cost``, :mod:`budgetprune.blocks`;
     ``"mixed"``; ``"regular"``), ``channel_multiple`` (every width padded to a multiple of that
