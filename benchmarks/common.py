@@ -36,6 +36,18 @@ def name_list(text: str, known: list[str], what: str) -> list[str]:
     return names
 
 
+def number_list(kind, text: str, what: str, low: float = float("-inf")) -> list:
+    """The comma-separated numbers of ``text`` (a trailing ``x`` dropped: ``2x``), each of type
+    ``kind`` and above ``low`` (an argparse type)."""
+    try:
+        values = [kind(v.strip().removesuffix("x")) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, not {text!r}") from None
+    if not values or any(v <= low for v in values):
+        raise argparse.ArgumentTypeError(f"expected {what} above {low:g}, not {text!r}")
+    return values
+
+
 def run_arguments(description: str, model: str, work: str, teacher: int, prune: int, finetune: int,
                   lowlr: int) -> argparse.ArgumentParser:
     """A parser with the options every benchmark run has (data, model, schedule, folders)."""

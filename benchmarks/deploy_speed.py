@@ -75,7 +75,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HERE, RESULTS, Parser, cpu_name, name_list, padding_label, pruning_steps, write_results  # noqa: E402
+from common import (HERE, RESULTS, Parser, cpu_name, name_list, number_list, padding_label, pruning_steps,  # noqa: E402
+                    write_results)
 from quiet import Quiet  # noqa: E402
 from torchvision_models import FAMILIES, SIZE_AT_LEAST, import_torchvision, make  # noqa: E402
 
@@ -90,6 +91,7 @@ from budgetprune.errors import CheckpointError  # noqa: E402
 from budgetprune.export import to_onnx, to_torchscript  # noqa: E402
 from budgetprune.graph import ChannelGraph  # noqa: E402
 from budgetprune.io import load_file  # noqa: E402
+from budgetprune.plan import kept_masks  # noqa: E402
 from budgetprune.resources import resource_report  # noqa: E402
 from budgetprune.runtimes import onnxruntime_session, paired_times  # noqa: E402
 
@@ -121,16 +123,6 @@ TARGET = 0.7  # issue 14: speedup ≥ 0.7 × FLOP reduction at batch 16 in onnxr
 
 def padding_words(multiple) -> str:
     return check_channel_multiple(multiple).describe()
-
-
-def number_list(kind, text: str, what: str, low: float) -> list:
-    try:
-        values = [kind(v.strip().removesuffix("x")) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, not {text!r}") from None
-    if not values or any(v <= low for v in values):
-        raise argparse.ArgumentTypeError(f"expected {what} above {low:g}, not {text!r}")
-    return values
 
 
 def arguments(argv) -> argparse.Namespace:
@@ -190,6 +182,7 @@ def arguments(argv) -> argparse.Namespace:
 def run_list(text: str) -> dict[str, list[Path]]:
     """``--runs``: the finished run folders of ``text``, by the registry model they pruned."""
     runs: dict[str, list[Path]] = {}
+    fractions: dict[str, list[tuple[Path, float]]] = {}  # per model, each run's budget
     for item in (v.strip() for v in text.split(",")):
         if not item:
             continue
@@ -201,7 +194,7 @@ def run_list(text: str) -> dict[str, list[Path]]:
         try:
             config = json.loads((folder / "config.json").read_text())
             metrics = json.loads((folder / "metrics.json").read_text())
-            name, metric = config["model"], metrics["metric"]
+            name, metric, fraction = config["model"], metrics["metric"], float(metrics["budget_fraction"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise argparse.ArgumentTypeError(f"{folder}: unreadable run record ({type(exc).__name__}: {exc})") from None
         if name not in REGISTRY:
@@ -209,6 +202,11 @@ def run_list(text: str) -> dict[str, list[Path]]:
         if metric != "flops":
             raise argparse.ArgumentTypeError(f"{folder} has a {metric} budget; the benchmark compares FLOP budgets "
                                              "(run it with --metric flops)")
+        same = [f for f, other in fractions.get(name, []) if other == fraction]
+        if same:
+            raise argparse.ArgumentTypeError(f"{folder} and {same[0]} both pruned {name} to {1 / fraction:g}x FLOPs; "
+                                             "pass one run per budget")
+        fractions.setdefault(name, []).append((folder, fraction))
         runs.setdefault(name, []).append(folder)
     if not runs:
         raise argparse.ArgumentTypeError(f"expected run folders, not {text!r}")
@@ -251,10 +249,7 @@ def prune(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, s
     x = pruner.example
     # The final masks are the plan's; the gate values finalize folded are the frozen gates'.
     graph = pruner.graph
-    masks = {}
-    for gid, kept in report["plan"]["kept"].items():
-        masks[gid] = torch.zeros(graph.groups[gid].channels, dtype=torch.bool)
-        masks[gid][kept] = True
+    masks = kept_masks(report["plan"], {gid: g.channels for gid, g in graph.groups.items()})
     values = pruner.method.by_group(lambda gate: gate.frozen)
     nets = {mode: compact(model, graph, masks, values, mode=mode).eval() for mode in BLOCKS}
     with torch.no_grad():
@@ -330,10 +325,7 @@ def from_run(folder: Path, teacher: torch.nn.Module, shape: tuple) -> dict:
     if not isinstance(plan, dict) or plan.get("granularity") != "channel":
         raise CheckpointError(f"{folder}/model.pt holds no channel pruning plan")
     graph = ChannelGraph.build(copy.deepcopy(teacher), torch.zeros(1, *shape), gate_inputs=plan["gate_inputs"])
-    masks = {}
-    for gid, kept in plan["kept"].items():
-        masks[gid] = torch.zeros(graph.groups[gid].channels, dtype=torch.bool)
-        masks[gid][kept] = True
+    masks = kept_masks(plan, {gid: g.channels for gid, g in graph.groups.items()})
     nets = {mode: compact(teacher, graph, masks, mode=mode).eval() for mode in BLOCKS}
     nets["auto"] = run_net.eval()
     x = torch.randn(2, *shape)
@@ -461,15 +453,15 @@ def paired(fns: dict, pairs: int, seconds: float, quiet: Quiet, bar) -> dict:
 
 def measure_model(name: str, args, models_module, quiet: Quiet, bar) -> dict:
     torch.manual_seed(0)
-    runs = args.runs.get(name)
-    unpruned, shape = run_teacher(name, runs) if runs else build(name, args.size, models_module)
+    trained = args.runs.get(name)  # finished runs of this model, else None: pruned here
+    unpruned, shape = run_teacher(name, trained) if trained else build(name, args.size, models_module)
     unpruned.eval()
     nets = {"unpruned": unpruned}
     budgets = []
     seconds = {"prune": time.perf_counter()}
-    for source in runs or args.budgets:
-        bar.set_description(f"{name}: " + (f"run {source}" if runs else f"prune {source:g}x"))
-        p = from_run(source, unpruned, shape) if runs else prune(unpruned, shape, source, args.method, args.steps,
+    for source in trained or args.budgets:
+        bar.set_description(f"{name}: " + (f"run {source}" if trained else f"prune {source:g}x"))
+        p = from_run(source, unpruned, shape) if trained else prune(unpruned, shape, source, args.method, args.steps,
                                                                    args.multiple)
         for mode in p.get("networks", NETWORKS):
             nets[f"{p['factor']:g}x/{mode}"] = p["nets"][mode]
@@ -479,6 +471,7 @@ def measure_model(name: str, args, models_module, quiet: Quiet, bar) -> dict:
     seconds["export"] = time.perf_counter()
     exports = export_all(nets, shape, folder)
     profile = None
+    seconds["profile"] = time.perf_counter()
     if args.profile:
         bar.set_description(f"{name}: profile")
         x = torch.randn(max(args.batches), *shape)
@@ -511,7 +504,7 @@ def measure_model(name: str, args, models_module, quiet: Quiet, bar) -> dict:
     seconds["end"] = time.perf_counter()
     marks = list(seconds.values())
     seconds = {k: b - a for k, a, b in zip(seconds, marks, marks[1:])}
-    return {"model": name, "trained": bool(runs), "input_shape": list(shape), "seconds": seconds,
+    return {"model": name, "trained": bool(trained), "input_shape": list(shape), "seconds": seconds,
             "unpruned_flops": budgets[0]["unpruned_flops"],
             "unpruned_params": sum(p.numel() for p in unpruned.parameters()), "budgets": budgets,
             "exports": exports, "latency": latency, "profile": profile}
@@ -608,8 +601,9 @@ def main(argv=None) -> int:
                 results.append({"model": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
                 tqdm.write(f"{name}: failed: {results[-1]['error']}")
             gc.collect()
-    record = {"command": command.strip(), "waited_for_quiet_seconds": quiet.waited,
-              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "work")}
+    settings["runs"] = {name: [str(folder) for folder in folders] for name, folders in args.runs.items()}
+    record = {"command": command.strip(), "waited_for_quiet_seconds": quiet.waited, "settings": settings,
               "environment": environment(args), "wall_seconds": time.perf_counter() - start, "models": results}
     record["rows"] = rows_of(record)
     record["implied_gamma"] = implied_gamma(record)
@@ -628,7 +622,8 @@ def markdown(r: dict) -> str:
     lines = ["# Deployed speed: unpruned vs pruned (regular, mixed, padded regular and padded auto blocks) in eager "
              "PyTorch, "
              "TorchScript and onnxruntime", "", f"Command: `{r['command']}`", "",
-             f"Untrained models, 10 classes, random inputs (torchvision models 3×{s['size']}×{s['size']}; resnet20, "
+             ("Untrained models (those marked trained below excepted)" if any(m.get("trained") for m in r["models"])
+              else "Untrained models") + f", 10 classes, random inputs (torchvision models 3×{s['size']}×{s['size']}; resnet20, "
              "budgetprune's registry model for Fashion-MNIST, 1×28×28). Per FLOP budget one `budgetprune.Pruner` "
              f"(method `{s['method']}`{METHOD_NOTE[s['method']]}) takes {s['steps']} AdamW steps (lr 1e-3, batch 2) "
              "and finalizes (projection to the budget under mixed blocks); its final masks and gate values are "
@@ -644,7 +639,7 @@ def markdown(r: dict) -> str:
              f"exporter). onnxruntime {env['onnxruntime']} CPU with intra_op_num_threads={s['threads']}, "
              f"inter_op_num_threads=1, idle threads not spinning (a spinning pool of one session slows the next "
              f"session timed); torch {env['torch']} with {env['torch_threads']} threads. Timing: per model, "
-             f"runtime and batch each of the {len(NETWORKS) * len(s['budgets'])} pruned networks runs by turns with "
+             "runtime and batch each pruned network runs by turns with "
              f"the unpruned one (one run each per pair, ABBA order), {s['pairs']} pairs or as many as take "
              f"{s['pair_seconds']:g} s; its speedup is the inverse of the median of its pairs' time ratios, and "
              "ms is its median run (the unpruned row: the median of all its runs). "

@@ -83,6 +83,7 @@ def test_runs_of_one_model_must_share_their_teacher(deploy_speed, finished_run, 
     shutil.copytree(finished_run[0], other)
     torch.manual_seed(1)
     io.save(budgetprune.create_model("resnet20").eval(), other / "teacher.pt")  # another teacher
+    (other / "metrics.json").write_text(json.dumps({**RUN_RECORD, "budget_fraction": 0.25}))  # another budget
     runs = deploy_speed.run_list(f"{finished_run[0]},{other}")
     with pytest.raises(CheckpointError, match="different teachers.*--teacher"):
         deploy_speed.run_teacher("resnet20", runs["resnet20"])
@@ -116,9 +117,9 @@ def test_a_folder_that_is_not_a_usable_run_is_one_line_and_exit_2(deploy_speed, 
 
 def test_runs_of_a_model_not_measured_are_refused(deploy_speed, tmp_path, capsys):
     _run_records(tmp_path / "run")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         deploy_speed.arguments(["--models", "resnet18", "--runs", str(tmp_path / "run")])
-    assert "add it to --models" in capsys.readouterr().err
+    assert exc.value.code == 2 and "add it to --models" in capsys.readouterr().err
 
 
 def test_the_op_profile_counts_the_timed_runs_by_op_type(deploy_speed, tmp_path):
@@ -136,3 +137,25 @@ def test_the_op_profile_counts_the_timed_runs_by_op_type(deploy_speed, tmp_path)
         "profile": {"batch": 2, "runs": 4, "ms": {"unpruned": {"Conv": 2.0, "Gemm": 1.0},
                                                   "2x/auto": {"Conv": 0.5, "Gemm": 1.0}}}}]})
     assert "| Conv | 2.000 | 0.500 (4.00×) |" in page and "| **all** | 3.000 | 1.500 (2.00×) |" in page
+
+
+def test_a_trained_run_is_timed_and_written(deploy_speed, finished_run, tmp_path):
+    folder = finished_run[0]
+    code = deploy_speed.main(["--models", "resnet20", "--runs", str(folder), "--runtimes", "eager", "--batches", "1",
+                              "--pairs", "1", "--pair-seconds", "0", "--quiet-budget-min", "0",
+                              "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert code == 0
+    record = json.loads((tmp_path / "out" / "deploy_speed.json").read_text())
+    assert record["models"][0]["trained"] and record["settings"]["runs"] == {"resnet20": [str(folder)]}
+    pruned = [r for r in record["rows"] if r["block"] != "unpruned"]
+    assert sorted(r["block"] for r in pruned) == ["auto", "mixed", "regular"] and all(r["speedup"] > 0 for r in pruned)
+    page = (tmp_path / "out" / "deploy_speed.md").read_text()
+    assert "resnet20 is trained" in page and f"`{folder}`, magnitude" in page
+
+
+def test_two_runs_of_one_budget_are_refused(deploy_speed, tmp_path, capsys):
+    _run_records(tmp_path / "a")
+    _run_records(tmp_path / "b")
+    with pytest.raises(SystemExit) as exc:
+        deploy_speed.arguments(["--models", "resnet20", "--runs", f"{tmp_path / 'a'},{tmp_path / 'b'}"])
+    assert exc.value.code == 2 and "both pruned resnet20 to 2x FLOPs" in capsys.readouterr().err

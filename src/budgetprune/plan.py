@@ -121,12 +121,7 @@ def replay(plan: dict, model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
         differ = sorted(set(mine) ^ set(plan["groups"])) or sorted(g for g in mine if mine[g] != plan["groups"][g])
         raise CheckpointError(f"the model passed does not match the pruning plan (group {differ[0]!r:.60} differs): "
                               "pass the same architecture that was pruned, before pruning")
-    masks = None
-    if plan["granularity"] == "channel":
-        masks = {}
-        for gid, idx in plan["kept"].items():
-            masks[gid] = torch.zeros(mine[gid], dtype=torch.bool)
-            masks[gid][torch.tensor(idx, dtype=torch.long)] = True
+    masks = kept_masks(plan, mine) if plan["granularity"] == "channel" else None
     net = compact(model, graph, masks, mode=_block(plan, graph))
     check_state_shapes(net, state_dict)
     try:
@@ -136,6 +131,15 @@ def replay(plan: dict, model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
             from None
     net.budgetprune_plan = plan
     return net.eval()
+
+
+def kept_masks(plan: dict, channels: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The keep-mask of each group ``plan`` lists (True at its kept channels), ``channels[group]`` long."""
+    masks = {}
+    for gid, idx in plan["kept"].items():
+        masks[gid] = torch.zeros(channels[gid], dtype=torch.bool)
+        masks[gid][torch.tensor(idx, dtype=torch.long)] = True
+    return masks
 
 
 def _block(plan: dict, graph: ChannelGraph) -> BlockMode:
