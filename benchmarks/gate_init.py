@@ -70,6 +70,7 @@ def run(args, folder: Path, gate_init: float, seed: int, teacher: str | None) ->
             command.append("--resume")
         if subprocess.run(command).returncode != 0:
             raise SystemExit(f"gate_init.py: the run in {folder} failed (its log above); fix it and run again")
+    check_run(folder, expected_config(args, gate_init, seed))
     metrics = json.loads((folder / "metrics.json").read_text())
     history = json.loads((folder / "history.json").read_text())
     last = {row["stage"]: row for row in history}  # each stage's last epoch
@@ -79,6 +80,23 @@ def run(args, folder: Path, gate_init: float, seed: int, teacher: str | None) ->
             "prune_epochs_val_accuracy": [r["val_accuracy"] for r in history if r["stage"] == "prune"],
             "unpruned_test_accuracy": metrics["unpruned_test_accuracy"],
             "flops_over_budget": metrics["budget_ratio"]}
+
+
+def expected_config(args, gate_init: float, seed: int) -> dict:
+    """The options of a run this benchmark makes (as its ``config.json`` records them)."""
+    return {"model": "resnet20", "data": "fashion-mnist", "metric": "flops", "budget": 1.0 / args.factor,
+            "epochs": args.epochs, "finetune_epochs": 1, "lowlr_epochs": 1, "gate_init": gate_init, "seed": seed,
+            "validation": 5000}
+
+
+def check_run(folder: Path, expected: dict) -> None:
+    """A finished run folder found in ``--work`` is used only if it ran with the benchmark's options."""
+    config = json.loads((folder / "config.json").read_text())
+    differ = [k for k, v in expected.items() if config.get(k) != v and not (
+        isinstance(v, (int, float)) and isinstance(config.get(k), (int, float)) and abs(config[k] - v) < 1e-9)]
+    if differ:
+        raise SystemExit(f"gate_init.py: {folder} ran with other options ({', '.join(f'{k}={config.get(k)!r}' for k in differ)}"
+                         f"); remove it or pass another --work")
 
 
 @torch.no_grad()

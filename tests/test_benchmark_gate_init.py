@@ -1,0 +1,46 @@
+"""``benchmarks/gate_init.py``: the results page, and a reused run folder checked against its options."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from benchmark_scripts import benchmark_module
+
+
+@pytest.fixture(scope="module")
+def gate_init():
+    with benchmark_module("gate_init") as module:
+        yield module
+
+
+def _run(gate_init_value, seed, val, test, epochs):
+    return {"gate_init": gate_init_value, "seed": seed, "folder": f"runs/{gate_init_value}_{seed}", "val_accuracy": val,
+            "test_accuracy": test, "val_accuracy_after_prune": epochs[-1], "prune_epochs_val_accuracy": epochs,
+            "unpruned_test_accuracy": 0.92, "flops_over_budget": 0.98}
+
+
+def test_the_page_gives_mean_and_std_over_seeds_and_whether_they_tie(gate_init):
+    record = {"command": "python benchmarks/gate_init.py", "git": "abc", "uncommitted_src": [], "teacher": "t.pt",
+              "factor": 4.0, "epochs": 3,
+              "shock": [{"gate_init": None, "accuracy": 0.93}, {"gate_init": 0.0, "accuracy": 0.13},
+                        {"gate_init": 3.0, "accuracy": 0.85}],
+              "runs": [_run(0.0, 0, 0.91, 0.90, [0.1, 0.8]), _run(3.0, 0, 0.93, 0.92, [0.85, 0.9]),
+                       _run(0.0, 1, 0.92, 0.91, [0.1, 0.8]), _run(3.0, 1, 0.94, 0.93, [0.86, 0.9])]}
+    page = gate_init.markdown(record)
+    assert "| 0 | 13.0 % |" in page and "| no gates | 93.0 % |" in page
+    # 91 and 92 → 91.50 ± 0.71; 93 and 94 → 93.50 ± 0.71: a gap of 2 against 2·SE = 2·0.71 = 1.41
+    assert "| 0 | 0, 1 | 10.0 / 80.0 (seed 0) | 80.00 ± 0.00 | 91.50 ± 0.71 | 90.50 ± 0.71 | 0.980, 0.980 |" in page
+    assert "apart by more than two standard errors" in page
+
+
+def test_a_run_folder_made_with_other_options_is_refused(gate_init, tmp_path):
+    args = SimpleNamespace(factor=4.0, epochs=3)
+    expected = gate_init.expected_config(args, 3.0, 0)
+    (tmp_path / "config.json").write_text(json.dumps({**expected, "validation": 5000.0}))
+    gate_init.check_run(tmp_path, expected)  # the same options (a float 5000.0 is 5000)
+    (tmp_path / "config.json").write_text(json.dumps({**expected, "epochs": 10}))
+    with pytest.raises(SystemExit, match="ran with other options \\(epochs=10\\)"):
+        gate_init.check_run(tmp_path, expected)
