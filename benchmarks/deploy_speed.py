@@ -293,22 +293,19 @@ def flops_of(net: torch.nn.Module, shape: tuple) -> float:
 
 def run_teacher(name: str, folders: list[Path]) -> tuple[torch.nn.Module, tuple]:
     """(the unpruned ``name`` with the runs' trained teacher weights, input shape); the runs must share them."""
-    teacher, shape = None, None
-    for folder in folders:
-        net, _, meta = load_file(folder / "teacher.pt")
-        state = net.state_dict()
-        if teacher is None:
-            shape = tuple(meta.get("input_shape") or REGISTRY[name])
-            teacher = budgetprune.create_model(name, in_channels=shape[0], num_classes=_classes(state),
-                                               input_size=shape[1:])
-            try:
-                teacher.load_state_dict(state, strict=True)
-            except RuntimeError as exc:
-                raise CheckpointError(f"{folder}/teacher.pt does not fit {name}: {str(exc).splitlines()[0]}") from None
-        elif state.keys() != teacher.state_dict().keys() or any(
-                not torch.equal(v, teacher.state_dict()[k]) for k, v in state.items()):
+    first, _, meta = load_file(folders[0] / "teacher.pt")
+    state = first.state_dict()
+    for folder in folders[1:]:
+        other = load_file(folder / "teacher.pt")[0].state_dict()
+        if other.keys() != state.keys() or any(not torch.equal(v, state[k]) for k, v in other.items()):
             raise CheckpointError(f"the runs of {name} have different teachers ({folders[0]}, {folder}): prune "
                                   f"the later ones with --teacher {folders[0]}/teacher.pt")
+    shape = tuple(meta.get("input_shape") or REGISTRY[name])
+    teacher = budgetprune.create_model(name, in_channels=shape[0], num_classes=_classes(state), input_size=shape[1:])
+    try:
+        teacher.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{folders[0]}/teacher.pt does not fit {name}: {str(exc).splitlines()[0]}") from None
     return teacher.eval(), shape
 
 
