@@ -34,7 +34,9 @@ and the test set is only read for the final accuracy.
 Each finished (model, seed, method, factor) is written at once (atomically) into
 ``benchmarks/results/peer_accuracy.json`` and skipped on a rerun with the same settings, so an
 interrupted run loses only the run in progress (the teacher and BAR runs resume from their
-checkpoints in ``--work``); several processes may share the file (e.g. one per seed). The page
+checkpoints in ``--work``); several processes may share the file (e.g. one per seed). ``--redo METHODS`` runs those methods again
+(after a default changed), moving their old rows to the page's "Superseded runs"; a teacher retrained
+from its seed must score what the results' teacher scored, or the run stops. The page
 ``peer_accuracy.md`` and the plot ``peer_accuracy.png`` are rewritten from the file at the end
 (``--report-only``: only that). Requires the ``bench`` extra:
 ``pip install -c constraints.txt ".[bench]"``.
@@ -333,6 +335,7 @@ def run_one(tp, setup: Setup, method: str, factor: float, settings: Settings, fo
     if isinstance(c["bp_flops"], float):
         row["bp_flops_reduction"] = setup.full["bp_flops"] / c["bp_flops"]
     row["in_window"] = WINDOW[0] <= row["flops_over_target"] <= WINDOW[1] + 1e-9
+    row["budgetprune"] = budgetprune_state()
     return row
 
 
@@ -366,6 +369,25 @@ def update(out: Path, change) -> dict:
         change(record)
         io.write_json(out / f"{NAME}.json", record)
     return record
+
+
+def supersede(record: dict, keys: set) -> None:
+    """Move the finished runs named by ``keys`` to ``record["superseded"]`` (``--redo``), so they run again."""
+    for k in sorted(keys & set(record.get("runs", {}))):
+        record.setdefault("superseded", []).append({"key": k, **record["runs"].pop(k)})
+
+
+def same_teacher(record: dict, model: str, seed: int, accuracy: float, p: Parser) -> None:
+    """Refuse to add runs from a teacher other than the one the results' other runs of (model, seed) used.
+
+    A teacher retrained from its seed (its folder in ``--work`` gone) is the same network only if it
+    scores the same; otherwise the methods of one row would not share their starting point.
+    """
+    before = record.get("teachers", {}).get(f"{model}/seed{seed}")
+    if before is not None and abs(before["accuracy"] - accuracy) > 1e-9:
+        p.error(f"the {model} seed {seed} teacher scores {100 * accuracy:.2f} %, the one the results were made from "
+                f"{100 * before['accuracy']:.2f} %: runs from it would not share a teacher; pass another --out and "
+                "--work, or bring back that teacher's folder")
 
 
 # -- the page and the plot --------------------------------------------------------------------
@@ -453,6 +475,22 @@ def verdicts(by_factor: dict) -> list[str]:
     return out
 
 
+def superseded_table(rows: list) -> list[str]:
+    """The runs ``--redo`` replaced, grouped by (model, method, factor, budgetprune version): the before."""
+    if not rows:
+        return []
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["method"], r["factor"], r.get("budgetprune", "an earlier version")), []).append(r)
+    lines = ["## Superseded runs", "", "Runs made again with `--redo` (after a default changed); what they scored before:",
+             "", "| model | method | factor | made with budgetprune | seeds | accuracy % |", "|---|---|---:|---|---|---:|"]
+    for (model, method, factor, made), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        lines.append(f"| {model} | {method} | {factor:g}× | {made} | {','.join(str(r['seed']) for r in rs)} | "
+                     f"{format_mean_std([100 * r['test_accuracy'] for r in rs])} |")
+    return lines + [""]
+
+
 def write_page(record: dict, out: Path) -> None:
     s = summary(record)
     lines = ["# Torch-Pruning side by side on accuracy at equal FLOPs and epochs", "",
@@ -491,6 +529,7 @@ def write_page(record: dict, out: Path) -> None:
             lines += ["Target (budgetprune's best default ≥ Torch-Pruning's best at equal FLOPs and epochs):", ""]
             lines += [f"- {x}" for x in v] + [""]
         lines += detail_table(model, s[model]) + [""]
+    lines += superseded_table(record.get("superseded", []))
     lines += [f"![accuracy vs FLOP reduction]({NAME}.png)", ""]
     io.write_text(out / f"{NAME}.md", "\n".join(lines))
 
@@ -569,6 +608,9 @@ def parser() -> Parser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--work", default=str(HERE.parent / "runs" / NAME), help="teachers' and BAR runs' folders")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--redo", type=lambda t: name_list(t, list(ALL_METHODS), "method"), default=[],
+                   help="methods whose finished runs (of these models, seeds and factors) are run again, e.g. after "
+                        "a default changed; the old rows move to the file's 'superseded' list")
     p.add_argument("--report-only", action="store_true", help="only rewrite the page and plot from the results file")
     return p
 
@@ -585,6 +627,8 @@ def check(p: Parser, args) -> Settings:
     if args.teacher_epochs + settings.epochs_after_teacher != args.total_epochs:
         p.error(f"--total-epochs {args.total_epochs} must equal --teacher-epochs + --prune-epochs + "
                 f"--finetune-epochs + --lowlr-epochs ({args.teacher_epochs + settings.epochs_after_teacher})")
+    if set(args.redo) - set(args.methods):
+        p.error(f"--redo {','.join(args.redo)}: only methods this invocation runs (--methods) can be redone")
     if args.lowlr_epochs > settings.epochs_after_teacher:
         p.error("--lowlr-epochs cannot exceed the epochs after the teacher")
     made = read(Path(args.out)).get("settings", {})
@@ -625,21 +669,26 @@ def main(argv=None) -> int:
     train = random_subset(splits.train, args.train_subset)
 
     def header(r):
+        for row in r.get("runs", {}).values():  # rows from before rows recorded their version: the file's, or older
+            row.setdefault("budgetprune", f"{r.get('budgetprune', '?')} or before")
         r.setdefault("settings", {}).update({m: asdict(settings) | {"train_images": len(train)} for m in args.models})
         r.update(torch=torch.__version__, torch_pruning=version("torch-pruning"), budgetprune=budgetprune_state(),
                  machine=machine(CPU))
         r.setdefault("runs", {})
         r.setdefault("teachers", {})
     update(out, header)
-    done = set(read(out)["runs"])
     for model in args.models:
         for seed in args.seeds:
+            redo = {key(model, seed, m, f) for m in args.redo for f in args.factors}
+            done = set(read(out)["runs"]) - redo
             todo = [(f, m) for f in args.factors for m in args.methods if key(model, seed, m, f) not in done]
             if not todo:
                 continue
             base = work / model / f"seed{seed}"
             setup = prepare(model, seed, train, splits.test, splits.info, settings, base / "teacher",
                             log=lambda s: print(f"[{model} seed {seed} teacher] {s}", flush=True))
+            same_teacher(read(out), model, seed, setup.teacher_accuracy, p)
+            update(out, lambda r: supersede(r, redo))
             update(out, lambda r: r["teachers"].__setitem__(f"{model}/seed{seed}", {
                 "accuracy": setup.teacher_accuracy, **setup.full}))
             for factor, method in todo:

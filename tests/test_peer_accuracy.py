@@ -47,3 +47,31 @@ def test_epochs_that_do_not_add_up_are_a_one_line_error(tmp_path):
     run = subprocess.run([sys.executable, str(BENCHMARKS / "peer_accuracy.py"), "--total-epochs", "10",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "--total-epochs" in run.stderr, run.stderr
+
+
+def test_redo_moves_old_rows_aside_and_a_different_teacher_is_refused(tmp_path, capsys):
+    with benchmark_module("peer_accuracy") as module:
+        args = ["--data", "demo", "--models", "lenet5", "--seeds", "0", "--factors", "8", "--methods", "bar",
+                "--total-epochs", "3", "--teacher-epochs", "1", "--prune-epochs", "1", "--finetune-epochs", "1",
+                "--lowlr-epochs", "0", "--train-subset", "256", "--out", str(tmp_path / "out"),
+                "--work", str(tmp_path / "work")]
+        assert module.main(args) == 0
+        first = module.read(tmp_path / "out")
+        assert list(first["runs"]) == ["lenet5/seed0/bar/8"] and "superseded" not in first
+        assert module.main(args) == 0  # finished runs are skipped ...
+        assert module.read(tmp_path / "out")["runs"] == first["runs"]
+        assert module.main(args + ["--redo", "bar"]) == 0  # ... unless redone
+        again = module.read(tmp_path / "out")
+        old = first["runs"]["lenet5/seed0/bar/8"]
+        assert again["superseded"] == [{"key": "lenet5/seed0/bar/8", **old}]
+        assert again["runs"]["lenet5/seed0/bar/8"]["seconds"] != old["seconds"]
+        page = (tmp_path / "out" / "peer_accuracy.md").read_text()
+        assert "## Superseded runs" in page and f"| lenet5 | bar | 8× | {old['budgetprune']} | 0 |" in page
+        # a teacher that is not the one the results came from: one line, exit 2, nothing run
+        record = module.read(tmp_path / "out")
+        record["teachers"]["lenet5/seed0"]["accuracy"] += 0.01
+        module.io.write_json(tmp_path / "out" / "peer_accuracy.json", record)
+        with pytest.raises(SystemExit) as stop:
+            module.main(args + ["--redo", "bar"])
+        assert stop.value.code == 2 and "would not share a teacher" in capsys.readouterr().err
+        assert module.read(tmp_path / "out")["runs"] == record["runs"]  # refused before any row moved
