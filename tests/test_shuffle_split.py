@@ -14,6 +14,7 @@ from torch import nn
 from budgetprune import Pruner
 from budgetprune.compact import compact
 from budgetprune.graph import ChannelGraph
+from budgetprune.ops import select_channels
 
 from loops import pruning_steps, randomise_batchnorms
 
@@ -51,10 +52,10 @@ class ShuffleUnit(nn.Module):
 
 
 class TinyShuffleNet(nn.Module):
-    def __init__(self, use_split: bool = False):
+    def __init__(self, use_split: bool = False, first_stride: int = 2):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.units = nn.Sequential(ShuffleUnit(16, 2, use_split), ShuffleUnit(16, 1, use_split),
+        self.units = nn.Sequential(ShuffleUnit(16, first_stride, use_split), ShuffleUnit(16, 1, use_split),
                                    ShuffleUnit(16, 1, use_split))
         self.fc = nn.Linear(16, 10)
 
@@ -92,8 +93,10 @@ def test_a_shufflenet_prunes_and_compacts_with_equal_outputs(use_split, mode):
 
 
 def test_uneven_pieces_compact_to_a_split_of_the_kept_sizes():
+    """The first unit splits the stem's map (a ``torch.split`` of the kept sizes); the later ones
+    split a shuffle's gather, which becomes one gather per piece."""
     torch.manual_seed(0)
-    model = TinyShuffleNet().eval()
+    model = TinyShuffleNet(first_stride=1).eval()
     randomise_batchnorms(model)
     for m in model.modules():  # BatchNorms that map 0 to 0, so that zeroing at the hosts is the whole story
         if isinstance(m, nn.BatchNorm2d):
@@ -107,7 +110,11 @@ def test_uneven_pieces_compact_to_a_split_of_the_kept_sizes():
     with torch.no_grad():
         reference = model(x)
     small = compact(model, graph, masks)
-    assert "split" in small.code
+    splits = [n for n in small.graph.nodes if n.target is torch.split]
+    assert len(splits) == 1 and splits[0].args[0].target != select_channels
+    gathers = [n for n in small.graph.nodes if n.target is select_channels]
+    assert len(gathers) == 2 * 2 + 1  # two shuffles read by the next unit's split, one gather per piece; the last
+    assert {b for b, _ in small.named_buffers() if "index" in b} == {n.args[1].target for n in gathers}
     # the same network by hand: zero every dropped channel where its layer writes it
     hooks = []
     for gid, m in masks.items():

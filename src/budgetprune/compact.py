@@ -107,6 +107,7 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
             hosted[node.target] = True
     _slice_parameters(gm, graph, index)
     _rewrite_graph(gm, graph, index, alive, sets)
+    _fold_gathers_into_splits(gm)
     _rewrite_norms(gm, graph, index)
     _remove_empty(gm, {name: torch.nonzero(s).flatten() for name, s in alive.items()})
     gm.graph.lint()
@@ -310,11 +311,11 @@ def _slice_bn(bn: nn.modules.batchnorm._BatchNorm, keep, z) -> nn.Module:
 class _Buffers:
     """Index tensors the rewritten graph reads through get_attr nodes."""
 
-    def __init__(self, gm: fx.GraphModule):
-        self.gm, self.count = gm, 0
+    def __init__(self, gm: fx.GraphModule, prefix: str = "_budgetprune_index"):
+        self.gm, self.count, self.prefix = gm, 0, prefix
 
     def add(self, graph: fx.Graph, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
-        name = f"_budgetprune_index_{self.count}"
+        name = f"{self.prefix}_{self.count}"
         self.count += 1
         self.gm.register_buffer(name, tensor.clone())
         with graph.inserting_before(before):
@@ -437,6 +438,45 @@ def _with_dim(args: tuple, dim: int) -> tuple:
     """A channel op's arguments, with the channel dim only where it is not the default 1 (files
     written before tokens were pruned call the ops without it)."""
     return args if dim == 1 else (*args, dim)
+
+
+def _fold_gathers_into_splits(gm: fx.GraphModule) -> None:
+    """A gather of channels read only by a channel split (ShuffleNet: the shuffle, then the next
+    unit's chunk) becomes one gather per piece, straight from the gather's source: the same
+    values without the split's copy of the whole gathered tensor (onnxruntime's ``Split`` cost
+    as much as the shuffle's ``Gather`` in a pruned ShuffleNet)."""
+    g = gm.graph
+    for split in list(g.nodes):
+        if not (split.op == "call_function" and split.target is torch.split and len(split.args) == 3
+                and split.args[2] == 1 and isinstance(split.args[1], list)):
+            continue
+        gather = split.args[0]
+        if not (isinstance(gather, fx.Node) and gather.op == "call_function" and gather.target is select_channels
+                and len(gather.args) == 2 and not gather.kwargs and len(gather.users) == 1
+                and gather.args[1].op == "get_attr"):
+            continue
+        pieces = [u for u in split.users]
+        if not all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
+                   for u in pieces) or 0 in split.args[1]:
+            continue
+        source, index = gather.args[0], gm.get_buffer(gather.args[1].target)
+        bounds = torch.tensor([0, *split.args[1]]).cumsum(0).tolist()
+        buffers = _Buffers(gm, prefix=f"{gather.args[1].target}_piece")
+        for piece in pieces:
+            i = piece.args[1]
+            ref = buffers.add(g, index[bounds[i]:bounds[i + 1]], piece)
+            with g.inserting_before(piece):
+                alone = g.call_function(select_channels, (source, ref))
+            alone.meta.update(piece.meta)
+            piece.replace_all_uses_with(alone)
+            g.erase_node(piece)
+        g.erase_node(split)
+        ref = gather.args[1]
+        g.erase_node(gather)
+        if not ref.users:
+            g.erase_node(ref)
+            if not any(n.op == "get_attr" and n.target == ref.target for n in g.nodes):
+                del gm._buffers[ref.target]
 
 
 def _gathered_source(node: fx.Node) -> fx.Node:
