@@ -35,8 +35,10 @@ Each finished (model, seed, method, factor) is written at once (atomically) into
 ``benchmarks/results/peer_accuracy.json`` and skipped on a rerun with the same settings, so an
 interrupted run loses only the run in progress (the teacher and BAR runs resume from their
 checkpoints in ``--work``); several processes may share the file (e.g. one per seed). ``--redo METHODS`` runs those methods again
-(after a default changed), moving their old rows to the page's "Superseded runs"; a teacher retrained
-from its seed must score what the results' teacher scored, or the run stops. The page
+(after a default changed), moving their old rows to the page's "Superseded runs" and their run folders
+aside (``bar-8.superseded-1``); an interrupted ``--redo`` continues without ``--redo`` (with it, the
+runs it finished would be redone once more). A teacher retrained from its seed must score what the
+results' teacher scored, or the run stops. The page
 ``peer_accuracy.md`` and the plot ``peer_accuracy.png`` are rewritten from the file at the end
 (``--report-only``: only that). Requires the ``bench`` extra:
 ``pip install -c constraints.txt ".[bench]"``.
@@ -371,10 +373,13 @@ def update(out: Path, change) -> dict:
     return record
 
 
-def supersede(record: dict, keys: set) -> None:
-    """Move the finished runs named by ``keys`` to ``record["superseded"]`` (``--redo``), so they run again."""
-    for k in sorted(keys & set(record.get("runs", {}))):
+def supersede(record: dict, keys: set) -> list[str]:
+    """Move the finished runs named by ``keys`` to ``record["superseded"]`` (``--redo``), so they
+    run again; the keys moved."""
+    moved = sorted(keys & set(record.get("runs", {})))
+    for k in moved:
         record.setdefault("superseded", []).append({"key": k, **record["runs"].pop(k)})
+    return moved
 
 
 def same_teacher(record: dict, model: str, seed: int, accuracy: float, p: Parser) -> None:
@@ -688,7 +693,14 @@ def main(argv=None) -> int:
             setup = prepare(model, seed, train, splits.test, splits.info, settings, base / "teacher",
                             log=lambda s: print(f"[{model} seed {seed} teacher] {s}", flush=True))
             same_teacher(read(out), model, seed, setup.teacher_accuracy, p)
-            update(out, lambda r: supersede(r, redo))
+            moved: list[str] = []
+            update(out, lambda r: moved.extend(supersede(r, redo)))
+            for k in moved:  # a finished run folder would only be read back: set it aside, so the run trains
+                _, _, method, factor = k.split("/")
+                folder = base / f"{method}-{factor}"
+                if folder.exists():
+                    folder.rename(next(folder.with_name(f"{folder.name}.superseded-{i}") for i in range(1, 10**6)
+                                       if not folder.with_name(f"{folder.name}.superseded-{i}").exists()))
             update(out, lambda r: r["teachers"].__setitem__(f"{model}/seed{seed}", {
                 "accuracy": setup.teacher_accuracy, **setup.full}))
             for factor, method in todo:

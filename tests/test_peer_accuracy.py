@@ -60,7 +60,10 @@ def test_redo_moves_old_rows_aside_and_a_different_teacher_is_refused(tmp_path, 
         assert list(first["runs"]) == ["lenet5/seed0/bar/8"] and "superseded" not in first
         assert module.main(args) == 0  # finished runs are skipped ...
         assert module.read(tmp_path / "out")["runs"] == first["runs"]
-        assert module.main(args + ["--redo", "bar"]) == 0  # ... unless redone
+        capsys.readouterr()
+        assert module.main(args + ["--redo", "bar"]) == 0  # ... unless redone: trained again, not read back
+        assert "[prune] epoch 1/1" in capsys.readouterr().out
+        assert (tmp_path / "work" / "lenet5" / "seed0" / "bar-8.superseded-1" / "metrics.json").is_file()
         again = module.read(tmp_path / "out")
         old = first["runs"]["lenet5/seed0/bar/8"]
         assert again["superseded"] == [{"key": "lenet5/seed0/bar/8", **old}]

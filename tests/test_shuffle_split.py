@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import budgetprune
 from budgetprune import Pruner
 from budgetprune.compact import compact
 from budgetprune.graph import ChannelGraph
@@ -158,3 +159,66 @@ def test_channel_slices_prune_their_ranges_and_compact_with_equal_outputs(mode):
     small, report = pruner.finalize(x)
     assert report["compaction_max_abs_diff"] <= 1e-5
     assert small.c2.in_channels + small.c3.in_channels == small.c1.out_channels < 12
+
+
+class NegativePieces(nn.Module):
+    """A shuffle read by a chunk whose pieces are taken as ``[-1]`` and ``[-2]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        out = channel_shuffle(torch.cat((F.relu(self.b1(self.c1(x))), F.relu(self.b2(self.c2(x)))), dim=1), 2)
+        parts = out.chunk(2, dim=1)
+        return self.fc(torch.cat((parts[-1], F.relu(self.c3(parts[-2]))), dim=1).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("model_of", [NegativePieces, lambda: TinyShuffleNet(first_stride=1)])
+def test_folded_splits_compute_what_the_unfolded_ones_do(model_of):
+    """The fold against the compaction without it, on the same random masks; pieces taken by a
+    negative index included."""
+    torch.manual_seed(0)
+    model = model_of().eval()
+    randomise_batchnorms(model)
+    x = torch.randn(2, 3, 8, 8)
+    graph = ChannelGraph.build(model, x)
+    masks = {gid: torch.rand(g.channels) > 0.4 for gid, g in graph.groups.items()}
+    for gid in masks:
+        masks[gid][0] = True
+    folded, plain = compact(model, graph, masks), compact(model, graph, masks, fold_splits=False)
+    assert not [n for n in folded.graph.nodes if n.target is torch.split and n.args[0].target is select_channels]
+    assert [n for n in plain.graph.nodes if n.target is torch.split and n.args[0].target is select_channels]
+    with torch.no_grad():
+        assert torch.allclose(folded(x), plain(x), atol=1e-6)
+
+
+def test_a_plan_written_before_the_fold_replays_with_its_own_buffers(tmp_path):
+    """A version-5 plan (gathers not folded) with its state dict loads as it was compacted; a
+    new plan says version 6 and saves and loads with the folded form."""
+    from budgetprune.plan import make_plan, replay
+
+    torch.manual_seed(0)
+    model = TinyShuffleNet(first_stride=1)
+    x = torch.randn(4, 3, 8, 8)
+    pruner = Pruner(model, x, "flops=0.5", total_steps=1, block="regular", channel_multiple=1, gate_init=3.0)
+    small, report = pruner.finalize()
+    assert report["plan"]["version"] == 6
+    masks = {gid: torch.zeros(g.channels, dtype=torch.bool).index_fill_(0, torch.tensor(report["plan"]["kept"][gid]), True)
+             for gid, g in pruner.graph.groups.items() if gid in report["plan"]["kept"]}
+    old = compact(model, pruner.graph, masks, mode="regular", fold_splits=False)
+    plan = make_plan(pruner.graph, masks, block="regular", granularity="channel", gate_inputs=False)
+    assert plan["version"] == 6 and set(old.state_dict()) != set(small.state_dict())
+    from budgetprune.errors import CheckpointError
+    with pytest.raises(CheckpointError):  # what the version is for: the old buffers do not fit the new form
+        replay(plan, TinyShuffleNet(first_stride=1), old.state_dict())
+    again = replay({**plan, "version": 5}, TinyShuffleNet(first_stride=1), old.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(again(x), old(x), atol=1e-6)
+    budgetprune.save(small, tmp_path / "shuffle.pt")
+    loaded = budgetprune.load(tmp_path / "shuffle.pt", model=TinyShuffleNet(first_stride=1))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), small(x), atol=1e-6)

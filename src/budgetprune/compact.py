@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import re
 
 import torch
 from torch import fx, nn
@@ -34,11 +35,14 @@ SUB_FUNCTIONS = {operator.sub, operator.isub, torch.sub}
 
 
 def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor] | None = None,
-            gate_values: dict[str, torch.Tensor] | None = None, mode: str = "mixed") -> fx.GraphModule:
+            gate_values: dict[str, torch.Tensor] | None = None, mode: str = "mixed",
+            fold_splits: bool = True) -> fx.GraphModule:
     """Build the compacted network (eval mode, on the model's device).
 
     ``masks[group]`` keeps channel i where True (groups not listed keep everything);
     ``gate_values[group]`` is the per-channel scale to fold (1 where not given).
+    ``fold_splits``: a gather read only by a channel split becomes one gather per piece
+    (False: the form of plans written before that, whose saved index buffers it keeps).
     """
     full = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
     masks = {**full, **{g: m.detach().bool().cpu() for g, m in (masks or {}).items()}}
@@ -107,7 +111,8 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
             hosted[node.target] = True
     _slice_parameters(gm, graph, index)
     _rewrite_graph(gm, graph, index, alive, sets)
-    _fold_gathers_into_splits(gm)
+    if fold_splits:
+        _fold_gathers_into_splits(gm)
     _rewrite_norms(gm, graph, index)
     _remove_empty(gm, {name: torch.nonzero(s).flatten() for name, s in alive.items()})
     gm.graph.lint()
@@ -444,39 +449,46 @@ def _fold_gathers_into_splits(gm: fx.GraphModule) -> None:
     """A gather of channels read only by a channel split (ShuffleNet: the shuffle, then the next
     unit's chunk) becomes one gather per piece, straight from the gather's source: the same
     values without the split's copy of the whole gathered tensor (onnxruntime's ``Split`` cost
-    as much as the shuffle's ``Gather`` in a pruned ShuffleNet)."""
+    as much as the shuffle's ``Gather`` in a pruned ShuffleNet). Only gathers of this module's
+    own index buffers (``_budgetprune_index_N``, read by that one gather) are folded."""
     g = gm.graph
     for split in list(g.nodes):
         if not (split.op == "call_function" and split.target is torch.split and len(split.args) == 3
                 and split.args[2] == 1 and isinstance(split.args[1], list)):
             continue
-        gather = split.args[0]
+        gather, sizes = split.args[0], split.args[1]
         if not (isinstance(gather, fx.Node) and gather.op == "call_function" and gather.target is select_channels
-                and len(gather.args) == 2 and not gather.kwargs and len(gather.users) == 1
-                and gather.args[1].op == "get_attr"):
+                and len(gather.args) == 2 and not gather.kwargs and len(gather.users) == 1):
             continue
-        pieces = [u for u in split.users]
-        if not all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
-                   for u in pieces) or 0 in split.args[1]:
+        ref = gather.args[1]
+        if not (isinstance(ref, fx.Node) and ref.op == "get_attr" and _INDEX_BUFFER.fullmatch(ref.target)
+                and len(ref.users) == 1
+                and sum(n.op == "get_attr" and n.target == ref.target for n in g.nodes) == 1):
             continue
-        source, index = gather.args[0], gm.get_buffer(gather.args[1].target)
-        bounds = torch.tensor([0, *split.args[1]]).cumsum(0).tolist()
-        buffers = _Buffers(gm, prefix=f"{gather.args[1].target}_piece")
+        pieces = list(split.users)
+        if 0 in sizes or not all(u.op == "call_function" and u.target is operator.getitem
+                                 and type(u.args[1]) is int and -len(sizes) <= u.args[1] < len(sizes)
+                                 for u in pieces):
+            continue
+        source, index = gather.args[0], gm.get_buffer(ref.target)
+        bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
+        buffers = _Buffers(gm, prefix=f"{ref.target}_piece")
         for piece in pieces:
-            i = piece.args[1]
-            ref = buffers.add(g, index[bounds[i]:bounds[i + 1]], piece)
+            i = piece.args[1] % len(sizes)
+            piece_ref = buffers.add(g, index[bounds[i]:bounds[i + 1]], piece)
             with g.inserting_before(piece):
-                alone = g.call_function(select_channels, (source, ref))
+                alone = g.call_function(select_channels, (source, piece_ref))
             alone.meta.update(piece.meta)
+            alone.meta["budgetprune_tensor"] = _tensor_name(piece)
             piece.replace_all_uses_with(alone)
             g.erase_node(piece)
         g.erase_node(split)
-        ref = gather.args[1]
         g.erase_node(gather)
-        if not ref.users:
-            g.erase_node(ref)
-            if not any(n.op == "get_attr" and n.target == ref.target for n in g.nodes):
-                del gm._buffers[ref.target]
+        g.erase_node(ref)
+        del gm._buffers[ref.target]
+
+
+_INDEX_BUFFER = re.compile(r"_budgetprune_index_\d+")
 
 
 def _gathered_source(node: fx.Node) -> fx.Node:

@@ -27,6 +27,32 @@ ZETA = 1.1
 OPEN_LOG_ALPHA = 3.0
 
 
+def travel_note(gates: list, lr: float, steps: int) -> str | None:
+    """A warning when Hard Concrete ``gates`` trained by Adam cannot get to closed within ``steps``.
+
+    Adam moves a parameter by about ``lr`` per step (its update is lr times the gradient's running
+    mean over its running root mean square: 1 for a steady gradient, somewhat more while the
+    gradient grows), so in ``steps`` a log α travels about ``lr · steps``. A gate that starts at
+    log α₀ must fall to the pruning threshold (:meth:`HardConcreteGate.open_threshold`, −2.40:
+    ẑ = 0 below it) before the training can prune its channel. The note speaks when even the
+    gates that start lowest could not get two thirds of the way there (a margin for that
+    "somewhat more"): training then barely moves the cost of the kept channels, and the final
+    projection alone picks them (measured: ResNet-20 with 80 prune steps,
+    ``benchmarks/results/short_prune.md``)."""
+    hard_concrete = [g for g in gates if isinstance(g, HardConcreteGate)]
+    if not hard_concrete or steps < 1 or lr <= 0:
+        return None
+    need = min(float(g.log_alpha.detach().min()) - g.open_threshold() for g in hard_concrete)
+    reach = lr * steps
+    if 1.5 * reach >= need:
+        return None
+    return (f"note: the prune stage has {steps} steps; at gate lr {lr:g} a gate's log α moves about {reach:.2g} "
+            f"in them, and from where the gates start it must fall by {need:.2g} to the pruning threshold: the "
+            "gates will hardly move and the final projection will choose the channels nearly alone. Give the "
+            f"prune stage at least {math.ceil(need / lr)} steps (more epochs or more data) for the budget-aware "
+            "training to act")
+
+
 class HardConcreteGate(nn.Module):
     """One Hard Concrete gate per channel, parametrised by ``log_alpha`` (Φ in seed 001).
 

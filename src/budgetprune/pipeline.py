@@ -33,6 +33,7 @@ from .data.folder import check_folder_options
 from .data.validation import check_validation, split_validation
 from .engine import DivergenceCheck, evaluate, iterate_batches, num_batches, predict_logits, streams, train_epoch
 from .errors import CheckpointError, ConfigError, TrainingDiverged, first_line
+from .gates import travel_note
 from .graph import ChannelGraph
 from .inputs import check_inputs
 from .methods import available_methods, check_method_options, method_options
@@ -607,6 +608,8 @@ class PruneRun:
             self._from_checkpoint("optimizer", lambda: self._load_optimizer(opt, ckpt["optimizer"]))
             start = ckpt["epoch"]
             self._restore_rng(ckpt)  # creating the gates drew random numbers: continue the saved stream
+        if ckpt is None and recipe.optimizer in ("adam", "adamw"):
+            self._warn_short_travel(pruner, opt, steps_per_epoch * cfg.epochs)
         loss_fn = self._kd_loss(self.train_data, recipe)
         for epoch in range(start, cfg.epochs):
             self._epoch(student, opt, "prune", epoch, cfg.epochs, steps_per_epoch, loss_fn, pruner=pruner,
@@ -614,6 +617,15 @@ class PruneRun:
             self._save_checkpoint("prune", epoch + 1, model=student.state_dict(), pruner=pruner.state_dict(),
                                   optimizer=opt.state_dict())
         return pruner
+
+    def _warn_short_travel(self, pruner: Pruner, opt: torch.optim.Optimizer, steps: int) -> None:
+        """Log :func:`~budgetprune.gates.travel_note` for the method's Hard Concrete gates, if any."""
+        lrs = [g["lr"] for g in opt.param_groups if g.get("name") == "gates"]
+        gates = getattr(pruner.method, "gates", None)
+        if lrs and gates is not None:
+            note = travel_note(list(gates.values()), lrs[0], steps)
+            if note:
+                self.log(note)
 
     def _teacher_state_for_model(self) -> dict:
         """The teacher's weights under the model's names (a file written by an older version

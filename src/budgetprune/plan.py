@@ -28,11 +28,13 @@ FORMAT = "budgetprune-plan"
 #: few channels (pad_min_kept); 4: a padded mixed tensor pads with its residual space's channels
 #: first (:func:`budgetprune.liveness._pad_mixed`; a padded mixed or auto plan of an earlier
 #: version replays as it was written); 5: channels tied by position or by a grouped convolution
-#: are padded too (:func:`budgetprune.liveness.regular_sets`). A plan is written at the lowest
-#: version that reads it.
-VERSION = 5
+#: are padded too (:func:`budgetprune.liveness.regular_sets`); 6: a channel gather read only by a
+#: channel split is compacted as one gather per piece (its index buffers differ). A plan is
+#: written at the lowest version that reads it.
+VERSION = 6
 _PAD_WITHIN_SPACE = 4  # the first version whose padded mixed tensors pad within their space
 _PAD_TIED = 5  # the first version whose tied channels are padded
+_FOLD_SPLITS = 6  # the first version whose gathers read by a split are folded into it
 
 #: The plan fields of a :class:`~budgetprune.liveness.Padding` after its multiple: name, value
 #: when absent (no floor), the first plan version that has it, what it is.
@@ -55,6 +57,8 @@ def make_plan(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None, *, blo
         version = max(version, _PAD_WITHIN_SPACE)
     if padding.multiple > 1 and getattr(block, "pad_tied", True) and has_tied_channels(graph):
         version = max(version, _PAD_TIED)
+    if any(src in graph.gathers for src, _ in graph.splits.values()):  # compaction folds such a split
+        version = max(version, _FOLD_SPLITS)
     plan = {"format": FORMAT, "version": version, "granularity": granularity, "block": str(block),
             "channel_multiple": padding.multiple, **floors, "gate_inputs": gate_inputs,
             "input_shape": list(graph.input_shape), "groups": {gid: g.channels for gid, g in graph.groups.items()},
@@ -122,7 +126,7 @@ def replay(plan: dict, model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
         raise CheckpointError(f"the model passed does not match the pruning plan (group {differ[0]!r:.60} differs): "
                               "pass the same architecture that was pruned, before pruning")
     masks = kept_masks(plan, mine) if plan["granularity"] == "channel" else None
-    net = compact(model, graph, masks, mode=_block(plan, graph))
+    net = compact(model, graph, masks, mode=_block(plan, graph), fold_splits=plan["version"] >= _FOLD_SPLITS)
     check_state_shapes(net, state_dict)
     try:
         net.load_state_dict(state_dict, strict=True)
