@@ -125,6 +125,11 @@ def run_one(args, v, seed: int, teacher_file: Path, train, holdout, info) -> dic
             "v_over_b_after_prune": prune["V"] / prune["b"], "noted": "note: the prune stage has" in log}
 
 
+def _mean(values: list[float]) -> str:
+    """mean ± standard deviation, or the one value of a single seed."""
+    return format_mean_std(values) if len(values) > 1 else f"{values[0]:.2f}"
+
+
 def markdown(record: dict) -> str:
     lines = ["# BAR with a short prune stage", "", f"Command: `{record['command']}`", "",
              f"ResNet-20, Fashion-MNIST: {record['train_images']} training images ({record['prune_steps']} prune steps "
@@ -134,9 +139,9 @@ def markdown(record: dict) -> str:
              "V/b when pruning ends: the FLOPs of the channels whose gates are open (ẑ > 0) over the schedule's "
              f"bound, by then the budget ({record['factor']:g}: no gate closed; far above 1: the final projection "
              "chose the channels; below 1: the gates closed more than the budget asks). Mean ± standard deviation "
-             "over the seeds; "
+             "over the seeds (one seed: its value); "
              "(tie): within two standard errors of the best.", "",
-             "Unpruned teachers, held-out accuracy: " + format_mean_std([100 * t for t in record["teachers"].values()])
+             "Unpruned teachers, held-out accuracy: " + _mean([100 * t for t in record["teachers"].values()])
              + " %.", "",
              "| variant | seeds | held-out % when pruning ends | held-out % final | V/b when pruning ends | note logged |",
              "|---|---|---:|---:|---:|---|"]
@@ -146,11 +151,12 @@ def markdown(record: dict) -> str:
     finals = {k: [100 * r["holdout_final"] for r in rs] for k, rs in groups.items()}
     best = max(finals, key=lambda k: sum(finals[k]) / len(finals[k]))
     for k, rs in groups.items():
-        cell = format_mean_std(finals[k])
-        cell = f"**{cell}**" if k == best else (f"{cell} (tie)" if tie(finals[k], finals[best]) else cell)
+        cell = _mean(finals[k])
+        if len(rs) > 1:
+            cell = f"**{cell}**" if k == best else (f"{cell} (tie)" if tie(finals[k], finals[best]) else cell)
         vb = [r["v_over_b_after_prune"] for r in rs]
         lines.append(f"| {label(k)} | {','.join(str(r['seed']) for r in rs)} | "
-                     f"{format_mean_std([100 * r['holdout_after_prune'] for r in rs])} | {cell} | "
+                     f"{_mean([100 * r['holdout_after_prune'] for r in rs])} | {cell} | "
                      f"{min(vb):.2f}–{max(vb):.2f} | {'yes' if all(r['noted'] for r in rs) else 'no' if not any(r['noted'] for r in rs) else 'some'} |")
     return "\n".join(lines + [""])
 
