@@ -34,9 +34,11 @@ from stats import format_mean_std, tie  # noqa: E402
 
 import budgetprune  # noqa: E402
 from budgetprune.data.loading import load_dataset  # noqa: E402
+from budgetprune.engine import num_batches  # noqa: E402
 from budgetprune.pipeline import PruneConfig, PruneRun  # noqa: E402
 
 NAME = "short_prune"
+PRUNE_EPOCHS, FINETUNE_EPOCHS, LOWLR_EPOCHS = 2, 1, 1  # each run's stages
 
 
 def variant(text: str) -> tuple[float | None, float | None]:
@@ -112,7 +114,8 @@ def run_one(args, v, seed: int, teacher_file: Path, train, holdout, info) -> dic
         budgetprune.prune(seeded_model("resnet20", seed, info.in_channels, info.num_classes, info.image_size),
                           train, holdout, budget=1.0 / args.factor, metric="flops", method="bar",
                           teacher=str(teacher_file), out=folder, resume=(folder / "checkpoint.pt").exists(),
-                          epochs=2, finetune_epochs=1, lowlr_epochs=1, seed=seed, progress=False,
+                          epochs=PRUNE_EPOCHS, finetune_epochs=FINETUNE_EPOCHS, lowlr_epochs=LOWLR_EPOCHS,
+                          seed=seed, progress=False,
                           deploy_runtime="none", log=lambda s: (lines.append(s), print(f"[{folder.name}] {s}", flush=True)),
                           **options)
         with open(folder / "log.txt", "a") as fh:  # a resumed run adds to what its first part logged
@@ -132,10 +135,9 @@ def _mean(values: list[float]) -> str:
 
 def markdown(record: dict) -> str:
     lines = ["# BAR with a short prune stage", "", f"Command: `{record['command']}`", "",
-             f"ResNet-20, Fashion-MNIST: {record['train_images']} training images ({record['prune_steps']} prune steps "
-             f"of batch 64), {record['holdout_images']} held-out training images for every accuracy here (the test set "
+             f"ResNet-20, Fashion-MNIST: {record['train_images']} training images ({record['prune_steps']} prune steps), {record['holdout_images']} held-out training images for every accuracy here (the test set "
              f"is not read); teacher {record['teacher_epochs']} epochs on the same images, per seed; BAR at "
-             f"{record['factor']:g}× FLOPs, prune 2 epochs, fine-tune 1 + 1. budgetprune at {record['git'] or 'an unknown commit'}. "
+             f"{record['factor']:g}× FLOPs, prune {PRUNE_EPOCHS} epochs, fine-tune {FINETUNE_EPOCHS} + {LOWLR_EPOCHS}. budgetprune at {record['git'] or 'an unknown commit'}. "
              "V/b when pruning ends: the FLOPs of the channels whose gates are open (ẑ > 0) over the schedule's "
              f"bound, by then the budget ({record['factor']:g}: no gate closed; far above 1: the final projection "
              "chose the channels; below 1: the gates closed more than the budget asks). Mean ± standard deviation "
@@ -176,7 +178,8 @@ def main(argv=None) -> int:
     state = source_state()
     record = {"command": "python benchmarks/short_prune.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "git": state[0] if state else None, "uncommitted_src": state[1] if state else None,
-              "train_images": len(train), "holdout_images": len(holdout), "prune_steps": 2 * -(-len(train) // 64),
+              "train_images": len(train), "holdout_images": len(holdout),
+              "prune_steps": PRUNE_EPOCHS * num_batches(train, PruneConfig().batch_size),
               "teacher_epochs": args.teacher_epochs, "factor": args.factor, "teachers": teachers, "runs": rows,
               "wall_seconds": time.perf_counter() - start}
     out = write_results(args.out, NAME, record, markdown(record))
