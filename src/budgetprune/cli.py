@@ -11,6 +11,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from . import gate_start
 from .data.images import AUGMENTATIONS
 from .errors import BudgetpruneError, CheckpointError, ConfigError, first_line, printable
 
@@ -117,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-init", type=float, help="initial log α of Hard Concrete gates (default 3, gates open, "
                                                     "when the student starts from the teacher; 0, the paper's, with "
                                                     "--student-init random); s0 of cs (default 0)")
+    p.add_argument("--gate-survival", type=float, metavar="FRACTION",
+                   help="instead of a fixed start: Hard Concrete gates start at the lowest log α (0, 0.5, ..., 4) at "
+                        "which the student with its gates sampled keeps the teacher's answer on this fraction of 1024 "
+                        f"training images (e.g. {gate_start.SURVIVAL:g}; the log shows each start's fraction)")
     p.add_argument("--gate-sample", choices=["example", "batch"],
                    help="training samples of stochastic gates: one per example and channel (default) or one per "
                         "channel for the batch (folded into the layer's weights: a cheaper step)")
@@ -187,7 +192,7 @@ RESUME_MAY_CHANGE = ("device", "data_root", "progress", "workers", "deploy_runti
 #: PruneConfig fields set by the prune option of the same name.
 _PLAIN_OPTIONS = ("model", "data", "data_root", "image_size", "augment", "workers", "method", "teacher",
                   "granularity", "epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs", "lr", "gate_lr",
-                  "batch_size", "lam", "gate_init", "gate_sample", "dual_lr", "schedule", "schedule_end",
+                  "batch_size", "lam", "gate_init", "gate_survival", "gate_sample", "dual_lr", "schedule", "schedule_end",
                   "student_init", "seed", "device", "block", "channel_multiple", "precision", "deploy_runtime", "optimizer", "weight_decay",
                   "momentum", "lr_schedule", "warmup_epochs", "label_smoothing", "prune_recipe", "validation")
 

@@ -25,7 +25,7 @@ from torch import nn
 from . import io
 from . import graphio
 from . import distributed
-from . import seeding
+from . import gate_start, seeding
 from .attach import check_gate_sample
 from .budget import Budget
 from .compact import to_plain
@@ -90,9 +90,13 @@ class PruneConfig:
     teacher_epochs: int = 5  # unpruned teacher, when none is given (paper: 80 + 10)
     lr: float = 1e-3
     gate_lr: float | None = 1e-2
-    # initial log α of Hard Concrete gates, s0 of cs; None: open gates (gates.OPEN_LOG_ALPHA; cs 0) for a
-    # student started from the teacher, seed 001's ≈ 0 (supplement 4) for a random one
+    # initial log α of Hard Concrete gates, s0 of cs; None: open gates (gates.OPEN_LOG_ALPHA; cs 0), or where
+    # gate_survival chooses, for a student started from the teacher; seed 001's ≈ 0 (supplement 4) for a random one
     gate_init: float | None = None
+    # with gate_init None and a student started from the teacher: Hard Concrete gates start at the lowest log α
+    # (0, 0.5, ..., 4) at which the student with its gates sampled keeps the teacher's answer on this fraction
+    # of 1024 training images (gate_start.py); None: open gates
+    gate_survival: float | None = None
     lowlr_factor: float = 0.1
     # the training recipe of the teacher and fine-tune stages (budgetprune.recipe; README "Training recipe")
     # (benchmarks/results/recipe.md: chosen on validation accuracy; seed 001's: adam, 5e-4, constant, 0, 0)
@@ -175,6 +179,14 @@ class PruneConfig:
         if self.dual_lr is not None and not self.dual_lr > 0:
             raise ConfigError("--dual-lr must be positive")
         check_schedule_end(self.schedule_end)
+        if self.gate_survival is not None:
+            if not 0.0 < self.gate_survival <= 1.0:
+                raise ConfigError(f"--gate-survival must be in (0, 1], got {self.gate_survival}")
+            if self.gate_init is not None:
+                raise ConfigError("--gate-init fixes where the gates start and --gate-survival chooses it: give one")
+            if self.student_init != "teacher":
+                raise ConfigError("--gate-survival measures the noise a trained student survives: use it with "
+                                  "--student-init teacher, or set --gate-init")
         check_gate_sample(self.gate_sample)
         if self.student_init not in ("teacher", "random"):
             raise ConfigError("--student-init must be 'teacher' or 'random'")
@@ -608,6 +620,8 @@ class PruneRun:
             self._from_checkpoint("optimizer", lambda: self._load_optimizer(opt, ckpt["optimizer"]))
             start = ckpt["epoch"]
             self._restore_rng(ckpt)  # creating the gates drew random numbers: continue the saved stream
+        if ckpt is None and self._chooses_gate_start(pruner):
+            pruner.choose_gate_start(self._start_batches(), survival=cfg.gate_survival)
         if ckpt is None and recipe.optimizer in ("adam", "adamw"):
             self._warn_short_travel(pruner, opt, steps_per_epoch * cfg.epochs)
         loss_fn = self._kd_loss(self.train_data, recipe)
@@ -617,6 +631,23 @@ class PruneRun:
             self._save_checkpoint("prune", epoch + 1, model=student.state_dict(), pruner=pruner.state_dict(),
                                   optimizer=opt.state_dict())
         return pruner
+
+    def _chooses_gate_start(self, pruner: Pruner) -> bool:
+        """Whether the prune stage measures where its Hard Concrete gates start (no ``gate_init``, a
+        student started from the teacher, a ``gate_survival``)."""
+        cfg = self.config
+        return (cfg.gate_init is None and cfg.student_init == "teacher" and cfg.gate_survival is not None
+                and bool(gate_start.hard_concrete_gates(pruner.method)))
+
+    def _start_batches(self, images: int = 1024) -> list[torch.Tensor]:
+        """The training batches the gates' start is chosen on: the first ``images`` of a random order
+        drawn from the run's seed (each process its part of every batch), as a training step sees them."""
+        cfg = self.config
+        count = max(1, -(-images // cfg.batch_size))
+        generator = torch.Generator().manual_seed(cfg.seed)
+        batches = iterate_batches(self.train_data, cfg.batch_size, shuffle=True, generator=generator,
+                                  workers=cfg.workers, pin_memory=self.device.type == "cuda", shard=True)
+        return [x.to(self.device) for _, (_, x, _) in zip(range(count), batches)]
 
     def _warn_short_travel(self, pruner: Pruner, opt: torch.optim.Optimizer, steps: int) -> None:
         """Log :func:`~budgetprune.gates.travel_note` for the method's Hard Concrete gates, if any."""
@@ -665,6 +696,8 @@ class PruneRun:
             raise self._diverged(str(exc), resumable=False) from None
         if self.per_weight:
             self.weight_masks = pruner.weight_masks
+        if pruner.gate_start is not None:
+            info["gate_start"] = pruner.gate_start
         return net, _description(net), info
 
     # finetune ------------------------------------------------------------------------
@@ -768,6 +801,8 @@ class PruneRun:
             "channels_dropped_by_projection": info["channels_dropped_by_projection"],
             "channels_reopened_by_fill": info.get("channels_reopened_by_fill", 0),
             "compaction_max_abs_diff": info["compaction_max_abs_diff"],
+            # where the gates started and the agreement measured at each start (a chosen start only)
+            **({"gate_start": info["gate_start"]} if info.get("gate_start") else {}),
             "model": cfg.model, "data": cfg.data, "granularity": cfg.granularity,
         }
         if self.per_weight:

@@ -38,7 +38,7 @@ from .liveness import BlockMode, Padding, auto_paddings, effective_masks, has_ti
 from .measured import RUNTIME_LATENCIES, meet_measured_latency
 from .methods import create_method
 from .objectives import check_schedule_end
-from . import distributed
+from . import distributed, gate_start
 from .plan import make_plan
 from .precision import float32
 from .resources import METRICS, CostModel, resource_report
@@ -250,6 +250,7 @@ class Pruner:
         self._sync = _ProcessSync(self.method, model)  # several processes: the same gates and decisions on each
         self.weight_masks: dict[str, torch.Tensor] | None = None  # after finalize(), per-weight pruning
         self.result: tuple[nn.Module, dict] | None = None  # what finalize() returned
+        self.gate_start: dict | None = None  # what choose_gate_start() measured
 
     # -- what a training loop calls ----------------------------------------------------------
     @property
@@ -289,6 +290,29 @@ class Pruner:
             self._sync.after_step()
         self.steps += 1
 
+    def choose_gate_start(self, batches, *, survival: float = gate_start.SURVIVAL, forward=None,
+                          agree=None) -> float:
+        """Start the Hard Concrete gates at the lowest log α (0, 0.5, ..., 4) whose training-time
+        noise the model survives: where, sampled as in a training step, the gated model still gives
+        the ungated model's answer on at least ``survival`` of the examples of ``batches`` (a few
+        training batches: tensors or (inputs, targets) pairs). Call it once, before the first
+        :meth:`step`. ``forward(model, inputs)`` runs a batch (default ``model(inputs)``); ``agree
+        (output, reference)`` gives a per-example bool tensor (default: the same top-1 class of a
+        (batch, classes) output). Returns the start; :attr:`gate_start` keeps the measurements.
+        See :mod:`budgetprune.gate_start`."""
+        self._check_open("choose_gate_start()")
+        if self.steps:
+            raise ConfigError("choose_gate_start() after step(): the gates have moved; choose their start before "
+                              "the first step")
+        table = gate_start.survival_table(self.model, self.method, batches, forward=forward, agree=agree)
+        start = gate_start.choose_start(table, survival)
+        gate_start.place(gate_start.hard_concrete_gates(self.method), start)
+        self._sync.broadcast_state()
+        self.gate_start = {"log_alpha": start, "survival": survival,
+                           "agreement": [[s, fraction] for s, fraction in sorted(table.items())]}
+        self.log(gate_start.describe(table, start, survival))
+        return start
+
     def _check_open(self, call: str) -> None:
         if self.result is not None:
             raise ConfigError(f"{call} after finalize(): the pruner has handed back its pruned model; train that "
@@ -309,7 +333,10 @@ class Pruner:
 
     def state_dict(self) -> dict:
         """The method's state and the step count: save it with the model and optimizer to resume."""
-        return {"method": self.method.state_dict(), "steps": self.steps}
+        state = {"method": self.method.state_dict(), "steps": self.steps}
+        if self.gate_start is not None:
+            state["gate_start"] = self.gate_start
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; under torch.distributed, call it on every rank (rank 0's
@@ -319,6 +346,7 @@ class Pruner:
         if type(steps) is not int or steps < 0:
             raise ConfigError(f"pruner state has step count {steps!r}, not a count")
         self.steps = steps
+        self.gate_start = gate_start.check_record(state.get("gate_start"))
         self._sync.broadcast_state()
 
     # -- the end ---------------------------------------------------------------------------
