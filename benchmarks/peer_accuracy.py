@@ -184,6 +184,15 @@ def prepare(model: str, seed: int, train, test, info, settings: Settings, folder
     return setup
 
 
+def record_teacher(record: dict, name: str, entry: dict) -> None:
+    """The teacher's entry in the results; one recorded before keeps its training time (a later
+    run that loads the teacher would otherwise record the seconds it took to load it)."""
+    before = record["teachers"].get(name) or {}
+    if "teacher_seconds" in before:
+        entry = {**entry, "teacher_seconds": before["teacher_seconds"]}
+    record["teachers"][name] = entry
+
+
 def from_teacher(model: str, seed: int, train, test, info, teacher_file: Path, accuracy: float) -> Setup:
     """The (model, seed)'s Setup from a trained teacher's file (its test ``accuracy`` as measured)."""
     example = train[0][0].unsqueeze(0)
@@ -701,7 +710,7 @@ def main(argv=None) -> int:
                 if folder.exists():
                     folder.rename(next(folder.with_name(f"{folder.name}.superseded-{i}") for i in range(1, 10**6)
                                        if not folder.with_name(f"{folder.name}.superseded-{i}").exists()))
-            update(out, lambda r: r["teachers"].__setitem__(f"{model}/seed{seed}", {
+            update(out, lambda r: record_teacher(r, f"{model}/seed{seed}", {
                 "accuracy": setup.teacher_accuracy, **setup.full}))
             for factor, method in todo:
                 row = run_one(tp, setup, method, factor, settings, base / f"{method}-{factor:g}",

@@ -68,6 +68,8 @@ def test_redo_moves_old_rows_aside_and_a_different_teacher_is_refused(tmp_path, 
         old = first["runs"]["lenet5/seed0/bar/8"]
         assert again["superseded"] == [{"key": "lenet5/seed0/bar/8", **old}]
         assert again["runs"]["lenet5/seed0/bar/8"]["seconds"] != old["seconds"]
+        # the redo loaded the teacher: its entry keeps the time it took to train
+        assert again["teachers"]["lenet5/seed0"]["teacher_seconds"] == first["teachers"]["lenet5/seed0"]["teacher_seconds"]
         page = (tmp_path / "out" / "peer_accuracy.md").read_text()
         assert "## Superseded runs" in page and f"| lenet5 | bar | 8× | {old['budgetprune']} | 0 |" in page
         # a teacher that is not the one the results came from: one line, exit 2, nothing run
