@@ -35,6 +35,9 @@ def tie(a: Sequence[float], b: Sequence[float]) -> bool:
 
 
 def format_mean_std(values: Sequence[float], digits: int = 2) -> str:
-    """``values`` as "mean ± std", e.g. "90.12 ± 0.30"."""
+    """``values`` as "mean ± std", e.g. "90.12 ± 0.30"; one value alone as "90.12 (n = 1)" (it has no
+    spread to show)."""
     mean, std = mean_std(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f} (n = 1)"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"

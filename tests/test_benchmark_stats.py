@@ -32,3 +32,5 @@ def test_tie_is_under_two_standard_errors_of_the_difference():
 def test_format():
     assert stats.format_mean_std([90.0, 90.3, 90.06]) == "90.12 ± 0.16"
     assert stats.format_mean_std([1.0, 2.0, 3.0], digits=1) == "2.0 ± 1.0"
+    assert stats.format_mean_std([90.123]) == "90.12 (n = 1)"  # one value has no spread: no "± 0.00"
+    assert stats.format_mean_std([80.0, 80.0]) == "80.00 ± 0.00"
