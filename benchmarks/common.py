@@ -113,6 +113,18 @@ def seeded_model(name: str, seed: int, in_channels: int, num_classes: int, input
     return create_model(name, in_channels=in_channels, num_classes=num_classes, input_size=tuple(input_size))
 
 
+def train_teacher(name: str, seed: int, train, test, info, epochs: int, folder: Path,
+                  log: Callable[[str], None] = print) -> tuple[Path, float]:
+    """A registry model's teacher trained by budgetprune's own teacher stage in ``folder`` (or the one
+    a finished or interrupted run left there): its file and its accuracy on ``test``."""
+    from budgetprune.pipeline import PruneConfig, PruneRun
+    cfg = PruneConfig(model=name, teacher_epochs=epochs, seed=seed, progress=False)
+    run = PruneRun(seeded_model(name, seed, info.in_channels, info.num_classes, info.image_size), train, test, cfg,
+                   folder, log=log)
+    run.train_teacher(resume=True)
+    return Path(folder) / "teacher.pt", run.unpruned_accuracy
+
+
 def random_subset(ds, n: int, seed: int = 0):
     """``n`` random images of ``ds`` (all of them for n ≤ 0)."""
     if n <= 0 or n >= len(ds):

@@ -70,8 +70,8 @@ from budgetprune.data import load_dataset  # noqa: E402
 from budgetprune.engine import evaluate, iterate_batches, num_batches, predict_logits, train_epoch  # noqa: E402
 from budgetprune.recipe import Recipe, make_optimizer, stage_schedule  # noqa: E402
 from budgetprune.objectives import distillation_loss  # noqa: E402
-from budgetprune.pipeline import PruneConfig, PruneRun  # noqa: E402
-from common import HERE, RESULTS, Parser, machine, name_list, random_subset, seeded_model  # noqa: E402
+from budgetprune.pipeline import PruneConfig  # noqa: E402
+from common import HERE, RESULTS, Parser, machine, name_list, random_subset, seeded_model, train_teacher  # noqa: E402
 from peer import aten_macs, base_pruner, bp_count, budgetprune_state, version  # noqa: E402
 from stats import format_mean_std, mean_std, tie  # noqa: E402
 
@@ -175,11 +175,9 @@ def costs(net: nn.Module, x: torch.Tensor) -> dict:
 
 def prepare(model: str, seed: int, train, test, info, settings: Settings, folder: Path, log=print) -> Setup:
     """The (model, seed)'s teacher, trained by budgetprune's teacher stage in ``folder`` (or loaded from it)."""
-    cfg = PruneConfig(model=model, teacher_epochs=settings.teacher_epochs, seed=seed, progress=False)
     start = time.time()
-    run = PruneRun(new_model(model, info, seed), train, test, cfg, folder, log=log)
-    run.train_teacher(resume=True)
-    setup = from_teacher(model, seed, train, test, info, folder / "teacher.pt", run.unpruned_accuracy)
+    teacher_file, accuracy = train_teacher(model, seed, train, test, info, settings.teacher_epochs, folder, log=log)
+    setup = from_teacher(model, seed, train, test, info, teacher_file, accuracy)
     setup.full["teacher_seconds"] = time.time() - start
     return setup
 

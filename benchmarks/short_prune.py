@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HERE, RESULTS, Parser, number_list, seeded_model, source_state, write_results  # noqa: E402
+from common import HERE, RESULTS, Parser, number_list, seeded_model, source_state, train_teacher, write_results  # noqa: E402
 from stats import format_mean_std, tie  # noqa: E402
 
 import budgetprune  # noqa: E402
 from budgetprune.data.loading import load_dataset  # noqa: E402
 from budgetprune.engine import num_batches  # noqa: E402
-from budgetprune.pipeline import PruneConfig, PruneRun  # noqa: E402
+from budgetprune.pipeline import PruneConfig  # noqa: E402
 
 NAME = "short_prune"
 PRUNE_EPOCHS, FINETUNE_EPOCHS, LOWLR_EPOCHS = 2, 1, 1  # each run's stages
@@ -94,12 +94,8 @@ def splits(args):
 
 def teacher(args, seed: int, train, holdout, info) -> tuple[Path, float]:
     """The seed's teacher, trained by budgetprune's teacher stage on the subset (or found in --work)."""
-    folder = Path(args.work) / f"teacher_s{seed}"
-    cfg = PruneConfig(model="resnet20", teacher_epochs=args.teacher_epochs, seed=seed, progress=False)
-    run = PruneRun(seeded_model("resnet20", seed, info.in_channels, info.num_classes, info.image_size), train,
-                   holdout, cfg, out_dir=folder, log=lambda s: print(f"[teacher {seed}] {s}", flush=True))
-    run.train_teacher(resume=True)
-    return folder / "teacher.pt", run.unpruned_accuracy
+    return train_teacher("resnet20", seed, train, holdout, info, args.teacher_epochs, Path(args.work) / f"teacher_s{seed}",
+                         log=lambda s: print(f"[teacher {seed}] {s}", flush=True))
 
 
 def run_one(args, v, seed: int, teacher_file: Path, train, holdout, info) -> dict:
@@ -128,11 +124,6 @@ def run_one(args, v, seed: int, teacher_file: Path, train, holdout, info) -> dic
             "v_over_b_after_prune": prune["V"] / prune["b"], "noted": "note: the prune stage has" in log}
 
 
-def _mean(values: list[float]) -> str:
-    """mean ± standard deviation, or the one value of a single seed."""
-    return format_mean_std(values) if len(values) > 1 else f"{values[0]:.2f}"
-
-
 def markdown(record: dict) -> str:
     lines = ["# BAR with a short prune stage", "", f"Command: `{record['command']}`", "",
              f"ResNet-20, Fashion-MNIST: {record['train_images']} training images ({record['prune_steps']} prune steps), {record['holdout_images']} held-out training images for every accuracy here (the test set "
@@ -143,7 +134,7 @@ def markdown(record: dict) -> str:
              "chose the channels; below 1: the gates closed more than the budget asks). Mean ± standard deviation "
              "over the seeds (one seed: its value); "
              "(tie): within two standard errors of the best.", "",
-             "Unpruned teachers, held-out accuracy: " + _mean([100 * t for t in record["teachers"].values()])
+             "Unpruned teachers, held-out accuracy: " + format_mean_std([100 * t for t in record["teachers"].values()])
              + " %.", "",
              "| variant | seeds | held-out % when pruning ends | held-out % final | V/b when pruning ends | note logged |",
              "|---|---|---:|---:|---:|---|"]
@@ -153,12 +144,12 @@ def markdown(record: dict) -> str:
     finals = {k: [100 * r["holdout_final"] for r in rs] for k, rs in groups.items()}
     best = max(finals, key=lambda k: sum(finals[k]) / len(finals[k]))
     for k, rs in groups.items():
-        cell = _mean(finals[k])
+        cell = format_mean_std(finals[k])
         if len(rs) > 1:
             cell = f"**{cell}**" if k == best else (f"{cell} (tie)" if tie(finals[k], finals[best]) else cell)
         vb = [r["v_over_b_after_prune"] for r in rs]
         lines.append(f"| {label(k)} | {','.join(str(r['seed']) for r in rs)} | "
-                     f"{_mean([100 * r['holdout_after_prune'] for r in rs])} | {cell} | "
+                     f"{format_mean_std([100 * r['holdout_after_prune'] for r in rs])} | {cell} | "
                      f"{min(vb):.2f}–{max(vb):.2f} | {'yes' if all(r['noted'] for r in rs) else 'no' if not any(r['noted'] for r in rs) else 'some'} |")
     return "\n".join(lines + [""])
 

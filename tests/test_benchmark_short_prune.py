@@ -40,7 +40,8 @@ def test_several_seeds_give_mean_std_the_best_and_ties(short_prune):
 
 def test_one_seed_shows_its_value_without_a_spread(short_prune):
     page = short_prune.markdown(_record([(None, None, 0, 0.754, 0.6228, 7.95, True)], {"0": 0.8266}))
-    assert "| 0 | 75.40 | 62.28 | 7.95–7.95 | yes |" in page and "82.66 %" in page and "±" not in page.split("|---")[-1]
+    assert "| 0 | 75.40 (n = 1) | 62.28 (n = 1) | 7.95–7.95 | yes |" in page and "82.66 (n = 1) %" in page
+    assert "±" not in page.split("|---")[-1]
 
 
 @pytest.mark.parametrize("flags, words", [(["--variants", "0/d"], "gate lr must be above 0"),
