@@ -170,19 +170,62 @@ def test_random_masks_compact_to_the_gated_network_with_the_costs_counted(tv, na
                   if isinstance(m, (SelfAttention, RelativeAttention))) == ([] if name == "swin" else kept)
 
 
-def test_a_swin_v2_prunes_its_channels_and_keeps_its_heads(tv):
-    """V2's cosine attention scales its logits per head and computes its position bias with an MLP:
-    its heads stay whole, its channels are pruned as V1's."""
+def _swin_v2(tv):
     torch.manual_seed(0)
     from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
     model = tv.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=[4, 4],
                                num_classes=10, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2).eval()
     _away_from_init(model)
-    x = torch.randn(2, 3, 32, 32)
+    return model
+
+
+def test_a_swin_v2_prunes_its_channels_and_heads(tv):
+    """V2's cosine attention scales its logits per head and computes its position bias with an MLP
+    whose last layer writes one value per head: a pruned head takes its logit scale and that layer's
+    row with it, the view splitting the MLP's output takes the new head count."""
+    model = _swin_v2(tv)
+    x = torch.randn(1, 3, 32, 32)  # one example: the bias MLP runs once per forward, counted per example
     graph = ChannelGraph.build(model, x)
-    assert not any(g.position == "heads" for g in graph.groups.values())
-    assert {"features.1.0.attn", "features.1.1.attn", "features.3.0.attn"} <= set(graph.groups)
-    masks = {gid: torch.arange(g.channels) % 3 != 1 for gid, g in graph.groups.items()}
+    heads = {g.id: g for g in graph.groups.values() if g.position == "heads"}
+    assert set(heads) == {"features.1.0.attn:heads", "features.1.1.attn:heads", "features.3.0.attn:heads"}
+    assert "features.1.0.attn.cpb_mlp.2" not in graph.groups and set(graph.ungated) == {"head"}
+    assert graph.layers["features.1.0.attn.cpb_mlp.2"].follows == graph.layers["features.1.0.attn"].heads_tensor
+    gen = torch.Generator().manual_seed(3)
+    masks = {gid: torch.rand(g.channels, generator=gen) < 0.6 for gid, g in graph.groups.items()}
+    for m in masks.values():
+        m[0] = True
+    masks["features.1.0.attn:heads"] = torch.tensor([False, True])  # the first head goes: its bias row first
+    masks["features.3.0.attn:heads"] = torch.tensor([True, False, True, False])
     gated = masked_output(model, graph, masks, x)
+    scale = float(gated.abs().max())
     with torch.no_grad():
-        assert torch.allclose(compact(model, graph, masks)(x), gated, atol=1e-5 * float(gated.abs().max()))
+        assert float((model(x) - gated).abs().max()) > 1e-2 * scale  # the masks change the network
+    for mode in ("mixed", "regular"):
+        small = compact(model, graph, masks, mode=mode)
+        with torch.no_grad():
+            assert float((small(x) - gated).abs().max()) <= 1e-5 * scale
+        assert CostModel(graph, "flops", mode).hard(masks) == pytest.approx(_macs(small, x))
+        assert CostModel(graph, "params", mode).hard(masks) == sum(p.numel() for p in small.parameters())
+        kept = {name: (small.get_parameter(f"{name}.logit_scale").shape[0],
+                       small.get_submodule(f"{name}.cpb_mlp.2").out_features)
+                for name in ("features.1.0.attn", "features.3.0.attn")}
+        assert kept == {"features.1.0.attn": (1, 1), "features.3.0.attn": (2, 2)}
+    assert CostModel(graph, "flops").full() == pytest.approx(_macs(model, x))
+
+
+def test_a_swin_v2_plan_written_before_its_heads_were_pruned_replays_with_them_whole(tv):
+    from budgetprune.plan import make_plan, replay
+    model = _swin_v2(tv)
+    x = torch.randn(1, 3, 32, 32)
+    graph = ChannelGraph.build(model, x)
+    masks = {gid: torch.arange(g.channels) % 3 != 1 for gid, g in graph.groups.items() if g.position != "heads"}
+    small = compact(model, graph, masks)  # the heads whole, as a version-6 plan kept them
+    plan = make_plan(graph, masks, block="mixed", granularity="channel", gate_inputs=True)
+    assert plan["version"] == 7 and "features.1.0.attn:heads" in plan["groups"]
+    old = {**plan, "version": 6, "groups": {g: n for g, n in plan["groups"].items() if not g.endswith(":heads")},
+           "kept": {g: k for g, k in plan["kept"].items() if not g.endswith(":heads")}}
+    again = replay(old, model, small.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(again(x), small(x), atol=1e-6)
+    with pytest.raises(Exception, match="does not match the pruning plan"):
+        replay({**old, "version": 7}, model, small.state_dict())  # today a Swin V2 plan names its heads

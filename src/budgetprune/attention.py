@@ -51,6 +51,8 @@ class Attention:
     batch_dim: int = 0  # where the examples are in the qkv projection's output (dim 0 repeated per window)
     head_params: tuple[tuple[str, int], ...] | None = ()  # parameters with one entry per head along an axis;
     # None where the heads cannot be pruned
+    head_writer: str | None = None  # a linear layer whose outputs are per-head values (Swin V2's bias MLP)
+    head_views: tuple[str, ...] = ()  # nodes ``view(x, -1, num_heads)`` whose head count compaction rewrites
 
     @property
     def head_dim(self) -> int:
@@ -162,11 +164,16 @@ def is_window_attention(fn) -> bool:
         getattr(fn, "__module__", None) == "torchvision.models.swin_transformer"
 
 
+def window_args(node: fx.Node) -> dict:
+    """The arguments of a ``shifted_window_attention`` call by name."""
+    return {name: _arg(node, i, name) for i, name in enumerate(_WINDOW_ARGS)}
+
+
 def _window(node, modules, calls, returned_by) -> Attention | str | None:
     """``shifted_window_attention(x, qkv.weight, proj.weight, bias, window, heads, ...)`` on (N, H, W, C)."""
     if node.op != "call_function" or not is_window_attention(node.target):
         return None
-    a = {name: _arg(node, i, name) for i, name in enumerate(_WINDOW_ARGS)}
+    a = window_args(node)
     weights = {k: a[k] for k in ("qkv_weight", "proj_weight", "qkv_bias", "proj_bias")}
     own = all(v is None or isinstance(v, fx.Node) and v.op == "get_attr" and calls[v.target] == 1
               and len(v.users) == 1 for v in weights.values())
@@ -185,14 +192,51 @@ def _window(node, modules, calls, returned_by) -> Attention | str | None:
     bias = a["relative_position_bias"]
     table = bias.args[0] if isinstance(bias, fx.Node) and bias.op == "call_function" and \
         getattr(bias.target, "__name__", None) == "_get_relative_position_bias" and bias.args else None
-    per_head = None  # V2 computes its bias with an MLP and scales logits per head: its heads stay whole
+    per_head, writer, views = None, None, ()  # None: the heads stay whole
     if a["logit_scale"] is None and isinstance(table, fx.Node) and table.op == "get_attr" and \
             calls[table.target] == 1 and len(table.users) == 1 and len(bias.users) == 1:
         per_head = ((table.target, 1),)
+    elif a["logit_scale"] is not None:  # V2: a logit scale per head, the bias from an MLP's per-head outputs
+        scale, found = a["logit_scale"], v2_bias_writer(bias, a["num_heads"], modules, calls)
+        if found is not None and isinstance(scale, fx.Node) and scale.op == "get_attr" and \
+                calls[scale.target] == 1 and len(scale.users) == 1 and _shape(scale) == (a["num_heads"], 1, 1):
+            per_head, (writer, views) = ((scale.target, 0),), found
     return Attention("window", src.name, host, qkv[1], qkv[0] // 3, proj[0], a["num_heads"], tokens, wh * ww,
                      a["qkv_weight"].target, a["qkv_bias"].target if a["qkv_bias"] is not None else None,
                      a["proj_weight"].target, a["proj_bias"].target if a["proj_bias"] is not None else None,
-                     head_params=per_head)
+                     head_params=per_head, head_writer=writer, head_views=views)
+
+
+#: Element-wise steps between Swin V2's bias table and the attention call (``16 * sigmoid(b)``).
+_BIAS_STEPS = {"sigmoid", "mul"}
+
+
+def v2_bias_writer(bias, num_heads: int, modules: dict[str, nn.Module],
+                   calls: dict[str, int]) -> tuple[str, tuple[str, ...]] | None:
+    """Swin V2's relative position bias, ``16 * sigmoid(_get_relative_position_bias(mlp(table).view(-1,
+    heads), index, window))``: the linear layer whose ``heads`` outputs are the per-head biases and the
+    ``view`` giving them their head axis, when every step is read only by the next (so a head's bias
+    can go with its head); None otherwise."""
+    cur = bias
+    while isinstance(cur, fx.Node) and cur.op == "call_function" and len(cur.users) == 1 and \
+            getattr(cur.target, "__name__", None) in _BIAS_STEPS:
+        tensors = [x for x in cur.args if isinstance(x, fx.Node)]
+        if len(tensors) != 1 or any(not isinstance(x, (fx.Node, int, float)) for x in cur.args):
+            return None
+        cur = tensors[0]
+    if not (isinstance(cur, fx.Node) and cur.op == "call_function" and len(cur.users) == 1 and
+            getattr(cur.target, "__name__", None) == "_get_relative_position_bias" and cur.args):
+        return None
+    view = cur.args[0]
+    if not (isinstance(view, fx.Node) and view.op == "call_method" and view.target in ("view", "reshape") and
+            len(view.users) == 1 and tuple(view.args[1:]) == (-1, num_heads) and not view.kwargs):
+        return None
+    linear = view.args[0]
+    mod = modules.get(linear.target) if isinstance(linear, fx.Node) and linear.op == "call_module" else None
+    if not isinstance(mod, nn.Linear) or mod.out_features != num_heads or calls[linear.target] != 1 or \
+            len(linear.users) != 1:
+        return None
+    return linear.target, (view.name,)
 
 
 def _is_torchvision(module: nn.Module, file: str, name: str) -> bool:

@@ -137,7 +137,9 @@ def _prune_window_attention(gm: fx.GraphModule, layer, cols: torch.Tensor, rows:
     """Swin's window attention on the kept channels and heads: its query/key/value weight keeps the
     input columns ``cols`` and the heads' rows, its output projection the rows ``rows`` (``z`` folded
     in) and the heads' columns, its relative position bias table the heads' columns; the call runs
-    :func:`budgetprune.ops.window_attention`, which takes its widths from the weights."""
+    :func:`budgetprune.ops.window_attention`, which takes its widths from the weights. Swin V2's
+    logit scale keeps the heads' entries (``head_params``), its bias MLP the heads' outputs (a layer
+    that follows the heads) and the view that splits them its head count."""
     spec = layer.attention
     get = lambda path: gm.get_parameter(path) if path is not None else None  # noqa: E731
     w_in, b_in = pruned_qkv(get(spec.qkv_weight), get(spec.qkv_bias), spec.head_dim, cols, heads, z_heads)
@@ -156,6 +158,8 @@ def _prune_window_attention(gm: fx.GraphModule, layer, cols: torch.Tensor, rows:
             node.args = (*node.args[:5], int(heads.numel()), *node.args[6:])
         else:
             node.kwargs = {**node.kwargs, "num_heads": int(heads.numel())}
+        for view in (n for n in gm.graph.nodes if n.name in spec.head_views):  # V2's bias: (-1, heads)
+            view.args = (view.args[0], -1, int(heads.numel()))
 
 
 def _set_parameter(gm: fx.GraphModule, path: str, value: torch.Tensor) -> None:

@@ -542,9 +542,11 @@ class _Builder:
         self.blocked: dict[str, str] = {}  # producer -> why it stays ungated
         self.followers: dict[str, str] = {}  # layer computing a channel scale -> the tensor it multiplies
         self.probes: dict[tuple, object] = {}  # what running an unknown op showed (see budgetprune.probe)
+        self.head_writers: dict[str, str] = {}  # linear layer writing per-head values -> its attention node
 
     def build(self) -> ChannelGraph:
         self._find_scales()
+        self._find_head_writers()
         for _ in range(1000):
             before = (dict(self.blocked), dict(self.followers))
             graph = self._pass()
@@ -631,6 +633,35 @@ class _Builder:
             producer = _scale_producer(args[areas.index(min(areas))], node, self.modules)
             if producer is not None and calls[producer] == 1:
                 self.followers[producer] = args[areas.index(max(areas))].name
+
+    def _find_head_writers(self) -> None:
+        """Swin V2's position-bias MLP: its last linear layer writes one value per head of an attention
+        layer (:func:`budgetprune.attention.v2_bias_writer`); it gets no gate of its own, its outputs
+        follow the heads (:meth:`_follow_heads`)."""
+        calls = defaultdict(int)
+        for node in self.gm.graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                calls[node.target] += 1
+        for node in self.gm.graph.nodes:
+            if node.op != "call_function" or not attention.is_window_attention(node.target):
+                continue
+            a = attention.window_args(node)
+            if a["logit_scale"] is None or not isinstance(a["num_heads"], int):
+                continue
+            found = attention.v2_bias_writer(a["relative_position_bias"], a["num_heads"], self.modules, calls)
+            if found is not None:
+                self.head_writers[found[0]] = node.name
+
+    def _follow_heads(self, spec, layer: "Layer") -> None:
+        """The head writer of an attention layer whose heads are a group: output h lives while head h
+        does, so compaction keeps the rows of the kept heads and the costs count them."""
+        writer = self.layers.get(spec.head_writer) if spec.head_writer else None
+        info = self.tensors.get(writer.out_tensor) if writer is not None else None
+        if info is None or info.slots != spec.num_heads or info.expansion != 1:
+            return
+        self.tensors[writer.out_tensor] = TensorInfo(writer.out_tensor, spec.num_heads, info.area, 1,
+                                                     (Segment(0, spec.num_heads, ((layer.heads, 0),)),), dim=info.dim)
+        writer.follows = layer.heads_tensor
 
     def _find_layers(self, nodes, ungated) -> None:
         """Count module calls (a module called twice shares weights: never gated)."""
@@ -923,6 +954,7 @@ class _Builder:
                                        (Segment(0, spec.num_heads, ((heads, 0),)),), dim=-1))
             self.groups[heads] = ChannelGroup(heads, spec.num_heads, spec.tokens, spec.host, "heads", name, dim=-1)
             layer.heads = heads
+            self._follow_heads(spec, layer)
         return True
 
     def _attention_weights(self, node: fx.Node) -> bool:
@@ -1237,7 +1269,7 @@ class _Builder:
             self._union(node.name, followed.node)
             layer.batchnorms, layer.out_tensor, layer.follows = [], node.name, followed.node
             return
-        gated = node.target not in self.blocked
+        gated = node.target not in self.blocked and node.target not in self.head_writers
         gid = node.target if gated else ALWAYS
         out = self._fresh(node, shape, gid, dim)
         self._set(node, out)

@@ -30,11 +30,13 @@ FORMAT = "budgetprune-plan"
 #: version replays as it was written); 5: channels tied by position or by a grouped convolution
 #: are padded too (:func:`budgetprune.liveness.regular_sets`); 6: a channel gather read only by a
 #: channel split is compacted as one gather per piece (its index buffers differ). A plan is
-#: written at the lowest version that reads it.
-VERSION = 6
+#: written at the lowest version that reads it; 7: Swin V2's heads are groups (an older plan of a
+#: Swin V2 kept them whole, and replays so).
+VERSION = 7
 _PAD_WITHIN_SPACE = 4  # the first version whose padded mixed tensors pad within their space
 _PAD_TIED = 5  # the first version whose tied channels are padded
 _FOLD_SPLITS = 6  # the first version whose gathers read by a split are folded into it
+_V2_HEADS = 7  # the first version in which Swin V2's attention heads are pruned
 
 #: The plan fields of a :class:`~budgetprune.liveness.Padding` after its multiple: name, value
 #: when absent (no floor), the first plan version that has it, what it is.
@@ -59,6 +61,8 @@ def make_plan(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None, *, blo
         version = max(version, _PAD_TIED)
     if any(src in graph.gathers for src, _ in graph.splits.values()):  # compaction folds such a split
         version = max(version, _FOLD_SPLITS)
+    if v2_head_groups(graph):
+        version = max(version, _V2_HEADS)
     plan = {"format": FORMAT, "version": version, "granularity": granularity, "block": str(block),
             "channel_multiple": padding.multiple, **floors, "gate_inputs": gate_inputs,
             "input_shape": list(graph.input_shape), "groups": {gid: g.channels for gid, g in graph.groups.items()},
@@ -69,6 +73,12 @@ def make_plan(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None, *, blo
             members.setdefault(space, []).append(name)
         plan["mixed_spaces"] = sorted(min(members[s]) for s in (getattr(block, "mixed", None) or ()))
     return plan
+
+
+def v2_head_groups(graph: ChannelGraph) -> set[str]:
+    """The head groups of Swin V2 attention layers (grouped since plan version 7)."""
+    return {layer.heads for layer in graph.layers.values()
+            if layer.kind == "attention" and layer.heads and layer.attention.head_writer}
 
 
 def _malformed(why: str) -> CheckpointError:
@@ -121,6 +131,8 @@ def replay(plan: dict, model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
     example = torch.zeros(1, *plan["input_shape"])
     graph = ChannelGraph.build(model, example, gate_inputs=plan["gate_inputs"])
     mine = {gid: g.channels for gid, g in graph.groups.items()}
+    if plan["version"] < _V2_HEADS:  # written when Swin V2's heads stayed whole: they still do
+        mine = {gid: n for gid, n in mine.items() if gid not in v2_head_groups(graph)}
     if mine != plan["groups"]:
         differ = sorted(set(mine) ^ set(plan["groups"])) or sorted(g for g in mine if mine[g] != plan["groups"][g])
         raise CheckpointError(f"the model passed does not match the pruning plan (group {differ[0]!r:.60} differs): "
