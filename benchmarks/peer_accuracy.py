@@ -73,6 +73,10 @@ from budgetprune.objectives import distillation_loss  # noqa: E402
 from budgetprune.pipeline import PruneConfig  # noqa: E402
 from common import HERE, RESULTS, Parser, machine, name_list, random_subset, seeded_model, train_teacher  # noqa: E402
 from peer import aten_macs, base_pruner, bp_count, budgetprune_state, version  # noqa: E402
+
+#: The budgetprune this process runs: its commit and uncommitted files when it was imported (the
+#: working tree may change while a long run goes on; the rows record what the code was).
+LOADED = budgetprune_state()
 from stats import format_mean_std, mean_std, tie  # noqa: E402
 
 NAME = "peer_accuracy"
@@ -344,7 +348,7 @@ def run_one(tp, setup: Setup, method: str, factor: float, settings: Settings, fo
     if isinstance(c["bp_flops"], float):
         row["bp_flops_reduction"] = setup.full["bp_flops"] / c["bp_flops"]
     row["in_window"] = WINDOW[0] <= row["flops_over_target"] <= WINDOW[1] + 1e-9
-    row["budgetprune"] = budgetprune_state()
+    row["budgetprune"] = LOADED
     return row
 
 
@@ -684,7 +688,7 @@ def main(argv=None) -> int:
         for row in r.get("runs", {}).values():  # rows from before rows recorded their version: the file's, or older
             row.setdefault("budgetprune", f"{r.get('budgetprune', '?')} or before")
         r.setdefault("settings", {}).update({m: asdict(settings) | {"train_images": len(train)} for m in args.models})
-        r.update(torch=torch.__version__, torch_pruning=version("torch-pruning"), budgetprune=budgetprune_state(),
+        r.update(torch=torch.__version__, torch_pruning=version("torch-pruning"), budgetprune=LOADED,
                  machine=machine(CPU))
         r.setdefault("runs", {})
         r.setdefault("teachers", {})
