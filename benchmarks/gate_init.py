@@ -5,7 +5,7 @@ held-out images, or ``--teacher``):
 
 1. *The shock*: the teacher's top-1 accuracy, and its agreement with the ungated teacher, with
    BAR's gates attached and sampled as in training (one sample per channel and example), before
-   any step, per initial log α from 0 to 4, on 1024 training images in batches of 64: what
+   any step, per initial log α from 0 to 4, on 1024 images of the training set in batches of 64: what
    ``--gate-survival`` measures (:func:`budgetprune.gate_start.survival_table`).
 2. *The runs*: ``budgetprune prune --model M --data fashion-mnist --metric flops --budget <factor>x
    --epochs E --finetune-epochs 1 --lowlr-epochs 1 --validation 5000 --gate-init G --seed S`` for
@@ -80,7 +80,8 @@ def run_folder(work: Path, model: str, factor: float, gate_init: float, seed: in
 
 def run(args, folder: Path, factor: float, gate_init: float, seed: int, teacher: str | None) -> dict:
     """The run's record, from its folder (run first unless it finished)."""
-    if not (folder / "metrics.json").is_file():
+    read_back = (folder / "metrics.json").is_file()
+    if not read_back:
         command = [sys.executable, "-m", "budgetprune", "prune", "--model", args.model, "--data", "fashion-mnist",
                    "--data-root", args.data_root, "--metric", "flops", "--budget", f"{factor:g}x",
                    "--epochs", str(args.epochs), "--finetune-epochs", "1", "--lowlr-epochs", "1",
@@ -101,7 +102,8 @@ def run(args, folder: Path, factor: float, gate_init: float, seed: int, teacher:
             "val_accuracy_after_prune": last["prune"]["val_accuracy"],
             "prune_epochs_val_accuracy": [r["val_accuracy"] for r in history if r["stage"] == "prune"],
             "unpruned_test_accuracy": metrics["unpruned_test_accuracy"],
-            "flops_over_budget": metrics["budget_ratio"]}
+            "flops_over_budget": metrics["budget_ratio"], "read_back": read_back,
+            "finished": time.strftime("%Y-%m-%d %H:%M", time.gmtime((folder / "metrics.json").stat().st_mtime))}
 
 
 def expected_config(args, factor: float, gate_init: float, seed: int) -> dict:
@@ -134,7 +136,7 @@ def shock(model_name: str, teacher_path: str, data_root: str, images: int = 1024
     model = budgetprune.create_model(model_name)
     model.load_state_dict(load_file(teacher_path)[0].state_dict())
     method = budgetprune.Pruner(model, x[:2], "flops=0.25", total_steps=1).method
-    grid = [gate_start._SHUT_OFF, *gate_start.START_GRID]
+    grid = [gate_start.UNGATED_LOG_ALPHA, *gate_start.START_GRID]
     agreement = gate_start.survival_table(model, method, [x[i:i + batch] for i in range(0, images, batch)], grid=grid)
     correct = dict.fromkeys(grid, 0.0)
     for i in range(0, images, batch):
@@ -143,7 +145,7 @@ def shock(model_name: str, teacher_path: str, data_root: str, images: int = 1024
                                           agree=lambda output, reference: output.argmax(1) == labels)
         for start, fraction in table.items():
             correct[start] += fraction * len(labels)
-    return [{"gate_init": None if start == gate_start._SHUT_OFF else start, "accuracy": correct[start] / images,
+    return [{"gate_init": None if start == gate_start.UNGATED_LOG_ALPHA else start, "accuracy": correct[start] / images,
              "agreement": agreement[start]} for start in grid]
 
 
@@ -176,6 +178,18 @@ def main(argv=None) -> int:
 MODEL_NAMES = {"resnet20": "ResNet-20", "lenet5": "LeNet-5"}
 
 
+def read_back_note(runs: list[dict]) -> str:
+    """Which runs this invocation read from folders that an earlier one finished (with the code of
+    that time: the git state above is this invocation's)."""
+    back = [x for x in runs if x.get("read_back")]
+    if not back:
+        return ""
+    dates = sorted(x["finished"] for x in back)
+    span = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]} UTC"
+    return (f" {len(back)} of {len(runs)} runs were read back from folders an earlier invocation finished ({span}), "
+            "with the code of that time; the git state above is this page's.")
+
+
 def markdown(r: dict) -> str:
     model = MODEL_NAMES.get(r.get("model", "resnet20"), r.get("model"))
     factors = r.get("factors") or [r["factor"]]
@@ -186,7 +200,8 @@ def markdown(r: dict) -> str:
              f"{model} on full Fashion-MNIST, FLOP budget {', '.join(f'{f:g}×' for f in factors)}, {teacher}. Each "
              f"run: {r['epochs']} prune epochs, fine-tune 1 + 1, 5000 training images held out for validation (chosen "
              f"from the seed), the library's defaults otherwise. git {r['git']}"
-             + (f" (uncommitted: {', '.join(r['uncommitted_src'])})" if r["uncommitted_src"] else "") + ".", "",
+             + (f" (uncommitted: {', '.join(r['uncommitted_src'])})" if r["uncommitted_src"] else "") + "."
+             + read_back_note(r["runs"]), "",
              f"**The shock**: the teacher's (`{r['teacher']}`) accuracy with BAR's gates sampled as in a training "
              "step, before any step, and how often its top-1 class is the ungated teacher's:", "",
              "| initial log α | accuracy | agreement |", "|---|---:|---:|"]

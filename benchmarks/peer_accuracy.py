@@ -73,10 +73,6 @@ from budgetprune.objectives import distillation_loss  # noqa: E402
 from budgetprune.pipeline import PruneConfig  # noqa: E402
 from common import HERE, RESULTS, Parser, machine, name_list, random_subset, seeded_model, train_teacher  # noqa: E402
 from peer import aten_macs, base_pruner, bp_count, budgetprune_state, version  # noqa: E402
-
-#: The budgetprune this process runs: its commit and uncommitted files when it was imported (the
-#: working tree may change while a long run goes on; the rows record what the code was).
-LOADED = budgetprune_state()
 from stats import format_mean_std, mean_std, tie  # noqa: E402
 
 NAME = "peer_accuracy"
@@ -85,6 +81,10 @@ METHODS = ("bar",) + TP_METHODS  # the default selection: every recipe with budg
 ALL_METHODS = METHODS + tuple(f"{m}-plain" for m in TP_METHODS)
 WINDOW = (0.95, 1.0)  # FLOPs / target, both sides
 CPU = torch.device("cpu")
+
+#: The budgetprune this process runs: its commit and uncommitted files when it was imported (the
+#: working tree may change while a long run goes on; the rows record what the code was).
+LOADED = budgetprune_state()
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,11 @@ def test_the_page_gives_mean_and_std_over_seeds_and_whether_they_tie(gate_init):
                        _run(0.0, 1, 0.92, 0.91, [0.1, 0.8]), _run(3.0, 1, 0.94, 0.93, [0.86, 0.9])]}
     page = gate_init.markdown(record)
     assert "| 0 | 13.0 % | 14.0 % |" in page and "| no gates | 93.0 % | 100.0 % |" in page
-    assert "teacher `t.pt` (test 92.00 %)" in page
+    assert "teacher `t.pt` (test 92.00 %)" in page and "read back" not in page
+    record["runs"][0].update(read_back=True, finished="2026-12-01 10:00")
+    record["runs"][1].update(read_back=True, finished="2026-12-02 11:00")
+    assert "2 of 4 runs were read back from folders an earlier invocation finished (2026-12-01 10:00 to " \
+           "2026-12-02 11:00 UTC), with the code of that time" in gate_init.markdown(record)
     # 91 and 92 → 91.50 ± 0.71; 93 and 94 → 93.50 ± 0.71: a gap of 2 against 2·SE = 2·0.71 = 1.41
     assert "| 0 | 0, 1 | 10.0 / 80.0 (seed 0) | 80.00 ± 0.00 | 91.50 ± 0.71 | 90.50 ± 0.71 | 0.980, 0.980 |" in page
     assert "Best final validation: log α 3; log α 0: behind by more than two standard errors." in page

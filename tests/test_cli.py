@@ -157,13 +157,13 @@ def test_cli_runs_as_a_program_without_traceback(tmp_path):
 
 # -- interruption, resume and divergence (Python API, same engine) -------------------------
 
-def _small_run(out, **kw):
+def _small_run(out, log=lambda s: None, **kw):
     splits = load_dataset("demo")
     train = splits.train.subset(range(640))
     test = splits.test.subset(range(200))
     cfg = PruneConfig(budget=0.25, model="lenet5", data="demo", teacher_epochs=1, epochs=3, finetune_epochs=1,
                       lowlr_epochs=1, progress=False, **kw)
-    return PruneRun(budgetprune.create_model("lenet5"), train, test, cfg, out, log=lambda s: None)
+    return PruneRun(budgetprune.create_model("lenet5"), train, test, cfg, out, log=log)
 
 
 def test_train_teacher_runs_the_teacher_stage_alone_and_a_second_call_loads_its_file(tmp_path, monkeypatch):
@@ -188,15 +188,24 @@ def test_interrupted_run_resumes_without_losing_an_epoch(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
     monkeypatch.setattr(pl, "train_epoch", flaky)
+    lines = []
     with pytest.raises(KeyboardInterrupt):
-        _small_run(tmp_path).run()
+        _small_run(tmp_path, log=lines.append, gate_survival=0.5).run()
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["stage"] == "prune" and ckpt["epoch"] == 1
+    chosen = [line for line in lines if line.startswith("gates start at log α")]
+    assert len(chosen) == 1
     monkeypatch.setattr(pl, "train_epoch", real)
-    result = _small_run(tmp_path).run(resume=True)
+    lines.clear()
+    result = _small_run(tmp_path, log=lines.append, gate_survival=0.5).run(resume=True)
     stages = [(h["stage"], h["epoch"]) for h in result.history]
     assert stages == [("teacher", 1), ("prune", 1), ("prune", 2), ("prune", 3), ("finetune", 1), ("finetune", 2)]
     assert result.metrics["pruned"]["volume"] <= result.metrics["budget"]
+    # the resumed prune stage kept the gates where they were: the start is not measured again, and
+    # the first process's choice is what the run reports
+    assert not [line for line in lines if line.startswith("gates start")]
+    start = result.metrics["gate_start"]["log_alpha"]
+    assert chosen[0].startswith(f"gates start at log α {start:g},")
 
 
 @pytest.mark.slow

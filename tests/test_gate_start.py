@@ -14,7 +14,7 @@ from torch import nn
 import budgetprune
 from budgetprune import gate_start
 from budgetprune.data import load_dataset
-from budgetprune.errors import ConfigError
+from budgetprune.errors import CheckpointError, ConfigError
 
 
 def _threshold_model() -> nn.Sequential:
@@ -53,7 +53,7 @@ def test_the_reference_is_the_ungated_network_and_the_measurement_changes_nothin
     plain = model(x).detach()
     pruner = budgetprune.Pruner(model, x[:2], "flops=0.5", total_steps=10)
     gates = gate_start.hard_concrete_gates(pruner.method)
-    gate_start.place(gates, gate_start._SHUT_OFF)
+    gate_start.place(gates, gate_start.UNGATED_LOG_ALPHA)
     assert torch.allclose(model(x), plain, atol=1e-5)  # the reference: every sample exactly 1
     gate_start.place(gates, 3.0)
     assert min(float(g.log_alpha.detach().min()) for g in gates) == pytest.approx(3.0, abs=1e-5)
@@ -96,8 +96,14 @@ def test_the_pruner_starts_its_gates_at_the_choice_and_keeps_it_in_its_state():
     other = budgetprune.Pruner(_threshold_model(), torch.ones(2, 1), "0.5", total_steps=10, gate_inputs=False)
     other.load_state_dict(state)
     assert other.gate_start == state["gate_start"]
-    with pytest.raises(ConfigError, match="damaged gate_start"):
-        other.load_state_dict({**state, "gate_start": {"log_alpha": "import os"}})
+    steps_before = other.steps
+    for bad in ({"log_alpha": "import os"}, {**state["gate_start"], "log_alpha": float("nan")},
+                {**state["gate_start"], "survival": 7.0}, {**state["gate_start"], "agreement": [[0.0, -3.0]]},
+                {**state["gate_start"], "agreement": [[float("inf"), 0.5]]},
+                {**state["gate_start"], "agreement": [[0.0, 0.5]] * 65}, {**state["gate_start"], "extra": 1}, [1.0]):
+        with pytest.raises(CheckpointError, match="damaged gate_start record .* start the run again without --resume"):
+            other.load_state_dict({**state, "steps": 5, "gate_start": bad})
+        assert other.steps == steps_before  # refused before anything changed
     pruner.step()
     with pytest.raises(ConfigError, match="before the first step"):
         pruner.choose_gate_start([torch.ones(8, 1)])
@@ -121,10 +127,13 @@ def test_methods_without_hard_concrete_gates_have_no_start_to_choose():
     model = budgetprune.create_model("lenet5")
     x = torch.randn(4, 1, 28, 28)
     pruner = budgetprune.Pruner(model, x[:2], "flops=0.5", total_steps=10, method="magnitude")
-    with pytest.raises(ConfigError, match="only Hard Concrete gates"):
+    with pytest.raises(ConfigError, match="only Hard Concrete gates have a start to choose: use method bar"):
         pruner.choose_gate_start([x])
-    with pytest.raises(ConfigError, match=r"survival must be in \(0, 1\]"):
-        gate_start.choose_start({0.0: 0.5}, 0.0)
+    for bad in (0.0, 1.5, True, "0.8"):
+        with pytest.raises(ConfigError, match=r"survival must be a fraction in \(0, 1\]"):
+            gate_start.choose_start({0.0: 0.5}, bad)
+    with pytest.raises(ConfigError, match="at least one"):
+        gate_start.choose_start({}, 0.5)
 
 
 def test_a_run_from_a_teacher_chooses_the_start_and_records_it(tmp_path):
@@ -153,3 +162,16 @@ def test_runs_keep_open_gates_unless_asked_to_choose():
         PruneConfig(model="lenet5", data="demo", budget=0.5, gate_survival=0.8, gate_init=0.0).validate()
     with pytest.raises(ConfigError, match="use it with --student-init teacher"):
         PruneConfig(model="lenet5", data="demo", budget=0.5, gate_survival=0.8, student_init="random").validate()
+    with pytest.raises(ConfigError, match="method 'cs' has none: drop it, or use --method bar"):
+        PruneConfig(model="lenet5", data="demo", budget=0.5, gate_survival=0.8, method="cs").validate()
+    for method in ("bar", "l0", "constrained-l0"):
+        PruneConfig(model="lenet5", data="demo", budget=0.5, gate_survival=0.8, method=method).validate()
+
+
+def test_the_command_line_refuses_two_starts_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", "budgetprune", "prune", "--model", "lenet5", "--data", "demo",
+                          "--budget", "2x", "--gate-survival", "0.85", "--gate-init", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "give one" in run.stderr, run.stderr

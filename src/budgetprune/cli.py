@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "--student-init random); s0 of cs (default 0)")
     p.add_argument("--gate-survival", type=float, metavar="FRACTION",
                    help="instead of a fixed start: Hard Concrete gates start at the lowest log α (0, 0.5, ..., 4) at "
-                        "which the student with its gates sampled keeps the teacher's answer on this fraction of 1024 "
+                        "which the student with its gates sampled keeps its own ungated answer on this fraction of 1024 "
                         f"training images (e.g. {gate_start.SURVIVAL:g}; the log shows each start's fraction)")
     p.add_argument("--gate-sample", choices=["example", "batch"],
                    help="training samples of stochastic gates: one per example and channel (default) or one per "

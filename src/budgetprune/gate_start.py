@@ -3,42 +3,42 @@
 A Hard Concrete gate at log α drops each channel of each example with some probability while it
 trains (seed 001, supplement Eq. 4 and 5). Seed 001 starts every gate at log α ≈ 0 (ẑ = 0.5, a
 sample is exactly 0 with probability 0.17), which suits a network trained from scratch. On a
-trained network that noise is a shock whose size depends on the network: before any step, with
-gates sampled at log α = 0, a trained ResNet-20 (Fashion-MNIST) gives the ungated network's top-1
-class on 13 % of training images and a trained LeNet-5 on 73 %; at log α = 3 (budgetprune's
-default, :data:`~budgetprune.gates.OPEN_LOG_ALPHA`), on 87 % and 98 %. ResNet-20 pruned from the
-start at 0 ended 1.5 points below the one pruned from 3; LeNet-5 ended the same from 0, 1, 2 or 3
-(``benchmarks/results/gate_init.md``, ``gate_init_lenet5/gate_init.md``: held-out validation,
-3 seeds, 8× and 16× FLOPs). A network more fragile than ResNet-20 may not survive even 3.
+trained network that noise is a shock whose size depends on the network
+(``benchmarks/results/gate_init.md``: a trained ResNet-20 keeps its answer on a small fraction of
+training images with gates sampled at 0, and pruned from there ends well below the same run from
+budgetprune's default 3, :data:`~budgetprune.gates.OPEN_LOG_ALPHA`;
+``benchmarks/results/gate_init_lenet5/gate_init.md``: a trained LeNet-5 survives 0 far better, and
+its runs from 0, 1, 2 and 3 tie). A network more fragile than that ResNet-20 may not survive even 3.
 
 :func:`choose_start` measures this on the user's own network and data: it samples the gates at
 each log α of :data:`START_GRID` (0, 0.5, ..., 4) on a few training batches and keeps the lowest
 start at which the gated network still gives the ungated network's answer on at least a given
-fraction of the examples (:data:`SURVIVAL` by default: 3 on that ResNet-20, 1 on LeNet-5).
+fraction of the examples (:data:`SURVIVAL` by default).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from . import distributed
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .gates import HardConcreteGate
 
 #: The starts tried, lowest first: seed 001's 0 up to 4 (ẑ = 1, a sample is 0 with probability 0.003).
 START_GRID = tuple(0.5 * i for i in range(9))
 
 #: The fraction of examples on which the gated network must keep the ungated network's answer by
-#: default: it picks the measured good start on ResNet-20 (3: 87 %; 2.5 keeps 78 %) and on LeNet-5 a
-#: start (1: 90 %; 0.5 keeps 84 %) that tied with every other there.
+#: default: on the two networks of the pages above it picks ResNet-20's measured good start (3) and
+#: for LeNet-5 a start that tied with every other.
 SURVIVAL = 0.85
 
 #: log α at which a sample is exactly 1 but with probability ~1e-8: the ungated reference.
-_SHUT_OFF = 30.0
+UNGATED_LOG_ALPHA = 30.0
 
 
 def hard_concrete_gates(method: nn.Module) -> list[HardConcreteGate]:
@@ -103,6 +103,15 @@ def _training_step_conditions(model: nn.Module, method: nn.Module, gates: list[H
             m.train(mode)
 
 
+def _seed(seed: int, device: torch.device) -> None:
+    """Seed the random streams the gates draw from: the CPU's and, on a GPU, that device's only
+    (the streams :func:`_training_step_conditions` restores)."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
 def place(gates: list[HardConcreteGate], start: float) -> None:
     """Shift every gate's log α by one amount so that the lowest is ``start`` (each keeps its small
     initial jitter above it)."""
@@ -122,20 +131,23 @@ def survival_table(model: nn.Module, method: nn.Module, batches: Iterable, *, gr
     differ by the start alone; under torch.distributed they are over every rank's batches."""
     gates = hard_concrete_gates(method)
     if not gates:
-        raise ConfigError("only Hard Concrete gates (bar, l0, constrained-l0) have a start to choose")
+        raise ConfigError("only Hard Concrete gates have a start to choose: use method bar, l0 or constrained-l0, "
+                          "or drop gate_survival")
+    grid = sorted(float(v) for v in grid)
+    if not grid:
+        raise ConfigError("choosing the gates' start needs at least one log α to try")
     forward = forward or (lambda m, x: m(x))
     agree = agree or top1_agreement
     device = gates[0].log_alpha.device
-    grid = sorted(float(v) for v in grid)
     agreed, seen = torch.zeros(len(grid), dtype=torch.float64), 0
     with _training_step_conditions(model, method, gates):
         for b, batch in enumerate(batches):
             x = _inputs(batch).to(device)
-            place(gates, _SHUT_OFF)
+            place(gates, UNGATED_LOG_ALPHA)
             reference = forward(model, x)
             for i, start in enumerate(grid):
                 place(gates, start)
-                torch.manual_seed(seed + b)  # each batch its own noise, the same at every start
+                _seed(seed + b, device)  # each batch its own noise, the same at every start
                 same = agree(forward(model, x), reference)
                 agreed[i] += float(same.float().sum())
             seen += int(same.numel())
@@ -150,8 +162,9 @@ def survival_table(model: nn.Module, method: nn.Module, batches: Iterable, *, gr
 def choose_start(table: dict[float, float], survival: float = SURVIVAL) -> float:
     """The lowest start of ``table`` whose agreement is at least ``survival`` (the highest start of
     the table where none is)."""
-    if not 0.0 < survival <= 1.0:
-        raise ConfigError(f"the gates' survival must be in (0, 1], got {survival!r}")
+    survival = check_survival(survival)
+    if not table:
+        raise ConfigError("choosing the gates' start needs at least one measured log α")
     passing = [start for start, fraction in sorted(table.items()) if fraction >= survival]
     return passing[0] if passing else max(table)
 
@@ -166,18 +179,31 @@ def describe(table: dict[float, float], start: float, survival: float, examples:
     return f"gates start at log α {start:g}, {why} ({cells})"
 
 
+def check_survival(survival) -> float:
+    """``survival`` if it is a fraction in (0, 1], else a one-line error."""
+    if isinstance(survival, bool) or not isinstance(survival, (int, float)) or not 0.0 < survival <= 1.0:
+        raise ConfigError(f"the gates' survival must be a fraction in (0, 1], got {survival!r:.40}")
+    return float(survival)
+
+
 def check_record(record) -> dict | None:
     """A chosen start as a saved pruner state holds it (:meth:`~budgetprune.Pruner.choose_gate_start`),
-    checked: ``{"log_alpha": float, "survival": float, "agreement": [[start, fraction], ...]}`` or None."""
+    checked (it is read from a file): ``{"log_alpha": finite, "survival": (0, 1], "agreement": up to
+    64 pairs [finite start, fraction in [0, 1]]}``, or None."""
     if record is None:
         return None
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+
+    def finite(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    rows = record.get("agreement") if isinstance(record, dict) else None
     ok = (isinstance(record, dict) and set(record) == {"log_alpha", "survival", "agreement"}
-          and number(record["log_alpha"]) and number(record["survival"]) and isinstance(record["agreement"], list)
-          and all(isinstance(row, (list, tuple)) and len(row) == 2 and all(map(number, row))
-                  for row in record["agreement"]))
+          and finite(record["log_alpha"]) and finite(record["survival"]) and 0.0 < record["survival"] <= 1.0
+          and isinstance(rows, list) and len(rows) <= 64
+          and all(isinstance(row, (list, tuple)) and len(row) == 2 and finite(row[0]) and finite(row[1])
+                  and 0.0 <= row[1] <= 1.0 for row in rows))
     if not ok:
-        raise ConfigError("pruner state has a damaged gate_start record (expected log_alpha, survival and "
-                          "agreement pairs)")
+        raise CheckpointError("the saved pruner state has a damaged gate_start record (log_alpha, survival and up "
+                              "to 64 [start, fraction] pairs expected); start the run again without --resume")
     return {"log_alpha": float(record["log_alpha"]), "survival": float(record["survival"]),
-            "agreement": [[float(a), float(b)] for a, b in record["agreement"]]}
+            "agreement": [[float(a), float(b)] for a, b in rows]}

@@ -94,7 +94,7 @@ class PruneConfig:
     # gate_survival chooses, for a student started from the teacher; seed 001's ≈ 0 (supplement 4) for a random one
     gate_init: float | None = None
     # with gate_init None and a student started from the teacher: Hard Concrete gates start at the lowest log α
-    # (0, 0.5, ..., 4) at which the student with its gates sampled keeps the teacher's answer on this fraction
+    # (0, 0.5, ..., 4) at which the student with its gates sampled keeps its own ungated answer on this fraction
     # of 1024 training images (gate_start.py); None: open gates
     gate_survival: float | None = None
     lowlr_factor: float = 0.1
@@ -187,6 +187,9 @@ class PruneConfig:
             if self.student_init != "teacher":
                 raise ConfigError("--gate-survival measures the noise a trained student survives: use it with "
                                   "--student-init teacher, or set --gate-init")
+            if self.method in available_methods() and "gate_init" not in method_options(self.method):
+                raise ConfigError(f"--gate-survival chooses where Hard Concrete gates start and method "
+                                  f"'{self.method}' has none: drop it, or use --method bar, l0 or constrained-l0")
         check_gate_sample(self.gate_sample)
         if self.student_init not in ("teacher", "random"):
             raise ConfigError("--student-init must be 'teacher' or 'random'")
@@ -641,20 +644,21 @@ class PruneRun:
 
     def _start_batches(self, images: int = 1024) -> list[torch.Tensor]:
         """The training batches the gates' start is chosen on: the first ``images`` of a random order
-        drawn from the run's seed (each process its part of every batch), as a training step sees them."""
+        drawn from the run's seed (each process its part of every batch), as a training step sees them;
+        on the CPU (each goes to the device when measured)."""
         cfg = self.config
         count = max(1, -(-images // cfg.batch_size))
         generator = torch.Generator().manual_seed(cfg.seed)
         batches = iterate_batches(self.train_data, cfg.batch_size, shuffle=True, generator=generator,
                                   workers=cfg.workers, pin_memory=self.device.type == "cuda", shard=True)
-        return [x.to(self.device) for _, (_, x, _) in zip(range(count), batches)]
+        return [x for _, (_, x, _) in zip(range(count), batches)]
 
     def _warn_short_travel(self, pruner: Pruner, opt: torch.optim.Optimizer, steps: int) -> None:
         """Log :func:`~budgetprune.gates.travel_note` for the method's Hard Concrete gates, if any."""
         lrs = [g["lr"] for g in opt.param_groups if g.get("name") == "gates"]
-        gates = getattr(pruner.method, "gates", None)
-        if lrs and gates is not None:
-            note = travel_note(list(gates.values()), lrs[0], steps)
+        gates = gate_start.hard_concrete_gates(pruner.method)
+        if lrs and gates:
+            note = travel_note(gates, lrs[0], steps)
             if note:
                 self.log(note)
 
@@ -713,6 +717,9 @@ class PruneRun:
             info = self._from_checkpoint("pruning record", lambda: json.loads(ckpt["info"]))
             if not isinstance(info, dict):
                 raise self._damaged("its pruning record is not an object")
+            if info.get("gate_start") is not None:
+                info["gate_start"] = self._from_checkpoint("gate start",
+                                                           lambda: gate_start.check_record(info["gate_start"]))
             if specs is None:  # a network only its plan describes: replayed on the run's model
                 net = self._from_checkpoint("network", lambda: plan_replay(info.get("plan"), self.model, ckpt["model"]))
             else:

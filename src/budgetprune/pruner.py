@@ -301,6 +301,7 @@ class Pruner:
         (batch, classes) output). Returns the start; :attr:`gate_start` keeps the measurements.
         See :mod:`budgetprune.gate_start`."""
         self._check_open("choose_gate_start()")
+        survival = gate_start.check_survival(survival)
         if self.steps:
             raise ConfigError("choose_gate_start() after step(): the gates have moved; choose their start before "
                               "the first step")
@@ -341,12 +342,13 @@ class Pruner:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; under torch.distributed, call it on every rank (rank 0's
         state is then broadcast)."""
-        self.method.load_state_dict(state["method"])
+        record = gate_start.check_record(state.get("gate_start"))  # checked before anything changes
         steps = state["steps"]
         if type(steps) is not int or steps < 0:
             raise ConfigError(f"pruner state has step count {steps!r}, not a count")
+        self.method.load_state_dict(state["method"])
         self.steps = steps
-        self.gate_start = gate_start.check_record(state.get("gate_start"))
+        self.gate_start = record
         self._sync.broadcast_state()
 
     # -- the end ---------------------------------------------------------------------------
