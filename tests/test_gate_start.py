@@ -175,3 +175,17 @@ def test_the_command_line_refuses_two_starts_in_one_line(tmp_path):
                           "--budget", "2x", "--gate-survival", "0.85", "--gate-init", "1", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "give one" in run.stderr, run.stderr
+
+
+def test_a_run_measures_the_start_with_the_forward_pass_of_its_training_steps(tmp_path):
+    """Under --precision bf16 a training step's forward pass runs under autocast: so does the measurement."""
+    from budgetprune.pipeline import PruneConfig, PruneRun
+    data = load_dataset("demo")
+    small = data.train.subset(torch.arange(64))
+    layer = nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        config = PruneConfig(model="lenet5", data="demo", budget=0.5, precision=precision, progress=False)
+        run = PruneRun(budgetprune.create_model("lenet5"), small, small, config, tmp_path / precision,
+                       log=lambda line: None)
+        assert run._step_forward(layer, x).dtype == dtype

@@ -40,7 +40,7 @@ from .methods import available_methods, check_method_options, method_options
 from .objectives import check_schedule_end, distillation_loss, smoothed_cross_entropy
 from .plan import make_plan
 from .plan import replay as plan_replay
-from .precision import check_precision, grad_scaler
+from .precision import autocast, check_precision, grad_scaler
 from .recipe import Recipe, make_optimizer, stage_schedule
 from .pruner import Pruner, check_channel_multiple, check_prunable
 from .resources import BUDGET_METRICS, METRICS, resource_report
@@ -624,7 +624,7 @@ class PruneRun:
             start = ckpt["epoch"]
             self._restore_rng(ckpt)  # creating the gates drew random numbers: continue the saved stream
         if ckpt is None and self._chooses_gate_start(pruner):
-            pruner.choose_gate_start(self._start_batches(), survival=cfg.gate_survival)
+            pruner.choose_gate_start(self._start_batches(), survival=cfg.gate_survival, forward=self._step_forward)
         if ckpt is None and recipe.optimizer in ("adam", "adamw"):
             self._warn_short_travel(pruner, opt, steps_per_epoch * cfg.epochs)
         loss_fn = self._kd_loss(self.train_data, recipe)
@@ -641,6 +641,11 @@ class PruneRun:
         cfg = self.config
         return (cfg.gate_init is None and cfg.student_init == "teacher" and cfg.gate_survival is not None
                 and bool(gate_start.hard_concrete_gates(pruner.method)))
+
+    def _step_forward(self, model: nn.Module, x: torch.Tensor):
+        """A forward pass as a training step runs it: under autocast at ``--precision``."""
+        with autocast(self.device, self.config.precision):
+            return model(x)
 
     def _start_batches(self, images: int = 1024) -> list[torch.Tensor]:
         """The training batches the gates' start is chosen on: the first ``images`` of a random order
