@@ -454,7 +454,7 @@ def model_table(model: str, by_factor: dict) -> list[str]:
                 cells += ["–", "–", "–"]
                 continue
             n = len(s["rows"])
-            cells += [_cell(s) + ("" if n == 3 else f" (n={n})"),
+            cells += [_cell(s) + ("" if n in (1, 3) else f" (n={n})"),  # one seed: format_mean_std says so
                       _range([r["flops_reduction"] for r in s["rows"]]),
                       _range([r["params_reduction"] for r in s["rows"]], 1)]
         tune = "BAR's own (KD)" if m == "bar" else ("plain CE" if m.endswith("-plain") else "budgetprune's (KD)")
@@ -538,7 +538,8 @@ def write_page(record: dict, out: Path) -> None:
                   f"fine-tunes E epochs (iterative: {st['tp_steps']} pruning steps, each followed by an equal share of "
                   f"them; Taylor: {st['taylor_batches']} batches of gradients). Fine-tune `kd`: "
                   f"{st.get('finetune') or 'adam lr 0.001, weight decay 0.0005, batch 64, constant, the last epoch at lr/10, distillation from the teacher'}. "
-                  + (f"Unpruned teachers: {format_mean_std(teachers)} % (n={len(teachers)})." if teachers else ""), ""]
+                  + (f"Unpruned teachers: {format_mean_std(teachers)} %"
+                     + ("" if len(teachers) == 1 else f" (n={len(teachers)})") + "." if teachers else ""), ""]
         lines += model_table(model, s[model]) + [""]
         v = verdicts(s[model])
         if v:

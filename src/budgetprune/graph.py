@@ -613,13 +613,18 @@ class _Builder:
                             self.input_shape, spaces, self.cats, self.splits, self.gathers, self.params,
                             self.norms, mask_sites, self.computed_gathers)
 
+    def _call_counts(self) -> dict[str, int]:
+        """How often each module is called and each parameter read (before any pass counts them)."""
+        calls = defaultdict(int)
+        for node in self.gm.graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                calls[node.target] += 1
+        return calls
+
     def _find_scales(self) -> None:
         """Squeeze-and-excitation: a product of a feature map and a (batch, C, 1, 1) scale that one
         conv/linear computes through activations; that layer follows the map's channels."""
-        calls = defaultdict(int)
-        for node in self.gm.graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] += 1
+        calls = self._call_counts()
         for node in self.gm.graph.nodes:
             is_mul = node.op == "call_function" and node.target in MUL_FUNCTIONS or \
                 node.op == "call_method" and node.target == "mul"
@@ -638,10 +643,7 @@ class _Builder:
         """Swin V2's position-bias MLP: its last linear layer writes one value per head of an attention
         layer (:func:`budgetprune.attention.v2_bias_writer`); it gets no gate of its own, its outputs
         follow the heads (:meth:`_follow_heads`)."""
-        calls = defaultdict(int)
-        for node in self.gm.graph.nodes:
-            if node.op in ("call_module", "get_attr"):
-                calls[node.target] += 1
+        calls = self._call_counts()
         for node in self.gm.graph.nodes:
             if node.op != "call_function" or not attention.is_window_attention(node.target):
                 continue

@@ -29,9 +29,9 @@ FORMAT = "budgetprune-plan"
 #: first (:func:`budgetprune.liveness._pad_mixed`; a padded mixed or auto plan of an earlier
 #: version replays as it was written); 5: channels tied by position or by a grouped convolution
 #: are padded too (:func:`budgetprune.liveness.regular_sets`); 6: a channel gather read only by a
-#: channel split is compacted as one gather per piece (its index buffers differ). A plan is
-#: written at the lowest version that reads it; 7: Swin V2's heads are groups (an older plan of a
-#: Swin V2 kept them whole, and replays so).
+#: channel split is compacted as one gather per piece (its index buffers differ); 7: Swin V2's
+#: heads are groups (an older plan of a Swin V2 kept them whole, and replays so). A plan is written
+#: at the lowest version that reads it.
 VERSION = 7
 _PAD_WITHIN_SPACE = 4  # the first version whose padded mixed tensors pad within their space
 _PAD_TIED = 5  # the first version whose tied channels are padded
@@ -132,7 +132,8 @@ def replay(plan: dict, model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
     graph = ChannelGraph.build(model, example, gate_inputs=plan["gate_inputs"])
     mine = {gid: g.channels for gid, g in graph.groups.items()}
     if plan["version"] < _V2_HEADS:  # written when Swin V2's heads stayed whole: they still do
-        mine = {gid: n for gid, n in mine.items() if gid not in v2_head_groups(graph)}
+        whole = v2_head_groups(graph)
+        mine = {gid: n for gid, n in mine.items() if gid not in whole}
     if mine != plan["groups"]:
         differ = sorted(set(mine) ^ set(plan["groups"])) or sorted(g for g in mine if mine[g] != plan["groups"][g])
         raise CheckpointError(f"the model passed does not match the pruning plan (group {differ[0]!r:.60} differs): "
