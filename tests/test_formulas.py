@@ -369,6 +369,22 @@ def test_bar_penalty_gradient_finite_with_closed_and_saturated_gates():
                 assert torch.isfinite(g.log_alpha.grad).all()
 
 
+def test_bar_penalty_is_a_differentiable_zero_when_every_term_is_off():
+    """V at or under a (f = 0): the penalty is exactly 0 and still reaches every gate, with a zero gradient."""
+    model, graph = lenet5_graph()
+    bar = BAR()
+    bar.attach(model, graph, [Budget("volume", 0.5)])
+    with torch.no_grad():
+        for g in bar.gates.values():
+            g.log_alpha.fill_(-8.0)   # every channel closed: V = the ungated part, under a
+            g.log_alpha[0] = 8.0
+    p = bar.penalty(0.5)
+    assert bar.status()["f"] == 0.0 and float(p) == 0.0 and p.requires_grad
+    p.backward()
+    for g in bar.gates.values():
+        assert g.log_alpha.grad is not None and not g.log_alpha.grad.any()
+
+
 # ---------------------------------------------------------------------------------------
 # 3. Schedules
 # ---------------------------------------------------------------------------------------
@@ -866,3 +882,31 @@ def test_the_vectorised_expectation_equals_the_sum_of_its_terms(model_name, metr
             torch.testing.assert_close(fast[g].grad, slow[g].grad, rtol=1e-10, atol=1e-12)
     as_float = cm.expected({g: p.float() for g, p in base.items()})
     assert as_float.dtype == torch.float32 and float(as_float) == pytest.approx(unweighted, rel=1e-5)
+
+
+def test_the_expectation_reads_consecutive_pieces_of_one_vector_as_that_vector():
+    """Probabilities split from one vector (as the joined gates give them) are read as that vector:
+    the same value and gradients as separate tensors; anything else is joined as before."""
+    from budgetprune.expectation import _joined
+    model = budgetprune.create_model("resnet20")
+    graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 28, 28))
+    cm = CostModel(graph, "flops")
+    sizes = [g.channels for g in graph.groups.values()]
+    gen = torch.Generator().manual_seed(3)
+    joined = torch.rand(sum(sizes), generator=gen, dtype=torch.float64, requires_grad=True)
+    pieces = dict(zip(graph.groups, joined.split(sizes)))
+    assert _joined(list(pieces.values())) is joined
+    separate = {g: p.detach().clone().requires_grad_(True) for g, p in pieces.items()}
+    value, reference = cm.expected(pieces), cm.expected(separate)
+    assert float(value) == pytest.approx(float(reference), rel=1e-12)
+    value.backward()
+    reference.backward()
+    torch.testing.assert_close(joined.grad, torch.cat([separate[g].grad for g in graph.groups]), rtol=1e-12, atol=0)
+    split = list(joined.detach().split(sizes))
+    assert _joined(split[1:]) is None                              # a piece missing at the start
+    assert _joined(split[:-1]) is None                             # ... at the end
+    assert _joined([split[1], split[0]] + split[2:]) is None       # out of order
+    assert _joined([p.clone() for p in split]) is None             # copies
+    square = torch.zeros(4, 4)
+    assert _joined(list(square.split(2))) is None                  # pieces of a matrix
+    assert _joined(list(square[0].split(2))) is None               # of a row (itself a view)

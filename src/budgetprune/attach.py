@@ -197,6 +197,7 @@ class GateHooks:
         self.graph = graph
         self.per_batch = sample == "batch"
         self.current: dict[str, torch.Tensor] = {}  # which gates are open (z ≠ 0: a signed scale too) in the forward pass under way
+        self.any_open: dict[str, tuple] = {}  # per group a purge reads: (its current, whether any gate is open)
         self.pending: dict[str, torch.Tensor] = {}  # gate values computed at a host, to multiply at its site
         self.model_training = model.training  # of the forward pass under way
         # Hard Concrete gates of channel groups are sampled together, once per forward pass (JointSamples)
@@ -226,6 +227,7 @@ class GateHooks:
 
     def _reset(self, module, inputs):
         self.current.clear()
+        self.any_open.clear()
         self.pending.clear()
         self.joint.clear()
         self.model_training = module.training
@@ -263,9 +265,14 @@ class GateHooks:
         live = None
         for gid, chans in sources:
             cur = self.current[gid]
-            if chans is not None:
-                cur = cur.index_select(-1, chans.to(cur.device))
-            cur = cur.any(dim=-1, keepdim=True)
+            if chans is None:  # the whole group: its any() serves every layer it reads (while it is current)
+                seen, reduced = self.any_open.get(gid, (None, None))
+                if seen is not cur:
+                    reduced = cur.any(dim=-1, keepdim=True)
+                    self.any_open[gid] = (cur, reduced)
+                cur = reduced
+            else:
+                cur = cur.index_select(-1, chans.to(cur.device)).any(dim=-1, keepdim=True)
             live = cur if live is None else live | cur
         return live
 
@@ -275,9 +282,9 @@ class GateHooks:
         purged when its input or its heads are all closed; records which are open."""
         z = group.expand(self._values(group.id, gate, batch))  # tied units → channels
         if sources and all(g in self.current for g, _ in sources):
-            z = z * self._input_open(sources).to(z.dtype)  # purge
+            z = z * self._input_open(sources)  # purge (a float times a bool keeps the float's dtype)
         if heads in self.current:  # an attention without heads outputs nothing (its biases: purged too)
-            z = z * self.current[heads].any(dim=-1, keepdim=True).to(z.dtype)
+            z = z * self.current[heads].any(dim=-1, keepdim=True)
         self.current[group.id] = z.detach() != 0
         return z
 

@@ -22,6 +22,21 @@ import torch
 from .graph import ChannelGraph
 
 
+def _joined(values: list[torch.Tensor]) -> torch.Tensor | None:
+    """The one vector that ``values`` are consecutive pieces of, in order (as the Hard Concrete
+    gates' joined probabilities, split per gate, are), else None. Reading it instead of joining
+    the pieces again spares a copy and, in backward, a gradient split per piece."""
+    base = values[0]._base if values else None
+    if base is None or base.dim() != 1 or not base.is_contiguous():
+        return None
+    offset = base.storage_offset()
+    for v in values:
+        if v._base is not base or v.dim() != 1 or v.storage_offset() != offset or v.stride() != (1,):
+            return None
+        offset += v.numel()
+    return base if offset == base.storage_offset() + base.numel() else None
+
+
 class ExpectedCost:
     """Σ_terms w · (c_io · n_in · n_out + c_out · n_out) for the ``terms`` of one metric, with
     ``n`` the expected alive slots under independent gates with probabilities ``probs``."""
@@ -38,7 +53,10 @@ class ExpectedCost:
         dtype = like.dtype if like.is_floating_point() else torch.float32
         order = tuple(probs)
         plan = self._plan(order, like.device)
-        p = torch.cat([probs[g].reshape(-1) for g in order]).to(plan["ones"].dtype)  # float64: see _plan
+        p = _joined([probs[g] for g in order])
+        if p is None:
+            p = torch.cat([probs[g].reshape(-1) for g in order])
+        p = p.to(plan["ones"].dtype)  # float64: see _plan
         dead = plan["ones"].scatter_reduce(0, plan["pair_slot"], 1.0 - p.index_select(0, plan["pair_chan"]),
                                            reduce="prod", include_self=True)
         alive = 1.0 - dead * plan["gated"]  # a slot an always-alive writer reaches: 1

@@ -228,7 +228,7 @@ class CostModel:
     def hard(self, masks: dict[str, torch.Tensor]) -> float:
         """Cost of the compacted network that keeps exactly the channels set in ``masks``."""
         names = sorted(masks)
-        flat = torch.cat([masks[g].detach().bool().reshape(-1) for g in names]) if names else torch.zeros(0)
+        flat = torch.cat([_flat_bool(masks[g]) for g in names]) if names else torch.zeros(0)
         key = flat.cpu().numpy().tobytes() + ",".join(f"{g}:{masks[g].numel()}" for g in names).encode()  # one copy
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
@@ -267,6 +267,13 @@ class CostModel:
 
         ``weights`` multiplies the cost of the layers it names (others count once)."""
         return self._expected(probs, weights) + self.fixed
+
+
+def _flat_bool(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` as a flat bool vector outside autograd (itself when it is one: a keep mask)."""
+    if mask.dtype is torch.bool and mask.dim() == 1 and not mask.requires_grad:
+        return mask
+    return mask.detach().bool().reshape(-1)
 
 
 def resource_report(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None = None,
