@@ -6,7 +6,9 @@ factor (target: the full model's FLOPs / factor):
 
 * ``bar``: ``budgetprune.prune(method="bar", metric="flops", budget=1/factor, teacher=<the file>)``,
   the library's defaults, ``--prune-epochs`` + ``--finetune-epochs`` + ``--lowlr-epochs``
-  (E = the total minus the teacher's epochs);
+  (E = the total minus the teacher's epochs); ``bar-exact`` (on request): the same with exact
+  widths (``channel_multiple=1``) instead of the default's widths padded to multiples of 8 for
+  deployed speed, so both sides choose any width;
 * ``tp-magnitude-*`` / ``tp-taylor-*``: Torch-Pruning's ``BasePruner`` with
   ``GroupMagnitudeImportance(p=2)`` or ``GroupTaylorImportance`` (gradients: the cross-entropy of
   ``--taylor-batches`` training batches, summed, before each pruning step, as Torch-Pruning's
@@ -77,8 +79,9 @@ from stats import format_mean_std, mean_std, tie  # noqa: E402
 
 NAME = "peer_accuracy"
 TP_METHODS = tuple(f"tp-{imp}-{schedule}" for imp in ("magnitude", "taylor") for schedule in ("oneshot", "iterative"))
+BAR_METHODS = {"bar": "auto", "bar-exact": 1}  # budgetprune's BAR, by its channel_multiple
 METHODS = ("bar",) + TP_METHODS  # the default selection: every recipe with budgetprune's fine-tune
-ALL_METHODS = METHODS + tuple(f"{m}-plain" for m in TP_METHODS)
+ALL_METHODS = ("bar", "bar-exact") + TP_METHODS + tuple(f"{m}-plain" for m in TP_METHODS)
 WINDOW = (0.95, 1.0)  # FLOPs / target, both sides
 CPU = torch.device("cpu")
 
@@ -202,10 +205,13 @@ def from_teacher(model: str, seed: int, train, test, info, teacher_file: Path, a
     return Setup(model, seed, train, test, info, teacher_file, teacher, accuracy, example, costs(teacher, example))
 
 
-def run_bar(setup: Setup, factor: float, settings: Settings, folder: Path, log=print) -> tuple[nn.Module, dict]:
-    """budgetprune's BAR with its defaults under a FLOP budget, from the shared teacher's file."""
+def run_bar(setup: Setup, factor: float, settings: Settings, folder: Path, log=print,
+            channel_multiple="auto") -> tuple[nn.Module, dict]:
+    """budgetprune's BAR with its defaults under a FLOP budget, from the shared teacher's file
+    (``channel_multiple``: the default's, or 1 for exact widths)."""
     net, m = budgetprune.prune(setup.new_model(), setup.train, setup.test, budget=1.0 / factor, metric="flops",
                                method="bar", teacher=setup.teacher_file, out=folder,
+                               channel_multiple=channel_multiple,
                                resume=(folder / "checkpoint.pt").exists(), log=log,
                                epochs=settings.prune_epochs, finetune_epochs=settings.finetune_epochs,
                                lowlr_epochs=settings.lowlr_epochs, seed=setup.seed, progress=False)
@@ -333,8 +339,8 @@ def run_tp(tp, setup: Setup, method: str, factor: float, settings: Settings, log
 def run_one(tp, setup: Setup, method: str, factor: float, settings: Settings, folder: Path, log=print) -> dict:
     """One (model, seed, method, factor): its accuracy, FLOPs by both counters, params and wall time."""
     start = time.time()
-    if method == "bar":
-        net, extra = run_bar(setup, factor, settings, folder, log)
+    if method in BAR_METHODS:
+        net, extra = run_bar(setup, factor, settings, folder, log, channel_multiple=BAR_METHODS[method])
     else:
         net, extra = run_tp(tp, setup, method, factor, settings, log)
     c = costs(net, setup.example)
@@ -457,7 +463,7 @@ def model_table(model: str, by_factor: dict) -> list[str]:
             cells += [_cell(s) + ("" if n in (1, 3) else f" (n={n})"),  # one seed: format_mean_std says so
                       _range([r["flops_reduction"] for r in s["rows"]]),
                       _range([r["params_reduction"] for r in s["rows"]], 1)]
-        tune = "BAR's own (KD)" if m == "bar" else ("plain CE" if m.endswith("-plain") else "budgetprune's (KD)")
+        tune = "BAR's own (KD)" if m in BAR_METHODS else ("plain CE" if m.endswith("-plain") else "budgetprune's (KD)")
         lines.append(f"| {m} | {tune} | " + " | ".join(cells) + " |")
     return lines
 
@@ -481,13 +487,14 @@ def verdicts(by_factor: dict) -> list[str]:
     out = []
     for f in sorted(by_factor):
         s = by_factor[f]
-        tps = [m for m in s if m != "bar"]
-        if "bar" not in s or not tps:
+        tps = [m for m in s if m not in BAR_METHODS]
+        if not tps:
             continue
         best_tp = max(tps, key=lambda m: mean_std(s[m]["acc"])[0])
-        gap = mean_std(s["bar"]["acc"])[0] - mean_std(s[best_tp]["acc"])[0]
-        word = ("tie" if tie(s["bar"]["acc"], s[best_tp]["acc"]) else "bar ahead" if gap > 0 else "Torch-Pruning ahead")
-        out.append(f"{f:g}×: bar − best Torch-Pruning ({best_tp}) = {gap:+.2f} points: {word}")
+        for bar in (m for m in BAR_METHODS if m in s):
+            gap = mean_std(s[bar]["acc"])[0] - mean_std(s[best_tp]["acc"])[0]
+            word = "tie" if tie(s[bar]["acc"], s[best_tp]["acc"]) else f"{bar} ahead" if gap > 0 else "Torch-Pruning ahead"
+            out.append(f"{f:g}×: {bar} − best Torch-Pruning ({best_tp}) = {gap:+.2f} points: {word}")
     return out
 
 
@@ -565,7 +572,10 @@ def plot(record: dict, path: Path) -> None:
             pts = [(f, s[model][f][m]) for f in sorted(s[model]) if m in s[model][f]]
             x = [mean_std([r["flops_reduction"] for r in p["rows"]])[0] for _, p in pts]
             y = [mean_std(p["acc"]) for _, p in pts]
-            style = dict(lw=2.5, color="black") if m == "bar" else dict(ls="--" if m.endswith("-plain") else "-")
+            if m in BAR_METHODS:
+                style = dict(lw=2.5, color="black", ls="-" if m == "bar" else ":")
+            else:
+                style = dict(ls="--" if m.endswith("-plain") else "-")
             ax.errorbar(x, [v[0] for v in y], yerr=[v[1] for v in y], marker="o", capsize=3, label=m, **style)
         factors = sorted(s[model])
         ax.set_xscale("log", base=2)
@@ -670,7 +680,7 @@ def main(argv=None) -> int:
         write_page(record, out)
         plot(record, out / f"{NAME}.png")
         return 0
-    if any(m != "bar" for m in args.methods):
+    if any(m not in BAR_METHODS for m in args.methods):
         try:
             import torch_pruning as tp
         except ImportError:

@@ -32,11 +32,15 @@ def test_both_sides_meet_the_flop_target_from_one_teacher(peer_accuracy, tmp_pat
     setup = peer_accuracy.prepare("lenet5", 0, train, test, splits.info, settings, tmp_path / "teacher",
                                   log=lambda _: None)
     assert setup.full["flops"] == setup.full["bp_flops"] > 0  # LeNet-5: both counters agree
-    for method in ("bar", "tp-magnitude-oneshot"):
+    for method in ("bar", "bar-exact", "tp-magnitude-oneshot"):
         row = peer_accuracy.run_one(tp, setup, method, 8.0, settings, tmp_path / method, log=lambda _: None)
         assert 0.95 <= row["flops_over_target"] <= 1.0 and row["in_window"], row
         assert row["flops"] == row["bp_flops"] and 0.0 <= row["test_accuracy"] <= 1.0, row
         assert row["teacher_accuracy"] == setup.teacher_accuracy
+    # bar keeps the library's default widths (padded to multiples of 8), bar-exact any width
+    import json
+    widths = {m: json.loads((tmp_path / m / "metrics.json").read_text())["channel_multiple"] for m in ("bar", "bar-exact")}
+    assert widths == {"bar": "auto", "bar-exact": 1}
     # Torch-Pruning's network is fine-tuned by the very recipe bar's fine-tune stage uses
     from dataclasses import asdict
     from budgetprune.pipeline import PruneConfig
