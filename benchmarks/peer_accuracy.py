@@ -81,7 +81,7 @@ NAME = "peer_accuracy"
 TP_METHODS = tuple(f"tp-{imp}-{schedule}" for imp in ("magnitude", "taylor") for schedule in ("oneshot", "iterative"))
 BAR_METHODS = {"bar": "auto", "bar-exact": 1}  # budgetprune's BAR, by its channel_multiple
 METHODS = ("bar",) + TP_METHODS  # the default selection: every recipe with budgetprune's fine-tune
-ALL_METHODS = ("bar", "bar-exact") + TP_METHODS + tuple(f"{m}-plain" for m in TP_METHODS)
+ALL_METHODS = tuple(BAR_METHODS) + TP_METHODS + tuple(f"{m}-plain" for m in TP_METHODS)
 WINDOW = (0.95, 1.0)  # FLOPs / target, both sides
 CPU = torch.device("cpu")
 
@@ -206,7 +206,7 @@ def from_teacher(model: str, seed: int, train, test, info, teacher_file: Path, a
 
 
 def run_bar(setup: Setup, factor: float, settings: Settings, folder: Path, log=print,
-            channel_multiple="auto") -> tuple[nn.Module, dict]:
+            channel_multiple=BAR_METHODS["bar"]) -> tuple[nn.Module, dict]:
     """budgetprune's BAR with its defaults under a FLOP budget, from the shared teacher's file
     (``channel_multiple``: the default's, or 1 for exact widths)."""
     net, m = budgetprune.prune(setup.new_model(), setup.train, setup.test, budget=1.0 / factor, metric="flops",

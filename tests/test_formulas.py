@@ -884,29 +884,33 @@ def test_the_vectorised_expectation_equals_the_sum_of_its_terms(model_name, metr
     assert as_float.dtype == torch.float32 and float(as_float) == pytest.approx(unweighted, rel=1e-5)
 
 
-def test_the_expectation_reads_consecutive_pieces_of_one_vector_as_that_vector():
-    """Probabilities split from one vector (as the joined gates give them) are read as that vector:
-    the same value and gradients as separate tensors; anything else is joined as before."""
-    from budgetprune.expectation import _joined
+def test_the_expectation_reads_the_joined_gate_probabilities_as_one_vector():
+    """BAR's Hard Concrete gates compute their probabilities as one vector (per_channel_joined):
+    the expectation read from it has the value and the log α gradients of the pieces joined again;
+    gates of two kinds give no vector; a vector of the wrong length is refused."""
     model = budgetprune.create_model("resnet20")
     graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 28, 28))
-    cm = CostModel(graph, "flops")
-    sizes = [g.channels for g in graph.groups.values()]
-    gen = torch.Generator().manual_seed(3)
-    joined = torch.rand(sum(sizes), generator=gen, dtype=torch.float64, requires_grad=True)
-    pieces = dict(zip(graph.groups, joined.split(sizes)))
-    assert _joined(list(pieces.values())) is joined
-    separate = {g: p.detach().clone().requires_grad_(True) for g, p in pieces.items()}
-    value, reference = cm.expected(pieces), cm.expected(separate)
-    assert float(value) == pytest.approx(float(reference), rel=1e-12)
+    bar = BAR()
+    bar.attach(model, graph, [Budget("flops", 0.25)])
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for g in bar.gates.values():
+            g.log_alpha.copy_(torch.randn(g.num_channels, generator=gen) * 2 + 1)
+    cm = bar.terms[0][1]
+    probs, joined = bar.per_channel_joined("prob_nonzero")
+    assert joined is not None and joined.shape == (sum(p.numel() for p in probs.values()),)
+    value = cm.expected(probs, joined=joined)
     value.backward()
+    fast = {k: g.log_alpha.grad.clone() for k, g in bar.gates.items()}
+    for g in bar.gates.values():
+        g.log_alpha.grad = None
+    reference = cm.expected(bar.per_channel("prob_nonzero"))  # the pieces, joined again
     reference.backward()
-    torch.testing.assert_close(joined.grad, torch.cat([separate[g].grad for g in graph.groups]), rtol=1e-12, atol=0)
-    split = list(joined.detach().split(sizes))
-    assert _joined(split[1:]) is None                              # a piece missing at the start
-    assert _joined(split[:-1]) is None                             # ... at the end
-    assert _joined([split[1], split[0]] + split[2:]) is None       # out of order
-    assert _joined([p.clone() for p in split]) is None             # copies
-    square = torch.zeros(4, 4)
-    assert _joined(list(square.split(2))) is None                  # pieces of a matrix
-    assert _joined(list(square[0].split(2))) is None               # of a row (itself a view)
+    assert float(value) == pytest.approx(float(reference), rel=1e-12)
+    for k, g in bar.gates.items():
+        torch.testing.assert_close(fast[k], g.log_alpha.grad, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="joined has shape"):
+        cm.expected(probs, joined=joined[1:])
+    next(iter(bar.gates.values())).beta = 0.5  # two sets of (β, γ, ζ): no single vector, the same pieces
+    probs, joined = bar.per_channel_joined("prob_nonzero")
+    assert joined is None and list(probs) == list(bar.per_channel("prob_nonzero"))

@@ -22,21 +22,6 @@ import torch
 from .graph import ChannelGraph
 
 
-def _joined(values: list[torch.Tensor]) -> torch.Tensor | None:
-    """The one vector that ``values`` are consecutive pieces of, in order (as the Hard Concrete
-    gates' joined probabilities, split per gate, are), else None. Reading it instead of joining
-    the pieces again spares a copy and, in backward, a gradient split per piece."""
-    base = values[0]._base if values else None
-    if base is None or base.dim() != 1 or not base.is_contiguous():
-        return None
-    offset = base.storage_offset()
-    for v in values:
-        if v._base is not base or v.dim() != 1 or v.storage_offset() != offset or v.stride() != (1,):
-            return None
-        offset += v.numel()
-    return base if offset == base.storage_offset() + base.numel() else None
-
-
 class ExpectedCost:
     """Σ_terms w · (c_io · n_in · n_out + c_out · n_out) for the ``terms`` of one metric, with
     ``n`` the expected alive slots under independent gates with probabilities ``probs``."""
@@ -46,17 +31,24 @@ class ExpectedCost:
         self.terms = list(terms)
         self._plans: dict[tuple, dict[str, torch.Tensor]] = {}
 
-    def __call__(self, probs: dict[str, torch.Tensor], weights: dict[str, float] | None = None) -> torch.Tensor:
+    def __call__(self, probs: dict[str, torch.Tensor], weights: dict[str, float] | None = None,
+                 joined: torch.Tensor | None = None) -> torch.Tensor:
         """The expectation (a 0-dim tensor of ``probs``' dtype, differentiable in ``probs``);
-        ``weights`` multiplies the terms of the layers it names (others count once)."""
+        ``weights`` multiplies the terms of the layers it names (others count once). ``joined``:
+        ``probs``' values already as one vector, in ``probs``' order (as the joined gates compute
+        them, :meth:`budgetprune.methods.gated.GatedMethod.per_channel`): read instead of joining
+        the pieces again, it spares a copy and, in backward, a gradient split per piece; the
+        gradient then reaches ``joined``, not the pieces."""
         like = next(iter(probs.values()))
         dtype = like.dtype if like.is_floating_point() else torch.float32
         order = tuple(probs)
         plan = self._plan(order, like.device)
-        p = _joined([probs[g] for g in order])
-        if p is None:
-            p = torch.cat([probs[g].reshape(-1) for g in order])
-        p = p.to(plan["ones"].dtype)  # float64: see _plan
+        if joined is None:
+            joined = torch.cat([probs[g].reshape(-1) for g in order])
+        elif joined.shape != plan["group_of_chan"].shape:
+            raise ValueError(f"joined has shape {tuple(joined.shape)}, not the "
+                             f"{tuple(plan['group_of_chan'].shape)} of probs' channels")
+        p = joined.to(plan["ones"].dtype)  # float64: see _plan
         dead = plan["ones"].scatter_reduce(0, plan["pair_slot"], 1.0 - p.index_select(0, plan["pair_chan"]),
                                            reduce="prod", include_self=True)
         alive = 1.0 - dead * plan["gated"]  # a slot an always-alive writer reaches: 1

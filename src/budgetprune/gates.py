@@ -179,18 +179,17 @@ class _JoinedGates:
         self.log_alpha = torch.cat([g.log_alpha for g in gates])
 
 
-#: The per-channel quantities :func:`per_channel_together` computes.
+#: The per-channel quantities :func:`per_channel_joined` computes.
 JOINT_QUANTITIES = ("deterministic", "prob_nonzero", "keep_score", "keep_mask")
 
 
-def per_channel_together(gates: list[HardConcreteGate], quantity: str) -> list[torch.Tensor]:
+def per_channel_joined(gates: list[HardConcreteGate], quantity: str) -> torch.Tensor:
     """``getattr(gate, quantity)()`` of every gate (one of :data:`JOINT_QUANTITIES`), for several
-    Hard Concrete gates with the same (β, γ, ζ): computed once over their joined log α, then
-    split back (gradients reach each gate's log α)."""
+    Hard Concrete gates with the same (β, γ, ζ), as one vector: computed once over their joined
+    log α (gradients reach each gate's log α)."""
     if quantity not in JOINT_QUANTITIES:
-        raise ValueError(f"per_channel_together computes {', '.join(JOINT_QUANTITIES)}, not {quantity!r}")
-    values = getattr(_JoinedGates(gates), quantity)()
-    return list(values.split([g.num_channels for g in gates]))
+        raise ValueError(f"per_channel_joined computes {', '.join(JOINT_QUANTITIES)}, not {quantity!r}")
+    return getattr(_JoinedGates(gates), quantity)()
 
 
 class MaskGate(nn.Module):

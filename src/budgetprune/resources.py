@@ -261,17 +261,19 @@ class CostModel:
         return {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in self.graph.groups.items()}
 
     # expected -----------------------------------------------------------------------------
-    def expected(self, probs: dict[str, torch.Tensor], weights: dict[str, float] | None = None) -> torch.Tensor:
+    def expected(self, probs: dict[str, torch.Tensor], weights: dict[str, float] | None = None,
+                 joined: torch.Tensor | None = None) -> torch.Tensor:
         """Differentiable expectation: n = Σ P(slot alive) with independent gates P(z > 0)
         (vectorised over every term: :class:`budgetprune.expectation.ExpectedCost`).
 
-        ``weights`` multiplies the cost of the layers it names (others count once)."""
-        return self._expected(probs, weights) + self.fixed
+        ``weights`` multiplies the cost of the layers it names (others count once); ``joined``:
+        ``probs``' values as one vector in their order, when the caller has them so."""
+        return self._expected(probs, weights, joined) + self.fixed
 
 
 def _flat_bool(mask: torch.Tensor) -> torch.Tensor:
     """``mask`` as a flat bool vector outside autograd (itself when it is one: a keep mask)."""
-    if mask.dtype is torch.bool and mask.dim() == 1 and not mask.requires_grad:
+    if mask.dtype is torch.bool and mask.dim() == 1:  # a bool tensor never requires grad
         return mask
     return mask.detach().bool().reshape(-1)
 

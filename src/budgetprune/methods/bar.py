@@ -57,7 +57,7 @@ class BAR(GatedMethod):
 
     def penalty(self, progress: float) -> torch.Tensor:
         """λ Σ_metrics L_S · f(V, a, b) (seed 001, Eq. 6 and the final loss of section 3.5)."""
-        probs = self.per_channel("prob_nonzero")
+        probs, joined = self.per_channel_joined("prob_nonzero")
         masks = self.keep_masks()
         total = None  # the terms alone: a differentiable zero (an op per gate) only when every term is off
         for budget, cm, schedule, scale in self.terms:
@@ -65,7 +65,7 @@ class BAR(GatedMethod):
             b = schedule.b(progress)
             f = barrier(V, schedule.a, b)
             if f > 0.0:
-                term = self.lam * scale * cm.expected(probs) * f
+                term = self.lam * scale * cm.expected(probs, joined=joined) * f
                 total = term if total is None else total + term
             tag = "" if len(self.terms) == 1 else f"_{budget.metric}"
             self._last.update({f"V{tag}": V, f"b{tag}": b, f"f{tag}": f})

@@ -21,7 +21,7 @@ from torch import nn
 from ..aiming import BudgetAim
 from ..attach import GateHooks
 from ..budget import Budget
-from ..gates import HardConcreteGate, per_channel_together
+from ..gates import HardConcreteGate, per_channel_joined
 from ..graph import ChannelGroup, ChannelGraph
 from ..resources import CostModel
 from ..sparsity import WeightCost, WeightGates, weight_counts
@@ -109,7 +109,13 @@ class GatedMethod(Method):
         """``by_group(lambda g: getattr(g, quantity)())`` for a per-channel quantity of
         :data:`budgetprune.gates.JOINT_QUANTITIES`: the Hard Concrete gates that share (β, γ, ζ)
         compute it once over their joined log α (a handful of operations for the whole network
-        instead of a handful per gate; :func:`budgetprune.gates.per_channel_together`)."""
+        instead of a handful per gate; :func:`budgetprune.gates.per_channel_joined`)."""
+        return self.per_channel_joined(quantity)[0]
+
+    def per_channel_joined(self, quantity: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """:meth:`per_channel`, and the one vector its values were computed as, in the dict's order,
+        where there is one: every gate a Hard Concrete gate of one (β, γ, ζ), none over tied units
+        (else None). :meth:`budgetprune.resources.CostModel.expected` reads it as ``joined``."""
         joint: dict[tuple, list[str]] = {}
         values = {}
         for key, gate in self.gates.items():
@@ -117,9 +123,15 @@ class GatedMethod(Method):
                 joint.setdefault((gate.beta, gate.gamma, gate.zeta, gate.log_alpha.device), []).append(key)
             else:
                 values[key] = getattr(gate, quantity)()
+        vector = None
         for keys in joint.values():
-            values.update(zip(keys, per_channel_together([self.gates[k] for k in keys], quantity)))
-        return self._by_unit({key: values[key] for key in self.gates})
+            gates = [self.gates[k] for k in keys]
+            vector = per_channel_joined(gates, quantity)
+            values.update(zip(keys, vector.split([g.num_channels for g in gates])))
+        out = self._by_unit({key: values[key] for key in self.gates})
+        whole = list(joint.values()) == [list(self.gates)] and len(out) == len(self.gates) and \
+            all(out[self.gid_of[key]] is values[key] for key in self.gates)  # one set of all, none expanded
+        return out, vector if whole else None
 
     def _by_unit(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Values per gate key as values per unit (group id or layer name), tied units expanded."""
