@@ -36,7 +36,7 @@ class ExpectedCost:
         """The expectation (a 0-dim tensor of ``probs``' dtype, differentiable in ``probs``);
         ``weights`` multiplies the terms of the layers it names (others count once). ``joined``:
         ``probs``' values already as one vector, in ``probs``' order (as the joined gates compute
-        them, :meth:`budgetprune.methods.gated.GatedMethod.per_channel`): read instead of joining
+        them, :meth:`budgetprune.methods.gated.GatedMethod.per_channel_joined`): read instead of joining
         the pieces again, it spares a copy and, in backward, a gradient split per piece; the
         gradient then reaches ``joined``, not the pieces."""
         like = next(iter(probs.values()))
