@@ -215,7 +215,10 @@ def run_bar(setup: Setup, factor: float, settings: Settings, folder: Path, log=p
                                resume=(folder / "checkpoint.pt").exists(), log=log,
                                epochs=settings.prune_epochs, finetune_epochs=settings.finetune_epochs,
                                lowlr_epochs=settings.lowlr_epochs, seed=setup.seed, progress=False)
-    return net, {"budget_ratio": m["budget_ratio"], "test_accuracy": m["test_accuracy"]}
+    extra = {"budget_ratio": m["budget_ratio"], "test_accuracy": m["test_accuracy"]}
+    if m.get("deployed"):  # the run's own timing of its exported network against the unpruned one
+        extra["deployed"] = m["deployed"]
+    return net, extra
 
 
 def taylor_gradients(model: nn.Module, data, batches: int, generator: torch.Generator) -> None:
@@ -470,15 +473,18 @@ def model_table(model: str, by_factor: dict) -> list[str]:
 
 def detail_table(model: str, by_factor: dict) -> list[str]:
     lines = ["| method | factor | seeds | accuracy per seed % | FLOPs / target (torch counter) | FLOPs ÷ budgetprune's counter | "
-             "all in [0.95, 1] | wall s (mean) |", "|---|---:|---|---|---|---|---|---:|"]
+             "all in [0.95, 1] | deployed speedup | wall s (mean) |", "|---|---:|---|---|---|---|---|---|---:|"]
     for f in sorted(by_factor):
         for m in _order(by_factor[f]):
             rows = sorted(by_factor[f][m]["rows"], key=lambda r: r["seed"])
             bp = [r["bp_flops_reduction"] for r in rows if "bp_flops_reduction" in r]
+            fast = [r["deployed"] for r in rows if "deployed" in r]
+            runtime = f" ({fast[0]['runtime']}, batch {fast[0]['batch']})" if fast else ""
             lines.append(f"| {m} | {f:g}× | {','.join(str(r['seed']) for r in rows)} | "
                          f"{', '.join('%.2f' % (100 * r['test_accuracy']) for r in rows)} | "
                          f"{_range([r['flops_over_target'] for r in rows], 4)} | {_range(bp) if bp else '–'} | "
                          f"{'yes' if all(r['in_window'] for r in rows) else 'no'} | "
+                         f"{_range([d['speedup'] for d in fast]) + '×' + runtime if fast else '–'} | "
                          f"{sum(r['seconds'] for r in rows) / len(rows):.0f} |")
     return lines
 
@@ -534,7 +540,9 @@ def write_page(record: dict, out: Path) -> None:
               "once per run, for the final accuracy.", "",
               "Accuracy: mean ± standard deviation over the seeds (n=3 unless marked); **bold**: the best method at "
               "that factor; (tie): within two standard errors of the difference of the best "
-              "(`benchmarks/stats.py`). FLOPs ÷ and params ÷: reduction vs the unpruned teacher, range over seeds.", ""]
+              "(`benchmarks/stats.py`). FLOPs ÷ and params ÷: reduction vs the unpruned teacher, range over seeds. "
+              "Deployed speedup (BAR's runs): each run's own timing of its exported network against the "
+              "unpruned one (`metrics.json` `deployed`), range over seeds.", ""]
     for model in sorted(s):
         teachers = [100 * t["accuracy"] for k, t in record.get("teachers", {}).items() if k.startswith(model + "/")]
         st = record["settings"][model]

@@ -37,6 +37,8 @@ def test_both_sides_meet_the_flop_target_from_one_teacher(peer_accuracy, tmp_pat
         assert 0.95 <= row["flops_over_target"] <= 1.0 and row["in_window"], row
         assert row["flops"] == row["bp_flops"] and 0.0 <= row["test_accuracy"] <= 1.0, row
         assert row["teacher_accuracy"] == setup.teacher_accuracy
+        # a BAR row carries its run's own timing of the exported network (the page's deployed speedup)
+        assert method.startswith("tp-") or row["deployed"]["speedup"] > 0, row
     # bar keeps the library's default widths (padded to multiples of 8), bar-exact any width
     import json
     widths = {m: json.loads((tmp_path / m / "metrics.json").read_text())["channel_multiple"] for m in ("bar", "bar-exact")}
