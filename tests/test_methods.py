@@ -12,7 +12,8 @@ import torch
 
 import budgetprune
 from budgetprune import cli, latency
-from budgetprune.budget import Budget, enforce_budget, fill_budget, parse_budgets, reopenable_channels, uniform_widths
+from budgetprune.budget import (Budget, enforce_budget, fill_budget, parse_budgets, reopenable_channels, uniform_share,
+                               uniform_widths)
 from budgetprune.errors import BudgetError, ConfigError
 from budgetprune.gates import GaussianGate, SigmoidGate
 from budgetprune.methods import available_methods, create_method
@@ -104,15 +105,43 @@ def test_constrained_l0_violation_is_expected_cost_fraction_minus_target():
 
 
 def test_constrained_l0_layer_targets_one_multiplier_per_layer():
-    _, graph, method = attached("constrained-l0", targets="layer", dual_lr=1.0)
+    budget = Budget("flops", 0.25)
+    _, graph, method = attached("constrained-l0", budgets=(budget,), targets="layer", dual_lr=1.0)
+    share = uniform_share(graph, budget)
+    assert 0.4 < share < 1  # a layer's FLOPs scale with the channels it reads and those it writes
+    assert method.fraction == share
     set_log_alpha(method, 5.0)
     assert method.multipliers.numel() == len(graph.groups)
     g = method.violations()
     p_open = float(method.gate(next(iter(graph.groups))).prob_nonzero().detach()[0])
-    assert g.tolist() == pytest.approx([p_open - 0.25] * len(graph.groups), rel=1e-6)
+    assert g.tolist() == pytest.approx([p_open - share] * len(graph.groups), rel=1e-6)
     method.penalty(0.0)
     method.after_step(0.0)
-    assert method.multipliers.tolist() == pytest.approx([p_open - 0.25] * len(graph.groups), rel=1e-6)
+    assert method.multipliers.tolist() == pytest.approx([p_open - share] * len(graph.groups), rel=1e-6)
+
+
+def _mlp_params(widths):
+    """Parameters of Linear layers of the given widths, counted by building them."""
+    layers = [torch.nn.Linear(a, b) for a, b in zip(widths, widths[1:])]
+    return sum(p.numel() for layer in layers for p in layer.parameters())
+
+
+def test_uniform_share_is_the_largest_common_share_of_channels_within_the_budget():
+    """Against networks built by hand: keeping round(s·50) of both hidden layers of a 10-50-50-10
+    MLP fits a third of its parameters, one channel more in both does not (25 channels: s = 0.5,
+    near √(1/3) since the 50×50 layer holds most parameters, far from 1/3)."""
+    model = torch.nn.Sequential(torch.nn.Linear(10, 50), torch.nn.ReLU(), torch.nn.Linear(50, 50), torch.nn.ReLU(),
+                                torch.nn.Linear(50, 10))
+    graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 10))
+    assert sorted(g.channels for g in graph.groups.values()) == [50, 50]
+    limit = _mlp_params([10, 50, 50, 10]) / 3
+    share = uniform_share(graph, Budget("params", 1 / 3))
+    k = round(share * 50)
+    assert _mlp_params([10, k, k, 10]) <= limit < _mlp_params([10, k + 1, k + 1, 10])
+    assert k == 25
+    assert uniform_share(graph, [Budget("params", 1 / 3), Budget("params", 0.2)]) < share  # every budget holds
+    assert uniform_share(graph, Budget("params", 1.0)) == 1.0
+    assert uniform_share(graph, Budget("params", 1e-4)) == 0.0  # not even one channel each
 
 
 def test_constrained_l0_lagrangian_gradient_pushes_gates_closed():

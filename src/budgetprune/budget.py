@@ -369,16 +369,48 @@ def uniform_widths(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
 
     if costs.fits(masks):
         return masks
+    s = _largest_fitting_scale(costs, scaled)
+    return enforce_budget(graph, masks, scores, budgets, mode) if s is None else scaled(s)
+
+
+def _largest_fitting_scale(costs: _Costs, scaled, steps: int = 40) -> float | None:
+    """The largest s in [0, 1] (to 2^-steps) at which ``costs.fits(scaled(s))``, by bisection
+    (fitting is monotone in s); None when even ``scaled(0)`` does not fit."""
     lo, hi = 0.0, 1.0
     if not costs.fits(scaled(lo)):
-        return enforce_budget(graph, masks, scores, budgets, mode)
-    for _ in range(40):
+        return None
+    if costs.fits(scaled(hi)):
+        return hi
+    for _ in range(steps):
         mid = 0.5 * (lo + hi)
         if costs.fits(scaled(mid)):
             lo = mid
         else:
             hi = mid
-    return scaled(lo)
+    return lo
+
+
+def uniform_share(graph: ChannelGraph, budget: Budget | list[Budget], mode: str = "mixed") -> float:
+    """The share s of every layer's channels at which the network meets every budget: the
+    largest s such that keeping ``max(1, round(s · C_g))`` channels of every group g (the same
+    first channels, so a residual sum's writers keep the same ones) costs at most each limit.
+
+    A per-layer target that means what a network-wide budget means (seed 003's layer-wise
+    constraints, moved from single weights to channels: a layer keeping a share s of its
+    channels keeps about s² of its weights, not s). 0 when even one channel per group is over
+    a budget (the final projection then cuts whole layers where it can)."""
+    costs = _Costs(graph, _as_list(budget), mode)
+
+    def scaled(s: float) -> dict[str, torch.Tensor]:
+        out = {}
+        for gid, group in graph.groups.items():
+            keep = torch.zeros(group.units, dtype=torch.bool)
+            keep[:max(1, round(s * group.units))] = True
+            out[gid] = keep.repeat(group.channels // group.units)
+        return out
+
+    s = _largest_fitting_scale(costs, scaled)
+    return 0.0 if s is None else s
 
 
 def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("inf")):

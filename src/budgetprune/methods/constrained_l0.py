@@ -7,9 +7,13 @@ descend on L, and λ ascends by projected gradient steps λ ← max(0, λ + η_�
 expected cost of the budget's metric as a fraction of the full network's, at most the
 budget's fraction (with ``--metric params`` that is the paper's E[‖z‖₀] ≤ ε·|θ|).
 ``targets="layer"`` puts one constraint (and one multiplier) on every layer instead: its
-expected fraction of open channels at most ε. With ``granularity="weight"`` the gates are on
-single weights, as in the paper, and the model-wise constraint is E[‖θ‖₀]/|θ| ≤ ε with ε the
-non-zero-weight budget.
+expected share of open gates at most ε_layer. With ``granularity="weight"`` the gates are on
+single weights, as in the paper, ε_layer is the budget's fraction (a network keeping that share
+of every layer's weights keeps that share of its weights), and the model-wise constraint is
+E[‖θ‖₀]/|θ| ≤ ε with ε the non-zero-weight budget. With channel gates ε_layer is the share of
+every layer's channels at which the network meets the budgets
+(:func:`budgetprune.budget.uniform_share`): a layer keeping a share s of its channels keeps about
+s² of its weights and FLOPs, so the budget's own fraction would aim far below the budget.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..budget import Budget
+from ..budget import Budget, uniform_share
 from ..gates import HardConcreteGate
 from ..graph import ChannelGraph
 from ..objectives import dual_ascent
@@ -50,7 +54,7 @@ class ConstrainedL0(GatedMethod):
             self.constraints = [(b, cm, cm.full()) for b, cm in models]
             n = len(budgets)
         else:
-            self.fraction = min(b.fraction for b in budgets)
+            self.fraction = min(b.fraction for b in budgets) if self.per_weight else uniform_share(graph, budgets)
             n = len(self.gates)
         device = next(model.parameters()).device
         self.register_buffer("multipliers", torch.zeros(n, device=device))
