@@ -663,3 +663,78 @@ def test_tied_positions_widen_as_sweeping_the_ties_does(name):
         _tie_positions(graph, got)
         assert all(torch.equal(got[t], expected[t]) for t in expected)
         assert any(not torch.equal(got[t], s) for t, s in sets.items())
+
+
+def _conv_widths(net: nn.Module) -> list[int]:
+    return [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)]
+
+
+@pytest.mark.parametrize("speedup, kept", [(1.3, "padded"), (1.01, "exact")])
+def test_time_padding_keeps_the_padding_only_where_it_measures_faster(monkeypatch, speedup, kept):
+    """``time_padding=True``: finalize projects the budget at exact widths too and times both networks
+    (here a stand-in timing that returns ``speedup`` and records what it was given): the padding is kept
+    only at 1.05× or more, else the exact network, which still ends on the budget, replays and is
+    what the report and the plan describe."""
+    import budgetprune.pruner as pruner_module
+    from budgetprune.measured import PADDING_PAYS
+
+    timed = []
+
+    def fake_speedup(exact, padded, example, runtime):
+        timed.append((_conv_widths(exact), _conv_widths(padded), tuple(example.shape), runtime))
+        return {"runtime": runtime, "batch": 1, "exact_ms": 1.0, "padded_ms": 1.0 / speedup, "speedup": speedup,
+                "pairs": 30, "pays": speedup >= PADDING_PAYS}
+
+    monkeypatch.setattr(pruner_module, "padding_speedup", fake_speedup)
+    torch.manual_seed(0)
+    model, reference = budgetprune.create_model("lenet5"), budgetprune.create_model("lenet5")
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(8, 1, 28, 28)
+    logs = []
+    pruner = budgetprune.Pruner(model, x, "flops=0.125", total_steps=1, method="magnitude", time_padding=True,
+                                deploy_runtime="torchscript", log=logs.append)
+    pruner.step()
+    small, report = pruner.finalize(x)
+    (exact_widths, padded_widths, shape, runtime), = timed
+    assert shape == (1, 1, 28, 28) and runtime == "torchscript"
+    assert all(_aligned(n, f, 8) for n, f in zip(padded_widths, (20, 50)))
+    assert not all(_aligned(n, f, 8) for n, f in zip(exact_widths, (20, 50)))  # the exact one is not padded
+    assert report["padding_timing"]["speedup"] == speedup
+    assert _conv_widths(small) == (padded_widths if kept == "padded" else exact_widths)
+    assert report["padding"] == ([8, 0, 2, 0] if kept == "padded" else [1, 0, 1, 0])
+    assert pruner.block.multiple == (8 if kept == "padded" else 1)
+    assert 0.95 <= report["pruned"]["flops"] / pruner.budget.absolute(pruner.graph) <= 1.0
+    assert any(f"{speedup:.2f}× faster; " + ("keeping it" if kept == "padded" else "under 1.05×") in line
+               for line in logs)
+    counted = budgetprune.ChannelGraph.build(small, x[:1])
+    assert CostModel(counted, "flops").full() == pytest.approx(report["pruned"]["flops"], rel=1e-9)
+    again = replay(small.budgetprune_plan, reference, small.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(again(x), small(x), atol=1e-6)
+
+
+def test_time_padding_times_in_the_deploy_runtime_and_only_an_auto_padding():
+    """Real timing in eager PyTorch: the report holds both networks' times and the choice follows
+    them; an explicit multiple and the default (``time_padding=False``) time nothing; a non-bool is
+    refused."""
+    from budgetprune.measured import PADDING_PAYS
+
+    def finalized(**options):
+        torch.manual_seed(0)
+        x = torch.randn(4, 1, 28, 28)
+        pruner = budgetprune.Pruner(budgetprune.create_model("lenet5"), x, "flops=0.125", total_steps=1,
+                                    method="magnitude", deploy_runtime="eager", **options)
+        pruner.step()
+        return pruner.finalize()[1]
+
+    report = finalized(time_padding=True)
+    timing = report["padding_timing"]
+    assert timing["runtime"] == "eager" and timing["batch"] == 1 and timing["pairs"] >= 30
+    assert timing["exact_ms"] > 0 and timing["padded_ms"] > 0
+    assert timing["speedup"] == pytest.approx(timing["exact_ms"] / timing["padded_ms"], rel=0.5)  # medians apart
+    assert timing["pays"] == (timing["speedup"] >= PADDING_PAYS)
+    assert report["padding"][0] == (8 if timing["pays"] else 1)
+    for options in ({}, {"time_padding": True, "channel_multiple": 8}):
+        assert "padding_timing" not in finalized(**options)
+    with pytest.raises(ConfigError, match="time_padding must be True or False"):
+        finalized(time_padding="yes")

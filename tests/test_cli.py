@@ -61,6 +61,13 @@ def test_prune_end_to_end_meets_budget(finished_run):
     assert deployed["unpruned_ms"] > 0 and deployed["pruned_ms"] > 0
     assert deployed["speedup"] == pytest.approx(1 / deployed["ratio"]) and deployed["pairs"] >= 30
     assert f"Deployed speed in {deployed['runtime']}" in report
+    # the auto padding, timed against exact widths in the same runtime, is kept only where it paid
+    timing = m.get("padding_timing")
+    if timing is None:
+        assert m["padding"][0] == 1  # the padding ladder itself ended at exact widths: nothing to time
+    else:
+        assert timing["runtime"] == deployed["runtime"] and m["padding"][0] == (8 if timing["pays"] else 1)
+        assert ("padding kept" if timing["pays"] else "exact widths kept") in report
 
 
 @pytest.mark.slow

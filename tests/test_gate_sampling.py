@@ -100,8 +100,9 @@ def test_folded_per_batch_gates_compute_and_train_as_multiplied_ones(name, monke
     torch.testing.assert_close(out_f, out_m, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(eval_f, eval_m, rtol=1e-5, atol=1e-6)
     assert grad_f.keys() == grad_m.keys()
-    for key in grad_f:
-        torch.testing.assert_close(grad_f[key], grad_m[key], rtol=1e-4, atol=1e-6, msg=key)
+    for key in grad_f:  # folding sums the same products in another order: errors scale with the tensor's largest entry
+        scale = float(grad_m[key].abs().max())
+        torch.testing.assert_close(grad_f[key], grad_m[key], rtol=1e-4, atol=1e-6 + 1e-5 * scale, msg=key)
     assert any(float(g.abs().sum()) > 0 for k, g in grad_f.items() if k.startswith("gate:"))
 
 

@@ -41,6 +41,30 @@ BAND = (0.92, 0.98)
 REPEATS = 60
 
 
+#: Auto padding is kept only where the padded network runs at least this much faster than the
+#: same budget at exact widths (a smaller gain is within what two timings of one network differ by).
+PADDING_PAYS = 1.05
+
+
+def padding_speedup(exact: nn.Module, padded: nn.Module, example: torch.Tensor, runtime: str) -> dict:
+    """How much faster the ``padded`` network runs than the ``exact`` one in ``runtime`` on
+    ``example`` (paired runs, :func:`budgetprune.runtimes.deployed_speed`): ``exact_ms``,
+    ``padded_ms``, ``speedup`` (the median of the pairs' exact/padded ratios), ``pairs`` and
+    ``pays`` (speedup at least :data:`PADDING_PAYS`); ``error`` instead when one cannot be timed.
+
+    Why: onnxruntime's blocked CPU convolutions need channel counts that are multiples of 8:
+    resnet20 at 2× fewer FLOPs ran 1.82× faster than unpruned with its widths padded and 0.72×
+    at exact widths (batch 1, ``benchmarks/results/deploy_speed.md``), but LeNet-5 ran no faster
+    padded, while the padding cost it 0.63 points of accuracy at 8× fewer FLOPs (README,
+    "Benchmark")."""
+    speed = deployed_speed(exact, padded, example, runtime)
+    if "error" in speed:
+        return {"runtime": runtime, "error": speed["error"]}
+    return {"runtime": runtime, "batch": speed["batch"], "exact_ms": speed["unpruned_ms"],
+            "padded_ms": speed["pruned_ms"], "speedup": speed["speedup"], "pairs": speed["pairs"],
+            "pays": speed["speedup"] >= PADDING_PAYS}
+
+
 def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
                           compacted: Callable[[dict | None], nn.Module], budgets: list[Budget],
                           example: torch.Tensor, log: Callable[[str], None] = lambda line: None):

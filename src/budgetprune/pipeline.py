@@ -223,6 +223,7 @@ class PruneConfig:
         return {"metric": self.metric, "method": self.method, "granularity": self.granularity, "block": self.block,
                 "channel_multiple": self.channel_multiple, "deploy_runtime": self.deploy_runtime,
                 "fill": self.fill_budget, "gate_inputs": self.gate_inputs, "gate_sample": self.gate_sample,
+                "time_padding": self.deploy_runtime != "none",  # "none": nothing is timed
                 "method_options": self.method_options,
                 "lam": self.lam, "schedule": self.schedule, "schedule_hardness": self.schedule_hardness,
                 "schedule_end": self.schedule_end,
@@ -800,6 +801,8 @@ class PruneRun:
             # [multiple, min width, min positions, min kept]: the padding finalize kept
             "padding": info.get("padding", list(check_channel_multiple(cfg.channel_multiple))),
             "pad_tied": info.get("pad_tied", True),  # False: tied channels (concatenations, grouped convs) exact
+            # auto padding timed against exact widths in the deploy runtime (where it was: see Pruner.time_padding)
+            **({"padding_timing": info["padding_timing"]} if info.get("padding_timing") else {}),
             "mixed_spaces": (info.get("plan") or {}).get("mixed_spaces", []),  # auto: the residual spaces kept mixed
             "pruned_by_block": info.get("pruned_by_block", {cfg.block: pruned}),
             "reduction_factor": {k: self.full[k] / pruned[k] for k in self.full},

@@ -35,7 +35,7 @@ from .errors import BudgetError, ConfigError, TrainingDiverged
 from .gates import OPEN_LOG_ALPHA
 from .graph import ChannelGraph
 from .liveness import BlockMode, Padding, auto_paddings, effective_masks, has_tied_channels
-from .measured import RUNTIME_LATENCIES, meet_measured_latency
+from .measured import PADDING_PAYS, RUNTIME_LATENCIES, meet_measured_latency, padding_speedup
 from .methods import create_method
 from .objectives import check_schedule_end
 from . import distributed, gate_start
@@ -112,11 +112,14 @@ def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget],
                    granularity: str = "channel", block: str = "auto", channel_multiple: int | str = "auto",
                    deploy_runtime: str | None = None, gather_cost: float | None = None,
                    method_options: dict | None = None, metric: str | None = None, fill: bool = True,
-                   gate_inputs: bool = True, gate_sample: str = "example", **settings) -> None:
+                   gate_inputs: bool = True, gate_sample: str = "example", time_padding: bool = False,
+                   **settings) -> None:
     """Raise a one-line error when ``budgets`` cannot be met on ``model`` or the method's options
     do not fit it, before any training; takes the :class:`Pruner`'s options (the pipeline checks
     them before it trains a teacher)."""
     check_gate_sample(gate_sample)
+    if not isinstance(time_padding, bool):
+        raise ConfigError(f"time_padding must be True or False, got {time_padding!r}")
     block = block_mode(block, channel_multiple, deploy_runtime_of(deploy_runtime, budgets), gather_cost)
     timed = [b.metric for b in budgets if b.metric in RUNTIME_LATENCIES]
     if timed and block == "mixed" and granularity == "channel":
@@ -184,7 +187,10 @@ class Pruner:
     leaves (batch, features) tensors exact, and where that ends under 0.95 of the budget after the
     fill, pads only those of 32 channels or more, then only those that keep 32 or more, else keeps
     exact widths, :func:`budgetprune.liveness.auto_paddings`; 1: exact widths; :attr:`block`
-    after :meth:`finalize` holds the padding kept) and whether the final projection
+    after :meth:`finalize` holds the padding kept; with ``time_padding=True``, as the command line
+    does, finalize also projects the budget at exact widths, times both networks in
+    ``deploy_runtime`` at batch 1 and keeps the padding only where it runs at least 1.05× faster,
+    :func:`budgetprune.measured.padding_speedup`, the report's ``padding_timing``) and whether the final projection
     ``fill``\\ s up to the budget. ``gate_sample`` is how a
     stochastic gate is sampled in training: once per example and channel (``"example"``, the
     default) or once per channel for the whole batch (``"batch"``: the gate then folds into its
@@ -206,7 +212,7 @@ class Pruner:
                  total_steps: int, metric: str | None = None, method: str = "bar", granularity: str = "channel",
                  block: str = "auto", channel_multiple: int | str = "auto", deploy_runtime: str | None = None,
                  gather_cost: float | None = None, fill: bool = True, gate_inputs: bool = True,
-                 gate_sample: str = "example", method_options: dict | None = None,
+                 gate_sample: str = "example", time_padding: bool = False, method_options: dict | None = None,
                  log: Callable[[str], None] | None = None, **settings):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -236,9 +242,10 @@ class Pruner:
         self.deploy_runtime = deploy_runtime_of(deploy_runtime, self.budgets)
         check_prunable(model, self.graph, self.budgets, method=method, granularity=granularity, block=block,
                        channel_multiple=channel_multiple, deploy_runtime=self.deploy_runtime, gather_cost=gather_cost,
-                       gate_sample=gate_sample, method_options=method_options, **settings)
+                       gate_sample=gate_sample, time_padding=time_padding, method_options=method_options, **settings)
         self.block = block_mode(block, channel_multiple, self.deploy_runtime, gather_cost)
         self.paddings = padding_ladder(channel_multiple)  # with the fill, finalize keeps the first that ends on budget
+        self.time_padding = time_padding  # auto padding kept only where it measures faster than exact widths
         self.metrics = METRICS + tuple(b.metric for b in self.budgets if b.metric not in METRICS)
         self.full = resource_report(self.graph, metrics=self.metrics)
         self.method = create_method(method, shared=method_settings(granularity=granularity, **settings),
@@ -432,10 +439,37 @@ class Pruner:
         final, reopened, measured = meet_measured_latency(
             project, lambda kept: compact(self.model, graph, kept, mode=chosen[0]), self.budgets, self.example[:1],
             self.log)
+        timing = None
+        if self.time_padding and measured is None and chosen[0].multiple > 1 and modes[-1].multiple == 1:
+            timing, exact = self._time_padding(final, chosen[0], modes[-1], project_with)
+            if exact is not None:
+                (final, reopened), chosen[0] = exact, modes[-1]
         dropped = int(sum(int(masks[g].sum()) - int(final[g].sum()) + int(reopened.get(g, torch.empty(0)).numel())
                           for g in masks))
         return {"final": final, "dropped": dropped, "reopened": reopened, "before": before, "measured": measured,
-                "block": chosen[0]}
+                "block": chosen[0], "padding_timing": timing}
+
+    def _time_padding(self, padded: dict, padded_mode: BlockMode, exact_mode: BlockMode, project_with):
+        """``time_padding``: the budget projected again at exact widths, both networks timed in the
+        deploy runtime (:func:`budgetprune.measured.padding_speedup`). Returns the timing and, where
+        the padding does not pay, the exact ``(final, reopened)`` to keep instead (else None)."""
+        try:
+            exact = project_with(self.budgets, exact_mode)
+        except BudgetError as error:
+            self.log(f"exact widths cannot meet the budget ({error}); keeping {padded_mode.describe_padding()}")
+            return {"runtime": self.deploy_runtime, "error": f"exact widths: {error}"}, None
+        nets = [compact(self.model, self.graph, masks, mode=mode) for masks, mode in
+                ((exact[0], exact_mode), (padded, padded_mode))]
+        timing = padding_speedup(*nets, self.example[:1], self.deploy_runtime)
+        if "error" in timing:
+            self.log(f"the padded network could not be timed in {self.deploy_runtime} ({timing['error']}); "
+                     f"keeping {padded_mode.describe_padding()}")
+            return timing, None
+        verdict = "keeping it" if timing["pays"] else f"under {PADDING_PAYS}×: keeping exact widths"
+        self.log(f"{padded_mode.describe_padding()}: {timing['padded_ms']:.4g} ms against {timing['exact_ms']:.4g} ms "
+                 f"at exact widths in {self.deploy_runtime} (batch {timing['batch']}), {timing['speedup']:.2f}× "
+                 f"faster; {verdict}")
+        return timing, None if timing["pays"] else exact
 
     def _finalize_channels(self, x: torch.Tensor) -> tuple[nn.Module, dict]:
         decision = self._sync.decide(self._decide_channels)  # computed on rank 0, the same on every rank
@@ -475,6 +509,8 @@ class Pruner:
                   "plan": net.budgetprune_plan}
         if decision.get("measured") is not None:  # a runtime latency budget: the timed projections
             report["measured_latency"] = decision["measured"]
+        if decision.get("padding_timing") is not None:  # time_padding: the padded network against exact widths
+            report["padding_timing"] = decision["padding_timing"]
         return net, report
 
     def _finalize_weights(self, x: torch.Tensor) -> tuple[nn.Module, dict]:

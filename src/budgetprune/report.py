@@ -69,6 +69,12 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
                   "regular": "regular (added tensors keep equal widths)"}.get(m["block"], m["block"])
         padding = describe_padding(Padding(*m.get("padding", [1])), m.get("pad_tied", True))
         lines.append(f"- Residual blocks: {blocks}; {padding}")
+        timing = m.get("padding_timing")
+        if timing and "error" not in timing:
+            lines.append(f"- Padding timed in {timing['runtime']} (batch {timing['batch']}): padded "
+                         f"{timing['padded_ms']:.3f} ms, exact widths {timing['exact_ms']:.3f} ms, "
+                         f"{timing['speedup']:.2f}× faster padded: "
+                         + ("padding kept" if timing["pays"] else "exact widths kept"))
     deployed = m.get("deployed")
     if deployed and "error" in deployed:
         lines.append(f"- Deployed speed in {deployed['runtime']}: not measured ({deployed['error']})")
