@@ -215,10 +215,31 @@ def run_bar(setup: Setup, factor: float, settings: Settings, folder: Path, log=p
                                resume=(folder / "checkpoint.pt").exists(), log=log,
                                epochs=settings.prune_epochs, finetune_epochs=settings.finetune_epochs,
                                lowlr_epochs=settings.lowlr_epochs, seed=setup.seed, progress=False)
-    extra = {"budget_ratio": m["budget_ratio"], "test_accuracy": m["test_accuracy"]}
+    return net, bar_extra(m)
+
+
+def bar_extra(m: dict) -> dict:
+    """What a BAR row keeps of its run's ``metrics.json``: the budget ratio, the accuracy, the kept
+    widths, the padding kept and, where the padding was timed against exact widths, that timing."""
+    extra = {"budget_ratio": m["budget_ratio"], "test_accuracy": m["test_accuracy"],
+             "widths": "-".join(str(w["kept"]) for w in m["widths"].values()), "padding": m["padding"]}
+    if m.get("padding_timing"):  # the padded network against exact widths (Pruner time_padding)
+        extra["padding_timing"] = m["padding_timing"]
     if m.get("deployed"):  # the run's own timing of its exported network against the unpruned one
         extra["deployed"] = m["deployed"]
-    return net, extra
+    return extra
+
+
+def _widths_cell(rows: list[dict]) -> str:
+    """Per seed: the kept widths, and whether they were padded (with the timed speedup over exact widths)."""
+    cells = []
+    for r in rows:
+        if "widths" not in r:
+            return "–"
+        timing = r.get("padding_timing") or {}
+        kept = "padded" if r["padding"][0] > 1 else "exact"
+        cells.append(f"{r['widths']} {kept}" + (f" ({timing['speedup']:.2f}×)" if "speedup" in timing else ""))
+    return "; ".join(cells)
 
 
 def taylor_gradients(model: nn.Module, data, batches: int, generator: torch.Generator) -> None:
@@ -473,7 +494,8 @@ def model_table(model: str, by_factor: dict) -> list[str]:
 
 def detail_table(model: str, by_factor: dict) -> list[str]:
     lines = ["| method | factor | seeds | accuracy per seed % | FLOPs / target (torch counter) | FLOPs ÷ budgetprune's counter | "
-             "all in [0.95, 1] | deployed speedup | wall s (mean) |", "|---|---:|---|---|---|---|---|---|---:|"]
+             "all in [0.95, 1] | deployed speedup | kept widths per seed (padding timed: ×) | wall s (mean) |",
+             "|---|---:|---|---|---|---|---|---|---|---:|"]
     for f in sorted(by_factor):
         for m in _order(by_factor[f]):
             rows = sorted(by_factor[f][m]["rows"], key=lambda r: r["seed"])
@@ -485,7 +507,7 @@ def detail_table(model: str, by_factor: dict) -> list[str]:
                          f"{_range([r['flops_over_target'] for r in rows], 4)} | {_range(bp) if bp else '–'} | "
                          f"{'yes' if all(r['in_window'] for r in rows) else 'no'} | "
                          f"{_range([d['speedup'] for d in fast]) + '×' + runtime if fast else '–'} | "
-                         f"{sum(r['seconds'] for r in rows) / len(rows):.0f} |")
+                         f"{_widths_cell(rows)} | {sum(r['seconds'] for r in rows) / len(rows):.0f} |")
     return lines
 
 
@@ -542,7 +564,10 @@ def write_page(record: dict, out: Path) -> None:
               "that factor; (tie): within two standard errors of the difference of the best "
               "(`benchmarks/stats.py`). FLOPs ÷ and params ÷: reduction vs the unpruned teacher, range over seeds. "
               "Deployed speedup (BAR's runs): each run's own timing of its exported network against the "
-              "unpruned one (`metrics.json` `deployed`), range over seeds.", ""]
+              "unpruned one (`metrics.json` `deployed`), range over seeds. Kept widths (BAR's runs, per seed: "
+              "each gated layer's kept channels or units, and whether the widths were padded to multiples of 8; "
+              "where the run timed its padded network against exact widths, the padded one's speedup over them: "
+              "the padding is kept from 1.05×).", ""]
     for model in sorted(s):
         teachers = [100 * t["accuracy"] for k, t in record.get("teachers", {}).items() if k.startswith(model + "/")]
         st = record["settings"][model]

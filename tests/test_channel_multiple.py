@@ -738,3 +738,28 @@ def test_time_padding_times_in_the_deploy_runtime_and_only_an_auto_padding():
         assert "padding_timing" not in finalized(**options)
     with pytest.raises(ConfigError, match="time_padding must be True or False"):
         finalized(time_padding="yes")
+
+
+def test_time_padding_keeps_the_padding_where_the_timing_fails_and_times_without_the_fill(monkeypatch):
+    """A timing that fails (an export or a runtime error) keeps the padding and says why, in the log
+    and the report; without the fill the padded network is timed against exact widths too."""
+    import budgetprune.pruner as pruner_module
+
+    def finalized(fake, **options):
+        monkeypatch.setattr(pruner_module, "padding_speedup", fake)
+        torch.manual_seed(0)
+        logs = []
+        pruner = budgetprune.Pruner(budgetprune.create_model("lenet5"), torch.randn(8, 1, 28, 28), "flops=0.125",
+                                    total_steps=1, method="magnitude", time_padding=True, deploy_runtime="eager",
+                                    log=logs.append, **options)
+        pruner.step()
+        return pruner.finalize()[1], logs
+
+    failing = lambda exact, padded, example, runtime: {"runtime": runtime, "error": "ExportError: no"}  # noqa: E731
+    report, logs = finalized(failing)
+    assert report["padding"] == [8, 0, 2, 0] and report["padding_timing"] == {"runtime": "eager", "error": "ExportError: no"}
+    assert any("could not be timed in eager (ExportError: no)" in line for line in logs)
+    slower = lambda exact, padded, example, runtime: {  # noqa: E731
+        "runtime": runtime, "batch": 1, "exact_ms": 1.0, "padded_ms": 1.0, "speedup": 1.0, "pairs": 30, "pays": False}
+    report, _ = finalized(slower, fill=False)
+    assert report["padding"] == [1, 0, 1, 0] and report["channels_reopened_by_fill"] == 0

@@ -65,6 +65,8 @@ def test_prune_end_to_end_meets_budget(finished_run):
     timing = m.get("padding_timing")
     if timing is None:
         assert m["padding"][0] == 1  # the padding ladder itself ended at exact widths: nothing to time
+    elif "error" in timing:  # the padding is kept when it cannot be timed
+        assert m["padding"][0] == 8 and f"Padding not timed in {timing['runtime']}" in report
     else:
         assert timing["runtime"] == deployed["runtime"] and m["padding"][0] == (8 if timing["pays"] else 1)
         assert ("padding kept" if timing["pays"] else "exact widths kept") in report

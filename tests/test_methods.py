@@ -110,6 +110,16 @@ def test_constrained_l0_layer_targets_one_multiplier_per_layer():
     share = uniform_share(graph, budget)
     assert 0.4 < share < 1  # a layer's FLOPs scale with the channels it reads and those it writes
     assert method.fraction == share
+    limit, cm = budget.absolute(graph), CostModel(graph, "flops")
+
+    def thinned(extra):  # the first round(share·C) + extra channels of every layer (LeNet-5: no tied ones)
+        out = {}
+        for gid, g in graph.groups.items():
+            keep = torch.zeros(g.channels, dtype=torch.bool)
+            keep[:min(g.channels, max(1, round(share * g.channels)) + extra)] = True
+            out[gid] = keep
+        return out
+    assert cm.hard(thinned(0)) <= limit < cm.hard(thinned(1))
     set_log_alpha(method, 5.0)
     assert method.multipliers.numel() == len(graph.groups)
     g = method.violations()
@@ -141,7 +151,7 @@ def test_uniform_share_is_the_largest_common_share_of_channels_within_the_budget
     assert k == 25
     assert uniform_share(graph, [Budget("params", 1 / 3), Budget("params", 0.2)]) < share  # every budget holds
     assert uniform_share(graph, Budget("params", 1.0)) == 1.0
-    assert uniform_share(graph, Budget("params", 1e-4)) == 0.0  # not even one channel each
+    assert uniform_share(graph, Budget("params", 1e-4)) == 1 / 50  # not even one channel each: one of the widest
 
 
 def test_constrained_l0_lagrangian_gradient_pushes_gates_closed():

@@ -104,6 +104,7 @@ def test_weight_constrained_l0_violation_is_expected_density_minus_target():
     model, graph = lenet5()
     layer.attach(model, graph, NONZERO)
     assert layer.multipliers.numel() == len(weight_counts(model))
+    assert layer.fraction == NONZERO[0].fraction  # single-weight gates: a layer's share is its share of weights
 
 
 def test_methods_that_prune_only_channels_refuse_weight_granularity():

@@ -397,8 +397,11 @@ def uniform_share(graph: ChannelGraph, budget: Budget | list[Budget], mode: str 
 
     A per-layer target that means what a network-wide budget means (seed 003's layer-wise
     constraints, moved from single weights to channels: a layer keeping a share s of its
-    channels keeps about s² of its weights, not s). 0 when even one channel per group is over
-    a budget (the final projection then cuts whole layers where it can)."""
+    channels keeps about s² of its weights, not s). s is the top of its rounding step (a layer
+    of C channels may aim up to half a channel over what the thinned network keeps; the final
+    projection meets the budget). Where even one channel per group is over a budget, the share
+    of one channel of the widest group (a target the gates can reach; the final projection then
+    cuts whole layers where it can)."""
     costs = _Costs(graph, _as_list(budget), mode)
 
     def scaled(s: float) -> dict[str, torch.Tensor]:
@@ -410,7 +413,7 @@ def uniform_share(graph: ChannelGraph, budget: Budget | list[Budget], mode: str 
         return out
 
     s = _largest_fitting_scale(costs, scaled)
-    return 0.0 if s is None else s
+    return 1.0 / max(g.units for g in graph.groups.values()) if s is None else s
 
 
 def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("inf")):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .budget import Budget
-from .errors import BudgetError
+from .errors import BudgetError, first_line
 from .latency import LATENCY_METRICS
 from .runtimes import deployed_speed
 
@@ -50,14 +50,18 @@ def padding_speedup(exact: nn.Module, padded: nn.Module, example: torch.Tensor, 
     """How much faster the ``padded`` network runs than the ``exact`` one in ``runtime`` on
     ``example`` (paired runs, :func:`budgetprune.runtimes.deployed_speed`): ``exact_ms``,
     ``padded_ms``, ``speedup`` (the median of the pairs' exact/padded ratios), ``pairs`` and
-    ``pays`` (speedup at least :data:`PADDING_PAYS`); ``error`` instead when one cannot be timed.
+    ``pays`` (speedup at least :data:`PADDING_PAYS`); ``error`` instead when one cannot be
+    exported or timed (the padding is then kept: the timing only ever drops it).
 
     Why: onnxruntime's blocked CPU convolutions need channel counts that are multiples of 8:
     resnet20 at 2× fewer FLOPs ran 1.82× faster than unpruned with its widths padded and 0.72×
     at exact widths (batch 1, ``benchmarks/results/deploy_speed.md``), but LeNet-5 ran no faster
     padded, while the padding cost it 0.63 points of accuracy at 8× fewer FLOPs (README,
     "Benchmark")."""
-    speed = deployed_speed(exact, padded, example, runtime)
+    try:
+        speed = deployed_speed(exact, padded, example, runtime)
+    except Exception as exc:  # noqa: BLE001 - a timing that fails (a runtime's own error) costs the run nothing
+        speed = {"error": f"{type(exc).__name__}: {first_line(exc, 300)}"}
     if "error" in speed:
         return {"runtime": runtime, "error": speed["error"]}
     return {"runtime": runtime, "batch": speed["batch"], "exact_ms": speed["unpruned_ms"],

@@ -190,7 +190,8 @@ class Pruner:
     after :meth:`finalize` holds the padding kept; with ``time_padding=True``, as the command line
     does, finalize also projects the budget at exact widths, times both networks in
     ``deploy_runtime`` at batch 1 and keeps the padding only where it runs at least 1.05× faster,
-    :func:`budgetprune.measured.padding_speedup`, the report's ``padding_timing``) and whether the final projection
+    :func:`budgetprune.measured.padding_speedup`, the report's ``padding_timing``; not under a
+    latency budget timed in a runtime, whose search times the padded network itself) and whether the final projection
     ``fill``\\ s up to the budget. ``gate_sample`` is how a
     stochastic gate is sampled in training: once per example and channel (``"example"``, the
     default) or once per channel for the whole batch (``"batch"``: the gate then folds into its
@@ -440,10 +441,12 @@ class Pruner:
             project, lambda kept: compact(self.model, graph, kept, mode=chosen[0]), self.budgets, self.example[:1],
             self.log)
         timing = None
-        if self.time_padding and measured is None and chosen[0].multiple > 1 and modes[-1].multiple == 1:
-            timing, exact = self._time_padding(final, chosen[0], modes[-1], project_with)
+        # channel_multiple="auto" padded (a latency budget timed in a runtime has timed the padded network already)
+        if self.time_padding and measured is None and chosen[0].multiple > 1 and len(self.paddings) > 1:
+            exact_mode = BlockMode(str(self.block), Padding(), self.block.gather_cost)
+            timing, exact = self._time_padding(final, chosen[0], exact_mode, project_with)
             if exact is not None:
-                (final, reopened), chosen[0] = exact, modes[-1]
+                (final, reopened), chosen[0] = exact, exact_mode
         dropped = int(sum(int(masks[g].sum()) - int(final[g].sum()) + int(reopened.get(g, torch.empty(0)).numel())
                           for g in masks))
         return {"final": final, "dropped": dropped, "reopened": reopened, "before": before, "measured": measured,

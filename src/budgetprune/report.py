@@ -70,7 +70,9 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
         padding = describe_padding(Padding(*m.get("padding", [1])), m.get("pad_tied", True))
         lines.append(f"- Residual blocks: {blocks}; {padding}")
         timing = m.get("padding_timing")
-        if timing and "error" not in timing:
+        if timing and "error" in timing:
+            lines.append(f"- Padding not timed in {timing['runtime']} ({timing['error']}): padding kept")
+        elif timing:
             lines.append(f"- Padding timed in {timing['runtime']} (batch {timing['batch']}): padded "
                          f"{timing['padded_ms']:.3f} ms, exact widths {timing['exact_ms']:.3f} ms, "
                          f"{timing['speedup']:.2f}× faster padded: "
