@@ -204,3 +204,90 @@ def test_callbacks_under_torchrun_give_every_rank_the_same_pruned_network(traine
         from budgetprune.integrations.huggingface import STATE_FILE
         saved = torch.load(tmp_path / trainer / "checkpoint-4" / STATE_FILE, weights_only=True)
         assert saved["pruner"]["steps"] == 4
+
+
+def _spy_on_survival(monkeypatch) -> list[dict]:
+    """What each survival measurement was given (the module run, its batches' inputs), then the real one."""
+    from budgetprune import gate_start
+    calls, real = [], gate_start.survival_table
+
+    def spy(model, method, batches, **kwargs):
+        batches = list(batches)
+        take = kwargs.get("inputs") or gate_start.batch_inputs
+        calls.append({"module": model, "inputs": [take(b) for b in batches]})
+        calls[-1]["table"] = table = real(model, method, batches, **kwargs)
+        return table
+    monkeypatch.setattr(gate_start, "survival_table", spy)
+    return calls
+
+
+def _lowest_log_alpha(pruner) -> float:
+    from budgetprune import gate_start
+    return min(float(g.log_alpha.detach().min()) for g in gate_start.hard_concrete_gates(pruner.method))
+
+
+def test_lightning_callback_chooses_where_the_gates_start(demo_subsets, tmp_path, monkeypatch):
+    """gate_survival: before the first step the start is measured through the pruned network on the
+    first gate_start_images examples of the training DataLoader, and the gates are placed there."""
+    from budgetprune import gate_start
+    from budgetprune.integrations.lightning import BudgetPruning
+    torch.manual_seed(0)
+    xs, ys = _data(demo_subsets)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs, ys), batch_size=32)  # in order
+    calls, at_start = _spy_on_survival(monkeypatch), {}
+
+    class Watched(BudgetPruning):
+        def on_train_start(self, trainer, pl_module):
+            super().on_train_start(trainer, pl_module)
+            at_start.update(steps=self.pruner.steps, low=_lowest_log_alpha(self.pruner))
+
+    module = LitClassifier()
+    callback = Watched("flops=0.5", gate_survival=0.9, gate_start_images=50)
+    _trainer(tmp_path, callback, epochs=1).fit(module, loader)
+    (call,) = calls
+    assert call["module"] is callback.pruner.model  # the pruned network itself ran
+    assert len(call["inputs"]) == 2 and all(torch.equal(x, xs[32 * i:32 * (i + 1)]) for i, x in enumerate(call["inputs"]))
+    chosen = callback.pruner.gate_start
+    assert chosen["log_alpha"] == gate_start.choose_start(call["table"], 0.9) and chosen["survival"] == 0.9
+    assert at_start == {"steps": 0, "low": chosen["log_alpha"]}
+    assert callback.report["gate_start"] == chosen
+    assert 0.8 <= callback.report["pruned"]["flops"] / callback.pruner.budget.absolute(callback.pruner.graph) <= 1.0
+
+
+def test_huggingface_callback_chooses_where_the_gates_start(demo_subsets, tmp_path, monkeypatch):
+    """The whole model runs on the Trainer's dict batches without their labels; its logits are compared."""
+    from budgetprune import gate_start
+    from budgetprune.integrations.huggingface import BudgetPruningCallback
+    torch.manual_seed(0)
+    xs, ys = _data(demo_subsets)
+    calls, at_start = _spy_on_survival(monkeypatch), {}
+
+    class Watched(BudgetPruningCallback):
+        def on_train_begin(self, *args, **kwargs):
+            super().on_train_begin(*args, **kwargs)
+            at_start.update(steps=self.pruner.steps, low=_lowest_log_alpha(self.pruner))
+
+    model = HFClassifier()
+    callback = Watched("flops=0.5", xs[:4], module="backbone", gate_survival=0.9, gate_start_images=64)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=32,
+                                          learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
+                                          disable_tqdm=True)
+    transformers.Trainer(model=model, args=args, train_dataset=DictDataset(xs, ys), callbacks=[callback]).train()
+    (call,) = calls
+    assert call["module"] is model
+    assert len(call["inputs"]) == 2 and all(set(named) == {"pixel_values"} for named in call["inputs"])
+    chosen = callback.pruner.gate_start
+    assert chosen["log_alpha"] == gate_start.choose_start(call["table"], 0.9)
+    assert at_start == {"steps": 0, "low": chosen["log_alpha"]}
+
+
+def test_callbacks_refuse_gate_survival_with_gate_init_or_no_images():
+    from budgetprune.errors import ConfigError
+    from budgetprune.integrations.huggingface import BudgetPruningCallback
+    from budgetprune.integrations.lightning import BudgetPruning
+    with pytest.raises(ConfigError, match="give one"):
+        BudgetPruning("flops=0.5", gate_survival=0.85, gate_init=3.0)
+    with pytest.raises(ConfigError, match="survival must be a fraction"):
+        BudgetPruningCallback("flops=0.5", torch.zeros(2, 1, 28, 28), gate_survival=1.5)
+    with pytest.raises(ConfigError, match="gate_start_images"):
+        BudgetPruning("flops=0.5", gate_survival=0.85, gate_start_images=0)

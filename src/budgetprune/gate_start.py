@@ -51,7 +51,7 @@ def hard_concrete_gates(method: nn.Module) -> list[HardConcreteGate]:
 def top1_agreement(output, reference) -> torch.Tensor:
     """Per example: whether a classifier's output has the reference's top-1 class (outputs of shape
     (N, classes), or a tuple/list/dict whose first tensor is)."""
-    out, ref = _first_tensor(output), _first_tensor(reference)
+    out, ref = first_tensor(output), first_tensor(reference)
     if out is None or out.dim() != 2 or out.shape[1] < 2:
         shape = "no tensor" if out is None else f"shape {tuple(out.shape)}"
         raise ConfigError(f"choosing the gates' start compares a classifier's (batch, classes) outputs, and the "
@@ -60,19 +60,32 @@ def top1_agreement(output, reference) -> torch.Tensor:
     return out.argmax(1) == ref.argmax(1)
 
 
-def _first_tensor(output) -> torch.Tensor | None:
+def first_tensor(output) -> torch.Tensor | None:
+    """``output`` if it is a tensor, else the first tensor inside a tuple, list or dict (None if none)."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, dict):
         output = list(output.values())
     if isinstance(output, (list, tuple)):
-        return next((t for t in map(_first_tensor, output) if t is not None), None)
+        return next((t for t in map(first_tensor, output) if t is not None), None)
     return None
 
 
-def _inputs(batch):
+def batch_inputs(batch):
     """A batch's inputs: the batch itself, or the first item of an (inputs, targets, ...) batch."""
     return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def to_device(inputs, device: torch.device):
+    """``inputs`` on ``device``: a tensor, or the tensors inside a dict, list or tuple of them (other
+    values as they are)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(to_device(v, device) for v in inputs)
+    return inputs
 
 
 @contextlib.contextmanager
@@ -123,12 +136,15 @@ def place(gates: list[HardConcreteGate], start: float) -> None:
 
 def survival_table(model: nn.Module, method: nn.Module, batches: Iterable, *, grid: Iterable[float] = START_GRID,
                    forward: Callable | None = None, agree: Callable | None = None,
-                   seed: int = 0) -> dict[float, float]:
+                   inputs: Callable | None = None, seed: int = 0) -> dict[float, float]:
     """For each start of ``grid``: the fraction of the examples of ``batches`` on which the network
     with its gates sampled at that log α gives the ungated network's answer (``agree``; default
-    :func:`top1_agreement`). ``forward(model, inputs)`` runs a batch (default ``model(inputs)``).
-    Every start sees the same gate noise (batch ``b`` from seed ``seed + b``), so the fractions
-    differ by the start alone; under torch.distributed they are over every rank's batches."""
+    :func:`top1_agreement`). ``inputs(batch)`` takes a batch's inputs (default
+    :func:`batch_inputs`), which go to the gates' device (:func:`to_device`); ``forward(model,
+    inputs)`` runs them (default ``model(inputs)``). ``model`` is what runs: the pruned network or a
+    module around it (a trainer's model); its modes and buffers are restored afterwards. Every
+    start sees the same gate noise (batch ``b`` from seed ``seed + b``), so the fractions differ by
+    the start alone; under torch.distributed they are over every rank's batches."""
     gates = hard_concrete_gates(method)
     if not gates:
         raise ConfigError("only Hard Concrete gates have a start to choose: use method bar, l0 or constrained-l0, "
@@ -138,11 +154,12 @@ def survival_table(model: nn.Module, method: nn.Module, batches: Iterable, *, gr
         raise ConfigError("choosing the gates' start needs at least one log α to try")
     forward = forward or (lambda m, x: m(x))
     agree = agree or top1_agreement
+    inputs = inputs or batch_inputs
     device = gates[0].log_alpha.device
     agreed, seen = torch.zeros(len(grid), dtype=torch.float64), 0
     with _training_step_conditions(model, method, gates):
         for b, batch in enumerate(batches):
-            x = _inputs(batch).to(device)
+            x = to_device(inputs(batch), device)
             place(gates, UNGATED_LOG_ALPHA)
             reference = forward(model, x)
             for i, start in enumerate(grid):

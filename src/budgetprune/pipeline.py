@@ -706,8 +706,6 @@ class PruneRun:
             raise self._diverged(str(exc), resumable=False) from None
         if self.per_weight:
             self.weight_masks = pruner.weight_masks
-        if pruner.gate_start is not None:
-            info["gate_start"] = pruner.gate_start
         return net, _description(net), info
 
     # finetune ------------------------------------------------------------------------

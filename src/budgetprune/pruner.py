@@ -299,21 +299,25 @@ class Pruner:
         self.steps += 1
 
     def choose_gate_start(self, batches, *, survival: float = gate_start.SURVIVAL, forward=None,
-                          agree=None) -> float:
+                          agree=None, inputs=None, module: nn.Module | None = None) -> float:
         """Start the Hard Concrete gates at the lowest log α (0, 0.5, ..., 4) whose training-time
         noise the model survives: where, sampled as in a training step, the gated model still gives
         the ungated model's answer on at least ``survival`` of the examples of ``batches`` (a few
         training batches: tensors or (inputs, targets) pairs). Call it once, before the first
-        :meth:`step`. ``forward(model, inputs)`` runs a batch (default ``model(inputs)``); ``agree
-        (output, reference)`` gives a per-example bool tensor (default: the same top-1 class of a
-        (batch, classes) output). Returns the start; :attr:`gate_start` keeps the measurements.
-        See :mod:`budgetprune.gate_start`."""
+        :meth:`step`. ``inputs(batch)`` takes a batch's inputs (default: the batch, or its first
+        item); ``forward(model, inputs)`` runs them (default ``model(inputs)``), where ``model`` is
+        ``module`` (default the pruned model; a module around it, such as a trainer's model with its
+        head, runs with its modes and buffers restored afterwards); ``agree(output, reference)``
+        gives a per-example bool tensor (default: the same top-1 class of a (batch, classes)
+        output, or of the first tensor of a tuple or dict output). Returns the start;
+        :attr:`gate_start` keeps the measurements. See :mod:`budgetprune.gate_start`."""
         self._check_open("choose_gate_start()")
         survival = gate_start.check_survival(survival)
         if self.steps:
             raise ConfigError("choose_gate_start() after step(): the gates have moved; choose their start before "
                               "the first step")
-        table = gate_start.survival_table(self.model, self.method, batches, forward=forward, agree=agree)
+        table = gate_start.survival_table(self.model if module is None else module, self.method, batches,
+                                          forward=forward, agree=agree, inputs=inputs)
         start = gate_start.choose_start(table, survival)
         gate_start.place(gate_start.hard_concrete_gates(self.method), start)
         self._sync.broadcast_state()
@@ -368,7 +372,8 @@ class Pruner:
         folded into the weights, the method's hooks removed, and the physically smaller network
         checked against the gated one on ``inputs`` (default: ``example_inputs``). The report
         holds the costs before and after, what the projection dropped and the fill reopened,
-        the kept channels per group, the output difference and the pruning plan.
+        the kept channels per group, the output difference and the pruning plan (and
+        ``gate_start``, what :meth:`choose_gate_start` measured, where it ran).
 
         Both networks are left in eval mode; the original model is left without gates, its
         reopened channels' outgoing weights zeroed (it computes what the pruned one does). A
@@ -379,6 +384,8 @@ class Pruner:
         try:
             with float32(self.example.device):  # the projection and the output check, also inside autocast
                 self.result = self._finalize_weights(x) if self.per_weight else self._finalize_channels(x)
+            if self.gate_start is not None:  # where choose_gate_start() put the gates, and why
+                self.result[1]["gate_start"] = self.gate_start
         finally:
             self.method.detach()  # the user's model gets its plain forward back, whatever happened
             self._sync.close()

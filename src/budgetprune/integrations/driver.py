@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import gate_start
 from ..errors import ConfigError
 from ..pruner import Pruner
 
@@ -82,9 +83,17 @@ class PruningCallback:
     """What the Lightning and the Hugging Face callbacks share: their settings, the pruner and
     driver they start when training starts, and the result they keep when it ends."""
 
-    def _settings(self, budget, example_inputs, module, total_steps, gate_lr, replace, pruner_options) -> None:
+    def _settings(self, budget, example_inputs, module, total_steps, gate_lr, replace, gate_survival,
+                  gate_start_images, pruner_options) -> None:
+        if gate_survival is not None:
+            gate_start.check_survival(gate_survival)
+            if pruner_options.get("gate_init") is not None:
+                raise ConfigError("gate_init fixes where the gates start and gate_survival chooses it: give one")
+        if isinstance(gate_start_images, bool) or not isinstance(gate_start_images, int) or gate_start_images < 1:
+            raise ConfigError(f"gate_start_images must be a whole number ≥ 1, got {gate_start_images!r:.40}")
         self.budget, self.example_inputs, self.module = budget, example_inputs, module
         self.total_steps, self.gate_lr, self.replace = total_steps, gate_lr, replace
+        self.gate_survival, self.gate_start_images = gate_survival, gate_start_images
         self.pruner_options = pruner_options
         self.pruner: Pruner | None = None
         self.driver: TrainerDriver | None = None
@@ -99,6 +108,28 @@ class PruningCallback:
         self.pruner = Pruner(network, example, self.budget, total_steps=self.total_steps or int(total_steps),
                              **self.pruner_options)
         self.driver = TrainerDriver(self.pruner, self.gate_lr)
+
+    def _choose_gate_start(self, loader, *, forward=None, inputs=None, module: nn.Module | None = None) -> None:
+        """With ``gate_survival``, on a fresh pruner: where the gates start, measured on the first
+        ``gate_start_images`` examples of the trainer's training ``loader``
+        (:meth:`~budgetprune.pruner.Pruner.choose_gate_start`; ``forward``, ``inputs`` and
+        ``module`` as there)."""
+        if self.gate_survival is None or self.pruner.steps or self.pruner.gate_start is not None:
+            return  # not asked for, or restored from a checkpoint (the gates come back where they were)
+        if loader is None or isinstance(loader, (dict, list, tuple)):
+            raise ConfigError("gate_survival measures the gates' start on the training batches of one DataLoader; "
+                              "this trainer has " + ("none" if loader is None else "several") +
+                              ": set gate_init instead")
+        take = inputs or gate_start.batch_inputs
+        batches, seen = [], 0
+        for batch in loader:
+            batches.append(batch)
+            first = gate_start.first_tensor(take(batch))
+            seen += 1 if first is None or first.dim() == 0 else first.shape[0]
+            if seen >= self.gate_start_images:
+                break
+        self.pruner.choose_gate_start(batches, survival=self.gate_survival, forward=forward, inputs=inputs,
+                                      module=module)
 
     def _finish(self, owner: nn.Module, path: str | None) -> None:
         """Finalize; the smaller network replaces ``owner.<path>`` (with ``replace``)."""

@@ -12,11 +12,16 @@ written into each checkpoint folder (``budgetprune_pruner.pt``) and read back wh
 resumes from one; ``fp16`` (a gradient scaler) is refused, ``bf16`` works. At
 the end of training :attr:`pruned_model` is the physically smaller network and :attr:`report`
 what was kept; during training ``callback.pruner.status()`` gives the numbers to watch.
+With ``gate_survival`` the gates' start is measured when training begins, on the first
+``gate_start_images`` examples of the training DataLoader: the whole model runs on each batch
+without its labels (``args.label_names``, or ``labels``/``label``/``label_ids``), and the first
+tensor of its output (the logits) is compared.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import torch
 from transformers import TrainerCallback
@@ -33,13 +38,18 @@ class BudgetPruningCallback(PruningCallback, TrainerCallback):
     """Prune ``model.<module>`` to ``budget`` while the Trainer trains it (see the module docstring).
 
     Other keyword options are the :class:`~budgetprune.pruner.Pruner`'s; ``gate_lr`` is the
-    learning rate of the method's gates (their own Adam, constant; 1e-2)."""
+    learning rate of the method's gates (their own Adam, constant; 1e-2); ``gate_survival``
+    (instead of ``gate_init``, for a trained network) starts the Hard Concrete gates at the lowest
+    log α whose noise keeps the model's answer on that fraction of ``gate_start_images`` training
+    examples (:meth:`~budgetprune.pruner.Pruner.choose_gate_start`)."""
 
     def __init__(self, budget, example_inputs: torch.Tensor, *, module: str | None = None,
-                 total_steps: int | None = None, gate_lr: float = 1e-2, replace: bool = True, **pruner_options):
+                 total_steps: int | None = None, gate_lr: float = 1e-2, replace: bool = True,
+                 gate_survival: float | None = None, gate_start_images: int = 1024, **pruner_options):
         if not isinstance(example_inputs, torch.Tensor):
             raise ConfigError("BudgetPruningCallback needs one batch of inputs to the pruned network as a tensor")
-        self._settings(budget, example_inputs, module, total_steps, gate_lr, replace, pruner_options)
+        self._settings(budget, example_inputs, module, total_steps, gate_lr, replace, gate_survival,
+                       gate_start_images, pruner_options)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if args.fp16:
@@ -53,6 +63,18 @@ class BudgetPruningCallback(PruningCallback, TrainerCallback):
                 raise ConfigError(f"training resumes at step {state.global_step} but {path} does not exist: the "
                                   "pruner's state cannot be restored; resume from a checkpoint this callback saved")
             self.driver.load_state_dict(io.torch_load(path, "pruner state"))
+        labels = set(args.label_names or ()) | {"labels", "label", "label_ids"}
+
+        def inputs(batch):  # the model's own inputs: a Trainer's batch is a dict with the labels in it
+            if not isinstance(batch, Mapping):
+                raise ConfigError("gate_survival runs the model on the Trainer's batches, which here are not dicts "
+                                  "of named inputs: set gate_init instead")
+            return {k: v for k, v in batch.items() if k not in labels}
+
+        def forward(whole, named):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16)):
+                return whole(**named)
+        self._choose_gate_start(kwargs.get("train_dataloader"), forward=forward, inputs=inputs, module=model)
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")

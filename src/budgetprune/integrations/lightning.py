@@ -10,6 +10,9 @@ LightningModule's ``example_input_array``. The budget moves over ``total_steps``
 steps (default: all of the fit, ``trainer.estimated_stepping_batches``). At the end of the fit
 the pruner finalizes: :attr:`pruned_model` is the physically smaller network and :attr:`report`
 says what was kept. The callback's state (the pruner's) is saved in Lightning checkpoints.
+With ``gate_survival`` the gates' start is measured when training starts, on the first
+``gate_start_images`` examples of the training DataLoader (batches of inputs or (inputs,
+targets, ...)), each run through the pruned network under the fit's precision.
 """
 
 from __future__ import annotations
@@ -26,13 +29,18 @@ class BudgetPruning(PruningCallback, pl.Callback):
 
     Other keyword options are the :class:`~budgetprune.pruner.Pruner`'s (``method``, ``metric``,
     ``lam``, ``gate_init``, ``method_options``, ...); ``gate_lr`` is the learning rate of the
-    method's gates (their own Adam, constant; 1e-2). Mixed precision: ``bf16-mixed`` works;
+    method's gates (their own Adam, constant; 1e-2); ``gate_survival`` (instead of ``gate_init``,
+    for a trained network) starts the Hard Concrete gates at the lowest log α whose noise keeps
+    the network's answer on that fraction of ``gate_start_images`` training examples
+    (:meth:`~budgetprune.pruner.Pruner.choose_gate_start`). Mixed precision: ``bf16-mixed`` works;
     ``16-mixed`` (a gradient scaler) is refused, since the gates' gradients would stay scaled."""
 
     def __init__(self, budget, *, example_inputs: torch.Tensor | None = None, module: str | None = None,
-                 total_steps: int | None = None, gate_lr: float = 1e-2, replace: bool = True, **pruner_options):
+                 total_steps: int | None = None, gate_lr: float = 1e-2, replace: bool = True,
+                 gate_survival: float | None = None, gate_start_images: int = 1024, **pruner_options):
         super().__init__()
-        self._settings(budget, example_inputs, module, total_steps, gate_lr, replace, pruner_options)
+        self._settings(budget, example_inputs, module, total_steps, gate_lr, replace, gate_survival,
+                       gate_start_images, pruner_options)
         self._restored: dict | None = None
         self._counted = 0  # optimizer steps the pruner has seen
 
@@ -59,6 +67,12 @@ class BudgetPruning(PruningCallback, pl.Callback):
         if self._restored is not None:
             self.driver.load_state_dict(self._restored)
             self._counted = self._restored["counted"]
+
+    def on_train_start(self, trainer, pl_module) -> None:  # the training DataLoader exists from here on
+        def forward(network, x):
+            with trainer.precision_plugin.train_step_context():
+                return network(x)
+        self._choose_gate_start(trainer.train_dataloader, forward=forward)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.driver.before_optimizer_step()
