@@ -154,6 +154,34 @@ def test_uniform_share_is_the_largest_common_share_of_channels_within_the_budget
     assert uniform_share(graph, Budget("params", 1e-4)) == 1 / 50  # not even one channel each: one of the widest
 
 
+def _grouped_params(k0, k2, k4):
+    """Parameters of the grouped network below with k0 of 4, k2 of 6 channels per conv group (4
+    groups) and k4 of 8 channels, counted by building it."""
+    layers = [torch.nn.Conv2d(2, 4 * k0, 3), torch.nn.Conv2d(4 * k0, 4 * k2, 3, groups=4),
+              torch.nn.Conv2d(4 * k2, k4, 1), torch.nn.Linear(k4, 3)]
+    return sum(p.numel() for layer in layers for p in layer.parameters())
+
+
+def test_uniform_share_of_a_grouped_convolution_counts_channels_per_conv_group():
+    """A conv read by a grouped conv (4 groups) keeps the same share of each conv group: s is the
+    largest share at which round(s·4), round(s·6) and round(s·8) channels per conv group fit the
+    budget, against networks built by hand; a hair more and one of them rounds up past it."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 24, 3, padding=1, groups=4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(24, 8, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 3))
+    graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 2, 8, 8))
+    assert sorted((g.channels, g.units) for g in graph.groups.values()) == [(8, 8), (16, 4), (24, 6)]
+    assert _grouped_params(4, 6, 8) == sum(p.numel() for p in model.parameters())
+
+    def params(share):
+        return _grouped_params(*(max(1, round(share * units)) for units in (4, 6, 8)))
+    for fraction in (0.3, 0.5):
+        share = uniform_share(graph, Budget("params", fraction))
+        limit = fraction * _grouped_params(4, 6, 8)
+        assert params(share) <= limit < params(share + 1e-6)
+
+
 def test_constrained_l0_lagrangian_gradient_pushes_gates_closed():
     _, _, method = attached("constrained-l0")
     set_log_alpha(method, 1.0)
