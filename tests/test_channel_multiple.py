@@ -736,6 +736,7 @@ def test_time_padding_times_in_the_deploy_runtime_and_only_an_auto_padding():
     assert report["padding"][0] == (8 if timing["pays"] else 1)
     for options in ({}, {"time_padding": True, "channel_multiple": 8}):
         assert "padding_timing" not in finalized(**options)
+    assert finalized(time_padding=True, deploy_batch=3)["padding_timing"]["batch"] == 3  # the deployment's batch
     with pytest.raises(ConfigError, match="time_padding must be True or False"):
         finalized(time_padding="yes")
 

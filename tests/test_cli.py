@@ -122,6 +122,7 @@ def test_existing_run_folder_needs_resume(finished_run, capsys):
     (["--channel-multiple", "0"], "not 'auto' or a positive whole number"),
     (["--block", "regular", "--channel-multiple", "-8"], "not 'auto' or a positive whole number"),
     (["--gate-sample", "sometimes"], "--gate-sample"),
+    (["--deploy-batch", "0"], "--deploy-batch must be a whole number"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, words, capsys, tmp_path):
     base = {"--model": "lenet5", "--data": "demo", "--budget": "0.25", "--out": str(tmp_path / "run")}

@@ -658,6 +658,26 @@ def test_latency_fit_recovers_a_bilinear_timer_exactly(monkeypatch):
     assert fit["c_io"] == pytest.approx(0.002, rel=1e-9) and fit["c_out"] == pytest.approx(0.05, rel=1e-9)
 
 
+def test_latency_budget_times_its_layers_at_the_deployment_batch(monkeypatch, tmp_path):
+    """deploy_batch: every layer of the table is timed at that batch (its own cache entries); the
+    default is one example; anything but a whole number ≥ 1 is refused in one line."""
+    monkeypatch.setenv("BUDGETPRUNE_CACHE", str(tmp_path))
+    batches = []
+    monkeypatch.setattr(latency, "measure_layer", lambda spec, device, repeats=20, runtime="eager": (
+        batches.append(spec["batch"]) or {"table": [], "c_io": 1e-3 * spec["batch"], "c_out": 0.01}))
+    x = torch.randn(2, 1, 28, 28)
+    for batch in (1, 16):
+        del batches[:]
+        pruner = budgetprune.Pruner(budgetprune.create_model("lenet5"), x, "latency=0.5", total_steps=1,
+                                    method="magnitude", **({} if batch == 1 else {"deploy_batch": batch}))
+        assert batches == [batch] * 4 and pruner.graph.latency_batch == pruner.deploy_batch == batch
+        assert pruner.deploy_example().shape == (batch, 1, 28, 28)
+        assert torch.equal(pruner.deploy_example()[-1], x[0])
+    for bad in (0, 2.0, True):
+        with pytest.raises(ConfigError, match="deploy_batch must be a whole number"):
+            budgetprune.Pruner(budgetprune.create_model("lenet5"), x, "flops=0.5", total_steps=1, deploy_batch=bad)
+
+
 def test_latency_table_is_cached_per_device(monkeypatch, tmp_path):
     monkeypatch.setenv("BUDGETPRUNE_CACHE", str(tmp_path))
     calls = []
@@ -733,9 +753,13 @@ def test_short_run_under_a_measured_latency_budget(demo_small, tmp_path, monkeyp
     train, test = demo_small
     torch.manual_seed(0)
     _, m = budgetprune.prune(budgetprune.create_model("lenet5"), train, test, budget="2x", metric="latency",
-                             out=tmp_path / "run", log=None, **FAST)
+                             out=tmp_path / "run", log=None, **{**FAST, "deploy_runtime": "eager", "deploy_batch": 3})
     assert m["metric"] == "latency" and m["pruned"]["latency"] <= m["budget"] + 1e-9
     assert 0.9 <= m["budget_ratio"] <= 1.0 and (tmp_path / "cache" / "latency.json").exists()
+    # the deployment's batch: the table's layers and the result's deployed speed are timed at it
+    (table,) = json.loads((tmp_path / "cache" / "latency.json").read_text()).values()
+    assert {json.loads(key)["batch"] for key in table} == {3}
+    assert m["deployed"]["runtime"] == "eager" and m["deployed"]["batch"] == 3
 
 
 @pytest.mark.parametrize("model_name", ["tiny_mobilenetv2", "resnet20"])
@@ -780,9 +804,12 @@ def test_runtime_latency_budget_is_tightened_until_the_timed_network_meets_it(mo
     again to a shrunk budget until the measured latency is within it."""
     from budgetprune import measured, resources
 
-    monkeypatch.setattr(resources, "layer_coefficients", lambda graph, runtime="eager": {
+    monkeypatch.setattr(resources, "layer_coefficients", lambda graph, batch=1, runtime="eager": {
         name: (1e-3, 0.0) for name in graph.layers})  # the table: per input × output channel, no area
+    batches = set()
+
     def timed(unpruned, net, example, runtime, repeats=30):  # the network's time: its MACs and 0.2 ms for the rest
+        batches.add(example.shape[0])
         counted = {name: CostModel(budgetprune.ChannelGraph.build(m, example), "flops").full()
                    for name, m in (("unpruned", unpruned), ("pruned", net))}
         ms = {f"{name}_ms": 0.2 + cost * 1e-6 for name, cost in counted.items()}
@@ -795,8 +822,9 @@ def test_runtime_latency_budget_is_tightened_until_the_timed_network_meets_it(mo
     with pytest.raises(ConfigError, match="cannot use mixed blocks"):
         budgetprune.Pruner(model, x, "latency:onnxruntime=0.5", total_steps=1, block="mixed")
     pruner = budgetprune.Pruner(model, x, "latency:onnxruntime=0.5", total_steps=1, method="magnitude",
-                                block="regular", log=lines.append)
+                                block="regular", log=lines.append, deploy_batch=5)
     _, report = pruner.finalize(x)
+    assert batches == {5} and report["measured_latency"]["batch"] == 5  # timed at the deployment's batch
     tries = report["measured_latency"]["tries"]
     assert len(tries) >= 2  # the first projection measured over its budget
     first, last = tries[0]["measured"]["latency:onnxruntime"], tries[-1]["measured"]["latency:onnxruntime"]

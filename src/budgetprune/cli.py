@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the result runs: --block auto weighs gathers at their cost there, and the "
                         "result's speed is timed there against the unpruned network's (metrics.json 'deployed'); "
                         "default: the latency budget's runtime, else onnxruntime when installed, else eager")
+    p.add_argument("--deploy-batch", type=int,
+                   help="the batch the result runs at where it is deployed (default 1): latency budgets time "
+                        "their layers and the exported network at it, the auto padding is timed at it, and "
+                        "metrics.json 'deployed' is measured at it")
     p.add_argument("--channel-multiple", type=channel_multiple_arg,
                    help="pad every kept width to a multiple of this many channels, counted in the budget "
                         "(onnxruntime's fast CPU convolutions need 8, or 16 with AVX-512); 1: exact widths; default "
@@ -193,7 +197,8 @@ RESUME_MAY_CHANGE = ("device", "data_root", "progress", "workers", "deploy_runti
 _PLAIN_OPTIONS = ("model", "data", "data_root", "image_size", "augment", "workers", "method", "teacher",
                   "granularity", "epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs", "lr", "gate_lr",
                   "batch_size", "lam", "gate_init", "gate_survival", "gate_sample", "dual_lr", "schedule", "schedule_end",
-                  "student_init", "seed", "device", "block", "channel_multiple", "precision", "deploy_runtime", "optimizer", "weight_decay",
+                  "student_init", "seed", "device", "block", "channel_multiple", "precision", "deploy_runtime",
+                  "deploy_batch", "optimizer", "weight_decay",
                   "momentum", "lr_schedule", "warmup_epochs", "label_smoothing", "prune_recipe", "validation")
 
 

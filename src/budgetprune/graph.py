@@ -300,6 +300,7 @@ class ChannelGraph:
         self.norms = norms or {}  # LayerNorm node -> what compaction keeps of its statistics
         self.mask_sites = mask_sites or {}  # function renormaliser -> (module whose output is masked, its tensor)
         self.measured_flops: float | None = None  # MACs per example torch's counter counts in the whole model
+        self.latency_batch = 1  # examples per call at which latency metrics time its layers (the deployment's batch)
 
     # -- construction -----------------------------------------------------------------
     @classmethod

@@ -6,7 +6,8 @@ traffic between layers, the ops between them, the runtime's fusions; at 224 px o
 1.5–2× the sum of the layers), so the table's ratio of pruned to unpruned cost is only close to
 the measured one: 3–35 % over it on resnet20, resnet18 and mobilenet_v2
 (``benchmarks/latency_budget.py``). So the projection's result is compacted, exported and timed
-against the unpruned network in the budget's runtime (paired runs, batch 1); while the
+against the unpruned network in the budget's runtime (paired runs, at the batch it is deployed
+at: ``deploy_batch``, 1 by default); while the
 measured ratio is not within :data:`BAND` of the budget, the projection runs again from the same
 masks to another budget, up to :data:`MEASURED_TRIES` times, aiming at :data:`AIM` of it: first
 the budget scaled by the measured excess, then by false position between the tries over and under
@@ -83,7 +84,7 @@ def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
     if not timed:
         return masks, reopened, None
     unpruned = compacted(None)
-    record = {"tries": []}
+    record = {"batch": int(example.shape[0]), "tries": []}
     current = list(budgets)
     best = None  # (distance to the aim, masks, reopened) of the tries within every budget
     for _ in range(MEASURED_TRIES):

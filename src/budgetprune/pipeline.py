@@ -42,7 +42,7 @@ from .plan import make_plan
 from .plan import replay as plan_replay
 from .precision import autocast, check_precision, grad_scaler
 from .recipe import Recipe, make_optimizer, stage_schedule
-from .pruner import Pruner, check_channel_multiple, check_prunable
+from .pruner import Pruner, check_channel_multiple, check_deploy_batch, check_prunable
 from .resources import BUDGET_METRICS, METRICS, resource_report
 from .runfolder import RunFolder
 from .runtimes import check_runtime, default_runtime, deployed_speed
@@ -126,6 +126,7 @@ class PruneConfig:
     # loosened where that cannot end on the budget)
     deploy_runtime: str | None = None  # where the result runs (auto blocks weigh gathers there; its speed is timed
     # there): eager, torchscript, onnxruntime, none
+    deploy_batch: int = 1  # the batch it runs at there: latency budgets, the padding's timing and "deployed" use it
     teacher: str | None = None
     seed: int = 0
     device: str = "cpu"
@@ -171,6 +172,7 @@ class PruneConfig:
             raise ConfigError("--block must be 'auto', 'mixed' or 'regular'")
         if self.deploy_runtime not in (None, "none"):
             check_runtime(self.deploy_runtime)
+        check_deploy_batch(self.deploy_batch, "--deploy-batch")
         check_channel_multiple(self.channel_multiple)
         if self.method not in available_methods():
             raise ConfigError(f"unknown method '{self.method}': choose one of {', '.join(available_methods())}")
@@ -224,6 +226,7 @@ class PruneConfig:
                 "channel_multiple": self.channel_multiple, "deploy_runtime": self.deploy_runtime,
                 "fill": self.fill_budget, "gate_inputs": self.gate_inputs, "gate_sample": self.gate_sample,
                 "time_padding": self.deploy_runtime != "none",  # "none": nothing is timed
+                "deploy_batch": self.deploy_batch,
                 "method_options": self.method_options,
                 "lam": self.lam, "schedule": self.schedule, "schedule_hardness": self.schedule_hardness,
                 "schedule_end": self.schedule_end,
@@ -325,6 +328,7 @@ class PruneRun:
         x0 = train_data[0][0]
         self.example = x0.unsqueeze(0).to(self.device)
         self.graph = ChannelGraph.build(self.model, self.example, gate_inputs=config.gate_inputs)
+        self.graph.latency_batch = config.deploy_batch  # before any latency is counted
         self.budgets = config.budgets()
         self.budget = self.budgets[0]
         self.per_weight = config.granularity == "weight"
@@ -773,12 +777,13 @@ class PruneRun:
         write_report(self.out, metrics, self.history)
 
     def _deployed_speed(self, net: nn.Module) -> dict | None:
-        """The result's latency next to the unpruned network's, at batch 1, in the chosen runtime."""
+        """The result's latency next to the unpruned network's, at ``deploy_batch``, in the chosen runtime."""
         runtime = self.config.deploy_runtime or default_runtime([b.metric for b in self.budgets])
         if runtime == "none":
             return None
-        example = torch.zeros(1, *self.graph.input_shape, device=self.device)
-        self.log(f"timing the unpruned and the pruned network in {runtime} (batch 1)")
+        batch = self.config.deploy_batch
+        example = torch.zeros(batch, *self.graph.input_shape, device=self.device)
+        self.log(f"timing the unpruned and the pruned network in {runtime} (batch {batch})")
         return deployed_speed(self.teacher, net, example, runtime)
 
     def _finish(self, net: nn.Module, specs: dict, info: dict) -> PruneResult:

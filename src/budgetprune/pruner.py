@@ -108,16 +108,26 @@ def method_settings(*, lam: float | None = None, schedule: str = "sigmoid", sche
             "granularity": granularity}
 
 
+def check_deploy_batch(deploy_batch, name: str = "deploy_batch") -> int:
+    """``deploy_batch`` if it is a whole number of examples ≥ 1, else a one-line error naming the
+    option ``name``."""
+    if isinstance(deploy_batch, bool) or not isinstance(deploy_batch, int) or deploy_batch < 1:
+        raise ConfigError(f"{name} must be a whole number of examples ≥ 1 (the batch the pruned network runs "
+                          f"at where it is deployed), got {deploy_batch!r:.40}")
+    return deploy_batch
+
+
 def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget], *, method: str = "bar",
                    granularity: str = "channel", block: str = "auto", channel_multiple: int | str = "auto",
                    deploy_runtime: str | None = None, gather_cost: float | None = None,
                    method_options: dict | None = None, metric: str | None = None, fill: bool = True,
                    gate_inputs: bool = True, gate_sample: str = "example", time_padding: bool = False,
-                   **settings) -> None:
+                   deploy_batch: int = 1, **settings) -> None:
     """Raise a one-line error when ``budgets`` cannot be met on ``model`` or the method's options
     do not fit it, before any training; takes the :class:`Pruner`'s options (the pipeline checks
     them before it trains a teacher)."""
     check_gate_sample(gate_sample)
+    check_deploy_batch(deploy_batch)
     if not isinstance(time_padding, bool):
         raise ConfigError(f"time_padding must be True or False, got {time_padding!r}")
     block = block_mode(block, channel_multiple, deploy_runtime_of(deploy_runtime, budgets), gather_cost)
@@ -189,10 +199,12 @@ class Pruner:
     exact widths, :func:`budgetprune.liveness.auto_paddings`; 1: exact widths; :attr:`block`
     after :meth:`finalize` holds the padding kept; with ``time_padding=True``, as the command line
     does, finalize also projects the budget at exact widths, times both networks in
-    ``deploy_runtime`` at batch 1 and keeps the padding only where it runs at least 1.05× faster,
-    :func:`budgetprune.measured.padding_speedup`, the report's ``padding_timing``; not under a
+    ``deploy_runtime`` at ``deploy_batch`` and keeps the padding only where it runs at least 1.05×
+    faster, :func:`budgetprune.measured.padding_speedup`, the report's ``padding_timing``; not under a
     latency budget timed in a runtime, whose search times the padded network itself) and whether the final projection
-    ``fill``\\ s up to the budget. ``gate_sample`` is how a
+    ``fill``\\ s up to the budget. ``deploy_batch`` (default 1) is the batch the pruned network
+    will run at: latency budgets time their layers and the exported network at it, and the padding
+    is timed at it. ``gate_sample`` is how a
     stochastic gate is sampled in training: once per example and channel (``"example"``, the
     default) or once per channel for the whole batch (``"batch"``: the gate then folds into its
     host's weights, no pass over the feature maps; see :mod:`budgetprune.attach`).
@@ -213,8 +225,8 @@ class Pruner:
                  total_steps: int, metric: str | None = None, method: str = "bar", granularity: str = "channel",
                  block: str = "auto", channel_multiple: int | str = "auto", deploy_runtime: str | None = None,
                  gather_cost: float | None = None, fill: bool = True, gate_inputs: bool = True,
-                 gate_sample: str = "example", time_padding: bool = False, method_options: dict | None = None,
-                 log: Callable[[str], None] | None = None, **settings):
+                 gate_sample: str = "example", time_padding: bool = False, deploy_batch: int = 1,
+                 method_options: dict | None = None, log: Callable[[str], None] | None = None, **settings):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(example_inputs, torch.Tensor):
@@ -240,10 +252,12 @@ class Pruner:
         device = next((p.device for p in model.parameters()), example_inputs.device)
         self.example = example_inputs.detach().to(device)
         self.graph = ChannelGraph.build(model, self.example, gate_inputs=gate_inputs)
+        self.graph.latency_batch = self.deploy_batch = check_deploy_batch(deploy_batch)
         self.deploy_runtime = deploy_runtime_of(deploy_runtime, self.budgets)
         check_prunable(model, self.graph, self.budgets, method=method, granularity=granularity, block=block,
                        channel_multiple=channel_multiple, deploy_runtime=self.deploy_runtime, gather_cost=gather_cost,
-                       gate_sample=gate_sample, time_padding=time_padding, method_options=method_options, **settings)
+                       gate_sample=gate_sample, time_padding=time_padding, deploy_batch=deploy_batch,
+                       method_options=method_options, **settings)
         self.block = block_mode(block, channel_multiple, self.deploy_runtime, gather_cost)
         self.paddings = padding_ladder(channel_multiple)  # with the fill, finalize keeps the first that ends on budget
         self.time_padding = time_padding  # auto padding kept only where it measures faster than exact widths
@@ -325,6 +339,11 @@ class Pruner:
                            "agreement": [[s, fraction] for s, fraction in sorted(table.items())]}
         self.log(gate_start.describe(table, start, survival))
         return start
+
+    def deploy_example(self) -> torch.Tensor:
+        """What the deployed network is timed on: ``deploy_batch`` copies of the first example."""
+        first = self.example[:1]
+        return first.expand(self.deploy_batch, *first.shape[1:]).contiguous()
 
     def _check_open(self, call: str) -> None:
         if self.result is not None:
@@ -445,8 +464,8 @@ class Pruner:
             return best[1], best[2]
 
         final, reopened, measured = meet_measured_latency(
-            project, lambda kept: compact(self.model, graph, kept, mode=chosen[0]), self.budgets, self.example[:1],
-            self.log)
+            project, lambda kept: compact(self.model, graph, kept, mode=chosen[0]), self.budgets,
+            self.deploy_example(), self.log)
         timing = None
         # channel_multiple="auto" padded (a latency budget timed in a runtime has timed the padded network already)
         if self.time_padding and measured is None and chosen[0].multiple > 1 and len(self.paddings) > 1:
@@ -470,7 +489,7 @@ class Pruner:
             return {"runtime": self.deploy_runtime, "error": f"exact widths: {error}"}, None
         nets = [compact(self.model, self.graph, masks, mode=mode) for masks, mode in
                 ((exact[0], exact_mode), (padded, padded_mode))]
-        timing = padding_speedup(*nets, self.example[:1], self.deploy_runtime)
+        timing = padding_speedup(*nets, self.deploy_example(), self.deploy_runtime)
         if "error" in timing:
             self.log(f"the padded network could not be timed in {self.deploy_runtime} ({timing['error']}); "
                      f"keeping {padded_mode.describe_padding()}")
