@@ -291,3 +291,74 @@ def test_callbacks_refuse_gate_survival_with_gate_init_or_no_images():
         BudgetPruningCallback("flops=0.5", torch.zeros(2, 1, 28, 28), gate_survival=1.5)
     with pytest.raises(ConfigError, match="gate_start_images"):
         BudgetPruning("flops=0.5", gate_survival=0.85, gate_start_images=0)
+
+
+def test_a_resumed_lightning_fit_keeps_the_measured_start(demo_subsets, tmp_path, monkeypatch):
+    """The start is measured once: a fit resumed from its checkpoint gets the gates and the record back."""
+    from budgetprune.integrations.lightning import BudgetPruning
+    torch.manual_seed(0)
+    xs, ys = _data(demo_subsets)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs, ys), batch_size=32)
+    calls = _spy_on_survival(monkeypatch)
+    first = BudgetPruning("flops=0.5", gate_survival=0.9, gate_start_images=32, total_steps=16)
+    _trainer(tmp_path / "a", first, epochs=1).fit(LitClassifier(), loader)
+    second = BudgetPruning("flops=0.5", gate_survival=0.9, gate_start_images=32, total_steps=16)
+    _trainer(tmp_path / "b", second, epochs=2).fit(LitClassifier(), loader, ckpt_path=next((tmp_path / "a").rglob("*.ckpt")))
+    assert len(calls) == 1 and second.pruner.steps == 16
+    assert second.report["gate_start"] == first.report["gate_start"]
+
+
+def test_gate_survival_refuses_batches_it_cannot_run_in_one_line(demo_subsets, tmp_path):
+    from budgetprune.errors import ConfigError
+    from budgetprune.integrations.lightning import BudgetPruning
+    xs, ys = _data(demo_subsets, 64)
+
+    class DictBatches(LitClassifier):
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.model(batch["x"]), batch["y"])
+
+    dicts = torch.utils.data.DataLoader([{"x": x, "y": y} for x, y in zip(xs, ys)], batch_size=32)
+    with pytest.raises(ConfigError, match="hold dicts, not tensors.*set gate_init instead"):
+        _trainer(tmp_path / "a", BudgetPruning("flops=0.5", gate_survival=0.9)).fit(DictBatches(), dicts)
+    pairs = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs, ys), batch_size=32)
+    with pytest.raises(ConfigError, match="one DataLoader; this trainer has several"):
+        _trainer(tmp_path / "b", BudgetPruning("flops=0.5", gate_survival=0.9)).fit(
+            LitClassifier(), {"a": pairs, "b": pairs})
+
+
+class HFRenamedLabels(HFClassifier):
+    """A model whose labels are an argument the Trainer finds by name (not ``labels``)."""
+
+    def forward(self, pixel_values, class_label=None):
+        return super().forward(pixel_values, class_label)
+
+
+class RenamedDataset(DictDataset):
+    def __getitem__(self, i):
+        return {"pixel_values": self.xs[i], "class_label": self.ys[i]}
+
+
+def test_huggingface_gate_survival_leaves_out_labels_the_trainer_finds_by_name(demo_subsets, tmp_path, monkeypatch):
+    from budgetprune.integrations.huggingface import BudgetPruningCallback
+    torch.manual_seed(0)
+    xs, ys = _data(demo_subsets, 64)
+    calls = _spy_on_survival(monkeypatch)
+    callback = BudgetPruningCallback("flops=0.5", xs[:4], module="backbone", gate_survival=0.9, gate_start_images=32)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=32,
+                                          learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
+                                          disable_tqdm=True)
+    transformers.Trainer(model=HFRenamedLabels(), args=args, train_dataset=RenamedDataset(xs, ys),
+                         callbacks=[callback]).train()
+    (call,) = calls
+    assert [set(named) for named in call["inputs"]] == [{"pixel_values"}]
+
+
+def test_choose_gate_start_refuses_a_module_without_the_pruned_model():
+    from budgetprune.errors import ConfigError
+    model = budgetprune.create_model("lenet5")
+    x = torch.randn(8, 1, 28, 28)
+    pruner = budgetprune.Pruner(model, x, "flops=0.5", total_steps=4)
+    with pytest.raises(ConfigError, match="does not hold the pruned model"):
+        pruner.choose_gate_start([x], module=budgetprune.create_model("lenet5"))
+    from budgetprune import gate_start
+    assert pruner.choose_gate_start([x], module=torch.nn.Sequential(model)) in gate_start.START_GRID  # a wrapper runs

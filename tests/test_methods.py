@@ -804,7 +804,7 @@ def test_runtime_latency_budget_is_tightened_until_the_timed_network_meets_it(mo
     again to a shrunk budget until the measured latency is within it."""
     from budgetprune import measured, resources
 
-    monkeypatch.setattr(resources, "layer_coefficients", lambda graph, batch=1, runtime="eager": {
+    monkeypatch.setattr(resources, "layer_coefficients", lambda graph, runtime="eager": {
         name: (1e-3, 0.0) for name in graph.layers})  # the table: per input × output channel, no area
     batches = set()
 

@@ -15,10 +15,11 @@ predicts a network pruned with padded widths (``channel_multiple``) and under-pr
 A table of layers timed alone is only close to the whole network: a runtime budget is checked
 on the exported result (:mod:`budgetprune.measured`).
 
-Tables are built once per device, runtime and layer shape and cached as JSON in
+Tables are built once per device, runtime, layer shape and batch and cached as JSON in
 ``$BUDGETPRUNE_CACHE/latency.json`` (default ``~/.cache/budgetprune``), keyed by the device's
 name, so a second run on the same machine measures nothing. Times are in milliseconds per
-call at ``batch`` examples (1 by default: the latency of one input).
+call at ``batch`` examples (the deployment's batch, ``deploy_batch``; 1 by default: the latency
+of one input), which is part of each layer's key.
 """
 
 from __future__ import annotations
@@ -113,11 +114,13 @@ def _valid_entry(entry) -> bool:
         and 0.0 <= entry[k] < float("inf") for k in ("c_io", "c_out"))
 
 
-def layer_coefficients(graph, device: torch.device | None = None, batch: int = 1, repeats: int = 20,
+def layer_coefficients(graph, device: torch.device | None = None, batch: int | None = None, repeats: int = 20,
                        runtime: str = "eager") -> dict[str, tuple[float, float]]:
-    """``{layer: (c_io, c_out)}`` in ms for ``graph`` on ``device`` in ``runtime``, measured or
+    """``{layer: (c_io, c_out)}`` in ms for ``graph`` on ``device`` in ``runtime`` at ``batch``
+    examples per call (default: the graph's ``latency_batch``, the deployment's), measured or
     from the cache."""
     check_runtime(runtime)
+    batch = graph.latency_batch if batch is None else batch
     modules = dict(graph.gm.named_modules())
     if device is None:
         param = next(graph.gm.parameters(), None)

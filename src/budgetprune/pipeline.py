@@ -45,7 +45,7 @@ from .recipe import Recipe, make_optimizer, stage_schedule
 from .pruner import Pruner, check_channel_multiple, check_deploy_batch, check_prunable
 from .resources import BUDGET_METRICS, METRICS, resource_report
 from .runfolder import RunFolder
-from .runtimes import check_runtime, default_runtime, deployed_speed
+from .runtimes import check_runtime, copies_of_first, default_runtime, deployed_speed
 from .sparsity import density, prunable_weights
 
 STAGES = ("teacher", "prune", "finetune", "done")
@@ -782,7 +782,7 @@ class PruneRun:
         if runtime == "none":
             return None
         batch = self.config.deploy_batch
-        example = torch.zeros(batch, *self.graph.input_shape, device=self.device)
+        example = copies_of_first(self.example, batch)  # what the Pruner times its padding and latency on
         self.log(f"timing the unpruned and the pruned network in {runtime} (batch {batch})")
         return deployed_speed(self.teacher, net, example, runtime)
 

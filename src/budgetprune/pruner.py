@@ -42,7 +42,7 @@ from . import distributed, gate_start
 from .plan import make_plan
 from .precision import float32
 from .resources import METRICS, CostModel, resource_report
-from .runtimes import default_runtime
+from .runtimes import copies_of_first, default_runtime
 from .sparsity import check_weight_budget, count_kept, project_weights, scale_weights, weight_counts
 
 BLOCKS = ("auto", "mixed", "regular")
@@ -108,13 +108,18 @@ def method_settings(*, lam: float | None = None, schedule: str = "sigmoid", sche
             "granularity": granularity}
 
 
+def check_count(value, name: str, counts: str) -> int:
+    """``value`` if it is a whole number ≥ 1, else a one-line error naming the option ``name`` and
+    what it ``counts``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a whole number ≥ 1 ({counts}), got {value!r:.40}")
+    return value
+
+
 def check_deploy_batch(deploy_batch, name: str = "deploy_batch") -> int:
     """``deploy_batch`` if it is a whole number of examples ≥ 1, else a one-line error naming the
     option ``name``."""
-    if isinstance(deploy_batch, bool) or not isinstance(deploy_batch, int) or deploy_batch < 1:
-        raise ConfigError(f"{name} must be a whole number of examples ≥ 1 (the batch the pruned network runs "
-                          f"at where it is deployed), got {deploy_batch!r:.40}")
-    return deploy_batch
+    return check_count(deploy_batch, name, "examples: the batch the pruned network runs at where it is deployed")
 
 
 def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget], *, method: str = "bar",
@@ -330,6 +335,9 @@ class Pruner:
         if self.steps:
             raise ConfigError("choose_gate_start() after step(): the gates have moved; choose their start before "
                               "the first step")
+        if module is not None and not any(m is self.model for m in module.modules()):
+            raise ConfigError("choose_gate_start(module=...) runs a module that does not hold the pruned model: "
+                              "pass the model around it, or no module")
         table = gate_start.survival_table(self.model if module is None else module, self.method, batches,
                                           forward=forward, agree=agree, inputs=inputs)
         start = gate_start.choose_start(table, survival)
@@ -342,8 +350,7 @@ class Pruner:
 
     def deploy_example(self) -> torch.Tensor:
         """What the deployed network is timed on: ``deploy_batch`` copies of the first example."""
-        first = self.example[:1]
-        return first.expand(self.deploy_batch, *first.shape[1:]).contiguous()
+        return copies_of_first(self.example, self.deploy_batch)
 
     def _check_open(self, call: str) -> None:
         if self.result is not None:

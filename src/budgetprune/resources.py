@@ -93,8 +93,7 @@ def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
     if is_latency(metric) and attention:
         raise ConfigError(f"a latency budget cannot time the attention layer '{attention[0]}' yet: "
                           "use a flops or params budget for this model")
-    timed = (layer_coefficients(graph, batch=graph.latency_batch, runtime=LATENCY_METRICS[metric])
-             if is_latency(metric) else None)
+    timed = layer_coefficients(graph, runtime=LATENCY_METRICS[metric]) if is_latency(metric) else None
     terms: list[LayerCost] = []
     for layer in graph.layers.values():
         if layer.kind == "attention":

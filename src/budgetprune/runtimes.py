@@ -23,6 +23,12 @@ from .export import onnx_bytes, require, torchscript_module
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
 
 
+def copies_of_first(example: torch.Tensor, batch: int) -> torch.Tensor:
+    """A batch of ``batch`` copies of ``example``'s first item: what a deployed network is timed on."""
+    first = example[:1]
+    return first.expand(batch, *first.shape[1:]).contiguous()
+
+
 def check_runtime(runtime: str) -> str:
     if runtime not in RUNTIMES:
         raise ConfigError(f"unknown runtime '{runtime}': choose one of {', '.join(RUNTIMES)}")

@@ -17,9 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import gate_start
+import math
+
+from .. import distributed, gate_start
 from ..errors import ConfigError
-from ..pruner import Pruner
+from ..pruner import Pruner, check_count
 
 
 def submodule(model: nn.Module, path: str | None) -> nn.Module:
@@ -84,16 +86,17 @@ class PruningCallback:
     driver they start when training starts, and the result they keep when it ends."""
 
     def _settings(self, budget, example_inputs, module, total_steps, gate_lr, replace, gate_survival,
-                  gate_start_images, pruner_options) -> None:
+                  gate_start_images, gate_agree, pruner_options) -> None:
         if gate_survival is not None:
             gate_start.check_survival(gate_survival)
             if pruner_options.get("gate_init") is not None:
                 raise ConfigError("gate_init fixes where the gates start and gate_survival chooses it: give one")
-        if isinstance(gate_start_images, bool) or not isinstance(gate_start_images, int) or gate_start_images < 1:
-            raise ConfigError(f"gate_start_images must be a whole number ≥ 1, got {gate_start_images!r:.40}")
+        check_count(gate_start_images, "gate_start_images", "training examples the gates' start is measured on")
+        if gate_agree is not None and not callable(gate_agree):
+            raise ConfigError("gate_agree must be a function (output, reference) -> per-example bool tensor")
         self.budget, self.example_inputs, self.module = budget, example_inputs, module
         self.total_steps, self.gate_lr, self.replace = total_steps, gate_lr, replace
-        self.gate_survival, self.gate_start_images = gate_survival, gate_start_images
+        self.gate_survival, self.gate_start_images, self.gate_agree = gate_survival, gate_start_images, gate_agree
         self.pruner_options = pruner_options
         self.pruner: Pruner | None = None
         self.driver: TrainerDriver | None = None
@@ -111,9 +114,11 @@ class PruningCallback:
 
     def _choose_gate_start(self, loader, *, forward=None, inputs=None, module: nn.Module | None = None) -> None:
         """With ``gate_survival``, on a fresh pruner: where the gates start, measured on the first
-        ``gate_start_images`` examples of the trainer's training ``loader``
-        (:meth:`~budgetprune.pruner.Pruner.choose_gate_start`; ``forward``, ``inputs`` and
-        ``module`` as there)."""
+        ``gate_start_images`` examples of the trainer's training ``loader`` (under torch.distributed
+        each rank its share of them) with :meth:`~budgetprune.pruner.Pruner.choose_gate_start`
+        (``forward``, ``inputs`` and ``module`` as there; ``gate_agree`` its ``agree``). The
+        loader is read with the random streams put back afterwards, so the run trains as it
+        would have without the measurement."""
         if self.gate_survival is None or self.pruner.steps or self.pruner.gate_start is not None:
             return  # not asked for, or restored from a checkpoint (the gates come back where they were)
         if loader is None or isinstance(loader, (dict, list, tuple)):
@@ -121,15 +126,22 @@ class PruningCallback:
                               "this trainer has " + ("none" if loader is None else "several") +
                               ": set gate_init instead")
         take = inputs or gate_start.batch_inputs
+        wanted = math.ceil(self.gate_start_images / distributed.world_size())
         batches, seen = [], 0
-        for batch in loader:
-            batches.append(batch)
-            first = gate_start.first_tensor(take(batch))
-            seen += 1 if first is None or first.dim() == 0 else first.shape[0]
-            if seen >= self.gate_start_images:
-                break
+        with torch.random.fork_rng(devices=[]):  # an iterator draws its shuffle's seed from torch's stream
+            for batch in loader:
+                x = take(batch)
+                if inputs is None and not isinstance(x, torch.Tensor):
+                    raise ConfigError("gate_survival runs the pruned network on the training batches' inputs, and "
+                                      f"these batches hold {type(x).__name__}s, not tensors (or (inputs, targets) "
+                                      "pairs): set gate_init instead")
+                batches.append(batch)
+                first = gate_start.first_tensor(x)
+                seen += 1 if first is None or first.dim() == 0 else first.shape[0]
+                if seen >= wanted:
+                    break
         self.pruner.choose_gate_start(batches, survival=self.gate_survival, forward=forward, inputs=inputs,
-                                      module=module)
+                                      module=module, agree=self.gate_agree)
 
     def _finish(self, owner: nn.Module, path: str | None) -> None:
         """Finalize; the smaller network replaces ``owner.<path>`` (with ``replace``)."""

@@ -14,8 +14,9 @@ the end of training :attr:`pruned_model` is the physically smaller network and :
 what was kept; during training ``callback.pruner.status()`` gives the numbers to watch.
 With ``gate_survival`` the gates' start is measured when training begins, on the first
 ``gate_start_images`` examples of the training DataLoader: the whole model runs on each batch
-without its labels (``args.label_names``, or ``labels``/``label``/``label_ids``), and the first
-tensor of its output (the logits) is compared.
+without its labels (``args.label_names``, else the label arguments of the model's forward as the
+Trainer finds them, and ``labels``, ``label``, ``label_ids``), and the first tensor of its output
+(the logits) is compared.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Mapping
 
 import torch
 from transformers import TrainerCallback
+from transformers.utils import find_labels
 
 from .. import io
 from ..errors import ConfigError
@@ -41,15 +43,18 @@ class BudgetPruningCallback(PruningCallback, TrainerCallback):
     learning rate of the method's gates (their own Adam, constant; 1e-2); ``gate_survival``
     (instead of ``gate_init``, for a trained network) starts the Hard Concrete gates at the lowest
     log α whose noise keeps the model's answer on that fraction of ``gate_start_images`` training
-    examples (:meth:`~budgetprune.pruner.Pruner.choose_gate_start`)."""
+    examples (:meth:`~budgetprune.pruner.Pruner.choose_gate_start`; ``gate_agree(output,
+    reference)`` gives a per-example bool tensor where the first tensor of the model's output is not
+    (batch, classes) logits)."""
 
     def __init__(self, budget, example_inputs: torch.Tensor, *, module: str | None = None,
                  total_steps: int | None = None, gate_lr: float = 1e-2, replace: bool = True,
-                 gate_survival: float | None = None, gate_start_images: int = 1024, **pruner_options):
+                 gate_survival: float | None = None, gate_start_images: int = 1024, gate_agree=None,
+                 **pruner_options):
         if not isinstance(example_inputs, torch.Tensor):
             raise ConfigError("BudgetPruningCallback needs one batch of inputs to the pruned network as a tensor")
         self._settings(budget, example_inputs, module, total_steps, gate_lr, replace, gate_survival,
-                       gate_start_images, pruner_options)
+                       gate_start_images, gate_agree, pruner_options)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if args.fp16:
@@ -63,7 +68,9 @@ class BudgetPruningCallback(PruningCallback, TrainerCallback):
                 raise ConfigError(f"training resumes at step {state.global_step} but {path} does not exist: the "
                                   "pruner's state cannot be restored; resume from a checkpoint this callback saved")
             self.driver.load_state_dict(io.torch_load(path, "pruner state"))
-        labels = set(args.label_names or ()) | {"labels", "label", "label_ids"}
+        # the Trainer's own label names: args.label_names, else those of the model's forward (find_labels)
+        labels = set(args.label_names if args.label_names is not None else find_labels(model.__class__))
+        labels |= {"labels", "label", "label_ids"}
 
         def inputs(batch):  # the model's own inputs: a Trainer's batch is a dict with the labels in it
             if not isinstance(batch, Mapping):

@@ -32,15 +32,18 @@ class BudgetPruning(PruningCallback, pl.Callback):
     method's gates (their own Adam, constant; 1e-2); ``gate_survival`` (instead of ``gate_init``,
     for a trained network) starts the Hard Concrete gates at the lowest log α whose noise keeps
     the network's answer on that fraction of ``gate_start_images`` training examples
-    (:meth:`~budgetprune.pruner.Pruner.choose_gate_start`). Mixed precision: ``bf16-mixed`` works;
+    (:meth:`~budgetprune.pruner.Pruner.choose_gate_start`; ``gate_agree(output, reference)`` gives
+    a per-example bool tensor where the output is not (batch, classes) scores). Mixed precision:
+    ``bf16-mixed`` works;
     ``16-mixed`` (a gradient scaler) is refused, since the gates' gradients would stay scaled."""
 
     def __init__(self, budget, *, example_inputs: torch.Tensor | None = None, module: str | None = None,
                  total_steps: int | None = None, gate_lr: float = 1e-2, replace: bool = True,
-                 gate_survival: float | None = None, gate_start_images: int = 1024, **pruner_options):
+                 gate_survival: float | None = None, gate_start_images: int = 1024, gate_agree=None,
+                 **pruner_options):
         super().__init__()
         self._settings(budget, example_inputs, module, total_steps, gate_lr, replace, gate_survival,
-                       gate_start_images, pruner_options)
+                       gate_start_images, gate_agree, pruner_options)
         self._restored: dict | None = None
         self._counted = 0  # optimizer steps the pruner has seen
 
@@ -69,9 +72,9 @@ class BudgetPruning(PruningCallback, pl.Callback):
             self._counted = self._restored["counted"]
 
     def on_train_start(self, trainer, pl_module) -> None:  # the training DataLoader exists from here on
-        def forward(network, x):
+        def forward(network, x):  # as the training step runs it: its precision's inputs and autocast
             with trainer.precision_plugin.train_step_context():
-                return network(x)
+                return network(trainer.precision_plugin.convert_input(x))
         self._choose_gate_start(trainer.train_dataloader, forward=forward)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
