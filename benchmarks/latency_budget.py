@@ -7,7 +7,7 @@ finalizes: the projection meets the budget in the table's milliseconds, and fina
 result in onnxruntime and projects again, aiming at 0.95 of the budget, until it measures within
 [0.92, 0.98] of it (:mod:`budgetprune.measured`, at most 7 projections). The compacted network and the unpruned one
 are then timed again here, independently (:func:`budgetprune.runtimes.deployed_speed`: runs
-paired by turns, batch 1, the ratio a median of the pairs' ratios). The target: the measured
+paired by turns, at ``--batch``, default 1, the ratio a median of the pairs' ratios). The target: the measured
 latency of the pruned network is within [0.9, 1.0] of the budget, i.e. of ``fraction`` × the
 measured latency of the unpruned network.
 
@@ -21,6 +21,10 @@ table) drove mobilenet_v2 to 520× fewer FLOPs to meet a 2× latency budget. Unt
 
     python benchmarks/latency_budget.py                              # resnet20, resnet18, mobilenet_v2
     python benchmarks/latency_budget.py --models resnet20 --fractions 0.5    # smoke run
+    python benchmarks/latency_budget.py --batch 16 --out benchmarks/results/latency_budget_batch16
+
+``--batch`` is the deployment's batch (the Pruner's ``deploy_batch``): the tables, finalize's
+timings and the timing here all run at it.
 
 Writes ``benchmarks/results/latency_budget.{json,md}``. The per-layer tables are cached in
 ``--cache`` (default ``runs/latency_budget/cache``, so the run does not touch the user cache).
@@ -60,6 +64,7 @@ def arguments(argv) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="AdamW steps before finalize")
     p.add_argument("--multiple", type=channel_multiple_arg, default="auto",
                    help="channel multiple of the padded runs: a whole number, or auto (the library default)")
+    p.add_argument("--batch", type=int, default=1, help="the deployment's batch: tables and timings run at it")
     p.add_argument("--repeats", type=int, default=50, help="timed runs per network at least (paired by turns with the other network, a second at least)")
     p.add_argument("--cache", default=str(HERE.parent / "runs" / "latency_budget" / "cache"))
     p.add_argument("--out", default=str(RESULTS))
@@ -74,23 +79,26 @@ def arguments(argv) -> argparse.Namespace:
         p.error(f"--fractions must be numbers, not {args.fractions!r}")
     if not all(0 < f < 1 for f in args.fractions):
         p.error("--fractions must lie strictly between 0 and 1")
+    if args.batch < 1:
+        p.error("--batch must be 1 or more")
     return args
 
 
-def run_one(unpruned, shape, fraction: float, block: str, multiple: int | str, steps: int, repeats: int) -> dict:
+def run_one(unpruned, shape, fraction: float, block: str, multiple: int | str, steps: int, repeats: int,
+            batch: int = 1) -> dict:
     torch.manual_seed(0)
     model = copy.deepcopy(unpruned).train()
     x, y = torch.randn(2, *shape), torch.randint(0, 10, (2,))
     start = time.perf_counter()
     pruner = Pruner(model, x, f"latency:onnxruntime={fraction!r}", total_steps=max(steps, 1), method="magnitude",
-                    block=block, channel_multiple=multiple)
+                    block=block, channel_multiple=multiple, deploy_batch=batch)
     table_seconds = time.perf_counter() - start
     optimizer = torch.optim.AdamW(pruner.parameters(lr=1e-3), lr=1e-3)
     pruning_steps(model, pruner, optimizer, x, y, steps)
     small, report = pruner.finalize(x)
     metric = "latency:onnxruntime"
     full, pruned = pruner.full[metric], report["pruned"][metric]
-    measured = deployed_speed(unpruned.eval(), small, torch.zeros(1, *shape), "onnxruntime", repeats=repeats)
+    measured = deployed_speed(unpruned.eval(), small, torch.zeros(batch, *shape), "onnxruntime", repeats=repeats)
     tries = report.get("measured_latency", {}).get("tries", [])
     out = {"fraction": fraction, "block": block, "channel_multiple": multiple, "padding": report.get("padding"),
            "finalize_tries": tries,
@@ -120,7 +128,8 @@ def main(argv=None) -> int:
                     bar.set_description(f"{name} {fraction:g} {block}/{multiple}")
                     row = {"model": name, "input_shape": list(shape)}
                     try:
-                        row.update(run_one(unpruned, shape, fraction, block, multiple, args.steps, args.repeats))
+                        row.update(run_one(unpruned, shape, fraction, block, multiple, args.steps, args.repeats,
+                                           args.batch))
                     except Exception as exc:  # one failure is recorded, the others still run
                         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                         tqdm.write(f"{name} {fraction:g} {block}: {row['error']}")
@@ -148,7 +157,7 @@ def markdown(r: dict) -> str:
     lines = ["# Latency budgets measured in onnxruntime", "", f"Command: `{r['command']}`", "",
              "Per model and latency fraction, a `Pruner` with the budget `latency:onnxruntime=<fraction>` (method "
              f"`magnitude`, {s['steps']} AdamW steps on random inputs, untrained weights) finalizes; the compacted "
-             "network and the unpruned one are exported to ONNX and timed in onnxruntime at batch 1 "
+             f"network and the unpruned one are exported to ONNX and timed in onnxruntime at batch {s.get('batch', 1)} "
              f"({r['threads']} threads; runs paired by turns, at least {s['repeats']} pairs and a second; the ratio is the median of the pairs' ratios). "
              "*Projections*: how many finalize timed (aiming at 0.95 of the budget) before one measured within "
              "[0.92, 0.98] of it (7 at most). *Table* is the per-layer table's ratio of the result; *measured* is the exported "

@@ -14,10 +14,10 @@ state with a group it does not have).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
-
-import math
 
 from .. import distributed, gate_start
 from ..errors import ConfigError

@@ -68,6 +68,11 @@ class BudgetPruningCallback(PruningCallback, TrainerCallback):
                 raise ConfigError(f"training resumes at step {state.global_step} but {path} does not exist: the "
                                   "pruner's state cannot be restored; resume from a checkpoint this callback saved")
             self.driver.load_state_dict(io.torch_load(path, "pruner state"))
+        if self.gate_survival is not None:
+            self._choose_gate_start_on(kwargs.get("train_dataloader"), model, args, device)
+
+    def _choose_gate_start_on(self, loader, model, args, device) -> None:
+        """The gates' start measured through the whole ``model`` on the Trainer's ``loader``."""
         # the Trainer's own label names: args.label_names, else those of the model's forward (find_labels)
         labels = set(args.label_names if args.label_names is not None else find_labels(model.__class__))
         labels |= {"labels", "label", "label_ids"}
@@ -81,7 +86,7 @@ class BudgetPruningCallback(PruningCallback, TrainerCallback):
         def forward(whole, named):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16)):
                 return whole(**named)
-        self._choose_gate_start(kwargs.get("train_dataloader"), forward=forward, inputs=inputs, module=model)
+        self._choose_gate_start(loader, forward=forward, inputs=inputs, module=model)
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
