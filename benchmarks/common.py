@@ -5,6 +5,7 @@ forward passes interleaved so that a machine that slows down slows every contend
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import sys
@@ -94,6 +95,14 @@ def machine(device: torch.device | None = None) -> dict:
         out["gpu"] = torch.cuda.get_device_name(device)
         out["cuda"] = torch.version.cuda
     return out
+
+
+def allocator_settings() -> dict[str, str]:
+    """The environment that decides how this process allocates memory: glibc's ``MALLOC_*``
+    tunables and ``LD_PRELOAD`` (jemalloc, tcmalloc). With glibc's defaults every buffer over
+    32 MiB is a fresh ``mmap`` whose pages fault in on first touch, which on CPU makes a step's
+    time depend on how many such buffers it allocates (``benchmarks/pruner_overhead.py``)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
 
 
 def record_header(r: dict, title: str, setup: str) -> list[str]:

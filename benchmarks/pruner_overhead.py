@@ -9,8 +9,19 @@ medians compared, so a machine that slows down during the run slows both loops a
     python benchmarks/pruner_overhead.py                             # ResNet-50, batch 16, 64 px, BAR
     python benchmarks/pruner_overhead.py --methods bar,bar/batch --rounds 7    # gates per example, per batch
     python benchmarks/pruner_overhead.py --methods bar,l0,cs --size 96 --rounds 7
+    python benchmarks/pruner_overhead.py --methods bar --profile 5    # and where the added time goes
 
 A method written ``name/batch`` samples its gates once per batch (``Pruner(gate_sample="batch")``).
+
+The memory allocator matters on CPU at large inputs: with glibc's defaults each buffer over 32 MiB
+is a fresh ``mmap`` whose pages fault in on first touch, so a step that writes a few more feature
+maps (the gates' products) pays those faults too. The record names the allocator settings of the
+run (``MALLOC_*``, ``LD_PRELOAD``); at 224 px compare a run with the defaults to one that keeps
+freed buffers for reuse::
+
+    python benchmarks/pruner_overhead.py --size 224 --rounds 9
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \
+        python benchmarks/pruner_overhead.py --size 224 --rounds 9
 
 Writes ``benchmarks/results/pruner_overhead.{json,md}``.
 """
@@ -27,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, interleaved_steps, method_and_sample, training_step  # noqa: E402
+from common import RESULTS, allocator_settings, interleaved_steps, method_and_sample, training_step  # noqa: E402
 
 import budgetprune  # noqa: E402
 from budgetprune import Pruner  # noqa: E402
@@ -54,9 +65,64 @@ def measure(args, method: str) -> dict:
                                  args.rounds, args.steps, args.warmup)
     plain, pruned = times["plain"], times["pruned"]
     p_med, q_med = statistics.median(plain), statistics.median(pruned)
-    return {"method": method, "plain_step_s": p_med, "pruned_step_s": q_med, "ratio": q_med / p_med,
-            "plain_steps": plain, "pruned_steps": pruned, "pruner_build_s": build,
-            "groups": len(pruner.graph.groups)}
+    row = {"method": method, "plain_step_s": p_med, "pruned_step_s": q_med, "ratio": q_med / p_med,
+           "plain_steps": plain, "pruned_steps": pruned, "pruner_build_s": build,
+           "groups": len(pruner.graph.groups)}
+    if args.profile:
+        row["profile"] = added_operations(lambda: training_step(plain_model, plain_opt, x, y),
+                                          lambda: training_step(pruned_model, pruned_opt, x, y, pruner),
+                                          args.profile)
+    return row
+
+
+def operation_times(step, steps: int) -> dict[str, tuple[float, float]]:
+    """Per operator, its self CPU milliseconds and calls per step, over ``steps`` steps under
+    ``torch.profiler`` (forward, backward and the optimizer's step)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()}
+
+
+def added_operations(plain_step, pruned_step, steps: int, top: int = 15) -> dict:
+    """Where the pruner's added time goes: both loops profiled for ``steps`` steps each (plain
+    first), the profiled step totals, and the ``top`` operators whose self time per step grew
+    most (ms and calls per step, in each loop). The profiler's own cost per call inflates small
+    operations, so the totals differ from the timed medians; the shares are what it is for."""
+    plain, pruned = operation_times(plain_step, steps), operation_times(pruned_step, steps)
+    names = set(plain) | set(pruned)
+    grow = {n: pruned.get(n, (0.0, 0))[0] - plain.get(n, (0.0, 0))[0] for n in names}
+    rows = [{"op": n, "added_ms": grow[n], "plain_ms": plain.get(n, (0.0, 0))[0], "pruned_ms": pruned.get(n, (0.0, 0))[0],
+             "plain_calls": plain.get(n, (0.0, 0))[1], "pruned_calls": pruned.get(n, (0.0, 0))[1]}
+            for n in sorted(names, key=lambda n: -grow[n])[:top]]
+    return {"steps": steps, "plain_ms": sum(v[0] for v in plain.values()),
+            "pruned_ms": sum(v[0] for v in pruned.values()),
+            "plain_calls": sum(v[1] for v in plain.values()), "pruned_calls": sum(v[1] for v in pruned.values()),
+            "top": rows}
+
+
+def profile_lines(row: dict) -> list[str]:
+    """The page's table of where a method's added time went (``--profile``)."""
+    p = row["profile"]
+    lines = ["", f"### Where `{row['method']}` adds time (torch.profiler, {p['steps']} steps of each loop)", "",
+             f"Self CPU time per step: plain {p['plain_ms']:.1f} ms in {p['plain_calls']:.0f} operator calls, with "
+             f"the pruner {p['pruned_ms']:.1f} ms in {p['pruned_calls']:.0f} (+{p['pruned_ms'] - p['plain_ms']:.1f} ms, "
+             f"+{p['pruned_calls'] - p['plain_calls']:.0f} calls). The operators whose time grew most (the profiler's "
+             "cost per call inflates small ones; a difference of a few ms in the convolutions is noise):", "",
+             "| operator | added ms per step | plain ms | with the pruner ms | calls per step (plain → with) |",
+             "|---|---:|---:|---:|---|"]
+    for t in p["top"]:
+        lines.append(f"| `{t['op']}` | {t['added_ms']:+.2f} | {t['plain_ms']:.2f} | {t['pruned_ms']:.2f} | "
+                     f"{t['plain_calls']:.0f} → {t['pruned_calls']:.0f} |")
+    return lines
+
+
+def allocation(env: dict) -> str:
+    """The allocator settings in words, for the results page."""
+    if not env:
+        return "glibc's defaults (buffers over 32 MiB are fresh mmaps, their pages faulted in on first touch)"
+    return ", ".join(f"`{k}={v}`" for k, v in env.items())
 
 
 def main(argv=None) -> int:
@@ -69,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="steps per loop per round")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile this many steps of each loop and list the operators that grew")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     start = time.perf_counter()
@@ -77,7 +145,10 @@ def main(argv=None) -> int:
         row = measure(args, method)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_steps")}), flush=True)
         rows.append(row)
-    record = {"command": "python benchmarks/pruner_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    env = allocator_settings()
+    record = {"command": " ".join([f"{k}={v}" for k, v in env.items()] + ["python benchmarks/pruner_overhead.py"]
+                                  + (sys.argv[1:] if argv is None else argv)),
+              "allocator": env or "glibc defaults",
               "model": args.model, "batch": args.batch, "size": args.size, "budget": args.budget,
               "rounds": args.rounds, "steps_per_round": args.steps, "device": "cpu", "torch": torch.__version__,
               "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start, "rows": rows}
@@ -88,12 +159,16 @@ def main(argv=None) -> int:
              f"Command: `{record['command']}`", "",
              f"{args.model}, batch {args.batch}, {args.size} px, CPU, torch {record['torch']}, {record['threads']} "
              f"threads; budget `{args.budget}`; medians of {args.rounds} interleaved rounds of {args.steps} steps per "
-             f"loop after {args.warmup} warm-up steps; wall time {record['wall_seconds'] / 60:.1f} min.", "",
+             f"loop after {args.warmup} warm-up steps; memory allocator: {allocation(env)}; wall time "
+             f"{record['wall_seconds'] / 60:.1f} min.", "",
              "| method | plain step (s) | step with the pruner (s) | ratio | channel groups | pruner build (s) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['plain_step_s']:.3f} | {r['pruned_step_s']:.3f} | {r['ratio']:.3f} | "
                      f"{r['groups']} | {r['pruner_build_s']:.1f} |")
+    for r in rows:
+        if "profile" in r:
+            lines += profile_lines(r)
     (out / "pruner_overhead.md").write_text("\n".join(lines + [""]))
     return 0
 

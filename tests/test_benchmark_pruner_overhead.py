@@ -1,0 +1,55 @@
+"""benchmarks/pruner_overhead.py: a small run records the allocator it ran under and, with
+``--profile``, which operators the pruner added; the operator accounting against steps whose
+operators are known."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmark_scripts import BENCHMARKS, benchmark_module
+
+SCRIPT = BENCHMARKS / "pruner_overhead.py"
+
+
+@pytest.fixture(scope="module")
+def overhead():
+    with benchmark_module("pruner_overhead") as module:
+        yield module
+
+
+def test_added_operations_names_what_the_second_step_adds(overhead):
+    x = torch.randn(64, 64)
+    plain = lambda: x * 2  # noqa: E731
+    more = lambda: (x * 2, torch.cumsum(x, 0), torch.cumsum(x, 1))  # noqa: E731
+    added = overhead.added_operations(plain, more, steps=3)
+    rows = {r["op"]: r for r in added["top"]}
+    assert rows["aten::cumsum"]["plain_calls"] == 0 and rows["aten::cumsum"]["pruned_calls"] == 2
+    assert rows["aten::cumsum"]["added_ms"] > 0
+    assert added["steps"] == 3 and added["pruned_calls"] >= added["plain_calls"] + 2
+    # sorted by the time added, largest first
+    assert [r["added_ms"] for r in added["top"]] == sorted((r["added_ms"] for r in added["top"]), reverse=True)
+
+
+def test_a_small_run_records_its_allocator_and_profile(tmp_path):
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4294967296")
+    env.pop("LD_PRELOAD", None)
+    run = subprocess.run([sys.executable, str(SCRIPT), "--model", "resnet20", "--size", "32", "--batch", "4",
+                          "--rounds", "1", "--steps", "1", "--warmup", "1", "--profile", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    record = json.loads((tmp_path / "pruner_overhead.json").read_text())
+    assert record["allocator"] == {"MALLOC_MMAP_THRESHOLD_": "4294967296"}
+    assert record["command"].startswith("MALLOC_MMAP_THRESHOLD_=4294967296 python benchmarks/pruner_overhead.py")
+    (row,) = record["rows"]
+    assert row["ratio"] > 0 and row["groups"] > 0
+    ops = {r["op"]: r for r in row["profile"]["top"]}
+    assert row["profile"]["pruned_calls"] > row["profile"]["plain_calls"]
+    assert any(r["plain_calls"] == 0 and r["pruned_calls"] > 0 for r in ops.values()), ops  # the hooks' own operators
+    page = (tmp_path / "pruner_overhead.md").read_text()
+    assert "`MALLOC_MMAP_THRESHOLD_=4294967296`" in page and "### Where `bar` adds time" in page
