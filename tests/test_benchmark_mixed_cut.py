@@ -1,0 +1,51 @@
+"""benchmarks/mixed_cut.py: a short run on the demo data reports, for the same masks, a mixed
+volume no larger than the regular one and each stage's widths; variant names are checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmark_scripts import BENCHMARKS, benchmark_module
+
+SCRIPT = BENCHMARKS / "mixed_cut.py"
+
+
+@pytest.fixture(scope="module")
+def mixed_cut():
+    with benchmark_module("mixed_cut") as module:
+        yield module
+
+
+def test_variant_names(mixed_cut):
+    assert mixed_cut.variant_options("default") == {}
+    assert mixed_cut.variant_options("no_fill") == {"fill_budget": False}
+    assert mixed_cut.variant_options("gate_init=0") == {"gate_init": 0.0}
+    assert mixed_cut.variant_options("epochs=6") == {"epochs": 6}
+    with pytest.raises(SystemExit, match="unknown variant 'lr=3'"):
+        mixed_cut.variant_options("lr=3")
+
+
+def test_stage_widths_group_layers_by_their_first_name(mixed_cut):
+    kept = {"conv1": [0, 1], "layer1.0.conv1": [], "layer1.0.conv2": [3], "layer2.0.downsample.0": [1, 2, 3]}
+    assert mixed_cut.stage_widths(kept) == {"conv1": [2], "layer1": [0, 1], "layer2": [3]}
+
+
+def test_a_short_run_on_the_demo_data(tmp_path):
+    run = subprocess.run([sys.executable, str(SCRIPT), "--data", "demo", "--teacher-epochs", "1", "--epochs", "1",
+                          "--finetune-epochs", "0", "--factors", "2", "--variants", "default",
+                          "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    record = json.loads((tmp_path / "out" / "mixed_cut.json").read_text())
+    (row,) = record["rows"]
+    assert row["volume_mixed"] <= row["volume_regular"]
+    assert row["cut_by_mixed"] == pytest.approx(1 - row["volume_mixed"] / row["volume_regular"])
+    assert row["V_over_B"] <= 1.0 and row["paper_cut"] == 0.12
+    assert set(row["widths"]) == {"conv1", "layer1", "layer2", "layer3"}
+    assert (tmp_path / "work" / "teacher.pt").exists()
+    page = (tmp_path / "out" / "mixed_cut.md").read_text()
+    assert record["command"] in page and "| 2× | default |" in page
