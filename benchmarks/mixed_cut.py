@@ -47,11 +47,14 @@ def variant_options(name: str) -> dict:
     if name == "no_fill":
         return {"fill_budget": False}
     key, sep, value = name.partition("=")
-    if sep and key == "gate_init":
-        return {"gate_init": float(value)}
-    if sep and key == "epochs":
-        return {"epochs": int(value)}
-    raise SystemExit(f"unknown variant {name!r}: use default, no_fill, gate_init=X or epochs=N")
+    try:
+        if sep and key == "gate_init":
+            return {"gate_init": float(value)}
+        if sep and key == "epochs":
+            return {"epochs": int(value)}
+    except ValueError:
+        raise ValueError(f"variant {name!r}: {key} takes a number") from None
+    raise ValueError(f"unknown variant {name!r}: use default, no_fill, gate_init=X or epochs=N")
 
 
 def masks_of(graph: ChannelGraph, kept: dict[str, list[int]]) -> dict[str, torch.Tensor]:
@@ -77,9 +80,17 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="default,gate_init=0,no_fill")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    factors = [float(f) for f in args.factors.split(",")]
+    try:
+        factors = [float(f) for f in args.factors.split(",") if f.strip()]
+    except ValueError:
+        p.error(f"--factors is a comma-separated list of numbers above 1, e.g. 2,4 (got {args.factors!r})")
+    if not factors or any(f <= 1 for f in factors):
+        p.error(f"--factors must be numbers above 1 (got {args.factors!r})")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    options = {v: variant_options(v) for v in variants}
+    try:
+        options = {v: variant_options(v) for v in variants}
+    except ValueError as err:
+        p.error(str(err))
     start = time.time()
     torch.set_num_threads(1)
     splits = load_dataset(args.data, root=args.data_root)

@@ -139,6 +139,8 @@ def main(argv=None) -> int:
                    help="after timing, profile this many steps of each loop and list the operators that grew")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    if args.profile < 0:
+        p.error(f"--profile takes a number of steps, 0 or more (got {args.profile})")
     start = time.perf_counter()
     rows = []
     for method in args.methods.split(","):

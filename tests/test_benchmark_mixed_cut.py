@@ -25,8 +25,16 @@ def test_variant_names(mixed_cut):
     assert mixed_cut.variant_options("no_fill") == {"fill_budget": False}
     assert mixed_cut.variant_options("gate_init=0") == {"gate_init": 0.0}
     assert mixed_cut.variant_options("epochs=6") == {"epochs": 6}
-    with pytest.raises(SystemExit, match="unknown variant 'lr=3'"):
+    with pytest.raises(ValueError, match="unknown variant 'lr=3'"):
         mixed_cut.variant_options("lr=3")
+    with pytest.raises(ValueError, match="gate_init takes a number"):
+        mixed_cut.variant_options("gate_init=open")
+
+
+def test_a_bad_variant_is_a_one_line_error(tmp_path):
+    run = subprocess.run([sys.executable, str(SCRIPT), "--variants", "default,lr=3", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "unknown variant 'lr=3'" in run.stderr.splitlines()[-1], run.stderr
 
 
 def test_stage_widths_group_layers_by_their_first_name(mixed_cut):
