@@ -33,6 +33,7 @@ from budgetprune.compact import to_plain  # noqa: E402
 from budgetprune.data import load_dataset  # noqa: E402
 from budgetprune.graph import ChannelGraph  # noqa: E402
 from budgetprune.pipeline import PruneConfig, PruneRun  # noqa: E402
+from budgetprune.plan import masks_of_indices  # noqa: E402
 from budgetprune.resources import resource_report  # noqa: E402
 from common import random_subset, run_arguments, run_record, write_results  # noqa: E402
 
@@ -55,15 +56,6 @@ def variant_options(name: str) -> dict:
     except ValueError:
         raise ValueError(f"variant {name!r}: {key} takes a number") from None
     raise ValueError(f"unknown variant {name!r}: use default, no_fill, gate_init=X or epochs=N")
-
-
-def masks_of(graph: ChannelGraph, kept: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    masks = {}
-    for gid, channels in kept.items():
-        mask = torch.zeros(graph.groups[gid].channels, dtype=torch.bool)
-        mask[channels] = True
-        masks[gid] = mask
-    return masks
 
 
 def stage_widths(kept: dict[str, list[int]]) -> dict[str, list[int]]:
@@ -115,7 +107,7 @@ def main(argv=None) -> int:
             if teacher is None:
                 io.save(to_plain(run.teacher, run.graph), work / "teacher.pt", meta={"role": "teacher"})
                 teacher = run.teacher
-            masks = masks_of(graph, m["kept_channels"])
+            masks = masks_of_indices(m["kept_channels"], {gid: g.channels for gid, g in graph.groups.items()})
             volume = {mode: resource_report(graph, masks, mode)["volume"] for mode in ("regular", "mixed")}
             row = {"factor": factor, "variant": variant, "test_accuracy": m["test_accuracy"],
                    "teacher_accuracy": m["unpruned_test_accuracy"], "V_over_B": m["budget_ratio"],

@@ -29,6 +29,7 @@ from budgetprune.compact import compact, to_plain
 from budgetprune.data import load_dataset
 from budgetprune.graph import ChannelGraph
 from budgetprune.pipeline import PruneConfig, PruneRun
+from budgetprune.plan import masks_of_indices
 from budgetprune.resources import resource_report
 from common import random_subset, record_header, run_arguments, run_record
 from latency import interleaved_latency
@@ -87,11 +88,7 @@ def measure(args, info, metrics: dict[float, dict]) -> list[dict]:
     for factor, m in metrics.items():
         if set(m["kept_channels"]) != set(graph.groups):
             raise SystemExit(f"the run for {factor:g}× was made for another graph; delete {args.work} and rerun")
-        masks = {}
-        for gid, kept in m["kept_channels"].items():
-            mask = torch.zeros(graph.groups[gid].channels, dtype=torch.bool)
-            mask[kept] = True
-            masks[gid] = mask
+        masks = masks_of_indices(m["kept_channels"], {gid: g.channels for gid, g in graph.groups.items()})
         nets = {"unpruned": unpruned}
         cost = {"unpruned": full}
         for mode in ("regular", "mixed"):

@@ -166,3 +166,10 @@ def test_the_full_pipeline_prunes_a_network_only_a_plan_can_describe(tmp_path, d
     resumed, _ = budgetprune.prune(Unusual(), train, test, out=tmp_path / "b", resume=True, **options)
     with torch.no_grad():
         assert torch.allclose(resumed(x), small(x), atol=1e-5)
+
+
+def test_masks_of_indices_sets_exactly_the_listed_channels():
+    from budgetprune.plan import masks_of_indices
+    masks = masks_of_indices({"a": [0, 3], "b": []}, {"a": 5, "b": 2})
+    assert masks["a"].tolist() == [True, False, False, True, False]
+    assert masks["b"].tolist() == [False, False] and masks["a"].dtype == torch.bool

@@ -152,8 +152,14 @@ def replay(plan: dict, model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
 
 def kept_masks(plan: dict, channels: dict[str, int]) -> dict[str, torch.Tensor]:
     """The keep-mask of each group ``plan`` lists (True at its kept channels), ``channels[group]`` long."""
+    return masks_of_indices(plan["kept"], channels)
+
+
+def masks_of_indices(kept: dict[str, list[int]], channels: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Keep-masks from kept channel indices per group (a plan's ``kept``, ``metrics.json``
+    ``kept_channels``): True at those indices, ``channels[group]`` long."""
     masks = {}
-    for gid, idx in plan["kept"].items():
+    for gid, idx in kept.items():
         masks[gid] = torch.zeros(channels[gid], dtype=torch.bool)
         masks[gid][torch.tensor(idx, dtype=torch.long)] = True
     return masks
