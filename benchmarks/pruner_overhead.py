@@ -22,6 +22,8 @@ freed buffers for reuse::
     python benchmarks/pruner_overhead.py --size 224 --rounds 9
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \
         python benchmarks/pruner_overhead.py --size 224 --rounds 9
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
+        python benchmarks/pruner_overhead.py --size 224 --rounds 9
 
 Writes ``benchmarks/results/pruner_overhead.{json,md}``.
 """
