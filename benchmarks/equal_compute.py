@@ -31,7 +31,7 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -176,6 +176,48 @@ def run_job(job: dict) -> dict:
             "test_accuracy": 100 * evaluate(net, splits.test, peer_accuracy.CPU)["accuracy"],
             "teacher_test_accuracy": 100 * setup.teacher_accuracy,
             "flops_reduction": setup.full["flops"] / costs["flops"], "seconds": time.time() - start, **extra}
+
+
+def _teacher_key(job: dict) -> tuple:
+    return job["seed"], teacher_epochs(job["variant"], job["total"])
+
+
+def _failure(job: dict, exc: BaseException, what: str = "") -> str:
+    return (f"{job['variant']} {job['factor']:g}x seed {job['seed']}: {what}{type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def schedule_runs(pool, todo: list[dict], report, failed: list[str], train_teacher=None, run=None) -> None:
+    """Run ``todo`` on ``pool``: each (seed, teacher epochs) teacher once, and each run as soon as its
+    own teacher is ready, so that no worker waits while another teacher is still training. A
+    finished run goes to ``report(job, run)``; a failed run, or every run of a failed teacher, is
+    added to ``failed`` (one line each) and the others go on."""
+    train_teacher, run = train_teacher or teacher_job, run or run_job
+    waiting: dict[tuple, list[dict]] = {}
+    for job in todo:
+        waiting.setdefault(_teacher_key(job), []).append(job)
+    pending = {pool.submit(train_teacher, jobs[0]): ("teacher", key) for key, jobs in waiting.items()}
+    while pending:
+        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            kind, item = pending.pop(future)
+            if kind == "teacher":
+                try:
+                    print(f"teacher ready: {future.result()}", flush=True)
+                except Exception as exc:  # its runs cannot start; the others go on
+                    for job in waiting[item]:
+                        failed.append(_failure(job, exc, "teacher "))
+                        print(f"FAILED {failed[-1]}", flush=True)
+                    continue
+                pending.update({pool.submit(run, job): ("run", job) for job in waiting[item]})
+                continue
+            try:
+                result = future.result()
+            except Exception as exc:  # one failed run is reported; the others go on
+                failed.append(_failure(item, exc))
+                print(f"FAILED {failed[-1]}", flush=True)
+                continue
+            report(item, result)
 
 
 def committed_runs(path: Path, base: dict) -> dict[tuple, dict]:
@@ -340,26 +382,17 @@ def main(argv=None) -> int:
 
     jobs = [base | {"seed": s, "factor": f, "variant": v} for s in seeds for f in factors for v in args.variants]
     todo = [] if args.report_only else [j for j in jobs if finished(j) is None]
-    teachers = {(j["seed"], teacher_epochs(j["variant"], j["total"])): j for j in todo}
     t0 = time.time()
     failed: list[str] = []
+
+    def report(job: dict, run: dict) -> None:
+        io.write_json(cached(job), run)
+        print(f"{run['variant']} {run['factor']:g}x seed {run['seed']}: val {run['val_accuracy']:.2f} "
+              f"test {run['test_accuracy']:.2f} FLOPs ÷ {run['flops_reduction']:.2f} ({run['seconds']:.0f} s)",
+              flush=True)
+
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        for future in as_completed([pool.submit(teacher_job, j) for j in teachers.values()]):
-            print(f"teacher ready: {future.result()}", flush=True)
-        futures = {pool.submit(run_job, j): j for j in todo}
-        for future in as_completed(futures):
-            job = futures[future]
-            try:
-                run = future.result()
-            except Exception as exc:  # one failed run is reported; the others go on
-                failed.append(f"{job['variant']} {job['factor']:g}x seed {job['seed']}: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}")
-                print(f"FAILED {failed[-1]}", flush=True)
-                continue
-            io.write_json(cached(job), run)
-            print(f"{run['variant']} {run['factor']:g}x seed {run['seed']}: val {run['val_accuracy']:.2f} "
-                  f"test {run['test_accuracy']:.2f} FLOPs ÷ {run['flops_reduction']:.2f} ({run['seconds']:.0f} s)",
-                  flush=True)
+        schedule_runs(pool, todo, report, failed)
     runs = [run for run in map(finished, jobs) if run is not None]
     record = {"command": "python benchmarks/equal_compute.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": args.model, "data": args.data, "total_epochs": args.total_epochs, "validation": args.validation,

@@ -75,3 +75,42 @@ def test_runs_of_the_committed_page_count_as_finished_only_for_the_same_setup(eq
     assert equal_compute.committed_runs(page, base | {"total": 12}) == {}  # another total: not the same runs
     assert equal_compute.committed_runs(page, base | {"validation": 5000.0}) == {}
     assert equal_compute.committed_runs(tmp_path / "none.json", base) == {}
+
+
+def test_each_run_starts_when_its_own_teacher_is_ready(equal_compute):
+    """Teacher (seed 0) is fast and teacher (seed 1) waits for seed 0's run to finish: with two
+    workers that only completes when seed 0's run starts before seed 1's teacher is done (the
+    earlier order, every teacher first, would wait forever; the timeout says so). A failed teacher
+    fails its own runs only, a failed run is one line, and the others are reported."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    seed0_run_done = threading.Event()
+    trained = []
+
+    def train_teacher(job):
+        trained.append(job["seed"])
+        if job["seed"] == 1:
+            assert seed0_run_done.wait(timeout=20), "seed 0's run did not start while seed 1's teacher trained"
+        if job["seed"] == 2:
+            raise RuntimeError("no data")
+        return {"seed": job["seed"]}
+
+    def run(job):
+        if job["seed"] == 0 and job["factor"] == 4:
+            seed0_run_done.set()
+        if job["factor"] == 16:
+            raise ValueError("diverged")
+        return {"seed": job["seed"], "factor": job["factor"]}
+
+    base = {"variant": "t8-p2-f2", "total": 12}
+    todo = [base | {"seed": s, "factor": f} for s in (0, 1, 2) for f in (4, 16)]
+    reported, failed = [], []
+    with ThreadPoolExecutor(2) as pool:
+        equal_compute.schedule_runs(pool, todo, lambda job, r: reported.append(r), failed, train_teacher, run)
+    assert sorted(trained) == [0, 1, 2]  # each teacher once, though two runs share it
+    assert sorted((r["seed"], r["factor"]) for r in reported) == [(0, 4), (1, 4)]
+    assert sorted(failed) == ["t8-p2-f2 16x seed 0: ValueError: diverged",
+                              "t8-p2-f2 16x seed 1: ValueError: diverged",
+                              "t8-p2-f2 16x seed 2: teacher RuntimeError: no data",
+                              "t8-p2-f2 4x seed 2: teacher RuntimeError: no data"]
