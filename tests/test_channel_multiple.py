@@ -764,3 +764,27 @@ def test_time_padding_keeps_the_padding_where_the_timing_fails_and_times_without
         "runtime": runtime, "batch": 1, "exact_ms": 1.0, "padded_ms": 1.0, "speedup": 1.0, "pairs": 30, "pays": False}
     report, _ = finalized(slower, fill=False)
     assert report["padding"] == [1, 0, 1, 0] and report["channels_reopened_by_fill"] == 0
+
+
+def test_cost_before_the_projection_is_counted_in_the_padding_kept():
+    """Gates that keep 3, 13 and 101 channels of LeNet-5 at a tenth of its FLOPs: padded to
+    multiples of 8 the two convolutions would count 8 and 16 channels and no padding of 8 meets the budget, so
+    finalize keeps a finer padding; the report's cost before the projection is the masks' cost in
+    that padding (what the method ended at, in the terms of the result), not in the first one."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 28, 28)
+    pruner = budgetprune.Pruner(budgetprune.create_model("lenet5"), x, "flops=0.1", total_steps=1,
+                                method="bar", deploy_runtime="none", log=lambda line: None)
+    with torch.no_grad():
+        for gid, keep in (("features.0", 3), ("features.3", 13), ("classifier.1", 101)):
+            log_alpha = pruner.method.gate(gid).log_alpha
+            log_alpha.fill_(-10.0)
+            log_alpha[:keep] = 10.0
+    masks = pruner.method.keep_masks()
+    assert [int(m.sum()) for m in masks.values()] == [3, 13, 101]
+    first = BlockMode(str(pruner.block), auto_paddings()[0])
+    _, report = pruner.finalize()
+    assert report["padding"] != list(auto_paddings()[0])
+    kept = CostModel(pruner.graph, "flops", pruner.block).hard(masks)
+    assert report["cost_before_projection"] == pytest.approx(kept, rel=1e-12)
+    assert CostModel(pruner.graph, "flops", first).hard(masks) > 1.2 * kept

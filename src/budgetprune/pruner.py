@@ -424,7 +424,6 @@ class Pruner:
         (what was kept, dropped and reopened, and the costs before)."""
         graph, method = self.graph, self.method
         masks = method.keep_masks()
-        before = {b.metric: CostModel(graph, b.metric, self.block).hard(masks) for b in self.budgets}
         scores = method.scores()
         # without the fill a network may end under its budget by the method's choice: no finer padding
         modes = [BlockMode(str(self.block), padding, self.block.gather_cost)
@@ -482,6 +481,9 @@ class Pruner:
                 (final, reopened), chosen[0] = exact, exact_mode
         dropped = int(sum(int(masks[g].sum()) - int(final[g].sum()) + int(reopened.get(g, torch.empty(0)).numel())
                           for g in masks))
+        # the method's own masks, counted as the result is (the block and padding kept), so "before → after"
+        # compares like with like (a padded count of masks kept at exact widths could be several times theirs)
+        before = {b.metric: CostModel(graph, b.metric, chosen[0]).hard(masks) for b in self.budgets}
         return {"final": final, "dropped": dropped, "reopened": reopened, "before": before, "measured": measured,
                 "block": chosen[0], "padding_timing": timing}
 
