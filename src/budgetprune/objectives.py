@@ -30,7 +30,9 @@ def barrier(V: float, a: float, b: float, knee: float = BARRIER_KNEE) -> float:
     equals (V − a)²/((b − V)(b − a)) — the paper's formula, C¹ at V = a. The paper sets
     f = ∞ for V ≥ b; a training step cannot use ∞ (it would turn into NaN gradients), so
     from c = ``knee`` on, f continues along its tangent line g(k) + g'(k)(c − k):
-    finite, C¹, strictly increasing, and ~10³ at the knee — still a wall for the optimiser.
+    finite, C¹, strictly increasing. At the default knee 0.9, f is 8.1 there and rises by 99 per
+    unit of c past it: a soft wall, which V may cross when the data loss pulls harder (README,
+    "Where we depart from the paper").
     ``V``, ``a`` and ``b`` are plain numbers: V is the hard (non-differentiable) volume,
     so f scales the sparsity loss L_S (Eq. 6) and carries no gradient itself.
     """
