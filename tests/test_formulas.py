@@ -15,7 +15,7 @@ import torch
 
 import budgetprune
 from budgetprune.budget import Budget, enforce_budget, fill_budget, parse_budget
-from budgetprune.errors import BudgetError
+from budgetprune.errors import BudgetError, ConfigError
 from budgetprune.gates import HardConcreteGate
 from budgetprune.methods.bar import BAR
 from budgetprune.objectives import (
@@ -914,3 +914,25 @@ def test_the_expectation_reads_the_joined_gate_probabilities_as_one_vector():
     next(iter(bar.gates.values())).beta = 0.5  # two sets of (β, γ, ζ): no single vector, the same pieces
     probs, joined = bar.per_channel_joined("prob_nonzero")
     assert joined is None and list(probs) == list(bar.per_channel("prob_nonzero"))
+
+
+def test_bar_knee_option_sets_the_barrier_s_knee():
+    """All gates open at progress 0.6: V = V_F lies past the moving budget b, where the knee decides
+    f. BAR's f is the hand formula of the tangent, g(k) + g'(k)(c − k), for its own knee."""
+    model, graph = lenet5_graph()
+    for knee in (0.9, 0.99):
+        bar = BAR(knee=knee)
+        bar.attach(model, graph, [Budget("volume", 0.25)])
+        bar.penalty(0.6)
+        s, a = bar.status(), bar.terms[0][2].a
+        c = (s["V"] - a) / (s["b"] - a)
+        assert c > 1
+        g, dg = knee * knee / (1 - knee), (2 * knee - knee * knee) / (1 - knee) ** 2
+        assert s["f"] == pytest.approx(g + dg * (c - knee), rel=1e-9)
+        bar.detach()
+
+
+@pytest.mark.parametrize("knee", [0.0, 1.0, 1.5, -0.2, True, "0.9"])
+def test_bar_refuses_a_knee_outside_0_1(knee):
+    with pytest.raises(ConfigError, match="knee"):
+        BAR(knee=knee)

@@ -78,6 +78,14 @@ SCHEDULES = {"sigmoid": sigmoid_transition, "linear": linear_transition,
              "exponential": exponential_transition}
 
 
+def check_knee(knee) -> float:
+    """``knee`` as a float in (0, 1), or a one-line error (where :func:`barrier` leaves c²/(1 − c))."""
+    if isinstance(knee, bool) or not isinstance(knee, (int, float)) or not 0.0 < knee < 1.0:
+        raise ConfigError(f"barrier knee {knee!r} must lie in (0, 1): where the barrier continues along its "
+                          f"tangent (default {BARRIER_KNEE}; closer to 1 is a harder wall)")
+    return float(knee)
+
+
 def check_schedule_end(end) -> float:
     """``end`` as a float in (0, 1], or a one-line error."""
     if isinstance(end, bool) or not isinstance(end, (int, float)) or not 0.0 < end <= 1.0:

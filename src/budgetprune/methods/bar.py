@@ -16,7 +16,7 @@ from torch import nn
 from ..budget import Budget
 from ..gates import HardConcreteGate
 from ..graph import ChannelGraph
-from ..objectives import BudgetSchedule, barrier, check_schedule_end
+from ..objectives import BARRIER_KNEE, BudgetSchedule, barrier, check_knee, check_schedule_end
 from ..resources import CostModel
 from .base import register_method
 from .gated import GatedMethod
@@ -31,16 +31,20 @@ class BAR(GatedMethod):
     same. ``schedule`` is ``sigmoid`` (default, d = 10), ``linear`` or ``exponential``; the budget
     reaches its target after ``schedule_end`` of the pruning phase (1: at its end, the paper's).
     ``gate_init`` is the initial log α (see :class:`~budgetprune.gates.HardConcreteGate`).
+    ``knee`` is where the barrier leaves the paper's f for its tangent (:func:`~budgetprune.objectives.barrier`;
+    closer to 1 is a harder wall).
     """
 
     def __init__(self, lam: float = 1e-5, schedule: str = "sigmoid", hardness: float | None = None,
-                 gate_lr: float | None = None, gate_init: float = 0.0, schedule_end: float = 1.0):
+                 gate_lr: float | None = None, gate_init: float = 0.0, schedule_end: float = 1.0,
+                 knee: float = BARRIER_KNEE):
         super().__init__(gate_lr)
         self.lam = lam
         self.schedule_kind = schedule
         self.hardness = hardness
         self.schedule_end = check_schedule_end(schedule_end)
         self.gate_init = float(gate_init)
+        self.knee = check_knee(knee)
 
     def new_gate(self, size: int) -> nn.Module:
         return HardConcreteGate(size, self.gate_init, self.gate_init + 0.01)
@@ -63,7 +67,7 @@ class BAR(GatedMethod):
         for budget, cm, schedule, scale in self.terms:
             V = cm.hard(masks)
             b = schedule.b(progress)
-            f = barrier(V, schedule.a, b)
+            f = barrier(V, schedule.a, b, self.knee)
             if f > 0.0:
                 term = self.lam * scale * cm.expected(probs, joined=joined) * f
                 total = term if total is None else total + term
