@@ -57,6 +57,7 @@ SPLITS = {
     "t8-p1-f3-end0.5": (8, 1, 2, 1, {"schedule_end": 0.5}),
     "t8-p2-f2-same": (8, 2, 1, 1, {"prune_recipe": "same"}),
     "t8-p2-f2-init3": (8, 2, 1, 1, {"gate_init": 3.0}),
+    "t8-p2-f2-init3-end0.5": (8, 2, 1, 1, {"gate_init": 3.0, "schedule_end": 0.5}),
     "t8-p1-f3-init3": (8, 1, 2, 1, {"gate_init": 3.0}),
     "t8-p2-f2-random": (8, 2, 1, 1, {"student_init": "random"}),
     "t8-p2-f2-batch": (8, 2, 1, 1, {"gate_sample": "batch"}),
@@ -65,6 +66,7 @@ SPLITS = {
     "t30-p20-f10": (30, 20, 5, 5, {}),
     "t40-p15-f5": (40, 15, 3, 2, {}),
     "t40-p10-f10-init3": (40, 10, 5, 5, {"gate_init": 3.0}),
+    "t40-p10-f10-init3-end0.5": (40, 10, 5, 5, {"gate_init": 3.0, "schedule_end": 0.5}),
 }
 SPLITS = {name: (*split[:4], {"gate_init": 0.0, **split[4]}) for name, split in SPLITS.items()}
 VARIANTS = list(SPLITS) + [TP]
