@@ -78,20 +78,24 @@ SCHEDULES = {"sigmoid": sigmoid_transition, "linear": linear_transition,
              "exponential": exponential_transition}
 
 
+def _check_fraction(value, top_included: bool, problem: str) -> float:
+    """``value`` as a float in (0, 1) or (0, 1], or a ConfigError that starts with ``problem``."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not (0.0 < value < 1.0 or (top_included and value == 1.0)):
+        raise ConfigError(problem)
+    return float(value)
+
+
 def check_knee(knee) -> float:
     """``knee`` as a float in (0, 1), or a one-line error (where :func:`barrier` leaves c²/(1 − c))."""
-    if isinstance(knee, bool) or not isinstance(knee, (int, float)) or not 0.0 < knee < 1.0:
-        raise ConfigError(f"barrier knee {knee!r} must lie in (0, 1): where the barrier continues along its "
-                          f"tangent (default {BARRIER_KNEE}; closer to 1 is a harder wall)")
-    return float(knee)
+    return _check_fraction(knee, False, f"barrier knee {knee!r} must lie in (0, 1): where the barrier continues "
+                           f"along its tangent (default {BARRIER_KNEE}; closer to 1 is a harder wall)")
 
 
 def check_schedule_end(end) -> float:
     """``end`` as a float in (0, 1], or a one-line error."""
-    if isinstance(end, bool) or not isinstance(end, (int, float)) or not 0.0 < end <= 1.0:
-        raise ConfigError(f"schedule end {end!r} must lie in (0, 1]: the fraction of the pruning phase after "
-                          "which the budget has reached its target (1: the paper's, at the very end)")
-    return float(end)
+    return _check_fraction(end, True, f"schedule end {end!r} must lie in (0, 1]: the fraction of the pruning "
+                           "phase after which the budget has reached its target (1: the paper's, at the very end)")
 
 
 class BudgetSchedule:
