@@ -10,6 +10,7 @@ medians compared, so a machine that slows down during the run slows both loops a
     python benchmarks/pruner_overhead.py --methods bar,bar/batch --rounds 7    # gates per example, per batch
     python benchmarks/pruner_overhead.py --methods bar,l0,cs --size 96 --rounds 7
     python benchmarks/pruner_overhead.py --methods bar --profile 5    # and where the added time goes
+    python benchmarks/pruner_overhead.py --plain-product    # and the same pruner without in-place products
 
 A method written ``name/batch`` samples its gates once per batch (``Pruner(gate_sample="batch")``).
 
@@ -31,11 +32,13 @@ Writes ``benchmarks/results/pruner_overhead.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -43,7 +46,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, allocator_settings, interleaved_steps, method_and_sample, training_step  # noqa: E402
 
 import budgetprune  # noqa: E402
-from budgetprune import Pruner  # noqa: E402
+from budgetprune import Pruner, attach  # noqa: E402
+
+
+def saved_for_backward_mib(model, x, y, pruner=None) -> float:
+    """MiB autograd keeps for the backward pass of one training forward (each storage once: a map
+    saved by two operators, or saved and aliased, counts once)."""
+    import torch.nn.functional as F
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+        if pruner is not None:
+            loss = loss + pruner.penalty()
+    del loss
+    return sum(storages.values()) / 2 ** 20
 
 
 def measure(args, method: str) -> dict:
@@ -51,29 +72,44 @@ def measure(args, method: str) -> dict:
     make = lambda: budgetprune.create_model(args.model, in_channels=3, num_classes=10,  # noqa: E731
                                             input_size=(args.size, args.size))
     plain_model = make()
-    pruned_model = make()
-    pruned_model.load_state_dict(plain_model.state_dict())
     x = torch.randn(args.batch, 3, args.size, args.size)
     y = torch.randint(0, 10, (args.batch,))
     total = args.warmup + args.rounds * args.steps
-    build = time.perf_counter()
     name, sample = method_and_sample(method)
-    pruner = Pruner(pruned_model, x, args.budget, method=name, total_steps=10 * total, gate_sample=sample)
-    build = time.perf_counter() - build
+
+    def pruned_loop(out_of_place: bool = False):
+        model = make()
+        model.load_state_dict(plain_model.state_dict())
+        build = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            if out_of_place:  # every per-example gate product autograd's own, as before the in-place one
+                stack.enter_context(mock.patch.object(attach, "in_place_gate_host", lambda graph, host: False))
+            pruner = Pruner(model, x, args.budget, method=name, total_steps=10 * total, gate_sample=sample)
+        build = time.perf_counter() - build
+        opt = torch.optim.SGD(pruner.parameters(lr=1e-3), lr=1e-3, momentum=0.9)
+        return model, pruner, build, lambda: training_step(model, opt, x, y, pruner)
+
+    pruned_model, pruner, build, pruned_step = pruned_loop()
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=1e-3, momentum=0.9)
-    pruned_opt = torch.optim.SGD(pruner.parameters(lr=1e-3), lr=1e-3, momentum=0.9)
-    times, _ = interleaved_steps({"plain": lambda: training_step(plain_model, plain_opt, x, y),
-                                  "pruned": lambda: training_step(pruned_model, pruned_opt, x, y, pruner)},
-                                 args.rounds, args.steps, args.warmup)
-    plain, pruned = times["plain"], times["pruned"]
-    p_med, q_med = statistics.median(plain), statistics.median(pruned)
-    row = {"method": method, "plain_step_s": p_med, "pruned_step_s": q_med, "ratio": q_med / p_med,
-           "plain_steps": plain, "pruned_steps": pruned, "pruner_build_s": build,
-           "groups": len(pruner.graph.groups)}
+    loops = {"plain": lambda: training_step(plain_model, plain_opt, x, y), "pruned": pruned_step}
+    memory = {"plain": saved_for_backward_mib(plain_model, x, y),
+              "pruned": saved_for_backward_mib(pruned_model, x, y, pruner)}
+    if args.plain_product:
+        other_model, other, _, loops["plain_product"] = pruned_loop(out_of_place=True)
+        memory["plain_product"] = saved_for_backward_mib(other_model, x, y, other)
+    times, _ = interleaved_steps(loops, args.rounds, args.steps, args.warmup)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    row = {"method": method, "plain_step_s": med["plain"], "pruned_step_s": med["pruned"],
+           "ratio": med["pruned"] / med["plain"], "plain_steps": times["plain"], "pruned_steps": times["pruned"],
+           "pruner_build_s": build, "groups": len(pruner.graph.groups),
+           "in_place_products": sum(attach.in_place_gate_host(pruner.graph, g.host)
+                                    for g in pruner.graph.groups.values() if g.position == "output"),
+           "saved_mib": memory}
+    if args.plain_product:
+        row.update(plain_product_step_s=med["plain_product"], plain_product_ratio=med["plain_product"] / med["plain"],
+                   plain_product_steps=times["plain_product"])
     if args.profile:
-        row["profile"] = added_operations(lambda: training_step(plain_model, plain_opt, x, y),
-                                          lambda: training_step(pruned_model, pruned_opt, x, y, pruner),
-                                          args.profile)
+        row["profile"] = added_operations(loops["plain"], pruned_step, args.profile)
     return row
 
 
@@ -141,6 +177,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="after timing, profile this many steps of each loop and list the operators that grew")
+    p.add_argument("--plain-product", action="store_true",
+                   help="time a third loop, the same pruner with every per-example gate product out of place "
+                        "(autograd's product, which keeps the feature map for backward)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.profile < 0:
@@ -167,11 +206,23 @@ def main(argv=None) -> int:
              f"threads; budget `{args.budget}`; medians of {args.rounds} interleaved rounds of {args.steps} steps per "
              f"loop after {args.warmup} warm-up steps; memory allocator: {allocation(env)}; wall time "
              f"{record['wall_seconds'] / 60:.1f} min.", "",
-             "| method | plain step (s) | step with the pruner (s) | ratio | channel groups | pruner build (s) |",
-             "|---|---|---|---|---|---|"]
+             "Saved for backward: the MiB autograd keeps from one training forward pass to its backward "
+             "(each storage once). In place: the channel groups whose per-example gate product is written into "
+             "the host's output (a ReLU reads it; `budgetprune.gate_product`)."
+             + (" Plain product: a third loop in the same run, the same pruner with every product out of place."
+                if args.plain_product else ""), "",
+             "| method | plain step (s) | step with the pruner (s) | ratio | channel groups | in place | "
+             "saved for backward, plain → with the pruner (MiB) | pruner build (s) |"
+             + (" plain product: step (s), ratio, saved (MiB) |" if args.plain_product else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if args.plain_product else "")]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['plain_step_s']:.3f} | {r['pruned_step_s']:.3f} | {r['ratio']:.3f} | "
-                     f"{r['groups']} | {r['pruner_build_s']:.1f} |")
+        m = r["saved_mib"]
+        line = (f"| {r['method']} | {r['plain_step_s']:.3f} | {r['pruned_step_s']:.3f} | {r['ratio']:.3f} | "
+                f"{r['groups']} | {r['in_place_products']} | {m['plain']:.0f} → {m['pruned']:.0f} | "
+                f"{r['pruner_build_s']:.1f} |")
+        if args.plain_product:
+            line += f" {r['plain_product_step_s']:.3f}, {r['plain_product_ratio']:.3f}, {m['plain_product']:.0f} |"
+        lines.append(line)
     for r in rows:
         if "profile" in r:
             lines += profile_lines(r)

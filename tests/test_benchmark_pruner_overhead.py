@@ -40,7 +40,8 @@ def test_a_small_run_records_its_allocator_and_profile(tmp_path):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4294967296")
     env.pop("LD_PRELOAD", None)
     run = subprocess.run([sys.executable, str(SCRIPT), "--model", "resnet20", "--size", "32", "--batch", "4",
-                          "--rounds", "1", "--steps", "1", "--warmup", "1", "--profile", "1", "--out", str(tmp_path)],
+                          "--rounds", "1", "--steps", "1", "--warmup", "1", "--profile", "1", "--plain-product",
+                          "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr
     record = json.loads((tmp_path / "pruner_overhead.json").read_text())
@@ -48,8 +49,33 @@ def test_a_small_run_records_its_allocator_and_profile(tmp_path):
     assert record["command"].startswith("MALLOC_MMAP_THRESHOLD_=4294967296 python benchmarks/pruner_overhead.py")
     (row,) = record["rows"]
     assert row["ratio"] > 0 and row["groups"] > 0
+    # the in-place products keep fewer maps for backward than autograd's products, which keep more than no gates
+    saved = row["saved_mib"]
+    assert row["in_place_products"] > 0 and saved["plain"] < saved["pruned"] < saved["plain_product"]
+    assert row["plain_product_ratio"] > 0
     ops = {r["op"]: r for r in row["profile"]["top"]}
     assert row["profile"]["pruned_calls"] > row["profile"]["plain_calls"]
     assert any(r["plain_calls"] == 0 and r["pruned_calls"] > 0 for r in ops.values()), ops  # the hooks' own operators
     page = (tmp_path / "pruner_overhead.md").read_text()
     assert "`MALLOC_MMAP_THRESHOLD_=4294967296`" in page and "### Where `bar` adds time" in page
+    assert "plain product: step (s), ratio, saved (MiB)" in page
+
+
+def test_saved_memory_counts_each_storage_once(overhead):
+    """A ReLU's output, kept for backward by the ReLU and by the two linear layers that read it,
+    counts once; the layers' weights (needed for the input's gradient) once each."""
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(256, 10, bias=False), torch.nn.Linear(256, 10, bias=False)
+
+        def forward(self, x):
+            h = torch.relu(x)
+            return self.a(h) + self.b(h)
+
+    x, y = torch.randn(64, 256, requires_grad=True), torch.randint(0, 10, (64,))
+    mib = overhead.saved_for_backward_mib(Twice(), x, y)
+    # h (64×256) once, two weights (10×256 each), and the cross-entropy's log-softmax (64×10) and targets
+    floats = 64 * 256 + 2 * 10 * 256 + 64 * 10
+    assert floats * 4 <= mib * 2 ** 20 <= floats * 4 + 64 * 8 + 1024

@@ -28,7 +28,10 @@ multiplied into the host's output as before.
 A gate whose values are never negative (``gate.nonnegative``) is applied further down a
 chain of ReLUs and poolings that only its host feeds, since z·relu(x) = relu(z·x) and
 z·maxpool(x) = maxpool(z·x) for z ≥ 0, exactly also in floating point: the network computes
-the same, but the product's saved tensors for backward are the pooled, smaller maps.
+the same, but the product's saved tensors for backward are the pooled, smaller maps. Where no
+pooling follows and a ReLU is the one reader of a convolution's, linear layer's or BatchNorm's
+output, the product is written into that output instead (:func:`in_place_gate_host`,
+:mod:`budgetprune.gate_product`): no copy of the map is kept for backward.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from torch import nn
 
 from .attention import Attention, value_scale
 from .errors import ConfigError
+from .gate_product import gate_product
 from .gates import HardConcreteGate, sample_together
 from .graph import ChannelGraph, ChannelGroup
 from .liveness import alive
@@ -61,8 +65,9 @@ def _broadcast(z: torch.Tensor, like: torch.Tensor, expansion: int = 1, dim: int
 
 
 #: Channel-wise, positively homogeneous modules a non-negative gate commutes with.
-_COMMUTING = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-              nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
+_POOLING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+            nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
+_COMMUTING = (nn.ReLU, *_POOLING)
 
 
 #: Gate sampling in training: one sample per example and channel, or one per channel for the batch.
@@ -121,6 +126,37 @@ def gate_site(graph: ChannelGraph, host: str) -> str:
             break
         node, site = user, user.target
     return site
+
+
+#: Activations that change a value (in place) only where their own backward passes no gradient.
+_CLIPPING_MODULES = (nn.ReLU, nn.ReLU6)
+_CLIPPING_FUNCTIONS = (torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu6)
+_CLIPPING_METHODS = ("relu", "relu_")
+
+
+def _clips(node, modules: dict[str, nn.Module]) -> bool:
+    """Whether an FX node is a ReLU or a ReLU6."""
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _CLIPPING_MODULES)
+    if node.op == "call_function":
+        return node.target in _CLIPPING_FUNCTIONS
+    return node.op == "call_method" and node.target in _CLIPPING_METHODS
+
+
+def in_place_gate_host(graph: ChannelGraph, host: str) -> bool:
+    """Whether a non-negative per-example gate may be multiplied into ``host``'s output in place
+    (:func:`budgetprune.gate_product.gate_product`): the host is a convolution, linear layer or
+    BatchNorm called once (its backward keeps its input, not its output) and the one reader of
+    its output is a ReLU or ReLU6. Not a sum: the trace records ``out += identity``, which
+    overwrites ``out``, as the same ``add`` as ``out + identity``."""
+    modules = dict(graph.gm.named_modules())
+    if type(modules.get(host)) not in _FOLDABLE or _module_calls(graph).get(host) != 1:
+        return False
+    (node,) = [n for n in graph.gm.graph.nodes if n.op == "call_module" and n.target == host]
+    if len(node.users) != 1:
+        return False
+    (user,) = node.users
+    return _clips(user, modules) and sum(a is node for a in (*user.args, *user.kwargs.values())) == 1
 
 
 def gate_values(gate: GateFn, batch_size: int | None, model_training: bool) -> torch.Tensor:
@@ -213,14 +249,18 @@ class GateHooks:
                 self.handles += self._head_hooks(host, modules, group, gate, graph.layers[group.producer].attention)
             else:
                 layer = graph.layers[group.producer]
-                site = modules[gate_site(graph, group.host)] if getattr(gate, "nonnegative", False) else host
+                nonnegative = getattr(gate, "nonnegative", False)
+                site = modules[gate_site(graph, group.host)] if nonnegative else host
+                # past a pooling the product is smaller; else, before a ReLU, it is written into the host's output
+                in_place = nonnegative and not isinstance(site, _POOLING) and in_place_gate_host(graph, group.host)
+                site = host if in_place else site
                 targets = fold_targets(host, group.channels) if calls.get(group.host) == 1 and layer.heads is None \
                     else None
                 if targets is None:
                     self.handles.append(site.register_forward_hook(self._output_hook(group, gate, layer.in_tensor,
-                                                                                     layer.heads)))
+                                                                                     layer.heads, in_place)))
                 else:
-                    self.handles += self._folding_hooks(host, site, group, gate, layer.in_tensor, targets)
+                    self.handles += self._folding_hooks(host, site, group, gate, layer.in_tensor, targets, in_place)
         for name in graph.renormalisers:
             site, tensor = graph.mask_site(name)
             self.handles.append(modules[site].register_forward_hook(self._mask_hook(tensor)))
@@ -288,7 +328,8 @@ class GateHooks:
         self.current[group.id] = z.detach() != 0
         return z
 
-    def _output_hook(self, group: ChannelGroup, gate: GateFn, in_tensor: str, heads: str | None = None):
+    def _output_hook(self, group: ChannelGroup, gate: GateFn, in_tensor: str, heads: str | None = None,
+                     in_place: bool = False):
         sources = self._purge_sources(in_tensor)  # the gates that can kill this layer's input
 
         def hook(module, inputs, output):
@@ -296,12 +337,13 @@ class GateHooks:
             if isinstance(output, tuple):  # nn.MultiheadAttention: (output, attention weights)
                 output, rest = output[0], output[1:]
             z = self._output_values(group, gate, sources, heads, self._batch(output))
-            gated = output * _broadcast(z.to(output.dtype), output, dim=group.dim)  # autocast: stays bf16/fp16
+            # autocast: the product stays bf16/fp16
+            gated = gate_product(output, _broadcast(z.to(output.dtype), output, dim=group.dim), in_place)
             return gated if rest is None else (gated, *rest)
         return hook
 
     def _folding_hooks(self, host: nn.Module, site: nn.Module, group: ChannelGroup, gate: GateFn, in_tensor: str,
-                       targets: list[tuple[str, tuple[int, ...]]]) -> list:
+                       targets: list[tuple[str, tuple[int, ...]]], in_place: bool = False) -> list:
         """Hooks of a group whose host's parameters scale its output channels: values with one
         entry per channel are folded into the host's weight and bias for the length of its
         forward (no pass over the feature maps); per-example values are multiplied in at the
@@ -329,7 +371,7 @@ class GateHooks:
             z = self.pending.pop(gid, None)
             if z is None:  # folded
                 return output
-            return output * _broadcast(z.to(output.dtype), output, dim=group.dim)
+            return gate_product(output, _broadcast(z.to(output.dtype), output, dim=group.dim), in_place)
 
         return [host.register_forward_pre_hook(fold), host.register_forward_hook(restore, always_call=True),
                 site.register_forward_hook(multiply)]
