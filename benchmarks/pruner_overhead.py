@@ -49,28 +49,30 @@ import budgetprune  # noqa: E402
 from budgetprune import Pruner, attach  # noqa: E402
 
 
-def saved_for_backward_mib(model, x, y, pruner=None) -> float:
-    """MiB autograd keeps for the backward pass of one training forward (each storage once: a map
-    saved by two operators, or saved and aliased, counts once)."""
+def forward_memory_mib(model, x, y, pruner=None) -> float:
+    """MiB a training forward pass (and the penalty) leaves allocated at its end: what autograd
+    keeps for the backward pass, whoever holds it, plus the loss; from ``torch.profiler``'s
+    memory events (allocations minus frees of every operator of the pass)."""
     import torch.nn.functional as F
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         loss = F.cross_entropy(model(x), y)
         if pruner is not None:
             loss = loss + pruner.penalty()
+    net = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_parent is None)  # inclusive of children
     del loss
-    return sum(storages.values()) / 2 ** 20
+    return net / 2 ** 20
 
 
 def measure(args, method: str) -> dict:
     torch.manual_seed(0)
-    make = lambda: budgetprune.create_model(args.model, in_channels=3, num_classes=10,  # noqa: E731
-                                            input_size=(args.size, args.size))
+    def make():
+        model = budgetprune.create_model(args.model, in_channels=3, num_classes=10, input_size=(args.size, args.size))
+        for module in model.modules():
+            if args.relu_inplace and isinstance(module, torch.nn.ReLU):
+                module.inplace = True
+        return model
+
     plain_model = make()
     x = torch.randn(args.batch, 3, args.size, args.size)
     y = torch.randint(0, 10, (args.batch,))
@@ -92,11 +94,11 @@ def measure(args, method: str) -> dict:
     pruned_model, pruner, build, pruned_step = pruned_loop()
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=1e-3, momentum=0.9)
     loops = {"plain": lambda: training_step(plain_model, plain_opt, x, y), "pruned": pruned_step}
-    memory = {"plain": saved_for_backward_mib(plain_model, x, y),
-              "pruned": saved_for_backward_mib(pruned_model, x, y, pruner)}
+    memory = {"plain": forward_memory_mib(plain_model, x, y),
+              "pruned": forward_memory_mib(pruned_model, x, y, pruner)}
     if args.plain_product:
         other_model, other, _, loops["plain_product"] = pruned_loop(out_of_place=True)
-        memory["plain_product"] = saved_for_backward_mib(other_model, x, y, other)
+        memory["plain_product"] = forward_memory_mib(other_model, x, y, other)
     times, _ = interleaved_steps(loops, args.rounds, args.steps, args.warmup)
     med = {k: statistics.median(v) for k, v in times.items()}
     row = {"method": method, "plain_step_s": med["plain"], "pruned_step_s": med["pruned"],
@@ -104,7 +106,7 @@ def measure(args, method: str) -> dict:
            "pruner_build_s": build, "groups": len(pruner.graph.groups),
            "in_place_products": sum(attach.in_place_gate_host(pruner.graph, g.host)
                                     for g in pruner.graph.groups.values() if g.position == "output"),
-           "saved_mib": memory}
+           "forward_mib": memory}
     if args.plain_product:
         row.update(plain_product_step_s=med["plain_product"], plain_product_ratio=med["plain_product"] / med["plain"],
                    plain_product_steps=times["plain_product"])
@@ -177,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="after timing, profile this many steps of each loop and list the operators that grew")
+    p.add_argument("--relu-inplace", action="store_true",
+                   help="make every nn.ReLU of the model work in place, as torchvision's and timm's do")
     p.add_argument("--plain-product", action="store_true",
                    help="time a third loop, the same pruner with every per-example gate product out of place "
                         "(autograd's product, which keeps the feature map for backward)")
@@ -206,17 +210,19 @@ def main(argv=None) -> int:
              f"threads; budget `{args.budget}`; medians of {args.rounds} interleaved rounds of {args.steps} steps per "
              f"loop after {args.warmup} warm-up steps; memory allocator: {allocation(env)}; wall time "
              f"{record['wall_seconds'] / 60:.1f} min.", "",
-             "Saved for backward: the MiB autograd keeps from one training forward pass to its backward "
-             "(each storage once). In place: the channel groups whose per-example gate product is written into "
+             "Kept for backward: the MiB one training forward pass leaves allocated at its end (torch.profiler's "
+             "memory events: what autograd keeps for the backward pass, and the loss)."
+             + (" Every ReLU of the model works in place (`--relu-inplace`)." if args.relu_inplace else "")
+             + " In place: the channel groups whose per-example gate product is written into "
              "the host's output (a ReLU reads it; `budgetprune.gate_product`)."
              + (" Plain product: a third loop in the same run, the same pruner with every product out of place."
                 if args.plain_product else ""), "",
              "| method | plain step (s) | step with the pruner (s) | ratio | channel groups | in place | "
-             "saved for backward, plain → with the pruner (MiB) | pruner build (s) |"
-             + (" plain product: step (s), ratio, saved (MiB) |" if args.plain_product else ""),
+             "kept for backward, plain → with the pruner (MiB) | pruner build (s) |"
+             + (" plain product: step (s), ratio, kept (MiB) |" if args.plain_product else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|" if args.plain_product else "")]
     for r in rows:
-        m = r["saved_mib"]
+        m = r["forward_mib"]
         line = (f"| {r['method']} | {r['plain_step_s']:.3f} | {r['pruned_step_s']:.3f} | {r['ratio']:.3f} | "
                 f"{r['groups']} | {r['in_place_products']} | {m['plain']:.0f} → {m['pruned']:.0f} | "
                 f"{r['pruner_build_s']:.1f} |")

@@ -40,7 +40,7 @@ def test_a_small_run_records_its_allocator_and_profile(tmp_path):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4294967296")
     env.pop("LD_PRELOAD", None)
     run = subprocess.run([sys.executable, str(SCRIPT), "--model", "resnet20", "--size", "32", "--batch", "4",
-                          "--rounds", "1", "--steps", "1", "--warmup", "1", "--profile", "1", "--plain-product",
+                          "--rounds", "1", "--steps", "1", "--warmup", "1", "--profile", "1", "--plain-product", "--relu-inplace",
                           "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr
@@ -49,21 +49,23 @@ def test_a_small_run_records_its_allocator_and_profile(tmp_path):
     assert record["command"].startswith("MALLOC_MMAP_THRESHOLD_=4294967296 python benchmarks/pruner_overhead.py")
     (row,) = record["rows"]
     assert row["ratio"] > 0 and row["groups"] > 0
-    # the in-place products keep fewer maps for backward than autograd's products, which keep more than no gates
-    saved = row["saved_mib"]
-    assert row["in_place_products"] > 0 and saved["plain"] < saved["pruned"] < saved["plain_product"]
+    # with in-place ReLUs the in-place products keep fewer maps for backward than autograd's products,
+    # which keep more than no gates
+    kept = row["forward_mib"]
+    assert row["in_place_products"] > 0 and kept["plain"] < kept["pruned"] < kept["plain_product"]
     assert row["plain_product_ratio"] > 0
     ops = {r["op"]: r for r in row["profile"]["top"]}
     assert row["profile"]["pruned_calls"] > row["profile"]["plain_calls"]
     assert any(r["plain_calls"] == 0 and r["pruned_calls"] > 0 for r in ops.values()), ops  # the hooks' own operators
     page = (tmp_path / "pruner_overhead.md").read_text()
     assert "`MALLOC_MMAP_THRESHOLD_=4294967296`" in page and "### Where `bar` adds time" in page
-    assert "plain product: step (s), ratio, saved (MiB)" in page
+    assert "plain product: step (s), ratio, kept (MiB)" in page and "(`--relu-inplace`)" in page
 
 
-def test_saved_memory_counts_each_storage_once(overhead):
-    """A ReLU's output, kept for backward by the ReLU and by the two linear layers that read it,
-    counts once; the layers' weights (needed for the input's gradient) once each."""
+def test_forward_memory_is_what_the_pass_leaves_allocated(overhead):
+    """A ReLU's output, kept for backward (by the ReLU and by the two linear layers that read it),
+    stays; the layers' outputs and the logits, which no backward reads, are freed; the
+    cross-entropy keeps its log-softmax."""
 
     class Twice(torch.nn.Module):
         def __init__(self):
@@ -75,7 +77,6 @@ def test_saved_memory_counts_each_storage_once(overhead):
             return self.a(h) + self.b(h)
 
     x, y = torch.randn(64, 256, requires_grad=True), torch.randint(0, 10, (64,))
-    mib = overhead.saved_for_backward_mib(Twice(), x, y)
-    # h (64×256) once, two weights (10×256 each), and the cross-entropy's log-softmax (64×10) and targets
-    floats = 64 * 256 + 2 * 10 * 256 + 64 * 10
-    assert floats * 4 <= mib * 2 ** 20 <= floats * 4 + 64 * 8 + 1024
+    kept = overhead.forward_memory_mib(Twice(), x, y) * 2 ** 20
+    floats = 64 * 256 + 64 * 10  # h and the log-softmax
+    assert floats * 4 <= kept <= floats * 4 + 256  # and a few scalars (the loss, the total weight)

@@ -79,25 +79,25 @@ def test_the_gate_gradient_divides_the_product_back_by_the_gate_hand_worked():
     assert x0.grad.tolist() == [[[1.5, 0.0]]]
 
 
-def _saved_elements(in_place):
-    """Elements autograd keeps for backward in conv → product → ReLU (the conv keeps its input)."""
+def _kept_bytes(in_place: bool, relu) -> int:
+    """Bytes conv → gate product → ReLU leaves allocated at the end of its forward pass (torch.profiler's
+    memory events): what autograd keeps for backward, whoever holds it, and the output."""
+    from torch.profiler import ProfilerActivity, profile
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 8, 3)
     x = torch.randn(2, 3, 10, 10)
     z = torch.rand(2, 8, 1, 1, requires_grad=True)
-    seen = {}
-
-    def pack(t):
-        seen[(t.data_ptr(), tuple(t.shape))] = t.numel()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        torch.relu_(gate_product(conv(x), z, in_place=in_place))
-    return sum(seen.values())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = relu(gate_product(conv(x), z, in_place=in_place))
+    del out
+    return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_parent is None)
 
 
-def test_the_in_place_product_keeps_no_copy_of_the_map():
-    feature_map = 2 * 8 * 8 * 8
-    assert _saved_elements(False) - _saved_elements(True) == feature_map
+def test_the_in_place_product_keeps_no_map_of_its_own_before_an_in_place_relu():
+    feature_map = 2 * 8 * 8 * 8 * 4
+    assert _kept_bytes(False, torch.relu_) - _kept_bytes(True, torch.relu_) == feature_map
+    # a ReLU with an output of its own: the product stays alive (as autograd's product keeps its input)
+    assert _kept_bytes(False, torch.relu) == _kept_bytes(True, torch.relu)
 
 
 def test_without_gradients_the_product_is_written_in_place():
@@ -110,8 +110,9 @@ def test_without_gradients_the_product_is_written_in_place():
 
 
 class _Readers(nn.Module):
-    """BatchNorm outputs read by a ReLU (in place), by a ReLU and a residual sum, by an in-place sum,
-    by a sum (traced as the same add as the in-place one), by a sigmoid; a convolution called twice."""
+    """BatchNorm outputs read by a ReLU in place, by a ReLU with an output of its own, by a ReLU and
+    a residual sum, by an in-place sum, by a sum (traced as the same add as the in-place one), by
+    a sigmoid, by F.relu(inplace=True); a convolution called twice."""
 
     def __init__(self):
         super().__init__()
@@ -120,12 +121,16 @@ class _Readers(nn.Module):
         self.c3, self.b3 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
         self.c4, self.b4 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
         self.c5, self.b5 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c6, self.b6 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c7, self.b7 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
         self.twice = nn.Conv2d(8, 8, 1)
         self.relu = nn.ReLU(inplace=True)
         self.head = nn.Linear(8, 4)
 
     def forward(self, x):
         a = self.relu(self.b1(self.c1(x)))
+        a = F.relu(self.b6(self.c6(a)))
+        a = F.relu(self.b7(self.c7(a)), inplace=True)
         b = self.b2(self.c2(a))
         a = F.relu(b) + b
         c = self.b3(self.c3(a))
@@ -136,10 +141,12 @@ class _Readers(nn.Module):
         return self.head(d.mean((2, 3)))
 
 
-def test_in_place_only_where_the_one_reader_is_a_relu():
+def test_in_place_only_where_the_one_reader_is_a_relu_in_place():
     graph = ChannelGraph.build(_Readers(), torch.zeros(2, 3, 8, 8))
-    where = {name: attach.in_place_gate_host(graph, name) for name in ("b1", "b2", "b3", "b4", "b5", "twice", "c1")}
-    assert where == {"b1": True, "b2": False, "b3": False, "b4": False, "b5": False, "twice": False, "c1": False}
+    names = ("b1", "b2", "b3", "b4", "b5", "b6", "b7", "twice", "c1")
+    where = {name: attach.in_place_gate_host(graph, name) for name in names}
+    assert where == {"b1": True, "b2": False, "b3": False, "b4": False, "b5": False, "b6": False, "b7": True,
+                     "twice": False, "c1": False}
 
 
 def _pruner_gradients(monkeypatch, in_place: bool, name: str):
@@ -147,6 +154,9 @@ def _pruner_gradients(monkeypatch, in_place: bool, name: str):
         monkeypatch.setattr(attach, "in_place_gate_host", lambda graph, host: False)
     torch.manual_seed(0)
     model = create_model(name, in_channels=3, num_classes=10, input_size=(16, 16))
+    for module in model.modules():  # as torchvision's
+        if isinstance(module, nn.ReLU):
+            module.inplace = True
     x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
     pruner = Pruner(model, x, "flops=0.5", method="bar", total_steps=10)
     torch.manual_seed(1)

@@ -29,9 +29,10 @@ A gate whose values are never negative (``gate.nonnegative``) is applied further
 chain of ReLUs and poolings that only its host feeds, since z·relu(x) = relu(z·x) and
 z·maxpool(x) = maxpool(z·x) for z ≥ 0, exactly also in floating point: the network computes
 the same, but the product's saved tensors for backward are the pooled, smaller maps. Where no
-pooling follows and a ReLU is the one reader of a convolution's, linear layer's or BatchNorm's
-output, the product is written into that output instead (:func:`in_place_gate_host`,
-:mod:`budgetprune.gate_product`): no copy of the map is kept for backward.
+pooling follows and a ReLU that works in place (torchvision's, timm's) is the one reader of a
+convolution's, linear layer's or BatchNorm's output, the product is written into that output
+instead (:func:`in_place_gate_host`, :mod:`budgetprune.gate_product`): the gates keep no map
+of their own for backward.
 """
 
 from __future__ import annotations
@@ -130,25 +131,30 @@ def gate_site(graph: ChannelGraph, host: str) -> str:
 
 #: Activations that change a value (in place) only where their own backward passes no gradient.
 _CLIPPING_MODULES = (nn.ReLU, nn.ReLU6)
-_CLIPPING_FUNCTIONS = (torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu6)
-_CLIPPING_METHODS = ("relu", "relu_")
+_CLIPPING_FUNCTIONS = (nn.functional.relu, nn.functional.relu6)
 
 
-def _clips(node, modules: dict[str, nn.Module]) -> bool:
-    """Whether an FX node is a ReLU or a ReLU6."""
+def _clips_in_place(node, modules: dict[str, nn.Module]) -> bool:
+    """Whether an FX node is a ReLU or a ReLU6 that overwrites its input."""
     if node.op == "call_module":
-        return isinstance(modules.get(node.target), _CLIPPING_MODULES)
+        module = modules.get(node.target)
+        return isinstance(module, _CLIPPING_MODULES) and bool(module.inplace)
     if node.op == "call_function":
-        return node.target in _CLIPPING_FUNCTIONS
-    return node.op == "call_method" and node.target in _CLIPPING_METHODS
+        if node.target is torch.relu_:
+            return True
+        inplace = node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False)
+        return node.target in _CLIPPING_FUNCTIONS and inplace is True
+    return node.op == "call_method" and node.target == "relu_"
 
 
 def in_place_gate_host(graph: ChannelGraph, host: str) -> bool:
-    """Whether a non-negative per-example gate may be multiplied into ``host``'s output in place
+    """Whether a non-negative per-example gate is multiplied into ``host``'s output in place
     (:func:`budgetprune.gate_product.gate_product`): the host is a convolution, linear layer or
     BatchNorm called once (its backward keeps its input, not its output) and the one reader of
-    its output is a ReLU or ReLU6. Not a sum: the trace records ``out += identity``, which
-    overwrites ``out``, as the same ``add`` as ``out + identity``."""
+    its output is a ReLU or ReLU6 that works in place (torchvision's, timm's), so the gates keep
+    no map of their own for backward. Before a ReLU with an output of its own the product would
+    stay alive all the same, and a sum may be ``out += identity`` (the trace records it as the
+    same ``add`` as ``out + identity``), which would overwrite the product: autograd's product there."""
     modules = dict(graph.gm.named_modules())
     if type(modules.get(host)) not in _FOLDABLE or _module_calls(graph).get(host) != 1:
         return False
@@ -156,7 +162,8 @@ def in_place_gate_host(graph: ChannelGraph, host: str) -> bool:
     if len(node.users) != 1:
         return False
     (user,) = node.users
-    return _clips(user, modules) and sum(a is node for a in (*user.args, *user.kwargs.values())) == 1
+    return _clips_in_place(user, modules) and user.args[0] is node and \
+        sum(a is node for a in (*user.args, *user.kwargs.values())) == 1
 
 
 def gate_values(gate: GateFn, batch_size: int | None, model_training: bool) -> torch.Tensor:

@@ -17,12 +17,13 @@ The caller guarantees what makes this exact (:func:`budgetprune.attach.in_place_
 
 * x's producer does not read its own output in backward (a convolution, linear layer or
   BatchNorm; they keep their input), so x's buffer is free to overwrite;
-* y's one reader is a ReLU or a ReLU6. It may overwrite y in place, but only where it passes
-  no gradient (g = 0 there), so Σ g·y read at backward is unchanged.
+* y's one reader is a ReLU or a ReLU6 that works in place. It overwrites y, but only where it
+  passes no gradient (g = 0 there), so Σ g·y read at backward is unchanged, and it keeps y as
+  its own result for backward, which is the map read here: the gates keep none of their own.
 
-In the per-example training step of a ReLU network this removes one feature-map write in the
-forward pass per gated layer and, where the ReLU works in place (torchvision's), one saved map: the memory that made a gated step slower on CPU allocators which return large buffers to
-the system (README: "In your loop").
+In the per-example training step of a network with in-place ReLUs (torchvision's, timm's) this
+removes one feature-map write in the forward pass and one map kept for backward per gated layer
+(README: "In your loop").
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class _InPlaceGateProduct(torch.autograd.Function):
         ctx.mark_dirty(x)
         x.mul_(z)
         ctx.save_for_backward(z)
-        ctx.product = x.detach()  # an alias of y, not saved through autograd: a ReLU may clip it in place
+        ctx.product = x.detach()  # an alias of y, not saved through autograd: the ReLU clips it in place
         return x
 
     @staticmethod
