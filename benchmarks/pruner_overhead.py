@@ -214,7 +214,7 @@ def main(argv=None) -> int:
              "memory events: what autograd keeps for the backward pass, and the loss)."
              + (" Every ReLU of the model works in place (`--relu-inplace`)." if args.relu_inplace else "")
              + " In place: the channel groups whose per-example gate product is written into "
-             "the host's output (a ReLU reads it; `budgetprune.gate_product`)."
+             "the host's output (a ReLU that works in place reads it; `budgetprune.gate_product`)."
              + (" Plain product: a third loop in the same run, the same pruner with every product out of place."
                 if args.plain_product else ""), "",
              "| method | plain step (s) | step with the pruner (s) | ratio | channel groups | in place | "

@@ -100,6 +100,15 @@ def test_the_in_place_product_keeps_no_map_of_its_own_before_an_in_place_relu():
     assert _kept_bytes(False, torch.relu) == _kept_bytes(True, torch.relu)
 
 
+def test_a_retained_graph_gives_the_same_gradients_twice():
+    x0 = torch.randn(2, 3, 4, 4, requires_grad=True)
+    z = torch.rand(2, 3, 1, 1, requires_grad=True)
+    loss = torch.relu_(gate_product(x0 * 1.0, z, in_place=True)).square().sum()
+    first = torch.autograd.grad(loss, (x0, z), retain_graph=True)
+    second = torch.autograd.grad(loss, (x0, z))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 def test_without_gradients_the_product_is_written_in_place():
     x = torch.randn(2, 3, 4, 4)
     z = torch.rand(2, 3, 1, 1)

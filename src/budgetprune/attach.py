@@ -258,7 +258,7 @@ class GateHooks:
                 layer = graph.layers[group.producer]
                 nonnegative = getattr(gate, "nonnegative", False)
                 site = modules[gate_site(graph, group.host)] if nonnegative else host
-                # past a pooling the product is smaller; else, before a ReLU, it is written into the host's output
+                # past a pooling the product is smaller; before an in-place ReLU it goes into the host's output
                 in_place = nonnegative and not isinstance(site, _POOLING) and in_place_gate_host(graph, group.host)
                 site = host if in_place else site
                 targets = fold_targets(host, group.channels) if calls.get(group.host) == 1 and layer.heads is None \

@@ -43,8 +43,7 @@ class _InPlaceGateProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (z,) = ctx.saved_tensors
-        y = ctx.product
-        del ctx.product
+        y = ctx.product  # kept for a second backward (retain_graph); freed with the graph
         gx = g * z if ctx.needs_input_grad[0] else None
         gz = None
         if ctx.needs_input_grad[1]:
