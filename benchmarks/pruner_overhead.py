@@ -104,8 +104,7 @@ def measure(args, method: str) -> dict:
     row = {"method": method, "plain_step_s": med["plain"], "pruned_step_s": med["pruned"],
            "ratio": med["pruned"] / med["plain"], "plain_steps": times["plain"], "pruned_steps": times["pruned"],
            "pruner_build_s": build, "groups": len(pruner.graph.groups),
-           "in_place_products": sum(attach.in_place_gate_host(pruner.graph, g.host)
-                                    for g in pruner.graph.groups.values() if g.position == "output"),
+           "in_place_products": len(pruner.method._hooks.in_place),
            "forward_mib": memory}
     if args.plain_product:
         row.update(plain_product_step_s=med["plain_product"], plain_product_ratio=med["plain_product"] / med["plain"],

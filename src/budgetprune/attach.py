@@ -243,6 +243,7 @@ class GateHooks:
         self.any_open: dict[str, tuple] = {}  # per group a purge reads: (its current, whether any gate is open)
         self.pending: dict[str, torch.Tensor] = {}  # gate values computed at a host, to multiply at its site
         self.model_training = model.training  # of the forward pass under way
+        self.in_place: set[str] = set()  # groups whose per-example product is written into the host's output
         # Hard Concrete gates of channel groups are sampled together, once per forward pass (JointSamples)
         self.joint = JointSamples({gid: gate for gid, gate in gates.items() if graph.groups[gid].position != "heads"})
         self.handles = [model.register_forward_pre_hook(self._reset)]
@@ -260,7 +261,9 @@ class GateHooks:
                 site = modules[gate_site(graph, group.host)] if nonnegative else host
                 # past a pooling the product is smaller; before an in-place ReLU it goes into the host's output
                 in_place = nonnegative and not isinstance(site, _POOLING) and in_place_gate_host(graph, group.host)
-                site = host if in_place else site
+                if in_place:
+                    site = host
+                    self.in_place.add(gid)
                 targets = fold_targets(host, group.channels) if calls.get(group.host) == 1 and layer.heads is None \
                     else None
                 if targets is None:

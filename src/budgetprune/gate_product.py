@@ -48,13 +48,16 @@ class _InPlaceGateProduct(torch.autograd.Function):
         gz = None
         if ctx.needs_input_grad[1]:
             summed = (g * y).sum_to_size(z.shape)
-            gz = torch.where(z > 0, summed / torch.where(z > 0, z, torch.ones_like(z)), torch.zeros_like(z))
+            open_ = z > 0
+            gz = torch.where(open_, summed / torch.where(open_, z, 1.0), 0.0)
         return gx, gz
 
 
 def gate_product(x: torch.Tensor, z: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """x·z, with z broadcastable to x and z ≥ 0; ``in_place=True`` (only where the module
     docstring's conditions hold) overwrites x and saves no copy of it for backward."""
-    if not in_place or not (torch.is_grad_enabled() and (x.requires_grad or z.requires_grad)):
-        return x.mul_(z) if in_place else x * z
+    if not in_place:
+        return x * z
+    if not (torch.is_grad_enabled() and (x.requires_grad or z.requires_grad)):
+        return x.mul_(z)  # nothing to differentiate
     return _InPlaceGateProduct.apply(x, z)
