@@ -16,13 +16,14 @@ A method written ``name/batch`` samples its gates once per batch (``Pruner(gate_
 
 The memory allocator matters on CPU at large inputs: with glibc's defaults each buffer over 32 MiB
 is a fresh ``mmap`` whose pages fault in on first touch, so a step that writes a few more feature
-maps (the gates' products) pays those faults too. The record names the allocator settings of the
-run (``MALLOC_*``, ``LD_PRELOAD``); at 224 px compare a run with the defaults to one that keeps
-freed buffers for reuse::
+maps (the gates' products) pays those faults too. A Pruner on the CPU asks glibc to keep freed
+buffers for reuse (``cpu_buffers="keep"``, its default; :mod:`budgetprune.cpu_allocator`); it is
+built before either loop's first step, so both loops of a run share the setting.
+``--cpu-buffers system`` leaves glibc's defaults. The record names the allocator of the run
+(``MALLOC_*``, ``LD_PRELOAD``, the pruner's setting); at 224 px compare::
 
     python benchmarks/pruner_overhead.py --size 224 --rounds 9
-    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \
-        python benchmarks/pruner_overhead.py --size 224 --rounds 9
+    python benchmarks/pruner_overhead.py --size 224 --rounds 9 --cpu-buffers system
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
         python benchmarks/pruner_overhead.py --size 224 --rounds 9
 
@@ -86,7 +87,8 @@ def measure(args, method: str) -> dict:
         with contextlib.ExitStack() as stack:
             if out_of_place:  # every per-example gate product autograd's own, as before the in-place one
                 stack.enter_context(mock.patch.object(attach, "in_place_gate_host", lambda graph, host: False))
-            pruner = Pruner(model, x, args.budget, method=name, total_steps=10 * total, gate_sample=sample)
+            pruner = Pruner(model, x, args.budget, method=name, total_steps=10 * total, gate_sample=sample,
+                            cpu_buffers=args.cpu_buffers)
         build = time.perf_counter() - build
         opt = torch.optim.SGD(pruner.parameters(lr=1e-3), lr=1e-3, momentum=0.9)
         return model, pruner, build, lambda: training_step(model, opt, x, y, pruner)
@@ -104,7 +106,7 @@ def measure(args, method: str) -> dict:
     row = {"method": method, "plain_step_s": med["plain"], "pruned_step_s": med["pruned"],
            "ratio": med["pruned"] / med["plain"], "plain_steps": times["plain"], "pruned_steps": times["pruned"],
            "pruner_build_s": build, "groups": len(pruner.graph.groups),
-           "in_place_products": len(pruner.method._hooks.in_place),
+           "in_place_products": len(pruner.method._hooks.in_place), "cpu_buffers_kept": pruner.cpu_buffers_kept,
            "forward_mib": memory}
     if args.plain_product:
         row.update(plain_product_step_s=med["plain_product"], plain_product_ratio=med["plain_product"] / med["plain"],
@@ -159,10 +161,14 @@ def profile_lines(row: dict) -> list[str]:
     return lines
 
 
-def allocation(env: dict) -> str:
+def allocation(env: dict, kept: bool) -> str:
     """The allocator settings in words, for the results page."""
+    if kept:
+        return ("glibc with freed buffers kept for reuse (the Pruner's default `cpu_buffers=\"keep\"`, set as the "
+                "first pruner was built, before either loop's first step)")
     if not env:
-        return "glibc's defaults (buffers over 32 MiB are fresh mmaps, their pages faulted in on first touch)"
+        return ("glibc's defaults (`--cpu-buffers system`: buffers over 32 MiB are fresh mmaps, their pages "
+                "faulted in on first touch)")
     return ", ".join(f"`{k}={v}`" for k, v in env.items())
 
 
@@ -183,6 +189,9 @@ def main(argv=None) -> int:
     p.add_argument("--plain-product", action="store_true",
                    help="time a third loop, the same pruner with every per-example gate product out of place "
                         "(autograd's product, which keeps the feature map for backward)")
+    p.add_argument("--cpu-buffers", choices=["keep", "system"], default="keep",
+                   help="the pruners' cpu_buffers: glibc keeps freed buffers for reuse (keep, the default) or the "
+                        "allocator is left as the process has it (system)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.profile < 0:
@@ -194,9 +203,10 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_steps")}), flush=True)
         rows.append(row)
     env = allocator_settings()
+    kept = any(r["cpu_buffers_kept"] for r in rows)
     record = {"command": " ".join([f"{k}={v}" for k, v in env.items()] + ["python benchmarks/pruner_overhead.py"]
                                   + (sys.argv[1:] if argv is None else argv)),
-              "allocator": env or "glibc defaults",
+              "allocator": allocation(env, kept),
               "model": args.model, "batch": args.batch, "size": args.size, "budget": args.budget,
               "rounds": args.rounds, "steps_per_round": args.steps, "device": "cpu", "torch": torch.__version__,
               "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start, "rows": rows}
@@ -207,7 +217,7 @@ def main(argv=None) -> int:
              f"Command: `{record['command']}`", "",
              f"{args.model}, batch {args.batch}, {args.size} px, CPU, torch {record['torch']}, {record['threads']} "
              f"threads; budget `{args.budget}`; medians of {args.rounds} interleaved rounds of {args.steps} steps per "
-             f"loop after {args.warmup} warm-up steps; memory allocator: {allocation(env)}; wall time "
+             f"loop after {args.warmup} warm-up steps; memory allocator: {record['allocator']}; wall time "
              f"{record['wall_seconds'] / 60:.1f} min.", "",
              "Kept for backward: the MiB one training forward pass leaves allocated at its end (torch.profiler's "
              "memory events: what autograd keeps for the backward pass, and the loss)."

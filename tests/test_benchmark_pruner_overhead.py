@@ -45,10 +45,10 @@ def test_a_small_run_records_its_allocator_and_profile(tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr
     record = json.loads((tmp_path / "pruner_overhead.json").read_text())
-    assert record["allocator"] == {"MALLOC_MMAP_THRESHOLD_": "4294967296"}
+    assert record["allocator"] == "`MALLOC_MMAP_THRESHOLD_=4294967296`"  # the user's setting, left alone
     assert record["command"].startswith("MALLOC_MMAP_THRESHOLD_=4294967296 python benchmarks/pruner_overhead.py")
     (row,) = record["rows"]
-    assert row["ratio"] > 0 and row["groups"] > 0
+    assert row["ratio"] > 0 and row["groups"] > 0 and row["cpu_buffers_kept"] is False
     # with in-place ReLUs the in-place products keep fewer maps for backward than autograd's products,
     # which keep more than no gates
     kept = row["forward_mib"]
@@ -60,6 +60,12 @@ def test_a_small_run_records_its_allocator_and_profile(tmp_path):
     page = (tmp_path / "pruner_overhead.md").read_text()
     assert "`MALLOC_MMAP_THRESHOLD_=4294967296`" in page and "### Where `bar` adds time" in page
     assert "plain product: step (s), ratio, kept (MiB)" in page and "(`--relu-inplace`)" in page
+
+
+def test_the_page_names_the_allocator_the_run_had(overhead):
+    assert "kept for reuse" in overhead.allocation({}, kept=True)
+    assert "glibc's defaults" in overhead.allocation({}, kept=False)
+    assert overhead.allocation({"LD_PRELOAD": "libtcmalloc.so"}, kept=False) == "`LD_PRELOAD=libtcmalloc.so`"
 
 
 def test_forward_memory_is_what_the_pass_leaves_allocated(overhead):

@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-sample", choices=["example", "batch"],
                    help="training samples of stochastic gates: one per example and channel (default) or one per "
                         "channel for the batch (folded into the layer's weights: a cheaper step)")
+    p.add_argument("--cpu-buffers", choices=["keep", "system"],
+                   help="training on the CPU: glibc's malloc keeps freed buffers for reuse (keep, the default: "
+                        "faster steps, the process holds its peak memory) or the allocator is left as it is (system)")
     p.add_argument("--dual-lr", type=float, help="constrained-l0: learning rate of the multipliers (default 1e-2)")
     p.add_argument("--schedule", choices=["sigmoid", "linear", "exponential"], help="budget schedule")
     p.add_argument("--schedule-end", type=float,
@@ -191,14 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: PruneConfig fields a resumed run may change: they do not change its result.
-RESUME_MAY_CHANGE = ("device", "data_root", "progress", "workers", "deploy_runtime")
+RESUME_MAY_CHANGE = ("device", "data_root", "progress", "workers", "deploy_runtime", "cpu_buffers")
 
 #: PruneConfig fields set by the prune option of the same name.
 _PLAIN_OPTIONS = ("model", "data", "data_root", "image_size", "augment", "workers", "method", "teacher",
                   "granularity", "epochs", "finetune_epochs", "lowlr_epochs", "teacher_epochs", "lr", "gate_lr",
                   "batch_size", "lam", "gate_init", "gate_survival", "gate_sample", "dual_lr", "schedule", "schedule_end",
                   "student_init", "seed", "device", "block", "channel_multiple", "precision", "deploy_runtime",
-                  "deploy_batch", "optimizer", "weight_decay",
+                  "deploy_batch", "cpu_buffers", "optimizer", "weight_decay",
                   "momentum", "lr_schedule", "warmup_epochs", "label_smoothing", "prune_recipe", "validation")
 
 

@@ -27,6 +27,8 @@ from . import graphio
 from . import distributed
 from . import gate_start, seeding
 from .attach import check_gate_sample
+from .cpu_allocator import check_cpu_buffers
+from .cpu_allocator import prepare as prepare_cpu_buffers
 from .budget import Budget
 from .compact import to_plain
 from .data.folder import check_folder_options
@@ -127,6 +129,7 @@ class PruneConfig:
     deploy_runtime: str | None = None  # where the result runs (auto blocks weigh gathers there; its speed is timed
     # there): eager, torchscript, onnxruntime, none
     deploy_batch: int = 1  # the batch it runs at there: latency budgets, the padding's timing and "deployed" use it
+    cpu_buffers: str = "keep"  # on the CPU, glibc keeps freed buffers for reuse (budgetprune.cpu_allocator); "system"
     teacher: str | None = None
     seed: int = 0
     device: str = "cpu"
@@ -193,6 +196,7 @@ class PruneConfig:
                 raise ConfigError(f"--gate-survival chooses where Hard Concrete gates start and method "
                                   f"'{self.method}' has none: drop it, or use --method bar, l0 or constrained-l0")
         check_gate_sample(self.gate_sample)
+        check_cpu_buffers(self.cpu_buffers, "--cpu-buffers")
         if self.student_init not in ("teacher", "random"):
             raise ConfigError("--student-init must be 'teacher' or 'random'")
         if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature < 1.0:
@@ -226,7 +230,7 @@ class PruneConfig:
                 "channel_multiple": self.channel_multiple, "deploy_runtime": self.deploy_runtime,
                 "fill": self.fill_budget, "gate_inputs": self.gate_inputs, "gate_sample": self.gate_sample,
                 "time_padding": self.deploy_runtime != "none",  # "none": nothing is timed
-                "deploy_batch": self.deploy_batch,
+                "deploy_batch": self.deploy_batch, "cpu_buffers": self.cpu_buffers,
                 "method_options": self.method_options,
                 "lam": self.lam, "schedule": self.schedule, "schedule_hardness": self.schedule_hardness,
                 "schedule_end": self.schedule_end,
@@ -318,12 +322,13 @@ class PruneRun:
         self.out = Path(out_dir)
         self.device = resolve_device(config.device)
         check_precision(config.precision, self.device)
+        self.log = log if distributed.is_main() else (lambda _line: None)  # rank 0 speaks for every process
+        prepare_cpu_buffers(self.device, config.cpu_buffers, self.log)  # the teacher trains with them too
         self.model = model.to(self.device)
         # the held-out validation images (config.validation) are never trained on
         self.train_data, self.val_data = split_validation(train_data, config.validation, config.seed)
         self.test_data = test_data
         self._parts = [d for d in (self.train_data, self.val_data) if d is not None and d is not train_data]
-        self.log = log if distributed.is_main() else (lambda _line: None)  # rank 0 speaks for every process
         self.teacher = teacher.to(self.device).eval() if teacher is not None else None
         x0 = train_data[0][0]
         self.example = x0.unsqueeze(0).to(self.device)
