@@ -150,8 +150,8 @@ def profile_lines(row: dict) -> list[str]:
     p = row["profile"]
     lines = ["", f"### Where `{row['method']}` adds time (torch.profiler, {p['steps']} steps of each loop)", "",
              f"Self CPU time per step: plain {p['plain_ms']:.1f} ms in {p['plain_calls']:.0f} operator calls, with "
-             f"the pruner {p['pruned_ms']:.1f} ms in {p['pruned_calls']:.0f} (+{p['pruned_ms'] - p['plain_ms']:.1f} ms, "
-             f"+{p['pruned_calls'] - p['plain_calls']:.0f} calls). The operators whose time grew most (the profiler's "
+             f"the pruner {p['pruned_ms']:.1f} ms in {p['pruned_calls']:.0f} ({p['pruned_ms'] - p['plain_ms']:+.1f} ms, "
+             f"{p['pruned_calls'] - p['plain_calls']:+.0f} calls). The operators whose time grew most (the profiler's "
              "cost per call inflates small ones; a difference of a few ms in the convolutions is noise):", "",
              "| operator | added ms per step | plain ms | with the pruner ms | calls per step (plain → with) |",
              "|---|---:|---:|---:|---|"]

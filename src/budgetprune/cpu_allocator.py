@@ -4,23 +4,26 @@ PyTorch's CPU tensors come from the C library's ``malloc``. glibc's defaults giv
 over its mmap threshold (128 KiB, raised as buffers are freed, up to 32 MiB) a fresh ``mmap``
 and return it to the kernel on ``free``: a training step that writes feature maps over 32 MiB
 (ResNet-50 at 224 px, batch 16) maps them anew at every step and pays a page fault for every
-4 KiB it writes. Per-example gates write and keep more maps, so they pay more of these faults:
-the pruner's share of a CPU step measured 11–20 % with glibc's defaults and 5 % with freed buffers
-kept (README, "In your loop"; ``benchmarks/pruner_overhead.py``), and the plain step was faster
-too.
+page it writes. Per-example gates write and keep more maps, so they pay more of these faults
+(README, "In your loop"; ``benchmarks/pruner_overhead.py``: on ResNet-50 at 224 px the pruner
+added 5–6 % to a step with freed buffers kept, 7–13 % with glibc's defaults, and the plain step
+was faster too).
 
-:func:`keep_freed_buffers` sets what the ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``
-variables set at start-up (``mallopt``, glibc's manual "Memory Allocation Tunables"): buffers up
-to 2 GiB come from the heap and freed ones stay there for the next step, as PyTorch's GPU
-caching allocator keeps its own. The process then holds its peak memory, which a training loop
-reaches at every step anyway. It leaves the allocator alone where the user chose one: another
-allocator preloaded (``LD_PRELOAD``: tcmalloc, jemalloc) or a ``MALLOC_*`` variable of their own.
+:func:`keep_freed_buffers` makes, through ``mallopt``, the two settings the
+``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` variables make at start-up (glibc's
+manual, "Memory Allocation Tunables"): buffers up to 2 GiB (the most ``mallopt``'s int takes;
+32 MiB on glibc releases that refuse more) come from the heap, and freed ones stay there for the
+next step, as PyTorch's GPU caching allocator keeps its own. The process then holds its peak
+memory (more where the heap fragments), which a training loop reaches at every step anyway;
+the setting lasts as long as the process. Threads other than the main one allocate from arenas
+of at most 64 MiB, so their larger buffers are still mapped anew. The allocator is left alone
+where the user chose one: another allocator preloaded (``LD_PRELOAD``: tcmalloc, jemalloc), a
+``MALLOC_*`` variable or ``GLIBC_TUNABLES`` of their own, or a C library other than glibc.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 from typing import Callable
@@ -38,6 +41,8 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 #: the largest value mallopt's int argument takes: buffers up to 2 GiB from the heap
 LARGEST = 2 ** 31 - 1
+#: the mmap threshold glibc releases that refuse more accept (their documented maximum, 32 MiB)
+FALLBACK = 32 << 20
 
 _applied = False
 
@@ -54,24 +59,33 @@ def why_not() -> str | None:
     return None
 
 
+def _mallopt():
+    """glibc's ``mallopt`` of the running process (its own C library), typed."""
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt
+
+
 def keep_freed_buffers() -> bool:
-    """Ask glibc's malloc to keep freed buffers of up to 2 GiB for reuse, once per process (module
-    docstring). True when it is (now or by an earlier call), False where :func:`why_not` says
-    why not or glibc refused."""
+    """Ask glibc's malloc to keep freed buffers for reuse, once per process (module docstring).
+    True when it is (now or by an earlier call), False where :func:`why_not` says why not or
+    glibc refused; never raises.
+
+    The mmap threshold goes first: setting either value turns glibc's self-adjusting threshold
+    off, and a trim threshold alone would leave every buffer over 128 KiB mapped anew."""
     global _applied
     if _applied:
         return True
-    if why_not() is not None:
-        return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        if why_not() is not None:
+            return False
+        mallopt = _mallopt()
+        if not (mallopt(M_MMAP_THRESHOLD, LARGEST) or mallopt(M_MMAP_THRESHOLD, FALLBACK)):
+            return False
+        _applied = bool(mallopt(M_TRIM_THRESHOLD, LARGEST))
+    except Exception:  # no glibc after all, no mallopt: the allocator as it is
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    # the trim threshold first: with it the heap's top is not returned to the kernel between steps
-    _applied = bool(mallopt(M_TRIM_THRESHOLD, LARGEST)) and bool(mallopt(M_MMAP_THRESHOLD, LARGEST))
     return _applied
 
 

@@ -322,13 +322,12 @@ class PruneRun:
         self.out = Path(out_dir)
         self.device = resolve_device(config.device)
         check_precision(config.precision, self.device)
-        self.log = log if distributed.is_main() else (lambda _line: None)  # rank 0 speaks for every process
-        prepare_cpu_buffers(self.device, config.cpu_buffers, self.log)  # the teacher trains with them too
         self.model = model.to(self.device)
         # the held-out validation images (config.validation) are never trained on
         self.train_data, self.val_data = split_validation(train_data, config.validation, config.seed)
         self.test_data = test_data
         self._parts = [d for d in (self.train_data, self.val_data) if d is not None and d is not train_data]
+        self.log = log if distributed.is_main() else (lambda _line: None)  # rank 0 speaks for every process
         self.teacher = teacher.to(self.device).eval() if teacher is not None else None
         x0 = train_data[0][0]
         self.example = x0.unsqueeze(0).to(self.device)
@@ -338,6 +337,7 @@ class PruneRun:
         self.budget = self.budgets[0]
         self.per_weight = config.granularity == "weight"
         check_prunable(self.model, self.graph, self.budgets, **config.pruner_options(len(self.train_data)))
+        prepare_cpu_buffers(self.device, config.cpu_buffers, self.log)  # before the teacher trains
         self.metrics = METRICS + tuple(b.metric for b in self.budgets if b.metric not in METRICS)
         self.full = resource_report(self.graph, metrics=self.metrics)
         self.ckpt_path = self.out / "checkpoint.pt"

@@ -215,9 +215,9 @@ class Pruner:
     default) or once per channel for the whole batch (``"batch"``: the gate then folds into its
     host's weights, no pass over the feature maps; see :mod:`budgetprune.attach`). ``cpu_buffers``
     (``"keep"``, the default) asks glibc's malloc, when the model is on the CPU, to keep freed
-    buffers for reuse instead of mapping large ones anew at every step (faster CPU steps, the
-    gates' share of a step 5 % instead of 11–20 %; the process holds its peak memory;
-    :mod:`budgetprune.cpu_allocator`, which leaves an allocator the user chose alone);
+    buffers for reuse instead of mapping large ones anew at every step (faster CPU steps at large
+    inputs; the process holds its peak memory; :mod:`budgetprune.cpu_allocator`, which leaves an
+    allocator the user chose alone);
     ``"system"`` leaves the allocator as it is.
 
     The pruner attaches the method's gates to ``model`` in place; put the model on its device
