@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, allocator_settings, interleaved_steps, method_and_sample, training_step  # noqa: E402
 
 import budgetprune  # noqa: E402
-from budgetprune import Pruner, attach  # noqa: E402
+from budgetprune import Pruner, attach, cpu_allocator  # noqa: E402
 
 
 def forward_memory_mib(model, x, y, pruner=None) -> float:
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     p.add_argument("--plain-product", action="store_true",
                    help="time a third loop, the same pruner with every per-example gate product out of place "
                         "(autograd's product, which keeps the feature map for backward)")
-    p.add_argument("--cpu-buffers", choices=["keep", "system"], default="keep",
+    p.add_argument("--cpu-buffers", choices=cpu_allocator.CHOICES, default="keep",
                    help="the pruners' cpu_buffers: glibc keeps freed buffers for reuse (keep, the default) or the "
                         "allocator is left as the process has it (system)")
     p.add_argument("--out", default=str(RESULTS))

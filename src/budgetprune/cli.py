@@ -11,7 +11,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from . import gate_start
+from . import cpu_allocator, gate_start
 from .data.images import AUGMENTATIONS
 from .errors import BudgetpruneError, CheckpointError, ConfigError, first_line, printable
 
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-sample", choices=["example", "batch"],
                    help="training samples of stochastic gates: one per example and channel (default) or one per "
                         "channel for the batch (folded into the layer's weights: a cheaper step)")
-    p.add_argument("--cpu-buffers", choices=["keep", "system"],
+    p.add_argument("--cpu-buffers", choices=cpu_allocator.CHOICES,
                    help="training on the CPU: glibc's malloc keeps freed buffers for reuse (keep, the default: "
                         "faster steps, the process holds its peak memory) or the allocator is left as it is (system)")
     p.add_argument("--dual-lr", type=float, help="constrained-l0: learning rate of the multipliers (default 1e-2)")

@@ -97,9 +97,9 @@ def check_cpu_buffers(value, name: str = "cpu_buffers") -> None:
 
 
 def prepare(device: torch.device, choice: str, log: Callable[[str], None]) -> bool:
-    """With ``choice`` ``"keep"`` and training on the CPU, :func:`keep_freed_buffers`; logs one
-    line the first time it sets the allocator in this process. True when freed buffers are kept."""
-    check_cpu_buffers(choice)
+    """With ``choice`` ``"keep"`` (checked by the caller, :func:`check_cpu_buffers`) and training
+    on the CPU, :func:`keep_freed_buffers`; logs one line the first time it sets the allocator in
+    this process. True when freed buffers are kept."""
     if choice != "keep" or torch.device(device).type != "cpu":
         return False
     first = not _applied

@@ -217,8 +217,7 @@ class Pruner:
     (``"keep"``, the default) asks glibc's malloc, when the model is on the CPU, to keep freed
     buffers for reuse instead of mapping large ones anew at every step (faster CPU steps at large
     inputs; the process holds its peak memory; :mod:`budgetprune.cpu_allocator`, which leaves an
-    allocator the user chose alone);
-    ``"system"`` leaves the allocator as it is.
+    allocator the user chose alone); ``"system"`` leaves the allocator as it is.
 
     The pruner attaches the method's gates to ``model`` in place; put the model on its device
     first (the gates follow it).
