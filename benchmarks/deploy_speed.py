@@ -259,27 +259,28 @@ def prune(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, s
                  "regular_vs_mixed": float((nets["regular"](x) - nets["mixed"](x)).abs().max()) / scale}
     if max(check.values()) > 1e-4:
         raise RuntimeError(f"compacted networks differ from finalize()'s (relative): {check}")
-    full = pruner.full["flops"]
+    full, full_volume = pruner.full["flops"], pruner.full["volume"]
     out = {"factor": factor, "nets": nets, "unpruned_flops": full, "relative_output_diff": check,
            "V_over_B": report["pruned"]["flops"] / pruner.budget.absolute(graph),
            "kept_channels": sum(int(m.sum()) for m in masks.values()),
            "channels": sum(int(m.numel()) for m in masks.values())}
     for mode in BLOCKS:
         cost = report["pruned_by_block"][mode]
-        out[mode] = {"flops": cost["flops"], "params": cost["params"], "flop_reduction": full / cost["flops"]}
+        out[mode] = {"flops": cost["flops"], "params": cost["params"], "flop_reduction": full / cost["flops"],
+                     "volume_reduction": full_volume / cost["volume"]}
     # what the mixed network's sums gather: with the two networks' times, the γ they imply
     out["mixed"]["gathered_positions"] = gathered_positions(graph, slot_sets(graph, masks, "mixed"))
     _, padded_pruner, out["nets"]["padded"], padded = pruned(unpruned, shape, factor, method, steps, "regular",
                                                               multiple)
     cost = padded["pruned"]
     out["padded"] = {"flops": cost["flops"], "params": cost["params"], "flop_reduction": full / cost["flops"],
-                     "multiple": multiple, "padding": padded_pruner.block.describe_padding(),
+                     "volume_reduction": full_volume / cost["volume"], "multiple": multiple, "padding": padded_pruner.block.describe_padding(),
                      "V_over_B": cost["flops"] / padded_pruner.budget.absolute(padded_pruner.graph)}
     _, auto_pruner, out["nets"]["auto"], auto = pruned(unpruned, shape, factor, method, steps, "auto", multiple)
     cost = auto["pruned"]
     mixed = auto["plan"]["mixed_spaces"]
     out["auto"] = {"flops": cost["flops"], "params": cost["params"], "flop_reduction": full / cost["flops"],
-                   "multiple": multiple, "padding": auto_pruner.block.describe_padding(),
+                   "volume_reduction": full_volume / cost["volume"], "multiple": multiple, "padding": auto_pruner.block.describe_padding(),
                    "gather_cost": auto_pruner.block.gather_cost, "mixed_spaces": len(mixed),
                    "V_over_B": cost["flops"] / auto_pruner.budget.absolute(auto_pruner.graph)}
     return out
@@ -516,14 +517,15 @@ def rows_of(result: dict) -> list[dict]:
         for lat in m["latency"]:
             base = lat["ms"]["unpruned"]
             rows.append({"model": m["model"], "budget": None, "runtime": lat["runtime"], "batch": lat["batch"],
-                         "block": "unpruned", "ms": base, "flop_reduction": 1.0, "speedup": 1.0,
-                         "speedup_over_flop_reduction": 1.0})
+                         "block": "unpruned", "ms": base, "flop_reduction": 1.0, "volume_reduction": 1.0,
+                         "speedup": 1.0, "speedup_over_flop_reduction": 1.0})
             for b in m["budgets"]:
                 for mode in b.get("networks", NETWORKS):
                     key = f"{b['factor']:g}x/{mode}"
                     red, speedup = b[mode]["flop_reduction"], lat["speedup"][key]
                     rows.append({"model": m["model"], "budget": b["factor"], "runtime": lat["runtime"],
                                  "batch": lat["batch"], "block": mode, "ms": lat["ms"][key], "flop_reduction": red,
+                                 "volume_reduction": b[mode].get("volume_reduction"),  # absent in older results
                                  "speedup": speedup, "speedup_over_flop_reduction": speedup / red})
     return rows
 
@@ -651,7 +653,10 @@ def markdown(r: dict) -> str:
              "the ratios fair, as a slowdown slows both runs of a pair. Speedup: over the unpruned model in the same runtime "
              "and batch. FLOP red.: the compacted network's own FLOP reduction (budgetprune's count; a regular "
              "block keeps the union of the channels of the tensors it adds, so it may keep more FLOPs than the "
-             f"budget). git {env['git_commit']}"
+             "budget). Volume red.: its activation volume reduction (the feature-map entries it writes per "
+             "example, budgetprune's `volume` count), which the time of memory-bound layers (depthwise convolutions, "
+             "BatchNorms, activations, concatenations) follows more closely than FLOPs. "
+             f"git {env['git_commit']}"
              + (f" (uncommitted changes in src: {len(env['uncommitted_changes_in_src'])} files)"
                 if env["uncommitted_changes_in_src"] else "") + f". Wall time {r['wall_seconds'] / 60:.1f} min.", ""]
     for m in r["models"]:
@@ -712,14 +717,15 @@ def markdown(r: dict) -> str:
                     lines.append(f"| {runtime} | {batch} | {statistics.median(v):.0f} | {v[0]:.0f} – {v[-1]:.0f} | "
                                  f"{GATHER_COST.get(runtime, float('nan')):g} |")
     lines += ["", "## Every measurement", "",
-              "| model | budget | runtime | batch | block | FLOP red. | ms | speedup | speedup ÷ FLOP red. |",
-              "|---|---:|---|---:|---|---:|---:|---:|---:|"]
+              "| model | budget | runtime | batch | block | FLOP red. | volume red. | ms | speedup | speedup ÷ FLOP red. |",
+              "|---|---:|---|---:|---|---:|---:|---:|---:|---:|"]
     for x in rows:
         budget = "–" if x["budget"] is None else f"{x['budget']:g}×"
         flag = " **slower**" if x["speedup"] < 1.0 else ""
         ratio = "" if x["block"] == "unpruned" else f"{x['speedup_over_flop_reduction']:.2f}"
+        volume = "" if x.get("volume_reduction") is None else f"{x['volume_reduction']:.2f}×"
         lines.append(f"| {x['model']} | {budget} | {x['runtime']} | {x['batch']} | {x['block']} | "
-                     f"{x['flop_reduction']:.2f}× | {x['ms']:.3f} | {x['speedup']:.2f}×{flag} | {ratio} |")
+                     f"{x['flop_reduction']:.2f}× | {volume} | {x['ms']:.3f} | {x['speedup']:.2f}×{flag} | {ratio} |")
     lines += profile_tables(r)
     lines += ["", "## ONNX graphs", "",
               "Node counts of the exported files (ops whose count differs between the networks of a model; "

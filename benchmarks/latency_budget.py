@@ -22,6 +22,8 @@ table) drove mobilenet_v2 to 520× fewer FLOPs to meet a 2× latency budget. Unt
     python benchmarks/latency_budget.py                              # resnet20, resnet18, mobilenet_v2
     python benchmarks/latency_budget.py --models resnet20 --fractions 0.5    # smoke run
     python benchmarks/latency_budget.py --batch 16 --out benchmarks/results/latency_budget_batch16
+    python benchmarks/latency_budget.py --models shufflenet_v2_x0_5 --batch 16 \
+        --out benchmarks/results/latency_budget_shufflenet           # any family deploy_speed.py knows
 
 ``--batch`` is the deployment's batch (the Pruner's ``deploy_batch``): the tables, finalize's
 timings and the timing here all run at it.
@@ -44,7 +46,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import HERE, RESULTS, padding_label, pruning_steps, source_state, write_results  # noqa: E402
-from deploy_speed import REGISTRY, TORCHVISION, build  # noqa: E402
+from deploy_speed import KNOWN_MODELS, REGISTRY, build  # noqa: E402
 from torchvision_models import import_torchvision  # noqa: E402
 
 from budgetprune import Pruner  # noqa: E402
@@ -57,8 +59,7 @@ TARGET = (0.9, 1.0)
 
 def arguments(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {','.join(REGISTRY)},"
-                                                                 f"{','.join(TORCHVISION)}")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {','.join(KNOWN_MODELS)}")
     p.add_argument("--fractions", default="0.5,0.25", help="latency budgets as fractions of the unpruned latency")
     p.add_argument("--size", type=int, default=224, help="pixels of the torchvision models' inputs")
     p.add_argument("--steps", type=int, default=4, help="AdamW steps before finalize")
@@ -70,7 +71,7 @@ def arguments(argv) -> argparse.Namespace:
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in args.models if m not in REGISTRY and m not in TORCHVISION]
+    unknown = [m for m in args.models if m not in KNOWN_MODELS]
     if unknown:
         p.error(f"unknown model(s) {', '.join(unknown)}")
     try:
@@ -116,7 +117,7 @@ def run_one(unpruned, shape, fraction: float, block: str, multiple: int | str, s
 def main(argv=None) -> int:
     args = arguments(argv)
     os.environ["BUDGETPRUNE_CACHE"] = args.cache
-    models_module = import_torchvision() if any(m in TORCHVISION for m in args.models) else None
+    models_module = import_torchvision() if any(m not in REGISTRY for m in args.models) else None
     start = time.perf_counter()
     rows = []
     variants = [("regular", 1), ("regular", args.multiple), ("auto", args.multiple)]

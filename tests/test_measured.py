@@ -86,3 +86,52 @@ def test_a_non_monotone_latency_ends_near_the_best_it_can(monkeypatch):
     # the search ends under the budget and within 0.04 of the best it could reach (0.888); bracketed by
     # the ratios nearest the target it went back to a slow width it had tried and stopped at 0.716
     assert 0.85 <= ratio_of(masks["fraction"]) / 0.25 <= 1.0, record["tries"]
+    assert record["met"] and record["measured_over_budget"] == pytest.approx(ratio_of(masks["fraction"]) / 0.25)
+    assert record["tries"][record["kept_try"]]["projected_to"][METRIC] == masks["fraction"]
+
+
+def test_a_budget_under_the_latency_floor_keeps_the_fastest_network_and_says_so(monkeypatch):
+    """A network whose ops between the layers take 0.3 of its time whatever the widths (ShuffleNet's
+    concatenations and shuffles in onnxruntime, ``benchmarks/results/latency_budget_shufflenet``) cannot
+    meet a quarter of its latency: the fastest network measured is kept, marked as over the budget,
+    and the log names the budget it meets. The projection refuses fractions under 0.02 (no channel
+    left to drop), which ends the search."""
+    from budgetprune.errors import BudgetError
+
+    ratio = lambda fraction: 0.3 + 0.7 * fraction  # noqa: E731
+    monkeypatch.setattr(measured, "deployed_speed", lambda unpruned, net, example, runtime, repeats=60: {
+        "unpruned_ms": 10.0, "pruned_ms": 10.0 * ratio(net.fraction), "ratio": ratio(net.fraction)})
+
+    def project(budgets):
+        if budgets[0].fraction < 0.02:
+            raise BudgetError("every group is at its last channel")
+        return {"fraction": budgets[0].fraction}, {}
+
+    compacted = lambda masks: Sized(1.0 if masks is None else masks["fraction"])  # noqa: E731
+    lines = []
+    masks, _, record = measured.meet_measured_latency(project, compacted, [Budget(METRIC, 0.25)], torch.zeros(1),
+                                                      lines.append)
+    ratios = [t["measured"][METRIC]["ratio"] for t in record["tries"]]
+    assert not record["met"] and len(ratios) >= 2
+    assert ratio(masks["fraction"]) == min(ratios) == ratios[record["kept_try"]]  # the fastest measured, not a later one
+    assert record["measured_over_budget"] == pytest.approx(min(ratios) / 0.25) and min(ratios) > 0.3
+    (warning,) = [line for line in lines if line.startswith("warning:")]
+    assert f"{METRIC}={min(ratios):.3g} or more can be met" in warning
+
+
+def test_the_report_puts_the_measured_latency_beside_the_budget():
+    from budgetprune.report import measured_latency_lines
+
+    def record(ratio):
+        return {"batch": 16, "kept_try": 1, "tries": [
+            {"projected_to": {METRIC: 0.5}, "measured": {METRIC: {"unpruned_ms": 10.0, "pruned_ms": 6.0,
+                                                                  "ratio": 0.6, "fraction": 0.5}}},
+            {"projected_to": {METRIC: 0.4}, "measured": {METRIC: {"unpruned_ms": 10.0, "pruned_ms": 10 * ratio,
+                                                                  "ratio": ratio, "fraction": 0.5}}}]}
+
+    (line,) = measured_latency_lines(record(0.47))
+    assert "4.7 ms against 10 ms unpruned" in line and "**0.940 of the budget** 0.5" in line and "over it" not in line
+    assert "2 projection(s)" in line
+    (line,) = measured_latency_lines(record(0.55))
+    assert "**1.100 of the budget**" in line and "over it" in line
+    assert measured_latency_lines(None) == [] and "not timed" in measured_latency_lines({"error": "no onnx"})[0]

@@ -833,6 +833,36 @@ def test_runtime_latency_budget_is_tightened_until_the_timed_network_meets_it(mo
     assert any("of the budget" in line for line in lines)
 
 
+def test_a_run_reports_the_measured_latency_beside_its_budget(demo_small, tmp_path, monkeypatch):
+    """metrics.json keeps finalize's timed projections (the one kept, met or not) and report.md puts
+    the kept network's measured latency next to the budget."""
+    from budgetprune import measured, resources
+
+    monkeypatch.setattr(resources, "layer_coefficients", lambda graph, runtime="eager": {
+        name: (1e-3, 0.0) for name in graph.layers})
+
+    def timed(unpruned, net, example, runtime, repeats=30):  # the network's time: its MACs and 0.2 ms for the rest
+        counted = {name: CostModel(budgetprune.ChannelGraph.build(m, example), "flops").full()
+                   for name, m in (("unpruned", unpruned), ("pruned", net))}
+        ms = {f"{name}_ms": 0.2 + cost * 1e-6 for name, cost in counted.items()}
+        return {**ms, "ratio": ms["pruned_ms"] / ms["unpruned_ms"]}
+
+    monkeypatch.setattr(measured, "deployed_speed", timed)
+    train, test = demo_small
+    torch.manual_seed(0)
+    _, m = budgetprune.prune(budgetprune.create_model("lenet5"), train, test, budget="2x",
+                             metric="latency:onnxruntime", out=tmp_path / "run", log=None,
+                             **{**FAST, "block": "regular", "deploy_runtime": "none"})
+    record = m["measured_latency"]
+    kept = record["tries"][record["kept_try"]]["measured"]["latency:onnxruntime"]
+    assert record["met"] and record["measured_over_budget"] == pytest.approx(kept["ratio"] / 0.5)
+    assert record["measured_over_budget"] <= 1.0
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["measured_latency"]["kept_try"] == record["kept_try"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert f"**{kept['ratio'] / 0.5:.3f} of the budget** 0.5" in report
+
+
 def test_other_budgets_are_not_timed(monkeypatch):
     from budgetprune import measured
 

@@ -40,6 +40,27 @@ def plot_widths(widths: dict[str, dict[str, int]], path: Path, title: str, unit:
     plt.close(fig)
 
 
+def measured_latency_lines(record: dict | None) -> list[str]:
+    """report.md's lines on a latency budget timed in a runtime (:mod:`budgetprune.measured`): the
+    kept network's measured latency next to its budget, and how many projections were timed."""
+    if not record:
+        return []
+    if "error" in record:
+        return [f"- Latency budget not timed in its runtime ({record['error']}): the per-layer table's budget is met"]
+    if "kept_try" not in record:  # a run folder written before the kept try was recorded
+        return []
+    kept = record["tries"][record["kept_try"]]["measured"]
+    lines = []
+    for metric, v in kept.items():
+        over = v["ratio"] / v["fraction"]
+        lines.append(f"- {metric} measured (batch {record['batch']}): {v['pruned_ms']:.4g} ms against "
+                     f"{v['unpruned_ms']:.4g} ms unpruned, {v['ratio']:.3f} of it: **{over:.3f} of the budget** "
+                     f"{v['fraction']:g}" + ("" if over <= 1.0 else " (over it: no projection measured within the "
+                                              "budget; see the log)")
+                     + f"; {len(record['tries'])} projection(s) timed")
+    return lines
+
+
 def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
     """Write ``widths.png`` and ``report.md`` into the run folder ``out``."""
     m = metrics
@@ -77,6 +98,7 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
                          f"{timing['padded_ms']:.3f} ms, exact widths {timing['exact_ms']:.3f} ms, "
                          f"{timing['speedup']:.2f}× faster padded: "
                          + ("padding kept" if timing["pays"] else "exact widths kept"))
+    lines += measured_latency_lines(m.get("measured_latency"))
     deployed = m.get("deployed")
     if deployed and "error" in deployed:
         lines.append(f"- Deployed speed in {deployed['runtime']}: not measured ({deployed['error']})")
