@@ -292,6 +292,39 @@ def test_onnx_export_of_multihead_attention_in_eval_mode(tmp_path):
     assert torch.backends.mha.get_fastpath_enabled()
 
 
+def large_output_model() -> nn.Module:
+    """Convolutions whose outputs reach about 1e12, as an untrained Inception V3's do in eval mode
+    (its BatchNorms' running statistics untouched): float32 rounding alone differs there by far
+    more than 1e-4 between two correct implementations."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Conv2d(8 if i else 3, 8, 3, padding=1) for i in range(6)]).eval()
+    with torch.no_grad():
+        for conv in model:
+            conv.weight.mul_(100.0)
+    return model
+
+
+@needs_onnx
+def test_export_checks_are_relative_to_large_outputs(tmp_path):
+    model, x = large_output_model(), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        scale = float(model(x).abs().max())
+    assert scale > 1e9
+    result = to_onnx(model, tmp_path / "m.onnx", x)
+    assert result["verified"] and 1e-4 < result["max_abs_diff"] <= 1e-4 * scale  # refused before: absolute 1e-4
+    assert to_torchscript(model, tmp_path / "m.ts", x)["verified"]
+
+
+def test_an_export_that_computes_something_else_is_refused_and_removed(tmp_path):
+    class Noisy(nn.Module):  # every run adds fresh noise: no file can reproduce an earlier output
+        def forward(self, x):
+            return x + 0.01 * torch.rand_like(x)
+
+    with pytest.raises(budgetprune.errors.ExportError, match="does not reproduce the model's outputs"):
+        to_torchscript(Noisy(), tmp_path / "m.ts", torch.randn(2, 3))
+    assert not (tmp_path / "m.ts").exists()
+
+
 def test_onnx_without_its_packages_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # makes `import onnxscript` fail
     with pytest.raises(ConfigError, match=r"onnxscript.*pip install 'budgetprune\[export\]'"):

@@ -2,7 +2,9 @@
 
 Both exports run the written file on the example input and compare its outputs with the
 model's: TorchScript through ``torch.jit.load`` (to 1e-5), ONNX through onnxruntime (to
-1e-4) when it is installed. ONNX export needs the optional packages of the ``export`` extra
+1e-4) when it is installed, of max(1, the largest |output|): float32 outputs of size 1e12 (an
+untrained Inception V3 in eval mode) differ by 1e5 in their last bits between two correct
+implementations. ONNX export needs the optional packages of the ``export`` extra
 (``pip install 'budgetprune[export]'``); TorchScript needs nothing beyond torch.
 
 ONNX and torch 2.13: the default (dynamo, ``torch.export``-based) exporter implements opset
@@ -54,8 +56,9 @@ def to_torchscript(model: nn.Module, path: str | os.PathLike, example) -> dict:
         torch.jit.save(module, buffer)
         _write(path, buffer.getvalue())
         loaded = torch.jit.load(str(path), map_location="cpu")
-        diff = _max_abs_diff(model(*args), loaded(*args))
-    _check(diff, TORCHSCRIPT_TOLERANCE, path, "TorchScript")
+        expected = model(*args)
+        diff = _max_abs_diff(expected, loaded(*args))
+    _check(diff, TORCHSCRIPT_TOLERANCE * _output_scale(expected), path, "TorchScript")
     return {"path": str(path), "format": "torchscript", "method": method, "verified": True, "max_abs_diff": diff}
 
 
@@ -100,7 +103,7 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, example, opset: int = 17)
               "note": "onnxruntime is not installed: the exported file was not run"}
     if _installed("onnxruntime"):
         diff = _max_abs_diff(expected, _run_onnxruntime(path, args))
-        _check(diff, ONNX_TOLERANCE, path, "ONNX")
+        _check(diff, ONNX_TOLERANCE * _output_scale(expected), path, "ONNX")
         result.update(verified=True, max_abs_diff=diff, note="checked with onnxruntime")
     return result
 
@@ -255,6 +258,11 @@ def _max_abs_diff(expected, actual) -> float:
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         return float("inf")
     return max((float((x.float() - y.float()).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
+
+
+def _output_scale(expected) -> float:
+    """max(1, the largest |output|): the tolerances are relative to it above 1."""
+    return max([1.0] + [float(t.float().abs().max()) for t in _flatten(expected) if t.numel()])
 
 
 def _check(diff: float, tolerance: float, path, what: str) -> None:
