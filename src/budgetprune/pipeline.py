@@ -792,7 +792,7 @@ class PruneRun:
         return deployed_speed(self.teacher, net, example, runtime)
 
     def _finish(self, net: nn.Module, specs: dict, info: dict) -> PruneResult:
-        from .report import layer_widths
+        from .report import deploy_note, layer_widths
         cfg = self.config
         if not hasattr(self, "unpruned_accuracy"):
             self._evaluate_unpruned()
@@ -838,6 +838,9 @@ class PruneRun:
                             "density": layers})
         if distributed.is_main():  # rank 0 times the result and writes the run folder
             metrics["deployed"] = self._deployed_speed(net)
+            note = deploy_note(metrics)
+            if note:
+                self.log(note)
             self._write_results(net, metrics)
         total = cfg.finetune_epochs + cfg.lowlr_epochs
         self._save_checkpoint("done", total, arch=json.dumps(specs), model=net.state_dict(), info=json.dumps(info),

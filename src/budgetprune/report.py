@@ -61,6 +61,37 @@ def measured_latency_lines(record: dict | None) -> list[str]:
     return lines
 
 
+#: A result whose deployed speedup is under this share of its FLOP (or parameter) reduction gets
+#: a note: its time follows something the budget does not count (README, "Deployed speed").
+SPEEDUP_SHARE = 0.7
+#: The budget metrics such a note is about: those blind to the memory the layers move.
+COMPUTE_METRICS = ("flops", "params")
+
+
+def deploy_note(metrics: dict) -> str | None:
+    """A note for a channel-pruned result that runs much slower than its budget's reduction
+    promises: its speedup (``deployed``), that reduction, and its activation volume's, with the
+    budgets that do follow time. None where the speed was not measured or keeps up.
+
+    Why: memory-bound networks (depthwise and narrow layers: MobileNet V3 small, MnasNet 0.5,
+    ShuffleNet V2 0.5) pruned to a quarter of their FLOPs ran only 2.2–2.3× faster in onnxruntime,
+    about as much as their activation volume fell (2.4–2.5×; ``benchmarks/results/deploy_speed_families/``)."""
+    deployed, metric = metrics.get("deployed"), metrics.get("metric")
+    if (not deployed or "error" in deployed or metric not in COMPUTE_METRICS
+            or metrics.get("granularity", "channel") != "channel"):
+        return None
+    reduction = metrics["reduction_factor"][metric]
+    if deployed["speedup"] >= SPEEDUP_SHARE * reduction:
+        return None
+    volume = metrics["reduction_factor"].get("volume")
+    return (f"note: the result runs {deployed['speedup']:.2f}× faster in {deployed['runtime']} (batch "
+            f"{deployed['batch']}) for {reduction:.2f}× fewer {metric}"
+            + (f", and its activation volume fell {volume:.2f}×" if volume else "")
+            + f": its time follows the memory its layers move more than their {metric}. To budget time, use "
+            "--metric latency" + (f":{deployed['runtime']}" if deployed["runtime"] != "eager" else "") + " "
+            "(or volume, alone or beside it)")
+
+
 def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
     """Write ``widths.png`` and ``report.md`` into the run folder ``out``."""
     m = metrics
@@ -107,6 +138,10 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
                      f"{deployed['threads']} threads): unpruned {deployed['unpruned_ms']:.3f} ms, pruned "
                      f"{deployed['pruned_ms']:.3f} ms: **{deployed['speedup']:.2f}×**"
                      + (" (slower: see the README's \"Deployed speed\")" if deployed["speedup"] < 1 else ""))
+        note = deploy_note(m)
+        if note:
+            text = note.removeprefix("note: ")
+            lines.append(f"- {text[0].upper()}{text[1:]}")
     if per_weight:
         lines.append(f"- Non-zero weights after fine-tuning: {m['nonzero_after_finetune']} (pruned weights stay 0); "
                      f"model file {m.get('model_file_bytes', 0) / 1024:.1f} KiB, sparse weights stored as bit mask "

@@ -1,0 +1,42 @@
+"""The note a run gives when its deployed speedup falls far short of its budget's reduction
+(:func:`budgetprune.report.deploy_note`), on hand-made metrics."""
+
+import pytest
+
+from budgetprune.report import deploy_note, write_report
+
+
+def metrics(speedup, metric="flops", runtime="onnxruntime", **extra):
+    return {"metric": metric, "granularity": "channel",
+            "reduction_factor": {"volume": 2.46, "flops": 4.0, "params": 4.22},
+            "deployed": {"runtime": runtime, "batch": 16, "device": "cpu", "threads": 2, "unpruned_ms": 35.2,
+                         "pruned_ms": 35.2 / speedup, "speedup": speedup}, **extra}
+
+
+def test_a_memory_bound_result_gets_a_note_with_the_budgets_that_follow_time():
+    note = deploy_note(metrics(2.23))  # MnasNet 0.5 at 4x FLOPs: 2.23 < 0.7 * 4
+    assert note.startswith("note: the result runs 2.23× faster in onnxruntime (batch 16) for 4.00× fewer flops")
+    assert "activation volume fell 2.46×" in note and "--metric latency:onnxruntime" in note
+    assert "--metric latency " in deploy_note(metrics(1.0, runtime="eager"))  # eager's latency metric has no suffix
+
+
+@pytest.mark.parametrize("m", [
+    metrics(2.8),                                  # 0.7 of 4x: keeps up
+    metrics(1.5, metric="volume"),                 # the budget counts the memory already
+    metrics(1.5, metric="latency:onnxruntime"),    # the budget is time
+    metrics(1.5, granularity="weight"),            # single weights: nothing gets smaller to run
+    {**metrics(1.5), "deployed": None},            # not timed
+    {**metrics(1.5), "deployed": {"runtime": "onnxruntime", "error": "not installed"}},
+])
+def test_no_note_where_the_speed_keeps_up_or_is_not_about_compute(m):
+    assert deploy_note(m) is None
+
+
+def test_the_report_carries_the_note(tmp_path):
+    m = {**metrics(2.23), "method": "bar", "budget_fraction": 0.25, "budget": 1.0, "budget_ratio": 0.999,
+         "full": {"volume": 2.46, "flops": 4.0, "params": 4.22}, "pruned": {"volume": 1.0, "flops": 1.0, "params": 1.0},
+         "widths": {}, "test_accuracy": 0.9, "unpruned_test_accuracy": 0.91, "accuracy_change": -0.01,
+         "cost_before_projection": 1.0, "channels_dropped_by_projection": 0, "compaction_max_abs_diff": 0.0,
+         "model": "mnasnet", "data": "demo"}
+    write_report(tmp_path, m, [])
+    assert "- The result runs 2.23× faster in onnxruntime" in (tmp_path / "report.md").read_text()
