@@ -16,8 +16,9 @@ def metrics(speedup, metric="flops", runtime="onnxruntime", **extra):
 def test_a_memory_bound_result_gets_a_note_with_the_budgets_that_follow_time():
     note = deploy_note(metrics(2.23))  # MnasNet 0.5 at 4x FLOPs: 2.23 < 0.7 * 4
     assert note.startswith("note: the result runs 2.23× faster in onnxruntime (batch 16) for 4.00× fewer flops")
-    assert "activation volume fell 2.46×" in note and "--metric latency:onnxruntime" in note
-    assert "--metric latency " in deploy_note(metrics(1.0, runtime="eager"))  # eager's latency metric has no suffix
+    assert "activation volume fell 2.46×" in note and "the metric latency:onnxruntime (timed there)" in note
+    assert "--budget flops=0.25,volume=0.4" in note
+    assert "the metric latency (timed" in deploy_note(metrics(1.0, runtime="eager"))  # eager's has no suffix
 
 
 @pytest.mark.parametrize("m", [
@@ -25,6 +26,8 @@ def test_a_memory_bound_result_gets_a_note_with_the_budgets_that_follow_time():
     metrics(1.5, metric="volume"),                 # the budget counts the memory already
     metrics(1.5, metric="latency:onnxruntime"),    # the budget is time
     metrics(1.5, granularity="weight"),            # single weights: nothing gets smaller to run
+    metrics(1.5, budgets={"flops": {}, "volume": {}}),               # a volume budget bounds it already
+    metrics(1.5, budgets={"flops": {}, "latency:onnxruntime": {}}),  # so does a latency budget
     {**metrics(1.5), "deployed": None},            # not timed
     {**metrics(1.5), "deployed": {"runtime": "onnxruntime", "error": "not installed"}},
 ])

@@ -310,9 +310,41 @@ def test_export_checks_are_relative_to_large_outputs(tmp_path):
     with torch.no_grad():
         scale = float(model(x).abs().max())
     assert scale > 1e9
-    result = to_onnx(model, tmp_path / "m.onnx", x)
-    assert result["verified"] and 1e-4 < result["max_abs_diff"] <= 1e-4 * scale  # refused before: absolute 1e-4
+    result = to_onnx(model, tmp_path / "m.onnx", x)  # onnxruntime's rounding: far over 1e-4 absolute here
+    assert result["verified"] and result["max_abs_diff"] <= 1e-4 * scale
     assert to_torchscript(model, tmp_path / "m.ts", x)["verified"]
+
+
+class TwoHeads(nn.Module):
+    """Boxes in pixels beside scores: outputs of very different sizes."""
+
+    def forward(self, x):
+        return {"boxes": x * 1e6, "scores": x.sigmoid()}
+
+
+@needs_onnx
+@pytest.mark.parametrize("boxes, scores, accepted", [
+    (1e-7, 0.0, True),     # 0.1 off on boxes of 1e6: 1e-7 of their size
+    (1e-3, 0.0, False),    # 1e3 off on boxes of 1e6: 1e-3 of their size
+    (0.0, 1e-3, False),    # the scores off by 1e-3: large boxes beside them do not loosen their check
+    (0.0, float("nan"), False),
+])
+def test_each_output_is_checked_against_its_own_size(boxes, scores, accepted, monkeypatch, tmp_path):
+    from budgetprune import export
+
+    model, x = TwoHeads(), torch.rand(2, 3) + 0.5
+
+    def run(path, args):  # the file's outputs, off by the given share of each output's size
+        out = model(*args)
+        return [out["boxes"] * (1 + boxes), out["scores"] + scores]
+
+    monkeypatch.setattr(export, "_run_onnxruntime", run)
+    if accepted:
+        assert to_onnx(model, tmp_path / "m.onnx", x)["verified"]
+    else:
+        with pytest.raises(budgetprune.errors.ExportError, match="of the output's size, over the tolerance"):
+            to_onnx(model, tmp_path / "m.onnx", x)
+        assert not (tmp_path / "m.onnx").exists()
 
 
 def test_an_export_that_computes_something_else_is_refused_and_removed(tmp_path):

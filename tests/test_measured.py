@@ -2,6 +2,8 @@
 (:mod:`budgetprune.measured`), against hand-worked values and a network whose latency is not
 monotone in its widths."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -94,8 +96,9 @@ def test_a_budget_under_the_latency_floor_keeps_the_fastest_network_and_says_so(
     """A network whose ops between the layers take 0.3 of its time whatever the widths (ShuffleNet's
     concatenations and shuffles in onnxruntime, ``benchmarks/results/latency_budget_shufflenet``) cannot
     meet a quarter of its latency: the fastest network measured is kept, marked as over the budget,
-    and the log names the budget it meets. The projection refuses fractions under 0.02 (no channel
-    left to drop), which ends the search."""
+    and the log names a budget a new run can meet. The projection refuses fractions under 0.02 (no
+    channel left to drop): the search then tries halfway towards the last fraction it projected,
+    and gets near the floor (0.3 + 0.7 · 0.02 = 0.314) instead of stopping at its second try."""
     from budgetprune.errors import BudgetError
 
     ratio = lambda fraction: 0.3 + 0.7 * fraction  # noqa: E731
@@ -114,9 +117,31 @@ def test_a_budget_under_the_latency_floor_keeps_the_fastest_network_and_says_so(
     ratios = [t["measured"][METRIC]["ratio"] for t in record["tries"]]
     assert not record["met"] and len(ratios) >= 2
     assert ratio(masks["fraction"]) == min(ratios) == ratios[record["kept_try"]]  # the fastest measured, not a later one
-    assert record["measured_over_budget"] == pytest.approx(min(ratios) / 0.25) and min(ratios) > 0.3
+    assert record["measured_over_budget"] == pytest.approx(min(ratios) / 0.25) and 0.3 < min(ratios) < 0.33
+    assert len(ratios) >= 3 and any("trying halfway" in line for line in lines)  # past the refused fraction
     (warning,) = [line for line in lines if line.startswith("warning:")]
-    assert f"{METRIC}={min(ratios):.3g} or more can be met" in warning
+    ask = math.ceil(min(ratios) / measured.AIM * 100) / 100  # what a new run aims at 0.95 of: 0.34
+    assert f"--budget {METRIC}={ask:g} can be met" in warning and ask == 0.34
+
+
+def test_the_fastest_try_is_kept_even_when_a_later_one_measured_slower(monkeypatch):
+    """Networks narrower than 0.1 of the unit run a slow kernel (0.9 of the unpruned time), so the
+    search's later, narrower tries measure slower than its second: that one is kept, and no
+    projection is left untimed (all the tries are timed, none more is projected)."""
+    ratio = lambda fraction: 0.9 if fraction < 0.1 else 0.4 + 0.4 * fraction  # noqa: E731
+    monkeypatch.setattr(measured, "deployed_speed", lambda unpruned, net, example, runtime, repeats=60: {
+        "unpruned_ms": 1.0, "pruned_ms": ratio(net.fraction), "ratio": ratio(net.fraction)})
+    projections = []
+
+    def project(budgets):
+        projections.append(budgets[0].fraction)
+        return {"fraction": budgets[0].fraction}, {}
+
+    compacted = lambda masks: Sized(1.0 if masks is None else masks["fraction"])  # noqa: E731
+    masks, _, record = measured.meet_measured_latency(project, compacted, [Budget(METRIC, 0.25)], torch.zeros(1))
+    ratios = [t["measured"][METRIC]["ratio"] for t in record["tries"]]
+    assert not record["met"] and ratios[-1] > min(ratios) == ratio(masks["fraction"]) == ratios[record["kept_try"]]
+    assert len(projections) == len(record["tries"])  # every projection made was timed
 
 
 def test_the_report_puts_the_measured_latency_beside_the_budget():

@@ -823,9 +823,13 @@ def test_runtime_latency_budget_is_tightened_until_the_timed_network_meets_it(mo
         budgetprune.Pruner(model, x, "latency:onnxruntime=0.5", total_steps=1, block="mixed")
     pruner = budgetprune.Pruner(model, x, "latency:onnxruntime=0.5", total_steps=1, method="magnitude",
                                 block="regular", log=lines.append, deploy_batch=5)
-    _, report = pruner.finalize(x)
+    small, report = pruner.finalize(x)
     assert batches == {5} and report["measured_latency"]["batch"] == 5  # timed at the deployment's batch
     tries = report["measured_latency"]["tries"]
+    # the network returned is the try kept, compacted with that try's padding (not the last projection's)
+    kept = tries[report["measured_latency"]["kept_try"]]["measured"]["latency:onnxruntime"]["ratio"]
+    assert timed(budgetprune.create_model("lenet5"), small, torch.zeros(5, 1, 28, 28), "onnxruntime")["ratio"] == \
+        pytest.approx(kept)
     assert len(tries) >= 2  # the first projection measured over its budget
     first, last = tries[0]["measured"]["latency:onnxruntime"], tries[-1]["measured"]["latency:onnxruntime"]
     assert first["ratio"] > 0.5 and measured.BAND[0] <= last["ratio"] / 0.5 <= measured.BAND[1]  # aimed inside [0.9, 1]

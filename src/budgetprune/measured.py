@@ -12,13 +12,15 @@ measured ratio is not within :data:`BAND` of the budget, the projection runs aga
 masks to another budget, up to :data:`MEASURED_TRIES` times, aiming at :data:`AIM` of it: first
 the budget scaled by the measured excess, then by false position between the tries over and under
 the aim (:func:`_next_fraction`; what the table leaves out, the ops between the layers and the runtime's overhead, does
-not scale with it). Of the tries measured within the budget, the one closest to the aim is kept:
+not scale with it). Of the tries measured within the budget, the one closest to the aim is kept (where none is,
+the fastest one timed, and the record says ``met: false``):
 a network timed again later measures a few percent apart (sub-millisecond networks on a busy
 machine more), so a result aimed at the middle of [0.9, 1] stays inside it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -92,17 +94,24 @@ def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
     current = list(budgets)
     best = None  # (distance to the aim, try) of the tries within every budget
     fastest = None  # (measured over the budget, try): what is kept where no try is within it
-    for _ in range(MEASURED_TRIES):
+    stopped = f"all {MEASURED_TRIES} projections were timed"
+    for attempt in range(MEASURED_TRIES):
         net = compacted(masks)
         measured = {}
         for b in timed:
             speed = deployed_speed(unpruned, net, example, RUNTIME_LATENCIES[b.metric], repeats=REPEATS)
             if "error" in speed:
-                log(f"{b.metric}: the result could not be timed ({speed['error']}); it meets the table's budget")
                 record["error"] = speed["error"]
-                return masks, reopened, record
+                if best is None and fastest is None:
+                    log(f"{b.metric}: the result could not be timed ({speed['error']}); it meets the table's budget")
+                    return masks, reopened, record
+                log(f"{b.metric}: a projection could not be timed ({speed['error']}); the tries timed before decide")
+                break
             measured[b.metric] = {"unpruned_ms": speed["unpruned_ms"], "pruned_ms": speed["pruned_ms"],
                                   "ratio": speed["ratio"], "fraction": b.fraction}
+        if "error" in record:
+            stopped = "a projection could not be timed"
+            break
         record["tries"].append({"projected_to": {b.metric: b.fraction for b in current if b.metric in measured},
                                 "measured": measured})
         over = {m: v["ratio"] / v["fraction"] for m, v in measured.items()}
@@ -114,36 +123,59 @@ def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
             best = (abs(worst - AIM), kept)
         if fastest is None or worst < fastest[0]:
             fastest = (worst, kept)
-        if BAND[0] <= worst <= BAND[1]:
-            break
+        if BAND[0] <= worst <= BAND[1] or attempt + 1 == MEASURED_TRIES:
+            break  # on the budget, or no try left to time another projection
         fractions = {b.metric: _next_fraction(b.metric, record["tries"], AIM * b.fraction, b.fraction)
                      for b in timed}
         if all(abs(fractions[b.metric] - b.fraction) < 1e-4 * b.fraction for b in current if b.metric in fractions):
-            break  # the search no longer moves
-        current = [Budget(b.metric, fractions[b.metric]) if b.metric in fractions else b for b in current]
-        try:
-            masks, reopened = project(current)
-        except BudgetError as exc:
-            log(f"the measured latency budget cannot be tightened further ({exc})")
+            stopped = "the search no longer moved"
             break
+        projected = _project_towards(project, current, fractions, log)
+        if projected is None:
+            stopped = "no network between the last one timed and the one asked for could be projected"
+            break
+        current, (masks, reopened) = projected
     index, masks, reopened, worst = (best or fastest)[1]
     record.update(kept_try=index, measured_over_budget=worst, met=worst <= 1.0)
     if best is None:
-        log(_over_budget_warning(record, timed))
+        log(_over_budget_warning(record, budgets, stopped))
     return masks, reopened, record
 
 
-def _over_budget_warning(record: dict, timed: list[Budget]) -> str:
-    """The one-line warning of a runtime latency budget that no projection measured within: what
-    the network kept measured, why, and the budget that it does meet."""
+#: Where the projection refuses a fraction (too few channels left to drop), the halfway points (in
+#: log scale) towards the last fraction projected tried before the search stops.
+HALVINGS = 4
+
+
+def _project_towards(project, current: list[Budget], fractions: dict[str, float], log):
+    """``(budgets, project(budgets))`` with the timed budgets moved to ``fractions``; where the
+    projection refuses them (:class:`BudgetError`: the network cannot get that small), the geometric
+    means towards the ``current`` fractions, up to :data:`HALVINGS` times. None where all are refused."""
+    for _ in range(HALVINGS + 1):
+        trial = [Budget(b.metric, fractions[b.metric]) if b.metric in fractions else b for b in current]
+        try:
+            return trial, project(trial)
+        except BudgetError as exc:
+            log(f"the measured latency budget cannot be tightened to "
+                f"{', '.join(f'{m}={f:.4g}' for m, f in fractions.items())} ({exc}); trying halfway")
+        fractions = {b.metric: math.sqrt(fractions[b.metric] * b.fraction) for b in current if b.metric in fractions}
+    return None
+
+
+def _over_budget_warning(record: dict, budgets: list[Budget], stopped: str) -> str:
+    """The one-line warning of a runtime latency budget that no projection measured within: what the
+    network kept measured, why the search stopped, and a budget a new run can expect to meet (the
+    ratio measured, over the share of the budget the search aims at: a network timed again measures
+    a few percent apart)."""
     kept = record["tries"][record["kept_try"]]["measured"]
-    parts = [f"{m} {v['ratio']:.3g} of the unpruned network ({v['ratio'] / v['fraction']:.2f} of the budget "
-             f"{v['fraction']:g})" for m, v in kept.items()]
-    ask = ",".join(f"{m}={kept[m]['ratio']:.3g}" for m in (b.metric for b in timed) if m in kept)
-    return (f"warning: after {len(record['tries'])} projections the measured latency stays over its budget: the "
-            f"fastest network measured {'; '.join(parts)}, and it is kept. The time that pruning channels does not "
-            "shrink (the ops between and around the layers: concatenations, channel shuffles, layout conversions, "
-            f"the runtime's own overhead) is more than the budget leaves; {ask} or more can be met")
+    parts = [f"{m} at {v['ratio']:.3g} of the unpruned network's time ({v['ratio'] / v['fraction']:.2f} of the "
+             f"budget {v['fraction']:g})" for m, v in kept.items()]
+    ask = ",".join(f"{b.metric}={math.ceil(kept[b.metric]['ratio'] / AIM * 100) / 100:g}" if b.metric in kept
+                   else f"{b.metric}={b.fraction:g}" for b in budgets)
+    return (f"warning: the measured latency stays over its budget ({stopped}): the fastest network timed ran "
+            f"{'; '.join(parts)}, and it is kept. Where narrower networks measured no faster, what pruning channels "
+            "does not shrink (the ops between and around the layers: concatenations, channel shuffles, layout "
+            f"conversions, the runtime's own overhead) takes more than the budget leaves; --budget {ask} can be met")
 
 
 def _next_fraction(metric: str, tries: list[dict], target: float, limit: float) -> float:

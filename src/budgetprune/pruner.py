@@ -441,6 +441,10 @@ class Pruner:
             modes.insert(1, BlockMode(str(self.block), modes[0].padding(), self.block.gather_cost, pad_tied=False))
             modes[2:] = [BlockMode(str(m), m.padding(), m.gather_cost, pad_tied=False) for m in modes[2:]]
         chosen = [modes[0]]
+        projected = []  # (masks, mode) of every projection: a timed latency budget may keep an earlier one
+
+        def mode_of(kept: dict | None) -> BlockMode:
+            return next((mode for masks_, mode in projected if masks_ is kept), chosen[0])
 
         def project_with(budgets: list[Budget], mode: BlockMode) -> tuple[dict, dict]:
             final = enforce_budget(graph, masks, scores, budgets, mode=mode)
@@ -474,11 +478,13 @@ class Pruner:
                     self.log(f"{mode.describe_padding()}: ends at {fullness:.4f} of the budget, under {FILLED}; "
                              f"trying {modes[i + 1].describe_padding()}")
             chosen[0] = best[3]
+            projected.append((best[1], best[3]))
             return best[1], best[2]
 
         final, reopened, measured = meet_measured_latency(
-            project, lambda kept: compact(self.model, graph, kept, mode=chosen[0]), self.budgets,
+            project, lambda kept: compact(self.model, graph, kept, mode=mode_of(kept)), self.budgets,
             self.deploy_example(), self.log)
+        chosen[0] = mode_of(final)  # the padding of the projection kept, not of the last one tried
         timing = None
         # channel_multiple="auto" padded (a latency budget timed in a runtime has timed the padded network already)
         if self.time_padding and measured is None and chosen[0].multiple > 1 and len(self.paddings) > 1:
