@@ -160,3 +160,25 @@ def test_the_report_puts_the_measured_latency_beside_the_budget():
     (line,) = measured_latency_lines(record(0.55))
     assert "**1.100 of the budget**" in line and "over it" in line
     assert measured_latency_lines(None) == [] and "not timed" in measured_latency_lines({"error": "no onnx"})[0]
+
+
+def test_a_tighter_projection_that_cannot_be_compacted_ends_the_search_on_the_tries_timed(monkeypatch):
+    """Compaction's internal check refused a tighter ShuffleNet V2 projection (an emptied split piece
+    still read; ``benchmarks/results/latency_budget_shufflenet``): the search keeps what it timed.
+    The user's own budget, projected first, still raises."""
+    monkeypatch.setattr(measured, "deployed_speed", lambda unpruned, net, example, runtime, repeats=60: {
+        "unpruned_ms": 1.0, "pruned_ms": 0.5 + net.fraction, "ratio": 0.5 + net.fraction})
+    project = lambda budgets: ({"fraction": budgets[0].fraction}, {})  # noqa: E731
+
+    def compacted(masks):
+        if masks is not None and masks["fraction"] < 0.25:
+            raise RuntimeError("internal error: the emptied tensor 'getitem_45' is still used")
+        return Sized(1.0 if masks is None else masks["fraction"])
+
+    lines = []
+    masks, _, record = measured.meet_measured_latency(project, compacted, [Budget(METRIC, 0.25)], torch.zeros(1),
+                                                      lines.append)
+    assert masks["fraction"] == 0.25 and len(record["tries"]) == 1 and not record["met"]
+    assert any("could not be compacted" in line for line in lines)
+    with pytest.raises(RuntimeError, match="emptied"):
+        measured.meet_measured_latency(project, compacted, [Budget(METRIC, 0.2)], torch.zeros(1))

@@ -96,7 +96,15 @@ def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
     fastest = None  # (measured over the budget, try): what is kept where no try is within it
     stopped = f"all {MEASURED_TRIES} projections were timed"
     for attempt in range(MEASURED_TRIES):
-        net = compacted(masks)
+        try:
+            net = compacted(masks)
+        except RuntimeError as exc:  # compaction's own internal check; the user's budget itself must compact
+            if not record["tries"]:
+                raise
+            log(f"a tighter projection could not be compacted ({first_line(exc, 300)}); the tries timed before "
+                "decide")
+            stopped = "a tighter projection could not be compacted"
+            break
         measured = {}
         for b in timed:
             speed = deployed_speed(unpruned, net, example, RUNTIME_LATENCIES[b.metric], repeats=REPEATS)
