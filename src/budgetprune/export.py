@@ -59,8 +59,7 @@ def to_torchscript(model: nn.Module, path: str | os.PathLike, example) -> dict:
         _write(path, buffer.getvalue())
         loaded = torch.jit.load(str(path), map_location="cpu")
         expected, actual = model(*args), loaded(*args)
-    diff = _max_abs_diff(expected, actual)
-    _check(_relative_diff(expected, actual), TORCHSCRIPT_TOLERANCE, diff, path, "TorchScript")
+    diff = _verify(expected, actual, TORCHSCRIPT_TOLERANCE, path, "TorchScript")
     return {"path": str(path), "format": "torchscript", "method": method, "verified": True, "max_abs_diff": diff}
 
 
@@ -105,9 +104,7 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, example, opset: int = 17)
               "verified": False, "max_abs_diff": None,
               "note": "onnxruntime is not installed: the exported file was not run"}
     if _installed("onnxruntime"):
-        actual = _run_onnxruntime(path, args)
-        diff = _max_abs_diff(expected, actual)
-        _check(_relative_diff(expected, actual), ONNX_TOLERANCE, diff, path, "ONNX")
+        diff = _verify(expected, _run_onnxruntime(path, args), ONNX_TOLERANCE, path, "ONNX")
         result.update(verified=True, max_abs_diff=diff, note="checked with onnxruntime")
     return result
 
@@ -257,37 +254,35 @@ def _flatten(value) -> list[torch.Tensor]:
     return []
 
 
-def _max_abs_diff(expected, actual) -> float:
+def _differences(expected, actual) -> tuple[float, float]:
+    """(largest absolute difference, largest difference of any output tensor over max(1, its
+    largest finite |value|)): inf where the outputs' structures differ, NaN where a difference is."""
     a, b = _flatten(expected), _flatten(actual)
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-        return float("inf")
-    return max((float((x.float() - y.float()).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
-
-
-def _relative_diff(expected, actual) -> float:
-    """The largest difference of any output tensor over max(1, its largest finite |value|)
-    (inf where the outputs' structures differ; NaN where a difference is, which no check passes)."""
-    a, b = _flatten(expected), _flatten(actual)
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-        return float("inf")
-    worst = 0.0
+        return float("inf"), float("inf")
+    largest, relative = 0.0, 0.0
     for x, y in zip(a, b):
         if not x.numel():
             continue
         x, y = x.float(), y.float()
         finite = x[torch.isfinite(x)]
         scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
-        relative = float((x - y).abs().max()) / scale
-        if relative != relative:  # NaN: the file computes something else
-            return relative
-        worst = max(worst, relative)
-    return worst
+        diff = float((x - y).abs().max())
+        if diff != diff:  # NaN: the file computes something else
+            return diff, diff
+        largest, relative = max(largest, diff), max(relative, diff / scale)
+    return largest, relative
 
 
-def _check(relative: float, tolerance: float, diff: float, path, what: str) -> None:
+def _verify(expected, actual, tolerance: float, path, what: str) -> float:
+    """The largest absolute difference of the written file's outputs from the model's; raises
+    :class:`ExportError` (and removes the file) where one output tensor is off by more than
+    ``tolerance`` of max(1, its largest value)."""
+    diff, relative = _differences(expected, actual)
     if not relative <= tolerance:
         Path(path).unlink(missing_ok=True)  # never leave a file that computes something else
         raise ExportError(f"the {what} file {Path(path)} does not reproduce the model's outputs "
                           f"(max abs difference {diff:.3g}, {relative:.3g} of the output's size, over the "
                           f"tolerance {tolerance:g} of max(1, its largest value))")
+    return diff
 

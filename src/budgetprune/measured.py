@@ -92,8 +92,7 @@ def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
     unpruned = compacted(None)
     record = {"batch": int(example.shape[0]), "tries": []}
     current = list(budgets)
-    best = None  # (distance to the aim, try) of the tries within every budget
-    fastest = None  # (measured over the budget, try): what is kept where no try is within it
+    candidates = []  # per timed try: (masks, reopened, its measured ratio over the budget, the worst budget's)
     stopped = f"all {MEASURED_TRIES} projections were timed"
     for attempt in range(MEASURED_TRIES):
         try:
@@ -110,7 +109,7 @@ def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
             speed = deployed_speed(unpruned, net, example, RUNTIME_LATENCIES[b.metric], repeats=REPEATS)
             if "error" in speed:
                 record["error"] = speed["error"]
-                if best is None and fastest is None:
+                if not candidates:
                     log(f"{b.metric}: the result could not be timed ({speed['error']}); it meets the table's budget")
                     return masks, reopened, record
                 log(f"{b.metric}: a projection could not be timed ({speed['error']}); the tries timed before decide")
@@ -126,11 +125,7 @@ def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
         log("measured " + "; ".join(f"{m}: {v['pruned_ms']:.4g} ms of {v['unpruned_ms']:.4g} ms unpruned = "
                                     f"{over[m]:.3f} of the budget" for m, v in measured.items()))
         worst = max(over.values())
-        kept = (len(record["tries"]) - 1, masks, reopened, worst)
-        if worst <= 1.0 and (best is None or abs(worst - AIM) < best[0]):
-            best = (abs(worst - AIM), kept)
-        if fastest is None or worst < fastest[0]:
-            fastest = (worst, kept)
+        candidates.append((masks, reopened, worst))
         if BAND[0] <= worst <= BAND[1] or attempt + 1 == MEASURED_TRIES:
             break  # on the budget, or no try left to time another projection
         fractions = {b.metric: _next_fraction(b.metric, record["tries"], AIM * b.fraction, b.fraction)
@@ -143,9 +138,12 @@ def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
             stopped = "no network between the last one timed and the one asked for could be projected"
             break
         current, (masks, reopened) = projected
-    index, masks, reopened, worst = (best or fastest)[1]
+    within = [i for i, c in enumerate(candidates) if c[2] <= 1.0]
+    index = (min(within, key=lambda i: abs(candidates[i][2] - AIM)) if within  # the one closest to the aim
+             else min(range(len(candidates)), key=lambda i: candidates[i][2]))  # else the fastest
+    masks, reopened, worst = candidates[index]
     record.update(kept_try=index, measured_over_budget=worst, met=worst <= 1.0)
-    if best is None:
+    if not within:
         log(_over_budget_warning(record, budgets, stopped))
     return masks, reopened, record
 

@@ -440,11 +440,10 @@ class Pruner:
             # where that cannot end on the budget, the same padding with them exact comes next
             modes.insert(1, BlockMode(str(self.block), modes[0].padding(), self.block.gather_cost, pad_tied=False))
             modes[2:] = [BlockMode(str(m), m.padding(), m.gather_cost, pad_tied=False) for m in modes[2:]]
-        chosen = [modes[0]]
         projected = []  # (masks, mode) of every projection: a timed latency budget may keep an earlier one
 
-        def mode_of(kept: dict | None) -> BlockMode:
-            return next((mode for masks_, mode in projected if masks_ is kept), chosen[0])
+        def mode_of(kept: dict | None) -> BlockMode:  # the unpruned network (None) compacts alike in every mode
+            return next((mode for masks_, mode in projected if masks_ is kept), modes[0])
 
         def project_with(budgets: list[Budget], mode: BlockMode) -> tuple[dict, dict]:
             final = enforce_budget(graph, masks, scores, budgets, mode=mode)
@@ -477,28 +476,27 @@ class Pruner:
                 if i + 1 < len(modes):
                     self.log(f"{mode.describe_padding()}: ends at {fullness:.4f} of the budget, under {FILLED}; "
                              f"trying {modes[i + 1].describe_padding()}")
-            chosen[0] = best[3]
             projected.append((best[1], best[3]))
             return best[1], best[2]
 
         final, reopened, measured = meet_measured_latency(
             project, lambda kept: compact(self.model, graph, kept, mode=mode_of(kept)), self.budgets,
             self.deploy_example(), self.log)
-        chosen[0] = mode_of(final)  # the padding of the projection kept, not of the last one tried
+        kept_mode = mode_of(final)  # the padding of the projection kept, not of the last one tried
         timing = None
         # channel_multiple="auto" padded (a latency budget timed in a runtime has timed the padded network already)
-        if self.time_padding and measured is None and chosen[0].multiple > 1 and len(self.paddings) > 1:
+        if self.time_padding and measured is None and kept_mode.multiple > 1 and len(self.paddings) > 1:
             exact_mode = BlockMode(str(self.block), Padding(), self.block.gather_cost)
-            timing, exact = self._time_padding(final, chosen[0], exact_mode, project_with)
+            timing, exact = self._time_padding(final, kept_mode, exact_mode, project_with)
             if exact is not None:
-                (final, reopened), chosen[0] = exact, exact_mode
+                (final, reopened), kept_mode = exact, exact_mode
         dropped = int(sum(int(masks[g].sum()) - int(final[g].sum()) + int(reopened.get(g, torch.empty(0)).numel())
                           for g in masks))
         # the method's own masks, counted as the result is (the block and padding kept), so "before → after"
         # compares like with like (a padded count of masks kept at exact widths could be several times theirs)
-        before = {b.metric: CostModel(graph, b.metric, chosen[0]).hard(masks) for b in self.budgets}
+        before = {b.metric: CostModel(graph, b.metric, kept_mode).hard(masks) for b in self.budgets}
         return {"final": final, "dropped": dropped, "reopened": reopened, "before": before, "measured": measured,
-                "block": chosen[0], "padding_timing": timing}
+                "block": kept_mode, "padding_timing": timing}
 
     def _time_padding(self, padded: dict, padded_mode: BlockMode, exact_mode: BlockMode, project_with):
         """``time_padding``: the budget projected again at exact widths, both networks timed in the
