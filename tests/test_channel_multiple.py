@@ -586,6 +586,57 @@ def test_channels_tied_by_position_pad_together_and_compact_exactly(name):
         assert CostModel(graph, "flops", mode).hard(masks) == pytest.approx(CostModel(small, "flops").full(), rel=1e-9)
 
 
+def test_a_pruned_away_shuffle_branch_stays_away_when_its_concatenation_pads():
+    """A ShuffleNet unit whose branch is pruned away: padding the shuffle after it to 8 channels
+    must not take that branch's half (its layers compute nothing, not even zeros), so the tied
+    tensors pad with the channels of layers that do; the compacted network has no module of the
+    branch and computes the gated outputs (it ran the removed branch's Identity before)."""
+    torch.manual_seed(0)
+    model = _wide_shufflenet()
+    randomise_batchnorms(model)
+    x = torch.randn(4, 1, 28, 28)
+    graph = budgetprune.ChannelGraph.build(model, x[:1])
+    bar = attach_random(model, graph, seed=0)
+    masks = {gid: torch.zeros_like(m) for gid, m in bar.keep_masks().items()}
+    for gid in masks:  # two channels everywhere: each padded width needs six more
+        masks[gid][:2] = True
+    masks["4.branch2.0"][:] = False  # unit 4's branch: pruned away, its last conv purged with it
+    mode = BlockMode("regular", 8)
+    eff = budgetprune.liveness.effective_masks(graph, masks)
+    assert not bool(eff["4.branch2.5"].any())
+    sets = slot_sets(graph, masks, mode)
+    branch_out = next(n for n, info in graph.tensors.items() if info.sources() == {"4.branch2.5"})
+    assert not bool(sets[branch_out].any())
+    _check_ties(graph, sets)
+    net, _ = check_compaction(model, graph, bar, masks, x, mode)
+    assert not any(name.startswith("4.branch2") for name, _ in net.named_modules())
+
+
+def test_a_split_piece_without_alive_channels_carries_its_padding():
+    """The first half of unit 4's split holds only dead channels of unit 3's convs (each keeps two
+    channels of its second half); padding the concatenation after it takes that half's lowest
+    channels, which those live convs compute as zeros: the piece stays in the compacted network
+    and the outputs are the gated ones."""
+    torch.manual_seed(1)
+    model = _wide_shufflenet()
+    randomise_batchnorms(model)
+    x = torch.randn(4, 1, 28, 28)
+    graph = budgetprune.ChannelGraph.build(model, x[:1])
+    bar = attach_random(model, graph, seed=1)
+    masks = {gid: torch.zeros_like(m) for gid, m in bar.keep_masks().items()}
+    for gid in masks:
+        masks[gid][:2] = True
+    for gid in ("3.branch1.2", "3.branch2.5"):
+        masks[gid][:] = False
+        masks[gid][12:14] = True
+    mode = BlockMode("regular", 8)
+    alive = budgetprune.liveness.alive_sets(graph, budgetprune.liveness.effective_masks(graph, masks))
+    sets = slot_sets(graph, masks, mode)
+    first_half = graph.splits[next(iter(graph.splits))][1][0]
+    assert not bool(alive[first_half].any()) and int(sets[first_half].sum()) > 0
+    check_compaction(model, graph, bar, masks, x, mode)
+
+
 def test_grouped_channels_pad_per_conv_group_by_hand():
     """Positions {0, 3, 5} kept in each of 3 conv groups of 16 pad to the 8 lowest, {0..7}, in every
     group; a group width of 4 (under the multiple) or groups keeping different positions stay

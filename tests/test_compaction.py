@@ -115,6 +115,8 @@ def check_compaction(model, graph, bar, masks, x, mode="mixed", values=None):
     mods = dict(net.named_modules())
     for layer in graph.layers.values():
         alive_out = layer.out_group is None or bool(eff[layer.out_group].any())
+        if layer.depthwise and not bool(sets[layer.out_tensor].any()):
+            alive_out = False  # the depthwise conv of a pruned-away branch goes with it
         if not alive_out:
             assert not isinstance(mods.get(layer.name), (nn.Conv2d, nn.Linear)), layer.name
             continue

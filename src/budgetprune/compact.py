@@ -57,6 +57,7 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
     device = next(model.parameters()).device
 
     hosted = {}
+    purged = set()  # pruned-away layers' modules (a window attention's call): the rewrite leaves them unused
     for layer in graph.layers.values():
         gid = layer.out_group
         z = None
@@ -73,8 +74,10 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
         if rows is not None and (rows.numel() == 0 or (gid is not None and not bool(eff[gid].any()))):
             # a pruned-away branch (its output is all zeros): removed with the graph rewrite
             if layer.kind == "attention" and layer.attention.family == "window":
+                purged.add(layer.out_tensor)
                 continue  # a function call: removed with the graph rewrite, its parameters with it
             _replace(gm, layer.name, nn.Identity())
+            purged.add(layer.name)
             for bn in layer.batchnorms:
                 _replace(gm, bn, nn.Identity())
                 hosted[bn] = True
@@ -114,7 +117,7 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
     if fold_splits:
         _fold_gathers_into_splits(gm)
     _rewrite_norms(gm, graph, index)
-    _remove_empty(gm, {name: torch.nonzero(s).flatten() for name, s in alive.items()})
+    _remove_empty(gm, index, purged)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
@@ -216,13 +219,18 @@ def _rewrite_norms(gm: fx.GraphModule, graph: ChannelGraph, index) -> None:
         g.erase_node(node)
 
 
-def _remove_empty(gm: fx.GraphModule, index) -> None:
-    """Drop what no longer feeds the output (pruned-away branches: depth determination)."""
+def _remove_empty(gm: fx.GraphModule, index, purged: set[str]) -> None:
+    """Drop what no longer feeds the output (pruned-away branches: depth determination). What is
+    left must neither keep a tensor without channels nor run a pruned-away layer (``purged``: its
+    output is no zero padding, a tensor that keeps channels of a layer that computes them is)."""
     for node in reversed(list(gm.graph.nodes)):
         if node.op not in ("placeholder", "output") and not node.users:
             gm.graph.erase_node(node)
     for node in gm.graph.nodes:
         name = _tensor_name(node)
+        if (node.target if node.op == "call_module" else node.name) in purged:
+            raise RuntimeError(f"internal error: the pruned-away layer '{node.name}' is still used by "
+                               f"{', '.join(u.name for u in node.users)}")
         if name in index and index[name].numel() == 0 and node.op != "placeholder":
             raise RuntimeError(f"internal error: the emptied tensor '{name}' is still used by "
                                f"{', '.join(u.name for u in node.users)}")

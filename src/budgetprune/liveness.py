@@ -385,9 +385,28 @@ def regular_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], padding: Pad
         return sets
     exact, periods = _padded_spaces(graph, pad_tied, positions=True)
     by_position = position_tied_spaces(graph) - exact
-    while _pad_widths(graph, sets, members, padding, exact, periods) & by_position:  # carried across the ties
-        _tie_positions(graph, sets)
+    computed = _computed_slots(graph, eff, members, by_position)
+    while _pad_widths(graph, sets, members, padding, exact, periods, computed) & by_position:
+        _tie_positions(graph, sets)  # carried across the ties
     return sets
+
+
+def _computed_slots(graph: ChannelGraph, eff: dict[str, torch.Tensor], members: dict[str, list[str]],
+                    spaces: set[str]) -> dict[str, torch.Tensor]:
+    """Per space of ``spaces``: the slots a tensor of it computes in the compacted network, those
+    an always-alive writer or a layer that keeps a channel writes (``eff``: purged masks). A layer the
+    purge rules removed computes nothing, not even the zeros of a padded channel, so a slot only such
+    layers write cannot pad a tensor: a ShuffleNet unit whose branch is pruned away must not come back
+    because the concatenation after it was padded with that branch's half. Where no layer is
+    pruned away, every space may pad with any of its channels (an empty dict)."""
+    live = {gid: m.any().expand(m.numel()) for gid, m in eff.items()}
+    if all(bool(m[0]) for m in live.values() if m.numel()):
+        return {}
+    computed = {}
+    for space in spaces:
+        slots = [alive_mask(graph.tensors[name], live) for name in members[space]]
+        computed[space] = torch.stack(slots).any(0)
+    return computed
 
 
 def _tie_positions(graph: ChannelGraph, sets: dict[str, torch.Tensor]) -> None:
@@ -472,17 +491,20 @@ def combine_sets(graph: ChannelGraph, regular: dict[str, torch.Tensor], mixed: d
     return {name: (mixed if graph.spaces[name] in keep_mixed else regular)[name].clone() for name in regular}
 
 
-def _padded(kept: torch.Tensor, padding: Padding, area: int, prefer: torch.Tensor | None = None) -> torch.Tensor:
+def _padded(kept: torch.Tensor, padding: Padding, area: int, prefer: torch.Tensor | None = None,
+            allowed: torch.Tensor | None = None) -> torch.Tensor:
     """``kept`` (of a tensor of ``area`` positions) with other channels added until its count is
     what ``padding`` asks (:meth:`Padding.target`: a multiple, or the full width; an empty set
     stays empty, a tensor the padding leaves alone exact): those in ``prefer`` first, then the
-    lowest-numbered others."""
+    lowest-numbered others; only channels in ``allowed`` (None: any), and none where too few are."""
     n = int(kept.sum())
     target = padding.target(n, kept.numel(), area)
     if target == n:
         return kept
     padded = kept.clone()
-    free = ~kept
+    free = ~kept if allowed is None else ~kept & allowed
+    if int(free.sum()) < target - n:
+        return kept
     order = torch.nonzero(free).flatten() if prefer is None else \
         torch.cat([torch.nonzero(free & prefer).flatten(), torch.nonzero(free & ~prefer).flatten()])
     padded[order[:target - n]] = True
@@ -512,11 +534,12 @@ def _padded_per_group(kept: torch.Tensor, padding: Padding, area: int, period: i
 
 
 def _pad_widths(graph: ChannelGraph, sets: dict[str, torch.Tensor], members: dict, padding: Padding,
-                exact: set[str], periods: dict[str, int]) -> set[str]:
+                exact: set[str], periods: dict[str, int], computed: dict[str, torch.Tensor]) -> set[str]:
     """Pad each space's kept channels (regular blocks: one set per space) as ``padding`` asks (a
     multiple, or the full width), with the lowest-numbered channels it does not keep (they
     compute zeros, as a regular block's extra channels do), in place; the spaces that grew.
-    Spaces in ``exact`` keep their widths; those in ``periods``, a grouped convolution's tied
+    A space in ``computed`` pads only with the channels its layers compute
+    (:func:`_computed_slots`) and stays exact where too few are. Spaces in ``exact`` keep their widths; those in ``periods``, a grouped convolution's tied
     channels, pad per conv group (:func:`_padded_per_group`); see :func:`_padded_spaces`."""
     grew = set()
     for space, names in members.items():
@@ -524,7 +547,7 @@ def _pad_widths(graph: ChannelGraph, sets: dict[str, torch.Tensor], members: dic
             continue
         area = _area(graph, names)
         padded = _padded_per_group(sets[names[0]], padding, area, periods[space]) if space in periods else \
-            _padded(sets[names[0]], padding, area)
+            _padded(sets[names[0]], padding, area, allowed=computed.get(space))
         if padded is not sets[names[0]]:
             grew.add(space)
             for name in names:
