@@ -24,6 +24,8 @@ from budgetprune.methods.bar import BAR
 from budgetprune.ops import index_add_channels
 from budgetprune.resources import resource_report
 
+from loops import randomise_batchnorms
+
 
 class UserNet(nn.Module):
     """A user's model written with functional calls, with a BatchNorm *after* the ReLU."""
@@ -115,8 +117,8 @@ def check_compaction(model, graph, bar, masks, x, mode="mixed", values=None):
     mods = dict(net.named_modules())
     for layer in graph.layers.values():
         alive_out = layer.out_group is None or bool(eff[layer.out_group].any())
-        if layer.depthwise and not bool(sets[layer.out_tensor].any()):
-            alive_out = False  # the depthwise conv of a pruned-away branch goes with it
+        if not bool(sets[layer.out_tensor].any()):
+            alive_out = False  # what only pruned-away layers read goes with them (a depthwise conv, an SE scale)
         if not alive_out:
             assert not isinstance(mods.get(layer.name), (nn.Conv2d, nn.Linear)), layer.name
             continue
@@ -189,6 +191,51 @@ def test_pruned_away_blocks_disappear(mode):
     assert "layer2.2.conv1" not in names  # its only reader went, so it went too
     eff = effective_masks(graph, masks)
     assert not bool(eff["layer3.1.conv2"].any()) and not bool(eff["layer1.1.conv2"].any())
+
+
+class InvertedResidualSE(nn.Module):
+    """A stem, then x + project(SE(depthwise(expand(x)))): MobileNetV3's and EfficientNet's block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.depthwise = nn.Sequential(nn.Conv2d(32, 32, 3, 1, 1, groups=32, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc1, self.fc2 = nn.Conv2d(32, 8, 1), nn.Conv2d(8, 32, 1)
+        self.project = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        h = self.depthwise(self.expand(x))
+        h = h * torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(h, 1)))))
+        return self.head((x + self.project(h)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["mixed", "regular"])
+def test_what_only_a_pruned_away_layer_reads_is_pruned_away_and_not_counted(mode):
+    """An inverted residual block whose projection is pruned away: its expansion, depthwise conv and
+    squeeze-and-excitation compute only what that projection would read, so they go too (compaction
+    drops them as unused) and the costs no longer count them: the report's parameters and FLOPs are
+    the compacted network's own. The purge rules by reader missed the expansion, whose readers are
+    a depthwise conv and the excitation's first conv, which kept channels."""
+    from budgetprune.resources import CostModel
+
+    torch.manual_seed(0)
+    model = InvertedResidualSE()
+    randomise_batchnorms(model)
+    x = torch.randn(4, 1, 12, 12)
+    graph = budgetprune.ChannelGraph.build(model, x[:1])
+    assert {"expand.0", "fc1", "project.0"} <= set(graph.groups)
+    bar = attach_random(model, graph, seed=0, shift=5.0)
+    masks = {gid: torch.ones_like(m) for gid, m in bar.keep_masks().items()}
+    masks["project.0"][:] = False
+    eff = effective_masks(graph, masks)
+    assert not bool(eff["expand.0"].any()) and not bool(eff["fc1"].any()) and bool(eff["stem.0"].all())
+    net, _ = check_compaction(model, graph, bar, masks, x, mode)  # parameters: the report's count
+    assert {"expand.0", "depthwise.0", "fc1", "fc2", "project.0"}.isdisjoint(n for n, _ in net.named_modules())
+    small = budgetprune.ChannelGraph.build(net, x[:1])
+    assert CostModel(graph, "flops", mode).hard(masks) == pytest.approx(CostModel(small, "flops").full(), rel=1e-9)
 
 
 def test_fatal_pruning_guard_residual():

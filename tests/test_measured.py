@@ -144,6 +144,37 @@ def test_the_fastest_try_is_kept_even_when_a_later_one_measured_slower(monkeypat
     assert len(projections) == len(record["tries"])  # every projection made was timed
 
 
+def test_a_try_timed_while_the_machine_was_busier_is_timed_again(monkeypatch):
+    """The machine slows down for the second try's first timing: the unpruned network takes 1.4 ms
+    instead of 1.0 and the pruned one 1.4 × its time plus 0.1 ms (a busier machine slows the small
+    network more), an inflated ratio that would have steered the search. That try is timed again,
+    the timing whose unpruned run was fastest counts (the true ratio) and the record says so; the
+    first try, with no time before it to compare, and the steady tries are timed once."""
+    ratio = lambda fraction: 0.2 + 0.8 * fraction  # noqa: E731
+    calls = []
+
+    def timed(unpruned, net, example, runtime, repeats=60):
+        calls.append(net.fraction)
+        busy = len(calls) == 2
+        unpruned_ms = 1.4 if busy else 1.0
+        pruned_ms = 1.4 * ratio(net.fraction) + 0.1 if busy else ratio(net.fraction)
+        return {"unpruned_ms": unpruned_ms, "pruned_ms": pruned_ms, "ratio": pruned_ms / unpruned_ms}
+
+    monkeypatch.setattr(measured, "deployed_speed", timed)
+    project = lambda budgets: ({"fraction": budgets[0].fraction}, {})  # noqa: E731
+    compacted = lambda masks: Sized(1.0 if masks is None else masks["fraction"])  # noqa: E731
+    lines = []
+    masks, _, record = measured.meet_measured_latency(project, compacted, [Budget(METRIC, 0.5)], torch.zeros(1),
+                                                      lines.append)
+    second = record["tries"][1]["measured"][METRIC]
+    assert second["retimed"] == 1 and second["unpruned_ms"] == 1.0
+    assert second["ratio"] == pytest.approx(ratio(record["tries"][1]["projected_to"][METRIC]))
+    assert calls[1] == calls[2] and len(calls) == len(record["tries"]) + 1  # one more timing, of that try only
+    assert all("retimed" not in t["measured"][METRIC] for i, t in enumerate(record["tries"]) if i != 1)
+    assert any("timed again, 1 more timing:" in line for line in lines)
+    assert record["met"]
+
+
 def test_the_report_puts_the_measured_latency_beside_the_budget():
     from budgetprune.report import measured_latency_lines
 

@@ -425,6 +425,30 @@ class ChannelGraph:
         return names, labels, len(classes)
 
     @cached_property
+    def dataflow(self) -> list[tuple[str, tuple[str, ...], str | None, bool]]:
+        """The traced nodes, the output first and then backwards in execution order, each as
+        ``(node name, the nodes it reads, the layer it runs or None, whether it sums two tensors)``
+        (a layer: a module call, or a window attention's function call; a sum: an add or subtract of
+        two tensors of :attr:`tensors`, which compaction skips an operand of that keeps no alive
+        channel): what :func:`budgetprune.liveness.useful_nodes` walks."""
+        calls = {layer.out_tensor: name for name, layer in self.layers.items()
+                 if layer.attention is not None and layer.attention.family == "window"}
+        flow = []
+        for node in reversed(list(self.gm.graph.nodes)):
+            layer = node.target if node.op == "call_module" and node.target in self.layers else calls.get(node.name)
+            adds = (node.op == "call_function" and node.target in ADD_FUNCTIONS) or \
+                (node.op == "call_method" and node.target in ("add", "sub"))
+            operands = [a for a in node.args if isinstance(a, fx.Node) and a.name in self.tensors]
+            flow.append((node.name, tuple(n.name for n in node.all_input_nodes), layer, adds and len(operands) == 2))
+        return flow
+
+    @cached_property
+    def node_names(self) -> frozenset[str]:
+        """The names of the traced nodes (a tensor of :attr:`tensors` that is not one, such as a
+        layer's gated input or an attention's heads, is computed by no node alone)."""
+        return frozenset(step[0] for step in self.dataflow)
+
+    @cached_property
     def _readers(self) -> dict[str, list[Layer]]:
         out: dict[str, list[Layer]] = {gid: [] for gid in self.groups}
         for layer in self.layers.values():

@@ -312,7 +312,48 @@ def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict
             if rs and all(r.out_group is not None and not bool(eff[r.out_group].any()) for r in rs):
                 eff[gid] = torch.zeros_like(eff[gid])
                 changed = True
+        if not changed:  # what the rules above cannot see: a layer whose output reaches only pruned-away
+            useful = useful_nodes(graph, eff)  # ones through other ops (a depthwise conv, a squeeze-excitation)
+            for name, layer in graph.layers.items():
+                gid = layer.out_group
+                if gid is not None and bool(eff[gid].any()) and name not in useful:
+                    eff[gid] = torch.zeros_like(eff[gid])
+                    changed = True
     return eff
+
+
+def useful_nodes(graph: ChannelGraph, eff: dict[str, torch.Tensor]) -> set[str]:
+    """The names of the traced nodes whose result reaches the network's output (``eff``: purged
+    masks) and of the layers that run for it. A pruned-away layer computes nothing, so it reads nothing: what
+    only such layers read is computed for nothing, and compaction removes it, as it removes a sum's
+    operand without an alive channel (an inverted residual
+    block whose projection is pruned away takes its expansion, depthwise conv and squeeze-and-
+    excitation with it; a ConvNeXt block whose first linear layer is, its depthwise conv). The costs
+    leave those out too, so the budget counts the network compaction builds."""
+    purged = {name for name, layer in graph.layers.items()
+              if layer.out_group is not None and not bool(eff[layer.out_group].any())}
+    flow = graph.dataflow
+    useful = {flow[0][0]}  # the output node
+    for node, inputs, layer, is_sum in flow:
+        if node not in useful:
+            continue
+        if layer is not None:
+            useful.add(layer)
+            if layer in purged:
+                continue
+        if is_sum:  # a residual branch without an alive channel: the compacted sum skips it
+            inputs = [i for i in inputs if i not in graph.tensors or bool(alive_mask(graph.tensors[i], eff).any())]
+        useful.update(inputs)
+    return useful
+
+
+def _without_useless(graph: ChannelGraph, eff: dict[str, torch.Tensor], sets: dict[str, torch.Tensor]) -> None:
+    """Empty, in place, the sets of the tensors whose result reaches no output (:func:`useful_nodes`):
+    compaction computes none of their channels."""
+    useful = useful_nodes(graph, eff)
+    for name, kept in sets.items():
+        if name not in useful and name in graph.node_names and bool(kept.any()):
+            sets[name] = torch.zeros_like(kept)
 
 
 def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "mixed",
@@ -347,6 +388,7 @@ def alive_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor]) -> dict[str, t
         if key not in shared:
             shared[key] = alive_mask(info, eff)
         sets[name] = shared[key].clone()
+    _without_useless(graph, eff, sets)
     return sets
 
 
@@ -367,6 +409,7 @@ def mixed_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], padding: Paddi
     sets = {n: a.clone() for n, a in alive.items()} if alive is not None else alive_sets(graph, eff)
     if padding.multiple > 1:
         _pad_mixed(graph, sets, padding, within_space, pad_tied)
+        _without_useless(graph, eff, sets)
     return sets
 
 
@@ -382,12 +425,14 @@ def regular_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], padding: Pad
     members = _members(graph)
     _tie_positions(graph, sets)
     if padding.multiple == 1:
+        _without_useless(graph, eff, sets)
         return sets
     exact, periods = _padded_spaces(graph, pad_tied, positions=True)
     by_position = position_tied_spaces(graph) - exact
     computed = _computed_slots(graph, eff, members, by_position)
     while _pad_widths(graph, sets, members, padding, exact, periods, computed) & by_position:
         _tie_positions(graph, sets)  # carried across the ties
+    _without_useless(graph, eff, sets)
     return sets
 
 
