@@ -115,3 +115,36 @@ def test_a_family_prunes_to_the_budget_with_equal_outputs_and_loads(models, name
     again = budgetprune.load(tmp_path / "m.pt", model=_build(models, name)[0])
     with torch.no_grad():
         assert torch.allclose(again(x), small(x), atol=1e-5 * max(scale, 1.0))
+
+
+@pytest.mark.parametrize("name", ["regnet", "efficientnet", "shufflenet", "convnext", "swin", "maxvit"])
+def test_random_masks_with_pruned_away_layers_compact_to_what_the_costs_count(models, name):
+    """Random keep-masks with a sixth of the groups that may close closed whole (a projection at a
+    high factor removes whole blocks): in padded regular and mixed blocks the compacted network
+    computes the gated one's outputs, with the widths the slot sets give and the parameters the
+    report counts. Random masks of this kind found a ShuffleNet branch kept alive by the padding of
+    the concatenation after it, and expansions, depthwise convs and squeeze-and-excitations of
+    pruned-away blocks counted in the costs but removed by compaction."""
+    from budgetprune.liveness import BlockMode
+    from test_compaction import attach_random, check_compaction
+    from loops import randomise_batchnorms
+
+    torch.manual_seed(0)
+    model, size = _build(models, name)
+    model.eval()
+    randomise_batchnorms(model)
+    if name == "maxvit":  # its small classifier weights give outputs of 1e-4, too small to compare
+        with torch.no_grad():
+            model.classifier[-1].weight.mul_(100.0)
+    x = torch.randn(4, 3, size, size)
+    graph = budgetprune.ChannelGraph.build(model, x[:1])
+    for seed in range(2):
+        bar = attach_random(model, graph, seed=seed, shift=-1.0)
+        masks = bar.keep_masks()
+        closable = [gid for gid in masks if not graph.groups[gid].min_keep]
+        order = torch.randperm(len(closable), generator=torch.Generator().manual_seed(seed))
+        for i in order[: max(1, len(closable) // 6)].tolist():
+            masks[closable[i]] = torch.zeros_like(masks[closable[i]])
+        for mode in (BlockMode("regular", 8), BlockMode("mixed", 8)):
+            check_compaction(model, graph, bar, masks, x, mode)
+        bar.detach()

@@ -276,7 +276,9 @@ def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict
     head, and one without heads no output channel. Backward: a gated layer whose every reader is a gated layer
     that keeps nothing is useless and goes too (a residual branch whose last conv is pruned
     takes its first conv with it). Together they remove whole blocks: automatic depth
-    determination (seed 001, section 4.1).
+    determination (seed 001, section 4.1). Last, a gated layer whose output reaches the network's
+    output only through pruned-away layers goes as well (:func:`useful_nodes`), whatever ops lie
+    between (a depthwise conv, a squeeze-and-excitation).
     """
     eff = {gid: m.detach().bool().cpu().clone() for gid, m in masks.items()}
     for gid, g in graph.groups.items():
@@ -312,8 +314,8 @@ def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict
             if rs and all(r.out_group is not None and not bool(eff[r.out_group].any()) for r in rs):
                 eff[gid] = torch.zeros_like(eff[gid])
                 changed = True
-        if not changed:  # what the rules above cannot see: a layer whose output reaches only pruned-away
-            useful = useful_nodes(graph, eff)  # ones through other ops (a depthwise conv, a squeeze-excitation)
+        if not changed:  # what the rules by reader cannot see: outputs read through other ops
+            useful = useful_nodes(graph, eff)
             for name, layer in graph.layers.items():
                 gid = layer.out_group
                 if gid is not None and bool(eff[gid].any()) and name not in useful:
@@ -324,12 +326,12 @@ def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict
 
 def useful_nodes(graph: ChannelGraph, eff: dict[str, torch.Tensor]) -> set[str]:
     """The names of the traced nodes whose result reaches the network's output (``eff``: purged
-    masks) and of the layers that run for it. A pruned-away layer computes nothing, so it reads nothing: what
-    only such layers read is computed for nothing, and compaction removes it, as it removes a sum's
-    operand without an alive channel (an inverted residual
-    block whose projection is pruned away takes its expansion, depthwise conv and squeeze-and-
-    excitation with it; a ConvNeXt block whose first linear layer is, its depthwise conv). The costs
-    leave those out too, so the budget counts the network compaction builds."""
+    masks) and of the layers that run for it. A pruned-away layer computes nothing, so it reads
+    nothing, and a sum skips an operand without an alive channel: what only those read is computed
+    for nothing, and compaction removes it (an inverted residual block whose projection is pruned
+    away takes its expansion, depthwise conv and squeeze-and-excitation with it; a ConvNeXt block
+    whose first linear layer is, its depthwise conv). The costs leave it out too, so the budget
+    counts the network compaction builds."""
     purged = {name for name, layer in graph.layers.items()
               if layer.out_group is not None and not bool(eff[layer.out_group].any())}
     flow = graph.dataflow
@@ -583,9 +585,10 @@ def _pad_widths(graph: ChannelGraph, sets: dict[str, torch.Tensor], members: dic
     """Pad each space's kept channels (regular blocks: one set per space) as ``padding`` asks (a
     multiple, or the full width), with the lowest-numbered channels it does not keep (they
     compute zeros, as a regular block's extra channels do), in place; the spaces that grew.
-    A space in ``computed`` pads only with the channels its layers compute
-    (:func:`_computed_slots`) and stays exact where too few are. Spaces in ``exact`` keep their widths; those in ``periods``, a grouped convolution's tied
-    channels, pad per conv group (:func:`_padded_per_group`); see :func:`_padded_spaces`."""
+    A space in ``computed`` pads only with the channels its layers compute (:func:`_computed_slots`)
+    and stays exact where too few are. Spaces in ``exact`` keep their widths; those in ``periods``,
+    a grouped convolution's tied channels, pad per conv group (:func:`_padded_per_group`); see
+    :func:`_padded_spaces`."""
     grew = set()
     for space, names in members.items():
         if space in exact:

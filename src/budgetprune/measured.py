@@ -134,10 +134,7 @@ def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
         record["tries"].append({"projected_to": {b.metric: b.fraction for b in current if b.metric in measured},
                                 "measured": measured})
         over = {m: v["ratio"] / v["fraction"] for m, v in measured.items()}
-        log("measured " + "; ".join(f"{m}: {v['pruned_ms']:.4g} ms of {v['unpruned_ms']:.4g} ms unpruned = "
-                                    f"{over[m]:.3f} of the budget" +
-                                    (f" (timed again, {v['retimed']} more timing{'s' if v['retimed'] > 1 else ''}: the "
-                                     "unpruned network ran slower than before)" if v.get("retimed") else "") for m, v in measured.items()))
+        log("measured " + "; ".join(_measured_line(m, v, over[m]) for m, v in measured.items()))
         worst = max(over.values())
         candidates.append((masks, reopened, worst))
         if BAND[0] <= worst <= BAND[1] or attempt + 1 == MEASURED_TRIES:
@@ -160,6 +157,14 @@ def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
     if not within:
         log(_over_budget_warning(record, budgets, stopped))
     return masks, reopened, record
+
+
+def _measured_line(metric: str, measured: dict, over: float) -> str:
+    retimed = measured.get("retimed", 0)
+    again = f" (timed again, {retimed} more timing{'s' if retimed > 1 else ''}: the unpruned network ran " \
+        "slower than before)" if retimed else ""
+    return f"{metric}: {measured['pruned_ms']:.4g} ms of {measured['unpruned_ms']:.4g} ms unpruned = " \
+        f"{over:.3f} of the budget{again}"
 
 
 def _steady_speed(unpruned: nn.Module, net: nn.Module, example: torch.Tensor, runtime: str,

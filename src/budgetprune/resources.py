@@ -122,10 +122,14 @@ def layer_costs(graph: ChannelGraph, metric: str) -> list[LayerCost]:
                 t = graph.layers[g.host].in_tensor
                 terms.append(LayerCost(g.id, None, t, g.id, 1, 0.0, float(g.area)))
     if metric == "params":  # parameters read per channel: a LayerNorm's weight and bias, a layer scale
+        # a LayerNorm's are counted on its output, which keeps its input's channels unless only
+        # pruned-away layers read it: the LayerNorm then goes with them
+        normalised = {path: norm.node for norm in graph.norms.values() for path in (norm.weight, norm.bias)
+                      if path is not None and norm.node in graph.tensors}
         for param in graph.params.values():
             value = graph.gm.get_parameter(param.path) if _is_parameter(graph.gm, param.path) else None
             if value is not None:
-                terms.append(LayerCost(param.path, None, param.tensor, None, 1, 0.0,
+                terms.append(LayerCost(param.path, None, normalised.get(param.path, param.tensor), None, 1, 0.0,
                                        float(value.numel() // value.shape[param.axis])))
     if metric == "params":  # BatchNorms that host no gate (pre-activation, after a depthwise conv)
         hosted = {bn for layer in graph.layers.values() for bn in layer.batchnorms}
