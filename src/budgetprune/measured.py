@@ -85,8 +85,8 @@ def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
                           compacted: Callable[[dict | None], nn.Module], budgets: list[Budget],
                           example: torch.Tensor, log: Callable[[str], None] = lambda line: None):
     """``project(budgets) -> (masks, reopened)``, tightened until the network ``compacted(masks)``
-    measures within every runtime latency budget against the unpruned ``compacted(None)`` on
-    ``example``.
+    measures within every runtime latency budget against the unpruned network ``compacted(None)``
+    (the model itself: :func:`budgetprune.compact.unpruned_copy`) on ``example``.
 
     Returns ``(masks, reopened, record)``; ``record`` is None without such a budget, else per try
     the budgets projected to and the measured ratios, the try kept (``kept_try``), its measured

@@ -30,7 +30,7 @@ from torch import nn
 from .attach import check_gate_sample
 from .blocks import GATHER_COST, auto_mode
 from .budget import FILLED, Budget, budget_ratios, enforce_budget, fill_budget, parse_budgets, reopenable_channels
-from .compact import compact, silence_channels
+from .compact import compact, silence_channels, unpruned_copy
 from .errors import BudgetError, ConfigError, TrainingDiverged
 from .gates import OPEN_LOG_ALPHA
 from .graph import ChannelGraph
@@ -442,7 +442,7 @@ class Pruner:
             modes[2:] = [BlockMode(str(m), m.padding(), m.gather_cost, pad_tied=False) for m in modes[2:]]
         projected = []  # (masks, mode) of every projection: a timed latency budget may keep an earlier one
 
-        def mode_of(kept: dict | None) -> BlockMode:  # the unpruned network (None) compacts alike in every mode
+        def mode_of(kept: dict) -> BlockMode:
             return next((mode for masks_, mode in projected if masks_ is kept), modes[0])
 
         def project_with(budgets: list[Budget], mode: BlockMode) -> tuple[dict, dict]:
@@ -479,9 +479,9 @@ class Pruner:
             projected.append((best[1], best[3]))
             return best[1], best[2]
 
-        final, reopened, measured = meet_measured_latency(
-            project, lambda kept: compact(self.model, graph, kept, mode=mode_of(kept)), self.budgets,
-            self.deploy_example(), self.log)
+        final, reopened, measured = meet_measured_latency(  # timed against the model itself (None)
+            project, lambda kept: unpruned_copy(self.model, graph) if kept is None else
+            compact(self.model, graph, kept, mode=mode_of(kept)), self.budgets, self.deploy_example(), self.log)
         kept_mode = mode_of(final)  # the padding of the projection kept, not of the last one tried
         timing = None
         # channel_multiple="auto" padded (a latency budget timed in a runtime has timed the padded network already)
