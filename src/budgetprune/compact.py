@@ -52,7 +52,7 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
     mode, sets = built_sets(graph, eff, mode, lambda: layer_costs(graph, "flops"))  # auto: chosen for these masks
     index = {name: torch.nonzero(s).flatten() for name, s in sets.items()}
     alive = sets if mode == "mixed" and padding_of(mode).multiple == 1 else alive_sets(graph, eff)
-    gm = _copy_without_hooks(fx.GraphModule(model, copy.deepcopy(graph.gm.graph)))  # the model's own weights
+    gm = _traced_copy(model, graph)  # the model's own weights
     modules = dict(gm.named_modules())
     device = next(model.parameters()).device
 
@@ -131,8 +131,7 @@ def unpruned_copy(model: nn.Module, graph: ChannelGraph) -> fx.GraphModule:
     rewrites some ops: ShuffleNet V2 x0.5's channel shuffles become gathers there, and that network ran
     about 7 % faster than the model itself in onnxruntime (batch 16), so a latency budget measured
     against it ended at 0.83–0.88 of the budget when the result was timed against the model."""
-    gm = _copy_without_hooks(fx.GraphModule(model, copy.deepcopy(graph.gm.graph)))
-    return gm.to(next(model.parameters()).device).eval()
+    return _traced_copy(model, graph).to(next(model.parameters()).device).eval()
 
 
 def _kept_heads(layer, index, eff, gate_values) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -244,6 +243,11 @@ def _remove_empty(gm: fx.GraphModule, index, purged: set[str]) -> None:
         if name in index and index[name].numel() == 0 and node.op != "placeholder":
             raise RuntimeError(f"internal error: the emptied tensor '{name}' is still used by "
                                f"{', '.join(u.name for u in node.users)}")
+
+
+def _traced_copy(model: nn.Module, graph: ChannelGraph) -> fx.GraphModule:
+    """The graph the model was traced to, run by copies of the model's modules without hooks."""
+    return _copy_without_hooks(fx.GraphModule(model, copy.deepcopy(graph.gm.graph)))
 
 
 def _copy_without_hooks(gm: fx.GraphModule) -> fx.GraphModule:
