@@ -586,20 +586,27 @@ def test_channels_tied_by_position_pad_together_and_compact_exactly(name):
         assert CostModel(graph, "flops", mode).hard(masks) == pytest.approx(CostModel(small, "flops").full(), rel=1e-9)
 
 
+def _two_channels_everywhere(seed: int):
+    """The wide ShuffleNet with random gates and masks keeping the first two channels of every
+    group (each padded width needs six more): ``(model, graph, gates, masks, inputs)``."""
+    torch.manual_seed(seed)
+    model = _wide_shufflenet()
+    randomise_batchnorms(model)
+    x = torch.randn(4, 1, 28, 28)
+    graph = budgetprune.ChannelGraph.build(model, x[:1])
+    bar = attach_random(model, graph, seed=seed)
+    masks = {gid: torch.zeros_like(m) for gid, m in bar.keep_masks().items()}
+    for gid in masks:
+        masks[gid][:2] = True
+    return model, graph, bar, masks, x
+
+
 def test_a_pruned_away_shuffle_branch_stays_away_when_its_concatenation_pads():
     """A ShuffleNet unit whose branch is pruned away: padding the shuffle after it to 8 channels
     must not take that branch's half (its layers compute nothing, not even zeros), so the tied
     tensors pad with the channels of layers that do; the compacted network has no module of the
     branch and computes the gated outputs (it ran the removed branch's Identity before)."""
-    torch.manual_seed(0)
-    model = _wide_shufflenet()
-    randomise_batchnorms(model)
-    x = torch.randn(4, 1, 28, 28)
-    graph = budgetprune.ChannelGraph.build(model, x[:1])
-    bar = attach_random(model, graph, seed=0)
-    masks = {gid: torch.zeros_like(m) for gid, m in bar.keep_masks().items()}
-    for gid in masks:  # two channels everywhere: each padded width needs six more
-        masks[gid][:2] = True
+    model, graph, bar, masks, x = _two_channels_everywhere(seed=0)
     masks["4.branch2.0"][:] = False  # unit 4's branch: pruned away, its last conv purged with it
     mode = BlockMode("regular", 8)
     eff = budgetprune.liveness.effective_masks(graph, masks)
@@ -617,15 +624,7 @@ def test_a_split_piece_without_alive_channels_carries_its_padding():
     channels of its second half); padding the concatenation after it takes that half's lowest
     channels, which those live convs compute as zeros: the piece stays in the compacted network
     and the outputs are the gated ones."""
-    torch.manual_seed(1)
-    model = _wide_shufflenet()
-    randomise_batchnorms(model)
-    x = torch.randn(4, 1, 28, 28)
-    graph = budgetprune.ChannelGraph.build(model, x[:1])
-    bar = attach_random(model, graph, seed=1)
-    masks = {gid: torch.zeros_like(m) for gid, m in bar.keep_masks().items()}
-    for gid in masks:
-        masks[gid][:2] = True
+    model, graph, bar, masks, x = _two_channels_everywhere(seed=1)
     for gid in ("3.branch1.2", "3.branch2.5"):
         masks[gid][:] = False
         masks[gid][12:14] = True
