@@ -610,18 +610,22 @@ class _CatNet(nn.Module):
 def test_aliveness_of_every_tensor_follows_its_segments(make, shape, gather_from, monkeypatch):
     """:func:`alive_mask` (with its shortcut for a layer's output read whole, and its one gather
     over many writers: forced for every tensor with ``gather_from=1``) against each slot's writers
-    read straight from the graph's segments."""
+    read straight from the graph's segments; and :func:`has_alive`, which answers its ``any()``
+    without building it, where many groups are closed whole."""
     from budgetprune import liveness
     from budgetprune.graph import ALWAYS, ChannelGraph
-    from budgetprune.liveness import alive_mask
+    from budgetprune.liveness import alive_mask, has_alive
 
     if gather_from is not None:
         monkeypatch.setattr(liveness, "GATHER_WRITERS", gather_from)
     torch.manual_seed(0)
     graph = ChannelGraph.build(make(), torch.randn(*shape))
     assert any(info.whole_writers for info in graph.tensors.values())
+    dead = 0
     for trial in range(5):
         masks = {gid: torch.rand(g.channels) < 0.5 for gid, g in graph.groups.items()}
+        if trial in (1, 2, 3):  # most groups closed whole: tensors with no alive slot
+            masks = {gid: m & (torch.rand(()) < 0.3) for gid, m in masks.items()}
         if trial == 4:
             masks.pop(next(iter(masks)))  # a group without a mask is kept whole
         for name, info in graph.tensors.items():
@@ -631,3 +635,6 @@ def test_aliveness_of_every_tensor_follows_its_segments(make, shape, gather_from
                     expected[seg.start + j] |= any(
                         g is ALWAYS or g not in masks or bool(masks[g][off + j]) for g, off in seg.sources)
             assert torch.equal(alive_mask(info, masks), expected), name
+            assert has_alive(info, masks) == bool(expected.any()), name
+            dead += not expected.any()
+    assert dead > 0  # has_alive also answered False

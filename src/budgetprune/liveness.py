@@ -268,6 +268,24 @@ def alive_mask(info: TensorInfo, masks: dict[str, torch.Tensor]) -> torch.Tensor
     return out
 
 
+def has_alive(info: TensorInfo, masks: dict[str, torch.Tensor]) -> bool:
+    """``bool(alive_mask(info, masks).any())`` without building the mask: whether an always-alive
+    writer, or a kept channel of a group, writes any slot of the tensor (the walk of
+    :func:`useful_nodes` asks it of every operand of every sum)."""
+    always, by_group = info.writers
+    if bool(always.any()):
+        return True
+    whole = info.whole_writers
+    for gid, (_, chans) in by_group.items():
+        mask = masks.get(gid)
+        if mask is None:
+            return True
+        mask = mask.to("cpu", torch.bool)
+        if bool((mask[:info.slots] if gid in whole else mask[chans]).any()):
+            return True
+    return False
+
+
 def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``masks`` with the purge rules applied until nothing changes.
 
@@ -291,14 +309,14 @@ def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict
             gid = layer.out_group
             if gid is None or not bool(eff[gid].any()):
                 continue
-            if not bool(alive_mask(graph.tensors[layer.in_tensor], eff).any()):
+            if not has_alive(graph.tensors[layer.in_tensor], eff):
                 eff[gid] = torch.zeros_like(eff[gid])
                 changed = True
         for layer in layers:  # an attention computes its heads for its output alone, and outputs nothing without them
             if layer.heads is None or not bool(eff[layer.heads].any()):
                 continue
             if layer.out_group is not None and not bool(eff[layer.out_group].any()) or \
-                    not bool(alive_mask(graph.tensors[layer.in_tensor], eff).any()):
+                    not has_alive(graph.tensors[layer.in_tensor], eff):
                 eff[layer.heads] = torch.zeros_like(eff[layer.heads])
                 changed = True
         for layer in layers:
@@ -344,7 +362,7 @@ def useful_nodes(graph: ChannelGraph, eff: dict[str, torch.Tensor]) -> set[str]:
             if layer in purged:
                 continue
         if is_sum:  # a residual branch without an alive channel: the compacted sum skips it
-            inputs = [i for i in inputs if i not in graph.tensors or bool(alive_mask(graph.tensors[i], eff).any())]
+            inputs = [i for i in inputs if i not in graph.tensors or has_alive(graph.tensors[i], eff)]
         useful.update(inputs)
     return useful
 

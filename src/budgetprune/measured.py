@@ -17,7 +17,7 @@ the fastest one timed, and the record says ``met: false``):
 a network timed again later measures a few percent apart (sub-millisecond networks on a busy
 machine more), so a result aimed at the middle of [0.9, 1] stays inside it. The tries are timed
 alike: one whose unpruned network ran much slower than in the tries before is timed again
-(:func:`_steady_speed`), as a busier machine slows a small network more than a large one.
+(:func:`steady_speed`), as a busier machine slows a small network more than a large one.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
             break
         measured = {}
         for b in timed:
-            speed = _steady_speed(unpruned, net, example, RUNTIME_LATENCIES[b.metric],
+            speed = steady_speed(unpruned, net, example, RUNTIME_LATENCIES[b.metric],
                                   min((t["measured"][b.metric]["unpruned_ms"] for t in record["tries"]
                                        if b.metric in t["measured"]), default=None))
             if "error" in speed:
@@ -167,17 +167,17 @@ def _measured_line(metric: str, measured: dict, over: float) -> str:
         f"{over:.3f} of the budget{again}"
 
 
-def _steady_speed(unpruned: nn.Module, net: nn.Module, example: torch.Tensor, runtime: str,
-                  reference_ms: float | None) -> dict:
+def steady_speed(unpruned: nn.Module, net: nn.Module, example: torch.Tensor, runtime: str,
+                 reference_ms: float | None, repeats: int = REPEATS) -> dict:
     """:func:`budgetprune.runtimes.deployed_speed` of ``net`` against ``unpruned``, timed again (up to
     :data:`RETIMES` times) while the unpruned network runs more than :data:`STEADY` times slower than
     its fastest time in the tries before (``reference_ms``; None on the first try): the measurement
     whose unpruned run was fastest, with ``retimed``, how many more timings were made."""
-    speed = deployed_speed(unpruned, net, example, runtime, repeats=REPEATS)
+    speed = deployed_speed(unpruned, net, example, runtime, repeats=repeats)
     retimed = 0
     while "error" not in speed and reference_ms is not None and retimed < RETIMES and \
             speed["unpruned_ms"] > STEADY * reference_ms:
-        again = deployed_speed(unpruned, net, example, runtime, repeats=REPEATS)
+        again = deployed_speed(unpruned, net, example, runtime, repeats=repeats)
         retimed += 1
         if "error" in again:
             break
