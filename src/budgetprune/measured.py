@@ -116,8 +116,8 @@ def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
         measured = {}
         for b in timed:
             speed = steady_speed(unpruned, net, example, RUNTIME_LATENCIES[b.metric],
-                                  min((t["measured"][b.metric]["unpruned_ms"] for t in record["tries"]
-                                       if b.metric in t["measured"]), default=None))
+                                 min((t["measured"][b.metric]["unpruned_ms"] for t in record["tries"]
+                                      if b.metric in t["measured"]), default=None))
             if "error" in speed:
                 record["error"] = speed["error"]
                 if not candidates:
