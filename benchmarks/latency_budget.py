@@ -54,7 +54,7 @@ from torchvision_models import import_torchvision  # noqa: E402
 
 from budgetprune import Pruner  # noqa: E402
 from budgetprune.cli import channel_multiple_arg  # noqa: E402
-from budgetprune.measured import steady_speed  # noqa: E402
+from budgetprune.measured import fastest_unpruned_ms, steady_speed  # noqa: E402
 
 MODELS = ["resnet20", "resnet18", "mobilenet_v2"]
 TARGET = (0.9, 1.0)
@@ -103,8 +103,8 @@ def run_one(unpruned, shape, fraction: float, block: str, multiple: int | str, s
     metric = "latency:onnxruntime"
     full, pruned = pruner.full[metric], report["pruned"][metric]
     tries = report.get("measured_latency", {}).get("tries", [])
-    fastest = min((t["measured"][metric]["unpruned_ms"] for t in tries if metric in t["measured"]), default=None)
-    measured = steady_speed(unpruned.eval(), small, torch.zeros(batch, *shape), "onnxruntime", fastest, repeats=repeats)
+    measured = steady_speed(unpruned.eval(), small, torch.zeros(batch, *shape), "onnxruntime",
+                            fastest_unpruned_ms(tries, metric), repeats=repeats)
     out = {"fraction": fraction, "block": block, "channel_multiple": multiple, "padding": report.get("padding"),
            "finalize_tries": tries,
            "table_ms": {"unpruned": full, "pruned": pruned, "ratio": pruned / full},

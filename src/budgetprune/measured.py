@@ -116,8 +116,7 @@ def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
         measured = {}
         for b in timed:
             speed = steady_speed(unpruned, net, example, RUNTIME_LATENCIES[b.metric],
-                                 min((t["measured"][b.metric]["unpruned_ms"] for t in record["tries"]
-                                      if b.metric in t["measured"]), default=None))
+                                 fastest_unpruned_ms(record["tries"], b.metric))
             if "error" in speed:
                 record["error"] = speed["error"]
                 if not candidates:
@@ -165,6 +164,12 @@ def _measured_line(metric: str, measured: dict, over: float) -> str:
         "slower than before)" if retimed else ""
     return f"{metric}: {measured['pruned_ms']:.4g} ms of {measured['unpruned_ms']:.4g} ms unpruned = " \
         f"{over:.3f} of the budget{again}"
+
+
+def fastest_unpruned_ms(tries: list[dict], metric: str) -> float | None:
+    """The fastest the unpruned network ran in the ``tries`` of a search (its record's "tries"),
+    for ``metric``; None before the first: :func:`steady_speed`'s reference."""
+    return min((t["measured"][metric]["unpruned_ms"] for t in tries if metric in t["measured"]), default=None)
 
 
 def steady_speed(unpruned: nn.Module, net: nn.Module, example: torch.Tensor, runtime: str,
