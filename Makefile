@@ -13,8 +13,8 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
-	# tests only: torchvision's models (no deps, so our CPU torch stays; tests/test_external_models.py)
-	$(BIN)/pip install --quiet --no-deps -c constraints.txt "torchvision==0.28.*"
+	# tests only: torchvision's and timm's models (no deps, so our CPU torch stays; tests/test_external_models.py, test_timm_models.py)
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt "torchvision==0.28.*" "timm==1.0.*"
 	touch $(STAMP)
 
 install: $(STAMP)

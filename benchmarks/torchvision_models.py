@@ -1,4 +1,4 @@
-"""What budgetprune can prune in torchvision's classification models, one per family.
+"""What budgetprune can prune in torchvision's (or timm's) classification models, one per family.
 
 For each model (untrained, ``num_classes=10``, random inputs of ``--size`` pixels) a Pruner
 under a FLOP budget takes ``--steps`` SGD steps and finalizes. Recorded per model: the share
@@ -13,11 +13,14 @@ and whether the loaded file gives the same outputs — or the one-line error whe
     python benchmarks/torchvision_models.py                      # every family, 64 px, 2x FLOPs
     python benchmarks/torchvision_models.py --models resnet18,vit_b_16 --size 64
     python benchmarks/torchvision_models.py --models convnext_tiny,vit_b_16 --update   # rerun rows, keep the rest
+    python benchmarks/torchvision_models.py --source timm        # timm's families (TIMM_FAMILIES)
 
-Writes ``benchmarks/results/torchvision_models.{json,md}``. torchvision is a benchmark and test
-dependency only (``pip install --no-deps torchvision`` next to the torch pin); a CUDA build of
-torchvision imports with a CPU torch once its ``nms``/``qnms`` operator schemas are defined,
-which this script does when the plain import fails.
+Writes ``benchmarks/results/torchvision_models.{json,md}`` (``timm_models.{json,md}`` with
+``--source timm``). torchvision and timm are benchmark and test dependencies only (``pip install
+--no-deps torchvision timm`` next to the torch pin); a CUDA build of torchvision imports with a
+CPU torch once its ``nms``/``qnms`` operator schemas are defined, which this script does when the
+plain import fails (timm imports torchvision). timm's models are built as ``--model timm:NAME``
+builds them (``budgetprune.create_model``: a model made for one image size at ``--size``).
 """
 
 from __future__ import annotations
@@ -45,6 +48,14 @@ from budgetprune.errors import BudgetpruneError, first_line  # noqa: E402
 FAMILIES = ["resnet18", "resnext50_32x4d", "wide_resnet50_2", "vgg11_bn", "densenet121", "googlenet", "inception_v3",
             "mobilenet_v2", "mobilenet_v3_small", "mnasnet0_5", "efficientnet_b0", "efficientnet_v2_s",
             "shufflenet_v2_x0_5", "squeezenet1_0", "regnet_x_400mf", "convnext_tiny", "vit_b_16", "swin_t", "maxvit_t"]
+#: timm's families, one small model each (timm's own BatchNorm + activation modules, attention,
+#: partial residuals, channel splits, re-parameterisable blocks, ...).
+TIMM_FAMILIES = ["resnet18d", "seresnext26d_32x4d", "efficientnet_b0", "mobilenetv3_large_100", "regnety_002",
+                 "cspresnet50", "dla34", "ghostnet_100", "rexnet_100", "res2net50_14w_8s", "repvgg_a0",
+                 "densenet121", "hrnet_w18_small", "convnext_atto", "convnextv2_atto", "vit_tiny_patch16_224",
+                 "levit_128s", "poolformer_s12", "mobilevit_xxs", "efficientformer_l1", "edgenext_xx_small",
+                 "fastvit_t8", "mobileone_s0", "lcnet_050", "tinynet_e", "mixer_s16_224", "nf_resnet26",
+                 "efficientvit_b0", "mobilenetv4_conv_small"]
 SIZE_AT_LEAST = {"inception_v3": 75, "maxvit_t": 224}  # what the architecture itself needs
 _SHIM = None
 
@@ -57,6 +68,15 @@ def import_torchvision():
         _SHIM.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     import torchvision.models
     return torchvision.models
+
+
+def import_source(source: str):
+    """The model factory ``make(name, size)`` of torchvision or timm."""
+    models = import_torchvision()
+    if source == "timm":
+        return lambda name, size: budgetprune.create_model(f"timm:{name}", in_channels=3, num_classes=10,
+                                                           input_size=(size, size))
+    return lambda name, size: make(models, name, size)
 
 
 def make(models, name: str, size: int) -> nn.Module:
@@ -89,13 +109,13 @@ def prunable_share(model: nn.Module, graph) -> tuple[float, int, int]:
     return kept / max(total, 1), kept, total
 
 
-def one(models, name: str, size: int, budget: str, steps: int) -> dict:
+def one(make_model, name: str, size: int, budget: str, steps: int) -> dict:
     row: dict = {"model": name, "size": size}
     start = time.perf_counter()
     stage = "build"
     try:
         torch.manual_seed(0)
-        model = make(models, name, size)
+        model = make_model(name, size)
         x, y = torch.randn(4, 3, size, size), torch.randint(0, 10, (4,))
         full_params = sum(p.numel() for p in model.parameters())
         stage = "trace"
@@ -124,8 +144,7 @@ def one(models, name: str, size: int, budget: str, steps: int) -> dict:
             stored = torch.load(path, weights_only=True)
             row["file"] = "self-contained" if "graph" in stored else "plan + weights"
             stage = "load"
-            again = budgetprune.load(path) if "graph" in stored else budgetprune.load(path, model=make(models, name,
-                                                                                                          size))
+            again = budgetprune.load(path) if "graph" in stored else budgetprune.load(path, model=make_model(name, size))
             with torch.no_grad():
                 row["load_max_abs_diff"] = float((again(x) - small(x)).abs().max())
     except (BudgetpruneError, RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
@@ -162,7 +181,8 @@ def git_commit() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(FAMILIES))
+    p.add_argument("--source", choices=["torchvision", "timm"], default="torchvision")
+    p.add_argument("--models", default=None, help="comma-separated names (default: the source's families)")
     p.add_argument("--size", type=int, default=64, help="input pixels (raised where an architecture needs more)")
     p.add_argument("--budget", default="flops=0.5")
     p.add_argument("--steps", type=int, default=2)
@@ -170,11 +190,14 @@ def main(argv=None) -> int:
     p.add_argument("--update", action="store_true",
                    help="replace only the rows of --models in the existing results (same budget and steps)")
     args = p.parse_args(argv)
+    families = TIMM_FAMILIES if args.source == "timm" else FAMILIES
+    args.models = args.models or ",".join(families)
+    stem = f"{args.source}_models"
     out = Path(args.out)
     runs, kept = [], {}
     if args.update:
         try:
-            old = json.loads((out / "torchvision_models.json").read_text())
+            old = json.loads((out / f"{stem}.json").read_text())
         except (OSError, ValueError) as exc:
             p.error(f"--update needs the results of an earlier run in {out}: {exc}")
         if old.get("budget") != args.budget or old.get("steps") != args.steps:
@@ -183,27 +206,27 @@ def main(argv=None) -> int:
         runs = old.get("runs") or [{"command": old["command"], "commit": old.get("commit", "see the page"),
                                      "models": [r["model"] for r in old["rows"]], "wall_seconds": old["wall_seconds"]}]
         kept = {r["model"]: r for r in old["rows"]}
-    models = import_torchvision()
+    make_model = import_source(args.source)
     commit = git_commit()
     start = time.perf_counter()
     names = args.models.split(",")
     for name in names:
-        row = one(models, name, max(args.size, SIZE_AT_LEAST.get(name, 0)), args.budget, args.steps)
+        row = one(make_model, name, max(args.size, SIZE_AT_LEAST.get(name, 0)), args.budget, args.steps)
         row["commit"] = commit
         print(json.dumps(row), flush=True)
         kept[name] = row
     command = "python benchmarks/torchvision_models.py " + " ".join(sys.argv[1:] if argv is None else argv)
     runs.append({"command": command, "commit": commit, "models": names, "wall_seconds": time.perf_counter() - start})
-    order = {name: i for i, name in enumerate(FAMILIES)}
+    order = {name: i for i, name in enumerate(families)}
     rows = sorted(kept.values(), key=lambda r: order.get(r["model"], len(order)))
     record = {"command": command, "budget": args.budget, "steps": args.steps, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "wall_seconds": sum(r["wall_seconds"] for r in runs),
               "runs": runs, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "torchvision_models.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     made = [f"- `{r['command']}` at commit {r['commit']}: {', '.join(r['models'])} "
             f"({r['wall_seconds'] / 60:.1f} min)" for r in runs]
-    page = ["# torchvision classification models under a FLOP budget", "",
+    page = [f"# {args.source} classification models under a FLOP budget", "",
             "Made by (a later run replaces the rows of the models it names):", "", *made, "",
             f"Untrained models, 10 classes, random inputs; {args.steps} SGD steps (lr 1e-3) under `{args.budget}`, then "
             f"finalize, save, load. torch {record['torch']}, {record['threads']} threads. FLOPs are MACs of every "
@@ -213,7 +236,7 @@ def main(argv=None) -> int:
         for why, n in r.get("not_pruned", {}).items():
             page.append(f"- {r['model']}: {n} × {why}")
     page.append("")
-    (out / "torchvision_models.md").write_text("\n".join(page))
+    (out / f"{stem}.md").write_text("\n".join(page))
     return 0
 
 

@@ -63,19 +63,37 @@ def test_the_command_line_refuses_a_torchvision_model_for_grey_images(torchvisio
     assert code == 2 and err.count("\n") == 1 and "3-channel" in err
 
 
-def test_timm_specs_call_timm_with_the_data_s_channels(monkeypatch):
+def test_timm_specs_call_timm_with_the_data_s_channels_and_a_fixed_size_model_s_image_size(monkeypatch):
     calls = []
 
-    def create_model(name, pretrained, num_classes, in_chans):
-        calls.append((name, pretrained, num_classes, in_chans))
+    def create_model(name, pretrained, num_classes, in_chans, **kwargs):
+        calls.append((name, pretrained, num_classes, in_chans, kwargs))
         return budgetprune.create_model("lenet5", in_channels=in_chans, num_classes=num_classes)
 
+    fixed = {"vit_tiny_patch16_224": True, "convnext_tiny": False, "resnet18": False}
     monkeypatch.setitem(__import__("sys").modules, "timm", types.SimpleNamespace(
-        list_models=lambda: ["resnet18", "convnext_tiny"], create_model=create_model))
-    model = budgetprune.create_model("timm:convnext_tiny", in_channels=1, num_classes=7)
-    assert calls == [("convnext_tiny", False, 7, 1)] and isinstance(model, torch.nn.Module)
+        list_models=lambda: list(fixed), create_model=create_model,
+        get_pretrained_cfg=lambda name: types.SimpleNamespace(input_size=(3, 224, 224), fixed_input_size=fixed[name])))
+    model = budgetprune.create_model("timm:convnext_tiny", in_channels=1, num_classes=7, input_size=(28, 28))
+    assert calls == [("convnext_tiny", False, 7, 1, {})] and isinstance(model, torch.nn.Module)
+    budgetprune.create_model("timm:vit_tiny_patch16_224", in_channels=3, num_classes=7, input_size=(32, 32))
+    budgetprune.create_model("timm:vit_tiny_patch16_224", in_channels=3, num_classes=7, input_size=(224, 224))
+    budgetprune.create_model("timm:vit_tiny_patch16_224", in_channels=3, num_classes=7)  # its own size
+    assert [c[4] for c in calls[1:]] == [{"img_size": (32, 32)}, {}, {}]
     with pytest.raises(ConfigError, match="did you mean 'timm:resnet18'"):
         budgetprune.create_model("timm:resnet19")
+
+
+def test_torchvision_models_made_for_one_image_size_are_built_for_the_data_s(torchvision):
+    vit = budgetprune.create_model("torchvision:vit_b_16", in_channels=3, num_classes=10, input_size=(32, 32))
+    with torch.no_grad():
+        assert vit.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert budgetprune.create_model("torchvision:vit_b_16", in_channels=3, num_classes=10).image_size == 224
+    with pytest.raises(ConfigError, match="square"):
+        budgetprune.create_model("torchvision:vit_b_16", in_channels=3, num_classes=10, input_size=(32, 48))
+    # MaxViT's windows need sides the partition size divides: torchvision's refusal in one line
+    with pytest.raises(ConfigError, match=r"torchvision:maxvit_t cannot be built for this data \(ValueError"):
+        budgetprune.create_model("torchvision:maxvit_t", in_channels=3, num_classes=10, input_size=(64, 64))
 
 
 MODEL_FILE = '''

@@ -111,7 +111,9 @@ LAYERS: tuple[LayerKind, ...] = (
     LayerKind("layer_norm", nn.LayerNorm, (Arg("normalized_shape", "list"), Arg("eps"), Arg("elementwise_affine"),
                                           Arg("bias", "bias"))),
     LayerKind("self_attention", SelfAttention, (Arg("in_features"), Arg("embed_dim"), Arg("out_features"),
-                                                Arg("num_heads"), Arg("bias"), Arg("dropout"))),
+                                                Arg("num_heads"), Arg("bias"), Arg("dropout"),
+                                                Arg("tuple_output", default=True, omit=True),
+                                                Arg("proj_bias", default=None, omit=True))),
     LayerKind("flatten", nn.Flatten, (Arg("start_dim", default=1), Arg("end_dim", default=-1))),
     *(LayerKind(op, cls, (_inplace(),)) for op, cls in (
         ("relu", nn.ReLU), ("relu6", nn.ReLU6), ("silu", nn.SiLU), ("hardswish", nn.Hardswish),

@@ -43,6 +43,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from . import norm_act
 from .attention import Attention, value_scale
 from .errors import ConfigError
 from .gate_product import gate_product
@@ -100,7 +101,8 @@ def fold_targets(module: nn.Module, channels: int) -> list[tuple[str, tuple[int,
     per-channel values z, multiplies its output channel c by z_c: the weight's rows (a
     convolution's or linear layer's output channels, an affine BatchNorm's scale) and the bias.
     None when ``module`` is not one whose output channels its parameters scale that way."""
-    if type(module) not in _FOLDABLE or hasattr(module, "parametrizations"):
+    if type(module) not in _FOLDABLE and not (norm_act.acts_as_batchnorm(module) or norm_act.is_norm_act(module)) \
+            or hasattr(module, "parametrizations"):
         return None
     weight = module._parameters.get("weight")
     if weight is None or weight.shape[0] != channels:
@@ -264,13 +266,17 @@ class GateHooks:
                 if in_place:
                     site = host
                     self.in_place.add(gid)
+                before = norm_act.activation_site(host)  # a BatchNorm with its activation: the gate goes between
+                if before is not None:
+                    site, in_place = before, False
                 targets = fold_targets(host, group.channels) if calls.get(group.host) == 1 and layer.heads is None \
                     else None
                 if targets is None:
                     self.handles.append(site.register_forward_hook(self._output_hook(group, gate, layer.in_tensor,
                                                                                      layer.heads, in_place)))
                 else:
-                    self.handles += self._folding_hooks(host, site, group, gate, layer.in_tensor, targets, in_place)
+                    self.handles += self._folding_hooks(host, site, group, gate, layer.in_tensor, targets, in_place,
+                                                        site_input=before is not None)
         for name in graph.renormalisers:
             site, tensor = graph.mask_site(name)
             self.handles.append(modules[site].register_forward_hook(self._mask_hook(tensor)))
@@ -353,11 +359,13 @@ class GateHooks:
         return hook
 
     def _folding_hooks(self, host: nn.Module, site: nn.Module, group: ChannelGroup, gate: GateFn, in_tensor: str,
-                       targets: list[tuple[str, tuple[int, ...]]], in_place: bool = False) -> list:
+                       targets: list[tuple[str, tuple[int, ...]]], in_place: bool = False,
+                       site_input: bool = False) -> list:
         """Hooks of a group whose host's parameters scale its output channels: values with one
         entry per channel are folded into the host's weight and bias for the length of its
         forward (no pass over the feature maps); per-example values are multiplied in at the
-        site, as :meth:`_output_hook` does."""
+        site, as :meth:`_output_hook` does, into its input where ``site_input`` (the activation
+        of a BatchNorm that has one, :mod:`budgetprune.norm_act`)."""
         gid = group.id
         sources = self._purge_sources(in_tensor)
         saved: list[tuple[str, torch.Tensor]] = []
@@ -383,8 +391,15 @@ class GateHooks:
                 return output
             return gate_product(output, _broadcast(z.to(output.dtype), output, dim=group.dim), in_place)
 
+        def multiply_input(module, inputs):
+            z = self.pending.pop(gid, None)
+            if z is None:  # folded
+                return None
+            x = inputs[0]
+            return (gate_product(x, _broadcast(z.to(x.dtype), x, dim=group.dim)),) + tuple(inputs[1:])
+
         return [host.register_forward_pre_hook(fold), host.register_forward_hook(restore, always_call=True),
-                site.register_forward_hook(multiply)]
+                site.register_forward_pre_hook(multiply_input) if site_input else site.register_forward_hook(multiply)]
 
     def _input_hook(self, gid: str, gate: GateFn):
         def hook(module, inputs):

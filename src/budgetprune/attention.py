@@ -8,7 +8,8 @@ each of q, k and v (:func:`qkv_rows`) and the same columns of ``W_proj`` (:func:
 its gate multiplies its values, so z_h · softmax(q_h k_hᵀ) v_h is the head's output scaled by z_h
 (:func:`value_scale`). Three families are recognised:
 
-* ``"multihead"``: ``nn.MultiheadAttention`` as self-attention (a ViT block): tokens (N, L, C),
+* ``"multihead"``: ``nn.MultiheadAttention`` as self-attention (a ViT block), or timm's
+  ``Attention`` (timm's ViT, DeiT, ...; traced as one module, :func:`is_leaf`): tokens (N, L, C),
   every token attends to all L.
 * ``"window"``: torchvision's ``shifted_window_attention`` (Swin), called by the module that
   returns it with that module's ``qkv`` and ``proj`` weights: channels-last maps (N, H, W, C)
@@ -53,6 +54,8 @@ class Attention:
     # None where the heads cannot be pruned
     head_writer: str | None = None  # a linear layer whose outputs are per-head values (Swin V2's bias MLP)
     head_views: tuple[str, ...] = ()  # nodes ``view(x, -1, num_heads)`` whose head count compaction rewrites
+    dropout: float = 0.0  # on the attention weights, in training ("multihead")
+    tuple_output: bool = True  # the module returns (output, weights), as nn.MultiheadAttention does
 
     @property
     def head_dim(self) -> int:
@@ -109,7 +112,7 @@ def match(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int],
     """The attention layer ``node`` computes, why it is not pruned, or None (no attention call).
     ``calls`` counts the model's module calls and parameter reads; ``returned_by`` maps a node to
     the module (called once) whose forward returns it."""
-    for recognise in (_multihead, _window, _relative):
+    for recognise in (_multihead, _timm_self_attention, _window, _relative):
         found = recognise(node, modules, calls, returned_by)
         if found is not None:
             return found
@@ -247,7 +250,55 @@ def _is_torchvision(module: nn.Module, file: str, name: str) -> bool:
 
 def is_leaf(module: nn.Module) -> bool:
     """Attention modules the channel graph traces as one node, to prune as a whole."""
-    return _is_torchvision(module, "maxvit", "RelativePositionalMultiHeadAttention")
+    return _is_torchvision(module, "maxvit", "RelativePositionalMultiHeadAttention") or is_timm_attention(module)
+
+
+def is_timm_attention(module: nn.Module) -> bool:
+    """Whether ``module`` is timm's ``Attention`` (timm is not imported) in its plain form: fused
+    query/key/value and output projections, no query/key or output normalisation, no output gate,
+    no dropout after the projection (the pruned module has none)."""
+    cls = type(module)
+    if cls.__name__ != "Attention" or not cls.__module__.startswith("timm."):
+        return False
+    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+    heads, d = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    plain = all(isinstance(getattr(module, name, nn.Identity()), nn.Identity) for name in ("q_norm", "k_norm", "norm"))
+    drop = getattr(module, "proj_drop", nn.Identity())
+    return isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int) and \
+        isinstance(d, int) and qkv.out_features == 3 * heads * d == 3 * proj.in_features and plain and \
+        getattr(module, "gate", None) is None and \
+        (isinstance(drop, nn.Identity) or isinstance(drop, nn.Dropout) and drop.p == 0.0) and \
+        isinstance(getattr(module, "attn_drop", None), nn.Dropout)
+
+
+def _absent(value) -> bool:
+    """An optional argument left out: None or False, or the model's own optional input (a ViT's
+    ``forward(x, attn_mask=None, is_causal=False)``) that the traced call, made with the example
+    input alone, left at its default None or False. The pruned network is the traced one: it takes
+    no mask."""
+    if value is None or value is False:
+        return True
+    return isinstance(value, fx.Node) and value.op == "placeholder" and value.args in ((None,), (False,))
+
+
+def _timm_self_attention(node, modules, calls, returned_by) -> Attention | str | None:
+    """timm's ``Attention(x)`` on tokens (N, L, C), without a mask."""
+    mod = modules.get(node.target) if node.op == "call_module" else None
+    if mod is None or not is_timm_attention(mod):
+        return None
+    src, shape = node.args[0] if node.args else None, _shape(node)
+    if len(node.args) > 1 or not all(_absent(v) for v in node.kwargs.values()):
+        return "which budgetprune prunes only without an attention mask"
+    if calls[node.target] != 1:
+        return f"called {calls[node.target]} times (shared weights)"
+    if not isinstance(src, fx.Node) or shape is None or len(shape) != 3:
+        return "whose output is not (N, L, E) tokens"
+    path = node.target
+    return Attention("multihead", src.name, path, mod.qkv.in_features, mod.num_heads * mod.head_dim,
+                     mod.proj.out_features, mod.num_heads, shape[1], shape[1],
+                     f"{path}.qkv.weight", f"{path}.qkv.bias" if mod.qkv.bias is not None else None,
+                     f"{path}.proj.weight", f"{path}.proj.bias" if mod.proj.bias is not None else None,
+                     dropout=float(mod.attn_drop.p), tuple_output=False)
 
 
 def _relative(node, modules, calls, returned_by) -> Attention | str | None:

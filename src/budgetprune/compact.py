@@ -24,6 +24,7 @@ import re
 import torch
 from torch import fx, nn
 
+from . import norm_act
 from .attention import head_columns, pruned_proj, pruned_qkv
 from .blocks import built_sets
 from .graph import ADD_FUNCTIONS, FLATTEN_METHODS, MUL_FUNCTIONS, ChannelGraph
@@ -86,8 +87,17 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
         if layer.kind == "attention":  # its query/key/value and output projections lose channels and heads
             rows = rows if rows is not None else torch.arange(layer.out_channels)
             heads, z_heads = _kept_heads(layer, index, eff, gate_values)
-            if layer.attention.family == "multihead":
+            if layer.attention.family == "multihead" and isinstance(mod, nn.MultiheadAttention):
                 _replace(gm, layer.name, SelfAttention.pruned(mod, cols, rows, zr, heads, z_heads))
+            elif layer.attention.family == "multihead":  # timm's: read through the spec's parameter paths
+                spec = layer.attention
+                param = (lambda path: gm.get_parameter(path) if path is not None else None)
+                _replace(gm, layer.name, SelfAttention.from_projections(
+                    param(spec.qkv_weight), param(spec.qkv_bias), param(spec.proj_weight), param(spec.proj_bias),
+                    spec.num_heads, spec.dropout, spec.tuple_output, cols, rows, zr, heads, z_heads))
+                for node in gm.graph.nodes:  # called with its input alone (the optional ones it had were unset)
+                    if node.op == "call_module" and node.target == layer.name:
+                        node.args, node.kwargs = node.args[:1], {}
             elif layer.attention.family == "relative":
                 _replace(gm, layer.name, RelativeAttention.pruned(mod, cols, rows, zr, heads, z_heads))
             else:
@@ -323,6 +333,8 @@ def _group_positions(index: torch.Tensor, groups: int, per_group: int) -> torch.
 
 def _slice_bn(bn: nn.modules.batchnorm._BatchNorm, keep, z) -> nn.Module:
     keep = keep if keep is not None else torch.arange(bn.num_features)
+    if type(bn) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):  # a subclass: copied, its activation with it
+        return norm_act.sliced(bn, keep, z)
     new = type(bn)(int(keep.numel()), bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
     new = new.to(bn.weight.device if bn.weight is not None else "cpu")
     idx = keep.to(new.running_mean.device if new.running_mean is not None else "cpu")

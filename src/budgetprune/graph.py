@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from . import attention
+from . import attention, norm_act
 from .attention import Attention
 from .errors import GraphError, first_line
 from .fx_registry import forget_unused_wraps
@@ -476,10 +476,11 @@ class ChannelGraph:
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, keeping the attention modules budgetprune prunes as a whole as one node."""
+    """torch.fx's tracer, keeping the attention modules budgetprune prunes as a whole, and the
+    BatchNorms with an activation of their own (:mod:`budgetprune.norm_act`), as one node."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return attention.is_leaf(m) or super().is_leaf_module(m, qualname)
+        return attention.is_leaf(m) or norm_act.is_leaf(m) or super().is_leaf_module(m, qualname)
 
 
 def parameter(modules: dict[str, nn.Module], path: str) -> torch.Tensor:
@@ -492,6 +493,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """``torch.fx.symbolic_trace`` (attention modules kept whole) with a one-line error naming what failed."""
     forget_unused_wraps()  # a trace patches every registered wrap: drop those of modules gone
     try:
+        norm_act.examine(model)
         return fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception as exc:
         raise GraphError(

@@ -101,27 +101,31 @@ def full_count_layer_norm(x: torch.Tensor, channels: int, weight: torch.Tensor, 
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention over tokens (N, L, ·) whose input and output widths and heads are
-    pruned: ``nn.MultiheadAttention`` (batch first) with ``in_features`` input channels and
-    ``out_features`` output channels, ``num_heads`` heads of ``embed_dim / num_heads`` (the
-    unpruned head width: the attention's scale 1/√d stays).
-    It computes what the unpruned module computes on the kept channels; called like it
-    (``attn(x, x, x, need_weights=False)``), it returns ``(output, None)``."""
+    pruned: ``nn.MultiheadAttention`` (batch first), or timm's ``Attention`` (a ViT's), with
+    ``in_features`` input channels and ``out_features`` output channels, ``num_heads`` heads of
+    ``embed_dim / num_heads`` (the unpruned head width: the attention's scale 1/√d stays).
+    It computes what the unpruned module computes on the kept channels, called like it: as
+    ``nn.MultiheadAttention`` (``attn(x, x, x, need_weights=False)``) it returns ``(output, None)``;
+    with ``tuple_output=False``, as timm's (``attn(x)``), the output alone. ``proj_bias``: whether
+    the output projection has a bias (None: as the input projection)."""
 
     def __init__(self, in_features: int, embed_dim: int, out_features: int, num_heads: int, bias: bool = True,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, tuple_output: bool = True, proj_bias: bool | None = None):
         super().__init__()
         self.in_features, self.embed_dim, self.out_features = in_features, embed_dim, out_features
         self.num_heads, self.bias, self.dropout = num_heads, bias, dropout
+        self.tuple_output, self.proj_bias = tuple_output, proj_bias
         self.in_proj = nn.Linear(in_features, 3 * embed_dim, bias=bias)
-        self.out_proj = nn.Linear(embed_dim, out_features, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, out_features, bias=bias if proj_bias is None else proj_bias)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
-                need_weights: bool = False) -> tuple[torch.Tensor, None]:
+                need_weights: bool = False):
         n, length = query.shape[0], query.shape[1]
         heads = self.in_proj(query).view(n, length, 3, self.num_heads, self.embed_dim // self.num_heads)
         q, k, v = heads.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, L, head dim)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(n, length, self.embed_dim)), None
+        out = self.out_proj(out.transpose(1, 2).reshape(n, length, self.embed_dim))
+        return (out, None) if self.tuple_output else out
 
     @classmethod
     def pruned(cls, mha: nn.MultiheadAttention, cols: torch.Tensor, rows: torch.Tensor,
@@ -130,12 +134,23 @@ class SelfAttention(nn.Module):
         """``mha`` keeping input channels ``cols``, output channels ``rows`` and ``heads`` (all: None);
         ``z`` (per kept output) is folded into the out-projection, ``z_heads`` (per kept head) into the
         values."""
-        d = mha.embed_dim // mha.num_heads
-        heads = torch.arange(mha.num_heads) if heads is None else heads
-        w_in, b_in = pruned_qkv(mha.in_proj_weight, mha.in_proj_bias, d, cols, heads, z_heads)
-        w_out, b_out = pruned_proj(mha.out_proj.weight, mha.out_proj.bias, d, rows, heads, z)
-        new = cls(int(cols.numel()), int(heads.numel()) * d, int(rows.numel()), int(heads.numel()),
-                  b_in is not None, float(mha.dropout)).to(w_in.device, w_in.dtype)
+        return cls.from_projections(mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias,
+                                    mha.num_heads, float(mha.dropout), True, cols, rows, z, heads, z_heads)
+
+    @classmethod
+    def from_projections(cls, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, proj_weight: torch.Tensor,
+                         proj_bias: torch.Tensor | None, num_heads: int, dropout: float, tuple_output: bool,
+                         cols: torch.Tensor, rows: torch.Tensor, z: torch.Tensor | None = None,
+                         heads: torch.Tensor | None = None, z_heads: torch.Tensor | None = None) -> "SelfAttention":
+        """The attention with query/key/value projection ``qkv_weight`` (3E × C_in, rows q, k, v, each
+        head by head) and output projection ``proj_weight`` (C_out × E), pruned as :meth:`pruned` does."""
+        d = qkv_weight.shape[0] // 3 // num_heads
+        heads = torch.arange(num_heads) if heads is None else heads
+        w_in, b_in = pruned_qkv(qkv_weight, qkv_bias, d, cols, heads, z_heads)
+        w_out, b_out = pruned_proj(proj_weight, proj_bias, d, rows, heads, z)
+        in_bias, out_bias = b_in is not None, b_out is not None
+        new = cls(int(cols.numel()), int(heads.numel()) * d, int(rows.numel()), int(heads.numel()), in_bias,
+                  dropout, tuple_output, None if out_bias == in_bias else out_bias).to(w_in.device, w_in.dtype)
         _copy_linear(new.in_proj, w_in, b_in)
         _copy_linear(new.out_proj, w_out, b_out)
         return new

@@ -29,16 +29,19 @@ def is_external(spec: str) -> bool:
     return isinstance(spec, str) and (spec.partition(":")[0] in SOURCES or ".py:" in spec)
 
 
-def external_model(spec: str, *, in_channels: int, num_classes: int, input_size: tuple[int, int]) -> nn.Module:
-    """The model ``spec`` names (see the module docstring)."""
+def external_model(spec: str, *, in_channels: int, num_classes: int,
+                   input_size: tuple[int, int] | None) -> nn.Module:
+    """The model ``spec`` names (see the module docstring); ``input_size``: the data's image size
+    (None: the model's own where it is made for one)."""
     if ".py:" in spec:
         path, _, factory = spec.rpartition(":")
         model = _from_file(Path(path), factory, in_channels=in_channels, num_classes=num_classes,
-                           input_size=tuple(input_size))
+                           input_size=(28, 28) if input_size is None else tuple(input_size))
     else:
         source, _, name = spec.partition(":")
         model = (_torchvision if source == "torchvision" else _timm)(name, in_channels=in_channels,
-                                                                     num_classes=num_classes)
+                                                                     num_classes=num_classes,
+                                                                     input_size=input_size)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"--model {spec} gave a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -58,7 +61,12 @@ def _unknown(source: str, name: str, known: list[str]) -> ConfigError:
     return ConfigError(f"{source} has no classification model '{name}'{hint}")
 
 
-def _torchvision(name: str, *, in_channels: int, num_classes: int) -> nn.Module:
+#: torchvision's classification models built for one image size, by name prefix: the argument
+#: that sets it (ViT: square images, one side; MaxViT: (height, width)).
+_TORCHVISION_SIZED = {"vit_": "image_size", "maxvit_": "input_size"}
+
+
+def _torchvision(name: str, *, in_channels: int, num_classes: int, input_size: tuple[int, int] | None) -> nn.Module:
     models = _import("torchvision.models", f"torchvision:{name}")
     known = models.list_models(module=models)  # the classification models
     if name not in known:
@@ -66,15 +74,42 @@ def _torchvision(name: str, *, in_channels: int, num_classes: int) -> nn.Module:
     if in_channels != 3:
         raise ConfigError(f"torchvision's {name} takes 3-channel images and this dataset's have {in_channels}; "
                           "use colour images or a model for your inputs")
-    return models.get_model(name, weights=None, num_classes=num_classes)
+    sized = {arg for prefix, arg in _TORCHVISION_SIZED.items() if name.startswith(prefix)} if input_size else set()
+    kwargs = {}
+    if "image_size" in sized:
+        if input_size[0] != input_size[1]:
+            raise ConfigError(f"torchvision's {name} takes square images and this dataset's are "
+                              f"{input_size[0]}×{input_size[1]}; resize them to a square")
+        kwargs["image_size"] = input_size[0]
+    if "input_size" in sized:
+        kwargs["input_size"] = tuple(input_size)
+    return _built(f"torchvision:{name}", lambda: models.get_model(name, weights=None, num_classes=num_classes,
+                                                                   **kwargs))
 
 
-def _timm(name: str, *, in_channels: int, num_classes: int) -> nn.Module:
+def _timm(name: str, *, in_channels: int, num_classes: int, input_size: tuple[int, int] | None) -> nn.Module:
+    """A timm model for the data; one built for a fixed image size (its pretrained config's
+    ``fixed_input_size``: ViT, Swin, LeViT, ...) is built for the data's (``img_size``)."""
     timm = _import("timm", f"timm:{name}")
     known = list(timm.list_models())
     if name not in known:
         raise _unknown("timm", name, known)
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+    cfg = timm.get_pretrained_cfg(name)
+    kwargs = {}
+    if input_size and cfg is not None and getattr(cfg, "fixed_input_size", False) and \
+            tuple(cfg.input_size[1:]) != tuple(input_size):
+        kwargs["img_size"] = tuple(input_size)
+    return _built(f"timm:{name}", lambda: timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                                            in_chans=in_channels, **kwargs))
+
+
+def _built(spec: str, build) -> nn.Module:
+    """``build()``, whose failure (the model refuses the data's channels or image size) is one line."""
+    try:
+        return build()
+    except Exception as exc:  # noqa: BLE001 - the package's own message, in one line
+        raise ConfigError(f"--model {spec} cannot be built for this data ({type(exc).__name__}: "
+                          f"{first_line(exc)})") from None
 
 
 def _from_file(path: Path, factory: str, **arguments) -> nn.Module:
