@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from budgetprune import Pruner, attach
+from budgetprune import Pruner, attach, layer_subclasses
 from budgetprune.attach import GateHooks, fold_targets
 from budgetprune.errors import ConfigError
 from budgetprune.gates import HardConcreteGate
@@ -155,8 +155,17 @@ def test_fold_targets_only_for_modules_whose_parameters_scale_their_outputs():
     assert fold_targets(nn.ConvTranspose2d(8, 4, 3), 4) is None  # its weight's rows are the inputs
 
     class Standardised(nn.Conv2d):  # transforms its weight first: a scale would be normalised away
+        def forward(self, x):
+            w = self.weight
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+            return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    class Renamed(nn.Conv2d):  # torch's forward: what nn.Conv2d computes (budgetprune.layer_subclasses)
         pass
-    assert fold_targets(Standardised(3, 8, 3), 8) is None
+    standardised = Standardised(3, 8, 3)
+    layer_subclasses.examine(standardised)
+    assert fold_targets(standardised, 8) is None
+    assert fold_targets(Renamed(3, 8, 3), 8) == [("weight", (-1, 1, 1, 1)), ("bias", (-1,))]
     conv = nn.Conv2d(3, 8, 3)
     torch.nn.utils.parametrize.register_parametrization(conv, "weight", nn.Identity())
     assert fold_targets(conv, 8) is None

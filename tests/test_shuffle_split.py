@@ -222,3 +222,51 @@ def test_a_plan_written_before_the_fold_replays_with_its_own_buffers(tmp_path):
     loaded = budgetprune.load(tmp_path / "shuffle.pt", model=TinyShuffleNet(first_stride=1))
     with torch.no_grad():
         assert torch.allclose(loaded(x), small(x), atol=1e-6)
+
+
+class Res2NetBlock(nn.Module):
+    """Res2Net's hierarchical block (Gao et al. 2019, as timm writes it): the input convolution's
+    output is split into scales; each scale's convolution reads its piece plus the previous scale's
+    output, and every scale's output is concatenated."""
+
+    def __init__(self, width: int = 4, scales: int = 4):
+        super().__init__()
+        self.width = width
+        self.conv1, self.bn1 = nn.Conv2d(3, width * scales, 1), nn.BatchNorm2d(width * scales)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(scales - 1))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(scales - 1))
+        self.conv3, self.bn3 = nn.Conv2d(width * scales, 6, 1), nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        spx = torch.split(F.relu(self.bn1(self.conv1(x))), self.width, 1)
+        outs, sp = [], None
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            sp = spx[i] if i == 0 else sp + spx[i]
+            sp = F.relu(bn(conv(sp)))
+            outs.append(sp)
+        out = F.relu(self.bn3(self.conv3(torch.cat(outs + [spx[-1]], 1))))
+        return self.head(out.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["mixed", "regular", "auto"])
+def test_a_pruned_away_scale_of_a_res2net_block_compacts_with_equal_outputs(mode):
+    """The first scale's convolution closed whole: its output is added to the next piece and
+    concatenated. Regular blocks keep a space's channels for its sums, but a pruned-away layer's
+    output carries zeros: it is dropped from the concatenation as mixed blocks drop it (before, the
+    regular network kept those positions and compaction stopped on an emptied tensor)."""
+    from budgetprune.liveness import BlockMode
+    from loops import masked_output
+    torch.manual_seed(0)
+    model = Res2NetBlock().eval()
+    randomise_batchnorms(model)
+    x = torch.randn(2, 3, 8, 8)
+    graph = ChannelGraph.build(model, x)
+    masks = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
+    masks["convs.0"][:] = False  # the first scale pruned away
+    masks["conv1"][9] = False  # and one channel of the third piece
+    gated = masked_output(model, graph, masks, x)
+    small = compact(model, graph, masks, mode=BlockMode("auto") if mode == "auto" else mode)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), gated, rtol=1e-5, atol=1e-5)
+    assert small.get_submodule("conv3").in_channels < 16  # the dead scale's positions are gone

@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from . import norm_act
+from . import layer_subclasses, norm_act
 from .attention import Attention, value_scale
 from .errors import ConfigError
 from .gate_product import gate_product
@@ -83,7 +83,8 @@ def check_gate_sample(sample) -> None:
                           f"not {sample!r}")
 
 #: Host modules whose parameters scale their output channels: a gate folds into them (exact types:
-#: a subclass may transform its weight first, e.g. a weight-standardised convolution).
+#: a subclass may transform its weight first, e.g. a weight-standardised convolution; a subclass is
+#: one where it computes what its torch class computes, see :func:`fold_targets`).
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -101,7 +102,8 @@ def fold_targets(module: nn.Module, channels: int) -> list[tuple[str, tuple[int,
     per-channel values z, multiplies its output channel c by z_c: the weight's rows (a
     convolution's or linear layer's output channels, an affine BatchNorm's scale) and the bias.
     None when ``module`` is not one whose output channels its parameters scale that way."""
-    if type(module) not in _FOLDABLE and not (norm_act.acts_as_batchnorm(module) or norm_act.is_norm_act(module)) \
+    if type(module) not in _FOLDABLE and not (norm_act.acts_as_batchnorm(module) or norm_act.is_norm_act(module)
+                                              or layer_subclasses.computes_as_torch_layer(module)) \
             or hasattr(module, "parametrizations"):
         return None
     weight = module._parameters.get("weight")

@@ -91,10 +91,11 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
                 _replace(gm, layer.name, SelfAttention.pruned(mod, cols, rows, zr, heads, z_heads))
             elif layer.attention.family == "multihead":  # timm's: read through the spec's parameter paths
                 spec = layer.attention
-                param = (lambda path: gm.get_parameter(path) if path is not None else None)
+                qkv_w, qkv_b, proj_w, proj_b = (gm.get_parameter(p) if p is not None else None for p in (
+                    spec.qkv_weight, spec.qkv_bias, spec.proj_weight, spec.proj_bias))
                 _replace(gm, layer.name, SelfAttention.from_projections(
-                    param(spec.qkv_weight), param(spec.qkv_bias), param(spec.proj_weight), param(spec.proj_bias),
-                    spec.num_heads, spec.dropout, spec.tuple_output, cols, rows, zr, heads, z_heads))
+                    qkv_w, qkv_b, proj_w, proj_b, spec.num_heads, spec.dropout, spec.tuple_output,
+                    cols, rows, zr, heads, z_heads))
                 for node in gm.graph.nodes:  # called with its input alone (the optional ones it had were unset)
                     if node.op == "call_module" and node.target == layer.name:
                         node.args, node.kwargs = node.args[:1], {}
@@ -245,6 +246,8 @@ def _remove_empty(gm: fx.GraphModule, index, purged: set[str]) -> None:
     for node in reversed(list(gm.graph.nodes)):
         if node.op not in ("placeholder", "output") and not node.users:
             gm.graph.erase_node(node)
+        elif node.op == "placeholder" and node.args and not node.users:
+            gm.graph.erase_node(node)  # an optional input nothing reads any more (a ViT's unset attention mask)
     for node in gm.graph.nodes:
         name = _tensor_name(node)
         if (node.target if node.op == "call_module" else node.name) in purged:

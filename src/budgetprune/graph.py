@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from . import attention, norm_act
+from . import attention, layer_subclasses, norm_act
 from .attention import Attention
 from .errors import GraphError, first_line
 from .fx_registry import forget_unused_wraps
@@ -476,11 +476,14 @@ class ChannelGraph:
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, keeping the attention modules budgetprune prunes as a whole, and the
-    BatchNorms with an activation of their own (:mod:`budgetprune.norm_act`), as one node."""
+    """torch.fx's tracer, keeping the attention modules budgetprune prunes as a whole, the
+    BatchNorms with an activation of their own (:mod:`budgetprune.norm_act`) and the subclasses
+    of torch's layers that compute what the layer computes (:mod:`budgetprune.layer_subclasses`)
+    as one node."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return attention.is_leaf(m) or norm_act.is_leaf(m) or super().is_leaf_module(m, qualname)
+        return attention.is_leaf(m) or norm_act.is_leaf(m) or layer_subclasses.computes_as_torch_layer(m) or \
+            super().is_leaf_module(m, qualname)
 
 
 def parameter(modules: dict[str, nn.Module], path: str) -> torch.Tensor:
@@ -494,6 +497,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     forget_unused_wraps()  # a trace patches every registered wrap: drop those of modules gone
     try:
         norm_act.examine(model)
+        layer_subclasses.examine(model)
         return fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception as exc:
         raise GraphError(
@@ -1545,8 +1549,8 @@ def _keeps_channels(info: TensorInfo, in_shape, shape) -> bool:
     before, or the last dim after, the dims it regroups): (N, C, H, W) -> (N, C, h, p, w, p) (MaxViT's
     windows), (N, G, P, C) -> (N, h, w, p, p, C). Row-major order puts element (n, c, r) of
     (N, C, R) at n·C·R + c·R + r in both shapes, so every element keeps its batch and channel."""
-    if info.expansion != 1 or len(shape) < 3 or shape[0] != in_shape[0]:
-        return False
+    if info.expansion != 1 or len(shape) < 3 or len(in_shape) < 2 or shape[0] != in_shape[0]:
+        return False  # (a 1-d tensor, e.g. a parameter viewed as (C, 1, 1), has no batch and channel dims)
     return shape[1] == in_shape[1] if info.dim == 1 else shape[-1] == in_shape[-1]
 
 

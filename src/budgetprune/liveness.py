@@ -446,6 +446,7 @@ def regular_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], padding: Pad
     _tie_positions(graph, sets)
     if padding.multiple == 1:
         _without_useless(graph, eff, sets)
+        _without_dead(graph, eff, sets)
         return sets
     exact, periods = _padded_spaces(graph, pad_tied, positions=True)
     by_position = position_tied_spaces(graph) - exact
@@ -453,7 +454,49 @@ def regular_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], padding: Pad
     while _pad_widths(graph, sets, members, padding, exact, periods, computed) & by_position:
         _tie_positions(graph, sets)  # carried across the ties
     _without_useless(graph, eff, sets)
+    _without_dead(graph, eff, sets)
     return sets
+
+
+def _without_dead(graph: ChannelGraph, eff: dict[str, torch.Tensor], sets: dict[str, torch.Tensor]) -> None:
+    """Empty, in place, the sets of the tensors none of whose writers is alive (a pruned-away
+    layer's output, and what passes it on), which a regular block would keep for the width of
+    their space: they carry zeros, and their sums skip them (:func:`budgetprune.compact.compact`).
+    Tensors whose positions are tied keep their sets (a dead split piece may carry padding that
+    live layers compute as zeros), except a part of a concatenation whose positions, in the
+    concatenation and in what passes it on unchanged, nothing else ties: those positions go with
+    it, as in mixed blocks (Res2Net: a pruned-away scale's output is added to the next piece and
+    concatenated)."""
+    dead = {name for name, kept in sets.items()
+            if name in graph.tensors and bool(kept.any()) and not has_alive(graph.tensors[name], eff)}
+    if not dead:
+        return
+    by_split = {t for src, pieces in graph.splits.values() for t in (src, *pieces)} | \
+        {t for out, (src, _) in graph.gathers.items() for t in (out, src)}
+    parts_of = {p: out for out, parts in graph.cats.items() for p in parts}
+    segments = {name: id(graph.tensors[name].segments) for name in dead}  # a tensor and what passes it on
+    tied = {id(graph.tensors[t].segments) for t in by_split | parts_of.keys() | graph.cats.keys()}
+    for name in dead:
+        if segments[name] not in tied:
+            sets[name] = torch.zeros_like(sets[name])
+    members = _members(graph)
+    for out, parts in graph.cats.items():
+        chain = members.get(graph.spaces.get(out), [out])
+        if not dead.intersection(parts) or by_split.intersection(chain) or \
+                any(t in parts_of or (t in graph.cats and t != out) for t in chain) or \
+                any(graph.tensors[t].segments is not graph.tensors[out].segments for t in chain) or \
+                sets[out].numel() != sum(sets[p].numel() for p in parts):
+            continue
+        start = 0
+        for part in parts:
+            n = sets[part].numel()
+            if part in dead and part not in by_split:
+                for name in dead:  # the part, and the dead tensors that pass it on
+                    if segments[name] == segments[part]:
+                        sets[name] = torch.zeros_like(sets[name])
+                for t in chain:
+                    sets[t][start:start + n] = False
+            start += n
 
 
 def _computed_slots(graph: ChannelGraph, eff: dict[str, torch.Tensor], members: dict[str, list[str]],

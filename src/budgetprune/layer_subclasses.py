@@ -1,0 +1,72 @@
+"""Subclasses of torch's ``nn.Linear`` and ``nn.Conv2d`` that compute what torch's class computes.
+
+timm wraps ``nn.Linear`` in a ``Linear`` of its own (a dtype cast for TorchScript), and many
+codebases subclass the layers without changing what they compute. torch.fx keeps only torch's own
+classes whole, so such a module is traced through to a functional ``linear`` or ``conv2d`` that
+reads its parameters, which the channel graph cannot prune: the layers feeding it stay ungated
+(timm's MobileNetV3 and GhostNet lost their 1280-channel head convolution, which feeds the
+classifier, that way).
+
+A subclass that gives exactly what the torch class's own forward gives (checked on random inputs,
+in eval mode, before the trace: :func:`examine`) is traced as one module and pruned, folded and
+compacted as the torch layer; compaction builds the torch class, which computes the same. A
+subclass that keeps torch's forward is one without a check. One that computes anything else
+(a standardised weight, "same" padding worked out per input) fails the check and is traced
+through as before.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+_LAYERS = (nn.Linear, nn.Conv2d)
+_checked: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _torch_class(module: nn.Module) -> type | None:
+    """The torch layer class ``module`` is a subclass of (not the class itself), or None."""
+    return next((cls for cls in _LAYERS if isinstance(module, cls) and type(module) is not cls), None)
+
+
+def examine(model: nn.Module) -> None:
+    """Check every layer subclass of ``model`` that has a forward of its own (it runs the module,
+    which it must not do while torch.fx's tracer has patched module calls)."""
+    for module in model.modules():
+        cls = _torch_class(module)
+        if cls is not None and type(module).forward is not cls.forward and module not in _checked:
+            _checked[module] = _computes_as(module, cls)
+
+
+def computes_as_torch_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a subclass of torch's Linear or Conv2d that computes what the torch
+    class computes: it keeps its forward, or :func:`examine` found it equal."""
+    cls = _torch_class(module)
+    if cls is None:
+        return False
+    return type(module).forward is cls.forward or _checked.get(module, False)
+
+
+def _computes_as(module: nn.Module, cls: type) -> bool:
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            weight = module.weight
+            gen = torch.Generator().manual_seed(0)
+            if cls is nn.Linear:
+                shape = (2, module.in_features)
+            else:
+                (kh, kw), (dh, dw) = module.kernel_size, module.dilation
+                shape = (2, module.in_channels, (kh - 1) * dh + 5, (kw - 1) * dw + 5)
+            x = torch.randn(shape, generator=gen).to(weight.device, weight.dtype)
+            ours, theirs = module(x), cls.forward(module, x)
+            return isinstance(ours, torch.Tensor) and ours.shape == theirs.shape and \
+                torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    except Exception:  # noqa: BLE001 - a module that does not run like the torch layer is not one
+        return False
+    finally:
+        for m, training in modes:
+            m.training = training
