@@ -74,3 +74,4 @@ def test_a_subclass_that_computes_something_else_is_traced_through():
     assert not layer_subclasses.computes_as_torch_layer(model.conv1)
     assert "conv1" not in graph.groups  # its functional conv: nothing writes a gated group there
     assert "conv1" not in [n.target for n in graph.gm.graph.nodes if n.op == "call_module"]
+    assert "StandardisedConv computes something other than torch's Conv2d" in graph.ungated["conv1"]

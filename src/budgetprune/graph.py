@@ -333,6 +333,8 @@ class ChannelGraph:
         finally:
             _restore_modes(modes)
         graph = _Builder(gm, dict(model.named_modules()), gate_inputs, tuple(example_input.shape[1:])).build()
+        for name, why in layer_subclasses.refused(model).items():  # traced through: no layer of the graph
+            graph.ungated.setdefault(name, why)
         graph.measured_flops = measured
         return graph
 

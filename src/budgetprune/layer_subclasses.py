@@ -40,6 +40,19 @@ def examine(model: nn.Module) -> None:
             _checked[module] = _computes_as(module, cls)
 
 
+def refused(model: nn.Module) -> dict[str, str]:
+    """``{module name: why}`` for the layer subclasses of ``model`` that :func:`examine` found to
+    compute something else than their torch class: traced through, they are no layers to the graph
+    (the reason a budget then says it cannot reach)."""
+    out = {}
+    for name, module in model.named_modules():
+        cls = _torch_class(module)
+        if cls is not None and _checked.get(module) is False:
+            out[name] = (f"a {type(module).__name__} computes something other than torch's {cls.__name__} (checked on "
+                         "random inputs: a transformed weight, a padding of its own), so it is no layer to prune")
+    return out
+
+
 def computes_as_torch_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a subclass of torch's Linear or Conv2d that computes what the torch
     class computes: it keeps its forward, or :func:`examine` found it equal."""
