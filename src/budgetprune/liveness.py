@@ -467,6 +467,8 @@ def _without_dead(graph: ChannelGraph, eff: dict[str, torch.Tensor], sets: dict[
     concatenation and in what passes it on unchanged, nothing else ties: those positions go with
     it, as in mixed blocks (Res2Net: a pruned-away scale's output is added to the next piece and
     concatenated)."""
+    if all(bool(m.any()) for m in eff.values()):
+        return  # no layer pruned away: an untied tensor is dead only where all its writers are
     dead = {name for name, kept in sets.items()
             if name in graph.tensors and bool(kept.any()) and not has_alive(graph.tensors[name], eff)}
     if not dead:
