@@ -281,19 +281,28 @@ def _absent(value) -> bool:
     return isinstance(value, fx.Node) and value.op == "placeholder" and value.args in ((None,), (False,))
 
 
+def _one_call_on(node: fx.Node, calls: dict[str, int], dims: int, wrong_shape: str) -> str | None:
+    """Why an attention module's call is not pruned (None: it is): a module called more than once
+    shares its weights; its input must be a tensor and its output ``dims``-dimensional."""
+    if calls[node.target] != 1:
+        return f"called {calls[node.target]} times (shared weights)"
+    src, shape = node.args[0] if node.args else None, _shape(node)
+    if not isinstance(src, fx.Node) or shape is None or len(shape) != dims:
+        return wrong_shape
+    return None
+
+
 def _timm_self_attention(node, modules, calls, returned_by) -> Attention | str | None:
     """timm's ``Attention(x)`` on tokens (N, L, C), without a mask."""
     mod = modules.get(node.target) if node.op == "call_module" else None
     if mod is None or not is_timm_attention(mod):
         return None
-    src, shape = node.args[0] if node.args else None, _shape(node)
     if len(node.args) > 1 or not all(_absent(v) for v in node.kwargs.values()):
         return "which budgetprune prunes only without an attention mask"
-    if calls[node.target] != 1:
-        return f"called {calls[node.target]} times (shared weights)"
-    if not isinstance(src, fx.Node) or shape is None or len(shape) != 3:
-        return "whose output is not (N, L, E) tokens"
-    path = node.target
+    why = _one_call_on(node, calls, 3, "whose output is not (N, L, E) tokens")
+    if why is not None:
+        return why
+    src, shape, path = node.args[0], _shape(node), node.target
     return Attention("multihead", src.name, path, mod.qkv.in_features, mod.num_heads * mod.head_dim,
                      mod.proj.out_features, mod.num_heads, shape[1], shape[1],
                      f"{path}.qkv.weight", f"{path}.qkv.bias" if mod.qkv.bias is not None else None,
@@ -304,14 +313,12 @@ def _timm_self_attention(node, modules, calls, returned_by) -> Attention | str |
 def _relative(node, modules, calls, returned_by) -> Attention | str | None:
     """MaxViT's ``RelativePositionalMultiHeadAttention`` on (N, G, P, C)."""
     mod = modules.get(node.target) if node.op == "call_module" else None
-    if mod is None or not is_leaf(mod):
+    if mod is None or not _is_torchvision(mod, "maxvit", "RelativePositionalMultiHeadAttention"):
         return None
-    src, shape = node.args[0] if node.args else None, _shape(node)
-    if calls[node.target] != 1:
-        return f"called {calls[node.target]} times (shared weights)"
-    if not isinstance(src, fx.Node) or shape is None or len(shape) != 4:
-        return "whose input is not (N, G, P, C) groups of tokens"
-    path = node.target
+    why = _one_call_on(node, calls, 4, "whose input is not (N, G, P, C) groups of tokens")
+    if why is not None:
+        return why
+    src, shape, path = node.args[0], _shape(node), node.target
     return Attention("relative", src.name, path, mod.to_qkv.in_features, mod.n_heads * mod.head_dim,
                      mod.merge.out_features, mod.n_heads, shape[1] * shape[2], shape[2],
                      f"{path}.to_qkv.weight", f"{path}.to_qkv.bias", f"{path}.merge.weight", f"{path}.merge.bias",
