@@ -144,3 +144,28 @@ def test_load_and_save_without_a_path():
 def test_a_dataset_without_len():
     err = prune_error(lenet(), iter([(torch.randn(1, 28, 28), 1)]))
     assert isinstance(err, DataError) and "has no len()" in str(err)
+
+
+def test_a_budget_no_pruning_can_reach_says_how_little_is_prunable():
+    """Where the prunable layers hold under 5 % of the cost, no budget under 1 can be advised:
+    the error gives the prunable share instead of a "use --budget 1.05 or more"."""
+    from budgetprune import Pruner
+    from budgetprune.errors import BudgetError
+
+    class WithTable(nn.Module):  # a lookup table of ten million entries, outside every prunable layer
+        def __init__(self):
+            super().__init__()
+            self.net = budgetprune.create_model("lenet5")
+            self.table = nn.Parameter(torch.zeros(10_000_000))
+
+        def forward(self, x):
+            return self.net(x) + self.table[:10]
+    with pytest.raises(BudgetError) as info:
+        Pruner(WithTable(), torch.randn(2, 1, 28, 28), "params=0.5", total_steps=10)
+    msg = str(info.value)
+    assert "\n" not in msg and "or more" not in msg, msg
+    lenet_params = sum(p.numel() for p in budgetprune.create_model("lenet5").parameters())
+    share = f"{lenet_params / (lenet_params + 10_000_000):.1%}"  # at most what the table leaves, less one channel each
+    assert "the prunable layers hold only" in msg and "%" in msg, msg
+    held = float(msg.split("hold only ")[1].split("%")[0])
+    assert 0 < held <= float(share[:-1]), (msg, share)

@@ -158,3 +158,56 @@ def test_building_the_graph_leaves_every_module_in_its_mode():
     before = {name: m.training for name, m in model.named_modules()}
     ChannelGraph.build(model, torch.randn(2, 3, 16, 16))
     assert {name: m.training for name, m in model.named_modules()} == before
+
+
+class SwinLikeMLP(nn.Module):
+    """timm's Swin block in miniature: a channels-last map reshaped to tokens (N, H·W, C) that
+    the graph counts over its second dim (always alive), plus an MLP over the last dim whose
+    output channels the sum lets the graph gate."""
+
+    def __init__(self, c: int = 8, hidden: int = 16):
+        super().__init__()
+        self.embed = nn.Conv2d(3, c, 4, stride=4)
+        self.norm = nn.LayerNorm(c)
+        self.fc1 = nn.Linear(c, hidden)
+        self.fc2 = nn.Linear(hidden, c)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        m = self.embed(x).permute(0, 2, 3, 1)  # (N, H, W, C)
+        n, h, w, c = m.shape
+        m = F.pad(m, (0, 0, 0, 1, 0, 1))[:, :h, :w, :]  # padded to whole windows and back, as Swin's attention
+        t = m.reshape(n, -1, c)
+        t = t + self.fc2(F.gelu(self.fc1(self.norm(t))))
+        return self.head(t.reshape(n, h, w, c).mean(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("case", ["mlp pruned away", "mixed sum", "regular sum"])
+def test_a_sum_with_tokens_counted_over_another_dim_compacts_with_equal_outputs(case):
+    """The sum adds an always-alive token tensor counted over its second dim to the MLP's output
+    counted over channels: compaction must still drop a pruned-away MLP (it kept adding it and
+    failed, "the emptied tensor ... is still used") and add a partial one into the kept channels."""
+    torch.manual_seed(0)
+    model = SwinLikeMLP().eval()
+    x = torch.randn(2, 3, 16, 16)
+    graph = ChannelGraph.build(model, x)
+    assert graph.tensors["reshape"].slots != graph.tensors["add"].slots  # the two layouts
+    assert {"fc1", "fc2"} <= set(graph.groups)
+    masks = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
+    if case == "mlp pruned away":
+        masks["fc1"][:] = False
+    else:
+        masks["fc2"] = torch.arange(8) % 3 != 0
+    small = compact(model, graph, masks, mode="mixed" if case != "regular sum" else "regular")
+    with torch.no_grad():  # by hand: what the masks remove contributes nothing to the sum
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        dropped = torch.ones(8, dtype=torch.bool) if case == "mlp pruned away" else ~masks["fc2"]
+        model.fc2.weight[dropped] = 0.0
+        model.fc2.bias[dropped] = 0.0
+        expected = model(x)
+        model.load_state_dict(saved)
+        assert torch.allclose(small(x), expected, atol=1e-6)
+    if case == "mlp pruned away":
+        assert not hasattr(small, "fc1")
+    else:  # a regular sum keeps the stream's width: the dropped channels' rows are zeros
+        assert small.fc2.out_features == (5 if case == "mixed sum" else 8)

@@ -43,6 +43,11 @@ class Budget:
         if not graph.groups:
             raise BudgetError(f"{self.metric} budget {self.fraction:.4g} is unreachable: nothing in the model can be "
                               f"pruned ({why}); ChannelGraph.summary() or `budgetprune inspect` lists every layer")
+        if low / full * 1.05 >= 1.0:  # no budget under 1 would do: say what blocks pruning instead
+            raise BudgetError(
+                f"{self.metric} budget {self.fraction:.4g} is unreachable: the prunable layers hold only "
+                f"{max(1.0 - low / full, 0.0):.1%} of the network's {self.metric}: with one channel left in each, "
+                f"it still costs {low / full:.4g} of it" + (f" (not prunable: {why})" if why else ""))
         raise BudgetError(
             f"{self.metric} budget {self.fraction:.4g} (= {self.fraction * full:.4g}) is unreachable: "
             f"keeping one channel per layer already costs {low:.4g} = {low / full:.4g} of the full "

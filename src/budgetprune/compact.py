@@ -421,13 +421,24 @@ def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
         is_mul = (node.op == "call_function" and node.target in MUL_FUNCTIONS) or \
             (node.op == "call_method" and node.target == "mul")
         tensor_args = [a for a in node.args if isinstance(a, fx.Node) and _tensor_name(a) in graph.tensors]
-        # operands counted over different dims (tokens added to a linear's output over channels) were
-        # never pruned through: the graph left their writers ungated, and the op stays as it is
-        counted = {graph.tensors[_tensor_name(t)].slots for t in (*tensor_args, node) if _tensor_name(t) in graph.tensors}
+        # an always-alive operand counted over another dim (a token tensor reshaped from a channels-last
+        # map, added to an MLP's output over channels) is every channel of the sum to the graph, which
+        # may gate the other operand's writer: the sum is rewritten as any other, that side kept whole
+        width = graph.tensors[node.name].slots
+        whole = {_tensor_name(t) for t in tensor_args if is_add and graph.tensors[_tensor_name(t)].slots != width
+                 and graph.tensors[_tensor_name(t)].always_alive()}
+        # other operands counted over different dims were never pruned through: the graph left their
+        # writers ungated, and the op stays as it is
+        counted = {graph.tensors[_tensor_name(t)].slots for t in (*tensor_args, node)
+                   if _tensor_name(t) in graph.tensors and _tensor_name(t) not in whole}
         by_parameter = any(a.op == "get_attr" and a.target in graph.params for a in tensor_args)
         if (is_add or is_mul) and len(tensor_args) == 2 and _same_layout(node, tensor_args) and len(counted) == 1 \
                 and not by_parameter:
-            _rewrite_binary(g, buffers, node, tensor_args, index, alive, is_add,
+            kept, live = index, alive
+            if whole:
+                kept = {**index, **{t: torch.arange(width) for t in whole}}
+                live = {**alive, **{t: torch.ones(width, dtype=torch.bool) for t in whole}}
+            _rewrite_binary(g, buffers, node, tensor_args, kept, live, is_add,
                             node.target in SUB_FUNCTIONS or node.target == "sub", graph.tensors[node.name].dim)
         elif node.op == "call_function" and node.target is torch.cat:
             parts = node.args[0] if node.args else node.kwargs["tensors"]
