@@ -270,3 +270,56 @@ def test_a_pruned_away_scale_of_a_res2net_block_compacts_with_equal_outputs(mode
     with torch.no_grad():
         torch.testing.assert_close(small(x), gated, rtol=1e-5, atol=1e-5)
     assert small.get_submodule("conv3").in_channels < 16  # the dead scale's positions are gone
+
+
+class SplitPaths(nn.Module):
+    """A selective-kernel block in miniature (timm's skresnet): each half of a gated stem's output
+    feeds its own conv, whose outputs are stacked (so those convs stay ungated)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.path0 = nn.Conv2d(4, 6, 3, padding=1)
+        self.path1 = nn.Conv2d(4, 6, 3, padding=1)
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x):
+        a, b = torch.split(F.relu(self.bn(self.stem(x))), 4, dim=1)
+        y = torch.stack([self.path0(a), self.path1(b)], dim=1).sum(dim=1)
+        return self.head(y.mean(dim=(2, 3)))
+
+
+def test_an_ungated_layer_reading_a_split_piece_keeps_an_alive_input():
+    """Each path conv reads half of the stem's channels and cannot be pruned away: the projection
+    keeps a channel in each half, also where the method closed a whole half and its scores are the
+    lowest, and the network compacts (before, the half was emptied and compaction failed with
+    "the emptied tensor ... is still used")."""
+    from budgetprune import enforce_budget, parse_budget
+    from budgetprune.budget import with_guarded_inputs
+
+    torch.manual_seed(0)
+    model = SplitPaths().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.bias.uniform_(0.1, 0.5)
+    x = torch.randn(2, 3, 8, 8)
+    graph = ChannelGraph.build(model, x)
+    assert [[(g, c.tolist()) for g, c in guard] for guard in graph.input_guards] == \
+        [[("stem", [0, 1, 2, 3])], [("stem", [4, 5, 6, 7])]]
+    masks = {"stem": torch.tensor([True] * 4 + [False] * 4)}
+    scores = {"stem": torch.tensor([8.0, 7.0, 6.0, 5.0, 1.0, 4.0, 2.0, 3.0])}
+    reopened = with_guarded_inputs(graph, masks, scores)
+    assert reopened["stem"].tolist() == [True] * 4 + [False, True, False, False]  # the best of the half
+    assert masks["stem"].tolist() == [True] * 4 + [False] * 4  # not in place
+    for mode in ("mixed", "regular"):
+        final = enforce_budget(graph, masks, scores, parse_budget(0.3, "flops"), mode=mode)
+        assert bool(final["stem"][:4].any()) and bool(final["stem"][4:].any()), (mode, final)
+        small = compact(model, graph, final, mode=mode)
+        with torch.no_grad():  # by hand: a dropped stem channel is zero after its BatchNorm and ReLU
+            saved = {k: v.clone() for k, v in model.state_dict().items()}
+            model.bn.weight[~final["stem"]] = 0.0
+            model.bn.bias[~final["stem"]] = 0.0
+            expected = model(x)
+            model.load_state_dict(saved)
+            assert torch.allclose(small(x), expected, atol=1e-5), mode

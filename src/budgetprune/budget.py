@@ -176,6 +176,54 @@ def _unit_pairs(graph: ChannelGraph, gid: str, unit: int) -> tuple[tuple[str, in
     return tuple((gid, c) for c in graph.groups[gid].members(unit))
 
 
+def _empties_a_guard(graph: ChannelGraph, masks, pairs) -> bool:
+    """Whether removing ``pairs`` leaves an ungated layer without an alive input
+    (:attr:`budgetprune.graph.ChannelGraph.input_guards`)."""
+    touched = {g for g, _ in pairs}
+    for guard in graph.input_guards:
+        if touched.isdisjoint(g for g, _ in guard):
+            continue
+        gone = {}
+        for g, c in pairs:
+            gone.setdefault(g, []).append(c)
+        if not any(bool(masks[g][chans].any()) and
+                   (g not in gone or bool(_without(masks[g], gone[g])[chans].any())) for g, chans in guard):
+            return True
+    return False
+
+
+def _last_guarded(graph: ChannelGraph, gid: str, masks) -> torch.Tensor:
+    """Bool per channel of ``gid``: the last alive channel of a guarded input
+    (:attr:`budgetprune.graph.ChannelGraph.input_guards`)."""
+    last = torch.zeros_like(masks[gid])
+    for guard in graph.input_guards:
+        alive = [(g, chans[masks[g][chans]]) for g, chans in guard]
+        if sum(c.numel() for _, c in alive) == 1:
+            for g, c in alive:
+                if g == gid and c.numel():
+                    last[c] = True
+    return last
+
+
+def _without(mask: torch.Tensor, channels: list[int]) -> torch.Tensor:
+    out = mask.clone()
+    out[channels] = False
+    return out
+
+
+def with_guarded_inputs(graph: ChannelGraph, masks, scores) -> dict[str, torch.Tensor]:
+    """``masks`` with, for every ungated layer left without an alive input, its writers' channel
+    (with the channels tied to it) of highest score reopened (a method's gates may all have closed
+    on a piece of a split; :attr:`budgetprune.graph.ChannelGraph.input_guards`). Not in place."""
+    for guard in graph.input_guards:
+        if any(bool(masks[g][chans].any()) for g, chans in guard):
+            continue
+        gid, chans = max(guard, key=lambda gc: float(scores[gc[0]][gc[1]].max()))
+        best = int(chans[torch.argmax(scores[gid][chans])])
+        masks = _toggle(masks, _unit_pairs(graph, gid, best % graph.groups[gid].units), True)
+    return masks
+
+
 class _Writers:
     """Which channels of other groups write the same slot as a given channel (a residual sum).
 
@@ -292,6 +340,7 @@ def _project(graph: ChannelGraph, masks, scores, budgets: list[Budget], mode: st
     costs = _Costs(graph, budgets, mode)
     masks = tie_masks(graph, {gid: m.detach().clone().bool().cpu() for gid, m in masks.items()})
     scores = {gid: s.detach().float().cpu() for gid, s in scores.items()}
+    masks = with_guarded_inputs(graph, masks, scores)
     masks, dropped = _drop_until(graph, costs, masks, scores)
     if dropped is None:
         names = ", ".join(f"{b.metric} {b.fraction:.4g}" for b in budgets)
@@ -370,8 +419,9 @@ def uniform_widths(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
             keep = torch.zeros(group.units, dtype=torch.bool)
             keep[order[gid][:k]] = True
             out[gid] = keep.repeat(group.channels // group.units)
-        return out
+        return with_guarded_inputs(graph, out, scores)
 
+    masks = with_guarded_inputs(graph, masks, scores)
     if costs.fits(masks):
         return masks
     s = _largest_fitting_scale(costs, scaled)
@@ -438,11 +488,13 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
         offers = []  # (score / saving, group, pairs, saving, cost, trial)
         for gid, m in masks.items():
             unit_scores, unit_kept = _units(graph, gid, scores[gid], m)
+            if graph.input_guards:  # a guarded input's last alive channel is no candidate
+                unit_kept = unit_kept & _units(graph, gid, scores[gid], ~_last_guarded(graph, gid, masks))[1]
             if not bool(unit_kept.any()):
                 continue
             idx = int(torch.argmin(unit_scores.masked_fill(~unit_kept, float("inf"))))
             pairs = _unit_pairs(graph, gid, idx)  # one channel, or the channels tied to it
-            if int(m.sum()) - len(pairs) < graph.groups[gid].min_keep:
+            if int(m.sum()) - len(pairs) < graph.groups[gid].min_keep or _empties_a_guard(graph, masks, pairs):
                 continue
             trial = _toggle(masks, pairs, False)
             saved = current - costs.load(trial)
@@ -452,6 +504,8 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
                                         < graph.groups[g].min_keep for g, _ in pairs):
                     continue
                 pairs = tuple((g, i) for g, i in pairs if masks[g][i])
+                if _empties_a_guard(graph, masks, pairs):
+                    continue
                 trial = _toggle(masks, pairs, False)
                 saved = current - costs.load(trial)
             if saved <= 0 or saved >= max_saving:
@@ -464,6 +518,11 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
         batch = _batch(graph, masks, scores, [o for o in offers if {g for g, _ in o[2]} == {o[1]}],
                        keep=lambda gid: 1 if graph.groups[gid].min_keep else 0, room=0.5 * costs.excess(masks),
                        lowest=True)
+        if graph.input_guards and len(batch) >= 2:  # removals that together would empty a guarded input
+            kept, batch = batch, []
+            for item in kept:
+                if not _empties_a_guard(graph, masks, [p for b in batch for p in b[0]] + list(item[0])):
+                    batch.append(item)
         if len(batch) >= 2:
             masks = {gid: m.clone() for gid, m in masks.items()}
             for pairs, saved, cost in batch:

@@ -445,6 +445,29 @@ class ChannelGraph:
         return flow
 
     @cached_property
+    def input_guards(self) -> tuple[tuple[tuple[str, torch.Tensor], ...], ...]:
+        """The channels of which each ungated layer must keep one alive input: per such layer whose
+        input only gated channels write, ``((group, channels), ...)`` of its writers.
+
+        An ungated layer cannot be pruned away, and without an alive input it would compute a
+        constant the compacted network has no layer for. The fatal-pruning guard (``min_keep``)
+        covers a layer that reads all of one group; this covers the others: a piece of a split
+        (a selective-kernel block's paths each read half of the residual stream) and an input
+        several residual writers share."""
+        guards = []
+        for layer in self.layers.values():
+            if layer.out_group is not None:
+                continue
+            always, by_group = self.tensors[layer.in_tensor].writers
+            if bool(always.any()) or not by_group or any(gid not in self.groups for gid in by_group):
+                continue
+            if any(self.groups[gid].min_keep and torch.equal(chans.sort().values, torch.arange(self.groups[gid].channels))
+                   for gid, (_, chans) in by_group.items()):
+                continue  # all of a protected group: it keeps a channel
+            guards.append(tuple((gid, chans.unique()) for gid, (_, chans) in by_group.items()))
+        return tuple(guards)
+
+    @cached_property
     def node_names(self) -> frozenset[str]:
         """The names of the traced nodes (a tensor of :attr:`tensors` that is not one, such as a
         layer's gated input or an attention's heads, is computed by no node alone)."""
