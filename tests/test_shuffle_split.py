@@ -305,7 +305,7 @@ def test_an_ungated_layer_reading_a_split_piece_keeps_an_alive_input():
         model.bn.bias.uniform_(0.1, 0.5)
     x = torch.randn(2, 3, 8, 8)
     graph = ChannelGraph.build(model, x)
-    assert [[(g, c.tolist()) for g, c in guard] for guard in graph.input_guards] == \
+    assert sorted([(g, c.tolist()) for g, c in guard] for guard in graph.input_guards) == \
         [[("stem", [0, 1, 2, 3])], [("stem", [4, 5, 6, 7])]]
     masks = {"stem": torch.tensor([True] * 4 + [False] * 4)}
     scores = {"stem": torch.tensor([8.0, 7.0, 6.0, 5.0, 1.0, 4.0, 2.0, 3.0])}
@@ -323,3 +323,52 @@ def test_an_ungated_layer_reading_a_split_piece_keeps_an_alive_input():
             expected = model(x)
             model.load_state_dict(saved)
             assert torch.allclose(small(x), expected, atol=1e-5), mode
+
+
+class ChannelAttentionBottleneck(nn.Module):
+    """A bottleneck whose output is scaled by a channel attention computed across channels (timm's
+    ECA: a 1-d convolution over the pooled channels), which leaves its last conv ungated."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1, self.bn1 = nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv3, self.bn3 = nn.Conv2d(6, 8, 1), nn.BatchNorm2d(8)
+        self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        s = F.relu(self.stem(x))
+        y = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(s))))))))
+        a = torch.sigmoid(self.eca(y.mean((2, 3)).view(y.shape[0], 1, -1))).view(y.shape[0], -1, 1, 1)
+        return self.head(F.relu(y * a.expand_as(y) + s).mean(dim=(2, 3)))
+
+
+def test_a_protected_layer_s_only_writer_keeps_a_channel():
+    """The last conv is ungated, so the middle one is protected (it writes all of the last one's
+    input), but it is purged when the first conv keeps nothing: the first conv keeps a channel too
+    (before, the projection emptied it and compaction failed with "the pruned-away layer ... is still
+    used")."""
+    from budgetprune import enforce_budget, parse_budget
+
+    torch.manual_seed(0)
+    model = ChannelAttentionBottleneck().eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = ChannelGraph.build(model, x)
+    assert "conv3" not in graph.groups and graph.groups["conv2"].min_keep == 1 and graph.groups["conv1"].min_keep == 0
+    assert [[(g, c.tolist()) for g, c in guard] for guard in graph.input_guards] == [[("conv1", list(range(6)))]]
+    masks = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
+    masks["conv1"][:] = False
+    scores = {gid: torch.rand(g.channels) for gid, g in graph.groups.items()}
+    final = enforce_budget(graph, masks, scores, parse_budget(0.5, "flops"), mode="mixed")
+    assert int(final["conv1"].sum()) >= 1 and int(final["conv2"].sum()) >= 1
+    small = compact(model, graph, final)
+    with torch.no_grad():  # by hand: a dropped channel is zero after its BatchNorm
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        for gid, bn in (("conv1", model.bn1), ("conv2", model.bn2)):
+            bn.weight[~final[gid]] = 0.0
+            bn.bias[~final[gid]] = 0.0
+        expected = model(x)
+        model.load_state_dict(saved)
+        assert torch.allclose(small(x), expected, atol=1e-5)

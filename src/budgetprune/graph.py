@@ -446,21 +446,32 @@ class ChannelGraph:
 
     @cached_property
     def input_guards(self) -> tuple[tuple[tuple[str, torch.Tensor], ...], ...]:
-        """The channels of which each ungated layer must keep one alive input: per such layer whose
+        """The channels of which each layer that must run keeps one alive input: per such layer whose
         input only gated channels write, ``((group, channels), ...)`` of its writers.
 
-        An ungated layer cannot be pruned away, and without an alive input it would compute a
-        constant the compacted network has no layer for. The fatal-pruning guard (``min_keep``)
-        covers a layer that reads all of one group; this covers the others: a piece of a split
-        (a selective-kernel block's paths each read half of the residual stream) and an input
-        several residual writers share."""
-        guards = []
-        for layer in self.layers.values():
-            if layer.out_group is not None:
+        A layer must run when it is ungated (nothing prunes it away) or hosts a group the
+        fatal-pruning guard protects (``min_keep``), and so must the single writer of such a layer's
+        input. Without an alive input it would compute a constant the compacted network has no
+        layer for (an ungated layer), or be purged (a protected group). ``min_keep`` covers an input
+        that is all of one protected group; this covers the others: a piece of a split (a
+        selective-kernel block's paths each read half of the residual stream), an input several
+        residual writers share, a protected layer's unprotected writer (a bottleneck whose last conv
+        is ungated: its first conv must keep a channel for the second to run)."""
+        must = [layer for layer in self.layers.values()
+                if layer.out_group is None or self.groups[layer.out_group].min_keep > 0]
+        guards, seen = [], set()
+        while must:
+            layer = must.pop()
+            if layer.name in seen:
                 continue
+            seen.add(layer.name)
             always, by_group = self.tensors[layer.in_tensor].writers
             if bool(always.any()) or not by_group or any(gid not in self.groups for gid in by_group):
                 continue
+            if len(by_group) == 1:  # its one writer must run too
+                writer = self.layer_of_group(next(iter(by_group)))
+                if writer is not None:
+                    must.append(writer)
             if any(self.groups[gid].min_keep and torch.equal(chans.sort().values, torch.arange(self.groups[gid].channels))
                    for gid, (_, chans) in by_group.items()):
                 continue  # all of a protected group: it keeps a channel
