@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from . import attention, layer_subclasses, norm_act
+from . import attention, layer_subclasses, norm_act, notrace
 from .attention import Attention
 from .errors import GraphError, first_line
 from .fx_registry import forget_unused_wraps
@@ -515,11 +515,16 @@ class _Tracer(fx.Tracer):
     """torch.fx's tracer, keeping the attention modules budgetprune prunes as a whole, the
     BatchNorms with an activation of their own (:mod:`budgetprune.norm_act`) and the subclasses
     of torch's layers that compute what the layer computes (:mod:`budgetprune.layer_subclasses`)
-    as one node."""
+    as one node. ``marked`` adds the module classes and functions the model's package marks as not
+    to be traced through (:mod:`budgetprune.notrace`)."""
+
+    def __init__(self, marked: tuple[tuple[type, ...], tuple] = ((), ())):
+        super().__init__(autowrap_functions=marked[1])
+        self.leaf_classes = marked[0]
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return attention.is_leaf(m) or norm_act.is_leaf(m) or layer_subclasses.computes_as_torch_layer(m) or \
-            super().is_leaf_module(m, qualname)
+            type(m) in self.leaf_classes or super().is_leaf_module(m, qualname)
 
 
 def parameter(modules: dict[str, nn.Module], path: str) -> torch.Tensor:
@@ -534,13 +539,21 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         norm_act.examine(model)
         layer_subclasses.examine(model)
-        return fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
+        try:
+            return fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
+        except Exception as plain:
+            marks = notrace.marked()  # what the model's package keeps whole when it traces it
+            if not any(marks):
+                raise
+            try:
+                return fx.GraphModule(model, _Tracer(marks).trace(model), type(model).__name__)
+            except Exception:
+                raise plain from None
     except Exception as exc:
         raise GraphError(
             f"cannot trace {type(model).__name__} with torch.fx: {first_line(exc, 300)}; "
             "remove data-dependent control flow from forward() or wrap that part in a leaf module"
         ) from None
-
 
 
 def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
