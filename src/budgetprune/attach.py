@@ -103,7 +103,7 @@ def fold_targets(module: nn.Module, channels: int) -> list[tuple[str, tuple[int,
     convolution's or linear layer's output channels, an affine BatchNorm's scale) and the bias.
     None when ``module`` is not one whose output channels its parameters scale that way."""
     if type(module) not in _FOLDABLE and not (norm_act.acts_as_batchnorm(module) or norm_act.is_norm_act(module)
-                                              or layer_subclasses.computes_as_torch_layer(module)) \
+                                              or layer_subclasses.prunes_as_torch_layer(module)) \
             or hasattr(module, "parametrizations"):
         return None
     weight = module._parameters.get("weight")

@@ -24,7 +24,7 @@ import re
 import torch
 from torch import fx, nn
 
-from . import norm_act
+from . import layer_subclasses, norm_act
 from .attention import head_columns, pruned_proj, pruned_qkv
 from .blocks import built_sets
 from .graph import ADD_FUNCTIONS, FLATTEN_METHODS, MUL_FUNCTIONS, ChannelGraph
@@ -109,7 +109,7 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
             z_in = gate_values["input"].detach().float().cpu()[index[layer.in_tensor]]  # MLP input gates
         new = _slice_layer(mod, rows, None if layer.depthwise else cols, layer.depthwise,
                            zr if not layer.batchnorms else None, z_in, layer.groups)
-        _replace(gm, layer.name, new)
+        _replace(gm, layer.name, layer_subclasses.sliced(mod, new))
         for i, bn in enumerate(layer.batchnorms):
             last = i == len(layer.batchnorms) - 1
             _replace(gm, bn, _slice_bn(modules[bn], rows, zr if (last and zr is not None) else None))

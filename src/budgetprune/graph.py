@@ -523,7 +523,7 @@ class _Tracer(fx.Tracer):
         self.leaf_classes = marked[0]
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return attention.is_leaf(m) or norm_act.is_leaf(m) or layer_subclasses.computes_as_torch_layer(m) or \
+        return attention.is_leaf(m) or norm_act.is_leaf(m) or layer_subclasses.prunes_as_torch_layer(m) or \
             type(m) in self.leaf_classes or super().is_leaf_module(m, qualname)
 
 
