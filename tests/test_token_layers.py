@@ -211,3 +211,45 @@ def test_a_sum_with_tokens_counted_over_another_dim_compacts_with_equal_outputs(
         assert not hasattr(small, "fc1")
     else:  # a regular sum keeps the stream's width: the dropped channels' rows are zeros
         assert small.fc2.out_features == (5 if case == "mixed sum" else 8)
+
+
+class ClassTokenConvPos(nn.Module):
+    """A class token joined to the patch tokens along the tokens' dim, then a convolutional
+    position encoding of the patches alone (timm's CoaT): the join is no channel concatenation."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.embed = nn.Conv2d(3, c, 4, stride=4)
+        self.norm = nn.LayerNorm(c)
+        self.cls = nn.Parameter(torch.randn(1, 1, c))
+        self.pos = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm2 = nn.LayerNorm(c)
+        self.fc1 = nn.Linear(c, 2 * c)
+        self.fc2 = nn.Linear(2 * c, c)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        m = self.embed(x)
+        n, c, h, w = m.shape
+        t = torch.cat([self.cls.expand(n, -1, -1), self.norm(m.flatten(2).transpose(1, 2))], dim=1)
+        cls_token, patches = t[:, :1], t[:, 1:]
+        feat = patches.transpose(1, 2).view(n, c, h, w)
+        t = torch.cat([cls_token, (self.pos(feat) + feat).flatten(2).transpose(1, 2)], dim=1)
+        t = t + self.fc2(F.gelu(self.fc1(self.norm2(t))))
+        return self.head(t[:, 0])
+
+
+def test_a_class_token_joined_along_the_tokens_is_no_channel_concatenation():
+    """The join used to be read as a concatenation of 1 + 8 channels, the slice after it as a channel
+    gather, and the compacted network failed to run ("shape ... is invalid")."""
+    torch.manual_seed(0)
+    model = ClassTokenConvPos()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    graph = ChannelGraph.build(model, x[:2])
+    assert graph.tensors["cat"].slots == 8 and "cat" not in graph.cats
+    assert {"fc1"} <= set(graph.groups)
+    pruner = Pruner(model, x[:2], "flops=0.7", total_steps=2)
+    pruning_steps(model, pruner, torch.optim.SGD(pruner.parameters(lr=0.05), lr=0.05), [(x, y)] * 2)
+    small, report = pruner.finalize(x[:2])
+    assert report["compaction_max_abs_diff"] <= 1e-5
+    assert small(x).shape == (4, 10)

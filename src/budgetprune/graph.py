@@ -1429,6 +1429,12 @@ class _Builder:
         if dim not in (1, -len(shape) + 1) or any(not isinstance(p, fx.Node) or p.name not in self.tensors
                                                   for p in parts):
             raise _Unsupported(f"read by torch.cat at node '{node.name}' along dim {dim} (only dim 1 is pruned)")
+        infos = [self._info(p) for p in parts]
+        if any(info.dim != 1 or (_shape(p) or (0, 0))[1] != info.slots for p, info in zip(parts, infos)):
+            # dim 1 is not the parts' channels: tokens (N, L, C) joined along L (a class token before the patches)
+            if all(info.always_alive() for info in infos):
+                return self._set(node, _always_alive_over(infos[0], shape, -1 if any(i.dim == -1 for i in infos) else 1))
+            raise _Unsupported(f"read by torch.cat at node '{node.name}', which joins tokens, not channels")
         segs, start = [], 0
         for p in parts:
             info = self._info(p)
