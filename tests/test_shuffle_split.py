@@ -307,6 +307,9 @@ def test_an_ungated_layer_reading_a_split_piece_keeps_an_alive_input():
     graph = ChannelGraph.build(model, x)
     assert sorted([(g, c.tolist()) for g, c in guard] for guard in graph.input_guards) == \
         [[("stem", [0, 1, 2, 3])], [("stem", [4, 5, 6, 7])]]
+    from budgetprune.resources import CostModel
+    cm = CostModel(graph, "flops")  # the smallest network keeps a channel in each half
+    assert cm.minimum() == cm.hard({"stem": torch.tensor([True] + [False] * 3 + [True] + [False] * 3)})
     masks = {"stem": torch.tensor([True] * 4 + [False] * 4)}
     scores = {"stem": torch.tensor([8.0, 7.0, 6.0, 5.0, 1.0, 4.0, 2.0, 3.0])}
     reopened = with_guarded_inputs(graph, masks, scores)

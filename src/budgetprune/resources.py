@@ -245,12 +245,18 @@ class CostModel:
         return self.hard(self._full_masks())
 
     def minimum(self) -> float:
-        """Cost when every group keeps only its ``min_keep`` channels."""
+        """Cost when every group keeps only its ``min_keep`` channels, and each layer that must keep
+        an alive input one of them (:attr:`budgetprune.graph.ChannelGraph.input_guards`)."""
         masks = {}
         for gid, g in self.graph.groups.items():
             m = torch.zeros(g.channels, dtype=torch.bool)
             m[:g.min_keep] = True
             masks[gid] = m
+        for guard in self.graph.input_guards:
+            if not any(bool(masks[g][chans].any()) for g, chans in guard):
+                gid, chans = guard[0]
+                group = self.graph.groups[gid]
+                masks[gid][list(group.members(int(chans[0]) % group.units))] = True
         return self.hard(masks)
 
     def _flop_terms(self) -> list[LayerCost]:
