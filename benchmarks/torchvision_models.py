@@ -55,7 +55,8 @@ TIMM_FAMILIES = ["resnet18d", "seresnext26d_32x4d", "efficientnet_b0", "mobilene
                  "densenet121", "hrnet_w18_small", "convnext_atto", "convnextv2_atto", "vit_tiny_patch16_224",
                  "levit_128s", "poolformer_s12", "mobilevit_xxs", "efficientformer_l1", "edgenext_xx_small",
                  "fastvit_t8", "mobileone_s0", "lcnet_050", "tinynet_e", "mixer_s16_224", "nf_resnet26",
-                 "efficientvit_b0", "mobilenetv4_conv_small"]
+                 "efficientvit_b0", "mobilenetv4_conv_small", "swin_tiny_patch4_window7_224", "skresnet18",
+                 "ecaresnet26t", "tf_efficientnetv2_b0", "vgg11_bn", "efficientvit_m0", "coat_lite_tiny"]
 SIZE_AT_LEAST = {"inception_v3": 75, "maxvit_t": 224}  # what the architecture itself needs
 _SHIM = None
 
