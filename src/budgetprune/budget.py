@@ -177,31 +177,28 @@ def _unit_pairs(graph: ChannelGraph, gid: str, unit: int) -> tuple[tuple[str, in
 
 
 def _empties_a_guard(graph: ChannelGraph, masks, pairs) -> bool:
-    """Whether removing ``pairs`` leaves an ungated layer without an alive input
+    """Whether removing ``pairs`` leaves a layer that must run without an alive input
     (:attr:`budgetprune.graph.ChannelGraph.input_guards`)."""
-    touched = {g for g, _ in pairs}
+    gone: dict[str, list[int]] = {}
+    for g, c in pairs:
+        gone.setdefault(g, []).append(c)
     for guard in graph.input_guards:
-        if touched.isdisjoint(g for g, _ in guard):
+        if gone.keys().isdisjoint(g for g, _ in guard):
             continue
-        gone = {}
-        for g, c in pairs:
-            gone.setdefault(g, []).append(c)
-        if not any(bool(masks[g][chans].any()) and
-                   (g not in gone or bool(_without(masks[g], gone[g])[chans].any())) for g, chans in guard):
+        if not any(bool((_without(masks[g], gone[g]) if g in gone else masks[g])[chans].any()) for g, chans in guard):
             return True
     return False
 
 
-def _last_guarded(graph: ChannelGraph, gid: str, masks) -> torch.Tensor:
-    """Bool per channel of ``gid``: the last alive channel of a guarded input
-    (:attr:`budgetprune.graph.ChannelGraph.input_guards`)."""
-    last = torch.zeros_like(masks[gid])
+def _last_guarded(graph: ChannelGraph, masks) -> dict[str, torch.Tensor]:
+    """Per group with one, a bool per channel: the last alive channel of a guarded input
+    (:attr:`budgetprune.graph.ChannelGraph.input_guards`), which no removal may take."""
+    last: dict[str, torch.Tensor] = {}
     for guard in graph.input_guards:
         alive = [(g, chans[masks[g][chans]]) for g, chans in guard]
         if sum(c.numel() for _, c in alive) == 1:
-            for g, c in alive:
-                if g == gid and c.numel():
-                    last[c] = True
+            g, c = next((g, c) for g, c in alive if c.numel())
+            last.setdefault(g, torch.zeros_like(masks[g]))[c] = True
     return last
 
 
@@ -212,9 +209,9 @@ def _without(mask: torch.Tensor, channels: list[int]) -> torch.Tensor:
 
 
 def with_guarded_inputs(graph: ChannelGraph, masks, scores) -> dict[str, torch.Tensor]:
-    """``masks`` with, for every ungated layer left without an alive input, its writers' channel
-    (with the channels tied to it) of highest score reopened (a method's gates may all have closed
-    on a piece of a split; :attr:`budgetprune.graph.ChannelGraph.input_guards`). Not in place."""
+    """``masks`` with, for every layer that must run left without an alive input, its writers'
+    channel (with the channels tied to it) of highest score reopened (a method's gates may all have
+    closed on a piece of a split; :attr:`budgetprune.graph.ChannelGraph.input_guards`). Not in place."""
     for guard in graph.input_guards:
         if any(bool(masks[g][chans].any()) for g, chans in guard):
             continue
@@ -486,10 +483,11 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
     while current > 0.0:
         ratios = costs.ratios(masks)
         offers = []  # (score / saving, group, pairs, saving, cost, trial)
+        last = _last_guarded(graph, masks)  # a guarded input's last alive channel is no candidate
         for gid, m in masks.items():
             unit_scores, unit_kept = _units(graph, gid, scores[gid], m)
-            if graph.input_guards:  # a guarded input's last alive channel is no candidate
-                unit_kept = unit_kept & _units(graph, gid, scores[gid], ~_last_guarded(graph, gid, masks))[1]
+            if gid in last:
+                unit_kept = unit_kept & _units(graph, gid, scores[gid], ~last[gid])[1]
             if not bool(unit_kept.any()):
                 continue
             idx = int(torch.argmin(unit_scores.masked_fill(~unit_kept, float("inf"))))
@@ -519,10 +517,11 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
                        keep=lambda gid: 1 if graph.groups[gid].min_keep else 0, room=0.5 * costs.excess(masks),
                        lowest=True)
         if graph.input_guards and len(batch) >= 2:  # removals that together would empty a guarded input
-            kept, batch = batch, []
+            kept, batch, taken = batch, [], []
             for item in kept:
-                if not _empties_a_guard(graph, masks, [p for b in batch for p in b[0]] + list(item[0])):
+                if not _empties_a_guard(graph, masks, taken + list(item[0])):
                     batch.append(item)
+                    taken += item[0]
         if len(batch) >= 2:
             masks = {gid: m.clone() for gid, m in masks.items()}
             for pairs, saved, cost in batch:
