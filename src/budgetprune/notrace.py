@@ -2,7 +2,7 @@
 through.
 
 timm marks the modules and functions of its models whose forward branches on tensor shapes or
-values (a VGG head that pools only inputs larger than its kernel, MobileViT's unfolding of
+values (a VGG head that first enlarges an input smaller than its kernel, MobileViT's unfolding of
 patches, EfficientViT's window attention) with ``timm.layers.register_notrace_module`` and
 ``register_notrace_function``, and traces its models with them as leaves
 (``timm.layers.create_feature_extractor``). :func:`budgetprune.graph.trace` does the same where
