@@ -197,3 +197,40 @@ def test_pruner_gather_cost_follows_the_deploy_runtime():
         pruner.finalize()
     with pytest.raises(ConfigError, match="gather_cost must be a non-negative number"):
         budgetprune.Pruner(model, torch.zeros(2, 1, 28, 28), 0.5, total_steps=1, gather_cost=-1.0)
+
+
+class BranchOnAStream(nn.Module):
+    """A residual branch added to the network's input: with regular blocks the stream keeps every
+    channel whatever the branch's last conv keeps, and its first conv is not prunable (a softmax
+    over its channels follows it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.b1 = nn.Conv2d(8, 16, 3, padding=1)
+        self.b2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = x + self.b2(torch.softmax(self.b1(x), dim=1))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+def test_a_branch_whose_channels_save_nothing_alone_is_pruned_away_whole():
+    """Removing one channel of the branch's last conv saves nothing in a regular block (the input
+    keeps the slot), and no set of writers can close it; removing the whole conv saves it and the
+    first conv with it. The projection offers that (before, it stopped: "cannot be met")."""
+    from budgetprune import enforce_budget, parse_budget
+    from budgetprune.compact import compact
+    from budgetprune.graph import ChannelGraph
+
+    torch.manual_seed(0)
+    model = BranchOnAStream().eval()
+    x = torch.randn(2, 8, 8, 8)
+    graph = ChannelGraph.build(model, x)
+    assert set(graph.groups) == {"b2"} and graph.groups["b2"].min_keep == 0
+    masks = {"b2": torch.ones(8, dtype=torch.bool)}
+    final = enforce_budget(graph, masks, {"b2": torch.rand(8)}, parse_budget(0.3, "flops"), mode="regular")
+    assert not bool(final["b2"].any())
+    small = compact(model, graph, final, mode="regular")
+    with torch.no_grad():
+        assert torch.allclose(small(x), model.head(x.mean(dim=(2, 3))), atol=1e-6)

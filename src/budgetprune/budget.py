@@ -497,15 +497,20 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
             trial = _toggle(masks, pairs, False)
             saved = current - costs.load(trial)
             if saved <= 0 and writers is not None:  # a residual slot: remove it from every writer
-                pairs = writers.closure(gid, idx)
-                if pairs is None or any(int(masks[g].sum()) - sum(1 for h, _ in pairs if h == g)
-                                        < graph.groups[g].min_keep for g, _ in pairs):
-                    continue
-                pairs = tuple((g, i) for g, i in pairs if masks[g][i])
-                if _empties_a_guard(graph, masks, pairs):
-                    continue
-                trial = _toggle(masks, pairs, False)
-                saved = current - costs.load(trial)
+                closure = writers.closure(gid, idx)
+                if closure is not None and all(int(masks[g].sum()) - sum(1 for h, _ in closure if h == g)
+                                               >= graph.groups[g].min_keep for g, _ in closure):
+                    closure = tuple((g, i) for g, i in closure if masks[g][i])
+                    if not _empties_a_guard(graph, masks, closure):
+                        pairs, trial = closure, _toggle(masks, closure, False)
+                        saved = current - costs.load(trial)
+                if saved <= 0 and graph.groups[gid].min_keep == 0:
+                    # or the whole layer: where another writer keeps the slot (a residual stream an
+                    # unpruned layer writes too), a channel saves nothing, but a pruned-away layer is gone
+                    whole = tuple((gid, int(c)) for c in torch.nonzero(m).flatten())
+                    if not _empties_a_guard(graph, masks, whole):
+                        pairs, trial = whole, _toggle(masks, whole, False)
+                        saved = current - costs.load(trial)
             if saved <= 0 or saved >= max_saving:
                 continue
             cost = tuple(a - b for a, b in zip(ratios, costs.ratios(trial)))
@@ -513,7 +518,9 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
             offers.append((score / saved, gid, pairs, saved, cost, trial))
         if not offers:
             return masks, None
-        batch = _batch(graph, masks, scores, [o for o in offers if {g for g, _ in o[2]} == {o[1]}],
+        single = [o for o in offers if {g for g, _ in o[2]} == {o[1]}  # one unit of one group: its saving per unit
+                  and len(o[2]) == graph.groups[o[1]].channels // graph.groups[o[1]].units]
+        batch = _batch(graph, masks, scores, single,
                        keep=lambda gid: 1 if graph.groups[gid].min_keep else 0, room=0.5 * costs.excess(masks),
                        lowest=True)
         if graph.input_guards and len(batch) >= 2:  # removals that together would empty a guarded input
