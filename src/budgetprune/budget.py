@@ -277,8 +277,11 @@ def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
     """Drop the lowest score-per-cost channels until every budget holds (DESIGN's shared projection).
 
     At each step every group offers its kept channel of lowest score; the one with the
-    smallest score / (cost saved by removing it, as a fraction of the budget) goes. A group
-    never drops below its ``min_keep`` channels (the fatal-pruning guard). Far from the
+    smallest score / (cost saved by removing it, as a fraction of the budget) goes. Where one
+    channel saves nothing (a residual slot other writers keep), the group offers the slot removed
+    from every writer, or else, if it may go, the whole layer. A group never drops below its
+    ``min_keep`` channels (the fatal-pruning guard), and a layer that must run keeps an alive input
+    (:attr:`budgetprune.graph.ChannelGraph.input_guards`). Far from the
     budget, channels go in batches: each group's saving per channel is measured once, and
     the channels of lowest score / saving are removed together until half of the excess is
     gone (the same order as one-by-one removal while a group's saving per channel does not
