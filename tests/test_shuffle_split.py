@@ -319,13 +319,22 @@ def test_an_ungated_layer_reading_a_split_piece_keeps_an_alive_input():
         final = enforce_budget(graph, masks, scores, parse_budget(0.3, "flops"), mode=mode)
         assert bool(final["stem"][:4].any()) and bool(final["stem"][4:].any()), (mode, final)
         small = compact(model, graph, final, mode=mode)
-        with torch.no_grad():  # by hand: a dropped stem channel is zero after its BatchNorm and ReLU
-            saved = {k: v.clone() for k, v in model.state_dict().items()}
-            model.bn.weight[~final["stem"]] = 0.0
-            model.bn.bias[~final["stem"]] = 0.0
-            expected = model(x)
-            model.load_state_dict(saved)
-            assert torch.allclose(small(x), expected, atol=1e-5), mode
+        with torch.no_grad():  # a dropped stem channel is zero after its BatchNorm and ReLU
+            assert torch.allclose(small(x), _with_channels_zeroed(model, [(model.bn, ~final["stem"])], x),
+                                  atol=1e-5), mode
+
+
+def _with_channels_zeroed(model: nn.Module, dropped, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` computed by hand with the ``(BatchNorm, bool mask)`` pairs' channels zeroed (γ and
+    β set to 0), the model restored afterwards."""
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for bn, mask in dropped:
+            bn.weight[mask] = 0.0
+            bn.bias[mask] = 0.0
+        out = model(x)
+    model.load_state_dict(saved)
+    return out
 
 
 class ChannelAttentionBottleneck(nn.Module):
@@ -367,11 +376,6 @@ def test_a_protected_layer_s_only_writer_keeps_a_channel():
     final = enforce_budget(graph, masks, scores, parse_budget(0.5, "flops"), mode="mixed")
     assert int(final["conv1"].sum()) >= 1 and int(final["conv2"].sum()) >= 1
     small = compact(model, graph, final)
-    with torch.no_grad():  # by hand: a dropped channel is zero after its BatchNorm
-        saved = {k: v.clone() for k, v in model.state_dict().items()}
-        for gid, bn in (("conv1", model.bn1), ("conv2", model.bn2)):
-            bn.weight[~final[gid]] = 0.0
-            bn.bias[~final[gid]] = 0.0
-        expected = model(x)
-        model.load_state_dict(saved)
+    with torch.no_grad():  # a dropped channel is zero after its BatchNorm
+        expected = _with_channels_zeroed(model, [(model.bn1, ~final["conv1"]), (model.bn2, ~final["conv2"])], x)
         assert torch.allclose(small(x), expected, atol=1e-5)

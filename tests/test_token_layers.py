@@ -160,18 +160,10 @@ def test_building_the_graph_leaves_every_module_in_its_mode():
     assert {name: m.training for name, m in model.named_modules()} == before
 
 
-class SwinLikeMLP(nn.Module):
+class SwinLikeMLP(TokenMLP):
     """timm's Swin block in miniature: a channels-last map reshaped to tokens (N, H·W, C) that
     the graph counts over its second dim (always alive), plus an MLP over the last dim whose
     output channels the sum lets the graph gate."""
-
-    def __init__(self, c: int = 8, hidden: int = 16):
-        super().__init__()
-        self.embed = nn.Conv2d(3, c, 4, stride=4)
-        self.norm = nn.LayerNorm(c)
-        self.fc1 = nn.Linear(c, hidden)
-        self.fc2 = nn.Linear(hidden, c)
-        self.head = nn.Linear(c, 10)
 
     def forward(self, x):
         m = self.embed(x).permute(0, 2, 3, 1)  # (N, H, W, C)

@@ -23,6 +23,7 @@ input changes every output) fails both checks and is traced through as before.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 
@@ -102,10 +103,8 @@ def _slices_as_conv(module: nn.Conv2d) -> bool:
     depthwise = module.groups == module.in_channels == module.out_channels
     if module.groups != 1 and not depthwise or module.out_channels < 2 or module.in_channels < 2:
         return False
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
     try:
-        with torch.no_grad():
+        with _evaluated(module):
             weight = module.weight
             gen = torch.Generator().manual_seed(1)
             (kh, kw), (dh, dw) = module.kernel_size, module.dilation
@@ -126,16 +125,11 @@ def _slices_as_conv(module: nn.Conv2d) -> bool:
                 torch.allclose(ours, full[:, rows], rtol=1e-5, atol=1e-6)
     except Exception:  # noqa: BLE001 - a module that does not slice like a convolution is not one
         return False
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _computes_as(module: nn.Module, cls: type) -> bool:
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
     try:
-        with torch.no_grad():
+        with _evaluated(module):
             weight = module.weight
             gen = torch.Generator().manual_seed(0)
             if cls is nn.Linear:
@@ -149,6 +143,16 @@ def _computes_as(module: nn.Module, cls: type) -> bool:
                 torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
     except Exception:  # noqa: BLE001 - a module that does not run like the torch layer is not one
         return False
+
+
+@contextlib.contextmanager
+def _evaluated(module: nn.Module):
+    """``module`` in eval mode without gradients for a check, its modes restored afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
     finally:
         for m, training in modes:
             m.training = training

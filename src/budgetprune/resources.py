@@ -252,12 +252,10 @@ class CostModel:
             m = torch.zeros(g.channels, dtype=torch.bool)
             m[:g.min_keep] = True
             masks[gid] = m
-        for guard in self.graph.input_guards:
-            if not any(bool(masks[g][chans].any()) for g, chans in guard):
-                gid, chans = guard[0]
-                group = self.graph.groups[gid]
-                masks[gid][list(group.members(int(chans[0]) % group.units))] = True
-        return self.hard(masks)
+        from .budget import with_guarded_inputs  # budget imports this module: imported here
+
+        flat = {gid: torch.zeros(g.channels) for gid, g in self.graph.groups.items()}  # no channel preferred
+        return self.hard(with_guarded_inputs(self.graph, masks, flat))
 
     def _flop_terms(self) -> list[LayerCost]:
         """The FLOP terms ``"auto"`` blocks weigh their choice with."""
