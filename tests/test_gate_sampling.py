@@ -227,10 +227,10 @@ def test_the_command_line_samples_per_batch_and_records_it(tmp_path):
 
 
 def test_gates_sampled_together_are_each_gates_inverse_cdf_sample():
-    """sample_together draws several gates' samples as one tensor: each gate's block is the paper's
+    """sample_joined draws several gates' samples as one tensor: each gate's block is the paper's
     inverse CDF (seed 001, supplement Eq. 4) of its own log α on the same uniform noise, and the
     gradient of one gate's sample reaches that gate's log α only."""
-    from budgetprune.gates import BETA, GAMMA, ZETA, sample_together
+    from budgetprune.gates import BETA, GAMMA, ZETA, sample_joined
     a, b = HardConcreteGate(3), HardConcreteGate(2)
     with torch.no_grad():
         a.log_alpha.copy_(torch.tensor([-2.0, 0.0, 1.5]))
@@ -238,7 +238,7 @@ def test_gates_sampled_together_are_each_gates_inverse_cdf_sample():
     la = torch.tensor([-2.0, 0.0, 1.5, 3.0, -0.5], dtype=torch.float64)
     for batch, shape in ((500, (500, 5)), (None, (5,))):
         torch.manual_seed(11)
-        za, zb = sample_together([a, b], batch)
+        za, zb = sample_joined([a, b], batch).split([3, 2], dim=-1)
         torch.manual_seed(11)
         u = torch.rand(shape).clamp(1e-6, 1 - 1e-6).double()
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + la) / BETA)
@@ -270,8 +270,8 @@ def test_the_gates_are_drawn_once_per_forward_pass_and_only_while_sampling(sampl
     x = torch.randn(6, 1, 28, 28)
     pruner = Pruner(model, x[:2], budget="flops=0.5", method="bar", total_steps=10, gate_sample=sample)
     drawn = []
-    real = attach.sample_together
-    monkeypatch.setattr(attach, "sample_together", lambda gates, batch: drawn.append(gates) or real(gates, batch))
+    real = attach.sample_joined
+    monkeypatch.setattr(attach, "sample_joined", lambda gates, batch: drawn.append(gates) or real(gates, batch))
     model.train()
     outs = []
     for seed in (1, 2, 1):
@@ -295,3 +295,59 @@ def test_the_gates_are_drawn_once_per_forward_pass_and_only_while_sampling(sampl
     with _Draws() as draws:
         model(x)
     assert draws.count == 0
+
+
+@pytest.mark.parametrize("shape", [(7, 30), (30,)])
+def test_open_in_every_row_is_each_pieces_any_then_all(shape):
+    """One reduction for all pieces, against each piece tested on its own."""
+    from budgetprune.gates import open_in_every_row, piece_index
+    gen = torch.Generator().manual_seed(1)
+    sizes = [1, 4, 10, 2, 13]
+    for _ in range(20):
+        z = torch.rand(shape, generator=gen) * (torch.rand(shape, generator=gen) < 0.3)
+        expected = [bool((p != 0).any(dim=-1).all()) for p in z.split(sizes, dim=-1)]
+        assert open_in_every_row(z, piece_index(sizes, z.device)) == expected
+    assert open_in_every_row(torch.ones(shape), piece_index(sizes, torch.device("cpu"))) == [True] * 5
+
+
+def test_the_purge_is_skipped_only_where_it_would_multiply_by_one(monkeypatch):
+    """A layer whose input only gates with an open unit in every example write is not purged, so
+    the hooks skip the purge's product; the outputs and gradients are those of the hooks that
+    always compute it, also where a layer is purged in some examples only (its open-looking
+    sample then no longer counts as open for the layers after it)."""
+    model = create_model("lenet5", in_channels=1, num_classes=10)
+    x = torch.randn(16, 1, 28, 28)
+    graph = ChannelGraph.build(model, x[:2])
+    gates = {gid: HardConcreteGate(g.units) for gid, g in graph.groups.items()}
+    first = next(iter(gates.values()))
+
+    def run(skip: bool):
+        opens = []
+        with monkeypatch.context() as m:
+            if not skip:
+                m.setattr(attach, "open_in_every_row", lambda z, pieces: [False] * (int(pieces[-1]) + 1))
+            hooks = GateHooks(model, graph, gates)
+            m.setattr(hooks, "_input_open", lambda sources, real=hooks._input_open: opens.append(1) or real(sources))
+            torch.manual_seed(5)
+            out = model(x)
+            hooks.remove()
+        (grad,) = torch.autograd.grad(out.square().sum(), first.log_alpha)
+        return out, grad, len(opens)
+
+    model.train()
+    with torch.no_grad():
+        first.log_alpha.fill_(-4.0)  # the first layer fully closed in some examples, not in others
+    torch.manual_seed(5)
+    closed = (attach.sample_joined(list(gates.values()), 16)[:, :first.num_channels] == 0).all(dim=-1)
+    assert 0 < int(closed.sum()) < 16
+    (out, grad, purges), (out_ref, grad_ref, purges_ref) = run(skip=True), run(skip=False)
+    assert purges > 0 and purges_ref == len(graph.groups) - 1
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)
+    assert float(out[closed].detach().std(dim=0).max()) == 0  # the examples with a closed first layer: purged all along
+    with torch.no_grad():
+        first.log_alpha.fill_(3.0)  # open in every example: no purge computed
+    (out, grad, purges), (out_ref, grad_ref, _) = run(skip=True), run(skip=False)
+    assert purges == 0
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)

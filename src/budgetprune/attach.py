@@ -47,7 +47,7 @@ from . import layer_subclasses, norm_act
 from .attention import Attention, value_scale
 from .errors import ConfigError
 from .gate_product import gate_product
-from .gates import HardConcreteGate, sample_together
+from .gates import HardConcreteGate, open_in_every_row, piece_index, sample_joined
 from .graph import ChannelGraph, ChannelGroup
 from .liveness import alive
 from .precision import float32
@@ -192,12 +192,14 @@ def _device_of(gate: GateFn) -> torch.device:
 
 class JointSamples:
     """The training samples of many Hard Concrete gates, drawn together (:func:`budgetprune.gates.
-    sample_together`) at the first request of a forward pass: one chain of operations for all of
+    sample_joined`) at the first request of a forward pass: one chain of operations for all of
     them instead of one per gate, which is most of what sampling costs (an operation on a few
     hundred values costs about what it costs on thousands). Each sample serves one request; a gate
     asked again (a module called twice, a part of the model called on its own), or for another
     batch size, has all gates drawn anew, as gates sampled one by one would be. A gate that is
-    frozen or in eval mode is not drawn."""
+    frozen or in eval mode is not drawn. Each draw also notes which gates have an open unit in
+    every example (counted for all of them at once): a layer whose input only such gates write is
+    not purged, and :class:`GateHooks` skips the purge's product with 1 there."""
 
     _NONE = object()  # no draw yet in this pass (None is a batch size: one sample for the batch)
 
@@ -205,10 +207,13 @@ class JointSamples:
         self.gates = {gid: g for gid, g in gates.items() if isinstance(g, HardConcreteGate)
                       and type(g).sample is HardConcreteGate.sample and type(g).forward is HardConcreteGate.forward}
         self.drawn: dict[str, torch.Tensor] = {}
+        self.open_everywhere: set[str] = set()  # gates of the last draw with an open unit in every example
+        self.pieces: dict[tuple, torch.Tensor] = {}  # per set of gates drawn together: each unit's gate
         self.batch = self._NONE
 
     def clear(self) -> None:
         self.drawn.clear()
+        self.open_everywhere.clear()
         self.batch = self._NONE
 
     def get(self, gid: str, batch: int | None) -> torch.Tensor | None:
@@ -222,6 +227,7 @@ class JointSamples:
 
     def _draw(self, batch: int | None) -> None:
         self.drawn.clear()
+        self.open_everywhere.clear()
         self.batch = batch
         sets: dict[tuple, list[str]] = {}
         for gid, g in self.gates.items():
@@ -229,8 +235,15 @@ class JointSamples:
                 key = (g.beta, g.gamma, g.zeta, g.log_alpha.device, g.log_alpha.dtype)
                 sets.setdefault(key, []).append(gid)
         for key, gids in sets.items():
+            gates = [self.gates[g] for g in gids]
+            sizes = [g.num_channels for g in gates]
             with float32(key[3]):  # float32 even inside a user's autocast region, as gate_values
-                self.drawn.update(zip(gids, sample_together([self.gates[g] for g in gids], batch)))
+                joined = sample_joined(gates, batch)
+            self.drawn.update(zip(gids, joined.split(sizes, dim=-1)))
+            pieces = self.pieces.get((key, *gids))
+            if pieces is None:
+                pieces = self.pieces[(key, *gids)] = piece_index(sizes, joined.device)
+            self.open_everywhere.update(g for g, whole in zip(gids, open_in_every_row(joined, pieces)) if whole)
 
 
 class GateHooks:
@@ -243,9 +256,11 @@ class GateHooks:
         calls = _module_calls(graph)
         self.graph = graph
         self.per_batch = sample == "batch"
-        self.current: dict[str, torch.Tensor] = {}  # which gates are open (z ≠ 0: a signed scale too) in the forward pass under way
+        # the gate values of the forward pass under way, detached; a gate is open where z ≠ 0 (a signed scale too)
+        self.current: dict[str, torch.Tensor] = {}
         self.any_open: dict[str, tuple] = {}  # per group a purge reads: (its current, whether any gate is open)
         self.pending: dict[str, torch.Tensor] = {}  # gate values computed at a host, to multiply at its site
+        self.whole: set[str] = set()  # current groups with an open unit in every example of the pass
         self.model_training = model.training  # of the forward pass under way
         self.in_place: set[str] = set()  # groups whose per-example product is written into the host's output
         # Hard Concrete gates of channel groups are sampled together, once per forward pass (JointSamples)
@@ -287,12 +302,18 @@ class GateHooks:
         self.current.clear()
         self.any_open.clear()
         self.pending.clear()
+        self.whole.clear()
         self.joint.clear()
         self.model_training = module.training
 
     def _values(self, gid: str, gate: GateFn, batch: int | None) -> torch.Tensor:
-        """A gate's values for this pass: its share of the joint sample where it has one, else its own."""
+        """A gate's values for this pass: its share of the joint sample where it has one, else its own;
+        notes in ``whole`` whether the joint sample has an open unit in every example."""
         z = self.joint.get(gid, batch) if self.model_training else None
+        if z is not None and gid in self.joint.open_everywhere:
+            self.whole.add(gid)
+        else:
+            self.whole.discard(gid)
         return z if z is not None else gate_values(gate, batch, self.model_training)
 
     def _batch(self, x: torch.Tensor) -> int | None:
@@ -300,7 +321,8 @@ class GateHooks:
         return None if self.per_batch else x.shape[0]
 
     def _alive(self, tensor: str) -> torch.Tensor:
-        return alive(self.graph.tensors[tensor], self.current)
+        info = self.graph.tensors[tensor]
+        return alive(info, {gid: self.current[gid] != 0 for gid in info.sources()})
 
     def _purge_sources(self, in_tensor: str) -> list[tuple[str, torch.Tensor | None]]:
         """The gated writers of a layer's input, each with the channels it writes there (None: all
@@ -339,11 +361,14 @@ class GateHooks:
         """A group's gate values for this pass, (channels,) or (batch, channels), with its layer
         purged when its input or its heads are all closed; records which are open."""
         z = group.expand(self._values(group.id, gate, batch))  # tied units → channels
-        if sources and all(g in self.current for g, _ in sources):
+        if sources and all(g in self.current for g, _ in sources) and \
+                not all(chans is None and g in self.whole for g, chans in sources):  # else: open in every example
             z = z * self._input_open(sources)  # purge (a float times a bool keeps the float's dtype)
+            self.whole.discard(group.id)
         if heads in self.current:  # an attention without heads outputs nothing (its biases: purged too)
             z = z * self.current[heads].any(dim=-1, keepdim=True)
-        self.current[group.id] = z.detach() != 0
+            self.whole.discard(group.id)
+        self.current[group.id] = z.detach()
         return z
 
     def _output_hook(self, group: ChannelGroup, gate: GateFn, in_tensor: str, heads: str | None = None,
@@ -407,7 +432,7 @@ class GateHooks:
         def hook(module, inputs):
             x = inputs[0]
             z = self._values(gid, gate, self._batch(x))
-            self.current[gid] = z.detach() != 0
+            self.current[gid] = z.detach()
             return (x * _broadcast(z.to(x.dtype), x),) + tuple(inputs[1:])
         return hook
 
@@ -427,7 +452,7 @@ class GateHooks:
         def scale(module, inputs):
             z = gate_values(gate, 1, self.model_training)  # one sample for the batch
             z = z.reshape(-1, z.shape[-1])[0]
-            self.current[group.id] = z.detach() != 0
+            self.current[group.id] = z.detach()
             factors = value_scale(spec.head_dim, z)
             for owner, attr, shape in owners:
                 original = owner._parameters[attr]

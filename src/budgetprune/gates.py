@@ -154,14 +154,29 @@ def hard_concrete_sample(log_alpha: torch.Tensor, batch_size: int | None, beta: 
     return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
 
 
-def sample_together(gates: list[HardConcreteGate], batch_size: int | None) -> list[torch.Tensor]:
+def sample_joined(gates: list[HardConcreteGate], batch_size: int | None) -> torch.Tensor:
     """The samples :meth:`HardConcreteGate.sample` draws, for several gates with the same (β, γ, ζ) at
     once: their ``log α`` joined into one tensor, one chain of a dozen operations for all of them
-    (instead of a dozen per gate), then split back; each gate's sample has its distribution."""
+    (instead of a dozen per gate); the gates' units one after another along the last dim (split
+    it by ``num_channels``), each gate's part with its distribution."""
     first = gates[0]
     log_alpha = torch.cat([g.log_alpha for g in gates])
-    z = hard_concrete_sample(log_alpha, batch_size, first.beta, first.gamma, first.zeta)
-    return list(z.split([g.num_channels for g in gates], dim=-1))
+    return hard_concrete_sample(log_alpha, batch_size, first.beta, first.gamma, first.zeta)
+
+
+def piece_index(sizes: list[int], device: torch.device) -> torch.Tensor:
+    """For consecutive pieces of ``sizes`` entries, each entry's piece number."""
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+
+
+def open_in_every_row(samples: torch.Tensor, pieces: torch.Tensor) -> list[bool]:
+    """For the pieces of non-negative ``samples``' last dim (``pieces``: :func:`piece_index`),
+    whether every row (every example of a (batch, units) sample; the one row of a (units,) one)
+    has a nonzero entry in the piece: one reduction for all pieces."""
+    rows = samples.detach().reshape(-1, samples.shape[-1])
+    largest = rows.new_zeros(rows.shape[0], int(pieces[-1]) + 1)
+    largest.scatter_reduce_(1, pieces.expand_as(rows), rows, "amax")
+    return (largest.amin(dim=0) > 0).tolist()
 
 
 class _JoinedGates:
