@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 #: Hard Concrete constants used throughout BAR (seed 001, supplement 7.1): β, γ, ζ.
@@ -149,9 +150,11 @@ def hard_concrete_sample(log_alpha: torch.Tensor, batch_size: int | None, beta: 
     """``z = clamp(σ((log u − log(1−u) + log α)/β)(ζ−γ)+γ, 0, 1)``, u ~ U(0, 1) (seed 001, supplement
     Eq. 4), for every entry of ``log_alpha``: (C,), or (batch, C) with one sample per example."""
     shape = log_alpha.shape if batch_size is None else (batch_size, *log_alpha.shape)
-    u = torch.rand(shape, device=log_alpha.device, dtype=log_alpha.dtype)
-    s = torch.sigmoid((torch.logit(u, eps=1e-6) + log_alpha) / beta)  # logit(u) = log u − log(1 − u)
-    return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
+    # the noise logit(u)/β = (log u − log(1 − u))/β, made in place: it needs no gradient
+    noise = torch.rand(shape, device=log_alpha.device, dtype=log_alpha.dtype).logit_(1e-6).mul_(1.0 / beta)
+    s = torch.sigmoid(noise + log_alpha / beta)
+    # the stretch in place, and a clip whose gradient reads its own result (hardtanh_): no saved copies
+    return F.hardtanh_(s.mul(zeta - gamma).add_(gamma), 0.0, 1.0)
 
 
 def sample_joined(gates: list[HardConcreteGate], batch_size: int | None) -> torch.Tensor:
