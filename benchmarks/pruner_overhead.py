@@ -11,6 +11,7 @@ medians compared, so a machine that slows down during the run slows both loops a
     python benchmarks/pruner_overhead.py --methods bar,l0,cs --size 96 --rounds 7
     python benchmarks/pruner_overhead.py --methods bar --profile 5    # and where the added time goes
     python benchmarks/pruner_overhead.py --plain-product    # and the same pruner without in-place products
+    python benchmarks/pruner_overhead.py --constant-gates   # and the products alone (no sampling, purge, penalty)
 
 A method written ``name/batch`` samples its gates once per batch (``Pruner(gate_sample="batch")``).
 
@@ -101,6 +102,12 @@ def measure(args, method: str) -> dict:
     if args.plain_product:
         other_model, other, _, loops["plain_product"] = pruned_loop(out_of_place=True)
         memory["plain_product"] = forward_memory_mib(other_model, x, y, other)
+    if args.constant_gates:
+        constant_model = make()
+        constant_model.load_state_dict(plain_model.state_dict())
+        gates = constant_gates(constant_model, pruner, args.batch)
+        constant_opt = torch.optim.SGD([*constant_model.parameters(), *gates], lr=1e-3, momentum=0.9)
+        loops["constant_gates"] = lambda: training_step(constant_model, constant_opt, x, y)
     times, _ = interleaved_steps(loops, args.rounds, args.steps, args.warmup)
     med = {k: statistics.median(v) for k, v in times.items()}
     row = {"method": method, "plain_step_s": med["plain"], "pruned_step_s": med["pruned"],
@@ -111,9 +118,30 @@ def measure(args, method: str) -> dict:
     if args.plain_product:
         row.update(plain_product_step_s=med["plain_product"], plain_product_ratio=med["plain_product"] / med["plain"],
                    plain_product_steps=times["plain_product"])
+    if args.constant_gates:
+        row.update(constant_gates_step_s=med["constant_gates"],
+                   constant_gates_ratio=med["constant_gates"] / med["plain"], constant_gates_steps=times["constant_gates"])
     if args.profile:
         row["profile"] = added_operations(loops["plain"], pruned_step, args.profile)
     return row
+
+
+def constant_gates(model, pruner, batch: int) -> list[torch.Tensor]:
+    """A trainable per-example gate (batch, C, 1, ...) of fixed random values multiplied, by a
+    forward hook, into ``model``'s output of every channel group of ``pruner`` at the group's gate
+    site: the gated maps' products and their gradients, without the pruner's sampling, purge and
+    penalty. Returns the gates (for the optimizer)."""
+    modules = dict(model.named_modules())
+    gates = []
+    for group in pruner.graph.groups.values():
+        if group.position != "output":
+            continue
+        z = torch.rand(batch, group.channels, requires_grad=True)
+        gates.append(z)
+        site = modules[attach.gate_site(pruner.graph, group.host)]
+        site.register_forward_hook(lambda module, inputs, out, z=z, dim=group.dim:
+                                   out * attach._broadcast(z, out, dim=dim))
+    return gates
 
 
 def operation_times(step, steps: int) -> dict[str, tuple[float, float]]:
@@ -189,6 +217,9 @@ def main(argv=None) -> int:
     p.add_argument("--plain-product", action="store_true",
                    help="time a third loop, the same pruner with every per-example gate product out of place "
                         "(autograd's product, which keeps the feature map for backward)")
+    p.add_argument("--constant-gates", action="store_true",
+                   help="time another loop: the plain model with a fixed per-example gate multiplied into each "
+                        "group's output (the products and their gradients alone)")
     p.add_argument("--cpu-buffers", choices=cpu_allocator.CHOICES, default="keep",
                    help="the pruners' cpu_buffers: glibc keeps freed buffers for reuse (keep, the default) or the "
                         "allocator is left as the process has it (system)")
@@ -225,11 +256,16 @@ def main(argv=None) -> int:
              + " In place: the channel groups whose per-example gate product is written into "
              "the host's output (a ReLU that works in place reads it; `budgetprune.gate_product`)."
              + (" Plain product: a third loop in the same run, the same pruner with every product out of place."
-                if args.plain_product else ""), "",
+                if args.plain_product else "")
+             + (" Constant gates: another loop in the same run, the plain network with a fixed per-example gate "
+                "multiplied into every gated output (`--constant-gates`: the products and their gradients, without "
+                "the pruner's sampling, purge and penalty)." if args.constant_gates else ""), "",
              "| method | plain step (s) | step with the pruner (s) | ratio | channel groups | in place | "
              "kept for backward, plain → with the pruner (MiB) | pruner build (s) |"
-             + (" plain product: step (s), ratio, kept (MiB) |" if args.plain_product else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|" if args.plain_product else "")]
+             + (" plain product: step (s), ratio, kept (MiB) |" if args.plain_product else "")
+             + (" constant gates: step (s), ratio |" if args.constant_gates else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if args.plain_product else "")
+             + ("---|" if args.constant_gates else "")]
     for r in rows:
         m = r["forward_mib"]
         line = (f"| {r['method']} | {r['plain_step_s']:.3f} | {r['pruned_step_s']:.3f} | {r['ratio']:.3f} | "
@@ -237,6 +273,8 @@ def main(argv=None) -> int:
                 f"{r['pruner_build_s']:.1f} |")
         if args.plain_product:
             line += f" {r['plain_product_step_s']:.3f}, {r['plain_product_ratio']:.3f}, {m['plain_product']:.0f} |"
+        if args.constant_gates:
+            line += f" {r['constant_gates_step_s']:.3f}, {r['constant_gates_ratio']:.3f} |"
         lines.append(line)
     for r in rows:
         if "profile" in r:
