@@ -36,7 +36,7 @@ from collections.abc import Callable
 import torch
 
 from .graph import ChannelGraph
-from .liveness import (BlockMode, alive_sets, channel_sums, combine_sets, mixed_sets, regular_sets,
+from .liveness import (BlockMode, alive_sets, channel_sums, combine_sets, mixed_sets, nonempty_masks, regular_sets,
                        Padding, padding_of, slot_sets, tied_spaces)
 
 #: γ per runtime (multiply-adds per channel of a gathered sum, per position), measured on CPU (2
@@ -95,9 +95,10 @@ def choose_blocks(graph: ChannelGraph, eff: dict[str, torch.Tensor], mode: Block
     n_regular = {n: int(s.sum()) for n, s in regular.items()}
     n_mixed = {n: int(s.sum()) for n, s in mixed.items()}
     saving: dict[str, float] = defaultdict(float)
+    nonempty = nonempty_masks(eff)
     for t in flop_terms:
         touched = {graph.spaces[x] for x in (t.in_tensor, t.out_tensor) if x is not None} & differ
-        gone = t.out_group is not None and not bool(eff[t.out_group].any())  # a pruned-away layer costs nothing
+        gone = t.out_group is not None and not nonempty[t.out_group]  # a pruned-away layer costs nothing
         for space in touched:
             def count(tensor, space=space):
                 return (n_mixed if graph.spaces[tensor] == space else n_regular)[tensor]

@@ -109,7 +109,10 @@ def _as_list(budgets: Budget | list[Budget]) -> list[Budget]:
 
 
 class _Costs:
-    """The hard costs of a set of masks under several budgets, as fractions of their limits."""
+    """The hard costs of a set of masks under several budgets, as fractions of their limits.
+
+    Every method but :meth:`ratios` takes the masks or their :meth:`ratios` (a list), so a
+    search that needs several of them evaluates each set of masks once."""
 
     def __init__(self, graph: ChannelGraph, budgets: list[Budget], mode: str = "mixed"):
         self.mode = mode
@@ -118,23 +121,26 @@ class _Costs:
     def ratios(self, masks) -> list[float]:
         return [cm.hard(masks) / limit for cm, limit in self.models]
 
+    def _of(self, masks_or_ratios) -> list[float]:
+        return masks_or_ratios if isinstance(masks_or_ratios, list) else self.ratios(masks_or_ratios)
+
     def fits(self, masks) -> bool:
-        return all(r <= 1.0 for r in self.ratios(masks))
+        return all(r <= 1.0 for r in self._of(masks))
 
     def load(self, masks) -> float:
         """Σ over the violated budgets of cost/limit (how far over budget)."""
-        return sum(r for r in self.ratios(masks) if r > 1.0)
+        return sum(r for r in self._of(masks) if r > 1.0)
 
     def total(self, masks) -> float:
-        return sum(self.ratios(masks))
+        return sum(self._of(masks))
 
     def excess(self, masks) -> float:
         """Σ over the budgets of max(cost/limit − 1, 0)."""
-        return sum(max(r - 1.0, 0.0) for r in self.ratios(masks))
+        return sum(max(r - 1.0, 0.0) for r in self._of(masks))
 
     def slack(self, masks) -> float:
         """min over the budgets of 1 − cost/limit (negative when one is violated)."""
-        return min(1.0 - r for r in self.ratios(masks))
+        return min(1.0 - r for r in self._of(masks))
 
 
 def budget_ratios(graph: ChannelGraph, masks: dict[str, torch.Tensor], budgets: Budget | list[Budget],
@@ -482,10 +488,10 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
     """
     dropped: list[tuple[tuple[tuple[str, int], ...], float, tuple[float, ...]]] = []
     writers = _Writers(graph) if costs.mode in ("regular", "auto") else None  # auto: a space may be regular
-    current = costs.load(masks)
+    ratios = costs.ratios(masks)  # each set of masks is evaluated once: the load is read from its ratios
+    current = costs.load(ratios)
     while current > 0.0:
-        ratios = costs.ratios(masks)
-        offers = []  # (score / saving, group, pairs, saving, cost, trial)
+        offers = []  # (score / saving, group, pairs, saving, cost, trial, its ratios)
         last = _last_guarded(graph, masks)  # a guarded input's last alive channel is no candidate
         for gid, m in masks.items():
             unit_scores, unit_kept = _units(graph, gid, scores[gid], m)
@@ -498,7 +504,8 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
             if int(m.sum()) - len(pairs) < graph.groups[gid].min_keep or _empties_a_guard(graph, masks, pairs):
                 continue
             trial = _toggle(masks, pairs, False)
-            saved = current - costs.load(trial)
+            trial_ratios = costs.ratios(trial)
+            saved = current - costs.load(trial_ratios)
             if saved <= 0 and writers is not None:  # a residual slot: remove it from every writer
                 closure = writers.closure(gid, idx)
                 if closure is not None and all(int(masks[g].sum()) - sum(1 for h, _ in closure if h == g)
@@ -506,25 +513,27 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
                     closure = tuple((g, i) for g, i in closure if masks[g][i])
                     if not _empties_a_guard(graph, masks, closure):
                         pairs, trial = closure, _toggle(masks, closure, False)
-                        saved = current - costs.load(trial)
+                        trial_ratios = costs.ratios(trial)
+                        saved = current - costs.load(trial_ratios)
                 if saved <= 0 and graph.groups[gid].min_keep == 0:
                     # or the whole layer: where another writer keeps the slot (a residual stream an
                     # unpruned layer writes too), a channel saves nothing, but a pruned-away layer is gone
                     whole = tuple((gid, int(c)) for c in torch.nonzero(m).flatten())
                     if not _empties_a_guard(graph, masks, whole):
                         pairs, trial = whole, _toggle(masks, whole, False)
-                        saved = current - costs.load(trial)
+                        trial_ratios = costs.ratios(trial)
+                        saved = current - costs.load(trial_ratios)
             if saved <= 0 or saved >= max_saving:
                 continue
-            cost = tuple(a - b for a, b in zip(ratios, costs.ratios(trial)))
+            cost = tuple(a - b for a, b in zip(ratios, trial_ratios))
             score = sum(float(scores[g][i]) for g, i in pairs)
-            offers.append((score / saved, gid, pairs, saved, cost, trial))
+            offers.append((score / saved, gid, pairs, saved, cost, trial, trial_ratios))
         if not offers:
             return masks, None
         single = [o for o in offers if {g for g, _ in o[2]} == {o[1]}  # one unit of one group: its saving per unit
                   and len(o[2]) == graph.groups[o[1]].channels // graph.groups[o[1]].units]
         batch = _batch(graph, masks, scores, single,
-                       keep=lambda gid: 1 if graph.groups[gid].min_keep else 0, room=0.5 * costs.excess(masks),
+                       keep=lambda gid: 1 if graph.groups[gid].min_keep else 0, room=0.5 * costs.excess(ratios),
                        lowest=True)
         if graph.input_guards and len(batch) >= 2:  # removals that together would empty a guarded input
             kept, batch, taken = batch, [], []
@@ -538,10 +547,11 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
                 for gid, idx in pairs:
                     masks[gid][idx] = False
             dropped.extend(batch)
+            ratios = costs.ratios(masks)
         else:
-            _, gid, pairs, saved, cost, masks = min(offers, key=lambda o: o[0])
+            _, gid, pairs, saved, cost, masks, ratios = min(offers, key=lambda o: o[0])
             dropped.append((pairs, saved, cost))
-        current = costs.load(masks)
+        current = costs.load(ratios)
     return masks, dropped
 
 
@@ -553,7 +563,7 @@ def _batch(graph, masks, scores, offers, keep, room: float, lowest: bool) -> lis
     ``lowest`` takes kept units of lowest score (removal; ``keep(group)`` of them stay),
     else closed units of highest score (reopening; ``keep`` is unused)."""
     ranked = []
-    for _, gid, _, saved, cost, _ in offers:
+    for _, gid, _, saved, cost, *_ in offers:
         unit_scores, candidates = _units(graph, gid, scores[gid], masks[gid] if lowest else ~masks[gid])
         idx = torch.nonzero(candidates).flatten()
         if lowest:
@@ -622,7 +632,8 @@ def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dic
         closed = {gid: c if gid in reopenable else torch.zeros_like(c) for gid, c in closed.items()}
     open_groups = {gid for gid, c in closed.items() if bool(c.any())}
     while open_groups:
-        current = costs.total(masks)
+        ratios = costs.ratios(masks)  # each set of masks is evaluated once
+        current = costs.total(ratios)
         offers = []  # (score / cost, group, index, cost, cost, grown)
         for gid in sorted(open_groups):
             unit_scores, unit_closed = _units(graph, gid, scores[gid], closed[gid] & ~masks[gid])
@@ -632,15 +643,16 @@ def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dic
             closed_scores = unit_scores.masked_fill(~unit_closed, float("-inf"))
             idx = int(torch.argmax(closed_scores))
             grown = _toggle(masks, _unit_pairs(graph, gid, idx), True)
-            if not costs.fits(grown):
+            grown_ratios = costs.ratios(grown)
+            if not costs.fits(grown_ratios):
                 open_groups.discard(gid)  # costs only grow with more channels: this group is done
                 continue
-            added = max(costs.total(grown) - current, 1e-12)
+            added = max(costs.total(grown_ratios) - current, 1e-12)
             offers.append(((float(closed_scores[idx]) + 1e-12) / added, gid, idx, added, added, grown))
         if not offers:
             break
         blocked = {gid: masks[gid] | ~closed[gid] for gid in masks}  # what the batch may not reopen
-        batch = _batch(graph, blocked, scores, offers, keep=None, room=0.5 * costs.slack(masks), lowest=False)
+        batch = _batch(graph, blocked, scores, offers, keep=None, room=0.5 * costs.slack(ratios), lowest=False)
         grown = None
         while len(batch) >= 2:  # the per-channel costs are estimates: halve the batch until it fits
             trial = {gid: m.clone() for gid, m in masks.items()}

@@ -135,6 +135,11 @@ class TensorInfo:
         return always, {gid: (torch.cat(sl), torch.cat(ch)) for gid, (sl, ch) in by_group.items()}
 
     @cached_property
+    def always_written(self) -> bool:
+        """Whether an always-alive writer reaches some slot (the tensor is then never dead)."""
+        return bool(self.writers[0].any())
+
+    @cached_property
     def whole_writers(self) -> frozenset[str]:
         """The groups that write every slot of the tensor from their channel of the same index (a
         layer's own output, passed on unchanged): their aliveness is their mask as it is."""

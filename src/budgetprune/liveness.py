@@ -268,22 +268,44 @@ def alive_mask(info: TensorInfo, masks: dict[str, torch.Tensor]) -> torch.Tensor
     return out
 
 
-def has_alive(info: TensorInfo, masks: dict[str, torch.Tensor]) -> bool:
+def has_alive(info: TensorInfo, masks: dict[str, torch.Tensor], nonempty: dict[str, bool] | None = None) -> bool:
     """``bool(alive_mask(info, masks).any())`` without building the mask: whether an always-alive
     writer, or a kept channel of a group, writes any slot of the tensor (the walk of
-    :func:`useful_nodes` asks it of every operand of every sum)."""
-    always, by_group = info.writers
-    if bool(always.any()):
+    :func:`useful_nodes` asks it of every operand of every sum). ``nonempty``, where given, is
+    ``bool(masks[g].any())`` per group: a group without a kept channel is not looked at, and one
+    that writes the whole tensor from all its channels is alive where it keeps one."""
+    if info.always_written:
         return True
     whole = info.whole_writers
-    for gid, (_, chans) in by_group.items():
+    for gid, (_, chans) in info.writers[1].items():
         mask = masks.get(gid)
         if mask is None:
             return True
+        if nonempty is not None:
+            if not nonempty[gid]:
+                continue
+            if gid in whole and mask.numel() == info.slots:
+                return True
         mask = mask.to("cpu", torch.bool)
         if bool((mask[:info.slots] if gid in whole else mask[chans]).any()):
             return True
     return False
+
+
+def nonempty_masks(masks: dict[str, torch.Tensor]) -> dict[str, bool]:
+    """``bool(mask.any())`` per group: which keep a channel (read from purged masks, which know)."""
+    if isinstance(masks, PurgedMasks):
+        return masks.nonempty
+    return {gid: bool(m.any()) for gid, m in masks.items()}
+
+
+class PurgedMasks(dict):
+    """:func:`effective_masks`' result, a dict of masks read and never changed, with
+    ``nonempty``: which groups keep a channel (the cost and block searches ask it often)."""
+
+    def __init__(self, masks: dict[str, torch.Tensor], nonempty: dict[str, bool]):
+        super().__init__(masks)
+        self.nonempty = nonempty
 
 
 def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -301,57 +323,65 @@ def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict
     eff = {gid: m.detach().bool().cpu().clone() for gid, m in masks.items()}
     for gid, g in graph.groups.items():
         eff.setdefault(gid, torch.ones(g.channels, dtype=torch.bool))
+    kept = nonempty_masks(eff)  # kept in step with eff: the rules only empty whole groups
+
+    def empty(gid: str) -> None:
+        eff[gid] = torch.zeros_like(eff[gid])
+        kept[gid] = False
+
     layers = list(graph.layers.values())  # in execution order
     changed = True
     while changed:
         changed = False
         for layer in layers:
             gid = layer.out_group
-            if gid is None or not bool(eff[gid].any()):
+            if gid is None or not kept[gid]:
                 continue
-            if not has_alive(graph.tensors[layer.in_tensor], eff):
-                eff[gid] = torch.zeros_like(eff[gid])
+            if not has_alive(graph.tensors[layer.in_tensor], eff, kept):
+                empty(gid)
                 changed = True
         for layer in layers:  # an attention computes its heads for its output alone, and outputs nothing without them
-            if layer.heads is None or not bool(eff[layer.heads].any()):
+            if layer.heads is None or not kept[layer.heads]:
                 continue
-            if layer.out_group is not None and not bool(eff[layer.out_group].any()) or \
-                    not has_alive(graph.tensors[layer.in_tensor], eff):
-                eff[layer.heads] = torch.zeros_like(eff[layer.heads])
+            if layer.out_group is not None and not kept[layer.out_group] or \
+                    not has_alive(graph.tensors[layer.in_tensor], eff, kept):
+                empty(layer.heads)
                 changed = True
         for layer in layers:
-            if layer.heads is not None and layer.out_group is not None and not bool(eff[layer.heads].any()) \
-                    and bool(eff[layer.out_group].any()):
-                eff[layer.out_group] = torch.zeros_like(eff[layer.out_group])
+            if layer.heads is not None and layer.out_group is not None and not kept[layer.heads] \
+                    and kept[layer.out_group]:
+                empty(layer.out_group)
                 changed = True
         for layer in reversed(layers):
             gid = layer.out_group
-            if gid is None or not bool(eff[gid].any()):
+            if gid is None or not kept[gid]:
                 continue
             rs = [r for r in graph.readers(gid) if not r.depthwise]
-            if rs and all(r.out_group is not None and not bool(eff[r.out_group].any()) for r in rs):
-                eff[gid] = torch.zeros_like(eff[gid])
+            if rs and all(r.out_group is not None and not kept[r.out_group] for r in rs):
+                empty(gid)
                 changed = True
         if not changed:  # what the rules by reader cannot see: outputs read through other ops
-            useful = useful_nodes(graph, eff)
+            useful = useful_nodes(graph, eff, kept)
             for name, layer in graph.layers.items():
                 gid = layer.out_group
-                if gid is not None and bool(eff[gid].any()) and name not in useful:
-                    eff[gid] = torch.zeros_like(eff[gid])
+                if gid is not None and kept[gid] and name not in useful:
+                    empty(gid)
                     changed = True
-    return eff
+    return PurgedMasks(eff, kept)
 
 
-def useful_nodes(graph: ChannelGraph, eff: dict[str, torch.Tensor]) -> set[str]:
+def useful_nodes(graph: ChannelGraph, eff: dict[str, torch.Tensor], nonempty: dict[str, bool] | None = None) -> set[str]:
     """The names of the traced nodes whose result reaches the network's output (``eff``: purged
     masks) and of the layers that run for it. A pruned-away layer computes nothing, so it reads
     nothing, and a sum skips an operand without an alive channel: what only those read is computed
     for nothing, and compaction removes it (an inverted residual block whose projection is pruned
     away takes its expansion, depthwise conv and squeeze-and-excitation with it; a ConvNeXt block
     whose first linear layer is, its depthwise conv). The costs leave it out too, so the budget
-    counts the network compaction builds."""
+    counts the network compaction builds. ``nonempty``: :func:`nonempty_masks` of ``eff``, where
+    the caller has it."""
+    nonempty = nonempty_masks(eff) if nonempty is None else nonempty
     purged = {name for name, layer in graph.layers.items()
-              if layer.out_group is not None and not bool(eff[layer.out_group].any())}
+              if layer.out_group is not None and not nonempty[layer.out_group]}
     flow = graph.dataflow
     useful = {flow[0][0]}  # the output node
     for node, inputs, layer, is_sum in flow:
@@ -362,7 +392,7 @@ def useful_nodes(graph: ChannelGraph, eff: dict[str, torch.Tensor]) -> set[str]:
             if layer in purged:
                 continue
         if is_sum:  # a residual branch without an alive channel: the compacted sum skips it
-            inputs = [i for i in inputs if i not in graph.tensors or has_alive(graph.tensors[i], eff)]
+            inputs = [i for i in inputs if i not in graph.tensors or has_alive(graph.tensors[i], eff, nonempty)]
         useful.update(inputs)
     return useful
 
@@ -400,14 +430,15 @@ def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "
 
 
 def alive_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Boolean (slots,) aliveness of every tensor for the purged masks ``eff``."""
+    """Boolean (slots,) aliveness of every tensor for the purged masks ``eff``, to read: tensors
+    passed through unchanged share one vector (copy them to change one)."""
     shared: dict[int, torch.Tensor] = {}  # tensors passed through unchanged share their segments
     sets = {}
     for name, info in graph.tensors.items():
         key = id(info.segments)
         if key not in shared:
             shared[key] = alive_mask(info, eff)
-        sets[name] = shared[key].clone()
+        sets[name] = shared[key]
     _without_useless(graph, eff, sets)
     return sets
 
@@ -426,7 +457,7 @@ def mixed_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], padding: Paddi
     :func:`alive_sets` if already computed), padded as ``padding`` asks, tensor by tensor
     (:func:`_pad_mixed`; ``within_space``: with its space's other channels first; ``pad_tied``:
     a grouped convolution's tied channels too)."""
-    sets = {n: a.clone() for n, a in alive.items()} if alive is not None else alive_sets(graph, eff)
+    sets = {n: a.clone() for n, a in (alive_sets(graph, eff) if alive is None else alive).items()}
     if padding.multiple > 1:
         _pad_mixed(graph, sets, padding, within_space, pad_tied)
         _without_useless(graph, eff, sets)
@@ -441,7 +472,7 @@ def regular_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], padding: Pad
     (:func:`_pad_widths`). Padding a tensor tied by position widens the tensors it is tied to,
     so the two alternate until nothing changes (each round only adds channels, so they end;
     ``pad_tied`` False, as plans before version 5: tied tensors stay exact)."""
-    sets = {n: a.clone() for n, a in alive.items()} if alive is not None else alive_sets(graph, eff)
+    sets = {n: a.clone() for n, a in (alive_sets(graph, eff) if alive is None else alive).items()}
     members = _members(graph)
     _tie_positions(graph, sets)
     if padding.multiple == 1:
@@ -467,10 +498,11 @@ def _without_dead(graph: ChannelGraph, eff: dict[str, torch.Tensor], sets: dict[
     concatenation and in what passes it on unchanged, nothing else ties: those positions go with
     it, as in mixed blocks (Res2Net: a pruned-away scale's output is added to the next piece and
     concatenated)."""
-    if all(bool(m.any()) for m in eff.values()):
+    nonempty = nonempty_masks(eff)
+    if all(nonempty.values()):
         return  # no layer pruned away: an untied tensor is dead only where all its writers are
     dead = {name for name, kept in sets.items()
-            if name in graph.tensors and bool(kept.any()) and not has_alive(graph.tensors[name], eff)}
+            if name in graph.tensors and bool(kept.any()) and not has_alive(graph.tensors[name], eff, nonempty)}
     if not dead:
         return
     by_split = {t for src, pieces in graph.splits.values() for t in (src, *pieces)} | \
@@ -529,7 +561,7 @@ def _tie_positions(graph: ChannelGraph, sets: dict[str, torch.Tensor]) -> None:
     kept = torch.zeros(classes, dtype=torch.bool, device=flat.device)
     kept[labels[flat]] = True
     for name, part in zip(names, torch.split(kept[labels], [sets[n].numel() for n in names])):
-        sets[name] = part.clone()
+        sets[name] = part  # disjoint pieces of one new vector
 
 
 def _spaces_of(graph: ChannelGraph, tensors) -> set[str]:

@@ -221,7 +221,7 @@ class CostModel:
         _, sets = built_sets(self.graph, eff, self.mode, self._flop_terms)
         out: dict[str, float] = {}
         for t in self.terms:
-            gone = t.out_group is not None and not bool(eff[t.out_group].any())  # a pruned-away layer
+            gone = t.out_group is not None and not eff.nonempty[t.out_group]  # a pruned-away layer
             n_out = 0 if gone else int(sets[t.out_tensor].sum())
             n_in = int(sets[t.in_tensor].sum()) * t.in_expansion if t.in_tensor else 0
             out[t.name] = out.get(t.name, 0.0) + float(t.cost(n_in, n_out))
