@@ -36,8 +36,10 @@ away disappears as a whole (automatic depth determination, seed 001 section 4.1)
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
+from types import MappingProxyType
 
 import torch
 
@@ -564,10 +566,25 @@ def _tie_positions(graph: ChannelGraph, sets: dict[str, torch.Tensor]) -> None:
         sets[name] = part  # disjoint pieces of one new vector
 
 
+def _per_graph(fn):
+    """``fn(graph)`` computed once per graph, like the graph's cached properties (its layers,
+    tensors and spaces do not change once built); the result is read-only."""
+    key = f"_liveness_{fn.__name__}"
+
+    @functools.wraps(fn)
+    def cached(graph: ChannelGraph):
+        if key not in graph.__dict__:
+            value = fn(graph)
+            graph.__dict__[key] = MappingProxyType(value) if isinstance(value, dict) else frozenset(value)
+        return graph.__dict__[key]
+    return cached
+
+
 def _spaces_of(graph: ChannelGraph, tensors) -> set[str]:
     return {graph.spaces[t] for t in tensors if t in graph.spaces}
 
 
+@_per_graph
 def position_tied_spaces(graph: ChannelGraph) -> set[str]:
     """Spaces whose channel positions are tied to another tensor's by a concatenation, split or
     channel shuffle."""
@@ -581,6 +598,7 @@ def position_tied_spaces(graph: ChannelGraph) -> set[str]:
     return _spaces_of(graph, tied)
 
 
+@_per_graph
 def grouped_periods(graph: ChannelGraph) -> dict[str, int]:
     """The spaces a grouped convolution's tied channels write (each conv group keeps the same
     positions: :attr:`budgetprune.graph.ChannelGroup.units`), with the period of their ties."""
@@ -594,6 +612,7 @@ def grouped_periods(graph: ChannelGraph) -> dict[str, int]:
     return periods
 
 
+@_per_graph
 def tied_spaces(graph: ChannelGraph) -> set[str]:
     """Spaces whose channel positions are tied: by a concatenation, split or channel shuffle
     (:func:`position_tied_spaces`), an attention's heads, or a grouped convolution
@@ -607,6 +626,7 @@ def has_tied_channels(graph: ChannelGraph) -> bool:
     return bool(position_tied_spaces(graph) or grouped_periods(graph))
 
 
+@_per_graph
 def _head_spaces(graph: ChannelGraph) -> set[str]:
     return _spaces_of(graph, (layer.heads_tensor for layer in graph.layers.values() if layer.heads))
 
@@ -628,9 +648,9 @@ def _padded_spaces(graph: ChannelGraph, pad_tied: bool, positions: bool) -> tupl
 def combine_sets(graph: ChannelGraph, regular: dict[str, torch.Tensor], mixed: dict[str, torch.Tensor],
                  chosen: frozenset[str]) -> dict[str, torch.Tensor]:
     """Per space: the mixed sets of the spaces in ``chosen``, the regular ones elsewhere (a space
-    tied by a concatenation, split or shuffle is always regular)."""
+    tied by a concatenation, split or shuffle is always regular); the given vectors, not copies."""
     keep_mixed = set(chosen) - tied_spaces(graph)
-    return {name: (mixed if graph.spaces[name] in keep_mixed else regular)[name].clone() for name in regular}
+    return {name: (mixed if graph.spaces[name] in keep_mixed else regular)[name] for name in regular}
 
 
 def _padded(kept: torch.Tensor, padding: Padding, area: int, prefer: torch.Tensor | None = None,
