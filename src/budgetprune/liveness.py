@@ -216,6 +216,21 @@ def padding_of(mode: str) -> Padding:
     return mode.padding() if isinstance(mode, BlockMode) else Padding()
 
 
+def _per_graph(fn):
+    """``fn(graph)`` computed once per graph, like the graph's cached properties (its layers,
+    tensors and spaces do not change once built); the result is read-only."""
+    key = f"_liveness_{fn.__name__}"
+
+    @functools.wraps(fn)
+    def cached(graph: ChannelGraph):
+        if key not in graph.__dict__:
+            value = fn(graph)
+            graph.__dict__[key] = MappingProxyType(value) if isinstance(value, dict) else \
+                frozenset(value) if isinstance(value, set) else value
+        return graph.__dict__[key]
+    return cached
+
+
 def alive(info: TensorInfo, values: dict[str, torch.Tensor], like: torch.Tensor | None = None) -> torch.Tensor:
     """P(slot alive) per slot of ``info`` (shape (slots,) or (batch, slots)).
 
@@ -322,7 +337,7 @@ def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict
     output only through pruned-away layers goes as well (:func:`useful_nodes`), whatever ops lie
     between (a depthwise conv, a squeeze-and-excitation).
     """
-    eff = {gid: m.detach().bool().cpu().clone() for gid, m in masks.items()}
+    eff = {gid: m.detach().bool().cpu() for gid, m in masks.items()}  # read only: emptied groups are replaced
     for gid, g in graph.groups.items():
         eff.setdefault(gid, torch.ones(g.channels, dtype=torch.bool))
     kept = nonempty_masks(eff)  # kept in step with eff: the rules only empty whole groups
@@ -562,22 +577,14 @@ def _tie_positions(graph: ChannelGraph, sets: dict[str, torch.Tensor]) -> None:
     labels = labels.to(flat.device)
     kept = torch.zeros(classes, dtype=torch.bool, device=flat.device)
     kept[labels[flat]] = True
-    for name, part in zip(names, torch.split(kept[labels], [sets[n].numel() for n in names])):
+    for name, part in zip(names, torch.split(kept[labels], _tied_sizes(graph))):
         sets[name] = part  # disjoint pieces of one new vector
 
 
-def _per_graph(fn):
-    """``fn(graph)`` computed once per graph, like the graph's cached properties (its layers,
-    tensors and spaces do not change once built); the result is read-only."""
-    key = f"_liveness_{fn.__name__}"
-
-    @functools.wraps(fn)
-    def cached(graph: ChannelGraph):
-        if key not in graph.__dict__:
-            value = fn(graph)
-            graph.__dict__[key] = MappingProxyType(value) if isinstance(value, dict) else frozenset(value)
-        return graph.__dict__[key]
-    return cached
+@_per_graph
+def _tied_sizes(graph: ChannelGraph) -> tuple[int, ...]:
+    """The slots of each tensor of :attr:`~budgetprune.graph.ChannelGraph.tied_positions`, in order."""
+    return tuple(graph.tensors[n].slots for n in graph.tied_positions[0])
 
 
 def _spaces_of(graph: ChannelGraph, tensors) -> set[str]:

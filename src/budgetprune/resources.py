@@ -220,10 +220,17 @@ class CostModel:
         eff = effective_masks(self.graph, masks)
         _, sets = built_sets(self.graph, eff, self.mode, self._flop_terms)
         out: dict[str, float] = {}
+        counts: dict[str, int] = {}  # channels kept per tensor, counted once (a tensor feeds several terms)
+
+        def kept(tensor: str) -> int:
+            if tensor not in counts:
+                counts[tensor] = int(sets[tensor].sum())
+            return counts[tensor]
+
         for t in self.terms:
             gone = t.out_group is not None and not eff.nonempty[t.out_group]  # a pruned-away layer
-            n_out = 0 if gone else int(sets[t.out_tensor].sum())
-            n_in = int(sets[t.in_tensor].sum()) * t.in_expansion if t.in_tensor else 0
+            n_out = 0 if gone else kept(t.out_tensor)
+            n_in = kept(t.in_tensor) * t.in_expansion if t.in_tensor else 0
             out[t.name] = out.get(t.name, 0.0) + float(t.cost(n_in, n_out))
         if self.fixed:
             out[UNPRUNED_OPS] = self.fixed
