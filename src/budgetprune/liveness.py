@@ -32,6 +32,9 @@ away disappears as a whole (automatic depth determination, seed 001 section 4.1)
   :func:`auto_paddings`: multiples of 8 in every feature map and token tensor, or where that
   ends too far under the budget, in those of 32 channels or more, then in those that keep 32 or
   more).
+
+The sets share vectors (tensors passed through unchanged, a set kept as computed): each step
+that changes a set replaces its vector, none writes one in place.
 """
 
 from __future__ import annotations
@@ -474,7 +477,7 @@ def mixed_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], padding: Paddi
     :func:`alive_sets` if already computed), padded as ``padding`` asks, tensor by tensor
     (:func:`_pad_mixed`; ``within_space``: with its space's other channels first; ``pad_tied``:
     a grouped convolution's tied channels too)."""
-    sets = {n: a.clone() for n, a in (alive_sets(graph, eff) if alive is None else alive).items()}
+    sets = dict(alive_sets(graph, eff) if alive is None else alive)  # vectors are replaced, not written
     if padding.multiple > 1:
         _pad_mixed(graph, sets, padding, within_space, pad_tied)
         _without_useless(graph, eff, sets)
@@ -489,7 +492,7 @@ def regular_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor], padding: Pad
     (:func:`_pad_widths`). Padding a tensor tied by position widens the tensors it is tied to,
     so the two alternate until nothing changes (each round only adds channels, so they end;
     ``pad_tied`` False, as plans before version 5: tied tensors stay exact)."""
-    sets = {n: a.clone() for n, a in (alive_sets(graph, eff) if alive is None else alive).items()}
+    sets = dict(alive_sets(graph, eff) if alive is None else alive)  # vectors are replaced, not written
     members = _members(graph)
     _tie_positions(graph, sets)
     if padding.multiple == 1:
@@ -545,8 +548,10 @@ def _without_dead(graph: ChannelGraph, eff: dict[str, torch.Tensor], sets: dict[
                 for name in dead:  # the part, and the dead tensors that pass it on
                     if segments[name] == segments[part]:
                         sets[name] = torch.zeros_like(sets[name])
-                for t in chain:
-                    sets[t][start:start + n] = False
+                for t in chain:  # a new vector: sets share theirs, none is written in place
+                    cut = sets[t].clone()
+                    cut[start:start + n] = False
+                    sets[t] = cut
             start += n
 
 
