@@ -89,11 +89,19 @@ def choose_blocks(graph: ChannelGraph, eff: dict[str, torch.Tensor], mode: Block
     tied = getattr(mode, "pad_tied", True)
     regular = regular_sets(graph, eff, padding, alive, pad_tied=tied)
     mixed = mixed_sets(graph, eff, padding, alive, within_space=getattr(mode, "pad_within_space", True), pad_tied=tied)
-    differ = {graph.spaces[n] for n in regular if not torch.equal(regular[n], mixed[n])} - tied_spaces(graph)
+    differ = {graph.spaces[n] for n in regular
+              if regular[n] is not mixed[n] and not torch.equal(regular[n], mixed[n])} - tied_spaces(graph)
     if not differ:
         return mode.chosen(frozenset()), regular
-    n_regular = {n: int(s.sum()) for n, s in regular.items()}
-    n_mixed = {n: int(s.sum()) for n, s in mixed.items()}
+    counted: dict[int, int] = {}  # per vector: the sets share theirs (liveness), each is summed once
+
+    def kept(vector: torch.Tensor) -> int:
+        if id(vector) not in counted:
+            counted[id(vector)] = int(vector.sum())
+        return counted[id(vector)]
+
+    n_regular = {n: kept(s) for n, s in regular.items()}
+    n_mixed = {n: kept(s) for n, s in mixed.items()}
     saving: dict[str, float] = defaultdict(float)
     nonempty = nonempty_masks(eff)
     for t in flop_terms:

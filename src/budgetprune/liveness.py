@@ -320,12 +320,14 @@ def nonempty_masks(masks: dict[str, torch.Tensor]) -> dict[str, bool]:
 
 
 class PurgedMasks(dict):
-    """:func:`effective_masks`' result, a dict of masks read and never changed, with
-    ``nonempty``: which groups keep a channel (the cost and block searches ask it often)."""
+    """:func:`effective_masks`' result, a dict of masks read and never changed, with what the
+    cost and block searches ask of it often: ``nonempty``, which groups keep a channel, and
+    ``useful``, :func:`useful_nodes`."""
 
-    def __init__(self, masks: dict[str, torch.Tensor], nonempty: dict[str, bool]):
+    def __init__(self, masks: dict[str, torch.Tensor], nonempty: dict[str, bool], useful: set[str]):
         super().__init__(masks)
         self.nonempty = nonempty
+        self.useful = useful
 
 
 def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -387,7 +389,7 @@ def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict
                 if gid is not None and kept[gid] and name not in useful:
                     empty(gid)
                     changed = True
-    return PurgedMasks(eff, kept)
+    return PurgedMasks(eff, kept, useful)  # the last walk saw these masks
 
 
 def useful_nodes(graph: ChannelGraph, eff: dict[str, torch.Tensor], nonempty: dict[str, bool] | None = None) -> set[str]:
@@ -420,7 +422,7 @@ def useful_nodes(graph: ChannelGraph, eff: dict[str, torch.Tensor], nonempty: di
 def _without_useless(graph: ChannelGraph, eff: dict[str, torch.Tensor], sets: dict[str, torch.Tensor]) -> None:
     """Empty, in place, the sets of the tensors whose result reaches no output (:func:`useful_nodes`):
     compaction computes none of their channels."""
-    useful = useful_nodes(graph, eff)
+    useful = eff.useful if isinstance(eff, PurgedMasks) else useful_nodes(graph, eff)
     for name, kept in sets.items():
         if name not in useful and name in graph.node_names and bool(kept.any()):
             sets[name] = torch.zeros_like(kept)
@@ -521,8 +523,16 @@ def _without_dead(graph: ChannelGraph, eff: dict[str, torch.Tensor], sets: dict[
     nonempty = nonempty_masks(eff)
     if all(nonempty.values()):
         return  # no layer pruned away: an untied tensor is dead only where all its writers are
+    alive: dict[int, bool] = {}  # per segments: tensors passed through unchanged are alive together
+
+    def is_alive(info: TensorInfo) -> bool:
+        key = id(info.segments)
+        if key not in alive:
+            alive[key] = has_alive(info, eff, nonempty)
+        return alive[key]
+
     dead = {name for name, kept in sets.items()
-            if name in graph.tensors and bool(kept.any()) and not has_alive(graph.tensors[name], eff, nonempty)}
+            if name in graph.tensors and not is_alive(graph.tensors[name]) and bool(kept.any())}
     if not dead:
         return
     by_split = {t for src, pieces in graph.splits.values() for t in (src, *pieces)} | \
