@@ -154,6 +154,34 @@ def test_projection_and_fill_meet_the_budget_under_auto_blocks(name):
     assert cost.hard(projected) <= cost.hard(filled) <= limit
 
 
+def test_the_projection_and_the_fill_cost_each_set_of_masks_once(monkeypatch):
+    """Each greedy step reads an offer's saving, its drop per budget and whether it fits from one
+    evaluation of its masks, not one each (the costs dominate the projection's time on big
+    networks)."""
+    from budgetprune import budget as budget_module
+    model, graph = make_model("resnet20")
+    bar = attach_random(model, graph, seed=5, shift=2.0)
+    masks, scores = bar.keep_masks(), bar.scores()
+    mode = BlockMode("auto", 1, gather_cost=GATHER_COST["eager"])
+    budgets = [Budget("flops", 0.4), Budget("params", 0.6)]
+    seen = []
+    real = budget_module._Costs.ratios
+    monkeypatch.setattr(budget_module._Costs, "ratios",
+                        lambda self, m: seen.append(tuple(m[g].clone() for g in sorted(m))) or real(self, m))
+
+    def repeats() -> int:  # an evaluation of the masks evaluated just before
+        keys = [tuple(tuple(v.tolist()) for v in masks_) for masks_ in seen]
+        return sum(a == b for a, b in zip(keys, keys[1:]))
+
+    costs = budget_module._Costs(graph, budgets, mode)
+    dropped_masks, dropped = budget_module._drop_until(graph, costs, {g: m.clone() for g, m in masks.items()}, scores)
+    assert dropped and costs.fits(dropped_masks) and len(seen) > 20
+    assert repeats() == 0
+    seen.clear()
+    fill_budget(graph, dropped_masks, scores, budgets, mode=mode)
+    assert len(seen) > 5 and repeats() == 0
+
+
 def _pruned_resnet20(**options):
     torch.manual_seed(0)
     model = budgetprune.create_model("resnet20")

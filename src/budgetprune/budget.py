@@ -631,10 +631,10 @@ def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dic
     if reopenable is not None:
         closed = {gid: c if gid in reopenable else torch.zeros_like(c) for gid, c in closed.items()}
     open_groups = {gid for gid, c in closed.items() if bool(c.any())}
+    ratios = costs.ratios(masks)  # each set of masks is evaluated once
     while open_groups:
-        ratios = costs.ratios(masks)  # each set of masks is evaluated once
         current = costs.total(ratios)
-        offers = []  # (score / cost, group, index, cost, cost, grown)
+        offers = []  # (score / cost, group, index, cost, cost, grown, its ratios)
         for gid in sorted(open_groups):
             unit_scores, unit_closed = _units(graph, gid, scores[gid], closed[gid] & ~masks[gid])
             if not bool(unit_closed.any()):
@@ -648,7 +648,7 @@ def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dic
                 open_groups.discard(gid)  # costs only grow with more channels: this group is done
                 continue
             added = max(costs.total(grown_ratios) - current, 1e-12)
-            offers.append(((float(closed_scores[idx]) + 1e-12) / added, gid, idx, added, added, grown))
+            offers.append(((float(closed_scores[idx]) + 1e-12) / added, gid, idx, added, added, grown, grown_ratios))
         if not offers:
             break
         blocked = {gid: masks[gid] | ~closed[gid] for gid in masks}  # what the batch may not reopen
@@ -659,13 +659,14 @@ def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dic
             for pairs, _, _ in batch:
                 for gid, idx in pairs:
                     trial[gid][idx] = True
-            if costs.fits(trial):
-                grown = trial
+            trial_ratios = costs.ratios(trial)
+            if costs.fits(trial_ratios):
+                grown, grown_ratios = trial, trial_ratios
                 break
             batch = batch[:len(batch) // 2]
         if grown is None:
-            grown = max(offers, key=lambda o: o[0])[5]
-        masks = grown
+            *_, grown, grown_ratios = max(offers, key=lambda o: o[0])
+        masks, ratios = grown, grown_ratios
         for gid in list(open_groups):
             if not bool(_units(graph, gid, scores[gid], closed[gid] & ~masks[gid])[1].any()):
                 open_groups.discard(gid)
