@@ -56,7 +56,8 @@ TIMM_FAMILIES = ["resnet18d", "seresnext26d_32x4d", "efficientnet_b0", "mobilene
                  "levit_128s", "poolformer_s12", "mobilevit_xxs", "efficientformer_l1", "edgenext_xx_small",
                  "fastvit_t8", "mobileone_s0", "lcnet_050", "tinynet_e", "mixer_s16_224", "nf_resnet26",
                  "efficientvit_b0", "mobilenetv4_conv_small", "swin_tiny_patch4_window7_224", "skresnet18",
-                 "ecaresnet26t", "tf_efficientnetv2_b0", "vgg11_bn", "efficientvit_m0", "coat_lite_tiny"]
+                 "ecaresnet26t", "tf_efficientnetv2_b0", "vgg11_bn", "efficientvit_m0", "coat_lite_tiny",
+                 "inception_next_tiny", "coatnet_nano_rw_224", "cait_xxs24_224", "gmlp_ti16_224"]
 SIZE_AT_LEAST = {"inception_v3": 75, "maxvit_t": 224}  # what the architecture itself needs
 _SHIM = None
 
