@@ -119,8 +119,8 @@ def measure(args, method: str) -> dict:
         row.update(plain_product_step_s=med["plain_product"], plain_product_ratio=med["plain_product"] / med["plain"],
                    plain_product_steps=times["plain_product"])
     if args.constant_gates:
-        row.update(constant_gates_step_s=med["constant_gates"],
-                   constant_gates_ratio=med["constant_gates"] / med["plain"], constant_gates_steps=times["constant_gates"])
+        row.update(constant_gates_step_s=med["constant_gates"], constant_gates_ratio=med["constant_gates"] / med["plain"],
+                   constant_gates_steps=times["constant_gates"])
     if args.profile:
         row["profile"] = added_operations(loops["plain"], pruned_step, args.profile)
     return row

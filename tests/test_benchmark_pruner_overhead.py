@@ -41,7 +41,7 @@ def test_a_small_run_records_its_allocator_and_profile(tmp_path):
     env.pop("LD_PRELOAD", None)
     run = subprocess.run([sys.executable, str(SCRIPT), "--model", "resnet20", "--size", "32", "--batch", "4",
                           "--rounds", "1", "--steps", "1", "--warmup", "1", "--profile", "1", "--plain-product", "--relu-inplace",
-                          "--out", str(tmp_path)],
+                          "--constant-gates", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr
     record = json.loads((tmp_path / "pruner_overhead.json").read_text())
@@ -60,6 +60,34 @@ def test_a_small_run_records_its_allocator_and_profile(tmp_path):
     page = (tmp_path / "pruner_overhead.md").read_text()
     assert "`MALLOC_MMAP_THRESHOLD_=4294967296`" in page and "### Where `bar` adds time" in page
     assert "plain product: step (s), ratio, kept (MiB)" in page and "(`--relu-inplace`)" in page
+    assert row["constant_gates_ratio"] > 0 and "constant gates: step (s), ratio" in page
+
+
+def test_constant_gates_multiply_every_gated_output_and_train(overhead):
+    """The products-alone loop: one fixed per-example gate per output group, multiplied in at the
+    group's gate site (the output equals the hand-gated network's), each receiving a gradient."""
+    import copy
+
+    import budgetprune
+    torch.manual_seed(0)
+    model = budgetprune.create_model("resnet20")
+    x = torch.randn(4, 1, 28, 28)
+    pruner = budgetprune.Pruner(copy.deepcopy(model), x, "flops=0.5", total_steps=1)
+    gated = copy.deepcopy(model)
+    gates = overhead.constant_gates(gated, pruner, batch=4)
+    outputs = [g for g in pruner.graph.groups.values() if g.position == "output"]
+    assert len(gates) == len(outputs) > 0 and all(z.shape == (4, g.channels) for z, g in zip(gates, outputs))
+    out = gated(x)
+    assert not torch.allclose(out, model(x))
+    with torch.no_grad():
+        for z in gates:
+            z.fill_(1.0)
+    torch.testing.assert_close(gated(x), model(x))  # gates of 1: the plain network
+    with torch.no_grad():
+        for z in gates:
+            z.uniform_()
+    gated(x).square().sum().backward()
+    assert all(z.grad is not None and float(z.grad.abs().sum()) > 0 for z in gates)
 
 
 def test_the_page_names_the_allocator_the_run_had(overhead):

@@ -392,7 +392,8 @@ def effective_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict
     return PurgedMasks(eff, kept, useful)  # the last walk saw these masks
 
 
-def useful_nodes(graph: ChannelGraph, eff: dict[str, torch.Tensor], nonempty: dict[str, bool] | None = None) -> set[str]:
+def useful_nodes(graph: ChannelGraph, eff: dict[str, torch.Tensor],
+                 nonempty: dict[str, bool] | None = None) -> set[str]:
     """The names of the traced nodes whose result reaches the network's output (``eff``: purged
     masks) and of the layers that run for it. A pruned-away layer computes nothing, so it reads
     nothing, and a sum skips an operand without an alive channel: what only those read is computed
