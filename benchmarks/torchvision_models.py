@@ -57,8 +57,10 @@ TIMM_FAMILIES = ["resnet18d", "seresnext26d_32x4d", "efficientnet_b0", "mobilene
                  "fastvit_t8", "mobileone_s0", "lcnet_050", "tinynet_e", "mixer_s16_224", "nf_resnet26",
                  "efficientvit_b0", "mobilenetv4_conv_small", "swin_tiny_patch4_window7_224", "skresnet18",
                  "ecaresnet26t", "tf_efficientnetv2_b0", "vgg11_bn", "efficientvit_m0", "coat_lite_tiny",
-                 "inception_next_tiny", "coatnet_nano_rw_224", "cait_xxs24_224", "gmlp_ti16_224"]
-SIZE_AT_LEAST = {"inception_v3": 75, "maxvit_t": 224}  # what the architecture itself needs
+                 "inception_next_tiny", "coatnet_nano_rw_224", "cait_xxs24_224", "gmlp_ti16_224", "halonet26t",
+                 "crossvit_tiny_240", "bat_resnext26ts"]
+SIZE_AT_LEAST = {"inception_v3": 75, "maxvit_t": 224,  # what the architecture itself needs
+                 "halonet26t": 256, "crossvit_tiny_240": 240, "bat_resnext26ts": 256}
 _SHIM = None
 
 
@@ -156,11 +158,13 @@ def one(make_model, name: str, size: int, budget: str, steps: int) -> dict:
     return row
 
 
-def table(rows: list[dict]) -> list[str]:
+def table(rows: list[dict], size: int) -> list[str]:
+    """The page's table; a model run at another input size than ``size`` (the one it needs) says it."""
     lines = ["| model | prunable channels | V/B | widths | compaction diff (relative) | FLOPs ÷ | params ÷ | file | "
              "load diff | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        r = dict(r, model=r["model"] + (f" ({r['size']} px)" if r.get("size", size) != size else ""))
         share = f"{r['prunable_share']:.0%} ({r['prunable_channels']}/{r['channels']})" if "prunable_share" in r else "–"
         if "error" in r and "budget_ratio" not in r:
             lines.append(f"| {r['model']} | {share} | failed at {r['failed_at']}: {r['error'].replace('|', '/')} "
@@ -219,6 +223,9 @@ def main(argv=None) -> int:
         kept[name] = row
     command = "python benchmarks/torchvision_models.py " + " ".join(sys.argv[1:] if argv is None else argv)
     runs.append({"command": command, "commit": commit, "models": names, "wall_seconds": time.perf_counter() - start})
+    # a run whose every row a later run replaced made none of the rows left
+    runs = [run for i, run in enumerate(runs)
+            if not set(run["models"]) <= {m for later in runs[i + 1:] for m in later["models"]}]
     order = {name: i for i, name in enumerate(families)}
     rows = sorted(kept.values(), key=lambda r: order.get(r["model"], len(order)))
     record = {"command": command, "budget": args.budget, "steps": args.steps, "torch": torch.__version__,
@@ -232,7 +239,8 @@ def main(argv=None) -> int:
             "Made by (a later run replaces the rows of the models it names):", "", *made, "",
             f"Untrained models, 10 classes, random inputs; {args.steps} SGD steps (lr 1e-3) under `{args.budget}`, then "
             f"finalize, save, load. torch {record['torch']}, {record['threads']} threads. FLOPs are MACs of every "
-            "op torch's flop counter counts (attention products included).", "", *table(rows), "",
+            f"op torch's flop counter counts (attention products included). Inputs of {args.size} px, or the size a "
+            "model needs (named after it).", "", *table(rows, args.size), "",
             "What stays unpruned (layers left ungated, by reason; the classifier is never pruned):", ""]
     for r in rows:
         for why, n in r.get("not_pruned", {}).items():
