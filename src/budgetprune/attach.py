@@ -197,9 +197,11 @@ class JointSamples:
     hundred values costs about what it costs on thousands). Each sample serves one request; a gate
     asked again (a module called twice, a part of the model called on its own), or for another
     batch size, has all gates drawn anew, as gates sampled one by one would be. A gate that is
-    frozen or in eval mode is not drawn. Each draw also notes which gates have an open unit in
-    every example (counted for all of them at once): a layer whose input only such gates write is
-    not purged, and :class:`GateHooks` skips the purge's product with 1 there."""
+    frozen or in eval mode is not drawn. On the CPU each draw also notes which gates have an open
+    unit in every example (counted for all of them at once): a layer whose input only such gates
+    write is not purged, and :class:`GateHooks` skips the purge's product with 1 there. On an
+    accelerator the count would be read back to the host every step, a wait for every kernel
+    queued before it, so there the purge is computed everywhere (unmeasured on a GPU)."""
 
     _NONE = object()  # no draw yet in this pass (None is a batch size: one sample for the batch)
 
@@ -240,6 +242,8 @@ class JointSamples:
             with float32(key[3]):  # float32 even inside a user's autocast region, as gate_values
                 joined = sample_joined(gates, batch)
             self.drawn.update(zip(gids, joined.split(sizes, dim=-1)))
+            if joined.device.type != "cpu":
+                continue  # reading the count back would wait for the accelerator's queue: purges computed
             pieces = self.pieces.get((key, *gids))
             if pieces is None:
                 pieces = self.pieces[(key, *gids)] = piece_index(sizes, joined.device)

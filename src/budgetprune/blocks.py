@@ -36,8 +36,8 @@ from collections.abc import Callable
 import torch
 
 from .graph import ChannelGraph
-from .liveness import (BlockMode, alive_sets, channel_sums, combine_sets, mixed_sets, nonempty_masks, regular_sets,
-                       Padding, padding_of, slot_sets, tied_spaces)
+from .liveness import (BlockMode, Padding, alive_sets, channel_sums, combine_sets, kept_counter, mixed_sets,
+                       nonempty_masks, padding_of, regular_sets, slot_sets, tied_spaces)
 
 #: γ per runtime (multiply-adds per channel of a gathered sum, per position), measured on CPU (2
 #: cores, AMD EPYC) by ``python benchmarks/deploy_speed.py`` (``benchmarks/results/deploy_speed.md``):
@@ -93,13 +93,7 @@ def choose_blocks(graph: ChannelGraph, eff: dict[str, torch.Tensor], mode: Block
               if regular[n] is not mixed[n] and not torch.equal(regular[n], mixed[n])} - tied_spaces(graph)
     if not differ:
         return mode.chosen(frozenset()), regular
-    counted: dict[int, int] = {}  # per vector: the sets share theirs (liveness), each is summed once
-
-    def kept(vector: torch.Tensor) -> int:
-        if id(vector) not in counted:
-            counted[id(vector)] = int(vector.sum())
-        return counted[id(vector)]
-
+    kept = kept_counter()
     n_regular = {n: kept(s) for n, s in regular.items()}
     n_mixed = {n: kept(s) for n, s in mixed.items()}
     saving: dict[str, float] = defaultdict(float)

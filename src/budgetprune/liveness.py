@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from types import MappingProxyType
 
 import torch
@@ -450,6 +451,18 @@ def slot_sets(graph: ChannelGraph, masks: dict[str, torch.Tensor], mode: str = "
     alive = alive_sets(graph, eff)
     return combine_sets(graph, regular_sets(graph, eff, padding, alive, pad_tied=tied),
                         mixed_sets(graph, eff, padding, alive, within_space=within, pad_tied=tied), chosen)
+
+
+def kept_counter() -> Callable[[torch.Tensor], int]:
+    """``count(vector)``: the channels a set keeps, ``int(vector.sum())``, each vector summed once
+    (the sets share vectors; the vectors must outlive the counter)."""
+    counted: dict[int, int] = {}
+
+    def count(vector: torch.Tensor) -> int:
+        if id(vector) not in counted:
+            counted[id(vector)] = int(vector.sum())
+        return counted[id(vector)]
+    return count
 
 
 def alive_sets(graph: ChannelGraph, eff: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

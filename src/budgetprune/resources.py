@@ -57,7 +57,7 @@ from .graph import ChannelGraph
 from .latency import LATENCY_METRICS, is_latency, layer_coefficients
 from .blocks import as_mode, built_sets
 from .expectation import ExpectedCost
-from .liveness import effective_masks
+from .liveness import effective_masks, kept_counter
 
 METRICS = ("volume", "flops", "params")  # counted: every report gives them
 #: Every metric a budget may use: the counted ones and the measured latency (:mod:`budgetprune.latency`).
@@ -220,17 +220,11 @@ class CostModel:
         eff = effective_masks(self.graph, masks)
         _, sets = built_sets(self.graph, eff, self.mode, self._flop_terms)
         out: dict[str, float] = {}
-        counts: dict[str, int] = {}  # channels kept per tensor, counted once (a tensor feeds several terms)
-
-        def kept(tensor: str) -> int:
-            if tensor not in counts:
-                counts[tensor] = int(sets[tensor].sum())
-            return counts[tensor]
-
+        kept = kept_counter()  # a tensor feeds several terms, and tensors share sets
         for t in self.terms:
             gone = t.out_group is not None and not eff.nonempty[t.out_group]  # a pruned-away layer
-            n_out = 0 if gone else kept(t.out_tensor)
-            n_in = kept(t.in_tensor) * t.in_expansion if t.in_tensor else 0
+            n_out = 0 if gone else kept(sets[t.out_tensor])
+            n_in = kept(sets[t.in_tensor]) * t.in_expansion if t.in_tensor else 0
             out[t.name] = out.get(t.name, 0.0) + float(t.cost(n_in, n_out))
         if self.fixed:
             out[UNPRUNED_OPS] = self.fixed
