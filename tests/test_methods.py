@@ -196,7 +196,7 @@ def test_constrained_l0_lagrangian_gradient_pushes_gates_closed():
 def test_l0_penalty_is_lambda_times_expected_parameters_by_hand():
     """LeNet-5 gates conv1 (20), conv2 (50) and fc1 (500); with every P(z>0) = p the expected
     parameter count is each layer's k²·E[n_in]·E[n_out] + per-output terms."""
-    _, graph, method = attached("l0", lam=1e-3)
+    _, graph, method = attached("l0", lam=1e-3, aim="fixed")  # fixed λ: the paper's parameter count
     set_log_alpha(method, 0.7)
     p = float(method.gate("features.0").prob_nonzero().detach()[0])
     widths = {gid: g.channels for gid, g in graph.groups.items()}
@@ -213,8 +213,8 @@ def test_l0_penalty_is_lambda_times_expected_parameters_by_hand():
 
 def test_l0_default_lambda_is_a_tenth_over_n_and_layer_lambda_weights():
     assert create_method("l0", dataset_size=60000).lam == pytest.approx(0.1 / 60000)
-    _, _, plain = attached("l0", lam=1.0)
-    _, graph, weighted = attached("l0", lam=1.0, layer_lam={"classifier.1": 3.0})
+    _, _, plain = attached("l0", lam=1.0, metric="params")
+    _, graph, weighted = attached("l0", lam=1.0, metric="params", layer_lam={"classifier.1": 3.0})
     for m in (plain, weighted):
         set_log_alpha(m, 0.0)
     cm = CostModel(graph, "params")
@@ -225,6 +225,33 @@ def test_l0_default_lambda_is_a_tenth_over_n_and_layer_lambda_weights():
     assert float(weighted.penalty(0.0).detach()) == pytest.approx(float(plain.penalty(0.0).detach()) + extra, rel=1e-6)
     with pytest.raises(ConfigError, match="layer_lam names layers"):
         attached("l0", layer_lam={"nope": 1.0})
+
+
+def test_aimed_l0_counts_the_budgets_metric_in_parameter_units():
+    """Aimed (the default), the penalty is λ·E[C]·P_F/C_F in the budget's metric (the average over
+    several budgets); under a parameter budget, or with fixed λ, it is the paper's E[‖θ‖₀]."""
+    def penalty(method):
+        set_log_alpha(method, lambda n: torch.linspace(-1.0, 2.0, n))
+        return float(method.penalty(0.0).detach())
+
+    _, graph, volume = attached("l0", lam=1.0)
+    set_log_alpha(volume, lambda n: torch.linspace(-1.0, 2.0, n))
+    probs = volume.by_group(lambda g: g.prob_nonzero().detach())
+    params_cm, volume_cm, flops_cm = (CostModel(graph, m) for m in ("params", "volume", "flops"))
+    p_full = params_cm.full()
+    e_volume = float(volume_cm.expected(probs)) * p_full / volume_cm.full()
+    e_flops = float(flops_cm.expected(probs)) * p_full / flops_cm.full()
+    e_params = float(params_cm.expected(probs))
+    assert penalty(volume) == pytest.approx(e_volume, rel=1e-5)
+    assert e_volume != pytest.approx(e_params, rel=1e-2)  # the two counts differ at these gates
+    _, _, both = attached("l0", lam=1.0, budgets=(Budget("volume", 0.25), Budget("flops", 0.25)))
+    assert penalty(both) == pytest.approx((e_volume + e_flops) / 2, rel=1e-5)
+    for options, budgets in (({"aim": "fixed"}, (Budget("volume", 0.25),)), ({}, (Budget("params", 0.25),)),
+                             ({"metric": "params"}, (Budget("volume", 0.25),))):
+        _, _, method = attached("l0", lam=1.0, budgets=budgets, **options)
+        assert penalty(method) == pytest.approx(e_params, rel=1e-5)
+    _, _, named = attached("l0", lam=1.0, aim="fixed", metric="flops")
+    assert penalty(named) == pytest.approx(e_flops, rel=1e-5)
 
 
 def test_l0_penalty_gradient_matches_finite_differences():

@@ -10,6 +10,15 @@ the objective: it is met only by the shared final projection (the engine's
 
 ``granularity="weight"`` is the paper's original form: one gate per weight, and E[‖θ‖₀] =
 Σ_j P(z_j > 0) (:class:`budgetprune.sparsity.WeightCost`), met by a non-zero-weight budget.
+
+Aimed at the budget (``aim="budget"``, the default; :mod:`budgetprune.aiming`), the penalty counts
+what the budget counts: E[C] in the budget's metric, scaled by P_F / C_F (the full network's
+parameters over its full cost) so that λ keeps its meaning per parameter where the network is
+whole, and averaged over the budgets when there are several. Under a parameter budget that is
+E[‖θ‖₀] itself. Counting parameters under another budget would pull on the wrong channels: under
+a volume budget on LeNet-5 the aim raised λ until conv1 closed (it holds most of the volume and
+few parameters), and at that λ the parameter-heavy conv2 had closed first. ``metric`` sets the
+counted resource explicitly; with ``aim="fixed"`` it is ``params``, the paper's.
 """
 
 from __future__ import annotations
@@ -33,12 +42,13 @@ class PenalizedL0(GatedMethod):
 
     ``lam`` is λ per expected parameter; by default 0.1 / N for N training examples (the
     value of Louizos et al. and seed 003's table; 1e-6 when N is not known). ``layer_lam`` multiplies λ for the layers
-    it names (``{"features.0": 2.0}``: per-layer λ). ``metric`` is the resource penalised
-    (``params`` as in the paper; ``volume`` or ``flops`` also work; with ``granularity="weight"``
-    it is the number of non-zero weights).
+    it names (``{"features.0": 2.0}``: per-layer λ). ``metric`` is the resource penalised: by
+    default the budget's own when aimed, ``params`` (the paper's) with ``aim="fixed"``; any
+    budget metric can be named (with ``granularity="weight"`` every metric counts non-zero
+    weights).
     """
 
-    def __init__(self, lam: float | None = None, dataset_size: int | None = None, metric: str = "params",
+    def __init__(self, lam: float | None = None, dataset_size: int | None = None, metric: str | None = None,
                  layer_lam: dict[str, float] | None = None, gate_lr: float | None = None, gate_init: float = 0.0,
                  granularity: str = "channel",
                  aim: str = "budget", aim_rate: float = AIM_RATE, aim_gain: float = AIM_GAIN,
@@ -64,13 +74,28 @@ class PenalizedL0(GatedMethod):
             raise ConfigError(f"layer_lam names layers the model does not have: {', '.join(sorted(unknown))}; "
                               f"its layers are {', '.join(sorted(names))}")
 
+    def penalised_metrics(self, budgets: list[Budget]) -> list[str]:
+        """The metrics the penalty counts: ``metric``; else each budget's when aimed, else ``params``."""
+        if self.metric is not None:
+            return [self.metric]
+        if self.aim is not None and budgets:
+            return list(dict.fromkeys(b.metric for b in budgets))
+        return ["params"]
+
     def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
         self.check(model, graph)
-        self.cost = self.cost_model(self.metric)
+        params = self.cost_model("params").full()
+        self.costs = []  # (cost model, P_F / C_F): each metric's expected cost in parameter units
+        for metric in self.penalised_metrics(budgets):
+            cm = self.cost_model(metric)
+            self.costs.append((cm, params / cm.full() if metric != "params" else 1.0))
 
     def expected_l0(self) -> torch.Tensor:
-        """E[‖θ‖₀] (each layer weighted by its ``layer_lam`` factor)."""
-        return self.cost.expected(self.per_channel("prob_nonzero"), weights=self.layer_lam or None)
+        """E[‖θ‖₀], or under other metrics E[C]·P_F/C_F averaged over them (each layer weighted by its
+        ``layer_lam`` factor)."""
+        probs, weights = self.per_channel("prob_nonzero"), self.layer_lam or None
+        total = sum(scale * cm.expected(probs, weights=weights) for cm, scale in self.costs)
+        return total / len(self.costs) if len(self.costs) > 1 else total
 
     def penalty(self, progress: float) -> torch.Tensor:
         l0 = self.expected_l0()
