@@ -44,7 +44,7 @@ def test_stage_widths_group_layers_by_their_first_name(mixed_cut):
 
 def test_a_short_run_on_the_demo_data(tmp_path):
     run = subprocess.run([sys.executable, str(SCRIPT), "--data", "demo", "--teacher-epochs", "1", "--epochs", "1",
-                          "--finetune-epochs", "0", "--factors", "2", "--variants", "default",
+                          "--finetune-epochs", "0", "--factors", "2", "--variants", "default", "--train-subset", "512",
                           "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
