@@ -153,7 +153,8 @@ def deployed_speed(unpruned: nn.Module, pruned: nn.Module, example: torch.Tensor
         return {"runtime": runtime, "error": str(exc)}
     full, small = paired_times(runs["unpruned"], runs["pruned"], repeats, min_seconds, device=example.device)
     ratio = statistics.median(s / f for f, s in zip(full, small))
-    return {"runtime": runtime, "batch": int(example.shape[0]), "device": str(example.device),
+    cpu = {"cpu": torch.backends.cpu.get_cpu_capability()} if example.device.type == "cpu" else {}
+    return {"runtime": runtime, "batch": int(example.shape[0]), "device": str(example.device), **cpu,
             "threads": torch.get_num_threads(), "unpruned_ms": 1e3 * statistics.median(full),
             "pruned_ms": 1e3 * statistics.median(small), "ratio": ratio, "speedup": 1.0 / ratio,
             "pairs": len(full)}
