@@ -142,7 +142,7 @@ def test_an_aimed_run_ends_nearer_its_budget_than_a_fixed_one():
     y = (x @ w).argmax(1)
     batches = [(x[i % 64 * 32:(i % 64 + 1) * 32], y[i % 64 * 32:(i % 64 + 1) * 32]) for i in range(300)]
     before = {}
-    for aim, options in (("budget", {"metric": "params"}), ("fixed", {"aim": "fixed"}), ("default", {})):
+    for label, options in (("budget", {"metric": "params"}), ("fixed", {"aim": "fixed"}), ("default", {})):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
                                     torch.nn.ReLU(), torch.nn.Linear(64, 4))
@@ -151,7 +151,7 @@ def test_an_aimed_run_ends_nearer_its_budget_than_a_fixed_one():
         optimizer = torch.optim.Adam(pruner.parameters(lr=1e-3), lr=1e-3)
         pruning_steps(model, pruner, optimizer, batches)
         _, report = pruner.finalize()
-        before[aim] = report["cost_before_projection"] / pruner.budget.absolute(pruner.graph)
+        before[label] = report["cost_before_projection"] / pruner.budget.absolute(pruner.graph)
     assert before["fixed"] > 3.0
     assert 0.8 < before["budget"] < 1.3, before
     assert abs(math.log(before["default"])) < 0.5 * math.log(before["fixed"]), before

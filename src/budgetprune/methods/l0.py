@@ -85,17 +85,14 @@ class PenalizedL0(GatedMethod):
     def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
         self.check(model, graph)
         params = self.cost_model("params").full()
-        self.costs = []  # (cost model, P_F / C_F): each metric's expected cost in parameter units
-        for metric in self.penalised_metrics(budgets):
-            cm = self.cost_model(metric)
-            self.costs.append((cm, params / cm.full() if metric != "params" else 1.0))
+        self.costs = [(cm, params / cm.full())  # each metric's expected cost in parameter units (P_F / C_F)
+                      for cm in map(self.cost_model, self.penalised_metrics(budgets))]
 
     def expected_l0(self) -> torch.Tensor:
         """E[‖θ‖₀], or under other metrics E[C]·P_F/C_F averaged over them (each layer weighted by its
         ``layer_lam`` factor)."""
         probs, weights = self.per_channel("prob_nonzero"), self.layer_lam or None
-        total = sum(scale * cm.expected(probs, weights=weights) for cm, scale in self.costs)
-        return total / len(self.costs) if len(self.costs) > 1 else total
+        return sum(scale * cm.expected(probs, weights=weights) for cm, scale in self.costs) / len(self.costs)
 
     def penalty(self, progress: float) -> torch.Tensor:
         l0 = self.expected_l0()
