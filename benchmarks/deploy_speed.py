@@ -150,6 +150,10 @@ def arguments(argv) -> argparse.Namespace:
                    help="channel multiple of the padded networks (onnxruntime's blocked CPU convolutions: 16 with "
                         "AVX-512, 8 with AVX2), or auto: the library's default (multiples of 8 in feature maps "
                         "and token tensors, loosened where that cannot end on the budget)")
+    p.add_argument("--time-padding", type=int, default=0, metavar="BATCH",
+                   help="prune the auto network as the command line does: with --multiple auto its padding is timed "
+                        "in onnxruntime at this batch (multiples of 16 against 8, then against exact widths) and "
+                        "kept where it runs faster (0: not timed, the Python API's default)")
     p.add_argument("--profile", type=int, default=0, metavar="RUNS",
                    help="also profile every ONNX network by op type in onnxruntime (1 thread, the largest batch, "
                         "RUNS runs; 0: no profile): where each network's time goes")
@@ -161,6 +165,8 @@ def arguments(argv) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.profile < 0:
         p.error(f"--profile must be 0 or more runs, not {args.profile}")
+    if args.time_padding < 0:
+        p.error(f"--time-padding must be 0 (not timed) or a batch of 1 or more, not {args.time_padding}")
     for flag in ("pairs", "size", "threads"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1, not {getattr(args, flag)}")
@@ -225,16 +231,18 @@ def build(name: str, size: int, models_module):
 
 
 def pruned(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, steps: int, block: str,
-           multiple: int = 1, runtime: str = "onnxruntime"):
+           multiple: int = 1, runtime: str = "onnxruntime", timed_batch: int = 0):
     """(model, pruner, compacted network, report) of one pruning of a copy of ``unpruned`` to
-    1/``factor`` of its FLOPs, its costs counted with ``block`` (widths padded to ``multiple``)."""
+    1/``factor`` of its FLOPs, its costs counted with ``block`` (widths padded to ``multiple``);
+    ``timed_batch`` > 0: the auto padding timed in ``runtime`` at that batch, as the command line does
+    (``time_padding``)."""
     torch.manual_seed(0)
     model = copy.deepcopy(unpruned).train()
     x, y = torch.randn(2, *shape), torch.randint(0, 10, (2,))
     options = {"gate_init": 3.0} if method == "bar" else {}
     pruner = Pruner(model, x, f"flops={1.0 / factor!r}", total_steps=max(steps, 1), method=method,
                     block=block, channel_multiple=multiple, deploy_runtime=runtime, log=lambda line: None,
-                    **options)
+                    time_padding=timed_batch > 0, deploy_batch=max(timed_batch, 1), **options)
     # AdamW as in the README's loop: its steps are bounded (SGD at lr 1e-3 sends untrained resnet50's outputs to NaN)
     optimizer = torch.optim.AdamW(pruner.parameters(lr=1e-3), lr=1e-3)
     pruning_steps(model, pruner, optimizer, x, y, steps)
@@ -242,9 +250,11 @@ def pruned(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, 
     return model, pruner, small, report
 
 
-def prune(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, steps: int, multiple: int) -> dict:
+def prune(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, steps: int, multiple: int,
+          timed_batch: int = 0) -> dict:
     """Prune a copy of ``unpruned`` to 1/``factor`` of its FLOPs; compact the same masks in both
-    blocks; prune another copy the same way with regular blocks padded to ``multiple`` channels."""
+    blocks; prune another copy the same way with regular blocks padded to ``multiple`` channels, and
+    one with the default blocks (its padding timed at ``timed_batch``, where > 0)."""
     model, pruner, small, report = pruned(unpruned, shape, factor, method, steps, "mixed")
     x = pruner.example
     # The final masks are the plan's; the gate values finalize folded are the frozen gates'.
@@ -276,14 +286,38 @@ def prune(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, s
     out["padded"] = {"flops": cost["flops"], "params": cost["params"], "flop_reduction": full / cost["flops"],
                      "volume_reduction": full_volume / cost["volume"], "multiple": multiple, "padding": padded_pruner.block.describe_padding(),
                      "V_over_B": cost["flops"] / padded_pruner.budget.absolute(padded_pruner.graph)}
-    _, auto_pruner, out["nets"]["auto"], auto = pruned(unpruned, shape, factor, method, steps, "auto", multiple)
+    _, auto_pruner, out["nets"]["auto"], auto = pruned(unpruned, shape, factor, method, steps, "auto", multiple,
+                                                        timed_batch=timed_batch)
     cost = auto["pruned"]
     mixed = auto["plan"]["mixed_spaces"]
     out["auto"] = {"flops": cost["flops"], "params": cost["params"], "flop_reduction": full / cost["flops"],
                    "volume_reduction": full_volume / cost["volume"], "multiple": multiple, "padding": auto_pruner.block.describe_padding(),
                    "gather_cost": auto_pruner.block.gather_cost, "mixed_spaces": len(mixed),
-                   "V_over_B": cost["flops"] / auto_pruner.budget.absolute(auto_pruner.graph)}
+                   "V_over_B": cost["flops"] / auto_pruner.budget.absolute(auto_pruner.graph),
+                   **{k: auto[k] for k in ("wide_padding_timing", "padding_timing") if k in auto}}
     return out
+
+
+def timed_padding_lines(r: dict) -> list[str]:
+    """``--time-padding``: per model and budget, the padding the `auto` pruner kept and the timings that
+    chose it (multiples of 16 against 8, then the padding kept against exact widths)."""
+    lines = [f"**The `auto` networks' padding is timed as the command line times it** (`time_padding`, onnxruntime, "
+             f"deploy batch {r['settings']['time_padding']}): where multiples of 8 end on the budget, every width "
+             "a multiple of 16 is projected too and kept where it runs at least 1.05× faster; the padding kept is "
+             "then timed against exact widths. Speedups are of the wider padding over the narrower one.", ""]
+    for m in r["models"]:
+        for b in m.get("budgets", []):
+            auto = b.get("auto", {})
+            wide, exact = auto.get("wide_padding_timing"), auto.get("padding_timing")
+            parts = ["16 against 8: " + (f"not kept ({wide['error']})" if "error" in wide else
+                                        f"{wide['speedup']:.2f}×, " + ("kept" if wide["pays"] else "not kept"))
+                     if wide else "16 not tried"]
+            if exact:
+                parts.append("against exact widths: " + (f"not timed ({exact['error']})" if "error" in exact else
+                                                         f"{exact['speedup']:.2f}×, " + ("padding kept" if exact["pays"]
+                                                                                       else "exact kept")))
+            lines.append(f"- {m['model']} {b['factor']:g}×: {auto.get('padding', '?')}; " + "; ".join(parts))
+    return lines + [""]
 
 
 def flops_of(net: torch.nn.Module, shape: tuple) -> float:
@@ -460,7 +494,7 @@ def measure_model(name: str, args, models_module, quiet: Quiet, bar) -> dict:
     for source in trained or args.budgets:
         bar.set_description(f"{name}: " + (f"run {source}" if trained else f"prune {source:g}x"))
         p = from_run(source, unpruned, shape) if trained else prune(unpruned, shape, source, args.method, args.steps,
-                                                                   args.multiple)
+                                                                   args.multiple, args.time_padding)
         for mode in p.get("networks", NETWORKS):
             nets[f"{p['factor']:g}x/{mode}"] = p["nets"][mode]
         budgets.append({k: v for k, v in p.items() if k != "nets"})
@@ -669,6 +703,8 @@ def markdown(r: dict) -> str:
                       f"V/B {b['V_over_B']:.3f}, padding {padding_label(b['auto']['padding'], b['auto']['pad_tied'])}, "
                       f"{b['auto']['mixed_spaces']} mixed residual space(s)" for b in m["budgets"]]
             lines.append("")
+    if s.get("time_padding"):
+        lines += timed_padding_lines(r)
     failed = [m for m in r["models"] if "error" in m]
     for m in failed:
         lines.append(f"- **{m['model']} failed**: {m['error']}")

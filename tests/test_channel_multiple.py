@@ -791,6 +791,78 @@ def test_time_padding_times_in_the_deploy_runtime_and_only_an_auto_padding():
         finalized(time_padding="yes")
 
 
+def _wide_convnet() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+
+
+@pytest.mark.parametrize("speedup, kept", [(1.2, 16), (1.02, 8)])
+def test_time_padding_keeps_multiples_of_sixteen_only_where_they_measure_faster(monkeypatch, speedup, kept):
+    """``time_padding=True`` with multiples of 8 kept: finalize projects the budget with every width a
+    multiple of 16 too and times that network against the one padded to 8 (a stand-in timing: the
+    wider one runs ``speedup``× faster, any padding 1.3× faster than exact widths); it keeps 16 only
+    at 1.05× or more, and the padding kept is then timed against exact widths as before. Both end on
+    the budget; the result replays from its plan."""
+    import budgetprune.pruner as pruner_module
+
+    timed = []
+
+    def fake_speedup(slower, faster, example, runtime):
+        timed.append((_conv_widths(slower), _conv_widths(faster)))
+        wide = all(n % 16 == 0 for n in _conv_widths(faster))
+        gain = speedup if wide and all(n % 8 == 0 for n in _conv_widths(slower)) else 1.3
+        return {"runtime": runtime, "batch": 1, "exact_ms": 1.0, "padded_ms": 1.0 / gain, "speedup": gain,
+                "pairs": 30, "pays": gain >= 1.05}
+
+    monkeypatch.setattr(pruner_module, "padding_speedup", fake_speedup)
+    torch.manual_seed(0)
+    model, reference = _wide_convnet(), _wide_convnet()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    logs = []
+    pruner = budgetprune.Pruner(model, x, "flops=0.25", total_steps=1, method="magnitude", time_padding=True,
+                                deploy_runtime="eager", log=logs.append)
+    pruner.step()
+    small, report = pruner.finalize(x)
+    (eight, sixteen), (exact, padded) = timed
+    assert all(n % 8 == 0 for n in eight) and not all(n % 16 == 0 for n in eight)
+    assert all(n % 16 == 0 for n in sixteen) and not all(n % 8 == 0 for n in exact)
+    assert padded == (sixteen if kept == 16 else eight) == _conv_widths(small)
+    wide = report["wide_padding_timing"]
+    assert (wide["multiple"], wide["against"], wide["speedup"], wide["pays"]) == (16, 8, speedup, kept == 16)
+    assert report["padding"] == [kept, 0, 2, 0] and pruner.block.multiple == kept
+    assert report["padding_timing"]["speedup"] == 1.3
+    assert 0.95 <= report["pruned"]["flops"] / pruner.budget.absolute(pruner.graph) <= 1.0
+    assert any(f"multiples of 16 (tensors of (batch, features) exact): {1 / speedup:.4g} ms against 1 ms at "
+               "multiples of 8 in eager" in line and
+               (("keeping it" in line) if kept == 16 else ("under 1.05×" in line)) for line in logs)
+    again = replay(small.budgetprune_plan, reference, small.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(again(x), small(x), atol=1e-5)
+
+
+def test_time_padding_records_why_multiples_of_sixteen_were_not_kept():
+    """LeNet-5 (20-50-500) at an eighth of its FLOPs cannot end on the budget with every width a
+    multiple of 16: the report says so and multiples of 8 are timed against exact widths; an explicit
+    multiple and a padding loosened to end on the budget time no wider one."""
+    def finalized(flops="flops=0.125", **options):
+        torch.manual_seed(0)
+        x = torch.randn(4, 1, 28, 28)
+        pruner = budgetprune.Pruner(budgetprune.create_model("lenet5"), x, flops, total_steps=1,
+                                    method="magnitude", deploy_runtime="eager", time_padding=True, **options)
+        pruner.step()
+        return pruner.finalize()[1]
+
+    report = finalized()
+    assert report["wide_padding_timing"]["error"].startswith("cannot meet the budget")
+    assert report["wide_padding_timing"]["multiple"] == 16 and "padding_timing" in report
+    assert "wide_padding_timing" not in finalized(channel_multiple=8)
+    loosened = finalized("flops=0.1")  # no multiple of 8 in both convolutions ends on it
+    assert loosened["padding"][0] in (1, 8) and loosened["padding"] != [8, 0, 2, 0]
+    assert "wide_padding_timing" not in loosened
+
+
 def test_time_padding_keeps_the_padding_where_the_timing_fails_and_times_without_the_fill(monkeypatch):
     """A timing that fails (an export or a runtime error) keeps the padding and says why, in the log
     and the report; without the fill the padded network is timed against exact widths too."""

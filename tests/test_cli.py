@@ -61,14 +61,20 @@ def test_prune_end_to_end_meets_budget(finished_run):
     assert deployed["unpruned_ms"] > 0 and deployed["pruned_ms"] > 0
     assert deployed["speedup"] == pytest.approx(1 / deployed["ratio"]) and deployed["pairs"] >= 30
     assert f"Deployed speed in {deployed['runtime']}" in report
+    # multiples of 16, where multiples of 8 were kept, timed against them in the same runtime
+    wide = m.get("wide_padding_timing")
+    padded = 16 if wide and wide.get("pays") else 8
+    if wide is not None:
+        assert wide["runtime"] == deployed["runtime"] and (wide["multiple"], wide["against"]) == (16, 8)
+        assert f"Multiples of 16 {'not timed' if 'error' in wide else 'timed'} in {wide['runtime']}" in report
     # the auto padding, timed against exact widths in the same runtime, is kept only where it paid
     timing = m.get("padding_timing")
     if timing is None:
         assert m["padding"][0] == 1  # the padding ladder itself ended at exact widths: nothing to time
     elif "error" in timing:  # the padding is kept when it cannot be timed
-        assert m["padding"][0] == 8 and f"Padding not timed in {timing['runtime']}" in report
+        assert m["padding"][0] == padded and f"Padding not timed in {timing['runtime']}" in report
     else:
-        assert timing["runtime"] == deployed["runtime"] and m["padding"][0] == (8 if timing["pays"] else 1)
+        assert timing["runtime"] == deployed["runtime"] and m["padding"][0] == (padded if timing["pays"] else 1)
         assert ("padding kept" if timing["pays"] else "exact widths kept") in report
 
 

@@ -811,6 +811,8 @@ class PruneRun:
             "pad_tied": info.get("pad_tied", True),  # False: tied channels (concatenations, grouped convs) exact
             # auto padding timed against exact widths in the deploy runtime (where it was: see Pruner.time_padding)
             **({"padding_timing": info["padding_timing"]} if info.get("padding_timing") else {}),
+            # with the first auto padding kept: every width a multiple of 16 timed against 8 there
+            **({"wide_padding_timing": info["wide_padding_timing"]} if info.get("wide_padding_timing") else {}),
             # a latency budget timed in a runtime: each projection's measured latency, the one kept, met or not
             **({"measured_latency": info["measured_latency"]} if info.get("measured_latency") else {}),
             "mixed_spaces": (info.get("plan") or {}).get("mixed_spaces", []),  # auto: the residual spaces kept mixed
