@@ -11,7 +11,9 @@ widths: the union of their channels). A second pruner, the same run with
 every width padded to a multiple of ``--multiple`` channels (``padded``: onnxruntime's blocked CPU
 convolutions need such widths). A third, with the library's default ``block="auto"`` (each
 residual space mixed or regular, whichever onnxruntime runs faster by its gather cost) and the
-same padding (``auto``). Timing does not need accuracy, so the weights are untrained.
+same padding (``auto``); with ``--time-padding BATCH`` its padding is timed as the command line
+times it (``time_padding``: multiples of 16 against 8, then the padding kept against exact widths,
+in onnxruntime at that batch). Timing does not need accuracy, so the weights are untrained.
 
 Where the masks come from (``--method``): ``magnitude`` (default) is the library's iterative
 baseline, every layer's width scaled by one factor and the channels of a layer chosen by weight
