@@ -12,6 +12,7 @@ and replays its plan with the padded widths.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 import json
 import pickle
 
@@ -719,6 +720,29 @@ def _conv_widths(net: nn.Module) -> list[int]:
     return [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)]
 
 
+def _finalized_with_timed_padding(make: Callable[[], nn.Module], x: torch.Tensor, budget: str, runtime: str):
+    """``(pruner, compacted network, report, log lines, an untouched copy of the model)`` of one
+    magnitude step and finalize with ``time_padding=True``."""
+    torch.manual_seed(0)
+    model, reference = make(), make()
+    reference.load_state_dict(model.state_dict())
+    logs = []
+    pruner = budgetprune.Pruner(model, x, budget, total_steps=1, method="magnitude", time_padding=True,
+                                deploy_runtime=runtime, log=logs.append)
+    pruner.step()
+    small, report = pruner.finalize(x)
+    return pruner, small, report, logs, reference
+
+
+def _stand_in_timing(runtime: str, speedup: float) -> dict:
+    """What :func:`budgetprune.measured.padding_speedup` returns when the second network runs
+    ``speedup``× faster than the first (1 ms)."""
+    from budgetprune.measured import PADDING_PAYS
+
+    return {"runtime": runtime, "batch": 1, "exact_ms": 1.0, "padded_ms": 1.0 / speedup, "speedup": speedup,
+            "pairs": 30, "pays": speedup >= PADDING_PAYS}
+
+
 @pytest.mark.parametrize("speedup, kept", [(1.3, "padded"), (1.01, "exact")])
 def test_time_padding_keeps_the_padding_only_where_it_measures_faster(monkeypatch, speedup, kept):
     """``time_padding=True``: finalize projects the budget at exact widths too and times both networks
@@ -726,25 +750,18 @@ def test_time_padding_keeps_the_padding_only_where_it_measures_faster(monkeypatc
     only at 1.05× or more, else the exact network, which still ends on the budget, replays and is
     what the report and the plan describe."""
     import budgetprune.pruner as pruner_module
-    from budgetprune.measured import PADDING_PAYS
 
     timed = []
 
     def fake_speedup(exact, padded, example, runtime):
         timed.append((_conv_widths(exact), _conv_widths(padded), tuple(example.shape), runtime))
-        return {"runtime": runtime, "batch": 1, "exact_ms": 1.0, "padded_ms": 1.0 / speedup, "speedup": speedup,
-                "pairs": 30, "pays": speedup >= PADDING_PAYS}
+        return _stand_in_timing(runtime, speedup)
 
     monkeypatch.setattr(pruner_module, "padding_speedup", fake_speedup)
     torch.manual_seed(0)
-    model, reference = budgetprune.create_model("lenet5"), budgetprune.create_model("lenet5")
-    reference.load_state_dict(model.state_dict())
     x = torch.randn(8, 1, 28, 28)
-    logs = []
-    pruner = budgetprune.Pruner(model, x, "flops=0.125", total_steps=1, method="magnitude", time_padding=True,
-                                deploy_runtime="torchscript", log=logs.append)
-    pruner.step()
-    small, report = pruner.finalize(x)
+    pruner, small, report, logs, reference = _finalized_with_timed_padding(
+        lambda: budgetprune.create_model("lenet5"), x, "flops=0.125", "torchscript")
     (exact_widths, padded_widths, shape, runtime), = timed
     assert shape == (1, 1, 28, 28) and runtime == "torchscript"
     assert all(_aligned(n, f, 8) for n, f in zip(padded_widths, (20, 50)))
@@ -812,19 +829,12 @@ def test_time_padding_keeps_multiples_of_sixteen_only_where_they_measure_faster(
         timed.append((_conv_widths(slower), _conv_widths(faster)))
         wide = all(n % 16 == 0 for n in _conv_widths(faster))
         gain = speedup if wide and all(n % 8 == 0 for n in _conv_widths(slower)) else 1.3
-        return {"runtime": runtime, "batch": 1, "exact_ms": 1.0, "padded_ms": 1.0 / gain, "speedup": gain,
-                "pairs": 30, "pays": gain >= 1.05}
+        return _stand_in_timing(runtime, gain)
 
     monkeypatch.setattr(pruner_module, "padding_speedup", fake_speedup)
     torch.manual_seed(0)
-    model, reference = _wide_convnet(), _wide_convnet()
-    reference.load_state_dict(model.state_dict())
     x = torch.randn(4, 3, 8, 8)
-    logs = []
-    pruner = budgetprune.Pruner(model, x, "flops=0.25", total_steps=1, method="magnitude", time_padding=True,
-                                deploy_runtime="eager", log=logs.append)
-    pruner.step()
-    small, report = pruner.finalize(x)
+    pruner, small, report, logs, reference = _finalized_with_timed_padding(_wide_convnet, x, "flops=0.25", "eager")
     (eight, sixteen), (exact, padded) = timed
     assert all(n % 8 == 0 for n in eight) and not all(n % 16 == 0 for n in eight)
     assert all(n % 16 == 0 for n in sixteen) and not all(n % 8 == 0 for n in exact)
@@ -882,8 +892,7 @@ def test_time_padding_keeps_the_padding_where_the_timing_fails_and_times_without
     report, logs = finalized(failing)
     assert report["padding"] == [8, 0, 2, 0] and report["padding_timing"] == {"runtime": "eager", "error": "ExportError: no"}
     assert any("could not be timed in eager (ExportError: no)" in line for line in logs)
-    slower = lambda exact, padded, example, runtime: {  # noqa: E731
-        "runtime": runtime, "batch": 1, "exact_ms": 1.0, "padded_ms": 1.0, "speedup": 1.0, "pairs": 30, "pays": False}
+    slower = lambda exact, padded, example, runtime: _stand_in_timing(runtime, 1.0)  # noqa: E731
     report, _ = finalized(slower, fill=False)
     assert report["padding"] == [1, 0, 1, 0] and report["channels_reopened_by_fill"] == 0
 
