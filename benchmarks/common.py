@@ -105,13 +105,20 @@ def allocator_settings() -> dict[str, str]:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
 
 
+def finetune_words(finetune: int, lowlr: int) -> str:
+    """How a page names the fine-tune stage: with the default recipe (cosine) one schedule anneals over
+    the fine-tune and low-rate epochs together; only ``--lr-schedule constant`` runs the last at lr/10."""
+    return (f"fine-tune {finetune} + {lowlr} (one cosine schedule over both, the default recipe; "
+            f"with a constant schedule the last {lowlr} at lr/10)")
+
+
 def record_header(r: dict, title: str, setup: str) -> list[str]:
     """The first lines of a results page: title, the command, ``setup``, the epochs of the
     schedule, the machine and the wall time (``r`` as :func:`run_record` made it)."""
     e = r["epochs"]
     return [f"# {title}", "", f"Command: `{r['command']}`", "",
-            f"{setup} Epochs: teacher {e['teacher']}, prune {e['prune']}, fine-tune {e['finetune']} + {e['lowlr']} "
-            f"at lr/10. Machine: {r['machine']}. Wall time {r['wall_seconds'] / 60:.1f} min.", ""]
+            f"{setup} Epochs: teacher {e['teacher']}, prune {e['prune']}, {finetune_words(e['finetune'], e['lowlr'])}. "
+            f"Machine: {r['machine']}. Wall time {r['wall_seconds'] / 60:.1f} min.", ""]
 
 
 def seeded_model(name: str, seed: int, in_channels: int, num_classes: int, input_size) -> torch.nn.Module:

@@ -35,7 +35,7 @@ from budgetprune.graph import ChannelGraph  # noqa: E402
 from budgetprune.pipeline import PruneConfig, PruneRun  # noqa: E402
 from budgetprune.plan import masks_of_indices  # noqa: E402
 from budgetprune.resources import resource_report  # noqa: E402
-from common import random_subset, run_arguments, run_record, write_results  # noqa: E402
+from common import finetune_words, random_subset, run_arguments, run_record, write_results  # noqa: E402
 
 #: Seed 001, Table 2 (CIFAR-10): volume that regular blocks would add, as a share of the regular volume.
 PAPER_CUT = {2.0: 0.12, 4.0: 0.43, 8.0: 0.53, 16.0: 0.58}
@@ -127,7 +127,7 @@ def page(r: dict) -> str:
     lines = ["# What BAR's masks need for mixed blocks to matter", "", f"Command: `{r['command']}`", "",
              f"{r['model']} on {r['data']} ({r['train_images']} training images), volume budgets, `block=\"mixed\"`, "
              f"seed {r['seed']}, one teacher for every run. Epochs: teacher {e['teacher']}, prune {e['prune']}, "
-             f"fine-tune {e['finetune']} + {e['lowlr']} at lr/10. Cut by mixed: 1 − V(mixed) / V(regular) for "
+             f"{finetune_words(e['finetune'], e['lowlr'])}. Cut by mixed: 1 − V(mixed) / V(regular) for "
              f"the same final masks (seed 001 Table 2, CIFAR-10, in brackets). Machine: {r['machine']}. "
              f"Wall time {r['wall_seconds'] / 60:.1f} min.", "",
              "| factor | variant | test acc (teacher) | V/B | cut by mixed (paper) | kept channels per layer, by stage |",

@@ -73,7 +73,7 @@ from budgetprune.engine import evaluate, iterate_batches, num_batches, predict_l
 from budgetprune.recipe import Recipe, make_optimizer, stage_schedule  # noqa: E402
 from budgetprune.objectives import distillation_loss  # noqa: E402
 from budgetprune.pipeline import PruneConfig  # noqa: E402
-from common import HERE, RESULTS, Parser, machine, name_list, random_subset, seeded_model, train_teacher  # noqa: E402
+from common import HERE, RESULTS, Parser, finetune_words, machine, name_list, random_subset, seeded_model, train_teacher  # noqa: E402
 from peer import aten_macs, base_pruner, bp_count, budgetprune_state, version  # noqa: E402
 from stats import format_mean_std, mean_std, tie  # noqa: E402
 
@@ -574,7 +574,7 @@ def write_page(record: dict, out: Path) -> None:
         lines += [f"## {model}", "", f"Data: {st['data']}, {st['train_images']} training images (the same for every "
                   f"seed), the whole test set. Epochs per side: teacher {st['teacher_epochs']}, then E = "
                   f"{st['prune_epochs'] + st['finetune_epochs'] + st['lowlr_epochs']}: `bar` prunes {st['prune_epochs']}, "
-                  f"fine-tunes {st['finetune_epochs']} + {st['lowlr_epochs']} at lr/10; each Torch-Pruning recipe "
+                  f"then {finetune_words(st['finetune_epochs'], st['lowlr_epochs'])}; each Torch-Pruning recipe "
                   f"fine-tunes E epochs (iterative: {st['tp_steps']} pruning steps, each followed by an equal share of "
                   f"them; Taylor: {st['taylor_batches']} batches of gradients). Fine-tune `kd`: "
                   f"{st.get('finetune') or 'adam lr 0.001, weight decay 0.0005, batch 64, constant, the last epoch at lr/10, distillation from the teacher'}. "
@@ -661,7 +661,9 @@ def parser() -> Parser:
     p.add_argument("--teacher-epochs", type=int, default=8)
     p.add_argument("--prune-epochs", type=int, default=2, help="bar's training + pruning epochs")
     p.add_argument("--finetune-epochs", type=int, default=1, help="bar's fine-tune epochs")
-    p.add_argument("--lowlr-epochs", type=int, default=1, help="fine-tune epochs at lr/10 (bar and the kd recipe)")
+    p.add_argument("--lowlr-epochs", type=int, default=1,
+                   help="the last fine-tune epochs (bar and the kd recipe; the cosine schedule spans them with the "
+                        "fine-tune epochs, a constant one runs them at lr/10)")
     p.add_argument("--tp-steps", type=int, default=4, help="pruning steps of the iterative Torch-Pruning recipes")
     p.add_argument("--taylor-batches", type=int, default=10, help="training batches whose gradients Taylor reads")
     p.add_argument("--train-subset", type=int, default=0, help="train on this many images (0: all)")

@@ -57,3 +57,5 @@ def test_a_short_run_on_the_demo_data(tmp_path):
     assert (tmp_path / "work" / "teacher.pt").exists()
     page = (tmp_path / "out" / "mixed_cut.md").read_text()
     assert record["command"] in page and "| 2× | default |" in page
+    # the default recipe anneals one cosine schedule over the fine-tune epochs: no "at lr/10" claim of its own
+    assert "fine-tune 0 + 0 (one cosine schedule over both" in page
