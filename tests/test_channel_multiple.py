@@ -919,3 +919,68 @@ def test_cost_before_the_projection_is_counted_in_the_padding_kept():
     kept = CostModel(pruner.graph, "flops", pruner.block).hard(masks)
     assert report["cost_before_projection"] == pytest.approx(kept, rel=1e-12)
     assert CostModel(pruner.graph, "flops", first).hard(masks) > 1.2 * kept
+
+
+def test_chosen_share_by_hand():
+    """A conv chain on 4×4 inputs (conv 1→8, max-pool, conv 8→8, linear 32→10): its volume is
+    16·k₁ + 4·k₂ + 10 with k₁, k₂ kept channels. The method chose 4 + 8 channels (volume 106);
+    the final masks keep 2 of the first 4 (and 3 others) and 4 of the 8: the chosen channels still
+    kept cost 32 + 16 + 10 = 58. Under half the volume (limit 85) they could use 85; under 0.8 of
+    it (limit 136) all of their 106. Counted at exact widths whatever the padding."""
+    from budgetprune.budget import chosen_share
+
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 2 * 2, 10))
+    graph = budgetprune.ChannelGraph.build(model, torch.randn(1, 1, 4, 4))
+    first, second = graph.groups
+
+    def mask(*kept):
+        m = torch.zeros(8, dtype=torch.bool)
+        m[list(kept)] = True
+        return m
+
+    chosen = {first: mask(0, 1, 2, 3), second: mask(*range(8))}
+    final = {first: mask(0, 1, 5, 6, 7), second: mask(0, 1, 2, 3)}
+    half, most = Budget("volume", 0.5), Budget("volume", 0.8)
+    assert chosen_share(graph, chosen, final, half) == pytest.approx(58 / 85)
+    assert chosen_share(graph, chosen, final, most) == pytest.approx(58 / 106)
+    assert chosen_share(graph, chosen, final, [half, most]) == pytest.approx(58 / 106)
+    assert chosen_share(graph, chosen, final, half, BlockMode("regular", 8)) == pytest.approx(58 / 85)
+    assert chosen_share(graph, chosen, chosen, most) == pytest.approx(1.0)  # all kept, all within the limit
+
+
+def test_auto_padding_passes_over_a_padding_that_starves_the_method_s_channels():
+    """ResNet-20 at 1/16 of its volume: its 28×28 stem keeps 1 of 16 channels, and padded to 8 that
+    one map costs about two thirds of the budget, so the first auto padding pays for it by removing
+    the channels the method chose elsewhere (every residual branch). Finalize passes over each
+    padding that leaves the chosen channels under PADDING_KEEPS of the budget (logging their share),
+    keeps a finer one that ends on the budget, and keeps more of the chosen channels than the
+    padding an explicit ``channel_multiple=8`` forces."""
+    from budgetprune.budget import PADDING_KEEPS, chosen_share
+
+    def finalized(**options):
+        torch.manual_seed(0)
+        model = budgetprune.create_model("resnet20")
+        x = torch.randn(4, 1, 28, 28)
+        logs = []
+        pruner = budgetprune.Pruner(model, x, "volume=0.0625", total_steps=4, method="magnitude",
+                                    log=logs.append, deploy_runtime="none", **options)
+        for _ in range(4):  # three of the iterative cuts: every width scaled alike to an eighth
+            pruner.step()
+        chosen = pruner.method.keep_masks()
+        _, report = pruner.finalize()
+        final = {g: torch.zeros(len(m), dtype=torch.bool) for g, m in chosen.items()}
+        for g, kept in report["masks"].items():
+            final[g][kept] = True
+        return pruner, report, logs, chosen_share(pruner.graph, chosen, final, pruner.budgets, pruner.block)
+
+    pruner, report, logs, share = finalized()
+    passed_over = [line for line in logs if "leaves the channels the method chose" in line]
+    assert len(passed_over) >= 1 and report["padding"] != list(auto_paddings()[0])
+    for line in passed_over:
+        assert float(line.split("method chose ")[1].split()[0]) < PADDING_KEEPS
+    assert share >= PADDING_KEEPS
+    assert 0.95 <= report["pruned"]["volume"] / pruner.budget.absolute(pruner.graph) <= 1.0
+    _, forced, forced_logs, forced_share = finalized(channel_multiple=8)
+    assert forced["padding"] == [8, 0, 1, 0] and not any("method chose" in line for line in forced_logs)
+    assert forced_share < PADDING_KEEPS < share

@@ -29,7 +29,8 @@ from torch import nn
 
 from .attach import check_gate_sample
 from .blocks import GATHER_COST, auto_mode
-from .budget import FILLED, Budget, budget_ratios, enforce_budget, fill_budget, parse_budgets, reopenable_channels
+from .budget import (FILLED, PADDING_KEEPS, Budget, budget_ratios, chosen_share, enforce_budget, fill_budget,
+                     parse_budgets, reopenable_channels)
 from .compact import compact, silence_channels, unpruned_copy
 from .errors import BudgetError, ConfigError, TrainingDiverged
 from .gates import OPEN_LOG_ALPHA
@@ -82,7 +83,9 @@ def check_channel_multiple(channel_multiple: int | str) -> Padding:
 
 def padding_ladder(channel_multiple: int | str) -> tuple[Padding, ...]:
     """The paddings finalize tries in turn, keeping the first whose network ends within
-    [:data:`~budgetprune.budget.FILLED`, 1] of its budget (else the fullest): ``"auto"``'s
+    [:data:`~budgetprune.budget.FILLED`, 1] of its budget (else the fullest) and, but for the last,
+    leaves the channels the method chose at least :data:`~budgetprune.budget.PADDING_KEEPS` of it
+    (:func:`~budgetprune.budget.chosen_share`): ``"auto"``'s
     (:func:`budgetprune.liveness.auto_paddings`), or the one a positive int asks for."""
     if channel_multiple == "auto":
         return auto_paddings()
@@ -473,6 +476,12 @@ class Pruner:
                                  f"trying {modes[i + 1].describe_padding()}")
                     continue
                 fullness = max(budget_ratios(graph, final, budgets, mode))
+                if mode.multiple > 1 and i + 1 < len(modes):  # a padding that starves the method's channels
+                    share = chosen_share(graph, masks, final, budgets, mode)
+                    if share < PADDING_KEEPS:
+                        self.log(f"{mode.describe_padding()}: leaves the channels the method chose {share:.2f} of "
+                                 f"the budget, under {PADDING_KEEPS}; trying {modes[i + 1].describe_padding()}")
+                        continue
                 if best is None or fullness > best[0]:
                     best = (fullness, final, reopened, mode)
                 if fullness >= FILLED:
@@ -512,8 +521,9 @@ class Pruner:
         width a multiple of :data:`~budgetprune.liveness.AUTO_WIDE_MULTIPLE`, both networks timed in the
         deploy runtime. Returns the timing (``multiple``, ``against``: the two multiples, ``ms`` and
         ``against_ms`` their times, ``speedup``, ``pays``; or ``error``) and, where the wider padding ends
-        within [FILLED, 1] of the budget and runs at least :data:`~budgetprune.measured.PADDING_PAYS`×
-        faster, ``((final, reopened), mode)`` to keep instead (else None)."""
+        within [FILLED, 1] of the budget, leaves the method's channels at least
+        :data:`~budgetprune.budget.PADDING_KEEPS` of it and runs at least
+        :data:`~budgetprune.measured.PADDING_PAYS`× faster, ``((final, reopened), mode)`` to keep instead (else None)."""
         wide_mode = BlockMode(str(self.block), wide_padding(), self.block.gather_cost, pad_tied=kept_mode.pad_tied)
         record = {"runtime": self.deploy_runtime, "multiple": wide_mode.multiple, "against": kept_mode.multiple}
         keeping = f"keeping {kept_mode.describe_padding()}"
@@ -526,6 +536,11 @@ class Pruner:
         if fullness < FILLED:
             self.log(f"{wide_mode.describe_padding()}: ends at {fullness:.4f} of the budget, under {FILLED}; {keeping}")
             return {**record, "error": f"ends at {fullness:.4f} of the budget, under {FILLED}"}, None
+        share = chosen_share(self.graph, self.method.keep_masks(), wide[0], self.budgets, wide_mode)
+        if share < PADDING_KEEPS:
+            why = f"leaves the channels the method chose {share:.2f} of the budget, under {PADDING_KEEPS}"
+            self.log(f"{wide_mode.describe_padding()}: {why}; {keeping}")
+            return {**record, "error": why}, None
         nets = [compact(self.model, self.graph, masks, mode=mode) for masks, mode in
                 ((kept, kept_mode), (wide[0], wide_mode))]
         speed = padding_speedup(*nets, self.deploy_example(), self.deploy_runtime)
