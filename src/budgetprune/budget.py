@@ -292,7 +292,7 @@ FILLED = 0.95
 #: The least share of the budget a padding must leave to the channels the method chose
 #: (:func:`chosen_share`) for ``channel_multiple="auto"`` to keep it; a padding that leaves less is
 #: passed over for the next, finer one (exact widths last). Padded widths are paid for by dropping
-#: chosen channels elsewhere: on the torchvision networks of the deploy benchmark at 2× and 4×
+#: chosen channels elsewhere: on five torchvision networks of the deploy benchmark at 2× and 4×
 #: fewer FLOPs, padding to 8 left them 0.78–0.95 of the budget and padding to 16 0.61–0.90; on
 #: ResNet-20 at 16× less volume, where one 28×28 map padded from 1 channel to 8 costs two thirds
 #: of the budget, padding to 8 left 0.17 and removed every residual branch (chance accuracy
