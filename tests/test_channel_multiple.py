@@ -984,3 +984,24 @@ def test_auto_padding_passes_over_a_padding_that_starves_the_method_s_channels()
     _, forced, forced_logs, forced_share = finalized(channel_multiple=8)
     assert forced["padding"] == [8, 0, 1, 0] and not any("method chose" in line for line in forced_logs)
     assert forced_share < PADDING_KEEPS < share
+
+
+def test_time_padding_does_not_time_multiples_of_sixteen_that_starve_the_method_s_channels(monkeypatch):
+    """Multiples of 16 that end on the budget but leave the channels the method chose under
+    PADDING_KEEPS of it (a stand-in share: 0.3 for them, 1 for every other padding) are not timed:
+    the report records why, and multiples of 8 stay, timed against exact widths only."""
+    import budgetprune.pruner as pruner_module
+
+    timed = []
+    monkeypatch.setattr(pruner_module, "chosen_share",
+                        lambda graph, chosen, final, budgets, mode: 0.3 if mode.multiple == 16 else 1.0)
+    monkeypatch.setattr(pruner_module, "padding_speedup",
+                        lambda slower, faster, example, runtime: timed.append(1) or _stand_in_timing(runtime, 1.3))
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    pruner, small, report, logs, _ = _finalized_with_timed_padding(_wide_convnet, x, "flops=0.25", "eager")
+    wide = report["wide_padding_timing"]
+    assert wide["error"] == "leaves the channels the method chose 0.30 of the budget, under 0.6"
+    assert (wide["multiple"], wide["against"]) == (16, 8) and "speedup" not in wide
+    assert len(timed) == 1 and report["padding"][0] == 8 and report["padding_timing"]["speedup"] == 1.3
+    assert all(n % 8 == 0 for n in _conv_widths(small))

@@ -295,8 +295,8 @@ FILLED = 0.95
 #: chosen channels elsewhere: on five torchvision networks of the deploy benchmark at 2× and 4×
 #: fewer FLOPs, padding to 8 left them 0.78–0.95 of the budget and padding to 16 0.61–0.90; on
 #: ResNet-20 at 16× less volume, where one 28×28 map padded from 1 channel to 8 costs two thirds
-#: of the budget, padding to 8 left 0.17 and removed every residual branch (chance accuracy
-#: after fine-tuning), padding only tensors of 32 channels or more 0.51.
+#: of the budget, padding to 8 left magnitude masks 0.17–0.26 and removed every residual branch of
+#: BAR's trained masks (chance accuracy after fine-tuning).
 PADDING_KEEPS = 0.6
 
 #: Put-back tries in a row that did not fit before the projection stops trying (each try is a
