@@ -991,6 +991,7 @@ def test_time_padding_does_not_time_multiples_of_sixteen_that_starve_the_method_
     PADDING_KEEPS of it (a stand-in share: 0.3 for them, 1 for every other padding) are not timed:
     the report records why, and multiples of 8 stay, timed against exact widths only."""
     import budgetprune.pruner as pruner_module
+    from budgetprune.budget import PADDING_KEEPS
 
     timed = []
     monkeypatch.setattr(pruner_module, "chosen_share",
@@ -1001,7 +1002,7 @@ def test_time_padding_does_not_time_multiples_of_sixteen_that_starve_the_method_
     x = torch.randn(4, 3, 8, 8)
     pruner, small, report, logs, _ = _finalized_with_timed_padding(_wide_convnet, x, "flops=0.25", "eager")
     wide = report["wide_padding_timing"]
-    assert wide["error"] == "leaves the channels the method chose 0.30 of the budget, under 0.6"
+    assert wide["error"] == f"leaves the channels the method chose 0.30 of the budget, under {PADDING_KEEPS}"
     assert (wide["multiple"], wide["against"]) == (16, 8) and "speedup" not in wide
     assert len(timed) == 1 and report["padding"][0] == 8 and report["padding_timing"]["speedup"] == 1.3
     assert all(n % 8 == 0 for n in _conv_widths(small))

@@ -292,12 +292,13 @@ FILLED = 0.95
 #: The least share of the budget a padding must leave to the channels the method chose
 #: (:func:`chosen_share`) for ``channel_multiple="auto"`` to keep it; a padding that leaves less is
 #: passed over for the next, finer one (exact widths last). Padded widths are paid for by dropping
-#: chosen channels elsewhere: on five torchvision networks of the deploy benchmark at 2× and 4×
-#: fewer FLOPs, padding to 8 left them 0.78–0.95 of the budget and padding to 16 0.61–0.90; on
-#: ResNet-20 at 16× less volume, where one 28×28 map padded from 1 channel to 8 costs two thirds
-#: of the budget, padding to 8 left magnitude masks 0.17–0.26 and removed every residual branch of
-#: BAR's trained masks (chance accuracy after fine-tuning).
-PADDING_KEEPS = 0.6
+#: chosen channels elsewhere. On ResNet-20 at 16× less volume, where one 28×28 map padded from 1
+#: channel to 8 costs two thirds of the budget, padding to 8 left BAR's trained masks 0.12 of it
+#: and removed every residual branch (magnitude masks: 0.17–0.26). On the deploy benchmark's
+#: networks at 2× and 4× fewer FLOPs (``benchmarks/results/padding_share.md``) the paddings kept
+#: left 0.49–0.95 (multiples of 16 on mobilenet_v3_small at 4×: 0.49). The line sits between the
+#: two; what a share between it and 1 costs in accuracy has not been measured.
+PADDING_KEEPS = 0.45
 
 #: Put-back tries in a row that did not fit before the projection stops trying (each try is a
 #: full cost evaluation, about a second on a ViT-B; a network of tens of thousands of channels

@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto: multiples of 8 in feature maps and token tensors, (batch, features) exact, "
                         "loosened (maps of 32 channels or more, then those keeping 32 or more, then exact) where "
                         "that cannot end within 0.95 of the budget or leaves the channels the method chose under "
-                        "0.6 of it; unless --deploy-runtime none, multiples of 16 are "
+                        "0.45 of it; unless --deploy-runtime none, multiples of 16 are "
                         "timed against 8 and the padding against exact widths, each kept where it runs 1.05x faster")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
