@@ -39,6 +39,7 @@ MODELS = ["resnet20", "resnet18", "mobilenet_v2", "mnasnet0_5", "squeezenet1_0",
 
 def shares(name: str, factor: float, size: int, models_module) -> list[dict]:
     """One row per padding: fullness and chosen share of the projected, filled masks (or why none)."""
+    torch.manual_seed(0)  # the same untrained weights whatever ran before
     unpruned, shape = build(name, size, models_module)
     torch.manual_seed(0)
     model = copy.deepcopy(unpruned).train()

@@ -952,7 +952,7 @@ def test_chosen_share_by_hand():
 def test_auto_padding_passes_over_a_padding_that_starves_the_method_s_channels():
     """ResNet-20 at 1/16 of its volume: its 28×28 stem keeps 1 of 16 channels, and padded to 8 that
     one map costs about two thirds of the budget, so the first auto padding pays for it by removing
-    the channels the method chose elsewhere (every residual branch). Finalize passes over each
+    the channels the method chose elsewhere (residual branches). Finalize passes over each
     padding that leaves the chosen channels under PADDING_KEEPS of the budget (logging their share),
     keeps a finer one that ends on the budget, and keeps more of the chosen channels than the
     padding an explicit ``channel_multiple=8`` forces."""

@@ -296,7 +296,7 @@ FILLED = 0.95
 #: channel to 8 costs two thirds of the budget, padding to 8 left BAR's trained masks 0.12 of it
 #: and removed every residual branch (magnitude masks: 0.17–0.26). On the deploy benchmark's
 #: networks at 2× and 4× fewer FLOPs (``benchmarks/results/padding_share.md``) the paddings kept
-#: left 0.49–0.95 (multiples of 16 on mobilenet_v3_small at 4×: 0.49). The line sits between the
+#: left 0.46–0.95 (multiples of 16 on mobilenet_v3_small at 4×: 0.46). The line sits between the
 #: two; what a share between it and 1 costs in accuracy has not been measured.
 PADDING_KEEPS = 0.45
 
