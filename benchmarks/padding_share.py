@@ -28,8 +28,7 @@ from common import RESULTS, machine, name_list, number_list, write_results  # no
 from deploy_speed import KNOWN_MODELS, REGISTRY, build, pruning_steps  # noqa: E402
 
 from budgetprune import Pruner  # noqa: E402
-from budgetprune.budget import (PADDING_KEEPS, budget_ratios, chosen_share, enforce_budget,  # noqa: E402
-                                fill_budget, reopenable_channels)
+from budgetprune.budget import PADDING_KEEPS, budget_ratios, chosen_share, project_and_fill  # noqa: E402
 from budgetprune.errors import BudgetError  # noqa: E402
 from budgetprune.liveness import BlockMode, auto_paddings, wide_padding  # noqa: E402
 
@@ -54,9 +53,7 @@ def shares(name: str, factor: float, size: int, models_module) -> list[dict]:
         mode = BlockMode(str(pruner.block), padding, pruner.block.gather_cost)
         row = {"model": name, "factor": factor, "rung": rung, "padding": padding.describe()}
         try:
-            final = enforce_budget(graph, chosen, scores, pruner.budgets, mode=mode)
-            final = fill_budget(graph, final, scores, pruner.budgets, reopenable=reopenable_channels(graph, final),
-                                mode=mode)
+            final, _ = project_and_fill(graph, chosen, scores, pruner.budgets, mode)
         except BudgetError as error:
             rows.append({**row, "error": str(error)})
             continue

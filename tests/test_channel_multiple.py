@@ -990,11 +990,12 @@ def test_time_padding_does_not_time_multiples_of_sixteen_that_starve_the_method_
     """Multiples of 16 that end on the budget but leave the channels the method chose under
     PADDING_KEEPS of it (a stand-in share: 0.3 for them, 1 for every other padding) are not timed:
     the report records why, and multiples of 8 stay, timed against exact widths only."""
+    import budgetprune.budget as budget_module
     import budgetprune.pruner as pruner_module
     from budgetprune.budget import PADDING_KEEPS
 
     timed = []
-    monkeypatch.setattr(pruner_module, "chosen_share",
+    monkeypatch.setattr(budget_module, "chosen_share",
                         lambda graph, chosen, final, budgets, mode: 0.3 if mode.multiple == 16 else 1.0)
     monkeypatch.setattr(pruner_module, "padding_speedup",
                         lambda slower, faster, example, runtime: timed.append(1) or _stand_in_timing(runtime, 1.3))

@@ -166,6 +166,16 @@ def chosen_share(graph: ChannelGraph, chosen: dict[str, torch.Tensor], final: di
     return min(shares)
 
 
+def starved_by_padding(graph: ChannelGraph, chosen: dict[str, torch.Tensor], final: dict[str, torch.Tensor],
+                       budgets: Budget | list[Budget], mode) -> str | None:
+    """Why a padded projection ``final`` is not kept (its :func:`chosen_share` under
+    :data:`PADDING_KEEPS`), or None."""
+    share = chosen_share(graph, chosen, final, budgets, mode)
+    if share >= PADDING_KEEPS:
+        return None
+    return f"leaves the channels the method chose {share:.2f} of the budget, under {PADDING_KEEPS}"
+
+
 def _toggle(masks, pairs, value):
     """``masks`` with channel ``idx`` of ``gid`` set to ``value`` for every (gid, idx) in ``pairs``."""
     out = dict(masks)
@@ -699,3 +709,17 @@ def fill_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dic
             if not bool(_units(graph, gid, scores[gid], closed[gid] & ~masks[gid])[1].any()):
                 open_groups.discard(gid)
     return masks
+
+
+def project_and_fill(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
+                     budgets: Budget | list[Budget], mode: str = "mixed",
+                     fill: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(final masks, reopened channel indices per group)``: :func:`enforce_budget`, then with
+    ``fill`` :func:`fill_budget` reopening closed channels while every budget holds (finalize's
+    hard decision for one block mode and padding)."""
+    budgets = _as_list(budgets)
+    final = enforce_budget(graph, masks, scores, budgets, mode=mode)
+    if not fill:
+        return final, {}
+    filled = fill_budget(graph, final, scores, budgets, reopenable=reopenable_channels(graph, final), mode=mode)
+    return filled, {g: torch.nonzero(filled[g] & ~final[g]).flatten() for g in final}

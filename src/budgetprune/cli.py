@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import cpu_allocator, gate_start
+from .budget import FILLED, PADDING_KEEPS
 from .data.images import AUGMENTATIONS
 from .errors import BudgetpruneError, CheckpointError, ConfigError, first_line, printable
 
@@ -158,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(onnxruntime's fast CPU convolutions need 8, or 16 with AVX-512); 1: exact widths; default "
                         "auto: multiples of 8 in feature maps and token tensors, (batch, features) exact, "
                         "loosened (maps of 32 channels or more, then those keeping 32 or more, then exact) where "
-                        "that cannot end within 0.95 of the budget or leaves the channels the method chose under "
-                        "0.45 of it; unless --deploy-runtime none, multiples of 16 are "
+                        f"that cannot end within {FILLED} of the budget or leaves the channels the method chose under "
+                        f"{PADDING_KEEPS} of it; unless --deploy-runtime none, multiples of 16 are "
                         "timed against 8 and the padding against exact widths, each kept where it runs 1.05x faster")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

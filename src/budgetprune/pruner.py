@@ -29,8 +29,7 @@ from torch import nn
 
 from .attach import check_gate_sample
 from .blocks import GATHER_COST, auto_mode
-from .budget import (FILLED, PADDING_KEEPS, Budget, budget_ratios, chosen_share, enforce_budget, fill_budget,
-                     parse_budgets, reopenable_channels)
+from .budget import FILLED, Budget, budget_ratios, parse_budgets, project_and_fill, starved_by_padding
 from .compact import compact, silence_channels, unpruned_copy
 from .errors import BudgetError, ConfigError, TrainingDiverged
 from .gates import OPEN_LOG_ALPHA
@@ -453,14 +452,7 @@ class Pruner:
             return next((mode for masks_, mode in projected if masks_ is kept), modes[0])
 
         def project_with(budgets: list[Budget], mode: BlockMode) -> tuple[dict, dict]:
-            final = enforce_budget(graph, masks, scores, budgets, mode=mode)
-            reopened: dict[str, torch.Tensor] = {}
-            if self.fill:
-                filled = fill_budget(graph, final, scores, budgets, reopenable=reopenable_channels(graph, final),
-                                     mode=mode)
-                reopened = {g: torch.nonzero(filled[g] & ~final[g]).flatten() for g in final}
-                final = filled
-            return final, reopened
+            return project_and_fill(graph, masks, scores, budgets, mode, self.fill)
 
         def project(budgets: list[Budget]) -> tuple[dict, dict]:
             # each padding in turn (channel_multiple="auto"), until one ends close enough to the budget
@@ -476,12 +468,11 @@ class Pruner:
                                  f"trying {modes[i + 1].describe_padding()}")
                     continue
                 fullness = max(budget_ratios(graph, final, budgets, mode))
-                if mode.multiple > 1 and i + 1 < len(modes):  # a padding that starves the method's channels
-                    share = chosen_share(graph, masks, final, budgets, mode)
-                    if share < PADDING_KEEPS:
-                        self.log(f"{mode.describe_padding()}: leaves the channels the method chose {share:.2f} of "
-                                 f"the budget, under {PADDING_KEEPS}; trying {modes[i + 1].describe_padding()}")
-                        continue
+                starved = mode.multiple > 1 and i + 1 < len(modes) and starved_by_padding(graph, masks, final,
+                                                                                          budgets, mode)
+                if starved:
+                    self.log(f"{mode.describe_padding()}: {starved}; trying {modes[i + 1].describe_padding()}")
+                    continue
                 if best is None or fullness > best[0]:
                     best = (fullness, final, reopened, mode)
                 if fullness >= FILLED:
@@ -500,7 +491,7 @@ class Pruner:
         # channel_multiple="auto" (a latency budget timed in a runtime has timed the padded network already)
         timed = self.time_padding and measured is None and len(self.paddings) > 1
         if timed and kept_mode.padding() == self.paddings[0] and kept_mode.multiple < AUTO_WIDE_MULTIPLE:
-            wide_timing, wide = self._time_wide_padding(final, kept_mode, project_with)
+            wide_timing, wide = self._time_wide_padding(final, kept_mode, project_with, masks)
             if wide is not None:
                 (final, reopened), kept_mode = wide
         if timed and kept_mode.multiple > 1:
@@ -516,10 +507,10 @@ class Pruner:
         return {"final": final, "dropped": dropped, "reopened": reopened, "before": before, "measured": measured,
                 "block": kept_mode, "padding_timing": timing, "wide_padding_timing": wide_timing}
 
-    def _time_wide_padding(self, kept: dict, kept_mode: BlockMode, project_with):
+    def _time_wide_padding(self, kept: dict, kept_mode: BlockMode, project_with, chosen: dict):
         """``time_padding`` where the first auto padding was kept: the budget projected again with every
         width a multiple of :data:`~budgetprune.liveness.AUTO_WIDE_MULTIPLE`, both networks timed in the
-        deploy runtime. Returns the timing (``multiple``, ``against``: the two multiples, ``ms`` and
+deploy runtime (``chosen``: the method's own masks). Returns the timing (``multiple``, ``against``: the two multiples, ``ms`` and
         ``against_ms`` their times, ``speedup``, ``pays``; or ``error``) and, where the wider padding ends
         within [FILLED, 1] of the budget, leaves the method's channels at least
         :data:`~budgetprune.budget.PADDING_KEEPS` of it and runs at least
@@ -536,11 +527,10 @@ class Pruner:
         if fullness < FILLED:
             self.log(f"{wide_mode.describe_padding()}: ends at {fullness:.4f} of the budget, under {FILLED}; {keeping}")
             return {**record, "error": f"ends at {fullness:.4f} of the budget, under {FILLED}"}, None
-        share = chosen_share(self.graph, self.method.keep_masks(), wide[0], self.budgets, wide_mode)
-        if share < PADDING_KEEPS:
-            why = f"leaves the channels the method chose {share:.2f} of the budget, under {PADDING_KEEPS}"
-            self.log(f"{wide_mode.describe_padding()}: {why}; {keeping}")
-            return {**record, "error": why}, None
+        starved = starved_by_padding(self.graph, chosen, wide[0], self.budgets, wide_mode)
+        if starved:
+            self.log(f"{wide_mode.describe_padding()}: {starved}; {keeping}")
+            return {**record, "error": starved}, None
         nets = [compact(self.model, self.graph, masks, mode=mode) for masks, mode in
                 ((kept, kept_mode), (wide[0], wide_mode))]
         speed = padding_speedup(*nets, self.deploy_example(), self.deploy_runtime)
