@@ -218,14 +218,31 @@ def test_keep_at_least_one_opens_highest_when_all_closed():
     assert torch.equal(gate.log_alpha.detach()[others], before[others])
 
 
-def test_keep_at_least_one_noop_when_one_open():
+def test_keep_at_least_one_noop_when_one_is_at_least_half_open():
     gate = HardConcreteGate(6)
     with torch.no_grad():
-        gate.log_alpha.copy_(torch.tensor([-5.0, -4.0, -1.0, -6.0, -3.0, -7.0]))  # index 2 open
-    assert int(gate.keep_mask().sum()) == 1
+        gate.log_alpha.copy_(torch.tensor([-5.0, -4.0, 0.2, -6.0, -3.0, -1.0]))  # ẑ(0.2) = 0.56
     before = gate.log_alpha.detach().clone()
     gate.keep_at_least_one()
     assert torch.equal(gate.log_alpha.detach(), before)
+
+
+def test_keep_at_least_one_lifts_a_faintly_open_best_channel_to_half():
+    """The guard's clamp keeps the channel with a gate that carries its signal: ẑ = ½ by hand is
+    σ(log α) = (½ + 0.1)/1.2 = ½, log α = 0; a channel open at ẑ ≈ 0.001 (just above the threshold,
+    where the guard used to clamp) is lifted there, the others untouched."""
+    gate = HardConcreteGate(4)
+    faint = gate.open_threshold() + 1e-2
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([-5.0, faint, -3.0, -7.0]))
+    z = float(gate.deterministic()[1])
+    assert 0.0 < z < 1e-3  # open, by a thousandth: σ′ at the threshold is (1/12)(11/12)
+    assert z == pytest.approx((1 / 12) * (11 / 12) * 0.01 * 1.2, rel=0.01)
+    gate.keep_at_least_one()
+    assert float(gate.log_alpha[1]) == pytest.approx(0.0, abs=1e-12)
+    assert float(gate.deterministic()[1]) == pytest.approx(0.5, abs=1e-6)
+    assert torch.equal(gate.log_alpha.detach()[[0, 2, 3]], torch.tensor([-5.0, -3.0, -7.0]))
+    assert gate.log_alpha_of(0.25) == pytest.approx(math.log((0.35 / 1.2) / (0.85 / 1.2)), abs=1e-12)
 
 
 def test_hc_init_within_0_and_001():

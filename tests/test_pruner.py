@@ -350,3 +350,51 @@ def test_a_broadcast_add_of_other_layouts_is_left_as_it_is():
     pruner = Pruner(model, x, "flops=0.8", total_steps=1, gate_init=3.0)
     small, report = pruner.finalize()
     assert report["compaction_max_abs_diff"] <= 1e-5
+
+
+def _gates_of_group(pruner, index=0):
+    """The first protected group (min_keep > 0) of ``pruner``'s graph, and its Hard Concrete gates."""
+    method = pruner.method
+    group = [g for g, grp in pruner.graph.groups.items() if grp.min_keep > 0][index]
+    return group, [gate for key, gate in method.gates.items() if method.gid_of[key] == group]
+
+
+def test_the_fatal_pruning_guard_keeps_a_channel_that_carries_its_signal(demo_subsets):
+    """Every gate of a protected group closed: the guard reopens its best channel at ẑ = ½ (not just
+    above the threshold, where the folded channel passed a thousandth of its signal), and the report
+    gives that as the group's smallest kept gate."""
+    torch.manual_seed(0)
+    train, _ = demo_subsets(64)
+    model = budgetprune.create_model("lenet5")
+    pruner = Pruner(model, random_batches(train, 1)[0][0][:8], "volume=0.5", method="bar", total_steps=4)
+    group, gates = _gates_of_group(pruner)
+    with torch.no_grad():
+        for gate in gates:
+            gate.log_alpha.fill_(-8.0)
+            gate.log_alpha[1] = -7.0  # the best of a closed group
+    pruner.step()
+    assert [float(g.deterministic().detach()[1]) for g in gates] == [pytest.approx(0.5, abs=1e-6)] * len(gates)
+    _, report = pruner.finalize()
+    assert report["lowest_kept_gate"][group] == pytest.approx(0.5, abs=1e-6)
+    assert report["masks"][group][0] == 1 or 1 in report["masks"][group]
+
+
+def test_a_channel_kept_at_a_faint_gate_is_named(demo_subsets):
+    """A kept channel whose gate is about 0.001 (open, but by a thousandth): finalize's log names its
+    group and the report's ``lowest_kept_gate`` holds that value, as ẑ computes it by hand."""
+    torch.manual_seed(0)
+    train, _ = demo_subsets(64)
+    model = budgetprune.create_model("lenet5")
+    logs = []
+    pruner = Pruner(model, random_batches(train, 1)[0][0][:8], "volume=0.99", method="bar", total_steps=4, log=logs.append)
+    group, gates = _gates_of_group(pruner)
+    faint = gates[0].open_threshold() + 1e-2
+    with torch.no_grad():
+        for gate in gates:
+            gate.log_alpha[0] = faint  # the others stay open at log α = 3 (ẑ = 1) but three, closed:
+            gate.log_alpha[1:4] = -8.0  # the method's choice under the budget, the projection drops nothing
+    _, report = pruner.finalize()
+    expected = (1 / 12) * (11 / 12) * 0.01 * 1.2  # ẑ's slope at the threshold times 0.01
+    assert report["lowest_kept_gate"][group] == pytest.approx(expected, rel=0.01)
+    assert min(report["lowest_kept_gate"].values()) == report["lowest_kept_gate"][group]
+    assert any("passes under 0.01 of its signal" in line and group in line for line in logs)

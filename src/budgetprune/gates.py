@@ -27,6 +27,20 @@ ZETA = 1.1
 #: with the BAR runs from both starts; :mod:`budgetprune.gate_start` chooses a start per network).
 OPEN_LOG_ALPHA = 3.0
 
+#: The deterministic gate ẑ below which the fatal-pruning guard lifts the best channel of a protected
+#: group (seed 001, section 4.1: "we clamp the highest value of Φ so at least one feature map is kept").
+#: A clamp just above the opening threshold (log α = −2.40 + 0.01) keeps the channel at ẑ ≈ 0.001:
+#: open in name, while the compacted network folds ẑ into its weights, and a BatchNorm scaled down a
+#: thousandfold is at the size of one Adam step: measured on ResNet-20 at 16× volume (seed 0), the
+#: second stage's only residual channel came out of fine-tuning ≤ 0 for every input, so the ReLU after
+#: the sum cut the network off (10 % accuracy). Clamped at ẑ = ½ (log α = 0, where seed 001 starts
+#: the gates) the kept channel carries its signal.
+GUARD_GATE = 0.5
+
+#: A kept channel whose folded gate is under this passes less than 1 % of its signal: finalize and the
+#: report name it (``lowest_kept_gate``).
+FAINT_GATE = 0.01
+
 
 def travel_note(gates: list, lr: float, steps: int) -> str | None:
     """A warning when Hard Concrete ``gates`` trained by Adam cannot get to closed within ``steps``.
@@ -116,14 +130,20 @@ class HardConcreteGate(nn.Module):
 
     def open_threshold(self) -> float:
         """log α above which ẑ > 0: σ(log α) > −γ/(ζ − γ)."""
-        p = -self.gamma / (self.zeta - self.gamma)
+        return self.log_alpha_of(0.0)
+
+    def log_alpha_of(self, z: float) -> float:
+        """The log α whose deterministic gate ẑ is ``z`` (0 ≤ z < 1): the inverse of :meth:`deterministic`
+        (at 0, the edge of the clamp: the opening threshold)."""
+        p = (z - self.gamma) / (self.zeta - self.gamma)
         return math.log(p / (1.0 - p))
 
     @torch.no_grad()
-    def keep_at_least_one(self, margin: float = 1e-2) -> None:
-        """Fatal-pruning guard (seed 001, section 4.1): clamp the highest log α so one channel stays open."""
+    def keep_at_least_one(self, gate: float = GUARD_GATE) -> None:
+        """Fatal-pruning guard (seed 001, section 4.1): clamp the highest log α so one channel stays
+        open with a deterministic gate of at least ``gate`` (:data:`GUARD_GATE`)."""
         i = int(torch.argmax(self.log_alpha))
-        floor = self.open_threshold() + margin
+        floor = self.log_alpha_of(gate)
         if float(self.log_alpha[i]) < floor:
             self.log_alpha[i] = floor
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import io
+from .gates import FAINT_GATE
 from .graph import ChannelGraph
 from .liveness import Padding, describe_padding
 
@@ -143,6 +144,11 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
                   "regular": "regular (added tensors keep equal widths)"}.get(m["block"], m["block"])
         padding = describe_padding(Padding(*m.get("padding", [1])), m.get("pad_tied", True))
         lines.append(f"- Residual blocks: {blocks}; {padding}")
+    if m.get("lowest_kept_gate"):
+        group, gate = min(m["lowest_kept_gate"].items(), key=lambda item: item[1])
+        lines.append(f"- Smallest gate folded into a kept channel: {gate:.3g} ({group})"
+                     + (f"; under {FAINT_GATE:g}: that channel passes almost none of its signal" if gate < FAINT_GATE
+                        else ""))
         wide = m.get("wide_padding_timing")
         if wide and "error" in wide:
             lines.append(f"- Multiples of {wide['multiple']} not timed in {wide['runtime']} ({wide['error']}): "
