@@ -45,6 +45,8 @@ def test_prune_end_to_end_meets_budget(finished_run):
     assert 0.1 < m["test_accuracy"] <= 1.0 and 0.1 < m["unpruned_test_accuracy"] <= 1.0
     assert m["compaction_max_abs_diff"] <= 1e-5
     assert m["channels_reopened_by_fill"] >= 0
+    assert set(m["lowest_kept_gate"]) == set(m["widths"]) and all(0 < v <= 1 for v in m["lowest_kept_gate"].values())
+    assert all(0 < n <= m["widths"][g]["kept"] for g, n in m["faint_kept_channels"].items())
     history = json.loads((finished_run / "history.json").read_text())
     assert [h["stage"] for h in history] == ["teacher", "prune", "prune", "finetune"]
     config = json.loads((finished_run / "config.json").read_text())

@@ -45,6 +45,20 @@ def test_the_report_carries_the_note(tmp_path):
     assert "- The result runs 2.23× faster in onnxruntime" in (tmp_path / "report.md").read_text()
 
 
+def test_the_report_names_the_smallest_kept_gate_and_the_faint_channels(tmp_path):
+    m = {**metrics(1.0), "method": "bar", "budget_fraction": 0.25, "budget": 1.0, "budget_ratio": 0.999,
+         "full": {"volume": 2.46, "flops": 4.0, "params": 4.22}, "pruned": {"volume": 1.0, "flops": 1.0, "params": 1.0},
+         "widths": {}, "test_accuracy": 0.9, "unpruned_test_accuracy": 0.91, "accuracy_change": -0.01,
+         "cost_before_projection": 1.0, "channels_dropped_by_projection": 0, "compaction_max_abs_diff": 0.0,
+         "model": "resnet20", "data": "demo", "lowest_kept_gate": {"conv1": 1.0, "layer3.2.conv2": 5.8e-5},
+         "faint_kept_channels": {"layer3.2.conv2": 3}}
+    write_report(tmp_path, m, [])
+    assert ("- Smallest gate folded into a kept channel: 5.8e-05 (layer3.2.conv2); 3 kept channel(s) under 0.01 "
+            "pass almost none of their signal") in (tmp_path / "report.md").read_text()
+    write_report(tmp_path, {**m, "lowest_kept_gate": {"conv1": 0.5}, "faint_kept_channels": {}}, [])
+    assert "- Smallest gate folded into a kept channel: 0.5 (conv1)\n" in (tmp_path / "report.md").read_text()
+
+
 def test_an_avx512_cpu_with_widths_padded_to_eight_is_told_about_sixteen():
     """onnxruntime's convolutions on an AVX-512 CPU work on 16 channels: a result padded to 8 and
     timed there is pointed at --channel-multiple 16; padded otherwise, timed elsewhere or on another

@@ -397,4 +397,5 @@ def test_a_channel_kept_at_a_faint_gate_is_named(demo_subsets):
     expected = (1 / 12) * (11 / 12) * 0.01 * 1.2  # ẑ's slope at the threshold times 0.01
     assert report["lowest_kept_gate"][group] == pytest.approx(expected, rel=0.01)
     assert min(report["lowest_kept_gate"].values()) == report["lowest_kept_gate"][group]
-    assert any("passes under 0.01 of its signal" in line and group in line for line in logs)
+    assert report["faint_kept_channels"] == {group: 1}
+    assert any("pass under 0.01 of their signal" in line and group in line for line in logs)

@@ -828,8 +828,10 @@ class PruneRun:
             "channels_dropped_by_projection": info["channels_dropped_by_projection"],
             "channels_reopened_by_fill": info.get("channels_reopened_by_fill", 0),
             "compaction_max_abs_diff": info["compaction_max_abs_diff"],
-            # per group, the smallest gate folded into a kept channel (near 0: a channel kept but silent)
-            **({"lowest_kept_gate": info["lowest_kept_gate"]} if info.get("lowest_kept_gate") else {}),
+            # per group, the smallest gate folded into a kept channel (near 0: a channel kept but silent), and
+            # how many kept channels are folded under FAINT_GATE
+            **({"lowest_kept_gate": info["lowest_kept_gate"], "faint_kept_channels": info.get("faint_kept_channels", {})}
+               if info.get("lowest_kept_gate") else {}),
             # where the gates started and the agreement measured at each start (a chosen start only)
             **({"gate_start": info["gate_start"]} if info.get("gate_start") else {}),
             "model": cfg.model, "data": cfg.data, "granularity": cfg.granularity,

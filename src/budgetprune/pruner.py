@@ -587,13 +587,13 @@ deploy runtime (``chosen``: the method's own masks). Returns the timing (``multi
                 values[g] = values[g].clone()
                 values[g][idx.to(values[g].device)] = 1.0
         values = {g: values[g] * final[g].to(values[g].device).float() for g in final}
-        lowest = lowest_kept_gates(values, final)
-        faint = {g: v for g, v in lowest.items() if v < FAINT_GATE}
+        lowest, faint = kept_gates(values, final)
         if faint:
-            self.log(f"note: {len(faint)} group(s) keep a channel whose gate passes under {FAINT_GATE:g} of its "
-                     f"signal ({', '.join(f'{g} {v:.2g}' for g, v in sorted(faint.items(), key=lambda i: i[1])[:4])}"
-                     f"{', ...' if len(faint) > 4 else ''}); the gate is folded into its weights, which fine-tuning "
-                     "may not bring back to size")
+            self.log(f"note: {sum(faint.values())} kept channel(s) pass under {FAINT_GATE:g} of their signal "
+                     f"(their gate; smallest per group: "
+                     f"{', '.join(f'{g} {lowest[g]:.2g}' for g in sorted(faint, key=lowest.get)[:4])}"
+                     f"{', ...' if len(faint) > 4 else ''}); the gate is folded into their weights, which "
+                     "fine-tuning may not bring back to size")
         method.freeze(final, values)
         self.model.eval()
         method.eval()
@@ -604,7 +604,7 @@ deploy runtime (``chosen``: the method's own masks). Returns the timing (``multi
         self._attach_plan(net, final)
         report = {"cost_before_projection": before[self.budget.metric], "channels_dropped_by_projection": dropped,
                   "channels_reopened_by_fill": n_reopened, "compaction_max_abs_diff": diff,
-                  "lowest_kept_gate": lowest, "padding": list(block.padding()), "pad_tied": block.pad_tied,
+                  "lowest_kept_gate": lowest, "faint_kept_channels": faint, "padding": list(block.padding()), "pad_tied": block.pad_tied,
                   "masks": {g: [int(i) for i in torch.nonzero(m).flatten()] for g, m in kept.items()},
                   "pruned": resource_report(graph, final, block, self.metrics),
                   "pruned_by_block": {name: resource_report(graph, final, mode, self.metrics)
@@ -749,15 +749,18 @@ class _ProcessSync:
         self.hooks = []
 
 
-def lowest_kept_gates(values: dict[str, torch.Tensor], final: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per group, the smallest gate value finalize folds into a kept channel (reopened channels count at 1):
-    a channel kept at a gate near 0 passes almost none of its signal, in the compacted network too."""
-    lowest = {}
+def kept_gates(values: dict[str, torch.Tensor], final: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Per group, the smallest gate value finalize folds into a kept channel (reopened channels count at
+    1), and how many kept channels it folds at under :data:`~budgetprune.gates.FAINT_GATE` (groups with
+    none left out): a channel kept at a gate near 0 passes almost none of its signal, compacted too."""
+    lowest, faint = {}, {}
     for g, keep in final.items():
-        keep = keep.to(values[g].device).reshape(-1)
-        if keep.any():
-            lowest[g] = float(values[g].reshape(-1)[keep].min())
-    return lowest
+        kept = values[g].reshape(-1)[keep.to(values[g].device).reshape(-1)]
+        if kept.numel():
+            lowest[g] = float(kept.min())
+            if int((kept < FAINT_GATE).sum()):
+                faint[g] = int((kept < FAINT_GATE).sum())
+    return lowest, faint
 
 
 def _to_cpu(value):

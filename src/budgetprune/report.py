@@ -146,8 +146,9 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
         lines.append(f"- Residual blocks: {blocks}; {padding}")
     if m.get("lowest_kept_gate"):
         group, gate = min(m["lowest_kept_gate"].items(), key=lambda item: item[1])
+        faint = sum((m.get("faint_kept_channels") or {}).values())
         lines.append(f"- Smallest gate folded into a kept channel: {gate:.3g} ({group})"
-                     + (f"; under {FAINT_GATE:g}: that channel passes almost none of its signal" if gate < FAINT_GATE
+                     + (f"; {faint} kept channel(s) under {FAINT_GATE:g} pass almost none of their signal" if faint
                         else ""))
         wide = m.get("wide_padding_timing")
         if wide and "error" in wide:
