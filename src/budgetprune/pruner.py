@@ -608,7 +608,8 @@ deploy runtime (``chosen``: the method's own masks). Returns the timing (``multi
         self._attach_plan(net, final)
         report = {"cost_before_projection": before[self.budget.metric], "channels_dropped_by_projection": dropped,
                   "channels_reopened_by_fill": n_reopened, "faint_channels_closed": n_faint,
-                  "compaction_max_abs_diff": diff, "lowest_kept_gate": lowest, "faint_kept_channels": faint, "padding": list(block.padding()), "pad_tied": block.pad_tied,
+                  "compaction_max_abs_diff": diff, "lowest_kept_gate": lowest, "faint_kept_channels": faint,
+                  "padding": list(block.padding()), "pad_tied": block.pad_tied,
                   "masks": {g: [int(i) for i in torch.nonzero(m).flatten()] for g, m in kept.items()},
                   "pruned": resource_report(graph, final, block, self.metrics),
                   "pruned_by_block": {name: resource_report(graph, final, mode, self.metrics)

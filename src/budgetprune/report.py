@@ -146,12 +146,6 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
                   "regular": "regular (added tensors keep equal widths)"}.get(m["block"], m["block"])
         padding = describe_padding(Padding(*m.get("padding", [1])), m.get("pad_tied", True))
         lines.append(f"- Residual blocks: {blocks}; {padding}")
-    if m.get("lowest_kept_gate"):
-        group, gate = min(m["lowest_kept_gate"].items(), key=lambda item: item[1])
-        faint = sum((m.get("faint_kept_channels") or {}).values())
-        lines.append(f"- Smallest gate folded into a kept channel: {gate:.3g} ({group})"
-                     + (f"; {faint} kept channel(s) under {FAINT_GATE:g} pass almost none of their signal" if faint
-                        else ""))
         wide = m.get("wide_padding_timing")
         if wide and "error" in wide:
             lines.append(f"- Multiples of {wide['multiple']} not timed in {wide['runtime']} ({wide['error']}): "
@@ -169,6 +163,12 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
                          f"{timing['padded_ms']:.3f} ms, exact widths {timing['exact_ms']:.3f} ms, "
                          f"{timing['speedup']:.2f}× faster padded: "
                          + ("padding kept" if timing["pays"] else "exact widths kept"))
+    if m.get("lowest_kept_gate"):
+        group, gate = min(m["lowest_kept_gate"].items(), key=lambda item: item[1])
+        faint = sum((m.get("faint_kept_channels") or {}).values())
+        lines.append(f"- Smallest gate folded into a kept channel: {gate:.3g} ({group})"
+                     + (f"; {faint} kept channel(s) under {FAINT_GATE:g} pass almost none of their signal" if faint
+                        else ""))
     lines += measured_latency_lines(m.get("measured_latency"))
     deployed = m.get("deployed")
     if deployed and "error" in deployed:
