@@ -827,8 +827,6 @@ class PruneRun:
             "cost_before_projection": info["cost_before_projection"],
             "channels_dropped_by_projection": info["channels_dropped_by_projection"],
             "channels_reopened_by_fill": info.get("channels_reopened_by_fill", 0),
-            # kept by the method at a gate under FAINT_GATE, so counted as closed before the projection
-            "faint_channels_closed": info.get("faint_channels_closed", 0),
             "compaction_max_abs_diff": info["compaction_max_abs_diff"],
             # per group, the smallest gate folded into a kept channel (near 0: a channel kept but silent), and
             # how many kept channels are folded under FAINT_GATE

@@ -437,7 +437,6 @@ class Pruner:
         (what was kept, dropped and reopened, and the costs before)."""
         graph, method = self.graph, self.method
         masks = method.keep_masks()
-        chosen, faint = close_faint_channels(graph, masks, method.gate_values())  # what the projection starts from
         scores = method.scores()
         # without the fill a network may end under its budget by the method's choice: no finer padding
         modes = [BlockMode(str(self.block), padding, self.block.gather_cost)
@@ -453,7 +452,7 @@ class Pruner:
             return next((mode for masks_, mode in projected if masks_ is kept), modes[0])
 
         def project_with(budgets: list[Budget], mode: BlockMode) -> tuple[dict, dict]:
-            return project_and_fill(graph, chosen, scores, budgets, mode, self.fill)
+            return project_and_fill(graph, masks, scores, budgets, mode, self.fill)
 
         def project(budgets: list[Budget]) -> tuple[dict, dict]:
             # each padding in turn (channel_multiple="auto"), until one ends close enough to the budget
@@ -469,7 +468,7 @@ class Pruner:
                                  f"trying {modes[i + 1].describe_padding()}")
                     continue
                 fullness = max(budget_ratios(graph, final, budgets, mode))
-                starved = mode.multiple > 1 and i + 1 < len(modes) and starved_by_padding(graph, chosen, final,
+                starved = mode.multiple > 1 and i + 1 < len(modes) and starved_by_padding(graph, masks, final,
                                                                                           budgets, mode)
                 if starved:
                     self.log(f"{mode.describe_padding()}: {starved}; trying {modes[i + 1].describe_padding()}")
@@ -492,7 +491,7 @@ class Pruner:
         # channel_multiple="auto" (a latency budget timed in a runtime has timed the padded network already)
         timed = self.time_padding and measured is None and len(self.paddings) > 1
         if timed and kept_mode.padding() == self.paddings[0] and kept_mode.multiple < AUTO_WIDE_MULTIPLE:
-            wide_timing, wide = self._time_wide_padding(final, kept_mode, project_with, chosen)
+            wide_timing, wide = self._time_wide_padding(final, kept_mode, project_with, masks)
             if wide is not None:
                 (final, reopened), kept_mode = wide
         if timed and kept_mode.multiple > 1:
@@ -506,7 +505,6 @@ class Pruner:
         # compares like with like (a padded count of masks kept at exact widths could be several times theirs)
         before = {b.metric: CostModel(graph, b.metric, kept_mode).hard(masks) for b in self.budgets}
         return {"final": final, "dropped": dropped, "reopened": reopened, "before": before, "measured": measured,
-                "faint_closed": faint,
                 "block": kept_mode, "padding_timing": timing, "wide_padding_timing": wide_timing}
 
     def _time_wide_padding(self, kept: dict, kept_mode: BlockMode, project_with, chosen: dict):
@@ -580,9 +578,7 @@ deploy runtime (``chosen``: the method's own masks). Returns the timing (``multi
         for m, (cm, limit) in costs.items():
             after = cm.hard(final)
             moves.append(f"{m} {before[m]:.6g} → {after:.6g} (budget {limit:.6g}, {after / limit:.4f} of it)")
-        n_faint = decision.get("faint_closed", 0)
         self.log(f"hard-prune: {'; '.join(moves)}; the budget projection dropped {dropped} channels"
-                 + (f" (among them {n_faint} the method kept at a gate under {FAINT_GATE:g})" if n_faint else "")
                  + (f" and reopened {n_reopened}" if n_reopened else ""))
         values = method.gate_values()
         if n_reopened:  # reopened channels pass with gate 1 and start with zero outgoing weights
@@ -607,8 +603,8 @@ deploy runtime (``chosen``: the method's own masks). Returns the timing (``multi
         kept = effective_masks(graph, final)  # what the compacted network keeps (pruned-away blocks: none)
         self._attach_plan(net, final)
         report = {"cost_before_projection": before[self.budget.metric], "channels_dropped_by_projection": dropped,
-                  "channels_reopened_by_fill": n_reopened, "faint_channels_closed": n_faint,
-                  "compaction_max_abs_diff": diff, "lowest_kept_gate": lowest, "faint_kept_channels": faint,
+                  "channels_reopened_by_fill": n_reopened, "compaction_max_abs_diff": diff,
+                  "lowest_kept_gate": lowest, "faint_kept_channels": faint,
                   "padding": list(block.padding()), "pad_tied": block.pad_tied,
                   "masks": {g: [int(i) for i in torch.nonzero(m).flatten()] for g, m in kept.items()},
                   "pruned": resource_report(graph, final, block, self.metrics),
@@ -752,26 +748,6 @@ class _ProcessSync:
         for h in self.hooks:
             h.remove()
         self.hooks = []
-
-
-def close_faint_channels(graph: ChannelGraph, masks: dict[str, torch.Tensor],
-                         values: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-    """The method's masks with every kept channel whose gate is under :data:`~budgetprune.gates.FAINT_GATE`
-    (in magnitude) counted as closed, and how many that is. Such a channel passes under 1 % of its signal
-    and, folded at that gate, hands fine-tuning weights a thousandfold shrunk (as small as one Adam step):
-    it costs the budget and gives nothing. Closed, its cost goes to the projection and the fill, which
-    may reopen it (gate 1, outgoing weights zero: it starts as a no-op and can learn). A group that must
-    keep channels (``min_keep``) and has none above the line keeps its faint ones."""
-    out, closed = {}, 0
-    for g, keep in masks.items():
-        strong = keep & (values[g].detach().abs().to(keep.device).reshape(keep.shape) >= FAINT_GATE)
-        group = graph.groups.get(g)
-        if int(strong.sum()) < (group.min_keep if group is not None else 1):
-            out[g] = keep
-        else:
-            out[g] = strong
-            closed += int(keep.sum()) - int(strong.sum())
-    return out, closed
 
 
 def kept_gates(values: dict[str, torch.Tensor], final: dict[str, torch.Tensor]) -> tuple[dict, dict]:

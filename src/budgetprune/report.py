@@ -133,9 +133,7 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
              f"change {100 * m['accuracy_change']:+.2f} points)",
              f"- Budget: {m['metric']} ≤ {m['budget']:.6g}; reached {m['pruned'][m['metric']]:.6g} = "
              f"**{m['budget_ratio']:.4f}** of the budget",
-             f"- {unit.capitalize()} dropped by the exact-budget projection: {m.get(f'{unit}_dropped_by_projection', 0)}"
-             + (f" ({m['faint_channels_closed']} of them kept by the method at a gate under {FAINT_GATE:g})"
-                if m.get("faint_channels_closed") else ""),
+             f"- {unit.capitalize()} dropped by the exact-budget projection: {m.get(f'{unit}_dropped_by_projection', 0)}",
              f"- {unit.capitalize()} reopened to fill the budget ("
              + ("at value 0" if per_weight else "zero outgoing weights at reopening")
              + f"): {m.get(f'{unit}_reopened_by_fill', 0)}",
