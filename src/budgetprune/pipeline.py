@@ -830,8 +830,8 @@ class PruneRun:
             "compaction_max_abs_diff": info["compaction_max_abs_diff"],
             # per group, the smallest gate folded into a kept channel (near 0: a channel kept but silent), and
             # how many kept channels are folded under FAINT_GATE
-            **({"lowest_kept_gate": info["lowest_kept_gate"], "faint_kept_channels": info.get("faint_kept_channels", {})}
-               if info.get("lowest_kept_gate") else {}),
+            **({"lowest_kept_gate": info["lowest_kept_gate"],
+                "faint_kept_channels": info.get("faint_kept_channels", {})} if info.get("lowest_kept_gate") else {}),
             # where the gates started and the agreement measured at each start (a chosen start only)
             **({"gate_start": info["gate_start"]} if info.get("gate_start") else {}),
             "model": cfg.model, "data": cfg.data, "granularity": cfg.granularity,

@@ -760,8 +760,9 @@ def kept_gates(values: dict[str, torch.Tensor], final: dict[str, torch.Tensor]) 
         kept = values[g].abs().reshape(-1)[keep.to(values[g].device).reshape(-1)]
         if kept.numel():
             lowest[g] = float(kept.min())
-            if int((kept < FAINT_GATE).sum()):
-                faint[g] = int((kept < FAINT_GATE).sum())
+            n_faint = int((kept < FAINT_GATE).sum())
+            if n_faint:
+                faint[g] = n_faint
     return lowest, faint
 
 
