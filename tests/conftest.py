@@ -44,3 +44,14 @@ def _demo_subsets(n_train: int, n_test: int = 256):
 def demo_subsets():
     """``demo_subsets(n_train, n_test=256)`` → (train, test) subsets of the embedded demo data."""
     return _demo_subsets
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Benchmark mains run in-process set torch's thread count for their own timing: restored after
+    every test, so a test's speed never depends on which ran before it (a leaked 2 threads beside a
+    busy core made a 2-second test take two minutes)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -22,7 +22,7 @@ from budgetprune.errors import GraphError
 from budgetprune.liveness import effective_masks, slot_sets
 from budgetprune.methods.bar import BAR
 from budgetprune.ops import index_add_channels
-from budgetprune.resources import resource_report
+from budgetprune.resources import CostModel, resource_report
 
 from loops import randomise_batchnorms
 
@@ -253,6 +253,29 @@ def test_fatal_pruning_guard_residual():
         assert int(m.sum()) == (1 if gid in protected else 0), gid
     torch.manual_seed(11)
     check_compaction(model, graph, bar, masks, torch.randn(4, 1, 28, 28) * 3)
+
+
+@pytest.mark.parametrize("mode", ["mixed", "regular"])
+def test_the_projection_reopens_a_protected_group_a_method_closed(mode):
+    """A method whose own criterion closed every channel of a protected group (sensitivity's decay on
+    ResNet-20's only stage-2 shortcut, with the block's first conv closed too: no path from stage 1
+    to stage 2, volume 10 and a compaction that failed) hands masks the projection must repair: the
+    group's best-scored channel is reopened, the result fits the budget and compacts."""
+    model, graph = make_model("resnet20")
+    masks = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
+    masks["layer2.0.downsample.0"][:] = False
+    masks["layer2.0.conv1"][:] = False
+    scores = {gid: torch.rand(g.channels, generator=torch.Generator().manual_seed(1)) for gid, g in graph.groups.items()}
+    budget = Budget("volume", 0.3)
+    final = budgetprune.enforce_budget(graph, masks, scores, budget, mode=mode)
+    shortcut = final["layer2.0.downsample.0"]
+    assert shortcut.tolist() == (torch.arange(32) == int(torch.argmax(scores["layer2.0.downsample.0"]))).tolist()
+    cost = CostModel(graph, "volume", mode)
+    assert 0.9 * budget.absolute(graph) < cost.hard(final) <= budget.absolute(graph)  # not cut off: far above 10
+    bar = attach_random(model, graph, seed=12)
+    torch.manual_seed(12)
+    check_compaction(model, graph, bar, final, torch.randn(4, 1, 28, 28) * 3, mode,
+                     values={gid: m.float() for gid, m in final.items()})  # the kept channels open
 
 
 def test_residual_graph_groups_by_hand():

@@ -456,6 +456,30 @@ def test_sensitivity_prunes_filters_that_shrank_below_the_threshold():
     assert not bool(keep[3]) and int(keep.sum()) == 19
 
 
+def test_sensitivity_decay_spares_the_strongest_filter_of_a_protected_layer():
+    """The fatal-pruning guard for the decay: every channel insensitive (S = 0) at λ = 0.5, each step
+    halves every filter; every LeNet-5 layer is protected (every path crosses it). The step that would
+    take a layer's last filters under the threshold (0.05 of their starting norms: after 5 halvings)
+    spares the one strongest relative to its start, which stays at 0.5⁴ of it and stays kept."""
+    model, graph, method = attached("sensitivity", lam=0.5, threshold=0.05, aim="fixed")
+    assert all(g.min_keep == 1 for g in graph.groups.values())
+    for gate in method.gates.values():
+        gate.sensitivity.fill_(0.0)
+    conv = model.features[0]
+    with torch.no_grad():  # channel 0 of the first convolution: the strongest relative to its start
+        conv.weight[1:] *= 0.9
+        conv.bias[1:] *= 0.9
+    start = method.gate("features.0").start_norm.clone()
+    for _ in range(8):
+        method.after_step(0.0)
+    keep = method.keep_masks()
+    assert keep["features.0"].tolist() == [True] + [False] * 19
+    relative = method.filter_norms("features.0") / start
+    assert float(relative[0]) == pytest.approx(0.5 ** 4, rel=1e-5)
+    assert float(relative[1:].max()) == pytest.approx(0.9 * 0.5 ** 8, rel=1e-5)
+    assert all(int(m.sum()) == 1 for m in keep.values())  # one filter per layer, never none
+
+
 # ---------------------------------------------------------------------------------------
 # the iterative baselines (seed 001, supplement 3.2)
 # ---------------------------------------------------------------------------------------

@@ -241,10 +241,29 @@ def _without(mask: torch.Tensor, channels: list[int]) -> torch.Tensor:
     return out
 
 
+def with_kept_minimum(graph: ChannelGraph, masks, scores) -> dict[str, torch.Tensor]:
+    """``masks`` with every group the fatal-pruning guard protects back to its ``min_keep`` channels:
+    its closed units (a channel, or the channels tied to it) of highest score reopened. A method
+    whose own criterion closed all of a protected group (a filter decayed under the sensitivity
+    method's threshold: a ResNet's only shortcut, which cut the network in two) hands masks no
+    projection may keep. Not in place."""
+    for gid, group in graph.groups.items():
+        if gid not in masks or int(masks[gid].sum()) >= group.min_keep:
+            continue
+        unit_scores, unit_kept = _units(graph, gid, scores[gid].float(), masks[gid])
+        for unit in torch.argsort(unit_scores.masked_fill(unit_kept, float("-inf")), descending=True).tolist():
+            masks = _toggle(masks, _unit_pairs(graph, gid, unit), True)
+            if int(masks[gid].sum()) >= group.min_keep:
+                break
+    return masks
+
+
 def with_guarded_inputs(graph: ChannelGraph, masks, scores) -> dict[str, torch.Tensor]:
-    """``masks`` with, for every layer that must run left without an alive input, its writers'
-    channel (with the channels tied to it) of highest score reopened (a method's gates may all have
-    closed on a piece of a split; :attr:`budgetprune.graph.ChannelGraph.input_guards`). Not in place."""
+    """``masks`` with every protected group at its ``min_keep`` channels (:func:`with_kept_minimum`)
+    and, for every layer that must run left without an alive input, its writers' channel (with the
+    channels tied to it) of highest score reopened (a method's gates may all have closed on a piece
+    of a split; :attr:`budgetprune.graph.ChannelGraph.input_guards`). Not in place."""
+    masks = with_kept_minimum(graph, masks, scores)
     for guard in graph.input_guards:
         if any(bool(masks[g][chans].any()) for g, chans in guard):
             continue

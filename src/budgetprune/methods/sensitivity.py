@@ -23,7 +23,9 @@ labels). A channel's S is a derivative w.r.t. a whole map, on another scale than
 weight's, so S is divided by its largest value over the network before it enters
 max(0, 1 − S): the most sensitive channel is never decayed. S costs one backward pass per class
 and is recomputed every ``every`` steps (an exponential average in between). A channel is
-pruned when its filter norm falls below ``threshold`` × its norm at the start.
+pruned when its filter norm falls below ``threshold`` × its norm at the start; a layer the
+fatal-pruning guard protects (seed 001, section 4.1) keeps its strongest filter out of the decay
+once the decay would take its last one under the threshold.
 
 Either way a sensitivity is a derivative on its own scale, so S is divided by its largest
 value over the network before it enters max(0, 1 − S): the most sensitive unit is never
@@ -174,6 +176,8 @@ class SensitivityRegularization(GatedMethod):
         for gid in self.units:
             gate = self.gate(gid)
             shrink = 1.0 - lam * (1.0 - gate.sensitivity).clamp_min(0.0) * gate.mask
+            if not self.per_weight and self.graph.groups[gid].min_keep:
+                shrink = self._spare_the_last(gid, shrink)
             if self.per_weight:
                 p = self._weight(gid)
                 p.mul_(shrink.to(p).reshape(p.shape))
@@ -181,6 +185,19 @@ class SensitivityRegularization(GatedMethod):
             for p, rows in self._filter_params(gid):
                 p.mul_(shrink.to(p)[rows.to(p.device)].reshape(-1, *([1] * (p.dim() - 1))))
         super().after_step(progress)  # aimed: the controller's step on the masks this decay left
+
+    def _spare_the_last(self, gid: str, shrink: torch.Tensor) -> torch.Tensor:
+        """The fatal-pruning guard (seed 001, section 4.1) for the decay: where ``shrink`` would leave
+        fewer than ``min_keep`` filters of a protected group above the threshold, its ``min_keep``
+        strongest (relative to their starting norms) are not shrunk, so the group keeps channels that
+        carry their signal (decayed away, a ResNet's only shortcut cut the network in two)."""
+        need = self.graph.groups[gid].min_keep
+        relative = self.filter_norms(gid) / self.gate(gid).start_norm
+        if int((relative * shrink > self.threshold).sum()) >= need:
+            return shrink
+        shrink = shrink.clone()
+        shrink[torch.topk(relative, min(need, relative.numel())).indices] = 1.0
+        return shrink
 
     def scores(self) -> dict[str, torch.Tensor]:
         """S per channel; |w| per weight (the magnitude the decay left)."""
