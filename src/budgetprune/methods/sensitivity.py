@@ -192,7 +192,8 @@ class SensitivityRegularization(GatedMethod):
         strongest (relative to their starting norms) are not shrunk, so the group keeps channels that
         carry their signal (decayed away, a ResNet's only shortcut cut the network in two)."""
         need = self.graph.groups[gid].min_keep
-        relative = self.filter_norms(gid) / self.gate(gid).start_norm
+        gate = self.gate(gid)
+        relative = (self.filter_norms(gid) / gate.start_norm).masked_fill(gate.mask <= 0, 0.0)
         if int((relative * shrink > self.threshold).sum()) >= need:
             return shrink
         shrink = shrink.clone()
