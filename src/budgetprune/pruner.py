@@ -284,6 +284,9 @@ class Pruner:
         self.method = create_method(method, shared=method_settings(granularity=granularity, **settings),
                                     **(method_options or {}))
         self.method.gate_sample = gate_sample
+        # the method trains against the cost of the blocks finalize builds (at exact widths: the padding
+        # is decided at finalize, and a network whose padding does not pay keeps exact widths)
+        self.method.cost_mode = self.block.exact()
         self.method.attach(model, self.graph, self.budgets)
         self.method.to(device)
         setattr(model, _MARK, self)
