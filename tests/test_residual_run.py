@@ -44,30 +44,3 @@ def test_inspect_command(capsys):
     code = cli.main(["inspect", "--model", "resnet20", "--input-shape", "3,x"])
     _, err = capsys.readouterr()
     assert code == 2 and err.count("\n") == 1
-
-
-@pytest.mark.parametrize("block", ["regular", "auto"])
-def test_a_method_trains_against_the_cost_of_the_blocks_finalize_builds(block):
-    """The Pruner hands the method its blocks (at exact widths): an iterative method's last cut then
-    meets the budget as finalize counts it, and the projection drops none of the channels it kept.
-    Counted with mixed blocks instead (every method did so before), the same masks cost far more
-    with regular ones, and finalize cut channels the method had trained."""
-    from budgetprune.liveness import BlockMode
-    from budgetprune.resources import CostModel
-
-    torch.manual_seed(0)
-    x = torch.randn(4, 1, 28, 28)
-    pruner = budgetprune.Pruner(budgetprune.create_model("resnet20"), x, 0.3, method="magnitude", total_steps=4,
-                                block=block, channel_multiple=1, deploy_runtime="eager", log=lambda _line: None)
-    assert isinstance(pruner.method.cost_mode, BlockMode) and pruner.method.cost_mode == block
-    assert pruner.method.cost_mode.multiple == 1
-    for _ in range(4):
-        pruner.step()
-    masks = pruner.method.keep_masks()
-    limit = pruner.budget.absolute(pruner.graph)
-    built = CostModel(pruner.graph, "volume", pruner.block).hard(masks)
-    assert 0.9 * limit < built <= limit
-    if block == "regular":  # what the mixed count let through
-        assert CostModel(pruner.graph, "volume", "mixed").hard(masks) < 0.9 * built
-    _, report = pruner.finalize()
-    assert report["channels_dropped_by_projection"] == 0

@@ -284,9 +284,6 @@ class Pruner:
         self.method = create_method(method, shared=method_settings(granularity=granularity, **settings),
                                     **(method_options or {}))
         self.method.gate_sample = gate_sample
-        # the method trains against the cost of the blocks finalize builds, with the first padding it
-        # tries (where finalize keeps a looser one or exact widths, the fill reopens what is left)
-        self.method.cost_mode = self.block
         self.method.attach(model, self.graph, self.budgets)
         self.method.to(device)
         setattr(model, _MARK, self)

@@ -53,7 +53,7 @@ class BAR(GatedMethod):
         volume_full = CostModel(graph, "volume").full()
         self.terms = []
         for budget in budgets:
-            cm = self.cost_model(budget.metric)
+            cm = CostModel(graph, budget.metric)
             full = cm.full()
             schedule = BudgetSchedule(full, budget.fraction * full, self.schedule_kind, self.hardness,
                                       self.schedule_end)

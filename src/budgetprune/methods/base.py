@@ -118,11 +118,6 @@ class Method(nn.Module):
     #: torch.distributed the pruner averages them over the processes before :meth:`after_step`.
     rank_statistics: tuple[str, ...] = ()
 
-    #: The residual blocks whose cost the method trains against (:mod:`budgetprune.resources`): the
-    #: :class:`~budgetprune.Pruner` sets the blocks it will compact with (``"mixed"`` where a method
-    #: is used alone), so that the cost a method meets is the cost finalize counts.
-    cost_mode = "mixed"
-
     def attach(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
         raise NotImplementedError
 

@@ -69,9 +69,8 @@ class GatedMethod(Method):
         return self.granularity == "weight"
 
     def cost_model(self, metric: str):
-        """The cost of ``metric`` over this method's units (non-zero weights for per-weight gates), with
-        residual sums built as :attr:`cost_mode` says."""
-        return WeightCost(self.counts) if self.per_weight else CostModel(self.graph, metric, self.cost_mode)
+        """The cost of ``metric`` over this method's units (non-zero weights for per-weight gates)."""
+        return WeightCost(self.counts) if self.per_weight else CostModel(self.graph, metric)
 
     def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
         """Method-specific state once the gates exist (cost models, multipliers, ...)."""

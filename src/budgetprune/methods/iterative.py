@@ -77,7 +77,7 @@ class IterativePruning(GatedMethod):
         before = {gid: m.cpu() for gid, m in self.keep_masks().items()}
         targets = [Budget(b.metric, f) for b, f in zip(self.budgets, self.fractions[k])]
         project = uniform_widths if self.allocation == "uniform" else enforce_budget
-        after = self.on_cut(before, project(self.graph, before, self.channel_scores(), targets, mode=self.cost_mode))
+        after = self.on_cut(before, project(self.graph, before, self.channel_scores(), targets))
         for gid, keep in after.items():
             self.gate(gid).set(keep)
         self.cuts_done.fill_(k + 1)

@@ -56,7 +56,7 @@ class MorphNet(GatedMethod):
         return ScaleGate(group.channels, bn, self.threshold)
 
     def setup(self, model: nn.Module, graph: ChannelGraph, budgets: list[Budget]) -> None:
-        self.cost = self.cost_model(self.metric or budgets[0].metric)
+        self.cost = CostModel(graph, self.metric or budgets[0].metric)
         self.scale = CostModel(graph, "volume").full() / self.cost.full()
 
     def channel_costs(self) -> dict[str, torch.Tensor]:
