@@ -34,7 +34,8 @@ from stats import format_mean_std, mean_std, tie
 
 
 
-RUN_FIELDS = ("lam", "dual_lr", "gate_init", "gate_lr", "block", "channel_multiple")  # run settings a --methods entry may set
+#: Run settings a --methods entry may set (the rest are the method's own options).
+RUN_FIELDS = ("lam", "dual_lr", "gate_init", "gate_lr", "block", "channel_multiple")
 
 
 def main(argv=None) -> int:
@@ -43,8 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--granularity", choices=["channel", "weight"], default="channel",
                    help="channel: a volume budget; weight: single weights under a nonzero budget")
     p.add_argument("--methods", help="comma-separated; NAME:KEY=VALUE:... sets a method option or lam, dual_lr, "
-                                     "gate_init, gate_lr, block, channel_multiple (values without commas; default: every method that "
-                                     "prunes at this granularity)")
+                                     "gate_init, gate_lr, block, channel_multiple (values without commas; default: "
+                                     "every method that prunes at this granularity)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each has its own teacher (default 0)")
     p.add_argument("--schedule-end", type=float, default=1.0, help="the runs' --schedule-end (default 1)")
     args = p.parse_args(argv)

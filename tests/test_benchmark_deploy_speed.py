@@ -141,8 +141,8 @@ def test_the_op_profile_counts_the_timed_runs_by_op_type(deploy_speed, tmp_path)
 
 def test_a_trained_run_is_timed_and_written(deploy_speed, finished_run, tmp_path):
     folder = finished_run[0]
-    code = deploy_speed.main(["--models", "resnet20", "--runs", str(folder), "--runtimes", "eager", "--batches", "1", "--threads", "1",
-                              "--pairs", "1", "--pair-seconds", "0", "--quiet-budget-min", "0",
+    code = deploy_speed.main(["--models", "resnet20", "--runs", str(folder), "--runtimes", "eager", "--batches", "1",
+                              "--threads", "1", "--pairs", "1", "--pair-seconds", "0", "--quiet-budget-min", "0",
                               "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
     assert code == 0
     record = json.loads((tmp_path / "out" / "deploy_speed.json").read_text())

@@ -798,7 +798,7 @@ def test_time_padding_times_in_the_deploy_runtime_and_only_an_auto_padding():
     timing = report["padding_timing"]
     assert timing["runtime"] == "eager" and timing["batch"] == 1 and timing["pairs"] >= 30
     assert timing["exact_ms"] > 0 and timing["padded_ms"] > 0
-    assert timing["speedup"] > 0  # the median of paired ratios: under load it may stray far from exact_ms / padded_ms
+    assert timing["speedup"] > 0  # the median of paired ratios: under load, far from exact_ms / padded_ms
     assert timing["pays"] == (timing["speedup"] >= PADDING_PAYS)
     assert report["padding"][0] == (8 if timing["pays"] else 1)
     for options in ({}, {"time_padding": True, "channel_multiple": 8}):

@@ -265,7 +265,8 @@ def test_the_projection_reopens_a_protected_group_a_method_closed(mode):
     masks = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
     masks["layer2.0.downsample.0"][:] = False
     masks["layer2.0.conv1"][:] = False
-    scores = {gid: torch.rand(g.channels, generator=torch.Generator().manual_seed(1)) for gid, g in graph.groups.items()}
+    g1 = torch.Generator().manual_seed(1)
+    scores = {gid: torch.rand(g.channels, generator=g1) for gid, g in graph.groups.items()}
     budget = Budget("volume", 0.3)
     final = budgetprune.enforce_budget(graph, masks, scores, budget, mode=mode)
     shortcut = final["layer2.0.downsample.0"]
