@@ -9,7 +9,10 @@ and the layer widths each method chose. Writes ``benchmarks/results/methods_fash
 
 With several seeds every method runs once per seed (each seed its own teacher); the table gives
 the accuracy as mean ± standard deviation and marks a method whose mean is within two standard
-errors of the best one's as a tie.
+errors of the best one's as a tie. With ``--validation N`` every run holds ``N`` of its training
+images out (chosen from the seed, as ``budgetprune prune --validation`` chooses them; the teacher
+never sees them either) and the verdict (best, tie, behind) is made on their accuracy; the test
+accuracy is reported beside it and decides nothing.
 """
 
 from __future__ import annotations
@@ -48,7 +51,12 @@ def main(argv=None) -> int:
                                      "every method that prunes at this granularity)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each has its own teacher (default 0)")
     p.add_argument("--schedule-end", type=float, default=1.0, help="the runs' --schedule-end (default 1)")
+    p.add_argument("--validation", type=int, default=0,
+                   help="training images held out of every run and its teacher; the verdict is made on them "
+                        "(default 0: none, the verdict on test)")
     args = p.parse_args(argv)
+    if args.validation < 0:
+        p.error("--validation must be 0 (none) or a number of training images to hold out")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     per_weight = args.granularity == "weight"
     if args.methods is None:
@@ -70,13 +78,15 @@ def main(argv=None) -> int:
             return budgetprune.create_model(args.model, in_channels=info.in_channels, num_classes=info.num_classes,
                                             input_size=info.image_size)
 
-        teacher = io.load(work / "teacher.pt") if (work / "teacher.pt").exists() else None
+        held_out = f"-val{args.validation}" if args.validation else ""  # runs and teachers that never saw them
+        teacher_file = work / f"teacher{held_out.replace('-', '_')}.pt"
+        teacher = io.load(teacher_file) if teacher_file.exists() else None
         for entry in args.methods.split(","):
             method, *settings = entry.split(":")
             options = parse_method_options(settings)
             run_settings = {k: options.pop(k) for k in list(options) if k in RUN_FIELDS}  # lam=... is --lam
             label = " ".join([method] + settings)
-            name = "-".join([method] + settings) + (f"-end{args.schedule_end:g}" if args.schedule_end != 1 else "")
+            name = "-".join([method] + settings) + (f"-end{args.schedule_end:g}" if args.schedule_end != 1 else "") + held_out
             run_dir = work / re.sub(r"[^A-Za-z0-9=.+-]+", "_", "weight-" * per_weight + name)
             if (run_dir / "metrics.json").exists():
                 m = json.loads((run_dir / "metrics.json").read_text())
@@ -85,7 +95,8 @@ def main(argv=None) -> int:
                                   epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                                   lowlr_epochs=args.lowlr_epochs, teacher_epochs=args.teacher_epochs,
                                   progress=False, granularity=args.granularity, method_options=options,
-                                  seed=seed, schedule_end=args.schedule_end, **run_settings)
+                                  seed=seed, schedule_end=args.schedule_end, validation=args.validation,
+                                  **run_settings)
                 start = time.time()
                 run = PruneRun(new_model(), train, splits.test, cfg, run_dir, teacher=teacher,
                                log=lambda s: print(f"[{label} seed {seed}] {s}", flush=True))
@@ -93,10 +104,11 @@ def main(argv=None) -> int:
                 m["benchmark_seconds"] = time.time() - start
                 io.write_json(run_dir / "metrics.json", m)
                 if teacher is None:
-                    io.save(to_plain(run.teacher, run.graph), work / "teacher.pt", meta={"role": "teacher"})
+                    io.save(to_plain(run.teacher, run.graph), teacher_file, meta={"role": "teacher"})
                     teacher = run.teacher
             runs.append({"method": label, "seed": seed, "test_accuracy": m["test_accuracy"],
                          "unpruned_test_accuracy": m["unpruned_test_accuracy"],
+                         **{k: m[k] for k in ("val_accuracy", "unpruned_val_accuracy") if k in m},
                          "accuracy_change_points": 100 * m["accuracy_change"], "V_over_B": m["budget_ratio"],
                          "reduction": m["reduction_factor"], "widths": {k: v["kept"] for k, v in m["widths"].items()},
                          "cost_before_projection_over_B": m["cost_before_projection"] / m["budget"],
@@ -106,7 +118,7 @@ def main(argv=None) -> int:
                          "model_file_bytes": m.get("model_file_bytes"), "seconds": m.get("benchmark_seconds")})
             print(json.dumps(runs[-1]), flush=True)
     result = {**run_record("methods_fashion_mnist.py", args, argv), "factor": args.factor, "seeds": seeds,
-              "schedule_end": args.schedule_end,
+              "schedule_end": args.schedule_end, "validation": args.validation,
               "train_images": args.train_subset or len(splits.train.labels), "wall_seconds": time.time() - t0,
               "runs": runs, "rows": summarise(runs)}
     result["granularity"] = args.granularity
@@ -119,12 +131,15 @@ def main(argv=None) -> int:
 
 def summarise(runs: list[dict]) -> list[dict]:
     """One row per method: its seeds' accuracies as mean ± std, whether it ties the best method (a
-    difference under two standard errors), and seed-averaged costs; the first seed's widths."""
+    difference under two standard errors; on the validation accuracy where every run has one, else on
+    test), and seed-averaged costs; the first seed's widths."""
     by_method: dict[str, list[dict]] = {}
     for r in runs:
         by_method.setdefault(r["method"], []).append(r)
     accuracies = {m: [100 * r["test_accuracy"] for r in rs] for m, rs in by_method.items()}
-    best = max(accuracies, key=lambda m: mean_std(accuracies[m])[0])
+    on_validation = bool(runs) and all("val_accuracy" in r for r in runs)
+    judged = {m: [100 * r["val_accuracy"] for r in rs] for m, rs in by_method.items()} if on_validation else accuracies
+    best = max(judged, key=lambda m: mean_std(judged[m])[0])
     rows = []
     for method, rs in by_method.items():
         acc = accuracies[method]
@@ -135,7 +150,10 @@ def summarise(runs: list[dict]) -> list[dict]:
                      "unpruned_accuracies": [100 * r["unpruned_test_accuracy"] for r in rs],
                      "accuracy_change_points": mean("accuracy_change_points"), "V_over_B": mean("V_over_B"),
                      "cost_before_projection_over_B": mean("cost_before_projection_over_B"),
-                     "best": method == best, "tie_with_best": method != best and tie(acc, accuracies[best])})
+                     **({"val_accuracies": judged[method], "val_accuracy": mean_std(judged[method])[0] / 100,
+                         "unpruned_val_accuracies": [100 * r["unpruned_val_accuracy"] for r in rs]}
+                        if on_validation else {}),
+                     "best": method == best, "tie_with_best": method != best and tie(judged[method], judged[best])})
     return rows
 
 
@@ -143,31 +161,42 @@ def write_markdown(r: dict, out: Path, suffix: str = "") -> None:
     per_weight = r.get("granularity") == "weight"
     metric = "non-zero weights" if per_weight else "volume"
     seeds = r.get("seeds", [0])
+    held_out = r.get("validation", 0)
+    on_validation = bool(r["rows"]) and all("val_accuracies" in row for row in r["rows"])
     lines = record_header(r, f"Every method on {r['data']} / {r['model']} at {r['factor']:g}× {metric}",
-                          f"{r['train_images']} training images, one teacher per seed for all methods; default "
+                          f"{r['train_images']} training images"
+                          + (f" ({held_out} of them held out for validation, never trained on: the verdict is "
+                             "made on their accuracy, the test accuracy decides nothing)" if held_out else "")
+                          + ", one teacher per seed for all methods; default "
                           "hyper-parameters of every method unless the name gives an option; seeds "
                           f"{', '.join(map(str, seeds))}; budget schedule end {r.get('schedule_end', 1):g}.")
     unit = "weights" if per_weight else "channels"
     last = "density per layer" if per_weight else "widths (first seed)"
-    lines += [f"| method | test acc (mean ± std) | vs best | Δ points | cost/B | cost before projection / B | "
+    val = "val acc (mean ± std) | " if on_validation else ""
+    lines += [f"| method | {val}test acc (mean ± std) | vs best | Δ points | cost/B | cost before projection / B | "
               f"{unit} dropped | {unit} reopened | FLOP red. | param red. | {last} |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for row in sorted(r["rows"], key=lambda x: -x["test_accuracy"]):
+              "|---|" + "---:|" * bool(val) + "---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    order = "val_accuracy" if on_validation else "test_accuracy"
+    for row in sorted(r["rows"], key=lambda x: -x[order]):
         red = row["reduction"]
         shape = ("-".join(f"{100 * v:.1f}%" for v in row["density"].values()) if per_weight
                  else "-".join(str(v) for v in row["widths"].values()))
         acc = format_mean_std(row.get("accuracies", [100 * row["test_accuracy"]]))
         verdict = ("best" if row.get("best") else ("tie" if row.get("tie_with_best") else "behind")) \
             if len(seeds) > 1 else "one seed"
-        lines.append(f"| {row['method']} | {acc} % | {verdict} | {row['accuracy_change_points']:+.2f} | "
+        val_acc = f"{format_mean_std(row['val_accuracies'])} % | " if on_validation else ""
+        lines.append(f"| {row['method']} | {val_acc}{acc} % | {verdict} | {row['accuracy_change_points']:+.2f} | "
                      f"{row['V_over_B']:.4f} | {row['cost_before_projection_over_B']:.2f} | "
                      f"{row.get('dropped_by_projection', row.get('channels_dropped_by_projection'))} | "
                      f"{row.get('reopened_by_fill', row.get('channels_reopened_by_fill'))} | "
                      f"{red['flops']:.1f}× | {red['params']:.1f}× | {shape} |")
     if r["rows"]:
         teacher = r["rows"][0].get("unpruned_accuracies", [100 * r["rows"][0]["unpruned_test_accuracy"]])
-        lines += ["", f"Unpruned teachers: {format_mean_std(teacher)} %. 'tie': the difference from the best "
-                      "method's mean is under two standard errors of the difference (benchmarks/stats.py)."]
+        on = " on validation" if on_validation else ""
+        teachers_val = (f" test; {format_mean_std(r['rows'][0]['unpruned_val_accuracies'])} % validation"
+                        if on_validation else "")
+        lines += ["", f"Unpruned teachers: {format_mean_std(teacher)} %{teachers_val}. 'tie': the difference from the "
+                      f"best method's mean{on} is under two standard errors of the difference (benchmarks/stats.py)."]
     if r.get("note"):
         lines += ["", r["note"]]
     if per_weight:
