@@ -45,7 +45,9 @@ def main(argv=None) -> int:
     p = run_arguments(__doc__.splitlines()[0], "lenet5", "methods", teacher=5, prune=6, finetune=2, lowlr=1)
     p.add_argument("--factor", type=float, default=8.0)
     p.add_argument("--granularity", choices=["channel", "weight"], default="channel",
-                   help="channel: a volume budget; weight: single weights under a nonzero budget")
+                   help="channel: a volume budget (or --metric); weight: single weights under a nonzero budget")
+    p.add_argument("--metric", choices=["volume", "params", "flops"], default="volume",
+                   help="the budget's metric when channels are pruned (default volume, seed 001's)")
     p.add_argument("--methods", help="comma-separated; NAME:KEY=VALUE:... sets a method option or lam, dual_lr, "
                                      "gate_init, gate_lr, block, channel_multiple (values without commas; default: "
                                      "every method that prunes at this granularity)")
@@ -55,6 +57,8 @@ def main(argv=None) -> int:
                    help="training images held out of every run and its teacher; the verdict is made on them "
                         "(default 0: none, the verdict on test)")
     args = p.parse_args(argv)
+    if args.granularity == "weight" and args.metric != "volume":
+        p.error("--metric is for channel pruning; --granularity weight budgets non-zero weights")
     if args.validation < 0:
         p.error("--validation must be 0 (none) or a number of training images to hold out")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -86,7 +90,8 @@ def main(argv=None) -> int:
             options = parse_method_options(settings)
             run_settings = {k: options.pop(k) for k in list(options) if k in RUN_FIELDS}  # lam=... is --lam
             label = " ".join([method] + settings)
-            name = "-".join([method] + settings) + (f"-end{args.schedule_end:g}" if args.schedule_end != 1 else "") + held_out
+            name = "-".join([method] + settings) + (f"-end{args.schedule_end:g}" if args.schedule_end != 1 else "") + held_out \
+                + (f"-{args.metric}" if args.metric != "volume" else "")
             run_dir = work / re.sub(r"[^A-Za-z0-9=.+-]+", "_", "weight-" * per_weight + name)
             if (run_dir / "metrics.json").exists():
                 m = json.loads((run_dir / "metrics.json").read_text())
@@ -95,6 +100,7 @@ def main(argv=None) -> int:
                                   epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                                   lowlr_epochs=args.lowlr_epochs, teacher_epochs=args.teacher_epochs,
                                   progress=False, granularity=args.granularity, method_options=options,
+                                  metric=None if per_weight else args.metric,
                                   seed=seed, schedule_end=args.schedule_end, validation=args.validation,
                                   **run_settings)
                 start = time.time()
@@ -122,6 +128,7 @@ def main(argv=None) -> int:
               "train_images": args.train_subset or len(splits.train.labels), "wall_seconds": time.time() - t0,
               "runs": runs, "rows": summarise(runs)}
     result["granularity"] = args.granularity
+    result["metric"] = "nonzero" if per_weight else args.metric
     io.write_json(out / f"methods_fashion_mnist{suffix}.json", result)
     write_markdown(result, out, suffix)
     plot(result, out / f"methods_fashion_mnist{suffix}.png")
@@ -159,7 +166,7 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 def write_markdown(r: dict, out: Path, suffix: str = "") -> None:
     per_weight = r.get("granularity") == "weight"
-    metric = "non-zero weights" if per_weight else "volume"
+    metric = "non-zero weights" if per_weight else r.get("metric", "volume")
     seeds = r.get("seeds", [0])
     held_out = r.get("validation", 0)
     on_validation = bool(r["rows"]) and all("val_accuracies" in row for row in r["rows"])
@@ -217,7 +224,7 @@ def plot(r: dict, path: Path) -> None:
     if rows:
         ax.axhline(100 * rows[0]["unpruned_test_accuracy"], color="gray", ls="--", label="unpruned")
     ax.set_ylabel("test accuracy (%)")
-    metric = "non-zero weights" if r.get("granularity") == "weight" else "volume"
+    metric = "non-zero weights" if r.get("granularity") == "weight" else r.get("metric", "volume")
     ax.set_title(f"{r['model']} on {r['data']}, {r['factor']:g}× {metric}")
     ax.tick_params(axis="x", rotation=30)
     ax.legend()
