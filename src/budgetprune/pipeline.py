@@ -143,6 +143,7 @@ class PruneConfig:
             self.metric = "nonzero" if self.granularity == "weight" else "volume"
         metrics = [self.metric, *self.extra_budgets] if isinstance(self.extra_budgets, dict) else [self.metric]
         self.block, self.channel_multiple = resolve_form(self.block, self.channel_multiple, metrics)
+
     def validate(self) -> None:
         self._check_types()
         if self.granularity not in ("channel", "weight"):

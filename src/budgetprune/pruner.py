@@ -55,22 +55,16 @@ def deploy_runtime_of(deploy_runtime: str | None, budgets: list[Budget]) -> str:
     return default_runtime([b.metric for b in budgets]) if deploy_runtime in (None, "none") else deploy_runtime
 
 
-#: Budgets under which a run that names neither ``block`` nor ``channel_multiple`` builds mixed
-#: blocks at exact widths (:func:`default_form`): activation volume, seed 001's budget (and
-#: ``nonzero``, where single weights are pruned and neither applies).
-ACCURACY_FORM_METRICS = ("volume", "nonzero")
-
-
 def default_form(metrics: list[str]) -> tuple[str, int | str]:
     """``(block, channel_multiple)`` for a run whose budgets are on ``metrics`` and that names
-    neither. Under volume budgets alone (:data:`ACCURACY_FORM_METRICS`) mixed blocks at exact
+    neither. Under activation-volume budgets alone (seed 001's budget) mixed blocks at exact
     widths, seed 001's form (section 3.3, mixed connectivity): every channel the budget pays for
     is one the method trained, where a padded width or a regular block's shared width spends part
     of it on channels no training chose (on ResNet-20 at 4× and 8× fewer activations that cost
     several points of validation accuracy: README, "The deployed form follows the budget"). With a
     budget on FLOPs, parameters or latency, the fastest form: ``"auto"`` blocks (per residual sum
     the faster) and the ``"auto"`` padding."""
-    if metrics and all(m in ACCURACY_FORM_METRICS for m in metrics):
+    if metrics and all(m == "volume" for m in metrics):
         return "mixed", 1
     return "auto", "auto"
 
@@ -155,7 +149,8 @@ def check_deploy_batch(deploy_batch, name: str = "deploy_batch") -> int:
 def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget], *, method: str = "bar",
                    granularity: str = "channel", block: str | None = None,
                    channel_multiple: int | str | None = None, deploy_runtime: str | None = None,
-                   gather_cost: float | None = None, method_options: dict | None = None, metric: str | None = None, fill: bool = True,
+                   gather_cost: float | None = None, method_options: dict | None = None,
+                   metric: str | None = None, fill: bool = True,
                    gate_inputs: bool = True, gate_sample: str = "example", time_padding: bool = False,
                    deploy_batch: int = 1, cpu_buffers: str = "keep", **settings) -> None:
     """Raise a one-line error when ``budgets`` cannot be met on ``model`` or the method's options
