@@ -220,7 +220,8 @@ def test_pruner_default_is_auto_and_its_plan_replays(tmp_path):
 def test_pruner_gather_cost_follows_the_deploy_runtime():
     model = budgetprune.create_model("resnet20")
     for runtime in ("eager", "torchscript"):
-        pruner = budgetprune.Pruner(model, torch.zeros(2, 1, 28, 28), 0.5, total_steps=1, deploy_runtime=runtime)
+        pruner = budgetprune.Pruner(model, torch.zeros(2, 1, 28, 28), 0.5, total_steps=1, deploy_runtime=runtime,
+                                    block="auto")
         assert pruner.block.gather_cost == GATHER_COST[runtime]
         pruner.finalize()
     with pytest.raises(ConfigError, match="gather_cost must be a non-negative number"):
@@ -262,3 +263,62 @@ def test_a_branch_whose_channels_save_nothing_alone_is_pruned_away_whole():
     small = compact(model, graph, final, mode="regular")
     with torch.no_grad():
         assert torch.allclose(small(x), model.head(x.mean(dim=(2, 3))), atol=1e-6)
+
+
+@pytest.mark.parametrize("budget,form", [
+    ("volume=0.25", ("mixed", 1)), ("params=0.25", ("auto", "auto")),
+    ("flops=0.25", ("auto", "auto")), ("volume=0.25,flops=0.5", ("auto", "auto")),
+    ("latency=0.5", ("auto", "auto"))])
+def test_the_default_form_follows_the_budgets(budget, form):
+    """Naming neither block nor channel_multiple: mixed blocks at exact widths under volume budgets
+    alone (the paper's form; what the budget pays for is then only channels the method trained),
+    the fastest form (auto, auto) as soon as a budget is on FLOPs, parameters or latency. The Pruner and the run's
+    config resolve them alike, and a named one is kept."""
+    from budgetprune.pipeline import PruneConfig
+    from budgetprune.budget import parse_budgets
+    from budgetprune.liveness import auto_paddings
+    from budgetprune.pruner import default_form
+
+    budgets = parse_budgets(budget, "volume")
+    assert default_form([b.metric for b in budgets]) == form
+    first, *extra = budgets
+    config = PruneConfig(budget=first.fraction, metric=first.metric, extra_budgets={b.metric: b.fraction for b in extra})
+    assert (config.block, config.channel_multiple) == form
+    assert (PruneConfig(metric=first.metric, block="regular").block,
+            PruneConfig(metric=first.metric, channel_multiple=8).channel_multiple) == ("regular", 8)
+    if first.metric == "latency":
+        return  # building a latency Pruner times a table; the rule is the same function
+    model = budgetprune.create_model("resnet20")
+    pruner = budgetprune.Pruner(model, torch.zeros(2, 1, 28, 28), budget, total_steps=1, deploy_runtime="eager")
+    assert str(pruner.block) == form[0]
+    assert pruner.paddings == (auto_paddings() if form[1] == "auto" else (pruner.block.padding(),))
+    assert pruner.block.multiple == (8 if form[1] == "auto" else 1)
+
+
+def test_a_volume_budget_s_default_form_spends_it_on_the_channels_the_method_chose():
+    """ResNet-20 at an eighth of its volume, magnitude masks (189 channels chosen): the default form
+    (mixed, exact) spends nearly all the budget on chosen channels (share 0.99, 25 dropped by the
+    projection), where the fastest form (auto blocks, padded to 8) drops more of them to pay for its
+    padding and its shared residual widths (0.66, 59)."""
+    from budgetprune.budget import chosen_share
+
+    def finalized(**options):
+        torch.manual_seed(0)
+        model = budgetprune.create_model("resnet20")
+        pruner = budgetprune.Pruner(model, torch.randn(4, 1, 28, 28), "volume=0.125", total_steps=3,
+                                    method="magnitude", deploy_runtime="eager", **options)
+        for _ in range(3):
+            pruner.step()
+        chosen = pruner.method.keep_masks()
+        _, report = pruner.finalize()
+        final = {g: torch.zeros(len(m), dtype=torch.bool) for g, m in chosen.items()}
+        for g, kept in report["masks"].items():
+            final[g][kept] = True
+        dropped = sum(int((chosen[g] & ~final[g]).sum()) for g in chosen)
+        return pruner, report, dropped, chosen_share(pruner.graph, chosen, final, pruner.budgets, pruner.block)
+
+    default, report, default_dropped, default_share = finalized()
+    fastest, fastest_report, fastest_dropped, fastest_share = finalized(block="auto", channel_multiple="auto")
+    assert str(default.block) == "mixed" and report["padding"][0] == 1
+    assert str(fastest.block) == "auto" and fastest_report["padding"][0] == 8
+    assert default_dropped < fastest_dropped and default_share > fastest_share

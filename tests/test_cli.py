@@ -53,9 +53,11 @@ def test_prune_end_to_end_meets_budget(finished_run):
     assert config["epochs"] == 2 and config["model"] == "lenet5"
     report = (finished_run / "report.md").read_text()
     assert "widths.png" in report and (finished_run / "widths.png").stat().st_size > 1000
-    # the default blocks: auto, and a chain network has no residual space to keep mixed
-    assert m["block"] == "auto" and m["mixed_spaces"] == []
-    assert "- Residual blocks: auto (0 residual spaces kept mixed, the others regular)" in report
+    # a volume budget's default form: mixed blocks at exact widths, so nothing is padded or timed against it
+    assert m["block"] == "mixed" and m["channel_multiple"] == 1 and m["padding"][0] == 1
+    assert "- Residual blocks: mixed (sums gather each branch's channels); exact widths" in report
+    assert "padding_timing" not in m and "wide_padding_timing" not in m
+    assert config["block"] == "mixed" and config["channel_multiple"] == 1  # resolved, so a resumed run keeps it
     # the result's own deployed speed, in onnxruntime where it is installed
     from budgetprune.runtimes import default_runtime
     deployed = m["deployed"]
@@ -63,6 +65,21 @@ def test_prune_end_to_end_meets_budget(finished_run):
     assert deployed["unpruned_ms"] > 0 and deployed["pruned_ms"] > 0
     assert deployed["speedup"] == pytest.approx(1 / deployed["ratio"]) and deployed["pairs"] >= 30
     assert f"Deployed speed in {deployed['runtime']}" in report
+
+
+@pytest.mark.slow
+def test_a_flop_budget_run_builds_auto_blocks_and_times_its_padding(tmp_path):
+    """Under a FLOP budget the command line's default form is the fastest: auto blocks, the auto
+    padding, each padding kept only where it timed faster in the deploy runtime."""
+    out = tmp_path / "run"
+    assert cli.main(["prune", "--model", "lenet5", "--data", "demo", "--budget", "flops=0.25", "--out", str(out),
+                     "--no-progress", "--teacher-epochs", "1", "--epochs", "1", "--finetune-epochs", "0",
+                     "--lowlr-epochs", "0"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    report = (out / "report.md").read_text()
+    assert m["block"] == "auto" and m["channel_multiple"] == "auto" and m["mixed_spaces"] == []  # a chain: no sums
+    assert "- Residual blocks: auto (0 residual spaces kept mixed, the others regular)" in report
+    deployed = m["deployed"]
     # multiples of 16, where multiples of 8 were kept, timed against them in the same runtime
     wide = m.get("wide_padding_timing")
     padded = 16 if wide and wide.get("pays") else 8

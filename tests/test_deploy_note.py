@@ -78,3 +78,26 @@ def test_an_avx512_cpu_with_widths_padded_to_eight_is_told_about_sixteen():
                  timed("AVX512", runtime="eager"), deploy_note(metrics(2.23)), timed("AVX512", wide=slower),
                  timed("AVX512", wide=unmet)):
         assert note is not None and "--channel-multiple 16" not in note
+
+
+def volume_run(speedup, **extra):
+    return {**metrics(speedup, metric="volume"), "budget_fraction": 0.25, "budgets": {"volume": {}},
+            "block": "mixed", "channel_multiple": 1, **extra}
+
+
+def test_a_volume_budget_result_slower_than_its_source_gets_a_note_with_the_way_back():
+    note = deploy_note(volume_run(0.82))  # e.g. a MobileNet V2 whose every residual sum gathers
+    assert note.startswith("note: the result runs slower than the unpruned network in onnxruntime (batch 16: "
+                           "0.82× its speed)")
+    assert "--budget volume=0.25,flops=0.5" in note and "--block auto --channel-multiple auto" in note
+
+
+@pytest.mark.parametrize("m", [
+    volume_run(1.01),                                       # faster than its source: nothing to say
+    volume_run(0.9, block="auto", channel_multiple="auto"),  # already the fastest form
+    volume_run(0.9, budgets={"volume": {}, "flops": {}}),    # a FLOP budget bounds it (and its form is auto)
+    volume_run(0.9, granularity="weight"),                   # single weights
+    {**volume_run(0.9), "deployed": None},                   # not timed
+])
+def test_no_volume_note_where_it_is_fast_enough_or_already_the_fastest_form(m):
+    assert deploy_note(m) is None

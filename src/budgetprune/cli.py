@@ -144,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not reopen channels when the run ends under its budget (default: fill up to it)")
     p.add_argument("--block", choices=["auto", "mixed", "regular"],
                    help="residual sums of the compacted net: mixed (each tensor keeps its own channels, sums "
-                        "gather them), regular (added tensors keep equal widths) or auto (default: per sum, "
-                        "the one that runs faster in the --deploy-runtime)")
+                        "gather them), regular (added tensors keep equal widths) or auto (per sum, the one that "
+                        "runs faster in the --deploy-runtime); default: mixed under volume budgets alone (each kept "
+                        "channel is one the method trained), auto with a FLOP, params or latency budget")
     p.add_argument("--deploy-runtime", choices=["eager", "torchscript", "onnxruntime", "none"],
                    help="where the result runs: --block auto weighs gathers at their cost there, and the "
                         "result's speed is timed there against the unpruned network's (metrics.json 'deployed'); "
@@ -156,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "metrics.json 'deployed' is measured at it")
     p.add_argument("--channel-multiple", type=channel_multiple_arg,
                    help="pad every kept width to a multiple of this many channels, counted in the budget "
-                        "(onnxruntime's fast CPU convolutions need 8, or 16 with AVX-512); 1: exact widths; default "
-                        "auto: multiples of 8 in feature maps and token tensors, (batch, features) exact, "
+                        "(onnxruntime's fast CPU convolutions need 8, or 16 with AVX-512); 1: exact widths (the "
+                        "default under volume budgets alone); auto (the default with a FLOP, params or latency "
+                        "budget): multiples of 8 in feature maps and token tensors, (batch, features) exact, "
                         "loosened (maps of 32 channels or more, then those keeping 32 or more, then exact) where "
                         f"that cannot end within {FILLED} of the budget or leaves the channels the method chose under "
                         f"{PADDING_KEEPS} of it; unless --deploy-runtime none, multiples of 16 are "

@@ -44,7 +44,7 @@ from .plan import make_plan
 from .plan import replay as plan_replay
 from .precision import autocast, check_precision, grad_scaler
 from .recipe import Recipe, make_optimizer, stage_schedule
-from .pruner import Pruner, check_channel_multiple, check_deploy_batch, check_prunable
+from .pruner import Pruner, check_channel_multiple, check_deploy_batch, check_prunable, resolve_form
 from .resources import BUDGET_METRICS, METRICS, resource_report
 from .runfolder import RunFolder
 from .runtimes import check_runtime, copies_of_first, default_runtime, deployed_speed
@@ -123,9 +123,11 @@ class PruneConfig:
     gate_inputs: bool = True  # gate an MLP's input features (Louizos et al.)
     gate_sample: str = "example"  # stochastic gates sampled per example, or per batch (folded into the host's weights)
     fill_budget: bool = True  # reopen closed channels (zero outgoing weights) while the budget holds
-    block: str = "auto"  # residual sums of the compacted net: "auto" (per sum, the faster), "mixed" or "regular"
-    channel_multiple: int | str = "auto"  # widths padded to a multiple (1: exact; auto: 8 in feature maps,
-    # loosened where that cannot end on the budget)
+    # residual sums of the compacted net: "auto" (per sum, the faster), "mixed" or "regular"; and widths padded to
+    # a multiple (1: exact; auto: 8 in feature maps, loosened where that cannot end on the budget). None: by the
+    # budgets (pruner.default_form): mixed and 1 under volume budgets alone, else auto and auto
+    block: str | None = None
+    channel_multiple: int | str | None = None
     deploy_runtime: str | None = None  # where the result runs (auto blocks weigh gathers there; its speed is timed
     # there): eager, torchscript, onnxruntime, none
     deploy_batch: int = 1  # the batch it runs at there: latency budgets, the padding's timing and "deployed" use it
@@ -139,6 +141,8 @@ class PruneConfig:
     def __post_init__(self):
         if self.metric is None:
             self.metric = "nonzero" if self.granularity == "weight" else "volume"
+        metrics = [self.metric, *self.extra_budgets] if isinstance(self.extra_budgets, dict) else [self.metric]
+        self.block, self.channel_multiple = resolve_form(self.block, self.channel_multiple, metrics)
 
     def validate(self) -> None:
         self._check_types()

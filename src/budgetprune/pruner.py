@@ -55,6 +55,27 @@ def deploy_runtime_of(deploy_runtime: str | None, budgets: list[Budget]) -> str:
     return default_runtime([b.metric for b in budgets]) if deploy_runtime in (None, "none") else deploy_runtime
 
 
+def default_form(metrics: list[str]) -> tuple[str, int | str]:
+    """``(block, channel_multiple)`` for a run whose budgets are on ``metrics`` and that names
+    neither. Under activation-volume budgets alone (seed 001's budget) mixed blocks at exact
+    widths, seed 001's form (section 3.3, mixed connectivity): every channel the budget pays for
+    is one the method trained, where a padded width or a regular block's shared width spends part
+    of it on channels no training chose (on ResNet-20 at 4× and 8× fewer activations that cost
+    several points of validation accuracy: README, "The deployed form follows the budget"). With a
+    budget on FLOPs, parameters or latency, the fastest form: ``"auto"`` blocks (per residual sum
+    the faster) and the ``"auto"`` padding."""
+    if metrics and all(m == "volume" for m in metrics):
+        return "mixed", 1
+    return "auto", "auto"
+
+
+def resolve_form(block: str | None, channel_multiple: int | str | None, metrics: list[str]) -> tuple[str, int | str]:
+    """``block`` and ``channel_multiple``, a None taken from :func:`default_form` for budgets on ``metrics``."""
+    default_block, default_multiple = default_form(metrics)
+    return (default_block if block is None else block,
+            default_multiple if channel_multiple is None else channel_multiple)
+
+
 def block_mode(block: str, channel_multiple: int | str = "auto", runtime: str = "eager",
                gather_cost: float | None = None) -> BlockMode:
     """The residual ``block`` with its widths padded to ``channel_multiple`` (``"auto"``:
@@ -126,9 +147,10 @@ def check_deploy_batch(deploy_batch, name: str = "deploy_batch") -> int:
 
 
 def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget], *, method: str = "bar",
-                   granularity: str = "channel", block: str = "auto", channel_multiple: int | str = "auto",
-                   deploy_runtime: str | None = None, gather_cost: float | None = None,
-                   method_options: dict | None = None, metric: str | None = None, fill: bool = True,
+                   granularity: str = "channel", block: str | None = None,
+                   channel_multiple: int | str | None = None, deploy_runtime: str | None = None,
+                   gather_cost: float | None = None, method_options: dict | None = None,
+                   metric: str | None = None, fill: bool = True,
                    gate_inputs: bool = True, gate_sample: str = "example", time_padding: bool = False,
                    deploy_batch: int = 1, cpu_buffers: str = "keep", **settings) -> None:
     """Raise a one-line error when ``budgets`` cannot be met on ``model`` or the method's options
@@ -139,6 +161,7 @@ def check_prunable(model: nn.Module, graph: ChannelGraph, budgets: list[Budget],
     cpu_allocator.check_cpu_buffers(cpu_buffers)
     if not isinstance(time_padding, bool):
         raise ConfigError(f"time_padding must be True or False, got {time_padding!r}")
+    block, channel_multiple = resolve_form(block, channel_multiple, [b.metric for b in budgets])
     block = block_mode(block, channel_multiple, deploy_runtime_of(deploy_runtime, budgets), gather_cost)
     timed = [b.metric for b in budgets if b.metric in RUNTIME_LATENCIES]
     if timed and block == "mixed" and granularity == "channel":
@@ -202,10 +225,12 @@ class Pruner:
     ``deploy_runtime``, its gathers weighed at ``gather_cost``, :mod:`budgetprune.blocks`;
     ``"mixed"``; ``"regular"``), ``channel_multiple`` (every width padded to a multiple of that
     many channels, counted in the budget: the widths onnxruntime's fast CPU convolutions need, 8
-    or 16; ``"auto"``, the default, pads feature maps and token tensors to multiples of 8 and
+    or 16; ``"auto"`` pads feature maps and token tensors to multiples of 8 and
     leaves (batch, features) tensors exact, and where that ends under 0.95 of the budget after the
     fill, pads only those of 32 channels or more, then only those that keep 32 or more, else keeps
-    exact widths, :func:`budgetprune.liveness.auto_paddings`; 1: exact widths; :attr:`block`
+    exact widths, :func:`budgetprune.liveness.auto_paddings`; 1: exact widths; where a run names
+    neither (None, the defaults), mixed blocks at exact widths under volume budgets alone and
+    ``"auto"`` for both with a FLOP, parameter or latency budget, :func:`default_form`; :attr:`block`
     after :meth:`finalize` holds the padding kept; with ``time_padding=True``, as the command line
     does, finalize where it kept multiples of 8 also projects the budget with every width a multiple of
     16 and keeps that where it runs at least 1.05× faster (the blocks of an AVX-512 CPU, the report's
@@ -239,7 +264,8 @@ class Pruner:
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, budget: float | str | list[Budget], *,
                  total_steps: int, metric: str | None = None, method: str = "bar", granularity: str = "channel",
-                 block: str = "auto", channel_multiple: int | str = "auto", deploy_runtime: str | None = None,
+                 block: str | None = None, channel_multiple: int | str | None = None,
+                 deploy_runtime: str | None = None,
                  gather_cost: float | None = None, fill: bool = True, gate_inputs: bool = True,
                  gate_sample: str = "example", time_padding: bool = False, deploy_batch: int = 1,
                  cpu_buffers: str = "keep", method_options: dict | None = None,
@@ -271,6 +297,7 @@ class Pruner:
         self.graph = ChannelGraph.build(model, self.example, gate_inputs=gate_inputs)
         self.graph.latency_batch = self.deploy_batch = check_deploy_batch(deploy_batch)
         self.deploy_runtime = deploy_runtime_of(deploy_runtime, self.budgets)
+        block, channel_multiple = resolve_form(block, channel_multiple, [b.metric for b in self.budgets])
         check_prunable(model, self.graph, self.budgets, method=method, granularity=granularity, block=block,
                        channel_multiple=channel_multiple, deploy_runtime=self.deploy_runtime, gather_cost=gather_cost,
                        gate_sample=gate_sample, time_padding=time_padding, deploy_batch=deploy_batch,

@@ -70,6 +70,34 @@ COMPUTE_METRICS = ("flops", "params")
 
 
 def deploy_note(metrics: dict) -> str | None:
+    """The note a result's deployed speed calls for, if any: :func:`compute_note` or
+    :func:`volume_form_note`."""
+    return compute_note(metrics) or volume_form_note(metrics)
+
+
+def volume_form_note(metrics: dict) -> str | None:
+    """A note for a channel-pruned result under volume budgets alone, built in the volume budget's
+    default form (mixed blocks at exact widths, :func:`budgetprune.pruner.default_form`), that runs
+    slower than its unpruned network where it is deployed: its gathers and unaligned widths cost
+    more time there than its channels save, and the fastest form or a FLOP budget beside would buy
+    the speed back (with channels the method trained: README, "The deployed form follows the budget")."""
+    deployed = metrics.get("deployed")
+    if (not deployed or "error" in deployed or deployed["speedup"] >= 1 or metrics.get("metric") != "volume"
+            or metrics.get("granularity", "channel") != "channel"
+            or any(m != "volume" for m in metrics.get("budgets", {}))
+            or (metrics.get("block"), metrics.get("channel_multiple")) == ("auto", "auto")):
+        return None
+    fraction = metrics.get("budget_fraction")
+    volume = f"volume={fraction:.3g}," if fraction else ""
+    return (f"note: the result runs slower than the unpruned network in {deployed['runtime']} (batch "
+            f"{deployed['batch']}: {deployed['speedup']:.2f}× its speed). A volume budget builds mixed blocks at "
+            f"exact widths, so that it pays only for channels the method trained, and here their gathers and "
+            f"unaligned widths cost more time than the channels save. Where it must also run faster, add a FLOP "
+            f"budget beside the volume (--budget {volume}flops=0.5) or build the fastest form (--block auto "
+            f"--channel-multiple auto), at the cost of some trained channels")
+
+
+def compute_note(metrics: dict) -> str | None:
     """A note for a channel-pruned result under a FLOP or parameter budget that runs much slower
     than that budget's reduction promises: its speedup (``deployed``), the reduction, its
     activation volume's reduction, and the budgets that follow time. None where the speed was not
