@@ -57,3 +57,15 @@ def test_the_page_shows_both_accuracies_and_orders_by_validation(page, tmp_path)
     assert table[0].startswith("| b | 72.00 ± 1.00 % | 78.00 ± 1.00 % | best")
     assert "| a | 70.00 ± 1.00 % | 80.00 ± 1.00 % | behind" in table[1]
     assert "2000 of them held out" in text and "on validation" in text
+
+
+def test_a_page_names_the_budget_s_metric(page, tmp_path):
+    result = {"command": "python benchmarks/methods_fashion_mnist.py --metric params", "model": "resnet20",
+              "data": "fashion-mnist", "epochs": {"teacher": 3, "prune": 4, "finetune": 1, "lowlr": 1},
+              "machine": {}, "wall_seconds": 60, "factor": 8, "seeds": [0], "schedule_end": 1, "validation": 0,
+              "train_images": 10000, "metric": "params", "rows": page.summarise(_runs(validation=False)[:1])}
+    page.write_markdown(result, tmp_path)
+    assert (tmp_path / "methods_fashion_mnist.md").read_text().startswith(
+        "# Every method on fashion-mnist / resnet20 at 8× params")
+    with pytest.raises(SystemExit):  # single weights are budgeted by their non-zero count only
+        page.main(["--granularity", "weight", "--metric", "params", "--out", str(tmp_path)])
