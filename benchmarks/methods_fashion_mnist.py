@@ -90,8 +90,9 @@ def main(argv=None) -> int:
             options = parse_method_options(settings)
             run_settings = {k: options.pop(k) for k in list(options) if k in RUN_FIELDS}  # lam=... is --lam
             label = " ".join([method] + settings)
-            name = "-".join([method] + settings) + (f"-end{args.schedule_end:g}" if args.schedule_end != 1 else "") + held_out \
-                + (f"-{args.metric}" if args.metric != "volume" else "")
+            name = "-".join([method, *settings, *([f"end{args.schedule_end:g}"] if args.schedule_end != 1 else []),
+                             *([f"val{args.validation}"] if args.validation else []),
+                             *([args.metric] if args.metric != "volume" else [])])
             run_dir = work / re.sub(r"[^A-Za-z0-9=.+-]+", "_", "weight-" * per_weight + name)
             if (run_dir / "metrics.json").exists():
                 m = json.loads((run_dir / "metrics.json").read_text())

@@ -20,6 +20,21 @@ def pruning_steps(model, pruner, optimizer, batches, loss_fn=F.cross_entropy) ->
         pruner.step()
 
 
+def finalize_against_choice(pruner) -> tuple[dict, int, float]:
+    """Finalize ``pruner`` and hold the result against what its method chose: ``(finalize's report,
+    the chosen channels the result dropped, the chosen channels' share of the budget)``
+    (:func:`budgetprune.budget.chosen_share`)."""
+    from budgetprune.budget import chosen_share
+
+    chosen = pruner.method.keep_masks()
+    _, report = pruner.finalize()
+    final = {g: torch.zeros(len(m), dtype=torch.bool) for g, m in chosen.items()}
+    for g, kept in report["masks"].items():
+        final[g][kept] = True
+    dropped = sum(int((chosen[g] & ~final[g]).sum()) for g in chosen)
+    return report, dropped, chosen_share(pruner.graph, chosen, final, pruner.budgets, pruner.block)
+
+
 def random_batches(dataset, steps: int, batch: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``steps`` batches of ``batch`` (image, label) pairs drawn at random (seeded) from ``dataset``."""
     g = torch.Generator().manual_seed(0)

@@ -25,7 +25,7 @@ from budgetprune.methods.bar import BAR
 from budgetprune.plan import replay
 from budgetprune.resources import CostModel, layer_costs
 
-from loops import pruning_steps
+from loops import finalize_against_choice, pruning_steps
 from test_compaction import _randomise_bn, attach_random, check_compaction, make_model
 
 
@@ -194,7 +194,7 @@ def _pruned_resnet20(**options):
     return pruner, reference, x
 
 
-def test_pruner_default_is_auto_and_its_plan_replays(tmp_path):
+def test_pruner_default_under_a_flop_budget_is_auto_and_its_plan_replays(tmp_path):
     pruner, reference, x = _pruned_resnet20(gather_cost=0.0, deploy_runtime="eager")
     assert str(pruner.block) == "auto" and pruner.block.gather_cost == 0.0
     small, report = pruner.finalize(x)
@@ -272,8 +272,8 @@ def test_a_branch_whose_channels_save_nothing_alone_is_pruned_away_whole():
 def test_the_default_form_follows_the_budgets(budget, form):
     """Naming neither block nor channel_multiple: mixed blocks at exact widths under volume budgets
     alone (the paper's form; what the budget pays for is then only channels the method trained),
-    the fastest form (auto, auto) as soon as a budget is on FLOPs, parameters or latency. The Pruner and the run's
-    config resolve them alike, and a named one is kept."""
+    the fastest form (auto, auto) as soon as a budget is on FLOPs, parameters or latency. The
+    Pruner and the run's config resolve them alike, and a named one is kept."""
     from budgetprune.pipeline import PruneConfig
     from budgetprune.budget import parse_budgets
     from budgetprune.liveness import auto_paddings
@@ -282,7 +282,8 @@ def test_the_default_form_follows_the_budgets(budget, form):
     budgets = parse_budgets(budget, "volume")
     assert default_form([b.metric for b in budgets]) == form
     first, *extra = budgets
-    config = PruneConfig(budget=first.fraction, metric=first.metric, extra_budgets={b.metric: b.fraction for b in extra})
+    config = PruneConfig(budget=first.fraction, metric=first.metric,
+                         extra_budgets={b.metric: b.fraction for b in extra})
     assert (config.block, config.channel_multiple) == form
     assert (PruneConfig(metric=first.metric, block="regular").block,
             PruneConfig(metric=first.metric, channel_multiple=8).channel_multiple) == ("regular", 8)
@@ -300,8 +301,6 @@ def test_a_volume_budget_s_default_form_spends_it_on_the_channels_the_method_cho
     (mixed, exact) spends nearly all the budget on chosen channels (share 0.99, 25 dropped by the
     projection), where the fastest form (auto blocks, padded to 8) drops more of them to pay for its
     padding and its shared residual widths (0.66, 59)."""
-    from budgetprune.budget import chosen_share
-
     def finalized(**options):
         torch.manual_seed(0)
         model = budgetprune.create_model("resnet20")
@@ -309,13 +308,7 @@ def test_a_volume_budget_s_default_form_spends_it_on_the_channels_the_method_cho
                                     method="magnitude", deploy_runtime="eager", **options)
         for _ in range(3):
             pruner.step()
-        chosen = pruner.method.keep_masks()
-        _, report = pruner.finalize()
-        final = {g: torch.zeros(len(m), dtype=torch.bool) for g, m in chosen.items()}
-        for g, kept in report["masks"].items():
-            final[g][kept] = True
-        dropped = sum(int((chosen[g] & ~final[g]).sum()) for g in chosen)
-        return pruner, report, dropped, chosen_share(pruner.graph, chosen, final, pruner.budgets, pruner.block)
+        return (pruner, *finalize_against_choice(pruner))
 
     default, report, default_dropped, default_share = finalized()
     fastest, fastest_report, fastest_dropped, fastest_share = finalized(block="auto", channel_multiple="auto")

@@ -27,7 +27,7 @@ from budgetprune.liveness import BlockMode, Padding, auto_paddings, slot_sets
 from budgetprune.plan import check_plan, replay
 from budgetprune.resources import CostModel
 
-from loops import pruning_steps, randomise_batchnorms
+from loops import finalize_against_choice, pruning_steps, randomise_batchnorms
 from test_compaction import attach_random, check_compaction, make_model
 
 PADDED_MODELS = ["resnet20", "wrn", "tiny_mobilenetv2", "tiny_senet", "vgg_small"]
@@ -956,7 +956,7 @@ def test_auto_padding_passes_over_a_padding_that_starves_the_method_s_channels()
     padding that leaves the chosen channels under PADDING_KEEPS of the budget (logging their share),
     keeps a finer one that ends on the budget, and keeps more of the chosen channels than the
     padding an explicit ``channel_multiple=8`` forces."""
-    from budgetprune.budget import PADDING_KEEPS, chosen_share
+    from budgetprune.budget import PADDING_KEEPS
 
     def finalized(**options):
         torch.manual_seed(0)
@@ -967,12 +967,8 @@ def test_auto_padding_passes_over_a_padding_that_starves_the_method_s_channels()
                                     log=logs.append, deploy_runtime="none", **options)
         for _ in range(4):  # three of the iterative cuts: every width scaled alike to an eighth
             pruner.step()
-        chosen = pruner.method.keep_masks()
-        _, report = pruner.finalize()
-        final = {g: torch.zeros(len(m), dtype=torch.bool) for g, m in chosen.items()}
-        for g, kept in report["masks"].items():
-            final[g][kept] = True
-        return pruner, report, logs, chosen_share(pruner.graph, chosen, final, pruner.budgets, pruner.block)
+        report, _, share = finalize_against_choice(pruner)
+        return pruner, report, logs, share
 
     pruner, report, logs, share = finalized(channel_multiple="auto")  # a volume budget's default is exact widths
     passed_over = [line for line in logs if "leaves the channels the method chose" in line]

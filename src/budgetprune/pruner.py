@@ -58,7 +58,7 @@ def deploy_runtime_of(deploy_runtime: str | None, budgets: list[Budget]) -> str:
 def default_form(metrics: list[str]) -> tuple[str, int | str]:
     """``(block, channel_multiple)`` for a run whose budgets are on ``metrics`` and that names
     neither. Under activation-volume budgets alone (seed 001's budget) mixed blocks at exact
-    widths, seed 001's form (section 3.3, mixed connectivity): every channel the budget pays for
+    widths, seed 001's form (section 4.2, the mixed-connectivity block): every channel the budget pays for
     is one the method trained, where a padded width or a regular block's shared width spends part
     of it on channels no training chose (on ResNet-20 at 4× and 8× fewer activations that cost
     several points of validation accuracy: README, "The deployed form follows the budget"). With a
