@@ -38,7 +38,15 @@ from stats import format_mean_std, mean_std, tie
 
 
 #: Run settings a --methods entry may set (the rest are the method's own options).
-RUN_FIELDS = ("lam", "dual_lr", "gate_init", "gate_lr", "block", "channel_multiple")
+RUN_FIELDS = ("lam", "dual_lr", "gate_init", "gate_lr", "block", "channel_multiple", "schedule_end")
+
+
+def split_entry(entry: str) -> tuple[str, list[str], dict, dict]:
+    """``NAME:KEY=VALUE:...`` of --methods → (name, its KEY=VALUE texts, the method's own options, the
+    run settings among them (:data:`RUN_FIELDS`: ``lam=...`` is ``--lam``))."""
+    method, *settings = entry.split(":")
+    options = parse_method_options(settings)
+    return method, settings, options, {k: options.pop(k) for k in list(options) if k in RUN_FIELDS}
 
 
 def main(argv=None) -> int:
@@ -49,7 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--metric", choices=["volume", "params", "flops"], default="volume",
                    help="the budget's metric when channels are pruned (default volume, seed 001's)")
     p.add_argument("--methods", help="comma-separated; NAME:KEY=VALUE:... sets a method option or lam, dual_lr, "
-                                     "gate_init, gate_lr, block, channel_multiple (values without commas; default: "
+                                     "gate_init, gate_lr, block, channel_multiple, schedule_end (values without commas; default: "
                                      "every method that prunes at this granularity)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each has its own teacher (default 0)")
     p.add_argument("--schedule-end", type=float, default=1.0, help="the runs' --schedule-end (default 1)")
@@ -86,9 +94,7 @@ def main(argv=None) -> int:
         teacher_file = work / f"teacher{held_out.replace('-', '_')}.pt"
         teacher = io.load(teacher_file) if teacher_file.exists() else None
         for entry in args.methods.split(","):
-            method, *settings = entry.split(":")
-            options = parse_method_options(settings)
-            run_settings = {k: options.pop(k) for k in list(options) if k in RUN_FIELDS}  # lam=... is --lam
+            method, settings, options, run_settings = split_entry(entry)
             label = " ".join([method] + settings)
             name = "-".join([method, *settings, *([f"end{args.schedule_end:g}"] if args.schedule_end != 1 else []),
                              *([f"val{args.validation}"] if args.validation else []),
@@ -102,8 +108,8 @@ def main(argv=None) -> int:
                                   lowlr_epochs=args.lowlr_epochs, teacher_epochs=args.teacher_epochs,
                                   progress=False, granularity=args.granularity, method_options=options,
                                   metric=None if per_weight else args.metric,
-                                  seed=seed, schedule_end=args.schedule_end, validation=args.validation,
-                                  **run_settings)
+                                  seed=seed, validation=args.validation,
+                                  **{"schedule_end": args.schedule_end, **run_settings})
                 start = time.time()
                 run = PruneRun(new_model(), train, splits.test, cfg, run_dir, teacher=teacher,
                                log=lambda s: print(f"[{label} seed {seed}] {s}", flush=True))

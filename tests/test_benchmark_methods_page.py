@@ -69,3 +69,13 @@ def test_a_page_names_the_budget_s_metric(page, tmp_path):
         "# Every method on fashion-mnist / resnet20 at 8× params")
     with pytest.raises(SystemExit):  # single weights are budgeted by their non-zero count only
         page.main(["--granularity", "weight", "--metric", "params", "--out", str(tmp_path)])
+
+
+def test_a_methods_entry_sets_run_settings_apart_from_the_method_s_options(page):
+    """schedule_end and the form are run settings (a PruneConfig field), not options of the method, which
+    refuses them; the rest stay the method's."""
+    method, settings, options, run = page.split_entry("bar:block=mixed:schedule_end=0.5:knee=0.9")
+    assert (method, settings) == ("bar", ["block=mixed", "schedule_end=0.5", "knee=0.9"])
+    assert options == {"knee": 0.9} and run == {"block": "mixed", "schedule_end": 0.5}
+    cfg = page.PruneConfig(budget=0.125, method=method, method_options=options, **{"schedule_end": 1.0, **run})
+    assert cfg.schedule_end == 0.5 and cfg.block == "mixed"
