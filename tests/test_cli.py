@@ -43,6 +43,7 @@ def test_prune_end_to_end_meets_budget(finished_run):
         assert m["pruned"][key] < m["full"][key]
     assert set(m["widths"]) == {"features.0", "features.3", "classifier.1"}
     assert 0.1 < m["test_accuracy"] <= 1.0 and 0.1 < m["unpruned_test_accuracy"] <= 1.0
+    assert m["classes"] == 10  # the width of the pruned network's logits: what the collapse note weighs against
     assert m["compaction_max_abs_diff"] <= 1e-5
     assert m["channels_reopened_by_fill"] >= 0
     assert set(m["lowest_kept_gate"]) == set(m["widths"]) and all(0 < v <= 1 for v in m["lowest_kept_gate"].values())

@@ -591,6 +591,16 @@ class PruneRun:
             self.replicas[id(model)] = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         return self.replicas[id(model)]
 
+    @torch.no_grad()
+    def _classes(self, model: nn.Module) -> int | None:
+        """How many classes ``model`` scores (the width of its logits), None where its output is not
+        a (batch, classes) tensor."""
+        was = model.training
+        model.eval()
+        out = model(self.example)
+        model.train(was)
+        return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None
+
     def _evaluate(self, model: nn.Module, data=None) -> float:
         """Accuracy of ``model`` on ``data`` (default: the test split); under torch.distributed each
         process evaluates its part and the counts are summed."""
@@ -796,7 +806,7 @@ class PruneRun:
         return deployed_speed(self.teacher, net, example, runtime)
 
     def _finish(self, net: nn.Module, specs: dict, info: dict) -> PruneResult:
-        from .report import deploy_note, layer_widths
+        from .report import collapse_note, deploy_note, layer_widths
         cfg = self.config
         if not hasattr(self, "unpruned_accuracy"):
             self._evaluate_unpruned()
@@ -839,6 +849,7 @@ class PruneRun:
             # where the gates started and the agreement measured at each start (a chosen start only)
             **({"gate_start": info["gate_start"]} if info.get("gate_start") else {}),
             "model": cfg.model, "data": cfg.data, "granularity": cfg.granularity,
+            "classes": self._classes(net),
         }
         if self.per_weight:
             layers = density(net)
@@ -848,9 +859,9 @@ class PruneRun:
                             "density": layers})
         if distributed.is_main():  # rank 0 times the result and writes the run folder
             metrics["deployed"] = self._deployed_speed(net)
-            note = deploy_note(metrics)
-            if note:
-                self.log(note)
+            for note in (collapse_note(metrics, self.history), deploy_note(metrics)):
+                if note:
+                    self.log(note)
             self._write_results(net, metrics)
         total = cfg.finetune_epochs + cfg.lowlr_epochs
         self._save_checkpoint("done", total, arch=json.dumps(specs), model=net.state_dict(), info=json.dumps(info),

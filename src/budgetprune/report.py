@@ -69,6 +69,38 @@ SPEEDUP_SHARE = 0.7
 COMPUTE_METRICS = ("flops", "params")
 
 
+#: A result scoring at most this multiple of guessing's accuracy (1 / classes), pruned from a network
+#: that scored at least twice as much, gets a note (:func:`collapse_note`).
+CHANCE_MULTIPLE = 1.5
+
+
+def collapse_note(metrics: dict, history: list[dict] | None = None) -> str | None:
+    """A note for a result that pruning left no better than guessing: its test accuracy, guessing's
+    among ``metrics["classes"]``, the unpruned network's, the first epoch after the teacher's at which
+    the test accuracy had fallen that low (from ``history``), and what to change. None otherwise,
+    or where the number of classes is unknown.
+
+    Why: a pruned network at chance is no result, and nothing else in a finished run says so (the
+    sensitivity method's aimed decay left ResNet-20 at 10 % at 16× volume on one seed of three,
+    ``benchmarks/results/methods_16_resnet20_mixed_exact/``)."""
+    classes = metrics.get("classes")
+    if not isinstance(classes, int) or classes < 2:
+        return None
+    chance = 1.0 / classes
+    accuracy, unpruned = metrics["test_accuracy"], metrics["unpruned_test_accuracy"]
+    if accuracy > CHANCE_MULTIPLE * chance or unpruned < 2 * CHANCE_MULTIPLE * chance:
+        return None
+    fell = next((f"{row['stage']} epoch {row['epoch']}" for row in history or []
+                 if row.get("stage") != "teacher" and row.get("test_accuracy", 1.0) <= CHANCE_MULTIPLE * chance),
+                None)
+    other = "" if metrics.get("method") == "bar" else " (e.g. --method bar)"
+    return (f"note: the pruned network scores {100 * accuracy:.1f} % on the test set, about what guessing among "
+            f"{classes} classes scores ({100 * chance:.1f} %; unpruned {100 * unpruned:.1f} %): pruning left "
+            f"nothing of what it had learnt"
+            + (f" (its test accuracy had fallen that low by {fell}: history.json)" if fell else "")
+            + f". Give it a larger budget, a longer prune stage (--epochs) or another method{other}")
+
+
 def deploy_note(metrics: dict) -> str | None:
     """The note a result's deployed speed calls for, if any: :func:`compute_note` or
     :func:`volume_form_note`."""
@@ -166,6 +198,10 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
              + ("at value 0" if per_weight else "zero outgoing weights at reopening")
              + f"): {m.get(f'{unit}_reopened_by_fill', 0)}",
              f"- Compacted vs gated outputs, max abs difference: {m['compaction_max_abs_diff']:.2e}"]
+    collapse = collapse_note(m, history)
+    if collapse:
+        text = collapse.removeprefix("note: ")
+        lines.insert(3, f"- **{text[0].upper()}{text[1:]}**")
     if not per_weight and "block" in m:
         blocks = {"auto": f"auto ({len(m.get('mixed_spaces') or [])} residual spaces kept mixed, the others regular)",
                   "mixed": "mixed (sums gather each branch's channels)",
