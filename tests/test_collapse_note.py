@@ -1,7 +1,6 @@
 """The note a run gives when pruning left its network no better than guessing
-(:func:`budgetprune.report.collapse_note`), on hand-made metrics, and where a run records what it needs."""
-
-import json
+(:func:`budgetprune.report.collapse_note`), on hand-made metrics (a run records its classes:
+tests/test_cli.py::test_prune_end_to_end_meets_budget)."""
 
 import pytest
 
@@ -39,7 +38,7 @@ def test_no_note_where_the_result_beats_guessing_or_the_classes_are_unknown(m):
     assert collapse_note(m, HISTORY) is None
 
 
-def test_the_report_opens_with_the_note(tmp_path):
+def test_the_report_says_so_under_its_test_accuracy(tmp_path):
     m = {**metrics(), "metric": "volume", "budget_fraction": 0.0625, "budget": 1.0, "budget_ratio": 0.996,
          "full": {"volume": 16.0}, "pruned": {"volume": 1.0}, "reduction_factor": {"volume": 16.0}, "widths": {},
          "accuracy_change": -0.7547,
