@@ -183,7 +183,9 @@ def write_markdown(r: dict, out: Path, suffix: str = "") -> None:
                              "made on their accuracy, the test accuracy decides nothing)" if held_out else "")
                           + ", one teacher per seed for all methods; default "
                           "hyper-parameters of every method unless the name gives an option; seeds "
-                          f"{', '.join(map(str, seeds))}; budget schedule end {r.get('schedule_end', 1):g}.")
+                          f"{', '.join(map(str, seeds))}; budget schedule end {r.get('schedule_end', 1):g}"
+                          + (" (where the name gives no schedule_end)"
+                             if any("schedule_end=" in row["method"] for row in r["rows"]) else "") + ".")
     unit = "weights" if per_weight else "channels"
     last = "density per layer" if per_weight else "widths (first seed)"
     val = "val acc (mean ± std) | " if on_validation else ""

@@ -79,3 +79,14 @@ def test_a_methods_entry_sets_run_settings_apart_from_the_method_s_options(page)
     assert options == {"knee": 0.9} and run == {"block": "mixed", "schedule_end": 0.5}
     cfg = page.PruneConfig(budget=0.125, method=method, method_options=options, **{"schedule_end": 1.0, **run})
     assert cfg.schedule_end == 0.5 and cfg.block == "mixed"
+
+
+def test_a_page_says_its_schedule_end_holds_where_a_name_gives_none(page, tmp_path):
+    runs = [{**r, "method": "bar schedule_end=0.5" if r["method"] == "b" else "bar"} for r in _runs(validation=True)]
+    result = {"command": "python benchmarks/methods_fashion_mnist.py", "model": "lenet5", "data": "fashion-mnist",
+              "epochs": {"teacher": 5, "prune": 4, "finetune": 1, "lowlr": 1}, "machine": {}, "wall_seconds": 60,
+              "factor": 16, "seeds": [0, 1, 2], "schedule_end": 1, "validation": 2000, "train_images": 60000}
+    page.write_markdown({**result, "rows": page.summarise(runs)}, tmp_path)
+    assert "budget schedule end 1 (where the name gives no schedule_end)." in (tmp_path / "methods_fashion_mnist.md").read_text()
+    page.write_markdown({**result, "rows": page.summarise(_runs(validation=True))}, tmp_path)
+    assert "budget schedule end 1. " in (tmp_path / "methods_fashion_mnist.md").read_text()
