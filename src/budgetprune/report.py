@@ -175,6 +175,12 @@ def _blocks_of_sixteen(metrics: dict) -> bool:
         multiple > 1 and multiple % 16 != 0 and "wide_padding_timing" not in metrics  # a timed 16 lost
 
 
+def note_sentence(note: str) -> str:
+    """A log note (``"note: the result …"``) as a sentence of the report (``"The result …"``)."""
+    text = note.removeprefix("note: ")
+    return text[0].upper() + text[1:]
+
+
 def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
     """Write ``widths.png`` and ``report.md`` into the run folder ``out``."""
     m = metrics
@@ -200,8 +206,7 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
              f"- Compacted vs gated outputs, max abs difference: {m['compaction_max_abs_diff']:.2e}"]
     collapse = collapse_note(m, history)
     if collapse:
-        text = collapse.removeprefix("note: ")
-        lines.insert(3, f"- **{text[0].upper()}{text[1:]}**")
+        lines.insert(3, f"- **{note_sentence(collapse)}**")
     if not per_weight and "block" in m:
         blocks = {"auto": f"auto ({len(m.get('mixed_spaces') or [])} residual spaces kept mixed, the others regular)",
                   "mixed": "mixed (sums gather each branch's channels)",
@@ -242,8 +247,7 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
                      + (" (slower: see the README's \"Deployed speed\")" if deployed["speedup"] < 1 else ""))
         note = deploy_note(m)
         if note:
-            text = note.removeprefix("note: ")
-            lines.append(f"- {text[0].upper()}{text[1:]}")
+            lines.append(f"- {note_sentence(note)}")
     if per_weight:
         lines.append(f"- Non-zero weights after fine-tuning: {m['nonzero_after_finetune']} (pruned weights stay 0); "
                      f"model file {m.get('model_file_bytes', 0) / 1024:.1f} KiB, sparse weights stored as bit mask "
