@@ -456,12 +456,14 @@ def test_sensitivity_prunes_filters_that_shrank_below_the_threshold():
     assert not bool(keep[3]) and int(keep.sum()) == 19
 
 
-def test_sensitivity_decay_spares_the_strongest_filter_of_a_protected_layer():
+@pytest.mark.parametrize("permanent", [True, False])
+def test_sensitivity_decay_spares_the_strongest_filter_of_a_protected_layer(permanent):
     """The fatal-pruning guard for the decay: every channel insensitive (S = 0) at λ = 0.5, each step
     halves every filter; every LeNet-5 layer is protected (every path crosses it). The step that would
     take a layer's last filters under the threshold (0.05 of their starting norms: after 5 halvings)
-    spares the one strongest relative to its start, which stays at 0.5⁴ of it and stays kept."""
-    model, graph, method = attached("sensitivity", lam=0.5, threshold=0.05, aim="fixed")
+    spares the one strongest relative to its start, which stays at 0.5⁴ of it and stays kept. Closed
+    for good (the default), the others stop decaying once under the threshold (after 5 halvings)."""
+    model, graph, method = attached("sensitivity", lam=0.5, threshold=0.05, aim="fixed", permanent=permanent)
     assert all(g.min_keep == 1 for g in graph.groups.values())
     for gate in method.gates.values():
         gate.sensitivity.fill_(0.0)
@@ -476,8 +478,54 @@ def test_sensitivity_decay_spares_the_strongest_filter_of_a_protected_layer():
     assert keep["features.0"].tolist() == [True] + [False] * 19
     relative = method.filter_norms("features.0") / start
     assert float(relative[0]) == pytest.approx(0.5 ** 4, rel=1e-5)
-    assert float(relative[1:].max()) == pytest.approx(0.9 * 0.5 ** 8, rel=1e-5)
+    assert float(relative[1:].max()) == pytest.approx(0.9 * 0.5 ** (5 if permanent else 8), rel=1e-5)
     assert all(int(m.sum()) == 1 for m in keep.values())  # one filter per layer, never none
+
+
+def test_sensitivity_closes_a_fallen_channel_for_good():
+    """A filter under the threshold closes its mask: the channel's output is 0 from then on, and it
+    stays pruned when the optimiser lifts the filter back over the threshold; counted only
+    (``permanent=False``) it is kept again."""
+    for permanent in (True, False):
+        model, _, method = attached("sensitivity", threshold=0.05, lam=0.0, aim="fixed", permanent=permanent)
+        conv, gate = model.features[0], method.gate("features.0")
+        with torch.no_grad():
+            conv.weight[3] *= 0.01
+            conv.bias[3] *= 0.01
+        method.after_step(0.0)
+        assert gate.mask.tolist() == [1.0] * 3 + [0.0 if permanent else 1.0] + [1.0] * 16
+        with torch.no_grad():
+            conv.weight[3] *= 100.0
+            conv.bias[3] *= 100.0
+        method.after_step(0.0)
+        assert bool(method.keep_masks()["features.0"][3]) is not permanent
+
+
+def test_a_closed_channel_behind_a_batchnorm_stops_passing_its_signal():
+    """Why the threshold closes the mask: behind a BatchNorm (training mode, batch statistics) a filter
+    decayed to 5 % of its start (under a threshold of 10 %) still passes its full, renormalised signal; once closed, the network's
+    output is that of the same network with the channel's BatchNorm output set to 0."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x = torch.randn(8, 1, 8, 8)
+    graph = budgetprune.ChannelGraph.build(model, x[:1])
+    reference = copy.deepcopy(model)
+    method = create_method("sensitivity", lam=0.0, aim="fixed", threshold=0.1)
+    method.attach(model, graph, [Budget("volume", 0.5)])
+    with torch.no_grad():
+        before = model(x)
+        model[0].weight[1] *= 0.05
+        model[0].bias[1] *= 0.05
+        assert torch.allclose(model(x), before, atol=1e-3)  # the BatchNorm undid the decay
+        reference[0].weight[1] *= 0.05
+        reference[0].bias[1] *= 0.05
+    method.after_step(0.0)
+    assert method.gate(next(iter(graph.groups))).mask.tolist() == [1.0, 0.0, 1.0, 1.0]
+    reference[1].register_forward_hook(lambda m, i, out: out * torch.tensor([1.0, 0.0, 1.0, 1.0]).view(1, 4, 1, 1))
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference(x), atol=1e-6)
+        assert not torch.allclose(model(x), before, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------
