@@ -15,9 +15,10 @@ from budgetprune import cli, latency
 from budgetprune.budget import (Budget, enforce_budget, fill_budget, parse_budgets, reopenable_channels, uniform_share,
                                uniform_widths)
 from budgetprune.errors import BudgetError, ConfigError
-from budgetprune.gates import GaussianGate, SigmoidGate
+from budgetprune.gates import GUARD_GATE, GaussianGate, SigmoidGate
 from budgetprune.methods import available_methods, create_method
 from budgetprune.methods.folding import filters, reader_columns
+from budgetprune.methods.gated import still_open
 from budgetprune.methods.interpolative import interpolative_decomposition
 from budgetprune.objectives import dual_ascent
 from budgetprune.resources import CostModel
@@ -364,6 +365,61 @@ def test_morphnet_penalty_is_cost_weighted_l1_and_uses_batchnorm_gamma():
     method.penalty(0.0).backward()
     w = method.channel_costs()["layer1.0.conv1"]
     assert bn.weight.grad[:3].tolist() == pytest.approx((w[:3] * torch.tensor([-1.0, 1.0, 1.0])).tolist())
+
+
+def test_still_open_by_hand():
+    is_open = torch.tensor([True, True, False, True, True])
+    strength = torch.tensor([0.5, 0.005, 0.9, 0.02, 0.001])
+    assert still_open(is_open, strength, 0.01, 1).tolist() == [True, False, False, True, False]
+    # every open unit fallen: the guard keeps the need strongest open ones (never the closed 0.9)
+    fallen = torch.tensor([0.003, 0.005, 0.9, 0.001, 0.002])
+    assert still_open(is_open, fallen, 0.01, 2).tolist() == [True, True, False, False, False]
+    assert still_open(is_open, fallen, 0.01, 0).tolist() == [False] * 5
+
+
+@pytest.mark.parametrize("permanent", [True, False])
+def test_morphnet_closes_a_fallen_channel_for_good(permanent):
+    """A γ at the threshold closes its channel: its factor is 0 from then on and it stays pruned when
+    γ grows back; counted only (``permanent=False``) it is kept again."""
+    model = budgetprune.create_model("resnet20")
+    graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 28, 28))
+    method = create_method("morphnet", permanent=permanent)
+    method.attach(model, graph, [Budget("volume", 0.25)])
+    bn = dict(model.named_modules())["layer1.0.bn1"]
+    gate = method.gate("layer1.0.conv1")
+    with torch.no_grad():
+        bn.weight[:3] = torch.tensor([-0.5, 0.005, -0.008])
+    method.after_step(0.1)
+    closed = [False, True, True] if permanent else [False, False, False]
+    assert (gate().detach()[:3] == 0).tolist() == closed
+    with torch.no_grad():
+        bn.weight[:3] = 1.0
+    method.after_step(0.2)
+    assert gate.keep_mask()[:3].tolist() == [not c for c in closed]
+
+
+def test_morphnet_guard_keeps_an_open_channel_of_a_protected_layer():
+    _, graph, method = attached("morphnet")
+    gate = method.gate("features.0")  # LeNet-5's first conv: no BatchNorm, a scale of its own, protected
+    with torch.no_grad():
+        gate.own.copy_(torch.linspace(0.001, 0.009, 20))
+        gate.own[5] = 0.5
+    method.after_step(0.1)
+    assert gate.open.tolist() == [1.0 if i == 5 else 0.0 for i in range(20)]
+    with torch.no_grad():
+        gate.own[5] = 0.002  # the last open one falls too: it stays open, lifted over the threshold
+    method.after_step(0.2)
+    assert gate.keep_mask().tolist() == [i == 5 for i in range(20)]
+    assert float(gate.own[5].detach()) == GUARD_GATE  # lifted to carry its signal, not to just over 0.01
+
+
+def test_a_morphnet_state_saved_before_channels_closed_loads():
+    _, _, method = attached("morphnet")
+    state = {k: v for k, v in method.state_dict().items() if not k.endswith(".open")}
+    _, _, other = attached("morphnet")
+    other.gate("features.0").open.zero_()
+    other.load_state_dict(state)
+    assert all(bool((g.open == 1).all()) for g in other.gates.values())
 
 
 # ---------------------------------------------------------------------------------------

@@ -350,7 +350,8 @@ class ScaleGate(nn.Module):
     With ``bn`` given (the affine BatchNorm the channel group is hosted at), γ *is* that
     BatchNorm's weight: the gate reads it and multiplies by 1 (the BatchNorm already scales).
     Without one (a layer with no BatchNorm), γ is the gate's own parameter, initialised to 1.
-    A channel is kept while |γ| > ``threshold``.
+    A channel is kept while |γ| > ``threshold`` and it is open: :meth:`close` shuts channels for
+    good (their factor is 0 from then on, whatever γ does).
     """
 
     def __init__(self, num_channels: int, bn: nn.Module | None = None, threshold: float = 1e-2):
@@ -360,7 +361,17 @@ class ScaleGate(nn.Module):
         self.__dict__["bn"] = bn  # not a submodule: the weight stays the model's parameter
         self.own = None if bn is not None else nn.Parameter(torch.ones(num_channels))
         self.threshold = float(threshold)
+        self.register_buffer("open", torch.ones(num_channels))
         self.register_buffer("frozen", None, persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A state saved before channels could close has every channel open."""
+        state_dict.setdefault(prefix + "open", torch.ones_like(self.open))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def close(self, keep: torch.Tensor) -> None:
+        """Leave open only the channels ``keep`` marks (a closed channel never reopens in training)."""
+        self.open.mul_(keep.to(self.open))
 
     @property
     def gamma(self) -> torch.Tensor:
@@ -371,10 +382,10 @@ class ScaleGate(nn.Module):
         return self.gamma.numel()
 
     def keep_mask(self) -> torch.Tensor:
-        return self.gamma.detach().abs() > self.threshold
+        return (self.gamma.detach().abs() > self.threshold) & (self.open > 0)
 
     def keep_score(self) -> torch.Tensor:
-        return self.gamma.detach().abs()
+        return self.gamma.detach().abs() * self.open
 
     def deterministic(self) -> torch.Tensor:
         """The factor the compacted network folds: γ for an own scale, 1 when the BatchNorm holds it."""
@@ -382,12 +393,15 @@ class ScaleGate(nn.Module):
         return keep if self.bn is not None else self.gamma.detach() * keep
 
     @torch.no_grad()
-    def keep_at_least_one(self, margin: float = 1e-3) -> None:
-        """Fatal-pruning guard: the largest |γ| is raised to just above the threshold."""
+    def keep_at_least_one(self, gate: float = GUARD_GATE) -> None:
+        """Fatal-pruning guard (seed 001, section 4.1): where the largest |γ| of an open channel is at
+        the threshold or under, it is raised to ``gate`` (:data:`GUARD_GATE`, as BAR's guard clamps its
+        gate; γ starts at 1): lifted just over the threshold, the one channel a layer keeps passed 1 %
+        of its signal and the network behind it learnt nothing."""
         g = self.gamma
-        i = int(torch.argmax(g.abs()))
+        i = int(torch.argmax(g.abs().masked_fill(self.open <= 0, -1.0)))
         if float(g[i].abs()) <= self.threshold:
-            g[i] = (self.threshold + margin) * (1.0 if float(g[i]) >= 0 else -1.0)
+            g[i] = max(gate, self.threshold) * (1.0 if float(g[i]) >= 0 else -1.0)
 
     def freeze(self, values: torch.Tensor) -> None:
         self.frozen = values.detach().to(self.gamma.device, self.gamma.dtype).clone()
@@ -398,8 +412,8 @@ class ScaleGate(nn.Module):
         if self.frozen is not None:
             return self.frozen
         if self.bn is not None:
-            return torch.ones_like(self.gamma)
-        return self.own
+            return self.open.to(self.gamma.dtype)
+        return self.own * self.open
 
 
 class SigmoidGate(nn.Module):

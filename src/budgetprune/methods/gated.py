@@ -35,6 +35,18 @@ def _key(gid: str) -> str:
     return gid.replace(".", "__")
 
 
+def still_open(is_open: torch.Tensor, strength: torch.Tensor, threshold: float, need: int) -> torch.Tensor:
+    """The units that stay open when every unit whose ``strength`` (sensitivity's relative filter
+    norm, MorphNet's |γ|) is at ``threshold`` or under closes for good: the open ones above it, and
+    where fewer than ``need`` of those are left (the fatal-pruning guard, seed 001 section 4.1), the
+    ``need`` strongest open ones."""
+    keep = is_open & (strength > threshold)
+    if int(keep.sum()) < need:
+        ranked = strength.masked_fill(~is_open, float("-inf"))
+        keep[torch.topk(ranked, min(need, int(is_open.sum()))).indices] = True
+    return keep
+
+
 class GatedMethod(Method):
     """Gates on every group of the graph; subclasses give :meth:`make_gate` and :meth:`penalty`."""
 

@@ -54,7 +54,7 @@ from ..budget import Budget
 from ..gates import MaskGate
 from ..graph import ChannelGraph, ChannelGroup, parameter
 from .base import register_method
-from .gated import GatedMethod
+from .gated import GatedMethod, still_open
 
 
 #: The largest decay λ·m an aimed run applies per step (the paper's λ < 1 keeps w ← w(1 − λ(1 − S)) a
@@ -206,16 +206,11 @@ class SensitivityRegularization(GatedMethod):
         protected group keeps open its ``min_keep`` strongest units even if they fell."""
         for gid in self.units:
             gate = self.gate(gid)
-            relative = self.filter_norms(gid) / gate.start_norm
-            fallen = (relative <= self.threshold) & (gate.mask > 0)
-            if not bool(fallen.any()):
-                continue
+            is_open = gate.mask > 0
             need = 1 if self.per_weight else self.graph.groups[gid].min_keep
-            keep = (gate.mask > 0) & ~fallen
-            if int(keep.sum()) < need:  # the guard: its strongest open units stay open
-                open_relative = relative.masked_fill(gate.mask <= 0, -1.0)
-                keep[torch.topk(open_relative, min(need, int((gate.mask > 0).sum()))).indices] = True
-            gate.set(keep)
+            keep = still_open(is_open, self.filter_norms(gid) / gate.start_norm, self.threshold, need)
+            if not torch.equal(keep, is_open):
+                gate.set(keep)
 
     def _spare_the_last(self, gid: str, shrink: torch.Tensor) -> torch.Tensor:
         """The fatal-pruning guard (seed 001, section 4.1) for the decay: where ``shrink`` would leave
