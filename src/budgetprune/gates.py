@@ -348,8 +348,9 @@ class ScaleGate(nn.Module):
     """MorphNet's channel scale (Gordon et al., CVPR 2018): a per-channel factor γ.
 
     With ``bn`` given (the affine BatchNorm the channel group is hosted at), γ *is* that
-    BatchNorm's weight: the gate reads it and multiplies by 1 (the BatchNorm already scales).
-    Without one (a layer with no BatchNorm), γ is the gate's own parameter, initialised to 1.
+    BatchNorm's weight: the gate reads it and multiplies by 1 on open channels (the BatchNorm
+    already scales). Without one (a layer with no BatchNorm), γ is the gate's own parameter,
+    initialised to 1.
     A channel is kept while |γ| > ``threshold`` and it is open: :meth:`close` shuts channels for
     good (their factor is 0 from then on, whatever γ does).
     """
