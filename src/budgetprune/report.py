@@ -194,9 +194,11 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
     else:
         shown = m["widths"]
         plot_widths(shown, out / "widths.png", title)
+    collapse = collapse_note(m, history)
     lines = [f"# Pruning report: {title}", "",
              f"- Test accuracy: **{m['test_accuracy']:.4f}** (unpruned {m['unpruned_test_accuracy']:.4f}, "
              f"change {100 * m['accuracy_change']:+.2f} points)",
+             *([f"- **{note_sentence(collapse)}**"] if collapse else []),
              f"- Budget: {m['metric']} ≤ {m['budget']:.6g}; reached {m['pruned'][m['metric']]:.6g} = "
              f"**{m['budget_ratio']:.4f}** of the budget",
              f"- {unit.capitalize()} dropped by the exact-budget projection: {m.get(f'{unit}_dropped_by_projection', 0)}",
@@ -204,9 +206,6 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
              + ("at value 0" if per_weight else "zero outgoing weights at reopening")
              + f"): {m.get(f'{unit}_reopened_by_fill', 0)}",
              f"- Compacted vs gated outputs, max abs difference: {m['compaction_max_abs_diff']:.2e}"]
-    collapse = collapse_note(m, history)
-    if collapse:
-        lines.insert(3, f"- **{note_sentence(collapse)}**")
     if not per_weight and "block" in m:
         blocks = {"auto": f"auto ({len(m.get('mixed_spaces') or [])} residual spaces kept mixed, the others regular)",
                   "mixed": "mixed (sums gather each branch's channels)",

@@ -170,8 +170,9 @@ class SensitivityRegularization(GatedMethod):
         """No loss term: the method acts on the update (see :meth:`after_step`). Every ``every``
         steps the sensitivities of this step's forward pass are measured here."""
         if self._output is not None and int(self.steps) % self.every == 0:
-            s = {gid: v * self.gate(gid).mask.to(v).reshape(v.shape)  # a closed unit counts 0 (and
-                 for gid, v in self.sensitivities(self._output).items()}  # is not the top)
+            # a closed unit's sensitivity counts 0 (so it is never the top that the others are divided by)
+            s = {gid: v * self.gate(gid).mask.to(v).reshape(v.shape)
+                 for gid, v in self.sensitivities(self._output).items()}
             top = max(float(v.max()) for v in s.values()) or 1.0
             m = self.momentum if int(self.steps) else 0.0
             for gid, v in s.items():
