@@ -110,7 +110,8 @@ def test_uneven_pieces_compact_to_a_split_of_the_kept_sizes():
         masks[gid][0] = True
     with torch.no_grad():
         reference = model(x)
-    small = compact(model, graph, masks)
+    small = compact(model, graph, masks, order_moves=False)  # the gathers (test_channel_order: without them)
+    ordered = compact(model, graph, masks)
     splits = [n for n in small.graph.nodes if n.target is torch.split]
     assert len(splits) == 1 and splits[0].args[0].target != select_channels
     gathers = [n for n in small.graph.nodes if n.target is select_channels]
@@ -127,6 +128,7 @@ def test_uneven_pieces_compact_to_a_split_of_the_kept_sizes():
         h.remove()
     assert not torch.allclose(expected, reference)
     assert torch.allclose(small(x), expected, atol=1e-5)
+    assert torch.allclose(ordered(x), expected, atol=1e-5)
 
 
 class SlicedNet(nn.Module):
@@ -189,7 +191,7 @@ def test_folded_splits_compute_what_the_unfolded_ones_do(model_of):
     masks = {gid: torch.rand(g.channels) > 0.4 for gid, g in graph.groups.items()}
     for gid in masks:
         masks[gid][0] = True
-    folded, plain = compact(model, graph, masks), compact(model, graph, masks, fold_splits=False)
+    folded, plain = (compact(model, graph, masks, fold_splits=fold, order_moves=False) for fold in (True, False))
     assert not [n for n in folded.graph.nodes if n.target is torch.split and n.args[0].target is select_channels]
     assert [n for n in plain.graph.nodes if n.target is torch.split and n.args[0].target is select_channels]
     with torch.no_grad():
@@ -198,7 +200,7 @@ def test_folded_splits_compute_what_the_unfolded_ones_do(model_of):
 
 def test_a_plan_written_before_the_fold_replays_with_its_own_buffers(tmp_path):
     """A version-5 plan (gathers not folded) with its state dict loads as it was compacted; a
-    new plan says version 6 and saves and loads with the folded form."""
+    new plan says version 8 (``test_channel_order``: the version-7 form)."""
     from budgetprune.plan import make_plan, replay
 
     torch.manual_seed(0)
@@ -206,12 +208,13 @@ def test_a_plan_written_before_the_fold_replays_with_its_own_buffers(tmp_path):
     x = torch.randn(4, 3, 8, 8)
     pruner = Pruner(model, x, "flops=0.5", total_steps=1, block="regular", channel_multiple=1, gate_init=3.0)
     small, report = pruner.finalize()
-    assert report["plan"]["version"] == 6
+    assert report["plan"]["version"] == 8
     masks = {gid: torch.zeros(g.channels, dtype=torch.bool).index_fill_(0, torch.tensor(report["plan"]["kept"][gid]), True)
              for gid, g in pruner.graph.groups.items() if gid in report["plan"]["kept"]}
-    old = compact(model, pruner.graph, masks, mode="regular", fold_splits=False)
-    plan = make_plan(pruner.graph, masks, block="regular", granularity="channel", gate_inputs=False)
-    assert plan["version"] == 6 and set(old.state_dict()) != set(small.state_dict())
+    old = compact(model, pruner.graph, masks, mode="regular", fold_splits=False, order_moves=False)
+    plan = make_plan(pruner.graph, masks, block="regular", granularity="channel", gate_inputs=False,
+                     moves_ordered=True)
+    assert plan["version"] == 8 and set(old.state_dict()) != set(small.state_dict())
     from budgetprune.errors import CheckpointError
     with pytest.raises(CheckpointError):  # what the version is for: the old buffers do not fit the new form
         replay(plan, TinyShuffleNet(first_stride=1), old.state_dict())

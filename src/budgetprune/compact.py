@@ -11,7 +11,9 @@ connectivity block of seed 001 (supplement 2): ``h_l = scatterAdd(h_{l-1}, Δ, I
 (:func:`budgetprune.ops.index_add_channels`), so only alive maps are computed. With
 ``mode="regular"`` tensors that are added keep equal widths instead (the extra channels
 compute zeros), as a plain ResBlock implementation needs. A squeeze-and-excitation scale is
-sliced to the channels it multiplies. The compacted module computes the same outputs as
+sliced to the channels it multiplies. Channels that only move between layers (ShuffleNet's
+splits, shuffles and concatenations) are laid out as slices of permuted layers
+(:mod:`budgetprune.channel_order`). The compacted module computes the same outputs as
 the gated model in eval mode; :func:`budgetprune.io.save` stores it without pickled code.
 """
 
@@ -27,6 +29,7 @@ from torch import fx, nn
 from . import layer_subclasses, norm_act
 from .attention import head_columns, pruned_proj, pruned_qkv
 from .blocks import built_sets
+from .channel_order import order_channels
 from .graph import ADD_FUNCTIONS, FLATTEN_METHODS, MUL_FUNCTIONS, ChannelGraph
 from .liveness import alive_sets, effective_masks, padding_of
 from .ops import RelativeAttention, SelfAttention, full_count_layer_norm, index_add_channels, scatter_channels, \
@@ -37,13 +40,18 @@ SUB_FUNCTIONS = {operator.sub, operator.isub, torch.sub}
 
 def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor] | None = None,
             gate_values: dict[str, torch.Tensor] | None = None, mode: str = "mixed",
-            fold_splits: bool = True) -> fx.GraphModule:
+            fold_splits: bool = True, order_moves: bool = True) -> fx.GraphModule:
     """Build the compacted network (eval mode, on the model's device).
 
     ``masks[group]`` keeps channel i where True (groups not listed keep everything);
     ``gate_values[group]`` is the per-channel scale to fold (1 where not given).
     ``fold_splits``: a gather read only by a channel split becomes one gather per piece
     (False: the form of plans written before that, whose saved index buffers it keeps).
+    ``order_moves``: channels that only move (ShuffleNet's splits, shuffles and concatenations) are
+    laid out as slices, their writers' and readers' channels permuted to match
+    (:func:`budgetprune.channel_order.order_channels`; False: the form of plans written before that).
+    The network's ``budgetprune_moves_ordered`` says how many clusters of moves were laid out (its
+    plan must say so: :func:`budgetprune.plan.make_plan`).
     """
     full = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
     masks = {**full, **{g: m.detach().bool().cpu() for g, m in (masks or {}).items()}}
@@ -129,6 +137,10 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
         _fold_gathers_into_splits(gm)
     _rewrite_norms(gm, graph, index)
     _remove_empty(gm, index, purged)
+    # the inputs keep their widths (a gated input is gathered where a layer reads it)
+    gm.budgetprune_moves_ordered = order_channels(gm, {
+        n.name: graph.tensors[n.name].slots for n in gm.graph.nodes
+        if n.op == "placeholder" and n.name in graph.tensors and graph.tensors[n.name].dim == 1}) if order_moves else 0
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
@@ -139,9 +151,10 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
 def unpruned_copy(model: nn.Module, graph: ChannelGraph) -> fx.GraphModule:
     """The model as traced, without the pruner's hooks (eval mode, on the model's device): the network
     a pruned one's latency is measured against. Not :func:`compact` with every channel kept, which
-    rewrites some ops: ShuffleNet V2 x0.5's channel shuffles become gathers there, and that network ran
-    about 7 % faster than the model itself in onnxruntime (batch 16), so a latency budget measured
-    against it ended at 0.83–0.88 of the budget when the result was timed against the model."""
+    rewrites some ops: ShuffleNet V2 x0.5's channel shuffles become gathers there (slices of permuted
+    layers since :mod:`budgetprune.channel_order`), and that network ran about 7 % faster than the model
+    itself in onnxruntime (batch 16), so a latency budget measured against it ended at 0.83–0.88 of the
+    budget when the result was timed against the model."""
     return _traced_copy(model, graph).to(next(model.parameters()).device).eval()
 
 

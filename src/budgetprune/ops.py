@@ -80,6 +80,12 @@ def _zeros_with(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 @fx.wrap
+def slice_channels(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """``x[:, start:stop]`` (a view; onnx ``Slice``)."""
+    return x.narrow(1, start, stop - start)
+
+
+@fx.wrap
 def select_channels(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """``x[:, index]`` (``x[..., index]`` for ``dim`` -1)."""
     return x.index_select(dim % x.dim(), index)
@@ -278,4 +284,5 @@ class RelativeAttention(nn.Module):
 
 
 #: Functions a saved compacted network may call besides torch's own (see budgetprune.io).
-CHANNEL_OPS = {f.__name__: f for f in (index_add_channels, scatter_channels, select_channels, full_count_layer_norm)}
+CHANNEL_OPS = {f.__name__: f for f in (index_add_channels, scatter_channels, select_channels, slice_channels,
+                                        full_count_layer_norm)}

@@ -542,7 +542,7 @@ class PruneRun:
         plain = to_plain(teacher, graph)
         # nothing pruned: a plan that keeps every channel, for networks no self-contained file can describe
         plain.budgetprune_plan = make_plan(graph, None, block=self.config.block, granularity="channel",
-                                           gate_inputs=False)
+                                           gate_inputs=False, moves_ordered=plain.budgetprune_moves_ordered > 0)
         io.save(plain, self.out / "teacher.pt", meta={"role": "teacher", "model": self.config.model,
                                                       "input_shape": list(self.graph.input_shape)})
 

@@ -30,13 +30,17 @@ FORMAT = "budgetprune-plan"
 #: version replays as it was written); 5: channels tied by position or by a grouped convolution
 #: are padded too (:func:`budgetprune.liveness.regular_sets`); 6: a channel gather read only by a
 #: channel split is compacted as one gather per piece (its index buffers differ); 7: Swin V2's
-#: heads are groups (an older plan of a Swin V2 kept them whole, and replays so). A plan is written
-#: at the lowest version that reads it.
-VERSION = 7
+#: heads are groups (an older plan of a Swin V2 kept them whole, and replays so); 8: channels that only
+#: move (concatenations, gathers and splits) are laid out as slices of permuted writers for permuted
+#: readers (:mod:`budgetprune.channel_order`; written where compaction laid out some), and the plan
+#: names ``pad_within_space`` and ``pad_tied`` itself (before, its version said them). A plan is
+#: written at the lowest version that reads it.
+VERSION = 8
 _PAD_WITHIN_SPACE = 4  # the first version whose padded mixed tensors pad within their space
 _PAD_TIED = 5  # the first version whose tied channels are padded
 _FOLD_SPLITS = 6  # the first version whose gathers read by a split are folded into it
 _V2_HEADS = 7  # the first version in which Swin V2's attention heads are pruned
+_ORDER_MOVES = 8  # the first version whose channel moves are laid out as slices
 
 #: The plan fields of a :class:`~budgetprune.liveness.Padding` after its multiple: name, value
 #: when absent (no floor), the first plan version that has it, what it is.
@@ -46,9 +50,10 @@ _FLOORS = (("pad_min_width", 0, 2, "narrowest padded width"),
 
 
 def make_plan(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None, *, block: str, granularity: str,
-              gate_inputs: bool) -> dict:
+              gate_inputs: bool, moves_ordered: bool = False) -> dict:
     """The plan of a finalized pruning: ``masks`` are the final keep-masks per group (None: every
-    channel kept, as with per-weight pruning)."""
+    channel kept, as with per-weight pruning). ``moves_ordered``: the compacted network has channel
+    moves laid out as slices (its ``budgetprune_moves_ordered``)."""
     kept = {gid: [int(i) for i in torch.nonzero(m).flatten()] for gid, m in (masks or {}).items()}
     padding = padding_of(block)
     # a padding that leaves some tensors exact needs a later version to read; other plans stay readable by version 1
@@ -63,10 +68,15 @@ def make_plan(graph: ChannelGraph, masks: dict[str, torch.Tensor] | None, *, blo
         version = max(version, _FOLD_SPLITS)
     if v2_head_groups(graph):
         version = max(version, _V2_HEADS)
+    if moves_ordered:
+        version = max(version, _ORDER_MOVES)
     plan = {"format": FORMAT, "version": version, "granularity": granularity, "block": str(block),
             "channel_multiple": padding.multiple, **floors, "gate_inputs": gate_inputs,
             "input_shape": list(graph.input_shape), "groups": {gid: g.channels for gid, g in graph.groups.items()},
             "kept": kept}
+    if version >= _ORDER_MOVES:  # said by name from this version on, not by the version
+        plan["pad_within_space"] = bool(getattr(block, "pad_within_space", True))
+        plan["pad_tied"] = bool(getattr(block, "pad_tied", True))
     if str(block) == "auto":
         members: dict[str, list[str]] = {}
         for name, space in graph.spaces.items():
@@ -102,6 +112,8 @@ def check_plan(plan) -> dict:
         value = plan.get(name, absent)
         if type(value) is not int or not absent <= value <= 2 ** 30:
             raise _malformed(f"{what} {value!r:.20} is not an int of at least {absent}")
+    if not all(isinstance(plan.get(name, False), bool) for name in ("pad_within_space", "pad_tied")):
+        raise _malformed("pad_within_space or pad_tied is not true or false")
     mixed = plan.get("mixed_spaces", [])
     if not isinstance(mixed, list) or not all(isinstance(t, str) for t in mixed) or \
             (mixed and plan["block"] != "auto"):
@@ -139,7 +151,8 @@ def replay(plan: dict, model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
         raise CheckpointError(f"the model passed does not match the pruning plan (group {differ[0]!r:.60} differs): "
                               "pass the same architecture that was pruned, before pruning")
     masks = kept_masks(plan, mine) if plan["granularity"] == "channel" else None
-    net = compact(model, graph, masks, mode=_block(plan, graph), fold_splits=plan["version"] >= _FOLD_SPLITS)
+    net = compact(model, graph, masks, mode=_block(plan, graph), fold_splits=plan["version"] >= _FOLD_SPLITS,
+                  order_moves=plan["version"] >= _ORDER_MOVES)
     check_state_shapes(net, state_dict)
     try:
         net.load_state_dict(state_dict, strict=True)
@@ -168,7 +181,8 @@ def masks_of_indices(kept: dict[str, list[int]], channels: dict[str, int]) -> di
 def _block(plan: dict, graph: ChannelGraph) -> BlockMode:
     """The block mode ``plan`` was compacted with, its mixed spaces (auto blocks) found in ``graph``."""
     padding = Padding(plan.get("channel_multiple", 1), *(plan.get(name, absent) for name, absent, *_ in _FLOORS))
-    within, tied = plan["version"] >= _PAD_WITHIN_SPACE, plan["version"] >= _PAD_TIED
+    within = plan.get("pad_within_space", plan["version"] >= _PAD_WITHIN_SPACE)
+    tied = plan.get("pad_tied", plan["version"] >= _PAD_TIED)
     if plan["block"] != "auto":
         return BlockMode(plan["block"], padding, pad_within_space=within, pad_tied=tied)
     unknown = [t for t in plan.get("mixed_spaces", []) if t not in graph.spaces]

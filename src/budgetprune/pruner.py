@@ -701,7 +701,8 @@ deploy runtime (``chosen``: the method's own masks). Returns the timing (``multi
         It names the blocks compaction built (``"auto"``: the spaces it kept mixed)."""
         block = getattr(net, "budgetprune_mode", self.block) if masks is not None else self.block
         net.budgetprune_plan = make_plan(self.graph, masks, block=block, granularity=self.granularity,
-                                         gate_inputs=self.gate_inputs)
+                                         gate_inputs=self.gate_inputs,
+                                         moves_ordered=getattr(net, "budgetprune_moves_ordered", 0) > 0)
 
     @staticmethod
     def _check_outputs(reference, output, kind: str) -> float:
