@@ -31,6 +31,17 @@ def _random_masks(graph, seed: int = 0, keep: float = 0.6) -> dict:
     return masks
 
 
+def _both_forms(model: nn.Module, x: torch.Tensor, seed: int = 0, keep: float = 0.6, **options):
+    """``model`` (BatchNorms randomised) compacted on the same random masks with its gathers and with
+    its moves laid out: ``(gathers, slices)``."""
+    torch.manual_seed(0)
+    model = model.eval()
+    randomise_batchnorms(model)
+    graph = ChannelGraph.build(model, x)
+    masks = _random_masks(graph, seed=seed, keep=keep)
+    return compact(model, graph, masks, order_moves=False, **options), compact(model, graph, masks, **options)
+
+
 def _moved(gm: fx.GraphModule, x: torch.Tensor) -> int:
     """Values written by the network's concatenations, gathers, slices and splits for input ``x`` (each
     a copy in onnx)."""
@@ -55,14 +66,8 @@ def _count(gm: fx.GraphModule, target) -> int:
 def test_moves_become_slices_with_the_outputs_of_the_gathers(model_of, mode, keep):
     """Against the compaction that keeps the gathers (itself checked against the gated network in
     ``test_shuffle_split``): equal outputs, no gather left, fewer values copied."""
-    torch.manual_seed(0)
-    model = model_of().eval()
-    randomise_batchnorms(model)
     x = torch.randn(2, 3, 8, 8)
-    graph = ChannelGraph.build(model, x)
-    masks = _random_masks(graph, keep=keep)
-    gathers = compact(model, graph, masks, mode=mode, order_moves=False)
-    slices = compact(model, graph, masks, mode=mode)
+    gathers, slices = _both_forms(model_of(), x, keep=keep, mode=mode)
     assert _count(gathers, select_channels) > 0 and _count(slices, select_channels) == 0
     with torch.no_grad():
         assert torch.allclose(slices(x), gathers(x), atol=1e-5)
@@ -103,13 +108,8 @@ class TwoReaders(nn.Module):
 def test_a_map_read_by_a_depthwise_chain_and_a_conv_is_read_in_the_writers_order():
     """Both readers take the writers' channels as written: no gather, no concatenation of the
     shuffle's pieces, and the depthwise conv and its BatchNorm permuted with them."""
-    torch.manual_seed(0)
-    model = TwoReaders().eval()
-    randomise_batchnorms(model)
     x = torch.randn(2, 3, 6, 6)
-    graph = ChannelGraph.build(model, x)
-    masks = _random_masks(graph, seed=2)
-    gathers, slices = compact(model, graph, masks, order_moves=False), compact(model, graph, masks)
+    gathers, slices = _both_forms(TwoReaders(), x, seed=2)
     assert _count(slices, select_channels) == 0
     readers = [n for n in slices.graph.nodes if n.op == "call_module" and n.target in ("dw", "c")]
     assert len(readers) == 2 and readers[0].args[0] is readers[1].args[0]
@@ -135,16 +135,10 @@ class UnknownReader(nn.Module):
 
 
 def test_a_cluster_with_a_reader_of_unknown_kind_is_left_as_it_is():
-    torch.manual_seed(0)
-    model = UnknownReader().eval()
-    randomise_batchnorms(model)
     x = torch.randn(2, 3, 6, 6)
-    graph = ChannelGraph.build(model, x)
-    masks = _random_masks(graph, seed=1)
-    gathers = compact(model, graph, masks, order_moves=False)
-    slices = compact(model, graph, masks)
+    gathers, slices = _both_forms(UnknownReader(), x, seed=1)
     assert _count(slices, select_channels) == _count(gathers, select_channels) > 0
-    assert order_channels(compact(model, graph, masks, order_moves=False)) == 0
+    assert slices.budgetprune_moves_ordered == 0 and order_channels(gathers) == 0
     with torch.no_grad():
         assert torch.equal(slices(x), gathers(x))
 
@@ -163,12 +157,8 @@ class ShuffledInput(nn.Module):
 
 def test_a_writer_that_cannot_be_permuted_keeps_its_order_and_the_reader_follows_it():
     """The input's shuffle is folded into the conv's columns: the conv reads the input as it is."""
-    torch.manual_seed(0)
-    model = ShuffledInput().eval()
     x = torch.randn(2, 4, 5, 5)
-    graph = ChannelGraph.build(model, x)
-    masks = _random_masks(graph, seed=3)
-    gathers, slices = compact(model, graph, masks, order_moves=False), compact(model, graph, masks)
+    gathers, slices = _both_forms(ShuffledInput(), x, seed=3)
     conv = next(n for n in slices.graph.nodes if n.op == "call_module" and n.target == "c")
     assert conv.args[0].op == "placeholder"
     # by hand: the shuffle of 4 channels in 2 groups reads them as [0, 2, 1, 3] (its own inverse)
@@ -188,13 +178,8 @@ def models():
 def test_torchvision_shufflenet_loses_every_gather(models):
     """torchvision's ShuffleNet V2 x0.5 at 224 px, a random third of its channels dropped: its 29
     gathers are gone, its outputs unchanged."""
-    torch.manual_seed(0)
-    model = models.shufflenet_v2_x0_5(num_classes=10).eval()
-    randomise_batchnorms(model)
     x = torch.randn(1, 3, 224, 224)
-    graph = ChannelGraph.build(model, x)
-    masks = _random_masks(graph, keep=0.65)
-    gathers, slices = compact(model, graph, masks, order_moves=False), compact(model, graph, masks)
+    gathers, slices = _both_forms(models.shufflenet_v2_x0_5(num_classes=10), x, keep=0.65)
     assert _count(gathers, select_channels) == 29 and _count(slices, select_channels) == 0
     assert _count(slices, torch.split) == 0 and _count(slices, slice_channels) > 0
     with torch.no_grad():
