@@ -221,3 +221,14 @@ def test_a_plan_written_before_the_layout_replays_with_its_gathers(tmp_path):
     loaded = budgetprune.load(tmp_path / "shuffle.pt")
     with torch.no_grad():
         assert torch.allclose(loaded(x), small(x), atol=1e-6)
+
+
+def test_the_laid_out_network_scripts_and_exports(tmp_path):
+    """Its slices script in TorchScript and export to onnx (checked with onnxruntime where installed)."""
+    from budgetprune.export import to_onnx, to_torchscript
+
+    x = torch.randn(2, 3, 8, 8)
+    _, slices = _both_forms(TinyShuffleNet(first_stride=1), x)
+    assert _count(slices, slice_channels) > 0
+    assert to_torchscript(slices, tmp_path / "m.ts", x)["method"] == "script"
+    assert to_onnx(slices, tmp_path / "m.onnx", x)["verified"]
