@@ -15,10 +15,11 @@ splits joined to each other) that holds a gather or a split. Each layer chain wr
 cluster (a *writer*) writes its channels grouped by the chain that reads them next (a *reader*);
 each reader reads its channels grouped by writer, writers in graph order. Every reader's input is
 then one concatenation of contiguous slices of the writers' outputs (``slice_channels``, a view in
-torch and a ``Slice`` in onnx): the slices and one ``torch.cat`` per reader replace the cluster. A writer whose chain cannot be permuted keeps
-its order (a gather where a reader's channels from it are not contiguous). A cluster with a reader
-that cannot be permuted (the model's output, a residual sum, an op of unknown kind) is left as it
-is. Outputs stay equal to rounding.
+torch and a ``Slice`` in onnx): the slices and one ``torch.cat`` per reader replace the cluster. A
+writer whose chain cannot be permuted keeps its order (a gather where a reader's channels from it
+are not contiguous). A cluster with a reader that cannot be permuted (the model's output, a
+residual sum, an op of unknown kind, an op writing in place) is left as it is. Outputs stay equal
+to rounding.
 """
 
 from __future__ import annotations
@@ -369,14 +370,13 @@ def _plan_cluster(net: _Net, cluster, applied: _Permutations):
             position[w][c] = p
     layouts = []
     for node, chain in readers:
-        entries = prov[node]
-        arranged = sorted(range(len(entries)), key=lambda i: (order[entries[i][0]], position[entries[i][0]][entries[i][1]]))
+        # (writer, its new position, its channel) per channel the reader takes, in the reader's order
+        entries = [(w, position[w][c], c) for w, c in prov[node]]
+        arranged = sorted(range(len(entries)), key=lambda i: (order[entries[i][0]], entries[i][1]))
         perm = torch.tensor(arranged)
-        for t, k in chain:
-            if not perms.add(t, k, perm):
-                return None
-        layouts.append((node, [(entries[i][0], position[entries[i][0]][entries[i][1]], entries[i][1])
-                               for i in arranged]))
+        if not all(perms.add(t, k, perm) for t, k in chain):
+            return None
+        layouts.append((node, [entries[i] for i in arranged]))
     if any(applied.conflicts(target, kind) for target, kind in perms.index):
         return None
     applied.index.update(perms.index)

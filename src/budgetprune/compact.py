@@ -138,9 +138,9 @@ def compact(model: nn.Module, graph: ChannelGraph, masks: dict[str, torch.Tensor
     _rewrite_norms(gm, graph, index)
     _remove_empty(gm, index, purged)
     # the inputs keep their widths (a gated input is gathered where a layer reads it)
-    gm.budgetprune_moves_ordered = order_channels(gm, {
-        n.name: graph.tensors[n.name].slots for n in gm.graph.nodes
-        if n.op == "placeholder" and n.name in graph.tensors and graph.tensors[n.name].dim == 1}) if order_moves else 0
+    input_widths = {n.name: graph.tensors[n.name].slots for n in gm.graph.nodes
+                    if n.op == "placeholder" and n.name in graph.tensors and graph.tensors[n.name].dim == 1}
+    gm.budgetprune_moves_ordered = order_channels(gm, input_widths) if order_moves else 0
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
