@@ -375,6 +375,9 @@ def test_still_open_by_hand():
     fallen = torch.tensor([0.003, 0.005, 0.9, 0.001, 0.002])
     assert still_open(is_open, fallen, 0.01, 2).tolist() == [True, True, False, False, False]
     assert still_open(is_open, fallen, 0.01, 0).tolist() == [False] * 5
+    # per-weight units come as a weight's shape: the same rule over all of them
+    assert still_open(is_open[:4].view(2, 2), fallen[:4].view(2, 2), 0.01, 2).tolist() == [[True, True], [False, False]]
+    assert still_open(is_open, fallen, 0.01, 9).tolist() == [True, True, False, True, True]  # fewer open than need
 
 
 @pytest.mark.parametrize("permanent", [True, False])

@@ -39,12 +39,13 @@ def still_open(is_open: torch.Tensor, strength: torch.Tensor, threshold: float, 
     """The units that stay open when every unit whose ``strength`` (sensitivity's relative filter
     norm, MorphNet's |γ|) is at ``threshold`` or under closes for good: the open ones above it, and
     where fewer than ``need`` of those are left (the fatal-pruning guard, seed 001 section 4.1), the
-    ``need`` strongest open ones."""
+    ``need`` strongest open ones. Computed on the device without reading a count back (it runs
+    after every training step)."""
     keep = is_open & (strength > threshold)
-    if int(keep.sum()) < need:
-        ranked = strength.masked_fill(~is_open, float("-inf"))
-        keep[torch.topk(ranked, min(need, int(is_open.sum()))).indices] = True
-    return keep
+    ranked = strength.masked_fill(~is_open, float("-inf")).flatten()
+    strongest = torch.zeros_like(ranked, dtype=torch.bool)
+    strongest[torch.topk(ranked, min(need, ranked.numel())).indices] = True
+    return torch.where(keep.sum() < need, keep | (strongest.view_as(keep) & is_open), keep)
 
 
 class GatedMethod(Method):

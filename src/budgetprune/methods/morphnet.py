@@ -94,8 +94,6 @@ class MorphNet(GatedMethod):
         if self.permanent:
             for key, gate in self.gates.items():
                 is_open = gate.open > 0
-                keep = still_open(is_open, gate.gamma.detach().abs(), self.threshold,
-                                  self.graph.groups[self.gid_of[key]].min_keep)
-                if not torch.equal(keep, is_open):
-                    gate.close(keep)
+                gate.close(still_open(is_open, gate.gamma.detach().abs(), self.threshold,
+                                      self.graph.groups[self.gid_of[key]].min_keep))
         super().after_step(progress)

@@ -209,9 +209,7 @@ class SensitivityRegularization(GatedMethod):
             gate = self.gate(gid)
             is_open = gate.mask > 0
             need = 1 if self.per_weight else self.graph.groups[gid].min_keep
-            keep = still_open(is_open, self.filter_norms(gid) / gate.start_norm, self.threshold, need)
-            if not torch.equal(keep, is_open):
-                gate.set(keep)
+            gate.set(still_open(is_open, self.filter_norms(gid) / gate.start_norm, self.threshold, need))
 
     def _spare_the_last(self, gid: str, shrink: torch.Tensor) -> torch.Tensor:
         """The fatal-pruning guard (seed 001, section 4.1) for the decay: where ``shrink`` would leave
