@@ -79,7 +79,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (HERE, RESULTS, Parser, cpu_name, name_list, number_list, padding_label, pruning_steps,  # noqa: E402
                     write_results)
-from quiet import Quiet  # noqa: E402
+from budgetprune.quiet import Quiet  # noqa: E402
 from torchvision_models import FAMILIES, SIZE_AT_LEAST, import_torchvision, make  # noqa: E402
 
 import budgetprune  # noqa: E402

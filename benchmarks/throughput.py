@@ -20,7 +20,7 @@ All of a model's contenders are timed in one run: ``--warmup`` untimed steps eac
 round, so a machine that slows down slows all alike; a contender's images/s is the batch over
 its median step, and its ratio is its median step over the plain one's. On a shared machine
 each turn waits until other processes leave the CPUs alone and is repeated when they did not
-(:class:`quiet.Quiet`); the page states how much they used.
+(:class:`budgetprune.quiet.Quiet`); the page states how much they used.
 
 Inference: a BAR pruner on another copy takes ``--warmup`` steps and finalizes (the exact
 budget, the compacted network, blocks weighed for eager PyTorch); the compacted network and the
@@ -52,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (HERE, RESULTS, Parser, inference_call, interleaved_steps, machine, method_and_sample,  # noqa: E402
                     name_list, pruning_steps, source_state, training_step, write_results)
-from quiet import Quiet  # noqa: E402
+from budgetprune.quiet import Quiet  # noqa: E402
 
 import budgetprune  # noqa: E402
 from budgetprune import Pruner  # noqa: E402
@@ -88,7 +88,7 @@ def arguments(argv) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed steps per contender first (default 2)")
     p.add_argument("--infer-steps", type=int, help="forward passes per network and round (default 10)")
     p.add_argument("--quiet-busy", type=float, default=0.15,
-                   help="time while other processes use at most this share of all CPUs (see quiet.Quiet)")
+                   help="time while other processes use at most this share of all CPUs (see budgetprune.quiet.Quiet)")
     p.add_argument("--quiet-budget-min", type=float,
                    help="minutes the whole run may wait for a quiet machine (default 5; 0: never wait)")
     p.add_argument("--quick", action="store_true", help="a smoke run of seconds: lenet5 at batch 16, 2 rounds of 1 step")

@@ -740,7 +740,7 @@ def _stand_in_timing(runtime: str, speedup: float) -> dict:
     from budgetprune.measured import PADDING_PAYS
 
     return {"runtime": runtime, "batch": 1, "exact_ms": 1.0, "padded_ms": 1.0 / speedup, "speedup": speedup,
-            "pairs": 30, "pays": speedup >= PADDING_PAYS}
+            "pairs": 30, "others_cpu": 0.0, "pays": speedup >= PADDING_PAYS}
 
 
 @pytest.mark.parametrize("speedup, kept", [(1.3, "padded"), (1.01, "exact")])
@@ -794,13 +794,19 @@ def test_time_padding_times_in_the_deploy_runtime_and_only_an_auto_padding():
         pruner.step()
         return pruner.finalize()[1]
 
-    report = finalized(time_padding=True)
-    timing = report["padding_timing"]
-    assert timing["runtime"] == "eager" and timing["batch"] == 1 and timing["pairs"] >= 30
-    assert timing["exact_ms"] > 0 and timing["padded_ms"] > 0
-    assert timing["speedup"] > 0  # the median of paired ratios: under load, far from exact_ms / padded_ms
-    assert timing["pays"] == (timing["speedup"] >= PADDING_PAYS)
-    assert report["padding"][0] == (8 if timing["pays"] else 1)
+    for _ in range(3):
+        report = finalized(time_padding=True)
+        timing = report["padding_timing"]
+        if "error" not in timing:
+            break
+        # other processes kept this machine busy: no decision, the padding kept
+        assert timing["error"].startswith("the machine was busy") and report["padding"][0] == 8
+    if "error" not in timing:
+        assert timing["runtime"] == "eager" and timing["batch"] == 1 and timing["pairs"] >= 30
+        assert timing["exact_ms"] > 0 and timing["padded_ms"] > 0
+        assert timing["speedup"] > 0  # the median of paired ratios: under load, far from exact_ms / padded_ms
+        assert timing["pays"] == (timing["speedup"] >= PADDING_PAYS)
+        assert report["padding"][0] == (8 if timing["pays"] else 1)
     for options in ({}, {"time_padding": True, "channel_multiple": 8}):
         assert "padding_timing" not in finalized(**options)
     assert finalized(time_padding=True, deploy_batch=3)["padding_timing"]["batch"] == 3  # the deployment's batch
@@ -891,7 +897,7 @@ def test_time_padding_keeps_the_padding_where_the_timing_fails_and_times_without
     failing = lambda exact, padded, example, runtime: {"runtime": runtime, "error": "ExportError: no"}  # noqa: E731
     report, logs = finalized(failing)
     assert report["padding"] == [8, 0, 2, 0] and report["padding_timing"] == {"runtime": "eager", "error": "ExportError: no"}
-    assert any("could not be timed in eager (ExportError: no)" in line for line in logs)
+    assert any("no usable timing of the padded network in eager (ExportError: no)" in line for line in logs)
     slower = lambda exact, padded, example, runtime: _stand_in_timing(runtime, 1.0)  # noqa: E731
     report, _ = finalized(slower, fill=False)
     assert report["padding"] == [1, 0, 1, 0] and report["channels_reopened_by_fill"] == 0

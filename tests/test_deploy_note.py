@@ -101,3 +101,25 @@ def test_a_volume_budget_result_slower_than_its_source_gets_a_note_with_the_way_
 ])
 def test_no_volume_note_where_it_is_fast_enough_or_already_the_fastest_form(m):
     assert deploy_note(m) is None
+
+
+def test_a_speed_timed_on_a_busy_machine_gets_that_note_and_not_one_read_from_it(tmp_path):
+    """A timing during which other processes kept the CPUs busy is not read for advice: the note
+    says how busy the machine was instead of what the speed falls short of, in the log's words and
+    the report's."""
+    busy = metrics(2.23)
+    busy["deployed"].update(others_cpu=0.62, busy=True)
+    note = deploy_note(busy)
+    assert note.startswith("note: the deployed speed (2.23× in onnxruntime) was timed while other processes used "
+                           "62% of the CPUs") and "fewer flops" not in note
+    quiet = metrics(2.23)
+    quiet["deployed"].update(others_cpu=0.01, busy=False)
+    assert deploy_note(quiet).startswith("note: the result runs 2.23× faster")
+    m = {**busy, "method": "bar", "budget_fraction": 0.25, "budget": 1.0, "budget_ratio": 0.999,
+         "full": {"volume": 2.46, "flops": 4.0, "params": 4.22}, "pruned": {"volume": 1.0, "flops": 1.0, "params": 1.0},
+         "widths": {}, "test_accuracy": 0.9, "unpruned_test_accuracy": 0.91, "accuracy_change": -0.01,
+         "cost_before_projection": 1.0, "channels_dropped_by_projection": 0, "compaction_max_abs_diff": 0.0,
+         "model": "mnasnet", "data": "demo"}
+    write_report(tmp_path, m, [])
+    assert "- The deployed speed (2.23× in onnxruntime) was timed while other processes used 62% of the CPUs" in \
+        (tmp_path / "report.md").read_text()

@@ -61,9 +61,12 @@ PADDING_PAYS = 1.05
 def padding_speedup(exact: nn.Module, padded: nn.Module, example: torch.Tensor, runtime: str) -> dict:
     """How much faster the ``padded`` network runs than the ``exact`` one in ``runtime`` on
     ``example`` (paired runs, :func:`budgetprune.runtimes.deployed_speed`): ``exact_ms``,
-    ``padded_ms``, ``speedup`` (the median of the pairs' exact/padded ratios), ``pairs`` and
-    ``pays`` (speedup at least :data:`PADDING_PAYS`); ``error`` instead when one cannot be
-    exported or timed (the padding is then kept: the timing only ever drops it).
+    ``padded_ms``, ``speedup`` (the median of the pairs' exact/padded ratios), ``pairs``,
+    ``others_cpu`` (the share of the CPUs other processes used meanwhile) and ``pays`` (speedup at
+    least :data:`PADDING_PAYS`); ``error`` instead when one cannot be exported or timed, or when
+    other processes kept the machine busy however long it waited (:class:`budgetprune.quiet.Quiet`:
+    a busy machine slows the two networks unalike). The padding is then kept: the timing only
+    ever drops it.
 
     Why: onnxruntime's blocked CPU convolutions need channel counts that are multiples of 8:
     resnet20 at 2× fewer FLOPs ran 1.82× faster than unpruned with its widths padded and 0.72×
@@ -76,9 +79,14 @@ def padding_speedup(exact: nn.Module, padded: nn.Module, example: torch.Tensor, 
         speed = {"error": f"{type(exc).__name__}: {first_line(exc, 300)}"}
     if "error" in speed:
         return {"runtime": runtime, "error": speed["error"]}
+    if speed["busy"]:
+        return {"runtime": runtime, "batch": speed["batch"], "others_cpu": speed["others_cpu"],
+                "measured_speedup": speed["speedup"],
+                "error": f"the machine was busy: other processes used {speed['others_cpu']:.0%} of its CPUs while "
+                         f"it was timed (measured {speed['speedup']:.2f}×, not trusted)"}
     return {"runtime": runtime, "batch": speed["batch"], "exact_ms": speed["unpruned_ms"],
             "padded_ms": speed["pruned_ms"], "speedup": speed["speedup"], "pairs": speed["pairs"],
-            "pays": speed["speedup"] >= PADDING_PAYS}
+            "others_cpu": speed["others_cpu"], "pays": speed["speedup"] >= PADDING_PAYS}
 
 
 def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
@@ -126,7 +134,8 @@ def meet_measured_latency(project: Callable[[list[Budget]], tuple[dict, dict]],
                 break
             measured[b.metric] = {"unpruned_ms": speed["unpruned_ms"], "pruned_ms": speed["pruned_ms"],
                                   "ratio": speed["ratio"], "fraction": b.fraction,
-                                  **({"retimed": speed["retimed"]} if speed.get("retimed") else {})}
+                                  **({"retimed": speed["retimed"]} if speed.get("retimed") else {}),
+                                  **({"others_cpu": speed["others_cpu"]} if speed.get("busy") else {})}
         if "error" in record:
             stopped = "a projection could not be timed"
             break
@@ -162,8 +171,10 @@ def _measured_line(metric: str, measured: dict, over: float) -> str:
     retimed = measured.get("retimed", 0)
     again = f" (timed again, {retimed} more timing{'s' if retimed > 1 else ''}: the unpruned network ran " \
         "slower than before)" if retimed else ""
+    busy = f" (while other processes used {measured['others_cpu']:.0%} of the CPUs: it may measure otherwise on a " \
+        "quiet machine)" if "others_cpu" in measured else ""
     return f"{metric}: {measured['pruned_ms']:.4g} ms of {measured['unpruned_ms']:.4g} ms unpruned = " \
-        f"{over:.3f} of the budget{again}"
+        f"{over:.3f} of the budget{again}{busy}"
 
 
 def fastest_unpruned_ms(tries: list[dict], metric: str) -> float | None:

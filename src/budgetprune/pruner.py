@@ -562,10 +562,11 @@ deploy runtime (``chosen``: the method's own masks). Returns the timing (``multi
                 ((kept, kept_mode), (wide[0], wide_mode))]
         speed = padding_speedup(*nets, self.deploy_example(), self.deploy_runtime)
         if "error" in speed:
-            self.log(f"the wider padding could not be timed in {self.deploy_runtime} ({speed['error']}); {keeping}")
-            return {**record, "error": speed["error"]}, None
+            self.log(f"no usable timing of the wider padding in {self.deploy_runtime} ({speed['error']}); {keeping}")
+            return {**record, **{k: v for k, v in speed.items() if k != "runtime"}}, None
         timing = {**record, "batch": speed["batch"], "ms": speed["padded_ms"], "against_ms": speed["exact_ms"],
-                  "speedup": speed["speedup"], "pairs": speed["pairs"], "pays": speed["pays"]}
+                  "speedup": speed["speedup"], "pairs": speed["pairs"], "others_cpu": speed["others_cpu"],
+                  "pays": speed["pays"]}
         verdict = "keeping it" if timing["pays"] else f"under {PADDING_PAYS}×: {keeping}"
         self.log(f"{wide_mode.describe_padding()}: {timing['ms']:.4g} ms against {timing['against_ms']:.4g} ms at "
                  f"multiples of {kept_mode.multiple} in {self.deploy_runtime} (batch {timing['batch']}), "
@@ -585,7 +586,7 @@ deploy runtime (``chosen``: the method's own masks). Returns the timing (``multi
                 ((exact[0], exact_mode), (padded, padded_mode))]
         timing = padding_speedup(*nets, self.deploy_example(), self.deploy_runtime)
         if "error" in timing:
-            self.log(f"the padded network could not be timed in {self.deploy_runtime} ({timing['error']}); "
+            self.log(f"no usable timing of the padded network in {self.deploy_runtime} ({timing['error']}); "
                      f"keeping {padded_mode.describe_padding()}")
             return timing, None
         verdict = "keeping it" if timing["pays"] else f"under {PADDING_PAYS}×: keeping exact widths"

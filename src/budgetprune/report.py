@@ -102,9 +102,22 @@ def collapse_note(metrics: dict, history: list[dict] | None = None) -> str | Non
 
 
 def deploy_note(metrics: dict) -> str | None:
-    """The note a result's deployed speed calls for, if any: :func:`compute_note` or
-    :func:`volume_form_note`."""
-    return compute_note(metrics) or volume_form_note(metrics)
+    """The note a result's deployed speed calls for, if any: :func:`busy_note`, else
+    :func:`compute_note` or :func:`volume_form_note` (which read the speed: not from a busy timing)."""
+    return busy_note(metrics) or compute_note(metrics) or volume_form_note(metrics)
+
+
+def busy_note(metrics: dict) -> str | None:
+    """A note for a deployed speed timed while other processes kept the machine busy
+    (:class:`budgetprune.quiet.Quiet`): they slow the unpruned and the pruned network unalike, so
+    the speedup is not what the deployment will see."""
+    deployed = metrics.get("deployed")
+    if not deployed or "error" in deployed or not deployed.get("busy"):
+        return None
+    return (f"note: the deployed speed ({deployed['speedup']:.2f}× in {deployed['runtime']}) was timed while other "
+            f"processes used {deployed['others_cpu']:.0%} of the CPUs, which slows the unpruned and the pruned "
+            "network unalike: time the two again on a quiet machine (budgetprune.runtimes.deployed_speed) before "
+            "relying on it")
 
 
 def volume_form_note(metrics: dict) -> str | None:
@@ -214,7 +227,7 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
         lines.append(f"- Residual blocks: {blocks}; {padding}")
         wide = m.get("wide_padding_timing")
         if wide and "error" in wide:
-            lines.append(f"- Multiples of {wide['multiple']} not timed in {wide['runtime']} ({wide['error']}): "
+            lines.append(f"- Multiples of {wide['multiple']}: no usable timing in {wide['runtime']} ({wide['error']}): "
                          f"multiples of {wide['against']} kept")
         elif wide:
             lines.append(f"- Multiples of {wide['multiple']} timed in {wide['runtime']} (batch {wide['batch']}): "
@@ -223,7 +236,7 @@ def write_report(out: Path, metrics: dict, history: list[dict]) -> None:
                          f"{wide['multiple'] if wide['pays'] else wide['against']} kept")
         timing = m.get("padding_timing")
         if timing and "error" in timing:
-            lines.append(f"- Padding not timed in {timing['runtime']} ({timing['error']}): padding kept")
+            lines.append(f"- Padding: no usable timing in {timing['runtime']} ({timing['error']}): padding kept")
         elif timing:
             lines.append(f"- Padding timed in {timing['runtime']} (batch {timing['batch']}): padded "
                          f"{timing['padded_ms']:.3f} ms, exact widths {timing['exact_ms']:.3f} ms, "

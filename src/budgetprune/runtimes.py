@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .export import onnx_bytes, require, torchscript_module
+from .quiet import Quiet
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
 
@@ -140,21 +141,29 @@ def paired_times(first: Callable[[], object], second: Callable[[], object], repe
 
 
 def deployed_speed(unpruned: nn.Module, pruned: nn.Module, example: torch.Tensor, runtime: str,
-                   repeats: int = 30, min_seconds: float = 1.0) -> dict:
+                   repeats: int = 30, min_seconds: float = 1.0, quiet: Quiet | None = None) -> dict:
     """Latency of the unpruned and the pruned network in ``runtime`` on ``example`` (what a run
     reports in ``metrics.json``): the median milliseconds of each, and their ratio as the median
     of the ratios of paired runs (:func:`paired_times`), with the speedup its inverse. An export
-    that fails is reported, not raised."""
+    that fails is reported, not raised.
+
+    The pairs run while other processes leave the CPUs alone where that can be had in a few
+    seconds (``quiet``, default :class:`budgetprune.quiet.Quiet`: wait, and time again while they
+    used more than its share): ``others_cpu`` is the share of all CPUs they used during the pairs
+    kept, ``busy`` whether that was more than the share a quiet measurement allows (a caller
+    should not choose by a busy measurement), ``timings`` how many times the pairs ran."""
     from .errors import ExportError
 
     try:
         runs = {"unpruned": runner(unpruned, example, runtime), "pruned": runner(pruned, example, runtime)}
     except (ExportError, ConfigError) as exc:
         return {"runtime": runtime, "error": str(exc)}
-    full, small = paired_times(runs["unpruned"], runs["pruned"], repeats, min_seconds, device=example.device)
+    quiet = quiet or Quiet()
+    (full, small), share, timings = quiet.run(
+        lambda: paired_times(runs["unpruned"], runs["pruned"], repeats, min_seconds, device=example.device))
     ratio = statistics.median(s / f for f, s in zip(full, small))
     cpu = {"cpu": torch.backends.cpu.get_cpu_capability()} if example.device.type == "cpu" else {}
     return {"runtime": runtime, "batch": int(example.shape[0]), "device": str(example.device), **cpu,
             "threads": torch.get_num_threads(), "unpruned_ms": 1e3 * statistics.median(full),
             "pruned_ms": 1e3 * statistics.median(small), "ratio": ratio, "speedup": 1.0 / ratio,
-            "pairs": len(full)}
+            "pairs": len(full), "others_cpu": share, "busy": share > quiet.busy, "timings": timings}
