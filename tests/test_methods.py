@@ -625,6 +625,47 @@ def test_uniform_widths_scale_every_layer_alike_and_keep_the_best():
         assert float(scores[gid][out[gid]].min()) >= float(scores[gid][~out[gid]].max())
 
 
+class _TwoWriterStream(torch.nn.Module):
+    """conv ``a`` writes an 8-channel residual stream and conv ``c`` (after ``b``) adds into it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.c = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        s = torch.relu(self.a(x))
+        s = s + self.c(torch.relu(self.b(s)))
+        return self.head(s.mean((2, 3)))
+
+
+def test_writers_of_a_residual_stream_rank_its_slots_by_their_summed_scores():
+    """Hand-worked: ``a`` and ``c`` write the same 8 slots; each slot is scored by the sum of the two
+    writers' scores, ``b`` (no shared slot) keeps its own. Thinned to a budget, both writers keep the
+    same slots, the best by that sum, so the stream is as narrow as each of them; ranked each by its
+    own scores they would keep different halves and the stream would stay 8 wide."""
+    from budgetprune.budget import slot_scores
+
+    model = _TwoWriterStream()
+    graph = budgetprune.ChannelGraph.build(model, torch.zeros(1, 1, 8, 8))
+    by_host = {g.host: gid for gid, g in graph.groups.items()}
+    a, b, c = by_host["a"], by_host["b"], by_host["c"]
+    scores = {a: torch.tensor([8., 1., 7., 2., 6., 3., 5., 4.]), c: torch.tensor([0., 9., 0., 9., 0., 0., 0., 0.]),
+              b: torch.arange(8.)}
+    scores.update({gid: torch.ones(g.channels) for gid, g in graph.groups.items() if gid not in scores})
+    joint = slot_scores(graph, scores)
+    summed = torch.tensor([8., 10., 7., 11., 6., 3., 5., 4.])
+    assert torch.equal(joint[a], summed) and torch.equal(joint[c], summed) and torch.equal(joint[b], scores[b])
+    full = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
+    out = uniform_widths(graph, full, scores, Budget("volume", 0.5))
+    k = int(out[a].sum())
+    assert 1 <= k < 8 and torch.equal(out[a], out[c])  # the same slots: the stream is k wide
+    assert set(torch.nonzero(out[a]).flatten().tolist()) == set(torch.argsort(summed, descending=True)[:k].tolist())
+    assert CostModel(graph, "volume").hard(out) <= 0.5 * CostModel(graph, "volume").full()
+
+
 def test_iterative_steps_option_spaces_fractions_geometrically():
     _, _, method = attached("random", budgets=[Budget("volume", 0.1)], steps=2)
     assert [f[0] for f in method.fractions] == pytest.approx([0.1 ** 0.5, 0.1])

@@ -464,15 +464,21 @@ def uniform_widths(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
 
     Group g keeps its ``max(1, round(s · C_g))`` kept channels of highest score (never more
     than it keeps now); s is the largest factor, found by bisection, at which every budget
-    holds. Falls back to :func:`enforce_budget` when even one channel per layer is over
-    budget. Masks are not modified in place.
+    holds. The writers of a residual stream rank its slots together (:func:`slot_scores`), so
+    the stream itself is thinned by s: ranked each by its own scores, the six to ten layers
+    that write a stream of MaxViT-T kept different channels, and their union, the stream's
+    width, stayed whole at 4× fewer FLOPs (its window partitions, LayerNorms and sums then ran
+    only 1.2–1.9× faster; ``benchmarks/results/deploy_speed_families/joint_streams/``). Falls
+    back to :func:`enforce_budget` when even one channel per layer is over budget. Masks are
+    not modified in place.
     """
     budgets = _as_list(budget)
     costs = _Costs(graph, budgets, mode)
     masks = tie_masks(graph, {gid: m.detach().clone().bool().cpu() for gid, m in masks.items()})
-    scores = {gid: s.detach().float().cpu() for gid, s in scores.items()}
+    scores = slot_scores(graph, {gid: s.detach().float().cpu() for gid, s in scores.items()})
     kept = {gid: _units(graph, gid, scores[gid], masks[gid]) for gid in masks}  # (unit scores, unit kept)
-    order = {gid: torch.argsort(us.masked_fill(~uk, float("-inf")), descending=True) for gid, (us, uk) in kept.items()}
+    order = {gid: torch.argsort(us.masked_fill(~uk, float("-inf")), descending=True, stable=True)
+             for gid, (us, uk) in kept.items()}
 
     def scaled(s: float) -> dict[str, torch.Tensor]:
         out = {}
@@ -489,6 +495,33 @@ def uniform_widths(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
         return masks
     s = _largest_fitting_scale(costs, scaled)
     return enforce_budget(graph, masks, scores, budgets, mode) if s is None else scaled(s)
+
+
+def slot_scores(graph: ChannelGraph, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``scores`` with each channel that shares a residual slot with channels of other groups
+    (:meth:`_Writers.closure`: the writers of one slot of a residual sum, transitively, and the
+    channels tied to them) scored by the sum over all of them: one score per slot, the same in
+    every writer, so writers that keep their best k channels keep the same slots (the coupled
+    channels scored together, as dependency-group pruning does). Channels of no shared slot keep
+    their own score."""
+    writers = _Writers(graph)
+    out = {gid: s.clone() for gid, s in scores.items()}
+    done: set[tuple[str, int]] = set()
+    for gid in writers.by_group:
+        if gid not in scores:
+            continue
+        for c in range(graph.groups[gid].channels):
+            if (gid, c) in done:
+                continue
+            closure = writers.closure(gid, c)
+            if closure is None or len(closure) < 2:
+                continue
+            total = sum(float(scores[g][i]) for g, i in closure if g in scores)
+            for g, i in closure:
+                if g in out:
+                    out[g][i] = total
+            done.update(closure)
+    return out
 
 
 def _largest_fitting_scale(costs: _Costs, scaled, steps: int = 40) -> float | None:
