@@ -664,6 +664,15 @@ def test_writers_of_a_residual_stream_rank_its_slots_by_their_summed_scores():
     assert 1 <= k < 8 and torch.equal(out[a], out[c])  # the same slots: the stream is k wide
     assert set(torch.nonzero(out[a]).flatten().tolist()) == set(torch.argsort(summed, descending=True)[:k].tolist())
     assert CostModel(graph, "volume").hard(out) <= 0.5 * CostModel(graph, "volume").full()
+    apart = uniform_widths(graph, full, scores, Budget("volume", 0.5), joint_streams=False)
+    assert int(apart[a].sum()) == int(apart[c].sum()) and not torch.equal(apart[a], apart[c])
+    assert int((apart[a] | apart[c]).sum()) > int(apart[a].sum())  # the stream keeps the union: wider
+    with pytest.raises(ConfigError, match="method 'magnitude': streams must be 'joint'"):
+        create_method("magnitude", streams="both")
+    method = create_method("random", streams="apart")
+    method.attach(model, graph, [Budget("volume", 0.5)])
+    method.after_step(1.0)
+    assert method.streams == "apart"
 
 
 def test_iterative_steps_option_spaces_fractions_geometrically():

@@ -458,13 +458,15 @@ def _put_back(costs: _Costs, masks, dropped) -> dict[str, torch.Tensor]:
 
 
 def uniform_widths(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
-                   budget: Budget | list[Budget], mode: str = "mixed") -> dict[str, torch.Tensor]:
+                   budget: Budget | list[Budget], mode: str = "mixed",
+                   joint_streams: bool = True) -> dict[str, torch.Tensor]:
     """Scale every layer's width by one factor s so that every budget holds (seed 001, section
     5.1: the baselines "scale the width of all layers uniformly to satisfy the budget").
 
     Group g keeps its ``max(1, round(s · C_g))`` kept channels of highest score (never more
     than it keeps now); s is the largest factor, found by bisection, at which every budget
-    holds. The writers of a residual stream rank its slots together (:func:`slot_scores`), so
+    holds. The writers of a residual stream rank its slots together (:func:`slot_scores`;
+    ``joint_streams=False``: each layer by its own scores), so
     the stream itself is thinned by s: ranked each by its own scores, the six to ten layers
     that write a stream of MaxViT-T kept different channels, and their union, the stream's
     width, stayed whole at 4× fewer FLOPs (its window partitions, LayerNorms and sums then ran
@@ -475,7 +477,9 @@ def uniform_widths(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
     budgets = _as_list(budget)
     costs = _Costs(graph, budgets, mode)
     masks = tie_masks(graph, {gid: m.detach().clone().bool().cpu() for gid, m in masks.items()})
-    scores = slot_scores(graph, {gid: s.detach().float().cpu() for gid, s in scores.items()})
+    scores = {gid: s.detach().float().cpu() for gid, s in scores.items()}
+    if joint_streams:
+        scores = slot_scores(graph, scores)
     kept = {gid: _units(graph, gid, scores[gid], masks[gid]) for gid in masks}  # (unit scores, unit kept)
     order = {gid: torch.argsort(us.masked_fill(~uk, float("-inf")), descending=True, stable=True)
              for gid, (us, uk) in kept.items()}

@@ -9,7 +9,10 @@ that first fraction of the phase and the rest retrains the pruned network. As in
 the width of every layer by one factor (:func:`budgetprune.budget.uniform_widths`) and the
 method's channel scores decide which channels of a layer stay; ``allocation="global"``
 uses the shared projection (:func:`budgetprune.budget.enforce_budget`: lowest score per
-unit of cost first) instead. The engine's final projection then meets every budget exactly. Channels are removed through fixed 0/1 gates
+unit of cost first) instead. With ``streams="joint"`` (the default) the layers that write one
+residual stream rank its channels by their summed scores and keep the same ones, so a cut
+thins the stream too; ``streams="apart"`` ranks each layer by its own scores (the stream keeps
+every channel one of its writers keeps: the mixed-connectivity block's scattered channels). The engine's final projection then meets every budget exactly. Channels are removed through fixed 0/1 gates
 (:class:`budgetprune.gates.MaskGate`); a method that changes weights when it prunes (VQ, ID)
 overrides :meth:`IterativePruning.on_cut`.
 """
@@ -33,15 +36,20 @@ class IterativePruning(GatedMethod):
 
     guard_after_step = False
 
-    def __init__(self, steps: int | None = None, allocation: str = "uniform", schedule_end: float = 1.0):
+    def __init__(self, steps: int | None = None, allocation: str = "uniform", schedule_end: float = 1.0,
+                 streams: str = "joint"):
         super().__init__(gate_lr=None)
         self.schedule_end = check_schedule_end(schedule_end)
         if steps is not None and steps < 1:
             raise ValueError("the iterative scheme needs at least one pruning step")
         if allocation not in ("uniform", "global"):
             raise ValueError("allocation must be 'uniform' (every layer scaled alike) or 'global'")
+        if streams not in ("joint", "apart"):
+            raise ValueError("streams must be 'joint' (a residual stream's writers keep the same channels) or "
+                             "'apart' (each layer its own)")
         self.steps = steps
         self.allocation = allocation
+        self.streams = streams
 
     def make_gate(self, group: ChannelGroup) -> nn.Module:
         return MaskGate(group.channels)
@@ -76,8 +84,12 @@ class IterativePruning(GatedMethod):
         """Prune to the k-th fraction of every budget (only channels still kept can go)."""
         before = {gid: m.cpu() for gid, m in self.keep_masks().items()}
         targets = [Budget(b.metric, f) for b, f in zip(self.budgets, self.fractions[k])]
-        project = uniform_widths if self.allocation == "uniform" else enforce_budget
-        after = self.on_cut(before, project(self.graph, before, self.channel_scores(), targets))
+        if self.allocation == "uniform":
+            projected = uniform_widths(self.graph, before, self.channel_scores(), targets,
+                                       joint_streams=self.streams == "joint")
+        else:
+            projected = enforce_budget(self.graph, before, self.channel_scores(), targets)
+        after = self.on_cut(before, projected)
         for gid, keep in after.items():
             self.gate(gid).set(keep)
         self.cuts_done.fill_(k + 1)
