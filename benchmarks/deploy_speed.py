@@ -17,11 +17,11 @@ in onnxruntime at that batch). Timing does not need accuracy, so the weights are
 
 Where the masks come from (``--method``): ``magnitude`` (default) is the library's iterative
 baseline, every layer's width scaled by one factor and the channels of a layer chosen by weight
-magnitude: a pruning spread over every layer, residual streams included. For the same-mask
-``regular`` and ``mixed`` networks each writer of a residual stream keeps its own channels
-(``streams="apart"``), so every residual sum of the mixed network is a mixed one; the ``padded``
-and ``auto`` networks take the method's default (``streams="joint"``: the writers of a stream
-keep the same channels, so the stream itself is thinned, as a user running it gets). ``bar`` is BAR (``gate_init=3``) after the same few steps:
+magnitude: a pruning spread over every layer, residual streams included, each writer of a
+stream keeping its own channels (``streams="apart"``, the method's default), so every residual
+sum of the mixed network is a mixed one. ``--streams joint`` gives the ``padded`` and ``auto``
+networks the method's other choice (the writers of a stream keep the same channels, so the
+stream itself is thinned); the same-mask ``regular`` and ``mixed`` networks keep ``apart``. ``bar`` is BAR (``gate_init=3``) after the same few steps:
 on untrained weights and random data its gates have not moved yet, so the projection works on
 near-equal scores and removes whole residual branches (and most of a stem) while leaving the
 residual streams whole; the mixed and regular networks are then often the same network. A
@@ -119,12 +119,9 @@ NETWORKS = BLOCKS + ["padded", "auto"]
 RUN_NETWORKS = BLOCKS + ["auto"]
 #: What a finished run folder holds that the benchmark reads.
 RUN_FILES = ("config.json", "metrics.json", "teacher.pt", "model.pt")
-METHOD_NOTE = {"magnitude": ": every layer's width scaled by one factor, channels by weight magnitude; for the "
-                             "regular and mixed networks each writer of a residual stream keeps its own channels "
-                             "(`streams=\"apart\"`), so every residual stream is pruned and every residual sum of "
-                             "the mixed network is mixed, while the padded and auto networks take the method's "
-                             "default (`streams=\"joint\"`: a stream's writers keep the same channels, so the "
-                             "stream itself is thinned)",
+METHOD_NOTE = {"magnitude": ": every layer's width scaled by one factor, channels by weight magnitude, each writer "
+                             "of a residual stream its own (`streams=\"apart\"`), so every residual stream is pruned "
+                             "and every residual sum of the mixed network is mixed",
                "bar": ", `gate_init=3`: gates barely trained, the projection removes whole branches and "
                       "leaves residual streams whole"}
 TARGET = 0.7  # issue 14: speedup ≥ 0.7 × FLOP reduction at batch 16 in onnxruntime
@@ -163,6 +160,10 @@ def arguments(argv) -> argparse.Namespace:
                    help="prune the auto network as the command line does: with --multiple auto its padding is timed "
                         "in onnxruntime at this batch (multiples of 16 against 8, then against exact widths) and "
                         "kept where it runs faster (0: not timed, the Python API's default)")
+    p.add_argument("--streams", choices=("apart", "joint"), default="apart",
+                   help="the iterative methods' streams= option for the padded and auto networks (apart, the "
+                        "default: each writer of a residual stream keeps its own channels; joint: the same ones); "
+                        "the same-mask regular and mixed networks keep apart")
     p.add_argument("--profile", type=int, default=0, metavar="RUNS",
                    help="also profile every ONNX network by op type in onnxruntime (1 thread, the largest batch, "
                         "RUNS runs; 0: no profile): where each network's time goes")
@@ -240,7 +241,7 @@ def build(name: str, size: int, models_module):
 
 
 def pruned(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, steps: int, block: str,
-           multiple: int = 1, runtime: str = "onnxruntime", timed_batch: int = 0, streams: str = "joint"):
+           multiple: int = 1, runtime: str = "onnxruntime", timed_batch: int = 0, streams: str = "apart"):
     """(model, pruner, compacted network, report) of one pruning of a copy of ``unpruned`` to
     1/``factor`` of its FLOPs, its costs counted with ``block`` (widths padded to ``multiple``);
     ``timed_batch`` > 0: the auto padding timed in ``runtime`` at that batch, as the command line does
@@ -261,12 +262,13 @@ def pruned(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, 
 
 
 def prune(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, steps: int, multiple: int,
-          timed_batch: int = 0) -> dict:
+          timed_batch: int = 0, streams: str = "apart") -> dict:
     """Prune a copy of ``unpruned`` to 1/``factor`` of its FLOPs; compact the same masks in both
     blocks; prune another copy the same way with regular blocks padded to ``multiple`` channels, and
-    one with the default blocks (its padding timed at ``timed_batch``, where > 0)."""
+    one with the default blocks (its padding timed at ``timed_batch``, where > 0); those two with
+    the iterative methods' ``streams``."""
     # each writer of a residual stream its own channels, so that every sum of the mixed network gathers
-    model, pruner, small, report = pruned(unpruned, shape, factor, method, steps, "mixed", streams="apart")
+    model, pruner, small, report = pruned(unpruned, shape, factor, method, steps, "mixed")
     x = pruner.example
     # The final masks are the plan's; the gate values finalize folded are the frozen gates'.
     graph = pruner.graph
@@ -292,13 +294,13 @@ def prune(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, s
     # what the mixed network's sums gather: with the two networks' times, the γ they imply
     out["mixed"]["gathered_positions"] = gathered_positions(graph, slot_sets(graph, masks, "mixed"))
     _, padded_pruner, out["nets"]["padded"], padded = pruned(unpruned, shape, factor, method, steps, "regular",
-                                                              multiple)
+                                                              multiple, streams=streams)
     cost = padded["pruned"]
     out["padded"] = {"flops": cost["flops"], "params": cost["params"], "flop_reduction": full / cost["flops"],
                      "volume_reduction": full_volume / cost["volume"], "multiple": multiple, "padding": padded_pruner.block.describe_padding(),
                      "V_over_B": cost["flops"] / padded_pruner.budget.absolute(padded_pruner.graph)}
     _, auto_pruner, out["nets"]["auto"], auto = pruned(unpruned, shape, factor, method, steps, "auto", multiple,
-                                                        timed_batch=timed_batch)
+                                                        timed_batch=timed_batch, streams=streams)
     cost = auto["pruned"]
     mixed = auto["plan"]["mixed_spaces"]
     out["auto"] = {"flops": cost["flops"], "params": cost["params"], "flop_reduction": full / cost["flops"],
@@ -505,7 +507,7 @@ def measure_model(name: str, args, models_module, quiet: Quiet, bar) -> dict:
     for source in trained or args.budgets:
         bar.set_description(f"{name}: " + (f"run {source}" if trained else f"prune {source:g}x"))
         p = from_run(source, unpruned, shape) if trained else prune(unpruned, shape, source, args.method, args.steps,
-                                                                   args.multiple, args.time_padding)
+                                                                   args.multiple, args.time_padding, args.streams)
         for mode in p.get("networks", NETWORKS):
             nets[f"{p['factor']:g}x/{mode}"] = p["nets"][mode]
         budgets.append({k: v for k, v in p.items() if k != "nets"})

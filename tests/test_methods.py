@@ -643,9 +643,10 @@ class _TwoWriterStream(torch.nn.Module):
 
 def test_writers_of_a_residual_stream_rank_its_slots_by_their_summed_scores():
     """Hand-worked: ``a`` and ``c`` write the same 8 slots; each slot is scored by the sum of the two
-    writers' scores, ``b`` (no shared slot) keeps its own. Thinned to a budget, both writers keep the
-    same slots, the best by that sum, so the stream is as narrow as each of them; ranked each by its
-    own scores they would keep different halves and the stream would stay 8 wide."""
+    writers' scores, ``b`` (no shared slot) keeps its own. Thinned to a budget with
+    ``joint_streams``, both writers keep the same slots, the best by that sum, so the stream is as
+    narrow as each of them; ranked each by its own scores (the default) they keep different
+    channels and the stream stays wider."""
     from budgetprune.budget import slot_scores
 
     model = _TwoWriterStream()
@@ -659,20 +660,22 @@ def test_writers_of_a_residual_stream_rank_its_slots_by_their_summed_scores():
     summed = torch.tensor([8., 10., 7., 11., 6., 3., 5., 4.])
     assert torch.equal(joint[a], summed) and torch.equal(joint[c], summed) and torch.equal(joint[b], scores[b])
     full = {gid: torch.ones(g.channels, dtype=torch.bool) for gid, g in graph.groups.items()}
-    out = uniform_widths(graph, full, scores, Budget("volume", 0.5))
+    out = uniform_widths(graph, full, scores, Budget("volume", 0.5), joint_streams=True)
     k = int(out[a].sum())
     assert 1 <= k < 8 and torch.equal(out[a], out[c])  # the same slots: the stream is k wide
     assert set(torch.nonzero(out[a]).flatten().tolist()) == set(torch.argsort(summed, descending=True)[:k].tolist())
     assert CostModel(graph, "volume").hard(out) <= 0.5 * CostModel(graph, "volume").full()
-    apart = uniform_widths(graph, full, scores, Budget("volume", 0.5), joint_streams=False)
+    apart = uniform_widths(graph, full, scores, Budget("volume", 0.5))  # the default: each layer its own
     assert int(apart[a].sum()) == int(apart[c].sum()) and not torch.equal(apart[a], apart[c])
     assert int((apart[a] | apart[c]).sum()) > int(apart[a].sum())  # the stream keeps the union: wider
     with pytest.raises(ConfigError, match="method 'magnitude': streams must be 'joint'"):
         create_method("magnitude", streams="both")
-    method = create_method("random", streams="apart")
+    assert create_method("magnitude").streams == "apart"
+    method = create_method("magnitude", streams="joint")
     method.attach(model, graph, [Budget("volume", 0.5)])
-    method.after_step(1.0)
-    assert method.streams == "apart"
+    method.after_step(1.0)  # every cut, ranked by the stream's summed filter magnitudes
+    kept = method.keep_masks()
+    assert torch.equal(kept[a].cpu(), kept[c].cpu()) and int(kept[a].sum()) < 8
 
 
 def test_iterative_steps_option_spaces_fractions_geometrically():

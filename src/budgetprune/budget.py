@@ -459,20 +459,23 @@ def _put_back(costs: _Costs, masks, dropped) -> dict[str, torch.Tensor]:
 
 def uniform_widths(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
                    budget: Budget | list[Budget], mode: str = "mixed",
-                   joint_streams: bool = True) -> dict[str, torch.Tensor]:
+                   joint_streams: bool = False) -> dict[str, torch.Tensor]:
     """Scale every layer's width by one factor s so that every budget holds (seed 001, section
     5.1: the baselines "scale the width of all layers uniformly to satisfy the budget").
 
     Group g keeps its ``max(1, round(s · C_g))`` kept channels of highest score (never more
     than it keeps now); s is the largest factor, found by bisection, at which every budget
-    holds. The writers of a residual stream rank its slots together (:func:`slot_scores`;
-    ``joint_streams=False``: each layer by its own scores), so
-    the stream itself is thinned by s: ranked each by its own scores, the six to ten layers
-    that write a stream of MaxViT-T kept different channels, and their union, the stream's
-    width, stayed whole at 4× fewer FLOPs (its window partitions, LayerNorms and sums then ran
-    only 1.2–1.9× faster; ``benchmarks/results/deploy_speed_families/joint_streams/``). Falls
-    back to :func:`enforce_budget` when even one channel per layer is over budget. Masks are
-    not modified in place.
+    holds. Each layer ranks its channels by its own scores, so the writers of a residual stream
+    keep different channels and the stream keeps their union (mixed-connectivity blocks gather
+    them). With ``joint_streams=True`` they rank the stream's slots together
+    (:func:`slot_scores`) and keep the same ones, so the stream itself is thinned by s. That is
+    not the default: on MaxViT-T at 4× fewer FLOPs (onnxruntime, batch 16) the thinned streams
+    made their window partitions 2.2× faster, but left the layers inside the blocks wider at the
+    same budget (activation volume 2.01× smaller instead of 3.20×) and the LayerNorms over pruned
+    streams unfused, and the network ran 2.53× faster instead of 2.72×
+    (``benchmarks/results/deploy_speed_families/joint_streams/``). Falls back to
+    :func:`enforce_budget` when even one channel per layer is over budget. Masks are not
+    modified in place.
     """
     budgets = _as_list(budget)
     costs = _Costs(graph, budgets, mode)

@@ -9,10 +9,11 @@ that first fraction of the phase and the rest retrains the pruned network. As in
 the width of every layer by one factor (:func:`budgetprune.budget.uniform_widths`) and the
 method's channel scores decide which channels of a layer stay; ``allocation="global"``
 uses the shared projection (:func:`budgetprune.budget.enforce_budget`: lowest score per
-unit of cost first) instead. With ``streams="joint"`` (the default) the layers that write one
-residual stream rank its channels by their summed scores and keep the same ones, so a cut
-thins the stream too; ``streams="apart"`` ranks each layer by its own scores (the stream keeps
-every channel one of its writers keeps: the mixed-connectivity block's scattered channels). The engine's final projection then meets every budget exactly. Channels are removed through fixed 0/1 gates
+unit of cost first) instead. Each layer ranks its channels by its own scores (``streams="apart"``,
+the default: a residual stream keeps every channel one of its writers keeps, the
+mixed-connectivity block's scattered channels); with ``streams="joint"`` the layers that write
+one stream rank its channels by their summed scores and keep the same ones, so a cut thins the
+stream too (:func:`budgetprune.budget.uniform_widths` says what that did to MaxViT-T's speed). The engine's final projection then meets every budget exactly. Channels are removed through fixed 0/1 gates
 (:class:`budgetprune.gates.MaskGate`); a method that changes weights when it prunes (VQ, ID)
 overrides :meth:`IterativePruning.on_cut`.
 """
@@ -37,7 +38,7 @@ class IterativePruning(GatedMethod):
     guard_after_step = False
 
     def __init__(self, steps: int | None = None, allocation: str = "uniform", schedule_end: float = 1.0,
-                 streams: str = "joint"):
+                 streams: str = "apart"):
         super().__init__(gate_lr=None)
         self.schedule_end = check_schedule_end(schedule_end)
         if steps is not None and steps < 1:
