@@ -670,6 +670,8 @@ def test_writers_of_a_residual_stream_rank_its_slots_by_their_summed_scores():
     assert int((apart[a] | apart[c]).sum()) > int(apart[a].sum())  # the stream keeps the union: wider
     with pytest.raises(ConfigError, match="method 'magnitude': streams must be 'joint'"):
         create_method("magnitude", streams="both")
+    with pytest.raises(ConfigError, match="streams='joint' ranks the channels of the uniform allocation"):
+        create_method("random", streams="joint", allocation="global")
     assert create_method("magnitude").streams == "apart"
     method = create_method("magnitude", streams="joint")
     method.attach(model, graph, [Budget("volume", 0.5)])

@@ -484,7 +484,8 @@ def uniform_widths(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
     if joint_streams:
         scores = slot_scores(graph, scores)
     kept = {gid: _units(graph, gid, scores[gid], masks[gid]) for gid in masks}  # (unit scores, unit kept)
-    order = {gid: torch.argsort(us.masked_fill(~uk, float("-inf")), descending=True, stable=True)
+    # joint: a stream's writers break ties alike (by slot), so equal totals keep the same slots
+    order = {gid: torch.argsort(us.masked_fill(~uk, float("-inf")), descending=True, stable=joint_streams)
              for gid, (us, uk) in kept.items()}
 
     def scaled(s: float) -> dict[str, torch.Tensor]:

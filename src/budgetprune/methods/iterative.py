@@ -9,13 +9,15 @@ that first fraction of the phase and the rest retrains the pruned network. As in
 the width of every layer by one factor (:func:`budgetprune.budget.uniform_widths`) and the
 method's channel scores decide which channels of a layer stay; ``allocation="global"``
 uses the shared projection (:func:`budgetprune.budget.enforce_budget`: lowest score per
-unit of cost first) instead. Each layer ranks its channels by its own scores (``streams="apart"``,
-the default: a residual stream keeps every channel one of its writers keeps, the
-mixed-connectivity block's scattered channels); with ``streams="joint"`` the layers that write
-one stream rank its channels by their summed scores and keep the same ones, so a cut thins the
-stream too (:func:`budgetprune.budget.uniform_widths` says what that did to MaxViT-T's speed). The engine's final projection then meets every budget exactly. Channels are removed through fixed 0/1 gates
-(:class:`budgetprune.gates.MaskGate`); a method that changes weights when it prunes (VQ, ID)
-overrides :meth:`IterativePruning.on_cut`.
+unit of cost first) instead. With the uniform allocation each layer ranks its channels by its own
+scores (``streams="apart"``, the default: a residual stream keeps every channel one of its
+writers keeps, the mixed-connectivity block's scattered channels); with ``streams="joint"`` the
+layers that write one stream rank its channels by their summed scores and keep the same ones,
+so a cut thins the stream too (:func:`budgetprune.budget.uniform_widths` says what that did to
+MaxViT-T's speed; VQ and ID choose their own channels, so for them it changes only the widths).
+The engine's final projection then meets every budget exactly. Channels are removed through
+fixed 0/1 gates (:class:`budgetprune.gates.MaskGate`); a method that changes weights when it
+prunes (VQ, ID) overrides :meth:`IterativePruning.on_cut`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class IterativePruning(GatedMethod):
         if streams not in ("joint", "apart"):
             raise ValueError("streams must be 'joint' (a residual stream's writers keep the same channels) or "
                              "'apart' (each layer its own)")
+        if streams == "joint" and allocation != "uniform":
+            raise ValueError("streams='joint' ranks the channels of the uniform allocation; with "
+                             "allocation='global' the shared projection chooses each removal by what it saves")
         self.steps = steps
         self.allocation = allocation
         self.streams = streams
