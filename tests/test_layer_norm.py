@@ -83,6 +83,11 @@ def test_full_count_layer_norm_is_a_layer_norm_of_the_zero_padded_channels():
     padded = F.pad(x, (0, 4))  # 4 pruned channels: zeros
     expected = F.layer_norm(padded, (10,), F.pad(w, (0, 4)), F.pad(b, (0, 4)), 1e-5)[..., :6]
     assert torch.allclose(full_count_layer_norm(x, 10, w, b, 1e-5), expected, atol=1e-5)
+    # by hand: μ = Σx / C, σ² = (Σ(x − μ)² + (C − k)·μ²) / C over C = 10 of which k = 6 are kept
+    mean = x.sum(-1, keepdim=True) / 10
+    var = ((x - mean).square().sum(-1, keepdim=True) + 4 * mean.square()) / 10
+    assert torch.allclose(full_count_layer_norm(x, 10, w, b, 1e-5), (x - mean) / torch.sqrt(var + 1e-5) * w + b,
+                          atol=1e-5)
     assert torch.allclose(full_count_layer_norm(x, 6, w, None, 1e-5), F.layer_norm(x, (6,), w, None, 1e-5), atol=1e-5)
 
 
