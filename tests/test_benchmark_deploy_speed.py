@@ -159,3 +159,14 @@ def test_two_runs_of_one_budget_are_refused(deploy_speed, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         deploy_speed.arguments(["--models", "resnet20", "--runs", f"{tmp_path / 'a'},{tmp_path / 'b'}"])
     assert exc.value.code == 2 and "both pruned resnet20 to 2x FLOPs" in capsys.readouterr().err
+
+
+def test_streams_reach_the_iterative_method_of_the_padded_and_auto_networks(deploy_speed):
+    """``--streams joint`` goes to the magnitude pruners as ``method_options``; BAR gets none."""
+    unpruned = budgetprune.create_model("resnet20").eval()
+    _, pruner, _, _ = deploy_speed.pruned(unpruned, (1, 28, 28), 2.0, "magnitude", 1, "auto", "auto",
+                                          runtime="eager", streams="joint")
+    assert pruner.method.streams == "joint"
+    _, pruner, _, _ = deploy_speed.pruned(unpruned, (1, 28, 28), 2.0, "magnitude", 1, "mixed", runtime="eager")
+    assert pruner.method.streams == "apart"
+    assert deploy_speed.arguments(["--models", "resnet20", "--streams", "joint"]).streams == "joint"

@@ -471,9 +471,9 @@ def uniform_widths(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
     (:func:`slot_scores`) and keep the same ones, so the stream itself is thinned by s. That is
     not the default: on MaxViT-T at 4× fewer FLOPs (onnxruntime, batch 16) the thinned streams
     made their window partitions 2.2× faster, but left the layers inside the blocks wider at the
-    same budget (activation volume 2.01× smaller instead of 3.20×) and the LayerNorms over pruned
-    streams unfused, and the network ran 2.53× faster instead of 2.72×
-    (``benchmarks/results/deploy_speed_families/joint_streams/``). Falls back to
+    same budget (activation volume 2.01× smaller instead of 3.20×), and the network ran 2.59×
+    faster instead of 2.72× (``benchmarks/results/deploy_speed_families/joint_streams_fused_norm/``
+    and ``joint_streams/before/``). Falls back to
     :func:`enforce_budget` when even one channel per layer is over budget. Masks are not
     modified in place.
     """
