@@ -305,8 +305,8 @@ def page(record: dict) -> str:
         fails = "".join(f" Failed, seed {f['seed']}: `{f['error']}`." for f in s["failures"])
         teacher = f" Teacher (unpruned) error {format_mean_std(s['teacher_errors'])}." if "teacher_errors" in s else ""
         lines.append(f"- **{s['row']}** — {s['paper']}; {s['note']}.{teacher}{fails}")
-    lines += ["", "Not in the seed text: the benchmark's brief quotes constrained L0 at 1.77 % (MLP, 26.6 % of the parameters) "
-              "and 0.91 % (LeNet, 2.35 %, layer-wise); seed 003's poster gives 1.4 % at 198-233-100 (which is "
+    lines += ["", "Not in the seed text: the benchmark's brief quotes constrained L0 at 1.77 % (MLP, 26.6 % of the "
+              "parameters) and 0.91 % (LeNet, 2.35 %, layer-wise); seed 003's poster gives 1.4 % at 198-233-100 (which is "
               "26.6 % of LeNet-300-100's parameters) and 0.53 % at 20-21-34-407, and these rows use the poster's "
               "numbers; the LeNet-5 layer-wise number has a row of its own at its sparsity (lenet5-cl0-layer-2.35). "
               "Louizos et al.'s 200 epochs come from their paper, not from a seed.", ""]
