@@ -5,9 +5,9 @@ process stalls every parallel region of a multi-threaded run (resnet20 in onnxru
 went from 2 ms to 670 ms beside a test suite on 2 cores), and it stalls a wide network and a narrow
 one by different amounts, so even paired runs (:func:`budgetprune.runtimes.paired_times`) can rank
 them wrongly: timed beside two training processes, ShuffleNet V2 x0.5 at 4× fewer FLOPs measured
-its widths padded to 8 slower than exact widths, and exact widths were kept: 0.43–0.45 of its FLOP
-reduction in onnxruntime at batch 16, where the same run alone kept the padding and reached
-0.51–0.54.
+its widths padded to 8 slower than exact widths, and exact widths were kept, where the same command
+run alone kept the padding and ran faster (0.53 of its FLOP reduction in onnxruntime at batch 16,
+``benchmarks/results/deploy_speed_families/ordered_moves/timed/``).
 
 :class:`Quiet` watches the machine's CPU time in ``/proc/stat`` (Linux; elsewhere it watches
 nothing), less this process's own, waits a bounded time for the others to quieten before a
@@ -18,7 +18,6 @@ what share they used, so that a caller can tell a measurement it should not act 
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -80,14 +79,3 @@ class Quiet:
             if share <= self.busy or attempt > self.retries or self.waited >= self.budget:
                 return result, share, attempt
         raise AssertionError("unreachable")
-
-    def measure(self, fn, repeats: int) -> tuple[float, float, int]:
-        """(median seconds of ``repeats`` calls, the others' CPU share meanwhile, attempts)."""
-        def turn():
-            runs = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                runs.append(time.perf_counter() - t0)
-            return statistics.median(runs)
-        return self.run(turn)
