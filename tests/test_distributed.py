@@ -237,3 +237,75 @@ def test_the_demo_under_torchrun_is_refused_in_one_line(monkeypatch, capsys, tmp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "without torchrun" in err and "prune" in err
     assert not (tmp_path / "demo").exists()
+
+
+class _Unpicklable(Exception):
+    def __reduce__(self):
+        raise TypeError("not picklable")
+
+
+def _from_main_ranks(rank: int, port: int, out: str) -> None:
+    """One rank of :func:`budgetprune.distributed.from_main`: rank 0 takes 1.5 s (sleeping) to
+    compute; then rank 0 raises a ConfigError, then an error that cannot be pickled; then both
+    ranks ask for a latency table (a stand-in measurement counting its calls, each rank its own
+    cache, so rank 1 could only get its table by measuring or from rank 0)."""
+    import time
+
+    from budgetprune import latency
+    from budgetprune.errors import ConfigError
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    result: dict = {}
+    try:
+        start = time.process_time()
+        result["value"] = distributed.from_main(lambda: (time.sleep(1.5), {"rank": rank})[1])
+        result["cpu_s"] = time.process_time() - start  # what waiting for rank 0 cost this process
+        for name, error in (("config", ConfigError("the budget is over the model (fix: ...)")),
+                            ("unpicklable", _Unpicklable("a lock in it"))):
+            try:
+                distributed.from_main(lambda: (_ for _ in ()).throw(error))
+            except Exception as raised:
+                result[name] = (type(raised).__name__, str(raised))
+        os.environ["BUDGETPRUNE_CACHE"] = str(Path(out) / f"cache{rank}")
+        calls = []
+
+        def fake_measure(spec, device, repeats=20, runtime="eager"):
+            calls.append(spec["out"])
+            return {"table": [], "c_io": 1e-3 * spec["out"] * (1 + rank), "c_out": 0.01}
+
+        latency.measure_layer = fake_measure
+        graph = budgetprune.ChannelGraph.build(budgetprune.create_model("lenet5"), torch.zeros(1, 1, 28, 28))
+        result["table"] = latency.layer_coefficients(graph)
+        result["measured"] = len(calls)
+        torch.save(result, Path(out) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_zero_computes_while_the_others_wait_idle(tmp_path):
+    mp.spawn(_from_main_ranks, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(WORLD))
+    assert r0["value"] == r1["value"] == {"rank": 0}
+    assert r1["cpu_s"] < 0.5  # 1.5 s of waiting without spinning a core
+    for r in (r0, r1):  # rank 0's error, raised on every rank with its message
+        assert r["config"] == ("ConfigError", "the budget is over the model (fix: ...)")
+    assert r0["unpicklable"] == ("_Unpicklable", "a lock in it")
+    assert r1["unpicklable"] == ("RuntimeError", "_Unpicklable: a lock in it")
+    assert r0["measured"] == 4 and r1["measured"] == 0  # one rank times the layers
+    assert r1["table"] == r0["table"]  # rank 0's table (rank 1's stand-in would double c_io)
+    assert sorted(c_io for c_io, _ in r0["table"].values()) == pytest.approx([1e-3 * n for n in (10, 20, 50, 500)])
+
+
+def test_the_cpu_group_is_gloo_whatever_the_default_backend(monkeypatch):
+    """Under NCCL a rank waiting for a result spins a core; the side group is gloo, made once per
+    default group."""
+    made = []
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(dist, "new_group", lambda **kw: made.append(kw) or f"group{len(made)}")
+    monkeypatch.setattr(distributed, "_cpu_group", (None, None))
+    world = object()
+    monkeypatch.setattr(distributed, "_default_group", lambda: world)
+    assert distributed.cpu_group() == distributed.cpu_group() == "group1"
+    assert made == [{"backend": "gloo"}]
+    world = object()  # the default group made again
+    assert distributed.cpu_group() == "group2" and len(made) == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from collections.abc import Iterable
 
 import torch
@@ -128,6 +129,58 @@ def average_gradients(params: Iterable[nn.Parameter], group=None) -> list:
         if p.grad is not None:
             average_(p.grad, group)
     return [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
+
+
+_cpu_group: tuple = (None, None)  # (the default group it was made beside, a gloo group of every rank)
+
+
+def cpu_group():
+    """A gloo group of every rank (the CPU, whatever the default backend), made once per default
+    group; every rank must reach its first call at the same point, as any collective (None in one
+    process). Its collectives wait without spinning: a rank waiting in one uses no CPU, where a
+    rank waiting for an NCCL result on the GPU spins a core until it comes."""
+    global _cpu_group
+    if not active():
+        return None
+    if _cpu_group[0] is not _default_group():
+        _cpu_group = (_default_group(), dist.new_group(backend="gloo"))
+    return _cpu_group[1]
+
+
+def _default_group():
+    return dist.group.WORLD
+
+
+def from_main(compute):
+    """``compute()`` on rank 0, its result (picklable; tensors on the CPU) on every rank.
+
+    The other ranks wait in a CPU collective of :func:`cpu_group`, idle: what rank 0 computes
+    is often a timing (a latency table, the padding against exact widths, the deployed speed),
+    which other processes busy on the same CPUs would slow and make it set aside as busy
+    (:class:`budgetprune.quiet.Quiet`). An error on rank 0 is raised on every rank (its
+    message kept), so the others do not wait for a result that will never come."""
+    if not active():
+        return compute()
+    outcome = None
+    if is_main():
+        try:
+            outcome = ("result", compute())
+        except Exception as error:  # sent on, then raised here as it was
+            sent = error if _picklable(error) else RuntimeError(f"{type(error).__name__}: {error}")
+            broadcast_object(("error", sent), group=cpu_group(), device="cpu")
+            raise
+    kind, value = broadcast_object(outcome, group=cpu_group(), device="cpu")
+    if kind == "error":
+        raise value
+    return value
+
+
+def _picklable(value) -> bool:
+    try:
+        pickle.loads(pickle.dumps(value))
+    except Exception:
+        return False
+    return True
 
 
 def broadcast_object(obj, src: int = 0, group=None, device: torch.device | str | None = None):

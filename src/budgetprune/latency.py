@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import io
+from . import distributed, io
 from .runtimes import check_runtime, median_ms, runner
 
 GRID = (0.25, 0.5, 0.75, 1.0)
@@ -118,8 +118,14 @@ def layer_coefficients(graph, device: torch.device | None = None, batch: int | N
                        runtime: str = "eager") -> dict[str, tuple[float, float]]:
     """``{layer: (c_io, c_out)}`` in ms for ``graph`` on ``device`` in ``runtime`` at ``batch``
     examples per call (default: the graph's ``latency_batch``, the deployment's), measured or
-    from the cache."""
+    from the cache. Under torch.distributed rank 0 measures (on its device) and every rank takes
+    its table, while the others wait idle: ranks timing at once on shared CPUs would slow each
+    other's measurements and end with different tables."""
     check_runtime(runtime)
+    return distributed.from_main(lambda: _measured_or_cached(graph, device, batch, repeats, runtime))
+
+
+def _measured_or_cached(graph, device, batch, repeats, runtime) -> dict[str, tuple[float, float]]:
     batch = graph.latency_batch if batch is None else batch
     modules = dict(graph.gm.named_modules())
     if device is None:

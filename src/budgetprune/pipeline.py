@@ -857,8 +857,8 @@ class PruneRun:
                             "weights_reopened_by_fill": info["weights_reopened_by_fill"],
                             "nonzero_after_finetune": sum(v["nonzero"] for v in layers.values()),
                             "density": layers})
-        if distributed.is_main():  # rank 0 times the result and writes the run folder
-            metrics["deployed"] = self._deployed_speed(net)
+        metrics["deployed"] = distributed.from_main(lambda: self._deployed_speed(net))  # rank 0 times, the others wait idle
+        if distributed.is_main():  # rank 0 writes the run folder
             for note in (collapse_note(metrics, self.history), deploy_note(metrics)):
                 if note:
                     self.log(note)

@@ -727,8 +727,9 @@ class _ProcessSync:
       e.g. sensitivity's) are averaged before its update; after the update every rank takes
       rank 0's buffers (multipliers, masks, statistics, counters), so the state the method
       changes outside autograd stays identical bit for bit.
-    - The hard decision of ``finalize()`` (masks, projection, fill) is computed on rank 0 and
-      broadcast; the compaction that follows is the same on every rank.
+    - The hard decision of ``finalize()`` (masks, projection, fill, the padding's timing) is
+      computed on rank 0 and broadcast while the other ranks wait idle; the compaction that
+      follows is the same on every rank.
 
     Collectives go through a process group of their own, so those issued from autograd hooks
     never interleave with DDP's.
@@ -742,8 +743,6 @@ class _ProcessSync:
         self.statistics: set[str] = set()
         if not self.on:
             return
-        device = next(iter(list(method.parameters()) + list(method.buffers())), torch.empty(0)).device
-        self.device = device if torch.distributed.get_backend(self.group) == "nccl" else torch.device("cpu")
         model_params = {id(p) for p in model.parameters()}
         own = [p for p in method.parameters() if id(p) not in model_params]
         self.hooks = distributed.average_gradients(own, self.group)
@@ -767,11 +766,12 @@ class _ProcessSync:
             distributed.broadcast_tensors(list(self.method.buffers()), group=self.group)
 
     def decide(self, compute):
-        """``compute()`` on rank 0, its result on every rank (tensors come back on the CPU)."""
+        """``compute()`` on rank 0, its result on every rank (tensors come back on the CPU); the
+        other ranks wait idle (:func:`budgetprune.distributed.from_main`), so a timing rank 0 makes
+        meanwhile runs on a quiet machine."""
         if not self.on:
             return compute()
-        result = _to_cpu(compute()) if distributed.is_main() else None
-        return distributed.broadcast_object(result, group=self.group, device=self.device)
+        return distributed.from_main(lambda: _to_cpu(compute()))
 
     def close(self) -> None:
         for h in self.hooks:
