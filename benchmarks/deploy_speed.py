@@ -164,6 +164,9 @@ def arguments(argv) -> argparse.Namespace:
                    help="the iterative methods' streams= option for the padded and auto networks (apart, the "
                         "default: each writer of a residual stream keeps its own channels; joint: the same ones); "
                         "the same-mask regular and mixed networks keep apart")
+    p.add_argument("--volume", type=float, default=0.0, metavar="FACTOR",
+                   help="also budget the activation volume at 1/FACTOR beside every FLOP budget (0: FLOPs alone); "
+                        "for networks whose time follows the feature maps they move")
     p.add_argument("--profile", type=int, default=0, metavar="RUNS",
                    help="also profile every ONNX network by op type in onnxruntime (1 thread, the largest batch, "
                         "RUNS runs; 0: no profile): where each network's time goes")
@@ -182,6 +185,8 @@ def arguments(argv) -> argparse.Namespace:
             p.error(f"--{flag} must be at least 1, not {getattr(args, flag)}")
     if args.steps < 0:
         p.error(f"--steps must be 0 or more, not {args.steps}")
+    if args.volume != 0 and not args.volume >= 1:
+        p.error(f"--volume must be 0 (FLOPs alone) or a reduction factor of 1 or more, not {args.volume}")
     if not 0 < args.quiet_busy <= 1 or args.quiet_budget_min < 0:
         p.error("--quiet-busy must be in (0, 1] and --quiet-budget-min 0 or more")
     if args.pair_seconds < 0:
@@ -241,17 +246,20 @@ def build(name: str, size: int, models_module):
 
 
 def pruned(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, steps: int, block: str,
-           multiple: int = 1, runtime: str = "onnxruntime", timed_batch: int = 0, streams: str = "apart"):
+           multiple: int = 1, runtime: str = "onnxruntime", timed_batch: int = 0, streams: str = "apart",
+           volume: float = 0.0):
     """(model, pruner, compacted network, report) of one pruning of a copy of ``unpruned`` to
     1/``factor`` of its FLOPs, its costs counted with ``block`` (widths padded to ``multiple``);
     ``timed_batch`` > 0: the auto padding timed in ``runtime`` at that batch, as the command line does
     (``time_padding``); ``streams``: the iterative methods' option (``"apart"``: each writer of a
-    residual stream keeps its own channels)."""
+    residual stream keeps its own channels); ``volume`` > 0: a second budget, 1/``volume`` of the
+    activation volume, beside the FLOPs."""
     torch.manual_seed(0)
     model = copy.deepcopy(unpruned).train()
     x, y = torch.randn(2, *shape), torch.randint(0, 10, (2,))
     options = {"gate_init": 3.0} if method == "bar" else {"method_options": {"streams": streams}}
-    pruner = Pruner(model, x, f"flops={1.0 / factor!r}", total_steps=max(steps, 1), method=method,
+    budget = f"flops={1.0 / factor!r}" + (f",volume={1.0 / volume!r}" if volume else "")
+    pruner = Pruner(model, x, budget, total_steps=max(steps, 1), method=method,
                     block=block, channel_multiple=multiple, deploy_runtime=runtime, log=lambda line: None,
                     time_padding=timed_batch > 0, deploy_batch=max(timed_batch, 1), **options)
     # AdamW as in the README's loop: its steps are bounded (SGD at lr 1e-3 sends untrained resnet50's outputs to NaN)
@@ -262,13 +270,13 @@ def pruned(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, 
 
 
 def prune(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, steps: int, multiple: int,
-          timed_batch: int = 0, streams: str = "apart") -> dict:
+          timed_batch: int = 0, streams: str = "apart", volume: float = 0.0) -> dict:
     """Prune a copy of ``unpruned`` to 1/``factor`` of its FLOPs; compact the same masks in both
     blocks; prune another copy the same way with regular blocks padded to ``multiple`` channels, and
     one with the default blocks (its padding timed at ``timed_batch``, where > 0); those two with
-    the iterative methods' ``streams``."""
+    the iterative methods' ``streams``. ``volume`` > 0: every pruning has a volume budget too."""
     # each writer of a residual stream its own channels, so that every sum of the mixed network gathers
-    model, pruner, small, report = pruned(unpruned, shape, factor, method, steps, "mixed")
+    model, pruner, small, report = pruned(unpruned, shape, factor, method, steps, "mixed", volume=volume)
     x = pruner.example
     # The final masks are the plan's; the gate values finalize folded are the frozen gates'.
     graph = pruner.graph
@@ -294,13 +302,13 @@ def prune(unpruned: torch.nn.Module, shape: tuple, factor: float, method: str, s
     # what the mixed network's sums gather: with the two networks' times, the γ they imply
     out["mixed"]["gathered_positions"] = gathered_positions(graph, slot_sets(graph, masks, "mixed"))
     _, padded_pruner, out["nets"]["padded"], padded = pruned(unpruned, shape, factor, method, steps, "regular",
-                                                              multiple, streams=streams)
+                                                              multiple, streams=streams, volume=volume)
     cost = padded["pruned"]
     out["padded"] = {"flops": cost["flops"], "params": cost["params"], "flop_reduction": full / cost["flops"],
                      "volume_reduction": full_volume / cost["volume"], "multiple": multiple, "padding": padded_pruner.block.describe_padding(),
                      "V_over_B": cost["flops"] / padded_pruner.budget.absolute(padded_pruner.graph)}
     _, auto_pruner, out["nets"]["auto"], auto = pruned(unpruned, shape, factor, method, steps, "auto", multiple,
-                                                        timed_batch=timed_batch, streams=streams)
+                                                        timed_batch=timed_batch, streams=streams, volume=volume)
     cost = auto["pruned"]
     mixed = auto["plan"]["mixed_spaces"]
     out["auto"] = {"flops": cost["flops"], "params": cost["params"], "flop_reduction": full / cost["flops"],
@@ -507,7 +515,8 @@ def measure_model(name: str, args, models_module, quiet: Quiet, bar) -> dict:
     for source in trained or args.budgets:
         bar.set_description(f"{name}: " + (f"run {source}" if trained else f"prune {source:g}x"))
         p = from_run(source, unpruned, shape) if trained else prune(unpruned, shape, source, args.method, args.steps,
-                                                                   args.multiple, args.time_padding, args.streams)
+                                                                   args.multiple, args.time_padding, args.streams,
+                                                                   args.volume)
         for mode in p.get("networks", NETWORKS):
             nets[f"{p['factor']:g}x/{mode}"] = p["nets"][mode]
         budgets.append({k: v for k, v in p.items() if k != "nets"})
@@ -670,7 +679,9 @@ def markdown(r: dict) -> str:
              "TorchScript and onnxruntime", "", f"Command: `{r['command']}`", "",
              ("Untrained models (those marked trained below excepted)" if any(m.get("trained") for m in r["models"])
               else "Untrained models") + f", 10 classes, random inputs (torchvision models 3×{s['size']}×{s['size']}; resnet20, "
-             "budgetprune's registry model for Fashion-MNIST, 1×28×28). Per FLOP budget one `budgetprune.Pruner` "
+             "budgetprune's registry model for Fashion-MNIST, 1×28×28). Per FLOP budget"
+             + (f" (every one with a budget of 1/{s['volume']:g} of the activation volume beside it, "
+                "`flops=…,volume=…`)" if s.get("volume") else "") + " one `budgetprune.Pruner` "
              f"(method `{s['method']}`{METHOD_NOTE[s['method']]}) takes {s['steps']} AdamW steps (lr 1e-3, batch 2) "
              "and finalizes (projection to the budget under mixed blocks); its final masks and gate values are "
              "compacted twice, "
