@@ -260,6 +260,7 @@ def _from_main_ranks(rank: int, port: int, out: str) -> None:
         start = time.process_time()
         result["value"] = distributed.from_main(lambda: (time.sleep(1.5), {"rank": rank})[1])
         result["cpu_s"] = time.process_time() - start  # what waiting for rank 0 cost this process
+        result["nested"] = distributed.from_main(lambda: [distributed.from_main(lambda: rank), "outer"])
         for name, error in (("config", ConfigError("the budget is over the model (fix: ...)")),
                             ("unpicklable", _Unpicklable("a lock in it"))):
             try:
@@ -277,6 +278,12 @@ def _from_main_ranks(rank: int, port: int, out: str) -> None:
         graph = budgetprune.ChannelGraph.build(budgetprune.create_model("lenet5"), torch.zeros(1, 1, 28, 28))
         result["table"] = latency.layer_coefficients(graph)
         result["measured"] = len(calls)
+        # a latency budget end to end: its cost models, built again inside finalize's decision, take the table
+        torch.manual_seed(rank)  # different gates per rank: rank 0's decide
+        x = torch.zeros(2, 1, 28, 28)
+        pruner = budgetprune.Pruner(budgetprune.create_model("lenet5"), x, "latency=0.5", total_steps=1)
+        result["masks"] = pruner.finalize(x)[1]["masks"]
+        result["measured_after_finalize"] = len(calls)
         torch.save(result, Path(out) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -287,11 +294,14 @@ def test_rank_zero_computes_while_the_others_wait_idle(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(WORLD))
     assert r0["value"] == r1["value"] == {"rank": 0}
     assert r1["cpu_s"] < 0.5  # 1.5 s of waiting without spinning a core
+    assert r0["nested"] == r1["nested"] == [0, "outer"]  # a from_main inside one computes in place
     for r in (r0, r1):  # rank 0's error, raised on every rank with its message
         assert r["config"] == ("ConfigError", "the budget is over the model (fix: ...)")
     assert r0["unpicklable"] == ("_Unpicklable", "a lock in it")
     assert r1["unpicklable"] == ("RuntimeError", "_Unpicklable: a lock in it")
     assert r0["measured"] == 4 and r1["measured"] == 0  # one rank times the layers
+    assert r0["measured_after_finalize"] == 4 and r1["measured_after_finalize"] == 0  # rank 0's cache since
+    _assert_same(r0["masks"], r1["masks"], "masks")
     assert r1["table"] == r0["table"]  # rank 0's table (rank 1's stand-in would double c_io)
     assert sorted(c_io for c_io, _ in r0["table"].values()) == pytest.approx([1e-3 * n for n in (10, 20, 50, 500)])
 

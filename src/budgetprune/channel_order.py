@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from .index_buffers import IndexBuffers
 from .ops import select_channels, slice_channels
 
 #: Modules that work on each channel alone, whatever its place (permuted with their channels where
@@ -419,6 +420,7 @@ def _runs(layout):
 def _rewrite_cluster(net: _Net, cluster, perms: _Permutations, layouts, writer_perm) -> None:
     gm = net.gm
     g = gm.graph
+    buffers = IndexBuffers(gm, "_budgetprune_order")
     inside = set(cluster)
     for (target, kind), perm in perms.index.items():
         _permute(net, target, kind, perm)
@@ -434,9 +436,8 @@ def _rewrite_cluster(net: _Net, cluster, perms: _Permutations, layouts, writer_p
                 runs = _runs(mine)
                 width = _width(net, {}, writer)
                 if writer not in writer_perm and (len(runs) > 1 or width is None):
-                    name = _free_buffer_name(gm)
-                    gm.register_buffer(name, torch.tensor([c for _, _, c in mine]))
-                    parts.append(g.call_function(select_channels, (writer, g.get_attr(name))))
+                    ref = buffers.add(g, torch.tensor([c for _, _, c in mine]))
+                    parts.append(g.call_function(select_channels, (writer, ref)))
                     continue
                 for _, start, stop in runs:
                     parts.append(writer if (start, stop) == (0, width) else
@@ -455,9 +456,3 @@ def _rewrite_cluster(net: _Net, cluster, perms: _Permutations, layouts, writer_p
                                                          for n in g.nodes):
                     del gm._buffers[ref.target]
 
-
-def _free_buffer_name(gm) -> str:
-    i = 0
-    while hasattr(gm, f"_budgetprune_order_{i}"):
-        i += 1
-    return f"_budgetprune_order_{i}"

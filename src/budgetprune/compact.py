@@ -31,6 +31,7 @@ from .attention import head_columns, pruned_proj, pruned_qkv
 from .blocks import built_sets
 from .channel_order import order_channels
 from .graph import ADD_FUNCTIONS, FLATTEN_METHODS, MUL_FUNCTIONS, ChannelGraph
+from .index_buffers import IndexBuffers
 from .liveness import alive_sets, effective_masks, padding_of
 from .ops import RelativeAttention, SelfAttention, full_count_layer_norm, index_add_channels, scatter_channels, \
     select_channels, window_attention
@@ -367,27 +368,13 @@ def _slice_bn(bn: nn.modules.batchnorm._BatchNorm, keep, z) -> nn.Module:
     return new
 
 
-class _Buffers:
-    """Index tensors the rewritten graph reads through get_attr nodes."""
-
-    def __init__(self, gm: fx.GraphModule, prefix: str = "_budgetprune_index"):
-        self.gm, self.count, self.prefix = gm, 0, prefix
-
-    def add(self, graph: fx.Graph, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
-        name = f"{self.prefix}_{self.count}"
-        self.count += 1
-        self.gm.register_buffer(name, tensor.clone())
-        with graph.inserting_before(before):
-            return graph.get_attr(name)
-
-
 def _positions(inner: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
     """Where each index of ``inner`` sits in the sorted index list ``outer``."""
     return torch.searchsorted(outer, inner)
 
 
 def _rewrite_graph(gm, graph: ChannelGraph, index, alive, sets) -> None:
-    buffers = _Buffers(gm)
+    buffers = IndexBuffers(gm, "_budgetprune_index")
     g = gm.graph
     first_linear_input = {l.name: l.in_tensor for l in graph.layers.values() if l.in_tensor.endswith(":input")}
     for node in list(g.nodes):
@@ -537,7 +524,7 @@ def _fold_gathers_into_splits(gm: fx.GraphModule) -> None:
             continue
         source, index = gather.args[0], gm.get_buffer(ref.target)
         bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
-        buffers = _Buffers(gm, prefix=f"{ref.target}_piece")
+        buffers = IndexBuffers(gm, f"{ref.target}_piece")
         for piece in pieces:
             i = piece.args[1] % len(sizes)
             piece_ref = buffers.add(g, index[bounds[i]:bounds[i + 1]], piece)
@@ -588,7 +575,7 @@ def _shape_of(node):
     return tuple(meta.shape) if meta is not None else (1, 1)
 
 
-def _rewrite_binary(g: fx.Graph, buffers: _Buffers, node: fx.Node, args, index, alive, is_add: bool,
+def _rewrite_binary(g: fx.Graph, buffers: IndexBuffers, node: fx.Node, args, index, alive, is_add: bool,
                     is_sub: bool, dim: int = 1):
     """An add or mul of tensors keeping different channels (in ``dim``): the mixed block's
     index_add, or a gather / scatter of a factor."""

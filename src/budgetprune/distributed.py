@@ -132,6 +132,7 @@ def average_gradients(params: Iterable[nn.Parameter], group=None) -> list:
 
 
 _cpu_group: tuple = (None, None)  # (the default group it was made beside, a gloo group of every rank)
+_computing = False  # rank 0 is inside from_main's compute
 
 
 def cpu_group():
@@ -158,17 +159,23 @@ def from_main(compute):
     is often a timing (a latency table, the padding against exact widths, the deployed speed),
     which other processes busy on the same CPUs would slow and make it set aside as busy
     (:class:`budgetprune.quiet.Quiet`). An error on rank 0 is raised on every rank (its
-    message kept), so the others do not wait for a result that will never come."""
-    if not active():
+    message kept), so the others do not wait for a result that will never come. Called again
+    inside ``compute`` (a latency table a decision needs), it computes in place: the other ranks
+    wait for the outer result only."""
+    global _computing
+    if not active() or _computing:
         return compute()
     outcome = None
     if is_main():
+        _computing = True
         try:
             outcome = ("result", compute())
         except Exception as error:  # sent on, then raised here as it was
             sent = error if _picklable(error) else RuntimeError(f"{type(error).__name__}: {error}")
             broadcast_object(("error", sent), group=cpu_group(), device="cpu")
             raise
+        finally:
+            _computing = False
     kind, value = broadcast_object(outcome, group=cpu_group(), device="cpu")
     if kind == "error":
         raise value
