@@ -316,6 +316,6 @@ def test_the_cpu_group_is_gloo_whatever_the_default_backend(monkeypatch):
     world = object()
     monkeypatch.setattr(distributed, "_default_group", lambda: world)
     assert distributed.cpu_group() == distributed.cpu_group() == "group1"
-    assert made == [{"backend": "gloo"}]
+    assert made == [{"backend": "gloo", "timeout": distributed.CPU_GROUP_TIMEOUT}]
     world = object()  # the default group made again
     assert distributed.cpu_group() == "group2" and len(made) == 2

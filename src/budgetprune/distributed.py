@@ -10,6 +10,7 @@ the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MA
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import pickle
 from collections.abc import Iterable
@@ -133,6 +134,10 @@ def average_gradients(params: Iterable[nn.Parameter], group=None) -> list:
 
 _cpu_group: tuple = (None, None)  # (the default group it was made beside, a gloo group of every rank)
 _computing = False  # rank 0 is inside from_main's compute
+#: How long a rank waits in :func:`cpu_group` for rank 0: a first latency table of a large network
+#: can take longer than the collectives' 10 (NCCL) or 30 (gloo) minutes; a rank 0 that dies ends
+#: the others anyway (torchrun stops every process of a run when one fails).
+CPU_GROUP_TIMEOUT = datetime.timedelta(hours=2)
 
 
 def cpu_group():
@@ -144,7 +149,7 @@ def cpu_group():
     if not active():
         return None
     if _cpu_group[0] is not _default_group():
-        _cpu_group = (_default_group(), dist.new_group(backend="gloo"))
+        _cpu_group = (_default_group(), dist.new_group(backend="gloo", timeout=CPU_GROUP_TIMEOUT))
     return _cpu_group[1]
 
 
