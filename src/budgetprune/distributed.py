@@ -132,59 +132,68 @@ def average_gradients(params: Iterable[nn.Parameter], group=None) -> list:
     return [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
 
 
-_cpu_group: tuple = (None, None)  # (the default group it was made beside, a gloo group of every rank)
 _computing = False  # rank 0 is inside from_main's compute
-#: How long a rank waits in :func:`cpu_group` for rank 0: a first latency table of a large network
-#: can take longer than the collectives' 10 (NCCL) or 30 (gloo) minutes; a rank 0 that dies ends
-#: the others anyway (torchrun stops every process of a run when one fails).
-CPU_GROUP_TIMEOUT = datetime.timedelta(hours=2)
+_calls = 0  # from_main calls so far: the same count on every rank, as for any collective
+#: How long the other ranks wait for rank 0's result: a first latency table of a large network can
+#: take longer than a collective's 10 (NCCL) or 30 (gloo) minutes; a rank 0 that dies ends the
+#: others anyway (torchrun stops every process of a run when one fails).
+MAIN_WAIT = datetime.timedelta(hours=2)
 
 
-def cpu_group():
-    """A gloo group of every rank (the CPU, whatever the default backend), made once per default
-    group; every rank must reach its first call at the same point, as any collective (None in one
-    process). Its collectives wait without spinning: a rank waiting in one uses no CPU, where a
-    rank waiting for an NCCL result on the GPU spins a core until it comes."""
-    global _cpu_group
-    if not active():
-        return None
-    if _cpu_group[0] is not _default_group():
-        _cpu_group = (_default_group(), dist.new_group(backend="gloo", timeout=CPU_GROUP_TIMEOUT))
-    return _cpu_group[1]
+def from_main(compute, group=None, device: torch.device | str | None = None):
+    """``compute()`` on rank 0, its result (picklable) on every rank, broadcast in ``group`` (on
+    ``device``: a GPU under NCCL; None, the group's own).
 
-
-def _default_group():
-    return dist.group.WORLD
-
-
-def from_main(compute):
-    """``compute()`` on rank 0, its result (picklable; tensors on the CPU) on every rank.
-
-    The other ranks wait in a CPU collective of :func:`cpu_group`, idle: what rank 0 computes
-    is often a timing (a latency table, the padding against exact widths, the deployed speed),
-    which other processes busy on the same CPUs would slow and make it set aside as busy
-    (:class:`budgetprune.quiet.Quiet`). An error on rank 0 is raised on every rank (its
-    message kept), so the others do not wait for a result that will never come. Called again
-    inside ``compute`` (a latency table a decision needs), it computes in place: the other ranks
-    wait for the outer result only."""
-    global _computing
+    Until rank 0 has it, the other ranks wait on the process group's store (the rendezvous's TCP
+    store), idle: a rank waiting inside an NCCL collective spins a CPU core, and what rank 0
+    computes is often a timing (a latency table, the padding against exact widths, the deployed
+    speed) that busy CPUs would slow and that :class:`budgetprune.quiet.Quiet` would set aside as
+    busy. An error on rank 0 is raised on every rank (its message kept), so the others never wait
+    for a result that will not come. Called again inside ``compute`` (the latency table a
+    decision's cost models read), it computes in place: the others wait for the outer result."""
+    global _computing, _calls
     if not active() or _computing:
         return compute()
-    outcome = None
+    _calls += 1
+    key = f"budgetprune/from_main/{_calls}"
+    outcome, failed = None, None
     if is_main():
         _computing = True
         try:
             outcome = ("result", compute())
         except Exception as error:  # sent on, then raised here as it was
-            sent = error if _picklable(error) else RuntimeError(f"{type(error).__name__}: {error}")
-            broadcast_object(("error", sent), group=cpu_group(), device="cpu")
-            raise
+            failed = error
+            outcome = ("error", error if _picklable(error) else RuntimeError(f"{type(error).__name__}: {error}"))
         finally:
             _computing = False
-    kind, value = broadcast_object(outcome, group=cpu_group(), device="cpu")
+        _signal(key)
+    else:
+        _wait_for(key)
+    kind, value = broadcast_object(outcome, group=group, device=device)
     if kind == "error":
-        raise value
+        raise failed if failed is not None else value
     return value
+
+
+def _store():
+    """The default process group's store, or None where this torch does not give it (the other
+    ranks then wait in the broadcast itself)."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def _signal(key: str) -> None:
+    store = _store()
+    if store is not None:
+        store.set(key, "1")
+
+
+def _wait_for(key: str) -> None:
+    store = _store()
+    if store is not None:
+        store.wait([key], MAIN_WAIT)  # blocks on the store's socket: no CPU meanwhile
 
 
 def _picklable(value) -> bool:

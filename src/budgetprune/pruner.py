@@ -743,6 +743,8 @@ class _ProcessSync:
         self.statistics: set[str] = set()
         if not self.on:
             return
+        device = next(iter(list(method.parameters()) + list(method.buffers())), torch.empty(0)).device
+        self.device = device if torch.distributed.get_backend(self.group) == "nccl" else torch.device("cpu")
         model_params = {id(p) for p in model.parameters()}
         own = [p for p in method.parameters() if id(p) not in model_params]
         self.hooks = distributed.average_gradients(own, self.group)
@@ -771,7 +773,7 @@ class _ProcessSync:
         meanwhile runs on a quiet machine."""
         if not self.on:
             return compute()
-        return distributed.from_main(lambda: _to_cpu(compute()))
+        return distributed.from_main(lambda: _to_cpu(compute()), group=self.group, device=self.device)
 
     def close(self) -> None:
         for h in self.hooks:
