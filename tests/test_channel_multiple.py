@@ -1009,3 +1009,31 @@ def test_time_padding_does_not_time_multiples_of_sixteen_that_starve_the_method_
     assert (wide["multiple"], wide["against"]) == (16, 8) and "speedup" not in wide
     assert len(timed) == 1 and report["padding"][0] == 8 and report["padding_timing"]["speedup"] == 1.3
     assert all(n % 8 == 0 for n in _conv_widths(small))
+
+
+@pytest.mark.parametrize("kept, noted", [((2, 12, 230), True), ((2, 8, 229), False)])
+def test_a_projection_that_cuts_more_than_the_overshoot_is_noted(kept, noted):
+    """LeNet-5 at 1/8 of its volume (1904 units): gates keeping 2-12-230 channels are 2160 units,
+    256 over; every kept gate equally sure, the projection cuts the channel of least P(z > 0) per
+    unit of cost, a first-conv map of 576 units, and the fill reopens hidden units (1 unit each)
+    into the slack: the log says so. Gates keeping 2-8-229 (1903 units) meet the budget: no note."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 28, 28)
+    lines = []
+    pruner = budgetprune.Pruner(budgetprune.create_model("lenet5"), x, "volume=0.125", total_steps=1,
+                                method="bar", block="regular", channel_multiple=1, deploy_runtime="none",
+                                log=lines.append)
+    with torch.no_grad():
+        for gid, keep in zip(("features.0", "features.3", "classifier.1"), kept):
+            log_alpha = pruner.method.gate(gid).log_alpha
+            log_alpha.fill_(-10.0)
+            log_alpha[:keep] = 10.0
+    _, report = pruner.finalize()
+    notes = [line for line in lines if line.startswith("note: the gates ended over the budget")]
+    if noted:
+        assert report["channels_dropped_by_projection"] == 1 and report["channels_reopened_by_fill"] > 0
+        assert len(report["masks"]["features.0"]) == 1  # the first conv's second map went
+        assert len(notes) == 1 and "(volume 2160, 1.13 of it)" in notes[0]
+        assert f"the fill reopened {report['channels_reopened_by_fill']} closed ones" in notes[0]
+    else:
+        assert report["channels_dropped_by_projection"] == 0 and not notes
