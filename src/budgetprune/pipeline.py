@@ -857,7 +857,8 @@ class PruneRun:
                             "weights_reopened_by_fill": info["weights_reopened_by_fill"],
                             "nonzero_after_finetune": sum(v["nonzero"] for v in layers.values()),
                             "density": layers})
-        metrics["deployed"] = distributed.from_main(lambda: self._deployed_speed(net))  # rank 0 times, the others wait idle
+        # rank 0 times the result while the other ranks wait idle, and every rank keeps its record
+        metrics["deployed"] = distributed.from_main(lambda: self._deployed_speed(net))
         if distributed.is_main():  # rank 0 writes the run folder
             for note in (collapse_note(metrics, self.history), deploy_note(metrics)):
                 if note:
