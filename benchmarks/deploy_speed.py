@@ -21,7 +21,8 @@ magnitude: a pruning spread over every layer, residual streams included, each wr
 stream keeping its own channels (``streams="apart"``, the method's default), so every residual
 sum of the mixed network is a mixed one. ``--streams joint`` gives the ``padded`` and ``auto``
 networks the method's other choice (the writers of a stream keep the same channels, so the
-stream itself is thinned); the same-mask ``regular`` and ``mixed`` networks keep ``apart``. ``bar`` is BAR (``gate_init=3``) after the same few steps:
+stream itself is thinned); the same-mask ``regular`` and ``mixed`` networks keep ``apart``.
+``bar`` is BAR (``gate_init=3``) after the same few steps:
 on untrained weights and random data its gates have not moved yet, so the projection works on
 near-equal scores and removes whole residual branches (and most of a stem) while leaving the
 residual streams whole; the mixed and regular networks are then often the same network. A

@@ -16,21 +16,18 @@ Writes ``benchmarks/results/layer_norm_speed.{json,md}``.
 
 from __future__ import annotations
 
-import io
 import statistics
 import sys
-import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, Parser, machine, write_results  # noqa: E402
 
 from budgetprune.ops import full_count_layer_norm  # noqa: E402
-from budgetprune.runtimes import paired_times  # noqa: E402
+from budgetprune.runtimes import paired_times, runner  # noqa: E402
 
 #: (tokens, full channels, kept channels): MaxViT-T's first stage at 224 px (56 × 56 tokens, 64
 #: channels) thinned two ways, its third (14 × 14, 256) and last (7 × 7, 512) stages
@@ -56,20 +53,6 @@ class Norm(nn.Module):
         return self.fn(x, self.channels, self.weight, self.bias, 1e-5)
 
 
-def onnx_runner(model: nn.Module, x: torch.Tensor):
-    import onnxruntime
-
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), f, opset_version=17, dynamo=False)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = 1, 1, 3
-    session = onnxruntime.InferenceSession(f.getvalue(), options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: x.numpy()}
-    return lambda: session.run(None, feed)
-
-
 def main(argv=None) -> int:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=1.0, help="paired runs per measurement, at least (default 1)")
@@ -88,11 +71,9 @@ def main(argv=None) -> int:
             raise RuntimeError(f"the two forms differ by {diff:.3g} at {(tokens, channels, kept)}")
         row = {"tokens": tokens, "channels": channels, "kept": kept, "max_abs_diff": diff}
         for runtime in ("onnxruntime", "eager"):
-            if runtime == "eager":
-                fns = [lambda m=m: m(x) for m in (written, padded)]
-            else:
-                fns = [onnx_runner(m, x) for m in (written, padded)]
-            a, b = paired_times(*fns, repeats=30, min_seconds=args.seconds)
+            fns = [runner(m, x, runtime, threads=1) for m in (written, padded)]
+            with torch.no_grad():
+                a, b = paired_times(*fns, repeats=30, min_seconds=args.seconds)
             row[runtime] = {"elementwise_ms": 1e3 * statistics.median(a), "padded_ms": 1e3 * statistics.median(b),
                             "ratio": statistics.median(s / t for s, t in zip(a, b)), "pairs": len(a)}
         rows.append(row)

@@ -170,3 +170,17 @@ def test_streams_reach_the_iterative_method_of_the_padded_and_auto_networks(depl
     _, pruner, _, _ = deploy_speed.pruned(unpruned, (1, 28, 28), 2.0, "magnitude", 1, "mixed", runtime="eager")
     assert pruner.method.streams == "apart"
     assert deploy_speed.arguments(["--models", "resnet20", "--streams", "joint"]).streams == "joint"
+
+
+def test_a_volume_budget_goes_beside_every_flop_budget(deploy_speed, capsys):
+    """``--volume 4`` prunes to 1/4 of the activation volume as well as the FLOP budget; a factor
+    under 1 is refused in one line."""
+    unpruned = budgetprune.create_model("resnet20").eval()
+    _, pruner, _, report = deploy_speed.pruned(unpruned, (1, 28, 28), 2.0, "magnitude", 1, "mixed",
+                                               runtime="eager", volume=4.0)
+    assert [(b.metric, b.fraction) for b in pruner.budgets] == [("flops", 0.5), ("volume", 0.25)]
+    assert report["pruned"]["volume"] <= 0.25 * pruner.full["volume"] + 1e-6
+    assert deploy_speed.arguments(["--models", "resnet20", "--volume", "4"]).volume == 4.0
+    with pytest.raises(SystemExit) as exc:
+        deploy_speed.arguments(["--models", "resnet20", "--volume", "0.5"])
+    assert exc.value.code == 2 and "--volume must be 0 (FLOPs alone) or a reduction factor" in capsys.readouterr().err

@@ -101,10 +101,11 @@ def full_count_layer_norm(x: torch.Tensor, channels: int, weight: torch.Tensor, 
 
     Computed as that definition reads: ``F.layer_norm`` of ``x`` padded with the zeros, then the
     kept channels sliced out, so runtimes run their fused LayerNorm kernel. Written out as
-    elementwise ops instead (as before), onnxruntime (1 thread, batch 16) took 1.36–1.53× as long
+    elementwise ops instead (as before), onnxruntime (1 thread, batch 16) took 1.52–1.58× as long
     on MaxViT-T's first-stage tensors (3136 tokens, 32–40 of 64 channels), where its LayerNorms
-    spend their time, and 0.90–0.97× as long on tensors of 49–196 tokens; eager PyTorch about
-    as long (``benchmarks/layer_norm_speed.py``)."""
+    spend their time, and 0.88–0.97× as long on tensors of 49–196 tokens; eager PyTorch
+    0.86–1.07× (``benchmarks/layer_norm_speed.py --seconds 3``,
+    ``benchmarks/results/layer_norm_speed.md``)."""
     pad = channels - x.shape[-1]
     weight = F.pad(weight, (0, pad)) if weight is not None else None
     bias = F.pad(bias, (0, pad)) if bias is not None else None
