@@ -410,9 +410,11 @@ def _project(graph: ChannelGraph, masks, scores, budgets: list[Budget], mode: st
         raise BudgetError(f"budget ({names}) cannot be met without removing the last channel of a layer "
                           "whose loss would cut the network; raise the budget")
     if dropped and max(costs.ratios(masks)) < FILLED:
-        # The last removal overshot: try the cheaper channels instead of it.
-        pairs, saved, _ = dropped[-1]
-        alt, more = _drop_until(graph, costs, _toggle(masks, pairs, True), scores, max_saving=saved)
+        # The last removal overshot: try the cheaper channels instead of it (a first-conv map of
+        # LeNet-5 is 576 units of volume where the gates were 253 over: four second-conv maps
+        # of 64 cover it, keeping what the method chose and its widths near the budget)
+        pairs, _, cost = dropped[-1]
+        alt, more = _drop_until(graph, costs, _toggle(masks, pairs, True), scores, max_cost=sum(cost))
         if more is not None and costs.total(alt) > costs.total(masks):
             masks, dropped = alt, dropped[:-1] + more
     return _put_back(costs, masks, dropped)
@@ -575,10 +577,13 @@ def uniform_share(graph: ChannelGraph, budget: Budget | list[Budget], mode: str 
     return 1.0 / max(g.units for g in graph.groups.values()) if s is None else s
 
 
-def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("inf")):
+def _drop_until(graph, costs: _Costs, masks, scores, max_cost: float = float("inf")):
     """Greedy lowest score-per-cost removal until every budget holds.
 
-    Only channels whose removal saves less than ``max_saving`` are candidates. Returns the new
+    Only removals that lower the budgets' summed cost / limit (:meth:`_Costs.total`) by less
+    than ``max_cost`` are candidates (the cheaper channels that can replace one that overshot;
+    the bound is on the cost, not on the saving in units of :meth:`_Costs.load`: a removal that
+    ends the violation saves exactly the load left, which every cover of it does). Returns the new
     masks and the removals ``(pairs, saving, cost)`` in order: ``pairs`` the (group, channel)
     removed together (one, or every writer of a residual slot), ``saving`` in units of
     :meth:`_Costs.load` and ``cost`` the drop of each budget's cost / limit when they went
@@ -621,9 +626,9 @@ def _drop_until(graph, costs: _Costs, masks, scores, max_saving: float = float("
                         pairs, trial = whole, _toggle(masks, whole, False)
                         trial_ratios = costs.ratios(trial)
                         saved = current - costs.load(trial_ratios)
-            if saved <= 0 or saved >= max_saving:
-                continue
             cost = tuple(a - b for a, b in zip(ratios, trial_ratios))
+            if saved <= 0 or sum(cost) >= max_cost - 1e-9:  # the same channel costs the same, to rounding
+                continue
             score = sum(float(scores[g][i]) for g, i in pairs)
             offers.append((score / saved, gid, pairs, saved, cost, trial, trial_ratios))
         if not offers:

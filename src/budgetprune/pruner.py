@@ -609,8 +609,13 @@ deploy runtime (``chosen``: the method's own masks). Returns the timing (``multi
         self.log(f"hard-prune: {'; '.join(moves)}; the budget projection dropped {dropped} channels"
                  + (f" and reopened {n_reopened}" if n_reopened else ""))
         if dropped and n_reopened:
-            self.log(overshoot_note(self.budget.metric, before[self.budget.metric], costs[self.budget.metric][1],
-                                    dropped, n_reopened))
+            projected = {g: m.clone() for g, m in final.items()}  # before the fill
+            for g, idx in reopened.items():
+                projected[g][idx] = False
+            cm, limit = costs[self.budget.metric]
+            if cm.hard(projected) < FILLED * limit <= limit < before[self.budget.metric]:
+                self.log(overshoot_note(self.budget.metric, before[self.budget.metric], cm.hard(projected), limit,
+                                        dropped, n_reopened))
         values = method.gate_values()
         if n_reopened:  # reopened channels pass with gate 1 and start with zero outgoing weights
             silence_channels(self.model, graph, reopened)
@@ -784,20 +789,23 @@ class _ProcessSync:
         self.hooks = []
 
 
-def overshoot_note(metric: str, before: float, limit: float, dropped: int, reopened: int) -> str:
-    """The log's note where the projection cut channels the gates kept and the fill then reopened
-    closed ones: the cut removed more than the gates were over (an expensive channel for a small
-    overshoot), and the channels reopened in its place start with zero weights.
+def overshoot_note(metric: str, before: float, projected: float, limit: float, dropped: int, reopened: int) -> str:
+    """The log's note where the gates ended over the budget and the projection, to meet it, cut
+    more than :data:`~budgetprune.budget.FILLED` of the way back (``projected``: the cost after
+    the projection, before the fill): no cheaper channels covered the overshoot (the projection
+    tries them first), so an expensive channel went and the channels the fill reopened in its place
+    start with zero weights.
 
     Why: LeNet-5 at 8× volume, BAR's defaults, 3 seeds on the same teachers
     (``benchmarks/results/methods_8_current/``): the two seeds whose gates ended 1.09× and 1.13× over
     the budget lost a map of the first convolution to the projection (576 units of volume for an
-    overshoot of 176–253) and 273–274 reopened hidden units, and scored 84.30 and 84.76 % against
-    87.97 % for the seed whose gates met the budget."""
+    overshoot of 176–253, where five second-conv maps of 64 would have done: the projection's try of
+    cheaper channels was bounded in the wrong units then) and 273–274 reopened hidden units, and scored
+    84.30 and 84.76 % against 87.97 % for the seed whose gates met the budget."""
     return (f"note: the gates ended over the budget ({metric} {before:.6g}, {before / limit:.2f} of it) and the "
-            f"projection cut {dropped} channel(s) they kept, more than the overshoot: the fill reopened {reopened} "
-            "closed ones in their place, starting from zero weights. The gates had not caught up with the budget "
-            "schedule when pruning ended: a longer prune stage (more epochs or steps) gives them time, and on a "
+            f"projection cut {dropped} channel(s) they kept, down to {projected / limit:.2f} of it: the fill reopened "
+            f"{reopened} closed ones in their place, starting from zero weights. The gates had not caught up with the "
+            "budget schedule when pruning ended: a longer prune stage (more epochs or steps) gives them time, and on a "
             "plain chain of layers ending BAR's budget move early (--schedule-end 0.5) is worth a validation run")
 
 
