@@ -350,8 +350,10 @@ def enforce_budget(graph: ChannelGraph, masks: dict[str, torch.Tensor], scores: 
     gone (the same order as one-by-one removal while a group's saving per channel does not
     change, which is exact for the volume), so a network with tens of thousands of channels
     is projected in a few dozen cost evaluations per group. The last removal can overshoot
-    (one wide-area map may save far more than needed), so the channels this projection
-    removed are then put back, most recently removed first, wherever they still fit (until
+    (one wide-area map may save far more than needed): where the result ends under
+    :data:`FILLED` of a budget, the greedy runs again from before it with only cheaper removals
+    (each costing less than it) and that is kept where it ends fuller; then the channels this
+    projection removed are put back, most recently removed first, wherever they still fit (until
     :data:`PUT_BACK_MISSES` tries in a row do not).
     ``mode`` is the residual block the costs are counted for (see
     :mod:`budgetprune.resources`); with widths padded to a multiple
