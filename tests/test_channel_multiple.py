@@ -1044,3 +1044,22 @@ def test_a_projection_that_cuts_more_than_the_overshoot_is_noted(kept, widths, n
     else:
         assert kept_widths == widths and not notes
         assert report["channels_dropped_by_projection"] == sum(kept) - sum(widths) + report["channels_reopened_by_fill"]
+
+
+def test_no_overshoot_note_where_widths_are_padded():
+    """With widths padded to multiples of 8 the projection aims under the budget by the padding's
+    share and the fill turns the padding into channels: LeNet-5 at an eighth of its FLOPs, gates
+    keeping 6-16-120 channels (1.23× over), drops channels and reopens hundreds, and no note."""
+    torch.manual_seed(0)
+    lines = []
+    pruner = budgetprune.Pruner(budgetprune.create_model("lenet5"), torch.randn(4, 1, 28, 28), "flops=0.125",
+                                total_steps=1, method="bar", deploy_runtime="none", log=lines.append)
+    with torch.no_grad():
+        for gid, keep in zip(("features.0", "features.3", "classifier.1"), (6, 16, 120)):
+            log_alpha = pruner.method.gate(gid).log_alpha
+            log_alpha.uniform_(-1.0, 3.0)
+            log_alpha[keep:] = -10.0
+    _, report = pruner.finalize()
+    assert report["padding"][0] == 8 and report["cost_before_projection"] > pruner.budget.absolute(pruner.graph)
+    assert report["channels_dropped_by_projection"] > 0 and report["channels_reopened_by_fill"] > 100
+    assert not [line for line in lines if line.startswith("note: the gates ended over the budget")]

@@ -608,7 +608,7 @@ deploy runtime (``chosen``: the method's own masks). Returns the timing (``multi
             moves.append(f"{m} {before[m]:.6g} → {after:.6g} (budget {limit:.6g}, {after / limit:.4f} of it)")
         self.log(f"hard-prune: {'; '.join(moves)}; the budget projection dropped {dropped} channels"
                  + (f" and reopened {n_reopened}" if n_reopened else ""))
-        if dropped and n_reopened:
+        if dropped and n_reopened and block.multiple == 1:  # padded, the projection aims under the budget
             projected = {g: m.clone() for g, m in final.items()}  # before the fill
             for g, idx in reopened.items():
                 projected[g][idx] = False
@@ -795,7 +795,9 @@ def overshoot_note(metric: str, before: float, projected: float, limit: float, d
     under :data:`~budgetprune.budget.FILLED` of it (``projected``: its cost after the projection,
     before the fill): no cheaper channels covered the overshoot (the projection tries them first),
     so an expensive channel went, and the channels the fill reopened in its place start with zero
-    weights.
+    weights. At exact widths only: with widths padded to a multiple the projection aims under the
+    budget by the padding's share and the fill turns the padding into channels, so the same
+    numbers say nothing about the gates.
 
     Why: LeNet-5 at 8× volume, BAR's defaults, 3 seeds on the same teachers
     (``benchmarks/results/methods_8_current/``): the two seeds whose gates ended 1.09× and 1.13× over
