@@ -1017,8 +1017,8 @@ def test_time_padding_does_not_time_multiples_of_sixteen_that_starve_the_method_
 def test_a_projection_that_cuts_more_than_the_overshoot_is_noted(kept, widths, noted):
     """LeNet-5 at 1/8 of its volume (1903.75 units), every kept gate equally sure. Gates keeping
     5-1-1 channels (2955 units) can only meet it by losing two first-conv maps of 576 units (the
-    other layers are at one channel): the projection ends at 0.95 of the budget, the fill reopens
-    channels into the slack, and the log says so. Gates keeping 2-12-230 (2160 units, 256 over) lose
+    other layers are at one channel): the projection ends at 1803 units, 0.947 of the budget, the fill
+    reopens channels into the slack, and the log says so. Gates keeping 2-12-230 (2160 units, 256 over) lose
     five second-conv maps of 64 (four leave 1904), not a first-conv map (the cheaper channels the
     projection tries where one removal overshot): 1840 units, 63 hidden units reopened, no note.
     Gates keeping 2-8-229 (1903 units) meet the budget: nothing dropped, no note."""
