@@ -805,7 +805,8 @@ def overshoot_note(metric: str, before: float, projected: float, limit: float, d
     overshoot of 176–253) and 273–274 reopened hidden units, and scored 84.30 and 84.76 % against
     87.97 % for the seed whose gates met the budget. The projection's try of cheaper channels was
     bounded in the wrong units then; bounded by cost it cut four and three second-conv maps of 64
-    units instead, and the two seeds scored 87.56 and 87.55 % (``methods_8_cover/``), no note."""
+    units instead, and the two seeds scored 87.56 and 87.55 % (``benchmarks/results/methods_8_cover/``),
+    no note."""
     return (f"note: the gates ended over the budget ({metric} {before:.6g}, {before / limit:.2f} of it) and the "
             f"projection cut {dropped} channel(s) they kept, down to {projected / limit:.2f} of it: the fill reopened "
             f"{reopened} closed ones in their place, starting from zero weights. The gates had not caught up with the "
