@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import budgetprune  # noqa: E402
 from budgetprune import io  # noqa: E402
 from budgetprune.compact import to_plain  # noqa: E402
 from budgetprune.data import load_dataset  # noqa: E402
@@ -35,7 +34,7 @@ from budgetprune.graph import ChannelGraph  # noqa: E402
 from budgetprune.pipeline import PruneConfig, PruneRun  # noqa: E402
 from budgetprune.plan import masks_of_indices  # noqa: E402
 from budgetprune.resources import resource_report  # noqa: E402
-from common import finetune_words, random_subset, run_arguments, run_record, write_results  # noqa: E402
+from common import finetune_words, random_subset, run_arguments, run_record, seeded_model, write_results  # noqa: E402
 
 #: Seed 001, Table 2 (CIFAR-10): volume that regular blocks would add, as a share of the regular volume.
 PAPER_CUT = {2.0: 0.12, 4.0: 0.43, 8.0: 0.53, 16.0: 0.58}
@@ -71,6 +70,10 @@ def main(argv=None) -> int:
     p.add_argument("--factors", default="4", help="comma-separated volume reduction factors")
     p.add_argument("--variants", default="default,gate_init=0,no_fill")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-only", action="store_true",
+                   help="train the shared teacher into --work/teacher.pt and stop (then run several processes, "
+                        "each with some --factors, on that --work; a last call with all of them writes the page "
+                        "from the finished runs)")
     args = p.parse_args(argv)
     try:
         factors = [float(f) for f in args.factors.split(",") if f.strip()]
@@ -89,8 +92,8 @@ def main(argv=None) -> int:
     train = random_subset(splits.train, args.train_subset) if args.train_subset else splits.train
     info = splits.info
     work = Path(args.work)
-    make = lambda: budgetprune.create_model(args.model, in_channels=info.in_channels,  # noqa: E731
-                                            num_classes=info.num_classes, input_size=info.image_size)
+    make = lambda: seeded_model(args.model, args.seed, info.in_channels, info.num_classes,  # noqa: E731
+                                info.image_size)  # the initial weights of `budgetprune prune --seed`
     graph = ChannelGraph.build(make(), torch.randn(1, info.in_channels, *info.image_size))
     teacher = io.load(work / "teacher.pt") if (work / "teacher.pt").exists() else None
     rows = []
@@ -103,6 +106,12 @@ def main(argv=None) -> int:
                               progress=False, **opts)
             folder = work / f"{variant}-{factor:g}x"
             run = PruneRun(make(), train, splits.test, cfg, folder, teacher=teacher, log=lambda s: None)
+            if args.teacher_only:
+                if teacher is None:
+                    io.save(to_plain(run.train_teacher(resume=(folder / "checkpoint.pt").exists()), run.graph),
+                            work / "teacher.pt", meta={"role": "teacher"})
+                print(f"teacher: {work / 'teacher.pt'}", flush=True)
+                return 0
             m = run.run(resume=(folder / "checkpoint.pt").exists()).metrics
             if teacher is None:
                 io.save(to_plain(run.teacher, run.graph), work / "teacher.pt", meta={"role": "teacher"})

@@ -31,7 +31,7 @@ from budgetprune.graph import ChannelGraph
 from budgetprune.pipeline import PruneConfig, PruneRun
 from budgetprune.plan import masks_of_indices
 from budgetprune.resources import resource_report
-from common import random_subset, record_header, run_arguments, run_record
+from common import random_subset, record_header, run_arguments, run_record, seeded_model
 from latency import interleaved_latency
 
 #: Seed 001, supplement Table 2: how much mixed-connectivity blocks cut the effective volume
@@ -58,8 +58,8 @@ def prune_runs(args, splits, factors) -> dict[float, dict]:
         cfg = PruneConfig(budget=1.0 / factor, model=args.model, data=args.data, epochs=args.epochs,
                           finetune_epochs=args.finetune_epochs, lowlr_epochs=args.lowlr_epochs,
                           teacher_epochs=args.teacher_epochs, progress=False, block="mixed")
-        model = budgetprune.create_model(args.model, in_channels=info.in_channels, num_classes=info.num_classes,
-                                         input_size=info.image_size)
+        # the initial weights of `budgetprune prune` (seed 0, the config's): the teacher is reproducible
+        model = seeded_model(args.model, cfg.seed, info.in_channels, info.num_classes, info.image_size)
         run = PruneRun(model, train, splits.test, cfg, run_dir, teacher=teacher, log=lambda s: print(s, flush=True))
         result = run.run(resume=(run_dir / "checkpoint.pt").exists())
         if teacher is None:

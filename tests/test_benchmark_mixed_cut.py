@@ -59,3 +59,23 @@ def test_a_short_run_on_the_demo_data(tmp_path):
     assert record["command"] in page and "| 2× | default |" in page
     # the default recipe anneals one cosine schedule over the fine-tune epochs: no "at lr/10" claim of its own
     assert "fine-tune 0 + 0 (one cosine schedule over both" in page
+
+
+def test_a_teacher_trained_alone_is_the_one_a_whole_run_trains(tmp_path):
+    """--teacher-only writes the shared teacher and no run; runs on that --work then start from it,
+    and score what one call that trains its own teacher scores (so the work can be split)."""
+    common = [sys.executable, str(SCRIPT), "--data", "demo", "--teacher-epochs", "1", "--epochs", "1",
+              "--finetune-epochs", "0", "--factors", "2", "--variants", "default", "--train-subset", "512"]
+    alone = subprocess.run(common + ["--work", str(tmp_path / "split"), "--teacher-only", "--out", str(tmp_path / "x")],
+                           capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr
+    assert (tmp_path / "split" / "teacher.pt").exists() and not (tmp_path / "x").exists()
+    rows = {}
+    for name in ("split", "whole"):
+        run = subprocess.run(common + ["--work", str(tmp_path / name), "--out", str(tmp_path / f"out-{name}")],
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
+        (rows[name],) = json.loads((tmp_path / f"out-{name}" / "mixed_cut.json").read_text())["rows"]
+    assert rows["split"]["teacher_accuracy"] == rows["whole"]["teacher_accuracy"]
+    assert rows["split"]["test_accuracy"] == rows["whole"]["test_accuracy"]
+    assert rows["split"]["widths"] == rows["whole"]["widths"]
