@@ -12,6 +12,11 @@ channels.
     python benchmarks/mixed_cut.py --train-subset 20000 --factors 4 --variants default,gate_init=0,no_fill
     python benchmarks/mixed_cut.py --factors 2,4,8 --variants default,gate_init=0   # all 60,000 images
 
+Split over processes: ``--teacher-only`` trains the shared teacher into ``--work`` first; then
+each process runs some ``--factors`` on that ``--work``, and a last call with all of them writes
+the page from the finished runs. The model is created with the run's seed, so a command trains
+the same teacher each time.
+
 Variants: ``default`` (the library's defaults), ``gate_init=X`` (the gates' initial log α; 0 is
 the paper's start), ``no_fill`` (no reopening of closed channels after the projection),
 ``epochs=N`` (a longer prune stage). Writes ``mixed_cut.{json,md}`` into ``--out``.
