@@ -39,7 +39,8 @@ from budgetprune.graph import ChannelGraph  # noqa: E402
 from budgetprune.pipeline import PruneConfig, PruneRun  # noqa: E402
 from budgetprune.plan import masks_of_indices  # noqa: E402
 from budgetprune.resources import resource_report  # noqa: E402
-from common import finetune_words, random_subset, run_arguments, run_record, seeded_model, write_results  # noqa: E402
+from common import (finetune_words, random_subset, run_arguments, run_record, seeded_model,  # noqa: E402
+                    train_teacher, write_results)
 
 #: Seed 001, Table 2 (CIFAR-10): volume that regular blocks would add, as a share of the regular volume.
 PAPER_CUT = {2.0: 0.12, 4.0: 0.43, 8.0: 0.53, 16.0: 0.58}
@@ -101,6 +102,11 @@ def main(argv=None) -> int:
                                 info.image_size)  # the initial weights of `budgetprune prune --seed`
     graph = ChannelGraph.build(make(), torch.randn(1, info.in_channels, *info.image_size))
     teacher = io.load(work / "teacher.pt") if (work / "teacher.pt").exists() else None
+    if args.teacher_only:  # budgetprune's teacher stage in --work itself, where every run looks for teacher.pt
+        if teacher is None:
+            train_teacher(args.model, args.seed, train, splits.test, info, args.teacher_epochs, work, log=lambda s: None)
+        print(f"teacher: {work / 'teacher.pt'}", flush=True)
+        return 0
     rows = []
     for factor in factors:
         for variant in variants:
@@ -111,12 +117,6 @@ def main(argv=None) -> int:
                               progress=False, **opts)
             folder = work / f"{variant}-{factor:g}x"
             run = PruneRun(make(), train, splits.test, cfg, folder, teacher=teacher, log=lambda s: None)
-            if args.teacher_only:
-                if teacher is None:
-                    io.save(to_plain(run.train_teacher(resume=(folder / "checkpoint.pt").exists()), run.graph),
-                            work / "teacher.pt", meta={"role": "teacher"})
-                print(f"teacher: {work / 'teacher.pt'}", flush=True)
-                return 0
             m = run.run(resume=(folder / "checkpoint.pt").exists()).metrics
             if teacher is None:
                 io.save(to_plain(run.teacher, run.graph), work / "teacher.pt", meta={"role": "teacher"})
